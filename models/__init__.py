@@ -1,0 +1,1 @@
+"""Architectures, the model registry and weight loading."""

@@ -1,0 +1,138 @@
+"""The ``blinkflow`` command line.
+
+Exit codes: 0 success; 1 the run finished but some input or frame failed
+(see the summary); 2 a user error (bad config, bad input, bad weights), printed
+as one line without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from pipeline import __version__
+from pipeline.errors import BlinkflowError
+
+log = logging.getLogger("blinkflow")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.handler(args) or 0)
+    except BlinkflowError as exc:
+        print(f"blinkflow: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("blinkflow: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="blinkflow", description="Streaming video understanding on Ray.")
+    parser.add_argument("--version", action="version", version=f"blinkflow {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a pipeline config")
+    _add_config_args(run)
+    run.add_argument("--summary-json", type=Path, help="also write the run summary as JSON here")
+    run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate", help="check a config without running it")
+    _add_config_args(validate)
+    validate.set_defaults(handler=cmd_validate)
+
+    demo = commands.add_parser("demo", help="run configs/demo.yaml on a synthetic scene")
+    demo.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    demo.set_defaults(handler=cmd_demo)
+
+    listing = commands.add_parser("list", help="list registered stages, models, sources and sinks")
+    listing.set_defaults(handler=cmd_list)
+    return parser
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", type=Path, help="pipeline YAML, e.g. configs/demo.yaml")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config value, e.g. --set stages.detect.batch=8 (repeatable)",
+    )
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    stages = ", ".join(["gate"] * cfg.gate.enabled + list(cfg.enabled_stages())) or "none"
+    print(f"{args.config}: ok ({len(cfg.sources)} sources, stages: {stages}, {len(cfg.sinks)} sinks)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    return execute(cfg, progress=not args.no_progress, summary_json=args.summary_json)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    overrides = [f"sinks.0.path={args.out / 'demo.jsonl'}", f"sinks.1.path={args.out / 'demo.mp4'}", *args.overrides]
+    cfg = load_config(DEMO_CONFIG, overrides)
+    code = execute(cfg, progress=not args.no_progress, summary_json=args.out / "demo-summary.json")
+    print(f"demo outputs: {args.out / 'demo.jsonl'}, {args.out / 'demo.mp4'}")
+    return code
+
+
+def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int:
+    """Run a resolved config with a progress bar; print the summary; return the exit code."""
+    from tqdm import tqdm
+
+    from pipeline.runners import get_runner
+    from pipeline.sinks import build_sinks
+
+    logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
+    sinks = build_sinks(cfg.sinks)
+    with tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        runner = get_runner(cfg.runtime.runner)(cfg, sinks=sinks, on_result=lambda _result: bar.update(1))
+        summary = runner.run()
+    print("\n".join(summary.lines()))
+    if summary_json is not None:
+        summary_json.parent.mkdir(parents=True, exist_ok=True)
+        summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+    return 0 if summary.ok else 1
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from models.registry import model_names
+    from pipeline.registry import sinks, sources, stages
+
+    print("stages:  " + ", ".join(stages.names()))
+    for task in ("detect", "segment", "flow", "action"):
+        print(f"models ({task}): " + ", ".join(model_names(task)))
+    print("sources: " + ", ".join(sources.names()))
+    print("sinks:   " + ", ".join(sinks.names()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,417 @@
+"""YAML configuration as typed, validated dataclasses.
+
+Loading goes merge (defaults, file, ``--set`` overrides), then structure
+(type checks, unknown keys, ranges), then cross-field checks. Every error is a
+one-line :class:`ConfigError` that starts with the YAML path, e.g.
+``stages.detect.batch: 0 is out of range (1..1024)``.
+
+The driver resolves the config once and ships the resulting objects to the
+workers; workers never reread files or the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import ConfigError
+
+
+def _field(default: Any = dataclasses.MISSING, doc: str = "", *, lo=None, hi=None, path_kind=None, factory=None):
+    """A dataclass field with a docstring, an optional range and an optional must-exist path check."""
+    meta = {"doc": doc, "range": (lo, hi), "path_kind": path_kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SourceConfig:
+    """One input: a file, a directory or glob of files, a live stream, or a synthetic scene."""
+
+    type: Literal["file", "dir", "glob", "stream", "synthetic"] = _field("file", "what kind of input this is")
+    path: str | None = _field(None, "file, directory or glob pattern (file, dir, glob)")
+    url: str | None = _field(None, "stream URL: rtsp://, http(s)://, udp://, srt:// or /dev/videoN (stream)")
+    id: str | None = _field(None, "stream id used in outputs and metrics; defaults to the file name or url host")
+    fps: float | None = _field(None, "resample to this many frames per second; null keeps the source rate", lo=0.1, hi=1000)
+    resize: list[int] | None = _field(None, "resize frames to [width, height]; null keeps the source size")
+    max_frames: int | None = _field(None, "stop after this many frames per stream", lo=1, hi=10**9)
+    decode_threads: int = _field(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
+    queue_size: int = _field(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
+    # synthetic scene options
+    seed: int = _field(0, "synthetic: random seed; the same seed gives the same frames", lo=0, hi=2**31 - 1)
+    width: int = _field(320, "synthetic: frame width", lo=16, hi=7680)
+    height: int = _field(240, "synthetic: frame height", lo=16, hi=4320)
+    num_frames: int = _field(48, "synthetic: number of frames", lo=1, hi=10**7)
+    num_objects: int = _field(3, "synthetic: moving objects per scene", lo=0, hi=64)
+    frame_rate: float = _field(25.0, "synthetic: frames per second of the generated clip", lo=0.1, hi=1000)
+
+
+@dataclass
+class GateConfig:
+    """Temporal-redundancy skipping: reuse results for frames that did not change."""
+
+    enabled: bool = _field(False, "turn the gate on")
+    threshold: float = _field(0.01, "changed-pixel fraction below which a frame is reused", lo=0.0, hi=1.0)
+    pixel_threshold: int = _field(24, "gray-level difference that counts a pixel as changed", lo=0, hi=255)
+    downscale: int = _field(4, "compare frames downscaled by this factor", lo=1, hi=64)
+    blur: int = _field(3, "box-blur kernel on the difference, in downscaled pixels (odd; 1 = off)", lo=1, hi=31)
+    max_reuse: int = _field(10, "force a fresh frame after this many reused frames", lo=0, hi=10**6)
+    cut_threshold: float = _field(0.5, "changed fraction treated as a scene cut (always refresh)", lo=0.0, hi=1.0)
+
+
+@dataclass
+class ResourcesConfig:
+    """Resources each replica of a stage asks the Ray scheduler for."""
+
+    num_cpus: float = _field(1.0, "CPU cores per replica", lo=0.0, hi=1024)
+    num_gpus: float = _field(0.0, "GPUs per replica; fractions share a GPU", lo=0.0, hi=64)
+
+
+@dataclass
+class StageConfig:
+    """One model stage. ``options`` is typed by the stage's own ``Options`` dataclass."""
+
+    enabled: bool = _field(True, "run this stage")
+    model: str | None = _field(None, "backend name from the model registry; null picks the stage default")
+    weights: str | None = _field(
+        None, "'shipped' (models/weights), a torchvision enum name like 'DEFAULT', a .pt path, or null (random init)"
+    )
+    batch: int = _field(4, "max frames per batch", lo=1, hi=1024)
+    max_wait_ms: float = _field(20.0, "max time a partial batch waits for more frames", lo=0.0, hi=60000)
+    replicas: int = _field(1, "parallel copies of the stage (per-frame stages only)", lo=1, hi=1024)
+    device: str = _field("cpu", "'cpu' or 'cuda:N'")
+    precision: Literal["fp32", "fp16", "bf16"] = _field("fp32", "inference precision (fp16/bf16 on GPU only)")
+    channels_last: bool = _field(False, "use channels_last memory format (GPU)")
+    depth_parallel: int = _field(1, "split the model into this many depth stages", lo=1, hi=64)
+    resources: ResourcesConfig = _field(factory=ResourcesConfig, doc="Ray resources per replica")
+    options: Any = _field(None, "stage-specific options")
+
+
+@dataclass
+class SinkConfig:
+    """One output."""
+
+    type: Literal["jsonl", "mp4", "memory"] = _field("jsonl", "jsonl records, an annotated mp4, or in memory (tests)")
+    path: str | None = _field(None, "output file (jsonl, mp4)")
+    fps: float | None = _field(None, "mp4 frame rate; null uses the source rate", lo=0.1, hi=1000)
+    include_dense: bool = _field(False, "jsonl: include dense flow fields (large); masks are always included")
+    draw: list[str] = _field(factory=lambda: ["detect", "segment", "flow", "action"], doc="mp4: layers to draw")
+
+
+@dataclass
+class MetricsConfig:
+    """Prometheus exporter."""
+
+    enabled: bool = _field(False, "serve /metrics, /healthz and /readyz")
+    host: str = _field("127.0.0.1", "bind address; keep 127.0.0.1 unless a scraper elsewhere needs it")
+    port: int = _field(9464, "port", lo=0, hi=65535)
+
+
+@dataclass
+class RuntimeConfig:
+    """How the graph runs."""
+
+    runner: Literal["local", "ray"] = _field("local", "in-process reference runner or Ray actors")
+    mode: Literal["archive", "live"] = _field("archive", "archive never drops frames; live drops the oldest under overload")
+    address: str | None = _field(None, "Ray cluster address; null starts a local Ray instance")
+    max_in_flight: int = _field(8, "batches in flight per stage before upstream blocks (or live drops)", lo=1, hi=4096)
+    num_cpus: int | None = _field(None, "CPUs for a local Ray instance; null uses all", lo=1, hi=4096)
+    log_level: Literal["debug", "info", "warning", "error"] = _field("warning", "logging level")
+
+
+@dataclass
+class Config:
+    """A whole pipeline."""
+
+    sources: list[SourceConfig] = _field(factory=list, doc="inputs")
+    gate: GateConfig = _field(factory=GateConfig, doc="temporal-redundancy skipping")
+    stages: dict[str, StageConfig] = _field(factory=dict, doc="model stages, run in this order")
+    sinks: list[SinkConfig] = _field(factory=list, doc="outputs")
+    metrics: MetricsConfig = _field(factory=MetricsConfig, doc="Prometheus exporter")
+    runtime: RuntimeConfig = _field(factory=RuntimeConfig, doc="runner and cluster")
+
+    def enabled_stages(self) -> dict[str, StageConfig]:
+        return {name: cfg for name, cfg in self.stages.items() if cfg.enabled}
+
+
+# --------------------------------------------------------------------------- structuring
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _structure(tp: Any, value: Any, path: str) -> Any:
+    """Turn plain YAML data into ``tp``, raising a ConfigError that names ``path``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _structure(arg, value, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{path}: {value!r} is not one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_structure(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _structure(item, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return structure_dataclass(tp, value, path)
+    return _structure_scalar(tp, value, path)
+
+
+def _structure_scalar(tp: type, value: Any, path: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def structure_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys, types and ranges are checked."""
+    label = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        valid = ", ".join(fields)
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key; valid keys here: {valid}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        sub = _join(path, name)
+        kwargs[name] = _structure(hints[name], value, sub)
+        _check_range(fields[name], kwargs[name], sub)
+        _check_path(fields[name], kwargs[name], sub)
+    return cls(**kwargs)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
+    lo, hi = f.metadata.get("range", (None, None))
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{path}: {value} is out of range ({lo}..{hi})")
+
+
+def _check_path(f: dataclasses.Field, value: Any, path: str) -> None:
+    kind = f.metadata.get("path_kind")
+    if kind and value is not None and not Path(value).exists():
+        raise ConfigError(f"{path}: {kind} {value!r} does not exist")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None) -> Config:
+    """Load, override, structure and check a config; raise ConfigError on any problem."""
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    for override in overrides or []:
+        apply_override(raw, override)
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    cfg = structure_config(raw)
+    check_config(cfg, base_dir)
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``a.b.0.c=value`` (value parsed as YAML) to the raw mapping in place."""
+    import yaml
+
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. --set stages.detect.batch=8")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _descend(node, part, parts[i + 1], key)
+    _assign(node, parts[-1], value, key)
+
+
+def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a mapping")
+    if node.get(part) is None:
+        node[part] = [] if next_part.isdigit() else {}
+    return node[part]
+
+
+def _assign(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        index = int(part) if part.isdigit() else -1
+        if index == len(node):
+            node.append(value)
+        else:
+            node[_list_index(node, part, key)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"--set {key}: cannot set {part!r} inside a scalar")
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def structure_config(raw: dict) -> Config:
+    """Structure the raw mapping; stage options are typed by each stage's Options class."""
+    from pipeline.registry import stages as stage_registry
+
+    raw = dict(raw)
+    raw_stages = raw.pop("stages", None) or {}
+    cfg = structure_dataclass(Config, raw, "")
+    if not isinstance(raw_stages, dict):
+        raise ConfigError(f"stages: expected a mapping of stage name to settings, got {raw_stages!r}")
+    for name, stage_raw in raw_stages.items():
+        if name not in stage_registry:
+            valid = ", ".join(stage_registry.names())
+            raise ConfigError(f"stages.{name}: unknown stage; valid stages: {valid}")
+        stage_raw = dict(stage_raw or {})
+        options_raw = stage_raw.pop("options", None)
+        stage_cfg = structure_dataclass(StageConfig, stage_raw, f"stages.{name}")
+        stage_cls = stage_registry.get(name)
+        stage_cfg.options = structure_dataclass(stage_cls.Options, options_raw, f"stages.{name}.options")
+        if stage_cfg.model is None:
+            stage_cfg.model = stage_cls.default_model
+        cfg.stages[str(name)] = stage_cfg
+    return cfg
+
+
+def check_config(cfg: Config, base_dir: Path) -> None:
+    """Cross-field checks that need more than one value or the file system."""
+    for i, source in enumerate(cfg.sources):
+        _check_source(source, f"sources.{i}", base_dir)
+    for name, stage in cfg.stages.items():
+        _check_stage(name, stage, base_dir)
+    for i, sink in enumerate(cfg.sinks):
+        if sink.type in ("jsonl", "mp4") and not sink.path:
+            raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
+    ids = [s.id for s in cfg.sources if s.id]
+    duplicates = sorted({i for i in ids if ids.count(i) > 1})
+    if duplicates:
+        raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
+
+
+def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
+    needs = {"file": "path", "dir": "path", "glob": "path", "stream": "url"}.get(source.type)
+    if needs and not getattr(source, needs):
+        raise ConfigError(f"{path}.{needs}: a {source.type} source needs '{needs}'")
+    if source.type in ("file", "dir"):
+        resolved = resolve_path(source.path, base_dir)
+        if source.type == "file" and not resolved.is_file():
+            raise ConfigError(f"{path}.path: file {source.path!r} does not exist")
+        if source.type == "dir" and not resolved.is_dir():
+            raise ConfigError(f"{path}.path: directory {source.path!r} does not exist")
+        source.path = str(resolved)
+    if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2):
+        raise ConfigError(f"{path}.resize: expected [width, height] with both >= 2, got {source.resize}")
+
+
+def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
+    import re
+
+    from models.registry import get_model_entry
+    from pipeline.errors import RegistryError
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", stage.device):
+        raise ConfigError(f"stages.{name}.device: {stage.device!r} is not 'cpu' or 'cuda:N'")
+    if stage.model is not None and name != "gate":
+        try:
+            get_model_entry(stage.model, task=name)
+        except RegistryError as exc:
+            raise ConfigError(f"stages.{name}.model: {exc}") from None
+    weights = stage.weights
+    if weights and (weights.endswith((".pt", ".pth")) or "/" in weights):
+        resolved = resolve_path(weights, base_dir)
+        if not resolved.is_file():
+            raise ConfigError(f"stages.{name}.weights: file {weights!r} does not exist")
+        stage.weights = str(resolved)
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    """Paths in a config are relative to the working directory, then to the config's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    beside = base_dir / path
+    return beside if beside.exists() else path

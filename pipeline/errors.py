@@ -1,0 +1,35 @@
+"""The exception hierarchy of the engine.
+
+A :class:`BlinkflowError` is a user-facing problem: the CLI prints its message
+on one line, without a traceback. Anything else is a bug and keeps its traceback.
+"""
+
+
+class BlinkflowError(Exception):
+    """Base of every error that a user can fix (bad config, bad input, bad weights)."""
+
+
+class ConfigError(BlinkflowError):
+    """An invalid configuration; the message starts with the YAML path."""
+
+
+class SourceError(BlinkflowError):
+    """A video input that cannot be opened or decoded; the message names the input."""
+
+
+class SinkError(BlinkflowError):
+    """An output that cannot be written; the message names the output."""
+
+
+class StageError(BlinkflowError):
+    """A stage that cannot be set up (unknown backend, missing weights, bad device)."""
+
+
+class RegistryError(BlinkflowError):
+    """An unknown or duplicate component name."""
+
+
+def missing_dependency(module: str, extra: str | None = None) -> BlinkflowError:
+    """Name the pip package or extra that provides a missing optional module."""
+    hint = f"pip install 'blinkflow[{extra}]'" if extra else f"pip install {module}"
+    return BlinkflowError(f"the optional module {module!r} is not installed; run: {hint}")

@@ -1,0 +1,155 @@
+"""The unit of work (:class:`Frame`), what sinks receive (:class:`FrameResult`),
+and the per-run frame accounting (:class:`Accounting`).
+
+Every decoded frame ends with exactly one :class:`Outcome`. The counts always
+add up to the number of frames decoded; :meth:`Accounting.check` enforces it.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Outcome(str, enum.Enum):
+    PROCESSED = "processed"  # the model stages ran on this frame
+    REUSED = "reused"  # the gate skipped it; results were carried over from a keyframe
+    DROPPED = "dropped"  # live overload: dropped before processing
+    FAILED = "failed"  # an error was recorded against it
+
+
+@dataclass
+class Frame:
+    """One decoded video frame travelling through the graph.
+
+    ``image`` is RGB uint8, shape (H, W, 3). Stages add their outputs to
+    ``results[stage_name]``; ``meta`` carries bookkeeping such as the gate's
+    decision (``meta["reuse_of"]``, the keyframe index a reused frame copies).
+    """
+
+    stream_id: str
+    index: int
+    pts: float
+    image: Any
+    meta: dict[str, Any] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+    outcome: Outcome | None = None
+    error: str | None = None
+    decoded_at: float = field(default_factory=time.time)
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.stream_id, self.index)
+
+    @property
+    def is_reused(self) -> bool:
+        return self.meta.get("reuse_of") is not None
+
+    @property
+    def is_failed(self) -> bool:
+        return self.outcome is Outcome.FAILED
+
+    def fail(self, stage: str, error: BaseException | str) -> None:
+        """Record the first failure; later stages skip a failed frame."""
+        if self.outcome is Outcome.FAILED:
+            return
+        self.outcome = Outcome.FAILED
+        message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
+        self.error = f"{stage}: {message}"
+
+    def finish(self) -> "FrameResult":
+        if self.outcome is None:
+            self.outcome = Outcome.REUSED if self.is_reused else Outcome.PROCESSED
+        return FrameResult(
+            stream_id=self.stream_id,
+            index=self.index,
+            pts=self.pts,
+            width=self.width,
+            height=self.height,
+            outcome=self.outcome,
+            results=self.results,
+            error=self.error,
+            reuse_of=self.meta.get("reuse_of"),
+            latency_s=max(0.0, time.time() - self.decoded_at),
+            image=self.image,
+        )
+
+
+@dataclass
+class FrameResult:
+    """What a sink receives: one per decoded frame, in order per stream."""
+
+    stream_id: str
+    index: int
+    pts: float
+    width: int
+    height: int
+    outcome: Outcome
+    results: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    reuse_of: int | None = None
+    latency_s: float = 0.0
+    image: Any = None  # the pixels, for overlay sinks; never serialised
+
+    @classmethod
+    def dropped(cls, frame: Frame) -> "FrameResult":
+        frame.outcome = Outcome.DROPPED
+        frame.results = {}
+        return frame.finish()
+
+
+@dataclass
+class Accounting:
+    """Counts of frame outcomes per stream; decoded must equal the sum of outcomes."""
+
+    decoded: Counter = field(default_factory=Counter)
+    outcomes: dict[str, Counter] = field(default_factory=dict)
+    source_errors: list[str] = field(default_factory=list)
+
+    def on_decoded(self, frame: Frame) -> None:
+        self.decoded[frame.stream_id] += 1
+
+    def on_result(self, result: FrameResult) -> None:
+        self.outcomes.setdefault(result.stream_id, Counter())[result.outcome.value] += 1
+
+    def totals(self) -> dict[str, int]:
+        totals = {outcome.value: 0 for outcome in Outcome}
+        for counts in self.outcomes.values():
+            for outcome, count in counts.items():
+                totals[outcome] += count
+        totals["decoded"] = sum(self.decoded.values())
+        return totals
+
+    def check(self) -> None:
+        """Raise if any decoded frame has no outcome, or an outcome has no frame."""
+        for stream, decoded in self.decoded.items():
+            accounted = sum(self.outcomes.get(stream, Counter()).values())
+            if accounted != decoded:
+                raise AssertionError(
+                    f"frame accounting broken for stream {stream!r}: "
+                    f"{decoded} decoded but {accounted} accounted for"
+                )
+
+    def summary_lines(self) -> list[str]:
+        totals = self.totals()
+        lines = [
+            "frames: {decoded} decoded = {processed} processed + {reused} reused"
+            " + {dropped} dropped + {failed} failed".format(**totals)
+        ]
+        for stream in sorted(self.decoded):
+            counts = self.outcomes.get(stream, Counter())
+            parts = ", ".join(f"{o.value} {counts.get(o.value, 0)}" for o in Outcome)
+            lines.append(f"  {stream}: {self.decoded[stream]} decoded ({parts})")
+        lines.extend(f"  source error: {message}" for message in self.source_errors)
+        return lines

@@ -1,0 +1,47 @@
+"""Which stages run, in which order, with which settings.
+
+The gate (when enabled) always runs first; the model stages follow in the
+order the config lists them. The graph is resolved once by the driver and its
+specs are shipped to whichever runner executes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import Config, GateConfig, StageConfig
+from pipeline.registry import stages as stage_registry
+
+
+@dataclass
+class StageSpec:
+    """A resolved stage: its registered name, its config and its execution traits."""
+
+    name: str
+    cfg: StageConfig | GateConfig
+
+    @property
+    def cls(self) -> type:
+        return stage_registry.get(self.name)
+
+    @property
+    def temporal(self) -> bool:
+        return bool(self.cls.temporal)
+
+    @property
+    def batch(self) -> int:
+        return getattr(self.cfg, "batch", 64)
+
+    @property
+    def device(self) -> str:
+        return getattr(self.cfg, "device", "cpu")
+
+    def create(self) -> Any:
+        return self.cls(self.cfg)
+
+
+def build_graph(cfg: Config) -> list[StageSpec]:
+    specs = [StageSpec("gate", cfg.gate)] if cfg.gate.enabled else []
+    specs.extend(StageSpec(name, stage_cfg) for name, stage_cfg in cfg.enabled_stages().items())
+    return specs

@@ -1,0 +1,78 @@
+"""Name-to-component registries (in the style of torchvision's ``models/_api.py``).
+
+Components register with a decorator. A duplicate name raises at import time,
+an unknown name raises a :class:`RegistryError` that lists the valid names.
+Modules holding registered components are imported on first lookup, so that
+``import pipeline`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Generic, Iterable, TypeVar
+
+from pipeline.errors import RegistryError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """A named mapping of components, filled by decorators in ``modules``."""
+
+    def __init__(self, kind: str, modules: Iterable[str] = ()) -> None:
+        self.kind = kind
+        self._modules = tuple(modules)
+        self._items: dict[str, T] = {}
+        self._loaded = False
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(component: T) -> T:
+            if name in self._items and self._items[name] is not component:
+                raise RegistryError(f"duplicate {self.kind} name {name!r}")
+            self._items[name] = component
+            return component
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        for module in self._modules:
+            importlib.import_module(module)
+
+    def get(self, name: str) -> T:
+        self._load()
+        try:
+            return self._items[name]
+        except KeyError:
+            valid = ", ".join(sorted(self._items)) or "(none)"
+            raise RegistryError(f"unknown {self.kind} {name!r}; valid names: {valid}") from None
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._items
+
+
+STAGE_MODULES = ("stages.gate", "stages.detect", "stages.segment", "stages.flow", "stages.action")
+
+stages: Registry[type] = Registry("stage", STAGE_MODULES)
+sources: Registry[type] = Registry("source type", ("pipeline.sources",))
+sinks: Registry[type] = Registry("sink type", ("pipeline.sinks",))
+
+
+def register_stage(name: str):
+    """Register a stage class under ``name`` (used as ``@register_stage("detect")``)."""
+    return stages.register(name)
+
+
+def register_source(name: str):
+    return sources.register(name)
+
+
+def register_sink(name: str):
+    return sinks.register(name)

@@ -1,0 +1,193 @@
+"""Pieces every runner shares: calling a stage with failure isolation, putting
+results back in per-stream order, carrying results over to reused frames,
+frame accounting, and the run summary.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pipeline.frame import Accounting, Frame, FrameResult, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class StageCaller:
+    """Calls one stage's methods, timing them and isolating failures.
+
+    When ``process`` raises on a batch, the batch is retried one frame at a
+    time, so a single bad frame fails alone (recorded against this stage) and
+    its neighbours still get results.
+    """
+
+    def __init__(self, name: str, stage: Any, batch: int) -> None:
+        self.name = name
+        self.stage = stage
+        self.batch = max(1, batch)
+        self.seconds = 0.0
+        self.frames = 0
+        self.calls = 0
+        self.errors = 0
+
+    def process(self, frames: list[Frame]) -> list[Frame]:
+        out: list[Frame] = []
+        for start in range(0, len(frames), self.batch):
+            out.extend(self._process_batch(frames[start : start + self.batch]))
+        return out
+
+    def _process_batch(self, frames: list[Frame]) -> list[Frame]:
+        if not frames:
+            return []
+        started = time.perf_counter()
+        try:
+            return self.stage.process(frames)
+        except Exception as exc:  # noqa: BLE001 - the stage boundary: record, isolate, go on
+            if len(frames) == 1:
+                self.errors += 1
+                log.warning("stage %s failed on %s#%d: %s", self.name, frames[0].stream_id, frames[0].index, exc)
+                frames[0].fail(self.name, exc)
+                return frames
+            return [f for frame in frames for f in self._process_batch([frame])]
+        finally:
+            self.seconds += time.perf_counter() - started
+            self.frames += len(frames)
+            self.calls += 1
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        return self._release(lambda: self.stage.end_stream(stream_id))
+
+    def flush(self) -> list[Frame]:
+        return self._release(self.stage.flush)
+
+    def _release(self, release: Callable[[], list[Frame]]) -> list[Frame]:
+        started = time.perf_counter()
+        try:
+            return release()
+        finally:
+            self.seconds += time.perf_counter() - started
+
+
+class StageChain:
+    """Stages in order; frames released by stage k go through stages k+1.. next."""
+
+    def __init__(self, callers: list[StageCaller]) -> None:
+        self.callers = callers
+
+    def process(self, frames: list[Frame]) -> list[Frame]:
+        for caller in self.callers:
+            frames = caller.process(frames)
+        return frames
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        carried: list[Frame] = []
+        for caller in self.callers:
+            carried = caller.process(carried) + caller.end_stream(stream_id)
+        return carried
+
+    def flush(self) -> list[Frame]:
+        carried: list[Frame] = []
+        for caller in self.callers:
+            carried = caller.process(carried) + caller.flush()
+        return carried
+
+
+class OrderedOutput:
+    """Restores per-stream frame order, fills reused frames from their keyframe,
+    counts outcomes and hands results to the sinks."""
+
+    def __init__(self, sinks: list[Any], accounting: Accounting, on_result: Callable[[FrameResult], None] | None = None):
+        self.sinks = sinks
+        self.accounting = accounting
+        self.on_result = on_result
+        self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
+        self.next_index: dict[str, int] = defaultdict(int)
+        self.last_processed: dict[str, dict[str, Any]] = {}
+        self._tiebreak = 0
+
+    def push(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self._tiebreak += 1
+            heapq.heappush(self.pending[frame.stream_id], (frame.index, self._tiebreak, frame))
+            self._drain(frame.stream_id)
+
+    def _drain(self, stream_id: str) -> None:
+        heap = self.pending[stream_id]
+        while heap and heap[0][0] == self.next_index[stream_id]:
+            _, _, frame = heapq.heappop(heap)
+            self.next_index[stream_id] += 1
+            self._emit(frame)
+
+    def end_stream(self, stream_id: str) -> None:
+        heap = self.pending.pop(stream_id, [])
+        if heap:
+            log.error("stream %s ended with %d frames out of order; emitting them", stream_id, len(heap))
+        for _, _, frame in sorted(heap, key=lambda item: item[:2]):
+            self._emit(frame)
+        self.next_index.pop(stream_id, None)
+        self.last_processed.pop(stream_id, None)
+
+    def close(self) -> None:
+        for stream_id in list(self.pending):
+            self.end_stream(stream_id)
+
+    def _emit(self, frame: Frame) -> None:
+        if frame.is_reused and not frame.is_failed:
+            for stage, value in self.last_processed.get(frame.stream_id, {}).items():
+                frame.results.setdefault(stage, value)
+        result = frame.finish()
+        if result.outcome is Outcome.PROCESSED:
+            self.last_processed[frame.stream_id] = dict(frame.results)
+        self.accounting.on_result(result)
+        for sink in self.sinks:
+            sink.write(result)
+        if self.on_result is not None:
+            self.on_result(result)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: frame outcomes, time, throughput and per-stage cost."""
+
+    accounting: Accounting
+    elapsed_s: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_frames: dict[str, int] = field(default_factory=dict)
+    runner: str = "local"
+
+    @property
+    def totals(self) -> dict[str, int]:
+        return self.accounting.totals()
+
+    @property
+    def ok(self) -> bool:
+        return not self.accounting.source_errors and self.totals["failed"] == 0
+
+    @property
+    def fps(self) -> float:
+        return self.totals["decoded"] / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        lines = [f"blinkflow run ({self.runner} runner): {self.elapsed_s:.2f} s, {self.fps:.1f} frames/s"]
+        lines.extend(self.accounting.summary_lines())
+        for stage, seconds in self.stage_seconds.items():
+            frames = self.stage_frames.get(stage, 0)
+            per_frame = 1000.0 * seconds / frames if frames else 0.0
+            lines.append(f"  stage {stage}: {seconds:.2f} s busy, {frames} frames seen, {per_frame:.1f} ms/frame")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "runner": self.runner,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "fps": round(self.fps, 3),
+            "totals": self.totals,
+            "streams": {s: dict(c) for s, c in self.accounting.outcomes.items()},
+            "decoded": dict(self.accounting.decoded),
+            "source_errors": list(self.accounting.source_errors),
+            "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
+        }

@@ -1,0 +1,284 @@
+"""Outputs: JSON Lines records, an annotated MP4 overlay, and an in-memory sink.
+
+Every file is written under a temporary name in the same folder and renamed
+into place when the sink closes, so a crash never leaves a half-written file
+under the final name. The record format is documented in
+``docs/frame-record.schema.json``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import SinkConfig
+from pipeline.errors import SinkError
+from pipeline.frame import FrameResult
+from pipeline.registry import register_sink, sinks as sink_registry
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+class Sink:
+    """Receives FrameResults in order per stream; ``close`` commits, ``abort`` discards."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        self.cfg = cfg
+
+    def write(self, result: FrameResult) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.close()
+
+
+def build_sinks(configs: list[SinkConfig]) -> list[Sink]:
+    return [sink_registry.get(cfg.type)(cfg) for cfg in configs]
+
+
+class AtomicFile:
+    """A file written as ``.<name>.partial<suffix>`` and renamed on commit."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.temp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SinkError(f"{self.path}: cannot create the output folder ({exc.strerror}); choose a writable path") from None
+
+    def commit(self) -> None:
+        os.replace(self.temp, self.path)
+
+    def discard(self) -> None:
+        self.temp.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- records
+
+
+def to_record(result: FrameResult, include_dense: bool = False) -> dict[str, Any]:
+    """A FrameResult as a JSON-ready dict (see docs/frame-record.schema.json)."""
+    record: dict[str, Any] = {
+        "v": SCHEMA_VERSION,
+        "stream": result.stream_id,
+        "index": result.index,
+        "pts": round(float(result.pts), 6),
+        "width": result.width,
+        "height": result.height,
+        "outcome": result.outcome.value,
+        "reuse_of": result.reuse_of,
+        "error": result.error,
+        "latency_ms": round(result.latency_s * 1000.0, 3),
+    }
+    for stage, value in result.results.items():
+        record[stage] = _jsonable(value, include_dense)
+    return record
+
+
+def _jsonable(value: Any, include_dense: bool) -> Any:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            if isinstance(item, np.ndarray) and item.ndim > 1 and not include_dense:
+                continue  # dense arrays (flow fields) are large; opt in with include_dense
+            out[str(key)] = _jsonable(item, include_dense)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, include_dense) for v in value]
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, np.ndarray):
+        return _dense_array(value) if value.ndim > 1 else value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _dense_array(array: np.ndarray) -> dict[str, Any]:
+    data = base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+    return {"dtype": str(array.dtype), "shape": list(array.shape), "data": data}
+
+
+def decode_dense_array(obj: dict[str, Any]) -> np.ndarray:
+    """Inverse of the dense encoding used for arrays in JSONL records."""
+    raw = base64.b64decode(obj["data"])
+    return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
+
+
+@register_sink("jsonl")
+class JsonlSink(Sink):
+    """One JSON object per frame, one frame per line."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        super().__init__(cfg)
+        self.file = AtomicFile(cfg.path)
+        self.handle = self.file.temp.open("w", encoding="utf-8")
+        self.count = 0
+
+    def write(self, result: FrameResult) -> None:
+        self.handle.write(json.dumps(to_record(result, self.cfg.include_dense), separators=(",", ":")))
+        self.handle.write("\n")
+        self.count += 1
+
+    def close(self) -> None:
+        if self.handle.closed:
+            return
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        self.file.commit()
+        log.info("wrote %d records to %s", self.count, self.file.path)
+
+    def abort(self) -> None:
+        if not self.handle.closed:
+            self.handle.close()
+        self.file.discard()
+
+
+@register_sink("memory")
+class MemorySink(Sink):
+    """Keeps every FrameResult in a list (for tests and notebooks)."""
+
+    def __init__(self, cfg: SinkConfig | None = None) -> None:
+        super().__init__(cfg or SinkConfig(type="memory"))
+        self.results: list[FrameResult] = []
+
+    def write(self, result: FrameResult) -> None:
+        self.results.append(result)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [to_record(r) for r in self.results]
+
+
+# --------------------------------------------------------------------------- mp4 overlay
+
+
+@register_sink("mp4")
+class Mp4OverlaySink(Sink):
+    """An H.264 MP4 per stream with detections, masks, a flow inset and the action label drawn.
+
+    The first stream writes to ``path``; any further stream writes to
+    ``<stem>-<stream><suffix>`` beside it (or use ``{stream}`` in the path).
+    """
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        super().__init__(cfg)
+        self.writers: dict[str, _StreamVideoWriter] = {}
+
+    def _path_for(self, stream_id: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream_id)
+        if "{stream}" in self.cfg.path:
+            return Path(self.cfg.path.format(stream=safe))
+        path = Path(self.cfg.path)
+        return path if not self.writers else path.with_name(f"{path.stem}-{safe}{path.suffix}")
+
+    def write(self, result: FrameResult) -> None:
+        writer = self.writers.get(result.stream_id)
+        if writer is None:
+            writer = self.writers[result.stream_id] = _StreamVideoWriter(self._path_for(result.stream_id), self.cfg.fps)
+        from pipeline.overlay import draw_overlay
+
+        writer.write(draw_overlay(result, self.cfg.draw), result.pts)
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def abort(self) -> None:
+        for writer in self.writers.values():
+            writer.abort()
+
+
+class _StreamVideoWriter:
+    """Encodes frames of one stream; the frame rate is the sink's, or measured from the first two pts."""
+
+    def __init__(self, path: Path, fps: float | None) -> None:
+        self.file = AtomicFile(path)
+        self.fps = fps
+        self.pending: list[tuple[np.ndarray, float]] = []
+        self.container = None
+        self.stream = None
+        self.count = 0
+
+    def write(self, image: np.ndarray, pts: float) -> None:
+        if self.container is not None:
+            self._encode(image)
+            return
+        self.pending.append((image, pts))
+        if self.fps is None and len(self.pending) < 2:
+            return  # wait for a second frame to measure the rate
+        self._flush_pending()
+
+    def _flush_pending(self) -> None:
+        self._open(self.pending[0][0])
+        for pending_image, _ in self.pending:
+            self._encode(pending_image)
+        self.pending.clear()
+
+    def _open(self, image: np.ndarray) -> None:
+        import av
+
+        fps = self.fps or self._measured_fps()
+        self.container = av.open(str(self.file.temp), mode="w", format="mp4")
+        self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        height, width = image.shape[:2]
+        self.stream.width, self.stream.height = width + width % 2, height + height % 2
+        self.stream.pix_fmt = "yuv420p"
+        self.stream.options = {"crf": "23", "preset": "veryfast"}
+
+    def _measured_fps(self) -> float:
+        if len(self.pending) >= 2:
+            delta = self.pending[1][1] - self.pending[0][1]
+            if delta > 1e-4:
+                return min(240.0, 1.0 / delta)
+        return 25.0
+
+    def _encode(self, image: np.ndarray) -> None:
+        import av
+
+        height, width = self.stream.height, self.stream.width
+        if image.shape[0] != height or image.shape[1] != width:
+            image = _fit(image, height, width)
+        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        self.count += 1
+
+    def close(self) -> None:
+        if self.container is None and self.pending:
+            self._flush_pending()
+        if self.container is None:
+            return
+        for packet in self.stream.encode(None):
+            self.container.mux(packet)
+        self.container.close()
+        self.container = None
+        self.file.commit()
+        log.info("wrote %d frames to %s", self.count, self.file.path)
+
+    def abort(self) -> None:
+        if self.container is not None:
+            self.container.close()
+            self.container = None
+        self.file.discard()
+
+
+def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Pad (odd sizes for yuv420p) or crop an image to the stream size."""
+    out = np.zeros((height, width, 3), dtype=np.uint8)
+    h, w = min(height, image.shape[0]), min(width, image.shape[1])
+    out[:h, :w] = image[:h, :w]
+    return out

@@ -1,0 +1,309 @@
+"""Video inputs: files (PyAV), directories and globs of files, and synthetic scenes.
+
+A source config opens into a *lane*: an iterator of :class:`Stream` objects,
+taken one after another (a directory decodes file after file, so a folder of a
+thousand videos never holds a thousand decoders). Several source entries run
+side by side: :func:`merge_lanes` interleaves their frames round-robin,
+deterministically.
+
+Each file is decoded in a background thread into a bounded queue, so decoding
+overlaps with the model stages while memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import glob as globlib
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from pipeline.config import SourceConfig
+from pipeline.errors import SourceError
+from pipeline.frame import Frame
+from pipeline.registry import register_source, sources as source_registry
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
+
+
+@dataclass
+class StreamEnd:
+    """Marks the end of a stream; ``error`` says why it ended early, if it did."""
+
+    stream_id: str
+    error: str | None = None
+
+
+class Stream:
+    """One video stream: an id and a frame iterator that may raise SourceError."""
+
+    def __init__(self, stream_id: str, frames: Callable[[], Iterator[Frame]], origin: str) -> None:
+        self.id = stream_id
+        self.origin = origin
+        self._frames = frames
+
+    def frames(self) -> Iterator[Frame]:
+        return self._frames()
+
+
+# --------------------------------------------------------------------------- lanes
+
+
+def open_lane(cfg: SourceConfig) -> Iterator[Stream]:
+    """Streams of one source entry, in order."""
+    return source_registry.get(cfg.type)(cfg).streams()
+
+
+def lane_items(streams: Iterator[Stream]) -> Iterator[Frame | StreamEnd]:
+    """Frames of each stream in turn, each stream closed by a StreamEnd.
+
+    A stream that fails to open or breaks mid-way ends with an error; its
+    frames decoded so far have been delivered, and the lane goes on with the
+    next stream.
+    """
+    for stream in streams:
+        error = None
+        try:
+            yield from stream.frames()
+        except SourceError as exc:
+            error = str(exc)
+            log.error("%s", error)
+        yield StreamEnd(stream.id, error)
+
+
+def merge_lanes(lanes: list[Iterator[Stream]]) -> Iterator[Frame | StreamEnd]:
+    """Interleave lanes round-robin: one item from each live lane in turn."""
+    iterators = [lane_items(lane) for lane in lanes]
+    while iterators:
+        for iterator in list(iterators):
+            item = next(iterator, None)
+            if item is None:
+                iterators.remove(iterator)
+            else:
+                yield item
+
+
+def open_sources(configs: list[SourceConfig]) -> Iterator[Frame | StreamEnd]:
+    return merge_lanes([open_lane(cfg) for cfg in configs])
+
+
+# --------------------------------------------------------------------------- files
+
+
+@register_source("file")
+class FileSource:
+    """A single video file."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+
+    def streams(self) -> Iterator[Stream]:
+        path = Path(self.cfg.path)
+        yield file_stream(path, self.cfg.id or path.stem, self.cfg)
+
+
+@register_source("dir")
+class DirectorySource:
+    """Every video file under a directory (recursively), in sorted order."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+
+    def files(self) -> list[Path]:
+        root = Path(self.cfg.path)
+        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+
+    def streams(self) -> Iterator[Stream]:
+        root = Path(self.cfg.path)
+        files = self.files()
+        if not files:
+            raise SourceError(f"{root}: no video files found (looked for {', '.join(sorted(VIDEO_SUFFIXES))})")
+        prefix = f"{self.cfg.id}/" if self.cfg.id else ""
+        for path in files:
+            yield file_stream(path, prefix + path.relative_to(root).with_suffix("").as_posix(), self.cfg)
+
+
+@register_source("glob")
+class GlobSource(DirectorySource):
+    """Files matching a glob pattern such as ``videos/**/*.mp4``."""
+
+    def files(self) -> list[Path]:
+        return sorted(Path(p) for p in globlib.glob(self.cfg.path, recursive=True) if Path(p).is_file())
+
+    def streams(self) -> Iterator[Stream]:
+        files = self.files()
+        if not files:
+            raise SourceError(f"{self.cfg.path}: the pattern matches no files; check the glob")
+        prefix = f"{self.cfg.id}/" if self.cfg.id else ""
+        stems = [p.stem for p in files]
+        for path in files:
+            unique = path.stem if stems.count(path.stem) == 1 else path.with_suffix("").as_posix()
+            yield file_stream(path, prefix + unique, self.cfg)
+
+
+def file_stream(path: Path, stream_id: str, cfg: SourceConfig) -> Stream:
+    return Stream(stream_id, lambda: decode_file(path, stream_id, cfg), str(path))
+
+
+def decode_file(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator[Frame]:
+    """Decode ``path`` in a background thread; yield frames, raise SourceError on damage."""
+    reader = _ThreadedDecoder(path, stream_id, cfg)
+    reader.start()
+    try:
+        yield from reader
+    finally:
+        reader.stop()
+
+
+_DONE = object()
+
+
+class _ThreadedDecoder:
+    """Runs PyAV decoding in a daemon thread, feeding a bounded queue."""
+
+    def __init__(self, path: Path, stream_id: str, cfg: SourceConfig) -> None:
+        self.path, self.stream_id, self.cfg = path, stream_id, cfg
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=f"decode:{stream_id}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        while self.thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self.queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+
+    def __iter__(self) -> Iterator[Frame]:
+        while True:
+            item = self.queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, SourceError):
+                raise item
+            yield item
+
+    def _put(self, item: Any) -> bool:
+        while not self.stopped.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for frame in iter_video_frames(self.path, self.stream_id, self.cfg):
+                if not self._put(frame):
+                    return
+            self._put(_DONE)
+        except SourceError as exc:
+            self._put(exc)
+        except Exception as exc:  # noqa: BLE001 - any decoder failure becomes the file's error
+            self._put(SourceError(f"{self.path}: decoding failed ({type(exc).__name__}: {exc})"))
+
+
+def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator[Frame]:
+    """Decode, resample and resize one file (runs inside the decoder thread)."""
+    import av
+
+    container = _open_container(path)
+    try:
+        if not container.streams.video:
+            raise SourceError(f"{path}: the file has no video stream; pass a video file")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        if cfg.decode_threads:
+            stream.codec_context.thread_count = cfg.decode_threads
+        yield from _resampled(_decoded_frames(container, stream, path), cfg, stream_id, path)
+    except av.FFmpegError as exc:
+        raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
+    finally:
+        container.close()
+
+
+def _open_container(path: Path):
+    import av
+
+    try:
+        return av.open(str(path), mode="r", metadata_errors="ignore")
+    except FileNotFoundError:
+        raise SourceError(f"{path}: file not found; check the path") from None
+    except (av.FFmpegError, UnicodeDecodeError) as exc:
+        raise SourceError(f"{path}: not a readable video ({exc}); check that the file is a video and not damaged") from None
+
+
+def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
+    rate = float(stream.average_rate or stream.guessed_rate or 25)
+    for n, frame in enumerate(container.decode(stream)):
+        seconds = float(frame.time) if frame.time is not None else n / rate
+        yield seconds, frame
+
+
+def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: Path) -> Iterator[Frame]:
+    """Keep frames on a 1/fps grid (when fps is set), convert to RGB, resize, cap the count."""
+    next_time = None
+    index = 0
+    for seconds, av_frame in decoded:
+        if cfg.fps is not None:
+            if next_time is not None and seconds < next_time - 1e-6:
+                continue
+            next_time = (seconds if next_time is None else next_time) + 1.0 / cfg.fps
+        yield Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
+        index += 1
+        if cfg.max_frames is not None and index >= cfg.max_frames:
+            return
+    if index == 0:
+        raise SourceError(f"{path}: no frames could be decoded; the file is empty or damaged")
+
+
+def _to_rgb(av_frame, resize: list[int] | None) -> np.ndarray:
+    if resize:
+        return av_frame.to_ndarray(format="rgb24", width=resize[0], height=resize[1])
+    return av_frame.to_ndarray(format="rgb24")
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+@register_source("synthetic")
+class SyntheticSource:
+    """A procedural scene of moving textured shapes, deterministic by seed."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+
+    def streams(self) -> Iterator[Stream]:
+        stream_id = self.cfg.id or f"synthetic-{self.cfg.seed}"
+        yield Stream(stream_id, lambda: self._frames(stream_id), f"synthetic seed {self.cfg.seed}")
+
+    def _frames(self, stream_id: str) -> Iterator[Frame]:
+        from models.training.scenes import SceneGenerator
+
+        cfg = self.cfg
+        generator = SceneGenerator(seed=cfg.seed, width=cfg.width, height=cfg.height, num_objects=cfg.num_objects)
+        step = 1 if cfg.fps is None else max(1, round(cfg.frame_rate / cfg.fps))
+        for index, t in enumerate(range(0, cfg.num_frames, step)):
+            if cfg.max_frames is not None and index >= cfg.max_frames:
+                return
+            image = generator.render(t).image
+            if cfg.resize:
+                image = _resize_array(image, cfg.resize)
+            yield Frame(stream_id=stream_id, index=index, pts=t / cfg.frame_rate, image=image)
+
+
+def _resize_array(image: np.ndarray, size: list[int]) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((size[0], size[1]), Image.BILINEAR))

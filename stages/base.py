@@ -1,0 +1,69 @@
+"""The stage contract shared by every stage and both runners.
+
+A stage is a plain class (no Ray). The runner builds it from its resolved
+:class:`pipeline.config.StageConfig` (cheap, picklable), calls ``setup(device)``
+inside the worker, then ``process(frames)`` on batches, ``end_stream`` when a
+stream ends, ``flush()`` at the end of the run, and ``teardown()``.
+
+Contract of ``process``:
+  * it receives frames of any streams, in order per stream;
+  * it computes only on *active* frames (not reused by the gate, not failed);
+  * it writes its output to ``frame.results[self.name]``;
+  * it returns the frames whose results are final, in order per stream. A
+    temporal stage may hold frames back (the action stage waits for the clip
+    that covers them) and return them from a later call, ``end_stream`` or
+    ``flush``. No frame is ever lost.
+  * an exception fails the whole batch; the runner then retries frame by frame
+    so that one bad frame fails alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pipeline.frame import Frame
+
+
+@dataclass
+class NoOptions:
+    """This stage has no stage-specific options."""
+
+
+class Stage:
+    """Base class with the default no-op behaviour of the contract above."""
+
+    name: ClassVar[str] = "stage"
+    #: temporal stages keep per-stream state, so each stream sticks to one replica, in order
+    temporal: ClassVar[bool] = False
+    #: the dataclass that types ``stages.<name>.options`` in the config
+    Options: ClassVar[type] = NoOptions
+    #: backend used when the config names none
+    default_model: ClassVar[str | None] = None
+
+    def __init__(self, cfg: Any) -> None:
+        self.cfg = cfg
+        self.options = cfg.options if cfg is not None and cfg.options is not None else self.Options()
+        self.device = "cpu"
+
+    def setup(self, device: str = "cpu") -> None:
+        self.device = device
+
+    def process(self, frames: list[Frame]) -> list[Frame]:
+        return frames
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        """The stream ended (or restarted): release its held frames and forget its state."""
+        return []
+
+    def flush(self) -> list[Frame]:
+        """End of the run: release every held frame."""
+        return []
+
+    def teardown(self) -> None:
+        pass
+
+    @staticmethod
+    def active(frames: list[Frame]) -> list[Frame]:
+        """Frames this stage must compute on: not reused, not failed."""
+        return [f for f in frames if not f.is_reused and not f.is_failed]

@@ -1,0 +1,88 @@
+"""Helpers shared by the model stages: device resolution, batching frames into
+tensors on the device, precision, and compact encodings of dense outputs.
+
+torch is imported inside the functions, so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import StageError
+from pipeline.frame import Frame
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(device: str) -> Any:
+    """Return a torch.device, with a clear error when CUDA is asked for but absent."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {device!r} requested but no CUDA GPU is available; set device: cpu")
+    return torch.device(device)
+
+
+def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | None = None, channels_last: bool = False):
+    """Stack frames into a float NCHW tensor in [0, 1] on ``device``.
+
+    The uint8 pixels go to the device first and are converted and resized
+    there, so preprocessing runs on the GPU when there is one. ``size`` is
+    (height, width); frames of different sizes must be given a ``size``.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    tensors = [torch.from_numpy(np.ascontiguousarray(f.image)).to(device, non_blocking=True) for f in frames]
+    if size is None and len({t.shape for t in tensors}) > 1:
+        raise ValueError("frames of different sizes need a common size")
+    batch = torch.stack([t.permute(2, 0, 1) for t in tensors]) if size is None else None
+    if batch is None:
+        batch = torch.cat([_resize_uint8(t.permute(2, 0, 1)[None], size) for t in tensors])
+    batch = batch.float().div_(255.0)
+    if size is not None and tuple(batch.shape[-2:]) != tuple(size):
+        batch = F.interpolate(batch, size=size, mode="bilinear", align_corners=False)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
+    return batch
+
+
+def _resize_uint8(image, size):
+    import torch.nn.functional as F
+
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
+
+
+def autocast(device: Any, precision: str):
+    """An autocast context for fp16/bf16 on GPU; a no-op for fp32 or on CPU."""
+    import torch
+
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if device.type != "cuda":
+        log.warning("precision %s is for GPUs; running fp32 on %s", precision, device)
+        return contextlib.nullcontext()
+    dtype = torch.float16 if precision == "fp16" else torch.bfloat16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def encode_class_map(class_map: np.ndarray) -> bytes:
+    """A (H, W) uint8 class map as lossless PNG bytes (compact for piecewise-constant maps)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(class_map, dtype=np.uint8)).save(buffer, format="PNG", optimize=False)
+    return buffer.getvalue()
+
+
+def decode_class_map(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.array(Image.open(io.BytesIO(data)))

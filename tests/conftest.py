@@ -1,0 +1,79 @@
+"""Shared fixtures: the real media in ../shared/data, tiny generated clips,
+RNG isolation, and the needs_cuda marker."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("BLINKFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_cuda = False
+    if has_cuda:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU; none is available here")
+    for item in items:
+        if "needs_cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_rng():
+    """Every test starts from the same seeds and leaves no RNG state behind."""
+    state = (random.getstate(), np.random.get_state())
+    random.seed(0)
+    np.random.seed(0)
+    try:
+        import torch
+
+        torch_state = torch.random.get_rng_state()
+        torch.manual_seed(0)
+    except ImportError:  # pragma: no cover
+        torch_state = None
+    yield
+    random.setstate(state[0])
+    np.random.set_state(state[1])
+    if torch_state is not None:
+        torch.random.set_rng_state(torch_state)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared test media folder {SHARED_DATA} is missing")
+    return SHARED_DATA
+
+
+def write_test_video(path: Path, frames: int = 12, width: int = 64, height: int = 48, fps: int = 10, codec: str = "libx264") -> Path:
+    """Encode a tiny clip whose frame i has a bright square at x = 4*i (easy to check)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(frames):
+            image = np.full((height, width, 3), 40, dtype=np.uint8)
+            x = (4 * i) % (width - 8)
+            image[8:16, x : x + 8] = 230
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def tiny_video(tmp_path) -> Path:
+    return write_test_video(tmp_path / "tiny.mp4")

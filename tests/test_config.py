@@ -1,0 +1,142 @@
+"""Config loading: every kind of mistake gives a one-line error naming its YAML path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.config import Config, load_config
+from pipeline.errors import ConfigError
+from tests.conftest import REPO_ROOT
+
+
+def write(tmp_path, text: str):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def error_of(tmp_path, text: str, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), overrides)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_demo_config_is_valid():
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml")
+    assert isinstance(cfg, Config)
+    assert list(cfg.enabled_stages()) == ["detect", "segment", "flow", "action"]
+    assert cfg.stages["action"].options.clip_len == 8
+
+
+def test_unknown_top_level_key_names_the_key(tmp_path):
+    assert error_of(tmp_path, "sourcez: []\n").startswith("sourcez: unknown key; valid keys here: sources, gate")
+
+
+def test_unknown_nested_key_names_the_full_path(tmp_path):
+    assert error_of(tmp_path, "gate:\n  treshold: 0.1\n").startswith("gate.treshold: unknown key")
+
+
+def test_unknown_stage_option_names_the_full_path(tmp_path):
+    message = error_of(tmp_path, "stages:\n  detect:\n    options:\n      score_treshold: 0.5\n")
+    assert message.startswith("stages.detect.options.score_treshold: unknown key")
+
+
+def test_wrong_type_names_the_path_and_expected_type(tmp_path):
+    message = error_of(tmp_path, "stages:\n  detect:\n    batch: many\n")
+    assert message == "stages.detect.batch: expected an integer, got 'many'"
+
+
+def test_bool_is_not_accepted_as_a_number(tmp_path):
+    assert error_of(tmp_path, "gate:\n  threshold: true\n").startswith("gate.threshold: expected a number")
+
+
+def test_out_of_range_value_names_the_range(tmp_path):
+    assert error_of(tmp_path, "stages:\n  detect:\n    batch: 0\n") == "stages.detect.batch: 0 is out of range (1..1024)"
+
+
+def test_invalid_choice_lists_the_allowed_values(tmp_path):
+    message = error_of(tmp_path, "runtime:\n  mode: turbo\n")
+    assert message == "runtime.mode: 'turbo' is not one of 'archive' | 'live'"
+
+
+def test_missing_source_file_names_the_path(tmp_path):
+    message = error_of(tmp_path, "sources:\n  - type: file\n    path: nope/missing.mp4\n")
+    assert message == "sources.0.path: file 'nope/missing.mp4' does not exist"
+
+
+def test_missing_weights_file_names_the_path(tmp_path):
+    message = error_of(tmp_path, "stages:\n  segment:\n    weights: nowhere/w.pt\n")
+    assert message == "stages.segment.weights: file 'nowhere/w.pt' does not exist"
+
+
+def test_unknown_stage_lists_valid_stages(tmp_path):
+    message = error_of(tmp_path, "stages:\n  detekt: {}\n")
+    assert message.startswith("stages.detekt: unknown stage; valid stages: action, detect, flow, gate, segment")
+
+
+def test_unknown_model_lists_valid_models(tmp_path):
+    message = error_of(tmp_path, "stages:\n  detect:\n    model: yolo9000\n")
+    assert message.startswith("stages.detect.model: unknown model 'yolo9000'; valid names:")
+
+
+def test_model_of_the_wrong_task_is_rejected(tmp_path):
+    message = error_of(tmp_path, "stages:\n  detect:\n    model: unet_small\n")
+    assert message.startswith("stages.detect.model: model 'unet_small' is a segment model, not detect")
+
+
+def test_bad_device_is_rejected(tmp_path):
+    assert error_of(tmp_path, "stages:\n  flow:\n    device: tpu\n").startswith("stages.flow.device: 'tpu'")
+
+
+def test_sink_without_path_is_rejected(tmp_path):
+    assert error_of(tmp_path, "sinks:\n  - type: jsonl\n") == "sinks.0.path: a jsonl sink needs an output path"
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    message = error_of(tmp_path, "gate: [unclosed\n")
+    assert "invalid YAML" in message and "line" in message
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+
+
+def test_set_overrides_nested_values_and_list_items(tmp_path):
+    path = write(tmp_path, "sources:\n  - type: synthetic\n    seed: 1\n")
+    cfg = load_config(path, ["sources.0.seed=5", "gate.enabled=true", "stages.detect.batch=8"])
+    assert cfg.sources[0].seed == 5
+    assert cfg.gate.enabled is True
+    assert cfg.stages["detect"].batch == 8
+
+
+def test_set_override_errors_are_checked_like_the_file(tmp_path):
+    message = error_of(tmp_path, "{}\n", ["stages.detect.batch=-3"])
+    assert message == "stages.detect.batch: -3 is out of range (1..1024)"
+
+
+def test_malformed_set_override(tmp_path):
+    assert "expected key=value" in error_of(tmp_path, "{}\n", ["gate.enabled"])
+
+
+def test_validate_command_prints_one_line_error_without_traceback(tmp_path):
+    path = write(tmp_path, "gate:\n  max_reuse: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "blinkflow: error: gate.max_reuse: -1 is out of range (0..1000000)"
+    assert "Traceback" not in proc.stderr
+
+
+def test_validate_command_accepts_the_demo(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "validate", "configs/demo.yaml"], capture_output=True, text=True, cwd=REPO_ROOT
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout

@@ -1,0 +1,112 @@
+"""Sinks: JSONL and MP4 round trips, the documented schema, atomic writes."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.config import SinkConfig
+from pipeline.frame import Frame, Outcome
+from pipeline.sinks import JsonlSink, MemorySink, Mp4OverlaySink, decode_dense_array, to_record
+from stages.common import decode_class_map, encode_class_map
+from tests.conftest import REPO_ROOT
+
+
+def make_result(index: int, width: int = 64, height: int = 48, stream: str = "s"):
+    image = np.full((height, width, 3), 20 * index % 255, dtype=np.uint8)
+    frame = Frame(stream_id=stream, index=index, pts=index / 10, image=image)
+    class_map = np.zeros((height, width), dtype=np.uint8)
+    class_map[10:20, 10:30] = 2
+    frame.results["detect"] = {"boxes": [[1.0, 2.0, 30.0, 40.0]], "labels": [1], "classes": ["disc"], "scores": [0.9]}
+    frame.results["segment"] = {
+        "mask": {"format": "png", "data": encode_class_map(class_map), "height": height, "width": width},
+        "classes": ["background", "disc", "square"],
+        "areas": {"background": height * width - 200, "square": 200},
+    }
+    flow = np.full((2, height // 2, width // 2), 1.5, dtype=np.float16)
+    frame.results["flow"] = {"flow": flow, "scale": 2, "pair": [index - 1, index], "magnitude_mean": 2.1, "magnitude_max": 3.0}
+    frame.results["action"] = {"window": [0, 7], "top": [{"label": "rotate", "score": 0.8}]}
+    return frame.finish()
+
+
+def test_jsonl_round_trip_keeps_every_field(tmp_path):
+    path = tmp_path / "out" / "r.jsonl"
+    sink = JsonlSink(SinkConfig(type="jsonl", path=str(path), include_dense=True))
+    results = [make_result(i) for i in range(3)]
+    for result in results:
+        sink.write(result)
+    sink.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2]
+    first = records[0]
+    assert first["outcome"] == "processed" and first["stream"] == "s"
+    assert first["detect"]["boxes"] == [[1.0, 2.0, 30.0, 40.0]]
+    import base64
+
+    class_map = decode_class_map(base64.b64decode(first["segment"]["mask"]["data"]))
+    assert class_map.shape == (48, 64) and int((class_map == 2).sum()) == 200
+    flow = decode_dense_array(first["flow"]["flow"])
+    assert flow.dtype == np.float16 and flow.shape == (2, 24, 32) and float(flow[0, 0, 0]) == 1.5
+
+
+def test_jsonl_omits_dense_flow_unless_asked(tmp_path):
+    record = to_record(make_result(1), include_dense=False)
+    assert "flow" not in record["flow"] and record["flow"]["magnitude_mean"] == 2.1
+
+
+def test_records_match_the_documented_schema():
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO_ROOT / "docs" / "frame-record.schema.json").read_text())
+    for include_dense in (False, True):
+        record = json.loads(json.dumps(to_record(make_result(2), include_dense)))
+        jsonschema.validate(record, schema)
+    bad = json.loads(json.dumps(to_record(make_result(2))))
+    bad["outcome"] = "lost"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema)
+
+
+def test_jsonl_is_atomic_no_final_file_until_close(tmp_path):
+    path = tmp_path / "r.jsonl"
+    sink = JsonlSink(SinkConfig(type="jsonl", path=str(path)))
+    sink.write(make_result(0))
+    assert not path.exists()
+    sink.abort()
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_mp4_overlay_round_trip(tmp_path):
+    import av
+
+    path = tmp_path / "o.mp4"
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(path)))
+    for i in range(5):
+        sink.write(make_result(i, width=63, height=47))
+    assert not path.exists()
+    sink.close()
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+        assert float(stream.average_rate) == pytest.approx(10.0)
+    assert len(frames) == 5
+    assert frames[0].shape == (48, 64, 3)  # padded to even size for yuv420p
+    # the square class (index 2) is blended in its palette colour, not left as the flat background
+    assert np.abs(frames[0][15, 20].astype(int) - frames[0][40, 5].astype(int)).sum() > 60
+
+
+def test_mp4_writes_one_file_per_stream(tmp_path):
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "v.mp4"), fps=5))
+    for i in range(2):
+        sink.write(make_result(i, stream="cam/1"))
+        sink.write(make_result(i, stream="cam/2"))
+    sink.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v-cam_2.mp4", "v.mp4"]
+
+
+def test_memory_sink_keeps_results():
+    sink = MemorySink()
+    sink.write(make_result(0))
+    assert sink.results[0].outcome is Outcome.PROCESSED
+    assert sink.records()[0]["index"] == 0

@@ -1,0 +1,134 @@
+"""Decoding real and generated clips: counts, timestamps, resampling, resizing, damage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import SourceConfig
+from pipeline.errors import SourceError
+from pipeline.frame import Frame
+from pipeline.sources import StreamEnd, decode_file, open_sources
+from tests.conftest import write_test_video
+
+# frame counts and rates of the real clips in ../shared/data/video (see SOURCES.md)
+REAL_CLIPS = {"tree.avi": (68, None), "bikes.mp4": (250, 25.0), "realshort.mp4": (36, None), "arm_wrestling.mp4": (280, 28.0)}
+
+
+def decode_all(path, **options) -> list[Frame]:
+    cfg = SourceConfig(type="file", path=str(path), **options)
+    return list(decode_file(path, path.stem, cfg))
+
+
+@pytest.mark.parametrize("name", sorted(REAL_CLIPS))
+def test_real_clip_frame_count_and_timestamps(shared_data, name):
+    frames = decode_all(shared_data / "video" / name)
+    count, rate = REAL_CLIPS[name]
+    assert len(frames) == count
+    assert [f.index for f in frames] == list(range(count))
+    pts = np.array([f.pts for f in frames])
+    assert pts[0] == 0.0
+    assert np.all(np.diff(pts) > 0), "timestamps must increase"
+    if rate is not None:
+        assert np.allclose(np.diff(pts), 1.0 / rate, atol=1e-3)
+    assert frames[0].image.dtype == np.uint8 and frames[0].image.shape[2] == 3
+
+
+def test_realshort_timestamps_follow_its_ntsc_like_rate(shared_data):
+    frames = decode_all(shared_data / "video" / "realshort.mp4")
+    assert frames[1].pts == pytest.approx(1499 / 45000, abs=1e-6)
+
+
+def test_resampling_to_a_target_fps(shared_data):
+    frames = decode_all(shared_data / "video" / "bikes.mp4", fps=5.0)
+    assert len(frames) == 50
+    assert np.allclose(np.diff([f.pts for f in frames]), 0.2, atol=1e-6)
+    assert [f.index for f in frames] == list(range(50))
+
+
+def test_resizing_and_max_frames(shared_data):
+    frames = decode_all(shared_data / "video" / "bikes.mp4", resize=[96, 64], max_frames=7)
+    assert len(frames) == 7
+    assert all(f.image.shape == (64, 96, 3) for f in frames)
+
+
+def test_generated_clip_pixels_survive_decoding(tmp_path):
+    frames = decode_all(write_test_video(tmp_path / "clip.mp4", frames=6))
+    assert len(frames) == 6
+    bright_x = [int(np.argmax(f.image[12, :, 0] > 150)) for f in frames]
+    assert bright_x == [0, 4, 8, 12, 16, 20]
+
+
+def test_non_video_file_gives_an_error_naming_the_file(tmp_path):
+    bogus = tmp_path / "notes.mp4"
+    bogus.write_text("this is not a video\n" * 50)
+    with pytest.raises(SourceError) as info:
+        decode_all(bogus)
+    assert str(bogus) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_truncated_file_keeps_decoded_frames_then_errors(tmp_path):
+    clip = write_test_video(tmp_path / "long.mp4", frames=40, width=128, height=96)
+    data = clip.read_bytes()
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(data[: len(data) // 3])
+    cfg = SourceConfig(type="file", path=str(broken))
+    frames: list[Frame] = []
+    with pytest.raises(SourceError) as info:
+        for frame in decode_file(broken, "broken", cfg):
+            frames.append(frame)
+    assert str(broken) in str(info.value)
+    assert len(frames) < 40
+
+
+def test_directory_run_goes_on_after_a_corrupt_file(tmp_path):
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_test_video(folder / "a.mp4", frames=5)
+    (folder / "b.mp4").write_bytes(b"\x00garbage" * 100)
+    write_test_video(folder / "c.mp4", frames=4)
+    items = list(open_sources([SourceConfig(type="dir", path=str(folder))]))
+    ends = [i for i in items if isinstance(i, StreamEnd)]
+    assert [e.stream_id for e in ends] == ["a", "b", "c"]
+    assert ends[0].error is None and ends[2].error is None
+    assert "b.mp4" in ends[1].error
+    counts = {s: sum(1 for i in items if isinstance(i, Frame) and i.stream_id == s) for s in "abc"}
+    assert counts == {"a": 5, "b": 0, "c": 4}
+
+
+def test_glob_source_matches_files(tmp_path):
+    write_test_video(tmp_path / "x1.mp4", frames=3)
+    write_test_video(tmp_path / "x2.mp4", frames=2)
+    (tmp_path / "skip.txt").write_text("no")
+    items = list(open_sources([SourceConfig(type="glob", path=str(tmp_path / "x*.mp4"))]))
+    assert sorted({i.stream_id for i in items if isinstance(i, Frame)}) == ["x1", "x2"]
+
+
+def test_two_sources_are_interleaved_round_robin(tmp_path):
+    a = write_test_video(tmp_path / "a.mp4", frames=3)
+    b = write_test_video(tmp_path / "b.mp4", frames=3)
+    items = open_sources([SourceConfig(type="file", path=str(a)), SourceConfig(type="file", path=str(b))])
+    order = [(i.stream_id, i.index) for i in items if isinstance(i, Frame)]
+    assert order == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+
+
+def test_synthetic_source_is_deterministic_by_seed():
+    def frames(seed):
+        cfg = SourceConfig(type="synthetic", seed=seed, width=64, height=48, num_frames=5)
+        return [i.image for i in open_sources([cfg]) if isinstance(i, Frame)]
+
+    first, again, other = frames(3), frames(3), frames(4)
+    assert len(first) == 5
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other))
+    assert not np.array_equal(first[0], first[-1]), "objects must move"
+
+
+def test_import_pipeline_does_not_import_torch_or_ray():
+    import subprocess
+    import sys
+
+    code = "import sys, pipeline, pipeline.config, pipeline.sources, pipeline.sinks, stages.gate; print(sorted(m for m in ('torch', 'ray', 'av', 'torchvision') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
