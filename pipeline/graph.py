@@ -27,7 +27,8 @@ class StageSpec:
 
     @property
     def temporal(self) -> bool:
-        return bool(self.cls.temporal)
+        is_temporal = getattr(self.cls, "is_temporal", None)
+        return bool(is_temporal(self.cfg)) if is_temporal else bool(self.cls.temporal)
 
     @property
     def batch(self) -> int:

@@ -58,7 +58,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-STAGE_MODULES = ("stages.gate", "stages.detect", "stages.segment", "stages.flow", "stages.action")
+STAGE_MODULES = ("stages.gate", "stages.detect", "stages.segment", "stages.flow", "stages.action", "stages.chaos")
 
 stages: Registry[type] = Registry("stage", STAGE_MODULES)
 sources: Registry[type] = Registry("source type", ("pipeline.sources",))

@@ -72,6 +72,24 @@ class StageCaller:
             self.seconds += time.perf_counter() - started
 
 
+def setup_stage(spec: Any) -> StageCaller:
+    """Create and set up one stage from its spec, the same way in every runner.
+
+    The torch RNG is seeded first so that a stage with random weights (``weights:
+    null``) is identical in every process: the Ray runner's actors then give the
+    same outputs as the local runner.
+    """
+    try:
+        import torch
+
+        torch.manual_seed(0)
+    except ImportError:  # pragma: no cover - stages without torch
+        pass
+    stage = spec.create()
+    stage.setup(spec.device)
+    return StageCaller(spec.name, stage, spec.batch)
+
+
 class StageChain:
     """Stages in order; frames released by stage k go through stages k+1.. next."""
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 from pipeline.config import Config
 from pipeline.frame import Accounting, Frame, FrameResult
 from pipeline.graph import build_graph
-from pipeline.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain
+from pipeline.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
 from pipeline.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
@@ -58,12 +58,7 @@ class LocalRunner:
         )
 
     def _setup_stages(self) -> list[StageCaller]:
-        callers = []
-        for spec in self.specs:
-            stage = spec.create()
-            stage.setup(spec.device)
-            callers.append(StageCaller(spec.name, stage, spec.batch))
-        return callers
+        return [setup_stage(spec) for spec in self.specs]
 
     def _pump(self, chain: StageChain, output: OrderedOutput, accounting: Accounting) -> None:
         wave_size = max([spec.batch for spec in self.specs] or [1])

@@ -1,0 +1,69 @@
+"""A fault-injection stage for testing runners and deployments.
+
+It computes nothing useful: it records a cheap checksum of each active frame,
+and on request fails chosen frames, holds frames back like a temporal stage,
+or sleeps to simulate a slow model. Put it in a config to rehearse failure
+handling (``stages: {chaos: {options: {fail_indices: [3]}}}``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from pipeline.frame import Frame
+from pipeline.registry import register_stage
+from stages.base import Stage
+
+
+@dataclass
+class ChaosOptions:
+    fail_indices: list[int] = field(default_factory=list)  # frame indices whose processing raises
+    hold: int = 0  # hold frames per stream and release them in groups of this size, newest first
+    sleep_ms: float = 0.0  # simulated model time per batch
+    temporal: bool = False  # declare per-stream state (stream affinity) even without holding
+
+
+@register_stage("chaos")
+class Chaos(Stage):
+    name = "chaos"
+    Options = ChaosOptions
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.held: dict[str, list[Frame]] = {}
+        self.seen: dict[str, int] = {}
+
+    @classmethod
+    def is_temporal(cls, cfg) -> bool:
+        options = cfg.options if cfg is not None and cfg.options is not None else cls.Options()
+        return bool(options.hold or options.temporal)
+
+    def process(self, frames: list[Frame]) -> list[Frame]:
+        if self.options.sleep_ms:
+            time.sleep(self.options.sleep_ms / 1000.0)
+        for frame in self.active(frames):
+            if frame.index in self.options.fail_indices:
+                raise RuntimeError(f"chaos: injected failure on frame {frame.index}")
+            self.seen[frame.stream_id] = self.seen.get(frame.stream_id, 0) + 1
+            frame.results[self.name] = {"checksum": int(frame.image[::7, ::7].sum()), "seen": self.seen[frame.stream_id]}
+        return self._hold(frames) if self.options.hold else frames
+
+    def _hold(self, frames: list[Frame]) -> list[Frame]:
+        out: list[Frame] = []
+        for frame in frames:
+            held = self.held.setdefault(frame.stream_id, [])
+            held.append(frame)
+            if len(held) >= self.options.hold:
+                out.extend(reversed(held))
+                held.clear()
+        return out
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        self.seen.pop(stream_id, None)
+        return self.held.pop(stream_id, [])
+
+    def flush(self) -> list[Frame]:
+        released = [frame for held in self.held.values() for frame in held]
+        self.held.clear()
+        return released

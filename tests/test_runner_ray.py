@@ -1,0 +1,136 @@
+"""The Ray runner: equivalence with the local runner, ordering, affinity, faults."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from pipeline.config import load_config  # noqa: E402
+from pipeline.frame import Outcome  # noqa: E402
+from pipeline.runners.local import LocalRunner  # noqa: E402
+from pipeline.runners.ray import RayRunner  # noqa: E402
+from pipeline.sinks import MemorySink  # noqa: E402
+from tests.conftest import write_test_video  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def run(runner_cls, cfg):
+    sink = MemorySink()
+    summary = runner_cls(cfg, sinks=[sink]).run()
+    return summary, sink.results
+
+
+def comparable(results):
+    return [(r.stream_id, r.index, r.outcome.value, r.reuse_of, r.error, repr(r.results)) for r in results]
+
+
+def two_clips(tmp_path, frames=(9, 7)):
+    return [
+        {"type": "file", "path": str(write_test_video(tmp_path / f"c{i}.mp4", frames=n))} for i, n in enumerate(frames)
+    ]
+
+
+def test_ray_outputs_equal_local_outputs(ray_local, tmp_path):
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path),
+        "gate": {"enabled": True, "threshold": 0.02},
+        "stages": {"chaos": {"batch": 3, "replicas": 2, "options": {"fail_indices": [4]}}},
+    })
+    local_summary, local_results = run(LocalRunner, cfg)
+    ray_summary, ray_results = run(RayRunner, cfg)
+    assert comparable(ray_results) == comparable(local_results)
+    assert ray_summary.totals == local_summary.totals
+    assert ray_summary.totals["failed"] == 2  # frame 4 of each clip
+
+
+def test_ray_model_stages_match_local(ray_local, tmp_path):
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (5, 4)),
+        "stages": {
+            "segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [32, 32]}},
+            "chaos": {"options": {"hold": 2}},
+        },
+    })
+    _, local_results = run(LocalRunner, cfg)
+    _, ray_results = run(RayRunner, cfg)
+    assert comparable(ray_results) == comparable(local_results)
+
+
+def test_per_stream_order_with_a_holding_temporal_stage_and_replicas(ray_local, tmp_path):
+    sources = two_clips(tmp_path, (8, 8)) + [{"type": "synthetic", "id": "syn", "width": 64, "height": 48, "num_frames": 8}]
+    cfg = load_config(data={"sources": sources, "stages": {"chaos": {"replicas": 2, "batch": 2, "options": {"hold": 3}}}})
+    summary, results = run(RayRunner, cfg)
+    for stream in ("c0", "c1", "syn"):
+        mine = [r for r in results if r.stream_id == stream]
+        assert [r.index for r in mine] == list(range(8))
+        # stream affinity: one replica saw the whole stream, so its per-stream counter runs 1..8
+        assert [r.results["chaos"]["seen"] for r in mine] == list(range(1, 9))
+    assert summary.totals["processed"] == 24
+
+
+def test_killed_actor_is_restarted_and_no_frame_vanishes(ray_local, tmp_path):
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (40, 40)),
+        "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 30}}},
+        "runtime": {"max_in_flight": 4},
+    })
+    runner = RayRunner(cfg, sinks=[MemorySink()])
+    killer = threading.Thread(target=_kill_first_actor_when_busy, args=(runner,), daemon=True)
+    killer.start()
+    summary = runner.run()
+    killer.join(timeout=30)
+    assert runner.killed, "the test must actually kill an actor"
+    totals = summary.totals
+    assert totals["decoded"] == 80
+    assert totals["processed"] + totals["failed"] == 80
+    assert totals["processed"] >= 76, "in-flight frames are retried once on the restarted actor"
+    results = runner.sinks[0].results
+    for stream in ("c0", "c1"):
+        assert [r.index for r in results if r.stream_id == stream] == list(range(40))
+
+
+def _kill_first_actor_when_busy(runner):
+    runner.killed = False
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if runner.pools and runner.accounting.totals()["processed"] >= 10:
+            ray.kill(runner.pools[0].actors[0], no_restart=False)
+            runner.killed = True
+            return
+        time.sleep(0.01)
+
+
+def test_live_mode_drops_oldest_frames_under_overload(ray_local, tmp_path):
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (30, 30)),
+        "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 60}}},
+        "runtime": {"mode": "live", "max_in_flight": 1},
+    })
+    summary, results = run(RayRunner, cfg)
+    totals = summary.totals
+    assert totals["dropped"] > 0
+    assert totals["processed"] + totals["dropped"] == 60
+    dropped = [r for r in results if r.outcome is Outcome.DROPPED]
+    assert all("chaos" not in r.results for r in dropped)
+    for stream in ("c0", "c1"):
+        assert [r.index for r in results if r.stream_id == stream] == list(range(30))
+
+
+def test_unknown_cluster_address_is_a_clear_error(tmp_path):
+    from pipeline.errors import BlinkflowError
+
+    if ray.is_initialized():
+        pytest.skip("needs no Ray connected in this process")
+    cfg = load_config(data={"sources": two_clips(tmp_path, (2, 2)), "runtime": {"address": "127.0.0.1:1"}})
+    with pytest.raises(BlinkflowError, match="runtime.address"):
+        RayRunner(cfg).run()
