@@ -73,6 +73,7 @@ class ResourcesConfig:
 
     num_cpus: float = _field(1.0, "CPU cores per replica", lo=0.0, hi=1024)
     num_gpus: float = _field(0.0, "GPUs per replica; fractions share a GPU", lo=0.0, hi=64)
+    custom: dict[str, float] = _field(factory=dict, doc="custom Ray resources per replica, e.g. {gpu_node: 1} to pin to labelled nodes")
 
 
 @dataclass

@@ -70,6 +70,11 @@ class StageActorImpl:
     def flush(self, frames: list[Frame]) -> list[Frame]:
         return self.caller.process(frames) + self.caller.flush()
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def stats(self) -> dict[str, float]:
         return {"seconds": self.caller.seconds, "frames": self.caller.frames, "errors": self.caller.errors}
 
@@ -174,6 +179,7 @@ class RayRunner:
             options = {
                 "num_cpus": resources.num_cpus if resources else 1.0,
                 "num_gpus": resources.num_gpus if resources else 0.0,
+                "resources": dict(resources.custom) if resources else {},
                 "max_restarts": -1,
                 "max_task_retries": 0,
                 "name": None,
