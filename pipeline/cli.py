@@ -59,6 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=cmd_demo)
 
+    bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
+    bench.add_argument("what", choices=["pipeline"], help="which benchmark")
+    bench.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default: configs/demo.yaml)")
+    bench.add_argument("--frames", type=int, default=48, help="frames per run")
+    bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    bench.set_defaults(handler=cmd_bench)
+
     listing = commands.add_parser("list", help="list registered stages, models, sources and sinks")
     listing.set_defaults(handler=cmd_list)
     return parser
@@ -120,6 +129,13 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
     return 0 if summary.ok else 1
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pipeline.bench_pipeline import bench_pipeline
+
+    bench_pipeline(args.config, args.frames, args.repetitions, args.overrides, write=not args.no_write)
+    return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -297,7 +297,7 @@ class SyntheticSource:
         for index, t in enumerate(range(0, cfg.num_frames, step)):
             if cfg.max_frames is not None and index >= cfg.max_frames:
                 return
-            image = generator.render(t).image
+            image = generator.render_image(t)
             if cfg.resize:
                 image = _resize_array(image, cfg.resize)
             yield Frame(stream_id=stream_id, index=index, pts=t / cfg.frame_rate, image=image)

@@ -176,6 +176,11 @@ class RunSummary:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_frames: dict[str, int] = field(default_factory=dict)
     runner: str = "local"
+    setup_s: float = 0.0  # model loading and actor start-up, included in elapsed_s
+
+    @property
+    def processing_s(self) -> float:
+        return max(1e-9, self.elapsed_s - self.setup_s)
 
     @property
     def totals(self) -> dict[str, int]:
@@ -202,6 +207,7 @@ class RunSummary:
         return {
             "runner": self.runner,
             "elapsed_s": round(self.elapsed_s, 4),
+            "setup_s": round(self.setup_s, 4),
             "fps": round(self.fps, 3),
             "totals": self.totals,
             "streams": {s: dict(c) for s, c in self.accounting.outcomes.items()},

@@ -37,6 +37,7 @@ class LocalRunner:
         callers: list[StageCaller] = []
         try:
             callers.extend(self._setup_stages())
+            setup_s = time.perf_counter() - started
             self._pump(StageChain(callers), output, accounting)
             output.close()
         except BaseException:
@@ -55,6 +56,7 @@ class LocalRunner:
             stage_seconds={c.name: c.seconds for c in callers},
             stage_frames={c.name: c.frames for c in callers},
             runner=self.name,
+            setup_s=setup_s,
         )
 
     def _setup_stages(self) -> list[StageCaller]:

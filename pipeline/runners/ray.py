@@ -144,6 +144,7 @@ class RayRunner:
         owns_ray = _init_ray(self.cfg, self.specs)
         try:
             self.pools = self._start_pools()
+            setup_s = time.perf_counter() - started
             self._pump()
             self.output.close()
             stats = self._collect_stats()
@@ -166,6 +167,7 @@ class RayRunner:
             stage_seconds={k: v["seconds"] for k, v in stats.items()},
             stage_frames={k: int(v["frames"]) for k, v in stats.items()},
             runner=self.name,
+            setup_s=setup_s,
         )
 
     def _start_pools(self) -> list[StagePool]:

@@ -1,0 +1,477 @@
+"""Weight sources and safe loading.
+
+A stage's ``weights:`` setting is one of
+
+* ``null``: random initialisation (kind ``"random"``);
+* ``"shipped"``: the project's own weights in ``models/weights/``, listed with
+  their sha256, classes, training config and eval metrics in ``manifest.json``;
+* a torchvision enum member name such as ``"DEFAULT"`` or ``"COCO_V1"``: the
+  torchvision checkpoint, taken from the local torch hub cache only (the
+  pipeline never downloads; the error says how to pre-fetch it);
+* a path to a ``.pt`` file (kind ``"file"``), verified against a
+  ``manifest.json`` beside it or a ``<file>.sha256`` sidecar when present.
+
+:func:`resolve_weights` runs on the driver and is cheap (no torch import);
+:func:`load_state` runs in the worker. Every file is read with
+``torch.load(weights_only=True)``, so a checkpoint that carries Python code is
+refused instead of executed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BlinkflowError
+
+log = logging.getLogger(__name__)
+
+#: the shipped weights and their manifest; tests monkeypatch this
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+MANIFEST_NAME = "manifest.json"
+
+_TORCHVISION_MEMBER = re.compile(r"[A-Z][A-Z0-9_]*")
+#: torch.hub names files "<name>-<sha256 prefix>.<ext>"
+_HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")
+_TORCHVISION_MODULES = ("", ".detection", ".segmentation", ".optical_flow", ".video", ".quantization")
+
+
+class WeightsError(BlinkflowError):
+    """Weights that cannot be found, verified or loaded; the message names the file or source."""
+
+
+@dataclass(frozen=True)
+class WeightsSpec:
+    """Where a stage's weights come from, resolved once on the driver."""
+
+    source: str | None
+    kind: str  # "random" | "shipped" | "file" | "torchvision"
+    path: Path | None = None
+    sha256: str | None = None
+    classes: list[str] | None = None
+    torchvision_enum: str | None = None  # "Enum.MEMBER"
+    metrics: dict | None = None
+
+    @property
+    def label(self) -> str:
+        """How messages name these weights: the file when there is one, else the source."""
+        return str(self.path) if self.path is not None else repr(self.source)
+
+
+# --------------------------------------------------------------------------- resolve
+
+
+def resolve_weights(
+    source: str | None, *, stage: str, model_name: str, base_dir: Path | None = None
+) -> WeightsSpec:
+    """Turn a config's ``weights:`` value into a :class:`WeightsSpec` (no torch import)."""
+    if source is None:
+        return WeightsSpec(source=None, kind="random")
+    if source == "shipped":
+        return _resolve_shipped(stage, model_name)
+    if _TORCHVISION_MEMBER.fullmatch(source):
+        return _resolve_torchvision(source, stage=stage, model_name=model_name)
+    return _resolve_file(source, stage=stage, base_dir=base_dir)
+
+
+def _resolve_shipped(stage: str, model_name: str) -> WeightsSpec:
+    manifest = read_manifest(WEIGHTS_DIR)
+    for entry in manifest["weights"]:
+        if entry.get("stage") == stage and entry.get("model") == model_name:
+            return WeightsSpec(
+                source="shipped",
+                kind="shipped",
+                path=WEIGHTS_DIR / entry["file"],
+                sha256=entry.get("sha256"),
+                classes=entry.get("classes"),
+                metrics=entry.get("metrics"),
+            )
+    shipped = sorted(f"{e.get('stage')}/{e.get('model')}" for e in manifest["weights"])
+    raise WeightsError(
+        f"stages.{stage}.weights: no shipped weights for model {model_name}; shipped: {shipped}; "
+        f"train them with `blinkflow train {stage}` or set weights: null"
+    )
+
+
+def _resolve_file(source: str, *, stage: str, base_dir: Path | None) -> WeightsSpec:
+    path = _locate(source, base_dir)
+    if not path.is_file():
+        raise WeightsError(f"stages.{stage}.weights: file {str(path)!r} does not exist")
+    entry = _manifest_entry_for(path)
+    sha256 = entry.get("sha256") if entry else None
+    if sha256 is None:
+        sha256 = _read_sidecar(path)
+    return WeightsSpec(
+        source=source,
+        kind="file",
+        path=path,
+        sha256=sha256,
+        classes=entry.get("classes") if entry else None,
+        metrics=entry.get("metrics") if entry else None,
+    )
+
+
+def _locate(source: str, base_dir: Path | None) -> Path:
+    """Relative paths are tried against the working directory, then against ``base_dir``."""
+    path = Path(source).expanduser()
+    if path.is_absolute() or path.exists() or base_dir is None:
+        return path
+    beside = Path(base_dir) / path
+    return beside if beside.exists() else path
+
+
+def _manifest_entry_for(path: Path) -> dict | None:
+    manifest_path = path.parent / MANIFEST_NAME
+    if not manifest_path.is_file():
+        return None
+    for entry in read_manifest(path.parent)["weights"]:
+        if entry.get("file") == path.name:
+            return entry
+    return None
+
+
+def _read_sidecar(path: Path) -> str | None:
+    """A ``<file>.sha256`` holds the hex digest, optionally followed by the name (sha256sum style)."""
+    sidecar = path.with_name(path.name + ".sha256")
+    if not sidecar.is_file():
+        return None
+    tokens = sidecar.read_text().split()
+    if not tokens or not re.fullmatch(r"[0-9a-fA-F]{64}", tokens[0]):
+        raise WeightsError(f"{sidecar}: expected a 64-digit sha256 hex digest")
+    return tokens[0].lower()
+
+
+def _resolve_torchvision(member_name: str, *, stage: str, model_name: str) -> WeightsSpec:
+    enum_name = _torchvision_enum_name(model_name, stage)
+    member = _torchvision_member(enum_name, member_name, stage)
+    path = _hub_checkpoints_dir() / os.path.basename(member.url)
+    qualified = f"{enum_name}.{member.name}"
+    if not path.is_file():
+        raise WeightsError(
+            f"stages.{stage}.weights: torchvision weights {qualified} are not in the local cache ({path}); "
+            f"the pipeline does not download. On a machine with internet run "
+            f"`python -c \"import torchvision; torchvision.models.get_weight('{qualified}').get_state_dict()\"` "
+            f"then copy ~/.cache/torch/hub/checkpoints/{path.name} to {path.parent}/"
+        )
+    categories = member.meta.get("categories")
+    return WeightsSpec(
+        source=member_name,
+        kind="torchvision",
+        path=path,
+        # torchvision keeps '__background__'/'N/A' entries so label ids match the checkpoint
+        classes=list(categories) if categories is not None else None,
+        torchvision_enum=qualified,
+        metrics=dict(member.meta.get("_metrics", {})) or None,
+    )
+
+
+def _torchvision_enum_name(model_name: str, stage: str) -> str:
+    from models.registry import get_model_entry
+
+    enum_name = get_model_entry(model_name).torchvision_weights
+    if enum_name is None:
+        raise WeightsError(
+            f"stages.{stage}.weights: model {model_name} is not a torchvision model, so it has no "
+            f"torchvision weights; use 'shipped', a .pt file or null"
+        )
+    return enum_name
+
+
+def _torchvision_member(enum_name: str, member_name: str, stage: str) -> Any:
+    import importlib
+
+    for suffix in _TORCHVISION_MODULES:
+        module = importlib.import_module("torchvision.models" + suffix)
+        enum_cls = getattr(module, enum_name, None)
+        if enum_cls is not None:
+            break
+    else:
+        raise WeightsError(f"stages.{stage}.weights: torchvision has no weights enum {enum_name}")
+    try:
+        return getattr(enum_cls, member_name)
+    except AttributeError:
+        valid = ["DEFAULT", *enum_cls.__members__]
+        raise WeightsError(
+            f"stages.{stage}.weights: {enum_name} has no member {member_name!r}; valid: {valid}"
+        ) from None
+
+
+def _hub_checkpoints_dir() -> Path:
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+# --------------------------------------------------------------------------- load
+
+
+def load_state(model: Any, spec: WeightsSpec) -> None:
+    """Load verified weights into ``model`` in place; a no-op for random initialisation."""
+    if spec.kind == "random":
+        return
+    if spec.path is None or not spec.path.is_file():
+        raise WeightsError(f"{spec.label}: weights file does not exist")
+    _verify_checksum(spec)
+    state = _extract_state_dict(_safe_torch_load(spec.path), spec)
+    state = _strip_prefix(state, "module.")  # DistributedDataParallel checkpoints
+    state = _align_to_model(state, model)
+    _check_compatible(model, state, spec)
+    model.load_state_dict(state, strict=True)
+    log.info("loaded %s weights from %s", spec.kind, spec.path)
+
+
+def _verify_checksum(spec: WeightsSpec) -> None:
+    assert spec.path is not None
+    if spec.sha256 is not None:
+        actual = sha256_file(spec.path)
+        if actual != spec.sha256.lower():
+            raise WeightsError(
+                f"{spec.path}: sha256 mismatch (expected {spec.sha256}, got {actual}); "
+                f"the file is corrupt or was replaced — re-download or retrain it"
+            )
+        return
+    match = _HUB_HASH.search(spec.path.name) if spec.kind == "torchvision" else None
+    if match:  # torch.hub's own convention: the name carries a prefix of the digest
+        actual = sha256_file(spec.path)
+        if not actual.startswith(match.group(1)):
+            raise WeightsError(
+                f"{spec.path}: sha256 mismatch (expected prefix {match.group(1)}, got {actual}); "
+                f"the file is corrupt or was replaced — re-download it"
+            )
+
+
+def _safe_torch_load(path: Path) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        code = _foreign_globals(path)
+        if code or "GLOBAL" in str(exc):  # weights_only names the blocked global
+            named = f"; it references {', '.join(code[:3])}" if code else ""
+            raise WeightsError(
+                f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict{named}); "
+                f"re-export it with torch.save(model.state_dict(), path)"
+            ) from None
+        raise WeightsError(
+            f"{path}: cannot read {path.name}: not a valid torch weights file ({_torch_reason(exc)}); "
+            f"re-export it with torch.save(model.state_dict(), path)"
+        ) from None
+
+
+def _torch_reason(exc: Exception) -> str:
+    """The informative line of torch's multi-line loading error, shortened."""
+    boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(boilerplate)]
+    reason = (useful or lines or [type(exc).__name__])[-1]
+    return reason if len(reason) <= 120 else reason[:117] + "..."
+
+
+def _foreign_globals(path: Path) -> list[str]:
+    """Globals outside torch's allowlist that the file's pickle references, found by reading the
+    opcodes only (pickletools never executes anything). Empty when the file is not a pickle."""
+    import pickletools
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
+                data = archive.read(name)
+        else:
+            data = path.read_bytes()
+        names = _pickle_globals(pickletools.genops(data))
+    except Exception:  # noqa: BLE001 - not a readable pickle: the caller reports a corrupt file
+        return []
+    return [name for name in names if not _allowed_global(name)]
+
+
+def _pickle_globals(ops: Any) -> list[str]:
+    """``module.name`` of every GLOBAL / STACK_GLOBAL / INST, tracking the memo for protocol 4."""
+    names: list[str] = []
+    recent: list[Any] = []  # values pushed lately; only strings matter for STACK_GLOBAL
+    memo: dict[int, Any] = {}
+    for opcode, arg, _ in ops:
+        if opcode.name in ("GLOBAL", "INST"):
+            names.append(".".join(str(arg).split(" ", 1)))
+        elif opcode.name == "STACK_GLOBAL" and len(recent) >= 2:
+            names.append(f"{recent[-2]}.{recent[-1]}")
+        elif opcode.name == "MEMOIZE" and recent:
+            memo[len(memo)] = recent[-1]
+        elif opcode.name in ("PUT", "BINPUT", "LONG_BINPUT") and recent:
+            memo[int(arg)] = recent[-1]
+        elif opcode.name in ("GET", "BINGET", "LONG_BINGET"):
+            recent.append(memo.get(int(arg)))
+        elif opcode.name not in ("FRAME", "PROTO", "MEMOIZE"):
+            recent.append(arg if isinstance(arg, str) else None)
+        del recent[:-2]
+    return names
+
+
+def _allowed_global(name: str) -> bool:
+    """What ``weights_only`` accepts: tensor rebuilders, storages, dtypes, a few containers."""
+    name = name.replace("__builtin__.", "builtins.")  # protocol 2 spells builtins the Python 2 way
+    if name.startswith("torch._utils._rebuild") or name == "collections.OrderedDict":
+        return True
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        return name in _get_allowed_globals()
+    except Exception:  # noqa: BLE001 - a private torch API; without it trust only tensor storage types
+        return name.startswith("torch.") and name.endswith("Storage")
+
+
+def _extract_state_dict(obj: Any, spec: WeightsSpec) -> dict:
+    """Accept a plain state dict or our training checkpoint ``{"model": state_dict, ...}``."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    elif isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(k, str) for k in obj):
+        raise WeightsError(f"{spec.label}: not a state dict (got {type(obj).__name__})")
+    return obj
+
+
+def _strip_prefix(state: dict, prefix: str) -> dict:
+    if state and all(key.startswith(prefix) for key in state):
+        return {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+def _align_to_model(state: dict, model: Any) -> dict:
+    """Add the model's wrapper prefix (e.g. ``net.``) when a bare checkpoint fits a wrapped model."""
+    model_keys = set(model.state_dict())
+    if model_keys & set(state):
+        return state
+    for key in sorted(model_keys):
+        prefix = key.rsplit(".", 1)[0].split(".")[0] + "."
+        if {prefix + k for k in state} == model_keys:
+            return {prefix + k: v for k, v in state.items()}
+    return state
+
+
+def _check_compatible(model: Any, state: dict, spec: WeightsSpec) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise WeightsError(
+            f"{spec.label}: the weights do not fit this model architecture "
+            f"(missing keys: {_first(missing)}; unexpected keys: {_first(unexpected)})"
+        )
+    mismatched = [k for k in expected if tuple(getattr(state[k], "shape", ())) != tuple(expected[k].shape)]
+    if not mismatched:
+        return
+    key = mismatched[-1]  # the head is last; its mismatch is the informative one
+    got, want = tuple(getattr(state[key], "shape", ())), tuple(expected[key].shape)
+    if got[1:] == want[1:] and len(got) >= 1:
+        n_file, n_model = _class_counts(got[0], want[0], spec, model)
+        raise WeightsError(
+            f"{spec.label}: the weights have {n_file} classes but the model was built for {n_model}; "
+            f"set options.classes to the {n_file} class names or use matching weights"
+        )
+    raise WeightsError(f"{spec.label}: shape mismatch for {key}: weights {got}, model {want}")
+
+
+def _class_counts(rows_file: int, rows_model: int, spec: WeightsSpec, model: Any) -> tuple[int, int]:
+    """Class counts from head rows; detection heads have anchors x classes rows, so divide out."""
+    if spec.classes and rows_file % len(spec.classes) == 0:
+        per_class = rows_file // len(spec.classes)
+        if rows_model % per_class == 0:
+            return len(spec.classes), rows_model // per_class
+    n_model = getattr(model, "num_classes", None)
+    if isinstance(n_model, int) and n_model > 0 and rows_model % n_model == 0:
+        per_class = rows_model // n_model
+        if rows_file % per_class == 0:
+            return rows_file // per_class, n_model
+    return rows_file, rows_model
+
+
+def _first(keys: list[str], n: int = 3) -> str:
+    if not keys:
+        return "none"
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def sha256_file(path: Path | str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(folder: Path | None = None) -> dict:
+    """The manifest of a weights folder as ``{"weights": [entry, ...]}``; empty when absent."""
+    path = Path(folder if folder is not None else WEIGHTS_DIR) / MANIFEST_NAME
+    if not path.is_file():
+        return {"weights": []}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"{path}: invalid JSON ({exc})") from None
+    if isinstance(data, list):  # tolerate a bare list of entries
+        data = {"weights": data}
+    if not isinstance(data, dict) or not isinstance(data.get("weights"), list):
+        raise WeightsError(f"{path}: expected an object with a 'weights' list")
+    return data
+
+
+def write_manifest(folder: Path, manifest: dict) -> Path:
+    """Pretty-printed, key-sorted and entry-sorted, so diffs of the manifest stay small."""
+    entries = sorted(manifest["weights"], key=lambda e: (e.get("stage", ""), e.get("model", "")))
+    path = Path(folder) / MANIFEST_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**manifest, "weights": entries}, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)  # atomic: a crash never leaves a half-written manifest
+    return path
+
+
+def save_shipped(
+    model: Any,
+    *,
+    stage: str,
+    model_name: str,
+    classes: list[str] | None,
+    config: dict,
+    metrics: dict,
+    out_dir: Path | None = None,
+) -> Path:
+    """Write ``<stage>-<model>.pt`` (a plain state dict) and record it in the manifest."""
+    import torch
+
+    folder = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stage}-{model_name}.pt"
+    state = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(model.state_dict(), "module.").items()}
+    torch.save(state, path)
+    entry = {
+        "stage": stage,
+        "model": model_name,
+        "file": path.name,
+        "sha256": sha256_file(path),
+        "size": path.stat().st_size,
+        "classes": list(classes) if classes is not None else None,
+        "config": config,
+        "metrics": metrics,
+        "created": _dt.date.today().isoformat(),
+    }
+    manifest = read_manifest(folder)
+    others = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) != (stage, model_name)]
+    write_manifest(folder, {**manifest, "weights": [*others, entry]})
+    log.info("saved %s weights for %s to %s", stage, model_name, path)
+    return path

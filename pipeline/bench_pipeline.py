@@ -1,0 +1,85 @@
+"""``blinkflow bench pipeline``: sequential local runner against the Ray runner
+against the slowest stage alone (the bound), on the same frames and models."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import Measurement, fps_cell, machine_info, machine_line, markdown_table, repeat, write_section
+from pipeline.config import Config, load_config
+
+log = logging.getLogger(__name__)
+
+
+def bench_config(config_path: Path, frames: int, overrides: list[str]) -> Config:
+    """The config under test, with the gate off (every frame costs the same) and no sinks."""
+    cfg = load_config(config_path, [f"sources.0.num_frames={frames}", "gate.enabled=false", *overrides])
+    cfg.sinks = []
+    return cfg
+
+
+def only_stage(cfg: Config, name: str) -> Config:
+    alone = copy.deepcopy(cfg)
+    alone.stages = {name: alone.stages[name]}
+    return alone
+
+
+def run_frames(cfg: Config, runner: str) -> tuple[int, float]:
+    from pipeline.runners import get_runner
+
+    summary = get_runner(runner)(cfg).run()
+    return summary.totals["decoded"], summary.processing_s
+
+
+def measure(name: str, cfg: Config, runner: str, repetitions: int) -> Measurement:
+    """Repeat a run; time the processing only (model loading and actor start-up excluded)."""
+    measurement = Measurement(name)
+    for _ in range(repetitions):
+        frames, seconds = run_frames(cfg, runner)
+        measurement.frames = frames
+        measurement.seconds.append(seconds)
+    return measurement
+
+
+def bench_pipeline(config_path: Path, frames: int = 48, repetitions: int = 3, overrides: list[str] | None = None,
+                   write: bool = True) -> dict[str, Any]:
+    cfg = bench_config(config_path, frames, overrides or [])
+    sequential = measure("sequential (local runner)", cfg, "local", repetitions)
+    ray_run = measure("Ray runner", cfg, "ray", repetitions)
+    alone = {name: measure(f"{name} alone", only_stage(cfg, name), "local", repetitions) for name in cfg.enabled_stages()}
+    slowest = min(alone.values(), key=lambda m: m.median_fps)
+    result = {
+        "machine": machine_info(),
+        "config": str(config_path),
+        "frames": frames,
+        "repetitions": repetitions,
+        "fps": {m.name: m.fps_range() for m in [sequential, ray_run, *alone.values()]},
+        "ray_over_sequential": ray_run.median_fps / sequential.median_fps,
+        "ray_over_bound": ray_run.median_fps / slowest.median_fps,
+        "bound": slowest.name,
+    }
+    body = render(result, [sequential, ray_run, *alone.values()], slowest)
+    print(body)
+    if write:
+        write_section("pipeline", body)
+    return result
+
+
+def render(result: dict[str, Any], measurements: list[Measurement], slowest: Measurement) -> str:
+    rows = [[m.name + (" ← bound" if m is slowest else ""), fps_cell(m)] for m in measurements]
+    return "\n".join([
+        "## Pipeline: sequential vs Ray vs the slowest stage",
+        "",
+        f"`blinkflow bench pipeline` — {result['frames']} frames of `{result['config']}` (gate off, no sinks), "
+        f"{result['repetitions']} repetitions; frames/s as median (min–max), model loading excluded.",
+        "",
+        machine_line(result["machine"]),
+        "",
+        markdown_table(["variant", "frames/s"], rows),
+        "",
+        f"**Ray ÷ sequential = {result['ray_over_sequential']:.2f}×; Ray ÷ bound = {result['ray_over_bound']:.2f}** "
+        "(target ≥ 0.85 of the bound).",
+    ])

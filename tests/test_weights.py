@@ -1,0 +1,230 @@
+"""models.weights: weight sources, verification and safe loading."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import models.weights as weights
+from models.registry import ModelEntry
+from models.weights import WeightsError, load_state, resolve_weights, save_shipped, sha256_file
+from pipeline.errors import BlinkflowError
+
+CLASSES = ["background", "disc", "square"]
+
+
+def tiny_model(num_classes: int = 3) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(16, num_classes))
+
+
+@pytest.fixture
+def weights_dir(tmp_path, monkeypatch) -> Path:
+    """A private shipped-weights folder, so tests never touch models/weights."""
+    folder = tmp_path / "shipped"
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", folder)
+    return folder
+
+
+def ship_tiny(folder: Path, model: nn.Module | None = None) -> Path:
+    model = model if model is not None else tiny_model()
+    return save_shipped(
+        model, stage="detect", model_name="tiny", classes=CLASSES, config={"epochs": 1}, metrics={"map": 0.5}, out_dir=folder
+    )
+
+
+def test_weights_error_is_a_blinkflow_error():
+    assert issubclass(WeightsError, BlinkflowError)
+
+
+def test_importing_weights_does_not_import_torch():
+    code = "import sys, models.weights; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
+
+
+def test_none_means_random_and_loading_it_is_a_no_op():
+    spec = resolve_weights(None, stage="detect", model_name="tiny")
+    assert (spec.kind, spec.source, spec.classes, spec.path) == ("random", None, None, None)
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_state(model, spec)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_shipped_round_trip_restores_weights_classes_and_metrics(weights_dir):
+    source = tiny_model()
+    path = ship_tiny(weights_dir, source)
+    spec = resolve_weights("shipped", stage="detect", model_name="tiny")
+    assert (spec.kind, spec.path, spec.classes, spec.metrics) == ("shipped", path, CLASSES, {"map": 0.5})
+    assert spec.sha256 == sha256_file(path)
+    target = tiny_model()
+    load_state(target, spec)
+    assert all(torch.equal(source.state_dict()[k], v) for k, v in target.state_dict().items())
+
+
+def test_save_shipped_replaces_its_entry_and_keeps_the_manifest_sorted(weights_dir):
+    save_shipped(tiny_model(), stage="segment", model_name="b", classes=None, config={}, metrics={}, out_dir=weights_dir)
+    ship_tiny(weights_dir)
+    ship_tiny(weights_dir)  # the second save replaces the first entry
+    text = (weights_dir / "manifest.json").read_text()
+    entries = json.loads(text)["weights"]
+    assert [(e["stage"], e["model"]) for e in entries] == [("detect", "tiny"), ("segment", "b")]
+    assert {"sha256", "size", "classes", "config", "metrics", "created", "file"} <= set(entries[0])
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_shipped_without_an_entry_lists_what_is_shipped(weights_dir):
+    ship_tiny(weights_dir)
+    with pytest.raises(WeightsError) as error:
+        resolve_weights("shipped", stage="segment", model_name="unet_small")
+    message = str(error.value)
+    assert "stages.segment.weights: no shipped weights for model unet_small" in message
+    assert "detect/tiny" in message and "blinkflow train segment" in message and "\n" not in message
+
+
+def test_shipped_without_a_manifest_is_an_error(weights_dir):
+    with pytest.raises(WeightsError, match="no shipped weights for model tiny; shipped: \\[\\]"):
+        resolve_weights("shipped", stage="detect", model_name="tiny")
+
+
+def test_sha256_mismatch_is_refused(weights_dir):
+    path = ship_tiny(weights_dir)
+    spec = resolve_weights("shipped", stage="detect", model_name="tiny")
+    torch.save(tiny_model().state_dict(), path)  # replaced after the manifest was written
+    with pytest.raises(WeightsError, match="sha256 mismatch") as error:
+        load_state(tiny_model(), spec)
+    assert str(path) in str(error.value)
+
+
+class _RunsAShellCommand:
+    """Unpickling this calls os.system; weights_only loading must never get that far."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path, writer):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / "evil.pt"
+    payload = {"model": {"weight": _RunsAShellCommand(marker)}}
+    if writer == "torch.save":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
+    spec = resolve_weights(str(path), stage="detect", model_name="tiny")
+    with pytest.raises(WeightsError, match="refusing to load evil.pt: it contains Python code") as error:
+        load_state(tiny_model(), spec)
+    assert "system" in str(error.value) and "torch.save(model.state_dict(), path)" in str(error.value)
+    assert not marker.exists()
+
+
+def test_a_corrupt_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.pt"
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="broken.pt"):
+        load_state(tiny_model(), resolve_weights(str(path), stage="detect", model_name="tiny"))
+
+
+def test_wrong_number_of_classes_names_both_counts(tmp_path):
+    path = tmp_path / "five.pt"
+    torch.save(tiny_model(5).state_dict(), path)
+    spec = resolve_weights(str(path), stage="detect", model_name="tiny")
+    with pytest.raises(WeightsError) as error:
+        load_state(tiny_model(3), spec)
+    assert "the weights have 5 classes but the model was built for 3" in str(error.value)
+    assert "options.classes" in str(error.value) and "five.pt" in str(error.value)
+
+
+def test_missing_and_unexpected_keys_are_listed_on_one_line(tmp_path):
+    path = tmp_path / "other.pt"
+    torch.save({"head.weight": torch.zeros(2)}, path)
+    with pytest.raises(WeightsError, match="missing keys: 0.weight, 0.bias, 2.weight .*unexpected keys: head.weight") as error:
+        load_state(tiny_model(), resolve_weights(str(path), stage="detect", model_name="tiny"))
+    assert "\n" not in str(error.value)
+
+
+def test_checkpoint_dicts_and_ddp_prefixes_are_accepted(tmp_path):
+    source = tiny_model()
+    path = tmp_path / "ckpt.pt"
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"model": state, "epoch": 3, "config": {"lr": 0.1}}, path)
+    target = tiny_model()
+    load_state(target, resolve_weights(str(path), stage="detect", model_name="tiny"))
+    assert all(torch.equal(source.state_dict()[k], v) for k, v in target.state_dict().items())
+
+
+def test_missing_file_is_an_error_naming_it(tmp_path):
+    with pytest.raises(WeightsError, match="nowhere/w.pt"):
+        resolve_weights("nowhere/w.pt", stage="segment", model_name="tiny", base_dir=tmp_path)
+
+
+def test_relative_file_is_found_beside_the_config(tmp_path):
+    torch.save(tiny_model().state_dict(), tmp_path / "w.pt")
+    spec = resolve_weights("w.pt", stage="detect", model_name="tiny", base_dir=tmp_path)
+    assert (spec.kind, spec.path, spec.sha256) == ("file", tmp_path / "w.pt", None)
+
+
+def test_file_checksum_comes_from_a_sidecar(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(tiny_model().state_dict(), path)
+    (tmp_path / "w.pt.sha256").write_text("0" * 64 + "  w.pt\n")
+    spec = resolve_weights(str(path), stage="detect", model_name="tiny")
+    assert spec.sha256 == "0" * 64
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_state(tiny_model(), spec)
+
+
+def test_file_beside_a_manifest_gets_its_checksum_and_classes(tmp_path):
+    path = ship_tiny(tmp_path)
+    spec = resolve_weights(str(path), stage="detect", model_name="tiny")
+    assert (spec.kind, spec.sha256, spec.classes) == ("file", sha256_file(path), CLASSES)
+
+
+@pytest.fixture
+def ssdlite_entry(monkeypatch, tmp_path):
+    """Point the registry at a torchvision enum and the torch hub at an empty folder."""
+    import models.registry
+
+    entry = ModelEntry("ssdlite", "detect", tiny_model, "SSDLite320_MobileNet_V3_Large_Weights")
+    monkeypatch.setattr(models.registry, "get_model_entry", lambda name, task=None: entry)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    return tmp_path / "hub" / "checkpoints"
+
+
+def test_torchvision_default_not_in_cache_explains_how_to_prefetch(ssdlite_entry):
+    with pytest.raises(WeightsError) as error:
+        resolve_weights("DEFAULT", stage="detect", model_name="ssdlite")
+    message = str(error.value)
+    assert "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1" in message
+    assert "torchvision.models.get_weight('SSDLite320_MobileNet_V3_Large_Weights.COCO_V1').get_state_dict()" in message
+    assert "~/.cache/torch/hub/checkpoints/ssdlite320_mobilenet_v3_large_coco-a79551df.pth" in message
+    assert str(ssdlite_entry) in message and "\n" not in message
+
+
+def test_torchvision_weights_in_cache_keep_torchvision_categories(ssdlite_entry):
+    ssdlite_entry.mkdir(parents=True)
+    path = ssdlite_entry / "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"
+    torch.save(tiny_model().state_dict(), path)
+    spec = resolve_weights("DEFAULT", stage="detect", model_name="ssdlite")
+    assert (spec.kind, spec.path, spec.torchvision_enum) == ("torchvision", path, "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1")
+    assert spec.classes[0] == "__background__" and "N/A" in spec.classes and len(spec.classes) == 91
+    # the file name carries a sha256 prefix (torch.hub's convention), which this file does not match
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_state(tiny_model(), spec)
+
+
+def test_unknown_torchvision_member_lists_the_valid_ones(ssdlite_entry):
+    with pytest.raises(WeightsError, match="has no member 'IMAGENET1K_V9'.*COCO_V1"):
+        resolve_weights("IMAGENET1K_V9", stage="detect", model_name="ssdlite")
