@@ -1,0 +1,351 @@
+"""Action recognition on sliding clips of each stream.
+
+Windows: per stream, every ``sampling_rate``-th active frame is *sampled*;
+a window is ``clip_len`` consecutive samples, and windows start every
+``stride`` samples (sample 0, stride, 2*stride, ...). When a window's last
+sample arrives, the window is complete; all windows completed in one
+``process`` call, across streams, run as one batched forward (in chunks of
+``batch`` clips).
+
+Holding: a frame (active, reused or failed, sampled or not) is held until the
+first window that covers it completes, then released in stream order with that
+window's result. With overlapping windows (stride < clip_len) every frame lies
+inside its window's span. With stride >= clip_len, frames after a window and
+before the next window's first sample lie in no window: they carry the result
+of the window before them and are released at once. Held frames per stream
+stay within clip_len * sampling_rate + stride active frames (plus any reused
+frames in between).
+
+End of a stream (``end_stream``) or of the run (``flush``): if frames are held
+and at least one of them is active, a final *partial* window runs on the
+samples of the pending window (plus the last active frame if it was not
+sampled), padded to ``clip_len`` by repeating its last frame; without an
+active frame the held frames carry the previous window's result. Everything
+is released and the stream's state dropped; if that final forward raises,
+the frames it would have labelled are released failed (no later call could
+retry them), never lost.
+
+Result per frame, ``frame.results["action"]`` (failed frames get none)::
+
+    {"window": [first_index, last_index],  # frame indices of the first and last (unpadded) clip frame
+     "top": [{"label": str, "score": float}, ...]}  # top_k classes by softmax probability, best first
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from models.classes import SYNTHETIC_ACTIONS
+from pipeline.config import StageConfig, _field
+from pipeline.errors import StageError
+from pipeline.frame import Frame
+from pipeline.registry import register_stage
+from stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+TASK = "action"
+
+
+@dataclass
+class ActionOptions:
+    """Options of the action stage (``stages.action.options``)."""
+
+    clip_len: int = _field(8, "sampled frames per clip (mvit_v2_s needs 16, s3d at least 5)", lo=1, hi=512)
+    stride: int = _field(4, "a new window starts every this many sampled frames", lo=1, hi=512)
+    sampling_rate: int = _field(1, "sample every n-th active frame", lo=1, hi=64)
+    top_k: int = _field(3, "classes reported per window, best first", lo=1, hi=1000)
+    input_size: list[int] = _field(
+        factory=lambda: [112, 112], doc="[height, width] of the clip frames (mvit_v2_s needs [224, 224])"
+    )
+    classes: list[str] | None = _field(None, "class names for random or own weights without a class list")
+    model_args: dict[str, Any] | None = _field(None, "extra builder arguments, e.g. {widths: [32, 64, 96, 128]}")
+
+
+@dataclass
+class _Window:
+    """One clip: its frames (padded to clip_len), its span, and its result once computed."""
+
+    frames: list[Frame]
+    first_index: int
+    last_index: int
+    result: dict[str, Any] | None = None
+
+
+@dataclass
+class _Held:
+    frame: Frame
+    window: _Window | None = None  # the first window covering the frame, once known
+
+
+@dataclass
+class _StreamState:
+    held: list[_Held] = field(default_factory=list)
+    samples: list[tuple[int, Frame]] = field(default_factory=list)  # (sample number, frame) of pending windows
+    active_seen: int = 0
+    samples_seen: int = 0
+    next_start: int = 0  # sample number of the earliest window not yet complete
+    last_window: _Window | None = None
+
+    def snapshot(self) -> "_StreamState":
+        """A copy that later mutation of this state does not touch (frames are shared, not copied)."""
+        clone = copy.copy(self)
+        clone.held = [copy.copy(entry) for entry in self.held]
+        clone.samples = list(self.samples)
+        return clone
+
+
+@register_stage(TASK)
+class Action(Stage):
+    """Top-k action classes per sliding clip, attached to every frame the clip covers."""
+
+    name = TASK
+    temporal = True
+    Options = ActionOptions
+    default_model = "causal3d_small"
+
+    def __init__(self, cfg: StageConfig | None) -> None:
+        super().__init__(cfg if cfg is not None else StageConfig())
+        self.model_name = self.cfg.model or self.default_model
+        self.input_size = _checked_input_size(self.options.input_size)
+        self.model: Any = None
+        self.classes: list[str] = []
+        self._streams: dict[str, _StreamState] = {}
+
+    def setup(self, device: str = "cpu") -> None:
+        from models.weights import load_state, resolve_weights
+        from stages.common import resolve_device
+
+        self.device = device
+        self._device = resolve_device(device)
+        spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
+        self.classes = _pick_classes(spec.classes, self.options.classes)
+        model = _build(self.model_name, len(self.classes), self.options.model_args)
+        self._check_clip_shape(model)
+        load_state(model, spec)
+        self.model = _prepare_for_inference(model, self._device, self.cfg.channels_last)
+        log.info(
+            "%s: %s (%s weights, %d classes) on %s", self.name, self.model_name, spec.kind, len(self.classes), device
+        )
+
+    def process(self, frames: list[Frame]) -> list[Frame]:
+        touched = list(dict.fromkeys(f.stream_id for f in frames))
+        before = {sid: self._streams[sid].snapshot() for sid in touched if sid in self._streams}
+        try:
+            completed = [w for frame in frames for w in self._add(frame)]
+            self._run_windows(completed)
+        except BaseException:
+            # leave the state as it was, so the runner's frame-by-frame retry starts clean
+            for sid in touched:
+                self._streams.pop(sid, None)
+            self._streams.update(before)
+            raise
+        return [f for sid in touched for f in self._release(self._streams[sid])]
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        state = self._streams.pop(stream_id, None)
+        return self._finish([state]) if state is not None else []
+
+    def flush(self) -> list[Frame]:
+        states = list(self._streams.values())
+        self._streams.clear()
+        return self._finish(states)
+
+    def teardown(self) -> None:
+        self.model = None
+
+    def held_count(self, stream_id: str) -> int:
+        """Frames of ``stream_id`` held back now (for tests and metrics)."""
+        state = self._streams.get(stream_id)
+        return len(state.held) if state is not None else 0
+
+    # ------------------------------------------------------------------ windows
+
+    def _add(self, frame: Frame) -> list[_Window]:
+        """Hold ``frame``; return the window it completes, if any."""
+        state = self._streams.setdefault(frame.stream_id, _StreamState())
+        entry = _Held(frame)
+        state.held.append(entry)
+        completed = []
+        if not frame.is_reused and not frame.is_failed:
+            if state.active_seen % self.options.sampling_rate == 0:
+                window = self._add_sample(state, frame)
+                completed = [window] if window is not None else []
+            state.active_seen += 1
+        if entry.window is None and state.samples_seen <= state.next_start and state.last_window is not None:
+            entry.window = state.last_window  # between windows: carry the previous result, hold nothing
+        return completed
+
+    def _add_sample(self, state: _StreamState, frame: Frame) -> _Window | None:
+        number = state.samples_seen
+        state.samples_seen += 1
+        if number < state.next_start:
+            return None  # stride > clip_len: a sample in the gap between windows
+        state.samples.append((number, frame))
+        if number != state.next_start + self.options.clip_len - 1:
+            return None
+        clip = [f for n, f in state.samples if n >= state.next_start]
+        window = _Window(clip, clip[0].index, clip[-1].index)
+        self._assign(state, window)
+        state.next_start += self.options.stride
+        state.samples = [(n, f) for n, f in state.samples if n >= state.next_start]
+        return window
+
+    def _close(self, state: _StreamState) -> list[_Window]:
+        """The partial window of a stream's uncovered tail (see the module docstring), if it needs one."""
+        waiting = [entry.frame for entry in state.held if entry.window is None]
+        active = [f for f in waiting if not f.is_reused and not f.is_failed]
+        if not active:
+            if state.last_window is not None:
+                self._assign(state, state.last_window)
+            return []
+        clip = [f for n, f in state.samples if n >= state.next_start]
+        if not clip or clip[-1] is not active[-1]:
+            clip.append(active[-1])
+        window = _Window(clip + [clip[-1]] * (self.options.clip_len - len(clip)), clip[0].index, clip[-1].index)
+        self._assign(state, window)
+        return [window]
+
+    @staticmethod
+    def _assign(state: _StreamState, window: _Window) -> None:
+        """Every held frame still waiting gets ``window``: the first window to complete wins."""
+        for entry in state.held:
+            if entry.window is None:
+                entry.window = window
+        state.last_window = window
+
+    def _release(self, state: _StreamState, everything: bool = False) -> list[Frame]:
+        """Pop the held frames whose window has a result, in order (``everything``: all of them).
+
+        Each released frame that is not failed gets its own copy of its window's result.
+        """
+        count = 0
+        for entry in state.held:
+            result = entry.window.result if entry.window is not None else None
+            if result is None and not everything:
+                break
+            if result is not None and not entry.frame.is_failed:
+                entry.frame.results[self.name] = _copy_result(result)
+            count += 1
+        released, state.held = state.held[:count], state.held[count:]
+        return [entry.frame for entry in released]
+
+    def _finish(self, states: list[_StreamState]) -> list[Frame]:
+        """Run the ended streams' partial windows and release every frame they hold."""
+        windows = [w for state in states for w in self._close(state)]
+        try:
+            self._run_windows(windows)
+        except Exception as exc:  # no later call can retry an ended stream: fail its tail, never lose it
+            log.warning("%s: final windows failed: %s", self.name, exc)
+            for entry in (e for state in states for e in state.held):
+                if entry.window is None or entry.window.result is None:
+                    entry.frame.fail(self.name, exc)
+        # frames of a stream that never had an active frame leave without a result
+        return [f for state in states for f in self._release(state, everything=True)]
+
+    # ------------------------------------------------------------------ model
+
+    def _run_windows(self, windows: list[_Window]) -> None:
+        """One batched forward (in chunks of ``batch`` clips) over the windows; fills ``window.result``."""
+        if not windows:
+            return
+        import torch
+
+        from stages.common import autocast
+
+        clips = self._clips(windows)
+        chunk = max(1, self.cfg.batch)
+        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+            logits = torch.cat([self.model(clips[i : i + chunk]).float() for i in range(0, len(windows), chunk)])
+        scores, labels = torch.softmax(logits, dim=1).topk(min(self.options.top_k, len(self.classes)), dim=1)
+        for window, top_scores, top_labels in zip(windows, scores.tolist(), labels.tolist()):
+            window.result = {
+                "window": [window.first_index, window.last_index],
+                "top": [{"label": self.classes[c], "score": round(s, 4)} for c, s in zip(top_labels, top_scores)],
+            }
+
+    def _clips(self, windows: list[_Window]) -> Any:
+        """(N, 3, T, h, w) float clips in [0, 1]; each distinct frame is resized once."""
+        import torch
+
+        from stages.common import frames_to_batch
+
+        unique = list({id(f): f for w in windows for f in w.frames}.values())
+        position = {id(f): i for i, f in enumerate(unique)}
+        pixels = frames_to_batch(unique, self._device, size=self.input_size)
+        clips = torch.stack([pixels[[position[id(f)] for f in w.frames]] for w in windows])
+        return clips.transpose(1, 2)  # (N, T, 3, h, w) -> (N, 3, T, h, w)
+
+    def _check_clip_shape(self, model: Any) -> None:
+        """Models with a fixed or minimum clip shape say so; a mismatch is the user's to fix."""
+        shape = (self.options.clip_len, *self.input_size)
+        got = f"got clip_len {shape[0]} and input_size {list(self.input_size)}"
+        required = getattr(model, "required_clip_shape", None)
+        minimum = getattr(model, "min_clip_shape", None)
+        if required is not None and tuple(required) != shape:
+            raise StageError(
+                f"stages.{self.name}.options: {self.model_name} needs clip_len {required[0]} and "
+                f"input_size [{required[1]}, {required[2]}], {got}; set them"
+            )
+        if minimum is not None and any(have < need for have, need in zip(shape, minimum)):
+            raise StageError(
+                f"stages.{self.name}.options: {self.model_name} needs clip_len >= {minimum[0]} and "
+                f"input_size >= [{minimum[1]}, {minimum[2]}], {got}; raise them"
+            )
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _copy_result(result: dict[str, Any]) -> dict[str, Any]:
+    """Each frame gets its own copy, so editing one frame's result never changes another's."""
+    return {"window": list(result["window"]), "top": [dict(t) for t in result["top"]]}
+
+
+def _checked_input_size(size: Any) -> tuple[int, int]:
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or min(size) < 16:
+        raise StageError(
+            f"stages.{TASK}.options.input_size: expected [height, width] with both >= 16, got {size}; "
+            f"e.g. input_size: [112, 112]"
+        )
+    return int(size[0]), int(size[1])
+
+
+def _pick_classes(weight_classes: list[str] | None, option_classes: list[str] | None) -> list[str]:
+    """The weights' own class list wins; options.classes names classes for weights without one."""
+    if weight_classes and option_classes and list(option_classes) != list(weight_classes):
+        raise StageError(
+            f"stages.{TASK}.options.classes: the weights define their own {len(weight_classes)} classes; "
+            f"remove options.classes or use weights trained on your classes"
+        )
+    classes = list(weight_classes or option_classes or SYNTHETIC_ACTIONS)
+    if len(classes) < 2:
+        raise StageError(f"stages.{TASK}.options.classes: need at least two classes, got {classes}")
+    return classes
+
+
+def _build(model_name: str, num_classes: int, model_args: dict | None) -> Any:
+    """Build the backend; a builder argument it does not take becomes a one-line StageError."""
+    from models.registry import build_model
+
+    try:
+        return build_model(model_name, task=TASK, num_classes=num_classes, **(model_args or {}))
+    except (TypeError, ValueError) as exc:
+        if not model_args:
+            raise
+        raise StageError(
+            f"stages.{TASK}.options.model_args: {model_name} rejected {sorted(model_args)} ({exc}); "
+            f"remove or fix the arguments"
+        ) from None
+
+
+def _prepare_for_inference(model: Any, device: Any, channels_last: bool) -> Any:
+    import torch
+
+    model = model.eval().to(device)
+    if channels_last:  # clips are 5D, so the 3D variant of the format
+        model = model.to(memory_format=torch.channels_last_3d)
+    return model
