@@ -222,6 +222,7 @@ def load_state(model: Any, spec: WeightsSpec) -> None:
     state = _extract_state_dict(_safe_torch_load(spec.path), spec)
     state = _strip_prefix(state, "module.")  # DistributedDataParallel checkpoints
     state = _align_to_model(state, model)
+    state = _reconcile_torchvision_extras(state, model)
     _check_compatible(model, state, spec)
     model.load_state_dict(state, strict=True)
     log.info("loaded %s weights from %s", spec.kind, spec.path)
@@ -357,6 +358,22 @@ def _align_to_model(state: dict, model: Any) -> dict:
         prefix = key.rsplit(".", 1)[0].split(".")[0] + "."
         if {prefix + k for k in state} == model_keys:
             return {prefix + k: v for k, v in state.items()}
+    return state
+
+
+def _reconcile_torchvision_extras(state: dict, model: Any) -> dict:
+    """Bridge two harmless differences between torchvision's checkpoints and our builders.
+
+    Pretrained torchvision detectors use FrozenBatchNorm, whose checkpoints have
+    no ``num_batches_tracked`` buffers (our BatchNorm keeps its own); and the
+    segmentation checkpoints carry ``aux_classifier`` weights for a training-only
+    head that our builders leave out.
+    """
+    expected = model.state_dict()
+    state = {k: v for k, v in state.items() if not (k.startswith("aux_classifier.") and k not in expected)}
+    for key, value in expected.items():
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value
     return state
 
 

@@ -344,8 +344,10 @@ def structure_config(raw: dict) -> Config:
     if not isinstance(raw_stages, dict):
         raise ConfigError(f"stages: expected a mapping of stage name to settings, got {raw_stages!r}")
     for name, stage_raw in raw_stages.items():
+        if name == "gate":
+            raise ConfigError("stages.gate: the gate is configured in the top-level 'gate' section, not under stages")
         if name not in stage_registry:
-            valid = ", ".join(stage_registry.names())
+            valid = ", ".join(n for n in stage_registry.names() if n != "gate")
             raise ConfigError(f"stages.{name}: unknown stage; valid stages: {valid}")
         stage_raw = dict(stage_raw or {})
         options_raw = stage_raw.pop("options", None)

@@ -76,7 +76,11 @@ def test_missing_weights_file_names_the_path(tmp_path):
 
 def test_unknown_stage_lists_valid_stages(tmp_path):
     message = error_of(tmp_path, "stages:\n  detekt: {}\n")
-    assert message.startswith("stages.detekt: unknown stage; valid stages: action, detect, flow, gate, segment")
+    assert message == "stages.detekt: unknown stage; valid stages: action, chaos, detect, flow, segment"
+
+
+def test_gate_under_stages_points_to_its_own_section(tmp_path):
+    assert error_of(tmp_path, "stages:\n  gate: {}\n").startswith("stages.gate: the gate is configured in the top-level")
 
 
 def test_unknown_model_lists_valid_models(tmp_path):

@@ -2,63 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 
-from pipeline.config import GateConfig, SourceConfig, StageConfig, load_config
+from pipeline.config import load_config
 from pipeline.frame import Outcome
-from pipeline.registry import register_stage
 from pipeline.runners.local import LocalRunner
 from pipeline.sinks import MemorySink
-from stages.base import Stage
 from tests.conftest import write_test_video
-
-
-@dataclass
-class MarkOptions:
-    fail_index: int = -1
-
-
-@register_stage("test_mark")
-class MarkStage(Stage):
-    """Writes the mean pixel of each active frame; raises on one chosen index."""
-
-    name = "test_mark"
-    Options = MarkOptions
-
-    def process(self, frames):
-        for frame in self.active(frames):
-            if frame.index == self.options.fail_index:
-                raise ValueError(f"bad frame {frame.index}")
-            frame.results[self.name] = {"mean": float(frame.image.mean()), "computed_on": frame.index}
-        return frames
-
-
-@register_stage("test_hold")
-class HoldStage(Stage):
-    """A temporal stage that holds frames in pairs and releases them newest first."""
-
-    name = "test_hold"
-    temporal = True
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.held = {}
-
-    def process(self, frames):
-        out = []
-        for frame in frames:
-            held = self.held.setdefault(frame.stream_id, [])
-            held.append(frame)
-            if len(held) == 2:
-                out.extend(reversed(held))
-                held.clear()
-        return out
-
-    def end_stream(self, stream_id):
-        return self.held.pop(stream_id, [])
 
 
 def run(cfg):
@@ -76,7 +27,7 @@ def config(sources, stages, gate=None):
 
 def test_counts_add_up_and_a_bad_frame_fails_alone(tmp_path):
     clip = write_test_video(tmp_path / "a.mp4", frames=9)
-    cfg = config([{"type": "file", "path": str(clip)}], {"test_mark": {"batch": 4, "options": {"fail_index": 5}}})
+    cfg = config([{"type": "file", "path": str(clip)}], {"chaos": {"batch": 4, "options": {"fail_indices": [5]}}})
     summary, results = run(cfg)
     totals = summary.totals
     assert totals["decoded"] == 9
@@ -84,15 +35,15 @@ def test_counts_add_up_and_a_bad_frame_fails_alone(tmp_path):
     assert totals["failed"] == 1
     failed = [r for r in results if r.outcome is Outcome.FAILED]
     assert [r.index for r in failed] == [5]
-    assert failed[0].error == "test_mark: ValueError: bad frame 5"
-    assert all("test_mark" in r.results for r in results if r.outcome is Outcome.PROCESSED)
+    assert failed[0].error == "chaos: RuntimeError: chaos: injected failure on frame 5"
+    assert all("chaos" in r.results for r in results if r.outcome is Outcome.PROCESSED)
     assert not summary.ok
 
 
 def test_order_is_restored_per_stream_behind_a_holding_stage(tmp_path):
     a = write_test_video(tmp_path / "a.mp4", frames=5)
     b = write_test_video(tmp_path / "b.mp4", frames=4)
-    cfg = config([{"type": "file", "path": str(a)}, {"type": "file", "path": str(b)}], {"test_hold": {"batch": 3}})
+    cfg = config([{"type": "file", "path": str(a)}, {"type": "file", "path": str(b)}], {"chaos": {"batch": 3, "options": {"hold": 2}}})
     summary, results = run(cfg)
     for stream, count in (("a", 5), ("b", 4)):
         assert [r.index for r in results if r.stream_id == stream] == list(range(count))
@@ -104,7 +55,7 @@ def test_reused_frames_carry_the_keyframe_results(tmp_path):
     write_static_video(clip, frames=8)
     cfg = config(
         [{"type": "file", "path": str(clip)}],
-        {"test_mark": {}},
+        {"chaos": {}},
         gate={"enabled": True, "max_reuse": 3},
     )
     summary, results = run(cfg)
@@ -112,8 +63,10 @@ def test_reused_frames_carry_the_keyframe_results(tmp_path):
     # identical frames: one keyframe, then max_reuse reused frames, then a forced refresh
     assert outcomes == ["processed", "reused", "reused", "reused", "processed", "reused", "reused", "reused"]
     assert [r.reuse_of for r in results] == [None, 0, 0, 0, None, 4, 4, 4]
-    assert results[2].results["test_mark"]["computed_on"] == 0
-    assert results[6].results["test_mark"]["computed_on"] == 4
+    # the carried-over result is the keyframe's own (its per-stream count when it was computed)
+    assert results[2].results["chaos"] == results[0].results["chaos"]
+    assert results[6].results["chaos"] == results[4].results["chaos"]
+    assert results[4].results["chaos"]["seen"] == 2
     assert summary.totals == {"processed": 2, "reused": 6, "dropped": 0, "failed": 0, "decoded": 8}
 
 
@@ -136,7 +89,7 @@ def test_a_corrupt_file_in_a_directory_is_reported_and_the_rest_runs(tmp_path):
     folder.mkdir()
     write_test_video(folder / "good.mp4", frames=4)
     (folder / "bad.mp4").write_bytes(b"nope" * 64)
-    cfg = config([{"type": "dir", "path": str(folder)}], {"test_mark": {}})
+    cfg = config([{"type": "dir", "path": str(folder)}], {"chaos": {}})
     summary, results = run(cfg)
     assert summary.totals["decoded"] == 4 == summary.totals["processed"]
     assert len(summary.accounting.source_errors) == 1 and "bad.mp4" in summary.accounting.source_errors[0]
@@ -146,6 +99,6 @@ def test_a_corrupt_file_in_a_directory_is_reported_and_the_rest_runs(tmp_path):
 
 def test_summary_lines_report_every_outcome(tmp_path):
     clip = write_test_video(tmp_path / "a.mp4", frames=3)
-    summary, _ = run(config([{"type": "file", "path": str(clip)}], {"test_mark": {}}))
+    summary, _ = run(config([{"type": "file", "path": str(clip)}], {"chaos": {}}))
     assert summary.lines()[1] == "frames: 3 decoded = 3 processed + 0 reused + 0 dropped + 0 failed"
     assert summary.ok
