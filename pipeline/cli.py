@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
-    bench.add_argument("what", choices=["pipeline"], help="which benchmark")
+    bench.add_argument("what", choices=["pipeline", "overhead"], help="which benchmark")
     bench.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default: configs/demo.yaml)")
     bench.add_argument("--frames", type=int, default=48, help="frames per run")
     bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
@@ -68,8 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     bench.set_defaults(handler=cmd_bench)
 
+    from pipeline.label import add_label_command
+
+    add_label_command(commands)  # blinkflow label INPUT... --out DIR
+
     listing = commands.add_parser("list", help="list registered stages, models, sources and sinks")
     listing.set_defaults(handler=cmd_list)
+    _add_training_commands(commands)
     return parser
 
 
@@ -116,15 +121,24 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     """Run a resolved config with a progress bar; print the summary; return the exit code."""
     from tqdm import tqdm
 
+    from pipeline.metrics import serving_metrics
     from pipeline.runners import get_runner
     from pipeline.sinks import build_sinks
 
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     sinks = build_sinks(cfg.sinks)
-    with tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
-        runner = get_runner(cfg.runtime.runner)(cfg, sinks=sinks, on_result=lambda _result: bar.update(1))
+    from pipeline.control import live_session
+
+    with serving_metrics(cfg.metrics) as metrics, live_session(cfg, metrics) as hub, \
+            tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+        def on_result(result) -> None:
+            bar.update(1)
+            if hub is not None:
+                hub.observe(result)  # capture-to-sink latency of live streams
+
+        runner = get_runner(cfg.runtime.runner)(cfg, sinks=sinks, on_result=on_result, metrics=metrics, hub=hub)
         summary = runner.run()
-    print("\n".join(summary.lines()))
+    print("\n".join(summary.lines() + (hub.summary_lines() if hub is not None else [])))
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
@@ -132,6 +146,11 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.what == "overhead":
+        from pipeline.bench_overhead import bench_overhead
+
+        bench_overhead(write=not args.no_write)
+        return 0
     from pipeline.bench_pipeline import bench_pipeline
 
     bench_pipeline(args.config, args.frames, args.repetitions, args.overrides, write=not args.no_write)
@@ -148,6 +167,73 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("sources: " + ", ".join(sources.names()))
     print("sinks:   " + ", ".join(sinks.names()))
     return 0
+
+
+# --------------------------------------------------------------------------- training (models.training)
+
+TRAIN_TASKS = ("detect", "segment", "flow", "action")
+
+
+def _add_training_commands(commands: argparse._SubParsersAction) -> None:
+    train = commands.add_parser("train", help="train a stage's model (configs/train/<task>.yaml)")
+    train.add_argument("task", choices=TRAIN_TASKS, help="which stage's model")
+    train.add_argument("--config", type=Path, required=True, help="training YAML, e.g. configs/train/segment.yaml")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set epochs=2 (repeatable)")
+    train.add_argument("--workers", type=int, default=0, metavar="N", help="run under Ray Train with N DDP workers")
+    train.add_argument("--fresh", action="store_true", help="start over instead of resuming out_dir/checkpoint.pt")
+    train.add_argument("--ship", action="store_true", help="also save the weights to models/weights/ with the manifest")
+    train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("eval", help="evaluate a stage's weights (COCO mAP, mIoU, EPE, top-k)")
+    evaluate.add_argument("task", choices=TRAIN_TASKS, help="which stage's model")
+    evaluate.add_argument("--config", type=Path, required=True, help="the training YAML the weights belong to")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--weights", help="'shipped' or a .pt file (default: the run's checkpoint, else shipped)")
+    evaluate.add_argument("--data", help="a real dataset (COCO JSON, .flo folder, video tree); default: held-out synthetic")
+    evaluate.set_defaults(handler=cmd_eval)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.training.config import load_train_config
+
+    cfg = load_train_config(args.config, args.overrides, task=args.task)
+    if args.workers > 0:
+        from models.training.distributed import train_distributed
+
+        summary = train_distributed(cfg, workers=args.workers, resume=not args.fresh, ship=args.ship)
+    else:
+        from models.training.train import Runtime, main as train_main
+
+        runtime = Runtime(device=_torch_device(cfg.device), progress=not args.no_progress)
+        summary = train_main(cfg, resume=not args.fresh, ship=args.ship, runtime=runtime)
+    print(f"{args.task}: {summary['epochs']} epochs, {summary['steps']} steps, {summary['seconds']} s; "
+          f"held-out {_format_metrics(summary['metrics'])}; checkpoint in {summary['out_dir']}")
+    if summary.get("shipped"):
+        print(f"shipped {summary['shipped']}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from models.training.config import load_train_config
+    from models.training.train import run_eval
+
+    cfg = load_train_config(args.config, args.overrides, task=args.task)
+    result = run_eval(cfg, weights=args.weights, data=args.data)
+    print(f"{args.task} weights {result['weights']} on {result['data']} ({result['examples']} examples):")
+    print("  " + _format_metrics(result["metrics"]))
+    return 0
+
+
+def _torch_device(name: str):
+    from stages.common import resolve_device
+
+    return resolve_device(name)
+
+
+def _format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float)) or "(none)"
 
 
 if __name__ == "__main__":

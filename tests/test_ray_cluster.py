@@ -55,3 +55,14 @@ def test_stages_run_on_both_nodes_of_a_cluster(two_node_cluster, tmp_path):
     assert [r.index for r in sink.results] == list(range(10))
     assert all("segment" in r.results and "chaos" in r.results for r in sink.results)
     assert len(two_node_cluster.list_all_nodes()) == 2
+
+
+def test_unknown_cluster_address_is_a_clear_error(tmp_path):
+    from pipeline.errors import BlinkflowError
+
+    if ray.is_initialized():
+        ray.shutdown()
+    clip = write_test_video(tmp_path / "a.mp4", frames=2)
+    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip)}], "runtime": {"address": "127.0.0.1:1"}})
+    with pytest.raises(BlinkflowError, match="runtime.address: cannot connect to the Ray cluster at '127.0.0.1:1'"):
+        RayRunner(cfg).run()

@@ -124,13 +124,3 @@ def test_live_mode_drops_oldest_frames_under_overload(ray_local, tmp_path):
     assert all("chaos" not in r.results for r in dropped)
     for stream in ("c0", "c1"):
         assert [r.index for r in results if r.stream_id == stream] == list(range(30))
-
-
-def test_unknown_cluster_address_is_a_clear_error(tmp_path):
-    from pipeline.errors import BlinkflowError
-
-    if ray.is_initialized():
-        pytest.skip("needs no Ray connected in this process")
-    cfg = load_config(data={"sources": two_clips(tmp_path, (2, 2)), "runtime": {"address": "127.0.0.1:1"}})
-    with pytest.raises(BlinkflowError, match="runtime.address"):
-        RayRunner(cfg).run()

@@ -22,6 +22,13 @@ Design (see docs/design.md):
   object store; frames that still fail are ``failed`` with the error recorded.
   A ledger of every decoded frame makes sure none vanish: a frame a restarted
   actor was holding comes out ``failed`` when its stream ends.
+* Depth parallelism: a stage with ``depth_parallel: K > 1`` gets, inside its
+  actor, K slice actors holding one depth stage of its model each
+  (:mod:`pipeline.depth_parallel`); the stage itself never imports Ray.
+* Metrics: actors buffer their stage calls in a :class:`CallLog`; the driver
+  drains every actor about twice a second (an actor call queued behind its
+  work, collected without blocking) and folds the calls into its recorder with
+  :class:`ActorStats`, which counts restarts and keeps totals monotonic.
 """
 
 from __future__ import annotations
@@ -35,13 +42,17 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.config import Config
+from pipeline.depth_parallel import attach_depth_parallel, depth_parallel_of
 from pipeline.errors import BlinkflowError, StageError
 from pipeline.frame import Accounting, Frame, FrameResult, Outcome
 from pipeline.graph import StageSpec, build_graph
+from pipeline.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
 from pipeline.runners.base import OrderedOutput, RunSummary, setup_stage
 from pipeline.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
+
+METRICS_POLL_S = 0.5  # how often the driver drains actor stats and samples queues when metrics are on
 
 
 class StageActorImpl:
@@ -50,9 +61,11 @@ class StageActorImpl:
     def __init__(self, spec: StageSpec) -> None:
         self.spec = spec
         self.setup_error: BaseException | None = None
+        self.call_log = CallLog()
         try:
             _limit_threads(getattr(getattr(spec.cfg, "resources", None), "num_cpus", 1.0))
-            self.caller = setup_stage(spec)
+            self.caller = setup_stage(spec, self.call_log)
+            attach_depth_parallel(spec, self.caller.stage)  # depth_parallel > 1: K slice actors of its own
         except BaseException as exc:  # noqa: BLE001 - reported to the driver by ready()
             self.setup_error = exc
 
@@ -77,6 +90,11 @@ class StageActorImpl:
 
     def stats(self) -> dict[str, float]:
         return {"seconds": self.caller.seconds, "frames": self.caller.frames, "errors": self.caller.errors}
+
+    def drain_metrics(self) -> dict[str, Any]:
+        totals = {"seconds": self.caller.seconds, "frames": self.caller.frames, "calls": self.caller.calls,
+                  "errors": self.caller.errors}
+        return self.call_log.drain(totals, process=self.spec.name)
 
     def teardown(self) -> None:
         self.caller.stage.teardown()
@@ -123,10 +141,13 @@ class Chain:
 class RayRunner:
     name = "ray"
 
-    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None):
+    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
+                 metrics: MetricsRecorder | None = None, hub: Any = None):
         self.cfg = cfg
+        self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
         self.sinks = sinks or []
         self.on_result = on_result
+        self.metrics = metrics or NULL_RECORDER
         self.specs = build_graph(cfg)
         self.pools: list[StagePool] = []
         self.shards = max([s.cfg.replicas for s in self.specs if s.temporal and hasattr(s.cfg, "replicas")] or [1])
@@ -138,13 +159,17 @@ class RayRunner:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         self.accounting = Accounting()
-        self.output = OrderedOutput(self.sinks, self.accounting, self.on_result)
+        self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate)
         self.ledger: dict[str, set[int]] = {}
         self.chains: deque[Chain] = deque()
+        self.actor_stats = ActorStats(self.metrics)
+        self.drains: dict[tuple[int, int], Any] = {}
+        self.next_poll = 0.0
         owns_ray = _init_ray(self.cfg, self.specs)
         try:
             self.pools = self._start_pools()
             setup_s = time.perf_counter() - started
+            self.metrics.on_ready(True)
             self._pump()
             self.output.close()
             stats = self._collect_stats()
@@ -153,6 +178,7 @@ class RayRunner:
                 sink.abort()
             raise
         finally:
+            self.metrics.on_ready(False)
             self._stop_pools()
             if owns_ray:
                 import ray
@@ -216,29 +242,81 @@ class RayRunner:
                 ray.kill(actor)
 
     def _collect_stats(self) -> dict[str, dict[str, float]]:
+        """A last drain of every actor: per-stage totals, including work done before a restart."""
+        self._collect_drains(timeout=30.0)
+        self._request_drains()
+        self._collect_drains(timeout=30.0)
+        if self.metrics is not NULL_RECORDER:
+            self._sample_queues()  # every chain is done: the gauges go back to zero
+        return {pool.spec.name: self.actor_stats.totals.get(pool.spec.name, {"seconds": 0.0, "frames": 0})
+                for pool in self.pools}
+
+    # ------------------------------------------------------------------ metrics
+
+    def _observe(self) -> None:
+        """With metrics on, every METRICS_POLL_S: fold in actor stats and sample the queues."""
+        if self.metrics is NULL_RECORDER or time.monotonic() < self.next_poll:
+            return
+        self.next_poll = time.monotonic() + METRICS_POLL_S
+        self._collect_drains(timeout=0.0)
+        self._request_drains()
+        self._sample_queues()
+
+    def _request_drains(self) -> None:
+        """One outstanding drain per actor; Ray runs it after the calls queued before it."""
+        for stage_index, pool in enumerate(self.pools):
+            for replica, actor in enumerate(pool.actors):
+                if (stage_index, replica) not in self.drains:
+                    self.drains[(stage_index, replica)] = actor.drain_metrics.remote()
+
+    def _collect_drains(self, timeout: float) -> None:
         import ray
 
-        stats: dict[str, dict[str, float]] = {}
-        for pool in self.pools:
-            per_actor = ray.get([actor.stats.remote() for actor in pool.actors])
-            stats[pool.spec.name] = {k: sum(s[k] for s in per_actor) for k in ("seconds", "frames", "errors")}
-        return stats
+        if not self.drains:
+            return
+        refs = list(self.drains.values())
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=timeout)[0])
+        for (stage_index, replica), ref in list(self.drains.items()):
+            if ref not in ready:
+                continue
+            del self.drains[(stage_index, replica)]
+            try:
+                snapshot = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                continue  # the actor died; its restarted incarnation reports from zero next time
+            self.actor_stats.absorb(self.pools[stage_index].spec.name, replica, snapshot)
+
+    def _sample_queues(self) -> None:
+        """Per stage: calls not finished (in flight), and those whose input is ready beyond one per replica (queued)."""
+        import ray
+
+        refs = [ref for chain in self.chains for ref in chain.refs]
+        done = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) if refs else set()
+        for index, pool in enumerate(self.pools):
+            unfinished = [c for c in self.chains if len(c.refs) > index and c.refs[index] not in done]
+            startable = sum(1 for c in unfinished if index == 0 or c.refs[index - 1] in done)
+            self.metrics.on_queue(pool.spec.name, depth=max(0, startable - len(pool.actors)), in_flight=len(unfinished))
 
     # ------------------------------------------------------------------ the driver loop
 
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
         live = self.cfg.runtime.mode == "live"
-        for item in open_sources(self.cfg.sources):
+        for item in open_sources(self.cfg.sources, self.hub):
             if isinstance(item, StreamEnd):
                 shard = self._shard(item.stream_id)
                 self._submit_wave(pending.pop(shard, []), shard)
                 self._submit(Chain("end", shard, stream_id=item.stream_id))
+                self.metrics.on_stream_state(item.stream_id, False)
                 if item.error:
                     self.accounting.source_errors.append(item.error)
                 continue
             self.accounting.on_decoded(item)
+            self.metrics.on_decoded(item)
             self.ledger.setdefault(item.stream_id, set()).add(item.index)
+            if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: straight to the output
+                self._emit_dropped(item)
+                continue
             shard = self._shard(item.stream_id)
             pending.setdefault(shard, []).append(item)
             if live:
@@ -287,7 +365,15 @@ class RayRunner:
 
     def _submit_wave(self, frames: list[Frame], shard: int) -> None:
         if frames:
+            self._settle_gate_feedback(frames)
             self._submit(Chain("wave", shard, frames=frames))
+
+    def _settle_gate_feedback(self, frames: list[Frame]) -> None:
+        """An adaptive gate must get the same audit feedback as under the local runner: finish
+        older chains until it is settled (pipeline.skip.CarryOver.ready_for), then attach it."""
+        while self.chains and not all(self.output.feedback_ready(frame) for frame in frames):
+            self._consume(self.chains.popleft())
+        self.output.attach_feedback(frames)
 
     def _submit(self, chain: Chain) -> None:
         while len(self.chains) >= self.cfg.runtime.max_in_flight:
@@ -318,6 +404,8 @@ class RayRunner:
     def _consume(self, chain: Chain) -> None:
         import ray
 
+        while self.metrics is not NULL_RECORDER and not ray.wait(chain.refs[-1:], timeout=METRICS_POLL_S)[0]:
+            self._observe()  # a long chain must not freeze the metrics
         try:
             frames = ray.get(chain.refs[-1])
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
@@ -328,6 +416,7 @@ class RayRunner:
         elif chain.kind == "flush":
             for stream_id in [s for s in self.ledger if self._shard(s) == chain.shard]:
                 self._close_stream(stream_id)
+        self._observe()
 
     def _recover(self, chain: Chain, error: BaseException) -> list[Frame]:
         """Resubmit once from the first stage whose actor died; then fail the chain's frames."""
@@ -392,6 +481,7 @@ def _init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
     if ray.is_initialized():
         return False
     if cfg.runtime.address:
+        _check_reachable(cfg.runtime.address)
         try:
             ray.init(address=cfg.runtime.address, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -400,7 +490,29 @@ def _init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
                 "check it is running (`ray status`) or remove runtime.address to start a local one"
             ) from None
         return True
-    wanted = sum(getattr(getattr(s.cfg, "resources", None), "num_cpus", 1.0) * getattr(s.cfg, "replicas", 1) for s in specs)
+    wanted = sum(
+        getattr(getattr(s.cfg, "resources", None), "num_cpus", 1.0) * getattr(s.cfg, "replicas", 1)
+        * (1 + (depth_parallel_of(s) if depth_parallel_of(s) > 1 else 0))  # the stage actor plus its slice actors
+        for s in specs
+    )
     num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
     ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when the cluster's GCS port does not answer."""
+    import socket
+
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except OSError as exc:
+        raise BlinkflowError(
+            f"runtime.address: cannot connect to the Ray cluster at {address!r} ({exc.strerror or exc}); "
+            "check it is running (`ray status`) or remove runtime.address to start a local one"
+        ) from None
