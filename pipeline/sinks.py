@@ -282,3 +282,7 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = min(height, image.shape[0]), min(width, image.shape[1])
     out[:h, :w] = image[:h, :w]
     return out
+
+
+# the COCO sink registers "coco" (imported last: pipeline.coco_sink imports this module)
+from pipeline import coco_sink as _coco_sink  # noqa: E402,F401

@@ -77,8 +77,14 @@ def lane_items(streams: Iterator[Stream]) -> Iterator[Frame | StreamEnd]:
         yield StreamEnd(stream.id, error)
 
 
-def merge_lanes(lanes: list[Iterator[Stream]]) -> Iterator[Frame | StreamEnd]:
-    """Interleave lanes round-robin: one item from each live lane in turn."""
+def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None) -> Iterator[Frame | StreamEnd]:
+    """Interleave lanes round-robin: one item from each live lane in turn.
+
+    With a :class:`pipeline.streams.StreamHub`, whatever its live streams have
+    ready is taken after each lane's item (never waiting on them), and once the
+    lanes are done the hub's items follow until it ends. Without one, the order
+    is fully deterministic.
+    """
     iterators = [lane_items(lane) for lane in lanes]
     while iterators:
         for iterator in list(iterators):
@@ -87,10 +93,38 @@ def merge_lanes(lanes: list[Iterator[Stream]]) -> Iterator[Frame | StreamEnd]:
                 iterators.remove(iterator)
             else:
                 yield item
+            if hub is not None:
+                yield from hub.poll()
+    if hub is not None:
+        yield from hub.items()
 
 
-def open_sources(configs: list[SourceConfig]) -> Iterator[Frame | StreamEnd]:
-    return merge_lanes([open_lane(cfg) for cfg in configs])
+def open_sources(configs: list[SourceConfig], hub: Any = None) -> Iterator[Frame | StreamEnd]:
+    """Frames of every source. ``stream`` sources run in ``hub`` (one is made when none is given;
+    a given hub may also get streams added and removed while the run goes on)."""
+    live = [cfg for cfg in configs if cfg.type == "stream"]
+    lanes = [open_lane(cfg) for cfg in configs if cfg.type != "stream"]
+    if not live and hub is None:
+        return merge_lanes(lanes)
+    from pipeline.streams import StreamHub
+
+    hub = hub if hub is not None else StreamHub()
+    try:
+        for cfg in live if not hub.closed else []:  # closed already: the run was stopped during setup
+            hub.add(cfg)
+    except BaseException:
+        hub.close(stop_streams=True)
+        raise
+    if not hub.keep_open:
+        hub.close()
+    return _stopping_hub_on_exit(merge_lanes(lanes, hub), hub)
+
+
+def _stopping_hub_on_exit(items: Iterator[Frame | StreamEnd], hub: Any) -> Iterator[Frame | StreamEnd]:
+    try:
+        yield from items
+    finally:  # normally a no-op; after an error it stops the decoder threads
+        hub.close(stop_streams=True)
 
 
 # --------------------------------------------------------------------------- files
@@ -226,6 +260,8 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
         stream.thread_type = "AUTO"
         if cfg.decode_threads:
             stream.codec_context.thread_count = cfg.decode_threads
+        if getattr(cfg, "motion_vectors", False):
+            stream.codec_context.options = {"flags2": "+export_mvs"}
         yield from _resampled(_decoded_frames(container, stream, path), cfg, stream_id, path)
     except av.FFmpegError as exc:
         raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
@@ -255,17 +291,32 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
     """Keep frames on a 1/fps grid (when fps is set), convert to RGB, resize, cap the count."""
     next_time = None
     index = 0
+    motion = None  # decoder motion since the last kept frame (frames dropped by fps add up)
+    tracker = _decoder_motion(cfg)
     for seconds, av_frame in decoded:
+        if tracker is not None:
+            motion = tracker.compose(av_frame, motion)
         if cfg.fps is not None:
             if next_time is not None and seconds < next_time - 1e-6:
                 continue
             next_time = (seconds if next_time is None else next_time) + 1.0 / cfg.fps
-        yield Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
+        frame = Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
+        if motion is not None:
+            frame.meta["mvs"], motion = motion.astype(np.float16), None
+        yield frame
         index += 1
         if cfg.max_frames is not None and index >= cfg.max_frames:
             return
     if index == 0:
         raise SourceError(f"{path}: no frames could be decoded; the file is empty or damaged")
+
+
+def _decoder_motion(cfg: SourceConfig) -> Any:
+    if not getattr(cfg, "motion_vectors", False):
+        return None
+    from pipeline.skip import DecoderMotion
+
+    return DecoderMotion(cfg.resize)
 
 
 def _to_rgb(av_frame, resize: list[int] | None) -> np.ndarray:
@@ -307,3 +358,7 @@ def _resize_array(image: np.ndarray, size: list[int]) -> np.ndarray:
     from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size[0], size[1]), Image.BILINEAR))
+
+
+# live streams register the "stream" source type (at the end: pipeline.streams imports this module)
+from pipeline import streams as _streams  # noqa: E402,F401

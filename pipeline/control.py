@@ -1,0 +1,200 @@
+"""A small HTTP control endpoint for live streams, beside the metrics exporter.
+
+Routes (JSON in and out)::
+
+    GET    /streams          every stream: state, counts, reconnects, latency (URLs redacted)
+    POST   /streams          {"url": "rtsp://...", "id": "cam1", ...any stream source key} -> 201
+    DELETE /streams/<id>     stop one stream; its buffered frames still go through -> 200
+    POST   /stop             end the run gracefully: stop every stream, drain, commit the sinks -> 202
+    GET    /healthz          200 while the endpoint serves
+
+It binds 127.0.0.1 by default: whoever can reach it can make the pipeline
+open URLs of their choosing. :func:`live_session` wires a run together: the
+hub, this endpoint, the metrics bridge and graceful SIGINT/SIGTERM handling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+from urllib.parse import unquote
+
+from pipeline.errors import BlinkflowError, ConfigError, SourceError
+from pipeline.streams import RecorderBridge, StreamHub, redact_text
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+
+
+class ControlServer:
+    """Serves the routes above for one :class:`StreamHub` in a daemon thread."""
+
+    def __init__(self, hub: StreamHub, host: str = "127.0.0.1", port: int = 9465) -> None:
+        self.hub = hub
+        self.host = host
+        self.requested_port = port
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.requested_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "ControlServer":
+        try:
+            self._server = ThreadingHTTPServer((self.host, self.requested_port), _handler_for(self.hub))
+        except OSError as exc:
+            raise BlinkflowError(
+                f"control: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "
+                "set control.port to a free port (0 picks one) or control.enabled=false"
+            ) from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="blinkflow-control", daemon=True)
+        self._thread.start()
+        log.warning("stream control endpoint on %s/streams", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> "ControlServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+def handle(hub: StreamHub, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+    """One request, without HTTP: (status, JSON reply). Kept apart so it is easy to test and to mount elsewhere."""
+    path = path.split("?", 1)[0].rstrip("/") or "/"
+    if method == "GET" and path == "/streams":
+        return 200, hub.status()
+    if method == "GET" and path == "/healthz":
+        return 200, {"ok": True}
+    if method == "POST" and path == "/streams":
+        return _add(hub, body)
+    if method == "DELETE" and path.startswith("/streams/"):
+        stream_id = unquote(path[len("/streams/"):])
+        if hub.remove(stream_id):
+            return 200, {"id": stream_id, "removed": True}
+        return 404, {"error": f"no live stream {stream_id!r}; GET /streams lists them"}
+    if method == "POST" and path == "/stop":
+        hub.close(stop_streams=True)
+        return 202, {"stopping": True}
+    return 404, {"error": "unknown route; use GET/POST /streams, DELETE /streams/<id>, POST /stop"}
+
+
+def _add(hub: StreamHub, body: bytes) -> tuple[int, dict[str, Any]]:
+    try:
+        request = json.loads(body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        return 400, {"error": 'the body must be JSON, e.g. {"url": "rtsp://host/path", "id": "cam1"}'}
+    if not isinstance(request, dict) or not isinstance(request.get("url"), str):
+        return 400, {"error": 'the body needs a "url" string, e.g. {"url": "rtsp://host/path", "id": "cam1"}'}
+    options = {k: v for k, v in request.items() if k not in ("url", "id", "type")}
+    try:
+        stream = hub.add_url(request["url"], request.get("id"), **options)
+    except ConfigError as exc:
+        return 400, {"error": redact_text(str(exc))}
+    except SourceError as exc:
+        status = 503 if "stopping" in str(exc) else 409
+        return status, {"error": redact_text(str(exc))}
+    return 201, {"id": stream.id, "url": stream.url}
+
+
+def _handler_for(hub: StreamHub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            self._answer("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._answer("POST")
+
+        def do_DELETE(self) -> None:  # noqa: N802
+            self._answer("DELETE")
+
+        def _answer(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_BODY:
+                status, reply = 413, {"error": f"the body is over {MAX_BODY} bytes"}
+            else:
+                status, reply = handle(hub, method, self.path, self.rfile.read(length) if length else b"")
+            body = (json.dumps(reply, indent=1) + "\n").encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+            log.debug("control http: %s", redact_text(format % args))
+
+    return Handler
+
+
+# --------------------------------------------------------------------------- a live run
+
+
+@contextlib.contextmanager
+def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
+    """The hub for a run that has stream sources or a control endpoint (None otherwise).
+
+    Streams report up/down to ``recorder``; the control endpoint serves while
+    the block runs; the first SIGINT/SIGTERM ends the run gracefully (streams
+    stop, buffered frames finish, sinks commit) and a second one interrupts.
+    """
+    has_streams = any(source.type == "stream" for source in cfg.sources)
+    if not has_streams and not cfg.control.enabled:
+        yield None
+        return
+    hub = StreamHub(mode=cfg.runtime.mode, defaults=cfg.control.stream_defaults, keep_open=cfg.control.enabled)
+    if recorder is not None:
+        hub.subscribe(RecorderBridge(recorder))
+    server = ControlServer(hub, cfg.control.host, cfg.control.port).start() if cfg.control.enabled else None
+    restore = _graceful_signals(hub)
+    try:
+        yield hub
+    finally:
+        restore()
+        hub.close(stop_streams=True)
+        if server is not None:
+            server.stop()
+
+
+def _graceful_signals(hub: StreamHub):
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stopping = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stopping.is_set():
+            raise KeyboardInterrupt
+        stopping.set()
+        log.warning("stopping: the streams end, buffered frames finish (signal again to abort)")
+        threading.Thread(target=hub.close, kwargs={"stop_streams": True}, daemon=True).start()
+
+    for sig in previous:
+        signal.signal(sig, on_signal)
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore

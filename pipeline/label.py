@@ -1,0 +1,560 @@
+"""Archive batch-labelling: ``blinkflow label INPUT... --out DIR``.
+
+Every video is labelled on its own by the local runner, spread over the Ray
+cluster as one task per video (``label.executor: ray``) or one after another in
+this process (``local``). A task returns its outputs' bytes, so workers need
+no shared file system; only this driver writes into DIR.
+
+Exactly-once and resumable:
+
+1. A finished video's outputs are written as ``.<name>.partial`` files,
+   fsynced and renamed into place.
+2. Then ``manifest.json`` (rewritten atomically) records the video with the
+   sha256 of each output, its frame counts, time and status.
+
+A crash between the two leaves outputs that the manifest does not vouch for:
+the re-run labels that video again and replaces them whole, so no record is
+ever duplicated or lost. A re-run skips the videos whose recorded outputs are
+present with matching checksums; a missing or changed output is redone. A
+corrupt or unreadable video is recorded as ``failed`` and the others go on;
+the exit code is 1 when any video failed. ``summary.json`` (and the printed
+table) give per-video frames, outcomes, time and fps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob as globlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import BlinkflowError, SourceError
+from pipeline.sinks import JsonlSink, to_record
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ARCHIVE_CONFIG = REPO_ROOT / "configs" / "archive.yaml"
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+MANIFEST_VERSION = 1
+OUTPUT_NAMES = {"jsonl": "{id}.jsonl", "coco": "{id}.coco.json", "mp4": "{id}.mp4"}
+PROGRESS_EVERY_S = 0.2
+
+
+@dataclass
+class Video:
+    id: str
+    path: Path
+
+    def outputs(self, formats: list[str]) -> dict[str, str]:
+        """Format to output file name, e.g. {"jsonl": "bikes.jsonl"}."""
+        return {fmt: OUTPUT_NAMES[fmt].format(id=self.id) for fmt in formats}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def find_videos(inputs: list[str]) -> list[Video]:
+    """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids."""
+    from pipeline.sources import VIDEO_SUFFIXES
+
+    paths: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
+            if not found:
+                raise BlinkflowError(f"{item}: no such file or directory, and no file matches it as a glob")
+        paths.extend(found)
+    unique = list(dict.fromkeys(p.resolve() for p in paths))
+    if not unique:
+        raise BlinkflowError(f"{' '.join(inputs)}: no video files found; pass files, directories or globs")
+    return [Video(video_id, path) for video_id, path in zip(_unique_ids(unique), unique)]
+
+
+def _unique_ids(paths: list[Path]) -> list[str]:
+    """The file stem, lengthened with parent folders where stems collide."""
+    depth = {p: 1 for p in paths}
+
+    def name(p: Path) -> str:
+        parts = p.with_suffix("").parts[-depth[p]:]
+        return "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(parts)).lstrip(".") or "video"
+
+    while True:
+        names = [name(p) for p in paths]
+        clashing = {p for p, n in zip(paths, names) if names.count(n) > 1 and depth[p] < len(p.parts)}
+        if not clashing:
+            break
+        for p in clashing:
+            depth[p] += 1
+    seen: dict[str, int] = {}
+    ids = []
+    for n in names:  # same path tail (only possible with different suffixes): number them
+        seen[n] = seen.get(n, 0) + 1
+        ids.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    return ids
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write, fsync, rename into place, fsync the folder: after a crash the file is old or new, never torn."""
+    temp = path.with_name(f".{path.name}.partial")
+    with temp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@dataclass
+class Manifest:
+    """``DIR/manifest.json``: one entry per video that finished (done or failed)."""
+
+    path: Path
+    config_digest: str
+    videos: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, out_dir: Path, config_digest: str, restart: bool) -> "Manifest":
+        path = out_dir / MANIFEST
+        if restart or not path.exists():
+            return cls(path, config_digest)
+        try:
+            data = json.loads(path.read_text())
+            videos = dict(data["videos"])
+            recorded = data["config_digest"]
+        except (ValueError, KeyError, TypeError):
+            raise BlinkflowError(
+                f"{path}: unreadable manifest; delete it or pass --restart to label everything again"
+            ) from None
+        if videos and recorded != config_digest:
+            raise BlinkflowError(
+                f"{out_dir} was labelled with another config or format; use the same --config/--set/--format, "
+                "a new --out, or --restart to label everything again"
+            )
+        return cls(path, config_digest, videos)
+
+    def finished(self, video: Video, out_dir: Path, retry_failed: bool) -> bool:
+        """True when the video needs no work: done (outputs verified) or failed and not to be retried."""
+        entry = self.videos.get(video.id)
+        if entry is None or entry.get("source") != str(video.path):
+            return False
+        if entry["status"] == "failed" and retry_failed:
+            return False
+        for name, digest in entry["outputs"].items():
+            target = out_dir / name
+            if not target.is_file() or sha256_file(target) != digest:
+                log.warning("%s: output %s is missing or changed; labelling the video again", video.id, name)
+                return False
+        return True
+
+    def record(self, video_id: str, entry: dict[str, Any]) -> None:
+        self.videos[video_id] = entry
+        document = {"version": MANIFEST_VERSION, "config_digest": self.config_digest, "videos": self.videos}
+        write_atomic(self.path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+
+
+def config_digest(cfg: Any, formats: list[str]) -> str:
+    """What determines the outputs: stages, gate, decode settings and formats (not parallelism)."""
+    relevant = {
+        "gate": dataclasses.asdict(cfg.gate),
+        "stages": {name: dataclasses.asdict(stage) for name, stage in cfg.stages.items()},
+        "source": dataclasses.asdict(cfg.label.source),
+        "formats": formats,
+    }
+    return sha256_bytes(json.dumps(relevant, sort_keys=True, default=str).encode())[:16]
+
+
+# --------------------------------------------------------------------------- one video (in a worker)
+
+
+def label_one(job: dict[str, Any], progress: Callable[[int, int | None], None] | None = None) -> dict[str, Any]:
+    """Label one video with the local runner into a private folder; return its stats and output bytes.
+
+    Runs inside a Ray task (or in-process for the local executor); never
+    raises for a bad video: the failure is in the returned ``error``.
+    """
+    from pipeline.config import SinkConfig
+    from pipeline.runners.local import LocalRunner
+
+    cfg, video, formats = job["cfg"], job["video"], job["formats"]
+    previous_threads = _limit_torch_threads(job.get("threads", 1))
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(prefix="blinkflow-label-", dir=job.get("scratch")) as scratch:
+            names = video.outputs(formats)
+            sinks = [_build_sink(fmt, SinkConfig(type=fmt, path=str(Path(scratch) / name)))
+                     for fmt, name in names.items()]
+            total = probe_frame_count(video.path, cfg.sources[0])
+            done = [0, 0.0]
+
+            def on_result(_result: Any) -> None:
+                done[0] += 1
+                if progress is not None and time.monotonic() - done[1] >= PROGRESS_EVERY_S:
+                    done[1] = time.monotonic()
+                    progress(done[0], total)
+
+            summary = LocalRunner(cfg, sinks=sinks, on_result=on_result).run()
+            if progress is not None:
+                progress(done[0], done[0])
+            outputs = {name: (Path(scratch) / name).read_bytes() for name in names.values()}
+    except SourceError as exc:
+        return _failed(str(exc), started)
+    except BlinkflowError:
+        raise  # a config, stage or sink problem is the batch's, not this video's: stop with its message
+    except Exception as exc:  # noqa: BLE001 - one video's bug must not stop the batch; it is reported
+        log.exception("%s: labelling failed", video.id)
+        return _failed(f"{type(exc).__name__}: {exc}", started)
+    finally:
+        _limit_torch_threads(previous_threads)
+    return _stats(summary, outputs)
+
+
+def _stats(summary: Any, outputs: dict[str, bytes]) -> dict[str, Any]:
+    totals = summary.totals
+    errors = list(summary.accounting.source_errors)
+    if totals["failed"]:
+        errors.append(f"{totals['failed']} frames failed in a stage (see the records' error field)")
+    return {
+        "status": "done" if summary.ok else "failed", "error": "; ".join(errors) or None,
+        "frames": totals["decoded"], "outcomes": {k: v for k, v in totals.items() if k != "decoded"},
+        "seconds": round(summary.elapsed_s, 3), "setup_s": round(summary.setup_s, 3),
+        "fps": round(totals["decoded"] / summary.processing_s, 2) if totals["decoded"] else 0.0,
+        "outputs": outputs,
+    }
+
+
+def _failed(error: str, started: float) -> dict[str, Any]:
+    return {"status": "failed", "error": error, "frames": 0, "outcomes": {},
+            "seconds": round(time.perf_counter() - started, 3), "setup_s": 0.0, "fps": 0.0, "outputs": {}}
+
+
+def _build_sink(fmt: str, cfg: Any) -> Any:
+    from pipeline.sinks import build_sinks
+
+    return StableJsonlSink(cfg) if fmt == "jsonl" else build_sinks([cfg])[0]
+
+
+def _limit_torch_threads(threads: int) -> int:
+    """Same thread count in every executor, so float reductions, and the outputs, are the same."""
+    try:
+        import torch
+    except ImportError:  # pragma: no cover
+        return threads
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(threads)))
+    return before
+
+
+def probe_frame_count(path: Path, source: Any) -> int | None:
+    """The container's frame count (for the progress bar), or None when unknown or resampled."""
+    if source.fps is not None:
+        return None
+    try:
+        import av
+
+        with av.open(str(path), metadata_errors="ignore") as container:
+            count = container.streams.video[0].frames if container.streams.video else 0
+    except Exception:  # noqa: BLE001 - only a progress-bar hint; decoding reports real damage
+        return None
+    if count and source.max_frames:
+        count = min(count, source.max_frames)
+    return count or None
+
+
+class StableJsonlSink(JsonlSink):
+    """JSONL without the wall-clock latency field, so a re-run gives byte-identical files."""
+
+    def write(self, result: Any) -> None:
+        record = to_record(result, self.cfg.include_dense)
+        record.pop("latency_ms", None)
+        self.handle.write(json.dumps(record, separators=(",", ":")))
+        self.handle.write("\n")
+        self.count += 1
+
+
+# --------------------------------------------------------------------------- the batch (driver)
+
+
+@dataclass
+class LabelRun:
+    """One ``blinkflow label`` invocation."""
+
+    videos: list[Video]
+    out_dir: Path
+    cfg: Any
+    formats: list[str]
+    progress: bool = True
+    restart: bool = False
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def run(self) -> dict[str, Any]:
+        """Label what is not finished yet; write summary.json; return the summary."""
+        started = time.perf_counter()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.scratch = self.out_dir / ".scratch"
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        self.scratch.mkdir()
+        self.manifest = Manifest.load(self.out_dir, config_digest(self.cfg, self.formats), self.restart)
+        todo = [v for v in self.videos if not self.manifest.finished(v, self.out_dir, self.cfg.label.retry_failed)]
+        for video in self.videos:
+            if video not in todo:
+                self.results[video.id] = {**self.manifest.videos[video.id], "skipped": True}
+        with _Bars(len(self.videos), len(self.videos) - len(todo), self.progress) as bars:
+            if self.cfg.label.executor == "local":
+                self._run_local(todo, bars)
+            elif todo:
+                self._run_ray(todo, bars)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        summary = self._summary(time.perf_counter() - started)
+        write_atomic(self.out_dir / SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())
+        return summary
+
+    def _job(self, video: Video) -> dict[str, Any]:
+        from pipeline.config import SourceConfig
+
+        source = dataclasses.replace(self.cfg.label.source, type="file", path=str(video.path), id=video.id)
+        assert isinstance(source, SourceConfig)
+        cfg = dataclasses.replace(self.cfg, sources=[source], sinks=[])
+        job = {"cfg": cfg, "video": video, "formats": self.formats, "threads": max(1, int(self.cfg.label.task_cpus))}
+        if self.cfg.label.executor == "local":  # a crash leaves its scratch here, cleared by the next run
+            job["scratch"] = str(self.scratch)
+        return job
+
+    def _run_local(self, todo: list[Video], bars: "_Bars") -> None:
+        for video in todo:
+            result = label_one(self._job(video), lambda done, total, v=video.id: bars.video(v, done, total))
+            self._finish(video, result, bars)
+
+    def _run_ray(self, todo: list[Video], bars: "_Bars") -> None:
+        import ray
+
+        from pipeline.runners.ray import _init_ray
+
+        owns_ray = _init_ray(self.cfg, [])
+        try:
+            board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+            task = ray.remote(_ray_label_one).options(num_cpus=self.cfg.label.task_cpus, max_retries=1)
+            cpus = ray.cluster_resources().get("CPU", 1)
+            parallel = self.cfg.label.parallel or max(1, int(cpus // max(self.cfg.label.task_cpus, 1e-3)))
+            queue, pending = deque(todo), {}
+            while queue or pending:
+                while queue and len(pending) < parallel:
+                    video = queue.popleft()
+                    pending[task.remote(self._job(video), board)] = video
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY_S)
+                for video_id, (done, total) in ray.get(board.snapshot.remote()).items():
+                    bars.video(video_id, done, total)
+                for ref in ready:
+                    self._finish(pending.pop(ref), _ray_result(ref), bars)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+
+    def _finish(self, video: Video, result: dict[str, Any], bars: "_Bars") -> None:
+        """Commit the outputs, then the manifest entry (the order that makes a crash harmless)."""
+        outputs = result.pop("outputs")
+        for name, data in outputs.items():
+            write_atomic(self.out_dir / name, data)
+        entry = {**result, "source": str(video.path), "outputs": {n: sha256_bytes(d) for n, d in outputs.items()}}
+        self.manifest.record(video.id, entry)
+        self.results[video.id] = {**entry, "skipped": False}
+        if entry["status"] == "failed":
+            log.error("%s: %s", video.id, entry["error"])
+        bars.finished(video.id, entry["status"])
+
+    def _summary(self, elapsed: float) -> dict[str, Any]:
+        videos = {v.id: _summary_entry(self.results[v.id]) for v in self.videos if v.id in self.results}
+        totals: dict[str, int] = {"frames": 0}
+        for entry in videos.values():
+            totals["frames"] += entry["frames"]
+            for outcome, count in entry["outcomes"].items():
+                totals[outcome] = totals.get(outcome, 0) + count
+        failed = sorted(k for k, v in videos.items() if v["status"] == "failed")
+        return {"out_dir": str(self.out_dir), "elapsed_s": round(elapsed, 3), "videos": videos, "totals": totals,
+                "done": sum(v["status"] == "done" for v in videos.values()), "failed": failed,
+                "skipped": sorted(k for k, v in videos.items() if v["skipped"])}
+
+
+def _summary_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    keys = ("status", "frames", "outcomes", "seconds", "fps", "error", "skipped", "source")
+    return {k: entry.get(k) for k in keys}
+
+
+class ProgressBoard:
+    """A tiny Ray actor the tasks report their frame counts to, for the driver's progress bars."""
+
+    def __init__(self) -> None:
+        self.state: dict[str, tuple[int, int | None]] = {}
+
+    def update(self, video_id: str, done: int, total: int | None) -> None:
+        self.state[video_id] = (done, total)
+
+    def snapshot(self) -> dict[str, tuple[int, int | None]]:
+        state, self.state = self.state, {}
+        return state
+
+
+def _ray_label_one(job: dict[str, Any], board: Any) -> dict[str, Any]:
+    video_id = job["video"].id
+    return label_one(job, lambda done, total: board.update.remote(video_id, done, total))
+
+
+def _ray_result(ref: Any) -> dict[str, Any]:
+    import ray
+
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, BlinkflowError):
+            raise cause from None  # not the video's fault (see label_one): stop the batch with its message
+        return _failed(f"labelling raised: {cause or exc}", time.perf_counter())
+    except ray.exceptions.RayError as exc:  # the worker died twice (segfault, out of memory): record it, go on
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return _failed(f"the labelling task died: {type(exc).__name__}: {first_line}", time.perf_counter())
+
+
+class _Bars:
+    """An overall bar (videos) and one bar per video being labelled (frames)."""
+
+    def __init__(self, total: int, skipped: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self._tqdm, self.enabled = tqdm, enabled
+        self.overall = tqdm(total=total, initial=skipped, unit="video", desc="videos", position=0,
+                            disable=not enabled, file=sys.stderr, dynamic_ncols=True)
+        self.bars: dict[str, Any] = {}
+        self.done: set[str] = set()
+
+    def video(self, video_id: str, done: int, total: int | None) -> None:
+        if video_id in self.done:
+            return  # a late report of a video that has finished
+        bar = self.bars.get(video_id)
+        if bar is None:
+            bar = self.bars[video_id] = self._tqdm(total=total, unit="frame", desc=video_id, leave=False,
+                                                   position=len(self.bars) + 1, disable=not self.enabled,
+                                                   file=sys.stderr, dynamic_ncols=True)
+        if total and bar.total != total:
+            bar.total = total
+        bar.update(max(0, done - bar.n))
+
+    def finished(self, video_id: str, status: str) -> None:
+        self.done.add(video_id)
+        bar = self.bars.pop(video_id, None)
+        if bar is not None:
+            bar.close()
+        self.overall.set_postfix_str(f"last: {video_id} {status}")
+        self.overall.update(1)
+
+    def __enter__(self) -> "_Bars":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for bar in self.bars.values():
+            bar.close()
+        self.overall.close()
+
+
+# --------------------------------------------------------------------------- report and CLI
+
+
+def summary_lines(summary: dict[str, Any]) -> list[str]:
+    lines = [f"blinkflow label: {len(summary['videos'])} videos in {summary['elapsed_s']:.1f} s: "
+             f"{summary['done']} done, {len(summary['failed'])} failed, "
+             f"{len(summary['skipped'])} skipped (already done)"]
+    lines.append(f"  {'video':<28} {'status':<7} {'frames':>7} {'processed':>9} {'reused':>6} {'dropped':>7} "
+                 f"{'failed':>6} {'time s':>7} {'fps':>7}")
+    for video_id, v in summary["videos"].items():
+        o = v["outcomes"] or {}
+        status = v["status"] + ("*" if v["skipped"] else "")
+        lines.append(f"  {video_id[:28]:<28} {status:<7} {v['frames']:>7} {o.get('processed', 0):>9} "
+                     f"{o.get('reused', 0):>6} {o.get('dropped', 0):>7} {o.get('failed', 0):>6} "
+                     f"{v['seconds'] or 0:>7.2f} {v['fps'] or 0:>7.1f}")
+    lines.extend(f"  failed {video_id}: {summary['videos'][video_id]['error']}" for video_id in summary["failed"])
+    if summary["skipped"]:
+        lines.append("  * skipped: finished by an earlier run (verified against the manifest's checksums)")
+    lines.append(f"  outputs, manifest.json and summary.json in {summary['out_dir']}")
+    return lines
+
+
+def add_label_command(commands: Any) -> None:
+    """Register ``blinkflow label`` on the CLI's sub-command parser."""
+    label = commands.add_parser("label", help="batch-label archived videos: JSONL, COCO, MP4 per video (resumable)")
+    label.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, directories and globs (quote globs)")
+    label.add_argument("--out", type=Path, required=True, help="output folder (outputs, manifest.json, summary.json)")
+    label.add_argument("--config", type=Path, default=ARCHIVE_CONFIG,
+                       help="pipeline YAML (default: configs/archive.yaml)")
+    label.add_argument("--format", dest="formats",
+                       help="comma-separated outputs: jsonl,coco,mp4 (default: the config's label.formats)")
+    label.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set label.executor=local (repeatable)")
+    label.add_argument("--restart", action="store_true", help="ignore the manifest and label every video again")
+    label.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    label.set_defaults(handler=cmd_label)
+
+
+def parse_formats(text: str | None, default: list[str]) -> list[str]:
+    if not text:
+        return list(dict.fromkeys(default))
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in OUTPUT_NAMES]
+    if unknown or not formats:
+        raise BlinkflowError(f"--format {text!r}: use a comma-separated list of {', '.join(OUTPUT_NAMES)}")
+    return list(dict.fromkeys(formats))
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
+    run = LabelRun(find_videos(args.inputs), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
+                   progress=not args.no_progress, restart=args.restart)
+    summary = run.run()
+    print("\n".join(summary_lines(summary)))
+    return 1 if summary["failed"] else 0

@@ -1,0 +1,711 @@
+"""Live camera streams: rtsp(s)://, http(s):// (MJPEG, HLS, MPEG-TS), udp://,
+srt:// and /dev/videoN (v4l2), each decoded by PyAV in its own thread.
+
+* **Reconnect.** A stream that stalls (no data for ``stall_timeout_s``), drops
+  or ends is reopened after an exponential backoff with jitter; after
+  ``max_retries`` failed attempts in a row (-1: never) it is given up and ends
+  with an error. Frame indices carry on across reconnections, so a reconnected
+  stream is the same stream to the runners, sinks and metrics.
+* **Bounded latency.** Each stream buffers at most ``queue_size`` decoded
+  frames. With ``overflow: drop_oldest`` (live mode) the decoder never waits:
+  a new frame pushes the oldest waiting one out, and that frame still travels
+  on, pixel-less, with the outcome ``dropped``, so every decoded frame ends
+  with exactly one outcome.
+* **Run-time changes.** A :class:`StreamHub` holds the live streams of a run.
+  Streams can be added and removed while it runs (see ``pipeline/control.py``);
+  one stream being down never holds up the others.
+* **Redaction.** Credentials in URLs (``user:password@`` and secret-looking
+  query parameters) never reach logs, errors, metrics labels or outputs: only
+  :func:`redact_url` forms leave this module.
+
+Hub events (:class:`StreamEvent`) let the CLI forward stream state to the
+metrics recorder (``on_stream_state``); reconnections reach it in-band through
+``frame.meta["reconnects"]``, which the recorder turns into
+``blinkflow_stream_reconnects_total``.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from pipeline.config import SourceConfig
+from pipeline.errors import ConfigError, SourceError
+from pipeline.frame import Frame, FrameResult, Outcome
+from pipeline.registry import register_source
+
+log = logging.getLogger(__name__)
+
+SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt", "file")
+V4L2_DEVICE = re.compile(r"^/dev/video\d+$")
+SECRET_KEYS = {"password", "passwd", "pwd", "pass", "token", "access_token", "auth", "key", "apikey", "api_key",
+               "secret", "signature", "sig", "credentials", "passphrase"}
+MASK = "***"
+EOF_REASON = "the stream ended"
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:%s)=)[^&;\s'\"<>#]*" % "|".join(sorted(SECRET_KEYS)), re.IGNORECASE)
+_ZERO_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
+_known_secrets: set[str] = set()
+_secrets_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- redaction
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user info and secret-looking query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_text(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, MASK if k.lower() in SECRET_KEYS else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Scrub credentials from free text (FFmpeg errors quote the URL they failed on)."""
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    text = _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
+    with _secrets_lock:
+        secrets = sorted(_known_secrets, key=len, reverse=True)
+    for secret in secrets:
+        text = text.replace(secret, MASK)
+    return text
+
+
+def remember_secrets(url: str) -> None:
+    """Note the secrets of ``url`` so that :func:`redact_text` also catches them out of URL context."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return
+    # passwords only: a user name like "cam" is too common a word to scrub everywhere (URLs lose it anyway)
+    found = [parts.password, unquote(parts.password)] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_KEYS]
+    with _secrets_lock:
+        _known_secrets.update(s for s in found if len(s) >= 4)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that scrubs credentials from every record it sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def install_log_redaction() -> None:
+    """Add the redacting filter to the root handlers (idempotent), for messages from FFmpeg or Ray."""
+    for handler in logging.getLogger().handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
+
+
+# --------------------------------------------------------------------------- URLs and config
+
+
+def stream_kind(url: str) -> str:
+    """``rtsp``, ``http``, ``udp``, ``srt``, ``v4l2`` or ``file``; raise ConfigError otherwise."""
+    if V4L2_DEVICE.match(url):
+        return "v4l2"
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in SCHEMES:
+        raise ConfigError(
+            f"{redact_url(url)!r} is not a stream URL; use rtsp://, rtsps://, http(s)://, udp://, srt://, "
+            "file: or /dev/videoN"
+        )
+    return {"rtsps": "rtsp", "https": "http"}.get(scheme, scheme)
+
+
+def default_stream_id(url: str) -> str:
+    """An id without credentials: ``host[:port][/path]`` (``video0`` for /dev/video0)."""
+    if V4L2_DEVICE.match(url):
+        return Path(url).name
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        return Path(parts.path).stem
+    host = parts.hostname or "stream"
+    port = f":{parts.port}" if parts.port else ""
+    path = parts.path.strip("/")
+    return f"{host}{port}/{path}" if path else f"{host}{port}"
+
+
+def check_live_config(cfg: Any) -> None:
+    """Cross-field checks for stream sources and the control section (called by load_config)."""
+    for i, source in enumerate(cfg.sources):
+        if source.type == "stream":
+            check_stream_source(source, f"sources.{i}", cfg.runtime.mode)
+    if cfg.control.stream_defaults:
+        from pipeline.config import structure_dataclass
+
+        defaults = {**cfg.control.stream_defaults, "type": "stream", "url": "rtsp://127.0.0.1/defaults"}
+        check_stream_source(structure_dataclass(SourceConfig, defaults, "control.stream_defaults"),
+                            "control.stream_defaults", cfg.runtime.mode)
+
+
+def check_stream_source(source: SourceConfig, path: str, mode: str) -> None:
+    """Validate the URL and resolve ``overflow: auto`` from the runtime mode."""
+    try:
+        stream_kind(source.url or "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}.url: {exc}") from None
+    if source.backoff_max_s < source.backoff_initial_s:
+        raise ConfigError(f"{path}.backoff_max_s: {source.backoff_max_s} is below backoff_initial_s "
+                          f"({source.backoff_initial_s}); raise it")
+    if source.overflow == "auto":
+        source.overflow = "drop_oldest" if mode == "live" else "block"
+
+
+def input_spec(cfg: SourceConfig) -> tuple[str, str | None, dict[str, str]]:
+    """What to hand ``av.open``: the target, a forced format, and FFmpeg options."""
+    url = cfg.url or ""
+    kind = stream_kind(url)
+    options = {str(k): str(v) for k, v in (cfg.ffmpeg_options or {}).items()}
+    fmt = None
+    if kind == "v4l2":
+        fmt = "v4l2"
+    elif kind == "rtsp":
+        options.setdefault("rtsp_transport", cfg.rtsp_transport)
+    elif kind == "file":
+        url = urlsplit(url).path
+    return url, fmt, options
+
+
+# --------------------------------------------------------------------------- backoff
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with jitter: attempt n waits initial * factor**(n-1), capped, +-jitter."""
+
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.2
+    rng: random.Random = field(default_factory=random.Random)
+
+    @classmethod
+    def from_config(cls, cfg: SourceConfig) -> "Backoff":
+        return cls(cfg.backoff_initial_s, cfg.backoff_max_s, cfg.backoff_factor, cfg.backoff_jitter)
+
+    def delay(self, attempt: int) -> float:
+        base = min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1))
+        return max(0.0, base * (1.0 + self.jitter * self.rng.uniform(-1.0, 1.0)))
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass
+class StreamEvent:
+    """Something that happened to a live stream: ``connecting``, ``up``, ``reconnect``,
+    ``down`` (with the reason and the retry delay), ``ended`` or ``stopped`` (removed or the run stopped)."""
+
+    stream: str
+    kind: str
+    detail: str = ""
+    at: float = field(default_factory=time.time)
+
+
+class RecorderBridge:
+    """Forwards stream up/down to a metrics recorder (``on_stream_state``).
+
+    Reconnections are not forwarded: the recorder counts them from
+    ``frame.meta["reconnects"]`` in ``on_decoded``, and forwarding them too
+    would count each twice.
+    """
+
+    def __init__(self, recorder: Any) -> None:
+        self.recorder = recorder
+
+    def __call__(self, event: StreamEvent) -> None:
+        if event.kind == "up":
+            self.recorder.on_stream_state(event.stream, True)
+        elif event.kind in ("down", "ended", "stopped"):
+            self.recorder.on_stream_state(event.stream, False)
+
+
+# --------------------------------------------------------------------------- one stream
+
+
+class _StreamDown(Exception):
+    """The current connection is over; ``permanent`` ones are not retried."""
+
+    def __init__(self, reason: str, permanent: bool = False) -> None:
+        super().__init__(reason)
+        self.reason, self.permanent = reason, permanent
+
+
+class LiveStream:
+    """One live input: a decoder thread with reconnection feeding a bounded buffer.
+
+    The buffer lives under the hub's condition (``cond``), so the hub can take
+    from many streams under one lock and sleep until any of them has something.
+    """
+
+    def __init__(self, cfg: SourceConfig, stream_id: str, cond: threading.Condition,
+                 emit: Callable[[StreamEvent], None], overflow: str) -> None:
+        self.cfg, self.id, self.overflow = cfg, stream_id, overflow
+        self.url = redact_url(cfg.url or "")
+        self.kind = stream_kind(cfg.url or "")
+        self._cond, self._emit = cond, emit
+        self._frames: deque[Frame] = deque()
+        self._dropped: deque[Frame] = deque()
+        self._end: Any = None  # the StreamEnd to deliver once the buffers are empty
+        self.delivered_end = False
+        self._stopping = threading.Event()
+        self._backoff = Backoff.from_config(cfg)
+        self.state = "new"
+        self.decoded = self.dropped = self.reconnects = self.connections = 0
+        self.last_error: str | None = None
+        self.next_index = 0
+        self._t0 = time.monotonic()
+        self._last_pts = -1.0
+        self.thread = threading.Thread(target=self._run, name=f"stream:{stream_id}", daemon=True)
+
+    # ------------------------------------------------------------------ consumer side (hub lock held)
+
+    def take(self) -> Any:
+        """The next item (a dropped stub, a frame, or the final StreamEnd), or None."""
+        if self._dropped:
+            return self._dropped.popleft()
+        if self._frames:
+            self._cond.notify_all()  # room for a decoder blocked on a full buffer
+            return self._frames.popleft()
+        if self._end is not None and not self.delivered_end:
+            self.delivered_end = True
+            return self._end
+        return None
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "id": self.id, "url": self.url, "kind": self.kind, "state": self.state,
+            "decoded": self.decoded, "dropped": self.dropped, "queued": len(self._frames),
+            "reconnects": self.reconnects, "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Stop decoding; frames already buffered are still delivered, then the StreamEnd."""
+        self._stopping.set()
+        with self._cond:
+            self._finish_locked(None, "stopped")
+
+    # ------------------------------------------------------------------ decoder thread
+
+    def _run(self) -> None:
+        failures = 0
+        error: str | None = None
+        while not self._stopping.is_set():
+            before = self.decoded
+            try:
+                self._session()
+                reason, permanent = EOF_REASON, False
+            except _StreamDown as down:
+                reason, permanent = down.reason, down.permanent
+            except Exception as exc:  # noqa: BLE001 - any decoder failure is this connection's end
+                reason, permanent = _describe(exc), False
+            if self._stopping.is_set() or self._reached_max_frames():
+                break
+            self.last_error = reason
+            if reason == EOF_REASON and not self.cfg.reconnect_on_eof:
+                break
+            failures = 1 if self.decoded > before else failures + 1
+            if permanent or (self.cfg.max_retries >= 0 and failures > self.cfg.max_retries):
+                error = self._give_up_message(reason, failures - 1, permanent)
+                break
+            delay = self._backoff.delay(failures)
+            self._set_state("down", f"{reason}; retrying in {delay:.2f} s")
+            log.warning("stream %s (%s): %s; reconnecting in %.2f s", self.id, self.url, reason, delay)
+            if self._stopping.wait(delay):
+                break
+        with self._cond:
+            self._finish_locked(error, "ended")
+
+    def _give_up_message(self, reason: str, attempts: int, permanent: bool) -> str:
+        if permanent:
+            return f"stream {self.id} ({self.url}): {reason}"
+        return f"stream {self.id} ({self.url}): gave up after {attempts} reconnection attempts: {reason}"
+
+    def _reached_max_frames(self) -> bool:
+        return self.cfg.max_frames is not None and self.next_index >= self.cfg.max_frames
+
+    def _session(self) -> None:
+        """One connection: open, decode until it ends; raise _StreamDown on any failure."""
+        import av
+
+        target, fmt, options = input_spec(self.cfg)
+        self._set_state("connecting")
+        timeout = (self.cfg.open_timeout_s, self.cfg.stall_timeout_s)
+        try:
+            container = av.open(target, format=fmt, options=options, timeout=timeout, metadata_errors="ignore")
+        except av.error.ProtocolNotFoundError:
+            raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
+        except av.ExitError:
+            raise _StreamDown(f"cannot connect: no answer within {self.cfg.open_timeout_s:g} s") from None
+        except (av.FFmpegError, OSError) as exc:
+            raise _StreamDown(f"cannot connect: {_describe(exc)}") from None
+        try:
+            if not container.streams.video:
+                raise _StreamDown("the stream has no video track")
+            self._on_connected()
+            self._decode(container, container.streams.video[0])
+        except av.ExitError:
+            raise _StreamDown(f"stalled: no data for {self.cfg.stall_timeout_s:g} s") from None
+        except (av.FFmpegError, OSError) as exc:
+            raise _StreamDown(f"connection lost: {_describe(exc)}") from None
+        finally:
+            container.close()
+
+    def _on_connected(self) -> None:
+        self.connections += 1
+        if self.connections > 1:
+            self.reconnects += 1
+            self._emit(StreamEvent(self.id, "reconnect", f"reconnection {self.reconnects}"))
+            log.warning("stream %s (%s): reconnected (%d so far)", self.id, self.url, self.reconnects)
+        self._set_state("up")
+
+    def _decode(self, container: Any, video: Any) -> None:
+        import av
+
+        from pipeline.sources import _to_rgb
+
+        video.thread_type = "SLICE"  # frame threading would add a frame of delay per thread
+        if self.cfg.decode_threads:
+            video.codec_context.thread_count = self.cfg.decode_threads
+        rate = float(video.average_rate or video.guessed_rate or 25)
+        clock = _SessionClock(self, rate)
+        last_frame_at = time.monotonic()
+        for packet in container.demux(video):
+            if self._stopping.is_set():
+                return
+            try:
+                decoded = packet.decode()
+            except av.InvalidDataError:
+                decoded = []  # a damaged packet (common right after a reconnect): skip it, keep the connection
+            for av_frame in decoded:
+                pts = clock.pts(av_frame)
+                if pts is None:
+                    continue
+                last_frame_at = time.monotonic()
+                self._offer(self._frame(pts, _to_rgb(av_frame, self.cfg.resize), clock.first))
+                clock.first = False
+                if self._reached_max_frames():
+                    return
+            if time.monotonic() - last_frame_at > self.cfg.stall_timeout_s:
+                raise _StreamDown(f"stalled: data but no decodable frame for {self.cfg.stall_timeout_s:g} s")
+
+    def _frame(self, pts: float, image: np.ndarray, first_of_connection: bool) -> Frame:
+        meta: dict[str, Any] = {"reconnects": self.reconnects}
+        if first_of_connection and self.connections > 1:
+            meta["discontinuity"] = True  # temporal stages see a jump here
+        frame = Frame(stream_id=self.id, index=self.next_index, pts=pts, image=image, meta=meta)
+        self.next_index += 1
+        return frame
+
+    def _offer(self, frame: Frame) -> None:
+        """Buffer a frame; when full, block (archive) or push the oldest out as dropped (live)."""
+        with self._cond:
+            if self.overflow == "block":
+                while len(self._frames) >= self.cfg.queue_size and not self._stopping.is_set():
+                    self._cond.wait(0.1)
+            if self._stopping.is_set():
+                return  # removed while decoding: this frame never entered the run
+            if len(self._frames) >= self.cfg.queue_size:
+                self._dropped.append(_dropped_stub(self._frames.popleft()))
+                self.dropped += 1
+            self._frames.append(frame)
+            self.decoded += 1
+            self._cond.notify_all()
+
+    def _set_state(self, state: str, detail: str = "") -> None:
+        self.state = state
+        self._emit(StreamEvent(self.id, state, detail))
+
+    def _finish_locked(self, error: str | None, kind: str) -> None:
+        if self._end is not None:
+            return
+        from pipeline.sources import StreamEnd
+
+        self._end = StreamEnd(self.id, error)
+        self.state = "failed" if error else kind
+        if error:
+            self.last_error = error
+        self._cond.notify_all()
+        # emitted under the hub lock: listeners must be quick and must not call back into the hub
+        self._emit(StreamEvent(self.id, kind, error or ""))
+
+
+class _SessionClock:
+    """Turns one connection's frame times into stream pts that keep increasing across reconnections,
+    and applies the ``fps`` resampling grid."""
+
+    def __init__(self, stream: LiveStream, rate: float) -> None:
+        self.stream, self.rate = stream, rate
+        self.count = 0
+        self.first_source: float | None = None
+        self.base = 0.0
+        self.next_time: float | None = None
+        self.first = True
+
+    def pts(self, av_frame: Any) -> float | None:
+        seconds = float(av_frame.time) if av_frame.time is not None else self.count / self.rate
+        self.count += 1
+        stream = self.stream
+        if self.first_source is None:
+            self.first_source = seconds
+            self.base = 0.0 if stream._last_pts < 0 else time.monotonic() - stream._t0
+        pts = max(self.base + seconds - self.first_source, stream._last_pts + 1e-6)
+        fps = stream.cfg.fps
+        if fps is not None:
+            if self.next_time is not None and pts < self.next_time - 1e-6:
+                return None
+            on_grid = self.next_time is not None and pts - self.next_time < 1.0 / fps
+            self.next_time = (self.next_time if on_grid else pts) + 1.0 / fps  # after a gap, restart the grid
+        stream._last_pts = pts
+        return pts
+
+
+def _dropped_stub(frame: Frame) -> Frame:
+    """The frame without its pixels (a zero-copy black view of the same shape), marked dropped."""
+    stub = Frame(stream_id=frame.stream_id, index=frame.index, pts=frame.pts,
+                 image=np.broadcast_to(_ZERO_PIXEL, frame.image.shape), meta=frame.meta, decoded_at=frame.decoded_at)
+    stub.meta["dropped_by"] = "source"
+    stub.outcome = Outcome.DROPPED
+    return stub
+
+
+def _describe(exc: BaseException) -> str:
+    text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+    return redact_text(f"{type(exc).__name__}: {text}")
+
+
+# --------------------------------------------------------------------------- the hub
+
+
+@dataclass
+class LatencyStats:
+    """Capture-to-sink latency of one stream's processed and reused frames (last 2048 kept)."""
+
+    count: int = 0
+    total_s: float = 0.0
+    max_s: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=2048))
+
+    def add(self, seconds: float) -> None:
+        self.count += 1
+        self.total_s += seconds
+        self.max_s = max(self.max_s, seconds)
+        self.recent.append(seconds)
+
+    def as_dict(self) -> dict[str, float]:
+        if not self.count:
+            return {"count": 0}
+        recent = np.array(self.recent)
+        return {"count": self.count, "mean_ms": round(1000 * self.total_s / self.count, 2),
+                "p50_ms": round(1000 * float(np.percentile(recent, 50)), 2),
+                "p95_ms": round(1000 * float(np.percentile(recent, 95)), 2), "max_ms": round(1000 * self.max_s, 2)}
+
+
+class StreamHub:
+    """The live streams of one run: add and remove them at any time, from any thread.
+
+    The runner consumes :meth:`poll` (non-blocking, one item per stream with
+    something ready, in the order the streams were added) between static
+    lanes, then :meth:`items` (blocking) once they are done. The hub ends
+    when it is closed and its last stream has ended. A hub that is not
+    ``keep_open`` is closed as soon as the config's own streams are added
+    (no control endpoint: the run ends with its streams).
+    """
+
+    def __init__(self, mode: str = "live", defaults: dict[str, Any] | None = None, keep_open: bool = False) -> None:
+        self.mode = mode
+        self.defaults = dict(defaults or {})
+        self.keep_open = keep_open
+        self._cond = threading.Condition()
+        self._streams: dict[str, LiveStream] = {}
+        self._finished: dict[str, dict[str, Any]] = {}
+        self._closed = False
+        self._listeners: list[Callable[[StreamEvent], None]] = []
+        self.latency: dict[str, LatencyStats] = {}
+        self.events: deque[StreamEvent] = deque(maxlen=1000)
+
+    # ------------------------------------------------------------------ changes
+
+    def add(self, cfg: SourceConfig) -> LiveStream:
+        """Start a stream from a resolved stream source config; raise SourceError if its id is taken."""
+        stream_id = cfg.id or default_stream_id(cfg.url or "")
+        overflow = cfg.overflow if cfg.overflow != "auto" else ("drop_oldest" if self.mode == "live" else "block")
+        remember_secrets(cfg.url or "")
+        install_log_redaction()
+        with self._cond:
+            if self._closed:
+                raise SourceError("the run is stopping; no streams can be added")
+            if stream_id in self._streams:
+                raise SourceError(f"stream id {stream_id!r} is already in use; give the stream another id")
+            stream = LiveStream(cfg, stream_id, self._cond, self._emit, overflow)
+            self._streams[stream_id] = stream
+            self._finished.pop(stream_id, None)
+            self.latency[stream_id] = LatencyStats()
+        log.info("stream %s: %s added", stream_id, stream.url)
+        stream.start()
+        return stream
+
+    def add_url(self, url: str, stream_id: str | None = None, **options: Any) -> LiveStream:
+        """Build a stream source from ``url``, the hub's defaults and ``options``; check it; start it."""
+        from pipeline.config import structure_dataclass
+
+        raw = {**self.defaults, **options, "type": "stream", "url": url, "id": stream_id}
+        cfg = structure_dataclass(SourceConfig, raw, "stream")
+        check_stream_source(cfg, "stream", self.mode)
+        return self.add(cfg)
+
+    def remove(self, stream_id: str) -> bool:
+        """Stop a stream; its buffered frames still go through. False if no such stream."""
+        with self._cond:
+            stream = self._streams.get(stream_id)
+        if stream is None:
+            return False
+        stream.stop()
+        return True
+
+    def close(self, stop_streams: bool = False) -> None:
+        """No more additions; with ``stop_streams``, also stop every stream (a graceful end of the run)."""
+        with self._cond:
+            self._closed = True
+            streams = list(self._streams.values())
+            self._cond.notify_all()
+        if stop_streams:
+            for stream in streams:
+                stream.stop()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def subscribe(self, listener: Callable[[StreamEvent], None]) -> None:
+        self._listeners.append(listener)
+
+    # ------------------------------------------------------------------ consuming
+
+    def poll(self) -> list[Any]:
+        """One round: the next item of every stream that has one (never blocks)."""
+        with self._cond:
+            return self._poll_locked()
+
+    def items(self) -> Iterator[Any]:
+        """Every item until the hub is closed and empty; waits while all streams are quiet."""
+        while True:
+            with self._cond:
+                batch = self._poll_locked()
+                if not batch:
+                    if self._closed and not self._streams:
+                        return
+                    self._cond.wait(0.25)
+                    continue
+            yield from batch
+
+    def _poll_locked(self) -> list[Any]:
+        batch = []
+        for stream_id, stream in list(self._streams.items()):
+            item = stream.take()
+            if item is None:
+                continue
+            batch.append(item)
+            if stream.delivered_end:
+                self._finished[stream_id] = stream.status()
+                del self._streams[stream_id]
+        return batch
+
+    # ------------------------------------------------------------------ observing
+
+    def observe(self, result: FrameResult) -> None:
+        """Note a result's capture-to-sink latency (chain this into the runner's on_result)."""
+        stats = self.latency.get(result.stream_id)
+        if stats is not None and result.outcome in (Outcome.PROCESSED, Outcome.REUSED):
+            stats.add(result.latency_s)
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            live = [s.status() for s in self._streams.values()]
+            ended = list(self._finished.values())
+        for entry in live + ended:
+            stats = self.latency.get(entry["id"])
+            entry["latency"] = stats.as_dict() if stats else {"count": 0}
+        return {"closed": self._closed, "streams": live, "ended": ended}
+
+    def summary_lines(self) -> list[str]:
+        lines = []
+        status = self.status()
+        for entry in status["streams"] + status["ended"]:
+            latency = entry["latency"]
+            timing = (f", latency p50 {latency['p50_ms']} ms, p95 {latency['p95_ms']} ms, max {latency['max_ms']} ms"
+                      if latency.get("count") else "")
+            lines.append(f"  live {entry['id']} ({entry['url']}): {entry['state']}, {entry['decoded']} decoded, "
+                         f"{entry['dropped']} dropped at the source, {entry['reconnects']} reconnects{timing}")
+        return lines
+
+    def _emit(self, event: StreamEvent) -> None:
+        self.events.append(event)
+        for listener in list(self._listeners):
+            try:
+                listener(event)
+            except Exception:  # noqa: BLE001 - a broken listener must not stop a decoder thread
+                log.exception("stream event listener failed on %s", event)
+
+
+# --------------------------------------------------------------------------- registry entry
+
+
+@register_source("stream")
+class StreamSource:
+    """A live stream as a lane of its own (``open_sources`` runs streams in a hub instead)."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+
+    def streams(self) -> Iterator[Any]:
+        from pipeline.sources import Stream, StreamEnd
+
+        hub = StreamHub()
+        live = hub.add(self.cfg)
+        hub.close()
+
+        def frames() -> Iterator[Frame]:
+            try:
+                for item in hub.items():
+                    if isinstance(item, StreamEnd):
+                        if item.error:
+                            raise SourceError(item.error)
+                        return
+                    yield item
+            finally:
+                hub.close(stop_streams=True)
+
+        yield Stream(live.id, frames, live.url)

@@ -1,0 +1,245 @@
+"""Archive batch-labelling: inputs, COCO output, the manifest, and a run that is
+killed half-way and resumed (on Ray) with outputs identical to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import SinkConfig, load_config
+from pipeline.errors import BlinkflowError
+from pipeline.frame import FrameResult, Outcome
+from pipeline.label import LabelRun, Manifest, find_videos, parse_formats, sha256_file
+from tests.conftest import REPO_ROOT, write_test_video
+
+# light and deterministic: random-weight U-Net (seeded by setup_stage) on small frames, plus the chaos
+# stage's pixel checksum; base_width 16 gives this seed a non-background class, so masks are written
+LIGHT_CONFIG = """
+label:
+  formats: [jsonl, coco]
+  executor: local
+  source: {resize: [64, 48]}
+stages:
+  segment:
+    model: unet_small
+    weights: null
+    batch: 8
+    options: {input_size: [32, 32], model_args: {base_width: 16}}
+  chaos:
+    batch: 8
+    options: {sleep_ms: 10}   # slows the run a little, so the kill lands between two videos' ends
+runtime: {num_cpus: 2}
+"""
+
+
+@pytest.fixture
+def light_config(tmp_path) -> Path:
+    path = tmp_path / "light.yaml"
+    path.write_text(LIGHT_CONFIG)
+    return path
+
+
+def label(inputs, out_dir, config_path, *overrides, restart=False) -> dict:
+    cfg = load_config(config_path, list(overrides))
+    return LabelRun(find_videos([str(i) for i in inputs]), out_dir, cfg, cfg.label.formats,
+                    progress=False, restart=restart).run()
+
+
+def output_files(out_dir: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())
+            if p.is_file() and p.name not in ("manifest.json", "summary.json") and not p.name.startswith(".")}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def test_inputs_take_files_directories_and_globs_with_unique_ids(tmp_path):
+    for name in ("a/clip.mp4", "b/clip.mp4", "c.avi", "b/notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    videos = find_videos([str(tmp_path / "a"), str(tmp_path / "b" / "*.mp4"), str(tmp_path / "c.avi"),
+                          str(tmp_path / "a" / "clip.mp4")])
+    assert [v.id for v in videos] == ["a-clip", "b-clip", "c"]
+    with pytest.raises(BlinkflowError, match="no such file"):
+        find_videos([str(tmp_path / "missing*.mp4")])
+
+
+def test_format_list_is_checked():
+    assert parse_formats("coco, jsonl,coco", ["jsonl"]) == ["coco", "jsonl"]
+    with pytest.raises(BlinkflowError, match="jsonl, coco, mp4"):
+        parse_formats("jsonl,avi", ["jsonl"])
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+def _result(index: int, class_map: np.ndarray, outcome=Outcome.PROCESSED) -> FrameResult:
+    from stages.common import encode_class_map
+
+    h, w = class_map.shape
+    results = {} if outcome is Outcome.DROPPED else {
+        "detect": {"boxes": [[1.0, 2.0, 11.0, 8.5]], "labels": [3], "classes": ["car"], "scores": [0.875]},
+        "segment": {"mask": {"format": "png", "data": encode_class_map(class_map), "height": h, "width": w},
+                    "classes": ["background", "road", "car"], "areas": {}},
+    }
+    return FrameResult(stream_id="cam", index=index, pts=index / 10, width=w, height=h, outcome=outcome,
+                       results=results)
+
+
+@pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # inside pycocotools with numpy 2
+def test_coco_output_loads_in_pycocotools_with_rle_masks_per_class(tmp_path):
+    from pycocotools.coco import COCO
+
+    from pipeline.coco_sink import CocoSink
+
+    class_map = np.zeros((12, 16), dtype=np.uint8)
+    class_map[6:, :] = 1
+    class_map[2:5, 3:9] = 2
+    sink = CocoSink(SinkConfig(type="coco", path=str(tmp_path / "out.coco.json")))
+    for index in range(3):
+        sink.write(_result(index, class_map, Outcome.DROPPED if index == 1 else Outcome.PROCESSED))
+    sink.close()
+
+    coco = COCO(str(tmp_path / "out.coco.json"))
+    assert sorted(img["frame_id"] for img in coco.dataset["images"]) == [0, 1, 2]
+    assert coco.dataset["videos"] == [{"id": 1, "name": "cam"}]
+    names = {c["id"]: c["name"] for c in coco.loadCats(coco.getCatIds())}
+    assert sorted(names.values()) == ["car", "road"]  # "car" from both stages shares one category
+    dropped = [img["id"] for img in coco.dataset["images"] if img["outcome"] == "dropped"]
+    assert coco.getAnnIds(imgIds=dropped) == []
+    first = coco.dataset["images"][0]["id"]
+    anns = coco.loadAnns(coco.getAnnIds(imgIds=[first]))
+    boxes = [a for a in anns if a["task"] == "detect"]
+    assert boxes[0]["bbox"] == [1.0, 2.0, 10.0, 6.5] and names[boxes[0]["category_id"]] == "car"
+    for ann in (a for a in anns if a["task"] == "segment"):
+        class_index = ["background", "road", "car"].index(names[ann["category_id"]])
+        np.testing.assert_array_equal(coco.annToMask(ann), (class_map == class_index).astype(np.uint8))
+        assert ann["area"] == int((class_map == class_index).sum())
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def test_changed_output_is_labelled_again_and_a_finished_run_skips(tmp_path, light_config):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=6)
+    out = tmp_path / "out"
+    first = label([clip], out, light_config)
+    assert first["done"] == 1 and first["skipped"] == []
+    jsonl = out / "clip.jsonl"
+    original = jsonl.read_bytes()
+    assert [json.loads(line)["index"] for line in original.splitlines()] == list(range(6))
+
+    jsonl.write_bytes(original[: len(original) // 2])  # damaged after the fact
+    second = label([clip], out, light_config)
+    assert second["skipped"] == [] and jsonl.read_bytes() == original
+
+    third = label([clip], out, light_config)
+    assert third["skipped"] == ["clip"] and jsonl.read_bytes() == original
+
+
+def test_crash_between_outputs_and_manifest_redoes_the_video(tmp_path, light_config, monkeypatch):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=5)
+    reference = label([clip], tmp_path / "ref", light_config)
+    out = tmp_path / "out"
+
+    def crash(self, video_id, entry):
+        raise KeyboardInterrupt("killed after the outputs, before the manifest")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Manifest, "record", crash)
+        with pytest.raises(KeyboardInterrupt):
+            label([clip], out, light_config)
+    assert (out / "clip.jsonl").exists() and not (out / "manifest.json").exists()
+    resumed = label([clip], out, light_config)
+    assert resumed["skipped"] == [] and resumed["done"] == 1
+    assert output_files(out) == output_files(tmp_path / "ref")
+    assert reference["videos"]["clip"]["frames"] == resumed["videos"]["clip"]["frames"] == 5
+
+
+def test_another_config_in_the_same_folder_is_refused(tmp_path, light_config):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    label([clip], tmp_path / "out", light_config)
+    with pytest.raises(BlinkflowError, match="another config"):
+        label([clip], tmp_path / "out", light_config, "label.source.resize=[32, 24]")
+    assert label([clip], tmp_path / "out", light_config, "label.source.resize=[32, 24]", restart=True)["done"] == 1
+
+
+# --------------------------------------------------------------------------- killed and resumed
+
+
+def _kill_session(leader: subprocess.Popen) -> None:
+    """SIGKILL every process of the child's session (it and anything it started), nothing else."""
+    victims = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == leader.pid:  # field 6 of /proc/PID/stat: the session id
+            victims.append(int(stat.parent.name))
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    leader.wait(timeout=30)
+
+
+def _manifest_entries(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["videos"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "label", *args, "--no-progress"]
+
+
+@pytest.mark.slow
+def test_label_killed_halfway_and_resumed_on_ray_matches_an_uninterrupted_run(tmp_path, shared_data, light_config):
+    corrupt = tmp_path / "inputs" / "corrupt.mp4"
+    corrupt.parent.mkdir()
+    corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    inputs = [str(shared_data / "video"), str(corrupt)]
+    reference = label(inputs, tmp_path / "uninterrupted", light_config)
+    assert reference["failed"] == ["corrupt"] and reference["done"] == 4
+
+    out = tmp_path / "resumed"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    killed = subprocess.Popen(_cli(*inputs, "--out", str(out), "--config", str(light_config)),
+                              cwd=REPO_ROOT, env=env, start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while _manifest_entries(out) < 1 and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    _kill_session(killed)
+    finished_before_kill = _manifest_entries(out)
+    assert 1 <= finished_before_kill < 5, "the kill should land half-way"
+
+    resumed = subprocess.run(_cli(*inputs, "--out", str(out), "--config", str(light_config),
+                                  "--set", "label.executor=ray"),
+                             cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert resumed.returncode == 1, resumed.stderr[-2000:]  # 1: the corrupt video failed
+    assert "corrupt" in resumed.stdout and "not a readable video" in resumed.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["skipped"]) == finished_before_kill
+    assert summary["failed"] == ["corrupt"] and summary["videos"]["bikes"]["frames"] == 250
+    assert output_files(out) == output_files(tmp_path / "uninterrupted")  # byte for byte: nothing lost or doubled
+    manifest = json.loads((out / "manifest.json").read_text())["videos"]
+    assert manifest["corrupt"]["status"] == "failed" and "not a readable video" in manifest["corrupt"]["error"]
+    for entry in manifest.values():
+        for name, digest in entry["outputs"].items():
+            assert sha256_file(out / name) == digest
+    records = [json.loads(line) for line in (out / "bikes.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(250))
+    assert not (out / ".scratch").exists()

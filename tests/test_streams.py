@@ -1,0 +1,428 @@
+"""Live streams: redaction, backoff, drop accounting, a real RTSP server killed and
+restarted mid-stream, an HTTP MPEG-TS stream from ``ffmpeg -listen 1``, a stalled
+server, and streams added and removed at run time over the control endpoint.
+
+Every server is started by the test on 127.0.0.1 and stopped by it; each network
+test is bounded by timeouts.
+"""
+
+from __future__ import annotations
+
+import json
+import select
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import ConfigError
+from pipeline.frame import Outcome
+from pipeline.runners.local import LocalRunner
+from pipeline.sinks import MemorySink
+from pipeline.sources import StreamEnd
+from pipeline.streams import (Backoff, RecorderBridge, StreamHub, default_stream_id, redact_text, redact_url,
+                              remember_secrets)
+from tests.conftest import REPO_ROOT, write_test_video
+
+SYSTEM_PYTHON = "/usr/bin/python3"  # python3-gi (GStreamer bindings) lives there, not in the venv
+GST_CHECK = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
+PASSWORD = "s3cret-Pw"
+
+
+def _have_rtsp_server() -> bool:
+    if not Path(SYSTEM_PYTHON).exists():
+        return False
+    return subprocess.run([SYSTEM_PYTHON, "-c", GST_CHECK], capture_output=True, timeout=30).returncode == 0
+
+
+needs_rtsp = pytest.mark.skipif(not _have_rtsp_server(), reason=(
+    "GStreamer's RTSP server is missing: apt-get install gir1.2-gst-rtsp-server-1.0 gstreamer1.0-rtsp python3-gi "
+    "gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad (.ci/run does)"))
+needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is missing: apt-get install ffmpeg")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stream_config(url: str, mode: str = "live", stages: dict | None = None, **source):
+    source = {"type": "stream", "url": url, "resize": [64, 48], "backoff_initial_s": 0.1, "backoff_max_s": 0.5,
+              **source}
+    return load_config(data={"sources": [source], "stages": stages if stages is not None else {"chaos": {"batch": 1}},
+                             "runtime": {"mode": mode}})
+
+
+def wait_until(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class RtspServer:
+    """tests/rtsp_server.py (GStreamer's gst-rtsp-server) as a child process."""
+
+    def __init__(self, mounts: dict[str, Path], port: int | None = None, user: str | None = None,
+                 password: str | None = None) -> None:
+        self.mounts, self.port, self.user, self.password = mounts, port or free_port(), user, password
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RtspServer":
+        auth = ["--user", self.user, "--password", self.password] if self.user else []
+        command = [SYSTEM_PYTHON, str(REPO_ROOT / "tests" / "rtsp_server.py"), "--port", str(self.port), *auth,
+                   *(f"{name}={path}" for name, path in self.mounts.items())]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        ready = select.select([self.proc.stdout], [], [], 20)[0]
+        if not ready or "READY" not in self.proc.stdout.readline():
+            self.stop()
+            raise RuntimeError(f"the RTSP server did not start: {self.proc.stderr.read()[-2000:]}")
+        return self
+
+    def url(self, mount: str, user: str | None = None, password: str | None = None) -> str:
+        userinfo = f"{user}:{password}@" if user else ""
+        return f"rtsp://{userinfo}127.0.0.1:{self.port}/{mount}"
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+@pytest.fixture
+def rtsp_servers():
+    """Starts RtspServers; stops every one of them after the test, whatever happened."""
+    started: list[RtspServer] = []
+
+    def start(**kwargs) -> RtspServer:
+        server = RtspServer(**kwargs)
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+class BackgroundRun:
+    """The local runner in a thread, fed by a hub; results land in a MemorySink."""
+
+    def __init__(self, cfg, hub: StreamHub, metrics=None) -> None:
+        self.sink = MemorySink()
+        self.summary = None
+        self.error: BaseException | None = None
+        self.runner = LocalRunner(cfg, sinks=[self.sink], on_result=hub.observe, hub=hub, metrics=metrics)
+        self.thread = threading.Thread(target=self._run, name="test-run", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.summary = self.runner.run()
+        except BaseException as exc:  # noqa: BLE001 - re-raised by join()
+            self.error = exc
+
+    def count(self, stream: str) -> int:
+        return sum(1 for r in list(self.sink.results) if r.stream_id == stream)
+
+    def join(self, timeout: float = 30):
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the run did not end"
+        if self.error is not None:
+            raise self.error
+        return self.summary
+
+    def indices(self, stream: str) -> list[int]:
+        return [r.index for r in self.sink.results if r.stream_id == stream]
+
+
+def hub_items(hub: StreamHub, timeout: float = 20) -> list:
+    """Everything a closed hub delivers, bounded in time."""
+    items, deadline = [], time.monotonic() + timeout
+    for item in hub.items():
+        items.append(item)
+        assert time.monotonic() < deadline, "the hub did not end"
+    return items
+
+
+# --------------------------------------------------------------------------- redaction and settings
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("rtsp://admin:hunter2@10.0.0.5:554/live", "rtsp://***@10.0.0.5:554/live"),
+    ("rtsps://user@cam.local/stream", "rtsps://***@cam.local/stream"),
+    ("https://cam.local/feed.m3u8?token=abc123&res=hd", "https://cam.local/feed.m3u8?token=***&res=hd"),
+    ("srt://10.0.0.9:9000?mode=caller&passphrase=k3y&pass=pw", "srt://10.0.0.9:9000?mode=caller&passphrase=***&pass=***"),
+    ("udp://239.0.0.1:1234", "udp://239.0.0.1:1234"),
+])
+def test_redact_url_hides_user_info_and_secret_query_values(url, expected):
+    assert redact_url(url) == expected
+
+
+def test_redact_text_scrubs_credentials_inside_messages():
+    remember_secrets("rtsp://admin:Tr0ub4dor@cam/live")
+    message = "Server returned 401 for 'rtsp://admin:Tr0ub4dor@cam/live' (password Tr0ub4dor)"
+    assert redact_text(message) == "Server returned 401 for 'rtsp://***@cam/live' (password ***)"
+
+
+def test_default_stream_id_never_holds_credentials():
+    assert default_stream_id("rtsp://admin:pw@10.0.0.5:554/live/ch1") == "10.0.0.5:554/live/ch1"
+    assert default_stream_id("/dev/video2") == "video2"
+
+
+def test_stream_url_needs_a_supported_scheme():
+    with pytest.raises(ConfigError, match=r"^sources\.0\.url: 'ftp://\*\*\*@host/x' is not a stream URL"):
+        stream_config("ftp://user:pw@host/x")
+
+
+def test_overflow_follows_the_runtime_mode():
+    assert stream_config("rtsp://cam/x", mode="live").sources[0].overflow == "drop_oldest"
+    assert stream_config("rtsp://cam/x", mode="archive").sources[0].overflow == "block"
+
+
+def test_backoff_grows_exponentially_within_its_jitter_and_cap():
+    backoff = Backoff(initial_s=0.5, max_s=4.0, factor=2.0, jitter=0.2)
+    for attempt, base in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 4.0), (9, 4.0)]:
+        delays = [backoff.delay(attempt) for _ in range(200)]
+        assert base * 0.8 <= min(delays) and max(delays) <= base * 1.2
+        assert max(delays) - min(delays) > 0.1 * base  # jittered, so cameras do not retry in lockstep
+
+
+# --------------------------------------------------------------------------- local streams
+
+
+def test_live_stream_drops_the_oldest_frames_and_accounts_for_every_one(tmp_path):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=40)
+    cfg = stream_config(f"file:{clip}", id="cam", queue_size=2, reconnect_on_eof=False,
+                        stages={"chaos": {"batch": 1, "options": {"sleep_ms": 20}}})
+    sink = MemorySink()
+    summary = LocalRunner(cfg, sinks=[sink]).run()
+    totals = summary.totals
+    assert totals["decoded"] == 40 and totals["dropped"] > 0
+    assert totals["processed"] + totals["dropped"] == 40
+    assert [r.index for r in sink.results] == list(range(40))  # each decoded frame exactly once, in order
+    dropped = [r for r in sink.results if r.outcome is Outcome.DROPPED]
+    assert all(r.results == {} for r in dropped)
+
+
+def test_archive_mode_stream_blocks_instead_of_dropping(tmp_path):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=30)
+    cfg = stream_config(f"file:{clip}", mode="archive", id="cam", queue_size=2, reconnect_on_eof=False,
+                        stages={"chaos": {"batch": 1, "options": {"sleep_ms": 5}}})
+    summary = LocalRunner(cfg, sinks=[]).run()
+    assert summary.totals["processed"] == 30 and summary.totals["dropped"] == 0
+
+
+def test_unreachable_stream_gives_up_after_max_retries_without_leaking_the_password(caplog):
+    url = f"rtsp://admin:{PASSWORD}@127.0.0.1:{free_port()}/cam"
+    cfg = stream_config(url, stages={}, max_retries=2, open_timeout_s=2, backoff_initial_s=0.05)
+    hub = StreamHub()
+    events = []
+    hub.subscribe(events.append)
+    summary = LocalRunner(cfg, sinks=[], hub=hub).run()
+    (error,) = summary.accounting.source_errors
+    assert "gave up after 2 reconnection attempts" in error and "Connection refused" in error
+    assert [e.kind for e in events].count("down") == 2
+    everything = caplog.text + error + json.dumps(hub.status()) + repr(events) + "\n".join(summary.lines())
+    assert PASSWORD not in everything and "rtsp://***@127.0.0.1" in error
+
+
+@pytest.mark.parametrize("url, message", [
+    ("srt://127.0.0.1:9000", "cannot open srt:// URLs"),
+    ("/dev/video97", "cannot connect"),
+])
+def test_unsupported_or_missing_inputs_end_with_a_clear_error(url, message):
+    hub = StreamHub()
+    hub.add_url(url, "x", max_retries=0)
+    hub.close()
+    (end,) = hub_items(hub)
+    assert isinstance(end, StreamEnd) and message in end.error
+
+
+def _serve_stalling_http(payload: bytes, connections: list, stop: threading.Event) -> int:
+    """An HTTP server that sends the headers and ``payload``, then holds the connection silently."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.2)
+
+    def loop() -> None:
+        with server:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except socket.timeout:
+                    continue
+                connections.append(conn)
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: video/mp2t\r\n\r\n" + payload)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server.getsockname()[1]
+
+
+@needs_ffmpeg
+def test_stalled_stream_is_detected_and_reconnected(tmp_path, shared_data):
+    ts = tmp_path / "clip.ts"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(shared_data / "video" / "bikes.mp4"), "-t", "2",
+                    "-c", "copy", "-f", "mpegts", str(ts)], check=True, timeout=60)
+    connections, stop = [], threading.Event()
+    port = _serve_stalling_http(ts.read_bytes(), connections, stop)
+    cfg = stream_config(f"http://user:{PASSWORD}@127.0.0.1:{port}/cam.ts", id="cam", stall_timeout_s=0.5)
+    hub = StreamHub()
+    events = []
+    hub.subscribe(events.append)
+    run = BackgroundRun(cfg, hub)
+    try:
+        wait_until(lambda: sum(e.kind == "reconnect" for e in events) >= 2, 30, "two reconnections after stalls")
+    finally:
+        hub.close(stop_streams=True)
+        summary = run.join()
+        stop.set()
+        for conn in connections:
+            conn.close()
+    stalls = [e.detail for e in events if e.kind == "down"]
+    assert stalls and all("stalled: no data for 0.5 s" in d for d in stalls)
+    decoded = summary.totals["decoded"]
+    assert decoded >= 2 * 30  # two full connections of about 45 frames each, and the start of a third
+    assert run.indices("cam") == list(range(decoded))
+    pts = [r.pts for r in run.sink.results]
+    assert all(b > a for a, b in zip(pts, pts[1:])), "pts keep increasing across reconnections"
+    assert run.sink.results[-1].results.get("chaos") is not None or run.sink.results[-1].outcome is Outcome.DROPPED
+
+
+# --------------------------------------------------------------------------- real servers
+
+
+@needs_rtsp
+def test_rtsp_server_killed_and_restarted_the_stream_reconnects_and_accounts_for_every_frame(
+        rtsp_servers, shared_data, caplog):
+    from pipeline.metrics import PrometheusRecorder
+
+    clip = {"cam": shared_data / "video" / "bikes.mp4"}
+    server = rtsp_servers(mounts=clip, user="viewer", password=PASSWORD)
+    cfg = stream_config(server.url("cam", "viewer", PASSWORD), id="cam", stall_timeout_s=2)
+    recorder = PrometheusRecorder()
+    hub = StreamHub()
+    hub.subscribe(RecorderBridge(recorder))
+    events = []
+    hub.subscribe(events.append)
+    run = BackgroundRun(cfg, hub, metrics=recorder)
+    try:
+        wait_until(lambda: run.count("cam") >= 20, 30, "20 frames from the RTSP server")
+        server.kill()
+        wait_until(lambda: any(e.kind == "down" for e in events), 10, "the stream to notice the server is gone")
+        at_restart = run.count("cam")
+        rtsp_servers(mounts=clip, port=server.port, user="viewer", password=PASSWORD)
+        wait_until(lambda: run.count("cam") >= at_restart + 20, 30, "20 frames after the restart")
+    finally:
+        hub.close(stop_streams=True)
+        summary = run.join()
+
+    (status,) = hub.status()["ended"]
+    assert status["reconnects"] >= 1
+    kinds = [e.kind for e in events]
+    assert kinds.index("down") < kinds.index("reconnect") < len(kinds) - 1 - kinds[::-1].index("up")
+    totals = summary.totals
+    assert totals["decoded"] == status["decoded"], "every frame the decoder delivered entered the run"
+    assert totals["decoded"] == totals["processed"] + totals["dropped"] and totals["failed"] == 0
+    assert run.indices("cam") == list(range(totals["decoded"]))  # exactly one outcome each, nothing lost
+    assert hub.latency["cam"].count == totals["processed"]
+    exposition = recorder.exposition().decode()
+    assert 'blinkflow_stream_reconnects_total{stream="cam"} 1.0' in exposition
+    assert 'blinkflow_stream_up{stream="cam"} 0.0' in exposition  # the stream has ended
+    everything = caplog.text + exposition + json.dumps(hub.status()) + json.dumps(run.sink.records()) + repr(events)
+    assert PASSWORD not in everything
+
+
+@needs_ffmpeg
+def test_http_mpegts_stream_served_by_ffmpeg_listen(shared_data):
+    port = free_port()
+    server = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i",
+                               str(shared_data / "video" / "realshort.mp4"), "-c", "copy", "-f", "mpegts",
+                               "-listen", "1", f"http://127.0.0.1:{port}/live.ts"])
+    try:
+        # the stream retries until ffmpeg listens, then reads to the end (archive mode: nothing dropped)
+        cfg = stream_config(f"http://127.0.0.1:{port}/live.ts", mode="archive", id="ts", reconnect_on_eof=False,
+                            max_retries=50, backoff_initial_s=0.05, backoff_max_s=0.2)
+        sink = MemorySink()
+        summary = LocalRunner(cfg, sinks=[sink]).run()
+        server.wait(timeout=30)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert summary.ok and summary.totals["processed"] == 36
+    assert [r.index for r in sink.results] == list(range(36))
+    assert sink.results[0].width == 64 and sink.results[0].results["chaos"]["checksum"] > 0
+
+
+def _request(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@needs_rtsp
+def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, shared_data):
+    from pipeline.control import ControlServer
+
+    clip = shared_data / "video" / "bikes.mp4"
+    server = rtsp_servers(mounts={"a": clip, "b": clip})
+    cfg = load_config(data={"stages": {"chaos": {"batch": 1}}, "runtime": {"mode": "live"},
+                            "control": {"enabled": True, "port": 0, "stream_defaults": {"resize": [64, 48]}}})
+    hub = StreamHub(mode="live", defaults=cfg.control.stream_defaults, keep_open=True)
+    control = ControlServer(hub, port=0).start()
+    run = BackgroundRun(cfg, hub)
+    try:
+        assert _request(control.url, "POST", "/streams", {"url": server.url("a"), "id": "cam1"}) == (
+            201, {"id": "cam1", "url": server.url("a")})
+        wait_until(lambda: run.count("cam1") >= 10, 30, "cam1 frames")
+        assert _request(control.url, "POST", "/streams", {"url": server.url("b"), "id": "cam2"})[0] == 201
+        wait_until(lambda: run.count("cam2") >= 10, 30, "cam2 frames")
+        assert _request(control.url, "POST", "/streams", {"url": server.url("b"), "id": "cam2"})[0] == 409
+        assert _request(control.url, "POST", "/streams", {"url": "ftp://x/y"})[0] == 400
+        assert _request(control.url, "DELETE", "/streams/nope")[0] == 404
+
+        assert _request(control.url, "DELETE", "/streams/cam1") == (200, {"id": "cam1", "removed": True})
+        wait_until(lambda: [s["id"] for s in _request(control.url, "GET", "/streams")[1]["ended"]] == ["cam1"],
+                   10, "cam1 to end")
+        cam1_frames, cam2_frames = run.count("cam1"), run.count("cam2")
+        wait_until(lambda: run.count("cam2") >= cam2_frames + 10, 30, "cam2 to go on without cam1")
+        assert run.count("cam1") == cam1_frames
+        listing = _request(control.url, "GET", "/streams")[1]
+        assert [s["id"] for s in listing["streams"]] == ["cam2"] and listing["streams"][0]["state"] == "up"
+        assert _request(control.url, "POST", "/stop") == (202, {"stopping": True})
+        summary = run.join()
+    finally:
+        hub.close(stop_streams=True)
+        control.stop()
+    assert summary.accounting.source_errors == []
+    for stream in ("cam1", "cam2"):
+        decoded = summary.accounting.decoded[stream]
+        assert run.indices(stream) == list(range(decoded))
+    assert _stream_ids(hub) == ["cam1", "cam2"]
+
+
+def _stream_ids(hub: StreamHub) -> list[str]:
+    return sorted(s["id"] for s in hub.status()["ended"])
