@@ -45,6 +45,10 @@ class SourceConfig:
     max_frames: int | None = _field(None, "stop after this many frames per stream", lo=1, hi=10**9)
     decode_threads: int = _field(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
     queue_size: int = _field(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
+    motion_vectors: bool = _field(
+        False, "file/dir/glob: export the decoder's motion vectors (FFmpeg flags2=+export_mvs) for the gate's "
+        "motion-compensated reuse (gate.motion: mvs or auto)"
+    )
     # synthetic scene options
     seed: int = _field(0, "synthetic: random seed; the same seed gives the same frames", lo=0, hi=2**31 - 1)
     width: int = _field(320, "synthetic: frame width", lo=16, hi=7680)
@@ -52,6 +56,27 @@ class SourceConfig:
     num_frames: int = _field(48, "synthetic: number of frames", lo=1, hi=10**7)
     num_objects: int = _field(3, "synthetic: moving objects per scene", lo=0, hi=64)
     frame_rate: float = _field(25.0, "synthetic: frames per second of the generated clip", lo=0.1, hi=1000)
+    # live stream options (docs/streams.md)
+    stall_timeout_s: float = _field(10.0, "stream: a connection that delivers no data for this long is dropped and retried", lo=0.1, hi=3600)
+    open_timeout_s: float = _field(10.0, "stream: give up one connection attempt after this many seconds", lo=0.1, hi=3600)
+    max_retries: int = _field(
+        -1, "stream: failed reconnection attempts in a row before the stream is given up; -1 retries forever", lo=-1, hi=10**9
+    )
+    backoff_initial_s: float = _field(0.5, "stream: wait before the first reconnection attempt", lo=0.0, hi=3600)
+    backoff_max_s: float = _field(30.0, "stream: longest wait between reconnection attempts", lo=0.0, hi=3600)
+    backoff_factor: float = _field(2.0, "stream: each failed attempt multiplies the wait by this", lo=1.0, hi=100)
+    backoff_jitter: float = _field(0.2, "stream: random spread of each wait, as a fraction (0.2 = +-20%)", lo=0.0, hi=1.0)
+    reconnect_on_eof: bool = _field(
+        True, "stream: treat the end of the stream as a drop and reconnect; false ends the stream (finite HTTP or file streams)"
+    )
+    overflow: Literal["auto", "drop_oldest", "block"] = _field(
+        "auto", "stream: when queue_size frames wait, drop the oldest (counted as dropped) or block the decoder; "
+        "auto: drop_oldest in live mode, block in archive mode"
+    )
+    rtsp_transport: Literal["tcp", "udp"] = _field("tcp", "stream: RTSP transport; tcp survives packet loss, udp has less delay")
+    ffmpeg_options: dict[str, Any] = _field(
+        factory=dict, doc="stream: extra FFmpeg input options, e.g. {input_format: mjpeg, video_size: 640x480} for v4l2"
+    )
 
 
 @dataclass
@@ -65,6 +90,40 @@ class GateConfig:
     blur: int = _field(3, "box-blur kernel on the difference, in downscaled pixels (odd; 1 = off)", lo=1, hi=31)
     max_reuse: int = _field(10, "force a fresh frame after this many reused frames", lo=0, hi=10**6)
     cut_threshold: float = _field(0.5, "changed fraction treated as a scene cut (always refresh)", lo=0.0, hi=1.0)
+    batch: int = _field(
+        64, "frames per gate call; runners cut waves of the largest batch of any stage, so with adaptive use a "
+        "small one (e.g. the model stages' batch) to keep the audit feedback short", lo=1, hi=1024,
+    )
+    noise_sigmas: float = _field(
+        0.0, "also raise pixel_threshold to this many robust sigmas (1.4826 MAD) of the blurred difference; 0 = off",
+        lo=0.0, hi=100.0,
+    )
+    tiles: list[int] | None = _field(
+        None, "[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is 'partial' and the "
+        "segment stage recomputes only those tiles; null = off",
+    )
+    partial_max: float = _field(0.5, "largest fraction of changed tiles a partial frame may have; more is a keyframe", lo=0.0, hi=1.0)
+    max_partial: int = _field(30, "force a full keyframe after this many partial frames in a row", lo=0, hi=10**6)
+    motion: Literal["off", "mvs", "flow", "auto"] = _field(
+        "mvs", "how reused frames move the keyframe's boxes and masks: the decoder's motion vectors (needs "
+        "sources.N.motion_vectors), the keyframe's flow extrapolated, auto (vectors, else flow), or off (copy)",
+    )
+    audit_interval: int = _field(
+        0, "process every Nth frame the gate would reuse as an audit that measures agreement; 0: only the "
+        "max_reuse refreshes are audits", lo=0, hi=10**6,
+    )
+    agreement_target: float = _field(0.95, "audit agreement (box F1 at IoU 0.5, mask mIoU) to keep", lo=0.0, hi=1.0)
+    adaptive: bool = _field(False, "adapt threshold per stream from audit agreement (within threshold_min..threshold_max)")
+    threshold_min: float = _field(0.001, "adaptive: lowest threshold", lo=0.0, hi=1.0)
+    threshold_max: float = _field(0.25, "adaptive: highest threshold", lo=0.0, hi=1.0)
+    adapt_up: float = _field(1.25, "adaptive: an audit at or above the target multiplies the threshold by this", lo=1.0, hi=10.0)
+    adapt_down: float = _field(
+        0.5, "adaptive: an audit below the target sets the threshold to min(threshold, its change) times this", lo=0.01, hi=1.0
+    )
+    audit_lag: int = _field(
+        8, "adaptive: frames between an audit and the gate using its agreement (the same in both runners; "
+        "the Ray runner keeps at most this many frames of a stream unfinished)", lo=1, hi=10**6,
+    )
 
 
 @dataclass
@@ -100,7 +159,9 @@ class StageConfig:
 class SinkConfig:
     """One output."""
 
-    type: Literal["jsonl", "mp4", "memory"] = _field("jsonl", "jsonl records, an annotated mp4, or in memory (tests)")
+    type: Literal["jsonl", "mp4", "coco", "memory"] = _field(
+        "jsonl", "jsonl records, an annotated mp4, COCO-style JSON of detections and masks, or in memory (tests)"
+    )
     path: str | None = _field(None, "output file (jsonl, mp4)")
     fps: float | None = _field(None, "mp4 frame rate; null uses the source rate", lo=0.1, hi=1000)
     include_dense: bool = _field(False, "jsonl: include dense flow fields (large); masks are always included")
@@ -129,6 +190,36 @@ class RuntimeConfig:
 
 
 @dataclass
+class ControlConfig:
+    """HTTP control endpoint: list, add and remove live streams while the pipeline runs (docs/streams.md)."""
+
+    enabled: bool = _field(
+        False, "serve GET/POST /streams and DELETE /streams/<id>; the run then lasts until POST /stop, SIGTERM or Ctrl-C"
+    )
+    host: str = _field("127.0.0.1", "bind address; whoever reaches it can make the pipeline open URLs, so keep 127.0.0.1")
+    port: int = _field(9465, "port; 0 picks a free one", lo=0, hi=65535)
+    stream_defaults: dict[str, Any] = _field(
+        factory=dict, doc="source settings for streams added at run time (a POST's own keys win), e.g. {resize: [640, 360]}"
+    )
+
+
+@dataclass
+class LabelConfig:
+    """``blinkflow label``: batch-labelling of archived videos (docs/streams.md)."""
+
+    formats: list[Literal["jsonl", "coco", "mp4"]] = _field(
+        factory=lambda: ["jsonl", "coco"], doc="outputs per video; --format overrides"
+    )
+    source: SourceConfig = _field(
+        factory=lambda: SourceConfig(type="file"), doc="decode settings for every video (fps, resize, max_frames, ...)"
+    )
+    executor: Literal["ray", "local"] = _field("ray", "ray spreads videos over the cluster; local labels them one by one here")
+    parallel: int | None = _field(None, "videos labelled at once; null: as many as the cluster's CPUs allow", lo=1, hi=100000)
+    task_cpus: float = _field(1.0, "CPUs each video's Ray task reserves", lo=0.0, hi=1024)
+    retry_failed: bool = _field(True, "on a re-run, label again the videos the manifest records as failed")
+
+
+@dataclass
 class Config:
     """A whole pipeline."""
 
@@ -138,6 +229,8 @@ class Config:
     sinks: list[SinkConfig] = _field(factory=list, doc="outputs")
     metrics: MetricsConfig = _field(factory=MetricsConfig, doc="Prometheus exporter")
     runtime: RuntimeConfig = _field(factory=RuntimeConfig, doc="runner and cluster")
+    control: ControlConfig = _field(factory=ControlConfig, doc="HTTP control endpoint for live streams")
+    label: LabelConfig = _field(factory=LabelConfig, doc="batch-labelling (blinkflow label)")
 
     def enabled_stages(self) -> dict[str, StageConfig]:
         return {name: cfg for name, cfg in self.stages.items() if cfg.enabled}
@@ -366,9 +459,14 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         _check_source(source, f"sources.{i}", base_dir)
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
+    _check_gate(cfg.gate)
     for i, sink in enumerate(cfg.sinks):
-        if sink.type in ("jsonl", "mp4") and not sink.path:
+        if sink.type in ("jsonl", "mp4", "coco") and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
+    if any(s.type == "stream" for s in cfg.sources) or cfg.control.enabled:
+        from pipeline.streams import check_live_config
+
+        check_live_config(cfg)
     ids = [s.id for s in cfg.sources if s.id]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
@@ -388,6 +486,16 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
         source.path = str(resolved)
     if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2):
         raise ConfigError(f"{path}.resize: expected [width, height] with both >= 2, got {source.resize}")
+
+
+def _check_gate(gate: GateConfig) -> None:
+    if gate.tiles is not None and (len(gate.tiles) != 2 or not all(1 <= n <= 64 for n in gate.tiles)):
+        raise ConfigError(f"gate.tiles: expected [rows, cols] with both in 1..64, got {gate.tiles}; e.g. tiles: [4, 4], or null")
+    if gate.adaptive and not gate.threshold_min <= gate.threshold <= gate.threshold_max:
+        raise ConfigError(
+            f"gate.threshold: {gate.threshold} is outside threshold_min..threshold_max "
+            f"({gate.threshold_min}..{gate.threshold_max}); widen the range or change the threshold"
+        )
 
 
 def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:

@@ -1,31 +1,82 @@
-"""The gate: temporal-redundancy skipping at frame level.
+"""The gate: temporal-redundancy skipping, per stream and per frame (docs/skipping.md).
 
-Each frame is compared with the last *processed* keyframe of its stream on a
-cheap signal: downscaled grayscale, absolute difference, box blur (which
-suppresses isolated codec-noise pixels), then the fraction of pixels whose
-blurred difference exceeds ``pixel_threshold``. Below ``threshold`` the frame
-is marked ``reuse_of = keyframe index`` and the model stages skip it; the
-runner carries the keyframe's results over. ``max_reuse`` forces a refresh,
-and a scene cut (a change above ``cut_threshold``) or a new stream always does.
+Each frame is compared with the *reference* of its stream: the downscaled
+grayscale of the last processed frame, patched tile by tile where partial
+frames refreshed it, so it always shows what the caches hold. The signal is
+block-averaged (``downscale``), the absolute difference box-blurred (``blur``),
+and a pixel counts as changed above ``pixel_threshold`` (raised to
+``noise_sigmas`` robust sigmas of the difference when that is set); this keeps
+codec noise out. The gate reports the changed fraction and the largest
+connected changed area, and decides:
+
+* ``reuse`` (change below the stream's threshold): the model stages skip the
+  frame; the driver carries the keyframe's results over, moved along the
+  decoder's motion vectors when the source exports them (the comparison then
+  uses the motion-compensated reference). ``meta["reuse_of"]`` names the
+  keyframe; ``meta["motion"]`` holds the accumulated motion field.
+* ``partial`` (with ``tiles``: the change stays inside at most ``partial_max``
+  of the tiles): the frame is processed; the segment stage recomputes only
+  ``meta["tiles"]["changed"]`` and pastes them into its cached map.
+* ``keyframe``: everything runs. Reasons: ``first``, ``restart`` (the index
+  went backwards), ``resized``, ``cut`` (change above ``cut_threshold``),
+  ``changed``, ``max_reuse`` and ``audit``. The last two are *audits*: frames
+  the gate would have reused; ``meta["audit_of"]`` tells the driver to score
+  the would-be carry-over against the fresh results.
+
+With ``adaptive``, the agreement of each audit comes back ``audit_lag`` frames
+later in ``meta["audit_feedback"]`` (see pipeline.skip.CarryOver) and moves the
+stream's threshold: up (x ``adapt_up``) when it met ``agreement_target``, down
+(to the audited change x ``adapt_down``) when it did not. Everything here is
+a function of the stream's frames in order, so both runners decide alike.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from pipeline.config import GateConfig
 from pipeline.frame import Frame
 from pipeline.registry import register_stage
+from pipeline.skip import (
+    box_blur,
+    changed_mask,
+    changed_tiles,
+    compose_motion,
+    is_still,
+    largest_component,
+    tile_rects,
+    warp_backward,
+)
 from stages.base import Stage
+
+__all__ = ["Gate", "box_blur", "changed_fraction", "gray_signal"]
 
 
 @dataclass
 class _StreamState:
-    key_index: int
-    key_signal: np.ndarray
+    key_index: int  # the last processed frame: what reused frames copy
+    reference: np.ndarray  # the signal the caches represent
+    last_index: int
+    threshold: float
     reused_since_key: int = 0
+    partial_run: int = 0
+    since_audit: int = 0
+    motion: np.ndarray | None = None  # backward motion from the last processed frame
+    frames: int = 0
+    reused: int = 0
+    pending_audits: dict[int, float] = field(default_factory=dict)  # audit index -> its change
+    agreement: float | None = None
+
+
+@dataclass
+class _Change:
+    changed: float  # against the (motion-compensated) reference: drives reuse
+    largest: float
+    tiles: list[int] | None = None  # against the plain reference: what the segment cache must redo
+    compensated: bool = False
 
 
 @register_stage("gate")
@@ -49,36 +100,154 @@ class Gate(Stage):
         self.streams.pop(stream_id, None)
         return []
 
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-stream skip ratio, threshold and last audit agreement (as this replica sees them)."""
+        return {
+            stream: {"frames": s.frames, "reused": s.reused, "skip_ratio": s.reused / max(1, s.frames),
+                     "threshold": s.threshold, "agreement": s.agreement}
+            for stream, s in self.streams.items()
+        }
+
+    # ------------------------------------------------------------------ decisions
+
     def _decide(self, frame: Frame) -> None:
+        for key in ("reuse_of", "audit_of", "motion", "tiles"):
+            frame.meta.pop(key, None)
         signal = gray_signal(frame.image, self.cfg.downscale)
         state = self.streams.get(frame.stream_id)
-        if state is None or state.key_signal.shape != signal.shape:
-            self._keyframe(frame, signal, changed=1.0, reason="first")
-            return
-        changed, largest = changed_fraction(state.key_signal, signal, self.cfg)
-        reason = self._refresh_reason(changed, state)
+        reason = self._restart_reason(state, frame, signal)
         if reason:
-            self._keyframe(frame, signal, changed, reason, largest)
+            self._keyframe(frame, signal, None, _Change(1.0, 1.0), reason)
             return
-        state.reused_since_key += 1
-        frame.meta["reuse_of"] = state.key_index
-        frame.results[self.name] = {"decision": "reuse", "changed": round(changed, 6), "largest": round(largest, 6)}
+        state.frames += 1
+        state.last_index = frame.index
+        self._apply_feedback(state, frame.meta.pop("audit_feedback", None))
+        if self.cfg.motion in ("mvs", "auto"):
+            state.motion = compose_motion(_step_motion(frame), state.motion)
+        change = self._measure(state, signal)
+        reason = self._refresh_reason(state, change)
+        if reason == "partial":
+            self._partial(frame, signal, state, change)
+        elif reason:
+            self._keyframe(frame, signal, state, change, reason)
+        else:
+            self._reuse(frame, state, change)
 
-    def _refresh_reason(self, changed: float, state: _StreamState) -> str | None:
-        if changed >= self.cfg.cut_threshold:
-            return "cut"
-        if changed >= self.cfg.threshold:
-            return "changed"
-        if state.reused_since_key >= self.cfg.max_reuse:
-            return "max_reuse"
+    def _restart_reason(self, state: _StreamState | None, frame: Frame, signal: np.ndarray) -> str | None:
+        if state is None:
+            return "first"
+        if frame.index <= state.last_index:
+            return "restart"
+        if state.reference.shape != signal.shape:
+            return "resized"
         return None
 
-    def _keyframe(self, frame: Frame, signal: np.ndarray, changed: float, reason: str, largest: float = 1.0) -> None:
-        self.streams[frame.stream_id] = _StreamState(frame.index, signal)
-        frame.meta.pop("reuse_of", None)
-        frame.results[self.name] = {
-            "decision": "keyframe", "reason": reason, "changed": round(changed, 6), "largest": round(largest, 6)
-        }
+    def _measure(self, state: _StreamState, signal: np.ndarray) -> _Change:
+        cfg = self.cfg
+        plain = changed_mask(state.reference, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+        mask, compensated = plain, False
+        if not is_still(state.motion):
+            moved = warp_backward(state.reference, state.motion / float(cfg.downscale))
+            mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
+        tiles = changed_tiles(plain, cfg.tiles) if cfg.tiles else None
+        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated)
+
+    def _refresh_reason(self, state: _StreamState, change: _Change) -> str | None:
+        cfg = self.cfg
+        if change.changed >= cfg.cut_threshold:
+            return "cut"
+        if change.changed >= state.threshold:
+            total = cfg.tiles[0] * cfg.tiles[1] if cfg.tiles else 0
+            fits = total and len(change.tiles) <= cfg.partial_max * total
+            return "partial" if fits and state.partial_run < cfg.max_partial else "changed"
+        if state.reused_since_key >= cfg.max_reuse:
+            return "max_reuse"
+        if cfg.audit_interval and state.since_audit + 1 >= cfg.audit_interval:
+            return "audit"
+        return None
+
+    def _apply_feedback(self, state: _StreamState, feedback: list[tuple[int, float]] | None) -> None:
+        """Move the threshold on each audit's agreement (only with ``adaptive``)."""
+        cfg = self.cfg
+        for index, score in feedback or []:
+            audited_change = state.pending_audits.pop(index, None)
+            state.agreement = float(score)
+            if not cfg.adaptive:
+                continue
+            if score >= cfg.agreement_target:
+                state.threshold = min(cfg.threshold_max, state.threshold * cfg.adapt_up)
+            else:
+                base = state.threshold if audited_change is None else min(state.threshold, audited_change)
+                state.threshold = max(cfg.threshold_min, base * cfg.adapt_down)
+
+    # ------------------------------------------------------------------ outcomes
+
+    def _reuse(self, frame: Frame, state: _StreamState, change: _Change) -> None:
+        state.reused_since_key += 1
+        state.since_audit += 1
+        state.reused += 1
+        frame.meta["reuse_of"] = state.key_index
+        if state.motion is not None:
+            frame.meta["motion"] = state.motion.astype(np.float16)
+        frame.results[self.name] = self._result(state, "reuse", None, change, keyframe=state.key_index)
+
+    def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
+        height, width = signal.shape
+        rects = tile_rects(self.cfg.tiles, height, width)
+        for index in change.tiles:
+            y0, y1, x0, x1 = rects[index]
+            state.reference[y0:y1, x0:x1] = signal[y0:y1, x0:x1]
+        frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": list(change.tiles), "base": state.key_index}
+        self._processed(state, frame.index)
+        state.partial_run += 1
+        tiles = {"grid": list(self.cfg.tiles), "changed": len(change.tiles)}
+        frame.results[self.name] = self._result(state, "partial", "changed", change, tiles=tiles)
+
+    def _keyframe(self, frame: Frame, signal: np.ndarray, state: _StreamState | None, change: _Change, reason: str) -> None:
+        audit = reason in ("max_reuse", "audit")
+        if audit:
+            frame.meta["audit_of"] = state.key_index
+            if state.motion is not None:
+                frame.meta["motion"] = state.motion.astype(np.float16)
+            state.pending_audits[frame.index] = change.changed
+            state.since_audit = 0
+        if state is None:
+            state = self._new_state(frame, signal)
+        state.reference = signal
+        self._processed(state, frame.index)
+        state.partial_run = 0
+        if self.cfg.tiles:
+            frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": None, "base": None}
+        extra = {"audit_of": frame.meta["audit_of"]} if audit else {}
+        frame.results[self.name] = self._result(state, "keyframe", reason, change, **extra)
+
+    def _new_state(self, frame: Frame, signal: np.ndarray) -> _StreamState:
+        state = _StreamState(frame.index, signal, frame.index, self.cfg.threshold, frames=1)
+        self.streams[frame.stream_id] = state
+        return state
+
+    @staticmethod
+    def _processed(state: _StreamState, index: int) -> None:
+        state.key_index = index
+        state.reused_since_key = 0
+        state.motion = None
+
+    def _result(self, state: _StreamState, decision: str, reason: str | None, change: _Change, **extra: Any) -> dict:
+        result: dict[str, Any] = {"decision": decision}
+        if reason:
+            result["reason"] = reason
+        result.update(changed=round(change.changed, 6), largest=round(change.largest, 6))
+        if change.compensated:
+            result["compensated"] = True
+        result.update(extra)
+        result["threshold"] = round(state.threshold, 6)
+        result["skip_ratio"] = round(state.reused / max(1, state.frames), 6)
+        return result
+
+
+def _step_motion(frame: Frame) -> np.ndarray | None:
+    field_ = frame.meta.get("mvs")
+    return None if field_ is None else np.asarray(field_, dtype=np.float32)
 
 
 def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
@@ -91,26 +260,7 @@ def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
     return gray
 
 
-def box_blur(image: np.ndarray, size: int) -> np.ndarray:
-    """Mean filter with an odd ``size`` window (edges replicated), via summed-area tables."""
-    if size <= 1:
-        return image
-    pad = size // 2
-    padded = np.pad(image, pad, mode="edge")
-    table = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    h, w = image.shape
-    total = table[size : size + h, size : size + w] - table[:h, size : size + w] - table[size : size + h, :w] + table[:h, :w]
-    return total / float(size * size)
-
-
 def changed_fraction(previous: np.ndarray, current: np.ndarray, cfg: GateConfig) -> tuple[float, float]:
-    """Fraction of changed pixels, and the fraction of the frame covered by their bounding box."""
-    diff = box_blur(np.abs(current - previous), cfg.blur | 1)
-    changed = diff > cfg.pixel_threshold
-    fraction = float(changed.mean())
-    if not changed.any():
-        return fraction, 0.0
-    rows = np.flatnonzero(changed.any(axis=1))
-    cols = np.flatnonzero(changed.any(axis=0))
-    extent = (rows[-1] - rows[0] + 1) * (cols[-1] - cols[0] + 1)
-    return fraction, float(extent) / changed.size
+    """Fraction of changed signal pixels, and the largest connected changed area as a fraction."""
+    mask = changed_mask(previous, current, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+    return float(mask.mean()), largest_component(mask) / mask.size

@@ -10,13 +10,23 @@ Result per frame, ``frame.results["segment"]``::
 The model runs at ``input_size``; its logits are upsampled bilinearly to the
 source size before the argmax, which gives smoother borders than upsampling
 the class map.
+
+Region-level reuse (``tile_reuse``, with the gate's ``tiles``): the stage keeps
+each stream's logits at model-input size. On a frame the gate marks
+``partial`` it runs the model only on crops around the changed tiles (each
+horizontal run of changed tiles plus ``tile_halo`` model-input pixels of
+context, aligned to the model's stride), pastes the crops' logits for the tiles
+plus half the halo into the cached logits, and takes the class map from those.
+Such a result also carries ``"tiles": {"recomputed", "total", "area"}``, where
+``area`` is the fraction of a full forward the crops cost. With the cache, the
+stage is temporal (each stream sticks to one replica, in order).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -24,6 +34,7 @@ from pipeline.config import StageConfig, _field
 from pipeline.errors import StageError
 from pipeline.frame import Frame
 from pipeline.registry import register_stage
+from pipeline.skip import tile_edges, tile_runs
 from stages.base import Stage
 from stages.detect import build_with_args, check_input_size, pick_classes, prepare_for_inference
 
@@ -46,6 +57,20 @@ class SegmentOptions:
         None, "class names (index 0 = background) for random or own weights without a class list"
     )
     model_args: dict[str, Any] | None = _field(None, "extra builder arguments, e.g. {base_width: 24} for unet_small")
+    tile_reuse: bool = _field(
+        True, "on frames the gate marks partial, recompute only the changed tiles and paste them into the stream's "
+        "cached logits (the stage then keeps per-stream state: stream affinity across replicas)",
+    )
+    tile_halo: int = _field(32, "context around each recomputed tile, in model-input pixels (receptive field)", lo=0, hi=4096)
+
+
+@dataclass
+class _TileCache:
+    """A stream's last logits at model-input size (C, h, w), from frame ``index`` of size ``source``."""
+
+    index: int
+    logits: Any
+    source: tuple[int, int]
 
 
 @register_stage(TASK)
@@ -55,6 +80,13 @@ class Segment(Stage):
     name = TASK
     Options = SegmentOptions
     default_model = "unet_small"
+    #: crops start on multiples of this (model-input pixels), so pooling grids line up with the full frame's
+    tile_align: ClassVar[int] = 16
+
+    @classmethod
+    def is_temporal(cls, cfg: StageConfig | None) -> bool:
+        options = getattr(cfg, "options", None)
+        return bool(options.tile_reuse) if options is not None else True
 
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
@@ -62,6 +94,7 @@ class Segment(Stage):
         check_input_size(self.name, self.options.input_size)
         self.model: Any = None
         self.classes: list[str] = []
+        self._tiles: dict[str, _TileCache] = {}
 
     def setup(self, device: str = "cpu") -> None:
         from models.weights import load_state, resolve_weights
@@ -82,13 +115,92 @@ class Segment(Stage):
         log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
-        for group in self._batches(self.active(frames)):
-            for frame, class_map in zip(group, self._class_maps(group)):
-                frame.results[self.name] = self._result(class_map)
+        full: list[Frame] = []
+        for frame in self.active(frames):
+            partial = (frame.meta.get("tiles") or {}).get("changed") is not None
+            if partial and any(f.stream_id == frame.stream_id for f in full):
+                self._run_full(full)  # in stream order: the patch builds on what came before it
+                full = []
+            if partial and self._can_patch(frame):
+                self._run_patch(frame)
+            else:
+                full.append(frame)
+        self._run_full(full)
         return frames
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        self._tiles.pop(stream_id, None)
+        return []
+
+    def flush(self) -> list[Frame]:
+        self._tiles.clear()
+        return []
 
     def teardown(self) -> None:
         self.model = None
+        self._tiles.clear()
+
+    # ------------------------------------------------------------------ full frames and tiles
+
+    def _run_full(self, frames: list[Frame]) -> None:
+        for group in self._batches(frames):
+            for frame, logits in zip(group, self._logits(group)):
+                frame.results[self.name] = self._result(self._to_source_class_map(logits, frame))
+                self._remember(frame, logits)
+
+    def _remember(self, frame: Frame, logits: Any) -> None:
+        """Keep the logits when the gate may send partial frames of this stream next."""
+        if self.options.tile_reuse and frame.meta.get("tiles"):
+            self._tiles[frame.stream_id] = _TileCache(frame.index, logits.float().clone(), (frame.height, frame.width))
+        else:
+            self._tiles.pop(frame.stream_id, None)
+
+    def _can_patch(self, frame: Frame) -> bool:
+        tiles = frame.meta.get("tiles")
+        cache = self._tiles.get(frame.stream_id)
+        return bool(
+            self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
+            and cache.index == tiles.get("base") and cache.source == (frame.height, frame.width)
+        )
+
+    def _run_patch(self, frame: Frame) -> None:
+        """Recompute the changed tiles (+ halo) of a partial frame and paste them into the cached logits."""
+        import torch
+
+        from stages.common import autocast, frames_to_batch
+
+        cache = self._tiles[frame.stream_id]
+        size = tuple(cache.logits.shape[-2:])
+        grid = frame.meta["tiles"]["grid"]
+        changed = frame.meta["tiles"]["changed"]
+        cost = 0
+        with torch.inference_mode():
+            logits = cache.logits.clone()
+            image = frames_to_batch([frame], self._device, size=size, channels_last=self.cfg.channels_last)
+            for crop, paste in self._crops(grid, changed, size):
+                (cy0, cy1, cx0, cx1), (py0, py1, px0, px1) = crop, paste
+                with autocast(self._device, self.cfg.precision):
+                    out = self.model(image[..., cy0:cy1, cx0:cx1])["out"][0].float()
+                logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
+                cost += (cy1 - cy0) * (cx1 - cx0)
+        result = self._result(self._to_source_class_map(logits, frame))
+        result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1], "area": round(cost / (size[0] * size[1]), 4)}
+        frame.results[self.name] = result
+        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source)
+
+    def _crops(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple[tuple, tuple]]:
+        """(crop, paste) rectangles (y0, y1, x0, x1) in model-input pixels, one per run of changed tiles."""
+        height, width = size
+        ys, xs = tile_edges(grid[0], height), tile_edges(grid[1], width)
+        halo, margin, align = self.options.tile_halo, self.options.tile_halo // 2, self.tile_align
+        rects = []
+        for row, first, last in tile_runs(changed, grid):
+            y0, y1, x0, x1 = ys[row], ys[row + 1], xs[first], xs[last]
+            crop = (max(0, (y0 - halo) // align * align), min(height, -(-(y1 + halo) // align) * align),
+                    max(0, (x0 - halo) // align * align), min(width, -(-(x1 + halo) // align) * align))
+            paste = (max(crop[0], y0 - margin), min(crop[1], y1 + margin), max(crop[2], x0 - margin), min(crop[3], x1 + margin))
+            rects.append((crop, paste))
+        return rects
 
     # ------------------------------------------------------------------ helpers
 
@@ -101,7 +213,8 @@ class Segment(Stage):
             groups.setdefault((frame.height, frame.width), []).append(frame)
         return list(groups.values())
 
-    def _class_maps(self, frames: list[Frame]) -> list[np.ndarray]:
+    def _logits(self, frames: list[Frame]) -> Any:
+        """(N, C, h, w) logits at the model input size."""
         import torch
 
         from stages.common import autocast, frames_to_batch
@@ -109,8 +222,7 @@ class Segment(Stage):
         size = tuple(self.options.input_size) if self.options.input_size is not None else None
         batch = frames_to_batch(frames, self._device, size=size, channels_last=self.cfg.channels_last)
         with torch.inference_mode(), autocast(self._device, self.cfg.precision):
-            logits = self.model(batch)["out"]
-        return [self._to_source_class_map(frame_logits, frame) for frame, frame_logits in zip(frames, logits)]
+            return self.model(batch)["out"]
 
     @staticmethod
     def _to_source_class_map(logits: Any, frame: Frame) -> np.ndarray:

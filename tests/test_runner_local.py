@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from pipeline.config import load_config
 from pipeline.frame import Outcome

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pipeline.frame import Accounting, Frame, FrameResult, Outcome
+from pipeline.skip import CarryOver
+from pipeline.metrics import NULL_RECORDER, MetricsRecorder
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +24,14 @@ class StageCaller:
 
     When ``process`` raises on a batch, the batch is retried one frame at a
     time, so a single bad frame fails alone (recorded against this stage) and
-    its neighbours still get results.
+    its neighbours still get results. Each call is also reported to ``metrics``.
     """
 
-    def __init__(self, name: str, stage: Any, batch: int) -> None:
+    def __init__(self, name: str, stage: Any, batch: int, metrics: MetricsRecorder = NULL_RECORDER) -> None:
         self.name = name
         self.stage = stage
         self.batch = max(1, batch)
+        self.metrics = metrics
         self.seconds = 0.0
         self.frames = 0
         self.calls = 0
@@ -44,19 +47,23 @@ class StageCaller:
         if not frames:
             return []
         started = time.perf_counter()
+        failed = 0
         try:
             return self.stage.process(frames)
         except Exception as exc:  # noqa: BLE001 - the stage boundary: record, isolate, go on
             if len(frames) == 1:
+                failed = 1
                 self.errors += 1
                 log.warning("stage %s failed on %s#%d: %s", self.name, frames[0].stream_id, frames[0].index, exc)
                 frames[0].fail(self.name, exc)
                 return frames
             return [f for frame in frames for f in self._process_batch([frame])]
         finally:
-            self.seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.seconds += elapsed
             self.frames += len(frames)
             self.calls += 1
+            self.metrics.on_stage_call(self.name, elapsed, len(frames), failed)
 
     def end_stream(self, stream_id: str) -> list[Frame]:
         return self._release(lambda: self.stage.end_stream(stream_id))
@@ -69,10 +76,12 @@ class StageCaller:
         try:
             return release()
         finally:
-            self.seconds += time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            self.seconds += elapsed
+            self.metrics.on_stage_call(self.name, elapsed, 0, 0)
 
 
-def setup_stage(spec: Any) -> StageCaller:
+def setup_stage(spec: Any, metrics: MetricsRecorder = NULL_RECORDER) -> StageCaller:
     """Create and set up one stage from its spec, the same way in every runner.
 
     The torch RNG is seeded first so that a stage with random weights (``weights:
@@ -87,16 +96,19 @@ def setup_stage(spec: Any) -> StageCaller:
         pass
     stage = spec.create()
     stage.setup(spec.device)
-    return StageCaller(spec.name, stage, spec.batch)
+    return StageCaller(spec.name, stage, spec.batch, metrics)
 
 
 class StageChain:
     """Stages in order; frames released by stage k go through stages k+1.. next."""
 
-    def __init__(self, callers: list[StageCaller]) -> None:
+    def __init__(self, callers: list[StageCaller], before: Callable[[list[Frame]], None] | None = None) -> None:
         self.callers = callers
+        self.before = before  # called on each new wave before the first stage (the gate's audit feedback)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
+        if self.before is not None and frames:
+            self.before(frames)
         for caller in self.callers:
             frames = caller.process(frames)
         return frames
@@ -116,12 +128,16 @@ class StageChain:
 
 class OrderedOutput:
     """Restores per-stream frame order, fills reused frames from their keyframe,
-    counts outcomes and hands results to the sinks."""
+    counts outcomes and hands results to the sinks and the metrics."""
 
-    def __init__(self, sinks: list[Any], accounting: Accounting, on_result: Callable[[FrameResult], None] | None = None):
+    def __init__(self, sinks: list[Any], accounting: Accounting, on_result: Callable[[FrameResult], None] | None = None,
+                 metrics: MetricsRecorder = NULL_RECORDER, gate: Any = None):
         self.sinks = sinks
         self.accounting = accounting
         self.on_result = on_result
+        self.metrics = metrics
+        #: the gate's driver half: motion-compensated carry-over, audit scores, per-stream skip stats
+        self.carry = CarryOver.from_config(gate)
         self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
         self.next_index: dict[str, int] = defaultdict(int)
         self.last_processed: dict[str, dict[str, Any]] = {}
@@ -148,19 +164,29 @@ class OrderedOutput:
             self._emit(frame)
         self.next_index.pop(stream_id, None)
         self.last_processed.pop(stream_id, None)
+        self.carry.end_stream(stream_id)
 
     def close(self) -> None:
         for stream_id in list(self.pending):
             self.end_stream(stream_id)
 
+    def feedback_ready(self, frame: Frame) -> bool:
+        """Whether the gate's audit feedback for ``frame`` is settled (see CarryOver.ready_for)."""
+        return self.carry.ready_for(frame, self.next_index.get(frame.stream_id, 0))
+
+    def attach_feedback(self, frames: list[Frame]) -> None:
+        self.carry.attach_feedback(frames)
+
     def _emit(self, frame: Frame) -> None:
+        keyframe_results = self.last_processed.get(frame.stream_id, {})
         if frame.is_reused and not frame.is_failed:
-            for stage, value in self.last_processed.get(frame.stream_id, {}).items():
-                frame.results.setdefault(stage, value)
+            self.carry.fill(frame, keyframe_results)
         result = frame.finish()
+        self.carry.observe(frame, keyframe_results if result.outcome is Outcome.PROCESSED else None)
         if result.outcome is Outcome.PROCESSED:
             self.last_processed[frame.stream_id] = dict(frame.results)
         self.accounting.on_result(result)
+        self.metrics.on_result(result)
         for sink in self.sinks:
             sink.write(result)
         if self.on_result is not None:

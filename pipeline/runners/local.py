@@ -13,8 +13,9 @@ import time
 from typing import Any, Callable
 
 from pipeline.config import Config
-from pipeline.frame import Accounting, Frame, FrameResult
+from pipeline.frame import Accounting, Frame, FrameResult, Outcome
 from pipeline.graph import build_graph
+from pipeline.metrics import NULL_RECORDER, MetricsRecorder
 from pipeline.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
 from pipeline.sources import StreamEnd, open_sources
 
@@ -24,27 +25,32 @@ log = logging.getLogger(__name__)
 class LocalRunner:
     name = "local"
 
-    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None):
+    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
+                 metrics: MetricsRecorder | None = None, hub: Any = None):
         self.cfg = cfg
+        self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
         self.sinks = sinks or []
         self.on_result = on_result
+        self.metrics = metrics or NULL_RECORDER
         self.specs = build_graph(cfg)
 
     def run(self) -> RunSummary:
         started = time.perf_counter()
         accounting = Accounting()
-        output = OrderedOutput(self.sinks, accounting, self.on_result)
+        output = OrderedOutput(self.sinks, accounting, self.on_result, self.metrics, gate=self.cfg.gate)
         callers: list[StageCaller] = []
         try:
             callers.extend(self._setup_stages())
             setup_s = time.perf_counter() - started
-            self._pump(StageChain(callers), output, accounting)
+            self.metrics.on_ready(True)
+            self._pump(StageChain(callers, before=output.attach_feedback), output, accounting)
             output.close()
         except BaseException:
             for sink in self.sinks:
                 sink.abort()
             raise
         finally:
+            self.metrics.on_ready(False)
             for caller in callers:
                 caller.stage.teardown()
         for sink in self.sinks:
@@ -60,21 +66,29 @@ class LocalRunner:
         )
 
     def _setup_stages(self) -> list[StageCaller]:
-        return [setup_stage(spec) for spec in self.specs]
+        callers = [setup_stage(spec, self.metrics) for spec in self.specs]
+        for caller in callers:  # one process, one call at a time: nothing ever waits in a queue
+            self.metrics.on_queue(caller.name, depth=0, in_flight=0)
+        return callers
 
     def _pump(self, chain: StageChain, output: OrderedOutput, accounting: Accounting) -> None:
         wave_size = max([spec.batch for spec in self.specs] or [1])
         wave: list[Frame] = []
-        for item in open_sources(self.cfg.sources):
+        for item in open_sources(self.cfg.sources, self.hub):
             if isinstance(item, StreamEnd):
                 output.push(chain.process(wave))
                 wave = []
                 output.push(chain.end_stream(item.stream_id))
                 output.end_stream(item.stream_id)
+                self.metrics.on_stream_state(item.stream_id, False)
                 if item.error:
                     accounting.source_errors.append(item.error)
                 continue
             accounting.on_decoded(item)
+            self.metrics.on_decoded(item)
+            if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: nothing to compute
+                output.push([item])
+                continue
             wave.append(item)
             if len(wave) >= wave_size:
                 output.push(chain.process(wave))

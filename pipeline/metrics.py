@@ -1,0 +1,538 @@
+"""Metrics behind a thin interface (ARCHITECTURE convention 7).
+
+Runners and stage callers report what happens through a :class:`MetricsRecorder`
+that is injected into them; the default records nothing. This is the only
+module that knows prometheus-client:
+
+* :class:`PrometheusRecorder` turns the reports into Prometheus metrics in its
+  own ``CollectorRegistry`` (never the global one, so several can coexist).
+* :class:`MetricsExporter` serves ``/metrics``, ``/healthz`` and ``/readyz``
+  from a small threaded HTTP server.
+* :class:`CallLog` buffers stage calls inside a Ray actor, and
+  :class:`ActorStats` folds what the driver drains from the actors into the
+  driver's recorder, keeping totals monotonic across actor restarts.
+
+Every metric lives in the driver: frame outcomes come from the ordered output,
+stage timings from the actors via the driver. One scrape target per pipeline.
+The metric reference is docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Iterator
+
+from pipeline.errors import BlinkflowError
+
+log = logging.getLogger(__name__)
+
+STAGE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OUTCOMES = ("processed", "reused", "dropped", "failed")
+FPS_WINDOW_S = 1.0
+STAGE_TOTAL_FIELDS = ("seconds", "frames", "calls", "errors")
+
+
+class MetricsRecorder:
+    """What runners report. Every method is a no-op here; recorders override what they use.
+
+    Methods are called from the driver thread (the local runner's only thread),
+    except :meth:`on_stage_call`, which a :class:`CallLog` also receives inside
+    a Ray actor.
+    """
+
+    def on_ready(self, ready: bool) -> None:
+        """Stages are set up and the run is going (True), or the run is over (False)."""
+
+    def on_stage_call(self, stage: str, seconds: float, frames: int, errors: int) -> None:
+        """One call of a stage: its wall time, the frames it got, the frames that failed in it."""
+
+    def on_queue(self, stage: str, depth: int, in_flight: int) -> None:
+        """Calls waiting for a stage replica, and calls submitted to it and not yet finished."""
+
+    def on_restart(self, stage: str) -> None:
+        """A replica of the stage was restarted (its actor died)."""
+
+    def on_decoded(self, frame: Any) -> None:
+        """A frame came out of a source. ``frame.meta['reconnects']``, when a live
+        source sets it, is that stream's reconnect count so far."""
+
+    def on_result(self, result: Any) -> None:
+        """A FrameResult left the pipeline (once per decoded frame)."""
+
+    def on_stream_state(self, stream: str, up: bool) -> None:
+        """A stream started delivering frames (up) or ended (down)."""
+
+    def on_reconnect(self, stream: str) -> None:
+        """A live stream reconnected once more."""
+
+    def on_audit(self, stream: str, agreement: float) -> None:
+        """An audit frame: how far the would-be carried-over results agreed with a fresh run (0..1)."""
+
+    def on_device(self, device: str, process: str, allocated_bytes: int, reserved_bytes: int,
+                  utilization: float | None) -> None:
+        """GPU memory held by one process on one device, and the device's utilisation (0..1)."""
+
+
+NULL_RECORDER = MetricsRecorder()
+
+
+# --------------------------------------------------------------------------- inside Ray actors
+
+
+class CallLog(MetricsRecorder):
+    """Stage calls buffered inside a Ray actor until the driver drains them.
+
+    ``incarnation`` is new each time the actor's constructor runs, so the driver
+    can tell a restarted actor (whose totals start again from zero) from a live one.
+    """
+
+    def __init__(self, max_calls: int = 10_000) -> None:
+        self.incarnation = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.calls: deque[tuple[float, int, int]] = deque(maxlen=max_calls)
+
+    def on_stage_call(self, stage: str, seconds: float, frames: int, errors: int) -> None:
+        self.calls.append((seconds, frames, errors))
+
+    def drain(self, totals: dict[str, float], process: str) -> dict[str, Any]:
+        """The calls since the last drain, this incarnation's running totals, and its GPU memory."""
+        calls = list(self.calls)
+        self.calls.clear()
+        return {"incarnation": self.incarnation, "totals": dict(totals), "calls": calls,
+                "devices": local_gpu_stats(process)}
+
+
+@dataclass
+class ActorStats:
+    """Folds actor snapshots into the driver's recorder.
+
+    Stage calls are replayed into the recorder, so its counters only ever go
+    up. The per-stage ``totals`` (for the run summary) add each actor's delta
+    since its last snapshot; a new incarnation, or a total smaller than before,
+    means the actor restarted, and its totals become the new baseline.
+    """
+
+    metrics: MetricsRecorder
+    totals: dict[str, dict[str, float]] = field(default_factory=dict)
+    last: dict[tuple[str, int], tuple[str, dict[str, float]]] = field(default_factory=dict)
+
+    def absorb(self, stage: str, replica: int, snapshot: dict[str, Any]) -> None:
+        previous = self.last.get((stage, replica))
+        restarted = previous is not None and previous[0] != snapshot["incarnation"]
+        if restarted:
+            log.info("stage %s replica %d restarted (incarnation %s)", stage, replica, snapshot["incarnation"])
+            self.metrics.on_restart(stage)
+        baseline = previous[1] if previous is not None and not restarted else {}
+        stage_totals = self.totals.setdefault(stage, dict.fromkeys(STAGE_TOTAL_FIELDS, 0.0))
+        for name in STAGE_TOTAL_FIELDS:
+            now, before = snapshot["totals"].get(name, 0.0), baseline.get(name, 0.0)
+            stage_totals[name] += now - before if now >= before else now
+        self.last[(stage, replica)] = (snapshot["incarnation"], dict(snapshot["totals"]))
+        for seconds, frames, errors in snapshot["calls"]:
+            self.metrics.on_stage_call(stage, seconds, frames, errors)
+        for device in snapshot.get("devices", []):
+            self.metrics.on_device(**device)
+
+
+def local_gpu_stats(process: str) -> list[dict[str, Any]]:
+    """GPU memory this process holds, per visible device; empty without CUDA in use.
+
+    Only looks when torch is already imported and CUDA already initialised, so
+    asking never loads torch nor creates a CUDA context.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    host = socket.gethostname()
+    stats = []
+    for index in range(torch.cuda.device_count()):
+        physical = visible[index] if index < len(visible) else str(index)
+        try:
+            utilization = torch.cuda.utilization(index) / 100.0
+        except Exception:  # noqa: BLE001 - needs NVML (nvidia-ml-py); memory is still worth reporting
+            utilization = None
+        stats.append({
+            "device": f"{host}/cuda:{physical}", "process": process,
+            "allocated_bytes": int(torch.cuda.memory_allocated(index)),
+            "reserved_bytes": int(torch.cuda.memory_reserved(index)),
+            "utilization": utilization,
+        })
+    return stats
+
+
+# --------------------------------------------------------------------------- Prometheus
+
+
+@dataclass
+class _StreamSeries:
+    """One stream's metric children and the running counts behind its gauges."""
+
+    outcomes: dict[str, Any]
+    decoded: Any
+    latency: Any
+    fps: Any
+    skip_ratio: Any
+    up: Any
+    reconnects: Any
+    audit_agreement: Any = None  # created at the first audit, so unaudited streams show no ratio
+    audited: Any = None
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    is_up: bool = False
+    reconnects_seen: int = 0
+    audit_sum: float = 0.0
+    audit_count: int = 0
+    window_start: float = field(default_factory=time.monotonic)
+    window_frames: int = 0
+
+
+@dataclass
+class _StageSeries:
+    seconds: Any
+    frames: Any
+    batches: Any
+    errors: Any
+    restarts: Any
+    queue_depth: Any
+    in_flight: Any
+
+
+class PrometheusRecorder(MetricsRecorder):
+    """Prometheus metrics for one pipeline, in a registry of its own.
+
+    Label children are cached per stream and per stage, so a report costs a
+    dict lookup and a few increments, not a label resolution per metric.
+    """
+
+    def __init__(self, registry: Any = None) -> None:
+        from prometheus_client import CollectorRegistry
+
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.ready = False
+        self._streams: dict[str, _StreamSeries] = {}
+        self._stages: dict[str, _StageSeries] = {}
+        self._define_stage_metrics()
+        self._define_stream_metrics()
+        self._define_process_metrics()
+
+    def _define_stage_metrics(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        r = self.registry
+        self.stage_seconds = Histogram("blinkflow_stage_seconds", "Wall time of one stage call (a batch)", ["stage"],
+                                       buckets=STAGE_SECONDS_BUCKETS, registry=r)
+        self.stage_frames = Counter("blinkflow_stage_frames", "Frames handed to a stage", ["stage"], registry=r)
+        self.stage_batches = Counter("blinkflow_stage_batches", "Stage calls that carried frames", ["stage"], registry=r)
+        self.stage_errors = Counter("blinkflow_stage_errors", "Frames that failed inside a stage", ["stage"], registry=r)
+        self.stage_restarts = Counter("blinkflow_stage_restarts", "Stage replicas restarted after their actor died",
+                                      ["stage"], registry=r)
+        self.queue_depth = Gauge("blinkflow_queue_depth", "Calls waiting for a free stage replica", ["stage"], registry=r)
+        self.in_flight = Gauge("blinkflow_in_flight", "Calls submitted to a stage and not finished", ["stage"], registry=r)
+
+    def _define_stream_metrics(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        r = self.registry
+        self.frames = Counter("blinkflow_frames", "Frames by final outcome", ["stream", "outcome"], registry=r)
+        self.decoded = Counter("blinkflow_frames_decoded", "Frames decoded from a source", ["stream"], registry=r)
+        self.latency = Histogram("blinkflow_e2e_latency_seconds", "Decode to result time of processed and reused frames",
+                                 ["stream"], buckets=LATENCY_BUCKETS, registry=r)
+        self.fps = Gauge("blinkflow_stream_fps", "Results per second over the last second", ["stream"], registry=r)
+        self.skip_ratio = Gauge("blinkflow_stream_skip_ratio", "Reused / (processed + reused) so far", ["stream"], registry=r)
+        self.stream_up = Gauge("blinkflow_stream_up", "1 while the stream delivers frames, 0 once it ended", ["stream"],
+                               registry=r)
+        self.reconnects = Counter("blinkflow_stream_reconnects", "Live stream reconnections", ["stream"], registry=r)
+        self.audit_agreement = Gauge("blinkflow_audit_agreement_ratio",
+                                     "Mean agreement of carried-over results with fresh runs on audit frames (0..1)",
+                                     ["stream"], registry=r)
+        self.audited = Counter("blinkflow_audited_frames", "Frames the gate would have reused, processed as audits",
+                               ["stream"], registry=r)
+
+    def _define_process_metrics(self) -> None:
+        from prometheus_client import Gauge, Info
+
+        from pipeline import __version__
+
+        r = self.registry
+        self.ready_gauge = Gauge("blinkflow_ready", "1 while stages are set up and the run is going", registry=r)
+        self.gpu_allocated = Gauge("blinkflow_gpu_memory_allocated_bytes", "GPU memory held by tensors, per process",
+                                   ["device", "process"], registry=r)
+        self.gpu_reserved = Gauge("blinkflow_gpu_memory_reserved_bytes", "GPU memory reserved by the caching allocator",
+                                  ["device", "process"], registry=r)
+        self.gpu_utilization = Gauge("blinkflow_gpu_utilization_ratio", "GPU busy fraction (NVML), 0..1", ["device"],
+                                     registry=r)
+        Info("blinkflow_build", "Blinkflow version", registry=r).info({"version": __version__})
+
+    # ------------------------------------------------------------------ series lookup
+
+    def _stream(self, stream: str) -> _StreamSeries:
+        series = self._streams.get(stream)
+        if series is None:
+            series = self._streams[stream] = _StreamSeries(
+                outcomes={o: self.frames.labels(stream, o) for o in OUTCOMES},
+                decoded=self.decoded.labels(stream), latency=self.latency.labels(stream), fps=self.fps.labels(stream),
+                skip_ratio=self.skip_ratio.labels(stream), up=self.stream_up.labels(stream),
+                reconnects=self.reconnects.labels(stream),
+            )
+        return series
+
+    def _stage(self, stage: str) -> _StageSeries:
+        series = self._stages.get(stage)
+        if series is None:
+            series = self._stages[stage] = _StageSeries(
+                seconds=self.stage_seconds.labels(stage), frames=self.stage_frames.labels(stage),
+                batches=self.stage_batches.labels(stage), errors=self.stage_errors.labels(stage),
+                restarts=self.stage_restarts.labels(stage), queue_depth=self.queue_depth.labels(stage),
+                in_flight=self.in_flight.labels(stage),
+            )
+        return series
+
+    # ------------------------------------------------------------------ reports
+
+    def on_ready(self, ready: bool) -> None:
+        self.ready = ready
+        self.ready_gauge.set(1 if ready else 0)
+
+    def on_stage_call(self, stage: str, seconds: float, frames: int, errors: int) -> None:
+        series = self._stage(stage)
+        series.seconds.observe(seconds)
+        if frames:
+            series.frames.inc(frames)
+            series.batches.inc()
+        if errors:
+            series.errors.inc(errors)
+
+    def on_queue(self, stage: str, depth: int, in_flight: int) -> None:
+        series = self._stage(stage)
+        series.queue_depth.set(depth)
+        series.in_flight.set(in_flight)
+
+    def on_restart(self, stage: str) -> None:
+        self._stage(stage).restarts.inc()
+
+    def on_decoded(self, frame: Any) -> None:
+        series = self._stream(frame.stream_id)
+        series.decoded.inc()
+        if not series.is_up:
+            self.on_stream_state(frame.stream_id, True)
+        reconnects = frame.meta.get("reconnects") if frame.meta else None
+        if reconnects and reconnects > series.reconnects_seen:
+            # sources report a running count; the counter takes the increase
+            series.reconnects.inc(reconnects - series.reconnects_seen)
+            series.reconnects_seen = reconnects
+
+    def on_result(self, result: Any) -> None:
+        series = self._stream(result.stream_id)
+        outcome = result.outcome.value
+        series.outcomes[outcome].inc()
+        series.counts[outcome] += 1
+        if outcome in ("processed", "reused"):
+            series.latency.observe(result.latency_s)
+            fresh_or_reused = series.counts["processed"] + series.counts["reused"]
+            series.skip_ratio.set(series.counts["reused"] / fresh_or_reused)
+        self._count_fps(series)
+        audit = result.results.get("audit") if result.results else None
+        if isinstance(audit, dict) and "agreement" in audit:
+            self.on_audit(result.stream_id, float(audit["agreement"]))
+
+    def _count_fps(self, series: _StreamSeries) -> None:
+        series.window_frames += 1
+        elapsed = time.monotonic() - series.window_start
+        if elapsed >= FPS_WINDOW_S:
+            series.fps.set(series.window_frames / elapsed)
+            series.window_start += elapsed
+            series.window_frames = 0
+
+    def on_stream_state(self, stream: str, up: bool) -> None:
+        series = self._stream(stream)
+        series.is_up = up
+        series.up.set(1 if up else 0)
+        if not up:
+            series.fps.set(0)
+            # a stream that comes back later starts a fresh rate window
+            series.window_start, series.window_frames = time.monotonic(), 0
+
+    def on_reconnect(self, stream: str) -> None:
+        self._stream(stream).reconnects.inc()
+
+    def on_audit(self, stream: str, agreement: float) -> None:
+        series = self._stream(stream)
+        if series.audited is None:
+            series.audited, series.audit_agreement = self.audited.labels(stream), self.audit_agreement.labels(stream)
+        series.audit_sum += agreement
+        series.audit_count += 1
+        series.audited.inc()
+        series.audit_agreement.set(series.audit_sum / series.audit_count)
+
+    def on_device(self, device: str, process: str, allocated_bytes: int, reserved_bytes: int,
+                  utilization: float | None) -> None:
+        self.gpu_allocated.labels(device, process).set(allocated_bytes)
+        self.gpu_reserved.labels(device, process).set(reserved_bytes)
+        if utilization is not None:
+            self.gpu_utilization.labels(device).set(utilization)
+
+    def refresh(self) -> None:
+        """Called before each scrape: sample this process's own GPU memory, if it uses CUDA."""
+        for device in local_gpu_stats("driver"):
+            self.on_device(**device)
+
+    def exposition(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        self.refresh()
+        return generate_latest(self.registry)
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class MetricsExporter:
+    """Serves a recorder's metrics on ``http://host:port/metrics`` plus two probes.
+
+    ``/healthz`` answers 200 while the process serves at all; ``/readyz``
+    answers 200 only while the stages are set up and the run is going (503
+    otherwise), for Kubernetes readiness probes.
+    """
+
+    def __init__(self, recorder: PrometheusRecorder, host: str = "127.0.0.1", port: int = 9464) -> None:
+        self.recorder = recorder
+        self.host = host
+        self.requested_port = port
+        self.scrapes = 0
+        self.last_scrape = 0.0
+        self.scrape_interval: float | None = None
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._scraped = threading.Condition()
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.requested_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "MetricsExporter":
+        try:
+            self._server = ThreadingHTTPServer((self.host, self.requested_port), _handler_for(self))
+        except OSError as exc:
+            raise BlinkflowError(
+                f"metrics: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "
+                "set metrics.port to a free port (0 picks one) or metrics.enabled=false"
+            ) from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="blinkflow-metrics", daemon=True)
+        self._thread.start()
+        log.info("serving metrics on %s/metrics", self.url)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def note_scrape(self) -> None:
+        with self._scraped:
+            now = time.time()
+            self.scrapes += 1
+            self.scrape_interval = now - self.last_scrape if self.last_scrape else None
+            self.last_scrape = now
+            self._scraped.notify_all()
+
+    def wait_for_scrape(self, after: float, timeout: float) -> bool:
+        """Wait until a scrape starts after the time ``after`` (epoch seconds); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._scraped:
+            while self.last_scrape <= after:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._scraped.wait(left)
+        return True
+
+    def __enter__(self) -> "MetricsExporter":
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
+
+
+def _handler_for(exporter: MetricsExporter) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                from prometheus_client import CONTENT_TYPE_LATEST
+
+                body = exporter.recorder.exposition()
+                exporter.note_scrape()
+                self._reply(200, body, CONTENT_TYPE_LATEST)
+            elif path == "/healthz":
+                self._reply(200, b"ok\n")
+            elif path == "/readyz":
+                ready = exporter.recorder.ready
+                self._reply(200 if ready else 503, b"ready\n" if ready else b"not ready\n")
+            else:
+                self._reply(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+        def _reply(self, status: int, body: bytes, content_type: str = "text/plain; charset=utf-8") -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
+            log.debug("metrics http: " + format, *args)
+
+    return Handler
+
+
+def start_exporter(cfg: Any) -> MetricsExporter:
+    """Start serving a fresh recorder as the ``metrics`` config section asks."""
+    return MetricsExporter(PrometheusRecorder(), cfg.host, cfg.port).start()
+
+
+def linger_for_last_scrape(exporter: MetricsExporter, finished_at: float, max_wait_s: float = 30.0) -> None:
+    """Keep serving until a scraper has read the final values, if one is scraping at all.
+
+    A batch run can end between two scrapes, and then Prometheus would never see
+    its last counts. Waits only when a scrape was seen during the run, for at most
+    about two scrape intervals (``max_wait_s`` at most).
+    """
+    if not exporter.scrapes:
+        return
+    interval = exporter.scrape_interval
+    timeout = max_wait_s if interval is None else min(max_wait_s, 2.0 * interval + 1.0)
+    if not exporter.wait_for_scrape(finished_at, timeout=timeout):
+        log.info("no scrape came after the run ended; the last counts may not have been collected")
+
+
+@contextlib.contextmanager
+def serving_metrics(cfg: Any) -> Iterator[PrometheusRecorder | None]:
+    """While the block runs, serve metrics if ``cfg.enabled`` (yielding the recorder to
+    hand to a runner); on a clean exit, linger for a final scrape; then stop."""
+    if not cfg.enabled:
+        yield None
+        return
+    exporter = start_exporter(cfg)
+    try:
+        yield exporter.recorder
+        linger_for_last_scrape(exporter, time.time())
+    finally:
+        exporter.stop()

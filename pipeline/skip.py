@@ -1,0 +1,524 @@
+"""Temporal-redundancy skipping: the pieces the gate stage and the driver share.
+
+* **Change signal** (:func:`changed_mask`, :func:`largest_component`): where a
+  frame differs from the reference the caches represent, robust to codec noise.
+* **Tiles** (:func:`tile_rects`, :func:`changed_tiles`): the grid on which the
+  gate tells the segment stage what to recompute.
+* **Motion** (:func:`motion_field_from_mvs`, :func:`compose_motion`,
+  :func:`shift_boxes`, :func:`warp_class_map`): carry boxes and masks along the
+  decoder's motion vectors (or the flow stage's flow) instead of copying them
+  stale. A *motion field* is a coarse (gh, gw, 2) float array of backward
+  displacements ``(dx, dy)`` in frame pixels: the content at pixel ``p`` of the
+  current frame came from ``p - field[cell(p)]`` of the reference frame.
+* **Agreement** (:func:`box_f1`, :func:`mask_miou`, :func:`agreement`): how well
+  a carried-over result matches a fresh one, measured on audit frames.
+* :class:`CarryOver` runs in the driver (inside ``OrderedOutput``, identical for
+  both runners): it fills reused frames, scores audits, keeps per-stream stats
+  and queues the audit agreement that goes back to the gate (see
+  :meth:`CarryOver.attach_feedback` for why that is deterministic).
+
+numpy only at import time; torch and PIL are imported where needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+#: side of a motion-field cell in source pixels (H.264 partitions go down to 8x8 for P/B blocks we use)
+MOTION_CELL = 8
+#: stages whose results the carry-over moves with motion and the audit compares
+BOX_STAGE, MASK_STAGE = "detect", "segment"
+#: the results key of an audit's scores (``{"agreement", "boxes_f1", "mask_iou", "audit_of"}``); never carried over
+AUDIT_KEY = "audit"
+
+
+# --------------------------------------------------------------------------- change signal
+
+
+def box_blur(image: np.ndarray, size: int) -> np.ndarray:
+    """Mean filter with an odd ``size`` window (edges replicated), via summed-area tables."""
+    if size <= 1:
+        return image
+    pad = size // 2
+    padded = np.pad(image, pad, mode="edge")
+    table = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = image.shape
+    total = table[size : size + h, size : size + w] - table[:h, size : size + w] - table[size : size + h, :w] + table[:h, :w]
+    return total / float(size * size)
+
+
+def changed_mask(reference: np.ndarray, current: np.ndarray, pixel_threshold: float, blur: int,
+                 noise_sigmas: float = 0.0) -> np.ndarray:
+    """Boolean mask of changed signal pixels: blurred |difference| above the pixel threshold.
+
+    Block averaging (the signal's downscale) and the blur remove isolated codec
+    noise. With ``noise_sigmas > 0`` the threshold also rises to that many
+    robust standard deviations (1.4826 x MAD) of the blurred difference, so a
+    noisy camera does not read as change everywhere.
+    """
+    diff = box_blur(np.abs(current - reference), blur | 1)
+    threshold = float(pixel_threshold)
+    if noise_sigmas > 0:
+        median = float(np.median(diff))
+        sigma = 1.4826 * float(np.median(np.abs(diff - median)))
+        threshold = max(threshold, median + noise_sigmas * sigma)
+    return diff > threshold
+
+
+def largest_component(mask: np.ndarray) -> int:
+    """Pixel count of the largest 4-connected component of ``mask`` (vectorised label propagation)."""
+    if not mask.any():
+        return 0
+    h, w = mask.shape
+    big = h * w
+    labels = np.where(mask, np.arange(big).reshape(h, w), big)
+    for _ in range(big):
+        low = labels.copy()
+        np.minimum(low[1:], labels[:-1], out=low[1:])
+        np.minimum(low[:-1], labels[1:], out=low[:-1])
+        np.minimum(low[:, 1:], labels[:, :-1], out=low[:, 1:])
+        np.minimum(low[:, :-1], labels[:, 1:], out=low[:, :-1])
+        low = np.where(mask, low, big)
+        flat = low.ravel()
+        inside = flat < big
+        flat[inside] = flat[flat[inside]]  # pointer jumping: a label's own label is in the same component
+        if np.array_equal(low, labels):
+            break
+        labels = low
+    counts = np.bincount(labels[mask].ravel())
+    return int(counts.max())
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def tile_edges(count: int, size: int) -> list[int]:
+    """``count + 1`` integer edges splitting ``size`` pixels into near-equal tiles."""
+    return [(i * size) // count for i in range(count + 1)]
+
+
+def tile_rects(grid: tuple[int, int] | list[int], height: int, width: int) -> list[tuple[int, int, int, int]]:
+    """(y0, y1, x0, x1) of every tile, row-major, on a frame (or signal) of the given size."""
+    rows, cols = grid
+    ys, xs = tile_edges(rows, height), tile_edges(cols, width)
+    return [(ys[r], ys[r + 1], xs[c], xs[c + 1]) for r in range(rows) for c in range(cols)]
+
+
+def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int]) -> list[int]:
+    """Row-major indices of the tiles that hold at least one changed pixel of ``mask``."""
+    h, w = mask.shape
+    return [i for i, (y0, y1, x0, x1) in enumerate(tile_rects(grid, h, w)) if y1 > y0 and x1 > x0 and mask[y0:y1, x0:x1].any()]
+
+
+def tile_runs(changed: list[int], grid: tuple[int, int] | list[int]) -> list[tuple[int, int, int]]:
+    """Changed tiles merged into horizontal runs ``(row, first_col, last_col + 1)``: one crop each."""
+    cols = grid[1]
+    runs: list[tuple[int, int, int]] = []
+    for index in sorted(changed):
+        row, col = divmod(index, cols)
+        if runs and runs[-1][0] == row and runs[-1][2] == col:
+            runs[-1] = (row, runs[-1][1], col + 1)
+        else:
+            runs.append((row, col, col + 1))
+    return runs
+
+
+# --------------------------------------------------------------------------- motion
+
+
+def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell: int = MOTION_CELL,
+                          scale: tuple[float, float] = (1.0, 1.0), past_distance: float = 1.0,
+                          future_distance: float = 1.0) -> np.ndarray:
+    """The decoder's motion vectors (PyAV ``MOTION_VECTORS`` side data) as a one-frame backward motion field.
+
+    Each vector moves a ``w x h`` block whose centre is ``(dst_x, dst_y)``; its
+    content came from ``src = dst + motion / motion_scale`` in a reference frame
+    ``past_distance`` frames back (``source < 0``) or ``future_distance`` ahead
+    (B-frames). Dividing by the distance gives the motion per frame (constant
+    velocity): ``(dst - src) / past`` or ``(src - dst) / future``. Blocks with
+    no vector (intra) keep zero motion. ``scale`` maps decoded to output pixels.
+    """
+    gh, gw = max(1, math.ceil(height / cell)), max(1, math.ceil(width / cell))
+    total = np.zeros((gh, gw, 2), dtype=np.float32)
+    count = np.zeros((gh, gw), dtype=np.float32)
+    if mvs is not None and len(mvs):
+        denom = np.maximum(mvs["motion_scale"].astype(np.float32), 1.0)
+        forward = np.stack([-mvs["motion_x"] / denom, -mvs["motion_y"] / denom], axis=-1).astype(np.float32)
+        future = mvs["source"] > 0
+        forward[~future] /= max(past_distance, 1.0)
+        forward[future] /= -max(future_distance, 1.0)
+        for oy in range(0, 16, cell):
+            for ox in range(0, 16, cell):
+                use = (oy < mvs["h"]) & (ox < mvs["w"])
+                cx = (mvs["dst_x"][use] - mvs["w"][use] // 2 + ox) // cell
+                cy = (mvs["dst_y"][use] - mvs["h"][use] // 2 + oy) // cell
+                inside = (cx >= 0) & (cx < gw) & (cy >= 0) & (cy < gh)
+                np.add.at(total, (cy[inside], cx[inside]), forward[use][inside])
+                np.add.at(count, (cy[inside], cx[inside]), 1.0)
+    field_ = total / np.maximum(count, 1.0)[..., None]
+    field_[..., 0] *= scale[0]
+    field_[..., 1] *= scale[1]
+    return field_
+
+
+class DecoderMotion:
+    """Per decoded frame (display order), its one-frame motion field from the decoder's vectors.
+
+    FFmpeg tells only the direction of a vector's reference frame, so the
+    distance is inferred from the picture types: a P-frame refers to the last
+    I/P frame, a B-frame to that one and to the next P (expected one P-gap after
+    the previous anchor). ``resize`` ([width, height]) maps the field to output pixels.
+    """
+
+    def __init__(self, resize: list[int] | None = None) -> None:
+        self.resize = resize
+        self.count = -1
+        self.last_anchor: int | None = None
+        self.anchor_gap = 1
+
+    def step(self, av_frame: Any) -> np.ndarray:
+        self.count += 1
+        kind = int(av_frame.pict_type)  # 1 = I, 2 = P, 3 = B (AVPictureType)
+        since_anchor = self.count - self.last_anchor if self.last_anchor is not None else 1
+        past, future = max(1, since_anchor), max(1, self.anchor_gap - since_anchor)
+        if kind in (1, 2):
+            if kind == 2 and self.last_anchor is not None:
+                self.anchor_gap = max(1, since_anchor)
+            self.last_anchor = self.count
+        side = av_frame.side_data.get("MOTION_VECTORS")
+        vectors = side.to_ndarray() if side is not None and kind != 1 else None
+        height, width = av_frame.height, av_frame.width
+        out_w, out_h = (self.resize[0], self.resize[1]) if self.resize else (width, height)
+        field_ = motion_field_from_mvs(vectors, height, width, scale=(out_w / width, out_h / height),
+                                       past_distance=past, future_distance=future)
+        return regrid_motion(field_, out_h, out_w) if (out_w, out_h) != (width, height) else field_
+
+    def compose(self, av_frame: Any, pending: np.ndarray | None) -> np.ndarray:
+        """This frame's step composed onto ``pending`` (the motion of frames decoded but not kept)."""
+        return compose_motion(self.step(av_frame), pending)
+
+
+def regrid_motion(motion: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Resample a motion field (nearest cell) onto the MOTION_CELL grid of a ``height x width`` frame."""
+    gh, gw = max(1, math.ceil(height / MOTION_CELL)), max(1, math.ceil(width / MOTION_CELL))
+    rows = np.minimum(np.arange(gh) * motion.shape[0] // gh, motion.shape[0] - 1)
+    cols = np.minimum(np.arange(gw) * motion.shape[1] // gw, motion.shape[1] - 1)
+    return motion[rows[:, None], cols[None, :]]
+
+
+def compose_motion(step: np.ndarray | None, accumulated: np.ndarray | None) -> np.ndarray | None:
+    """Backward motion from the reference to frame t, given the motion from t-1 to t (``step``)
+    and from the reference to t-1 (``accumulated``): ``step(p) + accumulated(p - step(p))``."""
+    if step is None:
+        return accumulated
+    if accumulated is None or accumulated.shape != step.shape:
+        return step.astype(np.float32)
+    gh, gw = step.shape[:2]
+    ys, xs = np.mgrid[0:gh, 0:gw]
+    cell_w, cell_h = _cell_size(step)
+    src_x = np.clip(np.rint(xs - step[..., 0] / cell_w), 0, gw - 1).astype(np.intp)
+    src_y = np.clip(np.rint(ys - step[..., 1] / cell_h), 0, gh - 1).astype(np.intp)
+    return (step + accumulated[src_y, src_x]).astype(np.float32)
+
+
+def _cell_size(motion: np.ndarray) -> tuple[float, float]:
+    """Cell size in pixels; fields carry it implicitly as MOTION_CELL (see motion_field_from_mvs)."""
+    return float(MOTION_CELL), float(MOTION_CELL)
+
+
+def field_at_pixels(motion: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The coarse field expanded to one (dx, dy) per pixel (nearest cell)."""
+    gh, gw = motion.shape[:2]
+    rows = np.minimum(np.arange(height) * gh // max(height, 1), gh - 1)
+    cols = np.minimum(np.arange(width) * gw // max(width, 1), gw - 1)
+    return motion[rows[:, None], cols[None, :]]
+
+
+def warp_backward(image: np.ndarray, motion: np.ndarray) -> np.ndarray:
+    """``out[p] = image[p - motion(p)]`` (nearest pixel, edges clamped): how a decoder moves blocks."""
+    height, width = image.shape[:2]
+    per_pixel = field_at_pixels(motion, height, width)
+    ys, xs = np.mgrid[0:height, 0:width]
+    src_x = np.clip(np.rint(xs - per_pixel[..., 0]), 0, width - 1).astype(np.intp)
+    src_y = np.clip(np.rint(ys - per_pixel[..., 1]), 0, height - 1).astype(np.intp)
+    return image[src_y, src_x]
+
+
+def _median_motion(motion: np.ndarray, box: list[float], height: int, width: int) -> np.ndarray:
+    gh, gw = motion.shape[:2]
+    x0 = int(np.clip(box[0] * gw / width, 0, gw - 1))
+    x1 = int(np.clip(math.ceil(box[2] * gw / width), x0 + 1, gw))
+    y0 = int(np.clip(box[1] * gh / height, 0, gh - 1))
+    y1 = int(np.clip(math.ceil(box[3] * gh / height), y0 + 1, gh))
+    return np.median(motion[y0:y1, x0:x1].reshape(-1, 2), axis=0)
+
+
+def shift_boxes(boxes: list[list[float]], motion: np.ndarray, height: int, width: int) -> list[list[float]]:
+    """Move each box by the median motion inside it (sampled where it was, then where it went), clipped."""
+    moved = []
+    for box in boxes:
+        dx, dy = _median_motion(motion, box, height, width)
+        shifted = [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
+        dx, dy = _median_motion(motion, shifted, height, width)
+        x1, x2 = np.clip([box[0] + dx, box[2] + dx], 0, width)
+        y1, y2 = np.clip([box[1] + dy, box[3] + dy], 0, height)
+        moved.append([round(float(x1), 2), round(float(y1), 2), round(float(x2), 2), round(float(y2), 2)])
+    return moved
+
+
+def motion_from_flow(flow_result: dict[str, Any] | None, key_index: int, index: int) -> np.ndarray | None:
+    """Constant-velocity extrapolation of the keyframe's flow (prev -> key) to ``index``."""
+    if not flow_result or "flow" not in flow_result:
+        return None
+    prev, key = flow_result.get("pair", [key_index - 1, key_index])
+    gap = max(1, int(key) - int(prev))
+    flow = np.asarray(flow_result["flow"], dtype=np.float32) * float(flow_result.get("scale", 1))
+    return (np.moveaxis(flow, 0, -1) * ((index - key_index) / gap)).astype(np.float32)
+
+
+def is_still(motion: np.ndarray | None, tolerance: float = 0.25) -> bool:
+    return motion is None or not np.any(np.abs(motion) > tolerance)
+
+
+# --------------------------------------------------------------------------- agreement
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of (N, 4) and (M, 4) boxes in x1, y1, x2, y2."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def box_f1(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float = 0.5) -> float:
+    """F1 of carried boxes against fresh ones: greedy one-to-one matching, same label, IoU >= threshold.
+
+    Two empty results agree perfectly (1.0); fresh boxes are matched best-score first.
+    """
+    a = np.asarray(carried.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(fresh.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    la, lb = list(carried.get("labels") or [0] * len(a)), list(fresh.get("labels") or [0] * len(b))
+    iou = box_iou(a, b)
+    iou[np.asarray(la)[:, None] != np.asarray(lb)[None, :]] = 0.0
+    used = np.zeros(len(a), dtype=bool)
+    matches = 0
+    for j in range(len(b)):  # fresh results are sorted best first
+        candidates = np.where(~used & (iou[:, j] >= iou_threshold), iou[:, j], -1.0)
+        i = int(np.argmax(candidates))
+        if candidates[i] >= iou_threshold:
+            used[i] = True
+            matches += 1
+    return 2.0 * matches / (len(a) + len(b))
+
+
+def mask_miou(carried: np.ndarray, fresh: np.ndarray) -> float:
+    """Mean IoU over the classes present in either class map (1.0 for identical maps)."""
+    if carried.shape != fresh.shape:
+        return 0.0
+    num = int(max(carried.max(initial=0), fresh.max(initial=0))) + 1
+    joint = np.bincount(carried.ravel().astype(np.int64) * num + fresh.ravel(), minlength=num * num).reshape(num, num)
+    inter = np.diag(joint).astype(np.float64)
+    union = joint.sum(0) + joint.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 1.0
+
+
+def class_map_of(segment_result: dict[str, Any]) -> np.ndarray:
+    from stages.common import decode_class_map
+
+    return decode_class_map(segment_result["mask"]["data"])
+
+
+def agreement(carried: dict[str, Any], fresh: dict[str, Any]) -> dict[str, float] | None:
+    """Box F1 at IoU 0.5 and mask mIoU of carried-over against fresh results; ``score`` is the worst."""
+    out: dict[str, float] = {}
+    if BOX_STAGE in carried and BOX_STAGE in fresh:
+        out["boxes_f1"] = round(box_f1(carried[BOX_STAGE], fresh[BOX_STAGE]), 6)
+    if MASK_STAGE in carried and MASK_STAGE in fresh:
+        out["mask_iou"] = round(mask_miou(class_map_of(carried[MASK_STAGE]), class_map_of(fresh[MASK_STAGE])), 6)
+    if not out:
+        return None
+    out["score"] = min(out.values())
+    return out
+
+
+# --------------------------------------------------------------------------- carry-over (driver)
+
+
+def compensate(results: dict[str, Any], motion: np.ndarray | None, height: int, width: int) -> dict[str, Any]:
+    """The keyframe's results moved along ``motion``: boxes shifted, the class map warped.
+
+    Other stages' results are shared unchanged (the same objects), as a plain carry-over does.
+    """
+    if is_still(motion):
+        return dict(results)
+    moved = dict(results)
+    if isinstance(results.get(BOX_STAGE), dict) and results[BOX_STAGE].get("boxes"):
+        moved[BOX_STAGE] = dict(results[BOX_STAGE], boxes=shift_boxes(results[BOX_STAGE]["boxes"], motion, height, width))
+    if isinstance(results.get(MASK_STAGE), dict) and "mask" in results[MASK_STAGE]:
+        moved[MASK_STAGE] = _warped_segment(results[MASK_STAGE], motion)
+    return moved
+
+
+def _warped_segment(result: dict[str, Any], motion: np.ndarray) -> dict[str, Any]:
+    from stages.common import encode_class_map
+
+    class_map = warp_backward(class_map_of(result), motion)
+    counts = np.bincount(class_map.ravel(), minlength=len(result.get("classes", [])))
+    classes = result.get("classes") or [str(i) for i in range(len(counts))]
+    areas: dict[str, int] = {}
+    for index in np.flatnonzero(counts):
+        name = classes[index] if index < len(classes) else str(index)
+        areas[name] = areas.get(name, 0) + int(counts[index])
+    mask = dict(result["mask"], data=encode_class_map(class_map))
+    return dict(result, mask=mask, areas=areas)
+
+
+@dataclass
+class StreamSkipStats:
+    """Per-stream gate figures the driver keeps (and the metrics exporter can read)."""
+
+    frames: int = 0
+    reused: int = 0
+    partial: int = 0
+    audits: int = 0
+    agreement_sum: float = 0.0
+    agreement_last: float | None = None
+    threshold: float | None = None
+    recomputed_area: float = 0.0  # segment tiles: fraction of a frame recomputed, summed over partial frames
+
+    @property
+    def skip_ratio(self) -> float:
+        return self.reused / self.frames if self.frames else 0.0
+
+    @property
+    def agreement_mean(self) -> float | None:
+        return self.agreement_sum / self.audits if self.audits else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames, "reused": self.reused, "partial": self.partial, "audits": self.audits,
+            "skip_ratio": round(self.skip_ratio, 6), "agreement_mean": self.agreement_mean,
+            "agreement_last": self.agreement_last, "threshold": self.threshold,
+            "recomputed_area": round(self.recomputed_area, 4),
+        }
+
+
+@dataclass
+class CarryOver:
+    """Driver-side half of the gate: fill reused frames, score audits, relay agreement.
+
+    ``motion`` is the gate's ``motion`` setting: ``"mvs"`` uses the field the
+    gate accumulated from the decoder's vectors (``meta["motion"]``), ``"flow"``
+    extrapolates the keyframe's flow result, ``"auto"`` tries both in that order.
+    ``lag`` is ``gate.audit_lag``; ``adaptive`` says whether the gate uses the
+    feedback (only then does the Ray runner wait for it, see :meth:`ready_for`).
+    """
+
+    motion: str = "off"
+    lag: int = 8
+    adaptive: bool = False
+    stats: dict[str, StreamSkipStats] = field(default_factory=lambda: defaultdict(StreamSkipStats))
+    _feedback: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def from_config(cls, gate_cfg: Any | None) -> "CarryOver":
+        if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
+            return cls()
+        return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive)
+
+    def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
+        """Give a reused frame its keyframe's results, moved along the frame's motion."""
+        motion = self._motion_for(frame, keyframe_results)
+        carried = compensate(keyframe_results, motion, frame.height, frame.width) if motion is not None else keyframe_results
+        for stage, value in carried.items():
+            if stage != AUDIT_KEY:
+                frame.results.setdefault(stage, value)
+
+    def observe(self, frame: Any, keyframe_results: dict[str, Any] | None) -> None:
+        """Count a finished frame; for an audit, score the would-be carry-over against the fresh results."""
+        gate = frame.results.get("gate")
+        if not isinstance(gate, dict):
+            return
+        stats = self.stats[frame.stream_id]
+        stats.frames += 1
+        stats.threshold = gate.get("threshold", stats.threshold)
+        decision = gate.get("decision")
+        if decision == "reuse":
+            stats.reused += 1
+        elif decision == "partial":
+            stats.partial += 1
+            recomputed = (frame.results.get(MASK_STAGE) or {}).get("tiles", {}).get("area")
+            stats.recomputed_area += float(recomputed) if recomputed is not None else 0.0
+        audit_of = frame.meta.get("audit_of")
+        if audit_of is None or frame.is_failed or not keyframe_results:
+            return
+        predicted = compensate(keyframe_results, self._motion_for(frame, keyframe_results), frame.height, frame.width)
+        scores = agreement(predicted, frame.results)
+        if scores is None:
+            return
+        frame.results[AUDIT_KEY] = {"agreement": scores.pop("score"), **scores, "audit_of": int(audit_of)}
+        scores["score"] = frame.results[AUDIT_KEY]["agreement"]
+        stats.audits += 1
+        stats.agreement_sum += scores["score"]
+        stats.agreement_last = scores["score"]
+        self._feedback[frame.stream_id].append((frame.index, scores["score"]))
+
+    def _motion_for(self, frame: Any, keyframe_results: dict[str, Any]) -> np.ndarray | None:
+        if self.motion in ("mvs", "auto") and frame.meta.get("motion") is not None:
+            return np.asarray(frame.meta["motion"], dtype=np.float32)
+        if self.motion in ("flow", "auto"):
+            key = frame.meta.get("reuse_of", frame.meta.get("audit_of"))
+            if key is not None:
+                return motion_from_flow(keyframe_results.get("flow"), int(key), frame.index)
+        return None
+
+    # ------------------------------------------------------------------ feedback to the gate
+
+    def ready_for(self, frame: Any, next_index: int) -> bool:
+        """True when every frame at or before ``frame.index - lag`` of its stream has been emitted.
+
+        The Ray runner consumes finished chains until this holds (or none are
+        left) before it submits ``frame``; the local runner always has it (or
+        never will, for frames a holding stage still keeps). Either way both
+        runners attach the same feedback to the same frame, so the gate's
+        adaptive decisions are identical in both.
+        """
+        return not self.adaptive or next_index > frame.index - self.lag
+
+    def attach_feedback(self, frames: list[Any]) -> None:
+        """Hand each frame the agreement of its stream's audits at least ``lag`` frames older, once."""
+        for frame in frames:
+            queue = self._feedback.get(frame.stream_id)
+            if not queue:
+                continue
+            due = [item for item in queue if item[0] <= frame.index - self.lag]
+            if due:
+                frame.meta["audit_feedback"] = due
+                self._feedback[frame.stream_id] = [item for item in queue if item[0] > frame.index - self.lag]
+
+    def end_stream(self, stream_id: str) -> None:
+        self._feedback.pop(stream_id, None)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {stream: stats.as_dict() for stream, stats in self.stats.items()}

@@ -1,0 +1,340 @@
+"""The gate and temporal-redundancy skipping: decisions, tiles, motion, audits, adaptation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline.config import GateConfig, load_config
+from pipeline.frame import Frame
+from pipeline.skip import (
+    CarryOver,
+    box_f1,
+    compensate,
+    largest_component,
+    mask_miou,
+    tile_runs,
+)
+from stages.gate import Gate
+
+
+def frames_of(images, stream="s", start=0):
+    return [Frame(stream_id=stream, index=start + i, pts=float(i), image=image) for i, image in enumerate(images)]
+
+
+def textured(height=48, width=64, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(40, 200, (height // 8, width // 8, 3), dtype=np.uint8)
+    return np.kron(base, np.ones((8, 8, 1), dtype=np.uint8))  # blocks survive the 4x downscale
+
+
+def decisions(frames):
+    return [f.results["gate"]["decision"] for f in frames]
+
+
+# --------------------------------------------------------------------------- frame-level decisions
+
+
+def test_identical_frames_give_one_processed_frame_per_max_reuse_interval():
+    gate = Gate(GateConfig(enabled=True, max_reuse=4))
+    frames = gate.process(frames_of([textured()] * 15))
+    processed = [f.index for f in frames if not f.is_reused]
+    assert processed == [0, 5, 10]
+    assert [f.meta.get("reuse_of") for f in frames[1:5]] == [0, 0, 0, 0]
+    assert all(f.results["gate"]["keyframe"] == f.meta["reuse_of"] for f in frames if f.is_reused)
+    # the forced refreshes are audits of the keyframe they would have copied
+    assert [f.meta.get("audit_of") for f in frames if f.index in (5, 10)] == [0, 5]
+    assert frames[5].results["gate"]["reason"] == "max_reuse"
+
+
+def test_a_cut_forces_a_refresh_even_with_a_permissive_threshold():
+    gate = Gate(GateConfig(enabled=True, threshold=0.99, cut_threshold=0.5, max_reuse=100))
+    frames = gate.process(frames_of([textured(seed=1)] * 3 + [textured(seed=2)] * 2))
+    assert decisions(frames) == ["keyframe", "reuse", "reuse", "keyframe", "reuse"]
+    assert frames[3].results["gate"]["reason"] == "cut"
+    assert frames[4].meta["reuse_of"] == 3
+
+
+def test_a_stream_restart_forces_a_refresh():
+    gate = Gate(GateConfig(enabled=True, max_reuse=100))
+    image = textured()
+    gate.process(frames_of([image] * 4))
+    again = gate.process(frames_of([image] * 2))  # indices start over at 0
+    assert again[0].results["gate"]["reason"] == "restart"
+    assert again[1].meta["reuse_of"] == 0
+
+
+def test_codec_noise_is_not_change_but_a_moving_patch_is():
+    rng = np.random.default_rng(3)
+    image = textured()
+    noisy = np.clip(image.astype(int) + rng.integers(-12, 13, image.shape), 0, 255).astype(np.uint8)
+    moved = image.copy()
+    moved[8:24, 8:24] = 255
+    gate = Gate(GateConfig(enabled=True, max_reuse=100))
+    frames = gate.process(frames_of([image, noisy, moved]))
+    assert frames[1].results["gate"]["changed"] == 0.0
+    assert frames[2].results["gate"]["changed"] > 0.05
+    assert 0 < frames[2].results["gate"]["largest"] <= frames[2].results["gate"]["changed"] + 1e-9
+
+
+def test_largest_component_measures_the_biggest_blob():
+    mask = np.zeros((12, 12), dtype=bool)
+    mask[1:3, 1:3] = True  # 4
+    mask[5:10, 4:8] = True  # 20
+    mask[11, 0:12] = True  # 12, a long thin line
+    assert largest_component(mask) == 20
+    assert largest_component(np.zeros((4, 4), dtype=bool)) == 0
+
+
+# --------------------------------------------------------------------------- tiles
+
+
+def test_a_local_change_is_a_partial_frame_that_names_its_tiles():
+    image = textured()
+    changed = image.copy()
+    changed[40:48, 52:64] = 250  # inside the bottom-right tile of a 4x4 grid (the blur spreads it 1 cell)
+    gate = Gate(GateConfig(enabled=True, tiles=[4, 4], max_reuse=100))
+    frames = gate.process(frames_of([image, changed, changed]))
+    assert decisions(frames) == ["keyframe", "partial", "reuse"]
+    assert frames[1].meta["tiles"] == {"grid": [4, 4], "changed": [15], "base": 0}
+    assert frames[0].meta["tiles"]["changed"] is None  # a keyframe: the segment stage runs in full
+    assert frames[2].meta["reuse_of"] == 1  # the partial frame is the new reference
+
+
+def test_tile_runs_merge_neighbours_in_a_row():
+    assert tile_runs([0, 1, 3, 5, 6], [2, 4]) == [(0, 0, 2), (0, 3, 4), (1, 1, 3)]
+
+
+@pytest.fixture(scope="module")
+def segmenter():
+    import torch
+
+    from pipeline.config import StageConfig
+    from stages.segment import Segment, SegmentOptions
+
+    torch.manual_seed(0)
+    stage = Segment(StageConfig(options=SegmentOptions(input_size=[64, 96], tile_halo=32)))
+    stage.setup("cpu")
+    with torch.no_grad():  # a random head gives one class everywhere; a louder one gives a varied map
+        stage.model.head.weight.normal_(0, 1.0)
+        stage.model.head.bias.zero_()
+    return stage
+
+
+def test_tile_recompute_matches_a_full_recompute(segmenter):
+    from stages.common import decode_class_map
+
+    image = textured(96, 128, seed=4)
+    changed = image.copy()
+    changed[60:90, 10:40] = [250, 30, 30]  # inside the bottom-left tiles of a 3x4 grid
+    gate = Gate(GateConfig(enabled=True, tiles=[3, 4], max_reuse=100))
+    frames = segmenter.process(gate.process(frames_of([image, changed])))
+    assert frames[1].results["gate"]["decision"] == "partial"
+    tiles = frames[1].results["segment"]["tiles"]
+    assert tiles["recomputed"] == len(frames[1].meta["tiles"]["changed"]) < 12
+    assert tiles["area"] < 1.0
+    patched = decode_class_map(frames[1].results["segment"]["mask"]["data"])
+    full = frames_of([changed], stream="fresh")[0]
+    segmenter.process([full])
+    fresh = decode_class_map(full.results["segment"]["mask"]["data"])
+    assert len(np.unique(fresh)) > 1
+    # the stated tolerance (docs/skipping.md): at least 99% of the pixels agree with a full recompute
+    assert (patched == fresh).mean() >= 0.99
+    assert mask_miou(patched, fresh) >= 0.95
+
+
+def test_segment_recomputes_in_full_without_its_cached_base(segmenter):
+    image = textured(96, 128, seed=5)
+    frame = frames_of([image], stream="nocache", start=3)[0]
+    frame.meta["tiles"] = {"grid": [3, 4], "changed": [0], "base": 2}  # base 2 was never seen here
+    segmenter.process([frame])
+    assert "tiles" not in frame.results["segment"]
+
+
+# --------------------------------------------------------------------------- motion
+
+
+def test_motion_compensation_moves_boxes_and_masks():
+    from stages.common import encode_class_map
+
+    class_map = np.zeros((32, 48), dtype=np.uint8)
+    class_map[8:16, 8:16] = 2
+    keyframe = {
+        "detect": {"boxes": [[8.0, 8.0, 16.0, 16.0]], "labels": [2], "classes": ["b"], "scores": [0.9]},
+        "segment": {"mask": {"format": "png", "data": encode_class_map(class_map), "height": 32, "width": 48},
+                    "classes": ["bg", "a", "b"], "areas": {"bg": 32 * 48 - 64, "b": 64}},
+        "action": {"label": "x"},
+    }
+    motion = np.zeros((4, 6, 2), dtype=np.float32)
+    motion[..., 0] = 8.0  # everything moved 8 px to the right
+    moved = compensate(keyframe, motion, 32, 48)
+    assert moved["detect"]["boxes"] == [[16.0, 8.0, 24.0, 16.0]]
+    expected = np.zeros_like(class_map)
+    expected[8:16, 16:24] = 2
+    from pipeline.skip import class_map_of
+
+    assert mask_miou(class_map_of(moved["segment"]), expected) == 1.0
+    assert moved["action"] is keyframe["action"]
+    assert compensate(keyframe, np.zeros_like(motion), 32, 48)["detect"] is keyframe["detect"]
+
+
+def write_pan_video(path, frames=8, step=2):
+    import av
+
+    rng = np.random.default_rng(0)
+    scene = np.kron(rng.integers(0, 255, (16, 40, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 128, 96, "yuv420p"
+        stream.options = {"bf": "0", "g": "100"}
+        for i in range(frames):
+            x = 100 - step * i  # the window slides left over the scene: the content moves right
+            image = np.ascontiguousarray(scene[16:112, x : x + 128])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_decoder_motion_vectors_follow_a_pan(tmp_path):
+    from pipeline.sources import open_sources
+
+    clip = write_pan_video(tmp_path / "pan.mp4")
+    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}]})
+    frames = [item for item in open_sources(cfg.sources) if isinstance(item, Frame)]
+    fields = [f.meta["mvs"] for f in frames[1:]]
+    assert fields[0].shape == (12, 16, 2)
+    dx = np.median([np.median(f[2:-2, 2:-2, 0]) for f in fields])
+    dy = np.median([np.median(f[2:-2, 2:-2, 1]) for f in fields])
+    assert dx == pytest.approx(2.0, abs=0.5) and abs(dy) < 0.5
+
+
+def test_a_pan_is_reused_with_motion_compensation(tmp_path):
+    clip = write_pan_video(tmp_path / "pan.mp4", frames=6)
+    gate = {"enabled": True, "threshold": 0.05, "max_reuse": 100}
+    results = {}
+    for motion in ("off", "mvs"):
+        cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}],
+                                "gate": dict(gate, motion=motion), "stages": {"chaos": {}}})
+        results[motion] = run_local(cfg)
+    assert sum(r.outcome.value == "reused" for r in results["off"]) < sum(r.outcome.value == "reused" for r in results["mvs"])
+    assert any(r.results["gate"].get("compensated") for r in results["mvs"])
+
+
+# --------------------------------------------------------------------------- agreement and the audit
+
+
+def test_box_f1_on_constructed_cases():
+    a = {"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [1, 1]}
+    assert box_f1(a, a) == 1.0
+    assert box_f1({"boxes": []}, {"boxes": []}) == 1.0
+    assert box_f1(a, {"boxes": []}) == 0.0
+    one = {"boxes": [[0, 0, 10, 10]], "labels": [1]}
+    assert box_f1(a, one) == pytest.approx(2 * 1 / (2 + 1))
+    shifted = {"boxes": [[4, 0, 14, 10]], "labels": [1]}  # IoU 6/14 < 0.5
+    assert box_f1(one, shifted) == 0.0
+    nudged = {"boxes": [[2, 0, 12, 10]], "labels": [1]}  # IoU 8/12 >= 0.5
+    assert box_f1(one, nudged) == 1.0
+    assert box_f1(one, {"boxes": [[0, 0, 10, 10]], "labels": [2]}) == 0.0  # same place, other class
+
+
+def test_mask_miou_on_constructed_cases():
+    a = np.zeros((4, 4), dtype=np.uint8)
+    a[:, 2:] = 1
+    assert mask_miou(a, a) == 1.0
+    b = np.zeros((4, 4), dtype=np.uint8)
+    b[:, 3:] = 1
+    # background: 8 shared of 12 united; class 1: 4 of 8
+    assert mask_miou(a, b) == pytest.approx((8 / 12 + 4 / 8) / 2)
+
+
+class _Out:
+    """A frame as OrderedOutput hands it to the carry-over."""
+
+    @staticmethod
+    def frame(index, results, meta=None):
+        frame = Frame(stream_id="s", index=index, pts=0.0, image=np.zeros((32, 48, 3), dtype=np.uint8))
+        frame.results, frame.meta = results, meta or {}
+        return frame
+
+
+def test_an_audit_is_scored_and_its_agreement_goes_back_after_the_lag():
+    carry = CarryOver(motion="off", lag=3, adaptive=True)
+    keyframe = {"gate": {"decision": "keyframe"}, "detect": {"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [1, 1]}}
+    fresh = {"gate": {"decision": "keyframe", "reason": "audit"}, "detect": {"boxes": [[0, 0, 10, 10]], "labels": [1]}}
+    audit = _Out.frame(5, fresh, {"audit_of": 0})
+    carry.observe(audit, keyframe)
+    assert audit.results["audit"] == {"agreement": pytest.approx(2 / 3), "boxes_f1": pytest.approx(2 / 3), "audit_of": 0}
+    early, due = _Out.frame(7, {}), _Out.frame(8, {})
+    assert not carry.ready_for(early, next_index=4) and carry.ready_for(early, next_index=5)
+    carry.attach_feedback([early, due])
+    assert "audit_feedback" not in early.meta
+    assert due.meta["audit_feedback"] == [(5, pytest.approx(2 / 3))]
+    later = _Out.frame(9, {})
+    carry.attach_feedback([later])
+    assert "audit_feedback" not in later.meta  # each audit goes back once
+
+
+def test_the_adaptive_threshold_moves_in_the_right_direction():
+    cfg = GateConfig(enabled=True, adaptive=True, threshold=0.02, threshold_min=0.001, threshold_max=0.2,
+                     max_reuse=2, agreement_target=0.95, adapt_up=1.5, adapt_down=0.5)
+    gate = Gate(cfg)
+    image = textured()
+    frames = gate.process(frames_of([image] * 4))
+    assert frames[3].meta["audit_of"] == 0  # the max_reuse refresh is an audit
+    good = frames_of([image], start=4)[0]
+    good.meta["audit_feedback"] = [(3, 1.0)]
+    gate.process([good])
+    assert good.results["gate"]["threshold"] == pytest.approx(0.03)  # met the target: skip more
+    bad = frames_of([image], start=5)[0]
+    bad.meta["audit_feedback"] = [(3, 0.5)]  # (an audit reported twice still counts, without its change)
+    gate.process([bad])
+    assert bad.results["gate"]["threshold"] == pytest.approx(0.015)  # missed it: skip less
+    for index in range(6, 20):
+        frame = frames_of([image], start=index)[0]
+        frame.meta["audit_feedback"] = [(index, 0.0)]
+        gate.process([frame])
+    assert frame.results["gate"]["threshold"] == cfg.threshold_min  # never below the floor
+
+
+def test_a_non_adaptive_gate_keeps_its_threshold():
+    gate = Gate(GateConfig(enabled=True, threshold=0.02))
+    frame = frames_of([textured()])[0]
+    frame.meta["audit_feedback"] = [(0, 0.1)]
+    gate.process([frame])
+    assert frame.results["gate"]["threshold"] == 0.02
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def run_local(cfg):
+    from pipeline.runners.local import LocalRunner
+    from pipeline.sinks import MemorySink
+
+    sink = MemorySink()
+    LocalRunner(cfg, sinks=[sink]).run()
+    return sink.results
+
+
+def test_local_run_audits_adapts_and_reports_where_results_came_from(tmp_path):
+    from tests.test_runner_local import write_static_video
+
+    clip = tmp_path / "static.mp4"
+    write_static_video(clip, frames=24)
+    cfg = load_config(data={
+        "sources": [{"type": "file", "path": str(clip)}],
+        "gate": {"enabled": True, "max_reuse": 3, "adaptive": True, "audit_lag": 4, "threshold": 0.01, "adapt_up": 2.0,
+                 "batch": 2},
+        "stages": {"segment": {"batch": 2, "options": {"input_size": [32, 32]}}},
+    })
+    results = run_local(cfg)
+    audits = [r for r in results if "audit" in r.results]
+    assert [r.index for r in audits] == [4, 8, 12, 16, 20]
+    assert all(r.results["audit"]["agreement"] == 1.0 for r in audits)  # identical frames agree
+    assert all(r.results["gate"]["keyframe"] == r.reuse_of for r in results if r.outcome.value == "reused")
+    thresholds = [r.results["gate"]["threshold"] for r in results]
+    assert thresholds[0] == 0.01 and thresholds[-1] > 0.01  # the feedback arrived and raised it
+    assert thresholds == sorted(thresholds)
+    assert not any("audit" in r.results for r in results if r.outcome.value == "reused")  # never carried over

@@ -1,0 +1,348 @@
+"""Metrics: the recorder against the run summary, the HTTP exporter, aggregation
+over Ray actors and restarts, and a real Prometheus server scraping a run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import load_config
+from pipeline.errors import BlinkflowError
+from pipeline.frame import Frame, FrameResult, Outcome
+from pipeline.metrics import ActorStats, MetricsExporter, PrometheusRecorder, local_gpu_stats
+from pipeline.runners.local import LocalRunner
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
+
+
+def samples(recorder: PrometheusRecorder) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the recorder's registry, keyed by name and labels."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in recorder.registry.collect()
+        for s in family.samples
+    }
+
+
+def value(recorder: PrometheusRecorder, name: str, **labels: str) -> float:
+    return samples(recorder).get((name, frozenset(labels.items())), 0.0)
+
+
+def total(recorder: PrometheusRecorder, name: str, **labels: str) -> float:
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples(recorder).items() if n == name and wanted <= ls)
+
+
+def chaos_config(frames: tuple[int, ...] = (12, 9), gate: bool = False, **chaos: object) -> object:
+    """Synthetic streams through the fault-injection stage; with the gate off, waves are chaos.batch frames."""
+    sources = [{"type": "synthetic", "id": f"s{i}", "seed": i, "width": 64, "height": 48, "num_frames": n}
+               for i, n in enumerate(frames)]
+    return load_config(data={"sources": sources, "gate": {"enabled": gate},
+                             "stages": {"chaos": {"batch": 2, **chaos}}})
+
+
+def get(url: str) -> tuple[int, str, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return reply.status, reply.headers.get("Content-Type", ""), reply.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.headers.get("Content-Type", ""), err.read().decode()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- recorder
+
+
+def test_local_run_metrics_agree_with_the_run_summary():
+    cfg = chaos_config(gate=True, options={"fail_indices": [0]})
+    recorder = PrometheusRecorder()
+    summary = LocalRunner(cfg, metrics=recorder).run()
+    for stream, counts in summary.accounting.outcomes.items():
+        for outcome in ("processed", "reused", "dropped", "failed"):
+            assert value(recorder, "blinkflow_frames_total", stream=stream, outcome=outcome) == counts.get(outcome, 0)
+        assert value(recorder, "blinkflow_frames_decoded_total", stream=stream) == summary.accounting.decoded[stream]
+        assert value(recorder, "blinkflow_stream_up", stream=stream) == 0  # ended
+    assert total(recorder, "blinkflow_frames_total") == summary.totals["decoded"] == 21
+    assert value(recorder, "blinkflow_stage_frames_total", stage="chaos") == summary.stage_frames["chaos"]
+    assert value(recorder, "blinkflow_stage_errors_total", stage="chaos") == summary.totals["failed"] == 2
+    latency_count = total(recorder, "blinkflow_e2e_latency_seconds_count")
+    assert latency_count == summary.totals["processed"] + summary.totals["reused"]
+    assert value(recorder, "blinkflow_ready") == 0
+
+
+def test_skip_ratio_reconnects_and_audit_come_from_frames_and_results():
+    recorder = PrometheusRecorder()
+    for index, reconnects in enumerate([0, 0, 1, 1, 3]):
+        recorder.on_decoded(Frame("cam", index, 0.0, image=None, meta={"reconnects": reconnects}))
+    for outcome, results in [(Outcome.PROCESSED, {}), (Outcome.REUSED, {"audit": {"agreement": 1.0}}),
+                             (Outcome.REUSED, {"audit": {"agreement": 0.5}}), (Outcome.DROPPED, {})]:
+        recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, outcome, results=results))
+    assert value(recorder, "blinkflow_stream_reconnects_total", stream="cam") == 3
+    assert value(recorder, "blinkflow_stream_up", stream="cam") == 1
+    assert value(recorder, "blinkflow_stream_skip_ratio", stream="cam") == pytest.approx(2 / 3)
+    assert value(recorder, "blinkflow_audit_agreement_ratio", stream="cam") == pytest.approx(0.75)
+    assert value(recorder, "blinkflow_audited_frames_total", stream="cam") == 2
+
+
+def test_actor_restart_keeps_totals_monotonic_and_counts_one_restart():
+    recorder = PrometheusRecorder()
+    stats = ActorStats(recorder)
+    seen = []
+    for incarnation, frames, calls in [("a", 10, [(0.1, 10, 0)]), ("a", 30, [(0.2, 20, 1)]),
+                                       ("b", 4, [(0.05, 4, 0)]), ("b", 9, [(0.05, 5, 0)])]:
+        totals = {"seconds": frames / 100, "frames": frames, "calls": len(calls), "errors": 0}
+        stats.absorb("detect", 0, {"incarnation": incarnation, "totals": totals, "calls": calls, "devices": []})
+        seen.append((stats.totals["detect"]["frames"], value(recorder, "blinkflow_stage_frames_total", stage="detect")))
+    assert seen == [(10, 10), (30, 30), (34, 34), (39, 39)]
+    assert value(recorder, "blinkflow_stage_restarts_total", stage="detect") == 1
+    assert value(recorder, "blinkflow_stage_seconds_count", stage="detect") == 4
+    assert value(recorder, "blinkflow_stage_errors_total", stage="detect") == 1
+
+
+def test_device_metrics_absent_without_cuda_in_use():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA is in use in this process")
+    assert local_gpu_stats("driver") == []
+    recorder = PrometheusRecorder()
+    recorder.refresh()
+    assert total(recorder, "blinkflow_gpu_memory_allocated_bytes") == 0
+
+
+@pytest.mark.needs_cuda
+def test_device_metrics_report_this_process_gpu_memory():
+    import torch
+
+    block = torch.ones(1024, 1024, device="cuda:0")
+    recorder = PrometheusRecorder()
+    recorder.refresh()
+    assert total(recorder, "blinkflow_gpu_memory_allocated_bytes", process="driver") >= block.numel() * 4
+
+
+# --------------------------------------------------------------------------- HTTP exporter
+
+
+def test_exporter_serves_metrics_and_probes():
+    recorder = PrometheusRecorder()
+    with MetricsExporter(recorder, "127.0.0.1", 0) as exporter:
+        assert get(f"{exporter.url}/healthz")[0] == 200
+        assert get(f"{exporter.url}/readyz")[0] == 503
+        recorder.on_ready(True)
+        assert get(f"{exporter.url}/readyz")[0] == 200
+        status, content_type, body = get(f"{exporter.url}/metrics")
+        assert status == 200 and content_type.startswith("text/plain")
+        assert "blinkflow_ready 1.0" in body and "# TYPE blinkflow_frames_total counter" in body
+        assert get(f"{exporter.url}/nothing")[0] == 404
+        assert exporter.scrapes == 1
+        url = exporter.url
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(f"{url}/healthz", timeout=2)
+
+
+def test_exporters_keep_separate_registries():
+    first, second = PrometheusRecorder(), PrometheusRecorder()
+    first.on_stage_call("detect", 0.01, 4, 0)
+    assert value(first, "blinkflow_stage_frames_total", stage="detect") == 4
+    assert value(second, "blinkflow_stage_frames_total", stage="detect") == 0
+
+
+def test_a_busy_port_is_a_one_line_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(BlinkflowError, match=r"metrics: cannot listen on 127\.0\.0\.1:\d+.*metrics\.port"):
+            MetricsExporter(PrometheusRecorder(), "127.0.0.1", taken.getsockname()[1]).start()
+
+
+def test_cli_run_serves_metrics_while_running_when_enabled(tmp_path):
+    from pipeline.cli import execute
+
+    port = free_port()
+    cfg = chaos_config((30,), options={"sleep_ms": 40})
+    cfg.metrics.enabled, cfg.metrics.port = True, port
+    bodies: list[str] = []
+    stop = threading.Event()
+
+    def scrape() -> None:
+        while not stop.is_set():
+            try:
+                bodies.append(get(f"http://127.0.0.1:{port}/metrics")[2])
+            except OSError:
+                pass
+            time.sleep(0.05)
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
+    try:
+        assert execute(cfg, progress=False) == 0
+    finally:
+        stop.set()
+        scraper.join(timeout=10)
+    assert any("blinkflow_frames_total" in body for body in bodies)
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+# --------------------------------------------------------------------------- Ray runner
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        yield ray
+        return
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_metrics_aggregate_every_replica(ray_local):
+    from pipeline.runners.ray import RayRunner
+
+    cfg = chaos_config((16, 14), replicas=2, resources={"num_cpus": 0.5}, options={"sleep_ms": 30, "fail_indices": [5]})
+    recorder = PrometheusRecorder()
+    summary = RayRunner(cfg, metrics=recorder).run()
+    assert total(recorder, "blinkflow_frames_total") == summary.totals["decoded"] == 30
+    assert total(recorder, "blinkflow_frames_total", outcome="failed") == summary.totals["failed"]
+    assert value(recorder, "blinkflow_stage_frames_total", stage="chaos") == summary.stage_frames["chaos"]
+    assert value(recorder, "blinkflow_stage_seconds_sum", stage="chaos") == pytest.approx(summary.stage_seconds["chaos"])
+    assert value(recorder, "blinkflow_in_flight", stage="chaos") == 0
+    assert value(recorder, "blinkflow_stage_restarts_total", stage="chaos") == 0
+
+
+def test_ray_actor_restart_is_counted_and_counters_never_go_back(ray_local):
+    from pipeline.runners.ray import RayRunner
+
+    cfg = chaos_config((40, 40), options={"sleep_ms": 40})
+    recorder = PrometheusRecorder()
+    runner = RayRunner(cfg, metrics=recorder)
+    readings: list[float] = []
+    watcher = threading.Thread(target=_kill_once_and_watch, args=(runner, recorder, readings, ray_local), daemon=True)
+    watcher.start()
+    summary = runner.run()
+    watcher.join(timeout=30)
+    readings.append(value(recorder, "blinkflow_stage_frames_total", stage="chaos"))
+    assert runner.killed, "the test must actually kill an actor"
+    assert readings == sorted(readings), "a counter went backwards"
+    assert value(recorder, "blinkflow_stage_restarts_total", stage="chaos") >= 1
+    assert total(recorder, "blinkflow_frames_total") == summary.totals["decoded"] == 80
+
+
+def _kill_once_and_watch(runner, recorder, readings, ray) -> None:
+    runner.killed = False
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        readings.append(value(recorder, "blinkflow_stage_frames_total", stage="chaos"))
+        if not runner.killed and runner.pools and readings[-1] >= 10:
+            ray.kill(runner.pools[0].actors[0], no_restart=False)
+            runner.killed = True
+        if runner.killed and value(recorder, "blinkflow_ready") == 0:
+            return
+        time.sleep(0.02)
+
+
+# --------------------------------------------------------------------------- a real Prometheus
+
+
+@pytest.fixture
+def prometheus_server(tmp_path):
+    """Start Debian's prometheus with a copy of deploy's scrape config aimed at a test exporter."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.skip("the prometheus binary is not installed (apt-get install prometheus; .ci/run installs it)")
+    recorder = PrometheusRecorder()
+    exporter = MetricsExporter(recorder, "127.0.0.1", 0).start()
+    config = test_scrape_config(exporter.port)
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log_file = (tmp_path / "prometheus.log").open("w")
+    server = subprocess.Popen(
+        [binary, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+         f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+        stdout=log_file, stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_until(lambda: get(f"http://127.0.0.1:{port}/-/ready")[0] == 200, 30, tmp_path / "prometheus.log")
+        yield recorder, f"http://127.0.0.1:{port}", [job["job_name"] for job in config["scrape_configs"]]
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(timeout=5)
+        log_file.close()
+        exporter.stop()
+
+
+def test_scrape_config(exporter_port: int) -> dict:
+    """deploy's prometheus.yml with every target on the test exporter, a 1 s interval and absolute rule paths."""
+    config = yaml.safe_load(PROMETHEUS_CONFIG.read_text())
+    config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+    config["rule_files"] = [str(PROMETHEUS_CONFIG.parent / name) for name in config.get("rule_files", [])]
+    for job in config["scrape_configs"]:
+        job["scrape_interval"] = "1s"
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{exporter_port}"]}]
+    return config
+
+
+test_scrape_config.__test__ = False  # a helper, not a test
+
+
+def _wait_until(condition, timeout_s: float, log_path: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if condition():
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    detail = log_path.read_text()[-2000:] if log_path and log_path.exists() else ""
+    raise AssertionError(f"timed out after {timeout_s} s; {detail}")
+
+
+def promql(base_url: str, query: str) -> list[dict]:
+    url = f"{base_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        payload = json.loads(reply.read())
+    assert payload["status"] == "success", payload
+    return payload["data"]["result"]
+
+
+def test_real_prometheus_sees_the_frames_the_run_reported(prometheus_server):
+    recorder, base_url, jobs = prometheus_server
+    summary = LocalRunner(chaos_config((20, 15), options={"fail_indices": [3]}), metrics=recorder).run()
+    decoded = summary.totals["decoded"]
+
+    def scraped_everything() -> bool:
+        return all(
+            [float(r["value"][1]) for r in promql(base_url, f'sum(blinkflow_frames_total{{job="{job}"}})')] == [decoded]
+            for job in jobs
+        )
+
+    _wait_until(scraped_everything, 30)
+    by_outcome = promql(base_url, f'sum by (outcome) (blinkflow_frames_total{{job="{jobs[0]}"}})')
+    assert {r["metric"]["outcome"]: float(r["value"][1]) for r in by_outcome} == {
+        outcome: float(count) for outcome, count in summary.totals.items() if outcome != "decoded"
+    }
+    stage_frames = promql(base_url, f'blinkflow_stage_frames_total{{job="{jobs[0]}",stage="chaos"}}')
+    assert float(stage_frames[0]["value"][1]) == summary.stage_frames["chaos"]
