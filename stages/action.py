@@ -114,6 +114,8 @@ class Action(Stage):
         self.model: Any = None
         self.classes: list[str] = []
         self._streams: dict[str, _StreamState] = {}
+        self._executor: Any = None  # runs the model on a list of clip batches when depth_parallel > 1
+        self._executor_factory: Any = None
 
     def setup(self, device: str = "cpu") -> None:
         from models.weights import load_state, resolve_weights
@@ -125,6 +127,7 @@ class Action(Stage):
         self.classes = _pick_classes(spec.classes, self.options.classes)
         model = _build(self.model_name, len(self.classes), self.options.model_args)
         self._check_clip_shape(model)
+        _check_depth_parallel(model, self.model_name, self.cfg.depth_parallel)
         load_state(model, spec)
         self.model = _prepare_for_inference(model, self._device, self.cfg.channels_last)
         log.info(
@@ -155,7 +158,23 @@ class Action(Stage):
         return self._finish(states)
 
     def teardown(self) -> None:
+        if hasattr(self._executor, "close"):
+            self._executor.close()
+        self._executor = None
         self.model = None
+
+    def set_model_executor(self, factory: Any) -> None:
+        """Run the model depth-parallel through ``factory(model, k, example_clip)`` (``depth_parallel`` > 1).
+
+        The factory returns a callable from a list of clip batches to their
+        logits. The Ray runner injects one that places the K depth stages on K
+        actors (:mod:`pipeline.depth_parallel`); without one the stage splits the
+        model in-process (:func:`models.depth.split_model`) and runs the slices
+        in sequence, with the same results.
+        """
+        self._executor_factory = factory
+        if self.model is not None and self.cfg.depth_parallel > 1:
+            self._executor = self._make_executor()
 
     def held_count(self, stream_id: str) -> int:
         """Frames of ``stream_id`` held back now (for tests and metrics)."""
@@ -259,13 +278,33 @@ class Action(Stage):
         clips = self._clips(windows)
         chunk = max(1, self.cfg.batch)
         with torch.inference_mode(), autocast(self._device, self.cfg.precision):
-            logits = torch.cat([self.model(clips[i : i + chunk]).float() for i in range(0, len(windows), chunk)])
+            batches = [clips[i : i + chunk] for i in range(0, len(windows), chunk)]
+            logits = torch.cat([out.float() for out in self._forward(batches)])
         scores, labels = torch.softmax(logits, dim=1).topk(min(self.options.top_k, len(self.classes)), dim=1)
         for window, top_scores, top_labels in zip(windows, scores.tolist(), labels.tolist()):
             window.result = {
                 "window": [window.first_index, window.last_index],
                 "top": [{"label": self.classes[c], "score": round(s, 4)} for c, s in zip(top_labels, top_scores)],
             }
+
+    def _forward(self, batches: list[Any]) -> list[Any]:
+        """The model on each clip batch; depth-parallel through the executor when configured."""
+        if self.cfg.depth_parallel <= 1:
+            return [self.model(batch) for batch in batches]
+        if self._executor is None:
+            self._executor = self._make_executor()
+        return list(self._executor(batches))
+
+    def _make_executor(self) -> Any:
+        import torch
+
+        from models.depth import split_model
+
+        example = torch.zeros(1, 3, self.options.clip_len, *self.input_size, device=self._device)
+        if self._executor_factory is not None:
+            return self._executor_factory(self.model, self.cfg.depth_parallel, example)
+        split = split_model(self.model, self.cfg.depth_parallel, example_input=example)
+        return lambda batches: [split(batch) for batch in batches]
 
     def _clips(self, windows: list[_Window]) -> Any:
         """(N, 3, T, h, w) float clips in [0, 1]; each distinct frame is resized once."""
@@ -298,6 +337,23 @@ class Action(Stage):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _check_depth_parallel(model: Any, model_name: str, stages: int) -> None:
+    """depth_parallel > 1 needs a model that splits into at least that many depth units."""
+    if stages <= 1:
+        return
+    from models.depth import DepthSplitError, depth_units
+
+    try:
+        units = len(depth_units(model)[0])
+    except DepthSplitError as exc:
+        raise StageError(f"stages.{TASK}.depth_parallel: {exc}; set depth_parallel: 1 or pick another model") from None
+    if stages > units:
+        raise StageError(
+            f"stages.{TASK}.depth_parallel: {model_name} has {units} depth units, {stages} stages asked for; "
+            f"use 1..{units}"
+        )
 
 
 def _copy_result(result: dict[str, Any]) -> dict[str, Any]:
