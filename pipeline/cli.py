@@ -59,14 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=cmd_demo)
 
-    bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
-    bench.add_argument("what", choices=["pipeline", "overhead"], help="which benchmark")
-    bench.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default: configs/demo.yaml)")
-    bench.add_argument("--frames", type=int, default=48, help="frames per run")
-    bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
-    bench.set_defaults(handler=cmd_bench)
+    from pipeline.bench_cli import add_bench_command
+
+    add_bench_command(commands)
 
     from pipeline.label import add_label_command
 
@@ -145,18 +140,6 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     return 0 if summary.ok else 1
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    if args.what == "overhead":
-        from pipeline.bench_overhead import bench_overhead
-
-        bench_overhead(write=not args.no_write)
-        return 0
-    from pipeline.bench_pipeline import bench_pipeline
-
-    bench_pipeline(args.config, args.frames, args.repetitions, args.overrides, write=not args.no_write)
-    return 0
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     from models.registry import model_names
     from pipeline.registry import sinks, sources, stages
@@ -184,6 +167,11 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming out_dir/checkpoint.pt")
     train.add_argument("--ship", action="store_true", help="also save the weights to models/weights/ with the manifest")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    train.add_argument("--sideways", action="store_true",
+                       help="action: Sideways depth-parallel training, compared with ordinary backprop (models/training/sideways.py)")
+    train.add_argument("--stages", type=int, default=2, metavar="K", help="--sideways: depth stages (default 2)")
+    train.add_argument("--sideways-executor", choices=["local", "ray", "both"], default="local",
+                       help="--sideways: stages in this process, one Ray actor each, or both side by side")
     train.set_defaults(handler=cmd_train)
 
     evaluate = commands.add_parser("eval", help="evaluate a stage's weights (COCO mAP, mIoU, EPE, top-k)")
@@ -199,6 +187,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from models.training.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides, task=args.task)
+    if args.sideways:
+        return _train_sideways(cfg, args)
     if args.workers > 0:
         from models.training.distributed import train_distributed
 
@@ -212,6 +202,15 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"held-out {_format_metrics(summary['metrics'])}; checkpoint in {summary['out_dir']}")
     if summary.get("shipped"):
         print(f"shipped {summary['shipped']}")
+    return 0
+
+
+def _train_sideways(cfg, args: argparse.Namespace) -> int:
+    from models.training.sideways import compare, format_report
+
+    executors = ("local", "ray") if args.sideways_executor == "both" else (args.sideways_executor,)
+    print(format_report(compare(cfg, args.stages, executors)))
+    print(f"report and Sideways weights in {cfg.out_dir}/sideways.json, sideways.pt")
     return 0
 
 

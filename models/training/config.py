@@ -1,0 +1,144 @@
+"""Training configs (``configs/train/*.yaml``) as typed, validated dataclasses.
+
+Loading follows the pipeline's config: read the YAML, apply ``--set``
+overrides, structure it with :func:`pipeline.config.structure_dataclass`
+(unknown keys, types and ranges are one-line errors that name their path),
+then cross-field checks. No torch import here, so the CLI stays quick.
+
+Sizes left ``null`` (``data.input_size``, ``data.clip_len``) mean *the
+stage's own preset* (``stages/<task>.py``), so the shipped weights are trained
+on exactly what the pipeline feeds them at inference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.config import _field, apply_override, read_yaml, resolve_path, structure_dataclass
+from pipeline.errors import ConfigError
+
+TASKS = ("detect", "segment", "flow", "action")
+#: held-out synthetic clips start here by default, far from any training seed
+VAL_FIRST_SEED = 1_000_000
+
+
+@dataclass
+class SplitConfig:
+    """A range of synthetic clip seeds and which frames of each clip are used."""
+
+    first_seed: int = _field(0, "seed of the first clip; clip i uses seed first_seed + i", lo=0, hi=2**31 - 1)
+    clips: int = _field(64, "number of clips (scenes)", lo=1, hi=10**6)
+    samples_per_clip: int = _field(4, "frames (detect, segment), pairs (flow) or windows (action) per clip", lo=1, hi=10**4)
+    frame_step: int = _field(6, "frames between consecutive samples of a clip", lo=1, hi=10**4)
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from: synthetic scenes, or a dataset in a real format."""
+
+    train_path: str | None = _field(
+        None, "real training data (detect/segment: COCO JSON; flow: folder of .flo pairs; action: class-per-folder videos); null: synthetic"
+    )
+    val_path: str | None = _field(None, "real held-out data in the same format; null: the synthetic val split")
+    train: SplitConfig = _field(factory=SplitConfig, doc="synthetic training split")
+    val: SplitConfig = _field(
+        factory=lambda: SplitConfig(first_seed=VAL_FIRST_SEED, clips=16), doc="synthetic held-out split (other seeds)"
+    )
+    width: int = _field(320, "synthetic scene width (the demo renders 320)", lo=16, hi=4096)
+    height: int = _field(240, "synthetic scene height (the demo renders 240)", lo=16, hi=4096)
+    num_objects: int = _field(3, "moving shapes per synthetic scene (the demo uses 3)", lo=1, hi=64)
+    input_size: list[int] | None = _field(None, "[height, width] the model sees; null: the stage's preset")
+    crop: list[int] | None = _field(None, "segment: train on random [height, width] crops of the model input; null: whole input")
+    clip_len: int | None = _field(None, "action: frames per clip; null: the stage's preset", lo=1, hi=512)
+    flip: bool = _field(False, "detect/segment: random horizontal flips while training")
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser and learning-rate schedule (stepped once per batch)."""
+
+    optimizer: Literal["sgd", "adamw"] = _field("adamw", "sgd (with momentum) or adamw")
+    lr: float = _field(1e-3, "peak learning rate", lo=0.0, hi=10.0)
+    weight_decay: float = _field(1e-4, "decoupled (adamw) or L2 (sgd) weight decay", lo=0.0, hi=1.0)
+    momentum: float = _field(0.9, "sgd momentum", lo=0.0, hi=1.0)
+    schedule: Literal["cosine", "constant"] = _field("cosine", "cosine decay to min_lr_ratio * lr, or constant")
+    warmup_steps: int = _field(0, "linear warm-up from 0 over this many steps", lo=0, hi=10**7)
+    min_lr_ratio: float = _field(0.01, "cosine: final lr as a fraction of lr", lo=0.0, hi=1.0)
+    grad_clip: float | None = _field(None, "clip the global gradient norm to this; null: no clipping", lo=0.0, hi=1e6)
+
+
+@dataclass
+class TrainConfig:
+    """One training run of one stage's model."""
+
+    task: Literal["detect", "segment", "flow", "action"] = _field("segment", "the stage the weights are for")
+    model: str = _field("unet_small", "model registry name (`blinkflow list`)")
+    model_args: dict[str, Any] = _field(factory=dict, doc="extra builder arguments; the stage must get the same via options.model_args")
+    seed: int = _field(0, "seed for weights init, data order and dropout", lo=0, hi=2**31 - 1)
+    threads: int = _field(1, "torch CPU threads per process", lo=1, hi=256)
+    device: str = _field("cpu", "'cpu' or 'cuda:N' (single process; --workers picks the devices itself)")
+    epochs: int = _field(10, "passes over the training set", lo=1, hi=10**6)
+    batch_size: int = _field(8, "examples per step (per worker under --workers)", lo=1, hi=4096)
+    eval_every: int = _field(1, "evaluate on the held-out split every this many epochs (and after the last)", lo=1, hi=10**6)
+    log_every: int = _field(20, "log the running loss every this many steps", lo=1, hi=10**7)
+    out_dir: str = _field("runs/train", "checkpoint.pt and metrics.json go here; a run resumes from its checkpoint")
+    data: DataConfig = _field(factory=DataConfig, doc="training and held-out data")
+    optim: OptimConfig = _field(factory=OptimConfig, doc="optimiser and schedule")
+
+    def to_dict(self) -> dict:
+        """Plain data (what the checkpoint and the weights manifest record)."""
+        return dataclasses.asdict(self)
+
+
+def load_train_config(
+    path: str | Path | None, overrides: list[str] | None = None, *, task: str | None = None, data: dict | None = None
+) -> TrainConfig:
+    """Read, override, structure and check a training config; raise ConfigError on any problem."""
+    raw = read_yaml(path) if path is not None else dict(data or {})
+    for override in overrides or []:
+        apply_override(raw, override)
+    cfg = structure_dataclass(TrainConfig, raw, "")
+    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    check_train_config(cfg, base_dir, task)
+    return cfg
+
+
+def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None) -> None:
+    """Cross-field checks: task and model agree, real data exists, splits do not overlap."""
+    from models.registry import get_model_entry
+    from pipeline.errors import RegistryError
+
+    if task is not None and cfg.task != task:
+        raise ConfigError(f"task: the config trains {cfg.task!r} but the command asked for {task!r}; use the {task} config")
+    try:
+        get_model_entry(cfg.model, task=cfg.task)
+    except RegistryError as exc:
+        raise ConfigError(f"model: {exc}") from None
+    _check_size("data.input_size", cfg.data.input_size)
+    _check_size("data.crop", cfg.data.crop)
+    for key in ("train_path", "val_path"):
+        value = getattr(cfg.data, key)
+        if value is not None:
+            resolved = resolve_path(value, base_dir)
+            if not resolved.exists():
+                raise ConfigError(f"data.{key}: {value!r} does not exist; fix the path or set it to null for synthetic data")
+            setattr(cfg.data, key, str(resolved))
+    _check_disjoint(cfg.data.train, cfg.data.val)
+
+
+def _check_size(path: str, size: list[int] | None) -> None:
+    if size is not None and (len(size) != 2 or min(size) < 16):
+        raise ConfigError(f"{path}: expected [height, width] with both >= 16, got {size}")
+
+
+def _check_disjoint(train: SplitConfig, val: SplitConfig) -> None:
+    """A held-out split must not share a seed with the training split."""
+    train_end, val_end = train.first_seed + train.clips, val.first_seed + val.clips
+    if train.first_seed < val_end and val.first_seed < train_end:
+        raise ConfigError(
+            f"data.val.first_seed: seeds {val.first_seed}..{val_end - 1} overlap the training seeds "
+            f"{train.first_seed}..{train_end - 1}; move data.val.first_seed to {train_end} or beyond"
+        )

@@ -1,0 +1,469 @@
+"""Training and evaluation examples for the four stages, held in memory.
+
+Two kinds of sources give the same in-memory datasets:
+
+* **synthetic scenes** (:class:`~models.training.scenes.SceneGenerator`):
+  a split is a range of clip seeds (:class:`~models.training.config.SplitConfig`),
+  so the held-out split is simply other seeds, and every example is exact
+  ground truth rendered on the fly at start-up (deterministic by seed);
+* **real formats**: COCO JSON with RLE or polygon masks (detect, segment),
+  Flying Chairs / Sintel / Middlebury ``.flo`` pairs (flow) and a
+  UCF101/Kinetics class-per-folder video tree (action).
+
+Preprocessing is the pipeline's own: images go through
+:func:`stages.common.frames_to_batch` at the stage's ``input_size`` preset
+(imported from ``stages/<task>.py``), so training sees exactly the pixels the
+stage feeds the model. Images are stored as uint8 (lossless, since the stage
+itself rounds to uint8 before dividing by 255) and become float in [0, 1] per batch.
+
+Evaluation sets also keep ground truth at the *source* resolution, because
+that is where the stages report (segment upsamples logits, flow rescales its
+field), so metrics measure what the pipeline outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from models.training.config import DataConfig, SplitConfig
+from pipeline.errors import BlinkflowError
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
+IMAGE_SUFFIXES = (".png", ".ppm", ".jpg", ".jpeg", ".bmp")
+
+
+class DatasetError(BlinkflowError):
+    """A dataset path or file that cannot be read; the message names it and the fix."""
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def stage_options(task: str) -> Any:
+    """The stage's default options: the single source of the inference presets."""
+    import importlib
+
+    module = importlib.import_module(f"stages.{task}")
+    return getattr(module, f"{task.capitalize()}Options")()
+
+
+def input_size(task: str, data: DataConfig) -> tuple[int, int] | None:
+    """[height, width] the model sees: the config's, else the stage's preset (None: source size)."""
+    size = data.input_size if data.input_size is not None else stage_options(task).input_size
+    return (int(size[0]), int(size[1])) if size is not None else None
+
+
+def clip_len(data: DataConfig) -> int:
+    return data.clip_len if data.clip_len is not None else stage_options("action").clip_len
+
+
+def to_model_input(images: list[np.ndarray], size: tuple[int, int] | None) -> torch.Tensor:
+    """(N, 3, h, w) uint8: the stage's own resize (:func:`stages.common.frames_to_batch`), kept lossless."""
+    from pipeline.frame import Frame
+    from stages.common import frames_to_batch
+
+    frames = [Frame(stream_id="train", index=i, pts=0.0, image=image) for i, image in enumerate(images)]
+    batch = frames_to_batch(frames, torch.device("cpu"), size=size)
+    return batch.mul_(255.0).round_().to(torch.uint8)
+
+
+def resize_labels(labels: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W) class map to ``size`` by centre-aligned nearest neighbour (classes must not blend)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(labels)).float()[None, None]
+    return F.interpolate(tensor, size=size, mode="nearest-exact")[0, 0].to(torch.uint8)
+
+
+def resize_flow(flow: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """(H, W, 2) flow in source pixels to (2, h, w) in ``size`` pixels: area-averaged, vectors rescaled."""
+    tensor = torch.from_numpy(np.ascontiguousarray(flow, dtype=np.float32)).permute(2, 0, 1)[None]
+    height, width = flow.shape[:2]
+    pooled = F.adaptive_avg_pool2d(tensor, size) if (height, width) != tuple(size) else tensor
+    scale = torch.tensor([size[1] / width, size[0] / height]).view(1, 2, 1, 1)
+    return (pooled * scale)[0]
+
+
+# --------------------------------------------------------------------------- datasets
+
+
+class DetectionExamples(Dataset):
+    """Images at source size (the detectors resize internally) with boxes (x1, y1, x2, y2) and labels."""
+
+    def __init__(self, images: list[torch.Tensor], targets: list[dict[str, torch.Tensor]], classes: list[str]):
+        self.images, self.targets, self.classes = images, targets, classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"image": self.images[i], "target": self.targets[i], "image_id": i + 1}
+
+
+class SegmentationExamples(Dataset):
+    """Model-input images with class maps at input size (training) and at source size (``native``, evaluation)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, native: list[torch.Tensor] | None, classes: list[str]):
+        self.images, self.labels, self.native, self.classes = images, labels, native, classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"image": self.images[i], "label": self.labels[i]}
+        if self.native is not None:
+            item["native"] = self.native[i]
+        return item
+
+
+class FlowExamples(Dataset):
+    """Model-input image pairs, flow at input size in input pixels, and (evaluation) source-size flow and validity."""
+
+    def __init__(self, first: torch.Tensor, second: torch.Tensor, flow: torch.Tensor,
+                 native: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.first, self.second, self.flow, self.native = first, second, flow, native
+        self.classes = None
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = {"first": self.first[i], "second": self.second[i], "flow": self.flow[i].float()}
+        if self.native is not None:
+            item["native_flow"], item["native_valid"] = self.native[i]
+        return item
+
+
+class ClipExamples(Dataset):
+    """Action clips (3, T, h, w) uint8 at the stage's input size and clip length, with class indices."""
+
+    def __init__(self, clips: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        self.clips, self.labels, self.classes = clips, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return {"clip": self.clips[i], "label": self.labels[i]}
+
+
+# --------------------------------------------------------------------------- synthetic
+
+
+def scene_seeds(split: SplitConfig) -> range:
+    return range(split.first_seed, split.first_seed + split.clips)
+
+
+def sample_times(split: SplitConfig) -> list[int]:
+    """Frame indices sampled from each clip: 0, frame_step, 2 * frame_step, ..."""
+    return [k * split.frame_step for k in range(split.samples_per_clip)]
+
+
+def _scene(seed: int, data: DataConfig, action: str | None = None):
+    from models.training.scenes import SceneGenerator
+
+    return SceneGenerator(seed, data.width, data.height, data.num_objects, action)
+
+
+def _progress(iterable: Any, desc: str, total: int) -> Iterator:
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit="clip", leave=False, disable=None)
+
+
+def synthetic_detection(data: DataConfig, split: SplitConfig) -> DetectionExamples:
+    images, targets = [], []
+    for seed in _progress(scene_seeds(split), "render detect", split.clips):
+        scene = _scene(seed, data)
+        for t in sample_times(split):
+            frame = scene.render(t)
+            images.append(torch.from_numpy(frame.image).permute(2, 0, 1).contiguous())
+            targets.append({"boxes": torch.from_numpy(frame.boxes), "labels": torch.from_numpy(frame.labels)})
+    return DetectionExamples(images, targets, list(SYNTHETIC_CLASSES))
+
+
+def synthetic_segmentation(data: DataConfig, split: SplitConfig, size: tuple[int, int], native: bool) -> SegmentationExamples:
+    images, labels, natives = [], [], []
+    for seed in _progress(scene_seeds(split), "render segment", split.clips):
+        scene = _scene(seed, data)
+        frames = [scene.render(t) for t in sample_times(split)]
+        images.append(to_model_input([f.image for f in frames], size))
+        labels += [resize_labels(f.semantic, size) for f in frames]
+        natives += [torch.from_numpy(f.semantic) for f in frames] if native else []
+    return SegmentationExamples(torch.cat(images), torch.stack(labels), natives or None, list(SYNTHETIC_CLASSES))
+
+
+def synthetic_flow(data: DataConfig, split: SplitConfig, size: tuple[int, int], native: bool) -> FlowExamples:
+    firsts, seconds, flows, natives = [], [], [], []
+    for seed in _progress(scene_seeds(split), "render flow", split.clips):
+        scene = _scene(seed, data)
+        for t in sample_times(split):
+            frame = scene.render(t)
+            pair = to_model_input([frame.image, scene.render_image(t + 1)], size)
+            firsts.append(pair[0])
+            seconds.append(pair[1])
+            flows.append(resize_flow(frame.flow, size).half())  # |flow| < 64 px: fp16 keeps 0.03 px
+            if native:
+                natives.append((torch.from_numpy(frame.flow), torch.from_numpy(frame.valid)))
+    return FlowExamples(torch.stack(firsts), torch.stack(seconds), torch.stack(flows), natives or None)
+
+
+def synthetic_clips(data: DataConfig, split: SplitConfig, size: tuple[int, int], length: int) -> ClipExamples:
+    """Clip seed s shows action ``SYNTHETIC_ACTIONS[s % 7]``, so the classes are balanced."""
+    clips, labels = [], []
+    for seed in _progress(scene_seeds(split), "render action", split.clips):
+        action = seed % len(SYNTHETIC_ACTIONS)
+        scene = _scene(seed, data, SYNTHETIC_ACTIONS[action])
+        for start in sample_times(split):
+            frames = [scene.render_image(t) for t in range(start, start + length)]
+            clips.append(to_model_input(frames, size).transpose(0, 1))  # (T, 3, h, w) -> (3, T, h, w)
+            labels.append(action)
+    return ClipExamples(torch.stack(clips), torch.tensor(labels), list(SYNTHETIC_ACTIONS))
+
+
+# --------------------------------------------------------------------------- COCO
+
+
+@dataclass
+class CocoData:
+    """A COCO instances file: images (with resolved paths), annotations per image and category names."""
+
+    path: Path
+    images: list[dict]
+    annotations: dict[int, list[dict]]
+    categories: dict[int, str]
+
+
+def read_coco(path: str | Path) -> CocoData:
+    """Parse a COCO JSON; ``file_name`` is relative to the JSON's folder (or absolute)."""
+    path = Path(path)
+    try:
+        coco = json.loads(path.read_text())
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the COCO file ({exc.strerror or exc}); pass a COCO instances JSON") from None
+    except json.JSONDecodeError as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); pass a COCO instances JSON") from None
+    missing = [key for key in ("images", "annotations", "categories") if key not in coco]
+    if missing:
+        raise DatasetError(f"{path}: not a COCO instances file (no {missing[0]!r} list)")
+    annotations: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
+    for annotation in coco["annotations"]:
+        annotations.setdefault(annotation["image_id"], []).append(annotation)
+    images = [{**image, "path": path.parent / image["file_name"]} for image in coco["images"]]
+    categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
+    return CocoData(path, images, annotations, categories)
+
+
+def coco_label_map(coco: CocoData, classes: list[str] | None) -> tuple[list[str], dict[int, int]]:
+    """(classes, category id -> class index). ``classes=None`` takes the file's own, background first;
+    otherwise categories are matched by name, and a file sharing none of them is an error."""
+    if classes is None:
+        classes = ["background", *(coco.categories[k] for k in sorted(coco.categories))]
+    mapping = {cid: classes.index(name) for cid, name in coco.categories.items() if name in classes[1:]}
+    if not mapping:
+        raise DatasetError(
+            f"{coco.path}: none of its categories ({', '.join(sorted(coco.categories.values())[:5])}, ...) are classes "
+            f"of the model ({', '.join(classes[1:])}); evaluate weights trained on these categories"
+        )
+    dropped = sorted(set(coco.categories.values()) - set(classes))
+    if dropped:
+        log.warning("%s: %d categories are not model classes and are ignored: %s", coco.path, len(dropped), dropped[:5])
+    return classes, mapping
+
+
+def _read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc}); check the dataset's file names") from None
+
+
+def _coco_mask(annotation: dict, height: int, width: int) -> np.ndarray:
+    """The annotation's mask from RLE (compressed or not) or polygons, via pycocotools."""
+    from pycocotools import mask as mask_utils
+
+    segmentation = annotation.get("segmentation")
+    if not segmentation:
+        raise DatasetError(f"annotation {annotation.get('id')} of image {annotation.get('image_id')} has no "
+                           f"'segmentation'; segment data needs RLE or polygon masks")
+    if isinstance(segmentation, list):  # polygons
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):  # uncompressed RLE
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(bool)
+
+
+def coco_detection(coco: CocoData, classes: list[str] | None = None) -> DetectionExamples:
+    """Boxes of the non-crowd annotations whose category is a class (COCO xywh -> x1y1x2y2)."""
+    classes, mapping = coco_label_map(coco, classes)
+    images, targets = [], []
+    for image in coco.images:
+        pixels = _read_image(image["path"])
+        kept = [a for a in coco.annotations[image["id"]] if a["category_id"] in mapping and not a.get("iscrowd", 0)]
+        boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in kept)]
+        images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous())
+        targets.append({
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor([mapping[a["category_id"]] for a in kept], dtype=torch.int64),
+        })
+    return DetectionExamples(images, targets, classes)
+
+
+def coco_semantic_map(coco: CocoData, image: dict, mapping: dict[int, int]) -> np.ndarray:
+    """(H, W) class map painted from the image's masks, larger first so small objects stay on top."""
+    height, width = image["height"], image["width"]
+    semantic = np.zeros((height, width), dtype=np.uint8)
+    kept = [a for a in coco.annotations[image["id"]] if a["category_id"] in mapping]
+    for annotation in sorted(kept, key=lambda a: -a.get("area", 0)):
+        semantic[_coco_mask(annotation, height, width)] = mapping[annotation["category_id"]]
+    return semantic
+
+
+def coco_segmentation(coco: CocoData, size: tuple[int, int], classes: list[str] | None = None) -> SegmentationExamples:
+    classes, mapping = coco_label_map(coco, classes)
+    images, labels, natives = [], [], []
+    for image in coco.images:
+        semantic = coco_semantic_map(coco, image, mapping)
+        images.append(to_model_input([_read_image(image["path"])], size))
+        labels.append(resize_labels(semantic, size))
+        natives.append(torch.from_numpy(semantic))
+    return SegmentationExamples(torch.cat(images), torch.stack(labels), natives, classes)
+
+
+# --------------------------------------------------------------------------- .flo pairs
+
+
+def find_flow_pairs(root: str | Path) -> list[tuple[Path, Path, Path]]:
+    """(first image, second image, .flo) triples in any of the three common layouts under ``root``:
+
+    * Flying Chairs: ``NNNNN_img1.ppm``, ``NNNNN_img2.ppm``, ``NNNNN_flow.flo`` side by side;
+    * Sintel: ``<pass>/<scene>/frame_NNNN.png`` with ``flow/<scene>/frame_NNNN.flo`` (pass: clean or final);
+    * Middlebury: ``other-data/<scene>/frame10.png`` and ``frame11.png`` with ``other-gt-flow/<scene>/flow10.flo``.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory; pass the folder that holds the .flo files")
+    pairs = [_pair_for(flo, root) for flo in sorted(root.rglob("*.flo"))]
+    found = [pair for pair in pairs if pair is not None]
+    if not found:
+        raise DatasetError(
+            f"{root}: no .flo file with both of its images found; expected Flying Chairs (NNNNN_img1.ppm, "
+            f"NNNNN_img2.ppm, NNNNN_flow.flo), Sintel or Middlebury layouts"
+        )
+    return found
+
+
+def _pair_for(flo: Path, root: Path) -> tuple[Path, Path, Path] | None:
+    chairs = re.fullmatch(r"(.+)_flow\.flo", flo.name)
+    if chairs:
+        return _existing(flo.parent, f"{chairs[1]}_img1", f"{chairs[1]}_img2", flo)
+    numbered = re.fullmatch(r"(frame_?|flow)(\d+)\.flo", flo.name)
+    if not numbered:
+        return None
+    number, digits = int(numbered[2]), len(numbered[2])
+    names = (f"frame{number}", f"frame{number + 1}") if numbered[1] == "flow" else (
+        f"frame_{number:0{digits}d}", f"frame_{number + 1:0{digits}d}")
+    for folder in _image_folders(flo, root):
+        pair = _existing(folder, *names, flo)
+        if pair is not None:
+            return pair
+    return None
+
+
+def _image_folders(flo: Path, root: Path) -> list[Path]:
+    """Where a Sintel/Middlebury flow file's images live: same scene name under a sibling tree."""
+    scene = flo.parent.name
+    trees = flo.parent.parent.parent
+    candidates = [trees / "clean" / scene, trees / "final" / scene, trees / "other-data" / scene, flo.parent]
+    return [folder for folder in candidates if folder.is_dir()]
+
+
+def _existing(folder: Path, first: str, second: str, flo: Path) -> tuple[Path, Path, Path] | None:
+    for suffix in IMAGE_SUFFIXES:
+        a, b = folder / f"{first}{suffix}", folder / f"{second}{suffix}"
+        if a.is_file() and b.is_file():
+            return a, b, flo
+    return None
+
+
+def flow_pairs_dataset(pairs: list[tuple[Path, Path, Path]], size: tuple[int, int]) -> FlowExamples:
+    from models.metrics_flow import read_flo
+
+    firsts, seconds, flows, natives = [], [], [], []
+    for first, second, flo in pairs:
+        flow = read_flo(flo)
+        images = [_read_image(first), _read_image(second)]
+        if images[0].shape[:2] != flow.shape[:2]:
+            raise DatasetError(f"{flo}: flow is {flow.shape[1]}x{flow.shape[0]} but {first.name} is "
+                               f"{images[0].shape[1]}x{images[0].shape[0]}; the pair does not belong together")
+        pair = to_model_input(images, size)
+        firsts.append(pair[0])
+        seconds.append(pair[1])
+        # invalid pixels of KITTI-style data are stored as huge values; treat those as invalid
+        valid = np.all(np.abs(flow) < 1e9, axis=-1)
+        flow = np.where(valid[..., None], flow, 0.0).astype(np.float32)
+        flows.append(resize_flow(flow, size).half())
+        natives.append((torch.from_numpy(flow), torch.from_numpy(valid)))
+    return FlowExamples(torch.stack(firsts), torch.stack(seconds), torch.stack(flows), natives)
+
+
+# --------------------------------------------------------------------------- video tree
+
+
+def find_video_tree(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]]:
+    """Classes and (video, class index) of a ``root/<class>/<clip>.<ext>`` tree (UCF101, Kinetics).
+
+    The class order comes from a UCF101 ``classInd.txt`` (``1 ApplyEyeMakeup``) when one exists,
+    else from the sorted folder names.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: not a directory; pass the folder that holds one sub-folder per class")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    index_file = root / "classInd.txt"
+    classes = [line.split()[1] for line in index_file.read_text().splitlines() if line.strip()] if index_file.is_file() else folders
+    videos = [(video, classes.index(name)) for name in folders if name in classes
+              for video in sorted((root / name).iterdir()) if video.suffix.lower() in VIDEO_SUFFIXES]
+    if not videos:
+        raise DatasetError(f"{root}: no videos found in <class>/<clip>{VIDEO_SUFFIXES[0]} sub-folders")
+    return classes, videos
+
+
+def read_clip(path: Path, length: int, size: tuple[int, int]) -> torch.Tensor:
+    """(3, T, h, w) uint8: the first ``length`` frames as the pipeline decodes them (the last repeats if short)."""
+    from pipeline.config import SourceConfig
+    from pipeline.sources import iter_video_frames
+
+    config = SourceConfig(type="file", path=str(path), max_frames=length)
+    images = [frame.image for frame in iter_video_frames(path, path.stem, config)]
+    images += [images[-1]] * (length - len(images))
+    return to_model_input(images, size).transpose(0, 1)
+
+
+def video_tree_dataset(root: str | Path, length: int, size: tuple[int, int], classes: list[str] | None = None) -> ClipExamples:
+    """Clips of a video tree; with ``classes`` (the model's), folders are matched to them by name."""
+    tree_classes, videos = find_video_tree(root)
+    if classes is not None:
+        unknown = sorted({tree_classes[label] for _, label in videos} - set(classes))
+        if unknown:
+            raise DatasetError(f"{root}: classes {unknown[:5]} are not classes of the model ({', '.join(classes)}); "
+                               f"evaluate weights trained on these classes")
+        videos = [(video, classes.index(tree_classes[label])) for video, label in videos]
+    clips = [read_clip(video, length, size) for video, _ in videos]
+    return ClipExamples(torch.stack(clips), torch.tensor([label for _, label in videos]), classes or tree_classes)

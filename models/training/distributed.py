@@ -1,0 +1,148 @@
+"""``blinkflow train TASK --workers N``: the same loop (:func:`models.training.train.main`) under Ray Train.
+
+:class:`ray.train.torch.TorchTrainer` starts N workers and a process group
+(gloo on CPU, nccl on GPU). Each worker runs ``main`` with a :class:`RayRuntime`:
+
+* the model goes through ``ray.train.torch.prepare_model`` (DistributedDataParallel);
+* the training loader goes through ``ray.train.torch.prepare_data_loader``
+  (a ``DistributedSampler`` shards every epoch; ``batch_size`` is per worker);
+* after every epoch all workers call ``ray.train.report``; rank 0 attaches
+  the checkpoint as a ``ray.train.Checkpoint`` (kept under
+  ``<out_dir>/ray-train/``) and also writes ``<out_dir>/checkpoint.pt`` so
+  ``blinkflow eval`` finds it;
+* a rerun with the same ``out_dir`` resumes from Ray's latest checkpoint
+  (``ray.train.get_checkpoint``); ``--fresh`` deletes that run first.
+
+Evaluation, the probe loss, ``metrics.json`` and shipping happen on rank 0 only.
+The driver connects to ``RAY_ADDRESS`` when set, else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from models.training.config import TrainConfig
+from models.training.train import CHECKPOINT_NAME, METRICS_NAME, Runtime, _write_checkpoint, main
+from pipeline.errors import BlinkflowError
+
+log = logging.getLogger(__name__)
+
+RAY_RUN_NAME = "ray-train"
+
+
+def _import_ray_train() -> Any:
+    try:
+        import ray.train  # needs pandas/pyarrow: the ray[train] extra
+        import ray.train.torch
+    except ImportError as exc:
+        raise BlinkflowError(
+            f"--workers needs Ray Train, which is not installed ({exc}); run: pip install 'ray[train]'"
+        ) from None
+    return ray.train
+
+
+@dataclass
+class RayRuntime(Runtime):
+    """A Ray Train worker's view of the loop (see the module docstring)."""
+
+    resume: bool = True
+
+    def prepare_model(self, model: Any) -> Any:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(model)
+
+    def prepare_loader(self, loader: Any) -> Any:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
+
+    def set_epoch(self, loader: Any, epoch: int) -> None:
+        from torch.utils.data.distributed import DistributedSampler
+
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)  # shard order is a function of (seed, epoch)
+        else:
+            super().set_epoch(loader, epoch)
+
+    def load_checkpoint(self, out_dir: Path) -> dict | None:
+        import ray.train
+
+        from models.training.train import _read_checkpoint
+
+        checkpoint = ray.train.get_checkpoint() if self.resume else None
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as folder:
+            return _read_checkpoint(Path(folder) / CHECKPOINT_NAME)
+
+    def save_checkpoint(self, out_dir: Path, checkpoint: dict, metrics: dict) -> None:
+        """Every worker reports (it is a barrier); only rank 0 attaches the checkpoint."""
+        import ray.train
+
+        report = {"epoch": checkpoint["epoch"], "step": checkpoint["step"],
+                  **{k: v for k, v in metrics.items() if isinstance(v, float)}}
+        if not self.is_main:
+            ray.train.report(report, checkpoint=None)
+            return
+        _write_checkpoint(out_dir / CHECKPOINT_NAME, checkpoint)
+        with tempfile.TemporaryDirectory() as folder:
+            _write_checkpoint(Path(folder) / CHECKPOINT_NAME, checkpoint)
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _train_worker(config: dict) -> None:
+    """The function each Ray Train worker runs."""
+    import ray.train
+    import ray.train.torch
+
+    context = ray.train.get_context()
+    runtime = RayRuntime(
+        device=ray.train.torch.get_device(),
+        rank=context.get_world_rank(),
+        world_size=context.get_world_size(),
+        progress=False,  # N interleaved bars would be noise in the driver's log
+        resume=config["resume"],
+    )
+    main(config["cfg"], resume=config["resume"], ship=config["ship"], runtime=runtime)
+
+
+def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, ship: bool = False) -> dict:
+    """Train with ``workers`` DDP workers under Ray Train; returns the summary rank 0 wrote."""
+    train = _import_ray_train()
+    import ray
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    out_dir = Path(cfg.out_dir).resolve()
+    if not resume:
+        shutil.rmtree(out_dir / RAY_RUN_NAME, ignore_errors=True)
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    use_gpu = cfg.device.startswith("cuda")
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={"cfg": _with_out_dir(cfg, out_dir), "resume": resume, "ship": ship},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=train.RunConfig(name=RAY_RUN_NAME, storage_path=str(out_dir),
+                                   checkpoint_config=train.CheckpointConfig(num_to_keep=2)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    summary = json.loads((out_dir / METRICS_NAME).read_text())
+    summary["workers"] = workers
+    return summary
+
+
+def _with_out_dir(cfg: TrainConfig, out_dir: Path) -> TrainConfig:
+    """Workers may start in another directory: give them the absolute out_dir."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, out_dir=str(out_dir))

@@ -1,0 +1,352 @@
+"""Sideways training (Malinowski et al., CVPR 2020) of the streaming causal network.
+
+The network (``causal3d_small``) is split by depth into K stages
+(:func:`models.depth.split_model`). A clip is fed one frame per *tick*; at
+every tick every stage, without waiting for the others:
+
+* runs **forward** on the newest activation it has: the frame (stage 0) or
+  what stage k-1 produced at the previous tick (the pipelined MPVN schedule);
+* runs **backward** on the newest gradient it has: the one stage k+1 sent at
+  the previous tick, applied through the stage's *current* forward graph. That
+  gradient belongs to an output of an earlier frame, so the parameter gradient
+  is approximate; it works because consecutive frames are similar;
+* the last stage computes the loss of its fresh logits against the clip label
+  and starts the gradient down at once.
+
+Temporal buffers carry the past forward but are detached (no backprop through
+time), parameter gradients accumulate over the clip's ticks and each stage's
+optimiser steps once per clip batch (one *step*). The pipeline fills and
+empties with each clip: the top sees T-(K-1) frames of a T-frame clip, and
+stage 0 gets gradients from tick 2(K-1) on; gradients still in flight when the
+clip ends are dropped.
+
+**Baseline** ("ordinary backprop"): the same network, initialisation, data,
+optimiser and objective (cross-entropy of every time step's logits against the
+clip label), trained in clip mode with exact gradients (through time too).
+
+Executors: ``local`` runs the K stage workers one after another in this
+process (the algorithm exactly, no parallel speed-up); ``ray`` puts each stage
+worker in its own Ray actor (one CPU thread each), so the K stages of a tick
+run at the same time and the driver never waits for a tick to end.
+
+Entry points: ``blinkflow train action --sideways --config configs/train/smoke-action.yaml``,
+or ``python -m models.training.sideways --config ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+class SidewaysWorker:
+    """One depth stage's per-tick work and its own optimiser (a plain class; Ray wraps it as an actor)."""
+
+    def __init__(self, stage: nn.Module, finish: nn.Module | None, optim: Any, threads: int | None = None) -> None:
+        if threads is not None:
+            torch.set_num_threads(threads)
+        self.stage = stage.train()
+        self.finish = finish  # the last stage's LastStep; None elsewhere
+        params = [p for p in stage.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay)
+        self.state: list | None = None
+        self.busy_s = 0.0
+
+    def reset(self) -> None:
+        """A new clip: empty temporal buffers."""
+        self.state = None
+
+    def tick(self, x: torch.Tensor | None, grad: torch.Tensor | None, labels: torch.Tensor | None,
+             loss_scale: float) -> tuple[torch.Tensor | None, torch.Tensor | None, float | None]:
+        """Forward ``x``; backward ``grad`` (or the loss, at the top) through this forward; return
+        (output for the stage above, gradient for the stage below, loss)."""
+        if x is None:
+            return None, None, None
+        started = time.perf_counter()
+        x = x.detach().requires_grad_(self.stage.index > 0)
+        y, state = self.stage.stream(x, self.state)
+        self.state = [b.detach() if b is not None else None for b in state]
+        loss_value = None
+        if self.finish is not None:
+            loss = F.cross_entropy(self.finish(y), labels)
+            (loss * loss_scale).backward()
+            loss_value = float(loss.detach())
+        elif grad is not None:
+            torch.autograd.backward(y, grad)
+        down = x.grad if x.requires_grad and x.grad is not None else None
+        self.busy_s += time.perf_counter() - started
+        return y.detach(), down, loss_value
+
+    def step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def state_dict(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.stage.state_dict().items()}
+
+    def busy(self) -> float:
+        return self.busy_s
+
+
+# --------------------------------------------------------------------------- executors
+
+
+class LocalSideways:
+    """The K workers in this process, run one after another within each tick."""
+
+    def __init__(self, split: Any, optim: Any) -> None:
+        last = split.num_stages - 1
+        self.workers = [SidewaysWorker(s, split.finish if s.index == last else None, optim) for s in split.stages]
+
+    def train_clip(self, clip: torch.Tensor, labels: torch.Tensor) -> float:
+        k_stages, steps = len(self.workers), clip.shape[2]
+        scale = 1.0 / max(1, steps - (k_stages - 1))
+        for worker in self.workers:
+            worker.reset()
+        acts: list = [None] * k_stages
+        grads: list = [None] * k_stages
+        losses = []
+        for t in range(steps):
+            new_acts, new_grads = [None] * k_stages, [None] * k_stages
+            for k, worker in enumerate(self.workers):
+                x = clip[:, :, t : t + 1] if k == 0 else acts[k - 1]
+                grad = grads[k + 1] if k + 1 < k_stages else None
+                new_acts[k], new_grads[k], loss = worker.tick(x, grad, labels, scale)
+                if loss is not None:
+                    losses.append(loss)
+            acts, grads = new_acts, new_grads
+        for worker in self.workers:
+            worker.step()
+        return statistics.mean(losses)
+
+    def sync(self, split: Any) -> None:
+        """Parameters are shared with ``split`` in process: nothing to copy."""
+
+    def busy_seconds(self) -> list[float]:
+        return [w.busy() for w in self.workers]
+
+    def close(self) -> None:
+        pass
+
+
+class RaySideways:
+    """Each worker in its own Ray actor; a tick's K calls depend only on the previous tick's results."""
+
+    def __init__(self, split: Any, optim: Any, num_cpus: float = 1.0) -> None:
+        import copy
+
+        import ray
+
+        self._owns_ray = not ray.is_initialized()
+        if self._owns_ray:
+            ray.init(num_cpus=max(2, split.num_stages), include_dashboard=False, log_to_driver=False,
+                     logging_level=logging.WARNING)
+        last = split.num_stages - 1
+        actor = ray.remote(SidewaysWorker).options(num_cpus=num_cpus)
+        self.workers = [
+            actor.remote(copy.deepcopy(s).cpu(), split.finish if s.index == last else None, optim, 1)
+            for s in split.stages
+        ]
+
+    def train_clip(self, clip: torch.Tensor, labels: torch.Tensor) -> float:
+        import ray
+
+        k_stages, steps = len(self.workers), clip.shape[2]
+        scale = 1.0 / max(1, steps - (k_stages - 1))
+        ray.get([w.reset.remote() for w in self.workers])
+        acts: list = [None] * k_stages
+        grads: list = [None] * k_stages
+        loss_refs = []
+        for t in range(steps):
+            new_acts, new_grads = [None] * k_stages, [None] * k_stages
+            for k, worker in enumerate(self.workers):
+                x = clip[:, :, t : t + 1] if k == 0 else acts[k - 1]
+                grad = grads[k + 1] if k + 1 < k_stages else None
+                new_acts[k], new_grads[k], loss = worker.tick.options(num_returns=3).remote(x, grad, labels, scale)
+                if k == k_stages - 1 and t >= k_stages - 1:
+                    loss_refs.append(loss)
+            acts, grads = new_acts, new_grads
+        ray.get([w.step.remote() for w in self.workers])
+        return statistics.mean(ray.get(loss_refs))
+
+    def sync(self, split: Any) -> None:
+        import ray
+
+        for stage, state in zip(split.stages, ray.get([w.state_dict.remote() for w in self.workers])):
+            stage.load_state_dict(state)
+
+    def busy_seconds(self) -> list[float]:
+        import ray
+
+        return ray.get([w.busy.remote() for w in self.workers])
+
+    def close(self) -> None:
+        import ray
+
+        for worker in self.workers:
+            ray.kill(worker)
+        if self._owns_ray:
+            ray.shutdown()
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class RunResult:
+    """One training method's outcome."""
+
+    method: str
+    losses: list[float] = field(default_factory=list)  # per step
+    step_seconds: list[float] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    busy_s: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        k = max(1, len(self.losses) // 5)
+        return {
+            "method": self.method,
+            "steps": len(self.losses),
+            "first_loss": round(statistics.mean(self.losses[:k]), 4) if self.losses else None,
+            "last_loss": round(statistics.mean(self.losses[-k:]), 4) if self.losses else None,
+            "median_step_ms": round(1000 * statistics.median(self.step_seconds), 2) if self.step_seconds else None,
+            "metrics": {key: round(v, 4) for key, v in self.metrics.items() if isinstance(v, float)},
+            "busy_s": [round(b, 2) for b in self.busy_s],
+        }
+
+
+def build_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
+    """(task, training loader, held-out loader): the same data ``blinkflow train action`` uses."""
+    from models.training.tasks import make_task
+    from models.training.train import make_loader
+
+    task = make_task(cfg)
+    train_set, val_set = task.train_set(), task.eval_set()
+    loader = make_loader(task, train_set, cfg.batch_size, train=True, seed=cfg.seed)
+    return task, loader, make_loader(task, val_set, cfg.batch_size, train=False)
+
+
+def fresh_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    from models.registry import build_model
+
+    torch.manual_seed(cfg.seed)
+    return build_model(cfg.model, task="action", num_classes=num_classes, **cfg.model_args)
+
+
+def train_sideways(cfg: TrainConfig, data: tuple, stages: int = 2, executor: str = "local") -> tuple[RunResult, nn.Module]:
+    """Sideways training of a fresh ``cfg.model`` for ``cfg.epochs`` epochs; returns the result and the model."""
+    from models.depth import split_model
+
+    task, loader, val_loader = data
+    model = fresh_model(cfg, len(loader.dataset.classes)).train()
+    split = split_model(model, stages)  # balanced by parameter count: no timing noise in training runs
+    runner = RaySideways(split, cfg.optim) if executor == "ray" else LocalSideways(split, cfg.optim)
+    result = RunResult(f"sideways K={stages} ({executor})")
+    try:
+        for _ in range(cfg.epochs):
+            for clips, labels in loader:
+                started = time.perf_counter()
+                result.losses.append(runner.train_clip(clips, labels))
+                result.step_seconds.append(time.perf_counter() - started)
+        runner.sync(split)
+        result.busy_s = runner.busy_seconds()
+    finally:
+        runner.close()
+    result.metrics = task.evaluate(model.eval(), val_loader, torch.device("cpu"))
+    return result, model
+
+
+def train_backprop(cfg: TrainConfig, data: tuple) -> tuple[RunResult, nn.Module]:
+    """The baseline: clip-mode training with exact gradients, same objective (every step's logits)."""
+    task, loader, val_loader = data
+    model = fresh_model(cfg, len(loader.dataset.classes)).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    result = RunResult("ordinary backprop (clip mode)")
+    for _ in range(cfg.epochs):
+        for clips, labels in loader:
+            started = time.perf_counter()
+            logits, _ = model.forward_steps(clips)
+            steps = logits.shape[1]
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.repeat_interleave(steps))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            result.losses.append(float(loss))
+            result.step_seconds.append(time.perf_counter() - started)
+    result.metrics = task.evaluate(model.eval(), val_loader, torch.device("cpu"))
+    return result, model
+
+
+def compare(cfg: TrainConfig, stages: int = 2, executors: Sequence[str] = ("local",), baseline: bool = True) -> dict:
+    """Train with Sideways (each executor) and, side by side, with ordinary backprop; same data and init."""
+    if cfg.task != "action" or cfg.model != "causal3d_small":
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"--sideways trains the streaming causal3d_small action model; got {cfg.task}/{cfg.model}")
+    torch.set_num_threads(cfg.threads)
+    data = build_data(cfg)
+    results, model = [], None
+    for executor in executors:
+        result, model = train_sideways(cfg, data, stages, executor)
+        results.append(result.summary())
+    if baseline:
+        results.append(train_backprop(cfg, data)[0].summary())
+    report = {"config": {"model": cfg.model, "model_args": cfg.model_args, "epochs": cfg.epochs,
+                         "batch_size": cfg.batch_size, "lr": cfg.optim.lr, "stages": stages, "threads": cfg.threads,
+                         "clip_len": data[0].clip_len, "input_size": list(data[0].input_size)},
+              "results": results}
+    _save(cfg, report, model)
+    return report
+
+
+def _save(cfg: TrainConfig, report: dict, model: nn.Module | None) -> None:
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sideways.json").write_text(json.dumps(report, indent=2) + "\n")
+    if model is not None:
+        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / "sideways.pt")
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{'method':34} {'steps':>5} {'loss first->last':>18} {'ms/step':>9}  held-out"]
+    for r in report["results"]:
+        loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}"
+        held_out = "  ".join(f"{k} {v:.3f}" for k, v in r["metrics"].items())
+        lines.append(f"{r['method']:34} {r['steps']:>5} {loss:>18} {r['median_step_ms']:>9.1f}  {held_out}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from models.training.config import load_train_config
+
+    parser = argparse.ArgumentParser(prog="python -m models.training.sideways", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", type=Path, default=Path("configs/train/smoke-action.yaml"))
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--stages", type=int, default=2, help="depth stages K")
+    parser.add_argument("--executor", choices=["local", "ray", "both"], default="local")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the ordinary-backprop comparison")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    cfg = load_train_config(args.config, args.overrides, task="action")
+    executors = ("local", "ray") if args.executor == "both" else (args.executor,)
+    print(format_report(compare(cfg, args.stages, executors, baseline=not args.no_baseline)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

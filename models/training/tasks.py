@@ -1,0 +1,296 @@
+"""What differs between the four stages' training: data, batches, loss and evaluation.
+
+Each :class:`Task` knows
+
+* its examples: the training set and the held-out set (synthetic seeds or a real dataset);
+* ``collate``: examples to a batch, with the training-only augmentation;
+* ``loss``: the model's training loss on a batch (the model is in train mode):
+  detect: torchvision's own detection losses (SSD's hard-negative-mined
+  classification + smooth-L1 boxes, RetinaNet's focal loss, Faster R-CNN's RPN
+  + ROI losses); segment: per-pixel cross-entropy; flow: FlowNet's multi-scale
+  end-point error (RAFT: its sequence loss, EPE weighted 0.8^i); action: cross-entropy;
+* ``evaluate``: the metrics on a loader (the model is in eval mode), measured
+  where the stage reports: segment and flow at the source resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from models.training import datasets as ds
+from models.training import metrics
+from models.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The bare model inside a DistributedDataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+class Task:
+    """Shared plumbing; subclasses fill in data, batches, loss and metrics."""
+
+    name = ""
+    #: the metric that decides whether a run is good, and whether higher is better
+    primary, higher_is_better = "", True
+    default_classes: list[str] | None = None
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.input_size = ds.input_size(self.name, cfg.data)
+
+    def train_set(self) -> Any:
+        data = self.cfg.data
+        return self.real_set(data.train_path, None) if data.train_path else self.synthetic_set(data.train, native=False)
+
+    def eval_set(self, path: str | None = None, classes: list[str] | None = None) -> Any:
+        """The held-out set: ``path`` (a real dataset), else ``data.val_path``, else the synthetic val split."""
+        path = path or self.cfg.data.val_path
+        return self.real_set(path, classes) if path else self.synthetic_set(self.cfg.data.val, native=True)
+
+    def build_model(self, classes: list[str] | None) -> torch.nn.Module:
+        from models.registry import build_model
+
+        return build_model(self.cfg.model, task=self.name, num_classes=len(classes), **self.cfg.model_args)
+
+    def synthetic_set(self, split: Any, native: bool) -> Any:
+        raise NotImplementedError
+
+    def real_set(self, path: str, classes: list[str] | None) -> Any:
+        raise NotImplementedError
+
+    def collate(self, items: list[dict], train: bool = False) -> Any:
+        raise NotImplementedError
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+def _images(items: list[dict], key: str) -> torch.Tensor:
+    return torch.stack([item[key] for item in items]).float().div_(255.0)
+
+
+def _hflip_boxes(boxes: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
+
+
+class DetectTask(Task):
+    name, primary = "detect", "map50"
+    default_classes = SYNTHETIC_CLASSES
+
+    def synthetic_set(self, split: Any, native: bool) -> Any:
+        return ds.synthetic_detection(self.cfg.data, split)
+
+    def real_set(self, path: str, classes: list[str] | None) -> Any:
+        return ds.coco_detection(ds.read_coco(path), classes)
+
+    def collate(self, items: list[dict], train: bool = False) -> Any:
+        """Source-size images and their targets; the detector resizes both itself, as at inference."""
+        images = [item["image"].float().div_(255.0) for item in items]
+        targets = [dict(item["target"]) for item in items]
+        if train and self.cfg.data.flip:
+            for i, flip in enumerate(torch.rand(len(items)) < 0.5):
+                if flip:
+                    images[i] = images[i].flip(-1)
+                    targets[i]["boxes"] = _hflip_boxes(targets[i]["boxes"], images[i].shape[-1])
+        return images, targets
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        images, targets = batch
+        return [i.to(device) for i in images], [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        images, targets = batch
+        return sum(model(images, targets).values())
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        predictions, targets = [], []
+        for batch in loader:
+            images, batch_targets = self.to_device(batch, device)
+            outputs = model(images)
+            predictions += [{k: v.cpu().numpy() for k, v in o.items()} for o in outputs]
+            targets += [{k: v.cpu().numpy() for k, v in t.items()} for t in batch_targets]
+        return metrics.box_map(predictions, targets, num_classes=len(loader.dataset.classes))
+
+
+class SegmentTask(Task):
+    name, primary = "segment", "miou"
+    default_classes = SYNTHETIC_CLASSES
+
+    def synthetic_set(self, split: Any, native: bool) -> Any:
+        return ds.synthetic_segmentation(self.cfg.data, split, self.input_size, native)
+
+    def real_set(self, path: str, classes: list[str] | None) -> Any:
+        return ds.coco_segmentation(ds.read_coco(path), self.input_size, classes)
+
+    def collate(self, items: list[dict], train: bool = False) -> Any:
+        images = _images(items, "image")
+        labels = torch.stack([item["label"] for item in items]).long()
+        natives = [item["native"].long() for item in items] if "native" in items[0] else None
+        if train:
+            images, labels = self._augment(images, labels)
+        return images, labels, natives
+
+    def _augment(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random crop (the same scale as the full input: the net is fully convolutional) and flips."""
+        if self.cfg.data.crop is not None:
+            crop_h, crop_w = (min(c, s) for c, s in zip(self.cfg.data.crop, images.shape[-2:]))
+            top = int(torch.randint(images.shape[-2] - crop_h + 1, ()))
+            left = int(torch.randint(images.shape[-1] - crop_w + 1, ()))
+            images = images[..., top : top + crop_h, left : left + crop_w]
+            labels = labels[..., top : top + crop_h, left : left + crop_w]
+        if self.cfg.data.flip:
+            flip = torch.rand(len(images)) < 0.5
+            images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+            labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
+        return images.contiguous(), labels.contiguous()
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        images, labels, natives = batch
+        return images.to(device), labels.to(device), natives
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        images, labels, _ = batch
+        return F.cross_entropy(model(images)["out"], labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        """Confusion at the source resolution: logits upsampled bilinearly, then argmax (as the stage does)."""
+        num_classes = len(loader.dataset.classes)
+        confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+        for batch in loader:
+            images, labels, natives = self.to_device(batch, device)
+            logits = model(images)["out"].float()
+            for item_logits, label in zip(logits, natives if natives is not None else labels):
+                size = tuple(label.shape[-2:])
+                if tuple(item_logits.shape[-2:]) != size:
+                    item_logits = F.interpolate(item_logits[None], size=size, mode="bilinear", align_corners=False)[0]
+                prediction = item_logits.argmax(dim=0).cpu().numpy()
+                confusion += metrics.confusion_matrix(prediction, label.cpu().numpy(), num_classes)
+        return metrics.segmentation_scores(confusion)
+
+
+class FlowTask(Task):
+    name, primary, higher_is_better = "flow", "epe", False
+
+    def build_model(self, classes: list[str] | None) -> torch.nn.Module:
+        from models.registry import build_model
+
+        return build_model(self.cfg.model, task=self.name, **self.cfg.model_args)
+
+    def synthetic_set(self, split: Any, native: bool) -> Any:
+        return ds.synthetic_flow(self.cfg.data, split, self.input_size, native)
+
+    def real_set(self, path: str, classes: list[str] | None) -> Any:
+        return ds.flow_pairs_dataset(ds.find_flow_pairs(path), self.input_size)
+
+    def collate(self, items: list[dict], train: bool = False) -> Any:
+        natives = [(item["native_flow"], item["native_valid"]) for item in items] if "native_flow" in items[0] else None
+        flow = torch.stack([item["flow"] for item in items])
+        return _images(items, "first"), _images(items, "second"), flow, natives
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        first, second, flow, natives = batch
+        return first.to(device), second.to(device), flow.to(device), natives
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        from models.flownet import RaftFlow, multiscale_epe_loss
+
+        first, second, flow, _ = batch
+        predictions = model(first, second)
+        if isinstance(unwrap(model), RaftFlow):  # RAFT's sequence loss: later refinements weigh more
+            return multiscale_epe_loss(predictions, flow, weights=tuple(0.8**i for i in range(len(predictions))))
+        return multiscale_epe_loss(predictions, flow)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        """EPE and Fl-all over the valid pixels at the ground truth's resolution, plus the zero-flow baseline."""
+        sums = {"epe": 0.0, "fl_all": 0.0, "epe_zero_flow": 0.0, "epe_model_input": 0.0}
+        pixels, pairs = 0, 0
+        for batch in loader:
+            first, second, flow, natives = self.to_device(batch, device)
+            predicted = model(first, second).float()
+            sums["epe_model_input"] += float(torch.linalg.vector_norm(predicted - flow, dim=1).mean(dim=(1, 2)).sum())
+            pairs += len(first)
+            for item, (true_flow, valid) in zip(predicted, natives or _input_truth(flow)):
+                estimate, truth, mask = _at_truth_size(item, true_flow), true_flow.numpy(), valid.numpy()
+                count = int(mask.sum())
+                if count == 0:
+                    continue
+                sums["epe"] += metrics.epe(estimate, truth, mask) * count
+                sums["fl_all"] += metrics.fl_all(estimate, truth, mask) * count
+                sums["epe_zero_flow"] += metrics.epe(np.zeros_like(truth), truth, mask) * count
+                pixels += count
+        scores = {key: value / max(pixels, 1) for key, value in sums.items()}
+        scores["epe_model_input"] = sums["epe_model_input"] / max(pairs, 1)
+        return scores
+
+
+def _input_truth(flow: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Without source-size truth, the input-size target with every pixel valid."""
+    return [(f.permute(1, 2, 0).cpu(), torch.ones(f.shape[-2:], dtype=torch.bool)) for f in flow]
+
+
+def _at_truth_size(flow: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """(2, h, w) flow in model-input pixels -> (H, W, 2) in the truth's pixels (bilinear, vectors rescaled)."""
+    height, width = truth.shape[:2]
+    in_h, in_w = flow.shape[-2:]
+    if (in_h, in_w) != (height, width):
+        flow = F.interpolate(flow[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    scale = torch.tensor([width / in_w, height / in_h], device=flow.device).view(2, 1, 1)
+    return (flow * scale).permute(1, 2, 0).cpu().numpy()
+
+
+class ActionTask(Task):
+    name, primary = "action", "top1"
+    default_classes = SYNTHETIC_ACTIONS
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        super().__init__(cfg)
+        self.clip_len = ds.clip_len(cfg.data)
+
+    def synthetic_set(self, split: Any, native: bool) -> Any:
+        return ds.synthetic_clips(self.cfg.data, split, self.input_size, self.clip_len)
+
+    def real_set(self, path: str, classes: list[str] | None) -> Any:
+        return ds.video_tree_dataset(path, self.clip_len, self.input_size, classes)
+
+    def collate(self, items: list[dict], train: bool = False) -> Any:
+        # no flips: a mirrored slide-left is a slide-right
+        return _images(items, "clip"), torch.stack([item["label"] for item in items])
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        clips, labels = batch
+        return clips.to(device), labels.to(device)
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        clips, labels = batch
+        return F.cross_entropy(model(clips), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        logits, labels = [], []
+        for batch in loader:
+            clips, batch_labels = self.to_device(batch, device)
+            logits.append(model(clips).float().cpu())
+            labels.append(batch_labels.cpu())
+        return metrics.topk_accuracy(torch.cat(logits).numpy(), torch.cat(labels).numpy(), ks=(1, 5))
+
+
+TASK_CLASSES: dict[str, type[Task]] = {"detect": DetectTask, "segment": SegmentTask, "flow": FlowTask, "action": ActionTask}
+
+
+def make_task(cfg: TrainConfig) -> Task:
+    return TASK_CLASSES[cfg.task](cfg)

@@ -1,0 +1,378 @@
+"""models.training: configs, presets, readers, metrics, the train loop, resume, the CLI and Ray Train."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from models.training import datasets as ds
+from models.training import metrics
+from models.training.config import DataConfig, load_train_config
+from pipeline.errors import BlinkflowError, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAIN_CONFIGS = REPO_ROOT / "configs" / "train"
+TASKS = ["detect", "segment", "flow", "action"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Other work shares the CPU: every test uses a single torch thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def smoke_config(task: str, tmp_path: Path, *overrides: str):
+    return load_train_config(TRAIN_CONFIGS / f"smoke-{task}.yaml", [f"out_dir={tmp_path / task}", *overrides], task=task)
+
+
+def quiet_runtime():
+    from models.training.train import Runtime
+
+    return Runtime(progress=False)
+
+
+# --------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shipping_and_smoke_configs_load(task):
+    for name in (f"{task}.yaml", f"smoke-{task}.yaml"):
+        cfg = load_train_config(TRAIN_CONFIGS / name, task=task)
+        assert cfg.task == task
+
+
+def test_unknown_config_key_names_its_path():
+    with pytest.raises(ConfigError, match=r"^optim\.learning_rate: unknown key; valid keys here: optimizer, lr"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["optim.learning_rate=0.1"])
+
+
+def test_overlapping_held_out_seeds_are_rejected():
+    with pytest.raises(ConfigError, match=r"^data\.val\.first_seed: seeds 5\.\.8 overlap the training seeds 0\.\.15; move"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["data.val.first_seed=5"])
+
+
+def test_config_for_another_task_is_rejected():
+    with pytest.raises(ConfigError, match=r"^task: the config trains 'segment' but the command asked for 'flow'"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", task="flow")
+
+
+def test_missing_dataset_path_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^data\.train_path: .*nope\.json' does not exist"):
+        load_train_config(TRAIN_CONFIGS / "smoke-detect.yaml", [f"data.train_path={tmp_path / 'nope.json'}"])
+
+
+# --------------------------------------------------------------------------- presets
+
+
+def test_sizes_default_to_the_stage_presets():
+    from stages.action import ActionOptions
+    from stages.flow import FlowOptions
+    from stages.segment import SegmentOptions
+
+    data = DataConfig()
+    assert ds.input_size("segment", data) == tuple(SegmentOptions().input_size)
+    assert ds.input_size("flow", data) == tuple(FlowOptions().input_size)
+    assert ds.input_size("action", data) == tuple(ActionOptions().input_size)
+    assert ds.clip_len(data) == ActionOptions().clip_len
+    assert ds.input_size("detect", data) is None  # the detector's own resize, as the stage does
+
+
+def test_model_input_is_exactly_what_the_stage_feeds():
+    from pipeline.frame import Frame
+    from stages.common import frames_to_batch
+
+    image = np.random.default_rng(0).integers(0, 256, (72, 96, 3), dtype=np.uint8)
+    stage = frames_to_batch([Frame("s", 0, 0.0, image)], torch.device("cpu"), size=(64, 80))
+    assert torch.equal(ds.to_model_input([image], (64, 80)).float() / 255.0, stage)
+
+
+def test_resized_flow_is_rescaled_to_the_new_pixels():
+    flow = np.zeros((72, 96, 2), np.float32)
+    flow[..., 0], flow[..., 1] = 3.0, -2.0
+    resized = ds.resize_flow(flow, (36, 24))
+    assert resized.shape == (2, 36, 24)
+    assert torch.allclose(resized[0], torch.tensor(3.0 * 24 / 96)) and torch.allclose(resized[1], torch.tensor(-2.0 * 36 / 72))
+
+
+def test_synthetic_held_out_labels_are_the_generator_ground_truth():
+    from models.training.config import SplitConfig
+    from models.training.scenes import SceneGenerator
+
+    data = DataConfig(width=64, height=48)
+    split = SplitConfig(first_seed=7, clips=1, samples_per_clip=2, frame_step=5)
+    examples = ds.synthetic_segmentation(data, split, (32, 32), native=True)
+    truth = SceneGenerator(7, 64, 48, 3).render(5).semantic
+    assert np.array_equal(examples.native[1].numpy(), truth)
+    assert examples.labels.shape == (2, 32, 32) and examples.images.dtype == torch.uint8
+
+
+def test_synthetic_action_clips_are_balanced():
+    from models.training.config import SplitConfig
+
+    split = SplitConfig(first_seed=0, clips=14, samples_per_clip=1)
+    clips = ds.synthetic_clips(DataConfig(width=32, height=32), split, (16, 16), length=2)
+    assert clips.clips.shape == (14, 3, 2, 16, 16)
+    assert np.bincount(clips.labels.numpy()).tolist() == [2] * len(SYNTHETIC_ACTIONS)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_box_map_of_perfect_detections_is_one():
+    targets = [{"boxes": [[10, 10, 50, 40], [60, 5, 90, 30]], "labels": [1, 2]}]
+    predictions = [{"boxes": [[10, 10, 50, 40], [60, 5, 90, 30]], "labels": [1, 2], "scores": [0.9, 0.8]}]
+    assert metrics.box_map(predictions, targets, num_classes=3) == pytest.approx({"map": 1.0, "map50": 1.0, "map75": 1.0})
+
+
+def test_box_map_hand_computed_cases():
+    targets = [{"boxes": [[0, 0, 100, 100]], "labels": [1]}]
+    # IoU 0.6: a hit at 0.5, a miss at 0.75
+    shifted = [{"boxes": [[0, 0, 100, 60]], "labels": [1], "scores": [0.9]}]
+    result = metrics.box_map(shifted, targets, num_classes=2)
+    assert result["map50"] == pytest.approx(1.0) and result["map75"] == 0.0
+    # a false positive ranked above the true positive: precision 1/2 at recall 1, so AP 0.5
+    ranked = [{"boxes": [[200, 200, 240, 240], [0, 0, 100, 100]], "labels": [1, 1], "scores": [0.9, 0.8]}]
+    assert metrics.box_map(ranked, targets, num_classes=2)["map50"] == pytest.approx(0.5)
+    # the right box with the wrong class finds nothing
+    assert metrics.box_map([{"boxes": [[0, 0, 100, 100]], "labels": [2], "scores": [1.0]}], targets, 3)["map50"] == 0.0
+
+
+def test_segmentation_scores_hand_computed():
+    target = np.array([[0, 0], [1, 1]])
+    prediction = np.array([[0, 1], [1, 1]])
+    confusion = metrics.confusion_matrix(prediction, target, num_classes=3)
+    assert confusion.tolist() == [[1, 1, 0], [0, 2, 0], [0, 0, 0]]
+    scores = metrics.segmentation_scores(confusion)
+    # class 0: 1 / (1 + 1); class 1: 2 / (2 + 1); class 2 absent from both, so not averaged
+    assert scores["iou"] == [pytest.approx(0.5), pytest.approx(2 / 3), None]
+    assert scores["miou"] == pytest.approx((0.5 + 2 / 3) / 2)
+    assert scores["pixel_accuracy"] == pytest.approx(0.75)
+
+
+def test_topk_accuracy_hand_computed():
+    logits = [[0.1, 0.5, 0.4], [0.9, 0.05, 0.05]]
+    assert metrics.topk_accuracy(logits, [2, 1], ks=(1, 2, 5)) == {"top1": 0.0, "top2": 1.0, "top5": 1.0}
+    assert metrics.topk_accuracy(logits, [1, 0], ks=(1,)) == {"top1": 1.0}
+
+
+def test_flow_metrics_are_the_shared_ones_and_agree_with_hand_cases():
+    from models import metrics_flow
+
+    assert metrics.epe is metrics_flow.epe and metrics.fl_all is metrics_flow.fl_all
+    truth = np.zeros((4, 4, 2), np.float32)
+    off_by_one, off_by_four = truth + [1.0, 0.0], truth + [0.0, 4.0]
+    assert metrics.epe(off_by_one, truth) == pytest.approx(1.0) and metrics.fl_all(off_by_one, truth) == 0.0
+    assert metrics.epe(off_by_four, truth) == pytest.approx(4.0) and metrics.fl_all(off_by_four, truth) == 1.0
+
+
+def test_flow_is_evaluated_in_the_truths_pixels():
+    from models.training.tasks import _at_truth_size
+
+    flow = torch.ones(2, 32, 40)  # 1 px right and down at a 40x32 model input
+    resampled = _at_truth_size(flow, torch.zeros(64, 120, 2))
+    assert resampled.shape == (64, 120, 2)
+    assert np.allclose(resampled[..., 0], 3.0) and np.allclose(resampled[..., 1], 2.0)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def test_coco_reader_converts_boxes_and_rle_masks(shared_data):
+    coco = ds.read_coco(shared_data / "coco" / "detections.json")
+    detections = ds.coco_detection(coco)
+    assert len(detections) == 2 and detections.classes[:2] == ["background", "person"]
+    first = json.loads((shared_data / "coco" / "detections.json").read_text())["annotations"][0]
+    x, y, w, h = first["bbox"]
+    assert [x, y, x + w, y + h] in detections[0]["target"]["boxes"].tolist()
+    image = coco.images[0]
+    semantic = ds.coco_semantic_map(coco, image, {first["category_id"]: 1})
+    assert semantic.shape == (image["height"], image["width"]) and semantic.sum() >= first["area"] * 0.9
+
+
+def test_coco_categories_that_are_not_model_classes_are_an_error(shared_data):
+    coco = ds.read_coco(shared_data / "coco" / "detections.json")
+    with pytest.raises(BlinkflowError, match=r"none of its categories .* are classes of the model \(disc, square"):
+        ds.coco_detection(coco, list(SYNTHETIC_CLASSES))
+
+
+def test_coco_polygon_masks_are_filled(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(tmp_path / "a.png")
+    coco = {"images": [{"id": 5, "file_name": "a.png", "width": 30, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 5, "category_id": 3, "bbox": [2, 4, 10, 6], "iscrowd": 0, "area": 60,
+                             "segmentation": [[2, 4, 12, 4, 12, 10, 2, 10]]}],
+            "categories": [{"id": 3, "name": "square"}]}
+    (tmp_path / "a.json").write_text(json.dumps(coco))
+    examples = ds.coco_segmentation(ds.read_coco(tmp_path / "a.json"), (16, 16), list(SYNTHETIC_CLASSES))
+    native = examples.native[0].numpy()
+    assert set(np.unique(native)) == {0, SYNTHETIC_CLASSES.index("square")}
+    assert native[6, 5] == SYNTHETIC_CLASSES.index("square") and native[15, 25] == 0
+
+
+def test_flying_chairs_pairs_are_read(shared_data):
+    from models.metrics_flow import read_flo
+
+    pairs = ds.find_flow_pairs(shared_data / "flow")
+    assert [p.name for p in pairs[0]] == ["00001_img1.ppm", "00001_img2.ppm", "00001_flow.flo"]
+    examples = ds.flow_pairs_dataset(pairs, (32, 32))
+    native_flow, valid = examples.native[0]
+    assert np.array_equal(native_flow.numpy(), read_flo(pairs[0][2])) and bool(valid.all())
+    assert examples.flow.shape == (1, 2, 32, 32)
+
+
+def _write_png(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(path)
+
+
+def test_sintel_and_middlebury_layouts_are_found(tmp_path):
+    from models.metrics_flow import write_flo
+
+    flow = np.zeros((8, 10, 2), np.float32)
+    (tmp_path / "sintel/training/flow/alley").mkdir(parents=True)
+    write_flo(tmp_path / "sintel/training/flow/alley/frame_0001.flo", flow)
+    for name in ("frame_0001.png", "frame_0002.png"):
+        _write_png(tmp_path / "sintel/training/clean/alley" / name)
+    (tmp_path / "middlebury/other-gt-flow/Venus").mkdir(parents=True)
+    write_flo(tmp_path / "middlebury/other-gt-flow/Venus/flow10.flo", flow)
+    for name in ("frame10.png", "frame11.png"):
+        _write_png(tmp_path / "middlebury/other-data/Venus" / name)
+    sintel = ds.find_flow_pairs(tmp_path / "sintel")
+    assert [p.name for p in sintel[0][:2]] == ["frame_0001.png", "frame_0002.png"]
+    middlebury = ds.find_flow_pairs(tmp_path / "middlebury")
+    assert [p.name for p in middlebury[0][:2]] == ["frame10.png", "frame11.png"]
+    with pytest.raises(BlinkflowError, match="no .flo file with both of its images"):
+        ds.find_flow_pairs(tmp_path / "middlebury" / "other-data")
+
+
+def test_video_tree_is_read_with_class_per_folder(tmp_path):
+    from models.training.scenes import export_action_tree
+
+    export_action_tree(tmp_path / "tree", clips_per_class=1, num_frames=4, width=32, height=32)
+    classes, videos = ds.find_video_tree(tmp_path / "tree")
+    assert classes == SYNTHETIC_ACTIONS  # the order of classInd.txt, not alphabetical
+    clips = ds.video_tree_dataset(tmp_path / "tree", length=6, size=(16, 16), classes=list(SYNTHETIC_ACTIONS))
+    assert clips.clips.shape == (7, 3, 6, 16, 16)
+    assert sorted(clips.labels.tolist()) == list(range(7))
+    assert torch.equal(clips.clips[0][:, 4], clips.clips[0][:, 5])  # a short video repeats its last frame
+
+
+# --------------------------------------------------------------------------- training
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_smoke_training_lowers_the_loss(task, tmp_path):
+    from models.training.train import main
+
+    summary = main(smoke_config(task, tmp_path), resume=False, runtime=quiet_runtime())
+    (_, first), (_, last) = summary["history"]["probe_loss"][0], summary["history"]["probe_loss"][-1]
+    assert last < 0.75 * first, summary["history"]["probe_loss"]
+    primary = {"detect": "map50", "segment": "miou", "flow": "epe", "action": "top1"}[task]
+    assert primary in summary["metrics"]
+    assert (tmp_path / task / "checkpoint.pt").is_file() and (tmp_path / task / "metrics.json").is_file()
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    from models.training import train
+
+    cfg = smoke_config("segment", tmp_path, "epochs=2", "eval_every=1")
+    train.main(cfg, resume=False, runtime=quiet_runtime())
+    uninterrupted = torch.load(tmp_path / "segment" / "checkpoint.pt", weights_only=True)
+
+    killed = smoke_config("segment", tmp_path / "killed", "epochs=2", "eval_every=1")
+    real_epoch, calls = train.train_one_epoch, []
+
+    def dies_in_second_epoch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if killed after the first checkpoint
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_one_epoch", dies_in_second_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(killed, resume=True, runtime=quiet_runtime())
+    saved = torch.load(tmp_path / "killed" / "segment" / "checkpoint.pt", weights_only=True)
+    assert set(saved) >= {"model", "optimizer", "scheduler", "epoch", "step", "config"} and saved["epoch"] == 1
+    monkeypatch.setattr(train, "train_one_epoch", real_epoch)
+    summary = train.main(killed, resume=True, runtime=quiet_runtime())
+    resumed = torch.load(tmp_path / "killed" / "segment" / "checkpoint.pt", weights_only=True)
+    assert summary["epochs"] == 2 and resumed["step"] == uninterrupted["step"]
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(value, resumed["model"][key]), key
+
+
+def test_resuming_with_another_config_is_refused(tmp_path):
+    from models.training.train import CheckpointError, main
+
+    main(smoke_config("segment", tmp_path, "epochs=1"), resume=False, runtime=quiet_runtime())
+    with pytest.raises(CheckpointError, match=r"checkpoint\.pt: it was trained with a different config \(differs in: seed\)"):
+        main(smoke_config("segment", tmp_path, "epochs=1", "seed=1"), resume=True, runtime=quiet_runtime())
+
+
+def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, shared_data):
+    from models import weights
+    from pipeline.cli import main as cli
+
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
+    config = str(TRAIN_CONFIGS / "smoke-segment.yaml")
+    out = f"out_dir={tmp_path / 'run'}"
+    assert cli(["train", "segment", "--config", config, "--set", out, "--set", "epochs=1", "--ship", "--no-progress"]) == 0
+    manifest = json.loads((tmp_path / "weights" / "manifest.json").read_text())
+    entry = manifest["weights"][0]
+    assert entry["file"] == "segment-unet_small.pt" and entry["classes"] == SYNTHETIC_CLASSES
+    assert "miou" in entry["metrics"] and entry["config"]["model_args"] == {"base_width": 8}
+    capsys.readouterr()
+    assert cli(["eval", "segment", "--config", config, "--set", out, "--weights", "shipped"]) == 0
+    assert f"miou {entry['metrics']['miou']:.4f}" in capsys.readouterr().out  # same weights, same held-out split
+    assert cli(["eval", "segment", "--config", config, "--set", out, "--data", str(shared_data / "coco" / "detections.json")]) == 2
+    assert "none of its categories" in capsys.readouterr().err
+
+
+def test_eval_reads_an_exported_coco_dataset(tmp_path):
+    from models.training.scenes import SceneGenerator, export_coco
+    from models.training.train import main, run_eval
+
+    cfg = smoke_config("detect", tmp_path, "epochs=1")
+    main(cfg, resume=False, runtime=quiet_runtime())
+    export_coco(SceneGenerator(123, 96, 72), tmp_path / "coco.json", num_frames=2)
+    result = run_eval(cfg, data=str(tmp_path / "coco.json"))
+    assert result["examples"] == 2 and set(result["metrics"]) == {"map", "map50", "map75"}
+
+
+# --------------------------------------------------------------------------- Ray Train
+
+
+@pytest.fixture(scope="module")
+def ray_two_cpus():
+    ray = pytest.importorskip("ray")
+    try:
+        import ray.train  # noqa: F401 - needs the ray[train] extra
+    except ImportError:
+        pytest.skip("ray[train] is not installed")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, ray_two_cpus):
+    from models.training.distributed import train_distributed
+
+    cfg = smoke_config("segment", tmp_path, "epochs=2", "eval_every=1")
+    summary = train_distributed(cfg, workers=2, resume=False)
+    # 16 clips x 2 frames, sharded over 2 workers, 4 per batch: 4 steps per epoch
+    assert summary["workers"] == 2 and summary["steps"] == 8 and summary["epochs"] == 2
+    assert summary["history"]["probe_loss"][-1][1] < summary["history"]["probe_loss"][0][1]
+    assert list((tmp_path / "segment" / "ray-train").glob("checkpoint_*"))
+    again = train_distributed(cfg, workers=2, resume=True)  # everything done: resumes at the end
+    assert again["steps"] == 8 and again["history"] == summary["history"]
