@@ -1,12 +1,16 @@
 """``blinkflow bench pipeline``: sequential local runner against the Ray runner
-against the slowest stage alone (the bound), on the same frames and models."""
+against the slowest stage alone (the bound), on the same frames and models; and
+the Ray runner with metrics on (served and scraped every second) against off."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import threading
+import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from pipeline.bench import Measurement, fps_cell, machine_info, machine_line, markdown_table, repeat, write_section
 from pipeline.config import Config, load_config
@@ -27,11 +31,44 @@ def only_stage(cfg: Config, name: str) -> Config:
     return alone
 
 
-def run_frames(cfg: Config, runner: str) -> tuple[int, float]:
+def run_frames(cfg: Config, runner: str, metrics: Any = None) -> tuple[int, float]:
     from pipeline.runners import get_runner
 
-    summary = get_runner(runner)(cfg).run()
+    summary = get_runner(runner)(cfg, metrics=metrics).run()
     return summary.totals["decoded"], summary.processing_s
+
+
+@contextlib.contextmanager
+def scraped_metrics(interval_s: float = 1.0) -> Iterator[Any]:
+    """A served recorder that a thread scrapes every ``interval_s``, as a (busy) Prometheus would."""
+    from pipeline.metrics import MetricsExporter, PrometheusRecorder
+
+    stop = threading.Event()
+    with MetricsExporter(PrometheusRecorder(), "127.0.0.1", 0) as exporter:
+        def scrape() -> None:
+            while not stop.wait(interval_s):
+                with urllib.request.urlopen(f"{exporter.url}/metrics", timeout=5) as reply:
+                    reply.read()
+
+        scraper = threading.Thread(target=scrape, name="bench-scraper", daemon=True)
+        scraper.start()
+        try:
+            yield exporter.recorder
+        finally:
+            stop.set()
+            scraper.join(timeout=10)
+
+
+def measure_metrics_overhead(cfg: Config, runner: str, repetitions: int) -> tuple[Measurement, Measurement]:
+    """Metrics off and on, alternating run by run so that machine drift hits both alike."""
+    off, on = Measurement(f"{runner} runner, metrics off"), Measurement(f"{runner} runner, metrics on")
+    for _ in range(repetitions):
+        off.frames, seconds = run_frames(cfg, runner)
+        off.seconds.append(seconds)
+        with scraped_metrics() as recorder:
+            on.frames, seconds = run_frames(cfg, runner, recorder)
+        on.seconds.append(seconds)
+    return off, on
 
 
 def measure(name: str, cfg: Config, runner: str, repetitions: int) -> Measurement:
@@ -48,7 +85,8 @@ def bench_pipeline(config_path: Path, frames: int = 48, repetitions: int = 3, ov
                    write: bool = True) -> dict[str, Any]:
     cfg = bench_config(config_path, frames, overrides or [])
     sequential = measure("sequential (local runner)", cfg, "local", repetitions)
-    ray_run = measure("Ray runner", cfg, "ray", repetitions)
+    ray_run, ray_metrics = measure_metrics_overhead(cfg, "ray", repetitions)
+    ray_run.name, ray_metrics.name = "Ray runner", "Ray runner + metrics"
     alone = {name: measure(f"{name} alone", only_stage(cfg, name), "local", repetitions) for name in cfg.enabled_stages()}
     slowest = min(alone.values(), key=lambda m: m.median_fps)
     result = {
@@ -56,12 +94,13 @@ def bench_pipeline(config_path: Path, frames: int = 48, repetitions: int = 3, ov
         "config": str(config_path),
         "frames": frames,
         "repetitions": repetitions,
-        "fps": {m.name: m.fps_range() for m in [sequential, ray_run, *alone.values()]},
+        "fps": {m.name: m.fps_range() for m in [sequential, ray_run, ray_metrics, *alone.values()]},
         "ray_over_sequential": ray_run.median_fps / sequential.median_fps,
         "ray_over_bound": ray_run.median_fps / slowest.median_fps,
         "bound": slowest.name,
+        "metrics_overhead": 1.0 - ray_metrics.median_fps / ray_run.median_fps,
     }
-    body = render(result, [sequential, ray_run, *alone.values()], slowest)
+    body = render(result, [sequential, ray_run, ray_metrics, *alone.values()], slowest)
     print(body)
     if write:
         write_section("pipeline", body)
@@ -82,4 +121,7 @@ def render(result: dict[str, Any], measurements: list[Measurement], slowest: Mea
         "",
         f"**Ray ÷ sequential = {result['ray_over_sequential']:.2f}×; Ray ÷ bound = {result['ray_over_bound']:.2f}** "
         "(target ≥ 0.85 of the bound).",
+        "",
+        f"**Metrics overhead = {100 * result['metrics_overhead']:+.1f}%** of Ray runner throughput with metrics on "
+        "(exporter served, scraped every 1 s; runs alternated with metrics off); target < 2%.",
     ])

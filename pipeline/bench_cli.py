@@ -1,0 +1,86 @@
+"""The ``blinkflow bench`` subcommand: one table of benchmarks, dispatched lazily."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+
+#: name -> (module, function); each function takes the parsed args and returns nothing
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "decode": ("pipeline.bench_cli", "run_decode"),
+    "stages": ("pipeline.bench_cli", "run_stages"),
+    "pipeline": ("pipeline.bench_cli", "run_pipeline"),
+    "overhead": ("pipeline.bench_cli", "run_overhead"),
+    "skip": ("pipeline.bench_cli", "run_skip"),
+    "depth": ("pipeline.bench_cli", "run_depth"),
+}
+ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth"]
+
+
+def add_bench_command(commands) -> None:
+    bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
+    bench.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' runs every one)")
+    bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
+    bench.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default: configs/demo.yaml)")
+    bench.add_argument("--frames", type=int, default=48, help="frames per run")
+    bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    bench.set_defaults(handler=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    names = ALL_ORDER if args.what == "all" else [args.what]
+    for name in names:
+        module, function = BENCHMARKS[name]
+        getattr(importlib.import_module(module), function)(args)
+    if args.what == "all" and not args.no_write and not args.quick:
+        from pipeline.bench_plot import plot_throughput
+
+        plot_throughput()
+    return 0
+
+
+def _write(args: argparse.Namespace) -> bool:
+    return not args.no_write and not args.quick
+
+
+def run_decode(args: argparse.Namespace) -> None:
+    from pipeline.bench_decode import bench_decode
+
+    bench_decode(quick=args.quick, repetitions=args.repetitions, write=_write(args))
+
+
+def run_stages(args: argparse.Namespace) -> None:
+    from pipeline.bench_stages import bench_stages
+
+    bench_stages(quick=args.quick, repetitions=args.repetitions, write=_write(args))
+
+
+def run_pipeline(args: argparse.Namespace) -> None:
+    from pipeline.bench_pipeline import bench_pipeline
+
+    frames = min(args.frames, 8) if args.quick else args.frames
+    bench_pipeline(args.config, frames, 1 if args.quick else args.repetitions, args.overrides, write=_write(args))
+
+
+def run_overhead(args: argparse.Namespace) -> None:
+    from pipeline.bench_overhead import bench_overhead
+
+    bench_overhead(iterations=20 if args.quick else 200, write=_write(args))
+
+
+def run_skip(args: argparse.Namespace) -> None:
+    from pipeline import bench_skip
+
+    bench_skip.main(args)
+
+
+def run_depth(args: argparse.Namespace) -> None:
+    from pipeline.bench_depth import bench_depth
+
+    bench_depth(frames=args.frames, repetitions=args.repetitions, write=_write(args))

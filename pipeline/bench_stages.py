@@ -1,0 +1,149 @@
+"""``blinkflow bench stages``: per-stage frames/s and ms per frame for every backend.
+
+Each backend runs through its real stage class (preprocessing, model,
+postprocessing) on synthetic 320×240 frames of one stream, at batch sizes 1, 4
+and 16, on the CPU and, when present, on CUDA in fp32, fp16 and channels_last.
+Weights are random: speed does not depend on them. Torchvision detectors run
+with their internal resize set to the frame size, so every backend sees the
+configured resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from typing import Any
+
+from pipeline.bench import machine_info, machine_line, markdown_table, write_section
+from pipeline.frame import Frame
+
+log = logging.getLogger(__name__)
+
+TASKS = ("detect", "segment", "flow", "action")
+QUICK_BACKENDS = {"detect": ["ssdlite320_mobilenet_v3_large"], "segment": ["unet_small"], "flow": ["flownet_s_small"],
+                  "action": ["causal3d_small"]}
+RESIZING_DETECTORS = {"fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+                      "retinanet_resnet50_fpn_v2", "fcos_resnet50_fpn"}
+ACTION_INPUT = {"mvit_v2_s": {"clip_len": 16, "input_size": [224, 224]}}
+
+
+def synthetic_frames(count: int, width: int, height: int) -> list[Any]:
+    from models.training.scenes import SceneGenerator
+
+    generator = SceneGenerator(seed=11, width=width, height=height)
+    return [generator.render_image(t) for t in range(count)]
+
+
+def build_stage(task: str, backend: str, batch: int, device: str, variant: str, width: int, height: int):
+    from pipeline.config import StageConfig, structure_dataclass
+    from pipeline.registry import stages
+
+    cls = stages.get(task)
+    options: dict[str, Any] = dict(ACTION_INPUT.get(backend, {})) if task == "action" else {}
+    if task == "detect" and backend in RESIZING_DETECTORS:
+        options["model_args"] = {"min_size": min(width, height), "max_size": max(width, height)}
+    cfg = StageConfig(model=backend, batch=batch, device=device, precision="fp16" if variant == "fp16" else "fp32",
+                      channels_last=variant == "channels_last", options=structure_dataclass(cls.Options, options, f"stages.{task}.options"))
+    stage = cls(cfg)
+    stage.setup(device)
+    return stage
+
+
+def time_stage(stage: Any, images: list[Any], batch: int, repetitions: int) -> list[float]:
+    """Seconds per frame for each repetition of feeding ``images`` in batches."""
+    index = 0
+
+    def feed(chunk: list[Any]) -> None:
+        nonlocal index
+        frames = []
+        for image in chunk:
+            frames.append(Frame(stream_id="bench", index=index, pts=index / 25, image=image))
+            index += 1
+        stage.process(frames)
+
+    feed(images[:batch])  # warm-up (and the flow stage's first frame of the pair)
+    per_frame = []
+    for _ in range(repetitions):
+        started = time.perf_counter()
+        for start in range(0, len(images), batch):
+            feed(images[start : start + batch])
+        per_frame.append((time.perf_counter() - started) / len(images))
+    stage.flush()
+    return per_frame
+
+
+def bench_stages(quick: bool = False, batches: tuple[int, ...] = (1, 4, 16), width: int = 320, height: int = 240,
+                 repetitions: int = 3, write: bool = True) -> dict[str, Any]:
+    from models.registry import model_names
+
+    if quick:
+        batches, width, height, repetitions = (1, 4), 160, 120, 1
+    devices = _devices()
+    rows, records = [], []
+    for task in TASKS:
+        for backend in (QUICK_BACKENDS[task] if quick else model_names(task)):
+            for device, variant in devices:
+                for batch in batches:
+                    record = _measure_one(task, backend, device, variant, batch, width, height, repetitions)
+                    records.append(record)
+                    rows.append(_row(record))
+    payload = {"machine": machine_info(), "resolution": [width, height], "repetitions": repetitions, "results": records}
+    body = render(payload, rows, quick)
+    print(body)
+    if write and not quick:
+        write_section("stages", body)
+    return payload
+
+
+def _measure_one(task, backend, device, variant, batch, width, height, repetitions) -> dict[str, Any]:
+    record = {"stage": task, "backend": backend, "device": device, "variant": variant, "batch": batch}
+    try:
+        stage = build_stage(task, backend, batch, device, variant, width, height)
+        images = synthetic_frames(max(batch, 8) if batch < 8 else batch, width, height)
+        seconds = time_stage(stage, images, batch, repetitions)
+        stage.teardown()
+        ms = sorted(s * 1000 for s in seconds)
+        record.update(ms_per_frame={"min": ms[0], "median": statistics.median(ms), "max": ms[-1]},
+                      fps=1000.0 / statistics.median(ms))
+    except Exception as exc:  # noqa: BLE001 - a backend that cannot run here is reported, not fatal
+        log.warning("bench stages: %s/%s batch %d failed: %s", task, backend, batch, exc)
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    return record
+
+
+def _devices() -> list[tuple[str, str]]:
+    devices = [("cpu", "fp32")]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            devices += [("cuda:0", "fp32"), ("cuda:0", "fp16"), ("cuda:0", "channels_last")]
+    except ImportError:  # pragma: no cover
+        pass
+    return devices
+
+
+def _row(record: dict[str, Any]) -> list[Any]:
+    head = [record["stage"], record["backend"], f"{record['device']} {record['variant']}", record["batch"]]
+    if "error" in record:
+        return head + ["—", "—", record["error"][:60]]
+    ms = record["ms_per_frame"]
+    return head + [f"{record['fps']:.1f}", f"{ms['median']:.1f} ({ms['min']:.1f}–{ms['max']:.1f})", ""]
+
+
+def render(payload: dict[str, Any], rows: list[list[Any]], quick: bool) -> str:
+    width, height = payload["resolution"]
+    gpu = payload["machine"].get("gpu")
+    note = "" if gpu else " No GPU here, so these are CPU figures: compare rows with each other, not with GPU numbers."
+    return "\n".join([
+        "## Stages: every backend, batch sizes, devices",
+        "",
+        f"`blinkflow bench stages{' --quick' if quick else ''}` — synthetic {width}×{height} frames through each "
+        f"stage class, {payload['repetitions']} repetitions, ms per frame as median (min–max). Action runs its "
+        f"default sliding window (clip 8, stride 4: one clip forward per 4 frames).{note}",
+        "",
+        machine_line(payload["machine"]),
+        "",
+        markdown_table(["stage", "backend", "device", "batch", "frames/s", "ms/frame", "note"], rows),
+    ])
