@@ -25,6 +25,17 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BENCH_DOC = REPO_ROOT / "docs" / "benchmarks.md"
+RESULTS_DIR = REPO_ROOT / "out" / "bench"
+
+
+def bench_doc() -> Path:
+    """The benchmarks document; ``BLINKFLOW_BENCH_DOC`` points it elsewhere (tests do)."""
+    return Path(os.environ.get("BLINKFLOW_BENCH_DOC") or BENCH_DOC)
+
+
+def results_dir() -> Path:
+    """Where each benchmark saves its JSON (``BLINKFLOW_BENCH_OUT`` overrides); the plot reads it back."""
+    return Path(os.environ.get("BLINKFLOW_BENCH_OUT") or RESULTS_DIR)
 
 
 @dataclass
@@ -114,8 +125,9 @@ def machine_line(info: dict[str, Any]) -> str:
     )
 
 
-def write_section(name: str, body: str, doc: Path = BENCH_DOC) -> None:
+def write_section(name: str, body: str, doc: Path | None = None) -> None:
     """Replace (or append) the ``<!-- bench:name -->`` section of the benchmarks doc."""
+    doc = bench_doc() if doc is None else doc
     start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     text = doc.read_text() if doc.exists() else "# Benchmarks\n\nRegenerate with `blinkflow bench all`.\n"
     block = f"{start}\n{body.strip()}\n{end}"
@@ -125,7 +137,9 @@ def write_section(name: str, body: str, doc: Path = BENCH_DOC) -> None:
     doc.write_text(text)
 
 
-def save_json(name: str, payload: dict[str, Any], out_dir: Path) -> Path:
+def save_json(name: str, payload: dict[str, Any], out_dir: Path | None = None) -> Path:
+    """Save one benchmark's figures as ``bench-NAME.json`` for the plot and for later comparison."""
+    out_dir = results_dir() if out_dir is None else out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"bench-{name}.json"
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

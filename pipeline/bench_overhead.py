@@ -13,8 +13,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench import machine_info, machine_line, markdown_table, write_section
+from pipeline.bench import machine_info, machine_line, markdown_table, save_json, write_section
 from pipeline.frame import Frame
+
+
+#: seconds one compiled-graph round trip may take before it counts as hung
+COMPILED_TIMEOUT_S = 120.0
 
 
 class _Identity:
@@ -59,6 +63,7 @@ def bench_overhead(stages: int = 3, iterations: int = 200, width: int = 320, hei
     print(body)
     if write:
         write_section("overhead", body)
+        save_json("overhead", result)
     return result
 
 
@@ -81,7 +86,12 @@ def _time_compiled(actors: list[Any], payload: Any, iterations: int) -> tuple[li
     except Exception as exc:  # noqa: BLE001 - the evaluation records why compiled graphs are unavailable
         return None, f"{type(exc).__name__}: {exc}"
     try:
-        return _time_calls(lambda x: compiled.execute(x).get(), payload, iterations), None
+        # the first execution starts the actors' execution loops; on a busy machine it can take longer
+        # than Ray's default 10 s read timeout, so wait longer rather than mistake slowness for failure
+        compiled.execute(payload).get(timeout=COMPILED_TIMEOUT_S)
+        return _time_calls(lambda x: compiled.execute(x).get(timeout=COMPILED_TIMEOUT_S), payload, iterations), None
+    except Exception as exc:  # noqa: BLE001 - a hang or channel error is a finding of the evaluation, not a crash
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
     finally:
         compiled.teardown()
 

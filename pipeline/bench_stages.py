@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Any
 
-from pipeline.bench import machine_info, machine_line, markdown_table, write_section
+from pipeline.bench import machine_info, machine_line, markdown_table, save_json, write_section
 from pipeline.frame import Frame
 
 log = logging.getLogger(__name__)
@@ -93,6 +93,7 @@ def bench_stages(quick: bool = False, batches: tuple[int, ...] = (1, 4, 16), wid
     print(body)
     if write and not quick:
         write_section("stages", body)
+        save_json("stages", payload)
     return payload
 
 

@@ -1,0 +1,228 @@
+"""Pictures for the docs, drawn with Pillow (already a dependency, so no plotting library).
+
+* :func:`plot_throughput`: frames/s of every measured variant against its bound,
+  from the ``bench-*.json`` files the benchmarks save (``docs/img/throughput.png``).
+* :func:`draw_pipeline_diagram`: the data path, source to sinks (``docs/img/pipeline.png``).
+* :func:`save_demo_frame`: one annotated frame of ``blinkflow demo``'s MP4 (``docs/img/demo-frame.png``).
+
+``python -m pipeline.bench_plot`` redraws all three.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.bench import REPO_ROOT, results_dir
+
+log = logging.getLogger(__name__)
+
+IMG_DIR = REPO_ROOT / "docs" / "img"
+BAR, BOUND, TEXT, GRID, BACKGROUND = (66, 133, 244), (219, 68, 55), (32, 33, 36), (218, 220, 224), (255, 255, 255)
+
+
+@dataclass
+class Panel:
+    """One chart: bars of frames/s (median with a min–max whisker) and the bound they are measured against."""
+
+    title: str
+    bars: list[tuple[str, float, float, float]]  # (label, min, median, max)
+    bound: float | None = None
+    bound_label: str = ""
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only the small bitmap font
+        return ImageFont.load_default()
+
+
+# --------------------------------------------------------------------------- throughput
+
+
+def load_panels(directory: Path) -> list[Panel]:
+    """A panel per benchmark JSON that has frames/s: pipeline (bound: slowest stage) and decode (bound: ffmpeg CLI)."""
+    panels: list[Panel] = []
+    for path in sorted(directory.glob("bench-*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        panels += _decode_panels(data) if "clips" in data else _fps_panels(path.stem[len("bench-"):], data)
+    return panels
+
+
+def _fps_panels(name: str, data: dict[str, Any]) -> list[Panel]:
+    fps = data.get("fps")
+    if not isinstance(fps, dict) or not fps:
+        return []
+    bars = [(label, *map(float, values)) for label, values in fps.items()]
+    bound_name = data.get("bound")
+    bound = float(fps[bound_name][1]) if bound_name in fps else None
+    return [Panel(f"{name}: frames/s ({data.get('frames', '?')} frames)", bars, bound, f"bound: {bound_name}")]
+
+
+def _decode_panels(data: dict[str, Any]) -> list[Panel]:
+    panels = []
+    for clip, variants in data["clips"].items():
+        bars = [(label, *map(float, values)) for label, values in variants.items()
+                if isinstance(values, (list, tuple)) and len(values) == 3 and values[1] > 0]
+        cli = variants.get("ffmpeg CLI")
+        bound = float(cli[1]) if isinstance(cli, (list, tuple)) and cli[1] > 0 else None
+        if bars:
+            panels.append(Panel(f"decode {clip}: frames/s", bars, bound, "bound: ffmpeg CLI"))
+    return panels
+
+
+def plot_throughput(directory: Path | None = None, out: Path | None = None) -> Path | None:
+    """Draw every panel found in ``directory`` (default: the benchmarks' results) into one PNG."""
+    directory = results_dir() if directory is None else Path(directory)
+    out = IMG_DIR / "throughput.png" if out is None else Path(out)
+    panels = load_panels(directory)
+    if not panels:
+        log.warning("no benchmark results with frames/s in %s; run `blinkflow bench pipeline` first", directory)
+        return None
+    image = render_panels(panels)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG", optimize=True)
+    print(f"throughput plot: {out}")
+    return out
+
+
+def render_panels(panels: list[Panel], width: int = 960):
+    from PIL import Image, ImageDraw
+
+    row, head, gap = 28, 40, 24
+    height = sum(head + row * len(p.bars) + 30 + gap for p in panels) + gap
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    top = gap
+    for panel in panels:
+        top = _draw_panel(draw, panel, top, width, row, head) + gap
+    return image
+
+
+def _draw_panel(draw, panel: Panel, top: int, width: int, row: int, head: int) -> int:
+    label_w, left_pad, right_pad = 300, 16, 90
+    x0, x1 = left_pad + label_w, width - right_pad
+    scale_max = max([b[3] for b in panel.bars] + [panel.bound or 0.0]) * 1.05 or 1.0
+    draw.text((left_pad, top), panel.title, fill=TEXT, font=_font(18))
+    y = top + head
+    for label, low, mid, high in panel.bars:
+        def x_of(value: float) -> float:
+            return x0 + (x1 - x0) * value / scale_max
+
+        draw.text((left_pad, y + 5), label[:40], fill=TEXT, font=_font(14))
+        draw.rectangle([x0, y + 4, x_of(mid), y + row - 4], fill=BAR)
+        draw.line([x_of(low), y + row // 2, x_of(high), y + row // 2], fill=TEXT, width=2)
+        draw.text((x_of(max(high, mid)) + 6, y + 5), f"{mid:.1f}", fill=TEXT, font=_font(14))
+        y += row
+    draw.line([x0, top + head - 4, x0, y + 4], fill=GRID, width=1)
+    if panel.bound:
+        bx = x0 + (x1 - x0) * panel.bound / scale_max
+        draw.line([bx, top + head - 6, bx, y + 6], fill=BOUND, width=3)
+        draw.text((max(x0, bx - 200), y + 8), f"{panel.bound_label} ({panel.bound:.1f})", fill=BOUND, font=_font(13))
+    return y + 30
+
+
+# --------------------------------------------------------------------------- pipeline diagram
+
+#: (label, sublabel, column, row) of each node; rows are in units of half a box height around the centre line
+_NODES = [
+    ("source", "file, dir, rtsp,\nhttp, v4l2, synthetic", 0, 0), ("decode", "PyAV, threaded,\nresample, resize", 1, 0),
+    ("gate", "skip unchanged\nframes (reuse)", 2, 0), ("detect", "boxes, per-frame\nbatched, N replicas", 3, -1),
+    ("segment", "class map, per-frame\nbatched, N replicas", 3, 1), ("flow", "frame pairs,\nper stream", 4, 0),
+    ("action", "clips,\nper stream", 5, 0), ("assemble", "one record per\nframe, in order", 6, 0),
+    ("sinks", "jsonl, coco,\nmp4 overlay", 7, 0),
+]
+_EDGES = [("source", "decode"), ("decode", "gate"), ("gate", "detect"), ("gate", "segment"), ("detect", "flow"),
+          ("segment", "flow"), ("flow", "action"), ("action", "assemble"), ("assemble", "sinks")]
+_TEMPORAL = {"gate", "flow", "action"}
+_PER_FRAME = {"detect", "segment"}
+
+
+def draw_pipeline_diagram(out: Path | None = None) -> Path:
+    """The data path as boxes and arrows: per-frame stages blue, per-stream (temporal) stages orange, I/O grey."""
+    from PIL import Image, ImageDraw
+
+    out = IMG_DIR / "pipeline.png" if out is None else Path(out)
+    box_w, box_h, col_w, margin = 150, 74, 190, 24
+    width, height = margin * 2 + col_w * 7 + box_w, 360
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    centre = height // 2 - 10
+    boxes = {}
+    for name, _sub, col, row in _NODES:
+        x, y = margin + col * col_w, centre + row * (box_h // 2 + 30) - box_h // 2
+        boxes[name] = (x, y, x + box_w, y + box_h)
+    for a, b in _EDGES:
+        _arrow(draw, boxes[a], boxes[b])
+    for name, sub, _col, _row in _NODES:
+        fill = (252, 232, 210) if name in _TEMPORAL else (210, 227, 252) if name in _PER_FRAME else (236, 237, 239)
+        draw.rounded_rectangle(boxes[name], radius=10, fill=fill, outline=TEXT, width=2)
+        x, y, x2, _ = boxes[name]
+        draw.text(((x + x2) / 2, y + 16), name, fill=TEXT, font=_font(17), anchor="mm")
+        draw.multiline_text(((x + x2) / 2, y + 48), sub, fill=TEXT, font=_font(12), anchor="mm", align="center")
+    legend = ("blue: per-frame, batched across frames and streams    orange: per-stream state (sticky replica, in order)"
+              "    grey: input and output")
+    draw.text((margin, height - 34), legend, fill=TEXT, font=_font(14))
+    draw.text((margin, 14), "Each box is a Ray actor (or an in-process step with runner: local); arrows are bounded queues.",
+              fill=TEXT, font=_font(14))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG", optimize=True)
+    return out
+
+
+def _arrow(draw, a: tuple, b: tuple) -> None:
+    start = (a[2], (a[1] + a[3]) / 2)
+    end = (b[0], (b[1] + b[3]) / 2)
+    draw.line([start, end], fill=TEXT, width=2)
+    dx, dy = end[0] - start[0], end[1] - start[1]
+    length = max((dx * dx + dy * dy) ** 0.5, 1e-6)
+    ux, uy = dx / length, dy / length
+    tip = [end, (end[0] - 12 * ux + 6 * uy, end[1] - 12 * uy - 6 * ux), (end[0] - 12 * ux - 6 * uy, end[1] - 12 * uy + 6 * ux)]
+    draw.polygon(tip, fill=TEXT)
+
+
+# --------------------------------------------------------------------------- demo frame
+
+
+def save_demo_frame(video: Path = Path("out/demo.mp4"), out: Path | None = None, index: int | None = None) -> Path:
+    """Save frame ``index`` (default: the middle one) of an annotated MP4 as a PNG."""
+    import av
+
+    from pipeline.errors import BlinkflowError
+
+    out = IMG_DIR / "demo-frame.png" if out is None else Path(out)
+    if not Path(video).is_file():
+        raise BlinkflowError(f"{video}: no such video; run `blinkflow demo` first (it writes out/demo.mp4)")
+    with av.open(str(video)) as container:
+        frames = [frame.to_image() for frame in container.decode(video=0)]
+    if not frames:
+        raise BlinkflowError(f"{video}: the video has no frames")
+    chosen = frames[len(frames) // 2 if index is None else min(index, len(frames) - 1)]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chosen.save(out, format="PNG", optimize=True)
+    return out
+
+
+def main() -> None:  # pragma: no cover - a convenience for whoever regenerates the docs
+    logging.basicConfig(level=logging.INFO)
+    print(draw_pipeline_diagram())
+    plot_throughput()
+    demo = Path("out/demo.mp4")
+    if demo.is_file():
+        print(save_demo_frame(demo))
+    else:
+        log.warning("no %s: run `blinkflow demo` to get the annotated demo frame", demo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,176 @@
+"""``blinkflow bench``: the quick benchmarks run and print well-formed tables, the docs
+are left alone unless asked, and the pictures for the docs are valid PNGs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from pipeline.bench import BENCH_DOC
+
+NUMBER = r"\d+(?:\.\d+)?"
+
+
+@pytest.fixture(autouse=True)
+def bench_paths(tmp_path, monkeypatch):
+    """Benchmarks write their doc section and JSON under tmp_path, never into the repository."""
+    monkeypatch.setenv("BLINKFLOW_BENCH_DOC", str(tmp_path / "benchmarks.md"))
+    monkeypatch.setenv("BLINKFLOW_BENCH_OUT", str(tmp_path / "bench"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    return tmp_path
+
+
+def _digest(path: Path) -> str | None:
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def table_rows(text: str, headers: list[str]) -> list[list[str]]:
+    """The body rows of the markdown table whose header row is ``headers``."""
+    lines = text.splitlines()
+    start = lines.index("| " + " | ".join(headers) + " |")
+    assert re.fullmatch(r"\|(---\|)+", lines[start + 1])
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
+    from pipeline.cli import main
+
+    before = _digest(BENCH_DOC)
+    assert main(["bench", "decode", "--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out, ["clip", "frames", "ffmpeg CLI fps", "PyAV decode fps", "PyAV + RGB fps", "PyAV ÷ ffmpeg"])
+    assert rows, out
+    for clip, frames, *rates in rows:
+        assert int(frames) > 0
+        for cell in rates[1:3]:  # PyAV is always there; ffmpeg depends on the machine
+            assert re.fullmatch(rf"{NUMBER} \({NUMBER}–{NUMBER}\)", cell), cell
+    assert any(r[0].startswith("generated-") for r in rows)
+    assert _digest(BENCH_DOC) == before
+    assert not (bench_paths / "benchmarks.md").exists()  # --quick never writes
+
+
+def test_bench_decode_without_ffmpeg_says_so_instead_of_failing(capsys, monkeypatch):
+    from pipeline import bench_decode
+
+    monkeypatch.setattr(bench_decode.shutil, "which", lambda name: None)
+    payload = bench_decode.bench_decode(quick=True, write=False)
+    out = capsys.readouterr().out
+    assert "ffmpeg` CLI is not installed" in out
+    assert all(clip["pyav_over_ffmpeg"] is None for clip in payload["clips"].values())
+    assert "n/a" in out
+
+
+def test_bench_stages_quick_prints_every_task(capsys):
+    from pipeline.cli import main
+
+    before = _digest(BENCH_DOC)
+    assert main(["bench", "stages", "--quick"]) == 0
+    out = capsys.readouterr().out
+    rows = table_rows(out, ["stage", "backend", "device", "batch", "frames/s", "ms/frame", "note"])
+    assert {row[0] for row in rows} == {"detect", "segment", "flow", "action"}
+    for stage, backend, device, batch, fps, ms, note in rows:
+        assert not note, f"{stage}/{backend} failed: {note}"
+        assert float(fps) > 0 and int(batch) >= 1
+        assert re.fullmatch(rf"{NUMBER} \({NUMBER}–{NUMBER}\)", ms), ms
+    assert _digest(BENCH_DOC) == before
+
+
+def test_write_section_follows_the_doc_override_and_replaces_in_place(bench_paths):
+    from pipeline.bench import save_json, write_section
+
+    write_section("one", "first")
+    write_section("two", "second")
+    write_section("one", "again")
+    text = (bench_paths / "benchmarks.md").read_text()
+    assert text.count("<!-- bench:one -->") == 1 and "again" in text and "first" not in text
+    assert text.index("bench:one") < text.index("bench:two")
+    saved = save_json("one", {"x": 1})
+    assert saved.parent == bench_paths / "bench" and json.loads(saved.read_text()) == {"x": 1}
+
+
+SAMPLE_PIPELINE = {
+    "frames": 48,
+    "fps": {"sequential (local runner)": [10.0, 11.0, 12.0], "Ray runner": [18.0, 20.0, 21.0], "detect alone": [30.0, 31.0, 33.0],
+            "action alone": [22.0, 23.5, 24.0]},
+    "bound": "action alone",
+}
+SAMPLE_DECODE = {"clips": {"bikes.mp4": {"ffmpeg CLI": [400.0, 420.0, 430.0], "PyAV decode": [380.0, 390.0, 400.0],
+                                         "PyAV decode + RGB": [0.0, 0.0, 0.0], "pyav_over_ffmpeg": 0.93}}}
+
+
+def _assert_png(path: Path, min_size: tuple[int, int] = (200, 100)) -> None:
+    from PIL import Image
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        image.verify()
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= min_size[0] and image.size[1] >= min_size[1]
+
+
+def test_plot_throughput_draws_a_png_from_saved_results(tmp_path):
+    from pipeline.bench_plot import load_panels, plot_throughput
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "bench-pipeline.json").write_text(json.dumps(SAMPLE_PIPELINE))
+    (results / "bench-decode.json").write_text(json.dumps(SAMPLE_DECODE))
+    (results / "bench-broken.json").write_text("{not json")
+    panels = load_panels(results)
+    assert [p.bound for p in panels] == [420.0, 23.5]
+    assert [b[0] for b in panels[0].bars] == ["ffmpeg CLI", "PyAV decode"]  # a variant without a rate is left out
+    out = plot_throughput(results, tmp_path / "img" / "throughput.png")
+    _assert_png(out)
+
+
+def test_plot_throughput_without_results_draws_nothing(tmp_path):
+    from pipeline.bench_plot import plot_throughput
+
+    assert plot_throughput(tmp_path, tmp_path / "t.png") is None
+    assert not (tmp_path / "t.png").exists()
+
+
+def test_pipeline_diagram_is_a_png(tmp_path):
+    from pipeline.bench_plot import draw_pipeline_diagram
+
+    _assert_png(draw_pipeline_diagram(tmp_path / "pipeline.png"), (1000, 200))
+
+
+def test_save_demo_frame_takes_the_middle_frame_of_an_mp4(tmp_path):
+    import av
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.bench_plot import save_demo_frame
+
+    video = tmp_path / "demo.mp4"
+    with av.open(str(video), mode="w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for value in (0, 120, 250):
+            image = np.full((48, 64, 3), value, dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    out = save_demo_frame(video, tmp_path / "frame.png")
+    with Image.open(out) as frame:
+        assert frame.size == (64, 48)
+        assert abs(float(np.asarray(frame).mean()) - 120) < 20
+
+
+def test_save_demo_frame_without_the_video_names_the_command(tmp_path):
+    from pipeline.bench_plot import save_demo_frame
+    from pipeline.errors import BlinkflowError
+
+    with pytest.raises(BlinkflowError, match="blinkflow demo"):
+        save_demo_frame(tmp_path / "missing.mp4", tmp_path / "frame.png")
