@@ -187,6 +187,7 @@ class _StreamSeries:
     reconnects: Any
     audit_agreement: Any = None  # created at the first audit, so unaudited streams show no ratio
     audited: Any = None
+    threshold: Any = None  # created at the first gate decision, so streams without a gate show none
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     is_up: bool = False
     reconnects_seen: int = 0
@@ -257,6 +258,9 @@ class PrometheusRecorder(MetricsRecorder):
                                      ["stream"], registry=r)
         self.audited = Counter("blinkflow_audited_frames", "Frames the gate would have reused, processed as audits",
                                ["stream"], registry=r)
+        self.gate_threshold = Gauge("blinkflow_gate_threshold_ratio",
+                                    "The gate's current changed-fraction threshold (adaptive: moved by audits)",
+                                    ["stream"], registry=r)
 
     def _define_process_metrics(self) -> None:
         from prometheus_client import Gauge, Info
@@ -344,6 +348,11 @@ class PrometheusRecorder(MetricsRecorder):
         audit = result.results.get("audit") if result.results else None
         if isinstance(audit, dict) and "agreement" in audit:
             self.on_audit(result.stream_id, float(audit["agreement"]))
+        gate = result.results.get("gate") if result.results else None
+        if isinstance(gate, dict) and gate.get("threshold") is not None:
+            if series.threshold is None:
+                series.threshold = self.gate_threshold.labels(result.stream_id)
+            series.threshold.set(float(gate["threshold"]))
 
     def _count_fps(self, series: _StreamSeries) -> None:
         series.window_frames += 1

@@ -15,7 +15,8 @@ Region-level reuse (``tile_reuse``, with the gate's ``tiles``): the stage keeps
 each stream's logits at model-input size. On a frame the gate marks
 ``partial`` it runs the model only on crops around the changed tiles (each
 horizontal run of changed tiles plus ``tile_halo`` model-input pixels of
-context, aligned to the model's stride), pastes the crops' logits for the tiles
+context, aligned to the model's stride; one crop around all of them when that
+costs less), pastes the crops' logits for the tiles
 plus half the halo into the cached logits, and takes the class map from those.
 Such a result also carries ``"tiles": {"recomputed", "total", "area"}``, where
 ``area`` is the fraction of a full forward the crops cost. With the cache, the
@@ -177,16 +178,29 @@ class Segment(Stage):
         with torch.inference_mode():
             logits = cache.logits.clone()
             image = frames_to_batch([frame], self._device, size=size, channels_last=self.cfg.channels_last)
-            for crop, paste in self._crops(grid, changed, size):
-                (cy0, cy1, cx0, cx1), (py0, py1, px0, px1) = crop, paste
+            for (cy0, cy1, cx0, cx1), pastes in self._merged_crops(grid, changed, size):
                 with autocast(self._device, self.cfg.precision):
                     out = self.model(image[..., cy0:cy1, cx0:cx1])["out"][0].float()
-                logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
+                for py0, py1, px0, px1 in pastes:
+                    logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
                 cost += (cy1 - cy0) * (cx1 - cx0)
         result = self._result(self._to_source_class_map(logits, frame))
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1], "area": round(cost / (size[0] * size[1]), 4)}
         frame.results[self.name] = result
         self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source)
+
+    def _merged_crops(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple[tuple, list[tuple]]]:
+        """(crop, pastes) to run: one crop per run of changed tiles, or a single crop around them all when that
+        costs less (the halos of runs in neighbouring rows overlap, and a model call on overlap is paid twice)."""
+        rects = self._crops(grid, changed, size)
+        if len(rects) < 2:
+            return [(crop, [paste]) for crop, paste in rects]
+        crops = [crop for crop, _ in rects]
+        union = (min(c[0] for c in crops), max(c[1] for c in crops), min(c[2] for c in crops), max(c[3] for c in crops))
+        separate = sum((c[1] - c[0]) * (c[3] - c[2]) for c in crops)
+        if (union[1] - union[0]) * (union[3] - union[2]) <= separate:
+            return [(union, [paste for _, paste in rects])]
+        return [(crop, [paste]) for crop, paste in rects]
 
     def _crops(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple[tuple, tuple]]:
         """(crop, paste) rectangles (y0, y1, x0, x1) in model-input pixels, one per run of changed tiles."""
