@@ -88,7 +88,9 @@ class GateConfig:
     pixel_threshold: int = _field(24, "gray-level difference that counts a pixel as changed", lo=0, hi=255)
     downscale: int = _field(4, "compare frames downscaled by this factor", lo=1, hi=64)
     blur: int = _field(3, "box-blur kernel on the difference, in downscaled pixels (odd; 1 = off)", lo=1, hi=31)
-    max_reuse: int = _field(10, "force a fresh frame after this many reused frames", lo=0, hi=10**6)
+    max_reuse: int = _field(
+        30, "force a fresh frame (an audit) after this many reused frames; bounds how stale a result gets", lo=0, hi=10**6
+    )
     cut_threshold: float = _field(0.5, "changed fraction treated as a scene cut (always refresh)", lo=0.0, hi=1.0)
     batch: int = _field(
         64, "frames per gate call; runners cut waves of the largest batch of any stage, so with adaptive use a "
@@ -99,8 +101,8 @@ class GateConfig:
         lo=0.0, hi=100.0,
     )
     tiles: list[int] | None = _field(
-        None, "[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is 'partial' and the "
-        "segment stage recomputes only those tiles; null = off",
+        factory=lambda: [8, 8], doc="[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is "
+        "'partial' and the segment stage recomputes only those tiles (plus a halo); null = off",
     )
     partial_max: float = _field(0.5, "largest fraction of changed tiles a partial frame may have; more is a keyframe", lo=0.0, hi=1.0)
     max_partial: int = _field(30, "force a full keyframe after this many partial frames in a row", lo=0, hi=10**6)
