@@ -5,14 +5,15 @@ streaming pipeline (Massively Parallel Video Networks, Carreira et al. 2018).
 pieces a stage boundary may fall between (:func:`depth_units`):
 
 * torchvision video ResNets (``r3d_18``, ``mc3_18``, ``r2plus1d_18``):
-  ``stem, layer1, layer2, layer3, layer4, head`` (head = pool, flatten, fc);
+  ``stem, layer1.0, layer1.1, .., layer4.1, head`` (one unit per residual
+  block; head = pool, flatten, fc);
 * ``s3d``: each child of ``features``, then the head (pool, 1x1x1 classifier, mean);
 * the project's causal net (:class:`models.causal3d.CausalConv3DNet`):
   ``stem, blocks.0 .. blocks.{n-1}, head``; each block is *stateful* (its
   temporal buffer, see :mod:`models.causal3d`), so the stage that owns a block
   owns its buffer and the state splits with the blocks;
 * per-frame image backbones (torchvision ResNets, MobileNetV2/V3,
-  EfficientNets, any ``nn.Sequential``): ``stem, layer1..4, head`` or each
+  EfficientNets, any ``nn.Sequential``): ``stem``, each residual block, ``head``, or each
   child of ``features`` then the head. These are the trunks of the detect and
   segment models; the detection/segmentation heads themselves (FPNs,
   multi-scale outputs) are not split.
@@ -147,7 +148,9 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
         return _with_pre_hooks(model, units + [Unit("head", model.head)]), LastStep()
     if isinstance(model, (VideoResNet, ResNet)):
         stem = model.stem if isinstance(model, VideoResNet) else nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
-        layers = [Unit(f"layer{i}", getattr(model, f"layer{i}")) for i in range(1, 5)]
+        # one unit per residual block, not per layer: layers differ a lot in cost on CPU (layer1 of r2plus1d_18
+        # can take over half the time), so block boundaries are what lets K stages balance
+        layers = [Unit(f"layer{i}.{j}", block) for i in range(1, 5) for j, block in enumerate(getattr(model, f"layer{i}"))]
         head = Unit("head", PoolHead(model.avgpool, model.fc))
         return _with_pre_hooks(model, [Unit("stem", stem), *layers, head]), nn.Identity()
     if _is_s3d(model):

@@ -83,4 +83,4 @@ def run_skip(args: argparse.Namespace) -> None:
 def run_depth(args: argparse.Namespace) -> None:
     from pipeline.bench_depth import bench_depth
 
-    bench_depth(frames=args.frames, repetitions=args.repetitions, write=_write(args))
+    bench_depth(frames=args.frames, repetitions=args.repetitions, write=_write(args), quick=args.quick)

@@ -26,6 +26,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pipeline.bench import machine_info, machine_line, markdown_table, write_section
@@ -221,11 +222,26 @@ def run_clip_workload(model_name: str, clip_len: int, size: int, clips: int, rep
     return variants
 
 
+#: ``--quick``: tiny inputs, one repetition, a one-epoch Sideways run; for CI, well under a minute of compute
+QUICK = {"frames": 8, "repetitions": 1, "stream_size": 64, "clip_model": "r3d_18", "clips": 3, "clip_len": 4,
+         "clip_size": 32}
+
+
 def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stream_size: int = 160,
-                clip_model: str = "r2plus1d_18", clips: int = 8) -> dict:
+                clip_model: str = "r2plus1d_18", clips: int = 12, clip_len: int = 8, clip_size: int = 112,
+                quick: bool = False, sideways: bool = True, doc: Path | None = None) -> dict:
+    """Run both workloads (and the Sideways comparison); print the section and, with ``write``, store it.
+
+    ``quick`` replaces the sizes with :data:`QUICK`; ``doc`` is the markdown file to write (default
+    ``docs/benchmarks.md``).
+    """
     import ray
     import torch
 
+    if quick:
+        frames, repetitions, stream_size = QUICK["frames"], QUICK["repetitions"], QUICK["stream_size"]
+        clip_model, clips, clip_len, clip_size = QUICK["clip_model"], QUICK["clips"], QUICK["clip_len"], QUICK["clip_size"]
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     owns = not ray.is_initialized()
     if owns:
@@ -234,22 +250,54 @@ def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stre
     load_before = os.getloadavg()
     try:
         stream = run_stream_workload(stream_size, frames, repetitions)
-        clip = run_clip_workload(clip_model, 8, 112, clips, repetitions)
+        clip = run_clip_workload(clip_model, clip_len, clip_size, clips, repetitions)
+        training = run_sideways_comparison(quick) if sideways else None
     finally:
         if owns:
             ray.shutdown()
+        torch.set_num_threads(threads)
     result = {"machine": machine_info(), "load": [load_before, os.getloadavg()], "frames": frames,
               "repetitions": repetitions, "stream_size": stream_size, "clip_model": clip_model, "clips": clips,
-              "stream": stream, "clip": clip}
+              "clip_shape": [clip_len, clip_size, clip_size], "quick": quick, "stream": stream, "clip": clip,
+              "sideways": training}
     body = render(result)
     print(body)
     if write:
-        write_section("depth", body)
+        write_section("depth", body, **({"doc": doc} if doc is not None else {}))
     return result
 
 
+# --------------------------------------------------------------------------- Sideways vs backprop
+
+SIDEWAYS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "smoke-action.yaml"
+#: the full comparison: 8-frame clips, 20 clips per action to train on, 5 per action held out
+SIDEWAYS_FULL = ["epochs=6", "data.clip_len=8", "data.train.clips=140", "data.val.clips=35"]
+SIDEWAYS_QUICK = ["epochs=2"]
+
+
+def run_sideways_comparison(quick: bool = False, stages: int = 2) -> dict:
+    """Sideways (K stages; in process, and on Ray actors unless ``quick``) against ordinary backprop.
+
+    Same network, initialisation, data, optimiser and objective (see
+    :mod:`models.training.sideways`), on the synthetic action set of the smoke
+    config, enlarged unless ``quick``. The report files go to a temporary folder.
+    """
+    import tempfile
+
+    from models.training.config import load_train_config
+    from models.training.sideways import compare
+
+    with tempfile.TemporaryDirectory(prefix="blinkflow-sideways-") as out_dir:
+        overrides = [*(SIDEWAYS_QUICK if quick else SIDEWAYS_FULL), f"out_dir={out_dir}"]
+        cfg = load_train_config(SIDEWAYS_CONFIG, overrides, task="action")
+        executors = ("local",) if quick else ("local", "ray")
+        report = compare(cfg, stages, executors)
+    report["overrides"] = overrides[:-1]
+    return report
+
+
 HEADERS = ["variant", "K", "schedule", "throughput/s median (min–max)", "vs monolithic", "latency ms (median)",
-           "lag (frames)", "stage busy", "stage cost ms", "max |Δ| vs monolithic"]
+           "lag (frames)", "stage busy", "stage cost ms", "max abs Δ vs monolithic"]
 
 
 def render(result: dict) -> str:
@@ -257,11 +305,13 @@ def render(result: dict) -> str:
     load = ", ".join(f"{a:.1f}→{b:.1f}" for a, b in zip(*result["load"]))
     gpu = result["machine"].get("gpu")
     threads = "one CUDA device share per stage" if gpu else "torch.set_num_threads(1) per actor and for the monolithic model"
-    return "\n".join([
+    shape = "×".join(str(n) for n in result["clip_shape"])
+    lines = [
         "## Depth-parallel stages (Massively Parallel Video Networks)",
         "",
-        f"`blinkflow bench depth` — monolithic against K depth stages on K Ray actors, same inputs, one process; "
-        f"{threads}. {result['repetitions']} repetitions after a warm-up.",
+        f"`blinkflow bench depth{' --quick' if result['quick'] else ''}` — monolithic against K depth stages on K Ray "
+        f"actors, same inputs, one process; {threads}. {result['repetitions']} repetitions after a warm-up."
+        + ("" if gpu else " K = 4 runs only where there is a GPU."),
         "",
         machine_line(result["machine"]) + f" Load average (1, 5, 15 min) before→after: {load}.",
         "",
@@ -271,7 +321,7 @@ def render(result: dict) -> str:
         "",
         markdown_table(HEADERS, [v.row(statistics.median(stream[0].fps)) for v in stream]),
         "",
-        f"**Clip model** (`{result['clip_model']}`, {result['clips']} clips of 8×112×112, clips per second; latency = "
+        f"**Clip model** (`{result['clip_model']}`, {result['clips']} clips of {shape}, clips per second; latency = "
         "one clip alone through the stages):",
         "",
         markdown_table(HEADERS, [v.row(statistics.median(clip[0].fps)) for v in clip]),
@@ -279,6 +329,43 @@ def render(result: dict) -> str:
         "Reading it: `sequential` waits for each frame's output before sending the next (exact, lag 0, no overlap, "
         "so it only adds transport cost); `pipelined` lets stage 1 take frame t+1 while stage 2 works on frame t "
         "(outputs still equal frame by frame, K−1 frames later); the multi-rate row updates the last stage every "
-        "second tick and reuses its output in between. Busy = a stage actor's compute time ÷ wall time.",
-    ])
+        "second tick and reuses its output in between (so its outputs differ from frame by frame, by design). "
+        "Busy = a stage actor's compute time ÷ wall time. A speed-up needs K idle cores: on a machine shared with "
+        "other work the stages wait for a core and the ratio falls.",
+    ]
+    if result.get("sideways"):
+        lines += ["", *render_sideways(result["sideways"])]
+    return "\n".join(lines)
 
+
+SIDEWAYS_HEADERS = ["method", "steps", "loss first → last (mean of first/last fifth)", "ms per step (median)",
+                    "vs backprop", "held-out top-1", "held-out top-5"]
+
+
+def render_sideways(report: dict) -> list[str]:
+    config = report["config"]
+    rows = report["results"]
+    baseline = next((r for r in rows if r["method"].startswith("ordinary")), None)
+    table = []
+    for r in rows:
+        ratio = "–" if baseline is None else f"{r['median_step_ms'] / baseline['median_step_ms']:.2f}×"
+        metrics = r["metrics"]
+        table.append([r["method"], r["steps"], f"{r['first_loss']:.3f} → {r['last_loss']:.3f}",
+                      f"{r['median_step_ms']:.1f}", ratio, f"{metrics.get('top1', float('nan')):.3f}",
+                      f"{metrics.get('top5', float('nan')):.3f}"])
+    return [
+        f"**Sideways training vs ordinary backprop** (`blinkflow train action --sideways`; K = {config['stages']}; "
+        f"`{config['model']}` {config['model_args']}, synthetic action clips of {config['clip_len']} frames at "
+        f"{'×'.join(map(str, config['input_size']))}, batch {config['batch_size']}, {config['epochs']} epochs, lr "
+        f"{config['lr']}, {config['threads']} thread; `configs/train/smoke-action.yaml` with "
+        f"{' '.join(report.get('overrides', [])) or 'no overrides'}):",
+        "",
+        markdown_table(SIDEWAYS_HEADERS, table),
+        "",
+        "Same initialisation, data, optimiser and objective (every time step's logits against the clip label). "
+        "Sideways feeds one frame per tick and updates each stage with the gradient the stage above sent one tick "
+        "earlier (approximate, no backprop through time); `local` runs the stages one after another in this process, "
+        "so it shows the algorithm's cost without its parallelism; `ray` runs each stage in its own actor. The "
+        "Sideways loss counts only the ticks where the top stage has a frame, so its first loss is not directly "
+        "comparable. Held-out accuracy on so few clips is noisy.",
+    ]

@@ -286,7 +286,7 @@ def train_backprop(cfg: TrainConfig, data: tuple) -> tuple[RunResult, nn.Module]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            result.losses.append(float(loss))
+            result.losses.append(float(loss.detach()))
             result.step_seconds.append(time.perf_counter() - started)
     result.metrics = task.evaluate(model.eval(), val_loader, torch.device("cpu"))
     return result, model

@@ -1,0 +1,385 @@
+"""Depth-parallel model stages (MPVN) and Sideways training: splits, schedules, Ray, bench, training."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from models.depth import (  # noqa: E402
+    DepthClock,
+    DepthSplitError,
+    StreamingDepth,
+    add_temporal_skips,
+    balanced_partition,
+    depth_units,
+    pipelined_steps,
+    split_model,
+)
+from models.registry import build_model  # noqa: E402
+
+TINY_CAUSAL = {"widths": [8, 16, 24, 32], "stem_width": 8}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """The test machine has 2 cores shared with other work: keep torch on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def causal_model(**args):
+    torch.manual_seed(0)
+    return build_model("causal3d_small", task="action", num_classes=5, **(args or TINY_CAUSAL)).eval()
+
+
+def frames(n=7, batch=2, size=32):
+    return [torch.rand(batch, 3, size, size) for _ in range(n)]
+
+
+def frame_by_frame(model, inputs):
+    outputs, state = [], None
+    with torch.no_grad():
+        for frame in inputs:
+            logits, state = model.step(frame, state)
+            outputs.append(logits)
+    return outputs
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def _video(name):
+    return build_model(name, task="action", num_classes=5), torch.rand(1, 3, 4, 32, 32)
+
+
+def _per_frame(name):
+    import torchvision
+
+    return getattr(torchvision.models, name)(num_classes=5), torch.rand(2, 3, 32, 32)
+
+
+FAMILIES = {
+    "r3d_18": lambda: _video("r3d_18"),
+    "r2plus1d_18": lambda: _video("r2plus1d_18"),
+    "resnet18 (per frame)": lambda: _per_frame("resnet18"),
+    "mobilenet_v3_small (per frame)": lambda: _per_frame("mobilenet_v3_small"),
+    "causal3d_small": lambda: (causal_model(), torch.rand(2, 3, 4, 32, 32)),
+}
+
+
+@pytest.mark.parametrize("family, k", [
+    ("r3d_18", 2), ("r2plus1d_18", 3), ("resnet18 (per frame)", 3), ("mobilenet_v3_small (per frame)", 2),
+    ("causal3d_small", 2), ("causal3d_small", 3),
+])
+def test_split_model_equals_the_monolithic_model(family, k):
+    model, example = FAMILIES[family]()
+    model.eval()
+    split = split_model(model, k, example_input=example, repeats=1)
+    assert split.num_stages == k and split.cost_kind == "seconds"
+    units = [name for stage in split.stages for name in stage.names]
+    assert units == [u.name for u in depth_units(model)[0]], "stages are contiguous and cover every unit in order"
+    with torch.no_grad():
+        torch.testing.assert_close(split(example), model(example), rtol=1e-5, atol=1e-5)
+    model_params = {id(p) for p in model.parameters()}
+    assert all(id(p) in model_params for p in split.parameters()), "stages share the model's parameters"
+
+
+def test_video_resnets_split_at_residual_block_boundaries():
+    model, _ = _video("r2plus1d_18")
+    names = [u.name for u in depth_units(model)[0]]
+    assert names == ["stem"] + [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)] + ["head"]
+
+
+def test_balanced_partition_minimises_the_slowest_stage():
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(20):
+        costs = (torch.rand(7, generator=generator) * 10).tolist()
+        for k in (1, 2, 3, 4):
+            ranges = balanced_partition(costs, k)
+            assert ranges[0][0] == 0 and ranges[-1][1] == len(costs) and len(ranges) == k
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            best = min(
+                max(sum(costs[s:e]) for s, e in zip((0, *cuts), (*cuts, len(costs))))
+                for cuts in itertools.combinations(range(1, len(costs)), k - 1)
+            )
+            assert max(sum(costs[s:e]) for s, e in ranges) == pytest.approx(best)
+
+
+def test_split_follows_the_given_costs():
+    model = causal_model()  # units: stem, blocks.0..3, head
+    split = split_model(model, 2, costs=[1, 1, 1, 1, 8, 1])
+    assert [s.names for s in split.stages] == [["stem", "blocks.0", "blocks.1", "blocks.2"], ["blocks.3", "head"]]
+
+
+def test_split_rejects_more_stages_than_units_and_unknown_models():
+    with pytest.raises(DepthSplitError, match="6 depth units"):
+        split_model(causal_model(), 7)
+    with pytest.raises(DepthSplitError, match="cannot split"):
+        split_model(torch.nn.Linear(3, 3), 2)
+
+
+# --------------------------------------------------------------------------- streaming schedules
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_sequential_streaming_equals_frame_by_frame(k):
+    model, inputs = causal_model(), frames()
+    reference = frame_by_frame(model, inputs)
+    outputs = StreamingDepth(split_model(model, k), "sequential").run(inputs)
+    assert [o.source_frame for o in outputs] == list(range(len(inputs)))
+    assert all(o.lag == 0 for o in outputs)
+    for output, expected in zip(outputs, reference):
+        torch.testing.assert_close(output.logits, expected, rtol=1e-5, atol=1e-6)
+
+
+class Recorder:
+    """A ``run`` for DepthClock that records (tick, stage, input) and labels its outputs."""
+
+    def __init__(self, clock):
+        self.clock, self.calls = clock, []
+
+    def __call__(self, k, value):
+        self.calls.append((self.clock.tick, k, value))
+        return f"s{k}@{self.clock.tick}"
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_pipelined_stage_consumes_the_previous_stage_output_of_the_previous_tick(k):
+    clock = DepthClock(k, "pipelined")
+    record = Recorder(clock)
+    lasts = [clock.advance(f"frame{t}", record)[0] for t in range(8)]
+    for tick, stage, value in record.calls:
+        expected = f"frame{tick}" if stage == 0 else f"s{stage - 1}@{tick - 1}"
+        assert value == expected
+    # every stage works at every tick once the pipeline is full
+    assert {(t, s) for t, s, _ in record.calls} == {(t, s) for t in range(8) for s in range(k) if t >= s}
+    assert lasts[: k - 1] == [None] * (k - 1)
+    assert [slot.frame for slot in lasts[k - 1 :]] == [t - (k - 1) for t in range(k - 1, 8)]
+    assert clock.nominal_lag == k - 1 <= k
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_pipelined_output_is_frame_t_minus_k_plus_1_exactly(k):
+    model, inputs = causal_model(), frames()
+    reference = frame_by_frame(model, inputs)
+    outputs = StreamingDepth(split_model(model, k), "pipelined").run(inputs, drain=True)
+    assert len(outputs) == len(inputs) + k - 1
+    assert all(o.logits is None for o in outputs[: k - 1])
+    done = outputs[k - 1 :]
+    assert [o.source_frame for o in done] == list(range(len(inputs)))
+    assert {o.lag for o in done} == {k - 1}
+    for output in done:
+        torch.testing.assert_close(output.logits, reference[output.source_frame], rtol=1e-5, atol=1e-6)
+
+
+def test_multi_rate_clock_updates_the_deep_stage_every_n_ticks_and_reuses_its_output():
+    clock = DepthClock(2, "pipelined", rates=[1, 3])
+    record = Recorder(clock)
+    lasts = [clock.advance(f"frame{t}", record)[0] for t in range(9)]
+    deep_ticks = [t for t, stage, _ in record.calls if stage == 1]
+    assert deep_ticks == [3, 6]  # tick 0 has nothing from stage 0 yet; then every third tick
+    assert [v for t, stage, v in record.calls if stage == 1] == ["s0@2", "s0@5"]
+    assert lasts[3] is lasts[4] is lasts[5], "between updates the last output is re-emitted, not recomputed"
+    assert [s.frame for s in lasts[3:]] == [2, 2, 2, 5, 5, 5]
+
+
+def test_multi_rate_state_is_the_deep_stage_run_on_the_subsampled_sequence():
+    model, inputs = causal_model(), frames(n=8)
+    split = split_model(model, 2)
+    outputs = StreamingDepth(split, "pipelined", rates=[1, 2]).run(inputs, drain=True)
+    fed = sorted({o.source_frame for o in outputs if o.source_frame is not None})
+    assert fed == [1, 3, 5, 7]  # stage 1 updates on even ticks with stage 0's output of the tick before
+    shallow, deep = split.stages
+    expected, state = {}, None
+    with torch.no_grad():
+        # stage 0 sees every frame in order; stage 1 only the subsampled ones, carrying its own state
+        shallow_state, shallow_out = None, []
+        for frame in inputs:
+            y, shallow_state = shallow.stream(frame.unsqueeze(2), shallow_state)
+            shallow_out.append(y)
+        for frame_index in fed:
+            y, state = deep.stream(shallow_out[frame_index], state)
+            expected[frame_index] = split.finish(y)
+    for output in outputs:
+        if output.logits is not None:
+            torch.testing.assert_close(output.logits, expected[output.source_frame], rtol=1e-5, atol=1e-6)
+    reference = frame_by_frame(model, inputs)
+    assert not torch.allclose(expected[7], reference[7]), "a subsampled deep stage is not the frame-by-frame model"
+
+
+def test_predictive_mode_attributes_the_lagged_output_to_the_current_frame():
+    model, inputs = causal_model(), frames()
+    split = split_model(model, 3)
+    pipelined = StreamingDepth(split, "pipelined").run(inputs)
+    predictive = StreamingDepth(split, "predictive").run(inputs, drain=True)
+    assert len(predictive) == len(inputs), "predictive mode does not drain past the last frame"
+    for p, q in zip(pipelined, predictive):
+        assert (q.logits is None) == (p.logits is None)
+        if q.logits is not None:
+            assert q.attributed_frame == q.tick and q.lag == 0 and q.information_lag == 2
+            torch.testing.assert_close(q.logits, p.logits)
+
+
+def test_pipelined_steps_in_clip_mode_equal_the_streamed_schedule_with_temporal_skips():
+    model, inputs = causal_model(), frames()
+    split = split_model(model, 3)
+    clip = torch.stack(inputs, dim=2)
+    before = [o.logits for o in StreamingDepth(split, "predictive").run(inputs)]
+    add_temporal_skips(split, clip, num_classes=5)
+    zero_init = [o.logits for o in StreamingDepth(split, "predictive").run(inputs)]
+    for a, b in zip(before, zero_init):
+        assert (a is None and b is None) or torch.equal(a, b), "zero-initialised skips change nothing"
+    for stage in split.stages[:-1]:
+        torch.nn.init.normal_(stage.skip.fc.weight)
+    streamed = StreamingDepth(split, "predictive").run(inputs)
+    with torch.no_grad():
+        steps = pipelined_steps(split, clip)
+    for output in streamed[2:]:
+        assert output.skip_frames == [output.tick - 1, output.tick - 2]  # stage s's skip lags 1 + s ticks
+        torch.testing.assert_close(output.logits, steps[:, output.tick], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_local):
+    from pipeline.depth_parallel import DepthPipeline
+
+    model, inputs = causal_model(), frames(n=6, batch=1)
+    reference = frame_by_frame(model, inputs)
+    pipeline = DepthPipeline(split_model(model, 2), threads=1)
+    try:
+        for mode in ("sequential", "pipelined"):
+            report = pipeline.stream(inputs, mode)
+            done = [o for o in report.outputs if o.logits is not None]
+            assert [o.source_frame for o in done] == list(range(6))
+            assert {o.lag for o in done} == {0 if mode == "sequential" else 1}
+            for output in done:
+                torch.testing.assert_close(output.logits, reference[output.source_frame], rtol=1e-5, atol=1e-6)
+            assert len(report.latency_s) == 6 and len(report.busy_s) == 2 and min(report.busy_s) > 0
+        multi = pipeline.stream(inputs, "pipelined", rates=[1, 2])
+        in_process = StreamingDepth(split_model(model, 2), "pipelined", rates=[1, 2]).run(inputs, drain=True)
+        assert [o.source_frame for o in multi.outputs] == [o.source_frame for o in in_process]
+        for a, b in zip(multi.outputs, in_process):
+            if b.logits is not None:
+                torch.testing.assert_close(a.logits, b.logits, rtol=1e-5, atol=1e-6)
+        clips = [torch.rand(2, 3, 4, 32, 32) for _ in range(3)]
+        with torch.no_grad():
+            for got, clip in zip(pipeline(clips), clips):
+                torch.testing.assert_close(got, model(clip), rtol=1e-5, atol=1e-6)
+    finally:
+        pipeline.close()
+
+
+def _action_config(k):
+    from pipeline.config import load_config
+
+    return load_config(data={
+        "sources": [{"type": "synthetic", "id": "syn", "width": 64, "height": 48, "num_frames": 8}],
+        "stages": {"action": {
+            "model": "causal3d_small", "batch": 4, "depth_parallel": k,
+            "options": {"clip_len": 4, "stride": 2, "input_size": [32, 32], "model_args": TINY_CAUSAL},
+        }},
+    })
+
+
+def test_ray_runner_action_depth_parallel_2_equals_depth_parallel_1(ray_local):
+    from pipeline.runners.ray import RayRunner
+    from pipeline.sinks import MemorySink
+
+    def run(k):
+        sink = MemorySink()
+        summary = RayRunner(_action_config(k), sinks=[sink]).run()
+        return summary, [(r.stream_id, r.index, r.outcome.value, repr(r.results)) for r in sink.results]
+
+    whole_summary, whole = run(1)
+    slices_before = _slice_actors(ray_local)
+    split_summary, split = run(2)
+    assert split == whole
+    assert split_summary.totals == whole_summary.totals and split_summary.totals["processed"] == 8
+    assert all("action" in r[3] for r in split)
+    assert _slice_actors(ray_local) - slices_before == 2, "depth_parallel: 2 ran the model on two slice actors"
+
+
+def _slice_actors(ray) -> int:
+    """Slice actors ever started in this Ray instance (dead ones included)."""
+    return sum(a.get("ActorClassName") == "SliceWorker" for a in ray._private.state.actors().values())
+
+
+@pytest.mark.timeout(240)
+def test_bench_depth_quick_writes_a_well_formed_section(ray_local, tmp_path):
+    from pipeline.bench_depth import bench_depth
+
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
+    result = bench_depth(quick=True, write=True, doc=doc)
+    text = doc.read_text()
+    assert "<!-- bench:other -->\nkept" in text
+    section = text.split("<!-- bench:depth -->", 1)[1].split("<!-- /bench:depth -->", 1)[0]
+    assert "## Depth-parallel stages" in section and "Sideways training vs ordinary backprop" in section
+    tables = [line for line in section.splitlines() if line.startswith("|")]
+    depth_rows = [line for line in tables if line.count("|") == 11]  # 10 columns
+    assert len(depth_rows) == 2 * 2 + 4 + 2, "two tables: header, rule, monolithic and 3 (stream) or 1 (clip) K=2 rows"
+    assert len([line for line in tables if line.count("|") == 8]) == 2 + 2, "Sideways: header, rule, two methods"
+    assert any("| monolithic (in process) | 1 |" in line for line in tables)
+    assert any("| depth-parallel Ray actors | 2 | pipelined |" in line for line in tables)
+    stream = {v.schedule: v for v in result["stream"]}
+    assert stream["pipelined"].lag == "1" and stream["sequential"].lag == "0"
+    assert stream["pipelined"].max_diff < 1e-4 and result["clip"][1].max_diff < 1e-4
+    assert len(stream["pipelined"].busy) == 2 and all(0 < b <= 1 for b in stream["pipelined"].busy)
+    assert [r["method"] for r in result["sideways"]["results"]] == ["sideways K=2 (local)", "ordinary backprop (clip mode)"]
+
+
+# --------------------------------------------------------------------------- Sideways
+
+
+def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
+    from pipeline.cli import main
+
+    code = main(["train", "action", "--sideways", "--config", "configs/train/smoke-action.yaml",
+                 "--set", f"out_dir={tmp_path}", "--set", "epochs=3"])
+    assert code == 0
+    report = json.loads((tmp_path / "sideways.json").read_text())
+    sideways, backprop = report["results"]
+    assert sideways["method"] == "sideways K=2 (local)" and backprop["method"].startswith("ordinary backprop")
+    assert sideways["steps"] == backprop["steps"] == 12
+    assert sideways["last_loss"] < sideways["first_loss"]
+    assert (tmp_path / "sideways.pt").is_file()
+    assert "sideways K=2 (local)" in capsys.readouterr().out
+
+
+def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier():
+    from models.training.config import OptimConfig
+    from models.training.sideways import LocalSideways
+
+    model = causal_model().train()
+    split = split_model(model, 2)
+    runner = LocalSideways(split, OptimConfig(lr=0.0, weight_decay=0.0))
+    calls = []
+    for k, worker in enumerate(runner.workers):
+        original = worker.tick
+
+        def spy(x, grad, labels, scale, k=k, original=original):
+            calls.append((k, x is not None, grad is not None))
+            return original(x, grad, labels, scale)
+
+        worker.tick = spy
+    loss = runner.train_clip(torch.rand(2, 3, 4, 32, 32), torch.tensor([0, 1]))
+    assert loss > 0
+    # tick 0: only stage 0 has input; tick 1: stage 1 starts, stage 0 has no gradient yet; tick 2 on: both
+    assert calls == [(0, True, False), (1, False, False), (0, True, False), (1, True, False),
+                     (0, True, True), (1, True, False), (0, True, True), (1, True, False)]
