@@ -155,7 +155,8 @@ def render(payload: dict[str, Any], rows: list[list[Any]], quick: bool) -> str:
         "",
         f"`blinkflow bench decode{' --quick' if quick else ''}` — each clip decoded whole, {payload['repetitions']} "
         "repetitions, frames/s as median (min–max). The ffmpeg CLI (`-f null`, timed by its own `-benchmark`, "
-        "so process start-up is left out) is the software limit; target ≥ 0.9×.",
+        "so process start-up is left out) is the software limit; target ≥ 0.9×. Its time still includes setting up "
+        "its decode pipeline once per run, which dominates clips of a few dozen frames: read the ratio on the long clips.",
         "",
         machine_line(payload["machine"]),
         "",
