@@ -174,3 +174,15 @@ def test_save_demo_frame_without_the_video_names_the_command(tmp_path):
 
     with pytest.raises(BlinkflowError, match="blinkflow demo"):
         save_demo_frame(tmp_path / "missing.mp4", tmp_path / "frame.png")
+
+
+@pytest.mark.parametrize("flags, plots", [([], True), (["--no-write"], False), (["--quick"], False)])
+def test_bench_all_draws_the_throughput_plot_only_when_writing(monkeypatch, flags, plots):
+    from pipeline import bench_cli, bench_plot
+    from pipeline.cli import main
+
+    calls = []
+    monkeypatch.setattr(bench_cli, "ALL_ORDER", [])  # the benchmarks themselves are tested above
+    monkeypatch.setattr(bench_plot, "plot_throughput", lambda: calls.append(1))
+    assert main(["bench", "all", *flags]) == 0
+    assert bool(calls) == plots
