@@ -9,9 +9,13 @@ pieces a stage boundary may fall between (:func:`depth_units`):
   block; head = pool, flatten, fc);
 * ``s3d``: each child of ``features``, then the head (pool, 1x1x1 classifier, mean);
 * the project's causal net (:class:`models.causal3d.CausalConv3DNet`):
-  ``stem, blocks.0 .. blocks.{n-1}, head``; each block is *stateful* (its
-  temporal buffer, see :mod:`models.causal3d`), so the stage that owns a block
-  owns its buffer and the state splits with the blocks;
+  ``stem, blocks.0.temporal, blocks.0.spatial, .., blocks.{n-1}.spatial,
+  head``. Each block's temporal half is *stateful* (the block's temporal
+  buffer, see :mod:`models.causal3d`), so the stage that owns it owns the
+  buffer and the state splits with the blocks. A boundary between the two
+  halves carries a pair (temporal features, block input), the input being
+  what the shortcut needs; everything that moves activations between stages
+  (:func:`map_tensors`) handles the pair;
 * per-frame image backbones (torchvision ResNets, MobileNetV2/V3,
   EfficientNets, any ``nn.Sequential``): ``stem``, each residual block, ``head``, or each
   child of ``features`` then the head. These are the trunks of the detect and
@@ -128,6 +132,49 @@ class S3DHead(nn.Module):
         return torch.mean(self.classifier(self.pool(x)), dim=(2, 3, 4))
 
 
+class CausalTemporalHalf(nn.Module):
+    """A causal block's first half: its stateful temporal conv; it passes the block input on for the shortcut.
+
+    ``stream(x, buffer)`` returns ``((temporal features, x), new buffer)``, the
+    same buffer as :meth:`models.causal3d.CausalBlock.stream` keeps.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.temporal = block.temporal
+        self.time_kernel = block.time_kernel
+
+    def stream(self, x: torch.Tensor, buffer: torch.Tensor | None) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        history = self.time_kernel - 1
+        if buffer is None:
+            buffer = x.new_zeros(x.shape[0], x.shape[1], history, *x.shape[3:])
+        padded = torch.cat([buffer, x], dim=2)
+        new_buffer = padded[:, :, padded.shape[2] - history :].clone()
+        return (self.temporal(padded), x), new_buffer
+
+
+class CausalSpatialHalf(nn.Module):
+    """A causal block's second half: spatial conv of the temporal features plus the shortcut of the block input."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.spatial, self.shortcut, self.relu = block.spatial, block.shortcut, block.relu
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        features, x = pair
+        return self.relu(self.spatial(features) + self.shortcut(x))
+
+
+def main_tensor(value: Any) -> torch.Tensor:
+    """The tensor a stage boundary carries: a half block's (features, block input) pair carries its input."""
+    return value[1] if isinstance(value, tuple) else value
+
+
+def map_tensors(value: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """``fn`` on a stage boundary's tensor, or on each tensor of a half block's pair."""
+    return tuple(fn(v) for v in value) if isinstance(value, tuple) else fn(value)
+
+
 class LastStep(nn.Module):
     """(N, T, C) per-step logits -> (N, C) of the last step (the causal net's clip prediction)."""
 
@@ -144,7 +191,11 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
 
     if isinstance(model, CausalConv3DNet):
         units = [Unit("stem", model.stem)]
-        units += [Unit(f"blocks.{i}", block, stateful=True) for i, block in enumerate(model.blocks)]
+        for i, block in enumerate(model.blocks):
+            # two units per block: on CPU the first block's temporal half alone can cost as much as the rest of
+            # the net at high resolution, so whole blocks cannot balance two stages
+            units.append(Unit(f"blocks.{i}.temporal", CausalTemporalHalf(block), stateful=True))
+            units.append(Unit(f"blocks.{i}.spatial", CausalSpatialHalf(block)))
         return _with_pre_hooks(model, units + [Unit("head", model.head)]), LastStep()
     if isinstance(model, (VideoResNet, ResNet)):
         stem = model.stem if isinstance(model, VideoResNet) else nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
@@ -376,9 +427,9 @@ class PooledSkip(nn.Module):
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, C, T, H, W) -> (N, T, classes)."""
-        return self.fc(features.mean(dim=(3, 4)).transpose(1, 2))
+    def forward(self, features: Any) -> torch.Tensor:
+        """(N, C, T, H, W) -> (N, T, classes); of a half block's pair, the block input."""
+        return self.fc(main_tensor(features).mean(dim=(3, 4)).transpose(1, 2))
 
 
 def add_temporal_skips(split: SplitModel, example: torch.Tensor, num_classes: int, sources: Sequence[int] | None = None) -> None:
@@ -393,7 +444,7 @@ def add_temporal_skips(split: SplitModel, example: torch.Tensor, num_classes: in
         for stage in split.stages:
             x = stage(x)
             if stage.index in sources:
-                stage.skip = PooledSkip(x.shape[1], num_classes).to(example.device)
+                stage.skip = PooledSkip(main_tensor(x).shape[1], num_classes).to(example.device)
 
 
 # --------------------------------------------------------------------------- the clock

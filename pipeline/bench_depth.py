@@ -227,7 +227,7 @@ QUICK = {"frames": 8, "repetitions": 1, "stream_size": 64, "clip_model": "r3d_18
          "clip_size": 32}
 
 
-def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stream_size: int = 160,
+def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stream_size: int = 224,
                 clip_model: str = "r2plus1d_18", clips: int = 12, clip_len: int = 8, clip_size: int = 112,
                 quick: bool = False, sideways: bool = True, doc: Path | None = None) -> dict:
     """Run both workloads (and the Sideways comparison); print the section and, with ``write``, store it.

@@ -71,7 +71,7 @@ class SliceWorker:
         """Clip mode: the stage on a whole batch from a zero past."""
         started = time.perf_counter()
         with self._context():
-            y = self.stage(x.to(self.device, non_blocking=True))
+            y = self.stage(self._to_device(x))
         self._account(started)
         return y
 
@@ -79,10 +79,15 @@ class SliceWorker:
         """Streaming: one step of stream ``key`` from this stage's state; returns (output, skip contribution)."""
         started = time.perf_counter()
         with self._context():
-            y, self.states[key] = self.stage.stream(x.to(self.device, non_blocking=True), self.states.get(key))
+            y, self.states[key] = self.stage.stream(self._to_device(x), self.states.get(key))
             skip = self.stage.skip_out(y)
         self._account(started)
         return y, skip
+
+    def _to_device(self, x: Any) -> Any:
+        from models.depth import map_tensors
+
+        return map_tensors(x, lambda t: t.to(self.device, non_blocking=True))
 
     def reset(self, key: str | None = None) -> None:
         if key is None:
@@ -313,6 +318,8 @@ class DepthPipeline:
 
 
 def _to_cpu(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_to_cpu(v) for v in value)
     return value.cpu() if hasattr(value, "cpu") else value
 
 

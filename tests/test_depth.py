@@ -112,14 +112,16 @@ def test_balanced_partition_minimises_the_slowest_stage():
 
 
 def test_split_follows_the_given_costs():
-    model = causal_model()  # units: stem, blocks.0..3, head
-    split = split_model(model, 2, costs=[1, 1, 1, 1, 8, 1])
-    assert [s.names for s in split.stages] == [["stem", "blocks.0", "blocks.1", "blocks.2"], ["blocks.3", "head"]]
+    model = causal_model()  # units: stem, blocks.i.temporal and blocks.i.spatial for i in 0..3, head
+    split = split_model(model, 2, costs=[1, 6, 1, 1, 1, 1, 1, 1, 1, 1])
+    assert [s.names for s in split.stages] == [["stem", "blocks.0.temporal"], [
+        "blocks.0.spatial", "blocks.1.temporal", "blocks.1.spatial", "blocks.2.temporal", "blocks.2.spatial",
+        "blocks.3.temporal", "blocks.3.spatial", "head"]]
 
 
 def test_split_rejects_more_stages_than_units_and_unknown_models():
-    with pytest.raises(DepthSplitError, match="6 depth units"):
-        split_model(causal_model(), 7)
+    with pytest.raises(DepthSplitError, match="10 depth units"):
+        split_model(causal_model(), 11)
     with pytest.raises(DepthSplitError, match="cannot split"):
         split_model(torch.nn.Linear(3, 3), 2)
 
@@ -191,7 +193,8 @@ def test_multi_rate_clock_updates_the_deep_stage_every_n_ticks_and_reuses_its_ou
 
 def test_multi_rate_state_is_the_deep_stage_run_on_the_subsampled_sequence():
     model, inputs = causal_model(), frames(n=8)
-    split = split_model(model, 2)
+    split = split_model(model, 2, costs=[1] * 10)  # the deep stage holds blocks 2 and 3, with their buffers
+    assert split.stages[1].init_state() == [None, None]
     outputs = StreamingDepth(split, "pipelined", rates=[1, 2]).run(inputs, drain=True)
     fed = sorted({o.source_frame for o in outputs if o.source_frame is not None})
     assert fed == [1, 3, 5, 7]  # stage 1 updates on even ticks with stage 0's output of the tick before
@@ -210,7 +213,7 @@ def test_multi_rate_state_is_the_deep_stage_run_on_the_subsampled_sequence():
         if output.logits is not None:
             torch.testing.assert_close(output.logits, expected[output.source_frame], rtol=1e-5, atol=1e-6)
     reference = frame_by_frame(model, inputs)
-    assert not torch.allclose(expected[7], reference[7]), "a subsampled deep stage is not the frame-by-frame model"
+    assert (expected[7] - reference[7]).abs().max() > 1e-4, "a subsampled deep stage is not the frame-by-frame model"
 
 
 def test_predictive_mode_attributes_the_lagged_output_to_the_current_frame():
@@ -261,7 +264,7 @@ def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_loc
 
     model, inputs = causal_model(), frames(n=6, batch=1)
     reference = frame_by_frame(model, inputs)
-    pipeline = DepthPipeline(split_model(model, 2), threads=1)
+    pipeline = DepthPipeline(split_model(model, 2, costs=MID_BLOCK), threads=1)  # activations cross as a pair
     try:
         for mode in ("sequential", "pipelined"):
             report = pipeline.stream(inputs, mode)
@@ -272,7 +275,8 @@ def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_loc
                 torch.testing.assert_close(output.logits, reference[output.source_frame], rtol=1e-5, atol=1e-6)
             assert len(report.latency_s) == 6 and len(report.busy_s) == 2 and min(report.busy_s) > 0
         multi = pipeline.stream(inputs, "pipelined", rates=[1, 2])
-        in_process = StreamingDepth(split_model(model, 2), "pipelined", rates=[1, 2]).run(inputs, drain=True)
+        in_process = StreamingDepth(split_model(model, 2, costs=MID_BLOCK), "pipelined", rates=[1, 2]).run(
+            inputs, drain=True)
         assert [o.source_frame for o in multi.outputs] == [o.source_frame for o in in_process]
         for a, b in zip(multi.outputs, in_process):
             if b.logits is not None:
@@ -362,13 +366,18 @@ def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
     assert "sideways K=2 (local)" in capsys.readouterr().out
 
 
-def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier():
+MID_BLOCK = [1, 9, 1, 1, 1, 1, 1, 1, 1, 1]  # unit costs that put the K=2 boundary inside block 0 (a pair crosses it)
+
+
+@pytest.mark.parametrize("costs", [None, MID_BLOCK], ids=["block boundary", "mid-block boundary"])
+def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(costs):
     from models.training.config import OptimConfig
     from models.training.sideways import LocalSideways
 
     model = causal_model().train()
-    split = split_model(model, 2)
-    runner = LocalSideways(split, OptimConfig(lr=0.0, weight_decay=0.0))
+    split = split_model(model, 2, costs=costs)
+    before = [p.detach().clone() for p in split.stages[0].parameters()]
+    runner = LocalSideways(split, OptimConfig(lr=0.01, weight_decay=0.0))
     calls = []
     for k, worker in enumerate(runner.workers):
         original = worker.tick
@@ -383,3 +392,4 @@ def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier():
     # tick 0: only stage 0 has input; tick 1: stage 1 starts, stage 0 has no gradient yet; tick 2 on: both
     assert calls == [(0, True, False), (1, False, False), (0, True, False), (1, True, False),
                      (0, True, True), (1, True, False), (0, True, True), (1, True, False)]
+    assert any(not torch.equal(a, b) for a, b in zip(before, split.stages[0].parameters())), "stage 0 learned"

@@ -77,8 +77,10 @@ class SidewaysWorker:
         (output for the stage above, gradient for the stage below, loss)."""
         if x is None:
             return None, None, None
+        from models.depth import map_tensors
+
         started = time.perf_counter()
-        x = x.detach().requires_grad_(self.stage.index > 0)
+        x = map_tensors(x, lambda t: t.detach().requires_grad_(self.stage.index > 0))
         y, state = self.stage.stream(x, self.state)
         self.state = [b.detach() if b is not None else None for b in state]
         loss_value = None
@@ -87,10 +89,10 @@ class SidewaysWorker:
             (loss * loss_scale).backward()
             loss_value = float(loss.detach())
         elif grad is not None:
-            torch.autograd.backward(y, grad)
-        down = x.grad if x.requires_grad and x.grad is not None else None
+            torch.autograd.backward(_tensors(y), _tensors(grad))
+        down = _input_grad(x) if self.stage.index > 0 else None
         self.busy_s += time.perf_counter() - started
-        return y.detach(), down, loss_value
+        return map_tensors(y, torch.Tensor.detach), down, loss_value
 
     def step(self) -> None:
         self.optimizer.step()
@@ -101,6 +103,17 @@ class SidewaysWorker:
 
     def busy(self) -> float:
         return self.busy_s
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """A stage boundary's tensors: one, or a half causal block's (features, block input) pair."""
+    return list(value) if isinstance(value, tuple) else [value]
+
+
+def _input_grad(x: Any) -> Any:
+    """The gradient to send down, shaped like the stage input (zeros where none reached a tensor)."""
+    grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in _tensors(x)]
+    return tuple(grads) if isinstance(x, tuple) else grads[0]
 
 
 # --------------------------------------------------------------------------- executors
