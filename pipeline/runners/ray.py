@@ -52,6 +52,7 @@ from pipeline.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
 
+RESTART_WAIT_S = 120.0  # how long a retry waits for Ray to restart a dead stage actor
 METRICS_POLL_S = 0.5  # how often the driver drains actor stats and samples queues when metrics are on
 
 
@@ -427,6 +428,7 @@ class RayRunner:
         if not chain.retried:
             chain.retried = True
             log.warning("stage %s actor died (%s); retrying its in-flight frames once", stage_name, type(error).__name__)
+            self._await_restart(chain.actors[failed_stage], stage_name)
             self._send(chain, failed_stage)
             try:
                 return ray.get(chain.refs[-1])
@@ -435,6 +437,24 @@ class RayRunner:
         for frame in chain.frames:
             frame.fail(stage_name, f"actor died twice: {type(error).__name__}")
         return chain.frames
+
+    @staticmethod
+    def _await_restart(actor: Any, stage_name: str) -> None:
+        """Wait until Ray has restarted ``actor`` (it answers ``ready``), so the one retry is
+        not spent on an actor that is still coming back; give up after ``RESTART_WAIT_S``."""
+        import ray
+
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
+                return
+            except ray.exceptions.RayTaskError:
+                return  # it is back but its set-up failed: the retry records that error on the frames
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                    ray.exceptions.GetTimeoutError):
+                time.sleep(0.2)
+        log.warning("stage %s actor did not come back within %.0f s; retrying anyway", stage_name, RESTART_WAIT_S)
 
     def _first_failed_stage(self, chain: Chain) -> int:
         import ray
