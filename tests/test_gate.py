@@ -338,3 +338,79 @@ def test_local_run_audits_adapts_and_reports_where_results_came_from(tmp_path):
     assert thresholds[0] == 0.01 and thresholds[-1] > 0.01  # the feedback arrived and raised it
     assert thresholds == sorted(thresholds)
     assert not any("audit" in r.results for r in results if r.outcome.value == "reused")  # never carried over
+
+
+def test_segment_runs_one_crop_around_neighbouring_rows_when_that_costs_less(segmenter):
+    size = (256, 256)  # 32-pixel tiles, 32-pixel halo
+    separate = segmenter._crops([8, 8], [19, 27], size)  # one tile in each of two neighbouring rows
+    merged = segmenter._merged_crops([8, 8], [19, 27], size)
+    area = lambda r: (r[1] - r[0]) * (r[3] - r[2])  # noqa: E731
+    assert len(separate) == 2 and len(merged) == 1
+    crop, pastes = merged[0]
+    assert area(crop) <= sum(area(c) for c, _ in separate)
+    assert pastes == [paste for _, paste in separate]  # the same pixels are pasted, only computed once
+    far = segmenter._merged_crops([8, 8], [0, 63], size)  # opposite corners: the union would cost more
+    assert len(far) == 2
+
+
+def test_skip_ratio_audit_agreement_and_threshold_are_exported_per_stream(tmp_path):
+    from pipeline.metrics import PrometheusRecorder
+    from pipeline.runners.local import LocalRunner
+    from pipeline.sinks import MemorySink
+    from tests.test_runner_local import write_static_video
+
+    clip = tmp_path / "static.mp4"
+    write_static_video(clip, frames=12)
+    cfg = load_config(data={
+        "sources": [{"type": "file", "path": str(clip), "id": "cam"}],
+        "gate": {"enabled": True, "max_reuse": 3, "threshold": 0.02},
+        "stages": {"segment": {"batch": 2, "options": {"input_size": [32, 32]}}},
+    })
+    recorder, sink = PrometheusRecorder(), MemorySink()
+    LocalRunner(cfg, sinks=[sink], metrics=recorder).run()
+    sample = lambda name: recorder.registry.get_sample_value(name, {"stream": "cam"})  # noqa: E731
+    reused = [r for r in sink.results if r.outcome.value == "reused"]
+    assert sample("blinkflow_stream_skip_ratio") == pytest.approx(len(reused) / len(sink.results)) == pytest.approx(9 / 12)
+    assert sample("blinkflow_gate_threshold_ratio") == pytest.approx(0.02)
+    assert sample("blinkflow_audited_frames_total") == 2  # the max_reuse refreshes at frames 4 and 8
+    assert sample("blinkflow_audit_agreement_ratio") == 1.0  # identical frames agree
+    # every reused frame names its keyframe, in the record the sinks write too
+    from pipeline.sinks import to_record
+
+    assert all(r.reuse_of is not None and to_record(r)["reuse_of"] == r.results["gate"]["keyframe"] for r in reused)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+@pytest.mark.slow
+def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    doc = REPO_ROOT / "docs" / "benchmarks.md"
+    before = doc.read_text() if doc.exists() else None
+    env = dict(os.environ, BLINKFLOW_SHARED_DATA=str(shared_data), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "skip", "--quick", "--no-write"],
+                          capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert (doc.read_text() if doc.exists() else None) == before  # --no-write leaves the doc alone
+    lines = proc.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| clip | frames | model work fraction"))
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    start = lines.index(header) + 2
+    rows = [[c.strip().strip("*") for c in line.strip("|").split("|")] for line in lines[start : start + 3]]
+    assert [row[0].split()[0] for row in rows] == ["tree.avi", "bikes.mp4", "synthetic"]
+    for row in rows:
+        cells = dict(zip(columns, row))
+        for name in ("model work fraction", "box F1 vs off", "mask mIoU vs off", "skip ratio"):
+            assert 0.0 <= float(cells[name]) <= 1.0, (name, cells[name])
+        assert float(cells["less compute"].rstrip("×")) == pytest.approx(1 / float(cells["model work fraction"]), rel=0.02)
+        assert float(cells["speed-up"].rstrip("×")) > 0
+        reused, partial, keyframes = (int(n) for n in cells["reused/partial/keyframes"].split("/"))
+        assert reused + partial + keyframes == int(cells["frames"]) and keyframes >= 1
+    assert "gate on ÷ gate off throughput = **" in proc.stdout
+    assert "Targets." in proc.stdout and "weights:" in proc.stdout
