@@ -250,6 +250,8 @@ def measure_costs(units: Sequence[Unit], example: torch.Tensor, repeats: int = 3
                 for index, unit in enumerate(units):
                     started = time.perf_counter()
                     x = unit.module.stream(x, None)[0] if unit.stateful else unit.module(x)
+                    if example.is_cuda:  # kernels run asynchronously: wait for them before reading the clock
+                        torch.cuda.synchronize(example.device)
                     if run:
                         timings[index].append(time.perf_counter() - started)
     finally:

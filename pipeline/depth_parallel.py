@@ -10,7 +10,7 @@ and there are enough; CPU actors run ``threads`` torch threads each).
   reference, all submitted at once (at most ``max_in_flight`` chains, K+1 by
   default), so batch i+1 enters stage 1 while batch i is in stage 2 and the
   data moves actor to actor. With ``transport="compiled"`` (``"auto"`` picks
-  it when the actors have GPUs) the chain is a Ray Compiled Graph whose edges
+  it when each actor has a GPU of its own) the chain is a Ray Compiled Graph whose edges
   use the accelerator tensor transport; on CPU the compiled graph's workers
   busy-poll their channels, which costs a core on a small machine, so plain
   calls are the CPU default. The outputs equal the monolithic model's (allclose).
@@ -158,7 +158,8 @@ class DepthPipeline:
         self.max_in_flight = max_in_flight or self.num_stages + 1  # K keep every stage busy; one spare for jitter
         device = device or ("cuda" if num_gpus > 0 else "cpu")
         threads = threads or max(1, int(num_cpus))
-        self.transport = ("compiled" if num_gpus > 0 else "plain") if transport == "auto" else transport
+        # the accelerator transport (NCCL) needs one GPU per actor: actors sharing a GPU use plain calls
+        self.transport = ("compiled" if num_gpus >= 1 else "plain") if transport == "auto" else transport
         options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}),
                    "max_restarts": 0, "max_task_retries": 0}
         actor_cls = ray.remote(SliceWorker)
@@ -200,8 +201,8 @@ class DepthPipeline:
                 ref = actor.forward.remote(ref)
             pending.append(ref)
             if len(pending) >= self.max_in_flight:
-                outputs.append(self.finish(ray.get(pending.popleft())))
-        outputs.extend(self.finish(ray.get(ref)) for ref in pending)
+                outputs.append(self.finish(_to_cpu(ray.get(pending.popleft()))))
+        outputs.extend(self.finish(_to_cpu(ray.get(ref))) for ref in pending)
         return outputs
 
     def _run_compiled(self, batches: Sequence[Any]) -> list[Any]:
