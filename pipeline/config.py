@@ -85,7 +85,7 @@ class GateConfig:
 
     enabled: bool = _field(False, "turn the gate on")
     threshold: float = _field(0.01, "changed-pixel fraction below which a frame is reused", lo=0.0, hi=1.0)
-    pixel_threshold: int = _field(24, "gray-level difference that counts a pixel as changed", lo=0, hi=255)
+    pixel_threshold: int = _field(20, "gray-level difference that counts a pixel as changed", lo=0, hi=255)
     downscale: int = _field(4, "compare frames downscaled by this factor", lo=1, hi=64)
     blur: int = _field(3, "box-blur kernel on the difference, in downscaled pixels (odd; 1 = off)", lo=1, hi=31)
     max_reuse: int = _field(
@@ -103,6 +103,10 @@ class GateConfig:
     tiles: list[int] | None = _field(
         factory=lambda: [8, 8], doc="[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is "
         "'partial' and the segment stage recomputes only those tiles (plus a halo); null = off",
+    )
+    tile_margin: int = _field(
+        1, "a partial frame also recomputes the tiles this many tiles around each changed one: change just below "
+        "pixel_threshold gathers around real change, and left alone it would go stale in the caches", lo=0, hi=64,
     )
     partial_max: float = _field(0.5, "largest fraction of changed tiles a partial frame may have; more is a keyframe", lo=0.0, hi=1.0)
     max_partial: int = _field(30, "force a full keyframe after this many partial frames in a row", lo=0, hi=10**6)

@@ -112,10 +112,24 @@ def tile_rects(grid: tuple[int, int] | list[int], height: int, width: int) -> li
     return [(ys[r], ys[r + 1], xs[c], xs[c + 1]) for r in range(rows) for c in range(cols)]
 
 
-def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int]) -> list[int]:
-    """Row-major indices of the tiles that hold at least one changed pixel of ``mask``."""
+def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int], margin: int = 0) -> list[int]:
+    """Row-major indices of the tiles that hold at least one changed pixel of ``mask``, plus their
+    neighbours up to ``margin`` tiles away (change just below the threshold sits around real change)."""
     h, w = mask.shape
-    return [i for i, (y0, y1, x0, x1) in enumerate(tile_rects(grid, h, w)) if y1 > y0 and x1 > x0 and mask[y0:y1, x0:x1].any()]
+    rows, cols = grid
+    hit = np.zeros((rows, cols), dtype=bool)
+    for i, (y0, y1, x0, x1) in enumerate(tile_rects(grid, h, w)):
+        hit[divmod(i, cols)] = y1 > y0 and x1 > x0 and bool(mask[y0:y1, x0:x1].any())
+    if margin > 0:
+        grown = hit.copy()
+        for dy in range(-margin, margin + 1):
+            for dx in range(-margin, margin + 1):
+                shifted = np.zeros_like(hit)
+                shifted[max(0, dy) : rows + min(0, dy), max(0, dx) : cols + min(0, dx)] = \
+                    hit[max(0, -dy) : rows + min(0, -dy), max(0, -dx) : cols + min(0, -dx)]
+                grown |= shifted
+        hit = grown
+    return [int(i) for i in np.flatnonzero(hit.ravel())]
 
 
 def tile_runs(changed: list[int], grid: tuple[int, int] | list[int]) -> list[tuple[int, int, int]]:

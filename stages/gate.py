@@ -149,7 +149,7 @@ class Gate(Stage):
         if not is_still(state.motion):
             moved = warp_backward(state.reference, state.motion / float(cfg.downscale))
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
-        tiles = changed_tiles(plain, cfg.tiles) if cfg.tiles else None
+        tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin) if cfg.tiles else None
         return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated)
 
     def _refresh_reason(self, state: _StreamState, change: _Change) -> str | None:

@@ -93,12 +93,16 @@ def test_a_local_change_is_a_partial_frame_that_names_its_tiles():
     image = textured()
     changed = image.copy()
     changed[40:48, 52:64] = 250  # inside the bottom-right tile of a 4x4 grid (the blur spreads it 1 cell)
-    gate = Gate(GateConfig(enabled=True, tiles=[4, 4], max_reuse=100))
+    gate = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=0, max_reuse=100))
     frames = gate.process(frames_of([image, changed, changed]))
     assert decisions(frames) == ["keyframe", "partial", "reuse"]
     assert frames[1].meta["tiles"] == {"grid": [4, 4], "changed": [15], "base": 0}
     assert frames[0].meta["tiles"]["changed"] is None  # a keyframe: the segment stage runs in full
     assert frames[2].meta["reuse_of"] == 1  # the partial frame is the new reference
+    # with a margin, the neighbours of the changed tile are recomputed too
+    gate = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=1, partial_max=0.5, max_reuse=100))
+    frames = gate.process(frames_of([image, changed]))
+    assert frames[1].meta["tiles"]["changed"] == [10, 11, 14, 15]
 
 
 def test_tile_runs_merge_neighbours_in_a_row():
@@ -127,7 +131,7 @@ def test_tile_recompute_matches_a_full_recompute(segmenter):
     image = textured(96, 128, seed=4)
     changed = image.copy()
     changed[60:90, 10:40] = [250, 30, 30]  # inside the bottom-left tiles of a 3x4 grid
-    gate = Gate(GateConfig(enabled=True, tiles=[3, 4], max_reuse=100))
+    gate = Gate(GateConfig(enabled=True, tiles=[3, 4], tile_margin=0, max_reuse=100))
     frames = segmenter.process(gate.process(frames_of([image, changed])))
     assert frames[1].results["gate"]["decision"] == "partial"
     tiles = frames[1].results["segment"]["tiles"]
