@@ -77,14 +77,15 @@ def _median(values: list[float]) -> float:
 # --------------------------------------------------------------------------- stream workload
 
 
-def _stream_model(size: int) -> tuple[Any, list[Any]]:
+def _stream_model(size: int, streams: int = 1) -> tuple[Any, list[Any]]:
+    """The causal net and a pool of ticks, each one frame of each of ``streams`` streams, batched."""
     import torch
 
     from models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("causal3d_small", task="action", num_classes=7).eval()
-    return model, [torch.rand(1, 3, size, size) for _ in range(8)]
+    return model, [torch.rand(streams, 3, size, size) for _ in range(8)]
 
 
 def bench_stream_monolithic(model: Any, frames: list[Any], repetitions: int) -> tuple[Variant, list[Any]]:
@@ -106,7 +107,7 @@ def bench_stream_monolithic(model: Any, frames: list[Any], repetitions: int) -> 
                 if rep:
                     variant.latency_ms.append(1000 * (time.perf_counter() - tick))
             if rep:
-                variant.fps.append(len(frames) / (time.perf_counter() - started))
+                variant.fps.append(len(frames) * frames[0].shape[0] / (time.perf_counter() - started))
     return variant, outputs
 
 
@@ -121,7 +122,7 @@ def bench_stream_parallel(pipeline: Any, frames: list[Any], reference: list[Any]
         if not rep:
             continue
         done = [o for o in report.outputs if o.logits is not None]
-        variant.fps.append(len(frames) / report.wall_s)
+        variant.fps.append(len(frames) * frames[0].shape[0] / report.wall_s)  # frames of all streams
         variant.latency_ms += [1000 * s for s in report.latency_s]
         variant.busy = [b / report.wall_s for b in report.busy_s]
         lags = sorted({o.lag for o in done})
@@ -211,10 +212,10 @@ def _split(model: Any, k: int, example: Any) -> Any:
     return split_model(model, k, example_input=example.to(device), repeats=5)
 
 
-def run_stream_workload(size: int, frames: int, repetitions: int) -> list[Variant]:
+def run_stream_workload(size: int, frames: int, repetitions: int, streams: int = 1) -> list[Variant]:
     from pipeline.depth_parallel import DepthPipeline
 
-    model, pool = _stream_model(size)
+    model, pool = _stream_model(size, streams)
     inputs = [pool[i % len(pool)] for i in range(frames)]
     baseline, reference = bench_stream_monolithic(model, inputs, repetitions)
     variants = [baseline]
@@ -250,23 +251,24 @@ def run_clip_workload(model_name: str, clip_len: int, size: int, clips: int, rep
 
 
 #: ``--quick``: tiny inputs, one repetition, a one-epoch Sideways run; for CI, well under a minute of compute
-QUICK = {"frames": 8, "repetitions": 1, "stream_size": 64, "clip_model": "r3d_18", "clips": 3, "clip_len": 4,
-         "clip_size": 32}
+QUICK = {"frames": 8, "repetitions": 1, "stream_size": 64, "streams": 1, "clip_model": "r3d_18", "clips": 3,
+         "clip_len": 4, "clip_size": 32}
 
 
-def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stream_size: int = 224,
+def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stream_size: int = 224, streams: int = 4,
                 clip_model: str = "r2plus1d_18", clips: int = 12, clip_len: int = 8, clip_size: int = 112,
                 quick: bool = False, sideways: bool = True, doc: Path | None = None) -> dict:
     """Run both workloads (and the Sideways comparison); print the section and, with ``write``, store it.
 
-    ``quick`` replaces the sizes with :data:`QUICK`; ``doc`` is the markdown file to write (default
-    ``docs/benchmarks.md``).
+    ``streams`` camera streams are batched into each tick of the stream workload (more work per
+    actor call, so Ray's per-call cost matters less). ``quick`` replaces the sizes with
+    :data:`QUICK`; ``doc`` is the markdown file to write (default ``docs/benchmarks.md``).
     """
     import ray
     import torch
 
     if quick:
-        frames, repetitions, stream_size = QUICK["frames"], QUICK["repetitions"], QUICK["stream_size"]
+        frames, repetitions, stream_size, streams = QUICK["frames"], QUICK["repetitions"], QUICK["stream_size"], QUICK["streams"]
         clip_model, clips, clip_len, clip_size = QUICK["clip_model"], QUICK["clips"], QUICK["clip_len"], QUICK["clip_size"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -276,7 +278,7 @@ def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stre
                  logging_level=logging.WARNING)
     load_before = os.getloadavg()
     try:
-        stream = run_stream_workload(stream_size, frames, repetitions)
+        stream = run_stream_workload(stream_size, frames, repetitions, streams)
         clip = run_clip_workload(clip_model, clip_len, clip_size, clips, repetitions)
         training = run_sideways_comparison(quick) if sideways else None
     finally:
@@ -284,7 +286,8 @@ def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stre
             ray.shutdown()
         torch.set_num_threads(threads)
     result = {"machine": machine_info(), "load": [load_before, os.getloadavg()], "frames": frames,
-              "repetitions": repetitions, "stream_size": stream_size, "clip_model": clip_model, "clips": clips,
+              "repetitions": repetitions, "stream_size": stream_size, "streams": streams, "clip_model": clip_model,
+              "clips": clips,
               "clip_shape": [clip_len, clip_size, clip_size], "quick": quick, "stream": stream, "clip": clip,
               "sideways": training}
     body = render(result)
@@ -342,23 +345,24 @@ def render(result: dict) -> str:
         "",
         machine_line(result["machine"]) + f" Load average (1, 5, 15 min) before→after: {load}.",
         "",
-        f"**Streaming causal network** (`causal3d_small`, {result['frames']} frames of "
-        f"{result['stream_size']}×{result['stream_size']}, frames per second; latency = a frame's arrival to the first "
-        "output computed from it; lag = ticks between a frame and its output):",
+        (f"**Streaming causal network** (`causal3d_small`, {result['streams']} stream(s) batched per tick, "
+        f"{result['frames']} ticks of {result['stream_size']}×{result['stream_size']} frames; frames per second over "
+        "all streams; latency = a tick's arrival to the first output computed from it; lag = ticks between a frame "
+        "and its output):"),
         "",
         markdown_table(HEADERS, [v.row(statistics.median(stream[0].fps)) for v in stream]),
         "",
-        f"**Clip model** (`{result['clip_model']}`, {result['clips']} clips of {shape}, clips per second; latency = "
-        "one clip alone through the stages):",
+        (f"**Clip model** (`{result['clip_model']}`, {result['clips']} clips of {shape}, clips per second; latency = "
+        "one clip alone through the stages):"),
         "",
         markdown_table(HEADERS, [v.row(statistics.median(clip[0].fps)) for v in clip]),
         "",
-        "Reading it: `sequential` waits for each frame's output before sending the next (exact, lag 0, no overlap, "
+        ("Reading it: `sequential` waits for each frame's output before sending the next (exact, lag 0, no overlap, "
         "so it only adds transport cost); `pipelined` lets stage 1 take frame t+1 while stage 2 works on frame t "
         "(outputs still equal frame by frame, K−1 frames later); the multi-rate row updates the last stage every "
         "second tick and reuses its output in between (so its outputs differ from frame by frame, by design). "
         "Busy = a stage actor's compute time ÷ wall time. A speed-up needs K idle cores: on a machine shared with "
-        "other work the stages wait for a core and the ratio falls.",
+        "other work the stages wait for a core and the ratio falls."),
     ]
     if result.get("sideways"):
         lines += ["", *render_sideways(result["sideways"])]
@@ -381,18 +385,18 @@ def render_sideways(report: dict) -> list[str]:
                       f"{r['median_step_ms']:.1f}", ratio, f"{metrics.get('top1', float('nan')):.3f}",
                       f"{metrics.get('top5', float('nan')):.3f}"])
     return [
-        f"**Sideways training vs ordinary backprop** (`blinkflow train action --sideways`; K = {config['stages']}; "
+        (f"**Sideways training vs ordinary backprop** (`blinkflow train action --sideways`; K = {config['stages']}; "
         f"`{config['model']}` {config['model_args']}, synthetic action clips of {config['clip_len']} frames at "
         f"{'×'.join(map(str, config['input_size']))}, batch {config['batch_size']}, {config['epochs']} epochs, lr "
         f"{config['lr']}, {config['threads']} thread; `configs/train/smoke-action.yaml` with "
-        f"{' '.join(report.get('overrides', [])) or 'no overrides'}):",
+        f"{' '.join(report.get('overrides', [])) or 'no overrides'}):"),
         "",
         markdown_table(SIDEWAYS_HEADERS, table),
         "",
-        "Same initialisation, data, optimiser and objective (every time step's logits against the clip label). "
+        ("Same initialisation, data, optimiser and objective (every time step's logits against the clip label). "
         "Sideways feeds one frame per tick and updates each stage with the gradient the stage above sent one tick "
         "earlier (approximate, no backprop through time); `local` runs the stages one after another in this process, "
         "so it shows the algorithm's cost without its parallelism; `ray` runs each stage in its own actor. The "
         "Sideways loss counts only the ticks where the top stage has a frame, so its first loss is not directly "
-        "comparable. Held-out accuracy on so few clips is noisy.",
+        "comparable. Held-out accuracy on so few clips is noisy."),
     ]

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.depth import (  # noqa: E402
+from models.depth import (
     DepthClock,
     DepthSplitError,
     StreamingDepth,
@@ -19,7 +19,7 @@ from models.depth import (  # noqa: E402
     pipelined_steps,
     split_model,
 )
-from models.registry import build_model  # noqa: E402
+from models.registry import build_model
 
 TINY_CAUSAL = {"widths": [8, 16, 24, 32], "stem_width": 8}
 
@@ -103,7 +103,7 @@ def test_balanced_partition_minimises_the_slowest_stage():
         for k in (1, 2, 3, 4):
             ranges = balanced_partition(costs, k)
             assert ranges[0][0] == 0 and ranges[-1][1] == len(costs) and len(ranges) == k
-            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            assert all(a[1] == b[0] for a, b in itertools.pairwise(ranges))
             best = min(
                 max(sum(costs[s:e]) for s, e in zip((0, *cuts), (*cuts, len(costs))))
                 for cuts in itertools.combinations(range(1, len(costs)), k - 1)
