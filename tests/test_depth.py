@@ -22,6 +22,7 @@ from models.depth import (
 from models.registry import build_model
 
 TINY_CAUSAL = {"widths": [8, 16, 24, 32], "stem_width": 8}
+MID_BLOCK = [1, 9, 1, 1, 1, 1, 1, 1, 1, 1]  # unit costs that put the K=2 boundary inside block 0 (a pair crosses it)
 
 
 @pytest.fixture(autouse=True)
@@ -366,9 +367,6 @@ def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
     assert "sideways K=2 (local)" in capsys.readouterr().out
 
 
-MID_BLOCK = [1, 9, 1, 1, 1, 1, 1, 1, 1, 1]  # unit costs that put the K=2 boundary inside block 0 (a pair crosses it)
-
-
 @pytest.mark.parametrize("costs", [None, MID_BLOCK], ids=["block boundary", "mid-block boundary"])
 def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(costs):
     from models.training.config import OptimConfig
@@ -393,3 +391,22 @@ def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(cos
     assert calls == [(0, True, False), (1, False, False), (0, True, False), (1, True, False),
                      (0, True, True), (1, True, False), (0, True, True), (1, True, False)]
     assert any(not torch.equal(a, b) for a, b in zip(before, split.stages[0].parameters())), "stage 0 learned"
+
+
+def test_ray_sideways_learns_exactly_like_in_process_sideways(ray_local):
+    from models.training.config import OptimConfig
+    from models.training.sideways import LocalSideways, RaySideways
+
+    optim = OptimConfig(lr=0.01, weight_decay=0.0)
+    models = [causal_model(**TINY_CAUSAL, dropout=0.0).train() for _ in range(2)]  # no dropout: no RNG to differ
+    splits = [split_model(m, 2, costs=MID_BLOCK) for m in models]
+    clip, labels = torch.rand(2, 3, 4, 32, 32), torch.tensor([0, 1])
+    local, remote = LocalSideways(splits[0], optim), RaySideways(splits[1], optim)
+    try:
+        for _ in range(2):
+            assert remote.train_clip(clip, labels) == pytest.approx(local.train_clip(clip, labels), rel=1e-5)
+        remote.sync(splits[1])
+    finally:
+        remote.close()
+    for a, b in zip(models[0].state_dict().values(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
