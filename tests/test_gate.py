@@ -418,3 +418,6 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
         assert reused + partial + keyframes == int(cells["frames"]) and keyframes >= 1
     assert "gate on ÷ gate off throughput = **" in proc.stdout
     assert "Targets." in proc.stdout and "weights:" in proc.stdout
+    truth = next(line for line in lines if line.startswith("**What reuse costs a perfect model**"))
+    f1, miou = (float(truth.split(name)[1].split(",")[0].split()[0]) for name in ("box F1 ", "mask mIoU "))
+    assert 0.0 <= f1 <= 1.0 and 0.0 <= miou <= 1.0
