@@ -68,6 +68,7 @@ def _per_frame(name):
 FAMILIES = {
     "r3d_18": lambda: _video("r3d_18"),
     "r2plus1d_18": lambda: _video("r2plus1d_18"),
+    "s3d": lambda: (build_model("s3d", task="action", num_classes=5), torch.rand(1, 3, 5, 32, 32)),
     "resnet18 (per frame)": lambda: _per_frame("resnet18"),
     "mobilenet_v3_small (per frame)": lambda: _per_frame("mobilenet_v3_small"),
     "causal3d_small": lambda: (causal_model(), torch.rand(2, 3, 4, 32, 32)),
@@ -75,7 +76,7 @@ FAMILIES = {
 
 
 @pytest.mark.parametrize("family, k", [
-    ("r3d_18", 2), ("r2plus1d_18", 3), ("resnet18 (per frame)", 3), ("mobilenet_v3_small (per frame)", 2),
+    ("r3d_18", 2), ("r2plus1d_18", 3), ("s3d", 3), ("resnet18 (per frame)", 3), ("mobilenet_v3_small (per frame)", 2),
     ("causal3d_small", 2), ("causal3d_small", 3),
 ])
 def test_split_model_equals_the_monolithic_model(family, k):
@@ -303,6 +304,7 @@ def _action_config(k):
 
 
 def test_ray_runner_action_depth_parallel_2_equals_depth_parallel_1(ray_local):
+    from pipeline.runners.local import LocalRunner
     from pipeline.runners.ray import RayRunner
     from pipeline.sinks import MemorySink
 
@@ -318,6 +320,9 @@ def test_ray_runner_action_depth_parallel_2_equals_depth_parallel_1(ray_local):
     assert split_summary.totals == whole_summary.totals and split_summary.totals["processed"] == 8
     assert all("action" in r[3] for r in split)
     assert _slice_actors(ray_local) - slices_before == 2, "depth_parallel: 2 ran the model on two slice actors"
+    local = MemorySink()
+    LocalRunner(_action_config(2), sinks=[local]).run()  # the local runner runs the K slices in sequence in process
+    assert [(r.stream_id, r.index, r.outcome.value, repr(r.results)) for r in local.results] == whole
 
 
 def _slice_actors(ray) -> int:
