@@ -43,7 +43,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import REPO_ROOT, Measurement, fps_cell, machine_info, machine_line, markdown_table, write_section
+from pipeline.bench import (
+    REPO_ROOT,
+    Measurement,
+    fps_cell,
+    machine_info,
+    machine_line,
+    markdown_table,
+    write_section,
+)
 
 log = logging.getLogger(__name__)
 
@@ -373,31 +381,37 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
                f"{r.figures['boxes_per_frame']:.1f} / {r.figures['classes_per_mask']:.1f}",
                _num(r.figures["final_threshold"], 4)] for r in reports]
     weights = ", ".join(f"{stage}: {w}" for stage, w in result["weights"].items())
+    changed = f" with {', '.join(result['gate_overrides'])}" if result["gate_overrides"] else ""
+    intro = (
+        f"`blinkflow bench skip` — detect and segment of `{result['config']}` (weights: {weights}), local runner, "
+        f"{result['repetitions']} repetitions alternating gate off and on; frames/s as median (min–max), model loading "
+        f"excluded. Gate: `GateConfig` defaults{changed}; files decoded with motion vectors when the gate is on."
+    )
+    work = (
+        "Model work: units of model compute per frame, each stage weighted by its gate-off ms/frame; a reused frame "
+        "costs 0, a partial frame the detector's full call plus the recomputed tile area of the segmenter. "
+        "Agreement: every gate-on frame against the gate-off result of the same frame."
+    )
     return "\n".join([
         "## Skipping: gate off vs gate on",
         "",
-        f"`blinkflow bench skip` — detect and segment of `{result['config']}` (weights: {weights}), local runner, "
-        f"{result['repetitions']} repetitions alternating gate off and on; frames/s as median (min–max), model loading "
-        "excluded. Gate: `GateConfig` defaults" + (f" with {', '.join(result['gate_overrides'])}" if result["gate_overrides"] else "")
-        + "; files decoded with motion vectors when the gate is on.",
+        intro,
         "",
         machine_line(result["machine"]),
         "",
         markdown_table(headers, rows),
         "",
-        "Model work: units of model compute per frame, each stage weighted by its gate-off ms/frame; a reused frame "
-        "costs 0, a partial frame the detector's full call plus the recomputed tile area of the segmenter. "
-        "Agreement: every gate-on frame against the gate-off result of the same frame.",
+        work,
         "",
         markdown_table(["clip", "detect work", "segment work", "gate-off ms/frame detect / segment",
                         "box F1, reused frames", "mask mIoU, reused frames", "gate-off boxes / classes per frame",
                         "final threshold"], detail),
         "",
-        f"**Price of the gate on the moving clip when it saves nothing** (threshold 0, no tiles: {price['reused']} frames not keyframes): "
-        f"gate on ÷ gate off throughput = **{price['throughput_ratio']:.3f}** "
-        f"({fps_cell(price['busy'])} vs {fps_cell(price['off'])} frames/s); time outside the model stages "
-        f"(decoding with motion vectors, the gate, the carry-over) grew by **{100 * price['overhead']:+.1f}%** of the "
-        f"gate-off run; the gate stage itself took {100 * price['gate_share']:.1f}% of the run. Target: ≤ 3%.",
+        (f"**Price of the gate on the moving clip when it saves nothing** (threshold 0, no tiles: {price['reused']} "
+         f"frames not keyframes): gate on ÷ gate off throughput = **{price['throughput_ratio']:.3f}** "
+         f"({fps_cell(price['busy'])} vs {fps_cell(price['off'])} frames/s); time outside the model stages "
+         f"(decoding with motion vectors, the gate, the carry-over) grew by **{100 * price['overhead']:+.1f}%** of the "
+         f"gate-off run; the gate stage itself took {100 * price['gate_share']:.1f}% of the run. Target: ≤ 3%."),
         "",
         _truth_line(reports),
         "",
@@ -420,9 +434,8 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
     static = next(r for r in reports if r.clip.name == "static").figures
     met = static["less_compute"] >= 5.0 and (static["agreement"] or 0.0) >= 0.95
     lines = [
-        f"Targets. Static camera, ≥ 5× less model compute at ≥ 0.95 agreement: {static['frames']} frames "
-        f"{static['less_compute']:.2f}× "
-        f"at {_num(static['agreement'])} — **{'met' if met else 'not met'}**"
+        (f"Targets. Static camera, ≥ 5× less model compute at ≥ 0.95 agreement: {static['frames']} frames "
+         f"{static['less_compute']:.2f}× at {_num(static['agreement'])} — **{'met' if met else 'not met'}**")
     ]
     if "static_frames" in static:
         part_met = static["static_less_compute"] >= 5.0 and (static["static_agreement"] or 0.0) >= 0.95
