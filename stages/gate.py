@@ -14,9 +14,10 @@ connected changed area, and decides:
   decoder's motion vectors when the source exports them (the comparison then
   uses the motion-compensated reference). ``meta["reuse_of"]`` names the
   keyframe; ``meta["motion"]`` holds the accumulated motion field.
-* ``partial`` (with ``tiles``: the change stays inside at most ``partial_max``
-  of the tiles): the frame is processed; the segment stage recomputes only
-  ``meta["tiles"]["changed"]`` and pastes them into its cached map.
+* ``partial`` (with ``tiles``: the change, grown by ``tile_margin`` tiles,
+  stays inside at most ``partial_max`` of the tiles): the frame is processed;
+  the segment stage recomputes only ``meta["tiles"]["changed"]`` and pastes
+  them into its cached map.
 * ``keyframe``: everything runs. Reasons: ``first``, ``restart`` (the index
   went backwards), ``resized``, ``cut`` (change above ``cut_threshold``),
   ``changed``, ``max_reuse`` and ``audit``. The last two are *audits*: frames
