@@ -300,8 +300,8 @@ def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stre
 # --------------------------------------------------------------------------- Sideways vs backprop
 
 SIDEWAYS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "smoke-action.yaml"
-#: the full comparison (about 2 minutes on one core): 8-frame clips, 30 clips per action to train on, 10 held out
-SIDEWAYS_FULL = ["epochs=12", "data.clip_len=8", "data.train.clips=210", "data.val.clips=70"]
+#: the full comparison (about 2 minutes on one core): 8-frame clips, 60 clips per action to train on, 10 held out
+SIDEWAYS_FULL = ["epochs=8", "data.clip_len=8", "data.train.clips=420", "data.val.clips=70"]
 SIDEWAYS_QUICK = ["epochs=2"]
 
 
