@@ -361,7 +361,10 @@ def render(result: dict) -> str:
         "so it only adds transport cost); `pipelined` lets stage 1 take frame t+1 while stage 2 works on frame t "
         "(outputs still equal frame by frame, K−1 frames later); the multi-rate row updates the last stage every "
         "second tick and reuses its output in between (so its outputs differ from frame by frame, by design). "
-        "Busy = a stage actor's compute time ÷ wall time. A speed-up needs K idle cores: on a machine shared with "
+        "Busy = a stage actor's compute time ÷ wall time. Frames are submitted as fast as the "
+        "pipeline takes them (up to K+1 ticks in flight), so the pipelined latency includes that queueing; a camera "
+        "paced below the pipeline's throughput sees about the sum of the stage costs plus transport. "
+        "A speed-up needs K idle cores: on a machine shared with "
         "other work the stages wait for a core and the ratio falls."),
     ]
     if result.get("sideways"):
