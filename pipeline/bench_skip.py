@@ -468,14 +468,13 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
         f"**{'met' if price['overhead'] <= 0.03 else 'not met'}** (judged on the time outside the models: on a shared "
         "machine the models' own time varies far more than 3% from run to run)."
     )
-    vacuous = [r.clip.what for r in reports if r.figures["boxes_per_frame"] == 0 and r.figures["classes_per_mask"] <= 1]
-    if vacuous:
-        lines.append(
-            f"Caveat: on {', '.join(vacuous)} the gate-off models found no boxes and one class per mask "
-            f"(weights: {', '.join(f'{k} {v}' for k, v in result['weights'].items())}), so agreement there is vacuous; "
-            "rerun with trained weights (`--set stages.detect.weights=shipped --set stages.segment.weights=shipped`) "
-            "for an accuracy claim."
-        )
+    no_boxes = [r.clip.what for r in reports if r.figures["boxes_per_frame"] == 0]
+    one_class = [r.clip.what for r in reports if r.figures["classes_per_mask"] <= 1]
+    weights = ", ".join(f"{k} {v}" for k, v in result["weights"].items())
+    for clips_, what in ((no_boxes, "the detector found no boxes, so box F1 there is vacuous"),
+                         (one_class, "the segmenter gave one class per mask, so mask mIoU there is vacuous")):
+        if clips_:
+            lines.append(f"Caveat: on {', '.join(clips_)} {what} (weights: {weights}).")
     return "\n\n".join(lines)
 
 
