@@ -20,11 +20,12 @@ import json
 import logging
 import signal
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 from urllib.parse import unquote
 
-from pipeline.errors import BlinkflowError, ConfigError, SourceError
+from pipeline.errors import ConfigError, SourceError
+from pipeline.http_service import HTTPService
 from pipeline.streams import RecorderBridge, StreamHub, redact_text
 
 log = logging.getLogger(__name__)
@@ -32,46 +33,22 @@ log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
 
 
-class ControlServer:
+class ControlServer(HTTPService):
     """Serves the routes above for one :class:`StreamHub` in a daemon thread."""
 
+    section = "control"
+
     def __init__(self, hub: StreamHub, host: str = "127.0.0.1", port: int = 9465) -> None:
+        super().__init__(host, port)
         self.hub = hub
-        self.host = host
-        self.requested_port = port
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
 
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1] if self._server else self.requested_port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self.hub)
 
     def start(self) -> "ControlServer":
-        try:
-            self._server = ThreadingHTTPServer((self.host, self.requested_port), _handler_for(self.hub))
-        except OSError as exc:
-            raise BlinkflowError(
-                f"control: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "
-                "set control.port to a free port (0 picks one) or control.enabled=false"
-            ) from None
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="blinkflow-control", daemon=True)
-        self._thread.start()
+        super().start()
         log.warning("stream control endpoint on %s/streams", self.url)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def __enter__(self) -> "ControlServer":
         return self.start()

@@ -29,10 +29,10 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 
-from pipeline.errors import BlinkflowError
+from pipeline.http_service import HTTPService
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class PrometheusRecorder(MetricsRecorder):
 # --------------------------------------------------------------------------- HTTP
 
 
-class MetricsExporter:
+class MetricsExporter(HTTPService):
     """Serves a recorder's metrics on ``http://host:port/metrics`` plus two probes.
 
     ``/healthz`` answers 200 while the process serves at all; ``/readyz``
@@ -413,47 +413,23 @@ class MetricsExporter:
     otherwise), for Kubernetes readiness probes.
     """
 
+    section = "metrics"
+
     def __init__(self, recorder: PrometheusRecorder, host: str = "127.0.0.1", port: int = 9464) -> None:
+        super().__init__(host, port)
         self.recorder = recorder
-        self.host = host
-        self.requested_port = port
         self.scrapes = 0
         self.last_scrape = 0.0
         self.scrape_interval: float | None = None
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
         self._scraped = threading.Condition()
 
-    @property
-    def port(self) -> int:
-        return self._server.server_address[1] if self._server else self.requested_port
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _handler_for(self)
 
     def start(self) -> "MetricsExporter":
-        try:
-            self._server = ThreadingHTTPServer((self.host, self.requested_port), _handler_for(self))
-        except OSError as exc:
-            raise BlinkflowError(
-                f"metrics: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "
-                "set metrics.port to a free port (0 picks one) or metrics.enabled=false"
-            ) from None
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, name="blinkflow-metrics", daemon=True)
-        self._thread.start()
+        super().start()
         log.info("serving metrics on %s/metrics", self.url)
         return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
 
     def note_scrape(self) -> None:
         with self._scraped:
