@@ -16,6 +16,7 @@ import platform
 import re
 import statistics
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -123,6 +124,15 @@ def machine_line(info: dict[str, Any]) -> str:
         f"Machine: {info['cpu']}, {info['cores']} cores{gpu}; Python {info['python']}, torch {info.get('torch')}; "
         f"commit {info['commit']}; {info['date']}."
     )
+
+
+def publish(name: str, body: str, payload: dict[str, Any], write: bool) -> None:
+    """Show a benchmark's table on stdout (the command's output); with ``write``, also its
+    section of the benchmarks doc and its JSON (what the throughput plot reads)."""
+    sys.stdout.write(body.rstrip() + "\n")
+    if write:
+        write_section(name, body)
+        save_json(name, payload)
 
 
 def write_section(name: str, body: str, doc: Path | None = None) -> None:

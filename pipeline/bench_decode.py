@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.bench import (
-    Measurement, fps_cell, machine_info, machine_line, markdown_table, results_dir, save_json, write_section,
+    Measurement, fps_cell, machine_info, machine_line, markdown_table, publish, results_dir,
 )
 
 log = logging.getLogger(__name__)
@@ -137,10 +137,7 @@ def bench_decode(quick: bool = False, repetitions: int = 3, cache_dir: Path | No
         rows.append([name, variants["PyAV decode"].frames, *(fps_cell(m) if m.seconds else "n/a" for m in variants.values()),
                      f"{ratio:.2f}" if ratio else "n/a"])
     body = render(payload, rows, quick)
-    print(body)
-    if write and not quick:
-        write_section("decode", body)
-        save_json("decode", payload)
+    publish("decode", body, payload, write=write and not quick)
     return payload
 
 

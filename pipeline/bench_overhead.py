@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench import machine_info, machine_line, markdown_table, save_json, write_section
+from pipeline.bench import machine_info, machine_line, markdown_table, publish
 from pipeline.frame import Frame
 
 
@@ -60,10 +60,7 @@ def bench_overhead(stages: int = 3, iterations: int = 200, width: int = 320, hei
               "plain_ms": _summary(plain), "compiled_ms": _summary(compiled) if compiled else None,
               "compiled_error": compiled_error}
     body = render(result)
-    print(body)
-    if write:
-        write_section("overhead", body)
-        save_json("overhead", result)
+    publish("overhead", body, result, write=write)
     return result
 
 

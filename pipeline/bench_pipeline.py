@@ -12,7 +12,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.bench import Measurement, fps_cell, machine_info, machine_line, markdown_table, save_json, write_section
+from pipeline.bench import Measurement, fps_cell, machine_info, machine_line, markdown_table, publish
 from pipeline.config import Config, load_config
 
 log = logging.getLogger(__name__)
@@ -101,10 +101,7 @@ def bench_pipeline(config_path: Path, frames: int = 48, repetitions: int = 3, ov
         "metrics_overhead": 1.0 - ray_metrics.median_fps / ray_run.median_fps,
     }
     body = render(result, [sequential, ray_run, ray_metrics, *alone.values()], slowest)
-    print(body)
-    if write:
-        write_section("pipeline", body)
-        save_json("pipeline", result)
+    publish("pipeline", body, result, write=write)
     return result
 
 

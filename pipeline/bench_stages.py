@@ -15,7 +15,7 @@ import statistics
 import time
 from typing import Any
 
-from pipeline.bench import machine_info, machine_line, markdown_table, save_json, write_section
+from pipeline.bench import machine_info, machine_line, markdown_table, publish
 from pipeline.frame import Frame
 
 log = logging.getLogger(__name__)
@@ -90,10 +90,7 @@ def bench_stages(quick: bool = False, batches: tuple[int, ...] = (1, 4, 16), wid
                     rows.append(_row(record))
     payload = {"machine": machine_info(), "resolution": [width, height], "repetitions": repetitions, "results": records}
     body = render(payload, rows, quick)
-    print(body)
-    if write and not quick:
-        write_section("stages", body)
-        save_json("stages", payload)
+    publish("stages", body, payload, write=write and not quick)
     return payload
 
 
