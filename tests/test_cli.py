@@ -36,7 +36,7 @@ def test_demo_writes_jsonl_and_mp4_with_all_four_stages(tmp_path):
 
 
 def test_run_on_a_file_with_a_set_override(tmp_path):
-    clip = write_test_video(tmp_path / "in.mp4", frames=6)
+    write_test_video(tmp_path / "in.mp4", frames=6)
     config = tmp_path / "c.yaml"
     config.write_text(
         "sources:\n  - {type: file, path: in.mp4}\n"
