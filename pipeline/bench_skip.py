@@ -10,7 +10,9 @@ For each clip it reports:
 * **model work**: the model compute the gate-on run paid, as a fraction of the
   gate-off run's. Each model stage counts one unit per frame it ran on, except
   the segment stage on a ``partial`` frame, which counts the fraction of a full
-  forward its recomputed tiles cost (``results.segment.tiles.area``). Stages
+  forward its recomputed tiles cost (``results.segment.tiles.area``), and the
+  detect stage on a partial frame it ran on a crop, which counts the crop's
+  share of a full forward (``results.detect.crop.area``). Stages
   are weighted by their measured gate-off time per frame, so a cheap stage's
   skipped calls do not inflate the saving. ``× less compute`` is its inverse.
 * the **wall-time** throughput of both (model loading excluded) and their ratio;
@@ -190,6 +192,9 @@ def frame_work(result: Any) -> dict[str, float]:
     tiles = (result.results.get("segment") or {}).get("tiles")
     if tiles is not None:
         work["segment"] = float(tiles["area"])
+    crop = (result.results.get("detect") or {}).get("crop")
+    if crop is not None:
+        work["detect"] = float(crop["area"])
     return work
 
 
@@ -304,19 +309,26 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
     """What reuse costs a *perfect* model on the synthetic scene, whatever the weights.
 
     The same gate runs over the scene's frames; a perfect model's output is the
-    ground truth, so a reused frame gets its keyframe's truth, a partial frame
-    fresh boxes and fresh classes inside its changed tiles (the segmenter's
-    cache elsewhere), a keyframe fresh truth. Scored against each frame's own
-    truth: box F1 at IoU 0.5 and mask mIoU, averaged over the frames.
+    ground truth, so a reused frame gets its keyframe's truth, a keyframe fresh
+    truth, and a partial frame what the stages would give it: the segmenter
+    fresh classes inside its changed tiles (its cache elsewhere) unless its
+    crops cost a full forward, the detector the kept boxes outside the changed
+    region merged with the truth seen through its crop (the rules of
+    :class:`stages.detect.Detect`) unless the crop is too large. Scored against
+    each frame's own truth: box F1 at IoU 0.5 and mask mIoU, averaged over the frames.
     """
     from models.training.scenes import SceneGenerator
     from pipeline.frame import Frame
     from pipeline.skip import box_f1, mask_miou
+    from stages.detect import DetectOptions, crop_region
     from stages.gate import Gate
+    from stages.segment import Segment
 
     scene = SceneGenerator(seed=source["seed"], width=source["width"], height=source["height"],
                            num_objects=source["num_objects"])
     gate = Gate(gate_cfg)
+    segmenter = Segment(None)  # its crop geometry only (no model)
+    seg_size = tuple(segmenter.options.input_size or (source["height"], source["width"]))
     boxes_f1, mious = [], []
     kept_boxes: dict[str, Any] = {}
     kept_map = None
@@ -325,13 +337,51 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
         frame = gate.process([Frame("synthetic", index, 0.0, truth.image)])[0]
         fresh_boxes = {"boxes": truth.boxes.tolist(), "labels": truth.labels.tolist()}
         decision, changed = frame.results["gate"]["decision"], (frame.meta.get("tiles") or {}).get("changed")
-        if decision != "reuse":
+        if decision == "partial" and changed:
+            height, width = truth.semantic.shape
+            region = crop_region(gate_cfg.tiles, changed, height, width, DetectOptions.crop_halo,
+                                 DetectOptions.crop_max_area)
+            kept_boxes = fresh_boxes if region is None else _merged_truth(kept_boxes, fresh_boxes, *region, height, width)
+            crops = segmenter._merged_crops(gate_cfg.tiles, changed, seg_size)
+            patchable = sum((c[1] - c[0]) * (c[3] - c[2]) for c, _ in crops) < seg_size[0] * seg_size[1]
+            kept_map = _patched(kept_map, truth.semantic, changed, gate_cfg) if patchable else truth.semantic
+        elif decision != "reuse":
             kept_boxes = fresh_boxes
-            kept_map = _patched(kept_map, truth.semantic, changed, gate_cfg) if decision == "partial" else truth.semantic
+            kept_map = truth.semantic
         boxes_f1.append(box_f1(kept_boxes, fresh_boxes))
         mious.append(mask_miou(kept_map, truth.semantic))
     return {"boxes_f1": statistics.mean(boxes_f1), "mask_iou": statistics.mean(mious),
             "agreement": min(statistics.mean(boxes_f1), statistics.mean(mious))}
+
+
+def _merged_truth(kept: dict[str, Any], fresh: dict[str, Any], inner: tuple, crop: tuple, height: int,
+                  width: int) -> dict[str, Any]:
+    """A perfect detector's partial-frame result: kept boxes centred outside the changed region, plus the
+    truth boxes as the crop shows them (clipped to it) that the detect stage's rules keep."""
+    import types
+
+    import torch
+
+    from stages.detect import Detect
+
+    def centre_in(box: list[float]) -> bool:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        return inner[0] <= cx < inner[2] and inner[1] <= cy < inner[3]
+
+    boxes = [b for b in kept.get("boxes") or [] if not centre_in(b)]
+    labels = [lab for b, lab in zip(kept.get("boxes") or [], kept.get("labels") or []) if not centre_in(b)]
+    seen, seen_labels = [], []
+    for box, label in zip(fresh["boxes"], fresh["labels"]):
+        clipped = [max(box[0], crop[0]), max(box[1], crop[1]), min(box[2], crop[2]), min(box[3], crop[3])]
+        if clipped[2] > clipped[0] and clipped[3] > clipped[1]:
+            seen.append(clipped)
+            seen_labels.append(label)
+    if seen:
+        keep = Detect._keep_new(torch.tensor(seen, dtype=torch.float32), inner, crop,
+                                types.SimpleNamespace(width=width, height=height))
+        boxes += [b for b, k in zip(seen, keep.tolist()) if k]
+        labels += [lab for lab, k in zip(seen_labels, keep.tolist()) if k]
+    return {"boxes": boxes, "labels": labels}
 
 
 def _patched(kept: Any, fresh: Any, changed: list[int] | None, gate_cfg: Any) -> Any:
@@ -407,7 +457,7 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
     )
     work = (
         "Model work: units of model compute per frame, each stage weighted by its gate-off ms/frame; a reused frame "
-        "costs 0, a partial frame the detector's full call plus the recomputed tile area of the segmenter. "
+        "costs 0, a partial frame the detector's crop area (a full call when it ran on the whole frame) plus the recomputed tile area of the segmenter. "
         "Agreement: every gate-on frame against the gate-off result of the same frame. \"Gate-off frame vs previous\" "
         "is the models' own frame-to-frame stability, a ceiling for any reuse."
     )

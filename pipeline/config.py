@@ -108,7 +108,14 @@ class GateConfig:
         1, "a partial frame also recomputes the tiles this many tiles around each changed one: change just below "
         "pixel_threshold gathers around real change, and left alone it would go stale in the caches", lo=0, hi=64,
     )
-    partial_max: float = _field(0.5, "largest fraction of changed tiles a partial frame may have; more is a keyframe", lo=0.0, hi=1.0)
+    partial_max: float = _field(
+        1.0, "largest fraction of changed tiles (margin included) a partial frame may have; more is a keyframe. The "
+        "stages themselves run in full when their crops would cost about as much", lo=0.0, hi=1.0,
+    )
+    partial_changed: float = _field(
+        0.35, "largest changed-pixel fraction a partial frame may have (a hand in the scene: local change); more "
+        "is a keyframe", lo=0.0, hi=1.0,
+    )
     max_partial: int = _field(30, "force a full keyframe after this many partial frames in a row", lo=0, hi=10**6)
     motion: Literal["off", "mvs", "flow", "auto"] = _field(
         "mvs", "how reused frames move the keyframe's boxes and masks: the decoder's motion vectors (needs "

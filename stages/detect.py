@@ -10,6 +10,21 @@ Result per frame, ``frame.results["detect"]`` (plain lists, JSON-friendly)::
 Post-processing after the model: score threshold, class filter, an extra
 class-aware NMS (backends differ in their own NMS, so this makes them agree),
 then the top ``max_detections``. :mod:`models.formats` converts to/from COCO.
+
+Region-level recompute (``crop_reuse``, with the gate's ``tiles``): on a frame
+the gate marks ``partial``, the detector runs only on the bounding crop of the
+changed tiles plus ``crop_halo`` tiles of margin (clamped to the frame), at the
+same pixel scale a full-frame call would use, so it costs the crop's share of
+a full forward. Its boxes go back to frame pixels and are merged with the
+stream's last boxes (moved along the gate's motion field when there is one):
+carried boxes whose centre lies in the changed region (the crop without its
+halo) are dropped, the others kept; crop boxes are added when their centre is
+in the changed region, or when they lie in the halo without touching the
+crop's edge inside the frame (a box cut by the edge is a partial view); then
+class-aware NMS. When the crop would exceed ``crop_max_area`` of the frame the
+whole frame runs. Such a result also carries ``"crop": {"box": [x1, y1, x2,
+y2], "area": fraction of a full forward}``. With the cache, the stage is
+temporal (each stream sticks to one replica, in order).
 """
 
 from __future__ import annotations
@@ -18,11 +33,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from models.classes import SYNTHETIC_CLASSES
 from pipeline.config import StageConfig, _field
 from pipeline.errors import StageError
 from pipeline.frame import Frame
 from pipeline.registry import register_stage
+from pipeline.skip import shift_boxes, tile_edges
 from stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -47,6 +65,21 @@ class DetectOptions:
         None, "class names (index 0 = background) for random or own weights without a class list"
     )
     model_args: dict[str, Any] | None = _field(None, "extra builder arguments, e.g. {min_size: 320, max_size: 512}")
+    crop_reuse: bool = _field(
+        True, "on frames the gate marks partial, run only on the crop around the changed tiles and merge with the "
+        "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas)",
+    )
+    crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
+    crop_max_area: float = _field(0.5, "run the whole frame when the crop would cover more than this fraction of it", lo=0.0, hi=1.0)
+
+
+@dataclass
+class _BoxCache:
+    """A stream's last detection result (source pixels) from frame ``index`` of size ``source``."""
+
+    index: int
+    result: dict[str, list]
+    source: tuple[int, int]
 
 
 @register_stage(TASK)
@@ -57,6 +90,11 @@ class Detect(Stage):
     Options = DetectOptions
     default_model = "ssdlite320_mobilenet_v3_large"
 
+    @classmethod
+    def is_temporal(cls, cfg: StageConfig | None) -> bool:
+        options = getattr(cfg, "options", None)
+        return bool(options.crop_reuse) if options is not None else True
+
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
         self.model_name = self.cfg.model or self.default_model
@@ -64,6 +102,7 @@ class Detect(Stage):
         self.model: Any = None
         self.classes: list[str] = []
         self._allowed_labels: list[int] | None = None
+        self._boxes: dict[str, _BoxCache] = {}
 
     def setup(self, device: str = "cpu") -> None:
         from models.weights import load_state, resolve_weights
@@ -81,22 +120,148 @@ class Detect(Stage):
         log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
+        full: list[Frame] = []
+        for frame in self.active(frames):
+            partial = (frame.meta.get("tiles") or {}).get("changed") is not None
+            if partial and any(f.stream_id == frame.stream_id for f in full):
+                self._run_full(full)  # in stream order: the merge builds on what came before it
+                full = []
+            crop = self._crop_for(frame) if partial else None
+            if crop is not None:
+                self._run_crop(frame, *crop)
+            else:
+                full.append(frame)
+        self._run_full(full)
+        return frames
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        self._boxes.pop(stream_id, None)
+        return []
+
+    def flush(self) -> list[Frame]:
+        self._boxes.clear()
+        return []
+
+    def teardown(self) -> None:
+        self.model = None
+        self._boxes.clear()
+
+    # ------------------------------------------------------------------ full frames and crops
+
+    def _run_full(self, frames: list[Frame]) -> None:
         import torch
 
         from stages.common import autocast
 
-        active = self.active(frames)
-        if not active:
-            return frames
-        images, scales = self._model_inputs(active)
+        if not frames:
+            return
+        images, scales = self._model_inputs(frames)
         with torch.inference_mode(), autocast(self._device, self.cfg.precision):
             outputs = self.model(images)
-        for frame, output, scale in zip(active, outputs, scales):
+        for frame, output, scale in zip(frames, outputs, scales):
             frame.results[self.name] = self._postprocess(output, scale, frame)
-        return frames
+            self._remember(frame)
 
-    def teardown(self) -> None:
-        self.model = None
+    def _remember(self, frame: Frame) -> None:
+        """Keep the result when the gate may send partial frames of this stream next."""
+        if self.options.crop_reuse and frame.meta.get("tiles"):
+            self._boxes[frame.stream_id] = _BoxCache(frame.index, frame.results[self.name], (frame.height, frame.width))
+        else:
+            self._boxes.pop(frame.stream_id, None)
+
+    def _crop_for(self, frame: Frame) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+        """(inner, crop) as (x1, y1, x2, y2) source pixels: the changed tiles' bounding box and it grown by the
+        halo, or None when the frame must run in full (no cached base, or the crop is too large)."""
+        tiles = frame.meta.get("tiles") or {}
+        cache = self._boxes.get(frame.stream_id)
+        changed = tiles.get("changed")
+        if not (self.options.crop_reuse and changed and cache is not None and cache.index == tiles.get("base")
+                and cache.source == (frame.height, frame.width)):
+            return None
+        return crop_region(tiles["grid"], changed, frame.height, frame.width, self.options.crop_halo,
+                           self.options.crop_max_area)
+
+    def _run_crop(self, frame: Frame, inner: tuple[int, int, int, int], crop: tuple[int, int, int, int]) -> None:
+        """Detect on the crop at full-frame pixel scale and merge with the stream's carried-over boxes."""
+        import torch
+
+        from stages.common import autocast, frames_to_batch
+
+        x0, y0, x1, y1 = crop
+        size = self.options.input_size
+        # the crop at the resolution a full-frame call would give it: input_size scales the frame first
+        sy, sx = (size[0] / frame.height, size[1] / frame.width) if size is not None else (1.0, 1.0)
+        crop_in = (max(1, round((y1 - y0) * sy)), max(1, round((x1 - x0) * sx)))
+        part = Frame(frame.stream_id, frame.index, frame.pts, np.ascontiguousarray(frame.image[y0:y1, x0:x1]))
+        image = frames_to_batch([part], self._device, size=crop_in if size is not None else None)[0]
+        full_in = (size[0], size[1]) if size is not None else (frame.height, frame.width)
+        transform = getattr(self.model, "transform", None)
+        model_scale = _model_scale(transform, full_in)
+        saved = getattr(transform, "fixed_size", None)
+        crop_model = (max(1, round(crop_in[0] * model_scale[0])), max(1, round(crop_in[1] * model_scale[1])))
+        try:
+            if transform is not None and hasattr(transform, "fixed_size"):
+                transform.fixed_size = (crop_model[1], crop_model[0])  # (width, height): the same scale as a full frame
+            with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+                output = self.model([image])[0]
+        finally:
+            if transform is not None and hasattr(transform, "fixed_size"):
+                transform.fixed_size = saved
+        found = self._filtered(output)
+        scale = torch.tensor([(x1 - x0) / crop_in[1], (y1 - y0) / crop_in[0]] * 2, device=found[0].device)
+        boxes = found[0] * scale + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=found[0].device)
+        new = self._keep_new(boxes.cpu(), inner, crop, frame)
+        carried = self._carried(frame, inner)
+        merged = (
+            torch.cat([carried[0], boxes.cpu()[new]]),
+            torch.cat([carried[1], found[1].float().cpu()[new]]),
+            torch.cat([carried[2], found[2].cpu()[new]]),
+        )
+        result = self._finish(*merged, frame)
+        full_cost = (full_in[0] * model_scale[0]) * (full_in[1] * model_scale[1])
+        result["crop"] = {"box": [x0, y0, x1, y1], "area": round(crop_model[0] * crop_model[1] / full_cost, 4)}
+        frame.results[self.name] = result
+        self._boxes[frame.stream_id] = _BoxCache(frame.index, {k: v for k, v in result.items() if k != "crop"},
+                                                 (frame.height, frame.width))
+
+    @staticmethod
+    def _keep_new(boxes: Any, inner: tuple, crop: tuple, frame: Frame) -> Any:
+        """Crop boxes to add: centre in the changed region, or whole inside the crop (not cut by an inner edge)."""
+        import torch
+
+        if len(boxes) == 0:
+            return torch.zeros(0, dtype=torch.bool)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        centre_in = (cx >= inner[0]) & (cx < inner[2]) & (cy >= inner[1]) & (cy < inner[3])
+        edge = 1.0  # a box within a pixel of an inner crop edge is cut by it
+        cut = torch.zeros(len(boxes), dtype=torch.bool)
+        if crop[0] > 0:
+            cut |= boxes[:, 0] <= crop[0] + edge
+        if crop[1] > 0:
+            cut |= boxes[:, 1] <= crop[1] + edge
+        if crop[2] < frame.width:
+            cut |= boxes[:, 2] >= crop[2] - edge
+        if crop[3] < frame.height:
+            cut |= boxes[:, 3] >= crop[3] - edge
+        return centre_in | ~cut
+
+    def _carried(self, frame: Frame, inner: tuple) -> tuple[Any, Any, Any]:
+        """The stream's last boxes (moved along the gate's motion field) whose centre is outside the changed region."""
+        import torch
+
+        last = self._boxes[frame.stream_id].result
+        boxes = [list(map(float, b)) for b in last.get("boxes") or []]
+        motion = frame.meta.get("motion")
+        if boxes and motion is not None:
+            boxes = shift_boxes(boxes, np.asarray(motion, dtype=np.float32), frame.height, frame.width)
+        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        s = torch.tensor(last.get("scores") or [], dtype=torch.float32)
+        lab = torch.tensor(last.get("labels") or [], dtype=torch.int64)
+        if len(b):
+            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+            outside = ~((cx >= inner[0]) & (cx < inner[2]) & (cy >= inner[1]) & (cy < inner[3]))
+            b, s, lab = b[outside], s[outside], lab[outside]
+        return b, s, lab
 
     # ------------------------------------------------------------------ helpers
 
@@ -144,18 +309,30 @@ class Detect(Stage):
         batch = frames_to_batch(frames, self._device, size=(height, width))
         return list(batch), [(f.width / width, f.height / height) for f in frames]
 
-    def _postprocess(self, output: dict[str, Any], scale: tuple[float, float], frame: Frame) -> dict[str, list]:
+    def _filtered(self, output: dict[str, Any]) -> tuple[Any, Any, Any]:
+        """Boxes, scores and labels above the score threshold, not background, of the allowed classes."""
         import torch
-        from torchvision.ops import batched_nms
 
         boxes, scores, labels = output["boxes"].float(), output["scores"].float(), output["labels"]
         keep = (scores >= self.options.score_threshold) & (labels != 0)  # label 0 is background
         if self._allowed_labels is not None:
             keep &= torch.isin(labels, torch.tensor(self._allowed_labels, device=labels.device))
-        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        return boxes[keep], scores[keep], labels[keep]
+
+    def _postprocess(self, output: dict[str, Any], scale: tuple[float, float], frame: Frame) -> dict[str, list]:
+        import torch
+
+        boxes, scores, labels = self._filtered(output)
+        boxes = boxes * torch.tensor([scale[0], scale[1], scale[0], scale[1]], device=boxes.device)
+        return self._finish(boxes, scores, labels, frame)
+
+    def _finish(self, boxes: Any, scores: Any, labels: Any, frame: Frame) -> dict[str, list]:
+        """Class-aware NMS, the best ``max_detections``, clipped to the frame, as plain lists."""
+        from torchvision.ops import batched_nms
+
         # batched_nms returns indices sorted by decreasing score
         order = batched_nms(boxes, scores, labels, self.options.nms_iou)[: self.options.max_detections]
-        boxes = boxes[order] * torch.tensor([scale[0], scale[1], scale[0], scale[1]], device=boxes.device)
+        boxes = boxes[order]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, frame.width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, frame.height)
         label_list = labels[order].tolist()
@@ -165,6 +342,37 @@ class Detect(Stage):
             "classes": [self.classes[label] for label in label_list],
             "scores": [round(s, 4) for s in scores[order].tolist()],
         }
+
+
+def crop_region(grid: list[int], changed: list[int], height: int, width: int, halo: float, max_area: float
+                ) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+    """(inner, crop) as (x1, y1, x2, y2) pixels: the bounding box of the changed tiles, and it grown by ``halo``
+    tiles and clamped to the frame; None when the crop would cover more than ``max_area`` of the frame."""
+    rows, cols = grid
+    ys, xs = tile_edges(rows, height), tile_edges(cols, width)
+    r = [i // cols for i in changed]
+    c = [i % cols for i in changed]
+    inner = (xs[min(c)], ys[min(r)], xs[max(c) + 1], ys[max(r) + 1])
+    hx, hy = round(halo * width / cols), round(halo * height / rows)
+    crop = (max(0, inner[0] - hx), max(0, inner[1] - hy), min(width, inner[2] + hx), min(height, inner[3] + hy))
+    if (crop[2] - crop[0]) * (crop[3] - crop[1]) > max_area * width * height:
+        return None
+    return inner, crop
+
+
+def _model_scale(transform: Any, size: tuple[int, int]) -> tuple[float, float]:
+    """(y, x) factor by which the model's own transform resizes a ``size`` (height, width) input."""
+    if transform is None:
+        return 1.0, 1.0
+    fixed = getattr(transform, "fixed_size", None)
+    if fixed is not None:
+        return fixed[1] / size[0], fixed[0] / size[1]
+    min_size, max_size = getattr(transform, "min_size", None), getattr(transform, "max_size", None)
+    if not min_size or not max_size:
+        return 1.0, 1.0
+    target = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
+    factor = min(float(target) / min(size), float(max_size) / max(size))
+    return factor, factor
 
 
 # ---------------------------------------------------------------------- shared with stages.segment

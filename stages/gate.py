@@ -14,10 +14,12 @@ connected changed area, and decides:
   decoder's motion vectors when the source exports them (the comparison then
   uses the motion-compensated reference). ``meta["reuse_of"]`` names the
   keyframe; ``meta["motion"]`` holds the accumulated motion field.
-* ``partial`` (with ``tiles``: the change, grown by ``tile_margin`` tiles,
-  stays inside at most ``partial_max`` of the tiles): the frame is processed;
-  the segment stage recomputes only ``meta["tiles"]["changed"]`` and pastes
-  them into its cached map.
+* ``partial`` (with ``tiles``: at most ``partial_changed`` of the signal
+  changed, and the change, grown by ``tile_margin`` tiles, stays inside at
+  most ``partial_max`` of the tiles): the frame is processed; the segment
+  stage recomputes only ``meta["tiles"]["changed"]`` and pastes them into its
+  cached map, the detect stage runs on their bounding crop and merges with its
+  last boxes (each stage runs in full where its crops would cost about as much).
 * ``keyframe``: everything runs. Reasons: ``first``, ``restart`` (the index
   went backwards), ``resized``, ``cut`` (change above ``cut_threshold``),
   ``changed``, ``max_reuse`` and ``audit``. The last two are *audits*: frames
@@ -159,7 +161,7 @@ class Gate(Stage):
             return "cut"
         if change.changed >= state.threshold:
             total = cfg.tiles[0] * cfg.tiles[1] if cfg.tiles else 0
-            fits = total and len(change.tiles) <= cfg.partial_max * total
+            fits = total and len(change.tiles) <= cfg.partial_max * total and change.changed <= cfg.partial_changed
             return "partial" if fits and state.partial_run < cfg.max_partial else "changed"
         if state.reused_since_key >= cfg.max_reuse:
             return "max_reuse"

@@ -18,6 +18,7 @@ horizontal run of changed tiles plus ``tile_halo`` model-input pixels of
 context, aligned to the model's stride; one crop around all of them when that
 costs less), pastes the crops' logits for the tiles
 plus half the halo into the cached logits, and takes the class map from those.
+When the crops would cost a full forward or more, the frame runs in full.
 Such a result also carries ``"tiles": {"recomputed", "total", "area"}``, where
 ``area`` is the fraction of a full forward the crops cost. With the cache, the
 stage is temporal (each stream sticks to one replica, in order).
@@ -159,10 +160,13 @@ class Segment(Stage):
     def _can_patch(self, frame: Frame) -> bool:
         tiles = frame.meta.get("tiles")
         cache = self._tiles.get(frame.stream_id)
-        return bool(
-            self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
-            and cache.index == tiles.get("base") and cache.source == (frame.height, frame.width)
-        )
+        if not (self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
+                and cache.index == tiles.get("base") and cache.source == (frame.height, frame.width)):
+            return False
+        # crops that cost a full forward or more save nothing: then the frame runs in full (and exactly)
+        size = tuple(cache.logits.shape[-2:])
+        crops = self._merged_crops(tiles["grid"], tiles["changed"], size)
+        return sum((c[1] - c[0]) * (c[3] - c[2]) for c, _ in crops) < size[0] * size[1]
 
     def _run_patch(self, frame: Frame) -> None:
         """Recompute the changed tiles (+ halo) of a partial frame and paste them into the cached logits."""

@@ -155,6 +155,102 @@ def test_segment_recomputes_in_full_without_its_cached_base(segmenter):
     assert "tiles" not in frame.results["segment"]
 
 
+# --------------------------------------------------------------------------- detect: crop recompute
+
+
+class ColourDetector:
+    """A perfect detector for the test scenes: one box per pure colour (red: class 1, green: 2, blue: 3),
+    found wherever the image it is given shows it; records the shape of every image."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(self, images):
+        import torch
+
+        out = []
+        for image in images:
+            self.calls.append(tuple(image.shape))
+            boxes, labels = [], []
+            for label, channel in ((1, 0), (2, 1), (3, 2)):
+                others = [c for c in range(3) if c != channel]
+                mask = (image[channel] > 0.9) & (image[others[0]] < 0.2) & (image[others[1]] < 0.2)
+                if mask.any():
+                    ys, xs = torch.nonzero(mask, as_tuple=True)
+                    boxes.append([xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1])
+                    labels.append(label)
+            out.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor(labels, dtype=torch.int64),
+                        "scores": torch.full((len(labels),), 0.9)})
+        return out
+
+
+def colour_detector_stage(**options):
+    from pipeline.config import StageConfig
+    from stages.detect import Detect, DetectOptions
+
+    stage = Detect(StageConfig(weights=None, options=DetectOptions(**options)))
+    stage.classes = ["background", "red", "green", "blue"]
+    stage._device = "cpu"
+    stage.model = ColourDetector()
+    return stage
+
+
+def scene(objects, height=240, width=320):
+    image = np.full((height, width, 3), 110, dtype=np.uint8)
+    for (x0, y0, x1, y1), colour in objects:
+        image[y0:y1, x0:x1] = colour
+    return image
+
+
+RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
+
+
+def test_detect_recomputes_only_the_changed_crop_and_keeps_the_boxes_outside_it():
+    first = scene([((20, 20, 50, 50), RED), ((240, 170, 270, 200), GREEN)])
+    moved = scene([((20, 20, 50, 50), RED), ((252, 178, 282, 208), GREEN)])  # green moves, red stays
+    gate = Gate(GateConfig(enabled=True, max_reuse=100))
+    stage = colour_detector_stage()
+    frames = stage.process(gate.process(frames_of([first, moved])))
+    assert decisions(frames) == ["keyframe", "partial"]
+    result = frames[1].results["detect"]
+    x0, y0, x1, y1 = result["crop"]["box"]
+    assert stage.model.calls == [(3, 240, 320), (3, y1 - y0, x1 - x0)]  # a full frame, then only the crop
+    assert result["crop"]["area"] == pytest.approx((x1 - x0) * (y1 - y0) / (240 * 320), abs=1e-3)
+    assert 0 < result["crop"]["area"] <= 0.5
+    assert x0 > 50 or y0 > 50  # the red square is outside the crop: its box is carried over
+    boxes = dict(zip(result["classes"], result["boxes"]))
+    assert boxes == {"red": [20.0, 20.0, 50.0, 50.0], "green": [252.0, 178.0, 282.0, 208.0]}
+    # a crop that would cover more than crop_max_area of the frame: the whole frame runs
+    stage = colour_detector_stage(crop_max_area=0.05)
+    frames = stage.process(Gate(GateConfig(enabled=True, max_reuse=100)).process(frames_of([first, moved])))
+    assert "crop" not in frames[1].results["detect"] and stage.model.calls[-1] == (3, 240, 320)
+
+
+def test_detect_crop_recompute_matches_a_full_recompute_when_the_change_holds_everything():
+    from pipeline.skip import box_f1
+
+    first = scene([((41, 31, 71, 61), RED), ((80, 35, 100, 55), BLUE)])
+    moved = scene([((51, 36, 81, 66), RED), ((90, 40, 110, 60), BLUE)])  # both inside one crop
+    stage = colour_detector_stage()
+    frames = stage.process(Gate(GateConfig(enabled=True, max_reuse=100)).process(frames_of([first, moved])))
+    patched = frames[1].results["detect"]
+    assert "crop" in patched
+    fresh = colour_detector_stage().process(frames_of([moved], stream="fresh"))[0].results["detect"]
+    assert box_f1(patched, fresh, iou_threshold=0.95) == 1.0
+    assert patched["labels"] == fresh["labels"]
+    # a detection cut by the crop's edge is a partial view: the stage keeps the carried box instead
+    from stages.detect import Detect
+
+    import torch
+
+    boxes = torch.tensor([[10.0, 10.0, 40.0, 40.0], [0.0, 12.0, 20.0, 30.0], [2.0, 2.0, 10.0, 10.0]])
+    keep = Detect._keep_new(boxes, (10, 10, 40, 40), (0, 0, 50, 50), Frame("s", 0, 0.0, np.zeros((60, 60, 3), np.uint8)))
+    assert keep.tolist() == [True, True, True]
+    keep = Detect._keep_new(boxes, (20, 20, 40, 40), (5, 5, 50, 50), Frame("s", 0, 0.0, np.zeros((60, 60, 3), np.uint8)))
+    assert keep.tolist() == [True, False, False]
+
+
 # --------------------------------------------------------------------------- motion
 
 
