@@ -16,7 +16,7 @@ the gate marks ``partial``, the detector runs only on the bounding crop of the
 changed tiles plus ``crop_halo`` tiles of margin (clamped to the frame), at the
 same pixel scale a full-frame call would use, so it costs the crop's share of
 a full forward. Its boxes go back to frame pixels and are merged with the
-stream's last boxes (moved along the gate's motion field when there is one):
+stream's last boxes (unmoved: outside the changed tiles nothing changed):
 carried boxes whose centre lies in the changed region (the crop without its
 halo) are dropped, the others kept; crop boxes are added when their centre is
 in the changed region, or when they lie in the halo without touching the
@@ -40,7 +40,7 @@ from pipeline.config import StageConfig, _field
 from pipeline.errors import StageError
 from pipeline.frame import Frame
 from pipeline.registry import register_stage
-from pipeline.skip import shift_boxes, tile_edges
+from pipeline.skip import tile_edges
 from stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -246,15 +246,12 @@ class Detect(Stage):
         return centre_in | ~cut
 
     def _carried(self, frame: Frame, inner: tuple) -> tuple[Any, Any, Any]:
-        """The stream's last boxes (moved along the gate's motion field) whose centre is outside the changed region."""
+        """The stream's last boxes whose centre is outside the changed region. They stay where they were: the
+        gate's tiles come from the plain (not motion-compensated) reference, so outside them nothing moved."""
         import torch
 
         last = self._boxes[frame.stream_id].result
-        boxes = [list(map(float, b)) for b in last.get("boxes") or []]
-        motion = frame.meta.get("motion")
-        if boxes and motion is not None:
-            boxes = shift_boxes(boxes, np.asarray(motion, dtype=np.float32), frame.height, frame.width)
-        b = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+        b = torch.tensor([list(map(float, box)) for box in last.get("boxes") or []], dtype=torch.float32).reshape(-1, 4)
         s = torch.tensor(last.get("scores") or [], dtype=torch.float32)
         lab = torch.tensor(last.get("labels") or [], dtype=torch.int64)
         if len(b):
