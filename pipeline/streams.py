@@ -14,6 +14,10 @@ srt:// and /dev/videoN (v4l2), each decoded by PyAV in its own thread.
 * **Run-time changes.** A :class:`StreamHub` holds the live streams of a run.
   Streams can be added and removed while it runs (see ``pipeline/control.py``);
   one stream being down never holds up the others.
+* **SRT through a relay.** When PyAV's own FFmpeg cannot open ``srt://`` (the
+  wheels have no libsrt), the stream reads through an ``ffmpeg`` child process
+  that copies the video track into MPEG-TS on a pipe (:class:`SrtRelay`); the
+  relay is part of the connection: stalled, it is killed and restarted with it.
 * **Redaction.** Credentials in URLs (``user:password@`` and secret-looking
   query parameters) never reach logs, errors, metrics labels or outputs: only
   :func:`redact_url` forms leave this module.
@@ -27,8 +31,12 @@ metrics recorder (``on_stream_state``); reconnections reach it in-band through
 from __future__ import annotations
 
 import logging
+import os
 import random
 import re
+import select
+import shutil
+import subprocess
 import threading
 import time
 from collections import deque
@@ -53,7 +61,7 @@ SECRET_KEYS = {"password", "passwd", "pwd", "pass", "token", "access_token", "au
 MASK = "***"
 EOF_REASON = "the stream ended"
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
-_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:%s)=)[^&;\s'\"<>#]*" % "|".join(sorted(SECRET_KEYS)), re.IGNORECASE)
+_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:%s)=)[^&;:\s'\"<>#)]*" % "|".join(sorted(SECRET_KEYS)), re.IGNORECASE)
 _ZERO_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
 _known_secrets: set[str] = set()
 _secrets_lock = threading.Lock()
@@ -80,13 +88,12 @@ def redact_url(url: str) -> str:
 
 def redact_text(text: str) -> str:
     """Scrub credentials from free text (FFmpeg errors quote the URL they failed on)."""
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-    text = _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
     with _secrets_lock:
         secrets = sorted(_known_secrets, key=len, reverse=True)
-    for secret in secrets:
+    for secret in secrets:  # first: the patterns below stop at ':' or ')', which a known secret may hold
         text = text.replace(secret, MASK)
-    return text
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
 
 
 def remember_secrets(url: str) -> None:
@@ -281,6 +288,7 @@ class LiveStream:
         self.decoded = self.dropped = self.reconnects = self.connections = 0
         self.last_error: str | None = None
         self.next_index = 0
+        self._relay: SrtRelay | None = None
         self._t0 = time.monotonic()
         self._last_pts = -1.0
         self.thread = threading.Thread(target=self._run, name=f"stream:{stream_id}", daemon=True)
@@ -314,6 +322,9 @@ class LiveStream:
     def stop(self) -> None:
         """Stop decoding; frames already buffered are still delivered, then the StreamEnd."""
         self._stopping.set()
+        relay = self._relay
+        if relay is not None:
+            relay.kill()  # its read would notice within a quarter second; this is at once
         with self._cond:
             self._finish_locked(None, "stopped")
 
@@ -358,19 +369,22 @@ class LiveStream:
 
     def _session(self) -> None:
         """One connection: open, decode until it ends; raise _StreamDown on any failure."""
+        self._set_state("connecting")
+        relay = self._relay = SrtRelay(self.cfg, self._stopping) if self._needs_relay() else None
+        try:
+            self._connection(relay)
+        finally:
+            if relay is not None:
+                relay.close()
+                self._relay = None
+
+    def _needs_relay(self) -> bool:
+        return self.kind == "srt" and not pyav_has_protocol("srt")
+
+    def _connection(self, relay: "SrtRelay | None") -> None:
         import av
 
-        target, fmt, options = input_spec(self.cfg)
-        self._set_state("connecting")
-        timeout = (self.cfg.open_timeout_s, self.cfg.stall_timeout_s)
-        try:
-            container = av.open(target, format=fmt, options=options, timeout=timeout, metadata_errors="ignore")
-        except av.error.ProtocolNotFoundError:
-            raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
-        except av.ExitError:
-            raise _StreamDown(f"cannot connect: no answer within {self.cfg.open_timeout_s:g} s") from None
-        except (av.FFmpegError, OSError) as exc:
-            raise _StreamDown(f"cannot connect: {_describe(exc)}") from None
+        container = self._open(relay)
         try:
             if not container.streams.video:
                 raise _StreamDown("the stream has no video track")
@@ -379,9 +393,27 @@ class LiveStream:
         except av.ExitError:
             raise _StreamDown(f"stalled: no data for {self.cfg.stall_timeout_s:g} s") from None
         except (av.FFmpegError, OSError) as exc:
-            raise _StreamDown(f"connection lost: {_describe(exc)}") from None
+            raise _lost(relay, "connection lost", exc) from None
         finally:
             container.close()
+        if relay is not None and not self._stopping.is_set() and not self._reached_max_frames():
+            raise relay.down("connection lost")  # the relay's pipe ended: say why, from its stderr
+
+    def _open(self, relay: "SrtRelay | None") -> Any:
+        import av
+
+        target, fmt, options = input_spec(self.cfg)
+        timeout: Any = (self.cfg.open_timeout_s, self.cfg.stall_timeout_s)
+        if relay is not None:
+            target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
+        try:
+            return av.open(target, format=fmt, options=options, timeout=timeout, metadata_errors="ignore")
+        except av.error.ProtocolNotFoundError:
+            raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
+        except av.ExitError:
+            raise _StreamDown(f"cannot connect: no answer within {self.cfg.open_timeout_s:g} s") from None
+        except (av.FFmpegError, OSError) as exc:
+            raise _lost(relay, "cannot connect", exc) from None
 
     def _on_connected(self) -> None:
         self.connections += 1
@@ -492,6 +524,132 @@ class _SessionClock:
         return pts
 
 
+# --------------------------------------------------------------------------- SRT through an ffmpeg relay
+
+FFMPEG = "ffmpeg"
+# a small probe: the defaults (5 MB, 5 s) hold a live stream's first frame back for seconds
+RELAY_PROBE = {"probesize": "32768", "analyzeduration": "500000"}
+RELAY_DEMUX_OPTIONS = RELAY_PROBE
+_native_protocols: dict[str, bool] = {}
+_FFMPEG_PREFIX = re.compile(r"^\[\w+ @ 0x[0-9a-f]+\] ")
+
+
+def pyav_has_protocol(scheme: str) -> bool:
+    """Whether PyAV's FFmpeg can open ``scheme://`` URLs (PyAV lists no protocols, so ask it once)."""
+    if scheme not in _native_protocols:
+        import av
+
+        try:  # an invalid mode makes a present protocol fail at once, without touching the network
+            av.open(f"{scheme}://127.0.0.1:9?mode=blinkflow-probe", timeout=1).close()
+            found = True
+        except av.error.ProtocolNotFoundError:
+            found = False
+        except Exception:  # noqa: BLE001 - any other failure means the protocol itself exists
+            found = True
+        _native_protocols[scheme] = found
+    return _native_protocols[scheme]
+
+
+def relay_command(cfg: SourceConfig, ffmpeg: str) -> list[str]:
+    """The ffmpeg command that copies the stream's first video track to MPEG-TS on stdout."""
+    options = {**RELAY_PROBE, **{str(k): str(v) for k, v in (cfg.ffmpeg_options or {}).items()}}
+    flags = [item for key, value in options.items() for item in (f"-{key}", value)]
+    return [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *flags, "-i", cfg.url or "",
+            "-map", "0:v:0", "-c", "copy", "-flush_packets", "1", "-f", "mpegts", "pipe:1"]
+
+
+class SrtRelay:
+    """An ``ffmpeg`` child process reading an srt:// URL, as a file PyAV demuxes.
+
+    :meth:`read` never blocks longer than a quarter second at a time, so the
+    open timeout, the stall timeout and a stop request all end the connection
+    (the exception travels through PyAV to the stream), and :meth:`close`
+    kills and reaps the process. Its stderr is kept, redacted, for the reason.
+    """
+
+    def __init__(self, cfg: SourceConfig, stopping: threading.Event) -> None:
+        self.cfg, self._stopping = cfg, stopping
+        self.proc: subprocess.Popen | None = None
+        self.stderr: deque[str] = deque(maxlen=5)
+        self.failure: _StreamDown | None = None
+        self._got_data = False
+        self._last_data = time.monotonic()
+        self._stderr_thread: threading.Thread | None = None
+
+    def start(self) -> "SrtRelay":
+        ffmpeg = shutil.which(FFMPEG)
+        if ffmpeg is None:
+            raise _StreamDown("PyAV's FFmpeg has no SRT support and the ffmpeg command is missing; install ffmpeg "
+                              "with SRT support (Debian: apt-get install ffmpeg)", permanent=True)
+        self.proc = subprocess.Popen(relay_command(self.cfg, ffmpeg), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self._last_data = time.monotonic()
+        self._stderr_thread = threading.Thread(target=self._keep_stderr, name="srt-relay-stderr", daemon=True)
+        self._stderr_thread.start()
+        return self
+
+    def read(self, size: int) -> bytes:
+        fd = self.proc.stdout.fileno()
+        while True:
+            if self._stopping.is_set():
+                raise self._fail(_StreamDown("stopped"))
+            limit = self.cfg.stall_timeout_s if self._got_data else self.cfg.open_timeout_s
+            left = self._last_data + limit - time.monotonic()
+            if left <= 0:
+                raise self._fail(_StreamDown(f"stalled: no data for {limit:g} s" if self._got_data
+                                             else f"cannot connect: no answer within {limit:g} s"))
+            if select.select([fd], [], [], min(0.25, left))[0]:
+                data = os.read(fd, size)
+                if data:
+                    self._got_data, self._last_data = True, time.monotonic()
+                return data
+
+    def down(self, context: str) -> _StreamDown:
+        """Why the connection ended: a timeout noted by :meth:`read`, else ffmpeg's own last words."""
+        if self.failure is not None:
+            return self.failure
+        try:
+            self.proc.wait(timeout=1)  # its pipe closed: it is exiting; let it finish its stderr
+        except subprocess.TimeoutExpired:
+            pass
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(timeout=1)
+        said = " / ".join(self.stderr) or f"the ffmpeg relay exited with status {self.proc.returncode}"
+        if "Protocol not found" in said:
+            return _StreamDown("the ffmpeg command has no SRT support either; install ffmpeg with SRT support "
+                               "(Debian's ffmpeg package has it)", permanent=True)
+        return _StreamDown(f"{context}: ffmpeg relay: {said}")
+
+    def kill(self) -> None:
+        """Kill the process (from any thread); :meth:`close`, on the stream's thread, reaps it."""
+        proc = self.proc
+        if proc is not None and proc.returncode is None:
+            try:
+                proc.kill()
+            except OSError:
+                pass  # it has just exited
+
+    def close(self) -> None:
+        if self.proc is None:
+            return
+        self.kill()
+        self.proc.wait(timeout=10)
+        self.proc.stdout.close()
+        if self._stderr_thread is not None:
+            self._stderr_thread.join(timeout=2)
+        self.proc.stderr.close()
+
+    def _fail(self, down: _StreamDown) -> _StreamDown:
+        self.failure = down
+        return down
+
+    def _keep_stderr(self) -> None:
+        for raw in self.proc.stderr:
+            line = _FFMPEG_PREFIX.sub("", raw.decode("utf-8", "replace").strip())
+            if line:
+                self.stderr.append(redact_text(line))
+
+
 def _dropped_stub(frame: Frame) -> Frame:
     """The frame without its pixels (a zero-copy black view of the same shape), marked dropped."""
     stub = Frame(stream_id=frame.stream_id, index=frame.index, pts=frame.pts,
@@ -499,6 +657,10 @@ def _dropped_stub(frame: Frame) -> Frame:
     stub.meta["dropped_by"] = "source"
     stub.outcome = Outcome.DROPPED
     return stub
+
+
+def _lost(relay: SrtRelay | None, context: str, exc: BaseException) -> _StreamDown:
+    return relay.down(context) if relay is not None else _StreamDown(f"{context}: {_describe(exc)}")
 
 
 def _describe(exc: BaseException) -> str:

@@ -26,6 +26,7 @@ from pipeline.errors import ConfigError
 from pipeline.frame import Outcome
 from pipeline.runners.local import LocalRunner
 from pipeline.sinks import MemorySink
+from pipeline import streams
 from pipeline.sources import StreamEnd
 from pipeline.streams import (Backoff, RecorderBridge, StreamHub, default_stream_id, redact_text, redact_url,
                               remember_secrets)
@@ -243,16 +244,34 @@ def test_unreachable_stream_gives_up_after_max_retries_without_leaking_the_passw
     assert PASSWORD not in everything and "rtsp://***@127.0.0.1" in error
 
 
-@pytest.mark.parametrize("url, message", [
-    ("srt://127.0.0.1:9000", "cannot open srt:// URLs"),
-    ("/dev/video97", "cannot connect"),
-])
-def test_unsupported_or_missing_inputs_end_with_a_clear_error(url, message):
+def test_missing_inputs_end_with_a_clear_error():
     hub = StreamHub()
-    hub.add_url(url, "x", max_retries=0)
+    hub.add_url("/dev/video97", "x", max_retries=0)
     hub.close()
     (end,) = hub_items(hub)
-    assert isinstance(end, StreamEnd) and message in end.error
+    assert isinstance(end, StreamEnd) and "cannot connect" in end.error
+
+
+def test_srt_without_the_ffmpeg_command_ends_at_once_with_a_one_line_error_naming_the_fix(monkeypatch):
+    monkeypatch.setattr(streams, "pyav_has_protocol", lambda scheme: False)  # as with the PyAV wheels
+    monkeypatch.setattr(streams, "FFMPEG", "blinkflow-no-such-ffmpeg")
+    hub = StreamHub()
+    hub.add_url(f"srt://127.0.0.1:9000?passphrase={PASSWORD}", "cam", max_retries=5)
+    hub.close()
+    (end,) = hub_items(hub, timeout=5)
+    assert end.error == ("stream cam (srt://127.0.0.1:9000?passphrase=***): PyAV's FFmpeg has no SRT support and "
+                         "the ffmpeg command is missing; install ffmpeg with SRT support (Debian: apt-get install "
+                         "ffmpeg)")
+
+
+def test_srt_relay_command_copies_the_video_track_and_lets_ffmpeg_options_override_the_probe():
+    cfg = stream_config("srt://10.0.0.9:9000?streamid=cam1", ffmpeg_options={"probesize": 65536, "latency": 200000})
+    command = streams.relay_command(cfg.sources[0], "/usr/bin/ffmpeg")
+    assert command[:4] == ["/usr/bin/ffmpeg", "-nostdin", "-hide_banner", "-loglevel"]
+    flags = command[command.index("error") + 1:command.index("-i")]
+    assert flags == ["-probesize", "65536", "-analyzeduration", "500000", "-latency", "200000"]
+    assert command[command.index("-i"):] == ["-i", "srt://10.0.0.9:9000?streamid=cam1", "-map", "0:v:0", "-c", "copy",
+                                             "-flush_packets", "1", "-f", "mpegts", "pipe:1"]
 
 
 def _serve_stalling_http(payload: bytes, connections: list, stop: threading.Event) -> int:
