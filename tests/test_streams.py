@@ -49,6 +49,17 @@ needs_rtsp = pytest.mark.skipif(not _have_rtsp_server(), reason=(
 needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg is missing: apt-get install ffmpeg")
 
 
+def _ffmpeg_has_srt() -> bool:
+    if shutil.which("ffmpeg") is None:
+        return False
+    listing = subprocess.run(["ffmpeg", "-hide_banner", "-protocols"], capture_output=True, text=True, timeout=30)
+    return "srt" in listing.stdout.split()
+
+
+needs_srt = pytest.mark.skipif(not _ffmpeg_has_srt(), reason=(
+    "the ffmpeg command with the srt protocol is missing: apt-get install ffmpeg (Debian's is built with libsrt)"))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -368,6 +379,67 @@ def test_rtsp_server_killed_and_restarted_the_stream_reconnects_and_accounts_for
     assert 'blinkflow_stream_up{stream="cam"} 0.0' in exposition  # the stream has ended
     everything = caplog.text + exposition + json.dumps(hub.status()) + json.dumps(run.sink.records()) + repr(events)
     assert PASSWORD not in everything
+
+
+class SrtServer:
+    """``ffmpeg -re -stream_loop -1 ... srt://127.0.0.1:PORT?mode=listener`` (one caller at a time)."""
+
+    def __init__(self, clip: Path, port: int, passphrase: str) -> None:
+        url = f"srt://127.0.0.1:{port}?mode=listener&passphrase={passphrase}"
+        self.proc = subprocess.Popen(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re",
+                                      "-stream_loop", "-1", "-i", str(clip), "-c", "copy", "-f", "mpegts", url],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@needs_srt
+def test_srt_server_killed_and_restarted_the_relay_reconnects_and_accounts_for_every_frame(
+        shared_data, monkeypatch, caplog):
+    from pipeline.metrics import PrometheusRecorder
+
+    monkeypatch.setattr(streams, "pyav_has_protocol", lambda scheme: False)  # relay even if PyAV could read it
+    relays: list[subprocess.Popen] = []
+    start = streams.SrtRelay.start
+    monkeypatch.setattr(streams.SrtRelay, "start", lambda self: (start(self), relays.append(self.proc))[0])
+    passphrase, port, clip = "srt-" + PASSWORD, free_port(), shared_data / "video" / "bikes.mp4"
+    servers = [SrtServer(clip, port, passphrase)]
+    cfg = stream_config(f"srt://127.0.0.1:{port}?passphrase={passphrase}&latency=20000", id="cam", stall_timeout_s=2,
+                        open_timeout_s=5)
+    recorder, hub, events = PrometheusRecorder(), StreamHub(), []
+    hub.subscribe(RecorderBridge(recorder))
+    hub.subscribe(events.append)
+    run = BackgroundRun(cfg, hub, metrics=recorder)
+    try:
+        wait_until(lambda: run.count("cam") >= 20, 20, "20 frames through the SRT relay")
+        servers[0].kill()
+        wait_until(lambda: any(e.kind == "down" for e in events), 10, "the stream to notice the server is gone")
+        at_restart = run.count("cam")
+        servers.append(SrtServer(clip, port, passphrase))
+        wait_until(lambda: run.count("cam") >= at_restart + 20, 20, "20 frames after the restart")
+    finally:
+        hub.close(stop_streams=True)
+        summary = run.join()
+        for server in servers:
+            server.kill()
+
+    (status,) = hub.status()["ended"]
+    assert status["reconnects"] >= 1 and "stalled: no data for 2 s" in status["last_error"]
+    wait_until(lambda: all(relay.returncode is not None for relay in relays), 5, "every relay to be reaped")
+    assert len(relays) >= 2, "the stalled relay was killed and a new one started"
+    totals = summary.totals
+    assert totals["decoded"] == status["decoded"] >= 40
+    assert totals["decoded"] == totals["processed"] + totals["dropped"] and totals["failed"] == 0
+    assert run.indices("cam") == list(range(totals["decoded"]))
+    assert run.sink.results[-1].results.get("chaos") is not None or run.sink.results[-1].outcome is Outcome.DROPPED
+    exposition = recorder.exposition().decode()
+    assert 'blinkflow_stream_reconnects_total{stream="cam"} 1.0' in exposition
+    everything = (caplog.text + exposition + json.dumps(hub.status()) + json.dumps(run.sink.records()) + repr(events)
+                  + "\n".join(summary.lines()))
+    assert passphrase not in everything and "passphrase=***" in caplog.text
 
 
 @needs_ffmpeg
