@@ -381,7 +381,7 @@ class LiveStream:
     def _needs_relay(self) -> bool:
         return self.kind == "srt" and not pyav_has_protocol("srt")
 
-    def _connection(self, relay: "SrtRelay | None") -> None:
+    def _connection(self, relay: SrtRelay | None) -> None:
         import av
 
         container = self._open(relay)
@@ -399,7 +399,7 @@ class LiveStream:
         if relay is not None and not self._stopping.is_set() and not self._reached_max_frames():
             raise relay.down("connection lost")  # the relay's pipe ended: say why, from its stderr
 
-    def _open(self, relay: "SrtRelay | None") -> Any:
+    def _open(self, relay: SrtRelay | None) -> Any:
         import av
 
         target, fmt, options = input_spec(self.cfg)
@@ -576,7 +576,7 @@ class SrtRelay:
         self._last_data = time.monotonic()
         self._stderr_thread: threading.Thread | None = None
 
-    def start(self) -> "SrtRelay":
+    def start(self) -> SrtRelay:
         ffmpeg = shutil.which(FFMPEG)
         if ffmpeg is None:
             raise _StreamDown("PyAV's FFmpeg has no SRT support and the ffmpeg command is missing; install ffmpeg "

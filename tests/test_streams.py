@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import streams
 from pipeline.config import load_config
 from pipeline.errors import ConfigError
 from pipeline.frame import Outcome
 from pipeline.runners.local import LocalRunner
 from pipeline.sinks import MemorySink
-from pipeline import streams
 from pipeline.sources import StreamEnd
 from pipeline.streams import (Backoff, RecorderBridge, StreamHub, default_stream_id, redact_text, redact_url,
                               remember_secrets)
@@ -52,7 +52,8 @@ needs_ffmpeg = pytest.mark.skipif(shutil.which("ffmpeg") is None, reason="ffmpeg
 def _ffmpeg_has_srt() -> bool:
     if shutil.which("ffmpeg") is None:
         return False
-    listing = subprocess.run(["ffmpeg", "-hide_banner", "-protocols"], capture_output=True, text=True, timeout=30)
+    listing = subprocess.run(["ffmpeg", "-hide_banner", "-protocols"], check=False, capture_output=True, text=True,
+                             timeout=30)
     return "srt" in listing.stdout.split()
 
 
