@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -376,3 +377,59 @@ def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, ray_two_cpus):
     assert list((tmp_path / "segment" / "ray-train").glob("checkpoint_*"))
     again = train_distributed(cfg, workers=2, resume=True)  # everything done: resumes at the end
     assert again["steps"] == 8 and again["history"] == summary["history"]
+
+
+# --------------------------------------------------------------------------- shipped weights
+
+def shipped_entry(task: str) -> dict:
+    from models.weights import WEIGHTS_DIR, read_manifest
+
+    entries = [e for e in read_manifest(WEIGHTS_DIR)["weights"] if e["stage"] == task]
+    assert len(entries) == 1, f"models/weights/manifest.json: expected one {task} entry, got {len(entries)}"
+    return entries[0]
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_shipped_weights_are_verified_and_reproducible_from_their_config(task, tmp_path):
+    from models.weights import WEIGHTS_DIR, WeightsError, load_state, resolve_weights, sha256_file
+    from models.training.tasks import make_task
+
+    entry = shipped_entry(task)
+    path = WEIGHTS_DIR / entry["file"]
+    assert entry["sha256"] == sha256_file(path) and entry["size"] == path.stat().st_size
+    # the manifest's config is exactly configs/train/<task>.yaml: `blinkflow train <task> --config ... --ship` reproduces the file
+    cfg = load_train_config(TRAIN_CONFIGS / f"{task}.yaml", task=task)
+    assert entry["config"] == cfg.to_dict() and entry["model"] == cfg.model
+    assert entry["file"] == f"{task}-{cfg.model}.pt"
+    task_ = make_task(cfg)
+    assert entry["classes"] == task_.default_classes
+    spec = resolve_weights("shipped", stage=task, model_name=cfg.model)
+    assert spec.sha256 == entry["sha256"]
+    load_state(task_.build_model(spec.classes), spec)  # sha256 checked, every tensor matched by name and shape
+    # a replaced file is refused
+    tampered = tmp_path / entry["file"]
+    tampered.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_state(task_.build_model(spec.classes), dataclasses.replace(spec, path=tampered))
+
+
+def test_shipped_weights_fit_the_size_budget():
+    from models.weights import WEIGHTS_DIR
+
+    total = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir() if p.is_file())
+    assert total < 30 * 2**20, f"models/weights/ holds {total / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", TASKS)
+def test_shipped_metrics_are_those_of_the_files(task):
+    """Re-evaluate each shipped file on its held-out synthetic split: the manifest's numbers are the file's."""
+    from models.training.train import run_eval
+
+    entry = shipped_entry(task)
+    cfg = load_train_config(TRAIN_CONFIGS / f"{task}.yaml", task=task)
+    result = run_eval(cfg, weights="shipped")
+    recorded = entry["metrics"]
+    assert result["data"] == recorded["evaluated_on"]
+    for name, value in result["metrics"].items():
+        assert value == pytest.approx(recorded[name], abs=1e-6), name
