@@ -64,9 +64,12 @@ def _fps_panels(name: str, data: dict[str, Any]) -> list[Panel]:
     if not isinstance(fps, dict) or not fps:
         return []
     bars = [(label, *map(float, values)) for label, values in fps.items()]
-    bound_name = data.get("bound")
-    bound = float(fps[bound_name][1]) if bound_name in fps else None
-    return [Panel(f"{name}: frames/s ({data.get('frames', '?')} frames)", bars, bound, f"bound: {bound_name}")]
+    if isinstance(data.get("bound_fps"), (int, float)):
+        bound, label = float(data["bound_fps"]), "bound (slowest stage or shared cores)"
+    else:
+        bound_name = data.get("bound")
+        bound, label = (float(fps[bound_name][1]) if bound_name in fps else None), f"bound: {bound_name}"
+    return [Panel(f"{name}: frames/s ({data.get('frames', '?')} frames)", bars, bound, label)]
 
 
 def _decode_panels(data: dict[str, Any]) -> list[Panel]:
