@@ -77,3 +77,14 @@ def write_test_video(path: Path, frames: int = 12, width: int = 64, height: int 
 @pytest.fixture
 def tiny_video(tmp_path) -> Path:
     return write_test_video(tmp_path / "tiny.mp4")
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Timing-insensitive model tests on a small shared machine: one torch thread, restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -25,13 +25,7 @@ TINY_CAUSAL = {"widths": [8, 16, 24, 32], "stem_width": 8}
 MID_BLOCK = [1, 9, 1, 1, 1, 1, 1, 1, 1, 1]  # unit costs that put the K=2 boundary inside block 0 (a pair crosses it)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine has 2 cores shared with other work: keep torch on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def causal_model(**args):

@@ -21,13 +21,7 @@ TRAIN_CONFIGS = REPO_ROOT / "configs" / "train"
 TASKS = ["detect", "segment", "flow", "action"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Other work shares the CPU: every test uses a single torch thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def smoke_config(task: str, tmp_path: Path, *overrides: str):
