@@ -285,6 +285,23 @@ def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_loc
         pipeline.close()
 
 
+def test_compiled_graph_transport_gives_the_monolithic_outputs(ray_local):
+    """The Compiled Graph path (the GPU default, here on CPU with shared-memory tensor channels)."""
+    from pipeline.depth_parallel import DepthPipeline
+
+    model = causal_model()
+    pipeline = DepthPipeline(split_model(model, 2), threads=1, transport="compiled")
+    try:
+        assert pipeline.transport == "compiled"
+        clips = [torch.rand(2, 3, 4, 32, 32) for _ in range(4)]  # more clips than one in flight
+        with torch.no_grad():
+            expected = [model(clip) for clip in clips]
+        for got, want in zip(pipeline(clips), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    finally:
+        pipeline.close()
+
+
 def _action_config(k):
     from pipeline.config import load_config
 
