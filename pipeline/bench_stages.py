@@ -50,8 +50,9 @@ def build_stage(task: str, backend: str, batch: int, device: str, variant: str, 
     return stage
 
 
-def time_stage(stage: Any, images: list[Any], batch: int, repetitions: int) -> list[float]:
-    """Seconds per frame for each repetition of feeding ``images`` in batches."""
+def time_stage(stage: Any, images: list[Any], batch: int, repetitions: int, warmup: int | None = None) -> list[float]:
+    """Seconds per frame for each repetition of feeding ``images`` in batches, after ``warmup`` frames
+    (default: one batch; the action stage needs a full first window)."""
     index = 0
 
     def feed(chunk: list[Any]) -> None:
@@ -62,7 +63,9 @@ def time_stage(stage: Any, images: list[Any], batch: int, repetitions: int) -> l
             index += 1
         stage.process(frames)
 
-    feed(images[:batch])  # warm-up (and the flow stage's first frame of the pair)
+    warmup = batch if warmup is None else warmup
+    for start in range(0, warmup, batch):  # warm-up (and the flow stage's first frame of the pair)
+        feed(images[start % len(images) : start % len(images) + min(batch, warmup - start)])
     per_frame = []
     for _ in range(repetitions):
         started = time.perf_counter()
@@ -98,8 +101,9 @@ def _measure_one(task, backend, device, variant, batch, width, height, repetitio
     record = {"stage": task, "backend": backend, "device": device, "variant": variant, "batch": batch}
     try:
         stage = build_stage(task, backend, batch, device, variant, width, height)
-        images = synthetic_frames(max(batch, 8) if batch < 8 else batch, width, height)
-        seconds = time_stage(stage, images, batch, repetitions)
+        count, warmup = _frames_per_repetition(stage, task, batch)
+        images = synthetic_frames(count, width, height)
+        seconds = time_stage(stage, images, batch, repetitions, warmup)
         stage.teardown()
         ms = sorted(s * 1000 for s in seconds)
         record.update(ms_per_frame={"min": ms[0], "median": statistics.median(ms), "max": ms[-1]},
@@ -108,6 +112,16 @@ def _measure_one(task, backend, device, variant, batch, width, height, repetitio
         log.warning("bench stages: %s/%s batch %d failed: %s", task, backend, batch, exc)
         record["error"] = f"{type(exc).__name__}: {exc}"
     return record
+
+
+def _frames_per_repetition(stage: Any, task: str, batch: int) -> tuple[int, int]:
+    """(frames per repetition, warm-up frames). Action runs one clip forward per ``stride`` frames once
+    its first window is full, so every repetition gets a whole number of strides after a full window."""
+    count = max(batch, 8)
+    if task != "action":
+        return count, batch
+    stride, clip_len = stage.options.stride, stage.options.clip_len
+    return -(-count // stride) * stride, clip_len
 
 
 def _devices() -> list[tuple[str, str]]:
