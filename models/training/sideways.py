@@ -116,6 +116,23 @@ def _input_grad(x: Any) -> Any:
     return tuple(grads) if isinstance(x, tuple) else grads[0]
 
 
+def run_ticks(clip: torch.Tensor, k_stages: int, tick: Any) -> list:
+    """The Sideways schedule over one clip, shared by both executors: at tick t stage 0 takes frame t, and
+    stage k takes stage k-1's output and stage k+1's gradient from tick t-1. ``tick(k, x, grad)`` returns
+    (output, gradient, loss) as values or Ray references; the result is the top stage's losses from the
+    ticks where it had a frame (t >= K-1)."""
+    acts: list = [None] * k_stages
+    grads: list = [None] * k_stages
+    losses = []
+    for t in range(clip.shape[2]):
+        ticked = [tick(k, clip[:, :, t : t + 1] if k == 0 else acts[k - 1], grads[k + 1] if k + 1 < k_stages else None)
+                  for k in range(k_stages)]
+        acts, grads = [r[0] for r in ticked], [r[1] for r in ticked]
+        if t >= k_stages - 1:
+            losses.append(ticked[-1][2])
+    return losses
+
+
 # --------------------------------------------------------------------------- executors
 
 
@@ -131,18 +148,7 @@ class LocalSideways:
         scale = 1.0 / max(1, steps - (k_stages - 1))
         for worker in self.workers:
             worker.reset()
-        acts: list = [None] * k_stages
-        grads: list = [None] * k_stages
-        losses = []
-        for t in range(steps):
-            new_acts, new_grads = [None] * k_stages, [None] * k_stages
-            for k, worker in enumerate(self.workers):
-                x = clip[:, :, t : t + 1] if k == 0 else acts[k - 1]
-                grad = grads[k + 1] if k + 1 < k_stages else None
-                new_acts[k], new_grads[k], loss = worker.tick(x, grad, labels, scale)
-                if loss is not None:
-                    losses.append(loss)
-            acts, grads = new_acts, new_grads
+        losses = run_ticks(clip, k_stages, lambda k, x, grad: self.workers[k].tick(x, grad, labels, scale))
         for worker in self.workers:
             worker.step()
         return statistics.mean(losses)
@@ -182,18 +188,8 @@ class RaySideways:
         k_stages, steps = len(self.workers), clip.shape[2]
         scale = 1.0 / max(1, steps - (k_stages - 1))
         ray.get([w.reset.remote() for w in self.workers])
-        acts: list = [None] * k_stages
-        grads: list = [None] * k_stages
-        loss_refs = []
-        for t in range(steps):
-            new_acts, new_grads = [None] * k_stages, [None] * k_stages
-            for k, worker in enumerate(self.workers):
-                x = clip[:, :, t : t + 1] if k == 0 else acts[k - 1]
-                grad = grads[k + 1] if k + 1 < k_stages else None
-                new_acts[k], new_grads[k], loss = worker.tick.options(num_returns=3).remote(x, grad, labels, scale)
-                if k == k_stages - 1 and t >= k_stages - 1:
-                    loss_refs.append(loss)
-            acts, grads = new_acts, new_grads
+        loss_refs = run_ticks(clip, k_stages, lambda k, x, grad: self.workers[k].tick.options(num_returns=3).remote(
+            x, grad, labels, scale))
         ray.get([w.step.remote() for w in self.workers])
         return statistics.mean(ray.get(loss_refs))
 
