@@ -60,6 +60,22 @@ def _resize_uint8(image, size):
     return F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
 
 
+def run_with_regions(frames: list[Frame], try_region: Any, run_full: Any) -> None:
+    """Run a per-frame stage that can recompute part of a *partial* frame (one the gate marked with
+    changed tiles): ``try_region(frame)`` does it and returns True, or returns False when the frame must
+    run in full; ``run_full(frames)`` runs full frames in batches. A partial frame builds on its
+    stream's previous result, so the full frames of its stream queued before it run first."""
+    full: list[Frame] = []
+    for frame in frames:
+        partial = (frame.meta.get("tiles") or {}).get("changed") is not None
+        if partial and any(f.stream_id == frame.stream_id for f in full):
+            run_full(full)
+            full = []
+        if not (partial and try_region(frame)):
+            full.append(frame)
+    run_full(full)
+
+
 def autocast(device: Any, precision: str):
     """An autocast context for fp16/bf16 on GPU; a no-op for fp32 or on CPU."""
     import torch

@@ -42,6 +42,7 @@ from pipeline.frame import Frame
 from pipeline.registry import register_stage
 from pipeline.skip import tile_edges
 from stages.base import Stage
+from stages.common import run_with_regions
 
 log = logging.getLogger(__name__)
 
@@ -120,18 +121,7 @@ class Detect(Stage):
         log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
-        full: list[Frame] = []
-        for frame in self.active(frames):
-            partial = (frame.meta.get("tiles") or {}).get("changed") is not None
-            if partial and any(f.stream_id == frame.stream_id for f in full):
-                self._run_full(full)  # in stream order: the merge builds on what came before it
-                full = []
-            crop = self._crop_for(frame) if partial else None
-            if crop is not None:
-                self._run_crop(frame, *crop)
-            else:
-                full.append(frame)
-        self._run_full(full)
+        run_with_regions(self.active(frames), self._try_crop, self._run_full)
         return frames
 
     def end_stream(self, stream_id: str) -> list[Frame]:
@@ -168,6 +158,13 @@ class Detect(Stage):
             self._boxes[frame.stream_id] = _BoxCache(frame.index, frame.results[self.name], (frame.height, frame.width))
         else:
             self._boxes.pop(frame.stream_id, None)
+
+    def _try_crop(self, frame: Frame) -> bool:
+        crop = self._crop_for(frame)
+        if crop is None:
+            return False
+        self._run_crop(frame, *crop)
+        return True
 
     def _crop_for(self, frame: Frame) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
         """(inner, crop) as (x1, y1, x2, y2) source pixels: the changed tiles' bounding box and it grown by the

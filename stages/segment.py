@@ -38,7 +38,13 @@ from pipeline.frame import Frame
 from pipeline.registry import register_stage
 from pipeline.skip import tile_edges, tile_runs
 from stages.base import Stage
-from stages.detect import build_with_args, check_input_size, pick_classes, prepare_for_inference
+from stages.common import run_with_regions
+from stages.detect import (
+    build_with_args,
+    check_input_size,
+    pick_classes,
+    prepare_for_inference,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,17 +123,7 @@ class Segment(Stage):
         log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
-        full: list[Frame] = []
-        for frame in self.active(frames):
-            partial = (frame.meta.get("tiles") or {}).get("changed") is not None
-            if partial and any(f.stream_id == frame.stream_id for f in full):
-                self._run_full(full)  # in stream order: the patch builds on what came before it
-                full = []
-            if partial and self._can_patch(frame):
-                self._run_patch(frame)
-            else:
-                full.append(frame)
-        self._run_full(full)
+        run_with_regions(self.active(frames), self._try_patch, self._run_full)
         return frames
 
     def end_stream(self, stream_id: str) -> list[Frame]:
@@ -156,6 +152,12 @@ class Segment(Stage):
             self._tiles[frame.stream_id] = _TileCache(frame.index, logits.float().clone(), (frame.height, frame.width))
         else:
             self._tiles.pop(frame.stream_id, None)
+
+    def _try_patch(self, frame: Frame) -> bool:
+        if not self._can_patch(frame):
+            return False
+        self._run_patch(frame)
+        return True
 
     def _can_patch(self, frame: Frame) -> bool:
         tiles = frame.meta.get("tiles")
