@@ -19,6 +19,7 @@ refused instead of executed.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -452,10 +453,41 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     """Pretty-printed, key-sorted and entry-sorted, so diffs of the manifest stay small."""
     entries = sorted(manifest["weights"], key=lambda e: (e.get("stage", ""), e.get("model", "")))
     path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(".json.tmp")
+    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({**manifest, "weights": entries}, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)  # atomic: a crash never leaves a half-written manifest
     return path
+
+
+@contextlib.contextmanager
+def manifest_lock(folder: Path):
+    """Hold an exclusive lock on the folder's manifest for a read-modify-write."""
+    import fcntl
+
+    with open(Path(folder) / ".manifest.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def record_metrics(stage: str, model_name: str, metrics: dict, folder: Path | None = None) -> dict:
+    """Replace the held-out metrics of a shipped entry (keeping how it was trained); return the entry.
+
+    Used after training on another machine: the manifest must hold the numbers
+    that re-evaluating the file here gives.
+    """
+    folder = Path(folder) if folder is not None else WEIGHTS_DIR
+    with manifest_lock(folder):
+        manifest = read_manifest(folder)
+        matches = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) == (stage, model_name)]
+        if not matches:
+            raise WeightsError(f"{folder / MANIFEST_NAME}: no {stage} entry for {model_name}; ship the weights first")
+        kept = {k: v for k, v in matches[0]["metrics"].items() if k in ("train_seconds", "epochs", "steps", "trained_on")}
+        matches[0]["metrics"] = {**metrics, **kept}
+        write_manifest(folder, manifest)
+    return matches[0]
 
 
 def save_shipped(
@@ -487,8 +519,9 @@ def save_shipped(
         "metrics": metrics,
         "created": _dt.date.today().isoformat(),
     }
-    manifest = read_manifest(folder)
-    others = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) != (stage, model_name)]
-    write_manifest(folder, {**manifest, "weights": [*others, entry]})
+    with manifest_lock(folder):  # runs of other stages may ship at the same moment
+        manifest = read_manifest(folder)
+        others = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) != (stage, model_name)]
+        write_manifest(folder, {**manifest, "weights": [*others, entry]})
     log.info("saved %s weights for %s to %s", stage, model_name, path)
     return path

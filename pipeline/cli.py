@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 from pipeline import __version__
-from pipeline.errors import BlinkflowError
+from pipeline.errors import BlinkflowError, ConfigError
 
 log = logging.getLogger("blinkflow")
 
@@ -180,6 +180,8 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     evaluate.add_argument("--weights", help="'shipped' or a .pt file (default: the run's checkpoint, else shipped)")
     evaluate.add_argument("--data", help="a real dataset (COCO JSON, .flo folder, video tree); default: held-out synthetic")
+    evaluate.add_argument("--record", action="store_true",
+                          help="write the metrics into models/weights/manifest.json (shipped weights trained elsewhere)")
     evaluate.set_defaults(handler=cmd_eval)
 
 
@@ -222,7 +224,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = run_eval(cfg, weights=args.weights, data=args.data)
     print(f"{args.task} weights {result['weights']} on {result['data']} ({result['examples']} examples):")
     print("  " + _format_metrics(result["metrics"]))
+    if args.record:
+        _record_shipped_metrics(cfg, args, result)
     return 0
+
+
+def _record_shipped_metrics(cfg, args: argparse.Namespace, result: dict) -> None:
+    from models.weights import record_metrics
+
+    if args.weights != "shipped" or args.data:
+        raise ConfigError("--record: only the shipped weights' held-out metrics are recorded; "
+                          "use --weights shipped without --data")
+    record_metrics(cfg.task, cfg.model, {**result["metrics"], "evaluated_on": result["data"]})
+    print(f"recorded in models/weights/manifest.json ({cfg.task}-{cfg.model})")
 
 
 def _torch_device(name: str):

@@ -20,9 +20,15 @@ log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str) -> Any:
-    """Return a torch.device, with a clear error when CUDA is asked for but absent."""
+    """Return a torch.device, with a clear error when CUDA is asked for but absent.
+
+    ``auto`` is the first CUDA GPU when there is one, else the CPU (training
+    configs use it so that one file trains on a GPU and evaluates anywhere).
+    """
     import torch
 
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise StageError(f"device {device!r} requested but no CUDA GPU is available; set device: cpu")
     return torch.device(device)

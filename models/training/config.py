@@ -13,6 +13,7 @@ on exactly what the pipeline feeds them at inference.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,7 +54,7 @@ class DataConfig:
     input_size: list[int] | None = _field(None, "[height, width] the model sees; null: the stage's preset")
     crop: list[int] | None = _field(None, "segment: train on random [height, width] crops of the model input; null: whole input")
     clip_len: int | None = _field(None, "action: frames per clip; null: the stage's preset", lo=1, hi=512)
-    flip: bool = _field(False, "detect/segment: random horizontal flips while training")
+    flip: bool = _field(False, "random horizontal flips while training (action: left/right classes swap)")
 
 
 @dataclass
@@ -79,7 +80,7 @@ class TrainConfig:
     model_args: dict[str, Any] = _field(factory=dict, doc="extra builder arguments; the stage must get the same via options.model_args")
     seed: int = _field(0, "seed for weights init, data order and dropout", lo=0, hi=2**31 - 1)
     threads: int = _field(1, "torch CPU threads per process", lo=1, hi=256)
-    device: str = _field("cpu", "'cpu' or 'cuda:N' (single process; --workers picks the devices itself)")
+    device: str = _field("cpu", "'cpu', 'cuda:N' or 'auto' (a GPU when there is one; --workers picks the devices itself)")
     epochs: int = _field(10, "passes over the training set", lo=1, hi=10**6)
     batch_size: int = _field(8, "examples per step (per worker under --workers)", lo=1, hi=4096)
     eval_every: int = _field(1, "evaluate on the held-out split every this many epochs (and after the last)", lo=1, hi=10**6)
@@ -117,6 +118,8 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
         get_model_entry(cfg.model, task=cfg.task)
     except RegistryError as exc:
         raise ConfigError(f"model: {exc}") from None
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {cfg.device!r}")
     _check_size("data.input_size", cfg.data.input_size)
     _check_size("data.crop", cfg.data.crop)
     for key in ("train_path", "val_path"):

@@ -124,7 +124,8 @@ def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, sh
         shutil.rmtree(out_dir / RAY_RUN_NAME, ignore_errors=True)
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
-    use_gpu = cfg.device.startswith("cuda")
+    # auto: GPUs when the cluster has them, like a single-process run
+    use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={"cfg": _with_out_dir(cfg, out_dir), "resume": resume, "ship": ship},

@@ -218,7 +218,8 @@ class FlowTask(Task):
     def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
         """EPE and Fl-all over the valid pixels at the ground truth's resolution, plus the zero-flow baseline."""
         sums = {"epe": 0.0, "fl_all": 0.0, "epe_zero_flow": 0.0, "epe_model_input": 0.0}
-        pixels, pairs = 0, 0
+        moving_sums = {"epe_moving": 0.0, "epe_moving_zero_flow": 0.0}
+        pixels, moving_pixels, pairs = 0, 0, 0
         for batch in loader:
             first, second, flow, natives = self.to_device(batch, device)
             predicted = model(first, second).float()
@@ -233,9 +234,22 @@ class FlowTask(Task):
                 sums["fl_all"] += metrics.fl_all(estimate, truth, mask) * count
                 sums["epe_zero_flow"] += metrics.epe(np.zeros_like(truth), truth, mask) * count
                 pixels += count
+                # where things move by a pixel or more: near-static pixels would hide an estimator that predicts ~0
+                moving = mask & (np.linalg.norm(truth, axis=-1) >= MOVING_PX)
+                count = int(moving.sum())
+                if count:
+                    moving_sums["epe_moving"] += metrics.epe(estimate, truth, moving) * count
+                    moving_sums["epe_moving_zero_flow"] += metrics.epe(np.zeros_like(truth), truth, moving) * count
+                    moving_pixels += count
         scores = {key: value / max(pixels, 1) for key, value in sums.items()}
+        scores.update({key: value / max(moving_pixels, 1) for key, value in moving_sums.items()})
+        scores["moving_fraction"] = moving_pixels / max(pixels, 1)
         scores["epe_model_input"] = sums["epe_model_input"] / max(pairs, 1)
         return scores
+
+
+#: a pixel "moves" when its true flow is at least this long (EPE on moving pixels)
+MOVING_PX = 1.0
 
 
 def _input_truth(flow: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -260,6 +274,12 @@ class ActionTask(Task):
     def __init__(self, cfg: TrainConfig) -> None:
         super().__init__(cfg)
         self.clip_len = ds.clip_len(cfg.data)
+        self._mirror: torch.Tensor | None = None  # class -> mirrored class, from the training set's classes
+
+    def train_set(self) -> Any:
+        dataset = super().train_set()
+        self._mirror = _mirrored_labels(dataset.classes)
+        return dataset
 
     def synthetic_set(self, split: Any, native: bool) -> Any:
         return ds.synthetic_clips(self.cfg.data, split, self.input_size, self.clip_len)
@@ -268,8 +288,17 @@ class ActionTask(Task):
         return ds.video_tree_dataset(path, self.clip_len, self.input_size, classes)
 
     def collate(self, items: list[dict], train: bool = False) -> Any:
-        # no flips: a mirrored slide-left is a slide-right
-        return _images(items, "clip"), torch.stack([item["label"] for item in items])
+        clips, labels = _images(items, "clip"), torch.stack([item["label"] for item in items])
+        if train and self.cfg.data.flip:
+            clips, labels = self._flip(clips, labels)
+        return clips, labels
+
+    def _flip(self, clips: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random horizontal flips; a mirrored slide-left is a slide-right, so those labels swap."""
+        mirror = self._mirror if self._mirror is not None else torch.arange(int(labels.max()) + 1)
+        flip = torch.rand(len(clips)) < 0.5
+        clips = torch.where(flip.view(-1, 1, 1, 1, 1), clips.flip(-1), clips)
+        return clips.contiguous(), torch.where(flip, mirror[labels], labels)
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
         clips, labels = batch
@@ -287,6 +316,19 @@ class ActionTask(Task):
             logits.append(model(clips).float().cpu())
             labels.append(batch_labels.cpu())
         return metrics.topk_accuracy(torch.cat(logits).numpy(), torch.cat(labels).numpy(), ks=(1, 5))
+
+
+def _mirrored_labels(classes: list[str]) -> torch.Tensor:
+    """Class index -> the index of its mirror image (left and right swap in any class name)."""
+    index = {name: i for i, name in enumerate(classes)}
+
+    def mirror(name: str) -> str:
+        for a, b in (("left", "right"), ("right", "left")):
+            if a in name:
+                return name.replace(a, b)
+        return name
+
+    return torch.tensor([index.get(mirror(name), i) for i, name in enumerate(classes)])
 
 
 TASK_CLASSES: dict[str, type[Task]] = {"detect": DetectTask, "segment": SegmentTask, "flow": FlowTask, "action": ActionTask}

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from stages.common import resolve_device
+
 from models.training.config import OptimConfig, TrainConfig
 from models.training.tasks import Task, make_task, unwrap
 from pipeline.errors import BlinkflowError
@@ -87,7 +89,7 @@ class Runtime:
 
 def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: Runtime | None = None) -> dict:
     """Train ``cfg.task``'s model; return ``{"metrics", "history", "epochs", "steps", "seconds", "out_dir"}``."""
-    runtime = runtime or Runtime(device=torch.device(cfg.device))
+    runtime = runtime or Runtime(device=resolve_device(cfg.device))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.out_dir)
@@ -123,7 +125,8 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
         runtime.save_checkpoint(out_dir, make_checkpoint(cfg, model, optimizer, scheduler, state, classes), metrics)
 
     summary = {"metrics": metrics, "history": state["history"], "epochs": state["epoch"], "steps": state["step"],
-               "seconds": round(state["seconds"], 1), "out_dir": str(out_dir), "classes": classes}
+               "seconds": round(state["seconds"], 1), "out_dir": str(out_dir), "classes": classes,
+               "trained_on": describe_device(runtime.device)}
     if runtime.is_main:
         finish(cfg, task, unwrap(model), classes, summary, ship)
     return summary
@@ -135,12 +138,19 @@ def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[s
         from models.weights import save_shipped
 
         shipped = {**summary["metrics"], "evaluated_on": describe_eval_set(cfg), "train_seconds": summary["seconds"],
-                   "epochs": summary["epochs"], "steps": summary["steps"]}
+                   "epochs": summary["epochs"], "steps": summary["steps"], "trained_on": summary["trained_on"]}
         path = save_shipped(model, stage=cfg.task, model_name=cfg.model, classes=classes, config=cfg.to_dict(), metrics=shipped)
         summary["shipped"] = str(path)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def describe_device(device: torch.device) -> str:
+    """What trained the weights, for the manifest (train_seconds mean little without it)."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} torch threads)"
 
 
 def describe_eval_set(cfg: TrainConfig) -> str:
@@ -171,7 +181,7 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
     dataset = task.eval_set(data, list(classes) if classes is not None else None)
     model = task.build_model(classes)
     load_state(model, spec)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     metrics = evaluate(task, model.to(device), make_loader(task, dataset, cfg.batch_size, train=False), device)
     return {"metrics": metrics, "weights": spec.label, "data": real or describe_eval_set(cfg), "examples": len(dataset)}
 
