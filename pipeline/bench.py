@@ -57,6 +57,14 @@ class Measurement:
         return (rates[0], statistics.median(rates), rates[-1]) if rates else (0.0, 0.0, 0.0)
 
 
+def display_path(path: Path) -> str:
+    """A path as the docs show it: relative to the repository when inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def machine_info() -> dict[str, Any]:
     info = {
         "host": platform.node(),

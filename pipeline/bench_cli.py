@@ -26,7 +26,7 @@ def add_bench_command(commands) -> None:
     bench.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' runs every one)")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
     bench.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default: configs/demo.yaml)")
-    bench.add_argument("--frames", type=int, default=48, help="frames per run")
+    bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48)")
     bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -64,7 +64,8 @@ def run_stages(args: argparse.Namespace) -> None:
 def run_pipeline(args: argparse.Namespace) -> None:
     from pipeline.bench_pipeline import bench_pipeline
 
-    frames = min(args.frames, 8) if args.quick else args.frames
+    frames = args.frames or 96
+    frames = min(frames, 8) if args.quick else frames
     bench_pipeline(args.config, frames, 1 if args.quick else args.repetitions, args.overrides, write=_write(args))
 
 
@@ -83,4 +84,4 @@ def run_skip(args: argparse.Namespace) -> None:
 def run_depth(args: argparse.Namespace) -> None:
     from pipeline.bench_depth import bench_depth
 
-    bench_depth(frames=args.frames, repetitions=args.repetitions, write=_write(args), quick=args.quick)
+    bench_depth(frames=args.frames or 48, repetitions=args.repetitions, write=_write(args), quick=args.quick)

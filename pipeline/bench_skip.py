@@ -49,6 +49,7 @@ from typing import Any
 from pipeline.bench import (
     REPO_ROOT,
     Measurement,
+    display_path,
     fps_cell,
     machine_info,
     machine_line,
@@ -545,7 +546,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             reports[-1].figures["truth"] = ground_truth_agreement(cfgs["gate on"].gate, clip.source)
         if clip.name == "moving":
             price = gate_price(measured["gate off"], measured["gate on, nothing to save"], runs["gate on, nothing to save"])
-    result = {"machine": machine_info(), "config": _shown(config_path), "repetitions": repetitions, "quick": quick,
+    result = {"machine": machine_info(), "config": display_path(config_path), "repetitions": repetitions, "quick": quick,
               "weights": weights_used(raw), "gate_overrides": gate_overrides}
     body = render(result, reports, price)
     print(body)
@@ -555,9 +556,3 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     result["price"] = {k: v for k, v in price.items() if not isinstance(v, Measurement)}
     return result
 
-
-def _shown(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(REPO_ROOT))
-    except ValueError:
-        return str(path)

@@ -373,9 +373,9 @@ class LabelRun:
     def _run_ray(self, todo: list[Video], bars: "_Bars") -> None:
         import ray
 
-        from pipeline.runners.ray import _init_ray
+        from pipeline.runners.ray import init_ray
 
-        owns_ray = _init_ray(self.cfg, [])
+        owns_ray = init_ray(self.cfg, [])
         try:
             board = ray.remote(num_cpus=0)(ProgressBoard).remote()
             task = ray.remote(_ray_label_one).options(num_cpus=self.cfg.label.task_cpus, max_retries=1)

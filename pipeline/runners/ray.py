@@ -166,7 +166,7 @@ class RayRunner:
         self.actor_stats = ActorStats(self.metrics)
         self.drains: dict[tuple[int, int], Any] = {}
         self.next_poll = 0.0
-        owns_ray = _init_ray(self.cfg, self.specs)
+        owns_ray = init_ray(self.cfg, self.specs)
         try:
             self.pools = self._start_pools()
             setup_s = time.perf_counter() - started
@@ -494,7 +494,7 @@ def _put(value: Any) -> Any:
     return ray.put(value)
 
 
-def _init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
+def init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
     """Connect to ``runtime.address`` or start a local instance; return True if we started it."""
     import ray
 
