@@ -105,6 +105,33 @@ def test_a_local_change_is_a_partial_frame_that_names_its_tiles():
     assert frames[1].meta["tiles"]["changed"] == [10, 11, 14, 15]
 
 
+def test_tiles_with_only_a_few_changed_pixels_are_noise_not_change():
+    from pipeline.skip import changed_tiles
+
+    mask = np.zeros((16, 16), dtype=bool)  # a 4x4 grid of 4x4-pixel tiles
+    mask[0, 0] = True  # tile 0: 1 of 16 pixels, a speck of codec noise
+    mask[8:12, 8:11] = True  # tile 10: 12 of 16 pixels, real change
+    assert changed_tiles(mask, [4, 4]) == [0, 10]
+    assert changed_tiles(mask, [4, 4], min_fraction=0.1) == [10]
+    # the margin grows only from the tiles that count
+    assert changed_tiles(mask, [4, 4], margin=1, min_fraction=0.1) == [5, 6, 7, 9, 10, 11, 13, 14, 15]
+    assert changed_tiles(mask, [4, 4], min_fraction=0.8) == []
+
+
+def test_a_frame_whose_change_is_all_scattered_noise_is_reused():
+    image = textured(128, 128)
+    specks = image.copy()
+    for y, x in ((12, 12), (12, 76), (76, 12), (76, 76), (44, 108), (108, 44)):  # small bright specks in six tiles
+        specks[y : y + 8, x : x + 8] = 255
+    plain = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=0, max_reuse=100))
+    assert decisions(plain.process(frames_of([image, specks]))) == ["keyframe", "partial"]
+    robust = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=0, tile_min_changed=0.3, max_reuse=3))
+    frames = robust.process(frames_of([image] + [specks] * 5))
+    assert frames[1].results["gate"]["changed"] >= 0.01  # above the frame threshold, yet no tile counts
+    assert decisions(frames) == ["keyframe", "reuse", "reuse", "reuse", "keyframe", "reuse"]
+    assert frames[4].results["gate"]["reason"] == "max_reuse"  # noise still cannot outlast max_reuse
+
+
 def test_tile_runs_merge_neighbours_in_a_row():
     assert tile_runs([0, 1, 3, 5, 6], [2, 4]) == [(0, 0, 2), (0, 3, 4), (1, 1, 3)]
 
