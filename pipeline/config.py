@@ -105,12 +105,11 @@ class GateConfig:
         "'partial' and the segment stage recomputes only those tiles (plus a halo); null = off",
     )
     tile_margin: int = _field(
-        0, "a partial frame also recomputes the tiles this many tiles around each changed one (change just below "
-        "pixel_threshold gathers around real change); 0: a tile is redone once its own change crosses the "
-        "thresholds, as a whole frame is", lo=0, hi=64,
+        1, "a partial frame also recomputes the tiles this many tiles around each changed one: change just below "
+        "pixel_threshold gathers around real change, and left alone it would go stale in the caches", lo=0, hi=64,
     )
     tile_min_changed: float = _field(
-        0.1, "a tile counts as changed only when at least this fraction of its signal pixels changed; scattered "
+        0.05, "a tile counts as changed only when at least this fraction of its signal pixels changed; scattered "
         "codec noise then marks no tile (nor its margin), and a frame whose change is all such noise is reused; "
         "0 = any changed pixel", lo=0.0, hi=1.0,
     )

@@ -147,9 +147,12 @@ class Gate(Stage):
 
     def _measure(self, state: _StreamState, signal: np.ndarray) -> _Change:
         cfg = self.cfg
-        plain = changed_mask(state.reference, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+        still = is_still(state.motion)
+        # tiles are patched into the uncompensated reference, so they need the plain mask; skip it when unused
+        plain = changed_mask(state.reference, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas) \
+            if still or cfg.tiles else None
         mask, compensated = plain, False
-        if not is_still(state.motion):
+        if not still:
             moved = warp_backward(state.reference, state.motion / float(cfg.downscale))
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
