@@ -186,3 +186,23 @@ def test_bench_all_draws_the_throughput_plot_only_when_writing(monkeypatch, flag
     monkeypatch.setattr(bench_plot, "plot_throughput", lambda: calls.append(1))
     assert main(["bench", "all", *flags]) == 0
     assert bool(calls) == plots
+
+
+@pytest.mark.slow
+def test_bench_pipeline_quick_compares_ray_with_the_bound(bench_paths):
+    """Real Ray, a few frames: every variant is measured and the ratios and actor busy shares are sane."""
+    from pipeline.bench_pipeline import bench_pipeline
+
+    before = _digest(BENCH_DOC)
+    result = bench_pipeline(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", frames=8, repetitions=1,
+                            overrides=["stages.segment.batch=2", "stages.detect.batch=2"], write=False)
+    assert set(result["fps"]) >= {"sequential (local runner)", "Ray runner", "Ray runner + metrics"}
+    assert all(low > 0 and low <= mid <= high for low, mid, high in result["fps"].values())
+    assert result["bound_fps"] == pytest.approx(min(result["slowest_stage_fps"], result["shared_cores_fps"]))
+    assert result["ray_over_bound"] == pytest.approx(result["fps"]["Ray runner"][1] / result["bound_fps"])
+    assert set(result["ray_busy"]) == {"detect", "segment", "flow", "action"}
+    assert all(0.0 < share <= 1.05 for share in result["ray_busy"].values()), result["ray_busy"]
+    low, high = result["metrics_overhead_range"]
+    assert low <= result["metrics_overhead"] <= high
+    assert result["config"] == "configs/demo.yaml"  # shown relative to the repository
+    assert _digest(BENCH_DOC) == before
