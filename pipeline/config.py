@@ -56,6 +56,9 @@ class SourceConfig:
     num_frames: int = _field(48, "synthetic: number of frames", lo=1, hi=10**7)
     num_objects: int = _field(3, "synthetic: moving objects per scene", lo=0, hi=64)
     frame_rate: float = _field(25.0, "synthetic: frames per second of the generated clip", lo=0.1, hi=1000)
+    action: str | None = _field(None, "synthetic: the front object's action (static, slide-left, slide-right, rotate, "
+                                "grow, shrink, bounce); null: drawn from the seed")
+    static_camera: bool = _field(False, "synthetic: a fixed camera (the background does not pan)")
     # live stream options (docs/streams.md)
     stall_timeout_s: float = _field(10.0, "stream: a connection that delivers no data for this long is dropped and retried", lo=0.1, hi=3600)
     open_timeout_s: float = _field(10.0, "stream: give up one connection attempt after this many seconds", lo=0.1, hi=3600)
@@ -502,6 +505,11 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
         if source.type == "dir" and not resolved.is_dir():
             raise ConfigError(f"{path}.path: directory {source.path!r} does not exist")
         source.path = str(resolved)
+    if source.action is not None:
+        from models.classes import SYNTHETIC_ACTIONS
+
+        if source.action not in SYNTHETIC_ACTIONS:
+            raise ConfigError(f"{path}.action: unknown action {source.action!r}; valid: {', '.join(SYNTHETIC_ACTIONS)}")
     if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2):
         raise ConfigError(f"{path}.resize: expected [width, height] with both >= 2, got {source.resize}")
 

@@ -343,7 +343,8 @@ class SyntheticSource:
         from models.training.scenes import SceneGenerator
 
         cfg = self.cfg
-        generator = SceneGenerator(seed=cfg.seed, width=cfg.width, height=cfg.height, num_objects=cfg.num_objects)
+        generator = SceneGenerator(seed=cfg.seed, width=cfg.width, height=cfg.height, num_objects=cfg.num_objects,
+                                   action=cfg.action, background_motion=not cfg.static_camera)
         step = 1 if cfg.fps is None else max(1, round(cfg.frame_rate / cfg.fps))
         for index, t in enumerate(range(0, cfg.num_frames, step)):
             if cfg.max_frames is not None and index >= cfg.max_frames:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import SourceConfig
+from pipeline.config import SourceConfig, load_config
+from pipeline.errors import ConfigError
 from pipeline.errors import SourceError
 from pipeline.frame import Frame
 from pipeline.sources import StreamEnd, decode_file, open_sources
@@ -123,6 +124,25 @@ def test_synthetic_source_is_deterministic_by_seed():
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
     assert not np.array_equal(first[0], first[-1]), "objects must move"
+
+
+def test_synthetic_source_can_fix_the_camera_and_the_action():
+    from models.training.scenes import SceneGenerator
+
+    cfg = SourceConfig(type="synthetic", seed=3, width=64, height=48, num_frames=2, action="slide-left",
+                       static_camera=True)
+    images = [i.image for i in open_sources([cfg]) if isinstance(i, Frame)]
+    scene = SceneGenerator(seed=3, width=64, height=48, action="slide-left", background_motion=False)
+    assert scene.action_name == "slide-left"
+    assert all(np.array_equal(image, scene.render_image(t)) for t, image in enumerate(images))
+    first, second = scene.render(0), scene.render(1)
+    background = (first.semantic == 0) & (second.semantic == 0)
+    assert np.abs(first.flow[background]).max() == 0.0  # a fixed camera: the background does not move
+
+
+def test_synthetic_source_rejects_an_unknown_action():
+    with pytest.raises(ConfigError, match=r"^sources\.0\.action: unknown action 'jump'; valid: static, slide-left"):
+        load_config(data={"sources": [{"type": "synthetic", "action": "jump"}], "stages": {}})
 
 
 def test_import_pipeline_does_not_import_torch_or_ray():
