@@ -553,7 +553,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         cfgs = {"gate off": run_config(raw, clip, None, []), "gate on": run_config(raw, clip, {}, gate_overrides)}
         if clip.name == "moving":
             cfgs["gate on, nothing to save"] = run_config(raw, clip, {}, [*gate_overrides, "gate.threshold=0",
-                                                                          "gate.tiles=null"])
+                                                                          "gate.tiles=null", "gate.adaptive=false"])
         measured, runs = measure_variants(cfgs, repetitions, clip.name)
         reports.append(clip_report(clip, measured["gate off"], measured["gate on"], runs["gate off"], runs["gate on"]))
         if clip.source["type"] == "synthetic":
