@@ -168,7 +168,7 @@ class StageConfig:
     batch: int = _field(4, "max frames per batch", lo=1, hi=1024)
     max_wait_ms: float = _field(20.0, "max time a partial batch waits for more frames", lo=0.0, hi=60000)
     replicas: int = _field(1, "parallel copies of the stage (per-frame stages only)", lo=1, hi=1024)
-    device: str = _field("cpu", "'cpu' or 'cuda:N'")
+    device: str = _field("cpu", "'cpu', 'cuda:N' or 'auto' (the GPU when the process has one, else the CPU)")
     precision: Literal["fp32", "fp16", "bf16"] = _field("fp32", "inference precision (fp16/bf16 on GPU only)")
     channels_last: bool = _field(False, "use channels_last memory format (GPU)")
     depth_parallel: int = _field(1, "split the model into this many depth stages", lo=1, hi=64)
@@ -530,8 +530,8 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     from models.registry import get_model_entry
     from pipeline.errors import RegistryError
 
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", stage.device):
-        raise ConfigError(f"stages.{name}.device: {stage.device!r} is not 'cpu' or 'cuda:N'")
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", stage.device):
+        raise ConfigError(f"stages.{name}.device: {stage.device!r} is not 'cpu', 'cuda:N' or 'auto'")
     if stage.model is not None and name != "gate":
         try:
             get_model_entry(stage.model, task=name)

@@ -94,7 +94,20 @@ def test_model_of_the_wrong_task_is_rejected(tmp_path):
 
 
 def test_bad_device_is_rejected(tmp_path):
-    assert error_of(tmp_path, "stages:\n  flow:\n    device: tpu\n").startswith("stages.flow.device: 'tpu'")
+    assert error_of(tmp_path, "stages:\n  flow:\n    device: tpu\n").startswith(
+        "stages.flow.device: 'tpu' is not 'cpu', 'cuda:N' or 'auto'")
+
+
+def test_device_auto_runs_the_stage_on_the_gpu_when_there_is_one():
+    import torch
+
+    from pipeline.graph import build_graph
+
+    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", ["stages.flow.device=auto"])
+    spec = next(s for s in build_graph(cfg) if s.name == "flow")
+    stage = spec.create()
+    stage.setup(spec.device)
+    assert stage._device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_sink_without_path_is_rejected(tmp_path):
