@@ -370,7 +370,7 @@ def _merged_truth(kept: dict[str, Any], fresh: dict[str, Any], inner: tuple, cro
 
     import torch
 
-    from stages.detect import Detect
+    from stages.detect import Detect, superseded
 
     def centre_in(box: list[float]) -> bool:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -387,8 +387,13 @@ def _merged_truth(kept: dict[str, Any], fresh: dict[str, Any], inner: tuple, cro
     if seen:
         keep = Detect._keep_new(torch.tensor(seen, dtype=torch.float32), inner, crop,
                                 types.SimpleNamespace(width=width, height=height))
-        boxes += [b for b, k in zip(seen, keep.tolist()) if k]
-        labels += [lab for lab, k in zip(seen_labels, keep.tolist()) if k]
+        new_boxes = [b for b, k in zip(seen, keep.tolist()) if k]
+        new_labels = [lab for lab, k in zip(seen_labels, keep.tolist()) if k]
+        stale = superseded(torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), torch.tensor(labels, dtype=torch.int64),
+                           torch.tensor(new_boxes, dtype=torch.float32).reshape(-1, 4),
+                           torch.tensor(new_labels, dtype=torch.int64)).tolist()
+        boxes = [b for b, gone in zip(boxes, stale) if not gone] + new_boxes
+        labels = [lab for lab, gone in zip(labels, stale) if not gone] + new_labels
     return {"boxes": boxes, "labels": labels}
 
 

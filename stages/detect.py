@@ -20,8 +20,9 @@ stream's last boxes (unmoved: outside the changed tiles nothing changed):
 carried boxes whose centre lies in the changed region (the crop without its
 halo) are dropped, the others kept; crop boxes are added when their centre is
 in the changed region, or when they lie in the halo without touching the
-crop's edge inside the frame (a box cut by the edge is a partial view); then
-class-aware NMS. When the crop would exceed ``crop_max_area`` of the frame the
+crop's edge inside the frame (a box cut by the edge is a partial view); a
+carried box that a new one of the same class overlaps (IoU >= 0.3) is the
+same object seen again and goes (:func:`superseded`); then class-aware NMS. When the crop would exceed ``crop_max_area`` of the frame the
 whole frame runs. Such a result also carries ``"crop": {"box": [x1, y1, x2,
 y2], "area": fraction of a full forward}``. With the cache, the stage is
 temporal (each stream sticks to one replica, in order).
@@ -209,6 +210,8 @@ class Detect(Stage):
         boxes = found[0] * scale + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=found[0].device)
         new = self._keep_new(boxes.cpu(), inner, crop, frame)
         carried = self._carried(frame, inner)
+        stale = superseded(carried[0], carried[2], boxes.cpu()[new], found[2].cpu()[new])
+        carried = tuple(part[~stale] for part in carried)
         merged = (
             torch.cat([carried[0], boxes.cpu()[new]]),
             torch.cat([carried[1], found[1].float().cpu()[new]]),
@@ -417,3 +420,23 @@ def prepare_for_inference(model: Any, device: Any, channels_last: bool) -> Any:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+#: a carried box this much like (IoU) a new crop box of the same class is the same object seen again
+SUPERSEDE_IOU = 0.3
+
+
+def superseded(carried_boxes: Any, carried_labels: Any, new_boxes: Any, new_labels: Any) -> Any:
+    """Which carried boxes a new crop detection replaces: same class and IoU >= SUPERSEDE_IOU.
+
+    A carried box whose centre lies just outside the changed region can belong to
+    an object that moved into it; the crop then sees the object again, and
+    keeping both would count it twice.
+    """
+    import torch
+    from torchvision.ops import box_iou
+
+    if len(carried_boxes) == 0 or len(new_boxes) == 0:
+        return torch.zeros(len(carried_boxes), dtype=torch.bool)
+    same_class = carried_labels.view(-1, 1) == new_labels.view(1, -1)
+    return ((box_iou(carried_boxes, new_boxes) >= SUPERSEDE_IOU) & same_class).any(dim=1)

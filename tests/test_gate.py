@@ -187,6 +187,20 @@ def test_segment_recomputes_in_full_without_its_cached_base(segmenter):
 # --------------------------------------------------------------------------- detect: crop recompute
 
 
+def test_a_crop_detection_supersedes_the_stale_box_of_the_same_object():
+    import torch
+
+    from stages.detect import superseded
+
+    carried = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float32)
+    labels = torch.tensor([1, 2, 1])
+    new = torch.tensor([[2, 0, 12, 10]], dtype=torch.float32)  # IoU 0.67 with the first two, 0 with the third
+    assert superseded(carried, labels, new, torch.tensor([1])).tolist() == [True, False, False]
+    assert superseded(carried, labels, new[:0], torch.tensor([], dtype=torch.int64)).tolist() == [False] * 3
+    far = torch.tensor([[7, 0, 17, 10]], dtype=torch.float32)  # IoU 3/17 < 0.3: another object
+    assert superseded(carried, labels, far, torch.tensor([1])).tolist() == [False, False, False]
+
+
 class ColourDetector:
     """A perfect detector for the test scenes: one box per pure colour (red: class 1, green: 2, blue: 3),
     found wherever the image it is given shows it; records the shape of every image."""
