@@ -67,9 +67,11 @@ class DetectOptions:
         None, "class names (index 0 = background) for random or own weights without a class list"
     )
     model_args: dict[str, Any] | None = _field(None, "extra builder arguments, e.g. {min_size: 320, max_size: 512}")
-    crop_reuse: bool = _field(
-        True, "on frames the gate marks partial, run only on the crop around the changed tiles and merge with the "
-        "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas)",
+    crop_reuse: bool | None = _field(
+        None, "on frames the gate marks partial, run only on the crop around the changed tiles and merge with the "
+        "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas). null: on for "
+        "detectors whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), off for SSD/SSDLite, whose "
+        "default boxes scale with the input, so a crop sees its objects at the wrong anchor scale",
     )
     crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
     crop_max_area: float = _field(0.5, "run the whole frame when the crop would cover more than this fraction of it", lo=0.0, hi=1.0)
@@ -94,8 +96,7 @@ class Detect(Stage):
 
     @classmethod
     def is_temporal(cls, cfg: StageConfig | None) -> bool:
-        options = getattr(cfg, "options", None)
-        return bool(options.crop_reuse) if options is not None else True
+        return crop_reuse_enabled(cfg)
 
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
@@ -105,6 +106,7 @@ class Detect(Stage):
         self.classes: list[str] = []
         self._allowed_labels: list[int] | None = None
         self._boxes: dict[str, _BoxCache] = {}
+        self._crop_reuse = crop_reuse_enabled(self.cfg)
 
     def setup(self, device: str = "cpu") -> None:
         from models.weights import load_state, resolve_weights
@@ -155,7 +157,7 @@ class Detect(Stage):
 
     def _remember(self, frame: Frame) -> None:
         """Keep the result when the gate may send partial frames of this stream next."""
-        if self.options.crop_reuse and frame.meta.get("tiles"):
+        if self._crop_reuse and frame.meta.get("tiles"):
             self._boxes[frame.stream_id] = _BoxCache(frame.index, frame.results[self.name], (frame.height, frame.width))
         else:
             self._boxes.pop(frame.stream_id, None)
@@ -173,7 +175,7 @@ class Detect(Stage):
         tiles = frame.meta.get("tiles") or {}
         cache = self._boxes.get(frame.stream_id)
         changed = tiles.get("changed")
-        if not (self.options.crop_reuse and changed and cache is not None and cache.index == tiles.get("base")
+        if not (self._crop_reuse and changed and cache is not None and cache.index == tiles.get("base")
                 and cache.source == (frame.height, frame.width)):
             return None
         return crop_region(tiles["grid"], changed, frame.height, frame.width, self.options.crop_halo,
@@ -420,6 +422,15 @@ def prepare_for_inference(model: Any, device: Any, channels_last: bool) -> Any:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def crop_reuse_enabled(cfg: StageConfig | None) -> bool:
+    """``options.crop_reuse``, or for null whether the model's anchors keep their pixel size on a crop."""
+    options = getattr(cfg, "options", None)
+    if options is not None and options.crop_reuse is not None:
+        return bool(options.crop_reuse)
+    model = (getattr(cfg, "model", None) or Detect.default_model).lower()
+    return not model.startswith("ssd")  # torchvision's SSD and SSDLite size their default boxes by the input
 
 
 #: a carried box this much like (IoU) a new crop box of the same class is the same object seen again

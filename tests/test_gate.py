@@ -187,6 +187,20 @@ def test_segment_recomputes_in_full_without_its_cached_base(segmenter):
 # --------------------------------------------------------------------------- detect: crop recompute
 
 
+@pytest.mark.parametrize("model, setting, expected", [
+    ("ssdlite320_mobilenet_v3_large", None, False), ("ssd300_vgg16", None, False),
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", None, True), ("retinanet_resnet50_fpn_v2", None, True),
+    ("ssdlite320_mobilenet_v3_large", True, True), ("fasterrcnn_mobilenet_v3_large_320_fpn", False, False),
+])
+def test_crop_reuse_defaults_to_what_the_detectors_anchors_allow(model, setting, expected):
+    from pipeline.config import StageConfig
+    from stages.detect import Detect, DetectOptions
+
+    cfg = StageConfig(model=model, weights=None, options=DetectOptions(crop_reuse=setting))
+    assert Detect.is_temporal(cfg) is expected
+    assert Detect(cfg)._crop_reuse is expected
+
+
 def test_a_crop_detection_supersedes_the_stale_box_of_the_same_object():
     import torch
 
@@ -232,6 +246,7 @@ def colour_detector_stage(**options):
     from pipeline.config import StageConfig
     from stages.detect import Detect, DetectOptions
 
+    options.setdefault("crop_reuse", True)  # the default model is SSDLite, for which null means off
     stage = Detect(StageConfig(weights=None, options=DetectOptions(**options)))
     stage.classes = ["background", "red", "green", "blue"]
     stage._device = "cpu"

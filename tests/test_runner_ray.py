@@ -75,7 +75,7 @@ def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tm
         "sources": sources,
         "gate": {"enabled": True},
         "stages": {
-            "detect": {"batch": 3, "replicas": 2, "options": {"score_threshold": 0.05, "crop_max_area": 0.9}},
+            "detect": {"batch": 3, "replicas": 2, "options": {"score_threshold": 0.05, "crop_max_area": 0.9, "crop_reuse": True}},
             "segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [64, 64]}},
         },
     })
