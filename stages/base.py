@@ -40,6 +40,9 @@ class Stage:
     Options: ClassVar[type] = NoOptions
     #: backend used when the config names none
     default_model: ClassVar[str | None] = None
+    #: attributes holding dicts keyed by stream id of recomputable per-stream state (caches, no held
+    #: frames): the default end_stream, flush and teardown forget them
+    stream_caches: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg
@@ -54,14 +57,19 @@ class Stage:
 
     def end_stream(self, stream_id: str) -> list[Frame]:
         """The stream ended (or restarted): release its held frames and forget its state."""
+        for name in self.stream_caches:
+            getattr(self, name).pop(stream_id, None)
         return []
 
     def flush(self) -> list[Frame]:
         """End of the run: release every held frame."""
+        for name in self.stream_caches:
+            getattr(self, name).clear()
         return []
 
     def teardown(self) -> None:
-        pass
+        for name in self.stream_caches:
+            getattr(self, name).clear()
 
     @staticmethod
     def active(frames: list[Frame]) -> list[Frame]:

@@ -93,6 +93,7 @@ class Detect(Stage):
     name = TASK
     Options = DetectOptions
     default_model = "ssdlite320_mobilenet_v3_large"
+    stream_caches = ("_boxes",)
 
     @classmethod
     def is_temporal(cls, cfg: StageConfig | None) -> bool:
@@ -127,17 +128,9 @@ class Detect(Stage):
         run_with_regions(self.active(frames), self._try_crop, self._run_full)
         return frames
 
-    def end_stream(self, stream_id: str) -> list[Frame]:
-        self._boxes.pop(stream_id, None)
-        return []
-
-    def flush(self) -> list[Frame]:
-        self._boxes.clear()
-        return []
-
     def teardown(self) -> None:
         self.model = None
-        self._boxes.clear()
+        super().teardown()
 
     # ------------------------------------------------------------------ full frames and crops
 

@@ -70,6 +70,7 @@ class Flow(Stage):
     temporal = True
     Options = FlowOptions
     default_model = "flownet_s_small"
+    stream_caches = ("_previous",)
 
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
@@ -107,17 +108,9 @@ class Flow(Stage):
             self._previous[stream_id] = _Previous(active[pos].index, pixels[pos].clone())
         return frames
 
-    def end_stream(self, stream_id: str) -> list[Frame]:
-        self._previous.pop(stream_id, None)
-        return []
-
-    def flush(self) -> list[Frame]:
-        self._previous.clear()
-        return []
-
     def teardown(self) -> None:
         self.model = None
-        self._previous.clear()
+        super().teardown()
 
     # ------------------------------------------------------------------ helpers
 

@@ -88,6 +88,7 @@ class Segment(Stage):
     name = TASK
     Options = SegmentOptions
     default_model = "unet_small"
+    stream_caches = ("_tiles",)
     #: crops start on multiples of this (model-input pixels), so pooling grids line up with the full frame's
     tile_align: ClassVar[int] = 16
 
@@ -126,17 +127,9 @@ class Segment(Stage):
         run_with_regions(self.active(frames), self._try_patch, self._run_full)
         return frames
 
-    def end_stream(self, stream_id: str) -> list[Frame]:
-        self._tiles.pop(stream_id, None)
-        return []
-
-    def flush(self) -> list[Frame]:
-        self._tiles.clear()
-        return []
-
     def teardown(self) -> None:
         self.model = None
-        self._tiles.clear()
+        super().teardown()
 
     # ------------------------------------------------------------------ full frames and tiles
 
