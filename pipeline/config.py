@@ -156,6 +156,10 @@ class ResourcesConfig:
     custom: dict[str, float] = _field(factory=dict, doc="custom Ray resources per replica, e.g. {gpu_node: 1} to pin to labelled nodes")
 
 
+#: the device names a stage or a training run accepts (resolved by stages.common.resolve_device)
+DEVICE_PATTERN = r"cpu|auto|cuda(:\d+)?"
+
+
 @dataclass
 class StageConfig:
     """One model stage. ``options`` is typed by the stage's own ``Options`` dataclass."""
@@ -530,7 +534,7 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     from models.registry import get_model_entry
     from pipeline.errors import RegistryError
 
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", stage.device):
+    if not re.fullmatch(DEVICE_PATTERN, stage.device):
         raise ConfigError(f"stages.{name}.device: {stage.device!r} is not 'cpu', 'cuda:N' or 'auto'")
     if stage.model is not None and name != "gate":
         try:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import _field, apply_override, read_yaml, resolve_path, structure_dataclass
+from pipeline.config import DEVICE_PATTERN, _field, apply_override, read_yaml, resolve_path, structure_dataclass
 from pipeline.errors import ConfigError
 
 TASKS = ("detect", "segment", "flow", "action")
@@ -118,7 +118,7 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
         get_model_entry(cfg.model, task=cfg.task)
     except RegistryError as exc:
         raise ConfigError(f"model: {exc}") from None
-    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.device):
+    if not re.fullmatch(DEVICE_PATTERN, cfg.device):
         raise ConfigError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {cfg.device!r}")
     _check_size("data.input_size", cfg.data.input_size)
     _check_size("data.crop", cfg.data.crop)
