@@ -62,9 +62,9 @@ def run_stages(args: argparse.Namespace) -> None:
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    from pipeline.bench_pipeline import bench_pipeline
+    from pipeline.bench_pipeline import DEFAULT_FRAMES, bench_pipeline
 
-    frames = args.frames or 96
+    frames = args.frames or DEFAULT_FRAMES
     frames = min(frames, 8) if args.quick else frames
     bench_pipeline(args.config, frames, 1 if args.quick else args.repetitions, args.overrides, write=_write(args))
 
@@ -82,6 +82,6 @@ def run_skip(args: argparse.Namespace) -> None:
 
 
 def run_depth(args: argparse.Namespace) -> None:
-    from pipeline.bench_depth import bench_depth
+    from pipeline.bench_depth import DEFAULT_FRAMES, bench_depth
 
-    bench_depth(frames=args.frames or 48, repetitions=args.repetitions, write=_write(args), quick=args.quick)
+    bench_depth(frames=args.frames or DEFAULT_FRAMES, repetitions=args.repetitions, write=_write(args), quick=args.quick)

@@ -260,7 +260,11 @@ QUICK = {"frames": 8, "repetitions": 1, "stream_size": 64, "streams": 1, "clip_m
          "clip_len": 4, "clip_size": 32}
 
 
-def bench_depth(frames: int = 48, repetitions: int = 3, write: bool = True, stream_size: int = 224, streams: int = 4,
+#: ticks (frames) per run unless --frames says otherwise
+DEFAULT_FRAMES = 48
+
+
+def bench_depth(frames: int = DEFAULT_FRAMES, repetitions: int = 3, write: bool = True, stream_size: int = 224, streams: int = 4,
                 clip_model: str = "mc3_18", clips: int = 12, clip_len: int = 8, clip_size: int = 112,
                 quick: bool = False, sideways: bool = True, doc: Path | None = None) -> dict:
     """Run both workloads (and the Sideways comparison); print the section and, with ``write``, store it.

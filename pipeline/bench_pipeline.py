@@ -38,8 +38,8 @@ def run_frames(cfg: Config, runner: str, metrics: Any = None, busy: dict[str, li
     from pipeline.runners import get_runner
 
     summary = get_runner(runner)(cfg, metrics=metrics).run()
-    for stage, seconds in summary.stage_seconds.items():
-        if busy is not None:
+    if busy is not None:
+        for stage, seconds in summary.stage_seconds.items():
             busy.setdefault(stage, []).append(seconds / summary.processing_s)
     return summary.totals["decoded"], summary.processing_s
 
@@ -55,10 +55,10 @@ def ray_session(cfg: Config) -> Iterator[None]:
     """
     import ray
 
-    from pipeline.runners import get_runner
+    from pipeline.graph import build_graph
     from pipeline.runners.ray import init_ray
 
-    owns = init_ray(cfg, get_runner("ray")(cfg).specs)
+    owns = init_ray(cfg, build_graph(cfg))  # the stage specs the runner sizes Ray by
     try:
         yield
     finally:
@@ -115,7 +115,11 @@ def measure(name: str, cfg: Config, runner: str, repetitions: int) -> Measuremen
     return measurement
 
 
-def bench_pipeline(config_path: Path, frames: int = 96, repetitions: int = 3, overrides: list[str] | None = None,
+#: frames per run unless --frames says otherwise: enough for pipeline fill and drain to be a few percent
+DEFAULT_FRAMES = 96
+
+
+def bench_pipeline(config_path: Path, frames: int = DEFAULT_FRAMES, repetitions: int = 3, overrides: list[str] | None = None,
                    write: bool = True) -> dict[str, Any]:
     cfg = bench_config(config_path, frames, overrides or [])
     sequential = measure("sequential (local runner)", cfg, "local", repetitions)
