@@ -195,12 +195,13 @@ def frame_work(result: Any) -> dict[str, float]:
     """Units of model work one gate-on frame cost, per stage (1 = a full forward)."""
     if result.outcome.value != "processed":
         return dict.fromkeys(MODEL_STAGES, 0.0)
-    work = dict.fromkeys(MODEL_STAGES, 1.0)
+    refreshed = (result.results.get("gate") or {}).get("stages")  # a refresh: only these stages ran
+    work = {stage: 1.0 if refreshed is None or stage in refreshed else 0.0 for stage in MODEL_STAGES}
     tiles = (result.results.get("segment") or {}).get("tiles")
-    if tiles is not None:
+    if tiles is not None and work["segment"]:
         work["segment"] = float(tiles["area"])
     crop = (result.results.get("detect") or {}).get("crop")
-    if crop is not None:
+    if crop is not None and work["detect"]:
         work["detect"] = float(crop["area"])
     return work
 
@@ -280,6 +281,7 @@ def gate_figures(on: list[Any]) -> dict[str, Any]:
         "reused": decisions.count("reuse"),
         "partial": decisions.count("partial"),
         "keyframes": decisions.count("keyframe"),
+        "refreshes": decisions.count("refresh"),
         "skip_ratio": decisions.count("reuse") / max(1, len(on)),
         "audits": len(audits),
         "audit_agreement": statistics.mean(audits) if audits else None,
@@ -353,6 +355,10 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
             crops = segmenter._merged_crops(gate_cfg.tiles, changed, seg_size)
             patchable = sum((c[1] - c[0]) * (c[3] - c[2]) for c, _ in crops) < seg_size[0] * seg_size[1]
             kept_map = _patched(kept_map, truth.semantic, changed, gate_cfg) if patchable else truth.semantic
+        elif decision == "refresh":
+            refreshed = frame.results["gate"]["stages"]
+            kept_boxes = fresh_boxes if "detect" in refreshed else kept_boxes
+            kept_map = truth.semantic if "segment" in refreshed else kept_map
         elif decision != "reuse":
             kept_boxes = fresh_boxes
             kept_map = truth.semantic
@@ -450,10 +456,10 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
             report.clip.what, f["frames"], f"{f['work_fraction']:.3f}", f"**{f['less_compute']:.2f}×**",
             fps_cell(report.off), fps_cell(report.on), f"{f['speedup']:.2f}×",
             _num(f["boxes_f1"]), _num(f["mask_iou"]), f"{f['skip_ratio']:.2f}",
-            f"{f['reused']}/{f['partial']}/{f['keyframes']}", f"{f['audits']} ({_num(f['audit_agreement'])})",
+            f"{f['reused']}/{f['refreshes']}/{f['partial']}/{f['keyframes']}", f"{f['audits']} ({_num(f['audit_agreement'])})",
         ])
     headers = ["clip", "frames", "model work fraction", "less compute", "gate off frames/s", "gate on frames/s",
-               "speed-up", "box F1 vs off", "mask mIoU vs off", "skip ratio", "reused/partial/keyframes",
+               "speed-up", "box F1 vs off", "mask mIoU vs off", "skip ratio", "reused/refreshed/partial/keyframes",
                "audits (mean agreement)"]
     detail = [[r.clip.what, _num(r.figures["work_by_stage"]["detect"]), _num(r.figures["work_by_stage"]["segment"]),
                f"{r.figures['stage_ms_per_frame']['detect']:.1f} / {r.figures['stage_ms_per_frame']['segment']:.1f}",
@@ -470,7 +476,8 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
     )
     work = (
         "Model work: units of model compute per frame, each stage weighted by its gate-off ms/frame; a reused frame "
-        "costs 0, a partial frame the detector's crop area (a full call when it ran on the whole frame) plus the recomputed tile area of the segmenter. "
+        "costs 0, a refresh only the stages it ran (`gate.refresh`), a partial frame the detector's crop area (a full call "
+        "when it ran on the whole frame) plus the recomputed tile area of the segmenter. "
         "Agreement: every gate-on frame against the gate-off result of the same frame. \"Gate-off frame vs previous\" "
         "is the models' own frame-to-frame stability, a ceiling for any reuse."
     )

@@ -129,6 +129,12 @@ class GateConfig:
         "mvs", "how reused frames move the keyframe's boxes and masks: the decoder's motion vectors (needs "
         "sources.N.motion_vectors), the keyframe's flow extrapolated, auto (vectors, else flow), or off (copy)",
     )
+    refresh: dict[str, int] = _field(
+        factory=lambda: {"segment": 4}, doc="per stage, a staleness bound shorter than max_reuse: after this many "
+        "frames without a run, that stage alone runs on the next frame the gate would reuse (a 'refresh': the other "
+        "stages' results are carried over, and the refresh audits the stage's carry-over). Masks go stale under "
+        "drift too slow for the pixel signal to see, which boxes matched at IoU 0.5 tolerate; {} = off",
+    )
     audit_interval: int = _field(
         0, "process every Nth frame the gate would reuse as an audit that measures agreement; 0: only the "
         "max_reuse refreshes are audits", lo=0, hi=10**6,
@@ -279,6 +285,15 @@ def _type_name(tp: Any) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
+def _yaml_switch(value: Any, choices: tuple) -> Any:
+    """YAML 1.1 reads a bare ``off``/``on`` (and no/yes) as a boolean; a choice spelled so means the word."""
+    if isinstance(value, bool):
+        word = "on" if value else "off"
+        if word in choices:
+            return word
+    return value
+
+
 def _structure(tp: Any, value: Any, path: str) -> Any:
     """Turn plain YAML data into ``tp``, raising a ConfigError that names ``path``."""
     origin = typing.get_origin(tp)
@@ -296,6 +311,7 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
                 errors.append(exc)
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
+        value = _yaml_switch(value, typing.get_args(tp))
         if value not in typing.get_args(tp):
             raise ConfigError(f"{path}: {value!r} is not one of {_type_name(tp)}")
         return value
@@ -484,7 +500,7 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         _check_source(source, f"sources.{i}", base_dir)
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
-    _check_gate(cfg.gate)
+    _check_gate(cfg.gate, cfg.stages)
     for i, sink in enumerate(cfg.sinks):
         if sink.type in ("jsonl", "mp4", "coco") and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
@@ -518,7 +534,20 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
         raise ConfigError(f"{path}.resize: expected [width, height] with both >= 2, got {source.resize}")
 
 
-def _check_gate(gate: GateConfig) -> None:
+def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
+    for name, bound in list(gate.refresh.items()):
+        if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
+            raise ConfigError(f"gate.refresh.{name}: expected a number of frames >= 1, got {bound!r}")
+        if name in stages and name != "gate":
+            if bound >= gate.max_reuse:
+                del gate.refresh[name]  # max_reuse refreshes every stage first: this bound never applies
+            continue
+        from pipeline.registry import stages as stage_registry
+
+        known = [n for n in stage_registry.names() if n != "gate"]
+        if name not in known:
+            raise ConfigError(f"gate.refresh.{name}: unknown stage {name!r}; valid: {', '.join(known)}")
+        del gate.refresh[name]  # a bound for a stage this graph does not run: nothing to refresh
     if gate.tiles is not None and (len(gate.tiles) != 2 or not all(1 <= n <= 64 for n in gate.tiles)):
         raise ConfigError(f"gate.tiles: expected [rows, cols] with both in 1..64, got {gate.tiles}; e.g. tiles: [4, 4], or null")
     if gate.adaptive and not gate.threshold_min <= gate.threshold <= gate.threshold_max:

@@ -57,6 +57,17 @@ class Frame:
         return self.meta.get("reuse_of") is not None
 
     @property
+    def is_refresh(self) -> bool:
+        """A gate refresh: only the stages in ``meta["refresh"]`` run; the driver carries the others over."""
+        return self.meta.get("refresh") is not None
+
+    def runs(self, stage: str) -> bool:
+        """Whether ``stage`` computes on this frame: not failed, not reused, and listed if it is a refresh."""
+        if self.is_failed or self.is_reused:
+            return False
+        return not self.is_refresh or stage in self.meta["refresh"]
+
+    @property
     def is_failed(self) -> bool:
         return self.outcome is Outcome.FAILED
 

@@ -363,12 +363,16 @@ def class_map_of(segment_result: dict[str, Any]) -> np.ndarray:
     return decode_class_map(segment_result["mask"]["data"])
 
 
-def agreement(carried: dict[str, Any], fresh: dict[str, Any]) -> dict[str, float] | None:
-    """Box F1 at IoU 0.5 and mask mIoU of carried-over against fresh results; ``score`` is the worst."""
+def agreement(carried: dict[str, Any], fresh: dict[str, Any], stages: list[str] | None = None) -> dict[str, float] | None:
+    """Box F1 at IoU 0.5 and mask mIoU of carried-over against fresh results; ``score`` is the worst.
+
+    ``stages`` limits the comparison to those stages (a refresh ran only them: the others' results
+    on the frame are themselves carried over, so comparing them would only find agreement)."""
     out: dict[str, float] = {}
-    if BOX_STAGE in carried and BOX_STAGE in fresh:
+    wanted = set(stages) if stages is not None else {BOX_STAGE, MASK_STAGE}
+    if BOX_STAGE in wanted and BOX_STAGE in carried and BOX_STAGE in fresh:
         out["boxes_f1"] = round(box_f1(carried[BOX_STAGE], fresh[BOX_STAGE]), 6)
-    if MASK_STAGE in carried and MASK_STAGE in fresh:
+    if MASK_STAGE in wanted and MASK_STAGE in carried and MASK_STAGE in fresh:
         out["mask_iou"] = round(mask_miou(class_map_of(carried[MASK_STAGE]), class_map_of(fresh[MASK_STAGE])), 6)
     if not out:
         return None
@@ -415,6 +419,7 @@ class StreamSkipStats:
     frames: int = 0
     reused: int = 0
     partial: int = 0
+    refreshed: int = 0
     audits: int = 0
     agreement_sum: float = 0.0
     agreement_last: float | None = None
@@ -431,7 +436,8 @@ class StreamSkipStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "frames": self.frames, "reused": self.reused, "partial": self.partial, "audits": self.audits,
+            "frames": self.frames, "reused": self.reused, "partial": self.partial,
+            "refreshed": self.refreshed, "audits": self.audits,
             "skip_ratio": round(self.skip_ratio, 6), "agreement_mean": self.agreement_mean,
             "agreement_last": self.agreement_last, "threshold": self.threshold,
             "recomputed_area": round(self.recomputed_area, 4),
@@ -462,7 +468,8 @@ class CarryOver:
         return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive)
 
     def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
-        """Give a reused frame its keyframe's results, moved along the frame's motion."""
+        """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets
+        those of the stages that did not run on it."""
         motion = self._motion_for(frame, keyframe_results)
         carried = compensate(keyframe_results, motion, frame.height, frame.width) if motion is not None else keyframe_results
         for stage, value in carried.items():
@@ -480,6 +487,8 @@ class CarryOver:
         decision = gate.get("decision")
         if decision == "reuse":
             stats.reused += 1
+        elif decision == "refresh":
+            stats.refreshed += 1
         elif decision == "partial":
             stats.partial += 1
             recomputed = (frame.results.get(MASK_STAGE) or {}).get("tiles", {}).get("area")
@@ -488,7 +497,7 @@ class CarryOver:
         if audit_of is None or frame.is_failed or not keyframe_results:
             return
         predicted = compensate(keyframe_results, self._motion_for(frame, keyframe_results), frame.height, frame.width)
-        scores = agreement(predicted, frame.results)
+        scores = agreement(predicted, frame.results, frame.meta.get("refresh"))
         if scores is None:
             return
         frame.results[AUDIT_KEY] = {"agreement": scores.pop("score"), **scores, "audit_of": int(audit_of)}

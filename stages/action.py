@@ -189,7 +189,7 @@ class Action(Stage):
         entry = _Held(frame)
         state.held.append(entry)
         completed = []
-        if not frame.is_reused and not frame.is_failed:
+        if frame.runs(self.name):
             if state.active_seen % self.options.sampling_rate == 0:
                 window = self._add_sample(state, frame)
                 completed = [window] if window is not None else []
@@ -216,7 +216,7 @@ class Action(Stage):
     def _close(self, state: _StreamState) -> list[_Window]:
         """The partial window of a stream's uncovered tail (see the module docstring), if it needs one."""
         waiting = [entry.frame for entry in state.held if entry.window is None]
-        active = [f for f in waiting if not f.is_reused and not f.is_failed]
+        active = [f for f in waiting if f.runs(self.name)]
         if not active:
             if state.last_window is not None:
                 self._assign(state, state.last_window)

@@ -7,7 +7,8 @@ stream ends, ``flush()`` at the end of the run, and ``teardown()``.
 
 Contract of ``process``:
   * it receives frames of any streams, in order per stream;
-  * it computes only on *active* frames (not reused by the gate, not failed);
+  * it computes only on *active* frames (not reused by the gate, not failed, not a gate refresh
+    of other stages: :meth:`Frame.runs`);
   * it writes its output to ``frame.results[self.name]``;
   * it returns the frames whose results are final, in order per stream. A
     temporal stage may hold frames back (the action stage waits for the clip
@@ -71,7 +72,6 @@ class Stage:
         for name in self.stream_caches:
             getattr(self, name).clear()
 
-    @staticmethod
-    def active(frames: list[Frame]) -> list[Frame]:
-        """Frames this stage must compute on: not reused, not failed."""
-        return [f for f in frames if not f.is_reused and not f.is_failed]
+    def active(self, frames: list[Frame]) -> list[Frame]:
+        """Frames this stage must compute on: not reused, not failed, not a refresh of other stages."""
+        return [f for f in frames if f.runs(self.name)]

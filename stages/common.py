@@ -66,6 +66,12 @@ def _resize_uint8(image, size):
     return F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
 
 
+def region_base(tiles: dict, stage: str) -> int | None:
+    """The frame a partial frame builds on for ``stage``: its own last run (``bases``, when the gate
+    refreshes some stages alone), else the last frame every stage ran on (``base``)."""
+    return (tiles.get("bases") or {}).get(stage, tiles.get("base"))
+
+
 def run_with_regions(frames: list[Frame], try_region: Any, run_full: Any) -> None:
     """Run a per-frame stage that can recompute part of a *partial* frame (one the gate marked with
     changed tiles): ``try_region(frame)`` does it and returns True, or returns False when the frame must

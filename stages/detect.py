@@ -43,7 +43,7 @@ from pipeline.frame import Frame
 from pipeline.registry import register_stage
 from pipeline.skip import tile_edges
 from stages.base import Stage
-from stages.common import run_with_regions
+from stages.common import region_base, run_with_regions
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class Detect(Stage):
         tiles = frame.meta.get("tiles") or {}
         cache = self._boxes.get(frame.stream_id)
         changed = tiles.get("changed")
-        if not (self._crop_reuse and changed and cache is not None and cache.index == tiles.get("base")
+        if not (self._crop_reuse and changed and cache is not None and cache.index == region_base(tiles, self.name)
                 and cache.source == (frame.height, frame.width)):
             return None
         return crop_region(tiles["grid"], changed, frame.height, frame.width, self.options.crop_halo,

@@ -25,11 +25,19 @@ connected changed area, and decides:
   ``changed``, ``max_reuse`` and ``audit``. The last two are *audits*: frames
   the gate would have reused; ``meta["audit_of"]`` tells the driver to score
   the would-be carry-over against the fresh results.
+* ``refresh`` (a frame the gate would reuse, not identical to the reference, but
+  a stage in ``refresh`` has not run for its bound of frames): only the stages in ``meta["refresh"]`` run;
+  the driver carries the others over as for a reused frame and audits the
+  refreshed stages' would-be carry-over. Masks go stale under drift the pixel
+  signal cannot see (a slow object moves a pixel a frame) long before boxes
+  matched at IoU 0.5 do, so the segmenter can refresh more often than the rest.
 
 With ``adaptive``, the agreement of each audit comes back ``audit_lag`` frames
 later in ``meta["audit_feedback"]`` (see pipeline.skip.CarryOver) and moves the
 stream's threshold: up (x ``adapt_up``) when it met ``agreement_target``, down
-(to the audited change x ``adapt_down``) when it did not. Everything here is
+(to the audited change x ``adapt_down``) when it did not; a refresh's agreement
+moves its stages' bounds instead (one more frame when it met the target, half
+when it did not). Everything here is
 a function of the stream's frames in order, so both runners decide alike.
 """
 
@@ -72,6 +80,11 @@ class _StreamState:
     reused: int = 0
     pending_audits: dict[int, float] = field(default_factory=dict)  # audit index -> its change
     agreement: float | None = None
+    stale: dict[str, int] = field(default_factory=dict)  # per refresh stage: frames it has not run on
+    bounds: dict[str, int] = field(default_factory=dict)  # per refresh stage: its bound (adaptive moves it)
+    pending_refresh: dict[int, list[str]] = field(default_factory=dict)  # refresh index -> its stages
+    full_index: int = -1  # the last frame every stage ran on (keyframe or partial)
+    ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
 
 
 @dataclass
@@ -114,7 +127,7 @@ class Gate(Stage):
     # ------------------------------------------------------------------ decisions
 
     def _decide(self, frame: Frame) -> None:
-        for key in ("reuse_of", "audit_of", "motion", "tiles"):
+        for key in ("reuse_of", "audit_of", "motion", "tiles", "refresh"):
             frame.meta.pop(key, None)
         signal = gray_signal(frame.image, self.cfg.downscale)
         state = self.streams.get(frame.stream_id)
@@ -129,10 +142,13 @@ class Gate(Stage):
             state.motion = compose_motion(_step_motion(frame), state.motion)
         change = self._measure(state, signal)
         reason = self._refresh_reason(state, change)
+        due = [] if reason else self._due(state, signal)
         if reason == "partial":
             self._partial(frame, signal, state, change)
         elif reason:
             self._keyframe(frame, signal, state, change, reason)
+        elif due:
+            self._refresh(frame, signal, state, change, due)
         else:
             self._reuse(frame, state, change)
 
@@ -174,13 +190,24 @@ class Gate(Stage):
             return "audit"
         return None
 
+    @staticmethod
+    def _due(state: _StreamState, signal: np.ndarray) -> list[str]:
+        """The stages past their refresh bound, unless the frame is identical to the reference: the same
+        pixels are never paid for twice."""
+        due = [s for s, bound in state.bounds.items() if state.stale.get(s, 0) >= bound]
+        return due if due and not np.array_equal(signal, state.reference) else []
+
     def _apply_feedback(self, state: _StreamState, feedback: list[tuple[int, float]] | None) -> None:
         """Move the threshold on each audit's agreement (only with ``adaptive``)."""
         cfg = self.cfg
         for index, score in feedback or []:
             audited_change = state.pending_audits.pop(index, None)
+            refreshed = state.pending_refresh.pop(index, None)
             state.agreement = float(score)
             if not cfg.adaptive:
+                continue
+            if refreshed is not None:
+                self._adapt_bounds(state, refreshed, score)
                 continue
             if score >= cfg.agreement_target:
                 state.threshold = min(cfg.threshold_max, state.threshold * cfg.adapt_up)
@@ -188,9 +215,19 @@ class Gate(Stage):
                 base = state.threshold if audited_change is None else min(state.threshold, audited_change)
                 state.threshold = max(cfg.threshold_min, base * cfg.adapt_down)
 
+    def _adapt_bounds(self, state: _StreamState, stages: list[str], score: float) -> None:
+        """A refresh audit moves its stages' bounds, not the threshold: the drift it measured was below
+        the pixel signal. Additive increase, multiplicative decrease, within 1..max_reuse - 1."""
+        top = max(1, self.cfg.max_reuse - 1)
+        for stage in stages:
+            bound = state.bounds.get(stage, 1)
+            state.bounds[stage] = min(top, bound + 1) if score >= self.cfg.agreement_target else max(1, bound // 2)
+
     # ------------------------------------------------------------------ outcomes
 
     def _reuse(self, frame: Frame, state: _StreamState, change: _Change) -> None:
+        for stage in state.bounds:
+            state.stale[stage] = state.stale.get(stage, 0) + 1
         state.reused_since_key += 1
         state.since_audit += 1
         state.reused += 1
@@ -199,14 +236,40 @@ class Gate(Stage):
             frame.meta["motion"] = state.motion.astype(np.float16)
         frame.results[self.name] = self._result(state, "reuse", None, change, keyframe=state.key_index)
 
+    def _refresh(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change,
+                 stages: list[str]) -> None:
+        """Only ``stages`` run; the driver carries the others over from the last processed frame and scores
+        the refreshed stages' would-be carry-over (an audit of those stages)."""
+        key = state.key_index
+        frame.meta["refresh"] = stages
+        frame.meta["audit_of"] = key
+        if state.motion is not None:
+            frame.meta["motion"] = state.motion.astype(np.float16)
+        state.pending_refresh[frame.index] = stages
+        # the other stages reuse this frame: it counts towards their staleness, and towards max_reuse
+        stale = {s: 0 if s in stages else state.stale.get(s, 0) + 1 for s in state.bounds}
+        reused = state.reused_since_key + 1
+        state.reference = signal
+        self._processed(state, frame.index)
+        state.stale, state.reused_since_key = stale, reused
+        state.ran.update(dict.fromkeys(stages, frame.index))
+        if self.cfg.tiles:
+            frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": None, "base": None}
+        frame.results[self.name] = self._result(state, "refresh", "stale", change, stages=stages, keyframe=key,
+                                                audit_of=key)
+
     def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
         height, width = signal.shape
         rects = tile_rects(self.cfg.tiles, height, width)
         for index in change.tiles:
             y0, y1, x0, x1 = rects[index]
             state.reference[y0:y1, x0:x1] = signal[y0:y1, x0:x1]
-        frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": list(change.tiles), "base": state.key_index}
+        frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": list(change.tiles), "base": state.full_index}
+        bases = {stage: index for stage, index in state.ran.items() if index != state.full_index}
+        if bases:  # refreshed since: those stages' caches are newer than the base
+            frame.meta["tiles"]["bases"] = bases
         self._processed(state, frame.index)
+        self._ran_all(state, frame.index)
         state.partial_run += 1
         tiles = {"grid": list(self.cfg.tiles), "changed": len(change.tiles)}
         frame.results[self.name] = self._result(state, "partial", "changed", change, tiles=tiles)
@@ -223,6 +286,7 @@ class Gate(Stage):
             state = self._new_state(frame, signal)
         state.reference = signal
         self._processed(state, frame.index)
+        self._ran_all(state, frame.index)
         state.partial_run = 0
         if self.cfg.tiles:
             frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": None, "base": None}
@@ -230,7 +294,8 @@ class Gate(Stage):
         frame.results[self.name] = self._result(state, "keyframe", reason, change, **extra)
 
     def _new_state(self, frame: Frame, signal: np.ndarray) -> _StreamState:
-        state = _StreamState(frame.index, signal, frame.index, self.cfg.threshold, frames=1)
+        state = _StreamState(frame.index, signal, frame.index, self.cfg.threshold, frames=1,
+                             stale=dict.fromkeys(self.cfg.refresh, 0), bounds=dict(self.cfg.refresh))
         self.streams[frame.stream_id] = state
         return state
 
@@ -239,6 +304,12 @@ class Gate(Stage):
         state.key_index = index
         state.reused_since_key = 0
         state.motion = None
+        state.stale = dict.fromkeys(state.stale, 0)
+
+    @staticmethod
+    def _ran_all(state: _StreamState, index: int) -> None:
+        state.full_index = index
+        state.ran = dict.fromkeys(state.bounds, index)
 
     def _result(self, state: _StreamState, decision: str, reason: str | None, change: _Change, **extra: Any) -> dict:
         result: dict[str, Any] = {"decision": decision}

@@ -38,7 +38,7 @@ from pipeline.frame import Frame
 from pipeline.registry import register_stage
 from pipeline.skip import tile_edges, tile_runs
 from stages.base import Stage
-from stages.common import run_with_regions
+from stages.common import region_base, run_with_regions
 from stages.detect import (
     build_with_args,
     check_input_size,
@@ -156,7 +156,7 @@ class Segment(Stage):
         tiles = frame.meta.get("tiles")
         cache = self._tiles.get(frame.stream_id)
         if not (self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
-                and cache.index == tiles.get("base") and cache.source == (frame.height, frame.width)):
+                and cache.index == region_base(tiles, self.name) and cache.source == (frame.height, frame.width)):
             return False
         # crops that cost a full forward or more save nothing: then the frame runs in full (and exactly)
         size = tuple(cache.logits.shape[-2:])

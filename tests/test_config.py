@@ -83,6 +83,30 @@ def test_gate_under_stages_points_to_its_own_section(tmp_path):
     assert error_of(tmp_path, "stages:\n  gate: {}\n").startswith("stages.gate: the gate is configured in the top-level")
 
 
+def test_gate_refresh_names_a_stage_and_a_positive_bound(tmp_path):
+    assert error_of(tmp_path, "gate:\n  refresh: {segmnet: 3}\n") == (
+        "gate.refresh.segmnet: unknown stage 'segmnet'; valid: action, chaos, detect, flow, segment")
+    assert error_of(tmp_path, "gate:\n  refresh: {segment: 0}\n") == (
+        "gate.refresh.segment: expected a number of frames >= 1, got 0")
+    assert error_of(tmp_path, "gate:\n  refresh: {segment: fast}\n").startswith("gate.refresh.segment: expected an integer")
+
+
+def test_gate_refresh_keeps_only_bounds_that_can_apply():
+    data = {"stages": {"segment": {}, "detect": {}}, "gate": {"max_reuse": 10}}
+    assert load_config(data=data).gate.refresh == {"segment": 4}  # the default
+    cfg = load_config(data={**data, "gate": {"max_reuse": 10, "refresh": {"segment": 10, "detect": 3, "flow": 2}}})
+    # segment: max_reuse refreshes it first; flow: not in this graph
+    assert cfg.gate.refresh == {"detect": 3}
+
+
+def test_a_bare_off_in_yaml_means_the_word_where_a_choice_has_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("gate:\n  motion: off\n")
+    assert load_config(path).gate.motion == "off"
+    assert load_config(path, ["gate.motion=off"]).gate.motion == "off"
+    assert error_of(tmp_path, "runtime:\n  mode: off\n") == "runtime.mode: False is not one of 'archive' | 'live'"
+
+
 def test_unknown_model_lists_valid_models(tmp_path):
     message = error_of(tmp_path, "stages:\n  detect:\n    model: yolo9000\n")
     assert message.startswith("stages.detect.model: unknown model 'yolo9000'; valid names:")

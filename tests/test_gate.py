@@ -464,6 +464,99 @@ def test_a_non_adaptive_gate_keeps_its_threshold():
     assert frame.results["gate"]["threshold"] == 0.02
 
 
+# --------------------------------------------------------------------------- per-stage refresh
+
+
+def drifting(count, step=1, height=48, width=64):
+    """A dark square moving ``step`` pixels a frame over a flat background: too little change per frame
+    for the gate's pixel signal to see, so it accumulates below the threshold."""
+    images = []
+    for index in range(count):
+        image = np.full((height, width, 3), 120, dtype=np.uint8)
+        x = 8 + step * index
+        image[16:32, x:x + 16] = 100
+        images.append(image)
+    return images
+
+
+def test_a_stage_past_its_refresh_bound_runs_alone_on_a_frame_the_gate_would_reuse():
+    gate = Gate(GateConfig(enabled=True, threshold=0.5, max_reuse=10, refresh={"segment": 3}, tiles=None))
+    frames = gate.process(frames_of(drifting(12)))
+    assert decisions(frames) == ["keyframe", "reuse", "reuse", "reuse", "refresh", "reuse", "reuse", "reuse",
+                                 "refresh", "reuse", "reuse", "keyframe"]
+    refresh = frames[4]
+    assert refresh.meta["refresh"] == ["segment"] and refresh.meta["audit_of"] == 0
+    assert refresh.results["gate"]["stages"] == ["segment"] and refresh.results["gate"]["keyframe"] == 0
+    assert refresh.runs("segment") and not refresh.runs("detect") and not refresh.runs("action")
+    assert [f.meta.get("reuse_of") for f in frames[5:8]] == [4, 4, 4]  # later frames copy the refresh
+    assert frames[8].meta["audit_of"] == 4
+    # the other stages were carried over through both refreshes: max_reuse still bounds them
+    assert frames[11].results["gate"]["reason"] == "max_reuse" and frames[11].meta["audit_of"] == 8
+
+
+def test_identical_frames_are_never_refreshed():
+    gate = Gate(GateConfig(enabled=True, max_reuse=6, refresh={"segment": 2}))
+    frames = gate.process(frames_of([textured()] * 14))
+    assert [f.index for f in frames if not f.is_reused] == [0, 7]
+    assert "refresh" not in decisions(frames)
+
+
+def test_a_partial_frame_builds_on_each_stages_own_last_run():
+    gate = Gate(GateConfig(enabled=True, threshold=0.01, max_reuse=20, refresh={"segment": 2}, tiles=[4, 4]))
+    images = drifting(4)
+    moved = images[3].copy()
+    moved[36:48, 48:64] = 250  # a real local change in one corner
+    frames = gate.process(frames_of(images + [moved]))
+    assert decisions(frames) == ["keyframe", "reuse", "reuse", "refresh", "partial"]
+    tiles = frames[4].meta["tiles"]
+    assert tiles["base"] == 0  # the last frame every stage ran on: the detector's cache
+    assert tiles["bases"] == {"segment": 3}  # the segmenter's cache is the refresh
+
+
+def test_refresh_audits_move_their_stages_bound_not_the_threshold():
+    cfg = GateConfig(enabled=True, adaptive=True, threshold=0.5, max_reuse=20, refresh={"segment": 4}, tiles=None,
+                     agreement_target=0.95)
+    gate = Gate(cfg)
+    frames = gate.process(frames_of(drifting(6)))
+    assert decisions(frames)[5] == "refresh"
+    bad = frames_of(drifting(7)[6:], start=6)[0]
+    bad.meta["audit_feedback"] = [(5, 0.5)]
+    gate.process([bad])
+    state = gate.streams["s"]
+    assert state.bounds == {"segment": 2} and state.threshold == 0.5  # missed: refresh twice as often
+    images = drifting(12)
+    later = gate.process(frames_of(images[7:9], start=7))
+    assert decisions(later) == ["reuse", "refresh"]  # stale for 2 frames now (6 was one of them)
+    good = frames_of(images[9:10], start=9)[0]
+    good.meta["audit_feedback"] = [(8, 1.0)]
+    gate.process([good])
+    assert state.bounds == {"segment": 3} and state.threshold == 0.5  # met: one frame more
+
+
+def _segment_result(class_map):
+    from stages.common import encode_class_map
+
+    return {"mask": {"format": "png", "data": encode_class_map(class_map), "height": class_map.shape[0],
+                     "width": class_map.shape[1]}, "classes": ["background", "thing"]}
+
+
+def test_a_refresh_audit_scores_only_the_stages_that_ran():
+    carry = CarryOver(motion="off", lag=1)
+    keyframe = {"detect": {"boxes": [[0, 0, 10, 10]], "labels": [1]}, "segment": _segment_result(np.zeros((8, 8), np.uint8))}
+    fresh_map = np.zeros((8, 8), np.uint8)
+    fresh_map[:4] = 1
+    refresh = _Out.frame(4, {"gate": {"decision": "refresh", "stages": ["segment"]},
+                             "segment": _segment_result(fresh_map)}, {"audit_of": 0, "refresh": ["segment"]})
+    carry.fill(refresh, keyframe)
+    assert refresh.results["detect"] == keyframe["detect"]  # carried: the detector did not run
+    assert refresh.results["segment"]["mask"] != keyframe["segment"]["mask"]  # fresh: kept
+    carry.observe(refresh, keyframe)
+    audit = refresh.results["audit"]
+    assert set(audit) == {"agreement", "mask_iou", "audit_of"}  # no box F1 of boxes that were only copied
+    assert audit["agreement"] == pytest.approx(mask_miou(np.zeros((8, 8), np.uint8), fresh_map))
+    assert carry.stats["s"].refreshed == 1
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -496,6 +589,46 @@ def test_local_run_audits_adapts_and_reports_where_results_came_from(tmp_path):
     assert thresholds[0] == 0.01 and thresholds[-1] > 0.01  # the feedback arrived and raised it
     assert thresholds == sorted(thresholds)
     assert not any("audit" in r.results for r in results if r.outcome.value == "reused")  # never carried over
+
+
+def static_scene_config(**gate):
+    return load_config(data={
+        "sources": [{"type": "synthetic", "seed": 7, "width": 96, "height": 64, "num_frames": 16, "num_objects": 2,
+                     "action": "static", "static_camera": True}],
+        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8, **gate},
+        "stages": {"detect": {"batch": 2}, "segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [32, 32]}}},
+    })
+
+
+def test_on_a_refresh_only_the_segmenter_runs_and_the_boxes_are_carried(monkeypatch):
+    from stages.detect import Detect
+    from stages.segment import Segment
+
+    ran = {"detect": [], "segment": []}
+    for stage, cls in (("detect", Detect), ("segment", Segment)):
+        original = cls._run_full
+
+        def counting(self, frames, _original=original, _stage=stage):
+            ran[_stage].extend(f.index for f in frames)
+            return _original(self, frames)
+
+        monkeypatch.setattr(cls, "_run_full", counting)
+    results = run_local(static_scene_config())
+    by_decision = {d: [r.index for r in results if r.results["gate"]["decision"] == d]
+                   for d in ("keyframe", "refresh", "reuse", "partial")}
+    assert by_decision["refresh"], "the slowly drifting scene must reach the segmenter's bound"
+    assert sorted(ran["segment"]) == sorted(by_decision["keyframe"] + by_decision["refresh"] + by_decision["partial"])
+    assert sorted(ran["detect"]) == sorted(by_decision["keyframe"] + by_decision["partial"])
+    by_index = {r.index: r for r in results}
+    for index in by_decision["refresh"]:
+        result = by_index[index]
+        key = by_index[result.results["gate"]["keyframe"]]
+        assert result.outcome.value == "processed" and result.reuse_of is None
+        assert result.results["detect"]["boxes"] == key.results["detect"]["boxes"]  # carried (no motion source)
+        assert set(result.results["audit"]) == {"agreement", "mask_iou", "audit_of"}
+    # a frame reused after a refresh copies the refresh: its fresh mask, its carried boxes
+    after = [r for r in results if r.reuse_of in by_decision["refresh"]]
+    assert after and all(r.results["segment"] == by_index[r.reuse_of].results["segment"] for r in after)
 
 
 def test_segment_runs_one_crop_around_neighbouring_rows_when_that_costs_less(segmenter):
@@ -569,8 +702,8 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
             assert 0.0 <= float(cells[name]) <= 1.0, (name, cells[name])
         assert float(cells["less compute"].rstrip("×")) == pytest.approx(1 / float(cells["model work fraction"]), rel=0.02)
         assert float(cells["speed-up"].rstrip("×")) > 0
-        reused, partial, keyframes = (int(n) for n in cells["reused/partial/keyframes"].split("/"))
-        assert reused + partial + keyframes == int(cells["frames"]) and keyframes >= 1
+        reused, refreshed, partial, keyframes = (int(n) for n in cells["reused/refreshed/partial/keyframes"].split("/"))
+        assert reused + refreshed + partial + keyframes == int(cells["frames"]) and keyframes >= 1
     assert "gate on ÷ gate off throughput = **" in proc.stdout
     assert "Targets." in proc.stdout and "weights:" in proc.stdout
     truth = next(line for line in lines if line.startswith("**What reuse costs a perfect model**"))

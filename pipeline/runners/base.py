@@ -179,7 +179,7 @@ class OrderedOutput:
 
     def _emit(self, frame: Frame) -> None:
         keyframe_results = self.last_processed.get(frame.stream_id, {})
-        if frame.is_reused and not frame.is_failed:
+        if (frame.is_reused or frame.is_refresh) and not frame.is_failed:
             self.carry.fill(frame, keyframe_results)
         result = frame.finish()
         self.carry.observe(frame, keyframe_results if result.outcome is Outcome.PROCESSED else None)
