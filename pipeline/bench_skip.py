@@ -347,18 +347,20 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
         frame = gate.process([Frame("synthetic", index, 0.0, truth.image)])[0]
         fresh_boxes = {"boxes": truth.boxes.tolist(), "labels": truth.labels.tolist()}
         decision, changed = frame.results["gate"]["decision"], (frame.meta.get("tiles") or {}).get("changed")
-        if decision == "partial" and changed:
+        ran = frame.results["gate"]["stages"] if decision == "refresh" else ("detect", "segment")
+        if decision in ("partial", "refresh") and changed:
             height, width = truth.semantic.shape
-            region = crop_region(gate_cfg.tiles, changed, height, width, DetectOptions.crop_halo,
-                                 DetectOptions.crop_max_area)
-            kept_boxes = fresh_boxes if region is None else _merged_truth(kept_boxes, fresh_boxes, *region, height, width)
-            crops = segmenter._merged_crops(gate_cfg.tiles, changed, seg_size)
-            patchable = sum((c[1] - c[0]) * (c[3] - c[2]) for c, _ in crops) < seg_size[0] * seg_size[1]
-            kept_map = _patched(kept_map, truth.semantic, changed, gate_cfg) if patchable else truth.semantic
+            if "detect" in ran:
+                region = crop_region(gate_cfg.tiles, changed, height, width, DetectOptions.crop_halo,
+                                     DetectOptions.crop_max_area)
+                kept_boxes = fresh_boxes if region is None else _merged_truth(kept_boxes, fresh_boxes, *region, height, width)
+            if "segment" in ran:
+                crops = segmenter._merged_crops(gate_cfg.tiles, changed, seg_size)
+                patchable = sum((c[1] - c[0]) * (c[3] - c[2]) for c, _ in crops) < seg_size[0] * seg_size[1]
+                kept_map = _patched(kept_map, truth.semantic, changed, gate_cfg) if patchable else truth.semantic
         elif decision == "refresh":
-            refreshed = frame.results["gate"]["stages"]
-            kept_boxes = fresh_boxes if "detect" in refreshed else kept_boxes
-            kept_map = truth.semantic if "segment" in refreshed else kept_map
+            kept_boxes = fresh_boxes if "detect" in ran else kept_boxes
+            kept_map = truth.semantic if "segment" in ran else kept_map
         elif decision != "reuse":
             kept_boxes = fresh_boxes
             kept_map = truth.semantic

@@ -135,6 +135,10 @@ class GateConfig:
         "stages' results are carried over, and the refresh audits the stage's carry-over). Masks go stale under "
         "drift too slow for the pixel signal to see, which boxes matched at IoU 0.5 tolerate; {} = off",
     )
+    refresh_pixel_threshold: int = _field(
+        6, "with tiles, a refresh recomputes only the tiles (plus tile_margin) where the signal moved by more than "
+        "this many gray levels since the stage's results; none: no refresh yet. 0 = the whole frame", lo=0, hi=255,
+    )
     audit_interval: int = _field(
         0, "process every Nth frame the gate would reuse as an audit that measures agreement; 0: only the "
         "max_reuse refreshes are audits", lo=0, hi=10**6,

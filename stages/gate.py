@@ -69,7 +69,7 @@ __all__ = ["Gate", "box_blur", "changed_fraction", "gray_signal"]
 @dataclass
 class _StreamState:
     key_index: int  # the last processed frame: what reused frames copy
-    reference: np.ndarray  # the signal the caches represent
+    reference: np.ndarray  # the signal every stage's cache represents (refreshes move only stage_refs)
     last_index: int
     threshold: float
     reused_since_key: int = 0
@@ -84,6 +84,8 @@ class _StreamState:
     bounds: dict[str, int] = field(default_factory=dict)  # per refresh stage: its bound (adaptive moves it)
     pending_refresh: dict[int, list[str]] = field(default_factory=dict)  # refresh index -> its stages
     full_index: int = -1  # the last frame every stage ran on (keyframe or partial)
+    full_motion: np.ndarray | None = None  # backward motion from full_index: what ``reference`` is compared along
+    stage_refs: dict[str, np.ndarray] = field(default_factory=dict)  # refreshed stages' newer references
     ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
 
 
@@ -139,16 +141,18 @@ class Gate(Stage):
         state.last_index = frame.index
         self._apply_feedback(state, frame.meta.pop("audit_feedback", None))
         if self.cfg.motion in ("mvs", "auto"):
-            state.motion = compose_motion(_step_motion(frame), state.motion)
+            step = _step_motion(frame)
+            state.motion = compose_motion(step, state.motion)
+            state.full_motion = compose_motion(step, state.full_motion)
         change = self._measure(state, signal)
         reason = self._refresh_reason(state, change)
-        due = [] if reason else self._due(state, signal)
+        due, drift_tiles = ([], None) if reason else self._due(state, signal)
         if reason == "partial":
             self._partial(frame, signal, state, change)
         elif reason:
             self._keyframe(frame, signal, state, change, reason)
         elif due:
-            self._refresh(frame, signal, state, change, due)
+            self._refresh(frame, signal, state, change, due, drift_tiles)
         else:
             self._reuse(frame, state, change)
 
@@ -163,13 +167,13 @@ class Gate(Stage):
 
     def _measure(self, state: _StreamState, signal: np.ndarray) -> _Change:
         cfg = self.cfg
-        still = is_still(state.motion)
+        still = is_still(state.full_motion)
         # tiles are patched into the uncompensated reference, so they need the plain mask; skip it when unused
         plain = changed_mask(state.reference, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas) \
             if still or cfg.tiles else None
         mask, compensated = plain, False
         if not still:
-            moved = warp_backward(state.reference, state.motion / float(cfg.downscale))
+            moved = warp_backward(state.reference, state.full_motion / float(cfg.downscale))
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
         return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated)
@@ -190,12 +194,22 @@ class Gate(Stage):
             return "audit"
         return None
 
-    @staticmethod
-    def _due(state: _StreamState, signal: np.ndarray) -> list[str]:
-        """The stages past their refresh bound, unless the frame is identical to the reference: the same
-        pixels are never paid for twice."""
+    def _due(self, state: _StreamState, signal: np.ndarray) -> tuple[list[str], list[int] | None]:
+        """The stages past their refresh bound, and the tiles a refresh recomputes: those where the signal
+        moved by more than ``refresh_pixel_threshold`` since the reference. None moved (or, without tiles,
+        the frame is identical to the reference): no refresh, as the same pixels are never paid for twice."""
         due = [s for s, bound in state.bounds.items() if state.stale.get(s, 0) >= bound]
-        return due if due and not np.array_equal(signal, state.reference) else []
+        if not due:
+            return [], None
+        cfg = self.cfg
+        references = [state.stage_refs.get(stage, state.reference) for stage in due]
+        if not (cfg.tiles and cfg.refresh_pixel_threshold):
+            return ([], None) if all(np.array_equal(signal, r) for r in references) else (due, None)
+        tiles: set[int] = set()
+        for reference in references:
+            drift = changed_mask(reference, signal, cfg.refresh_pixel_threshold, cfg.blur, 0.0)
+            tiles.update(changed_tiles(drift, cfg.tiles, cfg.tile_margin))
+        return (due, sorted(tiles)) if tiles else ([], None)
 
     def _apply_feedback(self, state: _StreamState, feedback: list[tuple[int, float]] | None) -> None:
         """Move the threshold on each audit's agreement (only with ``adaptive``)."""
@@ -237,37 +251,50 @@ class Gate(Stage):
         frame.results[self.name] = self._result(state, "reuse", None, change, keyframe=state.key_index)
 
     def _refresh(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change,
-                 stages: list[str]) -> None:
-        """Only ``stages`` run; the driver carries the others over from the last processed frame and scores
-        the refreshed stages' would-be carry-over (an audit of those stages)."""
+                 stages: list[str], tiles: list[int] | None) -> None:
+        """Only ``stages`` run, on ``tiles`` (all of the frame when None); the driver carries the other
+        stages over from the last processed frame and scores the refreshed stages' would-be carry-over
+        (an audit of those stages)."""
         key = state.key_index
         frame.meta["refresh"] = stages
         frame.meta["audit_of"] = key
         if state.motion is not None:
             frame.meta["motion"] = state.motion.astype(np.float16)
         state.pending_refresh[frame.index] = stages
+        if self.cfg.tiles:
+            frame.meta["tiles"] = self._tiles_meta(state, tiles)
+        for stage in stages:  # the frame-level reference stays: the other stages' caches did not move
+            reference = state.stage_refs.get(stage, state.reference).copy()
+            state.stage_refs[stage] = _patched(reference, signal, tiles, self.cfg.tiles)
         # the other stages reuse this frame: it counts towards their staleness, and towards max_reuse
         stale = {s: 0 if s in stages else state.stale.get(s, 0) + 1 for s in state.bounds}
         reused = state.reused_since_key + 1
-        state.reference = signal
         self._processed(state, frame.index)
         state.stale, state.reused_since_key = stale, reused
         state.ran.update(dict.fromkeys(stages, frame.index))
-        if self.cfg.tiles:
-            frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": None, "base": None}
+        extra = {"tiles": {"grid": list(self.cfg.tiles), "changed": len(tiles)}} if tiles is not None else {}
         frame.results[self.name] = self._result(state, "refresh", "stale", change, stages=stages, keyframe=key,
-                                                audit_of=key)
+                                                audit_of=key, **extra)
+
+    def _tiles_meta(self, state: _StreamState, tiles: list[int] | None) -> dict[str, Any]:
+        """What the stages' region recompute needs: the changed tiles (None: the whole frame) and the frame
+        each stage's cache holds (``base``: every stage's; ``bases``: stages refreshed since)."""
+        meta: dict[str, Any] = {"grid": list(self.cfg.tiles), "changed": None if tiles is None else list(tiles),
+                                "base": None if tiles is None else state.full_index}
+        bases = {stage: index for stage, index in state.ran.items() if index != state.full_index}
+        if tiles is not None and bases:
+            meta["bases"] = bases
+        return meta
+
+    def _patch_reference(self, state: _StreamState, signal: np.ndarray, tiles: list[int]) -> None:
+        """A partial frame: every stage recomputed ``tiles``, so every reference takes them."""
+        state.reference = _patched(state.reference, signal, tiles, self.cfg.tiles)
+        for stage, reference in state.stage_refs.items():
+            state.stage_refs[stage] = _patched(reference, signal, tiles, self.cfg.tiles)
 
     def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
-        height, width = signal.shape
-        rects = tile_rects(self.cfg.tiles, height, width)
-        for index in change.tiles:
-            y0, y1, x0, x1 = rects[index]
-            state.reference[y0:y1, x0:x1] = signal[y0:y1, x0:x1]
-        frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": list(change.tiles), "base": state.full_index}
-        bases = {stage: index for stage, index in state.ran.items() if index != state.full_index}
-        if bases:  # refreshed since: those stages' caches are newer than the base
-            frame.meta["tiles"]["bases"] = bases
+        self._patch_reference(state, signal, change.tiles)
+        frame.meta["tiles"] = self._tiles_meta(state, change.tiles)
         self._processed(state, frame.index)
         self._ran_all(state, frame.index)
         state.partial_run += 1
@@ -285,6 +312,7 @@ class Gate(Stage):
         if state is None:
             state = self._new_state(frame, signal)
         state.reference = signal
+        state.stage_refs = {}
         self._processed(state, frame.index)
         self._ran_all(state, frame.index)
         state.partial_run = 0
@@ -309,6 +337,7 @@ class Gate(Stage):
     @staticmethod
     def _ran_all(state: _StreamState, index: int) -> None:
         state.full_index = index
+        state.full_motion = None
         state.ran = dict.fromkeys(state.bounds, index)
 
     def _result(self, state: _StreamState, decision: str, reason: str | None, change: _Change, **extra: Any) -> dict:
@@ -322,6 +351,17 @@ class Gate(Stage):
         result["threshold"] = round(state.threshold, 6)
         result["skip_ratio"] = round(state.reused / max(1, state.frames), 6)
         return result
+
+
+def _patched(reference: np.ndarray, signal: np.ndarray, tiles: list[int] | None, grid: list[int]) -> np.ndarray:
+    """``reference`` with ``tiles`` taken from ``signal`` (in place); all of ``signal`` when ``tiles`` is None."""
+    if tiles is None:
+        return signal
+    rects = tile_rects(grid, *signal.shape)
+    for index in tiles:
+        y0, y1, x0, x1 = rects[index]
+        reference[y0:y1, x0:x1] = signal[y0:y1, x0:x1]
+    return reference
 
 
 def _step_motion(frame: Frame) -> np.ndarray | None:

@@ -474,7 +474,7 @@ def drifting(count, step=1, height=48, width=64):
     for index in range(count):
         image = np.full((height, width, 3), 120, dtype=np.uint8)
         x = 8 + step * index
-        image[16:32, x:x + 16] = 100
+        image[16:32, x:x + 16] = 90
         images.append(image)
     return images
 
@@ -494,8 +494,35 @@ def test_a_stage_past_its_refresh_bound_runs_alone_on_a_frame_the_gate_would_reu
     assert frames[11].results["gate"]["reason"] == "max_reuse" and frames[11].meta["audit_of"] == 8
 
 
-def test_identical_frames_are_never_refreshed():
-    gate = Gate(GateConfig(enabled=True, max_reuse=6, refresh={"segment": 2}))
+def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_reference():
+    from pipeline.skip import tile_rects
+    from stages.gate import gray_signal
+
+    gate = Gate(GateConfig(enabled=True, threshold=0.01, max_reuse=30, refresh={"segment": 2}, tiles=[4, 4],
+                           tile_margin=0))
+    images = drifting(14, height=96, width=128)
+    first = gate.process(frames_of(images[:4]))
+    assert decisions(first) == ["keyframe", "reuse", "reuse", "refresh"]
+    assert first[3].meta["tiles"]["changed"] == [0, 4]  # the tiles the square drifted in, no others
+    assert first[3].meta["tiles"]["base"] == 0 and "bases" not in first[3].meta["tiles"]  # the segmenter's cache
+    state = gate.streams["s"]
+    key, now = gray_signal(images[0], 4), gray_signal(images[3], 4)
+    assert np.array_equal(state.reference, key)  # what the carried-over detector still represents
+    expected = key.copy()
+    for tile in (0, 4):
+        y0, y1, x0, x1 = tile_rects([4, 4], *key.shape)[tile]
+        expected[y0:y1, x0:x1] = now[y0:y1, x0:x1]
+    assert np.array_equal(state.stage_refs["segment"], expected)
+    rest = gate.process(frames_of(images[4:], start=4))
+    second = next(f for f in rest if f.results["gate"]["decision"] == "refresh")
+    assert second.meta["tiles"]["bases"] == {"segment": 3}  # it patches the map of its own last run
+    # the drift keeps adding up against the frame reference: the detector gets its partial frame
+    assert "partial" in decisions(rest) and "refresh" in decisions(rest)
+
+
+@pytest.mark.parametrize("tiles", [[8, 8], None])
+def test_identical_frames_are_never_refreshed(tiles):
+    gate = Gate(GateConfig(enabled=True, max_reuse=6, refresh={"segment": 2}, tiles=tiles))
     frames = gate.process(frames_of([textured()] * 14))
     assert [f.index for f in frames if not f.is_reused] == [0, 7]
     assert "refresh" not in decisions(frames)
@@ -605,14 +632,15 @@ def test_on_a_refresh_only_the_segmenter_runs_and_the_boxes_are_carried(monkeypa
     from stages.segment import Segment
 
     ran = {"detect": [], "segment": []}
-    for stage, cls in (("detect", Detect), ("segment", Segment)):
-        original = cls._run_full
+    for stage, cls, method in (("detect", Detect, "_run_full"), ("detect", Detect, "_run_crop"),
+                               ("segment", Segment, "_run_full"), ("segment", Segment, "_run_patch")):
+        original = getattr(cls, method)
 
-        def counting(self, frames, _original=original, _stage=stage):
-            ran[_stage].extend(f.index for f in frames)
-            return _original(self, frames)
+        def counting(self, frames, *args, _original=original, _stage=stage):
+            ran[_stage].extend(f.index for f in (frames if isinstance(frames, list) else [frames]))
+            return _original(self, frames, *args)
 
-        monkeypatch.setattr(cls, "_run_full", counting)
+        monkeypatch.setattr(cls, method, counting)
     results = run_local(static_scene_config())
     by_decision = {d: [r.index for r in results if r.results["gate"]["decision"] == d]
                    for d in ("keyframe", "refresh", "reuse", "partial")}
