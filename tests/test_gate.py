@@ -738,3 +738,7 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
     scores = re.findall(r"(synthetic scene(?:, static camera)?): box F1 ([0-9.]+), mask mIoU ([0-9.]+)[;.]", truth)
     assert [name for name, _, _ in scores] == ["synthetic scene", "synthetic scene, static camera"], truth
     assert all(0.0 <= float(f1) <= 1.0 and 0.0 <= float(miou) <= 1.0 for _, f1, miou in scores)
+    accuracy = next(line for line in lines if line.startswith("**Accuracy against the ground truth"))
+    number = r"([0-9]+\.[0-9]+)"
+    pairs = re.findall(rf"box F1 {number} → {number}, mask mIoU {number} → {number}", accuracy)
+    assert len(pairs) == 2 and all(0.0 <= float(v) <= 1.0 for pair in pairs for v in pair), accuracy
