@@ -84,7 +84,8 @@ class _StreamState:
     bounds: dict[str, int] = field(default_factory=dict)  # per refresh stage: its bound (adaptive moves it)
     pending_refresh: dict[int, list[str]] = field(default_factory=dict)  # refresh index -> its stages
     full_index: int = -1  # the last frame every stage ran on (keyframe or partial)
-    full_motion: np.ndarray | None = None  # backward motion from full_index: what ``reference`` is compared along
+    full_motion: np.ndarray | None = None  # backward motion from full_index, once a refresh split it from ``motion``
+    split_motion: bool = False  # a refresh since full_index: ``motion`` starts at the refresh, full_motion does not
     stage_refs: dict[str, np.ndarray] = field(default_factory=dict)  # refreshed stages' newer references
     ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
 
@@ -143,7 +144,8 @@ class Gate(Stage):
         if self.cfg.motion in ("mvs", "auto"):
             step = _step_motion(frame)
             state.motion = compose_motion(step, state.motion)
-            state.full_motion = compose_motion(step, state.full_motion)
+            if state.split_motion:
+                state.full_motion = compose_motion(step, state.full_motion)
         change = self._measure(state, signal)
         reason = self._refresh_reason(state, change)
         due, drift_tiles = ([], None) if reason else self._due(state, signal)
@@ -167,13 +169,14 @@ class Gate(Stage):
 
     def _measure(self, state: _StreamState, signal: np.ndarray) -> _Change:
         cfg = self.cfg
-        still = is_still(state.full_motion)
+        motion = state.full_motion if state.split_motion else state.motion
+        still = is_still(motion)
         # tiles are patched into the uncompensated reference, so they need the plain mask; skip it when unused
         plain = changed_mask(state.reference, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas) \
             if still or cfg.tiles else None
         mask, compensated = plain, False
         if not still:
-            moved = warp_backward(state.reference, state.full_motion / float(cfg.downscale))
+            moved = warp_backward(state.reference, motion / float(cfg.downscale))
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
         return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated)
@@ -269,6 +272,8 @@ class Gate(Stage):
         # the other stages reuse this frame: it counts towards their staleness, and towards max_reuse
         stale = {s: 0 if s in stages else state.stale.get(s, 0) + 1 for s in state.bounds}
         reused = state.reused_since_key + 1
+        if not state.split_motion:
+            state.full_motion, state.split_motion = state.motion, True
         self._processed(state, frame.index)
         state.stale, state.reused_since_key = stale, reused
         state.ran.update(dict.fromkeys(stages, frame.index))
@@ -337,7 +342,7 @@ class Gate(Stage):
     @staticmethod
     def _ran_all(state: _StreamState, index: int) -> None:
         state.full_index = index
-        state.full_motion = None
+        state.full_motion, state.split_motion = None, False
         state.ran = dict.fromkeys(state.bounds, index)
 
     def _result(self, state: _StreamState, decision: str, reason: str | None, change: _Change, **extra: Any) -> dict:
