@@ -659,6 +659,21 @@ def test_on_a_refresh_only_the_segmenter_runs_and_the_boxes_are_carried(monkeypa
     assert after and all(r.results["segment"] == by_index[r.reuse_of].results["segment"] for r in after)
 
 
+def test_gated_records_match_the_documented_schema():
+    import json
+
+    from pipeline.sinks import to_record
+    from tests.conftest import REPO_ROOT
+
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads((REPO_ROOT / "docs" / "frame-record.schema.json").read_text())
+    results = run_local(static_scene_config(tiles=[4, 4]))
+    assert {"keyframe", "refresh", "reuse"} <= {r.results["gate"]["decision"] for r in results}
+    assert any("audit" in r.results for r in results)
+    for result in results:
+        jsonschema.validate(json.loads(json.dumps(to_record(result))), schema)
+
+
 def test_segment_runs_one_crop_around_neighbouring_rows_when_that_costs_less(segmenter):
     size = (256, 256)  # 32-pixel tiles, 32-pixel halo
     separate = segmenter._crops([8, 8], [19, 27], size)  # one tile in each of two neighbouring rows
