@@ -317,7 +317,8 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
     if origin is Literal:
         value = _yaml_switch(value, typing.get_args(tp))
         if value not in typing.get_args(tp):
-            raise ConfigError(f"{path}: {value!r} is not one of {_type_name(tp)}")
+            shown = f"{str(value).lower()} (YAML reads a bare yes/no/on/off as a boolean)" if isinstance(value, bool) else repr(value)
+            raise ConfigError(f"{path}: {shown} is not one of {_type_name(tp)}")
         return value
     if origin is list:
         if not isinstance(value, list):

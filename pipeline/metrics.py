@@ -258,6 +258,8 @@ class PrometheusRecorder(MetricsRecorder):
                                      ["stream"], registry=r)
         self.audited = Counter("blinkflow_audited_frames", "Frames the gate would have reused, processed as audits",
                                ["stream"], registry=r)
+        self.gate_decisions = Counter("blinkflow_gate_decisions", "Frames by the gate's decision: keyframe, partial, "
+                                      "refresh (some stages alone), reuse", ["stream", "decision"], registry=r)
         self.gate_threshold = Gauge("blinkflow_gate_threshold_ratio",
                                     "The gate's current changed-fraction threshold (adaptive: moved by audits)",
                                     ["stream"], registry=r)
@@ -349,6 +351,8 @@ class PrometheusRecorder(MetricsRecorder):
         if isinstance(audit, dict) and "agreement" in audit:
             self.on_audit(result.stream_id, float(audit["agreement"]))
         gate = result.results.get("gate") if result.results else None
+        if isinstance(gate, dict) and gate.get("decision"):
+            self.gate_decisions.labels(result.stream_id, str(gate["decision"])).inc()
         if isinstance(gate, dict) and gate.get("threshold") is not None:
             if series.threshold is None:
                 series.threshold = self.gate_threshold.labels(result.stream_id)

@@ -104,7 +104,8 @@ def test_a_bare_off_in_yaml_means_the_word_where_a_choice_has_it(tmp_path):
     path.write_text("gate:\n  motion: off\n")
     assert load_config(path).gate.motion == "off"
     assert load_config(path, ["gate.motion=off"]).gate.motion == "off"
-    assert error_of(tmp_path, "runtime:\n  mode: off\n") == "runtime.mode: False is not one of 'archive' | 'live'"
+    assert error_of(tmp_path, "runtime:\n  mode: off\n") == (
+        "runtime.mode: false (YAML reads a bare yes/no/on/off as a boolean) is not one of 'archive' | 'live'")
 
 
 def test_unknown_model_lists_valid_models(tmp_path):

@@ -65,7 +65,8 @@ def exported_sample_names() -> set[str]:
     recorder.on_queue("detect", 1, 2)
     recorder.on_restart("detect")
     recorder.on_decoded(Frame("cam", 0, 0.0, image=None, meta={"reconnects": 1}))
-    recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.REUSED, results={"audit": {"agreement": 1.0}}))
+    recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.REUSED, results={
+        "audit": {"agreement": 1.0}, "gate": {"decision": "reuse", "threshold": 0.01}}))
     recorder.on_device("host/cuda:0", "detect", 1, 2, 0.5)
     return {sample.name for family in recorder.registry.collect() for sample in family.samples}
 
@@ -96,7 +97,7 @@ def test_deploy_pipeline_config_is_valid(path):
 def test_dashboard_has_the_panels_operators_need():
     titles = " | ".join(p["title"].lower() for p in json.loads(DASHBOARD.read_text())["panels"])
     for topic in ("throughput per stage", "latency percentiles", "queue depth", "skip ratio", "audit agreement",
-                  "dropped", "failed", "streams up", "reconnects", "gpu memory"):
+                  "gate decisions", "dropped", "failed", "streams up", "reconnects", "gpu memory"):
         assert topic in titles, f"no dashboard panel about {topic!r}"
 
 

@@ -708,6 +708,9 @@ def test_skip_ratio_audit_agreement_and_threshold_are_exported_per_stream(tmp_pa
     assert sample("blinkflow_gate_threshold_ratio") == pytest.approx(0.02)
     assert sample("blinkflow_audited_frames_total") == 2  # the max_reuse refreshes at frames 4 and 8
     assert sample("blinkflow_audit_agreement_ratio") == 1.0  # identical frames agree
+    decided = lambda decision: recorder.registry.get_sample_value("blinkflow_gate_decisions_total",
+                                                                  {"stream": "cam", "decision": decision})
+    assert decided("reuse") == 9 and decided("keyframe") == 3 and decided("refresh") is None
     # every reused frame names its keyframe, in the record the sinks write too
     from pipeline.sinks import to_record
 

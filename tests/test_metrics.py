@@ -101,6 +101,17 @@ def test_skip_ratio_reconnects_and_audit_come_from_frames_and_results():
     assert value(recorder, "blinkflow_audited_frames_total", stream="cam") == 2
 
 
+def test_gate_decisions_are_counted_per_stream_and_decision():
+    recorder = PrometheusRecorder()
+    for outcome, decision in [(Outcome.PROCESSED, "keyframe"), (Outcome.REUSED, "reuse"), (Outcome.PROCESSED, "refresh"),
+                              (Outcome.REUSED, "reuse"), (Outcome.PROCESSED, "partial")]:
+        recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, outcome, results={"gate": {"decision": decision}}))
+    counts = {d: value(recorder, "blinkflow_gate_decisions_total", stream="cam", decision=d)
+              for d in ("keyframe", "partial", "refresh", "reuse")}
+    assert counts == {"keyframe": 1, "partial": 1, "refresh": 1, "reuse": 2}
+    assert value(recorder, "blinkflow_stream_skip_ratio", stream="cam") == pytest.approx(2 / 5)  # a refresh is processed
+
+
 def test_actor_restart_keeps_totals_monotonic_and_counts_one_restart():
     recorder = PrometheusRecorder()
     stats = ActorStats(recorder)
