@@ -139,6 +139,11 @@ class GateConfig:
         6, "with tiles, a refresh recomputes only the tiles (plus tile_margin) where the signal moved by more than "
         "this many gray levels since the stage's results; none: no refresh yet. 0 = the whole frame", lo=0, hi=255,
     )
+    refresh_noise_factor: float = _field(
+        2.0, "a tile drifted only if its change since the stage's results is this many times the largest "
+        "frame-to-frame change seen there meanwhile (or above pixel_threshold): drift adds up from frame to frame, "
+        "codec noise does not; 0 = off", lo=0.0, hi=100.0,
+    )
     audit_interval: int = _field(
         0, "process every Nth frame the gate would reuse as an audit that measures agreement; 0: only the "
         "max_reuse refreshes are audits", lo=0, hi=10**6,

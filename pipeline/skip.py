@@ -55,6 +55,11 @@ def box_blur(image: np.ndarray, size: int) -> np.ndarray:
     return total / float(size * size)
 
 
+def blurred_difference(reference: np.ndarray, current: np.ndarray, blur: int) -> np.ndarray:
+    """|current - reference|, box-blurred: the change signal before any threshold."""
+    return box_blur(np.abs(current - reference), blur | 1)
+
+
 def changed_mask(reference: np.ndarray, current: np.ndarray, pixel_threshold: float, blur: int,
                  noise_sigmas: float = 0.0) -> np.ndarray:
     """Boolean mask of changed signal pixels: blurred |difference| above the pixel threshold.
@@ -64,7 +69,7 @@ def changed_mask(reference: np.ndarray, current: np.ndarray, pixel_threshold: fl
     robust standard deviations (1.4826 x MAD) of the blurred difference, so a
     noisy camera does not read as change everywhere.
     """
-    diff = box_blur(np.abs(current - reference), blur | 1)
+    diff = blurred_difference(reference, current, blur)
     threshold = float(pixel_threshold)
     if noise_sigmas > 0:
         median = float(np.median(diff))
@@ -112,6 +117,12 @@ def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int], margin: i
     counts = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
     areas = np.diff(ys)[:, None] * np.diff(xs)[None, :]
     hit = (counts > 0) & (counts >= min_fraction * areas)
+    return tile_indices(hit, margin)
+
+
+def tile_indices(hit: np.ndarray, margin: int = 0) -> list[int]:
+    """Row-major indices of the True tiles of a (rows, cols) grid, grown by ``margin`` tiles each way."""
+    rows, cols = hit.shape
     if margin > 0:
         grown = hit.copy()
         for dy in range(-margin, margin + 1):
@@ -122,6 +133,13 @@ def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int], margin: i
                 grown |= shifted
         hit = grown
     return [int(i) for i in np.flatnonzero(hit.ravel())]
+
+
+def tile_maxima(values: np.ndarray, grid: tuple[int, int] | list[int]) -> np.ndarray:
+    """The largest value inside each tile, as a (rows, cols) array."""
+    h, w = values.shape
+    ys, xs = tile_edges(grid[0], h), tile_edges(grid[1], w)
+    return np.maximum.reduceat(np.maximum.reduceat(values, ys[:-1], axis=0), xs[:-1], axis=1)
 
 
 def tile_runs(changed: list[int], grid: tuple[int, int] | list[int]) -> list[tuple[int, int, int]]:

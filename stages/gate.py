@@ -52,12 +52,15 @@ from pipeline.config import GateConfig
 from pipeline.frame import Frame
 from pipeline.registry import register_stage
 from pipeline.skip import (
+    blurred_difference,
     box_blur,
     changed_mask,
     changed_tiles,
     compose_motion,
     is_still,
     largest_component,
+    tile_indices,
+    tile_maxima,
     tile_rects,
     warp_backward,
 )
@@ -87,6 +90,8 @@ class _StreamState:
     full_motion: np.ndarray | None = None  # backward motion from full_index, once a refresh split it from ``motion``
     split_motion: bool = False  # a refresh since full_index: ``motion`` starts at the refresh, full_motion does not
     stage_refs: dict[str, np.ndarray] = field(default_factory=dict)  # refreshed stages' newer references
+    previous: np.ndarray | None = None  # the last frame's signal, for the frame-to-frame noise floor
+    noise: np.ndarray | None = None  # per tile: largest frame-to-frame change since the last processed frame
     ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
 
 
@@ -146,6 +151,7 @@ class Gate(Stage):
             state.motion = compose_motion(step, state.motion)
             if state.split_motion:
                 state.full_motion = compose_motion(step, state.full_motion)
+        self._track_noise(state, signal)
         change = self._measure(state, signal)
         reason = self._refresh_reason(state, change)
         due, drift_tiles = ([], None) if reason else self._due(state, signal)
@@ -210,9 +216,33 @@ class Gate(Stage):
             return ([], None) if all(np.array_equal(signal, r) for r in references) else (due, None)
         tiles: set[int] = set()
         for reference in references:
-            drift = changed_mask(reference, signal, cfg.refresh_pixel_threshold, cfg.blur, 0.0)
-            tiles.update(changed_tiles(drift, cfg.tiles, cfg.tile_margin))
+            tiles.update(self._drifted_tiles(state, reference, signal))
         return (due, sorted(tiles)) if tiles else ([], None)
+
+    def _drifted_tiles(self, state: _StreamState, reference: np.ndarray, signal: np.ndarray) -> list[int]:
+        """Tiles whose change since ``reference`` passes ``refresh_pixel_threshold`` and is either real
+        change (above ``pixel_threshold``) or ``refresh_noise_factor`` times the largest frame-to-frame
+        change seen there since: drift adds up from frame to frame, codec noise does not."""
+        cfg = self.cfg
+        difference = blurred_difference(reference, signal, cfg.blur)
+        change = tile_maxima(difference, cfg.tiles)
+        hit = change > cfg.refresh_pixel_threshold
+        if cfg.refresh_noise_factor and state.noise is not None:
+            # real change as the decision counts it: enough of the tile above pixel_threshold, not a speck
+            changed = changed_tiles(difference > cfg.pixel_threshold, cfg.tiles, 0, cfg.tile_min_changed)
+            real = np.zeros(hit.size, dtype=bool)
+            real[changed] = True
+            hit &= (change > cfg.refresh_noise_factor * state.noise) | real.reshape(hit.shape)
+        return tile_indices(hit, cfg.tile_margin)
+
+    def _track_noise(self, state: _StreamState, signal: np.ndarray) -> None:
+        cfg = self.cfg
+        if not (state.bounds and cfg.tiles and cfg.refresh_pixel_threshold and cfg.refresh_noise_factor):
+            return
+        if state.previous is not None and state.previous.shape == signal.shape:
+            step = tile_maxima(blurred_difference(state.previous, signal, cfg.blur), cfg.tiles)
+            state.noise = step if state.noise is None else np.maximum(state.noise, step)
+        state.previous = signal
 
     def _apply_feedback(self, state: _StreamState, feedback: list[tuple[int, float]] | None) -> None:
         """Move the threshold on each audit's agreement (only with ``adaptive``)."""
@@ -328,7 +358,7 @@ class Gate(Stage):
 
     def _new_state(self, frame: Frame, signal: np.ndarray) -> _StreamState:
         state = _StreamState(frame.index, signal, frame.index, self.cfg.threshold, frames=1,
-                             stale=dict.fromkeys(self.cfg.refresh, 0), bounds=dict(self.cfg.refresh))
+                             stale=dict.fromkeys(self.cfg.refresh, 0), bounds=dict(self.cfg.refresh), previous=signal)
         self.streams[frame.stream_id] = state
         return state
 
@@ -337,6 +367,7 @@ class Gate(Stage):
         state.key_index = index
         state.reused_since_key = 0
         state.motion = None
+        state.noise = None  # the noise floor is measured over the frames a refresh would compare
         state.stale = dict.fromkeys(state.stale, 0)
 
     @staticmethod

@@ -520,6 +520,33 @@ def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_re
     assert "partial" in decisions(rest) and "refresh" in decisions(rest)
 
 
+def with_flicker(images, seed=0):
+    """Codec-like noise in the bottom-right quarter: +-8 gray levels per 8x8 block, drawn anew each frame,
+    so it never adds up, and stays below the decision's pixel threshold."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for image in images:
+        noisy = image.astype(np.int16)
+        blocks = rng.integers(-8, 9, (6, 8, 1))
+        noisy[48:96, 64:128] += np.kron(blocks, np.ones((8, 8, 1), dtype=np.int16))
+        out.append(np.clip(noisy, 0, 255).astype(np.uint8))
+    return out
+
+
+@pytest.mark.parametrize("factor, flicker_refreshed", [(2.0, False), (0.0, True)])
+def test_a_refresh_leaves_out_tiles_whose_change_is_noise_that_does_not_add_up(factor, flicker_refreshed):
+    gate = Gate(GateConfig(enabled=True, threshold=0.05, max_reuse=30, refresh={"segment": 3}, tiles=[4, 4],
+                           tile_margin=0, refresh_noise_factor=factor))
+    frames = gate.process(frames_of(with_flicker(drifting(9, height=96, width=128))))
+    refreshes = [f for f in frames if f.results["gate"]["decision"] == "refresh"]
+    assert [f.index for f in refreshes] == [4, 8]
+    flicker_tiles = {10, 11, 14, 15}
+    for refresh in refreshes:
+        tiles = set(refresh.meta["tiles"]["changed"])
+        assert {0, 4} <= tiles  # the drifting square is always refreshed
+        assert bool(tiles & flicker_tiles) == flicker_refreshed
+
+
 @pytest.mark.parametrize("tiles", [[8, 8], None])
 def test_identical_frames_are_never_refreshed(tiles):
     gate = Gate(GateConfig(enabled=True, max_reuse=6, refresh={"segment": 2}, tiles=tiles))
