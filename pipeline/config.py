@@ -133,7 +133,8 @@ class GateConfig:
         factory=lambda: {"segment": 4}, doc="per stage, a staleness bound shorter than max_reuse: after this many "
         "frames without a run, that stage alone runs on the next frame the gate would reuse (a 'refresh': the other "
         "stages' results are carried over, and the refresh audits the stage's carry-over). Masks go stale under "
-        "drift too slow for the pixel signal to see, which boxes matched at IoU 0.5 tolerate; {} = off",
+        "drift too slow for the pixel signal to see, which boxes matched at IoU 0.5 tolerate. A mapping replaces the "
+        "default, so list every stage to bound; {} = off",
     )
     refresh_pixel_threshold: int = _field(
         6, "with tiles, a refresh recomputes only the tiles (plus tile_margin) where the signal moved by more than "
