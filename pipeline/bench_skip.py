@@ -94,6 +94,10 @@ class ClipReport:
     figures: dict[str, Any] = field(default_factory=dict)
 
 
+#: the synthetic static-camera scenes (``--quick`` runs the first)
+STILL_SEEDS = (7, 3, 11, 21)
+
+
 def clips(quick: bool) -> list[Clip]:
     video = SHARED_DATA / "video"
     for name in ("tree.avi", "bikes.mp4"):
@@ -110,11 +114,12 @@ def clips(quick: bool) -> list[Clip]:
                                                      "resize": [320, 136], "max_frames": moving_n}, moving_n),
         Clip("synthetic", "synthetic scene", {"type": "synthetic", "seed": 7, "width": 320, "height": 240,
                                               "num_frames": synthetic_n, "num_objects": 3}, synthetic_n),
-        # a fixed camera where the models are accurate (they were trained on such scenes): the objects
-        # drift slowly and the light changes, as in front of a real fixed camera
-        Clip("synthetic-static", "synthetic scene, static camera",
-             {"type": "synthetic", "seed": 7, "width": 320, "height": 240, "num_frames": still_n, "num_objects": 3,
-              "action": "static", "static_camera": True}, still_n),
+        # fixed cameras where the models were trained (synthetic scenes): the objects drift slowly and the
+        # light changes, as in front of a real fixed camera; several scenes, since one can flatter the gate
+        *(Clip(f"synthetic-static-{seed}", f"synthetic scene, static camera (seed {seed})",
+               {"type": "synthetic", "seed": seed, "width": 320, "height": 240, "num_frames": still_n,
+                "num_objects": 3, "action": "static", "static_camera": True}, still_n)
+          for seed in STILL_SEEDS[: 1 if quick else None]),
     ]
 
 
@@ -549,6 +554,24 @@ def _truth_line(reports: list[ClipReport]) -> str:
     )
 
 
+def pooled_still(reports: list[ClipReport]) -> dict[str, Any] | None:
+    """The synthetic static-camera scenes together: compute and agreement pooled over their frames."""
+    still = [r for r in reports if r.clip.name.startswith("synthetic-static")]
+    if not still:
+        return None
+    frames = sum(r.figures["frames"] for r in still)
+    mean = lambda key: sum(r.figures[key] * r.figures["frames"] for r in still) / frames  # noqa: E731
+    work, boxes, masks = mean("work_fraction"), mean("boxes_f1"), mean("mask_iou")
+    per_scene = ", ".join(f"seed {r.clip.source['seed']} {r.figures['less_compute']:.2f}× at "
+                          f"{_num(r.figures['boxes_f1'])} / {_num(r.figures['mask_iou'])}" for r in still)
+    costs = [r.figures["accuracy"] for r in still if "accuracy" in r.figures]
+    cost = lambda key: statistics.mean(a["gate on"][key] - a["gate off"][key] for a in costs) if costs else 0.0  # noqa: E731
+    consecutive = [min(r.figures["consecutive_boxes_f1"] or 1.0, r.figures["consecutive_mask_iou"] or 1.0) for r in still]
+    return {"scenes": len(still), "frames": frames, "less_compute": 1.0 / work if work > 0 else float("inf"),
+            "boxes_f1": boxes, "mask_iou": masks, "agreement": min(boxes, masks), "per_scene": per_scene,
+            "truth_cost_boxes": cost("boxes_f1"), "truth_cost_mask": cost("mask_iou"), "consecutive": min(consecutive)}
+
+
 def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str, Any]) -> str:
     static = next(r for r in reports if r.clip.name == "static").figures
     met = static["less_compute"] >= 5.0 and (static["agreement"] or 0.0) >= 0.95
@@ -562,18 +585,17 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
                      f"{static['static_less_compute']:.2f}× at {_num(static['static_agreement'])} — "
                      f"**{'met' if part_met else 'not met'}**")
     lines[0] += "."
-    still = next((r.figures for r in reports if r.clip.name == "synthetic-static"), None)
+    still = pooled_still(reports)
     if still is not None:
-        still_met = still["less_compute"] >= 5.0 and (still["agreement"] or 0.0) >= 0.95
-        line = (f"The same target on the synthetic static-camera scene, where the models are accurate: "
-                f"{still['frames']} frames {still['less_compute']:.2f}× at {_num(still['agreement'])} (box F1 "
-                f"{_num(still['boxes_f1'])}, mask mIoU {_num(still['mask_iou'])}) — **{'met' if still_met else 'not met'}**")
-        accuracy = still.get("accuracy")
-        if accuracy:
-            line += (f"; against the scene's ground truth, box F1 {_num(accuracy['gate off']['boxes_f1'])} gate off → "
-                     f"{_num(accuracy['gate on']['boxes_f1'])} gate on, mask mIoU {_num(accuracy['gate off']['mask_iou'])}"
-                     f" → {_num(accuracy['gate on']['mask_iou'])}")
-        lines.append(line + ".")
+        still_met = still["less_compute"] >= 5.0 and still["agreement"] >= 0.95
+        lines.append(
+            f"The same target on the {still['scenes']} synthetic static-camera scenes, where the models were trained "
+            f"(pooled over their {still['frames']} frames): {still['less_compute']:.2f}× at {_num(still['agreement'])} "
+            f"(box F1 {_num(still['boxes_f1'])}, mask mIoU {_num(still['mask_iou'])}) — "
+            f"**{'met' if still_met else 'not met'}**; per scene: {still['per_scene']}. Against the scenes' ground "
+            f"truth, gate on costs box F1 {still['truth_cost_boxes']:+.3f} and mask mIoU {still['truth_cost_mask']:+.3f} "
+            f"(means over the scenes); the models' own frame-to-frame agreement there is {_num(still['consecutive'])} "
+            "at the lowest, a ceiling for any reuse.")
     lines.append(
         f"Moving camera, the gate costs ≤ 3% throughput when it saves nothing: {100 * price['overhead']:+.1f}% time "
         f"outside the models (wall-time throughput ratio {price['throughput_ratio']:.3f}) — "

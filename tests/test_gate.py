@@ -747,6 +747,23 @@ def test_skip_ratio_audit_agreement_and_threshold_are_exported_per_stream(tmp_pa
 # --------------------------------------------------------------------------- the benchmark
 
 
+def test_bench_skip_pools_the_static_scenes_over_their_frames():
+    from pipeline.bench_skip import Clip, ClipReport, pooled_still
+
+    def report(seed, frames, work, boxes, masks):
+        figures = {"frames": frames, "work_fraction": work, "less_compute": 1 / work, "boxes_f1": boxes, "mask_iou": masks,
+                   "consecutive_boxes_f1": 0.99, "consecutive_mask_iou": masks,
+                   "accuracy": {"gate off": {"boxes_f1": 0.9, "mask_iou": 0.9}, "gate on": {"boxes_f1": 0.9, "mask_iou": 0.8}}}
+        return ClipReport(Clip(f"synthetic-static-{seed}", "", {"seed": seed}, frames), None, None, figures)
+
+    pooled = pooled_still([report(7, 10, 0.1, 1.0, 0.9), report(3, 30, 0.3, 0.8, 1.0)])
+    assert pooled["less_compute"] == pytest.approx(40 / (10 * 0.1 + 30 * 0.3))  # 4x: frames weigh, not scenes
+    assert pooled["boxes_f1"] == pytest.approx((10 * 1.0 + 30 * 0.8) / 40)
+    assert pooled["agreement"] == pytest.approx(min(pooled["boxes_f1"], pooled["mask_iou"]))
+    assert pooled["truth_cost_mask"] == pytest.approx(-0.1) and pooled["consecutive"] == pytest.approx(0.9)
+    assert pooled["per_scene"].startswith("seed 7 10.00× at 1.000 / 0.900, seed 3")
+
+
 @pytest.mark.slow
 def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
     import os
@@ -768,7 +785,7 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
     start = lines.index(header) + 2
     rows = [[c.strip().strip("*") for c in line.strip("|").split("|")] for line in lines[start : start + 4]]
     assert [row[0] for row in rows] == ["tree.avi (static camera)", "bikes.mp4 (moving camera)", "synthetic scene",
-                                        "synthetic scene, static camera"]
+                                        "synthetic scene, static camera (seed 7)"]
     for row in rows:
         cells = dict(zip(columns, row))
         for name in ("model work fraction", "box F1 vs off", "mask mIoU vs off", "skip ratio"):
@@ -780,10 +797,12 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
     assert "gate on ÷ gate off throughput = **" in proc.stdout
     assert "Targets." in proc.stdout and "weights:" in proc.stdout
     truth = next(line for line in lines if line.startswith("**What reuse costs a perfect model**"))
-    scores = re.findall(r"(synthetic scene(?:, static camera)?): box F1 ([0-9.]+), mask mIoU ([0-9.]+)[;.]", truth)
-    assert [name for name, _, _ in scores] == ["synthetic scene", "synthetic scene, static camera"], truth
+    scores = re.findall(r"(synthetic scene(?:, static camera \(seed 7\))?): box F1 ([0-9.]+), mask mIoU ([0-9.]+)[;.]", truth)
+    assert [name for name, _, _ in scores] == ["synthetic scene", "synthetic scene, static camera (seed 7)"], truth
     assert all(0.0 <= float(f1) <= 1.0 and 0.0 <= float(miou) <= 1.0 for _, f1, miou in scores)
     accuracy = next(line for line in lines if line.startswith("**Accuracy against the ground truth"))
     number = r"([0-9]+\.[0-9]+)"
     pairs = re.findall(rf"box F1 {number} → {number}, mask mIoU {number} → {number}", accuracy)
     assert len(pairs) == 2 and all(0.0 <= float(v) <= 1.0 for pair in pairs for v in pair), accuracy
+    pooled = next(line for line in lines if line.startswith("The same target on the 1 synthetic static-camera scenes"))
+    assert re.search(r"per scene: seed 7 [0-9.]+× at [0-9.]+ / [0-9.]+\.", pooled), pooled
