@@ -130,7 +130,7 @@ class GateConfig:
         "sources.N.motion_vectors), the keyframe's flow extrapolated, auto (vectors, else flow), or off (copy)",
     )
     refresh: dict[str, int] = _field(
-        factory=lambda: {"segment": 4}, doc="per stage, a staleness bound shorter than max_reuse: after this many "
+        factory=lambda: {"segment": 4, "detect": 8}, doc="per stage, a staleness bound shorter than max_reuse: after this many "
         "frames without a run, that stage alone runs on the next frame the gate would reuse (a 'refresh': the other "
         "stages' results are carried over, and the refresh audits the stage's carry-over). Masks go stale under "
         "drift too slow for the pixel signal to see, which boxes matched at IoU 0.5 tolerate. A mapping replaces the "

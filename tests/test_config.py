@@ -93,7 +93,7 @@ def test_gate_refresh_names_a_stage_and_a_positive_bound(tmp_path):
 
 def test_gate_refresh_keeps_only_bounds_that_can_apply():
     data = {"stages": {"segment": {}, "detect": {}}, "gate": {"max_reuse": 10}}
-    assert load_config(data=data).gate.refresh == {"segment": 4}  # the default
+    assert load_config(data=data).gate.refresh == {"segment": 4, "detect": 8}  # the default
     cfg = load_config(data={**data, "gate": {"max_reuse": 10, "refresh": {"segment": 10, "detect": 3, "flow": 2}}})
     # segment: max_reuse refreshes it first; flow: not in this graph
     assert cfg.gate.refresh == {"detect": 3}
