@@ -79,6 +79,19 @@ def test_codec_noise_is_not_change_but_a_moving_patch_is():
     assert 0 < frames[2].results["gate"]["largest"] <= frames[2].results["gate"]["changed"] + 1e-9
 
 
+@pytest.mark.parametrize("downscale", [1, 2, 4, 16, 17])  # 17: block sums overflow 16 bits
+def test_gray_signal_is_the_block_mean_of_the_grayscale(downscale):
+    from stages.gate import gray_signal
+
+    image = np.random.default_rng(downscale).integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    h, w = 70 // downscale * downscale, 90 // downscale * downscale
+    gray = image[:h, :w].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    expected = gray.reshape(h // downscale, downscale, w // downscale, downscale).mean(axis=(1, 3))
+    signal = gray_signal(image, downscale)
+    assert signal.dtype == np.float32 and signal.shape == expected.shape
+    assert np.allclose(signal, expected, atol=1e-3)
+
+
 def test_largest_component_measures_the_biggest_blob():
     mask = np.zeros((12, 12), dtype=bool)
     mask[1:3, 1:3] = True  # 4
