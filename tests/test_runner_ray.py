@@ -86,18 +86,23 @@ def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tm
     assert crops, "no partial frame ran the detector on a crop"
 
 
-def test_ray_matches_local_with_segment_refreshes(ray_local):
-    """A refresh runs the segmenter alone and the driver carries the boxes over: the same in both runners."""
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_ray_matches_local_with_segment_refreshes(ray_local, adaptive):
+    """A refresh runs the segmenter alone and the driver carries the boxes over; with adaptive, its audit
+    moves the bound a few frames later. The same in both runners."""
     cfg = load_config(data={
         "sources": [{"type": "synthetic", "id": "still", "seed": 7, "width": 96, "height": 64, "num_frames": 14,
                      "num_objects": 2, "action": "static", "static_camera": True}],
-        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8},
+        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8, "adaptive": adaptive, "audit_lag": 2,
+                 "batch": 2},
         "stages": {"detect": {"batch": 2}, "segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [32, 32]}}},
     })
     _, local_results = run(LocalRunner, cfg)
     _, ray_results = run(RayRunner, cfg)
     assert comparable(ray_results) == comparable(local_results)
-    assert any(r.results["gate"]["decision"] == "refresh" for r in local_results)
+    refreshes = [r.index for r in local_results if r.results["gate"]["decision"] == "refresh"]
+    # the first refresh agrees (the scene barely moves): adaptive gives the segmenter one frame more
+    assert refreshes[:2] == ([3, 7] if adaptive else [3, 6])
 
 
 def test_per_stream_order_with_a_holding_temporal_stage_and_replicas(ray_local, tmp_path):
