@@ -560,12 +560,18 @@ def pooled_still(reports: list[ClipReport]) -> dict[str, Any] | None:
     if not still:
         return None
     frames = sum(r.figures["frames"] for r in still)
-    mean = lambda key: sum(r.figures[key] * r.figures["frames"] for r in still) / frames  # noqa: E731
-    work, boxes, masks = mean("work_fraction"), mean("boxes_f1"), mean("mask_iou")
+
+    def pooled(key: str) -> float:
+        return sum(r.figures[key] * r.figures["frames"] for r in still) / frames
+
+    work, boxes, masks = pooled("work_fraction"), pooled("boxes_f1"), pooled("mask_iou")
     per_scene = ", ".join(f"seed {r.clip.source['seed']} {r.figures['less_compute']:.2f}× at "
                           f"{_num(r.figures['boxes_f1'])} / {_num(r.figures['mask_iou'])}" for r in still)
     costs = [r.figures["accuracy"] for r in still if "accuracy" in r.figures]
-    cost = lambda key: statistics.mean(a["gate on"][key] - a["gate off"][key] for a in costs) if costs else 0.0  # noqa: E731
+
+    def cost(key: str) -> float:
+        return statistics.mean(a["gate on"][key] - a["gate off"][key] for a in costs) if costs else 0.0
+
     consecutive = [min(r.figures["consecutive_boxes_f1"] or 1.0, r.figures["consecutive_mask_iou"] or 1.0) for r in still]
     return {"scenes": len(still), "frames": frames, "less_compute": 1.0 / work if work > 0 else float("inf"),
             "boxes_f1": boxes, "mask_iou": masks, "agreement": min(boxes, masks), "per_scene": per_scene,

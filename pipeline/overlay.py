@@ -86,6 +86,9 @@ def _caption(result: FrameResult, layers: list[str]) -> str:
     parts = [f"{result.stream_id} #{result.index}"]
     if result.reuse_of is not None:
         parts.append(f"reused from #{result.reuse_of}")
+    gate = result.results.get("gate") or {}
+    if gate.get("decision") == "refresh":  # some stages ran, the others were carried over
+        parts.append(f"{'+'.join(gate.get('stages') or [])} fresh, rest from #{gate.get('keyframe')}")
     action = result.results.get("action")
     if "action" in layers and action and action.get("top"):
         best = action["top"][0]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import SinkConfig
-from pipeline.frame import Frame, Outcome
+from pipeline.frame import Frame, FrameResult, Outcome
 from pipeline.sinks import JsonlSink, MemorySink, Mp4OverlaySink, decode_dense_array, to_record
 from stages.common import decode_class_map, encode_class_map
 from tests.conftest import REPO_ROOT
@@ -110,3 +110,13 @@ def test_memory_sink_keeps_results():
     sink.write(make_result(0))
     assert sink.results[0].outcome is Outcome.PROCESSED
     assert sink.records()[0]["index"] == 0
+
+
+def test_overlay_caption_says_where_carried_results_came_from():
+    from pipeline.overlay import _caption
+
+    reused = FrameResult("cam", 7, 0.0, 8, 8, Outcome.REUSED, results={"gate": {"decision": "reuse"}}, reuse_of=4)
+    refresh = FrameResult("cam", 8, 0.0, 8, 8, Outcome.PROCESSED,
+                          results={"gate": {"decision": "refresh", "stages": ["segment"], "keyframe": 4}})
+    assert _caption(reused, []) == "cam #7 | reused from #4"
+    assert _caption(refresh, []) == "cam #8 | segment fresh, rest from #4"
