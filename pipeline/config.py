@@ -549,7 +549,7 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
     for name, bound in list(gate.refresh.items()):
         if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
             raise ConfigError(f"gate.refresh.{name}: expected a number of frames >= 1, got {bound!r}")
-        if name in stages and name != "gate":
+        if name in stages:
             if bound >= gate.max_reuse:
                 del gate.refresh[name]  # max_reuse refreshes every stage first: this bound never applies
             continue

@@ -351,11 +351,15 @@ class PrometheusRecorder(MetricsRecorder):
         if isinstance(audit, dict) and "agreement" in audit:
             self.on_audit(result.stream_id, float(audit["agreement"]))
         gate = result.results.get("gate") if result.results else None
-        if isinstance(gate, dict) and gate.get("decision"):
-            self.gate_decisions.labels(result.stream_id, str(gate["decision"])).inc()
-        if isinstance(gate, dict) and gate.get("threshold") is not None:
+        if isinstance(gate, dict):
+            self._on_gate(result.stream_id, series, gate)
+
+    def _on_gate(self, stream: str, series: _StreamSeries, gate: dict) -> None:
+        if gate.get("decision"):
+            self.gate_decisions.labels(stream, str(gate["decision"])).inc()
+        if gate.get("threshold") is not None:
             if series.threshold is None:
-                series.threshold = self.gate_threshold.labels(result.stream_id)
+                series.threshold = self.gate_threshold.labels(stream)
             series.threshold.set(float(gate["threshold"]))
 
     def _count_fps(self, series: _StreamSeries) -> None:

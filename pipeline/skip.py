@@ -108,6 +108,12 @@ def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int], margin: i
     least one pixel when 0), plus their neighbours up to ``margin`` tiles away (change just below the
     threshold sits around real change). ``min_fraction`` keeps scattered codec noise, a few pixels
     in a tile, from marking the tile and, through the margin, its neighbours."""
+    return tile_indices(changed_tile_grid(mask, grid, min_fraction), margin)
+
+
+def changed_tile_grid(mask: np.ndarray, grid: tuple[int, int] | list[int], min_fraction: float = 0.0) -> np.ndarray:
+    """A (rows, cols) boolean grid: the tiles where at least ``min_fraction`` of ``mask``'s pixels
+    changed (at least one pixel when 0)."""
     h, w = mask.shape
     rows, cols = grid
     ys, xs = np.array(tile_edges(rows, h)), np.array(tile_edges(cols, w))
@@ -116,8 +122,7 @@ def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int], margin: i
     corners = table[np.ix_(ys, xs)]
     counts = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
     areas = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    hit = (counts > 0) & (counts >= min_fraction * areas)
-    return tile_indices(hit, margin)
+    return (counts > 0) & (counts >= min_fraction * areas)
 
 
 def tile_indices(hit: np.ndarray, margin: int = 0) -> list[int]:

@@ -55,6 +55,7 @@ from pipeline.skip import (
     blurred_difference,
     box_blur,
     changed_mask,
+    changed_tile_grid,
     changed_tiles,
     compose_motion,
     is_still,
@@ -229,10 +230,8 @@ class Gate(Stage):
         hit = change > cfg.refresh_pixel_threshold
         if cfg.refresh_noise_factor and state.noise is not None:
             # real change as the decision counts it: enough of the tile above pixel_threshold, not a speck
-            changed = changed_tiles(difference > cfg.pixel_threshold, cfg.tiles, 0, cfg.tile_min_changed)
-            real = np.zeros(hit.size, dtype=bool)
-            real[changed] = True
-            hit &= (change > cfg.refresh_noise_factor * state.noise) | real.reshape(hit.shape)
+            real = changed_tile_grid(difference > cfg.pixel_threshold, cfg.tiles, cfg.tile_min_changed)
+            hit &= (change > cfg.refresh_noise_factor * state.noise) | real
         return tile_indices(hit, cfg.tile_margin)
 
     def _track_noise(self, state: _StreamState, signal: np.ndarray) -> None:
@@ -307,7 +306,7 @@ class Gate(Stage):
         self._processed(state, frame.index)
         state.stale, state.reused_since_key = stale, reused
         state.ran.update(dict.fromkeys(stages, frame.index))
-        extra = {"tiles": {"grid": list(self.cfg.tiles), "changed": len(tiles)}} if tiles is not None else {}
+        extra = {"tiles": self._tiles_summary(tiles)} if tiles is not None else {}
         frame.results[self.name] = self._result(state, "refresh", "stale", change, stages=stages, keyframe=key,
                                                 audit_of=key, **extra)
 
@@ -321,6 +320,10 @@ class Gate(Stage):
             meta["bases"] = bases
         return meta
 
+    def _tiles_summary(self, tiles: list[int]) -> dict[str, Any]:
+        """The tiles of a partial frame or a refresh, as its result reports them."""
+        return {"grid": list(self.cfg.tiles), "changed": len(tiles)}
+
     def _patch_reference(self, state: _StreamState, signal: np.ndarray, tiles: list[int]) -> None:
         """A partial frame: every stage recomputed ``tiles``, so every reference takes them."""
         state.reference = _patched(state.reference, signal, tiles, self.cfg.tiles)
@@ -333,8 +336,7 @@ class Gate(Stage):
         self._processed(state, frame.index)
         self._ran_all(state, frame.index)
         state.partial_run += 1
-        tiles = {"grid": list(self.cfg.tiles), "changed": len(change.tiles)}
-        frame.results[self.name] = self._result(state, "partial", "changed", change, tiles=tiles)
+        frame.results[self.name] = self._result(state, "partial", "changed", change, tiles=self._tiles_summary(change.tiles))
 
     def _keyframe(self, frame: Frame, signal: np.ndarray, state: _StreamState | None, change: _Change, reason: str) -> None:
         audit = reason in ("max_reuse", "audit")
@@ -352,7 +354,7 @@ class Gate(Stage):
         self._ran_all(state, frame.index)
         state.partial_run = 0
         if self.cfg.tiles:
-            frame.meta["tiles"] = {"grid": list(self.cfg.tiles), "changed": None, "base": None}
+            frame.meta["tiles"] = self._tiles_meta(state, None)
         extra = {"audit_of": frame.meta["audit_of"]} if audit else {}
         frame.results[self.name] = self._result(state, "keyframe", reason, change, **extra)
 
