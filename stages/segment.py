@@ -22,6 +22,17 @@ When the crops would cost a full forward or more, the frame runs in full.
 Such a result also carries ``"tiles": {"recomputed", "total", "area"}``, where
 ``area`` is the fraction of a full forward the crops cost. With the cache, the
 stage is temporal (each stream sticks to one replica, in order).
+
+Specks (``min_region``): connected regions of one class smaller than
+``min_region`` model-input pixels take the logits of the nearest pixel outside
+such specks, and a class can win a pixel of the upsampled map only where it
+wins a model pixel nearby (bilinear upsampling of logits otherwise makes
+slivers where a third class wins between two others). Regions that small are
+below what the model resolves: they are mostly wrong and they come and go
+between near-identical frames (measured in docs/skipping.md). All of it works
+at the model's input size, on the logits the map is made from; the cached
+logits stay as the model gave them, so tile recompute and full recompute clean
+the same way.
 """
 
 from __future__ import annotations
@@ -70,6 +81,11 @@ class SegmentOptions:
         "cached logits (the stage then keeps per-stream state: stream affinity across replicas)",
     )
     tile_halo: int = _field(32, "context around each recomputed tile, in model-input pixels (receptive field)", lo=0, hi=4096)
+    min_region: int = _field(
+        32, "connected regions of one class smaller than this many model-input pixels take the class of the "
+        "nearest larger region (specks the model cannot resolve, which flicker from frame to frame); 0: keep all",
+        lo=0, hi=10**6,
+    )
 
 
 @dataclass
@@ -136,7 +152,7 @@ class Segment(Stage):
     def _run_full(self, frames: list[Frame]) -> None:
         for group in self._batches(frames):
             for frame, logits in zip(group, self._logits(group)):
-                frame.results[self.name] = self._result(self._to_source_class_map(logits, frame))
+                frame.results[self.name] = self._result(self._class_map(logits, frame))
                 self._remember(frame, logits)
 
     def _remember(self, frame: Frame, logits: Any) -> None:
@@ -183,7 +199,7 @@ class Segment(Stage):
                 for py0, py1, px0, px1 in pastes:
                     logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
                 cost += (cy1 - cy0) * (cx1 - cx0)
-        result = self._result(self._to_source_class_map(logits, frame))
+        result = self._result(self._class_map(logits, frame))
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1], "area": round(cost / (size[0] * size[1]), 4)}
         frame.results[self.name] = result
         self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source)
@@ -237,6 +253,12 @@ class Segment(Stage):
         with torch.inference_mode(), autocast(self._device, self.cfg.precision):
             return self.model(batch)["out"]
 
+    def _class_map(self, logits: Any, frame: Frame) -> np.ndarray:
+        """(C, h, w) logits to the frame's (H, W) class map, without specks below ``min_region``."""
+        if self.options.min_region > 0:
+            logits = cleaned_logits(logits, self.options.min_region)
+        return self._to_source_class_map(logits, frame)
+
     @staticmethod
     def _to_source_class_map(logits: Any, frame: Frame) -> np.ndarray:
         """(C, h, w) logits to an (H, W) uint8 class map at the frame's resolution; one frame at a
@@ -247,7 +269,7 @@ class Segment(Stage):
         logits = logits.float()[None]
         if tuple(logits.shape[-2:]) != (frame.height, frame.width):
             logits = F.interpolate(logits, size=(frame.height, frame.width), mode="bilinear", align_corners=False)
-        return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+        return logits.max(dim=1).indices[0].to(torch.uint8).cpu().numpy()  # max: torch's argmax is slower on CPU
 
     def _result(self, class_map: np.ndarray) -> dict[str, Any]:
         from stages.common import encode_class_map
@@ -264,3 +286,64 @@ class Segment(Stage):
             "areas": areas,
         }
 
+
+
+def speck_mask(class_map: np.ndarray, min_pixels: int) -> np.ndarray | None:
+    """The pixels of ``class_map`` in connected regions (8-connected, one class) smaller than
+    ``min_pixels``; ``None`` when there are none (or when every pixel is in one)."""
+    from scipy import ndimage
+
+    specks = np.zeros(class_map.shape, bool)
+    for value in np.flatnonzero(np.bincount(class_map.ravel())):
+        regions, _ = ndimage.label(class_map == value, structure=_EIGHT)
+        small = np.bincount(regions.ravel()) < min_pixels
+        small[0] = False  # label 0 is "not this class"
+        if small.any():
+            specks |= small[regions]
+    return specks if specks.any() and not specks.all() else None
+
+
+def speck_sources(specks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) of the pixel each pixel takes its values from: itself, or for a speck pixel the
+    nearest pixel outside the specks, searched around each group of touching specks (not the whole map)."""
+    from scipy import ndimage
+
+    rows, cols = np.indices(specks.shape)
+    groups, _ = ndimage.label(specks, structure=_EIGHT)
+    for number, box in enumerate(ndimage.find_objects(groups), start=1):
+        # one pixel around the group's box: the group's neighbours there are outside the specks by construction
+        window = tuple(slice(max(part.start - 1, 0), part.stop + 1) for part in box)
+        _, (near_rows, near_cols) = ndimage.distance_transform_edt(specks[window], return_indices=True)
+        inside = groups[window] == number
+        rows[window][inside] = near_rows[inside] + window[0].start
+        cols[window][inside] = near_cols[inside] + window[1].start
+    return rows, cols
+
+
+def cleaned_logits(logits: Any, min_pixels: int) -> Any:
+    """(C, h, w) logits without specks and with no room for slivers once upsampled:
+
+    * the pixels of specks (regions of the argmax smaller than ``min_pixels``) get the logits of the
+      nearest pixel outside them;
+    * a class is ruled out where it wins no pixel of the 3x3 neighbourhood, so the bilinear upsampling
+      cannot make a sliver of a third class between two regions (where it is second best on both sides).
+    """
+    import torch
+    from scipy import ndimage
+
+    winners = logits.max(dim=0).indices.to(torch.uint8).cpu().numpy()  # max: torch's argmax is slower on CPU
+    specks = speck_mask(winners, min_pixels)
+    if specks is not None:
+        rows, cols = speck_sources(specks)
+        winners = winners[rows, cols]
+        logits = logits[:, torch.from_numpy(rows).to(logits.device), torch.from_numpy(cols).to(logits.device)]
+    nearby = np.zeros(logits.shape, bool)
+    for value in np.flatnonzero(np.bincount(winners.ravel())):
+        nearby[value] = ndimage.binary_dilation(winners == value, structure=_EIGHT)
+    # finite: the upsampling weighs neighbours, and 0 * -inf would be NaN
+    return logits.float().masked_fill(~torch.from_numpy(nearby).to(logits.device), _RULED_OUT)
+
+
+_EIGHT = np.ones((3, 3), bool)
+#: a logit no class reaches (logits of trained models stay within tens)
+_RULED_OUT = -1e4

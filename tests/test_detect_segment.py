@@ -264,6 +264,55 @@ def test_segment_upsamples_to_source_and_counts_areas():
         assert result["areas"] == {"disc": frame.height * half, "square": frame.height * half}
 
 
+class SpeckSegmenter(HalvesSegmenter):
+    """The halves, plus a 2x2 speck of class 3 inside the left half and a sliver where a third class
+    wins between the halves after bilinear upsampling (second best on both sides of the border)."""
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        logits = out["out"]
+        logits[:, 3, 4:6, 4:6] = 20.0
+        logits[:, 4, 20:26] = 9.0  # over 6 of the 32 rows
+        return out
+
+
+def test_segment_gives_specks_and_upsampling_slivers_to_their_surroundings():
+    cleaned, raw = (make_stage(Segment, input_size=[32, 32], min_region=m) for m in (64, 0))
+    for stage in (cleaned, raw):
+        stage.model = SpeckSegmenter(len(stage.classes))
+    raw_map = decode_class_map(raw.process(make_frames(((64, 96),)))[0].results["segment"]["mask"]["data"])
+    frame = make_frames(((64, 96),))[0]
+    # without cleaning: the speck (class 3) and the sliver of class 4 on the border are in the map
+    assert (raw_map == 3).sum() > 0 and (raw_map == 4).sum() > 0
+    result = cleaned.process([frame])[0].results["segment"]
+    class_map = assert_segmentation_schema(result, frame, cleaned.classes)
+    assert set(np.unique(class_map).tolist()) == {1, 2}
+    assert (class_map[:, :40] == 1).all() and (class_map[:, 56:] == 2).all()  # filled from the surroundings
+    assert abs(int((class_map == 1).sum()) - 64 * 48) <= 64  # the border stays within a pixel of the middle
+
+
+def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
+    from stages.segment import cleaned_logits, speck_mask
+
+    class_map = np.zeros((40, 60), np.int64)
+    class_map[:, 30:] = 2
+    class_map[10:13, 27:30] = 5  # 9 pixels touching the right half: its left columns are nearer the left half
+    class_map[30:33, 45:47] = 7  # inside the right half
+    class_map[0:8, 0:8] = 1  # 64 pixels: a region, not a speck
+    logits = torch.nn.functional.one_hot(torch.from_numpy(class_map), 8).permute(2, 0, 1).float()
+    assert speck_mask(class_map.astype(np.uint8), 20).sum() == 9 + 6
+    cleaned = cleaned_logits(logits, 20)
+    out = cleaned.argmax(dim=0).numpy()
+    assert (out[30:33, 45:47] == 2).all() and (out[10:13, 27:29] == 0).all() and out[11, 29] == 2
+    assert set(out[10:13, 29].tolist()) <= {0, 2}  # the corners are as near one side as the other
+    assert (out[0:8, 0:8] == 1).all() and (out[class_map < 3] == class_map[class_map < 3]).all()
+    # a class is ruled out wherever it wins no neighbouring pixel (the speck classes now nowhere)
+    assert (cleaned[5] == cleaned.min()).all() and (cleaned[7] == cleaned.min()).all()
+    assert (cleaned[1, 20:, 20:] == cleaned.min()).all() and (cleaned[1, 0:8, 0:8] == 1).all()
+    assert (cleaned[1, 8, 0:9] == 0).all() and (cleaned[1, 9, 0:9] == cleaned.min()).all()  # one pixel around
+    assert torch.equal(cleaned_logits(logits, 6).argmax(dim=0), logits.argmax(dim=0))  # none under 6 pixels
+
+
 def test_segment_without_input_size_batches_by_frame_size():
     stage = make_stage(Segment, input_size=None)
     stage.model = HalvesSegmenter(len(stage.classes))
