@@ -165,15 +165,16 @@ def tile_runs(changed: list[int], grid: tuple[int, int] | list[int]) -> list[tup
 
 def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell: int = MOTION_CELL,
                           scale: tuple[float, float] = (1.0, 1.0), past_distance: float = 1.0,
-                          future_distance: float = 1.0) -> np.ndarray:
+                          future_distance: float = 1.0, uncovered: float = 0.0) -> np.ndarray:
     """The decoder's motion vectors (PyAV ``MOTION_VECTORS`` side data) as a one-frame backward motion field.
 
     Each vector moves a ``w x h`` block whose centre is ``(dst_x, dst_y)``; its
     content came from ``src = dst + motion / motion_scale`` in a reference frame
     ``past_distance`` frames back (``source < 0``) or ``future_distance`` ahead
     (B-frames). Dividing by the distance gives the motion per frame (constant
-    velocity): ``(dst - src) / past`` or ``(src - dst) / future``. Blocks with
-    no vector (intra) keep zero motion. ``scale`` maps decoded to output pixels.
+    velocity): ``(dst - src) / past`` or ``(src - dst) / future``. Cells no
+    vector covers (intra blocks) get ``uncovered`` (zero motion by default).
+    ``scale`` maps decoded to output pixels.
     """
     gh, gw = max(1, math.ceil(height / cell)), max(1, math.ceil(width / cell))
     total = np.zeros((gh, gw, 2), dtype=np.float32)
@@ -203,6 +204,8 @@ def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell:
     field_ = total / np.maximum(count, 1.0)[..., None]
     field_[..., 0] *= scale[0]
     field_[..., 1] *= scale[1]
+    if uncovered != 0.0:
+        field_[count == 0] = uncovered
     return field_
 
 
@@ -210,37 +213,133 @@ class DecoderMotion:
     """Per decoded frame (display order), its one-frame motion field from the decoder's vectors.
 
     FFmpeg tells only the direction of a vector's reference frame, so the
-    distance is inferred from the picture types: a P-frame refers to the last
-    I/P frame, a B-frame to that one and to the next P (expected one P-gap after
-    the previous anchor). ``resize`` ([width, height]) maps the field to output pixels.
+    distances are inferred from the picture types:
+
+    * A P-frame refers to the last I/P frame (``since`` frames back). Its vectors
+      hold the whole motion since that anchor, so its step is that motion minus
+      the steps already given for the B-frames in between: the motion
+      accumulated over a run of B-frames is exact again at every P-frame,
+      whatever the B-frames were guessed to be.
+    * A B-frame lies ``k`` frames after the last anchor, in a run of ``gap``
+      frames (the last anchor gap). Without a B-pyramid it refers to the two
+      anchors (``k`` back, ``gap - k`` ahead); with one (x264's default) the
+      middle B-frame (``gap // 2``) is a reference too and the others refer to
+      it. Of the two readings, the one under which the backward and forward
+      vectors give the same speed is taken, among runs of any length (they change
+      with adaptive B-frames); ties go to the speed nearest the last frame's.
+
+    ``resize`` ([width, height]) maps the fields to output pixels.
     """
 
     def __init__(self, resize: list[int] | None = None) -> None:
         self.resize = resize
         self.count = -1
         self.last_anchor: int | None = None
-        self.anchor_gap = 1
+        self.anchor_gap: int | None = None  # frames between the last two anchors; None before the first P-frame
+        self.pyramid = False
+        self.last_speed: float | None = None  # pixels per frame of the last B-frame whose reading was measured
+        self.run_steps: np.ndarray | None = None  # the sum of the B-frames' steps since the last anchor
 
     def step(self, av_frame: Any) -> np.ndarray:
         self.count += 1
         kind = int(av_frame.pict_type)  # 1 = I, 2 = P, 3 = B (AVPictureType)
-        since_anchor = self.count - self.last_anchor if self.last_anchor is not None else 1
-        past, future = max(1, since_anchor), max(1, self.anchor_gap - since_anchor)
-        if kind in (1, 2):
-            if kind == 2 and self.last_anchor is not None:
-                self.anchor_gap = max(1, since_anchor)
-            self.last_anchor = self.count
+        since = self.count - self.last_anchor if self.last_anchor is not None else 1
         side = av_frame.side_data.get("MOTION_VECTORS")
         vectors = side.to_ndarray() if side is not None and kind != 1 else None
-        height, width = av_frame.height, av_frame.width
-        out_w, out_h = (self.resize[0], self.resize[1]) if self.resize else (width, height)
-        field_ = motion_field_from_mvs(vectors, height, width, scale=(out_w / width, out_h / height),
-                                       past_distance=past, future_distance=future)
-        return regrid_motion(field_, out_h, out_w) if (out_w, out_h) != (width, height) else field_
+        if kind == 3:
+            past, future = self._b_distances(vectors, max(1, since))
+            step = self._field(av_frame, vectors, past, future)
+            self.run_steps = step if self.run_steps is None else self.run_steps + step
+            return step
+        step = self._anchor_step(av_frame, vectors if kind == 2 else None)
+        if kind == 2 and self.last_anchor is not None:
+            self.anchor_gap = max(1, since)
+        if kind in (1, 2):
+            self.last_anchor, self.run_steps = self.count, None
+        return step
 
     def compose(self, av_frame: Any, pending: np.ndarray | None) -> np.ndarray:
         """This frame's step composed onto ``pending`` (the motion of frames decoded but not kept)."""
         return compose_motion(self.step(av_frame), pending)
+
+    def _anchor_step(self, av_frame: Any, vectors: np.ndarray | None) -> np.ndarray:
+        """The motion since the last anchor (undivided), less what the B-frames since then were given;
+        cells without a vector (intra) keep what those B-frames said."""
+        whole = self._field(av_frame, vectors, 1.0, 1.0, uncovered=np.nan)
+        if self.run_steps is not None and self.run_steps.shape == whole.shape:
+            whole -= self.run_steps
+        return np.nan_to_num(whole, nan=0.0)
+
+    def _b_distances(self, vectors: np.ndarray | None, since: int) -> tuple[int, int]:
+        """(past, future) reference distances of a B-frame ``since`` frames after the last anchor."""
+        gap = max(self.anchor_gap or since + 1, since + 1)  # before the first P-frame: the shortest run
+        expected = _b_references(since, gap, self.pyramid)
+        speeds = _speeds_by_direction(vectors)
+        if speeds is None:
+            return expected
+        # runs change length (adaptive B-frames, the end of a clip): every run up to x264's longest, with and
+        # without a pyramid; of the readings whose two directions agree on the speed, the one nearest the
+        # last frame's speed (or the expected one)
+        readings = {_b_references(since, run, pyramid) for run in range(since + 1, since + 1 + _LONGEST_B_RUN)
+                    for pyramid in (False, True)}
+        mismatch = {pair: _mismatch(speeds, pair) for pair in readings}
+        best = min(mismatch.values())
+        agreeing = [pair for pair in sorted(readings) if mismatch[pair] <= best + _SPEED_TOLERANCE]
+        pick = min(agreeing, key=lambda pair: (self._surprise(speeds, pair), pair != expected))
+        self.last_speed = _speed(speeds, pick)
+        flat, pyramid = _b_references(since, gap, False), _b_references(since, gap, True)
+        if flat != pyramid and pick in (flat, pyramid):
+            self.pyramid = pick == pyramid
+        return pick
+
+    def _surprise(self, speeds: tuple[float, float], pair: tuple[int, int]) -> float:
+        """How far the speed a reading implies is from the last frame's (0 when there is none)."""
+        return abs(math.log(_speed(speeds, pair) / self.last_speed)) if self.last_speed else 0.0
+
+    def _field(self, av_frame: Any, vectors: np.ndarray | None, past: float, future: float,
+               uncovered: float = 0.0) -> np.ndarray:
+        height, width = av_frame.height, av_frame.width
+        out_w, out_h = (self.resize[0], self.resize[1]) if self.resize else (width, height)
+        field_ = motion_field_from_mvs(vectors, height, width, scale=(out_w / width, out_h / height),
+                                       past_distance=past, future_distance=future, uncovered=uncovered)
+        return regrid_motion(field_, out_h, out_w) if (out_w, out_h) != (width, height) else field_
+
+
+#: the most B-frames between two anchors that readings consider (x264's maximum)
+_LONGEST_B_RUN = 16
+#: readings whose directions disagree by at most this much more than the best one's (log ratio) are ties
+_SPEED_TOLERANCE = math.log(1.25)
+
+
+def _speeds_by_direction(vectors: np.ndarray | None) -> tuple[float, float] | None:
+    """Median displacement (pixels) of the moving blocks referring back and of those referring ahead;
+    ``None`` unless both directions have moving blocks."""
+    if vectors is None or not len(vectors):
+        return None
+    length = np.hypot(vectors["motion_x"], vectors["motion_y"]) / np.maximum(vectors["motion_scale"], 1)
+    back, ahead = length[(vectors["source"] < 0) & (length > 0)], length[(vectors["source"] > 0) & (length > 0)]
+    if not (len(back) and len(ahead)):
+        return None
+    return float(np.median(back)), float(np.median(ahead))
+
+
+def _b_references(since: int, gap: int, pyramid: bool) -> tuple[int, int]:
+    """(past, future) distances of the references of the B-frame ``since`` frames into a run of ``gap``
+    frames: the anchors, or with a B-pyramid the middle B-frame (``gap // 2``) when it lies between."""
+    middle = gap // 2
+    if not pyramid or gap < 3 or since == middle:
+        return since, gap - since
+    return (since, middle - since) if since < middle else (since - middle, gap - since)
+
+
+def _speed(speeds: tuple[float, float], distances: tuple[int, int]) -> float:
+    """Pixels per frame under a reading: the geometric mean of what the two directions say."""
+    return math.sqrt(speeds[0] / distances[0] * speeds[1] / distances[1])
+
+
+def _mismatch(speeds: tuple[float, float], distances: tuple[int, int]) -> float:
+    """How far apart the speeds per frame are when the vectors span ``distances`` (past, future) frames."""
+    return abs(math.log((speeds[0] / distances[0]) / (speeds[1] / distances[1])))
 
 
 def regrid_motion(motion: np.ndarray, height: int, width: int) -> np.ndarray:
