@@ -351,8 +351,6 @@ def test_motion_compensation_moves_boxes_and_masks():
 
 
 def write_pan_video(path, frames=8, step=2, options=None):
-    import av
-
     rng = np.random.default_rng(0)
     scene = np.kron(rng.integers(0, 255, (16, 40, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))
     with av.open(str(path), mode="w") as container:
