@@ -287,7 +287,6 @@ class Segment(Stage):
         }
 
 
-
 def speck_mask(class_map: np.ndarray, min_pixels: int) -> np.ndarray | None:
     """The pixels of ``class_map`` in connected regions (8-connected, one class) smaller than
     ``min_pixels``; ``None`` when there are none (or when every pixel is in one)."""
