@@ -177,35 +177,31 @@ def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell:
     ``scale`` maps decoded to output pixels.
     """
     gh, gw = max(1, math.ceil(height / cell)), max(1, math.ceil(width / cell))
-    total = np.zeros((gh, gw, 2), dtype=np.float32)
-    count = np.zeros((gh, gw), dtype=np.float32)
-    if mvs is not None and len(mvs):
-        # contiguous columns once: arithmetic on a structured array's strided fields is several times slower
-        w, h = mvs["w"].astype(np.intp), mvs["h"].astype(np.intp)
-        left, top = mvs["dst_x"].astype(np.intp) - w // 2, mvs["dst_y"].astype(np.intp) - h // 2
-        denom = np.maximum(mvs["motion_scale"].astype(np.float32), 1.0)
-        forward = np.stack([-mvs["motion_x"] / denom, -mvs["motion_y"] / denom], axis=-1).astype(np.float32)
-        future = mvs["source"] > 0
-        forward[~future] /= max(past_distance, 1.0)
-        forward[future] /= -max(future_distance, 1.0)
-        # each block covers the cells under it (H.264 blocks are 4..16 px a side); bincount, not np.add.at (10x faster)
-        cells, vectors = [], []
-        for oy in range(0, 16, cell):
-            for ox in range(0, 16, cell):
-                use = (oy < h) & (ox < w)
-                cx, cy = (left[use] + ox) // cell, (top[use] + oy) // cell
-                inside = (cx >= 0) & (cx < gw) & (cy >= 0) & (cy < gh)
-                cells.append(cy[inside] * gw + cx[inside])
-                vectors.append(forward[use][inside])
-        flat, moves = np.concatenate(cells), np.concatenate(vectors)
-        total[..., 0] = np.bincount(flat, weights=moves[:, 0], minlength=gh * gw).reshape(gh, gw)
-        total[..., 1] = np.bincount(flat, weights=moves[:, 1], minlength=gh * gw).reshape(gh, gw)
-        count = np.bincount(flat, minlength=gh * gw).reshape(gh, gw).astype(np.float32)
-    field_ = total / np.maximum(count, 1.0)[..., None]
-    field_[..., 0] *= scale[0]
-    field_[..., 1] *= scale[1]
+    if mvs is None or not len(mvs):
+        return np.full((gh, gw, 2), uncovered, dtype=np.float32)
+    # contiguous columns once: arithmetic on a structured array's strided fields is several times slower
+    w, h = mvs["w"].astype(np.intp), mvs["h"].astype(np.intp)
+    left, top = mvs["dst_x"].astype(np.intp) - w // 2, mvs["dst_y"].astype(np.intp) - h // 2
+    distance = np.where(mvs["source"] > 0, -max(future_distance, 1.0), max(past_distance, 1.0))
+    divisor = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0) * distance
+    forward_x, forward_y = -mvs["motion_x"] / divisor, -mvs["motion_y"] / divisor
+    # each block covers the cells under it (H.264 blocks are 4..16 px a side): one row per (block, cell)
+    across, down = (w + cell - 1) // cell, (h + cell - 1) // cell
+    covers = across * down
+    block = np.repeat(np.arange(len(mvs)), covers)
+    nth = np.arange(len(block)) - np.repeat(np.cumsum(covers) - covers, covers)
+    cx = (left[block] + nth % across[block] * cell) // cell
+    cy = (top[block] + nth // across[block] * cell) // cell
+    inside = (cx >= 0) & (cx < gw) & (cy >= 0) & (cy < gh)
+    flat, block = cy[inside] * gw + cx[inside], block[inside]
+    # bincount, not np.add.at (10x faster)
+    count = np.bincount(flat, minlength=gh * gw)
+    per_cell = np.maximum(count, 1)
+    field_ = np.empty((gh, gw, 2), dtype=np.float32)
+    field_[..., 0] = (np.bincount(flat, weights=forward_x[block], minlength=gh * gw) / per_cell * scale[0]).reshape(gh, gw)
+    field_[..., 1] = (np.bincount(flat, weights=forward_y[block], minlength=gh * gw) / per_cell * scale[1]).reshape(gh, gw)
     if uncovered != 0.0:
-        field_[count == 0] = uncovered
+        field_[count.reshape(gh, gw) == 0] = uncovered
     return field_
 
 
