@@ -315,6 +315,39 @@ def test_resuming_with_another_config_is_refused(tmp_path):
         main(smoke_config("segment", tmp_path, "epochs=1", "seed=1"), resume=True, runtime=quiet_runtime())
 
 
+def test_init_starts_from_given_weights_and_records_them(tmp_path):
+    """Fine-tuning: with a learning rate of 0 the trained parameters are exactly the init file's, and
+    without ``init`` they are not; the run records the file with its sha256 (the manifest gets it)."""
+    from models.training.tasks import make_task
+    from models.training.train import main
+    from models.weights import sha256_file
+
+    main(smoke_config("segment", tmp_path / "first", "epochs=1"), resume=False, runtime=quiet_runtime())
+    start = tmp_path / "start.pt"
+    torch.save(torch.load(tmp_path / "first" / "segment" / "checkpoint.pt", weights_only=True)["model"], start)
+    task = make_task(smoke_config("segment", tmp_path))
+    names = [name for name, _ in task.build_model(task.default_classes).named_parameters()]  # not the BN statistics
+
+    def parameters_after(*overrides: str) -> tuple[dict, dict]:
+        out = tmp_path / f"run{len(overrides)}"
+        summary = main(smoke_config("segment", out, "epochs=1", "optim.lr=0.0", *overrides), resume=False,
+                       runtime=quiet_runtime())
+        trained = torch.load(out / "segment" / "checkpoint.pt", weights_only=True)["model"]
+        return {n: trained[n] for n in names}, summary
+
+    initial = torch.load(start, weights_only=True)
+    fine_tuned, summary = parameters_after(f"init={start}")
+    assert all(torch.equal(fine_tuned[n], initial[n]) for n in names)
+    assert summary["initialised_from"] == f"{start} (sha256 {sha256_file(start)})"
+    scratch, summary = parameters_after()
+    assert not all(torch.equal(scratch[n], initial[n]) for n in names) and summary["initialised_from"] is None
+
+
+def test_init_that_does_not_exist_names_the_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^init: .*nope\.pt.* does not exist; name a weights file, 'shipped' or null$"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"init={tmp_path / 'nope.pt'}"])
+
+
 def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, shared_data):
     from models import weights
     from pipeline.cli import main as cli

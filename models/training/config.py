@@ -79,6 +79,10 @@ class TrainConfig:
     model: str = _field("unet_small", "model registry name (`blinkflow list`)")
     model_args: dict[str, Any] = _field(factory=dict, doc="extra builder arguments; the stage must get the same via options.model_args")
     seed: int = _field(0, "seed for weights init, data order and dropout", lo=0, hi=2**31 - 1)
+    init: str | None = _field(
+        None, "start from these weights instead of a random init (fine-tuning): 'shipped' (the stage's shipped "
+        "file), a weights file, or a torchvision weights name; null: random",
+    )
     threads: int = _field(1, "torch CPU threads per process", lo=1, hi=256)
     device: str = _field("cpu", "'cpu', 'cuda:N' or 'auto' (a GPU when there is one; --workers picks the devices itself)")
     epochs: int = _field(10, "passes over the training set", lo=1, hi=10**6)
@@ -120,6 +124,7 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
         raise ConfigError(f"model: {exc}") from None
     if not re.fullmatch(DEVICE_PATTERN, cfg.device):
         raise ConfigError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {cfg.device!r}")
+    _check_init(cfg, base_dir)
     _check_size("data.input_size", cfg.data.input_size)
     _check_size("data.crop", cfg.data.crop)
     for key in ("train_path", "val_path"):
@@ -130,6 +135,21 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
                 raise ConfigError(f"data.{key}: {value!r} does not exist; fix the path or set it to null for synthetic data")
             setattr(cfg.data, key, str(resolved))
     _check_disjoint(cfg.data.train, cfg.data.val)
+
+
+def _check_init(cfg: TrainConfig, base_dir: Path) -> None:
+    """``init`` names weights that exist for this task's model (a relative file is found beside the config too)."""
+    from models.weights import WeightsError, resolve_weights
+
+    if cfg.init is None:
+        return
+    if cfg.init != "shipped" and resolve_path(cfg.init, base_dir).is_file():
+        cfg.init = str(resolve_path(cfg.init, base_dir))
+    try:
+        resolve_weights(cfg.init, stage=cfg.task, model_name=cfg.model, base_dir=base_dir)
+    except WeightsError as exc:
+        detail = str(exc).split(": ", 1)[-1]  # drop the pipeline config's key, this is the training config's
+        raise ConfigError(f"init: {detail}; name a weights file, 'shipped' or null") from None
 
 
 def _check_size(path: str, size: list[int] | None) -> None:

@@ -102,11 +102,14 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
     loader = runtime.prepare_loader(make_loader(task, train_set, cfg.batch_size, train=True, seed=cfg.seed))
     val_loader = make_loader(task, val_set, cfg.batch_size, train=False)
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps=cfg.epochs * len(loader))
-    state = {"epoch": 0, "step": 0, "seconds": 0.0, "history": {"probe_loss": [], "train_loss": [], "eval": []}}
+    state = {"epoch": 0, "step": 0, "seconds": 0.0, "initialised_from": None,
+             "history": {"probe_loss": [], "train_loss": [], "eval": []}}
 
     checkpoint = runtime.load_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         restore(checkpoint, cfg, model, optimizer, scheduler, state)
+    else:
+        state["initialised_from"] = initialise(model, cfg)
     model = runtime.prepare_model(model)
     probe = task.to_device(task.collate([train_set[i] for i in range(min(cfg.batch_size, len(train_set)))]), runtime.device)
     if state["step"] == 0 and runtime.is_main:
@@ -126,10 +129,22 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
 
     summary = {"metrics": metrics, "history": state["history"], "epochs": state["epoch"], "steps": state["step"],
                "seconds": round(state["seconds"], 1), "out_dir": str(out_dir), "classes": classes,
-               "trained_on": describe_device(runtime.device)}
+               "trained_on": describe_device(runtime.device), "initialised_from": state["initialised_from"]}
     if runtime.is_main:
         finish(cfg, task, unwrap(model), classes, summary, ship)
     return summary
+
+
+def initialise(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
+    """Load ``cfg.init`` into the fresh model (fine-tuning); what it was, with its sha256, for the manifest:
+    ``init: shipped`` names a file that shipping this run replaces, so the name alone would not reproduce it."""
+    if cfg.init is None:
+        return None
+    from models.weights import load_state, resolve_weights, sha256_file
+
+    spec = resolve_weights(cfg.init, stage=cfg.task, model_name=cfg.model)
+    load_state(model, spec)
+    return f"{cfg.init} (sha256 {spec.sha256 or sha256_file(spec.path)})" if spec.path else cfg.init
 
 
 def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[str] | None, summary: dict, ship: bool) -> None:
@@ -139,6 +154,8 @@ def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[s
 
         shipped = {**summary["metrics"], "evaluated_on": describe_eval_set(cfg), "train_seconds": summary["seconds"],
                    "epochs": summary["epochs"], "steps": summary["steps"], "trained_on": summary["trained_on"]}
+        if summary["initialised_from"]:
+            shipped["initialised_from"] = summary["initialised_from"]
         path = save_shipped(model, stage=cfg.task, model_name=cfg.model, classes=classes, config=cfg.to_dict(), metrics=shipped)
         summary["shipped"] = str(path)
     out_dir = Path(cfg.out_dir)
@@ -333,6 +350,7 @@ def make_checkpoint(cfg: TrainConfig, model: torch.nn.Module, optimizer: Any, sc
         "epoch": state["epoch"],
         "step": state["step"],
         "seconds": state["seconds"],
+        "initialised_from": state["initialised_from"],
         "config": cfg.to_dict(),
         "classes": classes,
         "history": state["history"],
@@ -353,6 +371,7 @@ def restore(checkpoint: dict, cfg: TrainConfig, model: torch.nn.Module, optimize
     scheduler.load_state_dict(checkpoint["scheduler"])
     for key in ("epoch", "step", "seconds", "history"):
         state[key] = checkpoint[key]
+    state["initialised_from"] = checkpoint.get("initialised_from")  # absent from checkpoints before `init`
     log.info("resumed %s at epoch %d (step %d)", cfg.out_dir, state["epoch"], state["step"])
 
 
