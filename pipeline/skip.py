@@ -239,17 +239,17 @@ class DecoderMotion:
     def step(self, av_frame: Any) -> np.ndarray:
         self.count += 1
         kind = int(av_frame.pict_type)  # 1 = I, 2 = P, 3 = B (AVPictureType)
-        since = self.count - self.last_anchor if self.last_anchor is not None else 1
+        since = self.count - self.last_anchor if self.last_anchor is not None else 1  # >= 1: count moved on
         side = av_frame.side_data.get("MOTION_VECTORS")
         vectors = side.to_ndarray() if side is not None and kind != 1 else None
         if kind == 3:
-            past, future = self._b_distances(vectors, max(1, since))
+            past, future = self._b_distances(vectors, since)
             step = self._field(av_frame, vectors, past, future)
             self.run_steps = step if self.run_steps is None else self.run_steps + step
             return step
         step = self._anchor_step(av_frame, vectors if kind == 2 else None)
         if kind == 2 and self.last_anchor is not None:
-            self.anchor_gap = max(1, since)
+            self.anchor_gap = since
         if kind in (1, 2):
             self.last_anchor, self.run_steps = self.count, None
         return step
@@ -269,7 +269,8 @@ class DecoderMotion:
     def _b_distances(self, vectors: np.ndarray | None, since: int) -> tuple[int, int]:
         """(past, future) reference distances of a B-frame ``since`` frames after the last anchor."""
         gap = max(self.anchor_gap or since + 1, since + 1)  # before the first P-frame: the shortest run
-        expected = _b_references(since, gap, self.pyramid)
+        flat, pyramid = _b_references(since, gap, False), _b_references(since, gap, True)
+        expected = pyramid if self.pyramid else flat
         speeds = _speeds_by_direction(vectors)
         if speeds is None:
             return expected
@@ -283,7 +284,6 @@ class DecoderMotion:
         agreeing = [pair for pair in sorted(readings) if mismatch[pair] <= best + _SPEED_TOLERANCE]
         pick = min(agreeing, key=lambda pair: (self._surprise(speeds, pair), pair != expected))
         self.last_speed = _speed(speeds, pick)
-        flat, pyramid = _b_references(since, gap, False), _b_references(since, gap, True)
         if flat != pyramid and pick in (flat, pyramid):
             self.pyramid = pick == pyramid
         return pick

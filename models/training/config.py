@@ -143,8 +143,9 @@ def _check_init(cfg: TrainConfig, base_dir: Path) -> None:
 
     if cfg.init is None:
         return
-    if cfg.init != "shipped" and resolve_path(cfg.init, base_dir).is_file():
-        cfg.init = str(resolve_path(cfg.init, base_dir))
+    beside = resolve_path(cfg.init, base_dir)
+    if cfg.init != "shipped" and beside.is_file():
+        cfg.init = str(beside)
     try:
         resolve_weights(cfg.init, stage=cfg.task, model_name=cfg.model, base_dir=base_dir)
     except WeightsError as exc:
