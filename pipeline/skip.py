@@ -211,7 +211,7 @@ class DecoderMotion:
     FFmpeg tells only the direction of a vector's reference frame, so the
     distances are inferred from the picture types:
 
-    * A P-frame refers to the last I/P frame (``since`` frames back). Its vectors
+    * A P-frame (also S and SP) refers to the last anchor (``since`` frames back). Its vectors
       hold the whole motion since that anchor, so its step is that motion minus
       the steps already given for the B-frames in between: the motion
       accumulated over a run of B-frames is exact again at every P-frame,
@@ -238,20 +238,19 @@ class DecoderMotion:
 
     def step(self, av_frame: Any) -> np.ndarray:
         self.count += 1
-        kind = int(av_frame.pict_type)  # 1 = I, 2 = P, 3 = B (AVPictureType)
+        role = _PICTURE_ROLES.get(int(av_frame.pict_type), "intra")
         since = self.count - self.last_anchor if self.last_anchor is not None else 1  # >= 1: count moved on
         side = av_frame.side_data.get("MOTION_VECTORS")
-        vectors = side.to_ndarray() if side is not None and kind != 1 else None
-        if kind == 3:
+        vectors = side.to_ndarray() if side is not None and role != "intra" else None
+        if role == "bidirectional":
             past, future = self._b_distances(vectors, since)
             step = self._field(av_frame, vectors, past, future)
             self.run_steps = step if self.run_steps is None else self.run_steps + step
             return step
-        step = self._anchor_step(av_frame, vectors if kind == 2 else None)
-        if kind == 2 and self.last_anchor is not None:
+        step = self._anchor_step(av_frame, vectors)
+        if role == "predicted" and self.last_anchor is not None:
             self.anchor_gap = since
-        if kind in (1, 2):
-            self.last_anchor, self.run_steps = self.count, None
+        self.last_anchor, self.run_steps = self.count, None
         return step
 
     def compose(self, av_frame: Any, pending: np.ndarray | None) -> np.ndarray:
@@ -301,6 +300,11 @@ class DecoderMotion:
         return regrid_motion(field_, out_h, out_w) if (out_w, out_h) != (width, height) else field_
 
 
+#: AVPictureType -> how its vectors read: anchors (intra: none; predicted: from the last anchor) or a
+#: B-frame between anchors. S (MPEG-4 GMC) and SP are predicted; SI is intra; BI (VC-1) is a B-frame
+#: coded without vectors. An unknown type (0) is read as intra: no motion rather than a wrong one.
+_PICTURE_ROLES = {1: "intra", 2: "predicted", 3: "bidirectional", 4: "predicted", 5: "intra", 6: "predicted",
+                  7: "bidirectional"}
 #: the most B-frames between two anchors that readings consider (x264's maximum)
 _LONGEST_B_RUN = 16
 #: readings whose directions disagree by at most this much more than the best one's (log ratio) are ties

@@ -440,6 +440,35 @@ def test_decoder_motion_is_the_same_on_every_decode(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(decodes[0], other, strict=True))
 
 
+class _Retyped:
+    """A decoded frame under another picture type (FFmpeg's H.264 decoder makes no S/SP/SI/BI frames)."""
+
+    def __init__(self, frame, pict_type):
+        self.frame, self.pict_type = frame, pict_type
+
+    def __getattr__(self, name):
+        return getattr(self.frame, name)
+
+
+@pytest.mark.parametrize(("kind", "as_kind"), [(2, 4), (2, 6), (1, 5), (3, 7)])
+def test_decoder_motion_reads_the_rarer_picture_types_by_their_role(tmp_path, kind, as_kind):
+    """S (MPEG-4 global motion) and SP frames are predicted from the last anchor like P, SI is intra like I, and
+    BI (VC-1) is a B-frame coded without vectors: each reads as its role (the same fields as the frame under
+    its own type), not as zero motion."""
+    from pipeline.skip import DecoderMotion
+
+    clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
+    with av.open(str(clip)) as container:
+        container.streams.video[0].codec_context.options = {"flags2": "+export_mvs"}
+        container.streams.video[0].thread_type = "SLICE"
+        decoded = list(container.decode(video=0))
+    plain, retyped = DecoderMotion(), DecoderMotion()
+    fields = [(plain.step(f), retyped.step(_Retyped(f, as_kind) if int(f.pict_type) == kind else f)) for f in decoded]
+    assert sum(int(f.pict_type) == kind for f in decoded) >= 1
+    assert all(np.array_equal(expected, got) for expected, got in fields)
+    assert np.median(fields[-1][1][2:-2, 2:-2, 0]) == pytest.approx(-2.0, abs=0.5)
+
+
 def test_a_pan_is_reused_with_motion_compensation(tmp_path):
     clip = write_pan_video(tmp_path / "pan.mp4", frames=6)
     gate = {"enabled": True, "threshold": 0.05, "max_reuse": 100}
