@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +108,74 @@ def test_synthetic_held_out_labels_are_the_generator_ground_truth():
     truth = SceneGenerator(7, 64, 48, 3).render(5).semantic
     assert np.array_equal(examples.native[1].numpy(), truth)
     assert examples.labels.shape == (2, 32, 32) and examples.images.dtype == torch.uint8
+
+
+def test_consistency_pairs_are_the_next_frames_and_stay_aligned_through_augmentation():
+    from models.training.config import SplitConfig
+    from models.training.scenes import SceneGenerator
+    from models.training.tasks import make_task
+
+    data = DataConfig(width=64, height=48)
+    split = SplitConfig(first_seed=7, clips=1, samples_per_clip=2, frame_step=5)
+    examples = ds.synthetic_segmentation(data, split, (32, 32), native=False, pair_gap=2)
+    partner_images, partner_labels = examples.pairs
+    assert torch.equal(partner_images[1], ds.to_model_input([SceneGenerator(7, 64, 48, 3).render(7).image], (32, 32))[0])
+    assert torch.equal(partner_labels[0], ds.resize_labels(SceneGenerator(7, 64, 48, 3).render(2).semantic, (32, 32)))
+    # a pair is cropped and flipped alike: partners equal to their samples stay equal, samples differ from each other
+    task = make_task(load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["consistency.weight=1", "data.crop=[24, 24]"]))
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    labels = torch.randint(0, 6, (6, 32, 32), dtype=torch.uint8)
+    items = [{"image": im, "label": la, "pair_image": im, "pair_label": la} for im, la in zip(images, labels)]
+    torch.manual_seed(3)
+    batch_images, batch_labels, _, paired = task.collate(items, train=True)
+    assert paired and batch_images.shape == (12, 3, 24, 24)
+    assert torch.equal(batch_images[:6], batch_images[6:]) and torch.equal(batch_labels[:6], batch_labels[6:])
+    assert not torch.equal(batch_images[0], batch_images[1])
+
+
+def test_paired_segment_loss_adds_the_weighted_disagreement(tmp_path):
+    from models.training.tasks import make_task, pair_disagreement
+    from models.training.train import main
+
+    cfg = smoke_config("segment", tmp_path, "consistency.weight=2.5", "epochs=1")
+    task = make_task(cfg)
+    torch.manual_seed(0)
+    model = task.build_model(SYNTHETIC_CLASSES)
+    items = [task.train_set()[i] for i in range(3)]
+    images, labels, natives, paired = task.collate(items)
+    assert paired and len(images) == 6
+    logits = model(images)["out"]
+    cross_entropy = torch.nn.functional.cross_entropy(logits, labels)
+    disagreement = pair_disagreement(logits, labels)
+    assert disagreement.item() > 0  # an untrained net does not see two frames alike
+    assert task.loss(model, (images, labels, natives, paired)).item() == pytest.approx((cross_entropy + 2.5 * disagreement).item(), rel=1e-5)
+    summary = main(cfg, resume=False, runtime=quiet_runtime())
+    assert summary["steps"] == 8 and all(math.isfinite(loss) for _, loss in summary["history"]["train_loss"])
+
+
+def test_pair_disagreement_counts_only_pixels_of_one_true_class_in_both_frames():
+    from models.training.tasks import pair_disagreement
+
+    labels = torch.zeros(2, 2, 2, dtype=torch.long)
+    labels[1, 0, 0] = 1  # the partner's top-left pixel changed class: it does not count
+    logits = torch.zeros(2, 2, 2, 2)
+    assert pair_disagreement(logits, labels).item() == 0.0  # the same probabilities everywhere
+    logits[1, 0, 0, 0] = 5.0  # differs only where the class changed
+    assert pair_disagreement(logits, labels).item() == 0.0
+    logits[1, 0, 1, 1] = math.log(3.0)  # the partner says (1/4, 3/4) at one counted pixel, the sample (1/2, 1/2)
+    expected = 0.5 * ((0.5 - 0.25) * math.log(0.5 / 0.25) + (0.5 - 0.75) * math.log(0.5 / 0.75)) / 3
+    assert pair_disagreement(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_consistency_is_for_synthetic_segment_training_only(tmp_path):
+    with pytest.raises(ConfigError, match=r"^consistency\.weight: only the segment task .* not 'flow'; set it to 0"):
+        load_train_config(TRAIN_CONFIGS / "smoke-flow.yaml", ["consistency.weight=1"])
+    coco = tmp_path / "a.json"
+    coco.write_text("{}")
+    with pytest.raises(ConfigError, match=r"^consistency\.weight: needs frame pairs of synthetic clips, but data\.train_path"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["consistency.weight=1", f"data.train_path={coco}"])
+    with pytest.raises(ConfigError, match=r"^consistency\.gap: "):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["consistency.gap=0"])
 
 
 def test_synthetic_action_clips_are_balanced():

@@ -72,6 +72,17 @@ class OptimConfig:
 
 
 @dataclass
+class ConsistencyConfig:
+    """Segment: ask two nearby frames of one clip for the same class probabilities (stability training)."""
+
+    weight: float = _field(
+        0.0, "weight of the symmetric KL between the two frames' per-pixel class probabilities, over the pixels "
+        "whose true class is the same in both; 0: off (one frame per sample)", lo=0.0, hi=1000.0,
+    )
+    gap: int = _field(1, "frames between the two (the second is frame t + gap of the same synthetic clip)", lo=1, hi=10**4)
+
+
+@dataclass
 class TrainConfig:
     """One training run of one stage's model."""
 
@@ -92,6 +103,7 @@ class TrainConfig:
     out_dir: str = _field("runs/train", "checkpoint.pt and metrics.json go here; a run resumes from its checkpoint")
     data: DataConfig = _field(factory=DataConfig, doc="training and held-out data")
     optim: OptimConfig = _field(factory=OptimConfig, doc="optimiser and schedule")
+    consistency: ConsistencyConfig = _field(factory=ConsistencyConfig, doc="segment: frame-to-frame consistency term")
 
     def to_dict(self) -> dict:
         """Plain data (what the checkpoint and the weights manifest record)."""
@@ -135,6 +147,20 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
                 raise ConfigError(f"data.{key}: {value!r} does not exist; fix the path or set it to null for synthetic data")
             setattr(cfg.data, key, str(resolved))
     _check_disjoint(cfg.data.train, cfg.data.val)
+    _check_consistency(cfg)
+
+
+def _check_consistency(cfg: TrainConfig) -> None:
+    """The term needs frame pairs with exact labels: synthetic segment training data."""
+    if cfg.consistency.weight == 0:
+        return
+    if cfg.task != "segment":
+        raise ConfigError(f"consistency.weight: only the segment task has a consistency term, not {cfg.task!r}; set it to 0")
+    if cfg.data.train_path is not None:
+        raise ConfigError(
+            "consistency.weight: needs frame pairs of synthetic clips, but data.train_path is a real dataset; "
+            "set data.train_path to null or consistency.weight to 0"
+        )
 
 
 def _check_init(cfg: TrainConfig, base_dir: Path) -> None:

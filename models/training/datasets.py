@@ -112,10 +112,14 @@ class DetectionExamples(Dataset):
 
 
 class SegmentationExamples(Dataset):
-    """Model-input images with class maps at input size (training) and at source size (``native``, evaluation)."""
+    """Model-input images with class maps at input size (training) and at source size (``native``, evaluation).
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, native: list[torch.Tensor] | None, classes: list[str]):
-        self.images, self.labels, self.native, self.classes = images, labels, native, classes
+    ``pairs``: for the consistency term, each image's partner (frame t + gap of the same clip) and its class map.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, native: list[torch.Tensor] | None, classes: list[str],
+                 pairs: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.images, self.labels, self.native, self.classes, self.pairs = images, labels, native, classes, pairs
 
     def __len__(self) -> int:
         return len(self.images)
@@ -124,6 +128,8 @@ class SegmentationExamples(Dataset):
         item = {"image": self.images[i], "label": self.labels[i]}
         if self.native is not None:
             item["native"] = self.native[i]
+        if self.pairs is not None:
+            item["pair_image"], item["pair_label"] = self.pairs[0][i], self.pairs[1][i]
         return item
 
 
@@ -193,15 +199,22 @@ def synthetic_detection(data: DataConfig, split: SplitConfig) -> DetectionExampl
     return DetectionExamples(images, targets, list(SYNTHETIC_CLASSES))
 
 
-def synthetic_segmentation(data: DataConfig, split: SplitConfig, size: tuple[int, int], native: bool) -> SegmentationExamples:
-    images, labels, natives = [], [], []
+def synthetic_segmentation(data: DataConfig, split: SplitConfig, size: tuple[int, int], native: bool,
+                           pair_gap: int = 0) -> SegmentationExamples:
+    """Sampled frames of each clip; ``pair_gap > 0`` also renders frame t + pair_gap of every sample."""
+    images, labels, natives, pair_images, pair_labels = [], [], [], [], []
     for seed in _progress(scene_seeds(split), "render segment", split.clips):
         scene = _scene(seed, data)
         frames = [scene.render(t) for t in sample_times(split)]
         images.append(to_model_input([f.image for f in frames], size))
         labels += [resize_labels(f.semantic, size) for f in frames]
         natives += [torch.from_numpy(f.semantic) for f in frames] if native else []
-    return SegmentationExamples(torch.cat(images), torch.stack(labels), natives or None, list(SYNTHETIC_CLASSES))
+        if pair_gap:
+            partners = [scene.render(t + pair_gap) for t in sample_times(split)]
+            pair_images.append(to_model_input([f.image for f in partners], size))
+            pair_labels += [resize_labels(f.semantic, size) for f in partners]
+    pairs = (torch.cat(pair_images), torch.stack(pair_labels)) if pair_gap else None
+    return SegmentationExamples(torch.cat(images), torch.stack(labels), natives or None, list(SYNTHETIC_CLASSES), pairs)
 
 
 def synthetic_flow(data: DataConfig, split: SplitConfig, size: tuple[int, int], native: bool) -> FlowExamples:

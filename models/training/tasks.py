@@ -129,6 +129,12 @@ class SegmentTask(Task):
     name, primary = "segment", "miou"
     default_classes = SYNTHETIC_CLASSES
 
+    def train_set(self) -> Any:
+        data, consistency = self.cfg.data, self.cfg.consistency
+        if data.train_path or consistency.weight == 0:
+            return super().train_set()
+        return ds.synthetic_segmentation(data, data.train, self.input_size, native=False, pair_gap=consistency.gap)
+
     def synthetic_set(self, split: Any, native: bool) -> Any:
         return ds.synthetic_segmentation(self.cfg.data, split, self.input_size, native)
 
@@ -136,15 +142,21 @@ class SegmentTask(Task):
         return ds.coco_segmentation(ds.read_coco(path), self.input_size, classes)
 
     def collate(self, items: list[dict], train: bool = False) -> Any:
+        """(images, labels, natives, paired). Paired batches hold the N samples, then their N partners."""
+        paired = "pair_image" in items[0]
         images = _images(items, "image")
         labels = torch.stack([item["label"] for item in items]).long()
+        if paired:
+            images = torch.cat([images, _images(items, "pair_image")])
+            labels = torch.cat([labels, torch.stack([item["pair_label"] for item in items]).long()])
         natives = [item["native"].long() for item in items] if "native" in items[0] else None
         if train:
-            images, labels = self._augment(images, labels)
-        return images, labels, natives
+            images, labels = self._augment(images, labels, groups=2 if paired else 1)
+        return images, labels, natives, paired
 
-    def _augment(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A random crop (the same scale as the full input: the net is fully convolutional) and flips."""
+    def _augment(self, images: torch.Tensor, labels: torch.Tensor, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """A random crop (the same scale as the full input: the net is fully convolutional) and flips.
+        ``groups``: the batch is that many equal parts whose i-th samples are flipped alike (a pair stays aligned)."""
         if self.cfg.data.crop is not None:
             crop_h, crop_w = (min(c, s) for c, s in zip(self.cfg.data.crop, images.shape[-2:]))
             top = int(torch.randint(images.shape[-2] - crop_h + 1, ()))
@@ -152,18 +164,22 @@ class SegmentTask(Task):
             images = images[..., top : top + crop_h, left : left + crop_w]
             labels = labels[..., top : top + crop_h, left : left + crop_w]
         if self.cfg.data.flip:
-            flip = torch.rand(len(images)) < 0.5
+            flip = (torch.rand(len(images) // groups) < 0.5).repeat(groups)
             images = torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
             labels = torch.where(flip.view(-1, 1, 1), labels.flip(-1), labels)
         return images.contiguous(), labels.contiguous()
 
     def to_device(self, batch: Any, device: torch.device) -> Any:
-        images, labels, natives = batch
-        return images.to(device), labels.to(device), natives
+        images, labels, natives, paired = batch
+        return images.to(device), labels.to(device), natives, paired
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        images, labels, _ = batch
-        return F.cross_entropy(model(images)["out"], labels)
+        images, labels, _, paired = batch
+        logits = model(images)["out"]
+        loss = F.cross_entropy(logits, labels)
+        if paired:
+            loss = loss + self.cfg.consistency.weight * pair_disagreement(logits, labels)
+        return loss
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
@@ -171,7 +187,7 @@ class SegmentTask(Task):
         num_classes = len(loader.dataset.classes)
         confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
         for batch in loader:
-            images, labels, natives = self.to_device(batch, device)
+            images, labels, natives, _ = self.to_device(batch, device)
             logits = model(images)["out"].float()
             for item_logits, label in zip(logits, natives if natives is not None else labels):
                 size = tuple(label.shape[-2:])
@@ -180,6 +196,18 @@ class SegmentTask(Task):
                 prediction = item_logits.argmax(dim=0).cpu().numpy()
                 confusion += metrics.confusion_matrix(prediction, label.cpu().numpy(), num_classes)
         return metrics.segmentation_scores(confusion)
+
+
+def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Symmetric KL between the class probabilities of the first and second half of the batch (each sample
+    and its partner frame), averaged over the pixels whose true class is the same in both.
+
+    Cross-entropy alone lets a net hesitate between two wrong classes and pick a different one on the next,
+    nearly identical frame; that flicker is what temporal reuse cannot match (docs/skipping.md)."""
+    first, second = logits.float().log_softmax(dim=1).chunk(2)
+    same = labels.chunk(2)[0] == labels.chunk(2)[1]
+    divergence = 0.5 * ((first.exp() - second.exp()) * (first - second)).sum(dim=1)
+    return (divergence * same).sum() / same.sum().clamp(min=1)
 
 
 class FlowTask(Task):
