@@ -163,8 +163,10 @@ def test_pair_disagreement_counts_only_pixels_of_one_true_class_in_both_frames()
     logits[1, 0, 0, 0] = 5.0  # differs only where the class changed
     assert pair_disagreement(logits, labels).item() == 0.0
     logits[1, 0, 1, 1] = math.log(3.0)  # the partner says (1/4, 3/4) at one counted pixel, the sample (1/2, 1/2)
-    expected = 0.5 * ((0.5 - 0.25) * math.log(0.5 / 0.25) + (0.5 - 0.75) * math.log(0.5 / 0.75)) / 3
-    assert pair_disagreement(logits, labels).item() == pytest.approx(expected, rel=1e-5)
+    one_pixel = 0.5 * ((0.5 - 0.25) * math.log(0.5 / 0.25) + (0.5 - 0.75) * math.log(0.5 / 0.75))
+    assert pair_disagreement(logits, labels).item() == pytest.approx(one_pixel / 3, rel=1e-5)
+    # the hardest third of the 3 counted pixels is the one that disagrees
+    assert pair_disagreement(logits, labels, hardest=1 / 3).item() == pytest.approx(one_pixel, rel=1e-5)
 
 
 def test_consistency_is_for_synthetic_segment_training_only(tmp_path):

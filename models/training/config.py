@@ -80,6 +80,10 @@ class ConsistencyConfig:
         "whose true class is the same in both; 0: off (one frame per sample)", lo=0.0, hi=1000.0,
     )
     gap: int = _field(1, "frames between the two (the second is frame t + gap of the same synthetic clip)", lo=1, hi=10**4)
+    hardest: float = _field(
+        1.0, "average the term over this fraction of those pixels, where the frames disagree most (flicker is "
+        "rare, so a mean over every pixel gives it little weight); 1: all", lo=0.001, hi=1.0,
+    )
 
 
 @dataclass

@@ -178,7 +178,8 @@ class SegmentTask(Task):
         logits = model(images)["out"]
         loss = F.cross_entropy(logits, labels)
         if paired:
-            loss = loss + self.cfg.consistency.weight * pair_disagreement(logits, labels)
+            consistency = self.cfg.consistency
+            loss = loss + consistency.weight * pair_disagreement(logits, labels, consistency.hardest)
         return loss
 
     @torch.no_grad()
@@ -198,16 +199,20 @@ class SegmentTask(Task):
         return metrics.segmentation_scores(confusion)
 
 
-def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor, hardest: float = 1.0) -> torch.Tensor:
     """Symmetric KL between the class probabilities of the first and second half of the batch (each sample
-    and its partner frame), averaged over the pixels whose true class is the same in both.
+    and its partner frame), averaged over the pixels whose true class is the same in both; ``hardest < 1``
+    averages only that fraction of them, those where the two frames disagree most.
 
     Cross-entropy alone lets a net hesitate between two wrong classes and pick a different one on the next,
-    nearly identical frame; that flicker is what temporal reuse cannot match (docs/skipping.md)."""
+    nearly identical frame; that flicker is what temporal reuse cannot match (docs/skipping.md). It happens
+    on few pixels, so a plain mean over every pixel gives it little weight."""
     first, second = logits.float().log_softmax(dim=1).chunk(2)
     same = labels.chunk(2)[0] == labels.chunk(2)[1]
-    divergence = 0.5 * ((first.exp() - second.exp()) * (first - second)).sum(dim=1)
-    return (divergence * same).sum() / same.sum().clamp(min=1)
+    divergence = 0.5 * ((first.exp() - second.exp()) * (first - second)).sum(dim=1)[same]
+    if hardest < 1.0 and divergence.numel():
+        divergence = divergence.topk(max(1, round(hardest * divergence.numel()))).values
+    return divergence.mean() if divergence.numel() else logits.sum() * 0.0
 
 
 class FlowTask(Task):
