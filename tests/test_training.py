@@ -169,6 +169,23 @@ def test_pair_disagreement_counts_only_pixels_of_one_true_class_in_both_frames()
     assert pair_disagreement(logits, labels, hardest=1 / 3).item() == pytest.approx(one_pixel, rel=1e-5)
 
 
+def test_pair_disagreement_leaves_out_pixels_near_a_class_boundary():
+    from models.training.tasks import pair_disagreement
+
+    labels = torch.zeros(2, 8, 8, dtype=torch.long)
+    labels[:, :, 6:] = 1  # a class edge between columns 5 and 6, in both frames
+    logits = torch.zeros(2, 2, 8, 8)
+    logits[1, 1, :, 4] = math.log(3.0)  # the frames disagree on column 4 only: 2 px from the edge
+    assert pair_disagreement(logits, labels).item() > 0
+    assert pair_disagreement(logits, labels, margin=1).item() > 0  # column 4 is 2 px away: it still counts
+    assert pair_disagreement(logits, labels, margin=2).item() == 0.0  # now within the margin
+    labels[1, 0, 0] = 1  # the partner's corner changes class: its neighbourhood leaves the count as well
+    logits = torch.zeros(2, 2, 8, 8)
+    logits[1, 1, 1, 1] = 2.0  # the frames disagree next to that corner only
+    assert pair_disagreement(logits, labels).item() > 0
+    assert pair_disagreement(logits, labels, margin=1).item() == 0.0
+
+
 def test_consistency_is_for_synthetic_segment_training_only(tmp_path):
     with pytest.raises(ConfigError, match=r"^consistency\.weight: only the segment task .* not 'flow'; set it to 0"):
         load_train_config(TRAIN_CONFIGS / "smoke-flow.yaml", ["consistency.weight=1"])

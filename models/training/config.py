@@ -84,6 +84,10 @@ class ConsistencyConfig:
         1.0, "average the term over this fraction of those pixels, where the frames disagree most (flicker is "
         "rare, so a mean over every pixel gives it little weight); 1: all", lo=0.001, hi=1.0,
     )
+    margin: int = _field(
+        0, "leave out pixels within this many model-input pixels of a class boundary in either frame (a moving "
+        "edge changes them legitimately); 0: none", lo=0, hi=64,
+    )
 
 
 @dataclass

@@ -179,7 +179,7 @@ class SegmentTask(Task):
         loss = F.cross_entropy(logits, labels)
         if paired:
             consistency = self.cfg.consistency
-            loss = loss + consistency.weight * pair_disagreement(logits, labels, consistency.hardest)
+            loss = loss + consistency.weight * pair_disagreement(logits, labels, consistency.hardest, consistency.margin)
         return loss
 
     @torch.no_grad()
@@ -199,20 +199,34 @@ class SegmentTask(Task):
         return metrics.segmentation_scores(confusion)
 
 
-def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor, hardest: float = 1.0) -> torch.Tensor:
+def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor, hardest: float = 1.0, margin: int = 0) -> torch.Tensor:
     """Symmetric KL between the class probabilities of the first and second half of the batch (each sample
     and its partner frame), averaged over the pixels whose true class is the same in both; ``hardest < 1``
     averages only that fraction of them, those where the two frames disagree most.
 
     Cross-entropy alone lets a net hesitate between two wrong classes and pick a different one on the next,
     nearly identical frame; that flicker is what temporal reuse cannot match (docs/skipping.md). It happens
-    on few pixels, so a plain mean over every pixel gives it little weight."""
+    on few pixels, so a plain mean over every pixel gives it little weight. Pixels within ``margin`` of a
+    class boundary in either frame do not count: an edge that moved changes them legitimately, and asking
+    them to agree would blur the edges."""
     first, second = logits.float().log_softmax(dim=1).chunk(2)
-    same = labels.chunk(2)[0] == labels.chunk(2)[1]
-    divergence = 0.5 * ((first.exp() - second.exp()) * (first - second)).sum(dim=1)[same]
+    before, after = labels.chunk(2)
+    counted = (before == after) & _interior(before, margin) & _interior(after, margin)
+    divergence = 0.5 * ((first.exp() - second.exp()) * (first - second)).sum(dim=1)[counted]
     if hardest < 1.0 and divergence.numel():
         divergence = divergence.topk(max(1, round(hardest * divergence.numel()))).values
     return divergence.mean() if divergence.numel() else logits.sum() * 0.0
+
+
+def _interior(labels: torch.Tensor, margin: int) -> torch.Tensor:
+    """(N, H, W) True where every pixel within ``margin`` (a square) has the same class."""
+    if margin <= 0:
+        return torch.ones_like(labels, dtype=torch.bool)
+    classes = labels.float()[:, None]
+    size = 2 * margin + 1
+    highest = F.max_pool2d(classes, size, stride=1, padding=margin)
+    lowest = -F.max_pool2d(-classes, size, stride=1, padding=margin)
+    return (highest == lowest)[:, 0]
 
 
 class FlowTask(Task):
