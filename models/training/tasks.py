@@ -7,7 +7,8 @@ Each :class:`Task` knows
 * ``loss``: the model's training loss on a batch (the model is in train mode):
   detect: torchvision's own detection losses (SSD's hard-negative-mined
   classification + smooth-L1 boxes, RetinaNet's focal loss, Faster R-CNN's RPN
-  + ROI losses); segment: per-pixel cross-entropy; flow: FlowNet's multi-scale
+  + ROI losses); segment: per-pixel cross-entropy, plus the frame-to-frame
+  consistency term when ``consistency.weight > 0``; flow: FlowNet's multi-scale
   end-point error (RAFT: its sequence loss, EPE weighted 0.8^i); action: cross-entropy;
 * ``evaluate``: the metrics on a loader (the model is in eval mode), measured
   where the stage reports: segment and flow at the source resolution.
@@ -211,7 +212,9 @@ def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor, hardest: float
     them to agree would blur the edges."""
     first, second = logits.float().log_softmax(dim=1).chunk(2)
     before, after = labels.chunk(2)
-    counted = (before == after) & _interior(before, margin) & _interior(after, margin)
+    counted = before == after
+    if margin > 0:
+        counted &= _interior(before, margin) & _interior(after, margin)
     divergence = 0.5 * ((first.exp() - second.exp()) * (first - second)).sum(dim=1)[counted]
     if hardest < 1.0 and divergence.numel():
         divergence = divergence.topk(max(1, round(hardest * divergence.numel()))).values
@@ -220,8 +223,6 @@ def pair_disagreement(logits: torch.Tensor, labels: torch.Tensor, hardest: float
 
 def _interior(labels: torch.Tensor, margin: int) -> torch.Tensor:
     """(N, H, W) True where every pixel within ``margin`` (a square) has the same class."""
-    if margin <= 0:
-        return torch.ones_like(labels, dtype=torch.bool)
     classes = labels.float()[:, None]
     size = 2 * margin + 1
     highest = F.max_pool2d(classes, size, stride=1, padding=margin)
