@@ -34,6 +34,14 @@ class SplitConfig:
     clips: int = _field(64, "number of clips (scenes)", lo=1, hi=10**6)
     samples_per_clip: int = _field(4, "frames (detect, segment), pairs (flow) or windows (action) per clip", lo=1, hi=10**4)
     frame_step: int = _field(6, "frames between consecutive samples of a clip", lo=1, hi=10**4)
+    backgrounds: list[str] | None = _field(
+        None, "detect/segment: real images or videos (or folders of them) whose frames, cropped and recoloured, "
+        "replace the procedural background of real_fraction of the clips: real texture labelled background, "
+        "the hard negatives procedural scenes lack; null: procedural backgrounds only",
+    )
+    real_fraction: float = _field(
+        0.5, "with backgrounds: the share of clips (chosen by seed) drawn over a real background", lo=0.0, hi=1.0
+    )
 
 
 @dataclass
@@ -155,7 +163,36 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
                 raise ConfigError(f"data.{key}: {value!r} does not exist; fix the path or set it to null for synthetic data")
             setattr(cfg.data, key, str(resolved))
     _check_disjoint(cfg.data.train, cfg.data.val)
+    _check_backgrounds(cfg, base_dir)
     _check_consistency(cfg)
+
+
+def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:
+    """Real backgrounds are for synthetic detect/segment splits, and every listed path must exist."""
+    for split in ("train", "val"):
+        paths = getattr(cfg.data, split).backgrounds
+        if not paths:
+            continue
+        key = f"data.{split}.backgrounds"
+        if cfg.task not in ("detect", "segment"):
+            raise ConfigError(f"{key}: real backgrounds are for the detect and segment tasks, not {cfg.task!r}; set it to null")
+        if getattr(cfg.data, f"{split}_path") is not None:
+            raise ConfigError(f"{key}: data.{split}_path is a real dataset, so there are no synthetic clips to put "
+                              f"backgrounds behind; set one of them to null")
+        resolved = []
+        for i, value in enumerate(paths):
+            path = resolve_path(value, base_dir)
+            if not path.exists():
+                raise ConfigError(f"{key}.{i}: {value!r} does not exist; fix the path or drop it from the list")
+            resolved.append(str(path))
+        # the config keeps the paths as written (the manifest records it, and must match on any checkout)
+        getattr(cfg.data, split)._backgrounds_resolved = tuple(resolved)
+
+
+def resolved_backgrounds(split: SplitConfig) -> tuple[str, ...]:
+    """The split's background files as the config check found them (relative paths: from the working
+    directory, then beside the config); the paths as written when the split was not checked."""
+    return getattr(split, "_backgrounds_resolved", None) or tuple(split.backgrounds or ())
 
 
 def _check_consistency(cfg: TrainConfig) -> None:

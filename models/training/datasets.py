@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
-from models.training.config import DataConfig, SplitConfig
+from models.training.config import DataConfig, SplitConfig, resolved_backgrounds
 from pipeline.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
@@ -176,10 +176,18 @@ def sample_times(split: SplitConfig) -> list[int]:
     return [k * split.frame_step for k in range(split.samples_per_clip)]
 
 
-def _scene(seed: int, data: DataConfig, action: str | None = None):
+def _scene(seed: int, data: DataConfig, action: str | None = None, split: SplitConfig | None = None):
+    """Clip ``seed``; over a real background when the split has them and the seed draws one."""
     from models.training.scenes import SceneGenerator
 
-    return SceneGenerator(seed, data.width, data.height, data.num_objects, action)
+    background = None
+    if split is not None and split.backgrounds:
+        from models.training import backgrounds as bg
+
+        if bg.uses_real_background(seed, split.real_fraction):
+            pool = bg.background_pool(resolved_backgrounds(split))
+            background = bg.draw_background(pool, seed, data.width, data.height)
+    return SceneGenerator(seed, data.width, data.height, data.num_objects, action, background=background)
 
 
 def _progress(iterable: Any, desc: str, total: int) -> Iterator:
@@ -191,7 +199,7 @@ def _progress(iterable: Any, desc: str, total: int) -> Iterator:
 def synthetic_detection(data: DataConfig, split: SplitConfig) -> DetectionExamples:
     images, targets = [], []
     for seed in _progress(scene_seeds(split), "render detect", split.clips):
-        scene = _scene(seed, data)
+        scene = _scene(seed, data, split=split)
         for t in sample_times(split):
             frame = scene.render(t)
             images.append(torch.from_numpy(frame.image).permute(2, 0, 1).contiguous())
@@ -204,7 +212,7 @@ def synthetic_segmentation(data: DataConfig, split: SplitConfig, size: tuple[int
     """Sampled frames of each clip; ``pair_gap > 0`` also renders frame t + pair_gap of every sample."""
     images, labels, natives, pair_images, pair_labels = [], [], [], [], []
     for seed in _progress(scene_seeds(split), "render segment", split.clips):
-        scene = _scene(seed, data)
+        scene = _scene(seed, data, split=split)
         frames = [scene.render(t) for t in sample_times(split)]
         images.append(to_model_input([f.image for f in frames], size))
         labels += [resize_labels(f.semantic, size) for f in frames]

@@ -312,6 +312,11 @@ def _background_tile(rng: np.random.Generator, width: int, height: int) -> np.nd
     return image + weight * (colour - image) * pattern[..., None]
 
 
+def _wrap_padded(tile: np.ndarray) -> np.ndarray:
+    height, width = tile.shape[:2]
+    return np.pad(tile, ((0, height + 1), (0, width + 1), (0, 0)), mode="wrap")
+
+
 @dataclass(frozen=True)
 class _Background:
     """A seamless tile translating at ``velocity`` px/frame.
@@ -328,8 +333,12 @@ class _Background:
     def random(cls, rng: np.random.Generator, width: int, height: int, speed: float) -> "_Background":
         heading = rng.uniform(0, _TWO_PI)
         tile = _background_tile(rng, width, height)
-        padded = np.pad(tile, ((0, height + 1), (0, width + 1), (0, 0)), mode="wrap")
-        return cls((speed * math.cos(heading), speed * math.sin(heading)), padded)
+        return cls((speed * math.cos(heading), speed * math.sin(heading)), _wrap_padded(tile))
+
+    @classmethod
+    def still(cls, image: np.ndarray) -> "_Background":
+        """A fixed image (a real photograph): a static camera, so its flow is zero."""
+        return cls((0.0, 0.0), _wrap_padded(np.asarray(image, dtype=np.float32)))
 
     def render(self, t: float) -> np.ndarray:
         height, width = (self.padded.shape[0] - 1) // 2, (self.padded.shape[1] - 1) // 2
@@ -358,6 +367,9 @@ class SceneGenerator:
 
     ``lighting=False`` keeps the brightness constant and ``background_motion=False``
     keeps the background still (useful in tests and for clean flow targets).
+    ``background`` (an ``height x width x 3`` image, e.g. a real photograph)
+    replaces the procedural background and stays still; the objects are those
+    the seed draws either way (models.training.backgrounds).
     """
 
     def __init__(
@@ -370,6 +382,7 @@ class SceneGenerator:
         *,
         lighting: bool = True,
         background_motion: bool = True,
+        background: np.ndarray | None = None,
     ) -> None:
         if width < 16 or height < 16:
             raise ValueError(f"scene size {width}x{height} is too small (min 16x16)")
@@ -383,7 +396,9 @@ class SceneGenerator:
         self.action: int = SYNTHETIC_ACTIONS.index(self.action_name)
         self._xs = np.arange(width, dtype=np.float32)
         self._ys = np.arange(height, dtype=np.float32)
-        self._background = self._random_background(rng, background_motion)
+        self._background = self._random_background(rng, background_motion)  # drawn either way: same objects
+        if background is not None:
+            self._background = self._still_background(background)
         self._objects = self._random_objects(rng)  # back to front; the actor is last
         light = (rng.uniform(0.08, 0.18), rng.uniform(60, 150), rng.uniform(0, _TWO_PI))  # drawn either way
         self._light = light if lighting else None
@@ -393,6 +408,11 @@ class SceneGenerator:
     def _random_background(self, rng: np.random.Generator, moving: bool) -> _Background:
         speed = rng.uniform(0.1, 0.5) * self.width / 320
         return _Background.random(rng, self.width, self.height, speed if moving else 0.0)
+
+    def _still_background(self, image: np.ndarray) -> _Background:
+        if image.shape != (self.height, self.width, 3):
+            raise ValueError(f"background image is {image.shape}, the scene needs ({self.height}, {self.width}, 3)")
+        return _Background.still(image)
 
     def _random_objects(self, rng: np.random.Generator) -> list[_SceneObject]:
         size = min(self.width, self.height)

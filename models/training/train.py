@@ -174,8 +174,12 @@ def describe_eval_set(cfg: TrainConfig) -> str:
     if cfg.data.val_path:
         return cfg.data.val_path
     val = cfg.data.val
-    return (f"synthetic held-out seeds {val.first_seed}..{val.first_seed + val.clips - 1} "
-            f"({val.clips} clips x {val.samples_per_clip}, {cfg.data.width}x{cfg.data.height})")
+    described = (f"synthetic held-out seeds {val.first_seed}..{val.first_seed + val.clips - 1} "
+                 f"({val.clips} clips x {val.samples_per_clip}, {cfg.data.width}x{cfg.data.height})")
+    if val.backgrounds:
+        names = ", ".join(Path(p).name for p in val.backgrounds)  # names only: the same on any checkout
+        described += f", {val.real_fraction:.0%} of them over real backgrounds from {names}"
+    return described
 
 
 # --------------------------------------------------------------------------- evaluation only
