@@ -160,7 +160,8 @@ def segmenter():
     from stages.segment import Segment, SegmentOptions
 
     torch.manual_seed(0)
-    stage = Segment(StageConfig(options=SegmentOptions(input_size=[64, 96], tile_halo=32)))
+    # specks are cleaned at a size that suits this tiny input (the default, 16x16, would flatten the random map)
+    stage = Segment(StageConfig(options=SegmentOptions(input_size=[64, 96], tile_halo=32, min_region=16)))
     stage.setup("cpu")
     with torch.no_grad():  # a random head gives one class everywhere; a louder one gives a varied map
         stage.model.head.weight.normal_(0, 1.0)
