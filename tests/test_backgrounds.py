@@ -146,3 +146,45 @@ def test_the_evaluation_names_the_real_backgrounds_it_used(tmp_path, shared_data
     assert describe_eval_set(cfg).endswith("(4 clips x 2, 96x72), 100% of them over real backgrounds from tree.avi")
     plain = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml")
     assert describe_eval_set(plain).endswith("(4 clips x 2, 96x72)")
+
+
+def test_dead_leaves_cover_the_frame_with_clutter_of_every_size():
+    leaves = bg.dead_leaves(4, 96, 72)
+    assert leaves.shape == (72, 96, 3) and leaves.dtype == np.float32
+    np.testing.assert_array_equal(leaves, bg.dead_leaves(4, 96, 72))
+    assert not np.array_equal(leaves, bg.dead_leaves(5, 96, 72))
+    edges = np.abs(np.diff(leaves, axis=1)).max(axis=2) > 20  # a colour step: the edge of a leaf
+    assert edges.mean() > 0.1  # cluttered everywhere, unlike the smooth procedural backgrounds
+    smooth = SceneGenerator(4, 96, 72, num_objects=1, lighting=False).render_image(0).astype(np.float32)
+    assert edges.mean() > 5 * (np.abs(np.diff(smooth, axis=1)).max(axis=2) > 20).mean()
+
+
+def test_clutter_takes_the_share_after_the_real_backgrounds():
+    seeds = range(3000)
+    real = [bg.uses_real_background(s, 0.4) for s in seeds]
+    clutter = [bg.uses_clutter(s, 0.4, 0.3) for s in seeds]
+    assert not any(r and c for r, c in zip(real, clutter))
+    assert 0.37 < np.mean(real) < 0.43 and 0.27 < np.mean(clutter) < 0.33
+    assert not any(bg.uses_clutter(s, 0.4, 0.0) for s in range(200))
+
+
+def test_a_split_with_clutter_and_no_real_files_draws_dead_leaves(tmp_path):
+    cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"out_dir={tmp_path}", "data.train.clutter_fraction=1"])
+    real = ds.synthetic_segmentation(cfg.data, cfg.data.train, (64, 64), native=False)
+    cfg.data.train.clutter_fraction = 0.0
+    plain = ds.synthetic_segmentation(cfg.data, cfg.data.train, (64, 64), native=False)
+    assert real.labels.equal(plain.labels)
+    first = SceneGenerator(0, 96, 72, background=bg.dead_leaves(0, 96, 72)).render(0)
+    assert ds.to_model_input([first.image], (64, 64)).equal(real.images[:1])
+
+
+def test_clutter_config_errors_name_the_key(shared_data):
+    with pytest.raises(ConfigError, match=r"^data\.train\.clutter_fraction: clutter backgrounds are for the detect and segment tasks, not 'action'"):
+        load_train_config(TRAIN_CONFIGS / "smoke-action.yaml", ["data.train.clutter_fraction=0.2"])
+    video = shared_data / "video" / "realshort.mp4"
+    with pytest.raises(ConfigError, match=r"^data\.val\.clutter_fraction: 0\.6 plus real_fraction 0\.5 is more than all the clips"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.val.backgrounds=[{video}]", "data.val.clutter_fraction=0.6"])
+    cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["data.val.clutter_fraction=0.6"])  # no real files: fine
+    from models.training.train import describe_eval_set
+
+    assert describe_eval_set(cfg).endswith(", 60% over clutter (dead leaves)")

@@ -13,6 +13,11 @@ procedural clip, so ground truth stays exact and the real pixels are, by
 construction, background: hard negatives, as in the detection notes of the
 seed lecture, without a labelled real dataset.
 
+``clutter_fraction`` of the clips get a procedural clutter background instead
+(:func:`dead_leaves`): flat ellipses of every size over each other, like
+foliage, which the three real files in ``../shared/data`` do not show and on
+which the detector still found boxes.
+
 The real background stays still (a static camera), so its flow is zero and
 the clip's flow ground truth stays exact too. Everything is a function of the
 clip seed and the files, so a split is reproducible.
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -100,9 +106,50 @@ def background_pool(paths: tuple[str, ...]) -> tuple[np.ndarray, ...]:
     return tuple(frames)
 
 
+def _clip_draw(seed: int) -> float:
+    """Clip ``seed``'s uniform draw that picks its kind of background."""
+    return float(np.random.default_rng([seed, _SALT, 0]).random())
+
+
 def uses_real_background(seed: int, fraction: float) -> bool:
     """Whether clip ``seed`` of a split with ``real_fraction`` gets a real background."""
-    return fraction > 0 and np.random.default_rng([seed, _SALT, 0]).random() < fraction
+    return fraction > 0 and _clip_draw(seed) < fraction
+
+
+def uses_clutter(seed: int, real_fraction: float, clutter_fraction: float) -> bool:
+    """Whether clip ``seed`` gets a clutter background: the next ``clutter_fraction`` of the draw after the
+    real backgrounds' share (0 when the split has no real backgrounds), so the two never overlap."""
+    return clutter_fraction > 0 and real_fraction <= _clip_draw(seed) < real_fraction + clutter_fraction
+
+
+def dead_leaves(seed: int, width: int, height: int) -> np.ndarray:
+    """A procedural clutter background (float32 RGB): the "dead leaves" model of natural images, flat
+    ellipses of one hue family, sizes drawn from a power law (r^-3, so every scale is equally covered),
+    painted over each other until the frame is covered about 2.5 times. Foliage, gravel and crowds
+    look like it, and the synthetic-trained detector found boxes in it."""
+    rng = np.random.default_rng([seed, _SALT, 2])
+    base = rng.uniform(30, 220, 3)
+    spread = rng.uniform(10, 60)
+    r_min, r_max = rng.uniform(2.0, 3.5), rng.uniform(8.0, 16.0)  # below the smallest shape's radius (19 px)
+    leaf_area = math.pi * r_min**2 * 2 * math.log(r_max / r_min) / (1 - (r_min / r_max) ** 2) * 0.675  # mean aspect
+    count = int(2.5 * width * height / leaf_area)
+    radii = r_min / np.sqrt(1 - rng.random(count) * (1 - (r_min / r_max) ** 2))  # inverse CDF of r^-3
+    centres = rng.uniform((-r_max, -r_max), (width + r_max, height + r_max), (count, 2))
+    aspects, angles = rng.uniform(0.35, 1.0, count), rng.uniform(0, math.pi, count)
+    colours = np.clip(base * rng.uniform(0.45, 1.35, (count, 1)) + rng.normal(0, spread, (count, 3)), 0, 255)
+    image = np.empty((height, width, 3), np.float32)
+    image[:] = base
+    xs, ys = np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32)
+    for (cx, cy), radius, aspect, angle, colour in zip(centres, radii, aspects, angles, colours):
+        x0, x1 = max(0, int(cx - radius)), min(width, int(cx + radius) + 2)
+        y0, y1 = max(0, int(cy - radius)), min(height, int(cy + radius) + 2)
+        if x0 >= x1 or y0 >= y1:
+            continue
+        dx, dy = xs[None, x0:x1] - cx, ys[y0:y1, None] - cy
+        c, s = math.cos(angle), math.sin(angle)
+        inside = ((dx * c + dy * s) / radius) ** 2 + ((dy * c - dx * s) / (radius * aspect)) ** 2 <= 1
+        image[y0:y1, x0:x1][inside] = colour
+    return image
 
 
 def draw_background(pool: tuple[np.ndarray, ...], seed: int, width: int, height: int) -> np.ndarray:

@@ -42,6 +42,10 @@ class SplitConfig:
     real_fraction: float = _field(
         0.5, "with backgrounds: the share of clips (chosen by seed) drawn over a real background", lo=0.0, hi=1.0
     )
+    clutter_fraction: float = _field(
+        0.0, "detect/segment: the share of clips drawn over procedural clutter (dead leaves: flat ellipses of "
+        "every size, like foliage), hard negatives no real file may show; 0: none", lo=0.0, hi=1.0,
+    )
 
 
 @dataclass
@@ -170,6 +174,7 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
 def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:
     """Real backgrounds are for synthetic detect/segment splits, and every listed path must exist."""
     for split in ("train", "val"):
+        _check_clutter(cfg, split)
         paths = getattr(cfg.data, split).backgrounds
         if not paths:
             continue
@@ -187,6 +192,19 @@ def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:
             resolved.append(str(path))
         # the config keeps the paths as written (the manifest records it, and must match on any checkout)
         getattr(cfg.data, split)._backgrounds_resolved = tuple(resolved)
+
+
+def _check_clutter(cfg: TrainConfig, split: str) -> None:
+    config = getattr(cfg.data, split)
+    if not config.clutter_fraction:
+        return
+    key = f"data.{split}.clutter_fraction"
+    if cfg.task not in ("detect", "segment"):
+        raise ConfigError(f"{key}: clutter backgrounds are for the detect and segment tasks, not {cfg.task!r}; set it to 0")
+    real = config.real_fraction if config.backgrounds else 0.0
+    if real + config.clutter_fraction > 1:
+        raise ConfigError(f"{key}: {config.clutter_fraction} plus real_fraction {real} is more than all the clips; "
+                          f"make them add up to at most 1")
 
 
 def resolved_backgrounds(split: SplitConfig) -> tuple[str, ...]:

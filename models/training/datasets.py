@@ -181,12 +181,15 @@ def _scene(seed: int, data: DataConfig, action: str | None = None, split: SplitC
     from models.training.scenes import SceneGenerator
 
     background = None
-    if split is not None and split.backgrounds:
+    if split is not None and (split.backgrounds or split.clutter_fraction):
         from models.training import backgrounds as bg
 
-        if bg.uses_real_background(seed, split.real_fraction):
+        real = split.real_fraction if split.backgrounds else 0.0
+        if bg.uses_real_background(seed, real):
             pool = bg.background_pool(resolved_backgrounds(split))
             background = bg.draw_background(pool, seed, data.width, data.height)
+        elif bg.uses_clutter(seed, real, split.clutter_fraction):
+            background = bg.dead_leaves(seed, data.width, data.height)
     return SceneGenerator(seed, data.width, data.height, data.num_objects, action, background=background)
 
 

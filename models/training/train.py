@@ -179,6 +179,8 @@ def describe_eval_set(cfg: TrainConfig) -> str:
     if val.backgrounds:
         names = ", ".join(Path(p).name for p in val.backgrounds)  # names only: the same on any checkout
         described += f", {val.real_fraction:.0%} of them over real backgrounds from {names}"
+    if val.clutter_fraction:
+        described += f", {val.clutter_fraction:.0%} over clutter (dead leaves)"
     return described
 
 
