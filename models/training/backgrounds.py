@@ -3,9 +3,9 @@
 Procedural backgrounds are smooth (gradients, soft patterns), so models trained
 only on them have never seen the sharp, cluttered texture of real footage and
 call parts of it objects: on the static real clip of ``bench skip``
-(``tree.avi``) the shipped segmenter painted six classes into every frame and
-the detector found 19 boxes, none of them there, and both flickered between
-near-identical frames. A split's ``backgrounds`` lists real images or videos;
+(``tree.avi``) the procedural-only segmenter painted six classes into every
+frame and the detector found 19 boxes, none of them there, and both flickered
+between near-identical frames. A split's ``backgrounds`` lists real images or videos;
 for a share of its clips (``real_fraction``, chosen by clip seed) a random
 crop of one of their frames, flipped and recoloured, replaces the procedural
 background. The objects, their motion and their labels are those of the seed's
