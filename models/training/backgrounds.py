@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.training.config import SplitConfig, resolved_backgrounds
 from pipeline.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,15 @@ def uses_clutter(seed: int, real_fraction: float, clutter_fraction: float) -> bo
     """Whether clip ``seed`` gets a clutter background: the next ``clutter_fraction`` of the draw after the
     real backgrounds' share (0 when the split has no real backgrounds), so the two never overlap."""
     return clutter_fraction > 0 and real_fraction <= _clip_draw(seed) < real_fraction + clutter_fraction
+
+
+def clip_background(seed: int, split: SplitConfig, width: int, height: int) -> np.ndarray | None:
+    """Clip ``seed``'s background under ``split``: a real one, clutter, or None for the procedural one."""
+    if uses_real_background(seed, split.real_share):
+        return draw_background(background_pool(resolved_backgrounds(split)), seed, width, height)
+    if uses_clutter(seed, split.real_share, split.clutter_fraction):
+        return dead_leaves(seed, width, height)
+    return None
 
 
 def dead_leaves(seed: int, width: int, height: int) -> np.ndarray:

@@ -47,6 +47,11 @@ class SplitConfig:
         "every size, like foliage), hard negatives no real file may show; 0: none", lo=0.0, hi=1.0,
     )
 
+    @property
+    def real_share(self) -> float:
+        """The share of clips over a real background: real_fraction, or 0 without background files."""
+        return self.real_fraction if self.backgrounds else 0.0
+
 
 @dataclass
 class DataConfig:
@@ -179,8 +184,7 @@ def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:
         if not paths:
             continue
         key = f"data.{split}.backgrounds"
-        if cfg.task not in ("detect", "segment"):
-            raise ConfigError(f"{key}: real backgrounds are for the detect and segment tasks, not {cfg.task!r}; set it to null")
+        _require_detect_or_segment(cfg, key, "real backgrounds", "null")
         if getattr(cfg.data, f"{split}_path") is not None:
             raise ConfigError(f"{key}: data.{split}_path is a real dataset, so there are no synthetic clips to put "
                               f"backgrounds behind; set one of them to null")
@@ -199,12 +203,16 @@ def _check_clutter(cfg: TrainConfig, split: str) -> None:
     if not config.clutter_fraction:
         return
     key = f"data.{split}.clutter_fraction"
+    _require_detect_or_segment(cfg, key, "clutter backgrounds", "0")
+    if config.real_share + config.clutter_fraction > 1:
+        raise ConfigError(f"{key}: {config.clutter_fraction} plus real_fraction {config.real_share} is more than all "
+                          f"the clips; make them add up to at most 1")
+
+
+def _require_detect_or_segment(cfg: TrainConfig, key: str, what: str, off: str) -> None:
+    """Backgrounds go behind the objects of detect and segment scenes only."""
     if cfg.task not in ("detect", "segment"):
-        raise ConfigError(f"{key}: clutter backgrounds are for the detect and segment tasks, not {cfg.task!r}; set it to 0")
-    real = config.real_fraction if config.backgrounds else 0.0
-    if real + config.clutter_fraction > 1:
-        raise ConfigError(f"{key}: {config.clutter_fraction} plus real_fraction {real} is more than all the clips; "
-                          f"make them add up to at most 1")
+        raise ConfigError(f"{key}: {what} are for the detect and segment tasks, not {cfg.task!r}; set it to {off}")
 
 
 def resolved_backgrounds(split: SplitConfig) -> tuple[str, ...]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
-from models.training.config import DataConfig, SplitConfig, resolved_backgrounds
+from models.training.config import DataConfig, SplitConfig
 from pipeline.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
@@ -182,14 +182,9 @@ def _scene(seed: int, data: DataConfig, action: str | None = None, split: SplitC
 
     background = None
     if split is not None and (split.backgrounds or split.clutter_fraction):
-        from models.training import backgrounds as bg
+        from models.training.backgrounds import clip_background
 
-        real = split.real_fraction if split.backgrounds else 0.0
-        if bg.uses_real_background(seed, real):
-            pool = bg.background_pool(resolved_backgrounds(split))
-            background = bg.draw_background(pool, seed, data.width, data.height)
-        elif bg.uses_clutter(seed, real, split.clutter_fraction):
-            background = bg.dead_leaves(seed, data.width, data.height)
+        background = clip_background(seed, split, data.width, data.height)
     return SceneGenerator(seed, data.width, data.height, data.num_objects, action, background=background)
 
 
