@@ -75,6 +75,17 @@ class DetectOptions:
     )
     crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
     crop_max_area: float = _field(0.5, "run the whole frame when the crop would cover more than this fraction of it", lo=0.0, hi=1.0)
+    keep_threshold: float | None = _field(
+        None, "hysteresis: a box that overlaps (IoU >= 0.5, same class) one of the stream's boxes on the previous "
+        "frame the stage ran on stays while it scores at least this; new boxes still need score_threshold. Fewer "
+        "boxes blink on and off near the threshold (the stage then keeps per-stream state). null = off", lo=0.0, hi=1.0,
+    )
+
+
+#: a box this much like (IoU) one of the stream's previous boxes of its class continues it (hysteresis)
+CONTINUE_IOU = 0.5
+#: gate reasons after which the previous frame's boxes say nothing about this one
+_FRESH_START = ("first", "restart", "resized", "cut")
 
 
 @dataclass
@@ -93,11 +104,12 @@ class Detect(Stage):
     name = TASK
     Options = DetectOptions
     default_model = "ssdlite320_mobilenet_v3_large"
-    stream_caches = ("_boxes",)
+    stream_caches = ("_boxes", "_shown")
 
     @classmethod
     def is_temporal(cls, cfg: StageConfig | None) -> bool:
-        return crop_reuse_enabled(cfg)
+        options = getattr(cfg, "options", None)
+        return crop_reuse_enabled(cfg) or getattr(options, "keep_threshold", None) is not None
 
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
@@ -107,6 +119,7 @@ class Detect(Stage):
         self.classes: list[str] = []
         self._allowed_labels: list[int] | None = None
         self._boxes: dict[str, _BoxCache] = {}
+        self._shown: dict[str, tuple[int, Any, Any]] = {}  # stream -> (frame index, boxes, labels) it last output
         self._crop_reuse = crop_reuse_enabled(self.cfg)
 
     def setup(self, device: str = "cpu") -> None:
@@ -281,7 +294,7 @@ class Detect(Stage):
             if owner is None:
                 continue
             if hasattr(owner, "score_thresh"):
-                owner.score_thresh = self.options.score_threshold
+                owner.score_thresh = self._lowest_score()
             if hasattr(owner, "detections_per_img"):
                 owner.detections_per_img = max(owner.detections_per_img, self.options.max_detections)
 
@@ -306,10 +319,32 @@ class Detect(Stage):
         import torch
 
         boxes, scores, labels = output["boxes"].float(), output["scores"].float(), output["labels"]
-        keep = (scores >= self.options.score_threshold) & (labels != 0)  # label 0 is background
+        keep = (scores >= self._lowest_score()) & (labels != 0)  # label 0 is background
         if self._allowed_labels is not None:
             keep &= torch.isin(labels, torch.tensor(self._allowed_labels, device=labels.device))
         return boxes[keep], scores[keep], labels[keep]
+
+    def _lowest_score(self) -> float:
+        """The lowest score any box may keep: with hysteresis, continuing boxes go down to keep_threshold."""
+        keep = self.options.keep_threshold
+        return self.options.score_threshold if keep is None else min(keep, self.options.score_threshold)
+
+    def _hysteresis(self, boxes: Any, scores: Any, labels: Any, frame: Frame) -> Any:
+        """Which boxes to output: those scoring score_threshold, and those at keep_threshold or more that
+        continue a box of the stream's previous output (same class, IoU >= CONTINUE_IOU)."""
+        import torch
+        from torchvision.ops import box_iou
+
+        keep = scores >= self.options.score_threshold
+        if self.options.keep_threshold is None or len(boxes) == 0:
+            return keep
+        shown = self._shown.get(frame.stream_id)
+        reason = (frame.results.get("gate") or {}).get("reason")
+        if shown is None or shown[0] >= frame.index or reason in _FRESH_START or len(shown[1]) == 0:
+            return keep
+        same_class = labels.view(-1, 1).cpu() == shown[2].view(1, -1)
+        continues = ((box_iou(boxes.cpu(), shown[1]) >= CONTINUE_IOU) & same_class).any(dim=1)
+        return keep | (continues.to(keep.device) & (scores >= self.options.keep_threshold))
 
     def _postprocess(self, output: dict[str, Any], scale: tuple[float, float], frame: Frame) -> dict[str, list]:
         import torch
@@ -320,14 +355,20 @@ class Detect(Stage):
 
     def _finish(self, boxes: Any, scores: Any, labels: Any, frame: Frame) -> dict[str, list]:
         """Class-aware NMS, the best ``max_detections``, clipped to the frame, as plain lists."""
+        import torch
         from torchvision.ops import batched_nms
 
+        shown = self._hysteresis(boxes, scores, labels, frame)
+        boxes, scores, labels = boxes[shown], scores[shown], labels[shown]
         # batched_nms returns indices sorted by decreasing score
         order = batched_nms(boxes, scores, labels, self.options.nms_iou)[: self.options.max_detections]
         boxes = boxes[order]
         boxes[:, 0::2] = boxes[:, 0::2].clamp(0, frame.width)
         boxes[:, 1::2] = boxes[:, 1::2].clamp(0, frame.height)
         label_list = labels[order].tolist()
+        if self.options.keep_threshold is not None:
+            self._shown[frame.stream_id] = (frame.index, boxes.detach().cpu().clone(),
+                                            torch.tensor(label_list, dtype=torch.int64))
         return {
             "boxes": [[round(v, 2) for v in box] for box in boxes.tolist()],
             "labels": label_list,

@@ -208,6 +208,77 @@ def test_detect_skips_the_forward_when_no_frame_is_active():
     assert detect_with(detector, frames=frames) == [None] and detector.calls == []
 
 
+class ScriptedDetector:
+    """Stands in for a detector whose output changes from image to image: ``script`` lists (boxes, labels,
+    scores) per image, in call order."""
+
+    def __init__(self, script) -> None:
+        self.script = list(script)
+
+    def __call__(self, images):
+        outputs = []
+        for _ in images:
+            boxes, labels, scores = self.script.pop(0)
+            outputs.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                            "labels": torch.tensor(labels, dtype=torch.int64),
+                            "scores": torch.tensor(scores, dtype=torch.float32)})
+        return outputs
+
+
+def stream_frames(count: int, stream: str = "s", start: int = 0) -> list[Frame]:
+    image = np.zeros((100, 200, 3), dtype=np.uint8)
+    return [Frame(stream_id=stream, index=start + i, pts=(start + i) / 25, image=image) for i in range(count)]
+
+
+BOX, NUDGED, ELSEWHERE = [10, 10, 50, 50], [12, 10, 52, 50], [120, 10, 160, 50]
+
+
+def test_detect_hysteresis_keeps_a_continuing_box_down_to_keep_threshold():
+    script = [([BOX], [1], [0.7]),          # born: above score_threshold
+              ([NUDGED], [1], [0.4]),       # continues it (IoU 0.9, same class): kept at 0.4
+              ([BOX, ELSEWHERE], [1, 1], [0.35, 0.5]),  # continues again; the new box at 0.5 is not born
+              ([BOX], [1], [0.2]),          # below keep_threshold: gone
+              ([BOX], [1], [0.4])]          # nothing to continue any more: not born again at 0.4
+    stage = make_stage(Detect, score_threshold=0.6, keep_threshold=0.3)
+    stage.model = ScriptedDetector(script)
+    frames = stage.process(stream_frames(3)) + stage.process(stream_frames(2, start=3))
+    scores = [f.results["detect"]["scores"] for f in frames]
+    assert scores == [[0.7], [0.4], [0.35], [], []]
+    assert Detect.is_temporal(stage.cfg)
+
+
+def test_detect_hysteresis_needs_the_same_class_and_the_same_stream():
+    script = [([BOX], [1], [0.9]), ([BOX], [2], [0.4]),  # stream a: the class changed, so it is a new box
+              ([BOX], [1], [0.4])]                      # stream b never showed the box
+    stage = make_stage(Detect, score_threshold=0.6, keep_threshold=0.3)
+    stage.model = ScriptedDetector(script)
+    frames = stage.process(stream_frames(2, "a") + stream_frames(1, "b", start=1))
+    assert [f.results["detect"]["scores"] for f in frames] == [[0.9], [], []]
+
+
+def test_detect_hysteresis_forgets_the_stream_on_a_restart_or_a_cut():
+    stage = make_stage(Detect, score_threshold=0.6, keep_threshold=0.3)
+    stage.model = ScriptedDetector([([BOX], [1], [0.9]), ([BOX], [1], [0.4]), ([BOX], [1], [0.9]), ([BOX], [1], [0.4])])
+    first = stage.process(stream_frames(1, start=5))
+    restarted = stage.process(stream_frames(1, start=0))  # the index went back: the stream restarted
+    assert [f.results["detect"]["scores"] for f in first + restarted] == [[0.9], []]
+    before_cut, cut = stream_frames(2, start=1)
+    cut.results["gate"] = {"decision": "keyframe", "reason": "cut"}
+    stage.process([before_cut])
+    stage.process([cut])
+    assert cut.results["detect"]["scores"] == []
+
+
+def test_detect_hysteresis_off_is_a_plain_threshold_and_lowers_the_backend_cut_when_on():
+    stage = make_stage(Detect, score_threshold=0.6)
+    stage.model = ScriptedDetector([([BOX], [1], [0.9]), ([BOX], [1], [0.4])])
+    frames = stage.process(stream_frames(2))
+    assert [f.results["detect"]["scores"] for f in frames] == [[0.9], []]
+    assert not Detect.is_temporal(stage.cfg) and stage._shown == {}
+    hysteresis = make_stage(Detect, score_threshold=0.6, keep_threshold=0.3)
+    assert hysteresis.model.score_thresh == pytest.approx(0.3)  # SSDLite's own cut lets continuing boxes through
+
+
 def test_detect_unknown_filter_class_is_a_one_line_stage_error():
     with pytest.raises(StageError, match=r"options\.classes_filter: unknown class 'dog'"):
         make_stage(Detect, classes_filter=["disc", "dog"])
