@@ -332,7 +332,6 @@ class Detect(Stage):
     def _hysteresis(self, boxes: Any, scores: Any, labels: Any, frame: Frame) -> Any:
         """Which boxes to output: those scoring score_threshold, and those at keep_threshold or more that
         continue a box of the stream's previous output (same class, IoU >= CONTINUE_IOU)."""
-        import torch
         from torchvision.ops import box_iou
 
         keep = scores >= self.options.score_threshold
