@@ -581,6 +581,9 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
             get_model_entry(stage.model, task=name)
         except RegistryError as exc:
             raise ConfigError(f"stages.{name}.model: {exc}") from None
+    check_options = getattr(stage.options, "check", None)
+    if check_options is not None:  # a stage's own cross-field checks on its options
+        check_options(f"stages.{name}.options")
     weights = stage.weights
     if weights and (weights.endswith((".pt", ".pth")) or "/" in weights):
         resolved = resolve_path(weights, base_dir)

@@ -10,6 +10,11 @@ Result per frame, ``frame.results["detect"]`` (plain lists, JSON-friendly)::
 Post-processing after the model: score threshold, class filter, an extra
 class-aware NMS (backends differ in their own NMS, so this makes them agree),
 then the top ``max_detections``. :mod:`models.formats` converts to/from COCO.
+With ``keep_threshold`` (a score hysteresis) the threshold is two-level: a box
+continuing one of the stream's boxes on the previous frame the stage ran on
+(same class, IoU >= 0.5) needs only ``keep_threshold``, a new one
+``score_threshold``, so boxes near the threshold do not blink from frame to
+frame (docs/skipping.md has how the demo's values were chosen).
 
 Region-level recompute (``crop_reuse``, with the gate's ``tiles``): on a frame
 the gate marks ``partial``, the detector runs only on the bounding crop of the
@@ -38,7 +43,7 @@ import numpy as np
 
 from models.classes import SYNTHETIC_CLASSES
 from pipeline.config import StageConfig, _field
-from pipeline.errors import StageError
+from pipeline.errors import ConfigError, StageError
 from pipeline.frame import Frame
 from pipeline.registry import register_stage
 from pipeline.skip import tile_edges
@@ -81,6 +86,15 @@ class DetectOptions:
         "boxes blink on and off near the threshold (the stage then keeps per-stream state). null = off", lo=0.0, hi=1.0,
     )
 
+    def check(self, path: str) -> None:
+        """Cross-field checks (``path`` is the options' YAML path); called when the config is loaded."""
+        keep = self.keep_threshold
+        if keep is not None and keep > self.score_threshold:
+            raise ConfigError(
+                f"{path}.keep_threshold: {keep} is above score_threshold {self.score_threshold}, so it would "
+                f"never keep a box; set it lower (e.g. half of score_threshold) or null"
+            )
+
 
 #: a box this much like (IoU) one of the stream's previous boxes of its class continues it (hysteresis)
 CONTINUE_IOU = 0.5
@@ -115,6 +129,7 @@ class Detect(Stage):
         super().__init__(cfg if cfg is not None else StageConfig())
         self.model_name = self.cfg.model or self.default_model
         check_input_size(self.name, self.options.input_size)
+        self.options.check(f"stages.{self.name}.options")
         self.model: Any = None
         self.classes: list[str] = []
         self._allowed_labels: list[int] | None = None

@@ -279,6 +279,17 @@ def test_detect_hysteresis_off_is_a_plain_threshold_and_lowers_the_backend_cut_w
     assert hysteresis.model.score_thresh == pytest.approx(0.3)  # SSDLite's own cut lets continuing boxes through
 
 
+def test_detect_keep_threshold_above_score_threshold_is_a_one_line_config_error():
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    message = r"stages\.detect\.options\.keep_threshold: 0\.7 is above score_threshold 0\.6"
+    with pytest.raises(ConfigError, match=message):  # when the config loads, before any model is built
+        load_config(REPO_ROOT / "configs" / "demo.yaml", ["stages.detect.options.keep_threshold=0.7"])
+    with pytest.raises(ConfigError, match=message):  # and for a stage built in code
+        Detect(StageConfig(options=DetectOptions(score_threshold=0.6, keep_threshold=0.7)))
+
+
 def test_detect_unknown_filter_class_is_a_one_line_stage_error():
     with pytest.raises(StageError, match=r"options\.classes_filter: unknown class 'dog'"):
         make_stage(Detect, classes_filter=["disc", "dog"])
