@@ -153,9 +153,14 @@ class GateConfig:
     adaptive: bool = _field(False, "adapt threshold per stream from audit agreement (within threshold_min..threshold_max)")
     threshold_min: float = _field(0.001, "adaptive: lowest threshold", lo=0.0, hi=1.0)
     threshold_max: float = _field(0.25, "adaptive: highest threshold", lo=0.0, hi=1.0)
-    adapt_up: float = _field(1.25, "adaptive: an audit at or above the target multiplies the threshold by this", lo=1.0, hi=10.0)
+    adapt_up: float = _field(2.0, "adaptive: an audit at or above the target multiplies the threshold by this", lo=1.0, hi=10.0)
     adapt_down: float = _field(
         0.5, "adaptive: an audit below the target sets the threshold to min(threshold, its change) times this", lo=0.01, hi=1.0
+    )
+    adapt_bounds: bool = _field(
+        False, "adaptive: a refresh audit also moves its stages' refresh bounds (one frame more when it met the "
+        "target, half when it missed). Off: the bounds stay as configured; a refresh's audit, at the end of its "
+        "span, is its worst frame, and halving on it refreshed the masks every frame or two on slowly drifting scenes",
     )
     audit_lag: int = _field(
         8, "adaptive: frames between an audit and the gate using its agreement (the same in both runners; "

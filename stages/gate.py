@@ -35,9 +35,13 @@ connected changed area, and decides:
 With ``adaptive``, the agreement of each audit comes back ``audit_lag`` frames
 later in ``meta["audit_feedback"]`` (see pipeline.skip.CarryOver) and moves the
 stream's threshold: up (x ``adapt_up``) when it met ``agreement_target``, down
-(to the audited change x ``adapt_down``) when it did not; a refresh's agreement
-moves its stages' bounds instead (one more frame when it met the target, half
-when it did not). Everything here is
+(to the audited change x ``adapt_down``) when it did not. A refresh audits only
+its stages, on a frame the gate would reuse: when it meets the target and the
+latest audit of every other stage did too, it raises the threshold like a
+keyframe audit; when it misses, the drift it measured was below the pixel
+signal, which a lower threshold cannot see, so the threshold stays (with
+``adapt_bounds`` the refresh also moves its stages' bounds: one more frame when
+it met the target, half when it did not). Everything here is
 a function of the stream's frames in order, so both runners decide alike.
 """
 
@@ -87,6 +91,7 @@ class _StreamState:
     stale: dict[str, int] = field(default_factory=dict)  # per refresh stage: frames it has not run on
     bounds: dict[str, int] = field(default_factory=dict)  # per refresh stage: its bound (adaptive moves it)
     pending_refresh: dict[int, list[str]] = field(default_factory=dict)  # refresh index -> its stages
+    passing: dict[str, bool] = field(default_factory=dict)  # per stage: whether its latest audit met the target
     full_index: int = -1  # the last frame every stage ran on (keyframe or partial)
     full_motion: np.ndarray | None = None  # backward motion from full_index, once a refresh split it from ``motion``
     split_motion: bool = False  # a refresh since full_index: ``motion`` starts at the refresh, full_motion does not
@@ -252,22 +257,32 @@ class Gate(Stage):
             state.agreement = float(score)
             if not cfg.adaptive:
                 continue
+            met = score >= cfg.agreement_target
             if refreshed is not None:
-                self._adapt_bounds(state, refreshed, score)
-                continue
-            if score >= cfg.agreement_target:
+                self._refresh_feedback(state, refreshed, met)
+            elif met:
+                state.passing = dict.fromkeys(state.passing, True)
                 state.threshold = min(cfg.threshold_max, state.threshold * cfg.adapt_up)
             else:
+                state.passing = dict.fromkeys(state.passing, False)
                 base = state.threshold if audited_change is None else min(state.threshold, audited_change)
                 state.threshold = max(cfg.threshold_min, base * cfg.adapt_down)
 
-    def _adapt_bounds(self, state: _StreamState, stages: list[str], score: float) -> None:
-        """A refresh audit moves its stages' bounds, not the threshold: the drift it measured was below
-        the pixel signal. Additive increase, multiplicative decrease, within 1..max_reuse - 1."""
+    def _refresh_feedback(self, state: _StreamState, stages: list[str], met: bool) -> None:
+        """A refresh audit speaks for its stages only: it raises the threshold when it met the target and
+        so did the latest audit of every other stage; a miss leaves the threshold (drift below the signal)."""
+        if self.cfg.adapt_bounds:
+            self._adapt_bounds(state, stages, met)
+        state.passing.update(dict.fromkeys(stages, met))
+        if met and all(state.passing.values()):
+            state.threshold = min(self.cfg.threshold_max, state.threshold * self.cfg.adapt_up)
+
+    def _adapt_bounds(self, state: _StreamState, stages: list[str], met: bool) -> None:
+        """Additive increase, multiplicative decrease of the refreshed stages' bounds, within 1..max_reuse - 1."""
         top = max(1, self.cfg.max_reuse - 1)
         for stage in stages:
             bound = state.bounds.get(stage, 1)
-            state.bounds[stage] = min(top, bound + 1) if score >= self.cfg.agreement_target else max(1, bound // 2)
+            state.bounds[stage] = min(top, bound + 1) if met else max(1, bound // 2)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -360,7 +375,8 @@ class Gate(Stage):
 
     def _new_state(self, frame: Frame, signal: np.ndarray) -> _StreamState:
         state = _StreamState(frame.index, signal, frame.index, self.cfg.threshold, frames=1,
-                             stale=dict.fromkeys(self.cfg.refresh, 0), bounds=dict(self.cfg.refresh), previous=signal)
+                             stale=dict.fromkeys(self.cfg.refresh, 0), bounds=dict(self.cfg.refresh), previous=signal,
+                             passing=dict.fromkeys(self.cfg.refresh, True))
         self.streams[frame.stream_id] = state
         return state
 

@@ -669,9 +669,9 @@ def test_a_partial_frame_builds_on_each_stages_own_last_run():
     assert tiles["bases"] == {"segment": 3}  # the segmenter's cache is the refresh
 
 
-def test_refresh_audits_move_their_stages_bound_not_the_threshold():
-    cfg = GateConfig(enabled=True, adaptive=True, threshold=0.5, max_reuse=20, refresh={"segment": 4}, tiles=None,
-                     agreement_target=0.95)
+def test_adapt_bounds_moves_the_refreshed_stages_bound():
+    cfg = GateConfig(enabled=True, adaptive=True, adapt_bounds=True, threshold=0.5, threshold_max=1.0, max_reuse=20,
+                     refresh={"segment": 4}, tiles=None, agreement_target=0.95, adapt_up=1.25)
     gate = Gate(cfg)
     frames = gate.process(frames_of(drifting(6)))
     assert decisions(frames)[5] == "refresh"
@@ -686,7 +686,24 @@ def test_refresh_audits_move_their_stages_bound_not_the_threshold():
     good = frames_of(images[9:10], start=9)[0]
     good.meta["audit_feedback"] = [(8, 1.0)]
     gate.process([good])
-    assert state.bounds == {"segment": 3} and state.threshold == 0.5  # met: one frame more
+    assert state.bounds == {"segment": 3}  # met: one frame more
+    assert state.threshold == pytest.approx(0.625)  # and, every stage passing, reuse may take more change
+
+
+def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a_miss_leaves_it():
+    cfg = GateConfig(enabled=True, adaptive=True, threshold=0.2, threshold_max=1.0, max_reuse=20,
+                     refresh={"segment": 2, "detect": 3}, tiles=None, agreement_target=0.95, adapt_up=2.0)
+    gate = Gate(cfg)
+    frames = frames_of(drifting(10))
+    frames[5].meta["audit_feedback"] = [(3, 0.5)]  # the segmenter's refresh at 3 missed
+    frames[7].meta["audit_feedback"] = [(4, 1.0)]  # the detector's at 4 met, but the segmenter's last one missed
+    frames[9].meta["audit_feedback"] = [(6, 1.0)]  # the segmenter's at 6 met: every stage passes now
+    thresholds = [f.results["gate"]["threshold"] for f in gate.process(frames)]
+    assert [f.meta.get("refresh") for f in frames[3:7]] == [["segment"], ["detect"], None, ["segment"]]
+    # a miss is drift below the pixel signal, which a lower threshold cannot see: the threshold stays
+    assert thresholds[:9] == [0.2] * 9
+    assert thresholds[9] == pytest.approx(0.4)
+    assert gate.streams["s"].bounds == {"segment": 2, "detect": 3}  # without adapt_bounds, as configured
 
 
 def _segment_result(class_map):
