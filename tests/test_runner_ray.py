@@ -88,13 +88,13 @@ def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tm
 
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_ray_matches_local_with_segment_refreshes(ray_local, adaptive):
-    """A refresh runs the segmenter alone and the driver carries the boxes over; with adaptive, its audit
-    moves the bound a few frames later. The same in both runners."""
+    """A refresh runs the segmenter alone and the driver carries the boxes over; with adaptive and
+    adapt_bounds, its audit moves the bound a few frames later. The same in both runners."""
     cfg = load_config(data={
         "sources": [{"type": "synthetic", "id": "still", "seed": 7, "width": 96, "height": 64, "num_frames": 14,
                      "num_objects": 2, "action": "static", "static_camera": True}],
-        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8, "adaptive": adaptive, "audit_lag": 2,
-                 "batch": 2},
+        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8, "adaptive": adaptive,
+                 "adapt_bounds": adaptive, "audit_lag": 2, "batch": 2},
         "stages": {"detect": {"batch": 2}, "segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [32, 32]}}},
     })
     _, local_results = run(LocalRunner, cfg)
