@@ -96,8 +96,8 @@ class GateConfig:
     )
     cut_threshold: float = _field(0.5, "changed fraction treated as a scene cut (always refresh)", lo=0.0, hi=1.0)
     batch: int = _field(
-        64, "frames per gate call; runners cut waves of the largest batch of any stage, so with adaptive use a "
-        "small one (e.g. the model stages' batch) to keep the audit feedback short", lo=1, hi=1024,
+        4, "frames per gate call; runners cut waves of the largest batch of any stage, so with adaptive keep it "
+        "small (e.g. the model stages' batch): the audit feedback arrives between calls", lo=1, hi=1024,
     )
     noise_sigmas: float = _field(
         0.0, "also raise pixel_threshold to this many robust sigmas (1.4826 MAD) of the blurred difference; 0 = off",
@@ -150,7 +150,10 @@ class GateConfig:
         "max_reuse refreshes are audits", lo=0, hi=10**6,
     )
     agreement_target: float = _field(0.95, "audit agreement (box F1 at IoU 0.5, mask mIoU) to keep", lo=0.0, hi=1.0)
-    adaptive: bool = _field(False, "adapt threshold per stream from audit agreement (within threshold_min..threshold_max)")
+    adaptive: bool = _field(
+        True, "the accuracy budget: audits move the threshold per stream, up while they meet agreement_target (up "
+        "to threshold_max), down when they miss (below the configured threshold only for misses at larger change)",
+    )
     threshold_min: float = _field(0.001, "adaptive: lowest threshold", lo=0.0, hi=1.0)
     threshold_max: float = _field(0.25, "adaptive: highest threshold", lo=0.0, hi=1.0)
     adapt_up: float = _field(2.0, "adaptive: an audit at or above the target multiplies the threshold by this", lo=1.0, hi=10.0)
@@ -566,10 +569,10 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
         del gate.refresh[name]  # a bound for a stage this graph does not run: nothing to refresh
     if gate.tiles is not None and (len(gate.tiles) != 2 or not all(1 <= n <= 64 for n in gate.tiles)):
         raise ConfigError(f"gate.tiles: expected [rows, cols] with both in 1..64, got {gate.tiles}; e.g. tiles: [4, 4], or null")
-    if gate.adaptive and not gate.threshold_min <= gate.threshold <= gate.threshold_max:
+    if gate.adaptive and gate.threshold > gate.threshold_max:
         raise ConfigError(
-            f"gate.threshold: {gate.threshold} is outside threshold_min..threshold_max "
-            f"({gate.threshold_min}..{gate.threshold_max}); widen the range or change the threshold"
+            f"gate.threshold: {gate.threshold} is above threshold_max ({gate.threshold_max}), the most the "
+            f"adaptive budget may raise it to; raise threshold_max, lower the threshold or set adaptive: false"
         )
 
 

@@ -35,7 +35,8 @@ connected changed area, and decides:
 With ``adaptive``, the agreement of each audit comes back ``audit_lag`` frames
 later in ``meta["audit_feedback"]`` (see pipeline.skip.CarryOver) and moves the
 stream's threshold: up (x ``adapt_up``) when it met ``agreement_target``, down
-(to the audited change x ``adapt_down``) when it did not. A refresh audits only
+(to the audited change x ``adapt_down``) when it did not, but below the
+configured threshold only when the audited change was above it. A refresh audits only
 its stages, on a frame the gate would reuse: when it meets the target and the
 latest audit of every other stage did too, it raises the threshold like a
 keyframe audit; when it misses, the drift it measured was below the pixel
@@ -265,8 +266,18 @@ class Gate(Stage):
                 state.threshold = min(cfg.threshold_max, state.threshold * cfg.adapt_up)
             else:
                 state.passing = dict.fromkeys(state.passing, False)
-                base = state.threshold if audited_change is None else min(state.threshold, audited_change)
-                state.threshold = max(cfg.threshold_min, base * cfg.adapt_down)
+                state.threshold = self._lowered(state.threshold, audited_change)
+
+    def _lowered(self, threshold: float, audited_change: float | None) -> float:
+        """The threshold after a missed audit: below the audited change (times adapt_down), but not below the
+        configured threshold when that change was below it too. Reuse under the configured threshold is
+        what the gate does without the budget; a miss there is drift below the pixel signal, which the
+        refreshes and max_reuse handle, and chasing it with the threshold only turned frames into keyframes."""
+        cfg = self.cfg
+        base = threshold if audited_change is None else min(threshold, audited_change)
+        below_configured = audited_change is None or audited_change < cfg.threshold
+        floor = max(cfg.threshold_min, cfg.threshold) if below_configured else cfg.threshold_min
+        return max(floor, base * cfg.adapt_down)
 
     def _refresh_feedback(self, state: _StreamState, stages: list[str], met: bool) -> None:
         """A refresh audit speaks for its stages only: it raises the threshold when it met the target and

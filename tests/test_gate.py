@@ -550,12 +550,22 @@ def test_the_adaptive_threshold_moves_in_the_right_direction():
     bad = frames_of([image], start=5)[0]
     bad.meta["audit_feedback"] = [(3, 0.5)]  # (an audit reported twice still counts, without its change)
     gate.process([bad])
-    assert bad.results["gate"]["threshold"] == pytest.approx(0.015)  # missed it: skip less
-    for index in range(6, 20):
+    # missed it: skip less, but a miss at a change the configured threshold reuses anyway (drift below the
+    # signal) does not take the threshold below the configured one
+    assert bad.results["gate"]["threshold"] == pytest.approx(0.02)
+    state = gate.streams["s"]
+
+    def miss_at(index, change):  # an audit of a frame that changed by ``change`` missed the target
+        state.pending_audits[index] = change
         frame = frames_of([image], start=index)[0]
         frame.meta["audit_feedback"] = [(index, 0.0)]
         gate.process([frame])
-    assert frame.results["gate"]["threshold"] == cfg.threshold_min  # never below the floor
+        return frame.results["gate"]["threshold"]
+
+    assert miss_at(6, 0.005) == pytest.approx(0.02)
+    assert miss_at(7, 0.03) == pytest.approx(0.01)  # real change above the configured threshold: below it
+    thresholds = [miss_at(index, 0.03) for index in range(8, 20)]
+    assert thresholds[-1] == cfg.threshold_min  # never below threshold_min
 
 
 def test_a_non_adaptive_gate_keeps_its_threshold():
