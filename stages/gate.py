@@ -263,10 +263,14 @@ class Gate(Stage):
                 self._refresh_feedback(state, refreshed, met)
             elif met:
                 state.passing = dict.fromkeys(state.passing, True)
-                state.threshold = min(cfg.threshold_max, state.threshold * cfg.adapt_up)
+                state.threshold = self._raised(state.threshold)
             else:
                 state.passing = dict.fromkeys(state.passing, False)
                 state.threshold = self._lowered(state.threshold, audited_change)
+
+    def _raised(self, threshold: float) -> float:
+        """The threshold after an audit that met the target: times adapt_up, at most threshold_max."""
+        return min(self.cfg.threshold_max, threshold * self.cfg.adapt_up)
 
     def _lowered(self, threshold: float, audited_change: float | None) -> float:
         """The threshold after a missed audit: below the audited change (times adapt_down), but not below the
@@ -286,7 +290,7 @@ class Gate(Stage):
             self._adapt_bounds(state, stages, met)
         state.passing.update(dict.fromkeys(stages, met))
         if met and all(state.passing.values()):
-            state.threshold = min(self.cfg.threshold_max, state.threshold * self.cfg.adapt_up)
+            state.threshold = self._raised(state.threshold)
 
     def _adapt_bounds(self, state: _StreamState, stages: list[str], met: bool) -> None:
         """Additive increase, multiplicative decrease of the refreshed stages' bounds, within 1..max_reuse - 1."""
