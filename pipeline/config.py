@@ -161,9 +161,9 @@ class GateConfig:
         0.5, "adaptive: an audit below the target sets the threshold to min(threshold, its change) times this", lo=0.01, hi=1.0
     )
     adapt_bounds: bool = _field(
-        False, "adaptive: a refresh audit also moves its stages' refresh bounds (one frame more when it met the "
-        "target, half when it missed). Off: the bounds stay as configured; a refresh's audit, at the end of its "
-        "span, is its worst frame, and halving on it refreshed the masks every frame or two on slowly drifting scenes",
+        True, "adaptive: a refresh audit also moves its stages' refresh bounds by a frame, per stream, between 1 and "
+        "twice the configured bound: longer while a span one frame longer would still meet agreement_target on "
+        "average (drift adds up about linearly from the stage's last run), shorter when the current span does not",
     )
     audit_lag: int = _field(
         8, "adaptive: frames between an audit and the gate using its agreement (the same in both runners; "

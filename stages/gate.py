@@ -37,13 +37,15 @@ later in ``meta["audit_feedback"]`` (see pipeline.skip.CarryOver) and moves the
 stream's threshold: up (x ``adapt_up``) when it met ``agreement_target``, down
 (to the audited change x ``adapt_down``) when it did not, but below the
 configured threshold only when the audited change was above it. A refresh audits only
-its stages, on a frame the gate would reuse: when it meets the target and the
-latest audit of every other stage did too, it raises the threshold like a
-keyframe audit; when it misses, the drift it measured was below the pixel
-signal, which a lower threshold cannot see, so the threshold stays (with
-``adapt_bounds`` the refresh also moves its stages' bounds: one more frame when
-it met the target, half when it did not). Everything here is
-a function of the stream's frames in order, so both runners decide alike.
+its stages, on a frame the gate would reuse, at the stalest frame of its span: it
+*met* the target when the span it ends does on average (drift adds up about
+linearly from the stage's last run, see ``_span_meets``). Then, if the latest
+audit of every other stage met it too, it raises the threshold like a keyframe
+audit; a miss was drift below the pixel signal, which a lower threshold cannot
+see, so the threshold stays. With ``adapt_bounds`` the refresh also moves its
+stages' bounds in that stream by a frame, between 1 and twice the configured bound.
+Everything here is a function of the stream's frames in order, so both runners
+decide alike.
 """
 
 from __future__ import annotations
@@ -72,6 +74,13 @@ from pipeline.skip import (
 )
 from stages.base import Stage
 
+#: adapt_bounds: a bound grows only while its span keeps this share of the agreement budget (1 - target); the
+#: rest is left to what the linear drift model does not see (a box born between two runs, mask flicker)
+BOUND_SHARE = 0.75
+#: adapt_bounds: a bound grows to at most this many times the configured one. Drift is smooth; a new object
+#: is not, and a detector refreshed every 30 frames would miss it for 30
+BOUND_GROWTH = 2
+
 __all__ = ["Gate", "box_blur", "changed_fraction", "gray_signal"]
 
 
@@ -91,7 +100,7 @@ class _StreamState:
     agreement: float | None = None
     stale: dict[str, int] = field(default_factory=dict)  # per refresh stage: frames it has not run on
     bounds: dict[str, int] = field(default_factory=dict)  # per refresh stage: its bound (adaptive moves it)
-    pending_refresh: dict[int, list[str]] = field(default_factory=dict)  # refresh index -> its stages
+    pending_refresh: dict[int, dict[str, int]] = field(default_factory=dict)  # refresh index -> its stages' staleness
     passing: dict[str, bool] = field(default_factory=dict)  # per stage: whether its latest audit met the target
     full_index: int = -1  # the last frame every stage ran on (keyframe or partial)
     full_motion: np.ndarray | None = None  # backward motion from full_index, once a refresh split it from ``motion``
@@ -260,7 +269,7 @@ class Gate(Stage):
                 continue
             met = score >= cfg.agreement_target
             if refreshed is not None:
-                self._refresh_feedback(state, refreshed, met)
+                self._refresh_feedback(state, refreshed, float(score))
             elif met:
                 state.passing = dict.fromkeys(state.passing, True)
                 state.threshold = self._raised(state.threshold)
@@ -283,21 +292,35 @@ class Gate(Stage):
         floor = max(cfg.threshold_min, cfg.threshold) if below_configured else cfg.threshold_min
         return max(floor, base * cfg.adapt_down)
 
-    def _refresh_feedback(self, state: _StreamState, stages: list[str], met: bool) -> None:
+    def _refresh_feedback(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
         """A refresh audit speaks for its stages only: it raises the threshold when it met the target and
         so did the latest audit of every other stage; a miss leaves the threshold (drift below the signal)."""
+        met = all(self._span_meets(score, n, state.bounds.get(stage, n)) for stage, n in staleness.items())
         if self.cfg.adapt_bounds:
-            self._adapt_bounds(state, stages, met)
-        state.passing.update(dict.fromkeys(stages, met))
+            self._adapt_bounds(state, staleness, score)
+        state.passing.update(dict.fromkeys(staleness, met))
         if met and all(state.passing.values()):
             state.threshold = self._raised(state.threshold)
 
-    def _adapt_bounds(self, state: _StreamState, stages: list[str], met: bool) -> None:
-        """Additive increase, multiplicative decrease of the refreshed stages' bounds, within 1..max_reuse - 1."""
-        top = max(1, self.cfg.max_reuse - 1)
-        for stage in stages:
+    def _span_meets(self, score: float, staleness: int, bound: int, share: float = 1.0) -> bool:
+        """Whether the frames a refresh bound of ``bound`` carries over agree with the target on average.
+
+        The audit scored results ``staleness`` frames old. Drift below the pixel signal adds up about
+        linearly, so the carried results lose ``(1 - score) / staleness`` a frame, and a span of ``bound``
+        carried frames and the one the stage ran on loses ``rate * bound / 2`` on average."""
+        rate = (1.0 - score) / max(1, staleness)
+        return rate * bound / 2.0 <= share * (1.0 - self.cfg.agreement_target) + 1e-9
+
+    def _adapt_bounds(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
+        """Move each refreshed stage's bound by one frame, within 1..max_reuse - 1: up when a span one frame
+        longer would still meet the target on average, down when the current one does not."""
+        for stage, n in staleness.items():
             bound = state.bounds.get(stage, 1)
-            state.bounds[stage] = min(top, bound + 1) if met else max(1, bound // 2)
+            top = max(1, min(self.cfg.max_reuse - 1, BOUND_GROWTH * self.cfg.refresh.get(stage, bound)))
+            if self._span_meets(score, n, bound + 1, BOUND_SHARE):
+                state.bounds[stage] = min(top, bound + 1)
+            elif not self._span_meets(score, n, bound, BOUND_SHARE):
+                state.bounds[stage] = max(1, bound - 1)
 
     # ------------------------------------------------------------------ outcomes
 
@@ -322,7 +345,7 @@ class Gate(Stage):
         frame.meta["audit_of"] = key
         if state.motion is not None:
             frame.meta["motion"] = state.motion.astype(np.float16)
-        state.pending_refresh[frame.index] = stages
+        state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
         if self.cfg.tiles:
             frame.meta["tiles"] = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move

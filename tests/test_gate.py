@@ -686,23 +686,58 @@ def test_adapt_bounds_moves_the_refreshed_stages_bound():
     frames = gate.process(frames_of(drifting(6)))
     assert decisions(frames)[5] == "refresh"
     bad = frames_of(drifting(7)[6:], start=6)[0]
-    bad.meta["audit_feedback"] = [(5, 0.5)]
+    bad.meta["audit_feedback"] = [(5, 0.5)]  # 5 frames stale: 0.1 lost a frame, far over the budget
     gate.process([bad])
     state = gate.streams["s"]
-    assert state.bounds == {"segment": 2} and state.threshold == 0.5  # missed: refresh twice as often
+    assert state.bounds == {"segment": 3} and state.threshold == 0.5  # missed: one frame less
     images = drifting(12)
-    later = gate.process(frames_of(images[7:9], start=7))
-    assert decisions(later) == ["reuse", "refresh"]  # stale for 2 frames now (6 was one of them)
-    good = frames_of(images[9:10], start=9)[0]
-    good.meta["audit_feedback"] = [(8, 1.0)]
+    later = gate.process(frames_of(images[7:10], start=7))
+    assert decisions(later) == ["reuse", "reuse", "refresh"]  # stale for 3 frames now (6 was one of them)
+    good = frames_of(images[10:11], start=10)[0]
+    good.meta["audit_feedback"] = [(9, 1.0)]
     gate.process([good])
-    assert state.bounds == {"segment": 3}  # met: one frame more
+    assert state.bounds == {"segment": 4}  # met: one frame more
     assert state.threshold == pytest.approx(0.625)  # and, every stage passing, reuse may take more change
+
+
+def _refreshed_once(bound: int, score: float, **cfg_overrides):
+    """A gate whose segment refresh (``bound + 1`` frames stale) came back with ``score``."""
+    cfg = GateConfig(enabled=True, adaptive=True, threshold=0.5, threshold_max=1.0, max_reuse=30,
+                     refresh={"segment": bound}, tiles=None, agreement_target=0.95, **cfg_overrides)
+    gate = Gate(cfg)
+    images = drifting(bound + 3)
+    frames = gate.process(frames_of(images[: bound + 2]))
+    assert decisions(frames)[bound + 1] == "refresh"
+    feedback = frames_of(images[bound + 2:], start=bound + 2)[0]
+    feedback.meta["audit_feedback"] = [(bound + 1, score)]
+    gate.process([feedback])
+    return gate
+
+
+@pytest.mark.parametrize("score, bound_after, raised", [
+    (0.93, 5, True),   # the stalest frame misses 0.95, but the span averages about 0.97: one frame more
+    (0.91, 4, True),   # the span averages 0.964 and one frame more would leave too little slack: stays
+    (0.85, 3, False),  # the span averages 0.94: one frame less, and the threshold stays
+])
+def test_a_refresh_audit_judges_the_span_it_ends_not_its_stalest_frame(score, bound_after, raised):
+    state = _refreshed_once(4, score, adapt_up=2.0).streams["s"]
+    assert state.bounds == {"segment": bound_after}
+    assert state.threshold == pytest.approx(1.0 if raised else 0.5)
+
+
+def test_adapt_bounds_grows_a_bound_to_at_most_twice_the_configured_one():
+    gate = _refreshed_once(2, 1.0)
+    state = gate.streams["s"]
+    assert state.bounds == {"segment": 3}
+    for _ in range(5):  # more perfect audits: the bound stops at twice the configured one
+        gate._adapt_bounds(state, {"segment": state.bounds["segment"] + 1}, 1.0)
+    assert state.bounds == {"segment": 4}
+    assert _refreshed_once(2, 1.0, adapt_bounds=False).streams["s"].bounds == {"segment": 2}  # as configured
 
 
 def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a_miss_leaves_it():
     cfg = GateConfig(enabled=True, adaptive=True, threshold=0.2, threshold_max=1.0, max_reuse=20,
-                     refresh={"segment": 2, "detect": 3}, tiles=None, agreement_target=0.95, adapt_up=2.0)
+                     refresh={"segment": 2, "detect": 3}, tiles=None, adapt_bounds=False, agreement_target=0.95, adapt_up=2.0)
     gate = Gate(cfg)
     frames = frames_of(drifting(10))
     frames[5].meta["audit_feedback"] = [(3, 0.5)]  # the segmenter's refresh at 3 missed
