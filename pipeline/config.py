@@ -103,6 +103,11 @@ class GateConfig:
         0.0, "also raise pixel_threshold to this many robust sigmas (1.4826 MAD) of the blurred difference; 0 = off",
         lo=0.0, hi=100.0,
     )
+    lighting: bool = _field(
+        True, "measure change against the reference under the frame's global lighting (gain and offset fitted on "
+        "the pixels that did not change, up to a gain of 1.5): auto exposure or a cloud is then not change; the "
+        "audits still judge whether the models' results hold under it",
+    )
     tiles: list[int] | None = _field(
         factory=lambda: [8, 8], doc="[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is "
         "'partial' and the segment stage recomputes only those tiles (plus a halo); null = off",

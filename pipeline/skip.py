@@ -60,6 +60,37 @@ def blurred_difference(reference: np.ndarray, current: np.ndarray, blur: int) ->
     return box_blur(np.abs(current - reference), blur | 1)
 
 
+#: lighting: the largest global gain a fit may explain away (exposure steps, clouds); a larger one is change
+MAX_LIGHT_GAIN = 1.5
+
+
+def relit(reference: np.ndarray, current: np.ndarray, inlier: float, max_gain: float = MAX_LIGHT_GAIN) -> np.ndarray:
+    """``reference`` under ``current``'s global lighting: ``gain * reference + offset``, fitted by least squares
+    on the pixels that agree within ``inlier`` gray levels after a first fit (so a moving object does not bend
+    the fit). A gain outside ``1 / max_gain .. max_gain`` is not lighting: the reference comes back unchanged."""
+    x, y = reference.ravel(), current.ravel()
+    gain, offset = _light_fit(x, y)
+    keep = np.abs(gain * x + offset - y) <= inlier
+    if keep.sum() < max(16, x.size // 4):
+        return reference
+    gain, offset = _light_fit(x[keep], y[keep])
+    if not 1.0 / max_gain <= gain <= max_gain:
+        return reference
+    return (gain * reference + offset).astype(np.float32)
+
+
+def _light_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``y = gain * x + offset``; a flat ``x`` gets gain 1 (gain and offset cannot be told apart)."""
+    n = float(x.size)
+    sx, sy = float(x.sum(dtype=np.float64)), float(y.sum(dtype=np.float64))
+    sxx, sxy = float(np.dot(x, x)), float(np.dot(x, y))
+    spread = sxx - sx * sx / n
+    if spread <= 1e-6 * n:
+        return 1.0, (sy - sx) / n
+    gain = (sxy - sx * sy / n) / spread
+    return gain, (sy - gain * sx) / n
+
+
 def changed_mask(reference: np.ndarray, current: np.ndarray, pixel_threshold: float, blur: int,
                  noise_sigmas: float = 0.0) -> np.ndarray:
     """Boolean mask of changed signal pixels: blurred |difference| above the pixel threshold.

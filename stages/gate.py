@@ -67,6 +67,7 @@ from pipeline.skip import (
     compose_motion,
     is_still,
     largest_component,
+    relit,
     tile_indices,
     tile_maxima,
     tile_rects,
@@ -194,14 +195,19 @@ class Gate(Stage):
         motion = state.full_motion if state.split_motion else state.motion
         still = is_still(motion)
         # tiles are patched into the uncompensated reference, so they need the plain mask; skip it when unused
-        plain = changed_mask(state.reference, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas) \
-            if still or cfg.tiles else None
+        plain = changed_mask(self._lit(state.reference, signal), signal, cfg.pixel_threshold, cfg.blur,
+                             cfg.noise_sigmas) if still or cfg.tiles else None
         mask, compensated = plain, False
         if not still:
-            moved = warp_backward(state.reference, motion / float(cfg.downscale))
+            moved = self._lit(warp_backward(state.reference, motion / float(cfg.downscale)), signal)
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
         return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated)
+
+    def _lit(self, reference: np.ndarray, signal: np.ndarray) -> np.ndarray:
+        """The reference under the frame's global lighting (``lighting``), so that an exposure change or a
+        cloud is not change; pixels off the fit by more than ``pixel_threshold`` (real change) do not bend it."""
+        return relit(reference, signal, float(max(1, self.cfg.pixel_threshold))) if self.cfg.lighting else reference
 
     def _refresh_reason(self, state: _StreamState, change: _Change) -> str | None:
         cfg = self.cfg
@@ -240,7 +246,7 @@ class Gate(Stage):
         change (above ``pixel_threshold``) or ``refresh_noise_factor`` times the largest frame-to-frame
         change seen there since: drift adds up from frame to frame, codec noise does not."""
         cfg = self.cfg
-        difference = blurred_difference(reference, signal, cfg.blur)
+        difference = blurred_difference(self._lit(reference, signal), signal, cfg.blur)
         change = tile_maxima(difference, cfg.tiles)
         hit = change > cfg.refresh_pixel_threshold
         if cfg.refresh_noise_factor and state.noise is not None:

@@ -16,6 +16,7 @@ from pipeline.skip import (
     compensate,
     largest_component,
     mask_miou,
+    relit,
     tile_runs,
 )
 from stages.gate import Gate
@@ -48,6 +49,54 @@ def test_identical_frames_give_one_processed_frame_per_max_reuse_interval():
     # the forced refreshes are audits of the keyframe they would have copied
     assert [f.meta.get("audit_of") for f in frames if f.index in (5, 10)] == [0, 5]
     assert frames[5].results["gate"]["reason"] == "max_reuse"
+
+
+def brightened(image, gain):
+    return np.clip(image.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
+
+
+def test_relit_fits_the_global_lighting_and_ignores_local_change():
+    rng = np.random.default_rng(0)
+    reference = rng.uniform(30, 200, (30, 40)).astype(np.float32)
+    current = reference * 1.15 + 4
+    assert np.abs(relit(reference, current, 20.0) - current).max() < 1e-3
+    occluded = current.copy()
+    occluded[5:15, 5:15] = 250  # an object entered: not lighting, and it must not bend the fit
+    outside = np.ones(current.shape, dtype=bool)
+    outside[5:15, 5:15] = False
+    assert np.abs(relit(reference, occluded, 20.0) - current)[outside].max() < 0.5
+    doubled = reference * 2.0  # beyond MAX_LIGHT_GAIN: change, not lighting
+    assert np.array_equal(relit(reference, doubled, 20.0), reference)
+
+
+@pytest.mark.parametrize("lighting", [True, False])
+def test_a_lighting_change_is_not_change_but_an_object_under_it_is(lighting):
+    base = textured()
+    images = [brightened(base, 1.0 + 0.03 * i) for i in range(8)]  # auto exposure: +3% a frame, +21% in all
+    gate = Gate(GateConfig(enabled=True, max_reuse=30, tiles=None, refresh={}, adaptive=False, lighting=lighting))
+    frames = gate.process(frames_of(images))
+    if lighting:
+        assert decisions(frames) == ["keyframe"] + ["reuse"] * 7
+        assert max(f.results["gate"]["changed"] for f in frames[1:]) == 0.0
+    else:
+        assert "keyframe" in decisions(frames)[1:]  # the brightened blocks cross pixel_threshold
+    entered = images[-1].copy()
+    entered[8:24, 8:32] = 255 - entered[8:24, 8:32]  # an object under the new lighting: real change
+    last = gate.process(frames_of([entered], start=8))[0]
+    assert last.results["gate"]["decision"] == "keyframe"
+
+
+@pytest.mark.parametrize("lighting", [True, False])
+def test_a_refresh_does_not_pay_for_lighting(lighting):
+    images = [brightened(textured(), 1.0 + 0.01 * i) for i in range(6)]  # below the decision, above the refresh's 6
+    gate = Gate(GateConfig(enabled=True, max_reuse=30, tiles=[4, 4], refresh={"segment": 2}, adaptive=False,
+                           lighting=lighting))
+    frames = gate.process(frames_of(images))
+    refreshes = [f for f in frames if f.results["gate"]["decision"] == "refresh"]
+    if lighting:
+        assert decisions(frames) == ["keyframe"] + ["reuse"] * 5
+    else:
+        assert refreshes and len(refreshes[0].meta["tiles"]["changed"]) > 8  # most tiles got brighter by 6 levels
 
 
 def test_a_cut_forces_a_refresh_even_with_a_permissive_threshold():
@@ -810,6 +859,9 @@ def test_local_run_audits_adapts_and_reports_where_results_came_from(tmp_path):
 
 
 def static_scene_config(**gate):
+    """16 frames of a small static scene; most of its drift is the scene's lighting, which these tests keep
+    visible to the gate (``lighting: false``) so that the refreshes have something to refresh."""
+    gate = {"lighting": False, **gate}
     return load_config(data={
         "sources": [{"type": "synthetic", "seed": 7, "width": 96, "height": 64, "num_frames": 16, "num_objects": 2,
                      "action": "static", "static_camera": True}],
