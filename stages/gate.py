@@ -299,8 +299,9 @@ class Gate(Stage):
         return max(floor, base * cfg.adapt_down)
 
     def _refresh_feedback(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
-        """A refresh audit speaks for its stages only: it raises the threshold when it met the target and
-        so did the latest audit of every other stage; a miss leaves the threshold (drift below the signal)."""
+        """A refresh audit speaks for its stages only: it raises the threshold when the span it ends met the
+        target on average and the latest audit of every other stage met it too; a miss leaves the threshold
+        (drift below the signal)."""
         met = all(self._span_meets(score, n, state.bounds.get(stage, n)) for stage, n in staleness.items())
         if self.cfg.adapt_bounds:
             self._adapt_bounds(state, staleness, score)
@@ -318,8 +319,9 @@ class Gate(Stage):
         return rate * bound / 2.0 <= share * (1.0 - self.cfg.agreement_target) + 1e-9
 
     def _adapt_bounds(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
-        """Move each refreshed stage's bound by one frame, within 1..max_reuse - 1: up when a span one frame
-        longer would still meet the target on average, down when the current one does not."""
+        """Move each refreshed stage's bound by one frame, between 1 and BOUND_GROWTH times the configured
+        bound (below max_reuse): up when a span one frame longer would still keep BOUND_SHARE of the budget
+        on average, down when the current one does not."""
         for stage, n in staleness.items():
             bound = state.bounds.get(stage, 1)
             top = max(1, min(self.cfg.max_reuse - 1, BOUND_GROWTH * self.cfg.refresh.get(stage, bound)))
