@@ -263,6 +263,9 @@ class PrometheusRecorder(MetricsRecorder):
         self.gate_threshold = Gauge("blinkflow_gate_threshold_ratio",
                                     "The gate's current changed-fraction threshold (adaptive: moved by audits)",
                                     ["stream"], registry=r)
+        self.gate_bound = Gauge("blinkflow_gate_refresh_bound_frames",
+                                "Frames a stage may go without running before the gate refreshes it alone "
+                                "(adapt_bounds: moved by refresh audits)", ["stream", "stage"], registry=r)
 
     def _define_process_metrics(self) -> None:
         from prometheus_client import Gauge, Info
@@ -361,6 +364,8 @@ class PrometheusRecorder(MetricsRecorder):
             if series.threshold is None:
                 series.threshold = self.gate_threshold.labels(stream)
             series.threshold.set(float(gate["threshold"]))
+        for stage, bound in (gate.get("bounds") or {}).items():
+            self.gate_bound.labels(stream, str(stage)).set(float(bound))
 
     def _count_fps(self, series: _StreamSeries) -> None:
         series.window_frames += 1

@@ -449,6 +449,8 @@ class Gate(Stage):
             result["compensated"] = True
         result.update(extra)
         result["threshold"] = round(state.threshold, 6)
+        if state.bounds:
+            result["bounds"] = dict(state.bounds)  # the refresh bounds at this frame (adapt_bounds moves them)
         result["skip_ratio"] = round(state.reused / max(1, state.frames), 6)
         return result
 

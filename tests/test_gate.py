@@ -747,6 +747,8 @@ def test_adapt_bounds_moves_the_refreshed_stages_bound():
     gate.process([good])
     assert state.bounds == {"segment": 4}  # met: one frame more
     assert state.threshold == pytest.approx(0.625)  # and, every stage passing, reuse may take more change
+    assert frames[0].results["gate"]["bounds"] == {"segment": 4}  # each result says the bounds at its frame
+    assert bad.results["gate"]["bounds"] == {"segment": 3} and good.results["gate"]["bounds"] == {"segment": 4}
 
 
 def _refreshed_once(bound: int, score: float, **cfg_overrides):

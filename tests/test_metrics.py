@@ -112,6 +112,16 @@ def test_gate_decisions_are_counted_per_stream_and_decision():
     assert value(recorder, "blinkflow_stream_skip_ratio", stream="cam") == pytest.approx(2 / 5)  # a refresh is processed
 
 
+def test_the_gate_threshold_and_refresh_bounds_are_exported_per_stream_and_stage():
+    recorder = PrometheusRecorder()
+    for threshold, bounds in [(0.01, {"segment": 4, "detect": 8}), (0.02, {"segment": 5, "detect": 8})]:
+        gate = {"decision": "reuse", "threshold": threshold, "bounds": bounds}
+        recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.REUSED, results={"gate": gate}))
+    assert value(recorder, "blinkflow_gate_threshold_ratio", stream="cam") == pytest.approx(0.02)
+    assert value(recorder, "blinkflow_gate_refresh_bound_frames", stream="cam", stage="segment") == 5
+    assert value(recorder, "blinkflow_gate_refresh_bound_frames", stream="cam", stage="detect") == 8
+
+
 def test_actor_restart_keeps_totals_monotonic_and_counts_one_restart():
     recorder = PrometheusRecorder()
     stats = ActorStats(recorder)
