@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 _RTIME = re.compile(r"rtime=([0-9.]+)s")
 
-SHARED_VIDEO = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "video"
+SHARED_VIDEO = Path(__file__).resolve().parent.parent / "tests" / "data" / "video"
 
 
 def make_h264_clip(path: Path, width: int = 1280, height: int = 720, frames: int = 120, fps: int = 30) -> Path:

@@ -1,8 +1,8 @@
 """``blinkflow bench skip``: the gate off against the gate on, side by side in one
 process, on the same models and the same frames of three clips:
 
-* ``static``: a static-camera real clip (``../shared/data/video/tree.avi``);
-* ``moving``: a moving-camera real clip (``../shared/data/video/bikes.mp4``);
+* ``static``: a static-camera real clip (``tests/data/video/tree.avi``);
+* ``moving``: a moving-camera real clip (``tests/data/video/bikes.mp4``);
 * ``synthetic``: the demo's synthetic scene of moving shapes.
 
 For each clip it reports:
@@ -59,8 +59,8 @@ from pipeline.bench import (
 
 log = logging.getLogger(__name__)
 
-#: the real clips (see ../shared/data/SOURCES.md); BLINKFLOW_SHARED_DATA points elsewhere
-SHARED_DATA = Path(os.environ.get("BLINKFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+#: the real clips (see tests/data/SOURCES.md); BLINKFLOW_TEST_DATA points elsewhere
+SHARED_DATA = Path(os.environ.get("BLINKFLOW_TEST_DATA", REPO_ROOT / "tests" / "data"))
 #: the model stages the gate saves and the audit compares
 MODEL_STAGES = ("detect", "segment")
 #: tree.avi: frames 0-52 are a still scene with codec noise; a hand enters at frame 53 and moves until the end
@@ -102,7 +102,7 @@ def clips(quick: bool) -> list[Clip]:
     video = SHARED_DATA / "video"
     for name in ("tree.avi", "bikes.mp4"):
         if not (video / name).is_file():
-            raise SystemExit(f"bench skip: {video / name} is missing; set BLINKFLOW_SHARED_DATA to the shared data folder")
+            raise SystemExit(f"bench skip: {video / name} is missing; run from a clone of the repository (tests/data) or set BLINKFLOW_TEST_DATA")
     static_n = 12 if quick else 68  # tree.avi has 68 frames; the hand enters at frame 53
     moving_n = 8 if quick else 60
     synthetic_n = 8 if quick else 48

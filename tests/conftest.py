@@ -1,9 +1,8 @@
-"""Shared fixtures: the real media in ../shared/data, tiny generated clips,
+"""Shared fixtures: the real media in tests/data (see its SOURCES.md), tiny generated clips,
 RNG isolation, and the needs_cuda marker."""
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = Path(os.environ.get("BLINKFLOW_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+TEST_DATA = REPO_ROOT / "tests" / "data"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,10 +49,9 @@ def _isolate_rng():
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"the shared test media folder {SHARED_DATA} is missing")
-    return SHARED_DATA
+def real_media() -> Path:
+    """The real third-party media the tests use, kept in the repository."""
+    return TEST_DATA
 
 
 def write_test_video(path: Path, frames: int = 12, width: int = 64, height: int = 48, fps: int = 10, codec: str = "libx264") -> Path:

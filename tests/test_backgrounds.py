@@ -19,11 +19,11 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def pool(shared_data):
-    return bg.background_pool((str(shared_data / "coco"), str(shared_data / "video" / "realshort.mp4")))
+def pool(real_media):
+    return bg.background_pool((str(real_media / "coco"), str(real_media / "video" / "realshort.mp4")))
 
 
-def test_the_pool_holds_every_image_and_every_fourth_video_frame(pool, shared_data):
+def test_the_pool_holds_every_image_and_every_fourth_video_frame(pool, real_media):
     # two COCO photographs, then realshort.mp4's 36 frames at a step of 4
     assert len(pool) == 2 + 9
     assert all(frame.dtype == np.uint8 and frame.ndim == 3 and frame.shape[2] == 3 for frame in pool)
@@ -69,8 +69,8 @@ def test_a_background_of_the_wrong_size_is_refused(pool):
         SceneGenerator(1, 64, 48, background=bg.draw_background(pool, 1, 96, 72))
 
 
-def test_a_split_with_backgrounds_puts_them_behind_its_share_of_clips(tmp_path, shared_data):
-    coco = str(shared_data / "coco")
+def test_a_split_with_backgrounds_puts_them_behind_its_share_of_clips(tmp_path, real_media):
+    coco = str(real_media / "coco")
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"out_dir={tmp_path}"])
     plain = ds.synthetic_segmentation(cfg.data, cfg.data.train, (64, 64), native=True)
     cfg.data.train.backgrounds, cfg.data.train.real_fraction = [coco], 0.5
@@ -85,30 +85,30 @@ def test_a_split_with_backgrounds_puts_them_behind_its_share_of_clips(tmp_path, 
     assert 0 < sum(bg.uses_real_background(s, 0.5) for s in ds.scene_seeds(cfg.data.train)) < cfg.data.train.clips
 
 
-def test_detection_examples_get_real_backgrounds_too(tmp_path, shared_data):
+def test_detection_examples_get_real_backgrounds_too(tmp_path, real_media):
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-detect.yaml", [f"out_dir={tmp_path}", "data.train.clips=4"])
     plain = ds.synthetic_detection(cfg.data, cfg.data.train)
-    cfg.data.train.backgrounds, cfg.data.train.real_fraction = [str(shared_data / "coco")], 1.0
+    cfg.data.train.backgrounds, cfg.data.train.real_fraction = [str(real_media / "coco")], 1.0
     real = ds.synthetic_detection(cfg.data, cfg.data.train)
     assert all(a["boxes"].equal(b["boxes"]) for a, b in zip(real.targets, plain.targets))
     assert not any(a.equal(b) for a, b in zip(real.images, plain.images))
 
 
-def test_background_config_errors_name_the_key(tmp_path, shared_data):
-    video = shared_data / "video" / "realshort.mp4"
+def test_background_config_errors_name_the_key(tmp_path, real_media):
+    video = real_media / "video" / "realshort.mp4"
     with pytest.raises(ConfigError, match=r"^data\.train\.backgrounds: real backgrounds are for the detect and segment tasks, not 'flow'"):
         load_train_config(TRAIN_CONFIGS / "smoke-flow.yaml", [f"data.train.backgrounds=[{video}]"])
     with pytest.raises(ConfigError, match=r"^data\.val\.backgrounds\.1: 'nope\.mp4' does not exist; fix the path"):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.val.backgrounds=[{video}, nope.mp4]"])
-    coco = shared_data / "coco" / "detections.json"
+    coco = real_media / "coco" / "detections.json"
     with pytest.raises(ConfigError, match=r"^data\.train\.backgrounds: data\.train_path is a real dataset"):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.train_path={coco}", f"data.train.backgrounds=[{video}]"])
     with pytest.raises(ConfigError, match=r"^data\.train\.real_fraction: "):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["data.train.real_fraction=1.5"])
 
 
-def test_relative_background_paths_are_found_beside_the_config(tmp_path, shared_data):
-    (tmp_path / "media").symlink_to(shared_data / "video")
+def test_relative_background_paths_are_found_beside_the_config(tmp_path, real_media):
+    (tmp_path / "media").symlink_to(real_media / "video")
     config = tmp_path / "segment.yaml"
     config.write_text((TRAIN_CONFIGS / "smoke-segment.yaml").read_text())
     cfg = load_train_config(config, ["data.train.backgrounds=[media/realshort.mp4]"])
@@ -138,10 +138,10 @@ def test_unusable_background_files_are_one_line_errors(tmp_path):
         bg.background_pool((str(photo),))
 
 
-def test_the_evaluation_names_the_real_backgrounds_it_used(tmp_path, shared_data):
+def test_the_evaluation_names_the_real_backgrounds_it_used(tmp_path, real_media):
     from models.training.train import describe_eval_set
 
-    tree = shared_data / "video" / "tree.avi"
+    tree = real_media / "video" / "tree.avi"
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.val.backgrounds=[{tree}]", "data.val.real_fraction=1"])
     assert describe_eval_set(cfg).endswith("(4 clips x 2, 96x72), 100% of them over real backgrounds from tree.avi")
     plain = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml")
@@ -178,10 +178,10 @@ def test_a_split_with_clutter_and_no_real_files_draws_dead_leaves(tmp_path):
     assert ds.to_model_input([first.image], (64, 64)).equal(real.images[:1])
 
 
-def test_clutter_config_errors_name_the_key(shared_data):
+def test_clutter_config_errors_name_the_key(real_media):
     with pytest.raises(ConfigError, match=r"^data\.train\.clutter_fraction: clutter backgrounds are for the detect and segment tasks, not 'action'"):
         load_train_config(TRAIN_CONFIGS / "smoke-action.yaml", ["data.train.clutter_fraction=0.2"])
-    video = shared_data / "video" / "realshort.mp4"
+    video = real_media / "video" / "realshort.mp4"
     with pytest.raises(ConfigError, match=r"^data\.val\.clutter_fraction: 0\.6 plus real_fraction 0\.5 is more than all the clips"):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.val.backgrounds=[{video}]", "data.val.clutter_fraction=0.6"])
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["data.val.clutter_fraction=0.6"])  # no real files: fine

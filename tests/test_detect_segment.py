@@ -445,12 +445,12 @@ def test_unet_small_keeps_odd_input_sizes_and_stays_small():
 # ---------------------------------------------------------------------- COCO formats
 
 
-def _coco_sample(shared_data: Path) -> dict:
-    return json.loads((shared_data / "coco" / "detections.json").read_text())
+def _coco_sample(real_media: Path) -> dict:
+    return json.loads((real_media / "coco" / "detections.json").read_text())
 
 
-def test_coco_sample_round_trips_exactly_through_detection_format(shared_data):
-    data = _coco_sample(shared_data)
+def test_coco_sample_round_trips_exactly_through_detection_format(real_media):
+    data = _coco_sample(real_media)
     names = {c["name"]: c["id"] for c in data["categories"]}
     for image in data["images"]:
         annotations = [a for a in data["annotations"] if a["image_id"] == image["id"]]
@@ -477,10 +477,10 @@ def _bbox_stats(truth: dict, results: list[dict]) -> list[float]:
     return list(evaluation.stats)
 
 
-def test_detection_output_loads_and_evaluates_like_the_truth_in_pycocotools(shared_data):
+def test_detection_output_loads_and_evaluates_like_the_truth_in_pycocotools(real_media):
     from pycocotools.coco import COCO
 
-    data = _coco_sample(shared_data)
+    data = _coco_sample(real_media)
     converted = []
     for image in data["images"]:
         annotations = [a for a in data["annotations"] if a["image_id"] == image["id"]]
@@ -497,14 +497,14 @@ def test_detection_output_loads_and_evaluates_like_the_truth_in_pycocotools(shar
     assert stats == _bbox_stats(data, truth_as_results) and stats[0] > 0.95
 
 
-def test_detect_stage_output_on_real_coco_images_is_valid_coco(shared_data):
+def test_detect_stage_output_on_real_coco_images_is_valid_coco(real_media):
     from PIL import Image
     from pycocotools.coco import COCO
 
-    data = _coco_sample(shared_data)
+    data = _coco_sample(real_media)
     stage = make_stage(Detect, score_threshold=0.0, max_detections=10)
     frames = [
-        Frame("coco", i, 0.0, np.array(Image.open(shared_data / "coco" / image["file_name"]).convert("RGB")))
+        Frame("coco", i, 0.0, np.array(Image.open(real_media / "coco" / image["file_name"]).convert("RGB")))
         for i, image in enumerate(data["images"])
     ]
     stage.process(frames)

@@ -45,11 +45,11 @@ def flow_model_args(name: str) -> dict | None:
 
 
 @pytest.mark.parametrize("name", model_names("flow"))
-def test_flow_backend_returns_full_size_pixel_flow(name, shared_data):
+def test_flow_backend_returns_full_size_pixel_flow(name, real_media):
     from PIL import Image
 
     model = build_model(name, task="flow", **(flow_model_args(name) or {})).eval()
-    images = [np.array(Image.open(shared_data / "flow" / f"00001_img{i}.ppm")) for i in (1, 2)]
+    images = [np.array(Image.open(real_media / "flow" / f"00001_img{i}.ppm")) for i in (1, 2)]
     img1, img2 = (torch.from_numpy(im).permute(2, 0, 1)[None].float() / 255 for im in images)
     with torch.no_grad():
         flow = model(img1, img2)
@@ -373,19 +373,19 @@ def test_inflated_resnet18_on_a_static_clip_matches_the_image_network():
 # --------------------------------------------------------------------------- flow files and metrics
 
 
-def test_read_flo_reads_the_middlebury_sample(shared_data):
+def test_read_flo_reads_the_middlebury_sample(real_media):
     from models.metrics_flow import read_flo
 
-    flow = read_flo(shared_data / "flow" / "00001_flow.flo")
+    flow = read_flo(real_media / "flow" / "00001_flow.flo")
     assert flow.shape == (50, 50, 2) and flow.dtype == np.float32
-    raw = np.fromfile(shared_data / "flow" / "00001_flow.flo", dtype="<f4")
+    raw = np.fromfile(real_media / "flow" / "00001_flow.flo", dtype="<f4")
     np.testing.assert_array_equal(flow.ravel(), raw[3:])
 
 
-def test_epe_of_zero_flow_is_the_mean_ground_truth_length(shared_data):
+def test_epe_of_zero_flow_is_the_mean_ground_truth_length(real_media):
     from models.metrics_flow import epe, read_flo
 
-    gt = read_flo(shared_data / "flow" / "00001_flow.flo")
+    gt = read_flo(real_media / "flow" / "00001_flow.flo")
     by_hand = np.mean(np.sqrt(gt[..., 0].astype(np.float64) ** 2 + gt[..., 1].astype(np.float64) ** 2))
     assert epe(np.zeros_like(gt), gt) == pytest.approx(by_hand, rel=1e-6)
     assert epe(gt, gt) == 0.0
@@ -411,10 +411,10 @@ def test_write_flo_read_flo_round_trip(tmp_path):
     np.testing.assert_array_equal(read_flo(path), flow)
 
 
-def test_truncated_flo_is_a_clear_error_naming_the_file(tmp_path, shared_data):
+def test_truncated_flo_is_a_clear_error_naming_the_file(tmp_path, real_media):
     from models.metrics_flow import FlowFileError, read_flo
 
-    data = (shared_data / "flow" / "00001_flow.flo").read_bytes()
+    data = (real_media / "flow" / "00001_flow.flo").read_bytes()
     truncated = tmp_path / "truncated.flo"
     truncated.write_bytes(data[:-10])
     with pytest.raises(FlowFileError, match="truncated.flo: truncated") as caught:

@@ -983,7 +983,7 @@ def test_bench_skip_pools_the_static_scenes_over_their_frames():
 
 
 @pytest.mark.slow
-def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
+def test_bench_skip_quick_runs_and_reports_well_formed_figures(real_media):
     import os
     import subprocess
     import sys
@@ -992,7 +992,7 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(shared_data):
 
     doc = REPO_ROOT / "docs" / "benchmarks.md"
     before = doc.read_text() if doc.exists() else None
-    env = dict(os.environ, BLINKFLOW_SHARED_DATA=str(shared_data), OMP_NUM_THREADS="1")
+    env = dict(os.environ, BLINKFLOW_TEST_DATA=str(real_media), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "skip", "--quick", "--no-write"],
                           check=False, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -205,11 +205,11 @@ def _cli(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_label_killed_halfway_and_resumed_on_ray_matches_an_uninterrupted_run(tmp_path, shared_data, light_config):
+def test_label_killed_halfway_and_resumed_on_ray_matches_an_uninterrupted_run(tmp_path, real_media, light_config):
     corrupt = tmp_path / "inputs" / "corrupt.mp4"
     corrupt.parent.mkdir()
     corrupt.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
-    inputs = [str(shared_data / "video"), str(corrupt)]
+    inputs = [str(real_media / "video"), str(corrupt)]
     reference = label(inputs, tmp_path / "uninterrupted", light_config)
     assert reference["failed"] == ["corrupt"] and reference["done"] == 4
 

@@ -12,7 +12,7 @@ from pipeline.frame import Frame
 from pipeline.sources import StreamEnd, decode_file, open_sources
 from tests.conftest import write_test_video
 
-# frame counts and rates of the real clips in ../shared/data/video (see SOURCES.md)
+# frame counts and rates of the real clips in tests/data/video (see tests/data/SOURCES.md)
 REAL_CLIPS = {"tree.avi": (68, None), "bikes.mp4": (250, 25.0), "realshort.mp4": (36, None), "arm_wrestling.mp4": (280, 28.0)}
 
 
@@ -22,8 +22,8 @@ def decode_all(path, **options) -> list[Frame]:
 
 
 @pytest.mark.parametrize("name", sorted(REAL_CLIPS))
-def test_real_clip_frame_count_and_timestamps(shared_data, name):
-    frames = decode_all(shared_data / "video" / name)
+def test_real_clip_frame_count_and_timestamps(real_media, name):
+    frames = decode_all(real_media / "video" / name)
     count, rate = REAL_CLIPS[name]
     assert len(frames) == count
     assert [f.index for f in frames] == list(range(count))
@@ -35,20 +35,20 @@ def test_real_clip_frame_count_and_timestamps(shared_data, name):
     assert frames[0].image.dtype == np.uint8 and frames[0].image.shape[2] == 3
 
 
-def test_realshort_timestamps_follow_its_ntsc_like_rate(shared_data):
-    frames = decode_all(shared_data / "video" / "realshort.mp4")
+def test_realshort_timestamps_follow_its_ntsc_like_rate(real_media):
+    frames = decode_all(real_media / "video" / "realshort.mp4")
     assert frames[1].pts == pytest.approx(1499 / 45000, abs=1e-6)
 
 
-def test_resampling_to_a_target_fps(shared_data):
-    frames = decode_all(shared_data / "video" / "bikes.mp4", fps=5.0)
+def test_resampling_to_a_target_fps(real_media):
+    frames = decode_all(real_media / "video" / "bikes.mp4", fps=5.0)
     assert len(frames) == 50
     assert np.allclose(np.diff([f.pts for f in frames]), 0.2, atol=1e-6)
     assert [f.index for f in frames] == list(range(50))
 
 
-def test_resizing_and_max_frames(shared_data):
-    frames = decode_all(shared_data / "video" / "bikes.mp4", resize=[96, 64], max_frames=7)
+def test_resizing_and_max_frames(real_media):
+    frames = decode_all(real_media / "video" / "bikes.mp4", resize=[96, 64], max_frames=7)
     assert len(frames) == 7
     assert all(f.image.shape == (64, 96, 3) for f in frames)
 

@@ -309,9 +309,9 @@ def _serve_stalling_http(payload: bytes, connections: list, stop: threading.Even
 
 
 @needs_ffmpeg
-def test_stalled_stream_is_detected_and_reconnected(tmp_path, shared_data):
+def test_stalled_stream_is_detected_and_reconnected(tmp_path, real_media):
     ts = tmp_path / "clip.ts"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(shared_data / "video" / "bikes.mp4"), "-t", "2",
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(real_media / "video" / "bikes.mp4"), "-t", "2",
                     "-c", "copy", "-f", "mpegts", str(ts)], check=True, timeout=60)
     connections, stop = [], threading.Event()
     port = _serve_stalling_http(ts.read_bytes(), connections, stop)
@@ -343,10 +343,10 @@ def test_stalled_stream_is_detected_and_reconnected(tmp_path, shared_data):
 
 @needs_rtsp
 def test_rtsp_server_killed_and_restarted_the_stream_reconnects_and_accounts_for_every_frame(
-        rtsp_servers, shared_data, caplog):
+        rtsp_servers, real_media, caplog):
     from pipeline.metrics import PrometheusRecorder
 
-    clip = {"cam": shared_data / "video" / "bikes.mp4"}
+    clip = {"cam": real_media / "video" / "bikes.mp4"}
     server = rtsp_servers(mounts=clip, user="viewer", password=PASSWORD)
     cfg = stream_config(server.url("cam", "viewer", PASSWORD), id="cam", stall_timeout_s=2)
     recorder = PrometheusRecorder()
@@ -399,14 +399,14 @@ class SrtServer:
 
 @needs_srt
 def test_srt_server_killed_and_restarted_the_relay_reconnects_and_accounts_for_every_frame(
-        shared_data, monkeypatch, caplog):
+        real_media, monkeypatch, caplog):
     from pipeline.metrics import PrometheusRecorder
 
     monkeypatch.setattr(streams, "pyav_has_protocol", lambda scheme: False)  # relay even if PyAV could read it
     relays: list[subprocess.Popen] = []
     start = streams.SrtRelay.start
     monkeypatch.setattr(streams.SrtRelay, "start", lambda self: (start(self), relays.append(self.proc))[0])
-    passphrase, port, clip = "srt-" + PASSWORD, free_port(), shared_data / "video" / "bikes.mp4"
+    passphrase, port, clip = "srt-" + PASSWORD, free_port(), real_media / "video" / "bikes.mp4"
     servers = [SrtServer(clip, port, passphrase)]
     cfg = stream_config(f"srt://127.0.0.1:{port}?passphrase={passphrase}&latency=20000", id="cam", stall_timeout_s=2,
                         open_timeout_s=5)
@@ -444,10 +444,10 @@ def test_srt_server_killed_and_restarted_the_relay_reconnects_and_accounts_for_e
 
 
 @needs_ffmpeg
-def test_http_mpegts_stream_served_by_ffmpeg_listen(shared_data):
+def test_http_mpegts_stream_served_by_ffmpeg_listen(real_media):
     port = free_port()
     server = subprocess.Popen(["ffmpeg", "-hide_banner", "-loglevel", "error", "-i",
-                               str(shared_data / "video" / "realshort.mp4"), "-c", "copy", "-f", "mpegts",
+                               str(real_media / "video" / "realshort.mp4"), "-c", "copy", "-f", "mpegts",
                                "-listen", "1", f"http://127.0.0.1:{port}/live.ts"])
     try:
         # the stream retries until ffmpeg listens, then reads to the end (archive mode: nothing dropped)
@@ -476,10 +476,10 @@ def _request(base: str, method: str, path: str, body: dict | None = None) -> tup
 
 
 @needs_rtsp
-def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, shared_data):
+def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, real_media):
     from pipeline.control import ControlServer
 
-    clip = shared_data / "video" / "bikes.mp4"
+    clip = real_media / "video" / "bikes.mp4"
     server = rtsp_servers(mounts={"a": clip, "b": clip})
     cfg = load_config(data={"stages": {"chaos": {"batch": 1}}, "runtime": {"mode": "live"},
                             "control": {"enabled": True, "port": 0, "stream_defaults": {"resize": [64, 48]}}})

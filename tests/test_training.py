@@ -268,11 +268,11 @@ def test_flow_is_evaluated_in_the_truths_pixels():
 # --------------------------------------------------------------------------- readers
 
 
-def test_coco_reader_converts_boxes_and_rle_masks(shared_data):
-    coco = ds.read_coco(shared_data / "coco" / "detections.json")
+def test_coco_reader_converts_boxes_and_rle_masks(real_media):
+    coco = ds.read_coco(real_media / "coco" / "detections.json")
     detections = ds.coco_detection(coco)
     assert len(detections) == 2 and detections.classes[:2] == ["background", "person"]
-    first = json.loads((shared_data / "coco" / "detections.json").read_text())["annotations"][0]
+    first = json.loads((real_media / "coco" / "detections.json").read_text())["annotations"][0]
     x, y, w, h = first["bbox"]
     assert [x, y, x + w, y + h] in detections[0]["target"]["boxes"].tolist()
     image = coco.images[0]
@@ -280,8 +280,8 @@ def test_coco_reader_converts_boxes_and_rle_masks(shared_data):
     assert semantic.shape == (image["height"], image["width"]) and semantic.sum() >= first["area"] * 0.9
 
 
-def test_coco_categories_that_are_not_model_classes_are_an_error(shared_data):
-    coco = ds.read_coco(shared_data / "coco" / "detections.json")
+def test_coco_categories_that_are_not_model_classes_are_an_error(real_media):
+    coco = ds.read_coco(real_media / "coco" / "detections.json")
     with pytest.raises(BlinkflowError, match=r"none of its categories .* are classes of the model \(disc, square"):
         ds.coco_detection(coco, list(SYNTHETIC_CLASSES))
 
@@ -301,10 +301,10 @@ def test_coco_polygon_masks_are_filled(tmp_path):
     assert native[6, 5] == SYNTHETIC_CLASSES.index("square") and native[15, 25] == 0
 
 
-def test_flying_chairs_pairs_are_read(shared_data):
+def test_flying_chairs_pairs_are_read(real_media):
     from models.metrics_flow import read_flo
 
-    pairs = ds.find_flow_pairs(shared_data / "flow")
+    pairs = ds.find_flow_pairs(real_media / "flow")
     assert [p.name for p in pairs[0]] == ["00001_img1.ppm", "00001_img2.ppm", "00001_flow.flo"]
     examples = ds.flow_pairs_dataset(pairs, (32, 32))
     native_flow, valid = examples.native[0]
@@ -436,7 +436,7 @@ def test_init_that_does_not_exist_names_the_key(tmp_path):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"init={tmp_path / 'nope.pt'}"])
 
 
-def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, shared_data):
+def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, real_media):
     from models import weights
     from pipeline.cli import main as cli
 
@@ -451,7 +451,7 @@ def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, shared_da
     capsys.readouterr()
     assert cli(["eval", "segment", "--config", config, "--set", out, "--weights", "shipped"]) == 0
     assert f"miou {entry['metrics']['miou']:.4f}" in capsys.readouterr().out  # same weights, same held-out split
-    assert cli(["eval", "segment", "--config", config, "--set", out, "--data", str(shared_data / "coco" / "detections.json")]) == 2
+    assert cli(["eval", "segment", "--config", config, "--set", out, "--data", str(real_media / "coco" / "detections.json")]) == 2
     assert "none of its categories" in capsys.readouterr().err
 
 

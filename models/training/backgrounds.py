@@ -15,7 +15,7 @@ seed lecture, without a labelled real dataset.
 
 ``clutter_fraction`` of the clips get a procedural clutter background instead
 (:func:`dead_leaves`): flat ellipses of every size over each other, like
-foliage, which the three real files in ``../shared/data`` do not show and on
+foliage, which the three real files in ``tests/data`` do not show and on
 which the detector still found boxes.
 
 The real background stays still (a static camera), so its flow is zero and
