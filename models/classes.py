@@ -1,11 +1,44 @@
-"""Class vocabularies of the project's synthetic scenes.
+"""Class vocabularies: the synthetic scenes' and the real pretrained models'.
 
-Index 0 is always background, as in torchvision's detection and segmentation
+Index 0 is background for detection and segmentation, as in torchvision's
 conventions. The synthetic scene generator, the training code, the shipped
-weights and the stages all use these lists, so they never disagree.
+weights and the stages all use these lists, so they never disagree. The real
+vocabularies are text files in ``models/labels/`` (one name a line), read on use.
 """
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
 
 SYNTHETIC_CLASSES: list[str] = ["background", "disc", "square", "triangle", "ring", "cross"]
 
 #: per-clip action labels of the synthetic scenes
 SYNTHETIC_ACTIONS: list[str] = ["static", "slide-left", "slide-right", "rotate", "grow", "shrink", "bounce"]
+
+LABELS_DIR = Path(__file__).parent / "labels"
+
+
+@lru_cache(maxsize=None)
+def _read(name: str) -> tuple[str, ...]:
+    return tuple(line.strip() for line in (LABELS_DIR / name).read_text().splitlines() if line.strip())
+
+
+def coco_categories() -> list[str]:
+    """91 entries indexed by COCO category id: ``__background__`` at 0 and ``N/A`` in COCO's gaps."""
+    return list(_read("coco91.txt"))
+
+
+def coco80_to_category_id() -> list[int]:
+    """The COCO category id of each of the 80 contiguous class indices detectors predict."""
+    return [i for i, name in enumerate(coco_categories()) if i > 0 and name != "N/A"]
+
+
+def voc_classes() -> list[str]:
+    """PASCAL VOC: background and the 20 object classes, in the segmenters' logit order."""
+    return list(_read("voc21.txt"))
+
+
+def kinetics400_classes() -> list[str]:
+    """Kinetics-400 action names in the order of the I3D logits (DeepMind's label_map.txt)."""
+    return list(_read("kinetics400.txt"))

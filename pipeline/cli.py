@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list registered stages, models, sources and sinks")
     listing.set_defaults(handler=cmd_list)
     _add_training_commands(commands)
+    _add_weights_commands(commands)
     return parser
 
 
@@ -247,6 +248,47 @@ def _torch_device(name: str):
 
 def _format_metrics(metrics: dict) -> str:
     return "  ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, float)) or "(none)"
+
+
+# --------------------------------------------------------------------------- weights (models.convert)
+
+
+def _add_weights_commands(commands: argparse._SubParsersAction) -> None:
+    weights = commands.add_parser("weights", help="list the shipped weights; import real pretrained originals")
+    verbs = weights.add_subparsers(dest="verb", required=True, metavar="VERB")
+    listing = verbs.add_parser("list", help="every weights file with its source, licence and metrics")
+    listing.set_defaults(handler=cmd_weights_list)
+    importing = verbs.add_parser("import", help="convert an original third-party file into models/weights/")
+    importing.add_argument("source", help="an importer name (see `blinkflow weights list`) or the original file's path")
+    importing.add_argument("--from", dest="search", type=Path, action="append", default=[], metavar="DIR",
+                           help="folder holding the original, for a NAME (repeatable; default: the working directory)")
+    importing.add_argument("--out", type=Path, default=None, help="weights folder (default: the shipped models/weights/)")
+    importing.set_defaults(handler=cmd_weights_import)
+
+
+def cmd_weights_list(args: argparse.Namespace) -> int:
+    from models.convert import IMPORTERS
+    from models.weights import WEIGHTS_DIR, read_manifest
+
+    for entry in read_manifest(WEIGHTS_DIR)["weights"]:
+        source = entry.get("source") or {}
+        origin = source.get("origin") or "trained by Blinkflow (docs/training.md)"
+        metrics = _format_metrics({k: v for k, v in (entry.get("metrics") or {}).items()})
+        print(f"{entry['stage']}/{entry['model']}: {entry['file']} ({entry.get('size', 0) / 1e6:.1f} MB, "
+              f"sha256 {entry.get('sha256', '?')[:16]}…)")
+        print(f"    source: {origin}; licence: {entry.get('licence') or 'Apache-2.0 (this project)'}")
+        print(f"    metrics: {metrics}")
+    print("importers: " + ", ".join(f"{i.name} <- {i.source_file}" for i in IMPORTERS.values()))
+    return 0
+
+
+def cmd_weights_import(args: argparse.Namespace) -> int:
+    from models.convert import import_weights
+
+    entry = import_weights(args.source, search=args.search or [Path.cwd()], out_dir=args.out)
+    print(f"{entry['stage']}/{entry['model']}: {entry['file']} sha256 {entry['sha256']} "
+          f"({entry['size'] / 1e6:.1f} MB, stored {(entry.get('storage') or {}).get('stored', 'fp32')})")
+    return 0
 
 
 if __name__ == "__main__":
