@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import BlinkflowError
+from pipeline.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ MANIFEST_NAME = "manifest.json"
 _TORCHVISION_MEMBER = re.compile(r"[A-Z][A-Z0-9_]*")
 #: torch.hub names files "<name>-<sha256 prefix>.<ext>"
 _HUB_HASH = re.compile(r"-([a-f0-9]{8,})\.")
-_TORCHVISION_MODULES = ("", ".detection", ".segmentation", ".optical_flow", ".video", ".quantization")
 
 
 class WeightsError(BlinkflowError):
@@ -151,7 +151,7 @@ def _read_sidecar(path: Path) -> str | None:
 
 def _resolve_torchvision(member_name: str, *, stage: str, model_name: str) -> WeightsSpec:
     enum_name = _torchvision_enum_name(model_name, stage)
-    member = _torchvision_member(enum_name, member_name, stage)
+    member = _torchvision_member(model_name, enum_name, member_name, stage)
     path = _hub_checkpoints_dir() / os.path.basename(member.url)
     qualified = f"{enum_name}.{member.name}"
     if not path.is_file():
@@ -185,16 +185,11 @@ def _torchvision_enum_name(model_name: str, stage: str) -> str:
     return enum_name
 
 
-def _torchvision_member(enum_name: str, member_name: str, stage: str) -> Any:
-    import importlib
+def _torchvision_member(model_name: str, enum_name: str, member_name: str, stage: str) -> Any:
+    """torchvision's weights enum of the builder named like our backend, and its member."""
+    from torchvision.models import get_model_weights
 
-    for suffix in _TORCHVISION_MODULES:
-        module = importlib.import_module("torchvision.models" + suffix)
-        enum_cls = getattr(module, enum_name, None)
-        if enum_cls is not None:
-            break
-    else:
-        raise WeightsError(f"stages.{stage}.weights: torchvision has no weights enum {enum_name}")
+    enum_cls = get_model_weights(model_name)
     try:
         return getattr(enum_cls, member_name)
     except AttributeError:
@@ -250,19 +245,16 @@ def _verify_checksum(spec: WeightsSpec) -> None:
 
 
 def _safe_torch_load(path: Path) -> Any:
-    import pickle
-
     import torch
 
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
-        code = _foreign_globals(path)
-        if code or "GLOBAL" in str(exc):  # weights_only names the blocked global
-            named = f"; it references {', '.join(code[:3])}" if code else ""
+    except Exception as exc:  # noqa: BLE001 - text files, truncated zips and pickles all fail in their own way
+        code = _unsafe_globals(path, exc)
+        if code:
             raise WeightsError(
-                f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict{named}); "
-                f"re-export it with torch.save(model.state_dict(), path)"
+                f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict; it "
+                f"references {', '.join(code[:3])}); re-export it with torch.save(model.state_dict(), path)"
             ) from None
         raise WeightsError(
             f"{path}: cannot read {path.name}: not a valid torch weights file ({_torch_reason(exc)}); "
@@ -279,20 +271,22 @@ def _torch_reason(exc: Exception) -> str:
     return reason if len(reason) <= 120 else reason[:117] + "..."
 
 
-def _foreign_globals(path: Path) -> list[str]:
-    """Globals outside torch's allowlist that the file's pickle references, found by reading the
-    opcodes only (pickletools never executes anything). Empty when the file is not a pickle."""
+def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
+    """The globals outside ``weights_only``'s allowlist that the file references, found by reading opcodes
+    only: torch lists them for its own zip checkpoints; a bare pickle (which torch's unpickler may reject
+    before reaching a global, e.g. protocol 5) is scanned here."""
     import pickletools
     import zipfile
 
+    import torch
+
+    if zipfile.is_zipfile(path):
+        try:
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception:  # noqa: BLE001 - a damaged zip: reported as unreadable
+            return []
     try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                name = next(n for n in archive.namelist() if n.endswith("data.pkl"))
-                data = archive.read(name)
-        else:
-            data = path.read_bytes()
-        names = _pickle_globals(pickletools.genops(data))
+        names = _pickle_globals(pickletools.genops(path.read_bytes()))
     except Exception:  # noqa: BLE001 - not a readable pickle: the caller reports a corrupt file
         return []
     return [name for name in names if not _allowed_global(name)]
@@ -425,14 +419,6 @@ def _first(keys: list[str], n: int = 3) -> str:
 # --------------------------------------------------------------------------- manifest
 
 
-def sha256_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_manifest(folder: Path | None = None) -> dict:
     """The manifest of a weights folder as ``{"weights": [entry, ...]}``; empty when absent."""
     path = Path(folder if folder is not None else WEIGHTS_DIR) / MANIFEST_NAME
@@ -453,10 +439,7 @@ def write_manifest(folder: Path, manifest: dict) -> Path:
     """Pretty-printed, key-sorted and entry-sorted, so diffs of the manifest stay small."""
     entries = sorted(manifest["weights"], key=lambda e: (e.get("stage", ""), e.get("model", "")))
     path = Path(folder) / MANIFEST_NAME
-    tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**manifest, "weights": entries}, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: a crash never leaves a half-written manifest
-    return path
+    return write_atomic(path, json.dumps({**manifest, "weights": entries}, indent=2, sort_keys=True) + "\n")
 
 
 @contextlib.contextmanager

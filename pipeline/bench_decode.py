@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.files import atomic_path
 from pipeline.bench import (
     Measurement, fps_cell, machine_info, machine_line, markdown_table, publish, results_dir,
 )
@@ -37,8 +38,7 @@ def make_h264_clip(path: Path, width: int = 1280, height: int = 720, frames: int
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     generator = SceneGenerator(seed=3, width=width, height=height, num_objects=4)
-    temp = path.with_name(f".{path.name}.partial.mp4")
-    with av.open(str(temp), mode="w") as container:
+    with atomic_path(path) as temp, av.open(str(temp), mode="w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
         stream.options = {"preset": "veryfast", "crf": "23"}
@@ -47,7 +47,6 @@ def make_h264_clip(path: Path, width: int = 1280, height: int = 720, frames: int
                 container.mux(packet)
         for packet in stream.encode(None):
             container.mux(packet)
-    temp.replace(path)
     return path
 
 

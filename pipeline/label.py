@@ -26,10 +26,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob as globlib
-import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pipeline.errors import BlinkflowError, SourceError
+from pipeline.files import sha256_bytes, sha256_file, write_atomic
 from pipeline.sinks import JsonlSink, to_record
 
 log = logging.getLogger(__name__)
@@ -112,42 +111,6 @@ def _unique_ids(paths: list[Path]) -> list[str]:
 
 
 # --------------------------------------------------------------------------- manifest
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename into place, fsync the folder: after a crash the file is old or new, never torn."""
-    temp = path.with_name(f".{path.name}.partial")
-    with temp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 @dataclass

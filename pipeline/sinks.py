@@ -60,7 +60,7 @@ class AtomicFile:
             raise SinkError(f"{self.path}: cannot create the output folder ({exc.strerror}); choose a writable path") from None
 
     def commit(self) -> None:
-        os.replace(self.temp, self.path)
+        commit(self.temp, self.path)
 
     def discard(self) -> None:
         self.temp.unlink(missing_ok=True)

@@ -35,5 +35,5 @@ def test_coco_pretrained_weights_name_a_real_torchvision_checkpoint(stage, model
     """Resolved the way the worker does, short of the cache lookup (no download here)."""
     from models.weights import _torchvision_enum_name, _torchvision_member
 
-    member = _torchvision_member(_torchvision_enum_name(model, stage), "DEFAULT", stage)
+    member = _torchvision_member(model, _torchvision_enum_name(model, stage), "DEFAULT", stage)
     assert member.url.endswith(".pth")

@@ -197,7 +197,7 @@ def ssdlite_entry(monkeypatch, tmp_path):
     """Point the registry at a torchvision enum and the torch hub at an empty folder."""
     import models.registry
 
-    entry = ModelEntry("ssdlite", "detect", tiny_model, "SSDLite320_MobileNet_V3_Large_Weights")
+    entry = ModelEntry("ssdlite320_mobilenet_v3_large", "detect", tiny_model, "SSDLite320_MobileNet_V3_Large_Weights")
     monkeypatch.setattr(models.registry, "get_model_entry", lambda name, task=None: entry)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     return tmp_path / "hub" / "checkpoints"
@@ -205,7 +205,7 @@ def ssdlite_entry(monkeypatch, tmp_path):
 
 def test_torchvision_default_not_in_cache_explains_how_to_prefetch(ssdlite_entry):
     with pytest.raises(WeightsError) as error:
-        resolve_weights("DEFAULT", stage="detect", model_name="ssdlite")
+        resolve_weights("DEFAULT", stage="detect", model_name="ssdlite320_mobilenet_v3_large")
     message = str(error.value)
     assert "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1" in message
     assert "torchvision.models.get_weight('SSDLite320_MobileNet_V3_Large_Weights.COCO_V1').get_state_dict()" in message
@@ -217,7 +217,7 @@ def test_torchvision_weights_in_cache_keep_torchvision_categories(ssdlite_entry)
     ssdlite_entry.mkdir(parents=True)
     path = ssdlite_entry / "ssdlite320_mobilenet_v3_large_coco-a79551df.pth"
     torch.save(tiny_model().state_dict(), path)
-    spec = resolve_weights("DEFAULT", stage="detect", model_name="ssdlite")
+    spec = resolve_weights("DEFAULT", stage="detect", model_name="ssdlite320_mobilenet_v3_large")
     assert (spec.kind, spec.path, spec.torchvision_enum) == ("torchvision", path, "SSDLite320_MobileNet_V3_Large_Weights.COCO_V1")
     assert spec.classes[0] == "__background__" and "N/A" in spec.classes and len(spec.classes) == 91
     # the file name carries a sha256 prefix (torch.hub's convention), which this file does not match
@@ -227,4 +227,4 @@ def test_torchvision_weights_in_cache_keep_torchvision_categories(ssdlite_entry)
 
 def test_unknown_torchvision_member_lists_the_valid_ones(ssdlite_entry):
     with pytest.raises(WeightsError, match="has no member 'IMAGENET1K_V9'.*COCO_V1"):
-        resolve_weights("IMAGENET1K_V9", stage="detect", model_name="ssdlite")
+        resolve_weights("IMAGENET1K_V9", stage="detect", model_name="ssdlite320_mobilenet_v3_large")

@@ -42,6 +42,7 @@ from stages.common import resolve_device
 from models.training.config import OptimConfig, TrainConfig
 from models.training.tasks import Task, make_task, unwrap
 from pipeline.errors import BlinkflowError
+from pipeline.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -391,9 +392,8 @@ def _read_checkpoint(path: Path) -> dict:
 def _write_checkpoint(path: Path, checkpoint: dict) -> None:
     """Write beside, then rename: a kill mid-write leaves the previous checkpoint intact."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(checkpoint, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as temp:
+        torch.save(checkpoint, temp)
 
 
 def _brief(metrics: dict) -> str:

@@ -1,0 +1,71 @@
+"""File helpers shared by every layer: one atomic write and one digest.
+
+A file that matters (a manifest, a checkpoint, converted weights, an output) is
+written beside its target and renamed into place, so a crash leaves the old
+file or the new one, never a torn one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, *, fsync: bool = True) -> Iterator[Path]:
+    """A temporary path beside ``path`` to write into; renamed onto ``path`` when the block succeeds,
+    removed when it raises. Writers that take a path (torch.save, PyAV) use this."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield temp
+        if fsync:
+            _fsync_file(temp)
+        commit(temp, path, fsync=fsync)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+def write_atomic(path: str | Path, data: bytes | str, *, fsync: bool = True) -> Path:
+    """Write ``data`` (text is UTF-8) to ``path`` atomically."""
+    path = Path(path)
+    with atomic_path(path, fsync=fsync) as temp:
+        temp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def commit(temp: Path, path: Path, *, fsync: bool = True) -> None:
+    """Rename a finished temporary file onto its target (and make the rename durable)."""
+    os.replace(temp, path)
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename itself is still atomic
+    finally:
+        os.close(fd)
