@@ -1,14 +1,17 @@
 """Detection backends for the detect stage (task ``"detect"``).
 
-All of them are torchvision detectors: they take a list of float CHW RGB
-tensors in [0, 1] of any sizes, normalise and resize internally, and return
-per image ``{"boxes": (K, 4) x1y1x2y2 in input pixels, "labels": (K,), "scores": (K,)}``.
-Label 0 is the background, as in :mod:`models.classes`.
+All of them follow torchvision's detector contract: they take a list of float
+CHW RGB tensors in [0, 1] of any sizes, normalise and resize internally, and
+return per image ``{"boxes": (K, 4) x1y1x2y2 in input pixels, "labels": (K,), "scores": (K,)}``.
+Label 0 is the background, as in :mod:`models.classes`. Most are torchvision's
+own; ``yolox_nano`` is Megvii's YOLOX-nano (:mod:`models.yolox`), which
+letterboxes every image to its fixed ``input_size`` and is shipped with its
+COCO weights converted from the original ONNX export.
 
 Builders return random weights (``weights=None, weights_backbone=None``);
 :mod:`models.weights` loads checkpoints. ``min_size``/``max_size`` set the
 internal resize (shorter side / longer-side cap), ``None`` keeps torchvision's
-default. Builders take only these arguments on purpose: torchvision's
+default; YOLOX's is ``input_size`` (height, width). Builders take only these arguments on purpose: torchvision's
 constructors silently swallow unknown keywords, so a misspelt
 ``options.model_args`` key would otherwise be ignored. (The detect stage sets
 the score cut and box cap on the built model.) torch is imported inside the
@@ -79,6 +82,14 @@ def fcos_resnet50_fpn(
     from torchvision.models import detection
 
     return _build_torchvision(detection.fcos_resnet50_fpn, num_classes, **_sizes(min_size, max_size))
+
+
+@register_model("yolox_nano", task="detect")
+def yolox_nano(*, num_classes: int = 91, input_size: tuple[int, int] = (416, 416)) -> Any:
+    """YOLOX-nano (anchor-free, depthwise, 0.9M parameters); letterboxes to ``input_size`` (multiples of 32)."""
+    from models.yolox import YOLOX
+
+    return YOLOX(num_classes=num_classes, input_size=tuple(input_size))
 
 
 def _sizes(min_size: int | None, max_size: int | None) -> dict[str, int]:

@@ -75,8 +75,8 @@ class DetectOptions:
     crop_reuse: bool | None = _field(
         None, "on frames the gate marks partial, run only on the crop around the changed tiles and merge with the "
         "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas). null: on for "
-        "detectors whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), off for SSD/SSDLite, whose "
-        "default boxes scale with the input, so a crop sees its objects at the wrong anchor scale",
+        "detectors whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), off for SSD/SSDLite and "
+        "YOLOX, which scale every input to a fixed size, so a crop sees its objects at the wrong scale",
     )
     crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
     crop_max_area: float = _field(0.5, "run the whole frame when the crop would cover more than this fraction of it", lo=0.0, hi=1.0)
@@ -478,7 +478,9 @@ def crop_reuse_enabled(cfg: StageConfig | None) -> bool:
     if options is not None and options.crop_reuse is not None:
         return bool(options.crop_reuse)
     model = (getattr(cfg, "model", None) or Detect.default_model).lower()
-    return not model.startswith("ssd")  # torchvision's SSD and SSDLite size their default boxes by the input
+    # torchvision's SSD and SSDLite size their default boxes by the input, and YOLOX letterboxes every
+    # input (a crop too) to its fixed size: a crop would see its objects at the wrong scale
+    return not model.startswith(("ssd", "yolox"))
 
 
 #: a carried box this much like (IoU) a new crop box of the same class is the same object seen again

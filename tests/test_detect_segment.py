@@ -100,9 +100,13 @@ def assert_segmentation_schema(result: dict, frame: Frame, classes: list[str]) -
 @pytest.mark.parametrize("model", [_param(n) for n in model_names("detect")])
 def test_detect_backend_writes_source_pixel_boxes(model):
     # a zero threshold keeps random-init boxes so the coordinate checks see some
-    model_args = None if model.startswith("ssdlite") else {"min_size": 64, "max_size": 96}
+    # the size knobs must reach the model's own resize, or this test crawls
+    model_args = ({"input_size": [64, 96]} if model.startswith("yolox") else None if model.startswith("ssdlite")
+                  else {"min_size": 64, "max_size": 96})
     stage = make_stage(Detect, model, score_threshold=0.0, max_detections=20, model_args=model_args)
-    if model_args:  # the size knobs must reach torchvision's internal resize, or this test crawls
+    if model.startswith("yolox"):
+        assert tuple(stage.model.input_size) == (64, 96)
+    elif model_args:
         assert (stage.model.transform.min_size, stage.model.transform.max_size) == ((64,), 96)
     frames = stage.process(make_frames())
     for frame in frames:

@@ -1,0 +1,176 @@
+"""The real YOLOX-nano detector: the shipped weights against the original ONNX file,
+the detect stage on a real photo, and the converter's refusals and reproducibility."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.classes import coco_categories
+from models.convert import import_weights, serialize_state
+from models.convert import yolox_onnx
+from models.registry import build_model
+from models.weights import WeightsError, load_state, resolve_weights, sha256_file
+from pipeline.config import StageConfig
+from pipeline.frame import Frame
+from stages.detect import Detect, DetectOptions
+
+DATA = Path(__file__).resolve().parent / "data"
+ORIGINAL = DATA / "originals" / "yolox_nano.onnx"
+DOG = DATA / "originals" / "dog.jpg"
+PHOTOS = [DOG, *sorted((DATA / "coco").glob("*.jpg"))]
+#: the objects in dog.jpg (768x576), source pixels, as onnxruntime's run of the original finds them
+DOG_OBJECTS = {
+    "dog": [133, 207, 326, 543],
+    "bicycle": [54, 137, 572, 423],
+    "car": [466, 78, 692, 171],
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def shipped_model():
+    model = build_model("yolox_nano", task="detect")
+    load_state(model, resolve_weights("shipped", stage="detect", model_name="yolox_nano"))
+    return model.eval()
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    return np.array(Image.open(path).convert("RGB"))  # a writable copy: torch.from_numpy warns on read-only
+
+
+def as_model_input(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 255.0
+
+
+def iou(a: list[float], b: list[float]) -> float:
+    from torchvision.ops import box_iou
+
+    return float(box_iou(torch.tensor([a], dtype=torch.float32), torch.tensor([b], dtype=torch.float32))[0, 0])
+
+
+def one_line_error(error: pytest.ExceptionInfo, path: Path) -> str:
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+# ---------------------------------------------------------------------- the shipped weights are the original
+
+
+def test_shipped_weights_match_onnxruntime_on_real_photos(shipped_model):
+    ort = pytest.importorskip("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(ORIGINAL), options, providers=["CPUExecutionProvider"])
+    for photo in PHOTOS:
+        with torch.inference_mode():
+            batch, _ = shipped_model.letterbox([as_model_input(read_rgb(photo))])
+            ours = shipped_model.raw(batch).numpy()
+        theirs = session.run(None, {"images": batch.numpy()})[0]
+        assert ours.shape == theirs.shape == (1, 3549, 85)
+        difference = np.abs(ours - theirs)
+        box, obj, cls = difference[..., :4].max(), difference[..., 4].max(), difference[..., 5:].max()
+        assert max(box, obj, cls) <= 1e-3, f"{photo.name}: box {box:.2e}, objectness {obj:.2e}, classes {cls:.2e}"
+
+
+def test_model_contract_boxes_in_each_images_own_pixels(shipped_model):
+    dog = as_model_input(read_rgb(DOG))
+    half = torch.nn.functional.interpolate(dog[None], scale_factor=0.5, mode="bilinear", align_corners=False)[0]
+    with torch.inference_mode():
+        full, small = shipped_model([dog, half])
+    names = coco_categories()
+    for output, scale in ((full, 1.0), (small, 0.5)):
+        assert output["boxes"].dtype == torch.float32 and output["labels"].dtype == torch.int64
+        best = output["scores"].argmax()
+        assert names[int(output["labels"][best])] == "dog"
+        assert iou(output["boxes"][best].tolist(), [v * scale for v in DOG_OBJECTS["dog"]]) >= 0.9
+
+
+# ---------------------------------------------------------------------- the detect stage on a real photo
+
+
+def test_detect_stage_finds_the_dog_the_bicycle_and_the_car():
+    cfg = StageConfig(model="yolox_nano", weights="shipped", options=DetectOptions(score_threshold=0.5))
+    stage = Detect(cfg)
+    stage.setup("cpu")
+    frame = Frame("s", 0, 0.0, read_rgb(DOG))
+    result = stage.process([frame])[0].results["detect"]
+    assert stage.classes == coco_categories()
+    found = dict(zip(result["classes"], result["boxes"]))
+    assert {"dog", "bicycle"} <= set(found) and found.keys() & {"car", "truck"}, result
+    vehicle = found.get("car") or found["truck"]
+    assert iou(found["dog"], DOG_OBJECTS["dog"]) >= 0.8
+    assert iou(found["bicycle"], DOG_OBJECTS["bicycle"]) >= 0.8
+    assert iou(vehicle, DOG_OBJECTS["car"]) >= 0.8
+    assert min(result["scores"]) >= 0.5
+
+
+# ---------------------------------------------------------------------- the converter
+
+
+def test_import_refuses_a_tampered_copy(tmp_path):
+    tampered = tmp_path / "yolox_nano.onnx"
+    data = bytearray(ORIGINAL.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a byte amid the weights: same size and layout, another sha256
+    tampered.write_bytes(bytes(data))
+    with pytest.raises(WeightsError) as by_path:
+        import_weights(str(tampered), out_dir=tmp_path / "out")
+    assert "not a known original" in one_line_error(by_path, tampered)
+    with pytest.raises(WeightsError) as by_name:
+        import_weights("yolox_nano", search=[tmp_path], out_dir=tmp_path / "out")
+    assert "not the pinned original" in one_line_error(by_name, tampered)
+    assert not (tmp_path / "out").exists()
+
+
+def test_import_refuses_a_file_with_a_wrong_sha256(tmp_path):
+    other = tmp_path / "yolox_nano.onnx"
+    shutil.copyfile(DOG, other)
+    with pytest.raises(WeightsError) as error:
+        import_weights("yolox_nano", search=[tmp_path], out_dir=tmp_path / "out")
+    assert sha256_file(other) in one_line_error(error, other)
+
+
+@pytest.mark.parametrize("change", ["misshaped", "extra", "missing"])
+def test_converter_refuses_a_different_graph(tmp_path, change):
+    import onnx  # a test dependency, as the converter needs it
+    from onnx import numpy_helper
+
+    model = onnx.load(str(ORIGINAL))
+    graph = model.graph
+    if change == "misshaped":
+        index = next(i for i, init in enumerate(graph.initializer) if init.name == "head.cls_preds.2.weight")
+        misshaped = numpy_helper.from_array(np.zeros((79, 64, 1, 1), np.float32), "head.cls_preds.2.weight")
+        graph.initializer[index].CopyFrom(misshaped)
+    elif change == "extra":
+        graph.initializer.append(numpy_helper.from_array(np.zeros((8, 8, 1, 1), np.float32), "head.extra.weight"))
+    else:
+        last_conv = max(i for i, node in enumerate(graph.node) if node.op_type == "Conv")
+        del graph.node[last_conv]
+    changed = tmp_path / f"{change}.onnx"
+    onnx.save(model, str(changed))
+    with pytest.raises(WeightsError) as error:
+        yolox_onnx.convert(changed)
+    one_line_error(error, changed)
+
+
+def test_conversion_is_reproducible_and_gives_the_shipped_file(tmp_path):
+    first = import_weights(str(ORIGINAL), out_dir=tmp_path / "a")
+    second = import_weights(str(ORIGINAL), out_dir=tmp_path / "b")
+    assert (tmp_path / "a" / first["file"]).read_bytes() == (tmp_path / "b" / second["file"]).read_bytes()
+    assert serialize_state(yolox_onnx.convert(ORIGINAL)) == (tmp_path / "a" / first["file"]).read_bytes()
+    shipped = resolve_weights("shipped", stage="detect", model_name="yolox_nano")
+    assert first["sha256"] == shipped.sha256 == sha256_file(shipped.path)
+    assert first["storage"]["stored"] == "fp32"  # fp16 moves the raw outputs past the onnxruntime tolerance
