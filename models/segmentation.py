@@ -7,6 +7,11 @@ input, so their builders attach a forward pre-hook that normalises; training
 and inference then feed the same [0, 1] tensors and can never disagree, and
 the state dict keys stay exactly torchvision's.
 
+``deeplabv3_mobilenet_v2`` is TF DeepLab v3 on MobileNetV2 (PASCAL VOC),
+rebuilt in torch (:mod:`models.deeplab_mnv2`) for the weights converted from
+its quantised TFLite file (:mod:`models.convert.deeplab_tflite`); it maps its
+[0, 1] input to [-1, 1] itself.
+
 Builders return random weights (``weights=None, weights_backbone=None``);
 :mod:`models.weights` loads checkpoints. torch is imported inside the
 builders, so importing this module is cheap.
@@ -46,6 +51,15 @@ def deeplabv3_mobilenet_v3_large(*, num_classes: int = 21) -> Any:
     from torchvision.models import segmentation
 
     return _build_torchvision(segmentation.deeplabv3_mobilenet_v3_large, num_classes, aux_loss=False)
+
+
+@register_model("deeplabv3_mobilenet_v2", task="segment")
+def deeplabv3_mobilenet_v2(*, num_classes: int = 21) -> Any:
+    """TF DeepLab v3 on MobileNetV2 at output stride 16 (image pooling + 1x1 branch); the shipped weights
+    are converted from the PASCAL VOC TFLite model."""
+    from models.deeplab_mnv2 import DeepLabV3MobileNetV2
+
+    return DeepLabV3MobileNetV2(num_classes=num_classes)
 
 
 @register_model("fcn_resnet50", task="segment", torchvision_weights="FCN_ResNet50_Weights")

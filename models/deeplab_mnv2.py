@@ -1,0 +1,110 @@
+"""DeepLab v3 on MobileNetV2, as in TF DeepLab's ``mobilenet_v2`` PASCAL VOC export.
+
+The layout follows the TFLite graph of ``deeplabv3_mnv2_pascal_quant.tflite``
+(see :mod:`models.convert.deeplab_tflite`):
+
+* trunk: torchvision's MobileNetV2 ``features`` up to ``expanded_conv_16``
+  (320 channels; the final 1280-channel conv is not part of DeepLab), run at
+  output stride 16: ``expanded_conv_13`` keeps stride 1 instead of 2 and the
+  depthwise convs of ``expanded_conv_14`` to ``_16`` are dilated by 2;
+* every conv pads like TF's ``SAME`` (for stride 2 the odd pixel goes at the
+  bottom/right), computed per input, so any size works;
+* BatchNorm is folded into the conv weights in the original, so every conv has
+  a bias and there is no BatchNorm at all;
+* head: an image-pooling branch (global mean, 1x1 conv, ReLU, broadcast back)
+  and a 1x1 conv branch (``aspp0``, ReLU), concatenated in that order, a 1x1
+  projection with ReLU and the 1x1 class logits; no atrous 3x3 branches;
+* the logits (output stride 16) are upsampled bilinearly with
+  ``align_corners=True``, like TF1's ``resize_bilinear``.
+
+``model(x)`` takes float NCHW RGB in [0, 1] of any size and returns
+``{"out": logits}`` at the input resolution; it maps the input to [-1, 1]
+itself (TF DeepLab's ``x / 127.5 - 1``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TRUNK_CHANNELS = 320
+HEAD_CHANNELS = 256
+#: torchvision ``features`` index of TF's ``expanded_conv_N`` is N + 1; the first block without its stride
+UNSTRIDED_BLOCK = 14
+#: blocks whose depthwise conv is dilated by 2 (output stride 16 instead of 32)
+DILATED_BLOCKS = (15, 16, 17)
+
+
+class SameConv2d(nn.Conv2d):
+    """A conv padded like TF's ``SAME``: ``ceil(size / stride)`` outputs, the odd padding pixel after."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        padding = self.same_padding(x.shape[-2], x.shape[-1])
+        return super().forward(F.pad(x, padding) if any(padding) else x)
+
+    def same_padding(self, height: int, width: int) -> tuple[int, int, int, int]:
+        pad_h = _same_total(height, self.kernel_size[0], self.stride[0], self.dilation[0])
+        pad_w = _same_total(width, self.kernel_size[1], self.stride[1], self.dilation[1])
+        return pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2
+
+
+def _same_total(size: int, kernel: int, stride: int, dilation: int) -> int:
+    span = (kernel - 1) * dilation + 1
+    return max((math.ceil(size / stride) - 1) * stride + span - size, 0)
+
+
+class DeepLabV3MobileNetV2(nn.Module):
+    """DeepLab v3 (image pooling + 1x1 branch) on an output-stride-16 MobileNetV2; see the module docstring."""
+
+    def __init__(self, num_classes: int = 21) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.backbone = mobilenet_v2_trunk()
+        self.image_pooling = conv_relu(TRUNK_CHANNELS, HEAD_CHANNELS)
+        self.aspp0 = conv_relu(TRUNK_CHANNELS, HEAD_CHANNELS)
+        self.concat_projection = conv_relu(2 * HEAD_CHANNELS, HEAD_CHANNELS)
+        self.logits = nn.Conv2d(HEAD_CHANNELS, num_classes, 1)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = self.backbone(x * 2 - 1)
+        # the original pools with a window the size of the 513x513 input's feature map: a global mean
+        pooled = self.image_pooling(features.mean(dim=(2, 3), keepdim=True))
+        pooled = pooled.expand(-1, -1, *features.shape[-2:])  # bilinear resize of a 1x1 map is a broadcast
+        head = self.concat_projection(torch.cat([pooled, self.aspp0(features)], dim=1))
+        logits = F.interpolate(self.logits(head), size=x.shape[-2:], mode="bilinear", align_corners=True)
+        return {"out": logits}
+
+
+def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
+
+
+def mobilenet_v2_trunk() -> nn.Sequential:
+    """torchvision's MobileNetV2 ``features[:18]`` at output stride 16, TF-``SAME`` convs with bias, no BatchNorm."""
+    from torchvision.models import mobilenet_v2
+
+    trunk = mobilenet_v2(weights=None).features[:18]
+    for name, module in list(trunk.named_modules()):
+        if isinstance(module, nn.BatchNorm2d):
+            _replace(trunk, name, nn.Identity())
+        elif isinstance(module, nn.Conv2d):
+            _replace(trunk, name, _same_conv(module, block=int(name.split(".")[0])))
+    return trunk
+
+
+def _same_conv(conv: nn.Conv2d, block: int) -> SameConv2d:
+    depthwise = conv.groups > 1
+    stride = 1 if depthwise and block == UNSTRIDED_BLOCK else conv.stride
+    dilation = 2 if depthwise and block in DILATED_BLOCKS else 1
+    return SameConv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size,
+        stride=stride, dilation=dilation, groups=conv.groups, bias=True,
+    )
+
+
+def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
