@@ -20,6 +20,11 @@ Input sizes:
   that grid); the model carries ``required_clip_shape = (16, 224, 224)``,
   which the action stage checks against its options.
 * causal3d_small: any T, H, W >= 16; see :mod:`models.causal3d`.
+* i3d: DeepMind's Inception I3D (RGB, Kinetics-400 when loaded with the
+  shipped weights); TF "SAME" padding and a head window clipped to the
+  feature map let any T, H, W through, the same as the original at 224x224.
+  DeepMind ran 64-79 frames at 224x224 and 25 fps; see :mod:`models.inception_i3d`.
+  It normalises inside ([0, 1] -> [-1, 1]), not with a pre-hook.
 
 Builders return random weights (``weights=None``); :mod:`models.weights`
 loads checkpoints. torch is imported inside the builders, so importing this
@@ -95,6 +100,14 @@ def mvit_v2_s(*, num_classes: int = 400) -> Any:
     model = _build_torchvision(video.mvit_v2_s, num_classes, MVIT_MEAN, MVIT_STD)
     model.required_clip_shape = (16, 224, 224)
     return model
+
+
+@register_model("i3d", task="action")
+def i3d(*, num_classes: int = 400) -> Any:
+    """Inception-v1 I3D (RGB stream, 12.7M parameters), TF-faithful so DeepMind's weights load as they are."""
+    from models.inception_i3d import InceptionI3d
+
+    return InceptionI3d(num_classes=num_classes)
 
 
 def _build_torchvision(builder: Any, num_classes: int, mean: tuple, std: tuple) -> Any:

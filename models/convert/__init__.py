@@ -40,7 +40,7 @@ class Importer:
     origin: str
     licence: str
     module: str  # the converter module, imported lazily
-    #: dtype of the stored floating tensors: "fp16" halves the file where the converter's check shows no change
+    #: dtype of the stored kernels: "fp16" halves the file where the converter's check shows no change
     storage: str = "fp16"
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -185,7 +185,9 @@ def _storage(importer: Importer, converter: Any, model32: Any, state32: dict) ->
 
     if importer.storage != "fp16":
         return state32, {"stored": "fp32"}
-    state16 = {k: v.half() if v.is_floating_point() else v for k, v in state32.items()}
+    # kernels halve the file; biases and normalisation statistics are a few kB and keep fp32, since
+    # BatchNorm means in the tens lose most to fp16 rounding
+    state16 = {k: v.half() if v.is_floating_point() and v.dim() > 1 else v for k, v in state32.items()}
     check = None
     if hasattr(converter, "storage_check"):
         model16 = copy.deepcopy(model32)
