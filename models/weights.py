@@ -208,10 +208,15 @@ def _hub_checkpoints_dir() -> Path:
 # --------------------------------------------------------------------------- load
 
 
-def load_state(model: Any, spec: WeightsSpec) -> None:
-    """Load verified weights into ``model`` in place; a no-op for random initialisation."""
+def load_state(model: Any, spec: WeightsSpec, *, fresh_head: bool = False) -> list[str]:
+    """Load verified weights into ``model`` in place; a no-op for random initialisation.
+
+    ``fresh_head`` (fine-tuning on other classes): tensors whose shape differs from the model's (the
+    class-dependent layers) keep their fresh initialisation instead of being an error; their names
+    are returned.
+    """
     if spec.kind == "random":
-        return
+        return []
     if spec.path is None or not spec.path.is_file():
         raise WeightsError(f"{spec.label}: weights file does not exist")
     _verify_checksum(spec)
@@ -219,9 +224,18 @@ def load_state(model: Any, spec: WeightsSpec) -> None:
     state = _strip_prefix(state, "module.")  # DistributedDataParallel checkpoints
     state = _align_to_model(state, model)
     state = _reconcile_torchvision_extras(state, model)
+    fresh = _fresh_head(model, state) if fresh_head else []
+    state.update({key: model.state_dict()[key] for key in fresh})
     _check_compatible(model, state, spec)
     model.load_state_dict(state, strict=True)
-    log.info("loaded %s weights from %s", spec.kind, spec.path)
+    log.info("loaded %s weights from %s%s", spec.kind, spec.path, f"; new class head: {fresh}" if fresh else "")
+    return fresh
+
+
+def _fresh_head(model: Any, state: dict) -> list[str]:
+    expected = model.state_dict()
+    return [key for key, value in state.items()
+            if key in expected and tuple(getattr(value, "shape", ())) != tuple(expected[key].shape)]
 
 
 def _verify_checksum(spec: WeightsSpec) -> None:

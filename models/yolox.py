@@ -29,6 +29,8 @@ from models.classes import coco80_to_category_id
 STRIDES = (8, 16, 32)
 #: the letterbox canvas value of the YOLOX demo (and of its training augmentation)
 PAD_VALUE = 114.0
+#: the export's pixels are 0..255; the network here takes 0..1 and its stem weights are 255 times the export's
+PIXEL_SCALE = 255.0
 COCO_NUM_CLASSES = 91  # torchvision's COCO convention: category ids 0..90, 0 = background
 
 
@@ -222,11 +224,14 @@ class YOLOX(nn.Module):
 
     # ------------------------------------------------------------------ the torchvision contract
 
-    def forward(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        """Eval: detections per image. Train (torchvision's convention): the loss dict for ``targets``."""
         if self.training:
-            raise NotImplementedError(
-                "YOLOX.forward computes no training loss; train on head_outputs(batch) with a YOLOX loss"
-            )
+            if targets is None:
+                raise ValueError("yolox: training mode needs targets (boxes, labels per image)")
+            from models.yolox_loss import yolox_loss
+
+            return yolox_loss(self, images, targets)
         batch, ratios = self.letterbox(images)
         raw = self.raw(batch)
         return [
@@ -257,8 +262,9 @@ class YOLOX(nn.Module):
         return torch.cat(levels, dim=2).permute(0, 2, 1)
 
     def head_outputs(self, x: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
-        """Per stride 8/16/32 the head's (box, objectness logit, class logits) maps, for a training loss."""
-        return self.head(self.backbone(x))
+        """Per stride 8/16/32 the head's (box, objectness logit, class logits) maps of a letterboxed BGR 0..255
+        batch, for a training loss."""
+        return self.head(self.backbone(x / PIXEL_SCALE))
 
     def decode(self, raw: Tensor) -> Tensor:
         """Boxes x1y1x2y2 in letterboxed input pixels for every point of ``raw`` (N, points, 4)."""

@@ -58,11 +58,14 @@ def _csp(prefix: str, bottlenecks: int) -> list[str]:
     return names + [f"{prefix}.conv3.conv"]
 
 
+STEM = "backbone.backbone.stem.conv.conv"
+
+
 def convert(source: Path) -> dict:
     """The export's conv weights and biases under the backend's names, fp32."""
     import torch
 
-    from models.yolox import YOLOX
+    from models.yolox import PIXEL_SCALE, YOLOX
 
     graph = _load_graph(source)
     model = YOLOX(num_classes=len(CLASSES))
@@ -79,6 +82,9 @@ def convert(source: Path) -> dict:
         state[f"{name}.weight"], state[f"{name}.bias"] = torch.from_numpy(weight.copy()), torch.from_numpy(bias.copy())
         used.update(node.input[1:3])
     _check_all_used(source, tensors, used)
+    # the export feeds 0..255 pixels to the stem; the backend feeds 0..1 (so fine-tuning does not see a stem
+    # whose gradients are 255 times the rest's): the same function with the stem's weights scaled by 255
+    state[f"{STEM}.weight"] = state[f"{STEM}.weight"] * PIXEL_SCALE
     return state
 
 

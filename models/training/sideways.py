@@ -245,7 +245,8 @@ def build_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     from models.training.train import make_loader
 
     task = make_task(cfg)
-    train_set, val_set = task.train_set(), task.eval_set()
+    train_set = task.train_set()
+    val_set = task.eval_set(classes=getattr(train_set, "classes", None))
     loader = make_loader(task, train_set, cfg.batch_size, train=True, seed=cfg.seed)
     return task, loader, make_loader(task, val_set, cfg.batch_size, train=False)
 

@@ -50,7 +50,15 @@ class Task:
 
     def train_set(self) -> Any:
         data = self.cfg.data
-        return self.real_set(data.train_path, None) if data.train_path else self.synthetic_set(data.train, native=False)
+        return self.real_set(data.train_path, self.init_classes()) if data.train_path else self.synthetic_set(data.train, native=False)
+
+    def init_classes(self) -> list[str] | None:
+        """The classes of the ``init`` weights (fine-tuning keeps their head on a real dataset), else None."""
+        if self.cfg.init is None:
+            return None
+        from models.weights import resolve_weights
+
+        return resolve_weights(self.cfg.init, stage=self.name, model_name=self.cfg.model).classes
 
     def eval_set(self, path: str | None = None, classes: list[str] | None = None) -> Any:
         """The held-out set: ``path`` (a real dataset), else ``data.val_path``, else the synthetic val split."""

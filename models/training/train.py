@@ -96,7 +96,8 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
     out_dir = Path(cfg.out_dir)
     task = make_task(cfg)
 
-    train_set, val_set = task.train_set(), task.eval_set()
+    train_set = task.train_set()
+    val_set = task.eval_set(classes=getattr(train_set, "classes", None))  # a real val set labelled like the model
     classes = getattr(train_set, "classes", None)
     model = task.build_model(classes)  # the same init on every rank: seeded just above
     optimizer = build_optimizer(cfg.optim, model)
@@ -144,7 +145,9 @@ def initialise(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
     from models.weights import load_state, resolve_weights, sha256_file
 
     spec = resolve_weights(cfg.init, stage=cfg.task, model_name=cfg.model)
-    load_state(model, spec)
+    fresh = load_state(model, spec, fresh_head=True)  # other classes than the init's: a new head, the rest kept
+    if fresh:
+        log.info("init %s: %d class-dependent tensors start fresh (%s, ...)", cfg.init, len(fresh), fresh[0])
     return f"{cfg.init} (sha256 {spec.sha256 or sha256_file(spec.path)})" if spec.path else cfg.init
 
 
