@@ -7,7 +7,9 @@ import importlib
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+#: the benchmarks' default pipeline: the synthetic scene with the small self-trained models, so that
+#: figures stay comparable across releases (`--config configs/demo.yaml` measures the real models)
+BENCH_CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
 
 #: name -> (module, function); each function takes the parsed args and returns nothing
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -17,15 +19,16 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("pipeline.bench_cli", "run_overhead"),
     "skip": ("pipeline.bench_cli", "run_skip"),
     "depth": ("pipeline.bench_cli", "run_depth"),
+    "models": ("pipeline.bench_cli", "run_models"),
 }
-ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth"]
+ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth", "models"]
 
 
 def add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
     bench.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' runs every one)")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
-    bench.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default: configs/demo.yaml)")
+    bench.add_argument("--config", type=Path, default=BENCH_CONFIG, help="pipeline config (default: configs/synthetic.yaml)")
     bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48)")
     bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -85,3 +88,9 @@ def run_depth(args: argparse.Namespace) -> None:
     from pipeline.bench_depth import DEFAULT_FRAMES, bench_depth
 
     bench_depth(frames=args.frames or DEFAULT_FRAMES, repetitions=args.repetitions, write=_write(args), quick=args.quick)
+
+
+def run_models(args: argparse.Namespace) -> None:
+    from pipeline.bench_models import bench_models
+
+    bench_models(quick=args.quick, write=_write(args))

@@ -621,7 +621,7 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
 def main(args: argparse.Namespace) -> dict[str, Any]:
     quick = bool(getattr(args, "quick", False))
     repetitions = 1 if quick else max(1, int(getattr(args, "repetitions", 3)))
-    config_path = Path(getattr(args, "config", REPO_ROOT / "configs" / "demo.yaml"))
+    config_path = Path(getattr(args, "config", REPO_ROOT / "configs" / "synthetic.yaml"))
     raw, gate_overrides = base_raw(config_path, list(getattr(args, "overrides", None) or []))
     reports, price = [], None
     for clip in clips(quick):  # fixed clip lengths (--frames does not apply): the targets are about these clips

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(validate)
     validate.set_defaults(handler=cmd_validate)
 
-    demo = commands.add_parser("demo", help="run configs/demo.yaml on a synthetic scene")
+    demo = commands.add_parser("demo", help="run configs/demo.yaml: the real models on a real street clip")
     demo.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")

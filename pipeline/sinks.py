@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.config import SinkConfig
 from pipeline.errors import SinkError
+from pipeline.files import commit as commit_file
 from pipeline.frame import FrameResult
 from pipeline.registry import register_sink, sinks as sink_registry
 
@@ -60,7 +61,7 @@ class AtomicFile:
             raise SinkError(f"{self.path}: cannot create the output folder ({exc.strerror}); choose a writable path") from None
 
     def commit(self) -> None:
-        commit(self.temp, self.path)
+        commit_file(self.temp, self.path)
 
     def discard(self) -> None:
         self.temp.unlink(missing_ok=True)

@@ -194,7 +194,7 @@ def test_bench_pipeline_quick_compares_ray_with_the_bound(bench_paths):
     from pipeline.bench_pipeline import bench_pipeline
 
     before = _digest(BENCH_DOC)
-    result = bench_pipeline(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml", frames=8, repetitions=1,
+    result = bench_pipeline(Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml", frames=8, repetitions=1,
                             overrides=["stages.segment.batch=2", "stages.detect.batch=2"], write=False)
     assert set(result["fps"]) >= {"sequential (local runner)", "Ray runner", "Ray runner + metrics"}
     assert all(low > 0 and low <= mid <= high for low, mid, high in result["fps"].values())
@@ -204,5 +204,5 @@ def test_bench_pipeline_quick_compares_ray_with_the_bound(bench_paths):
     assert all(0.0 < share <= 1.05 for share in result["ray_busy"].values()), result["ray_busy"]
     low, high = result["metrics_overhead_range"]
     assert low <= result["metrics_overhead"] <= high
-    assert result["config"] == "configs/demo.yaml"  # shown relative to the repository
+    assert result["config"] == "configs/synthetic.yaml"  # shown relative to the repository
     assert _digest(BENCH_DOC) == before

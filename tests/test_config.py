@@ -26,11 +26,14 @@ def error_of(tmp_path, text: str, overrides=None) -> str:
     return message
 
 
-def test_demo_config_is_valid():
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml")
+@pytest.mark.parametrize("name", ["demo.yaml", "synthetic.yaml"])
+def test_demo_configs_are_valid(name):
+    cfg = load_config(REPO_ROOT / "configs" / name)
     assert isinstance(cfg, Config)
     assert list(cfg.enabled_stages()) == ["detect", "segment", "flow", "action"]
-    assert cfg.stages["action"].options.clip_len == 8
+    real = name == "demo.yaml"  # the real pretrained models; synthetic.yaml keeps the self-trained ones
+    assert (cfg.stages["detect"].model == "yolox_nano") == real
+    assert cfg.stages["action"].options.clip_len == (16 if real else 8)
 
 
 def test_unknown_top_level_key_names_the_key(tmp_path):
@@ -128,7 +131,7 @@ def test_device_auto_runs_the_stage_on_the_gpu_when_there_is_one():
 
     from pipeline.graph import build_graph
 
-    cfg = load_config(REPO_ROOT / "configs" / "demo.yaml", ["stages.flow.device=auto"])
+    cfg = load_config(REPO_ROOT / "configs" / "synthetic.yaml", ["stages.flow.device=auto"])
     spec = next(s for s in build_graph(cfg) if s.name == "flow")
     stage = spec.create()
     stage.setup(spec.device)

@@ -192,12 +192,20 @@ def test_dockerfile_installs_the_project_on_a_cuda_base():
     assert "python3.11" in dockerfile and re.search(r"pip install --editable \"/app\"", dockerfile)
 
 
-def test_dockerfile_prefetches_weights_torchvision_knows():
+def test_dockerfile_prefetches_the_torchvision_weights_the_deploy_configs_name():
     torchvision = pytest.importorskip("torchvision")
-    names = re.search(r'^ARG PREFETCH_WEIGHTS="([^"]*)"', (DEPLOY / "Dockerfile").read_text(), re.M).group(1).split()
-    assert names
-    for name in names:
-        torchvision.models.get_weight(name)  # resolves the enum; downloads nothing
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    names = re.search(r'^ARG PREFETCH_WEIGHTS="([^"]*)"', dockerfile, re.M).group(1).split()
+    named = set()
+    for config in (DEPLOY / "configs").glob("*.yaml"):
+        for stage in yaml.safe_load(config.read_text())["stages"].values():
+            if stage.get("weights") not in (None, "shipped") and not str(stage["weights"]).endswith(".pt"):
+                named.add((stage["model"], stage["weights"]))
+    for model, member in named:  # each torchvision member a deploy config names is fetched at build time
+        assert any(torchvision.models.get_weight(n) == getattr(torchvision.models.get_model_weights(model), member)
+                   for n in names), (model, member)
+    for name in re.search(r'e\.g\.\n# --build-arg PREFETCH_WEIGHTS="([^"]*)"', dockerfile).group(1).split():
+        torchvision.models.get_weight(name)  # the documented example resolves; downloads nothing
 
 
 def test_cluster_launcher_matches_rays_schema():
