@@ -59,9 +59,10 @@ def run_decode(args: argparse.Namespace) -> None:
 
 
 def run_stages(args: argparse.Namespace) -> None:
-    from pipeline.bench_stages import bench_stages
+    from pipeline.bench_stages import bench_demo_stages, bench_stages
 
     bench_stages(quick=args.quick, repetitions=args.repetitions, write=_write(args))
+    bench_demo_stages(quick=args.quick, write=_write(args))
 
 
 def run_pipeline(args: argparse.Namespace) -> None:

@@ -140,14 +140,15 @@ def coco_map(truth: dict, found: list[dict]) -> tuple[float, float]:
 # ---------------------------------------------------------------------------- segment
 
 
-def segment_quality() -> dict[str, Any]:
-    """mIoU of deeplabv3_mobilenet_v2 on the COCO sample images, COCO masks mapped to VOC."""
+def segment_quality(input_size: list[int] | None = None) -> dict[str, Any]:
+    """mIoU of deeplabv3_mobilenet_v2 on the COCO sample images (at their own size by default), COCO masks
+    mapped to VOC."""
     from models.classes import voc_classes
     from stages.common import decode_class_map
 
     coco = json.loads((DATA / "coco" / "detections.json").read_text())
     classes = voc_classes()
-    stage = _stage("segment", "deeplabv3_mobilenet_v2")
+    stage = _stage("segment", "deeplabv3_mobilenet_v2", input_size=input_size)
     confusion = np.zeros((len(classes), len(classes)), dtype=np.int64)
     for image in coco["images"]:
         truth = voc_truth(coco, image, classes)
@@ -325,5 +326,5 @@ def render(results: dict[str, Any], info: dict[str, Any]) -> str:
         ["action", "i3d", f"{a['frames']} frames, 224x224: arm_wrestling.mp4 → {'; '.join(a['arm_wrestling.mp4'])}; "
                           f"cricket_rgb.gif → {'; '.join(a['cricket_rgb.gif'])}"],
     ]
-    return (f"Measured by `blinkflow bench models` ({results['seconds']} s), {machine_line(info)}.\n\n"
+    return (f"Measured by `blinkflow bench models` in {results['seconds']} s. {machine_line(info)}\n\n"
             + markdown_table(["stage", "backend", "quality on real data (truth: the files' own annotations)"], rows))

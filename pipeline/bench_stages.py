@@ -159,3 +159,83 @@ def render(payload: dict[str, Any], rows: list[list[Any]], quick: bool) -> str:
         "",
         markdown_table(["stage", "backend", "device", "batch", "frames/s", "ms/frame", "note"], rows),
     ])
+
+
+# ---------------------------------------------------------------------------- the demo's real models
+
+#: speed knobs measured beside the demo's own settings: (stage, label, overrides of the demo config)
+DEMO_VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("detect", "demo (YOLOX 320x320)", ()),
+    ("detect", "416x416 (trained size)", ("stages.detect.options.model_args.input_size=[416,416]",)),
+    ("segment", "demo (272x640, the clip's size)", ()),
+    ("segment", "input_size 136x320", ("stages.segment.options.input_size=[136,320]",)),
+    ("flow", "demo (136x320, 6 iterations)", ()),
+    ("flow", "12 iterations", ("stages.flow.options.model_args.num_flow_updates=12",)),
+    ("flow", "20 iterations", ("stages.flow.options.model_args.num_flow_updates=20",)),
+    ("flow", "272x640, 12 iterations", ("stages.flow.options.input_size=[272,640]",
+                                        "stages.flow.options.model_args.num_flow_updates=12")),
+    ("action", "demo (clip 16, stride 8, 112x112)", ()),
+    ("action", "224x224", ("stages.action.options.input_size=[224,224]",)),
+    ("action", "clip 32, stride 16", ("stages.action.options.clip_len=32", "stages.action.options.stride=16")),
+)
+
+
+def bench_demo_stages(quick: bool = False, repetitions: int = 2, write: bool = True) -> dict[str, Any]:
+    """Each real-model stage of configs/demo.yaml (shipped weights) on the demo clip's frames, with its speed knobs."""
+    from pipeline.bench import REPO_ROOT
+
+    config = REPO_ROOT / "configs" / "demo.yaml"
+    images = _demo_frames(config, 8 if quick else 32)
+    variants = [v for v in DEMO_VARIANTS if "demo" in v[1]] if quick else DEMO_VARIANTS
+    rows, records = [], []
+    for task, label, overrides in variants:
+        record = _measure_demo(config, task, label, overrides, images, 1 if quick else repetitions)
+        records.append(record)
+        rows.append([task, record["backend"], label, record.get("batch", "—"),
+                     f"{record['ms_per_frame']:.0f}" if "ms_per_frame" in record else record.get("error", "")[:60]])
+    payload = {"machine": machine_info(), "config": "configs/demo.yaml", "frames": len(images), "results": records}
+    body = "\n".join([
+        "## Stages: the demo's real models and their speed knobs",
+        "",
+        f"`blinkflow bench stages{' --quick' if quick else ''}` — each stage of `configs/demo.yaml` with its shipped "
+        f"real weights on {len(images)} frames of the demo clip (640×272, 5 frames/s), ms per frame (median of "
+        f"{payload['results'][0].get('repetitions', repetitions)}). The action stage runs one clip forward per "
+        "`stride` frames; its ms/frame spreads that over the frames.",
+        "",
+        machine_line(payload["machine"]),
+        "",
+        markdown_table(["stage", "backend", "setting", "batch", "ms/frame"], rows),
+    ])
+    publish("stages-demo", body, payload, write=write and not quick)
+    return payload
+
+
+def _demo_frames(config: Any, count: int) -> list[Any]:
+    from pathlib import Path
+
+    from pipeline.config import load_config
+    from pipeline.sources import decode_file
+
+    source = load_config(config).sources[0]
+    return [f.image for f in decode_file(Path(source.path), "demo", source)][:count]
+
+
+def _measure_demo(config: Any, task: str, label: str, overrides: tuple[str, ...], images: list[Any],
+                  repetitions: int) -> dict[str, Any]:
+    from pipeline.config import load_config
+    from pipeline.registry import stages
+
+    cfg = load_config(config, list(overrides)).stages[task]
+    record: dict[str, Any] = {"stage": task, "backend": cfg.model, "setting": label, "batch": cfg.batch,
+                              "repetitions": repetitions}
+    try:
+        stage = stages.get(task)(cfg)
+        stage.setup("cpu")
+        warmup = stage.options.clip_len if task == "action" else cfg.batch
+        seconds = time_stage(stage, images, cfg.batch, repetitions, warmup)
+        stage.teardown()
+        record["ms_per_frame"] = statistics.median(seconds) * 1000
+    except Exception as exc:  # noqa: BLE001 - a setting that cannot run here is reported, not fatal
+        log.warning("bench stages: %s %s failed: %s", task, label, exc)
+        record["error"] = f"{type(exc).__name__}: {exc}"
+    return record
