@@ -35,12 +35,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.classes import SYNTHETIC_ACTIONS
-from models.registry import register_model
+from blinkflow.models.classes import KINETICS_MEAN, KINETICS_STD, SYNTHETIC_ACTIONS
+from blinkflow.models.registry import register_model
 
-#: torchvision's VideoClassification preset for Kinetics-400 (r3d, mc3, r2plus1d, s3d)
-KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
-KINETICS_STD = (0.22803, 0.22145, 0.216989)
 #: the MViT weights' preset
 MVIT_MEAN = (0.45, 0.45, 0.45)
 MVIT_STD = (0.225, 0.225, 0.225)
@@ -49,7 +46,7 @@ MVIT_STD = (0.225, 0.225, 0.225)
 @register_model("causal3d_small", task="action")
 def causal3d_small(*, num_classes: int = len(SYNTHETIC_ACTIONS), **kwargs: Any) -> Any:
     """The project's own streaming causal 3D CNN (~0.26M parameters); it can run frame by frame."""
-    from models.causal3d import CausalConv3DNet
+    from blinkflow.models.causal3d import CausalConv3DNet
 
     return CausalConv3DNet(num_classes=num_classes, **kwargs)
 
@@ -105,7 +102,7 @@ def mvit_v2_s(*, num_classes: int = 400) -> Any:
 @register_model("i3d", task="action")
 def i3d(*, num_classes: int = 400) -> Any:
     """Inception-v1 I3D (RGB stream, 12.7M parameters), TF-faithful so DeepMind's weights load as they are."""
-    from models.inception_i3d import InceptionI3d
+    from blinkflow.models.inception_i3d import InceptionI3d
 
     return InceptionI3d(num_classes=num_classes)
 

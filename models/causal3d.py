@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.action import KINETICS_MEAN, KINETICS_STD
+from blinkflow.models.classes import KINETICS_MEAN, KINETICS_STD
 
 State = list  # list[torch.Tensor | None], one entry per block
 

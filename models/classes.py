@@ -18,6 +18,10 @@ SYNTHETIC_ACTIONS: list[str] = ["static", "slide-left", "slide-right", "rotate",
 
 LABELS_DIR = Path(__file__).parent / "labels"
 
+#: torchvision's VideoClassification preset for Kinetics-400 (r3d, mc3, r2plus1d, s3d; causal3d centres with it too)
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+
 
 @lru_cache(maxsize=None)
 def _read(name: str) -> tuple[str, ...]:

@@ -71,7 +71,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from pipeline.errors import BlinkflowError
+from blinkflow.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
 
@@ -187,7 +187,7 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
     from torchvision.models import ResNet
     from torchvision.models.video.resnet import VideoResNet
 
-    from models.causal3d import CausalConv3DNet
+    from blinkflow.models.causal3d import CausalConv3DNet
 
     if isinstance(model, CausalConv3DNet):
         units = [Unit("stem", model.stem)]

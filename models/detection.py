@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.registry import register_model
+from blinkflow.models.registry import register_model
 
 
 @register_model(
@@ -87,7 +87,7 @@ def fcos_resnet50_fpn(
 @register_model("yolox_nano", task="detect")
 def yolox_nano(*, num_classes: int = 91, input_size: tuple[int, int] = (416, 416)) -> Any:
     """YOLOX-nano (anchor-free, depthwise, 0.9M parameters); letterboxes to ``input_size`` (multiples of 32)."""
-    from models.yolox import YOLOX
+    from blinkflow.models.yolox import YOLOX
 
     return YOLOX(num_classes=num_classes, input_size=tuple(input_size))
 

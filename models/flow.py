@@ -15,13 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.registry import register_model
+from blinkflow.models.registry import register_model
 
 
 @register_model("flownet_s_small", task="flow")
 def flownet_s_small(*, widths: tuple[int, int, int, int, int] = (32, 64, 96, 128, 192)) -> Any:
     """The project's own FlowNetS-style net (~1.5M parameters at the default widths)."""
-    from models.flownet import FlowNetSSmall
+    from blinkflow.models.flownet import FlowNetSSmall
 
     return FlowNetSSmall(widths=tuple(widths))
 
@@ -43,6 +43,6 @@ def raft_large(*, num_flow_updates: int = 12) -> Any:
 
 
 def _wrap_raft(net: Any, num_flow_updates: int) -> Any:
-    from models.flownet import RaftFlow
+    from blinkflow.models.flownet import RaftFlow
 
     return RaftFlow(net, num_flow_updates=num_flow_updates)

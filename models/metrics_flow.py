@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import BlinkflowError
+from blinkflow.errors import BlinkflowError
 
 FLO_MAGIC = 202021.25
 #: guards against reading a huge allocation from a corrupt header

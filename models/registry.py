@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.registry import Registry
+from blinkflow.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -26,10 +26,10 @@ class ModelEntry:
 
 
 MODEL_MODULES = (
-    "models.detection",
-    "models.segmentation",
-    "models.flow",
-    "models.action",
+    "blinkflow.models.detection",
+    "blinkflow.models.segmentation",
+    "blinkflow.models.flow",
+    "blinkflow.models.action",
 )
 
 models: Registry[ModelEntry] = Registry("model", MODEL_MODULES)
@@ -49,7 +49,7 @@ def get_model_entry(name: str, task: str | None = None) -> ModelEntry:
     entry = models.get(name)
     if task is not None and entry.task != task:
         valid = ", ".join(model_names(task))
-        from pipeline.errors import RegistryError
+        from blinkflow.errors import RegistryError
 
         raise RegistryError(f"model {name!r} is a {entry.task} model, not {task}; valid {task} models: {valid}")
     return entry

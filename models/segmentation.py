@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from models.registry import register_model
+from blinkflow.models.registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -30,7 +30,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 @register_model("unet_small", task="segment")
 def unet_small(*, num_classes: int, base_width: int = 16) -> Any:
     """The project's own ~0.84M-parameter U-Net (see :mod:`models.unet`); it centres its input itself."""
-    from models.unet import UNet
+    from blinkflow.models.unet import UNet
 
     return UNet(num_classes=num_classes, base_width=base_width)
 
@@ -57,7 +57,7 @@ def deeplabv3_mobilenet_v3_large(*, num_classes: int = 21) -> Any:
 def deeplabv3_mobilenet_v2(*, num_classes: int = 21) -> Any:
     """TF DeepLab v3 on MobileNetV2 at output stride 16 (image pooling + 1x1 branch); the shipped weights
     are converted from the PASCAL VOC TFLite model."""
-    from models.deeplab_mnv2 import DeepLabV3MobileNetV2
+    from blinkflow.models.deeplab_mnv2 import DeepLabV3MobileNetV2
 
     return DeepLabV3MobileNetV2(num_classes=num_classes)
 

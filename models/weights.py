@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
@@ -30,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import BlinkflowError
-from pipeline.files import sha256_file, write_atomic
+from blinkflow.errors import BlinkflowError
+from blinkflow.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +173,7 @@ def _resolve_torchvision(member_name: str, *, stage: str, model_name: str) -> We
 
 
 def _torchvision_enum_name(model_name: str, stage: str) -> str:
-    from models.registry import get_model_entry
+    from blinkflow.models.registry import get_model_entry
 
     enum_name = get_model_entry(model_name).torchvision_weights
     if enum_name is None:

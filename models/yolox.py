@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from models.classes import coco80_to_category_id
+from blinkflow.models.classes import coco80_to_category_id
 
 STRIDES = (8, 16, 32)
 #: the letterbox canvas value of the YOLOX demo (and of its training augmentation)
@@ -229,7 +229,7 @@ class YOLOX(nn.Module):
         if self.training:
             if targets is None:
                 raise ValueError("yolox: training mode needs targets (boxes, labels per image)")
-            from models.yolox_loss import yolox_loss
+            from blinkflow.models.yolox_loss import yolox_loss
 
             return yolox_loss(self, images, targets)
         batch, ratios = self.letterbox(images)

@@ -14,13 +14,12 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from pipeline import __version__
-from pipeline.errors import BlinkflowError, ConfigError
+from blinkflow.version import __version__
+from blinkflow.errors import BlinkflowError, ConfigError
 
 log = logging.getLogger("blinkflow")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo.yaml"
+DEMO_CONFIG = "demo.yaml"  # a shipped config (blinkflow.resources)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -59,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=cmd_demo)
 
-    from pipeline.bench_cli import add_bench_command
+    from blinkflow.bench.cli import add_bench_command
 
     add_bench_command(commands)
 
-    from pipeline.label import add_label_command
+    from blinkflow.label import add_label_command
 
     add_label_command(commands)  # blinkflow label INPUT... --out DIR
 
@@ -88,7 +87,7 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     stages = ", ".join(["gate"] * cfg.gate.enabled + list(cfg.enabled_stages())) or "none"
@@ -97,17 +96,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
     cfg = load_config(args.config, args.overrides)
     return execute(cfg, progress=not args.no_progress, summary_json=args.summary_json)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
     overrides = [f"sinks.0.path={args.out / 'demo.jsonl'}", f"sinks.1.path={args.out / 'demo.mp4'}", *args.overrides]
-    cfg = load_config(DEMO_CONFIG, overrides)
+    from blinkflow.resources import config_path
+
+    cfg = load_config(config_path(DEMO_CONFIG), overrides)
     code = execute(cfg, progress=not args.no_progress, summary_json=args.out / "demo-summary.json")
     print(f"demo outputs: {args.out / 'demo.jsonl'}, {args.out / 'demo.mp4'}")
     return code
@@ -117,13 +118,13 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     """Run a resolved config with a progress bar; print the summary; return the exit code."""
     from tqdm import tqdm
 
-    from pipeline.metrics import serving_metrics
-    from pipeline.runners import get_runner
-    from pipeline.sinks import build_sinks
+    from blinkflow.metrics import serving_metrics
+    from blinkflow.runners import get_runner
+    from blinkflow.sinks import build_sinks
 
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     sinks = build_sinks(cfg.sinks)
-    from pipeline.control import live_session
+    from blinkflow.control import live_session
 
     with serving_metrics(cfg.metrics) as metrics, live_session(cfg, metrics) as hub, \
             tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
@@ -142,8 +143,8 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from models.registry import model_names
-    from pipeline.registry import sinks, sources, stages
+    from blinkflow.models.registry import model_names
+    from blinkflow.registry import sinks, sources, stages
 
     print("stages:  " + ", ".join(stages.names()))
     for task in ("detect", "segment", "flow", "action"):
@@ -187,17 +188,17 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from models.training.config import load_train_config
+    from blinkflow.models.training.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides, task=args.task)
     if args.sideways:
         return _train_sideways(cfg, args)
     if args.workers > 0:
-        from models.training.distributed import train_distributed
+        from blinkflow.models.training.distributed import train_distributed
 
         summary = train_distributed(cfg, workers=args.workers, resume=not args.fresh, ship=args.ship)
     else:
-        from models.training.train import Runtime, main as train_main
+        from blinkflow.models.training.train import Runtime, main as train_main
 
         runtime = Runtime(device=_torch_device(cfg.device), progress=not args.no_progress)
         summary = train_main(cfg, resume=not args.fresh, ship=args.ship, runtime=runtime)
@@ -209,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _train_sideways(cfg, args: argparse.Namespace) -> int:
-    from models.training.sideways import compare, format_report
+    from blinkflow.models.training.sideways import compare, format_report
 
     executors = ("local", "ray") if args.sideways_executor == "both" else (args.sideways_executor,)
     print(format_report(compare(cfg, args.stages, executors)))
@@ -218,8 +219,8 @@ def _train_sideways(cfg, args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from models.training.config import load_train_config
-    from models.training.train import run_eval
+    from blinkflow.models.training.config import load_train_config
+    from blinkflow.models.training.train import run_eval
 
     cfg = load_train_config(args.config, args.overrides, task=args.task)
     result = run_eval(cfg, weights=args.weights, data=args.data)
@@ -231,7 +232,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _record_shipped_metrics(cfg, args: argparse.Namespace, result: dict) -> None:
-    from models.weights import record_metrics
+    from blinkflow.models.weights import record_metrics
 
     if args.weights != "shipped" or args.data:
         raise ConfigError("--record: only the shipped weights' held-out metrics are recorded; "
@@ -241,7 +242,7 @@ def _record_shipped_metrics(cfg, args: argparse.Namespace, result: dict) -> None
 
 
 def _torch_device(name: str):
-    from stages.common import resolve_device
+    from blinkflow.stages.common import resolve_device
 
     return resolve_device(name)
 
@@ -267,8 +268,8 @@ def _add_weights_commands(commands: argparse._SubParsersAction) -> None:
 
 
 def cmd_weights_list(args: argparse.Namespace) -> int:
-    from models.convert import IMPORTERS
-    from models.weights import WEIGHTS_DIR, read_manifest
+    from blinkflow.models.convert import IMPORTERS
+    from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
 
     for entry in read_manifest(WEIGHTS_DIR)["weights"]:
         source = entry.get("source") or {}
@@ -283,7 +284,7 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
 
 
 def cmd_weights_import(args: argparse.Namespace) -> int:
-    from models.convert import import_weights
+    from blinkflow.models.convert import import_weights
 
     entry = import_weights(args.source, search=args.search or [Path.cwd()], out_dir=args.out)
     print(f"{entry['stage']}/{entry['model']}: {entry['file']} sha256 {entry['sha256']} "

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import SinkConfig
-from pipeline.frame import FrameResult
-from pipeline.registry import register_sink
-from pipeline.sinks import AtomicFile, Sink
+from blinkflow.config import SinkConfig
+from blinkflow.frame import FrameResult
+from blinkflow.registry import register_sink
+from blinkflow.sinks import AtomicFile, Sink
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class CocoSink(Sink):
         return entry["id"]
 
     def _add_detections(self, detect: dict[str, Any], where: dict[str, int]) -> None:
-        from models.formats import detections_to_coco
+        from blinkflow.models.formats import detections_to_coco
 
         ids = {name: self._category(name, "detect") for name in detect["classes"]}
         for annotation in detections_to_coco(detect, where["image_id"], ids, first_id=len(self.annotations) + 1):
@@ -129,7 +129,7 @@ def class_map_of(segment: dict[str, Any]) -> np.ndarray:
     """The (H, W) uint8 class map of a segment result (PNG bytes in memory, base64 in JSONL)."""
     import base64
 
-    from stages.common import decode_class_map
+    from blinkflow.stages.common import decode_class_map
 
     data = segment["mask"]["data"]
     if isinstance(data, str):

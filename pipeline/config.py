@@ -11,22 +11,20 @@ workers; workers never reread files or the environment.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.errors import ConfigError
-
-
-def _field(default: Any = dataclasses.MISSING, doc: str = "", *, lo=None, hi=None, path_kind=None, factory=None):
-    """A dataclass field with a docstring, an optional range and an optional must-exist path check."""
-    meta = {"doc": doc, "range": (lo, hi), "path_kind": path_kind}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
+from blinkflow.errors import ConfigError
+from blinkflow.schema import (  # noqa: F401 - re-exported: the helpers configs are built with
+    _field,
+    _join,
+    apply_override,
+    read_yaml,
+    resolve_path,
+    setting,
+    structure_dataclass,
+)
 
 
 # --------------------------------------------------------------------------- sections
@@ -36,13 +34,15 @@ def _field(default: Any = dataclasses.MISSING, doc: str = "", *, lo=None, hi=Non
 class SourceConfig:
     """One input: a file, a directory or glob of files, a live stream, or a synthetic scene."""
 
-    type: Literal["file", "dir", "glob", "stream", "synthetic"] = _field("file", "what kind of input this is")
+    type: Literal["file", "dir", "glob", "stream", "synthetic", "frames"] = _field(
+        "file", "what kind of input this is (frames: the Python API's own numpy frames, blinkflow.frames)")
     path: str | None = _field(None, "file, directory or glob pattern (file, dir, glob)")
     url: str | None = _field(None, "stream URL: rtsp://, http(s)://, udp://, srt:// or /dev/videoN (stream)")
     id: str | None = _field(None, "stream id used in outputs and metrics; defaults to the file name or url host")
     fps: float | None = _field(None, "resample to this many frames per second; null keeps the source rate", lo=0.1, hi=1000)
     resize: list[int] | None = _field(None, "resize frames to [width, height]; null keeps the source size")
     max_frames: int | None = _field(None, "stop after this many frames per stream", lo=1, hi=10**9)
+    frames: Any = _field(None, "frames: an iterable of HxWx3 uint8 RGB arrays (Python API only, not from YAML)")
     decode_threads: int = _field(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
     queue_size: int = _field(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
     motion_vectors: bool = _field(
@@ -185,8 +185,7 @@ class ResourcesConfig:
     custom: dict[str, float] = _field(factory=dict, doc="custom Ray resources per replica, e.g. {gpu_node: 1} to pin to labelled nodes")
 
 
-#: the device names a stage or a training run accepts (resolved by stages.common.resolve_device)
-DEVICE_PATTERN = r"cpu|auto|cuda(:\d+)?"
+from blinkflow.devices import DEVICE_PATTERN  # noqa: E402 - the device names a stage accepts
 
 
 @dataclass
@@ -293,208 +292,22 @@ class Config:
 # --------------------------------------------------------------------------- structuring
 
 
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _yaml_switch(value: Any, choices: tuple) -> Any:
-    """YAML 1.1 reads a bare ``off``/``on`` (and no/yes) as a boolean; a choice spelled so means the word."""
-    if isinstance(value, bool):
-        word = "on" if value else "off"
-        if word in choices:
-            return word
-    return value
-
-
-def _structure(tp: Any, value: Any, path: str) -> Any:
-    """Turn plain YAML data into ``tp``, raising a ConfigError that names ``path``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in (a for a in args if a is not type(None)):
-            try:
-                return _structure(arg, value, path)
-            except ConfigError as exc:
-                errors.append(exc)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-    if origin is Literal:
-        value = _yaml_switch(value, typing.get_args(tp))
-        if value not in typing.get_args(tp):
-            shown = f"{str(value).lower()} (YAML reads a bare yes/no/on/off as a boolean)" if isinstance(value, bool) else repr(value)
-            raise ConfigError(f"{path}: {shown} is not one of {_type_name(tp)}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-        (item,) = typing.get_args(tp)
-        return [_structure(item, v, f"{path}.{i}") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
-        _, item = typing.get_args(tp)
-        return {str(k): _structure(item, v, f"{path}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return structure_dataclass(tp, value, path)
-    return _structure_scalar(tp, value, path)
-
-
-def _structure_scalar(tp: type, value: Any, path: str) -> Any:
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    else:
-        raise TypeError(f"unsupported config type {tp!r} at {path}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-
-
-def structure_dataclass(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys, types and ranges are checked."""
-    label = path or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{label}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(map(str, data)) - set(fields))
-    if unknown:
-        valid = ", ".join(fields)
-        raise ConfigError(f"{_join(path, unknown[0])}: unknown key; valid keys here: {valid}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for name, value in data.items():
-        sub = _join(path, name)
-        kwargs[name] = _structure(hints[name], value, sub)
-        _check_range(fields[name], kwargs[name], sub)
-        _check_path(fields[name], kwargs[name], sub)
-    return cls(**kwargs)
-
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
-    lo, hi = f.metadata.get("range", (None, None))
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{path}: {value} is out of range ({lo}..{hi})")
-
-
-def _check_path(f: dataclasses.Field, value: Any, path: str) -> None:
-    kind = f.metadata.get("path_kind")
-    if kind and value is not None and not Path(value).exists():
-        raise ConfigError(f"{path}: {kind} {value!r} does not exist")
-
-
-# --------------------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None) -> Config:
-    """Load, override, structure and check a config; raise ConfigError on any problem."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *, data: dict | None = None,
+                base_dir: str | Path | None = None) -> Config:
+    """Load (``path``, or the raw mapping ``data``), override, structure and check a config; raise ConfigError
+    on any problem. Relative paths in it are found beside ``path`` (or in ``base_dir``) too."""
     raw = read_yaml(path) if path is not None else dict(data or {})
     for override in overrides or []:
         apply_override(raw, override)
-    base_dir = Path(path).resolve().parent if path is not None else Path.cwd()
+    base_dir = Path(path).resolve().parent if path is not None else Path(base_dir or Path.cwd())
     cfg = structure_config(raw)
     check_config(cfg, base_dir)
     return cfg
 
 
-def read_yaml(path: str | Path) -> dict:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
-    return data
-
-
-def apply_override(raw: dict, override: str) -> None:
-    """Apply ``a.b.0.c=value`` (value parsed as YAML) to the raw mapping in place."""
-    import yaml
-
-    key, sep, text = override.partition("=")
-    if not sep or not key:
-        raise ConfigError(f"--set {override!r}: expected key=value, e.g. --set stages.detect.batch=8")
-    try:
-        value = yaml.safe_load(text) if text else None
-    except yaml.YAMLError:
-        value = text
-    parts = key.split(".")
-    node: Any = raw
-    for i, part in enumerate(parts[:-1]):
-        node = _descend(node, part, parts[i + 1], key)
-    _assign(node, parts[-1], value, key)
-
-
-def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
-    if isinstance(node, list):
-        return node[_list_index(node, part, key)]
-    if not isinstance(node, dict):
-        raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a mapping")
-    if node.get(part) is None:
-        node[part] = [] if next_part.isdigit() else {}
-    return node[part]
-
-
-def _assign(node: Any, part: str, value: Any, key: str) -> None:
-    if isinstance(node, list):
-        index = int(part) if part.isdigit() else -1
-        if index == len(node):
-            node.append(value)
-        else:
-            node[_list_index(node, part, key)] = value
-    elif isinstance(node, dict):
-        node[part] = value
-    else:
-        raise ConfigError(f"--set {key}: cannot set {part!r} inside a scalar")
-
-
-def _list_index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
-    return int(part)
-
-
 def structure_config(raw: dict) -> Config:
     """Structure the raw mapping; stage options are typed by each stage's Options class."""
-    from pipeline.registry import stages as stage_registry
+    from blinkflow.registry import stages as stage_registry
 
     raw = dict(raw)
     raw_stages = raw.pop("stages", None) or {}
@@ -528,17 +341,29 @@ def check_config(cfg: Config, base_dir: Path) -> None:
     for i, sink in enumerate(cfg.sinks):
         if sink.type in ("jsonl", "mp4", "coco") and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
-    if any(s.type == "stream" for s in cfg.sources) or cfg.control.enabled:
-        from pipeline.streams import check_live_config
-
-        check_live_config(cfg)
+    _check_by_source_type(cfg)
     ids = [s.id for s in cfg.sources if s.id]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
 
 
+def _check_by_source_type(cfg: Config) -> None:
+    """Checks a source type registers for itself (``check_config``; live streams check their URLs and the
+    control section's stream defaults), so this module imports no source."""
+    from blinkflow.registry import sources as source_registry
+
+    kinds = {s.type for s in cfg.sources} | ({"stream"} if cfg.control.enabled else set())
+    for kind in sorted(kinds):
+        check = getattr(source_registry.get(kind), "check_config", None)
+        if check is not None:
+            check(cfg)
+
+
 def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
+    if (source.type == "frames") != (source.frames is not None and not isinstance(source.frames, (str, bytes, dict))):
+        raise ConfigError(f"{path}.frames: a frames source takes an iterable of numpy frames from the Python API "
+                          f"(blinkflow.frames(...)), and only a frames source takes one")
     needs = {"file": "path", "dir": "path", "glob": "path", "stream": "url"}.get(source.type)
     if needs and not getattr(source, needs):
         raise ConfigError(f"{path}.{needs}: a {source.type} source needs '{needs}'")
@@ -550,7 +375,7 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
             raise ConfigError(f"{path}.path: directory {source.path!r} does not exist")
         source.path = str(resolved)
     if source.action is not None:
-        from models.classes import SYNTHETIC_ACTIONS
+        from blinkflow.models.classes import SYNTHETIC_ACTIONS
 
         if source.action not in SYNTHETIC_ACTIONS:
             raise ConfigError(f"{path}.action: unknown action {source.action!r}; valid: {', '.join(SYNTHETIC_ACTIONS)}")
@@ -566,7 +391,7 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
             if bound >= gate.max_reuse:
                 del gate.refresh[name]  # max_reuse refreshes every stage first: this bound never applies
             continue
-        from pipeline.registry import stages as stage_registry
+        from blinkflow.registry import stages as stage_registry
 
         known = [n for n in stage_registry.names() if n != "gate"]
         if name not in known:
@@ -584,8 +409,8 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
 def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     import re
 
-    from models.registry import get_model_entry
-    from pipeline.errors import RegistryError
+    from blinkflow.models.registry import get_model_entry
+    from blinkflow.errors import RegistryError
 
     if not re.fullmatch(DEVICE_PATTERN, stage.device):
         raise ConfigError(f"stages.{name}.device: {stage.device!r} is not 'cpu', 'cuda:N' or 'auto'")
@@ -603,12 +428,3 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
         if not resolved.is_file():
             raise ConfigError(f"stages.{name}.weights: file {weights!r} does not exist")
         stage.weights = str(resolved)
-
-
-def resolve_path(value: str, base_dir: Path) -> Path:
-    """Paths in a config are relative to the working directory, then to the config's folder."""
-    path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
-        return path
-    beside = base_dir / path
-    return beside if beside.exists() else path

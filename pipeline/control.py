@@ -24,9 +24,9 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 from urllib.parse import unquote
 
-from pipeline.errors import ConfigError, SourceError
-from pipeline.http_service import HTTPService
-from pipeline.streams import RecorderBridge, StreamHub, redact_text
+from blinkflow.errors import ConfigError, SourceError
+from blinkflow.http_service import HTTPService
+from blinkflow.streams import RecorderBridge, StreamHub, redact_text
 
 log = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from pipeline.errors import BlinkflowError
+from blinkflow.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ class SliceWorker:
         return y, skip
 
     def _to_device(self, x: Any) -> Any:
-        from models.depth import map_tensors
+        from blinkflow.models.depth import map_tensors
 
         return map_tensors(x, lambda t: t.to(self.device, non_blocking=True))
 
@@ -238,7 +238,7 @@ class DepthPipeline:
         """
         import ray
 
-        from models.depth import DepthClock
+        from blinkflow.models.depth import DepthClock
 
         if self._compiled is not None:
             raise RuntimeError("a compiled clip graph owns the actors; use a separate DepthPipeline for streams")
@@ -275,7 +275,7 @@ class DepthPipeline:
     def _resolve(self, entry: tuple, mode: str, outputs: list, arrivals: list[float], latency: dict[int, float]) -> None:
         import ray
 
-        from models.depth import Slot, combine_tick
+        from blinkflow.models.depth import Slot, combine_tick
 
         tick, last, previous = entry
         fetched_last = None if last is None else Slot((ray.get(last.value[0]), None), last.frame, last.version)
@@ -327,7 +327,7 @@ def _to_cpu(value: Any) -> Any:
 def _cpu_slot(slot: Any) -> Any:
     if slot is None:
         return None
-    from models.depth import Slot
+    from blinkflow.models.depth import Slot
 
     return Slot((_to_cpu(slot.value[0]), None), slot.frame, slot.version)
 
@@ -346,7 +346,7 @@ class RayDepthExecutorFactory:
     transport: str = "auto"
 
     def __call__(self, model: Any, k: int, example_input: Any) -> DepthPipeline:
-        from models.depth import split_model
+        from blinkflow.models.depth import split_model
 
         split = split_model(model, k, example_input=example_input)
         return DepthPipeline(

@@ -11,7 +11,9 @@ import enum
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Iterator
+
+import numpy as np
 
 
 class Outcome(str, enum.Enum):
@@ -164,3 +166,33 @@ class Accounting:
             lines.append(f"  {stream}: {self.decoded[stream]} decoded ({parts})")
         lines.extend(f"  source error: {message}" for message in self.source_errors)
         return lines
+
+
+# --------------------------------------------------------------------------- streams
+
+
+@dataclass
+class StreamEnd:
+    """Marks the end of a stream; ``error`` says why it ended early, if it did."""
+
+    stream_id: str
+    error: str | None = None
+
+
+class Stream:
+    """One video stream: an id and a frame iterator that may raise SourceError."""
+
+    def __init__(self, stream_id: str, frames: Callable[[], Iterator[Frame]], origin: str) -> None:
+        self.id = stream_id
+        self.origin = origin
+        self._frames = frames
+
+    def frames(self) -> Iterator[Frame]:
+        return self._frames()
+
+
+def av_to_rgb(av_frame: Any, resize: list[int] | None) -> np.ndarray:
+    """A decoded PyAV frame as an RGB array, resized to ``[width, height]`` by FFmpeg's scaler when asked."""
+    if resize:
+        return av_frame.to_ndarray(format="rgb24", width=resize[0], height=resize[1])
+    return av_frame.to_ndarray(format="rgb24")

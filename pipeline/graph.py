@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import Config, GateConfig, StageConfig
-from pipeline.registry import stages as stage_registry
+from blinkflow.config import Config, GateConfig, StageConfig
+from blinkflow.registry import stages as stage_registry
 
 
 @dataclass

@@ -12,7 +12,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from pipeline.errors import BlinkflowError
+from blinkflow.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
 

@@ -37,14 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pipeline.errors import BlinkflowError, SourceError
-from pipeline.files import sha256_bytes, sha256_file, write_atomic
-from pipeline.sinks import JsonlSink, to_record
+from blinkflow.errors import BlinkflowError, SourceError
+from blinkflow.files import sha256_bytes, sha256_file, write_atomic
+from blinkflow.sinks import JsonlSink, to_record
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-ARCHIVE_CONFIG = REPO_ROOT / "configs" / "archive.yaml"
+ARCHIVE_CONFIG = "archive.yaml"  # a shipped config (blinkflow.resources)
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 MANIFEST_VERSION = 1
@@ -67,7 +66,7 @@ class Video:
 
 def find_videos(inputs: list[str]) -> list[Video]:
     """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids."""
-    from pipeline.sources import VIDEO_SUFFIXES
+    from blinkflow.sources import VIDEO_SUFFIXES
 
     paths: list[Path] = []
     for item in inputs:
@@ -181,8 +180,8 @@ def label_one(job: dict[str, Any], progress: Callable[[int, int | None], None] |
     Runs inside a Ray task (or in-process for the local executor); never
     raises for a bad video: the failure is in the returned ``error``.
     """
-    from pipeline.config import SinkConfig
-    from pipeline.runners.local import LocalRunner
+    from blinkflow.config import SinkConfig
+    from blinkflow.runners.local import LocalRunner
 
     cfg, video, formats = job["cfg"], job["video"], job["formats"]
     previous_threads = _limit_torch_threads(job.get("threads", 1))
@@ -237,7 +236,7 @@ def _failed(error: str, started: float) -> dict[str, Any]:
 
 
 def _build_sink(fmt: str, cfg: Any) -> Any:
-    from pipeline.sinks import build_sinks
+    from blinkflow.sinks import build_sinks
 
     return StableJsonlSink(cfg) if fmt == "jsonl" else build_sinks([cfg])[0]
 
@@ -318,7 +317,7 @@ class LabelRun:
         return summary
 
     def _job(self, video: Video) -> dict[str, Any]:
-        from pipeline.config import SourceConfig
+        from blinkflow.config import SourceConfig
 
         source = dataclasses.replace(self.cfg.label.source, type="file", path=str(video.path), id=video.id)
         assert isinstance(source, SourceConfig)
@@ -336,7 +335,7 @@ class LabelRun:
     def _run_ray(self, todo: list[Video], bars: "_Bars") -> None:
         import ray
 
-        from pipeline.runners.ray import init_ray
+        from blinkflow.runners.ray import init_ray
 
         owns_ray = init_ray(self.cfg, [])
         try:
@@ -490,8 +489,8 @@ def add_label_command(commands: Any) -> None:
     label = commands.add_parser("label", help="batch-label archived videos: JSONL, COCO, MP4 per video (resumable)")
     label.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, directories and globs (quote globs)")
     label.add_argument("--out", type=Path, required=True, help="output folder (outputs, manifest.json, summary.json)")
-    label.add_argument("--config", type=Path, default=ARCHIVE_CONFIG,
-                       help="pipeline YAML (default: configs/archive.yaml)")
+    label.add_argument("--config", type=Path, default=None,
+                       help="pipeline YAML (default: the shipped configs/archive.yaml)")
     label.add_argument("--format", dest="formats",
                        help="comma-separated outputs: jsonl,coco,mp4 (default: the config's label.formats)")
     label.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -512,9 +511,11 @@ def parse_formats(text: str | None, default: list[str]) -> list[str]:
 
 
 def cmd_label(args: argparse.Namespace) -> int:
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    from blinkflow.resources import config_path
+
+    cfg = load_config(args.config or config_path(ARCHIVE_CONFIG), args.overrides)
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     run = LabelRun(find_videos(args.inputs), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
                    progress=not args.no_progress, restart=args.restart)

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 
-from pipeline.http_service import HTTPService
+from blinkflow.http_service import HTTPService
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ class PrometheusRecorder(MetricsRecorder):
     def _define_process_metrics(self) -> None:
         from prometheus_client import Gauge, Info
 
-        from pipeline import __version__
+        from blinkflow.version import __version__
 
         r = self.registry
         self.ready_gauge = Gauge("blinkflow_ready", "1 while stages are set up and the run is going", registry=r)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.frame import FrameResult
+from blinkflow.frame import FrameResult
 
 #: a fixed palette so a class keeps its colour across frames and runs
 PALETTE = [
@@ -44,7 +44,7 @@ def _draw_masks(image, segment: dict[str, Any]):
     import torch
     from torchvision.utils import draw_segmentation_masks
 
-    from stages.common import decode_class_map
+    from blinkflow.stages.common import decode_class_map
 
     class_map = torch.from_numpy(decode_class_map(segment["mask"]["data"]).astype(np.int64))
     present = [int(c) for c in torch.unique(class_map).tolist() if c != 0]

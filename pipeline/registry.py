@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Generic, Iterable, TypeVar
 
-from pipeline.errors import RegistryError
+from blinkflow.errors import RegistryError
 
 T = TypeVar("T")
 
@@ -58,11 +58,11 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-STAGE_MODULES = ("stages.gate", "stages.detect", "stages.segment", "stages.flow", "stages.action", "stages.chaos")
+STAGE_MODULES = ("blinkflow.stages.gate", "blinkflow.stages.detect", "blinkflow.stages.segment", "blinkflow.stages.flow", "blinkflow.stages.action", "blinkflow.stages.chaos")
 
 stages: Registry[type] = Registry("stage", STAGE_MODULES)
-sources: Registry[type] = Registry("source type", ("pipeline.sources",))
-sinks: Registry[type] = Registry("sink type", ("pipeline.sinks",))
+sources: Registry[type] = Registry("source type", ("blinkflow.sources", "blinkflow.streams"))
+sinks: Registry[type] = Registry("sink type", ("blinkflow.sinks", "blinkflow.coco_sink"))
 
 
 def register_stage(name: str):

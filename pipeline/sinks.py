@@ -3,7 +3,7 @@
 Every file is written under a temporary name in the same folder and renamed
 into place when the sink closes, so a crash never leaves a half-written file
 under the final name. The record format is documented in
-``docs/frame-record.schema.json``.
+``pipeline/frame-record.schema.json``.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import SinkConfig
-from pipeline.errors import SinkError
-from pipeline.files import commit as commit_file
-from pipeline.frame import FrameResult
-from pipeline.registry import register_sink, sinks as sink_registry
+from blinkflow.config import SinkConfig
+from blinkflow.errors import SinkError
+from blinkflow.files import commit as commit_file
+from blinkflow.frame import FrameResult
+from blinkflow.registry import register_sink, sinks as sink_registry
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class AtomicFile:
 
 
 def to_record(result: FrameResult, include_dense: bool = False) -> dict[str, Any]:
-    """A FrameResult as a JSON-ready dict (see docs/frame-record.schema.json)."""
+    """A FrameResult as a JSON-ready dict (see pipeline/frame-record.schema.json)."""
     record: dict[str, Any] = {
         "v": SCHEMA_VERSION,
         "stream": result.stream_id,
@@ -190,7 +190,7 @@ class Mp4OverlaySink(Sink):
         writer = self.writers.get(result.stream_id)
         if writer is None:
             writer = self.writers[result.stream_id] = _StreamVideoWriter(self._path_for(result.stream_id), self.cfg.fps)
-        from pipeline.overlay import draw_overlay
+        from blinkflow.overlay import draw_overlay
 
         writer.write(draw_overlay(result, self.cfg.draw), result.pts)
 
@@ -285,5 +285,3 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-# the COCO sink registers "coco" (imported last: pipeline.coco_sink imports this module)
-from pipeline import coco_sink as _coco_sink  # noqa: E402,F401

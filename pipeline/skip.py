@@ -511,7 +511,7 @@ def mask_miou(carried: np.ndarray, fresh: np.ndarray) -> float:
 
 
 def class_map_of(segment_result: dict[str, Any]) -> np.ndarray:
-    from stages.common import decode_class_map
+    from blinkflow.stages.common import decode_class_map
 
     return decode_class_map(segment_result["mask"]["data"])
 
@@ -552,7 +552,7 @@ def compensate(results: dict[str, Any], motion: np.ndarray | None, height: int, 
 
 
 def _warped_segment(result: dict[str, Any], motion: np.ndarray) -> dict[str, Any]:
-    from stages.common import encode_class_map
+    from blinkflow.stages.common import encode_class_map
 
     class_map = warp_backward(class_map_of(result), motion)
     counts = np.bincount(class_map.ravel(), minlength=len(result.get("classes", [])))

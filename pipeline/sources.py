@@ -16,40 +16,19 @@ import glob as globlib
 import logging
 import queue
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
-from pipeline.config import SourceConfig
-from pipeline.errors import SourceError
-from pipeline.frame import Frame
-from pipeline.registry import register_source, sources as source_registry
+from blinkflow.config import SourceConfig
+from blinkflow.errors import SourceError
+from blinkflow.frame import Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
+from blinkflow.registry import register_source, sources as source_registry
 
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
-
-
-@dataclass
-class StreamEnd:
-    """Marks the end of a stream; ``error`` says why it ended early, if it did."""
-
-    stream_id: str
-    error: str | None = None
-
-
-class Stream:
-    """One video stream: an id and a frame iterator that may raise SourceError."""
-
-    def __init__(self, stream_id: str, frames: Callable[[], Iterator[Frame]], origin: str) -> None:
-        self.id = stream_id
-        self.origin = origin
-        self._frames = frames
-
-    def frames(self) -> Iterator[Frame]:
-        return self._frames()
 
 
 # --------------------------------------------------------------------------- lanes
@@ -106,7 +85,7 @@ def open_sources(configs: list[SourceConfig], hub: Any = None) -> Iterator[Frame
     lanes = [open_lane(cfg) for cfg in configs if cfg.type != "stream"]
     if not live and hub is None:
         return merge_lanes(lanes)
-    from pipeline.streams import StreamHub
+    from blinkflow.streams import StreamHub
 
     hub = hub if hub is not None else StreamHub()
     try:
@@ -317,15 +296,9 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
 def _decoder_motion(cfg: SourceConfig) -> Any:
     if not getattr(cfg, "motion_vectors", False):
         return None
-    from pipeline.skip import DecoderMotion
+    from blinkflow.skip import DecoderMotion
 
     return DecoderMotion(cfg.resize)
-
-
-def _to_rgb(av_frame, resize: list[int] | None) -> np.ndarray:
-    if resize:
-        return av_frame.to_ndarray(format="rgb24", width=resize[0], height=resize[1])
-    return av_frame.to_ndarray(format="rgb24")
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -343,7 +316,7 @@ class SyntheticSource:
         yield Stream(stream_id, lambda: self._frames(stream_id), f"synthetic seed {self.cfg.seed}")
 
     def _frames(self, stream_id: str) -> Iterator[Frame]:
-        from models.training.scenes import SceneGenerator
+        from blinkflow.models.training.scenes import SceneGenerator
 
         cfg = self.cfg
         generator = SceneGenerator(seed=cfg.seed, width=cfg.width, height=cfg.height, num_objects=cfg.num_objects,
@@ -364,5 +337,32 @@ def _resize_array(image: np.ndarray, size: list[int]) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size[0], size[1]), Image.BILINEAR))
 
 
-# live streams register the "stream" source type (at the end: pipeline.streams imports this module)
-from pipeline import streams as _streams  # noqa: E402,F401
+# --------------------------------------------------------------------------- the Python API's own frames
+
+
+@register_source("frames")
+class FramesSource:
+    """Any iterable of HxWx3 uint8 RGB numpy arrays (a notebook's own frames); ``fps`` sets the timestamps."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        self.cfg = cfg
+
+    def streams(self) -> Iterator[Stream]:
+        stream_id = self.cfg.id or "frames"
+        yield Stream(stream_id, lambda: self._frames(stream_id), "python frames")
+
+    def _frames(self, stream_id: str) -> Iterator[Frame]:
+        rate = self.cfg.fps or 25.0
+        for index, image in enumerate(self.cfg.frames):
+            if self.cfg.max_frames is not None and index >= self.cfg.max_frames:
+                return
+            yield Frame(stream_id=stream_id, index=index, pts=index / rate, image=_checked_image(image, stream_id, index))
+
+
+def _checked_image(image: Any, stream_id: str, index: int) -> np.ndarray:
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or min(array.shape[:2]) < 1:
+        raise SourceError(f"{stream_id}: frame {index} is {array.dtype} {array.shape}; frames must be HxWx3 uint8 RGB "
+                          "arrays (convert with np.asarray(image.convert('RGB')) or arr.astype(np.uint8))")
+    return np.ascontiguousarray(array)
+

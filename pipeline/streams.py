@@ -47,10 +47,10 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from pipeline.config import SourceConfig
-from pipeline.errors import ConfigError, SourceError
-from pipeline.frame import Frame, FrameResult, Outcome
-from pipeline.registry import register_source
+from blinkflow.config import SourceConfig
+from blinkflow.errors import ConfigError, SourceError
+from blinkflow.frame import Frame, FrameResult, Outcome
+from blinkflow.registry import register_source
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def check_live_config(cfg: Any) -> None:
         if source.type == "stream":
             check_stream_source(source, f"sources.{i}", cfg.runtime.mode)
     if cfg.control.stream_defaults:
-        from pipeline.config import structure_dataclass
+        from blinkflow.config import structure_dataclass
 
         defaults = {**cfg.control.stream_defaults, "type": "stream", "url": "rtsp://127.0.0.1/defaults"}
         check_stream_source(structure_dataclass(SourceConfig, defaults, "control.stream_defaults"),
@@ -426,7 +426,7 @@ class LiveStream:
     def _decode(self, container: Any, video: Any) -> None:
         import av
 
-        from pipeline.sources import _to_rgb
+        from blinkflow.frame import av_to_rgb as _to_rgb
 
         video.thread_type = "SLICE"  # frame threading would add a frame of delay per thread
         if self.cfg.decode_threads:
@@ -483,7 +483,7 @@ class LiveStream:
     def _finish_locked(self, error: str | None, kind: str) -> None:
         if self._end is not None:
             return
-        from pipeline.sources import StreamEnd
+        from blinkflow.frame import StreamEnd
 
         self._end = StreamEnd(self.id, error)
         self.state = "failed" if error else kind
@@ -741,7 +741,7 @@ class StreamHub:
 
     def add_url(self, url: str, stream_id: str | None = None, **options: Any) -> LiveStream:
         """Build a stream source from ``url``, the hub's defaults and ``options``; check it; start it."""
-        from pipeline.config import structure_dataclass
+        from blinkflow.config import structure_dataclass
 
         raw = {**self.defaults, **options, "type": "stream", "url": url, "id": stream_id}
         cfg = structure_dataclass(SourceConfig, raw, "stream")
@@ -849,11 +849,14 @@ class StreamHub:
 class StreamSource:
     """A live stream as a lane of its own (``open_sources`` runs streams in a hub instead)."""
 
+    #: load_config calls it: stream URLs and the control section's stream defaults
+    check_config = staticmethod(lambda cfg: check_live_config(cfg))
+
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
 
     def streams(self) -> Iterator[Any]:
-        from pipeline.sources import Stream, StreamEnd
+        from blinkflow.frame import Stream, StreamEnd
 
         hub = StreamHub()
         live = hub.add(self.cfg)

@@ -38,12 +38,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from models.classes import SYNTHETIC_ACTIONS
-from pipeline.config import StageConfig, _field
-from pipeline.errors import StageError
-from pipeline.frame import Frame
-from pipeline.registry import register_stage
-from stages.base import Stage
+from blinkflow.models.classes import SYNTHETIC_ACTIONS
+from blinkflow.config import StageConfig, _field
+from blinkflow.errors import StageError
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +118,8 @@ class Action(Stage):
         self._executor_factory: Any = None
 
     def setup(self, device: str = "cpu") -> None:
-        from models.weights import load_state, resolve_weights
-        from stages.common import resolve_device
+        from blinkflow.models.weights import load_state, resolve_weights
+        from blinkflow.stages.common import resolve_device
 
         self.device = device
         self._device = resolve_device(device)
@@ -273,7 +273,7 @@ class Action(Stage):
             return
         import torch
 
-        from stages.common import autocast
+        from blinkflow.stages.common import autocast
 
         clips = self._clips(windows)
         chunk = max(1, self.cfg.batch)
@@ -298,7 +298,7 @@ class Action(Stage):
     def _make_executor(self) -> Any:
         import torch
 
-        from models.depth import split_model
+        from blinkflow.models.depth import split_model
 
         example = torch.zeros(1, 3, self.options.clip_len, *self.input_size, device=self._device)
         if self._executor_factory is not None:
@@ -310,7 +310,7 @@ class Action(Stage):
         """(N, 3, T, h, w) float clips in [0, 1]; each distinct frame is resized once."""
         import torch
 
-        from stages.common import frames_to_batch
+        from blinkflow.stages.common import frames_to_batch
 
         unique = list({id(f): f for w in windows for f in w.frames}.values())
         position = {id(f): i for i, f in enumerate(unique)}
@@ -343,7 +343,7 @@ def _check_depth_parallel(model: Any, model_name: str, stages: int) -> None:
     """depth_parallel > 1 needs a model that splits into at least that many depth units."""
     if stages <= 1:
         return
-    from models.depth import DepthSplitError, depth_units
+    from blinkflow.models.depth import DepthSplitError, depth_units
 
     try:
         units = len(depth_units(model)[0])
@@ -385,7 +385,7 @@ def _pick_classes(weight_classes: list[str] | None, option_classes: list[str] | 
 
 def _build(model_name: str, num_classes: int, model_args: dict | None) -> Any:
     """Build the backend; a builder argument it does not take becomes a one-line StageError."""
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     try:
         return build_model(model_name, task=TASK, num_classes=num_classes, **(model_args or {}))

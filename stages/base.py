@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from pipeline.frame import Frame
+from blinkflow.frame import Frame
 
 
 @dataclass

@@ -11,9 +11,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from pipeline.frame import Frame
-from pipeline.registry import register_stage
-from stages.base import Stage
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.stages.base import Stage
 
 
 @dataclass

@@ -13,25 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.errors import StageError
-from pipeline.frame import Frame
+from blinkflow.errors import StageError
+from blinkflow.devices import resolve_device  # noqa: F401 - the stages' own name for it
+from blinkflow.frame import Frame
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> Any:
-    """Return a torch.device, with a clear error when CUDA is asked for but absent.
-
-    ``auto`` is the first CUDA GPU when there is one, else the CPU (training
-    configs use it so that one file trains on a GPU and evaluates anywhere).
-    """
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {device!r} requested but no CUDA GPU is available; set device: cpu")
-    return torch.device(device)
 
 
 def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | None = None, channels_last: bool = False):

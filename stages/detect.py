@@ -41,14 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from models.classes import SYNTHETIC_CLASSES
-from pipeline.config import StageConfig, _field
-from pipeline.errors import ConfigError, StageError
-from pipeline.frame import Frame
-from pipeline.registry import register_stage
-from pipeline.skip import tile_edges
-from stages.base import Stage
-from stages.common import region_base, run_with_regions
+from blinkflow.models.classes import SYNTHETIC_CLASSES
+from blinkflow.config import StageConfig, _field
+from blinkflow.errors import ConfigError, StageError
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.skip import tile_edges
+from blinkflow.stages.base import Stage
+from blinkflow.stages.common import region_base, run_with_regions
 
 log = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ class Detect(Stage):
         self._crop_reuse = crop_reuse_enabled(self.cfg)
 
     def setup(self, device: str = "cpu") -> None:
-        from models.weights import load_state, resolve_weights
-        from stages.common import resolve_device
+        from blinkflow.models.weights import load_state, resolve_weights
+        from blinkflow.stages.common import resolve_device
 
         self.device = device
         self._device = resolve_device(device)
@@ -165,7 +165,7 @@ class Detect(Stage):
     def _run_full(self, frames: list[Frame]) -> None:
         import torch
 
-        from stages.common import autocast
+        from blinkflow.stages.common import autocast
 
         if not frames:
             return
@@ -206,7 +206,7 @@ class Detect(Stage):
         """Detect on the crop at full-frame pixel scale and merge with the stream's carried-over boxes."""
         import torch
 
-        from stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import autocast, frames_to_batch
 
         x0, y0, x1, y1 = crop
         size = self.options.input_size
@@ -320,7 +320,7 @@ class Detect(Stage):
         return boxes in each image's own pixels, so without ``input_size``
         frames go in at source size and need no scaling.
         """
-        from stages.common import frames_to_batch
+        from blinkflow.stages.common import frames_to_batch
 
         size = self.options.input_size
         if size is None:
@@ -450,7 +450,7 @@ def pick_classes(stage: str, weight_classes: list[str] | None, option_classes: l
 
 def build_with_args(stage: str, model_name: str, task: str, num_classes: int, model_args: dict | None) -> Any:
     """Build the backend; a builder argument it does not take becomes a one-line StageError."""
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     if not model_args:
         return build_model(model_name, task=task, num_classes=num_classes)

@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import StageConfig, _field
-from pipeline.errors import StageError
-from pipeline.frame import Frame
-from pipeline.registry import register_stage
-from stages.base import Stage
+from blinkflow.config import StageConfig, _field
+from blinkflow.errors import StageError
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.stages.base import Stage
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +80,8 @@ class Flow(Stage):
         self._previous: dict[str, _Previous] = {}
 
     def setup(self, device: str = "cpu") -> None:
-        from models.weights import load_state, resolve_weights
-        from stages.common import resolve_device
+        from blinkflow.models.weights import load_state, resolve_weights
+        from blinkflow.stages.common import resolve_device
 
         self.device = device
         self._device = resolve_device(device)
@@ -92,7 +92,7 @@ class Flow(Stage):
         log.info("%s: %s (%s weights) on %s, input %s", self.name, self.model_name, spec.kind, device, self.input_size)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
-        from stages.common import frames_to_batch
+        from blinkflow.stages.common import frames_to_batch
 
         active = self.active(frames)
         if not active:
@@ -139,7 +139,7 @@ class Flow(Stage):
         """Flow (P, 2, h, w) in model-input pixels, in chunks of at most ``batch`` pairs."""
         import torch
 
-        from stages.common import autocast
+        from blinkflow.stages.common import autocast
 
         chunk = max(1, self.cfg.batch)
         outputs = []
@@ -187,7 +187,7 @@ def _checked_input_size(size: Any) -> tuple[int, int]:
 
 def _build(model_name: str, model_args: dict | None) -> Any:
     """Build the backend; a builder argument it does not take becomes a one-line StageError."""
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     try:
         return build_model(model_name, task=TASK, **(model_args or {}))

@@ -55,10 +55,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import GateConfig
-from pipeline.frame import Frame
-from pipeline.registry import register_stage
-from pipeline.skip import (
+from blinkflow.config import GateConfig
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.skip import (
     blurred_difference,
     box_blur,
     changed_mask,
@@ -73,7 +73,7 @@ from pipeline.skip import (
     tile_rects,
     warp_backward,
 )
-from stages.base import Stage
+from blinkflow.stages.base import Stage
 
 #: adapt_bounds: a bound grows only while its span keeps this share of the agreement budget (1 - target); the
 #: rest is left to what the linear drift model does not see (a box born between two runs, mask flicker)

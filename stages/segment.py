@@ -43,14 +43,14 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.config import StageConfig, _field
-from pipeline.errors import StageError
-from pipeline.frame import Frame
-from pipeline.registry import register_stage
-from pipeline.skip import tile_edges, tile_runs
-from stages.base import Stage
-from stages.common import region_base, run_with_regions
-from stages.detect import (
+from blinkflow.config import StageConfig, _field
+from blinkflow.errors import StageError
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.skip import tile_edges, tile_runs
+from blinkflow.stages.base import Stage
+from blinkflow.stages.common import region_base, run_with_regions
+from blinkflow.stages.detect import (
     build_with_args,
     check_input_size,
     pick_classes,
@@ -123,8 +123,8 @@ class Segment(Stage):
         self._tiles: dict[str, _TileCache] = {}
 
     def setup(self, device: str = "cpu") -> None:
-        from models.weights import load_state, resolve_weights
-        from stages.common import resolve_device
+        from blinkflow.models.weights import load_state, resolve_weights
+        from blinkflow.stages.common import resolve_device
 
         self.device = device
         self._device = resolve_device(device)
@@ -184,7 +184,7 @@ class Segment(Stage):
         """Recompute the changed tiles (+ halo) of a partial frame and paste them into the cached logits."""
         import torch
 
-        from stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import autocast, frames_to_batch
 
         cache = self._tiles[frame.stream_id]
         size = tuple(cache.logits.shape[-2:])
@@ -247,7 +247,7 @@ class Segment(Stage):
         """(N, C, h, w) logits at the model input size."""
         import torch
 
-        from stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import autocast, frames_to_batch
 
         size = tuple(self.options.input_size) if self.options.input_size is not None else None
         batch = frames_to_batch(frames, self._device, size=size, channels_last=self.cfg.channels_last)
@@ -273,7 +273,7 @@ class Segment(Stage):
         return logits.max(dim=1).indices[0].to(torch.uint8).cpu().numpy()  # max: torch's argmax is slower on CPU
 
     def _result(self, class_map: np.ndarray) -> dict[str, Any]:
-        from stages.common import encode_class_map
+        from blinkflow.stages.common import encode_class_map
 
         counts = np.bincount(class_map.ravel(), minlength=len(self.classes))
         areas: dict[str, int] = {}

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.training import backgrounds as bg
-from models.training import datasets as ds
-from models.training.config import load_train_config, resolved_backgrounds
-from models.training.scenes import SceneGenerator
-from pipeline.errors import BlinkflowError, ConfigError
+from blinkflow.models.training import backgrounds as bg
+from blinkflow.models.training import datasets as ds
+from blinkflow.models.training.config import load_train_config, resolved_backgrounds
+from blinkflow.models.training.scenes import SceneGenerator
+from blinkflow.errors import BlinkflowError, ConfigError
 
 TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 
@@ -139,7 +139,7 @@ def test_unusable_background_files_are_one_line_errors(tmp_path):
 
 
 def test_the_evaluation_names_the_real_backgrounds_it_used(tmp_path, real_media):
-    from models.training.train import describe_eval_set
+    from blinkflow.models.training.train import describe_eval_set
 
     tree = real_media / "video" / "tree.avi"
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.val.backgrounds=[{tree}]", "data.val.real_fraction=1"])
@@ -185,6 +185,6 @@ def test_clutter_config_errors_name_the_key(real_media):
     with pytest.raises(ConfigError, match=r"^data\.val\.clutter_fraction: 0\.6 plus real_fraction 0\.5 is more than all the clips"):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"data.val.backgrounds=[{video}]", "data.val.clutter_fraction=0.6"])
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["data.val.clutter_fraction=0.6"])  # no real files: fine
-    from models.training.train import describe_eval_set
+    from blinkflow.models.training.train import describe_eval_set
 
     assert describe_eval_set(cfg).endswith(", 60% over clutter (dead leaves)")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.bench import BENCH_DOC
+from blinkflow.bench.common import BENCH_DOC
 
 NUMBER = r"\d+(?:\.\d+)?"
 
@@ -42,7 +42,7 @@ def table_rows(text: str, headers: list[str]) -> list[list[str]]:
 
 
 def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
-    from pipeline.cli import main
+    from blinkflow.cli import main
 
     before = _digest(BENCH_DOC)
     assert main(["bench", "decode", "--quick"]) == 0
@@ -59,7 +59,7 @@ def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
 
 
 def test_bench_decode_without_ffmpeg_says_so_instead_of_failing(capsys, monkeypatch):
-    from pipeline import bench_decode
+    from blinkflow.bench import decode as bench_decode
 
     monkeypatch.setattr(bench_decode.shutil, "which", lambda name: None)
     payload = bench_decode.bench_decode(quick=True, write=False)
@@ -69,8 +69,9 @@ def test_bench_decode_without_ffmpeg_says_so_instead_of_failing(capsys, monkeypa
     assert "n/a" in out
 
 
+@pytest.mark.slow
 def test_bench_stages_quick_prints_every_task(capsys):
-    from pipeline.cli import main
+    from blinkflow.cli import main
 
     before = _digest(BENCH_DOC)
     assert main(["bench", "stages", "--quick"]) == 0
@@ -85,7 +86,7 @@ def test_bench_stages_quick_prints_every_task(capsys):
 
 
 def test_write_section_follows_the_doc_override_and_replaces_in_place(bench_paths):
-    from pipeline.bench import save_json, write_section
+    from blinkflow.bench.common import save_json, write_section
 
     write_section("one", "first")
     write_section("two", "second")
@@ -118,7 +119,7 @@ def _assert_png(path: Path, min_size: tuple[int, int] = (200, 100)) -> None:
 
 
 def test_plot_throughput_draws_a_png_from_saved_results(tmp_path):
-    from pipeline.bench_plot import load_panels, plot_throughput
+    from blinkflow.bench.plot import load_panels, plot_throughput
 
     results = tmp_path / "results"
     results.mkdir()
@@ -133,14 +134,14 @@ def test_plot_throughput_draws_a_png_from_saved_results(tmp_path):
 
 
 def test_plot_throughput_without_results_draws_nothing(tmp_path):
-    from pipeline.bench_plot import plot_throughput
+    from blinkflow.bench.plot import plot_throughput
 
     assert plot_throughput(tmp_path, tmp_path / "t.png") is None
     assert not (tmp_path / "t.png").exists()
 
 
 def test_pipeline_diagram_is_a_png(tmp_path):
-    from pipeline.bench_plot import draw_pipeline_diagram
+    from blinkflow.bench.plot import draw_pipeline_diagram
 
     _assert_png(draw_pipeline_diagram(tmp_path / "pipeline.png"), (1000, 200))
 
@@ -150,7 +151,7 @@ def test_save_demo_frame_takes_the_middle_frame_of_an_mp4(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from pipeline.bench_plot import save_demo_frame
+    from blinkflow.bench.plot import save_demo_frame
 
     video = tmp_path / "demo.mp4"
     with av.open(str(video), mode="w") as container:
@@ -169,8 +170,8 @@ def test_save_demo_frame_takes_the_middle_frame_of_an_mp4(tmp_path):
 
 
 def test_save_demo_frame_without_the_video_names_the_command(tmp_path):
-    from pipeline.bench_plot import save_demo_frame
-    from pipeline.errors import BlinkflowError
+    from blinkflow.bench.plot import save_demo_frame
+    from blinkflow.errors import BlinkflowError
 
     with pytest.raises(BlinkflowError, match="blinkflow demo"):
         save_demo_frame(tmp_path / "missing.mp4", tmp_path / "frame.png")
@@ -178,8 +179,8 @@ def test_save_demo_frame_without_the_video_names_the_command(tmp_path):
 
 @pytest.mark.parametrize("flags, plots", [([], True), (["--no-write"], False), (["--quick"], False)])
 def test_bench_all_draws_the_throughput_plot_only_when_writing(monkeypatch, flags, plots):
-    from pipeline import bench_cli, bench_plot
-    from pipeline.cli import main
+    from blinkflow.bench import cli as bench_cli, plot as bench_plot
+    from blinkflow.cli import main
 
     calls = []
     monkeypatch.setattr(bench_cli, "ALL_ORDER", [])  # the benchmarks themselves are tested above
@@ -191,7 +192,7 @@ def test_bench_all_draws_the_throughput_plot_only_when_writing(monkeypatch, flag
 @pytest.mark.slow
 def test_bench_pipeline_quick_compares_ray_with_the_bound(bench_paths):
     """Real Ray, a few frames: every variant is measured and the ratios and actor busy shares are sane."""
-    from pipeline.bench_pipeline import bench_pipeline
+    from blinkflow.bench.pipeline import bench_pipeline
 
     before = _digest(BENCH_DOC)
     result = bench_pipeline(Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml", frames=8, repetitions=1,

@@ -15,10 +15,11 @@ from tests.conftest import REPO_ROOT, write_test_video
 
 def blinkflow(*args: str, cwd=REPO_ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
+        [sys.executable, "-m", "blinkflow.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=600
     )
 
 
+@pytest.mark.slow
 def test_demo_writes_jsonl_and_mp4_with_all_four_stages(tmp_path):
     out = tmp_path / "out"
     proc = blinkflow("demo", "--out", str(out), "--no-progress", "--set", "sources.0.max_frames=8")

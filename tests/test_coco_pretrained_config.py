@@ -16,14 +16,14 @@ EXPECTED = {
 
 
 def test_coco_pretrained_config_validates(capsys):
-    from pipeline.cli import main
+    from blinkflow.cli import main
 
     assert main(["validate", str(CONFIG)]) == 0
     assert "ok" in capsys.readouterr().out
 
 
 def test_coco_pretrained_config_uses_torchvision_default_weights():
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
     cfg = load_config(CONFIG)
     assert {name: cfg.stages[name].model for name in cfg.enabled_stages()} == EXPECTED
@@ -33,7 +33,7 @@ def test_coco_pretrained_config_uses_torchvision_default_weights():
 @pytest.mark.parametrize("stage, model", sorted(EXPECTED.items()))
 def test_coco_pretrained_weights_name_a_real_torchvision_checkpoint(stage, model):
     """Resolved the way the worker does, short of the cache lookup (no download here)."""
-    from models.weights import _torchvision_enum_name, _torchvision_member
+    from blinkflow.models.weights import _torchvision_enum_name, _torchvision_member
 
     member = _torchvision_member(model, _torchvision_enum_name(model, stage), "DEFAULT", stage)
     assert member.url.endswith(".pth")

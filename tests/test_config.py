@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from pipeline.config import Config, load_config
-from pipeline.errors import ConfigError
+from blinkflow.config import Config, load_config
+from blinkflow.errors import ConfigError
 from tests.conftest import REPO_ROOT
 
 
@@ -129,7 +129,7 @@ def test_bad_device_is_rejected(tmp_path):
 def test_device_auto_runs_the_stage_on_the_gpu_when_there_is_one():
     import torch
 
-    from pipeline.graph import build_graph
+    from blinkflow.graph import build_graph
 
     cfg = load_config(REPO_ROOT / "configs" / "synthetic.yaml", ["stages.flow.device=auto"])
     spec = next(s for s in build_graph(cfg) if s.name == "flow")
@@ -172,7 +172,7 @@ def test_malformed_set_override(tmp_path):
 def test_validate_command_prints_one_line_error_without_traceback(tmp_path):
     path = write(tmp_path, "gate:\n  max_reuse: -1\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO_ROOT
+        [sys.executable, "-m", "blinkflow.cli", "validate", str(path)], capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "blinkflow: error: gate.max_reuse: -1 is out of range (0..1000000)"
@@ -181,7 +181,7 @@ def test_validate_command_prints_one_line_error_without_traceback(tmp_path):
 
 def test_validate_command_accepts_the_demo(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "validate", "configs/demo.yaml"], capture_output=True, text=True, cwd=REPO_ROOT
+        [sys.executable, "-m", "blinkflow.cli", "validate", "configs/demo.yaml"], capture_output=True, text=True, cwd=REPO_ROOT
     )
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout

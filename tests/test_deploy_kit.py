@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.frame import Frame, FrameResult, Outcome
-from pipeline.metrics import PrometheusRecorder
+from blinkflow.config import load_config
+from blinkflow.frame import Frame, FrameResult, Outcome
+from blinkflow.metrics import PrometheusRecorder
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = REPO_ROOT / "deploy"

@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from models.depth import (
+from blinkflow.models.depth import (
     DepthClock,
     DepthSplitError,
     StreamingDepth,
@@ -19,7 +19,7 @@ from models.depth import (
     pipelined_steps,
     split_model,
 )
-from models.registry import build_model
+from blinkflow.models.registry import build_model
 
 TINY_CAUSAL = {"widths": [8, 16, 24, 32], "stem_width": 8}
 MID_BLOCK = [1, 9, 1, 1, 1, 1, 1, 1, 1, 1]  # unit costs that put the K=2 boundary inside block 0 (a pair crosses it)
@@ -255,8 +255,9 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_local):
-    from pipeline.depth_parallel import DepthPipeline
+    from blinkflow.depth_parallel import DepthPipeline
 
     model, inputs = causal_model(), frames(n=6, batch=1)
     reference = frame_by_frame(model, inputs)
@@ -285,9 +286,10 @@ def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_loc
         pipeline.close()
 
 
+@pytest.mark.slow
 def test_compiled_graph_transport_gives_the_monolithic_outputs(ray_local):
     """The Compiled Graph path (the GPU default, here on CPU with shared-memory tensor channels)."""
-    from pipeline.depth_parallel import DepthPipeline
+    from blinkflow.depth_parallel import DepthPipeline
 
     model = causal_model()
     pipeline = DepthPipeline(split_model(model, 2), threads=1, transport="compiled")
@@ -303,7 +305,7 @@ def test_compiled_graph_transport_gives_the_monolithic_outputs(ray_local):
 
 
 def _action_config(k):
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
     return load_config(data={
         "sources": [{"type": "synthetic", "id": "syn", "width": 64, "height": 48, "num_frames": 8}],
@@ -314,10 +316,11 @@ def _action_config(k):
     })
 
 
+@pytest.mark.slow
 def test_ray_runner_action_depth_parallel_2_equals_depth_parallel_1(ray_local):
-    from pipeline.runners.local import LocalRunner
-    from pipeline.runners.ray import RayRunner
-    from pipeline.sinks import MemorySink
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.runners.ray import RayRunner
+    from blinkflow.sinks import MemorySink
 
     def run(k):
         sink = MemorySink()
@@ -341,9 +344,10 @@ def _slice_actors(ray) -> int:
     return sum(a.get("ActorClassName") == "SliceWorker" for a in ray._private.state.actors().values())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_bench_depth_quick_writes_a_well_formed_section(ray_local, tmp_path):
-    from pipeline.bench_depth import bench_depth
+    from blinkflow.bench.depth import bench_depth
 
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\n<!-- bench:other -->\nkept\n<!-- /bench:other -->\n")
@@ -369,7 +373,7 @@ def test_bench_depth_quick_writes_a_well_formed_section(ray_local, tmp_path):
 
 
 def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
-    from pipeline.cli import main
+    from blinkflow.cli import main
 
     code = main(["train", "action", "--sideways", "--config", "configs/train/smoke-action.yaml",
                  "--set", f"out_dir={tmp_path}", "--set", "epochs=3"])
@@ -385,8 +389,8 @@ def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
 
 @pytest.mark.parametrize("costs", [None, MID_BLOCK], ids=["block boundary", "mid-block boundary"])
 def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(costs):
-    from models.training.config import OptimConfig
-    from models.training.sideways import LocalSideways
+    from blinkflow.models.training.config import OptimConfig
+    from blinkflow.models.training.sideways import LocalSideways
 
     model = causal_model().train()
     split = split_model(model, 2, costs=costs)
@@ -409,9 +413,10 @@ def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(cos
     assert any(not torch.equal(a, b) for a, b in zip(before, split.stages[0].parameters())), "stage 0 learned"
 
 
+@pytest.mark.slow
 def test_ray_sideways_learns_exactly_like_in_process_sideways(ray_local):
-    from models.training.config import OptimConfig
-    from models.training.sideways import LocalSideways, RaySideways
+    from blinkflow.models.training.config import OptimConfig
+    from blinkflow.models.training.sideways import LocalSideways, RaySideways
 
     optim = OptimConfig(lr=0.01, weight_decay=0.0)
     models = [causal_model(**TINY_CAUSAL, dropout=0.0).train() for _ in range(2)]  # no dropout: no RNG to differ

@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from models.classes import SYNTHETIC_CLASSES
-from models.formats import coco_to_detections, detections_to_coco
-from models.registry import model_names
-from pipeline.config import StageConfig
-from pipeline.errors import StageError
-from pipeline.frame import Frame
-from stages.common import decode_class_map
-from stages.detect import Detect, DetectOptions
-from stages.segment import Segment, SegmentOptions
+from blinkflow.models.classes import SYNTHETIC_CLASSES
+from blinkflow.models.formats import coco_to_detections, detections_to_coco
+from blinkflow.models.registry import model_names
+from blinkflow.config import StageConfig
+from blinkflow.errors import StageError
+from blinkflow.frame import Frame
+from blinkflow.stages.common import decode_class_map
+from blinkflow.stages.detect import Detect, DetectOptions
+from blinkflow.stages.segment import Segment, SegmentOptions
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 #: backends whose ResNet-50 makes them slow on CPU: they run at the smallest working size
@@ -284,12 +284,12 @@ def test_detect_hysteresis_off_is_a_plain_threshold_and_lowers_the_backend_cut_w
 
 
 def test_detect_keep_threshold_above_score_threshold_is_a_one_line_config_error():
-    from pipeline.config import load_config
-    from pipeline.errors import ConfigError
+    from blinkflow.config import load_config
+    from blinkflow.errors import ConfigError
 
     message = r"stages\.detect\.options\.keep_threshold: 0\.7 is above score_threshold 0\.6"
     with pytest.raises(ConfigError, match=message):  # when the config loads, before any model is built
-        load_config(REPO_ROOT / "configs" / "demo.yaml", ["stages.detect.options.keep_threshold=0.7"])
+        load_config(REPO_ROOT / "configs" / "synthetic.yaml", ["stages.detect.options.keep_threshold=0.7"])
     with pytest.raises(ConfigError, match=message):  # and for a stage built in code
         Detect(StageConfig(options=DetectOptions(score_threshold=0.6, keep_threshold=0.7)))
 
@@ -378,7 +378,7 @@ def test_segment_gives_specks_and_upsampling_slivers_to_their_surroundings():
 
 
 def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
-    from stages.segment import cleaned_logits, speck_mask
+    from blinkflow.stages.segment import cleaned_logits, speck_mask
 
     class_map = np.zeros((40, 60), np.int64)
     class_map[:, 30:] = 2
@@ -418,7 +418,7 @@ def test_segment_skips_reused_and_failed_frames():
 
 
 def test_segment_loads_a_weights_file_and_names_its_classes_from_options(tmp_path):
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     classes = ["background", "road", "car"]
     model = build_model("unet_small", task="segment", num_classes=len(classes), base_width=8).eval()
@@ -438,7 +438,7 @@ def test_segment_loads_a_weights_file_and_names_its_classes_from_options(tmp_pat
 
 
 def test_unet_small_keeps_odd_input_sizes_and_stays_small():
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     model = build_model("unet_small", task="segment", num_classes=4).eval()
     assert 500_000 <= sum(p.numel() for p in model.parameters()) <= 2_000_000

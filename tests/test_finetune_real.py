@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.training.config import load_train_config
+from blinkflow.models.training.config import load_train_config
 
 TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 
 
 def finetune(task: str, tmp_path: Path, *overrides: str) -> dict:
-    from models.training.train import Runtime, main
+    from blinkflow.models.training.train import Runtime, main
 
     cfg = load_train_config(TRAIN_CONFIGS / f"finetune-{task}.yaml", [f"out_dir={tmp_path / task}", *overrides], task=task)
     return main(cfg, resume=False, runtime=Runtime(device=torch.device("cpu"), progress=False))
@@ -31,7 +31,7 @@ def test_yolox_fine_tunes_from_its_coco_weights_on_a_coco_folder(tmp_path):
 
 @pytest.mark.slow
 def test_deeplab_fine_tunes_on_the_synthetic_scenes_with_a_fresh_class_head(tmp_path, caplog):
-    with caplog.at_level("INFO", logger="models.training.train"):
+    with caplog.at_level("INFO", logger="blinkflow.models.training.train"):
         summary = finetune("segment", tmp_path)
     probes = [loss for _, loss in summary["history"]["probe_loss"]]
     assert probes[-1] < 0.6 * probes[0]  # measured 1.59 -> 0.58 in 6 steps
@@ -43,8 +43,8 @@ def test_yolox_training_loss_falls_on_one_real_image():
     import numpy as np
     from PIL import Image
 
-    from models.registry import build_model
-    from models.weights import load_state, resolve_weights
+    from blinkflow.models.registry import build_model
+    from blinkflow.models.weights import load_state, resolve_weights
 
     model = build_model("yolox_nano", task="detect")
     load_state(model, resolve_weights("shipped", stage="detect", model_name="yolox_nano"))

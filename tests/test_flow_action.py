@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.classes import SYNTHETIC_ACTIONS
-from models.registry import build_model, model_names
-from pipeline.config import StageConfig
-from pipeline.errors import BlinkflowError, StageError
-from pipeline.frame import Frame
+from blinkflow.models.classes import SYNTHETIC_ACTIONS
+from blinkflow.models.registry import build_model, model_names
+from blinkflow.config import StageConfig
+from blinkflow.errors import BlinkflowError, StageError
+from blinkflow.frame import Frame
 
 torch = pytest.importorskip("torch")
 
@@ -63,7 +63,7 @@ def test_flow_backend_returns_full_size_pixel_flow(name, real_media):
 
 
 def test_flownet_s_small_multiscale_training_outputs():
-    from models.flownet import multiscale_epe_loss
+    from blinkflow.models.flownet import multiscale_epe_loss
 
     model = build_model("flownet_s_small", task="flow").train()
     assert 1_000_000 <= sum(p.numel() for p in model.parameters()) <= 3_000_000
@@ -77,7 +77,7 @@ def test_flownet_s_small_multiscale_training_outputs():
 
 
 def test_bare_torchvision_raft_checkpoint_loads_into_the_wrapper(tmp_path):
-    from models.weights import load_state, resolve_weights
+    from blinkflow.models.weights import load_state, resolve_weights
 
     source = build_model("raft_small", task="flow")
     path = tmp_path / "raft_small.pt"
@@ -91,7 +91,7 @@ def test_bare_torchvision_raft_checkpoint_loads_into_the_wrapper(tmp_path):
 
 
 def make_flow_stage(name: str = "flownet_s_small", **options):
-    from stages.flow import Flow
+    from blinkflow.stages.flow import Flow
 
     options.setdefault("input_size", [64, 64])
     options.setdefault("model_args", flow_model_args(name))
@@ -149,7 +149,7 @@ def test_flow_vectors_are_in_half_resolution_pixels():
 
 
 def test_flow_bad_input_size_is_a_stage_error():
-    from stages.flow import Flow
+    from blinkflow.stages.flow import Flow
 
     with pytest.raises(StageError, match="options.input_size"):
         Flow(StageConfig(options=Flow.Options(input_size=[64])))
@@ -168,7 +168,7 @@ def action_options_for(name: str) -> dict:
 
 
 def make_action_stage(name: str = "causal3d_small", **options):
-    from stages.action import Action
+    from blinkflow.stages.action import Action
 
     options.setdefault("input_size", [32, 32])
     stage = Action(StageConfig(model=name, options=Action.Options(**options)))
@@ -295,7 +295,7 @@ def test_action_final_window_failure_fails_the_tail_instead_of_losing_it():
     assert all(f.is_failed and "action" in f.error and "action" not in f.results for f in released)
 
 def test_action_clip_shape_mismatch_is_a_stage_error():
-    from stages.action import Action
+    from blinkflow.stages.action import Action
 
     stage = Action(StageConfig(model="s3d", options=Action.Options(clip_len=4, input_size=[32, 32])))
     with pytest.raises(StageError, match="clip_len >= 5"):
@@ -344,7 +344,7 @@ def test_causal3d_never_looks_at_future_frames():
 
 
 def test_inflated_conv_kernel_sums_back_to_the_2d_kernel():
-    from models.i3d import inflate_conv2d
+    from blinkflow.models.i3d import inflate_conv2d
 
     conv2d = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
     conv3d = inflate_conv2d(conv2d, time_kernel=5)
@@ -355,7 +355,7 @@ def test_inflated_conv_kernel_sums_back_to_the_2d_kernel():
 def test_inflated_resnet18_on_a_static_clip_matches_the_image_network():
     import torchvision
 
-    from models.i3d import inflate_module
+    from blinkflow.models.i3d import inflate_module
 
     net2d = torchvision.models.resnet18(weights=None)
     net2d.fc = torch.nn.Identity()
@@ -374,7 +374,7 @@ def test_inflated_resnet18_on_a_static_clip_matches_the_image_network():
 
 
 def test_read_flo_reads_the_middlebury_sample(real_media):
-    from models.metrics_flow import read_flo
+    from blinkflow.models.metrics_flow import read_flo
 
     flow = read_flo(real_media / "flow" / "00001_flow.flo")
     assert flow.shape == (50, 50, 2) and flow.dtype == np.float32
@@ -383,7 +383,7 @@ def test_read_flo_reads_the_middlebury_sample(real_media):
 
 
 def test_epe_of_zero_flow_is_the_mean_ground_truth_length(real_media):
-    from models.metrics_flow import epe, read_flo
+    from blinkflow.models.metrics_flow import epe, read_flo
 
     gt = read_flo(real_media / "flow" / "00001_flow.flo")
     by_hand = np.mean(np.sqrt(gt[..., 0].astype(np.float64) ** 2 + gt[..., 1].astype(np.float64) ** 2))
@@ -393,7 +393,7 @@ def test_epe_of_zero_flow_is_the_mean_ground_truth_length(real_media):
 
 
 def test_epe_averages_over_valid_pixels_only():
-    from models.metrics_flow import epe
+    from blinkflow.models.metrics_flow import epe
 
     gt = np.zeros((2, 2, 2), np.float32)
     pred = np.zeros_like(gt)
@@ -404,7 +404,7 @@ def test_epe_averages_over_valid_pixels_only():
 
 
 def test_write_flo_read_flo_round_trip(tmp_path):
-    from models.metrics_flow import read_flo, write_flo
+    from blinkflow.models.metrics_flow import read_flo, write_flo
 
     flow = np.random.default_rng(1).normal(size=(7, 5, 2)).astype(np.float32)
     path = write_flo(tmp_path / "x.flo", flow)
@@ -412,7 +412,7 @@ def test_write_flo_read_flo_round_trip(tmp_path):
 
 
 def test_truncated_flo_is_a_clear_error_naming_the_file(tmp_path, real_media):
-    from models.metrics_flow import FlowFileError, read_flo
+    from blinkflow.models.metrics_flow import FlowFileError, read_flo
 
     data = (real_media / "flow" / "00001_flow.flo").read_bytes()
     truncated = tmp_path / "truncated.flo"
@@ -427,7 +427,7 @@ def test_truncated_flo_is_a_clear_error_naming_the_file(tmp_path, real_media):
 
 
 def test_fl_all_counts_kitti_outliers():
-    from models.metrics_flow import fl_all
+    from blinkflow.models.metrics_flow import fl_all
 
     gt = np.zeros((1, 4, 2), np.float32)
     gt[0, :, 0] = (10.0, 10.0, 100.0, 0.0)

@@ -8,9 +8,9 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.config import GateConfig, load_config
-from pipeline.frame import Frame
-from pipeline.skip import (
+from blinkflow.config import GateConfig, load_config
+from blinkflow.frame import Frame
+from blinkflow.skip import (
     CarryOver,
     box_f1,
     compensate,
@@ -19,7 +19,7 @@ from pipeline.skip import (
     relit,
     tile_runs,
 )
-from stages.gate import Gate
+from blinkflow.stages.gate import Gate
 
 
 def frames_of(images, stream="s", start=0):
@@ -131,7 +131,7 @@ def test_codec_noise_is_not_change_but_a_moving_patch_is():
 
 @pytest.mark.parametrize("downscale", [1, 2, 4, 16, 17])  # 17: block sums overflow 16 bits
 def test_gray_signal_is_the_block_mean_of_the_grayscale(downscale):
-    from stages.gate import gray_signal
+    from blinkflow.stages.gate import gray_signal
 
     image = np.random.default_rng(downscale).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     h, w = 70 // downscale * downscale, 90 // downscale * downscale
@@ -171,7 +171,7 @@ def test_a_local_change_is_a_partial_frame_that_names_its_tiles():
 
 
 def test_tiles_with_only_a_few_changed_pixels_are_noise_not_change():
-    from pipeline.skip import changed_tiles
+    from blinkflow.skip import changed_tiles
 
     mask = np.zeros((16, 16), dtype=bool)  # a 4x4 grid of 4x4-pixel tiles
     mask[0, 0] = True  # tile 0: 1 of 16 pixels, a speck of codec noise
@@ -205,8 +205,8 @@ def test_tile_runs_merge_neighbours_in_a_row():
 def segmenter():
     import torch
 
-    from pipeline.config import StageConfig
-    from stages.segment import Segment, SegmentOptions
+    from blinkflow.config import StageConfig
+    from blinkflow.stages.segment import Segment, SegmentOptions
 
     torch.manual_seed(0)
     # specks are cleaned at a size that suits this tiny input (the default, 16x16, would flatten the random map)
@@ -219,7 +219,7 @@ def segmenter():
 
 
 def test_tile_recompute_matches_a_full_recompute(segmenter):
-    from stages.common import decode_class_map
+    from blinkflow.stages.common import decode_class_map
 
     image = textured(96, 128, seed=4)
     changed = image.copy()
@@ -257,8 +257,8 @@ def test_segment_recomputes_in_full_without_its_cached_base(segmenter):
     ("ssdlite320_mobilenet_v3_large", True, True), ("fasterrcnn_mobilenet_v3_large_320_fpn", False, False),
 ])
 def test_crop_reuse_defaults_to_what_the_detectors_anchors_allow(model, setting, expected):
-    from pipeline.config import StageConfig
-    from stages.detect import Detect, DetectOptions
+    from blinkflow.config import StageConfig
+    from blinkflow.stages.detect import Detect, DetectOptions
 
     cfg = StageConfig(model=model, weights=None, options=DetectOptions(crop_reuse=setting))
     assert Detect.is_temporal(cfg) is expected
@@ -268,7 +268,7 @@ def test_crop_reuse_defaults_to_what_the_detectors_anchors_allow(model, setting,
 def test_a_crop_detection_supersedes_the_stale_box_of_the_same_object():
     import torch
 
-    from stages.detect import superseded
+    from blinkflow.stages.detect import superseded
 
     carried = torch.tensor([[0, 0, 10, 10], [0, 0, 10, 10], [50, 50, 60, 60]], dtype=torch.float32)
     labels = torch.tensor([1, 2, 1])
@@ -307,8 +307,8 @@ class ColourDetector:
 
 
 def colour_detector_stage(**options):
-    from pipeline.config import StageConfig
-    from stages.detect import Detect, DetectOptions
+    from blinkflow.config import StageConfig
+    from blinkflow.stages.detect import Detect, DetectOptions
 
     options.setdefault("crop_reuse", True)  # the default model is SSDLite, for which null means off
     stage = Detect(StageConfig(weights=None, options=DetectOptions(**options)))
@@ -350,7 +350,7 @@ def test_detect_recomputes_only_the_changed_crop_and_keeps_the_boxes_outside_it(
 
 
 def test_detect_crop_recompute_matches_a_full_recompute_when_the_change_holds_everything():
-    from pipeline.skip import box_f1
+    from blinkflow.skip import box_f1
 
     first = scene([((41, 31, 71, 61), RED), ((80, 35, 100, 55), BLUE)])
     moved = scene([((51, 36, 81, 66), RED), ((90, 40, 110, 60), BLUE)])  # both inside one crop
@@ -362,7 +362,7 @@ def test_detect_crop_recompute_matches_a_full_recompute_when_the_change_holds_ev
     assert box_f1(patched, fresh, iou_threshold=0.95) == 1.0
     assert patched["labels"] == fresh["labels"]
     # a detection cut by the crop's edge is a partial view: the stage keeps the carried box instead
-    from stages.detect import Detect
+    from blinkflow.stages.detect import Detect
 
     import torch
 
@@ -377,7 +377,7 @@ def test_detect_crop_recompute_matches_a_full_recompute_when_the_change_holds_ev
 
 
 def test_motion_compensation_moves_boxes_and_masks():
-    from stages.common import encode_class_map
+    from blinkflow.stages.common import encode_class_map
 
     class_map = np.zeros((32, 48), dtype=np.uint8)
     class_map[8:16, 8:16] = 2
@@ -393,7 +393,7 @@ def test_motion_compensation_moves_boxes_and_masks():
     assert moved["detect"]["boxes"] == [[16.0, 8.0, 24.0, 16.0]]
     expected = np.zeros_like(class_map)
     expected[8:16, 16:24] = 2
-    from pipeline.skip import class_map_of
+    from blinkflow.skip import class_map_of
 
     assert mask_miou(class_map_of(moved["segment"]), expected) == 1.0
     assert moved["action"] is keyframe["action"]
@@ -418,7 +418,7 @@ def write_pan_video(path, frames=8, step=2, options=None):
 
 
 def test_decoder_motion_vectors_follow_a_pan(tmp_path):
-    from pipeline.sources import open_sources
+    from blinkflow.sources import open_sources
 
     clip = write_pan_video(tmp_path / "pan.mp4")
     cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}]})
@@ -463,7 +463,7 @@ def test_decoder_motion_with_b_frames_gives_every_frame_its_own_motion(tmp_path,
     """FFmpeg's vectors tell only the direction of their reference: the distance depends on where the
     B-frame lies in its run and on whether the middle B-frame is a reference (x264's default
     b-pyramid). Every frame's field must be one frame of the pan, whatever the run."""
-    from pipeline.sources import open_sources
+    from blinkflow.sources import open_sources
 
     options, kinds = B_RUNS[encoding]
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**options, "g": "100"})
@@ -479,7 +479,7 @@ def test_decoder_motion_with_b_frames_gives_every_frame_its_own_motion(tmp_path,
 def test_decoder_motion_is_the_same_on_every_decode(tmp_path):
     """FFmpeg's frame-threaded H.264 decoding exported a B-frame's vectors incomplete about one decode in
     three on this clip; the file source decodes with slice threads when it exports vectors."""
-    from pipeline.sources import open_sources
+    from blinkflow.sources import open_sources
 
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
     cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}]})
@@ -505,7 +505,7 @@ def test_decoder_motion_reads_the_rarer_picture_types_by_their_role(tmp_path, ki
     """S (MPEG-4 global motion) and SP frames are predicted from the last anchor like P, SI is intra like I, and
     BI (VC-1) is a B-frame coded without vectors: each reads as its role (the same fields as the frame under
     its own type), not as zero motion."""
-    from pipeline.skip import DecoderMotion
+    from blinkflow.skip import DecoderMotion
 
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
     with av.open(str(clip)) as container:
@@ -656,8 +656,8 @@ def test_a_stage_past_its_refresh_bound_runs_alone_on_a_frame_the_gate_would_reu
 
 
 def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_reference():
-    from pipeline.skip import tile_rects
-    from stages.gate import gray_signal
+    from blinkflow.skip import tile_rects
+    from blinkflow.stages.gate import gray_signal
 
     gate = Gate(GateConfig(enabled=True, threshold=0.01, max_reuse=30, refresh={"segment": 2}, tiles=[4, 4],
                            tile_margin=0))
@@ -803,7 +803,7 @@ def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a
 
 
 def _segment_result(class_map):
-    from stages.common import encode_class_map
+    from blinkflow.stages.common import encode_class_map
 
     return {"mask": {"format": "png", "data": encode_class_map(class_map), "height": class_map.shape[0],
                      "width": class_map.shape[1]}, "classes": ["background", "thing"]}
@@ -830,8 +830,8 @@ def test_a_refresh_audit_scores_only_the_stages_that_ran():
 
 
 def run_local(cfg):
-    from pipeline.runners.local import LocalRunner
-    from pipeline.sinks import MemorySink
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink
 
     sink = MemorySink()
     LocalRunner(cfg, sinks=[sink]).run()
@@ -873,8 +873,8 @@ def static_scene_config(**gate):
 
 
 def test_on_a_refresh_only_the_segmenter_runs_and_the_boxes_are_carried(monkeypatch):
-    from stages.detect import Detect
-    from stages.segment import Segment
+    from blinkflow.stages.detect import Detect
+    from blinkflow.stages.segment import Segment
 
     ran = {"detect": [], "segment": []}
     for stage, cls, method in (("detect", Detect, "_run_full"), ("detect", Detect, "_run_crop"),
@@ -907,11 +907,11 @@ def test_on_a_refresh_only_the_segmenter_runs_and_the_boxes_are_carried(monkeypa
 def test_gated_records_match_the_documented_schema():
     import json
 
-    from pipeline.sinks import to_record
+    from blinkflow.sinks import to_record
     from tests.conftest import REPO_ROOT
 
     jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads((REPO_ROOT / "docs" / "frame-record.schema.json").read_text())
+    schema = json.loads((REPO_ROOT / "pipeline" / "frame-record.schema.json").read_text())
     results = run_local(static_scene_config(tiles=[4, 4]))
     assert {"keyframe", "refresh", "reuse"} <= {r.results["gate"]["decision"] for r in results}
     assert any("audit" in r.results for r in results)
@@ -933,9 +933,9 @@ def test_segment_runs_one_crop_around_neighbouring_rows_when_that_costs_less(seg
 
 
 def test_skip_ratio_audit_agreement_and_threshold_are_exported_per_stream(tmp_path):
-    from pipeline.metrics import PrometheusRecorder
-    from pipeline.runners.local import LocalRunner
-    from pipeline.sinks import MemorySink
+    from blinkflow.metrics import PrometheusRecorder
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink
     from tests.test_runner_local import write_static_video
 
     clip = tmp_path / "static.mp4"
@@ -957,7 +957,7 @@ def test_skip_ratio_audit_agreement_and_threshold_are_exported_per_stream(tmp_pa
                                                                   {"stream": "cam", "decision": decision})
     assert decided("reuse") == 9 and decided("keyframe") == 3 and decided("refresh") is None
     # every reused frame names its keyframe, in the record the sinks write too
-    from pipeline.sinks import to_record
+    from blinkflow.sinks import to_record
 
     assert all(r.reuse_of is not None and to_record(r)["reuse_of"] == r.results["gate"]["keyframe"] for r in reused)
 
@@ -966,7 +966,7 @@ def test_skip_ratio_audit_agreement_and_threshold_are_exported_per_stream(tmp_pa
 
 
 def test_bench_skip_pools_the_static_scenes_over_their_frames():
-    from pipeline.bench_skip import Clip, ClipReport, pooled_still
+    from blinkflow.bench.skip import Clip, ClipReport, pooled_still
 
     def report(seed, frames, work, boxes, masks):
         figures = {"frames": frames, "work_fraction": work, "less_compute": 1 / work, "boxes_f1": boxes, "mask_iou": masks,
@@ -993,7 +993,7 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(real_media):
     doc = REPO_ROOT / "docs" / "benchmarks.md"
     before = doc.read_text() if doc.exists() else None
     env = dict(os.environ, BLINKFLOW_TEST_DATA=str(real_media), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "bench", "skip", "--quick", "--no-write"],
+    proc = subprocess.run([sys.executable, "-m", "blinkflow.cli", "bench", "skip", "--quick", "--no-write"],
                           check=False, capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (doc.read_text() if doc.exists() else None) == before  # --no-write leaves the doc alone

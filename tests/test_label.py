@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import SinkConfig, load_config
-from pipeline.errors import BlinkflowError
-from pipeline.frame import FrameResult, Outcome
-from pipeline.label import LabelRun, Manifest, find_videos, parse_formats, sha256_file
+from blinkflow.config import SinkConfig, load_config
+from blinkflow.errors import BlinkflowError
+from blinkflow.frame import FrameResult, Outcome
+from blinkflow.label import LabelRun, Manifest, find_videos, parse_formats, sha256_file
 from tests.conftest import REPO_ROOT, write_test_video
 
 # light and deterministic: random-weight U-Net (seeded by setup_stage) on small frames, plus the chaos
@@ -82,7 +82,7 @@ def test_format_list_is_checked():
 
 
 def _result(index: int, class_map: np.ndarray, outcome=Outcome.PROCESSED) -> FrameResult:
-    from stages.common import encode_class_map
+    from blinkflow.stages.common import encode_class_map
 
     h, w = class_map.shape
     results = {} if outcome is Outcome.DROPPED else {
@@ -98,7 +98,7 @@ def _result(index: int, class_map: np.ndarray, outcome=Outcome.PROCESSED) -> Fra
 def test_coco_output_loads_in_pycocotools_with_rle_masks_per_class(tmp_path):
     from pycocotools.coco import COCO
 
-    from pipeline.coco_sink import CocoSink
+    from blinkflow.coco_sink import CocoSink
 
     class_map = np.zeros((12, 16), dtype=np.uint8)
     class_map[6:, :] = 1
@@ -201,7 +201,7 @@ def _manifest_entries(out: Path) -> int:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "label", *args, "--no-progress"]
+    return [sys.executable, "-m", "blinkflow.cli", "label", *args, "--no-progress"]
 
 
 @pytest.mark.slow

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import load_config
-from pipeline.errors import BlinkflowError
-from pipeline.frame import Frame, FrameResult, Outcome
-from pipeline.metrics import ActorStats, MetricsExporter, PrometheusRecorder, local_gpu_stats
-from pipeline.runners.local import LocalRunner
+from blinkflow.config import load_config
+from blinkflow.errors import BlinkflowError
+from blinkflow.frame import Frame, FrameResult, Outcome
+from blinkflow.metrics import ActorStats, MetricsExporter, PrometheusRecorder, local_gpu_stats
+from blinkflow.runners.local import LocalRunner
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
@@ -193,7 +193,7 @@ def test_a_busy_port_is_a_one_line_error():
 
 
 def test_cli_run_serves_metrics_while_running_when_enabled(tmp_path):
-    from pipeline.cli import execute
+    from blinkflow.cli import execute
 
     port = free_port()
     cfg = chaos_config((30,), options={"sleep_ms": 40})
@@ -236,7 +236,7 @@ def ray_local():
 
 
 def test_ray_metrics_aggregate_every_replica(ray_local):
-    from pipeline.runners.ray import RayRunner
+    from blinkflow.runners.ray import RayRunner
 
     cfg = chaos_config((16, 14), replicas=2, resources={"num_cpus": 0.5}, options={"sleep_ms": 30, "fail_indices": [5]})
     recorder = PrometheusRecorder()
@@ -250,7 +250,7 @@ def test_ray_metrics_aggregate_every_replica(ray_local):
 
 
 def test_ray_actor_restart_is_counted_and_counters_never_go_back(ray_local):
-    from pipeline.runners.ray import RayRunner
+    from blinkflow.runners.ray import RayRunner
 
     cfg = chaos_config((40, 40), options={"sleep_ms": 40})
     recorder = PrometheusRecorder()

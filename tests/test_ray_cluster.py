@@ -7,9 +7,9 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.runners.ray import RayRunner  # noqa: E402
-from pipeline.sinks import MemorySink  # noqa: E402
+from blinkflow.config import load_config  # noqa: E402
+from blinkflow.runners.ray import RayRunner  # noqa: E402
+from blinkflow.sinks import MemorySink  # noqa: E402
 from tests.conftest import write_test_video  # noqa: E402
 
 
@@ -58,7 +58,7 @@ def test_stages_run_on_both_nodes_of_a_cluster(two_node_cluster, tmp_path):
 
 
 def test_unknown_cluster_address_is_a_clear_error(tmp_path):
-    from pipeline.errors import BlinkflowError
+    from blinkflow.errors import BlinkflowError
 
     if ray.is_initialized():
         ray.shutdown()

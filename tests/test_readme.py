@@ -84,7 +84,7 @@ def test_readme_paths_exist():
 
 
 def test_readme_blinkflow_subcommands_are_real():
-    from pipeline.cli import build_parser
+    from blinkflow.cli import build_parser
 
     commands = subparsers(build_parser())
     shown = blinkflow_commands(readme_text())
@@ -94,7 +94,7 @@ def test_readme_blinkflow_subcommands_are_real():
 
 def test_readme_subcommand_choices_are_real():
     """``blinkflow bench decode`` and ``blinkflow train flow``: the word after the subcommand is one it accepts."""
-    from pipeline.cli import build_parser
+    from blinkflow.cli import build_parser
 
     commands = subparsers(build_parser())
     wrong = []

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.weights import WeightsError
+from blinkflow.models.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +35,8 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    from models.registry import build_model
-    from models.weights import load_state, resolve_weights
+    from blinkflow.models.registry import build_model
+    from blinkflow.models.weights import load_state, resolve_weights
 
     model = build_model(MODEL, task="segment", num_classes=21)
     load_state(model, resolve_weights("shipped", stage="segment", model_name=MODEL))
@@ -88,10 +88,10 @@ def test_shipped_weights_match_the_quantised_original(shipped_model):
 def test_segment_stage_finds_the_dog_and_the_bicycle():
     from PIL import Image
 
-    from pipeline.config import StageConfig
-    from pipeline.frame import Frame
-    from stages.common import decode_class_map
-    from stages.segment import Segment, SegmentOptions
+    from blinkflow.config import StageConfig
+    from blinkflow.frame import Frame
+    from blinkflow.stages.common import decode_class_map
+    from blinkflow.stages.segment import Segment, SegmentOptions
 
     stage = Segment(StageConfig(model=MODEL, weights="shipped", options=SegmentOptions(input_size=[SIZE, SIZE])))
     stage.setup("cpu")
@@ -115,7 +115,7 @@ def assert_mostly_inside(mask: np.ndarray, *, x: tuple[int, int], y: tuple[int, 
 
 def test_converter_refuses_a_tampered_copy(tmp_path):
     pytest.importorskip("ai_edge_litert")  # the converter reads the file with its TFLite schema
-    from models.convert import deeplab_tflite, import_weights
+    from blinkflow.models.convert import deeplab_tflite, import_weights
 
     renamed = tmp_path / "renamed.tflite"  # a head layer renamed: same size, still a valid flatbuffer
     renamed.write_bytes(ORIGINAL.read_bytes().replace(b"aspp0/Conv2D_Fold", b"aspp9/Conv2D_Fold"))
@@ -138,8 +138,8 @@ def assert_one_line_naming(error: Exception, path: Path, reason: str) -> None:
 
 def test_conversion_is_reproducible_and_gives_the_shipped_tensors(tmp_path):
     pytest.importorskip("ai_edge_litert")
-    from models.convert import import_weights
-    from models.weights import WEIGHTS_DIR
+    from blinkflow.models.convert import import_weights
+    from blinkflow.models.weights import WEIGHTS_DIR
 
     digests = []
     for run in ("first", "second"):

@@ -9,7 +9,6 @@ against its pinned sha256 when it loads.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import logging
 import os
 import pickle
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.weights import WeightsError
+from blinkflow.models.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +38,8 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    from models.registry import build_model
-    from models.weights import load_state, resolve_weights
+    from blinkflow.models.registry import build_model
+    from blinkflow.models.weights import load_state, resolve_weights
 
     model = build_model("i3d", task="action")
     load_state(model, resolve_weights("shipped", stage="action", model_name="i3d"))
@@ -67,7 +66,7 @@ def assert_one_line_naming(error: Exception, path: Path, *parts: str) -> None:
 
 @pytest.mark.slow
 def test_shipped_weights_recognise_deepminds_cricket_clip(shipped_model):
-    from models.classes import kinetics400_classes
+    from blinkflow.models.classes import kinetics400_classes
 
     clip = gif_clip(CRICKET_GIF)
     assert clip.shape == (1, 3, 79, 224, 224)  # as DeepMind ran it: 79 frames, 224x224
@@ -92,7 +91,7 @@ def test_head_equals_the_original_fixed_window_at_224():
     """At 7x7 feature maps the clipped head is kinetics-i3d's (2, 7, 7) VALID pool + 1x1x1 conv + time mean."""
     import torch.nn.functional as F
 
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     model = build_model("i3d", task="action").eval()
     features = torch.randn(2, 1024, 4, 7, 7)
@@ -104,7 +103,7 @@ def test_head_equals_the_original_fixed_window_at_224():
 
 
 def test_same_padding_max_pool_never_takes_the_padding():
-    from models.inception_i3d import SamePadMaxPool3d, same_padding
+    from blinkflow.models.inception_i3d import SamePadMaxPool3d, same_padding
 
     assert same_padding((79, 224, 224), (7, 7, 7), (2, 2, 2)) == (2, 3, 2, 3, 3, 3)  # TF: the extra pixel after
     pool = SamePadMaxPool3d((3, 3, 3), stride=(1, 1, 1))
@@ -128,7 +127,7 @@ class _Exploit:
 @pytest.mark.parametrize("protocol", [2, 4])
 @pytest.mark.parametrize("attack", ["os.system", "builtins.eval"])
 def test_unpickler_refuses_code_and_never_runs_it(tmp_path, protocol, attack):
-    from models.convert.i3d_pickle import safe_load_numpy_pickle
+    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
 
     witness = tmp_path / "executed"
     if attack == "os.system":
@@ -146,7 +145,7 @@ def test_unpickler_refuses_code_and_never_runs_it(tmp_path, protocol, attack):
 
 
 def test_unpickler_reads_numpy_arrays_pickled_like_the_original(tmp_path):
-    from models.convert.i3d_pickle import flatten, safe_load_numpy_pickle
+    from blinkflow.models.convert.i3d_pickle import flatten, safe_load_numpy_pickle
 
     kernel = np.random.rand(7, 7, 7, 3, 64).astype(np.float32)
     mean = np.arange(64, dtype=np.float32).reshape(1, 1, 1, 1, 64)
@@ -163,7 +162,7 @@ def test_unpickler_reads_numpy_arrays_pickled_like_the_original(tmp_path):
 
 
 def test_unpickler_refuses_non_arrays_and_broken_files(tmp_path):
-    from models.convert.i3d_pickle import safe_load_numpy_pickle
+    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
 
     cases = {
         "list.ckpt": (pickle.dumps([np.zeros(2)], protocol=4), "expected a dict of numpy arrays"),
@@ -184,7 +183,7 @@ def test_unpickler_refuses_non_arrays_and_broken_files(tmp_path):
 
 
 def test_import_refuses_a_file_that_is_not_the_pinned_original(tmp_path):
-    from models.convert import import_weights
+    from blinkflow.models.convert import import_weights
 
     impostor = tmp_path / "i3d-kinetics-400.ckpt"
     impostor.write_bytes(pickle.dumps({"params": {}}, protocol=4))
@@ -196,8 +195,8 @@ def test_import_refuses_a_file_that_is_not_the_pinned_original(tmp_path):
 
 def fake_original(edit=None) -> dict:
     """Zeros with every name, nesting and shape of the original, optionally edited."""
-    from models.convert.i3d_pickle import name_map
-    from models.inception_i3d import InceptionI3d
+    from blinkflow.models.convert.i3d_pickle import name_map
+    from blinkflow.models.inception_i3d import InceptionI3d
 
     shapes = {key: tuple(value.shape) for key, value in InceptionI3d(400).state_dict().items()}
     tree: dict = {}
@@ -239,7 +238,7 @@ def original_keys(name: str) -> list[str]:
     ],
 )
 def test_converter_refuses_missing_extra_and_misshaped_tensors(tmp_path, edit, reason):
-    from models.convert.i3d_pickle import convert
+    from blinkflow.models.convert.i3d_pickle import convert
 
     path = tmp_path / "edited.ckpt"
     path.write_bytes(pickle.dumps(fake_original(edit), protocol=4))
@@ -249,8 +248,8 @@ def test_converter_refuses_missing_extra_and_misshaped_tensors(tmp_path, edit, r
 
 
 def test_converter_maps_every_tensor_of_the_original_layout(tmp_path):
-    from models.convert.i3d_pickle import convert
-    from models.inception_i3d import InceptionI3d
+    from blinkflow.models.convert.i3d_pickle import convert
+    from blinkflow.models.inception_i3d import InceptionI3d
 
     path = tmp_path / "fake.ckpt"
     path.write_bytes(pickle.dumps(fake_original(), protocol=4))

@@ -45,7 +45,7 @@ def fake_original(path: Path, seed: int = 0) -> dict[str, torch.Tensor]:
 def test_every_original_tensor_lands_on_torchvision_raft_large_once(tmp_path):
     from torchvision.models.optical_flow import raft_large
 
-    from models.convert.raft_pth import convert
+    from blinkflow.models.convert.raft_pth import convert
 
     original = fake_original(tmp_path / "raft.pth")
     state = convert(tmp_path / "raft.pth")
@@ -61,8 +61,8 @@ def test_every_original_tensor_lands_on_torchvision_raft_large_once(tmp_path):
 def test_the_converted_backend_computes_what_torchvision_raft_large_computes(tmp_path):
     from torchvision.models.optical_flow import raft_large
 
-    from models.convert.raft_pth import convert, probe_pair
-    from models.registry import build_model
+    from blinkflow.models.convert.raft_pth import convert, probe_pair
+    from blinkflow.models.registry import build_model
 
     fake_original(tmp_path / "raft.pth")
     state = convert(tmp_path / "raft.pth")
@@ -78,8 +78,8 @@ def test_the_converted_backend_computes_what_torchvision_raft_large_computes(tmp
 
 
 def test_a_norm3_that_is_not_its_downsample_twin_is_refused(tmp_path):
-    from models.convert.raft_pth import convert
-    from models.weights import WeightsError
+    from blinkflow.models.convert.raft_pth import convert
+    from blinkflow.models.weights import WeightsError
 
     state = fake_original(tmp_path / "raft.pth")
     state["module.cnet.layer2.0.norm3.weight"] += 1.0
@@ -90,14 +90,14 @@ def test_a_norm3_that_is_not_its_downsample_twin_is_refused(tmp_path):
 
 
 def test_an_unexpected_file_is_refused_before_conversion(tmp_path):
-    from models.convert import import_weights
-    from models.weights import WeightsError
+    from blinkflow.models.convert import import_weights
+    from blinkflow.models.weights import WeightsError
 
     fake_original(tmp_path / "raft-sintel.pth")  # the right name, not the pinned bytes
     with pytest.raises(WeightsError, match="not a known original"):
         import_weights(str(tmp_path / "raft-sintel.pth"), out_dir=tmp_path / "out")
     with pytest.raises(WeightsError, match="not the pinned original") as error:
-        from models.convert import IMPORTERS, verify_source
+        from blinkflow.models.convert import IMPORTERS, verify_source
 
         verify_source(IMPORTERS["raft_large"], tmp_path / "raft-sintel.pth")
     assert "90630d2e7d48" in str(error.value)
@@ -106,9 +106,9 @@ def test_an_unexpected_file_is_refused_before_conversion(tmp_path):
 def test_shipped_raft_beats_zero_flow_on_the_real_pair_with_ground_truth():
     from PIL import Image
 
-    from models.metrics_flow import read_flo
-    from models.registry import build_model
-    from models.weights import load_state, resolve_weights
+    from blinkflow.models.metrics_flow import read_flo
+    from blinkflow.models.registry import build_model
+    from blinkflow.models.weights import load_state, resolve_weights
 
     model = build_model("raft_large", task="flow", num_flow_updates=12)
     load_state(model, resolve_weights("shipped", stage="flow", model_name="raft_large"))

@@ -11,14 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from models.classes import coco_categories
-from models.convert import import_weights, serialize_state
-from models.convert import yolox_onnx
-from models.registry import build_model
-from models.weights import WeightsError, load_state, resolve_weights, sha256_file
-from pipeline.config import StageConfig
-from pipeline.frame import Frame
-from stages.detect import Detect, DetectOptions
+from blinkflow.models.classes import coco_categories
+from blinkflow.models.convert import import_weights, serialize_state
+from blinkflow.models.convert import yolox_onnx
+from blinkflow.models.registry import build_model
+from blinkflow.models.weights import WeightsError, load_state, resolve_weights, sha256_file
+from blinkflow.config import StageConfig
+from blinkflow.frame import Frame
+from blinkflow.stages.detect import Detect, DetectOptions
 
 DATA = Path(__file__).resolve().parent / "data"
 ORIGINAL = DATA / "originals" / "yolox_nano.onnx"

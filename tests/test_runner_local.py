@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import load_config
-from pipeline.frame import Outcome
-from pipeline.runners.local import LocalRunner
-from pipeline.sinks import MemorySink
+from blinkflow.config import load_config
+from blinkflow.frame import Outcome
+from blinkflow.runners.local import LocalRunner
+from blinkflow.sinks import MemorySink
 from tests.conftest import write_test_video
 
 

@@ -9,11 +9,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from pipeline.config import load_config  # noqa: E402
-from pipeline.frame import Outcome  # noqa: E402
-from pipeline.runners.local import LocalRunner  # noqa: E402
-from pipeline.runners.ray import RayRunner  # noqa: E402
-from pipeline.sinks import MemorySink  # noqa: E402
+from blinkflow.config import load_config  # noqa: E402
+from blinkflow.frame import Outcome  # noqa: E402
+from blinkflow.runners.local import LocalRunner  # noqa: E402
+from blinkflow.runners.ray import RayRunner  # noqa: E402
+from blinkflow.sinks import MemorySink  # noqa: E402
 from tests.conftest import write_test_video  # noqa: E402
 
 

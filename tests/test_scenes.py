@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
-from models.training.scenes import SceneGenerator, export_action_tree, export_coco, export_flo
+from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from blinkflow.models.training.scenes import SceneGenerator, export_action_tree, export_coco, export_flo
 
 W, H = 96, 72
 SEEDS = [0, 1, 2, 3]

@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.config import SinkConfig
-from pipeline.frame import Frame, FrameResult, Outcome
-from pipeline.sinks import JsonlSink, MemorySink, Mp4OverlaySink, decode_dense_array, to_record
-from stages.common import decode_class_map, encode_class_map
+from blinkflow.config import SinkConfig
+from blinkflow.frame import Frame, FrameResult, Outcome
+from blinkflow.sinks import JsonlSink, MemorySink, Mp4OverlaySink, decode_dense_array, to_record
+from blinkflow.stages.common import decode_class_map, encode_class_map
 from tests.conftest import REPO_ROOT
 
 
@@ -58,7 +58,7 @@ def test_jsonl_omits_dense_flow_unless_asked(tmp_path):
 
 def test_records_match_the_documented_schema():
     jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads((REPO_ROOT / "docs" / "frame-record.schema.json").read_text())
+    schema = json.loads((REPO_ROOT / "pipeline" / "frame-record.schema.json").read_text())
     for include_dense in (False, True):
         record = json.loads(json.dumps(to_record(make_result(2), include_dense)))
         jsonschema.validate(record, schema)
@@ -113,7 +113,7 @@ def test_memory_sink_keeps_results():
 
 
 def test_overlay_caption_says_where_carried_results_came_from():
-    from pipeline.overlay import _caption
+    from blinkflow.overlay import _caption
 
     reused = FrameResult("cam", 7, 0.0, 8, 8, Outcome.REUSED, results={"gate": {"decision": "reuse"}}, reuse_of=4)
     refresh = FrameResult("cam", 8, 0.0, 8, 8, Outcome.PROCESSED,

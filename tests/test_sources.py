@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import SourceConfig, load_config
-from pipeline.errors import ConfigError
-from pipeline.errors import SourceError
-from pipeline.frame import Frame
-from pipeline.sources import StreamEnd, decode_file, open_sources
+from blinkflow.config import SourceConfig, load_config
+from blinkflow.errors import ConfigError
+from blinkflow.errors import SourceError
+from blinkflow.frame import Frame
+from blinkflow.sources import StreamEnd, decode_file, open_sources
 from tests.conftest import write_test_video
 
 # frame counts and rates of the real clips in tests/data/video (see tests/data/SOURCES.md)
@@ -127,7 +127,7 @@ def test_synthetic_source_is_deterministic_by_seed():
 
 
 def test_synthetic_source_can_fix_the_camera_and_the_action():
-    from models.training.scenes import SceneGenerator
+    from blinkflow.models.training.scenes import SceneGenerator
 
     cfg = SourceConfig(type="synthetic", seed=3, width=64, height=48, num_frames=2, action="slide-left",
                        static_camera=True)

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import streams
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.frame import Outcome
-from pipeline.runners.local import LocalRunner
-from pipeline.sinks import MemorySink
-from pipeline.sources import StreamEnd
-from pipeline.streams import (Backoff, RecorderBridge, StreamHub, default_stream_id, redact_text, redact_url,
+from blinkflow import streams
+from blinkflow.config import load_config
+from blinkflow.errors import ConfigError
+from blinkflow.frame import Outcome
+from blinkflow.runners.local import LocalRunner
+from blinkflow.sinks import MemorySink
+from blinkflow.sources import StreamEnd
+from blinkflow.streams import (Backoff, RecorderBridge, StreamHub, default_stream_id, redact_text, redact_url,
                               remember_secrets)
 from tests.conftest import REPO_ROOT, write_test_video
 
@@ -344,7 +344,7 @@ def test_stalled_stream_is_detected_and_reconnected(tmp_path, real_media):
 @needs_rtsp
 def test_rtsp_server_killed_and_restarted_the_stream_reconnects_and_accounts_for_every_frame(
         rtsp_servers, real_media, caplog):
-    from pipeline.metrics import PrometheusRecorder
+    from blinkflow.metrics import PrometheusRecorder
 
     clip = {"cam": real_media / "video" / "bikes.mp4"}
     server = rtsp_servers(mounts=clip, user="viewer", password=PASSWORD)
@@ -400,7 +400,7 @@ class SrtServer:
 @needs_srt
 def test_srt_server_killed_and_restarted_the_relay_reconnects_and_accounts_for_every_frame(
         real_media, monkeypatch, caplog):
-    from pipeline.metrics import PrometheusRecorder
+    from blinkflow.metrics import PrometheusRecorder
 
     monkeypatch.setattr(streams, "pyav_has_protocol", lambda scheme: False)  # relay even if PyAV could read it
     relays: list[subprocess.Popen] = []
@@ -477,7 +477,7 @@ def _request(base: str, method: str, path: str, body: dict | None = None) -> tup
 
 @needs_rtsp
 def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, real_media):
-    from pipeline.control import ControlServer
+    from blinkflow.control import ControlServer
 
     clip = real_media / "video" / "bikes.mp4"
     server = rtsp_servers(mounts={"a": clip, "b": clip})

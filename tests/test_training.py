@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
-from models.training import datasets as ds
-from models.training import metrics
-from models.training.config import DataConfig, load_train_config
-from pipeline.errors import BlinkflowError, ConfigError
+from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from blinkflow.models.training import datasets as ds
+from blinkflow.models.training import metrics
+from blinkflow.models.training.config import DataConfig, load_train_config
+from blinkflow.errors import BlinkflowError, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAIN_CONFIGS = REPO_ROOT / "configs" / "train"
@@ -30,7 +30,7 @@ def smoke_config(task: str, tmp_path: Path, *overrides: str):
 
 
 def quiet_runtime():
-    from models.training.train import Runtime
+    from blinkflow.models.training.train import Runtime
 
     return Runtime(progress=False)
 
@@ -69,9 +69,9 @@ def test_missing_dataset_path_names_the_key(tmp_path):
 
 
 def test_sizes_default_to_the_stage_presets():
-    from stages.action import ActionOptions
-    from stages.flow import FlowOptions
-    from stages.segment import SegmentOptions
+    from blinkflow.stages.action import ActionOptions
+    from blinkflow.stages.flow import FlowOptions
+    from blinkflow.stages.segment import SegmentOptions
 
     data = DataConfig()
     assert ds.input_size("segment", data) == tuple(SegmentOptions().input_size)
@@ -82,8 +82,8 @@ def test_sizes_default_to_the_stage_presets():
 
 
 def test_model_input_is_exactly_what_the_stage_feeds():
-    from pipeline.frame import Frame
-    from stages.common import frames_to_batch
+    from blinkflow.frame import Frame
+    from blinkflow.stages.common import frames_to_batch
 
     image = np.random.default_rng(0).integers(0, 256, (72, 96, 3), dtype=np.uint8)
     stage = frames_to_batch([Frame("s", 0, 0.0, image)], torch.device("cpu"), size=(64, 80))
@@ -99,8 +99,8 @@ def test_resized_flow_is_rescaled_to_the_new_pixels():
 
 
 def test_synthetic_held_out_labels_are_the_generator_ground_truth():
-    from models.training.config import SplitConfig
-    from models.training.scenes import SceneGenerator
+    from blinkflow.models.training.config import SplitConfig
+    from blinkflow.models.training.scenes import SceneGenerator
 
     data = DataConfig(width=64, height=48)
     split = SplitConfig(first_seed=7, clips=1, samples_per_clip=2, frame_step=5)
@@ -111,9 +111,9 @@ def test_synthetic_held_out_labels_are_the_generator_ground_truth():
 
 
 def test_consistency_pairs_are_the_next_frames_and_stay_aligned_through_augmentation():
-    from models.training.config import SplitConfig
-    from models.training.scenes import SceneGenerator
-    from models.training.tasks import make_task
+    from blinkflow.models.training.config import SplitConfig
+    from blinkflow.models.training.scenes import SceneGenerator
+    from blinkflow.models.training.tasks import make_task
 
     data = DataConfig(width=64, height=48)
     split = SplitConfig(first_seed=7, clips=1, samples_per_clip=2, frame_step=5)
@@ -134,8 +134,8 @@ def test_consistency_pairs_are_the_next_frames_and_stay_aligned_through_augmenta
 
 
 def test_paired_segment_loss_adds_the_weighted_disagreement(tmp_path):
-    from models.training.tasks import make_task, pair_disagreement
-    from models.training.train import main
+    from blinkflow.models.training.tasks import make_task, pair_disagreement
+    from blinkflow.models.training.train import main
 
     cfg = smoke_config("segment", tmp_path, "consistency.weight=2.5", "epochs=1")
     task = make_task(cfg)
@@ -154,7 +154,7 @@ def test_paired_segment_loss_adds_the_weighted_disagreement(tmp_path):
 
 
 def test_pair_disagreement_counts_only_pixels_of_one_true_class_in_both_frames():
-    from models.training.tasks import pair_disagreement
+    from blinkflow.models.training.tasks import pair_disagreement
 
     labels = torch.zeros(2, 2, 2, dtype=torch.long)
     labels[1, 0, 0] = 1  # the partner's top-left pixel changed class: it does not count
@@ -170,7 +170,7 @@ def test_pair_disagreement_counts_only_pixels_of_one_true_class_in_both_frames()
 
 
 def test_pair_disagreement_leaves_out_pixels_near_a_class_boundary():
-    from models.training.tasks import pair_disagreement
+    from blinkflow.models.training.tasks import pair_disagreement
 
     labels = torch.zeros(2, 8, 8, dtype=torch.long)
     labels[:, :, 6:] = 1  # a class edge between columns 5 and 6, in both frames
@@ -198,7 +198,7 @@ def test_consistency_is_for_synthetic_segment_training_only(tmp_path):
 
 
 def test_synthetic_action_clips_are_balanced():
-    from models.training.config import SplitConfig
+    from blinkflow.models.training.config import SplitConfig
 
     split = SplitConfig(first_seed=0, clips=14, samples_per_clip=1)
     clips = ds.synthetic_clips(DataConfig(width=32, height=32), split, (16, 16), length=2)
@@ -247,7 +247,7 @@ def test_topk_accuracy_hand_computed():
 
 
 def test_flow_metrics_are_the_shared_ones_and_agree_with_hand_cases():
-    from models import metrics_flow
+    from blinkflow.models import metrics_flow
 
     assert metrics.epe is metrics_flow.epe and metrics.fl_all is metrics_flow.fl_all
     truth = np.zeros((4, 4, 2), np.float32)
@@ -257,7 +257,7 @@ def test_flow_metrics_are_the_shared_ones_and_agree_with_hand_cases():
 
 
 def test_flow_is_evaluated_in_the_truths_pixels():
-    from models.training.tasks import _at_truth_size
+    from blinkflow.models.training.tasks import _at_truth_size
 
     flow = torch.ones(2, 32, 40)  # 1 px right and down at a 40x32 model input
     resampled = _at_truth_size(flow, torch.zeros(64, 120, 2))
@@ -302,7 +302,7 @@ def test_coco_polygon_masks_are_filled(tmp_path):
 
 
 def test_flying_chairs_pairs_are_read(real_media):
-    from models.metrics_flow import read_flo
+    from blinkflow.models.metrics_flow import read_flo
 
     pairs = ds.find_flow_pairs(real_media / "flow")
     assert [p.name for p in pairs[0]] == ["00001_img1.ppm", "00001_img2.ppm", "00001_flow.flo"]
@@ -320,7 +320,7 @@ def _write_png(path: Path) -> None:
 
 
 def test_sintel_and_middlebury_layouts_are_found(tmp_path):
-    from models.metrics_flow import write_flo
+    from blinkflow.models.metrics_flow import write_flo
 
     flow = np.zeros((8, 10, 2), np.float32)
     (tmp_path / "sintel/training/flow/alley").mkdir(parents=True)
@@ -340,7 +340,7 @@ def test_sintel_and_middlebury_layouts_are_found(tmp_path):
 
 
 def test_video_tree_is_read_with_class_per_folder(tmp_path):
-    from models.training.scenes import export_action_tree
+    from blinkflow.models.training.scenes import export_action_tree
 
     export_action_tree(tmp_path / "tree", clips_per_class=1, num_frames=4, width=32, height=32)
     classes, videos = ds.find_video_tree(tmp_path / "tree")
@@ -356,7 +356,7 @@ def test_video_tree_is_read_with_class_per_folder(tmp_path):
 
 @pytest.mark.parametrize("task", TASKS)
 def test_smoke_training_lowers_the_loss(task, tmp_path):
-    from models.training.train import main
+    from blinkflow.models.training.train import main
 
     summary = main(smoke_config(task, tmp_path), resume=False, runtime=quiet_runtime())
     (_, first), (_, last) = summary["history"]["probe_loss"][0], summary["history"]["probe_loss"][-1]
@@ -367,7 +367,7 @@ def test_smoke_training_lowers_the_loss(task, tmp_path):
 
 
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
-    from models.training import train
+    from blinkflow.models.training import train
 
     cfg = smoke_config("segment", tmp_path, "epochs=2", "eval_every=1")
     train.main(cfg, resume=False, runtime=quiet_runtime())
@@ -396,7 +396,7 @@ def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path, monkeypat
 
 
 def test_resuming_with_another_config_is_refused(tmp_path):
-    from models.training.train import CheckpointError, main
+    from blinkflow.models.training.train import CheckpointError, main
 
     main(smoke_config("segment", tmp_path, "epochs=1"), resume=False, runtime=quiet_runtime())
     with pytest.raises(CheckpointError, match=r"checkpoint\.pt: it was trained with a different config \(differs in: seed\)"):
@@ -406,9 +406,9 @@ def test_resuming_with_another_config_is_refused(tmp_path):
 def test_init_starts_from_given_weights_and_records_them(tmp_path):
     """Fine-tuning: with a learning rate of 0 the trained parameters are exactly the init file's, and
     without ``init`` they are not; the run records the file with its sha256 (the manifest gets it)."""
-    from models.training.tasks import make_task
-    from models.training.train import main
-    from models.weights import sha256_file
+    from blinkflow.models.training.tasks import make_task
+    from blinkflow.models.training.train import main
+    from blinkflow.models.weights import sha256_file
 
     main(smoke_config("segment", tmp_path / "first", "epochs=1"), resume=False, runtime=quiet_runtime())
     start = tmp_path / "start.pt"
@@ -437,8 +437,8 @@ def test_init_that_does_not_exist_names_the_key(tmp_path):
 
 
 def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, real_media):
-    from models import weights
-    from pipeline.cli import main as cli
+    from blinkflow.models import weights
+    from blinkflow.cli import main as cli
 
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
     config = str(TRAIN_CONFIGS / "smoke-segment.yaml")
@@ -456,8 +456,8 @@ def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, real_medi
 
 
 def test_eval_reads_an_exported_coco_dataset(tmp_path):
-    from models.training.scenes import SceneGenerator, export_coco
-    from models.training.train import main, run_eval
+    from blinkflow.models.training.scenes import SceneGenerator, export_coco
+    from blinkflow.models.training.train import main, run_eval
 
     cfg = smoke_config("detect", tmp_path, "epochs=1")
     main(cfg, resume=False, runtime=quiet_runtime())
@@ -482,7 +482,7 @@ def ray_two_cpus():
 
 
 def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, ray_two_cpus):
-    from models.training.distributed import train_distributed
+    from blinkflow.models.training.distributed import train_distributed
 
     cfg = smoke_config("segment", tmp_path, "epochs=2", "eval_every=1")
     summary = train_distributed(cfg, workers=2, resume=False)
@@ -497,7 +497,7 @@ def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, ray_two_cpus):
 # --------------------------------------------------------------------------- shipped weights
 
 def shipped_entry(task: str) -> dict:
-    from models.weights import WEIGHTS_DIR, read_manifest
+    from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
 
     # the self-trained entries; converted third-party weights carry a "source"
     entries = [e for e in read_manifest(WEIGHTS_DIR)["weights"] if e["stage"] == task and not e.get("source")]
@@ -507,8 +507,8 @@ def shipped_entry(task: str) -> dict:
 
 @pytest.mark.parametrize("task", TASKS)
 def test_shipped_weights_are_verified_and_reproducible_from_their_config(task, tmp_path):
-    from models.weights import WEIGHTS_DIR, WeightsError, load_state, resolve_weights, sha256_file
-    from models.training.tasks import make_task
+    from blinkflow.models.weights import WEIGHTS_DIR, WeightsError, load_state, resolve_weights, sha256_file
+    from blinkflow.models.training.tasks import make_task
 
     entry = shipped_entry(task)
     path = WEIGHTS_DIR / entry["file"]
@@ -530,7 +530,7 @@ def test_shipped_weights_are_verified_and_reproducible_from_their_config(task, t
 
 
 def test_shipped_weights_fit_the_size_budget():
-    from models.weights import WEIGHTS_DIR, read_manifest
+    from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
 
     entries = read_manifest(WEIGHTS_DIR)["weights"]
     own = sum((WEIGHTS_DIR / e["file"]).stat().st_size for e in entries if not e.get("source"))
@@ -545,7 +545,7 @@ def test_shipped_weights_fit_the_size_budget():
 @pytest.mark.parametrize("task", TASKS)
 def test_shipped_metrics_are_those_of_the_files(task):
     """Re-evaluate each shipped file on its held-out synthetic split: the manifest's numbers are the file's."""
-    from models.training.train import run_eval
+    from blinkflow.models.training.train import run_eval
 
     entry = shipped_entry(task)
     cfg = load_train_config(TRAIN_CONFIGS / f"{task}.yaml", task=task)

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.classes import SYNTHETIC_ACTIONS
-from models.training.config import load_train_config
-from pipeline.errors import ConfigError
+from blinkflow.models.classes import SYNTHETIC_ACTIONS
+from blinkflow.models.training.config import load_train_config
+from blinkflow.errors import ConfigError
 
 TRAIN_CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_device_auto_is_the_gpu_when_there_is_one():
-    from stages.common import resolve_device
+    from blinkflow.stages.common import resolve_device
 
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
@@ -34,7 +34,7 @@ def test_training_device_is_validated(device):
 
 
 def test_mirrored_action_labels_swap_left_and_right_only():
-    from models.training.tasks import _mirrored_labels
+    from blinkflow.models.training.tasks import _mirrored_labels
 
     mirror = _mirrored_labels(list(SYNTHETIC_ACTIONS))
     left, right = SYNTHETIC_ACTIONS.index("slide-left"), SYNTHETIC_ACTIONS.index("slide-right")
@@ -46,7 +46,7 @@ def test_mirrored_action_labels_swap_left_and_right_only():
 
 
 def test_action_flips_mirror_the_clip_and_swap_its_label(tmp_path):
-    from models.training.tasks import make_task
+    from blinkflow.models.training.tasks import make_task
 
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-action.yaml", [f"out_dir={tmp_path}", "data.flip=true"], task="action")
     task = make_task(cfg)
@@ -79,9 +79,9 @@ class _ConstantFlow(torch.nn.Module):
 
 
 def test_flow_epe_on_moving_pixels_hand_computed(tmp_path):
-    from models.training.datasets import FlowExamples
-    from models.training.tasks import make_task
-    from models.training.train import make_loader
+    from blinkflow.models.training.datasets import FlowExamples
+    from blinkflow.models.training.tasks import make_task
+    from blinkflow.models.training.train import make_loader
 
     cfg = load_train_config(TRAIN_CONFIGS / "smoke-flow.yaml", [f"out_dir={tmp_path}"], task="flow")
     task = make_task(cfg)
@@ -100,14 +100,14 @@ def test_flow_epe_on_moving_pixels_hand_computed(tmp_path):
 
 
 def _ship_one(folder: str, stage: str) -> None:
-    from models.weights import save_shipped
+    from blinkflow.models.weights import save_shipped
 
     save_shipped(torch.nn.Linear(2, 2), stage=stage, model_name="tiny", classes=None, config={"stage": stage},
                  metrics={"value": 1.0}, out_dir=Path(folder))
 
 
 def test_runs_shipping_at_once_all_land_in_the_manifest(tmp_path):
-    from models.weights import read_manifest
+    from blinkflow.models.weights import read_manifest
 
     stages = ["segment", "flow", "action", "detect"] * 3
     with multiprocessing.get_context("spawn").Pool(4) as pool:
@@ -118,7 +118,7 @@ def test_runs_shipping_at_once_all_land_in_the_manifest(tmp_path):
 
 
 def test_record_replaces_metrics_and_keeps_how_the_weights_were_trained(tmp_path):
-    from models.weights import WeightsError, record_metrics, save_shipped
+    from blinkflow.models.weights import WeightsError, record_metrics, save_shipped
 
     save_shipped(torch.nn.Linear(2, 2), stage="flow", model_name="tiny", classes=None, config={},
                  metrics={"epe": 0.5, "train_seconds": 12.0, "steps": 30, "epochs": 2, "trained_on": "cuda (GPU)"},
@@ -132,8 +132,8 @@ def test_record_replaces_metrics_and_keeps_how_the_weights_were_trained(tmp_path
 
 
 def test_cli_eval_record_writes_this_machines_numbers(tmp_path, monkeypatch, capsys):
-    from models import weights
-    from pipeline.cli import main as cli
+    from blinkflow.models import weights
+    from blinkflow.cli import main as cli
 
     monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
     config = str(TRAIN_CONFIGS / "smoke-flow.yaml")

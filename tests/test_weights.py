@@ -13,10 +13,10 @@ import pytest
 import torch
 from torch import nn
 
-import models.weights as weights
-from models.registry import ModelEntry
-from models.weights import WeightsError, load_state, resolve_weights, save_shipped, sha256_file
-from pipeline.errors import BlinkflowError
+import blinkflow.models.weights as weights
+from blinkflow.models.registry import ModelEntry
+from blinkflow.models.weights import WeightsError, load_state, resolve_weights, save_shipped, sha256_file
+from blinkflow.errors import BlinkflowError
 
 CLASSES = ["background", "disc", "square"]
 
@@ -195,10 +195,10 @@ def test_file_beside_a_manifest_gets_its_checksum_and_classes(tmp_path):
 @pytest.fixture
 def ssdlite_entry(monkeypatch, tmp_path):
     """Point the registry at a torchvision enum and the torch hub at an empty folder."""
-    import models.registry
+    from blinkflow.models import registry
 
     entry = ModelEntry("ssdlite320_mobilenet_v3_large", "detect", tiny_model, "SSDLite320_MobileNet_V3_Large_Weights")
-    monkeypatch.setattr(models.registry, "get_model_entry", lambda name, task=None: entry)
+    monkeypatch.setattr(registry, "get_model_entry", lambda name, task=None: entry)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     return tmp_path / "hub" / "checkpoints"
 

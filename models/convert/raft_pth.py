@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from models.weights import WeightsError
+from blinkflow.models.weights import WeightsError
 
 CLASSES = None
 MODEL_ARGS: dict[str, Any] = {}
@@ -70,7 +70,6 @@ def _check_norm3_twins(source: Path, state: dict) -> None:
 
 def storage_check(model32: Any, model16: Any) -> dict:
     """Flow on a seeded textured pair moved by a known shift: fp16 storage is ok within 0.01 px."""
-    import torch
 
     first, second = probe_pair()
     flow32 = model32(first, second)

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from models.classes import coco_categories
-from models.weights import WeightsError
+from blinkflow.models.classes import coco_categories
+from blinkflow.models.weights import WeightsError
 
 CLASSES = coco_categories()
 MODEL_ARGS: dict[str, Any] = {}
@@ -65,7 +65,7 @@ def convert(source: Path) -> dict:
     """The export's conv weights and biases under the backend's names, fp32."""
     import torch
 
-    from models.yolox import PIXEL_SCALE, YOLOX
+    from blinkflow.models.yolox import PIXEL_SCALE, YOLOX
 
     graph = _load_graph(source)
     model = YOLOX(num_classes=len(CLASSES))

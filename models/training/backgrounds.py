@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.training.config import SplitConfig, resolved_backgrounds
-from pipeline.errors import BlinkflowError
+from blinkflow.models.training.config import SplitConfig, resolved_backgrounds
+from blinkflow.errors import BlinkflowError
+from blinkflow.models.training.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, DatasetError, read_image, read_video_frames
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,6 @@ class BackgroundError(BlinkflowError):
 
 def _iter_files(paths: list[str]) -> list[Path]:
     """Files of ``paths`` (a folder contributes its images and videos, sorted)."""
-    from models.training.datasets import IMAGE_SUFFIXES, VIDEO_SUFFIXES
-
     usable = IMAGE_SUFFIXES + VIDEO_SUFFIXES
     files: list[Path] = []
     for value in paths:
@@ -72,24 +71,18 @@ def _iter_files(paths: list[str]) -> list[Path]:
 
 
 def _video_frames(path: Path) -> list[np.ndarray]:
-    from pipeline.config import SourceConfig
-    from pipeline.sources import iter_video_frames
-
-    config = SourceConfig(type="file", path=str(path), max_frames=VIDEO_FRAME_STEP * MAX_FRAMES_PER_VIDEO)
     try:
-        return [f.image for i, f in enumerate(iter_video_frames(path, path.stem, config)) if i % VIDEO_FRAME_STEP == 0]
+        return read_video_frames(path, VIDEO_FRAME_STEP * MAX_FRAMES_PER_VIDEO, VIDEO_FRAME_STEP)
     except BlinkflowError as exc:
         raise BackgroundError(str(exc)) from None
 
 
 def _file_frames(path: Path) -> list[np.ndarray]:
-    from models.training.datasets import VIDEO_SUFFIXES, DatasetError, _read_image
-
     if path.suffix.lower() in VIDEO_SUFFIXES:
         frames = _video_frames(path)
     else:
         try:
-            frames = [_read_image(path)]
+            frames = [read_image(path)]
         except DatasetError as exc:
             raise BackgroundError(str(exc)) from None
     if not frames:

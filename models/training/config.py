@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.config import DEVICE_PATTERN, _field, apply_override, read_yaml, resolve_path, structure_dataclass
-from pipeline.errors import ConfigError
+from blinkflow.schema import _field, apply_override, read_yaml, resolve_path, structure_dataclass
+from blinkflow.devices import DEVICE_PATTERN
+from blinkflow.errors import ConfigError
 
 TASKS = ("detect", "segment", "flow", "action")
 #: held-out synthetic clips start here by default, far from any training seed
@@ -150,8 +151,8 @@ def load_train_config(
 
 def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None) -> None:
     """Cross-field checks: task and model agree, real data exists, splits do not overlap."""
-    from models.registry import get_model_entry
-    from pipeline.errors import RegistryError
+    from blinkflow.models.registry import get_model_entry
+    from blinkflow.errors import RegistryError
 
     if task is not None and cfg.task != task:
         raise ConfigError(f"task: the config trains {cfg.task!r} but the command asked for {task!r}; use the {task} config")
@@ -236,7 +237,7 @@ def _check_consistency(cfg: TrainConfig) -> None:
 
 def _check_init(cfg: TrainConfig, base_dir: Path) -> None:
     """``init`` names weights that exist for this task's model (a relative file is found beside the config too)."""
-    from models.weights import WeightsError, resolve_weights
+    from blinkflow.models.weights import WeightsError, resolve_weights
 
     if cfg.init is None:
         return

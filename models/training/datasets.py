@@ -35,18 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
-from models.training.config import DataConfig, SplitConfig
-from pipeline.errors import BlinkflowError
+from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from blinkflow.models.training.config import DataConfig, SplitConfig
+from blinkflow.models.training.media import IMAGE_SUFFIXES, VIDEO_SUFFIXES, DatasetError, read_image, read_video_frames  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
-IMAGE_SUFFIXES = (".png", ".ppm", ".jpg", ".jpeg", ".bmp")
-
-
-class DatasetError(BlinkflowError):
-    """A dataset path or file that cannot be read; the message names it and the fix."""
 
 
 # --------------------------------------------------------------------------- presets
@@ -72,8 +66,8 @@ def clip_len(data: DataConfig) -> int:
 
 def to_model_input(images: list[np.ndarray], size: tuple[int, int] | None) -> torch.Tensor:
     """(N, 3, h, w) uint8: the stage's own resize (:func:`stages.common.frames_to_batch`), kept lossless."""
-    from pipeline.frame import Frame
-    from stages.common import frames_to_batch
+    from blinkflow.frame import Frame
+    from blinkflow.stages.common import frames_to_batch
 
     frames = [Frame(stream_id="train", index=i, pts=0.0, image=image) for i, image in enumerate(images)]
     batch = frames_to_batch(frames, torch.device("cpu"), size=size)
@@ -178,11 +172,11 @@ def sample_times(split: SplitConfig) -> list[int]:
 
 def _scene(seed: int, data: DataConfig, action: str | None = None, split: SplitConfig | None = None):
     """Clip ``seed``; over a real background when the split has them and the seed draws one."""
-    from models.training.scenes import SceneGenerator
+    from blinkflow.models.training.scenes import SceneGenerator
 
     background = None
     if split is not None and (split.backgrounds or split.clutter_fraction):
-        from models.training.backgrounds import clip_background
+        from blinkflow.models.training.backgrounds import clip_background
 
         background = clip_background(seed, split, data.width, data.height)
     return SceneGenerator(seed, data.width, data.height, data.num_objects, action, background=background)
@@ -301,16 +295,7 @@ def coco_label_map(coco: CocoData, classes: list[str] | None) -> tuple[list[str]
     return classes, mapping
 
 
-def _read_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
-    except OSError as exc:
-        raise DatasetError(f"{path}: cannot read the image ({exc}); check the dataset's file names") from None
-
-
+_read_image = read_image  # the name the readers below use
 def _coco_mask(annotation: dict, height: int, width: int) -> np.ndarray:
     """The annotation's mask from RLE (compressed or not) or polygons, via pycocotools."""
     from pycocotools import mask as mask_utils
@@ -422,7 +407,7 @@ def _existing(folder: Path, first: str, second: str, flo: Path) -> tuple[Path, P
 
 
 def flow_pairs_dataset(pairs: list[tuple[Path, Path, Path]], size: tuple[int, int]) -> FlowExamples:
-    from models.metrics_flow import read_flo
+    from blinkflow.models.metrics_flow import read_flo
 
     firsts, seconds, flows, natives = [], [], [], []
     for first, second, flo in pairs:
@@ -465,12 +450,10 @@ def find_video_tree(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]
 
 
 def read_clip(path: Path, length: int, size: tuple[int, int]) -> torch.Tensor:
-    """(3, T, h, w) uint8: the first ``length`` frames as the pipeline decodes them (the last repeats if short)."""
-    from pipeline.config import SourceConfig
-    from pipeline.sources import iter_video_frames
-
-    config = SourceConfig(type="file", path=str(path), max_frames=length)
-    images = [frame.image for frame in iter_video_frames(path, path.stem, config)]
+    """(3, T, h, w) uint8: the first ``length`` frames, RGB as the pipeline decodes them (the last repeats if short)."""
+    images = read_video_frames(path, length)
+    if not images:
+        raise DatasetError(f"{path}: no frames decoded; replace the clip or drop it")
     images += [images[-1]] * (length - len(images))
     return to_model_input(images, size).transpose(0, 1)
 

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from models.training.config import TrainConfig
-from models.training.train import CHECKPOINT_NAME, METRICS_NAME, Runtime, _write_checkpoint, main
-from pipeline.errors import BlinkflowError
+from blinkflow.models.training.config import TrainConfig
+from blinkflow.models.training.train import CHECKPOINT_NAME, METRICS_NAME, Runtime, _write_checkpoint, main
+from blinkflow.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class RayRuntime(Runtime):
     def load_checkpoint(self, out_dir: Path) -> dict | None:
         import ray.train
 
-        from models.training.train import _read_checkpoint
+        from blinkflow.models.training.train import _read_checkpoint
 
         checkpoint = ray.train.get_checkpoint() if self.resume else None
         if checkpoint is None:
@@ -122,8 +122,9 @@ def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, sh
     out_dir = Path(cfg.out_dir).resolve()
     if not resume:
         shutil.rmtree(out_dir / RAY_RUN_NAME, ignore_errors=True)
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
+    from blinkflow.ray_session import start_ray
+
+    start_ray()
     # auto: GPUs when the cluster has them, like a single-process run
     use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     trainer = TorchTrainer(

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from models.metrics_flow import endpoint_errors, epe, fl_all  # noqa: F401 - re-exported
+from blinkflow.models.metrics_flow import endpoint_errors, epe, fl_all  # noqa: F401 - re-exported
 
 __all__ = ["box_map", "confusion_matrix", "segmentation_scores", "topk_accuracy", "epe", "fl_all", "endpoint_errors"]
 

@@ -60,7 +60,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
 
 log = logging.getLogger(__name__)
 

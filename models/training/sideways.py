@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.training.config import TrainConfig
+from blinkflow.models.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SidewaysWorker:
         (output for the stage above, gradient for the stage below, loss)."""
         if x is None:
             return None, None, None
-        from models.depth import map_tensors
+        from blinkflow.models.depth import map_tensors
 
         started = time.perf_counter()
         x = map_tensors(x, lambda t: t.detach().requires_grad_(self.stage.index > 0))
@@ -171,10 +171,9 @@ class RaySideways:
 
         import ray
 
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            ray.init(num_cpus=max(2, split.num_stages), include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
+        from blinkflow.ray_session import start_ray
+
+        self._owns_ray = start_ray(num_cpus=max(2, split.num_stages))
         last = split.num_stages - 1
         actor = ray.remote(SidewaysWorker).options(num_cpus=num_cpus)
         self.workers = [
@@ -241,8 +240,8 @@ class RunResult:
 
 def build_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     """(task, training loader, held-out loader): the same data ``blinkflow train action`` uses."""
-    from models.training.tasks import make_task
-    from models.training.train import make_loader
+    from blinkflow.models.training.tasks import make_task
+    from blinkflow.models.training.train import make_loader
 
     task = make_task(cfg)
     train_set = task.train_set()
@@ -252,7 +251,7 @@ def build_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
 
 
 def fresh_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     torch.manual_seed(cfg.seed)
     return build_model(cfg.model, task="action", num_classes=num_classes, **cfg.model_args)
@@ -260,7 +259,7 @@ def fresh_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 
 def train_sideways(cfg: TrainConfig, data: tuple, stages: int = 2, executor: str = "local") -> tuple[RunResult, nn.Module]:
     """Sideways training of a fresh ``cfg.model`` for ``cfg.epochs`` epochs; returns the result and the model."""
-    from models.depth import split_model
+    from blinkflow.models.depth import split_model
 
     task, loader, val_loader = data
     model = fresh_model(cfg, len(loader.dataset.classes)).train()
@@ -305,7 +304,7 @@ def train_backprop(cfg: TrainConfig, data: tuple) -> tuple[RunResult, nn.Module]
 def compare(cfg: TrainConfig, stages: int = 2, executors: Sequence[str] = ("local",), baseline: bool = True) -> dict:
     """Train with Sideways (each executor) and, side by side, with ordinary backprop; same data and init."""
     if cfg.task != "action" or cfg.model != "causal3d_small":
-        from pipeline.errors import ConfigError
+        from blinkflow.errors import ConfigError
 
         raise ConfigError(f"--sideways trains the streaming causal3d_small action model; got {cfg.task}/{cfg.model}")
     torch.set_num_threads(cfg.threads)
@@ -342,7 +341,7 @@ def format_report(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from models.training.config import load_train_config
+    from blinkflow.models.training.config import load_train_config
 
     parser = argparse.ArgumentParser(prog="python -m models.training.sideways", description=__doc__.splitlines()[0])
     parser.add_argument("--config", type=Path, default=Path("configs/train/smoke-action.yaml"))

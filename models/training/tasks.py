@@ -23,10 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
-from models.training import datasets as ds
-from models.training import metrics
-from models.training.config import TrainConfig
+from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+from blinkflow.models.training import datasets as ds
+from blinkflow.models.training import metrics
+from blinkflow.models.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Task:
         """The classes of the ``init`` weights (fine-tuning keeps their head on a real dataset), else None."""
         if self.cfg.init is None:
             return None
-        from models.weights import resolve_weights
+        from blinkflow.models.weights import resolve_weights
 
         return resolve_weights(self.cfg.init, stage=self.name, model_name=self.cfg.model).classes
 
@@ -66,7 +66,7 @@ class Task:
         return self.real_set(path, classes) if path else self.synthetic_set(self.cfg.data.val, native=True)
 
     def build_model(self, classes: list[str] | None) -> torch.nn.Module:
-        from models.registry import build_model
+        from blinkflow.models.registry import build_model
 
         return build_model(self.cfg.model, task=self.name, num_classes=len(classes), **self.cfg.model_args)
 
@@ -242,7 +242,7 @@ class FlowTask(Task):
     name, primary, higher_is_better = "flow", "epe", False
 
     def build_model(self, classes: list[str] | None) -> torch.nn.Module:
-        from models.registry import build_model
+        from blinkflow.models.registry import build_model
 
         return build_model(self.cfg.model, task=self.name, **self.cfg.model_args)
 
@@ -262,7 +262,7 @@ class FlowTask(Task):
         return first.to(device), second.to(device), flow.to(device), natives
 
     def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
-        from models.flownet import RaftFlow, multiscale_epe_loss
+        from blinkflow.models.flownet import RaftFlow, multiscale_epe_loss
 
         first, second, flow, _ = batch
         predictions = model(first, second)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,12 +36,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from stages.common import resolve_device
+from blinkflow.devices import resolve_device
 
-from models.training.config import OptimConfig, TrainConfig
-from models.training.tasks import Task, make_task, unwrap
-from pipeline.errors import BlinkflowError
-from pipeline.files import atomic_path
+from blinkflow.models.training.config import OptimConfig, TrainConfig
+from blinkflow.models.training.tasks import Task, make_task, unwrap
+from blinkflow.errors import BlinkflowError
+from blinkflow.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ def initialise(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
     ``init: shipped`` names a file that shipping this run replaces, so the name alone would not reproduce it."""
     if cfg.init is None:
         return None
-    from models.weights import load_state, resolve_weights, sha256_file
+    from blinkflow.models.weights import load_state, resolve_weights, sha256_file
 
     spec = resolve_weights(cfg.init, stage=cfg.task, model_name=cfg.model)
     fresh = load_state(model, spec, fresh_head=True)  # other classes than the init's: a new head, the rest kept
@@ -154,7 +153,7 @@ def initialise(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
 def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[str] | None, summary: dict, ship: bool) -> None:
     """Write metrics.json beside the checkpoint and, when shipping, the weights and their manifest entry."""
     if ship:
-        from models.weights import save_shipped
+        from blinkflow.models.weights import save_shipped
 
         shipped = {**summary["metrics"], "evaluated_on": describe_eval_set(cfg), "train_seconds": summary["seconds"],
                    "epochs": summary["epochs"], "steps": summary["steps"], "trained_on": summary["trained_on"]}
@@ -194,7 +193,7 @@ def describe_eval_set(cfg: TrainConfig) -> str:
 def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None = None) -> dict:
     """Metrics of ``weights`` (default: the run's checkpoint, else the shipped weights) on ``data``
     (a real dataset; default: ``data.val_path``, else the synthetic held-out split)."""
-    from models.weights import load_state
+    from blinkflow.models.weights import load_state
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -215,7 +214,7 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
 
 def eval_weights_spec(cfg: TrainConfig, weights: str | None) -> Any:
     """``None``: the run's checkpoint when there is one, else the shipped weights."""
-    from models.weights import resolve_weights
+    from blinkflow.models.weights import resolve_weights
 
     if weights is None:
         checkpoint = Path(cfg.out_dir) / CHECKPOINT_NAME

@@ -12,9 +12,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.frame import Accounting, Frame, FrameResult, Outcome
-from pipeline.skip import CarryOver
-from pipeline.metrics import NULL_RECORDER, MetricsRecorder
+from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
+from blinkflow.skip import CarryOver
+from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 
 log = logging.getLogger(__name__)
 

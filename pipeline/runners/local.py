@@ -12,12 +12,12 @@ import logging
 import time
 from typing import Any, Callable
 
-from pipeline.config import Config
-from pipeline.frame import Accounting, Frame, FrameResult, Outcome
-from pipeline.graph import build_graph
-from pipeline.metrics import NULL_RECORDER, MetricsRecorder
-from pipeline.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
-from pipeline.sources import StreamEnd, open_sources
+from blinkflow.config import Config
+from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
+from blinkflow.graph import build_graph
+from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
+from blinkflow.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
+from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
 

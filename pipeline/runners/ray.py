@@ -41,14 +41,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from pipeline.config import Config
-from pipeline.depth_parallel import attach_depth_parallel, depth_parallel_of
-from pipeline.errors import BlinkflowError, StageError
-from pipeline.frame import Accounting, Frame, FrameResult, Outcome
-from pipeline.graph import StageSpec, build_graph
-from pipeline.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
-from pipeline.runners.base import OrderedOutput, RunSummary, setup_stage
-from pipeline.sources import StreamEnd, open_sources
+from blinkflow.config import Config
+from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
+from blinkflow.errors import BlinkflowError, StageError
+from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
+from blinkflow.graph import StageSpec, build_graph
+from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
+from blinkflow.runners.base import OrderedOutput, RunSummary, setup_stage
+from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
 
@@ -495,44 +495,14 @@ def _put(value: Any) -> Any:
 
 
 def init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
-    """Connect to ``runtime.address`` or start a local instance; return True if we started it."""
-    import ray
+    """Connect to ``runtime.address`` or start a private local instance; return True if we started it."""
+    from blinkflow.ray_session import start_ray
 
-    if ray.is_initialized():
-        return False
     if cfg.runtime.address:
-        _check_reachable(cfg.runtime.address)
-        try:
-            ray.init(address=cfg.runtime.address, logging_level=logging.WARNING, log_to_driver=False)
-        except (ConnectionError, ValueError, RuntimeError) as exc:
-            raise BlinkflowError(
-                f"runtime.address: cannot connect to the Ray cluster at {cfg.runtime.address!r} ({exc}); "
-                "check it is running (`ray status`) or remove runtime.address to start a local one"
-            ) from None
-        return True
+        return start_ray(cfg.runtime.address)
     wanted = sum(
         getattr(getattr(s.cfg, "resources", None), "num_cpus", 1.0) * getattr(s.cfg, "replicas", 1)
         * (1 + (depth_parallel_of(s) if depth_parallel_of(s) > 1 else 0))  # the stage actor plus its slice actors
         for s in specs
     )
-    num_cpus = cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
-    return True
-
-
-def _check_reachable(address: str) -> None:
-    """Fail in seconds, not minutes, when the cluster's GCS port does not answer."""
-    import socket
-
-    host_port = address.split("://", 1)[-1]
-    host, _, port = host_port.rpartition(":")
-    if address == "auto" or not host or not port.isdigit():
-        return
-    try:
-        with socket.create_connection((host, int(port)), timeout=5):
-            return
-    except OSError as exc:
-        raise BlinkflowError(
-            f"runtime.address: cannot connect to the Ray cluster at {address!r} ({exc.strerror or exc}); "
-            "check it is running (`ray status`) or remove runtime.address to start a local one"
-        ) from None
+    return start_ray(None, cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999)))

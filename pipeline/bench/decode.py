@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.files import atomic_path
-from pipeline.bench import (
+from blinkflow.files import atomic_path
+from blinkflow.bench.common import (
     Measurement, fps_cell, machine_info, machine_line, markdown_table, publish, results_dir,
 )
 
@@ -25,14 +25,14 @@ log = logging.getLogger(__name__)
 
 _RTIME = re.compile(r"rtime=([0-9.]+)s")
 
-SHARED_VIDEO = Path(__file__).resolve().parent.parent / "tests" / "data" / "video"
+SHARED_VIDEO = Path(__file__).resolve().parents[2] / "tests" / "data" / "video"
 
 
 def make_h264_clip(path: Path, width: int = 1280, height: int = 720, frames: int = 120, fps: int = 30) -> Path:
     """A moving synthetic 720p H.264 clip, encoded once and cached."""
     import av
 
-    from models.training.scenes import SceneGenerator
+    from blinkflow.models.training.scenes import SceneGenerator
 
     if path.exists():
         return path

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench import machine_info, machine_line, markdown_table, publish
-from pipeline.frame import Frame
+from blinkflow.bench.common import machine_info, machine_line, markdown_table, publish
+from blinkflow.frame import Frame
 
 
 #: seconds one compiled-graph round trip may take before it counts as hung
@@ -45,9 +45,9 @@ def _time_calls(call, payload: Any, iterations: int) -> list[float]:
 def bench_overhead(stages: int = 3, iterations: int = 200, width: int = 320, height: int = 240, write: bool = True) -> dict:
     import ray
 
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(num_cpus=max(2, stages), include_dashboard=False, log_to_driver=False)
+    from blinkflow.ray_session import start_ray
+
+    owns = start_ray(num_cpus=max(2, stages))
     try:
         actors = [ray.remote(_Identity).options(num_cpus=0.1).remote() for _ in range(stages)]
         payload = _frame(width, height)

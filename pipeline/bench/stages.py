@@ -15,8 +15,8 @@ import statistics
 import time
 from typing import Any
 
-from pipeline.bench import machine_info, machine_line, markdown_table, publish
-from pipeline.frame import Frame
+from blinkflow.bench.common import machine_info, machine_line, markdown_table, publish
+from blinkflow.frame import Frame
 
 log = logging.getLogger(__name__)
 
@@ -29,15 +29,15 @@ ACTION_INPUT = {"mvit_v2_s": {"clip_len": 16, "input_size": [224, 224]}}
 
 
 def synthetic_frames(count: int, width: int, height: int) -> list[Any]:
-    from models.training.scenes import SceneGenerator
+    from blinkflow.models.training.scenes import SceneGenerator
 
     generator = SceneGenerator(seed=11, width=width, height=height)
     return [generator.render_image(t) for t in range(count)]
 
 
 def build_stage(task: str, backend: str, batch: int, device: str, variant: str, width: int, height: int):
-    from pipeline.config import StageConfig, structure_dataclass
-    from pipeline.registry import stages
+    from blinkflow.config import StageConfig, structure_dataclass
+    from blinkflow.registry import stages
 
     cls = stages.get(task)
     options: dict[str, Any] = dict(ACTION_INPUT.get(backend, {})) if task == "action" else {}
@@ -78,7 +78,7 @@ def time_stage(stage: Any, images: list[Any], batch: int, repetitions: int, warm
 
 def bench_stages(quick: bool = False, batches: tuple[int, ...] = (1, 4, 16), width: int = 320, height: int = 240,
                  repetitions: int = 3, write: bool = True) -> dict[str, Any]:
-    from models.registry import model_names
+    from blinkflow.models.registry import model_names
 
     if quick:
         batches, width, height, repetitions = (1, 4), 160, 120, 1
@@ -182,7 +182,7 @@ DEMO_VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 def bench_demo_stages(quick: bool = False, repetitions: int = 2, write: bool = True) -> dict[str, Any]:
     """Each real-model stage of configs/demo.yaml (shipped weights) on the demo clip's frames, with its speed knobs."""
-    from pipeline.bench import REPO_ROOT
+    from blinkflow.bench.common import REPO_ROOT
 
     config = REPO_ROOT / "configs" / "demo.yaml"
     images = _demo_frames(config, 8 if quick else 32)
@@ -213,8 +213,8 @@ def bench_demo_stages(quick: bool = False, repetitions: int = 2, write: bool = T
 def _demo_frames(config: Any, count: int) -> list[Any]:
     from pathlib import Path
 
-    from pipeline.config import load_config
-    from pipeline.sources import decode_file
+    from blinkflow.config import load_config
+    from blinkflow.sources import decode_file
 
     source = load_config(config).sources[0]
     return [f.image for f in decode_file(Path(source.path), "demo", source)][:count]
@@ -222,8 +222,8 @@ def _demo_frames(config: Any, count: int) -> list[Any]:
 
 def _measure_demo(config: Any, task: str, label: str, overrides: tuple[str, ...], images: list[Any],
                   repetitions: int) -> dict[str, Any]:
-    from pipeline.config import load_config
-    from pipeline.registry import stages
+    from blinkflow.config import load_config
+    from blinkflow.registry import stages
 
     cfg = load_config(config, list(overrides)).stages[task]
     record: dict[str, Any] = {"stage": task, "backend": cfg.model, "setting": label, "batch": cfg.batch,

@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
-from pipeline.bench import Measurement, display_path, fps_cell, machine_info, machine_line, markdown_table, publish
-from pipeline.config import Config, load_config
+from blinkflow.bench.common import Measurement, display_path, fps_cell, machine_info, machine_line, markdown_table, publish
+from blinkflow.config import Config, load_config
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def only_stage(cfg: Config, name: str) -> Config:
 
 def run_frames(cfg: Config, runner: str, metrics: Any = None, busy: dict[str, list[float]] | None = None) -> tuple[int, float]:
     """(frames, processing seconds) of one run; ``busy`` collects each stage's compute time ÷ processing time."""
-    from pipeline.runners import get_runner
+    from blinkflow.runners import get_runner
 
     summary = get_runner(runner)(cfg, metrics=metrics).run()
     if busy is not None:
@@ -55,8 +55,8 @@ def ray_session(cfg: Config) -> Iterator[None]:
     """
     import ray
 
-    from pipeline.graph import build_graph
-    from pipeline.runners.ray import init_ray
+    from blinkflow.graph import build_graph
+    from blinkflow.runners.ray import init_ray
 
     owns = init_ray(cfg, build_graph(cfg))  # the stage specs the runner sizes Ray by
     try:
@@ -69,7 +69,7 @@ def ray_session(cfg: Config) -> Iterator[None]:
 @contextlib.contextmanager
 def scraped_metrics(interval_s: float = 1.0) -> Iterator[Any]:
     """A served recorder that a thread scrapes every ``interval_s``, as a (busy) Prometheus would."""
-    from pipeline.metrics import MetricsExporter, PrometheusRecorder
+    from blinkflow.metrics import MetricsExporter, PrometheusRecorder
 
     stop = threading.Event()
     with MetricsExporter(PrometheusRecorder(), "127.0.0.1", 0) as exporter:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import machine_info, machine_line, markdown_table, write_section
+from blinkflow.bench.common import machine_info, machine_line, markdown_table, write_section
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _stream_model(size: int, streams: int = 1) -> tuple[Any, list[Any]]:
     """The causal net and a pool of ticks, each one frame of each of ``streams`` streams, batched."""
     import torch
 
-    from models.registry import build_model
+    from blinkflow.models.registry import build_model
 
     torch.manual_seed(0)
     model = build_model("causal3d_small", task="action", num_classes=7).eval()
@@ -211,14 +211,14 @@ def _gpu_share(k: int) -> float:
 
 
 def _split(model: Any, k: int, example: Any) -> Any:
-    from models.depth import split_model
+    from blinkflow.models.depth import split_model
 
     device = next(model.parameters()).device  # the monolithic run left the model on the bench device
     return split_model(model, k, example_input=example.to(device), repeats=5)
 
 
 def run_stream_workload(size: int, frames: int, repetitions: int, streams: int = 1) -> list[Variant]:
-    from pipeline.depth_parallel import DepthPipeline
+    from blinkflow.depth_parallel import DepthPipeline
 
     model, pool = _stream_model(size, streams)
     inputs = [pool[i % len(pool)] for i in range(frames)]
@@ -238,8 +238,8 @@ def run_stream_workload(size: int, frames: int, repetitions: int, streams: int =
 def run_clip_workload(model_name: str, clip_len: int, size: int, clips: int, repetitions: int) -> list[Variant]:
     import torch
 
-    from models.registry import build_model
-    from pipeline.depth_parallel import DepthPipeline
+    from blinkflow.models.registry import build_model
+    from blinkflow.depth_parallel import DepthPipeline
 
     torch.manual_seed(0)
     model = build_model(model_name, task="action", num_classes=7).eval()
@@ -281,10 +281,9 @@ def bench_depth(frames: int = DEFAULT_FRAMES, repetitions: int = 3, write: bool 
         clip_model, clips, clip_len, clip_size = QUICK["clip_model"], QUICK["clips"], QUICK["clip_len"], QUICK["clip_size"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
+    from blinkflow.ray_session import start_ray
+
+    owns = start_ray(num_cpus=max(os.cpu_count() or 1, 4))
     load_before = os.getloadavg()
     try:
         stream = run_stream_workload(stream_size, frames, repetitions, streams)
@@ -308,7 +307,7 @@ def bench_depth(frames: int = DEFAULT_FRAMES, repetitions: int = 3, write: bool 
 
 # --------------------------------------------------------------------------- Sideways vs backprop
 
-SIDEWAYS_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "train" / "smoke-action.yaml"
+SIDEWAYS_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "train" / "smoke-action.yaml"
 #: the full comparison (about 2 minutes on one core): 8-frame clips, 60 clips per action to train on, 10 held out
 SIDEWAYS_FULL = ["epochs=8", "data.clip_len=8", "data.train.clips=420", "data.val.clips=70"]
 SIDEWAYS_QUICK = ["epochs=2"]
@@ -323,8 +322,8 @@ def run_sideways_comparison(quick: bool = False, stages: int = 2) -> dict:
     """
     import tempfile
 
-    from models.training.config import load_train_config
-    from models.training.sideways import compare
+    from blinkflow.models.training.config import load_train_config
+    from blinkflow.models.training.sideways import compare
 
     with tempfile.TemporaryDirectory(prefix="blinkflow-sideways-") as out_dir:
         overrides = [*(SIDEWAYS_QUICK if quick else SIDEWAYS_FULL), f"out_dir={out_dir}"]

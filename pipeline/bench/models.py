@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.bench import REPO_ROOT, machine_info, machine_line, markdown_table, save_json, write_section
+from blinkflow.bench.common import REPO_ROOT, machine_info, machine_line, markdown_table, save_json, write_section
 
 log = logging.getLogger(__name__)
 
@@ -69,8 +69,8 @@ def bench_models(quick: bool = False, write: bool = True) -> dict[str, Any]:
 
 
 def _stage(task: str, model: str, **options: Any) -> Any:
-    from pipeline.config import StageConfig, structure_dataclass
-    from pipeline.registry import stages
+    from blinkflow.config import StageConfig, structure_dataclass
+    from blinkflow.registry import stages
 
     cls = stages.get(task)
     cfg = StageConfig(model=model, weights="shipped", batch=1, device="cpu",
@@ -87,7 +87,7 @@ def _image(path: Path) -> np.ndarray:
 
 
 def _run(stage: Any, image: np.ndarray, index: int = 0) -> dict:
-    from pipeline.frame import Frame
+    from blinkflow.frame import Frame
 
     frame = Frame("bench", index, float(index), image)
     stage.process([frame])
@@ -96,7 +96,7 @@ def _run(stage: Any, image: np.ndarray, index: int = 0) -> dict:
 
 def detect_quality() -> dict[str, Any]:
     """mAP of yolox_nano on the COCO sample (a low score cut, as COCO evaluation expects) and dog.jpg's boxes."""
-    from models.formats import detections_to_coco
+    from blinkflow.models.formats import detections_to_coco
 
     coco = things_only(json.loads((DATA / "coco" / "detections.json").read_text()))
     stage = _stage("detect", "yolox_nano", score_threshold=0.01, max_detections=100)
@@ -143,8 +143,8 @@ def coco_map(truth: dict, found: list[dict]) -> tuple[float, float]:
 def segment_quality(input_size: list[int] | None = None) -> dict[str, Any]:
     """mIoU of deeplabv3_mobilenet_v2 on the COCO sample images (at their own size by default), COCO masks
     mapped to VOC."""
-    from models.classes import voc_classes
-    from stages.common import decode_class_map
+    from blinkflow.models.classes import voc_classes
+    from blinkflow.stages.common import decode_class_map
 
     coco = json.loads((DATA / "coco" / "detections.json").read_text())
     classes = voc_classes()
@@ -195,8 +195,8 @@ def miou_from_confusion(confusion: np.ndarray, classes: list[str]) -> dict[str, 
 
 
 def _model(task: str, name: str) -> Any:
-    from models.registry import build_model
-    from models.weights import load_state, resolve_weights
+    from blinkflow.models.registry import build_model
+    from blinkflow.models.weights import load_state, resolve_weights
 
     spec = resolve_weights("shipped", stage=task, model_name=name)
     kwargs = {"num_classes": len(spec.classes)} if spec.classes else {}
@@ -214,7 +214,7 @@ def _tensor(image: np.ndarray) -> Any:
 def flow_quality(pairs: int = 12, iterations: tuple[int, ...] = (6, 12, 20)) -> dict[str, Any]:
     import torch
 
-    from models.metrics_flow import read_flo
+    from blinkflow.models.metrics_flow import read_flo
 
     model, _ = _model("flow", "raft_large")
     first, second = (_tensor(_image(DATA / "flow" / f"00001_img{i}.ppm")) for i in (1, 2))
@@ -231,8 +231,8 @@ def flow_quality(pairs: int = 12, iterations: tuple[int, ...] = (6, 12, 20)) -> 
 
 def bikes_pairs(count: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Consecutive frames from bikes.mp4 (evenly spread pairs), at the source's 640x272."""
-    from pipeline.config import SourceConfig
-    from pipeline.sources import decode_file
+    from blinkflow.config import SourceConfig
+    from blinkflow.sources import decode_file
 
     cfg = SourceConfig(type="file", path=str(DATA / "video" / "bikes.mp4"))
     frames = [f.image for f in decode_file(DATA / "video" / "bikes.mp4", "bikes", cfg)]
@@ -291,8 +291,8 @@ def _centre_crop(images: list[np.ndarray], size: int = 224) -> Any:
 
 
 def video_clip(path: Path, frames: int) -> Any:
-    from pipeline.config import SourceConfig
-    from pipeline.sources import decode_file
+    from blinkflow.config import SourceConfig
+    from blinkflow.sources import decode_file
 
     cfg = SourceConfig(type="file", path=str(path))
     images = [f.image for f in decode_file(path, "clip", cfg)]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import REPO_ROOT, results_dir
+from blinkflow.bench.common import REPO_ROOT, results_dir
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def save_demo_frame(video: Path = Path("out/demo.mp4"), out: Path | None = None,
     """Save frame ``index`` (default: the middle one) of an annotated MP4 as a PNG."""
     import av
 
-    from pipeline.errors import BlinkflowError
+    from blinkflow.errors import BlinkflowError
 
     out = IMG_DIR / "demo-frame.png" if out is None else Path(out)
     if not Path(video).is_file():

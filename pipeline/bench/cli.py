@@ -6,20 +6,20 @@ import argparse
 import importlib
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the benchmarks' default pipeline: the synthetic scene with the small self-trained models, so that
 #: figures stay comparable across releases (`--config configs/demo.yaml` measures the real models)
 BENCH_CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
 
 #: name -> (module, function); each function takes the parsed args and returns nothing
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "decode": ("pipeline.bench_cli", "run_decode"),
-    "stages": ("pipeline.bench_cli", "run_stages"),
-    "pipeline": ("pipeline.bench_cli", "run_pipeline"),
-    "overhead": ("pipeline.bench_cli", "run_overhead"),
-    "skip": ("pipeline.bench_cli", "run_skip"),
-    "depth": ("pipeline.bench_cli", "run_depth"),
-    "models": ("pipeline.bench_cli", "run_models"),
+    "decode": ("blinkflow.bench.cli", "run_decode"),
+    "stages": ("blinkflow.bench.cli", "run_stages"),
+    "pipeline": ("blinkflow.bench.cli", "run_pipeline"),
+    "overhead": ("blinkflow.bench.cli", "run_overhead"),
+    "skip": ("blinkflow.bench.cli", "run_skip"),
+    "depth": ("blinkflow.bench.cli", "run_depth"),
+    "models": ("blinkflow.bench.cli", "run_models"),
 }
 ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth", "models"]
 
@@ -42,7 +42,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         module, function = BENCHMARKS[name]
         getattr(importlib.import_module(module), function)(args)
     if args.what == "all" and not args.no_write and not args.quick:
-        from pipeline.bench_plot import plot_throughput
+        from blinkflow.bench.plot import plot_throughput
 
         plot_throughput()
     return 0
@@ -53,20 +53,20 @@ def _write(args: argparse.Namespace) -> bool:
 
 
 def run_decode(args: argparse.Namespace) -> None:
-    from pipeline.bench_decode import bench_decode
+    from blinkflow.bench.decode import bench_decode
 
     bench_decode(quick=args.quick, repetitions=args.repetitions, write=_write(args))
 
 
 def run_stages(args: argparse.Namespace) -> None:
-    from pipeline.bench_stages import bench_demo_stages, bench_stages
+    from blinkflow.bench.stages import bench_demo_stages, bench_stages
 
     bench_stages(quick=args.quick, repetitions=args.repetitions, write=_write(args))
     bench_demo_stages(quick=args.quick, write=_write(args))
 
 
 def run_pipeline(args: argparse.Namespace) -> None:
-    from pipeline.bench_pipeline import DEFAULT_FRAMES, bench_pipeline
+    from blinkflow.bench.pipeline import DEFAULT_FRAMES, bench_pipeline
 
     frames = args.frames or DEFAULT_FRAMES
     frames = min(frames, 8) if args.quick else frames
@@ -74,24 +74,24 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
 
 def run_overhead(args: argparse.Namespace) -> None:
-    from pipeline.bench_overhead import bench_overhead
+    from blinkflow.bench.overhead import bench_overhead
 
     bench_overhead(iterations=20 if args.quick else 200, write=_write(args))
 
 
 def run_skip(args: argparse.Namespace) -> None:
-    from pipeline import bench_skip
+    from blinkflow.bench import skip as bench_skip
 
     bench_skip.main(args)
 
 
 def run_depth(args: argparse.Namespace) -> None:
-    from pipeline.bench_depth import DEFAULT_FRAMES, bench_depth
+    from blinkflow.bench.depth import DEFAULT_FRAMES, bench_depth
 
     bench_depth(frames=args.frames or DEFAULT_FRAMES, repetitions=args.repetitions, write=_write(args), quick=args.quick)
 
 
 def run_models(args: argparse.Namespace) -> None:
-    from pipeline.bench_models import bench_models
+    from blinkflow.bench.models import bench_models
 
     bench_models(quick=args.quick, write=_write(args))

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 BENCH_DOC = REPO_ROOT / "docs" / "benchmarks.md"
 RESULTS_DIR = REPO_ROOT / "out" / "bench"
 

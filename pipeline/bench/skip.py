@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import (
+from blinkflow.bench.common import (
     REPO_ROOT,
     Measurement,
     display_path,
@@ -128,7 +128,7 @@ def clips(quick: bool) -> list[Clip]:
 
 def base_raw(config_path: Path, overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     """The config's detect and segment stages; overrides of ``gate.*`` are kept apart for the gate-on runs."""
-    from pipeline.config import apply_override, read_yaml
+    from blinkflow.config import apply_override, read_yaml
 
     raw = read_yaml(config_path)
     gate_overrides = [o for o in overrides if o.startswith("gate.")]
@@ -145,7 +145,7 @@ def base_raw(config_path: Path, overrides: list[str]) -> tuple[dict[str, Any], l
 
 
 def run_config(raw: dict[str, Any], clip: Clip, gate: dict[str, Any] | None, gate_overrides: list[str]) -> Any:
-    from pipeline.config import load_config
+    from blinkflow.config import load_config
 
     data = copy.deepcopy(raw)
     source = dict(clip.source)
@@ -161,8 +161,8 @@ def run_config(raw: dict[str, Any], clip: Clip, gate: dict[str, Any] | None, gat
 def run_once(cfg: Any) -> RunOutcome:
     import torch
 
-    from pipeline.runners.local import LocalRunner
-    from pipeline.sinks import MemorySink
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink
 
     torch.manual_seed(0)  # random weights: the same models in every run
     sink = MemorySink()
@@ -226,7 +226,7 @@ def work_fraction(results: list[Any], cost: dict[str, float]) -> tuple[float, di
 
 def agreement_with_off(off: list[Any], on: list[Any]) -> dict[str, Any]:
     """Box F1 (IoU 0.5) and mask mIoU of each gate-on frame against the gate-off frame, averaged."""
-    from pipeline.skip import box_f1, class_map_of, mask_miou
+    from blinkflow.skip import box_f1, class_map_of, mask_miou
 
     by_index = {r.index: r for r in off}
     scores: dict[str, list[float]] = {"boxes_f1": [], "mask_iou": [], "reused_boxes_f1": [], "reused_mask_iou": []}
@@ -253,7 +253,7 @@ def agreement_with_off(off: list[Any], on: list[Any]) -> dict[str, Any]:
 
 def output_richness(off: list[Any]) -> dict[str, float]:
     """How much there is to agree on: gate-off boxes per frame and classes per mask."""
-    from pipeline.skip import class_map_of
+    from blinkflow.skip import class_map_of
 
     boxes = [len((r.results.get("detect") or {}).get("boxes") or []) for r in off]
     classes = [len(set(class_map_of(r.results["segment"]).ravel().tolist())) for r in off if "segment" in r.results]
@@ -265,7 +265,7 @@ def output_richness(off: list[Any]) -> dict[str, float]:
 def consecutive_agreement(off: list[Any]) -> dict[str, float | None]:
     """The models' own stability: each gate-off frame against the previous gate-off frame. Reuse cannot
     agree with fresh results better than fresh results agree with themselves from one frame to the next."""
-    from pipeline.skip import box_f1, class_map_of, mask_miou
+    from blinkflow.skip import box_f1, class_map_of, mask_miou
 
     f1s, mious = [], []
     for before, after in itertools.pairwise(off):
@@ -331,12 +331,12 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
     :class:`stages.detect.Detect`) unless the crop is too large. Scored against
     each frame's own truth: box F1 at IoU 0.5 and mask mIoU, averaged over the frames.
     """
-    from models.training.scenes import SceneGenerator
-    from pipeline.frame import Frame
-    from pipeline.skip import box_f1, mask_miou
-    from stages.detect import DetectOptions, crop_region
-    from stages.gate import Gate
-    from stages.segment import Segment
+    from blinkflow.models.training.scenes import SceneGenerator
+    from blinkflow.frame import Frame
+    from blinkflow.skip import box_f1, mask_miou
+    from blinkflow.stages.detect import DetectOptions, crop_region
+    from blinkflow.stages.gate import Gate
+    from blinkflow.stages.segment import Segment
 
     scene = SceneGenerator(seed=source["seed"], width=source["width"], height=source["height"],
                            num_objects=source["num_objects"], action=source.get("action"),
@@ -379,8 +379,8 @@ def accuracy_against_truth(results: list[Any], source: dict[str, Any]) -> dict[s
     """Box F1 (IoU 0.5) and mask mIoU of a run's results against the synthetic scene's exact ground truth,
     averaged over the frames: what skipping costs in accuracy, where agreement with gate off also counts
     the models' own frame-to-frame flicker as disagreement."""
-    from models.training.scenes import SceneGenerator
-    from pipeline.skip import box_f1, class_map_of, mask_miou
+    from blinkflow.models.training.scenes import SceneGenerator
+    from blinkflow.skip import box_f1, class_map_of, mask_miou
 
     scene = SceneGenerator(seed=source["seed"], width=source["width"], height=source["height"],
                            num_objects=source["num_objects"], action=source.get("action"),
@@ -403,7 +403,7 @@ def _merged_truth(kept: dict[str, Any], fresh: dict[str, Any], inner: tuple, cro
 
     import torch
 
-    from stages.detect import Detect, superseded
+    from blinkflow.stages.detect import Detect, superseded
 
     def centre_in(box: list[float]) -> bool:
         cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
@@ -432,7 +432,7 @@ def _merged_truth(kept: dict[str, Any], fresh: dict[str, Any], inner: tuple, cro
 
 def _patched(kept: Any, fresh: Any, changed: list[int] | None, gate_cfg: Any) -> Any:
     """The kept class map with the changed tiles (source pixels, no halo) taken from ``fresh``."""
-    from pipeline.skip import tile_rects
+    from blinkflow.skip import tile_rects
 
     if kept is None or changed is None:
         return fresh

@@ -1,0 +1,43 @@
+"""Reading the media that datasets and backgrounds share: file suffixes, images, video frames."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from blinkflow.errors import BlinkflowError
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
+IMAGE_SUFFIXES = (".png", ".ppm", ".jpg", ".jpeg", ".bmp")
+
+
+class DatasetError(BlinkflowError):
+    """A dataset path or file that cannot be read; the message names it and the fix."""
+
+
+def read_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+    except OSError as exc:
+        raise DatasetError(f"{path}: cannot read the image ({exc}); check the dataset's file names") from None
+
+
+def read_video_frames(path: Path, max_frames: int, step: int = 1) -> list[np.ndarray]:
+    """Every ``step``-th of the first ``max_frames`` frames as RGB arrays (PyAV)."""
+    import av
+
+    frames: list[np.ndarray] = []
+    try:
+        with av.open(str(path)) as container:
+            for index, frame in enumerate(container.decode(video=0)):
+                if index >= max_frames:
+                    break
+                if index % step == 0:
+                    frames.append(frame.to_ndarray(format="rgb24"))
+    except (av.error.FFmpegError, OSError) as exc:
+        raise DatasetError(f"{path}: cannot decode the video ({exc}); replace the file or drop it") from None
+    return frames

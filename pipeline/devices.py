@@ -1,0 +1,28 @@
+"""Device names as configs give them (``cpu``, ``auto``, ``cuda:N``) and the torch device they mean.
+
+Shared by the stages and the training package; torch is imported inside the function.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from blinkflow.errors import StageError
+
+#: the device names a stage or a training run accepts
+DEVICE_PATTERN = r"cpu|auto|cuda(:\d+)?"
+
+
+def resolve_device(device: str) -> Any:
+    """Return a torch.device, with a clear error when CUDA is asked for but absent.
+
+    ``auto`` is the first CUDA GPU when there is one, else the CPU (training
+    configs use it so that one file trains on a GPU and evaluates anywhere).
+    """
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise StageError(f"device {device!r} requested but no CUDA GPU is available; set device: cpu")
+    return torch.device(device)

@@ -1,0 +1,78 @@
+"""The one place Blinkflow starts or joins Ray (runners, depth-parallel stages, labelling, training, benches).
+
+Without an address it starts a private local instance (``address="local"``), so another Ray
+cluster on the same host (``ray start``) is never joined by accident; with one it connects and
+fails fast, in one line, when nothing answers. Ray is imported here, lazily.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+from typing import Iterator
+
+from blinkflow.errors import BlinkflowError
+
+log = logging.getLogger(__name__)
+
+
+def start_ray(address: str | None = None, num_cpus: float | None = None, **options) -> bool:
+    """Make sure Ray is initialised; return True when this call started (or joined) it, so the
+    caller shuts it down again. ``options`` go to ``ray.init`` (runtime_env, ...)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING, **options}
+    if address:
+        _check_reachable(address)
+        try:
+            ray.init(address=address, **{k: v for k, v in settings.items() if k != "include_dashboard"})
+        except (ConnectionError, ValueError, RuntimeError) as exc:
+            raise BlinkflowError(_cannot_connect(address, exc)) from None
+        return True
+    cpus = int(num_cpus + 0.999) if num_cpus else (os.cpu_count() or 1)
+    try:
+        ray.init(address="local", num_cpus=cpus, **settings)
+    except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
+        raise BlinkflowError(f"cannot start a local Ray instance ({_first_line(exc)}); check /tmp/ray has space "
+                             "and no stale Ray processes are left (`ray stop`)") from None
+    return True
+
+
+@contextlib.contextmanager
+def ray_session(address: str | None = None, num_cpus: float | None = None, **options) -> Iterator[None]:
+    """Ray for the block; shut down afterwards when the block started it."""
+    import ray
+
+    started = start_ray(address, num_cpus, **options)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds, not minutes, when the cluster's GCS port does not answer."""
+    host_port = address.split("://", 1)[-1]
+    host, _, port = host_port.rpartition(":")
+    if address == "auto" or not host or not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            return
+    except OSError as exc:
+        raise BlinkflowError(_cannot_connect(address, exc.strerror or exc)) from None
+
+
+def _cannot_connect(address: str, reason: object) -> str:
+    return (f"runtime.address: cannot connect to the Ray cluster at {address!r} ({_first_line(reason)}); "
+            "check it is running (`ray status`) or remove runtime.address to start a local one")
+
+
+def _first_line(reason: object) -> str:
+    text = str(reason).strip()
+    return text.splitlines()[0] if text else type(reason).__name__

@@ -1,0 +1,233 @@
+"""Typed, validated settings from YAML: the helpers every config in Blinkflow is built with.
+
+A settings class is a dataclass whose fields come from :func:`setting` (a docstring, an optional
+range, an optional must-exist path). :func:`structure_dataclass` turns a YAML mapping into it:
+unknown keys, wrong types and out-of-range values are one-line :class:`ConfigError` s that
+start with the YAML path, e.g. ``stages.detect.batch: 0 is out of range (1..1024)``. The
+pipeline config (:mod:`blinkflow.config`) and the training config
+(:mod:`blinkflow.models.training.config`) both use these; this module imports nothing of either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import field
+from pathlib import Path
+from typing import Any, Literal
+
+from blinkflow.errors import ConfigError
+
+
+def _field(default: Any = dataclasses.MISSING, doc: str = "", *, lo=None, hi=None, path_kind=None, factory=None):
+    """A dataclass field with a docstring, an optional range and an optional must-exist path check."""
+    meta = {"doc": doc, "range": (lo, hi), "path_kind": path_kind}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+setting = _field  # the public name
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _yaml_switch(value: Any, choices: tuple) -> Any:
+    """YAML 1.1 reads a bare ``off``/``on`` (and no/yes) as a boolean; a choice spelled so means the word."""
+    if isinstance(value, bool):
+        word = "on" if value else "off"
+        if word in choices:
+            return word
+    return value
+
+
+def _structure(tp: Any, value: Any, path: str) -> Any:
+    """Turn plain YAML data into ``tp``, raising a ConfigError that names ``path``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _structure(arg, value, path)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        value = _yaml_switch(value, typing.get_args(tp))
+        if value not in typing.get_args(tp):
+            shown = f"{str(value).lower()} (YAML reads a bare yes/no/on/off as a boolean)" if isinstance(value, bool) else repr(value)
+            raise ConfigError(f"{path}: {shown} is not one of {_type_name(tp)}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_structure(item, v, f"{path}.{i}") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, item = typing.get_args(tp)
+        return {str(k): _structure(item, v, f"{path}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        return structure_dataclass(tp, value, path)
+    return _structure_scalar(tp, value, path)
+
+
+def _structure_scalar(tp: type, value: Any, path: str) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        raise TypeError(f"unsupported config type {tp!r} at {path}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+
+
+def structure_dataclass(cls: type, data: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from a mapping: unknown keys, types and ranges are checked."""
+    label = path or "config"
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(map(str, data)) - set(fields))
+    if unknown:
+        valid = ", ".join(fields)
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key; valid keys here: {valid}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in data.items():
+        sub = _join(path, name)
+        kwargs[name] = _structure(hints[name], value, sub)
+        _check_range(fields[name], kwargs[name], sub)
+        _check_path(fields[name], kwargs[name], sub)
+    return cls(**kwargs)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
+    lo, hi = f.metadata.get("range", (None, None))
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{path}: {value} is out of range ({lo}..{hi})")
+
+
+def _check_path(f: dataclasses.Field, value: Any, path: str) -> None:
+    kind = f.metadata.get("path_kind")
+    if kind and value is not None and not Path(value).exists():
+        raise ConfigError(f"{path}: {kind} {value!r} does not exist")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def read_yaml(path: str | Path) -> dict:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    return data
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply ``a.b.0.c=value`` (value parsed as YAML) to the raw mapping in place."""
+    import yaml
+
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected key=value, e.g. --set stages.detect.batch=8")
+    try:
+        value = yaml.safe_load(text) if text else None
+    except yaml.YAMLError:
+        value = text
+    set_value(raw, key, value)
+
+
+def set_value(raw: dict, key: str, value: Any) -> None:
+    """Set the dotted YAML path ``key`` (``a.b.0.c``) of the raw mapping to ``value`` in place."""
+    parts = key.split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        node = _descend(node, part, parts[i + 1], key)
+    _assign(node, parts[-1], value, key)
+
+
+def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
+    if isinstance(node, list):
+        return node[_list_index(node, part, key)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a mapping")
+    if node.get(part) is None:
+        node[part] = [] if next_part.isdigit() else {}
+    return node[part]
+
+
+def _assign(node: Any, part: str, value: Any, key: str) -> None:
+    if isinstance(node, list):
+        index = int(part) if part.isdigit() else -1
+        if index == len(node):
+            node.append(value)
+        else:
+            node[_list_index(node, part, key)] = value
+    elif isinstance(node, dict):
+        node[part] = value
+    else:
+        raise ConfigError(f"--set {key}: cannot set {part!r} inside a scalar")
+
+
+def _list_index(node: list, part: str, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def resolve_path(value: str, base_dir: Path) -> Path:
+    """Paths in a config are relative to the working directory, then to the config's folder."""
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return path
+    beside = base_dir / path
+    return beside if beside.exists() else path

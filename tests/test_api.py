@@ -1,0 +1,67 @@
+"""The Python API: ``blinkflow.run`` over a config, a dict, overrides and a notebook's own frames."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import blinkflow
+from tests.conftest import REPO_ROOT
+
+LIGHT = {"sinks": [], "stages.flow.enabled": False, "stages.action.enabled": False, "stages.segment.enabled": False}
+
+
+def test_importing_blinkflow_gives_the_api_without_importing_torch_or_ray():
+    code = "import sys, blinkflow; assert callable(blinkflow.run) and callable(blinkflow.frames); " \
+           "print(sorted(m for m in ('torch', 'ray', 'av') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_a_notebooks_own_frames_run_through_the_synthetic_pipeline_in_order():
+    frames = (np.full((96, 128, 3), 20 * i, np.uint8) for i in range(5))
+    records = list(blinkflow.run("configs/synthetic.yaml", sources=[blinkflow.frames(frames, id="nb", fps=10)],
+                                 **LIGHT))
+    assert [(r["stream"], r["index"], r["pts"]) for r in records] == [("nb", i, i / 10) for i in range(5)]
+    assert records[0]["outcome"] == "processed" and "detect" in records[0]
+    assert {r["outcome"] for r in records} <= {"processed", "reused"}
+
+
+def test_stopping_the_loop_stops_the_pipeline():
+    frames = (np.full((64, 64, 3), 7, np.uint8) for _ in range(10_000))
+    seen = 0
+    for record in blinkflow.run({"sources": [blinkflow.frames(frames)], "gate": {"enabled": False}}):
+        seen += 1
+        if seen == 3:
+            break
+    assert seen == 3  # and the generator's close returned: the pipeline thread has ended
+
+
+def test_a_bad_frame_raises_its_one_line_error():
+    with pytest.raises(blinkflow.SourceError, match="frame 1 is float32 .* must be HxWx3 uint8 RGB"):
+        list(blinkflow.run({"sources": [blinkflow.frames([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)])]}))
+
+
+def test_overrides_name_yaml_paths_and_bad_ones_are_config_errors():
+    cfg = blinkflow.load_config("configs/synthetic.yaml", stages__detect__batch=2, **{"gate.enabled": False})
+    assert cfg.stages["detect"].batch == 2 and cfg.gate.enabled is False
+    with pytest.raises(blinkflow.ConfigError, match=r"stages\.detect\.batch: 0 is out of range"):
+        blinkflow.load_config("configs/synthetic.yaml", **{"stages.detect.batch": 0})
+    with pytest.raises(blinkflow.ConfigError, match="frames source"):
+        blinkflow.load_config({"sources": [{"type": "frames"}]})
+
+
+@pytest.mark.slow
+def test_the_readme_python_example_runs_as_written(capsys):
+    text = (REPO_ROOT / "README.md").read_text()
+    section = text.split("## Python API", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert len(code.strip().splitlines()) <= 6
+    exec(compile(code, "README.md", "exec"), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 8 and lines[0].startswith("0 processed")

@@ -1,0 +1,56 @@
+"""`pip install .` gives one namespace, `blinkflow`, with its data: configs, the demo clip, the record
+schema, the weights and their notice. The wheel is built and installed into a folder of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(out), str(REPO_ROOT)], capture_output=True, text=True, timeout=600)
+    assert build.returncode == 0, build.stderr[-2000:]
+    (path,) = out.glob("blinkflow-*.whl")
+    return path
+
+
+@pytest.mark.slow
+def test_the_wheel_holds_one_namespace_and_its_data(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"blinkflow"}, tops  # no generic top-level pipeline/, stages/ or models/
+    for required in ["blinkflow/cli.py", "blinkflow/api.py", "blinkflow/stages/detect.py", "blinkflow/models/yolox.py",
+                     "blinkflow/configs/demo.yaml", "blinkflow/configs/synthetic.yaml", "blinkflow/configs/media/bikes.mp4",
+                     "blinkflow/configs/train/finetune-detect.yaml", "blinkflow/frame-record.schema.json",
+                     "blinkflow/models/weights/manifest.json", "blinkflow/models/weights/NOTICE",
+                     "blinkflow/models/weights/detect-yolox_nano.pt", "blinkflow/models/weights/action-i3d.pt",
+                     "blinkflow/models/labels/kinetics400.txt", "blinkflow/bench/skip.py"]:
+        assert required in names, required
+    assert not any(n.startswith("blinkflow/tests") or "/__pycache__/" in n for n in names)
+
+
+@pytest.mark.slow
+def test_the_installed_wheel_runs_from_any_folder(wheel, tmp_path):
+    target = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),
+                              str(wheel)], capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    code = ("import blinkflow, blinkflow.cli as cli, sys; assert blinkflow.__file__.startswith(sys.argv[1]), "
+            "blinkflow.__file__; sys.exit(cli.main(['demo', '--out', 'out', '--no-progress', "
+            "'--set', 'sources.0.max_frames=2', '--set', 'stages.flow.enabled=false']))")
+    run = subprocess.run([sys.executable, "-c", code, str(target)], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (tmp_path / "out" / "demo.jsonl").read_text().count("\n") == 2
+    assert "frames: 2 decoded" in run.stdout
