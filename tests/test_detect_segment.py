@@ -533,7 +533,7 @@ def test_detect_stage_output_on_real_coco_images_is_valid_coco(real_media):
 
 def test_importing_the_stages_does_not_import_torch():
     code = (
-        "import sys, pipeline, stages.detect, stages.segment, models.detection, models.segmentation, models.formats;"
+        "import sys, blinkflow, blinkflow.stages.detect, blinkflow.stages.segment, blinkflow.models.detection, blinkflow.models.segmentation, blinkflow.models.formats;"
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

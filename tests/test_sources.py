@@ -149,6 +149,6 @@ def test_import_pipeline_does_not_import_torch_or_ray():
     import subprocess
     import sys
 
-    code = "import sys, pipeline, pipeline.config, pipeline.sources, pipeline.sinks, stages.gate; print(sorted(m for m in ('torch', 'ray', 'av', 'torchvision') if m in sys.modules))"
+    code = "import sys, blinkflow, blinkflow.config, blinkflow.sources, blinkflow.sinks, blinkflow.stages.gate; print(sorted(m for m in ('torch', 'ray', 'av', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"

@@ -45,7 +45,7 @@ def test_weights_error_is_a_blinkflow_error():
 
 
 def test_importing_weights_does_not_import_torch():
-    code = "import sys, models.weights; assert 'torch' not in sys.modules"
+    code = "import sys, blinkflow.models.weights; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)
 
 

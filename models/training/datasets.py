@@ -50,7 +50,7 @@ def stage_options(task: str) -> Any:
     """The stage's default options: the single source of the inference presets."""
     import importlib
 
-    module = importlib.import_module(f"stages.{task}")
+    module = importlib.import_module(f"blinkflow.stages.{task}")
     return getattr(module, f"{task.capitalize()}Options")()
 
 
