@@ -144,13 +144,14 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
 
 def cmd_list(args: argparse.Namespace) -> int:
     from blinkflow.models.registry import model_names
-    from blinkflow.registry import sinks, sources, stages
+    from blinkflow.registry import runners, sinks, sources, stages
 
     print("stages:  " + ", ".join(stages.names()))
     for task in ("detect", "segment", "flow", "action"):
         print(f"models ({task}): " + ", ".join(model_names(task)))
     print("sources: " + ", ".join(sources.names()))
     print("sinks:   " + ", ".join(sinks.names()))
+    print("runners: " + ", ".join(runners.names()))
     return 0
 
 

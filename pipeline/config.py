@@ -34,8 +34,9 @@ from blinkflow.schema import (  # noqa: F401 - re-exported: the helpers configs 
 class SourceConfig:
     """One input: a file, a directory or glob of files, a live stream, or a synthetic scene."""
 
-    type: Literal["file", "dir", "glob", "stream", "synthetic", "frames"] = _field(
-        "file", "what kind of input this is (frames: the Python API's own numpy frames, blinkflow.frames)")
+    type: str = _field(
+        "file", "a registered source type: file, dir, glob, stream, synthetic, or frames (the Python API's own "
+        "numpy frames, blinkflow.frames)")
     path: str | None = _field(None, "file, directory or glob pattern (file, dir, glob)")
     url: str | None = _field(None, "stream URL: rtsp://, http(s)://, udp://, srt:// or /dev/videoN (stream)")
     id: str | None = _field(None, "stream id used in outputs and metrics; defaults to the file name or url host")
@@ -212,8 +213,9 @@ class StageConfig:
 class SinkConfig:
     """One output."""
 
-    type: Literal["jsonl", "mp4", "coco", "memory"] = _field(
-        "jsonl", "jsonl records, an annotated mp4, COCO-style JSON of detections and masks, or in memory (tests)"
+    type: str = _field(
+        "jsonl", "a registered sink (`blinkflow list`): jsonl records, an annotated mp4, COCO-style JSON of "
+        "detections and masks, memory (tests), or your own (one file in pipeline/sinks/)"
     )
     path: str | None = _field(None, "output file (jsonl, mp4)")
     fps: float | None = _field(None, "mp4 frame rate; null uses the source rate", lo=0.1, hi=1000)
@@ -234,7 +236,7 @@ class MetricsConfig:
 class RuntimeConfig:
     """How the graph runs."""
 
-    runner: Literal["local", "ray"] = _field("local", "in-process reference runner or Ray actors")
+    runner: str = _field("local", "a registered runner: local (in-process reference) or ray (actors)")
     mode: Literal["archive", "live"] = _field("archive", "archive never drops frames; live drops the oldest under overload")
     address: str | None = _field(None, "Ray cluster address; null starts a local Ray instance")
     max_in_flight: int = _field(8, "batches in flight per stage before upstream blocks (or live drops)", lo=1, hi=4096)
@@ -333,19 +335,34 @@ def structure_config(raw: dict) -> Config:
 
 def check_config(cfg: Config, base_dir: Path) -> None:
     """Cross-field checks that need more than one value or the file system."""
+    from blinkflow.registry import sinks as sink_registry
+
+    _check_registered(cfg)
     for i, source in enumerate(cfg.sources):
         _check_source(source, f"sources.{i}", base_dir)
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
     _check_gate(cfg.gate, cfg.stages)
     for i, sink in enumerate(cfg.sinks):
-        if sink.type in ("jsonl", "mp4", "coco") and not sink.path:
+        if getattr(sink_registry.get(sink.type), "needs_path", False) and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
     _check_by_source_type(cfg)
     ids = [s.id for s in cfg.sources if s.id]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
+
+
+def _check_registered(cfg: Config) -> None:
+    """Component names are registry names (a new runner, sink or source is one file, no list to edit)."""
+    from blinkflow.registry import runners, sinks, sources
+
+    named = [(f"sources.{i}.type", s.type, sources) for i, s in enumerate(cfg.sources)]
+    named += [(f"sinks.{i}.type", s.type, sinks) for i, s in enumerate(cfg.sinks)]
+    named += [("runtime.runner", cfg.runtime.runner, runners)]
+    for path, name, registry in named:
+        if name not in registry:
+            raise ConfigError(f"{path}: {name!r} is not one of {' | '.join(repr(n) for n in registry.names())}")
 
 
 def _check_by_source_type(cfg: Config) -> None:

@@ -9,6 +9,7 @@ Modules holding registered components are imported on first lookup, so that
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Callable, Generic, Iterable, TypeVar
 
 from blinkflow.errors import RegistryError
@@ -19,9 +20,11 @@ T = TypeVar("T")
 class Registry(Generic[T]):
     """A named mapping of components, filled by decorators in ``modules``."""
 
-    def __init__(self, kind: str, modules: Iterable[str] = ()) -> None:
+    def __init__(self, kind: str, modules: Iterable[str] = (), packages: Iterable[str] = ()) -> None:
         self.kind = kind
         self._modules = tuple(modules)
+        #: every module of these packages is imported on first lookup: a new component is one new file there
+        self._packages = tuple(packages)
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -40,6 +43,10 @@ class Registry(Generic[T]):
         self._loaded = True
         for module in self._modules:
             importlib.import_module(module)
+        for name in self._packages:
+            package = importlib.import_module(name)
+            for info in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{name}.{info.name}")
 
     def get(self, name: str) -> T:
         self._load()
@@ -62,7 +69,8 @@ STAGE_MODULES = ("blinkflow.stages.gate", "blinkflow.stages.detect", "blinkflow.
 
 stages: Registry[type] = Registry("stage", STAGE_MODULES)
 sources: Registry[type] = Registry("source type", ("blinkflow.sources", "blinkflow.streams"))
-sinks: Registry[type] = Registry("sink type", ("blinkflow.sinks", "blinkflow.coco_sink"))
+sinks: Registry[type] = Registry("sink type", packages=("blinkflow.sinks",))
+runners: Registry[type] = Registry("runner", packages=("blinkflow.runners",))
 
 
 def register_stage(name: str):
@@ -76,3 +84,7 @@ def register_source(name: str):
 
 def register_sink(name: str):
     return sinks.register(name)
+
+
+def register_runner(name: str):
+    return runners.register(name)

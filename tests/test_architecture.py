@@ -22,8 +22,7 @@ LAYERS = [
     ("config", ["blinkflow.config"]),
     ("stages", ["blinkflow.stages", "blinkflow.skip"]),
     ("training", ["blinkflow.models.training"]),
-    ("engine", ["blinkflow.graph", "blinkflow.sources", "blinkflow.streams", "blinkflow.sinks", "blinkflow.coco_sink",
-                "blinkflow.overlay", "blinkflow.metrics", "blinkflow.http_service", "blinkflow.runners",
+    ("engine", ["blinkflow.graph", "blinkflow.sources", "blinkflow.streams", "blinkflow.sinks", "blinkflow.metrics", "blinkflow.http_service", "blinkflow.runners",
                 "blinkflow.depth_parallel"]),
     ("apps", ["blinkflow.cli", "blinkflow.label", "blinkflow.control", "blinkflow.api", "blinkflow.bench"]),
     ("facade", ["blinkflow"]),  # the package itself: `import blinkflow` gives the API (lazily); nothing imports it

@@ -189,7 +189,7 @@ def test_dockerfile_installs_the_project_on_a_cuda_base():
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+", dockerfile, re.M)
     assert re.search(r"^FROM \$\{CUDA_IMAGE\}", dockerfile, re.M)
-    assert "python3.11" in dockerfile and re.search(r"pip install --editable \"/app\"", dockerfile)
+    assert "python3.11" in dockerfile and re.search(r"pip install \"/app\"", dockerfile)
 
 
 def test_dockerfile_prefetches_the_torchvision_weights_the_deploy_configs_name():

@@ -98,7 +98,7 @@ def _result(index: int, class_map: np.ndarray, outcome=Outcome.PROCESSED) -> Fra
 def test_coco_output_loads_in_pycocotools_with_rle_masks_per_class(tmp_path):
     from pycocotools.coco import COCO
 
-    from blinkflow.coco_sink import CocoSink
+    from blinkflow.sinks.coco import CocoSink
 
     class_map = np.zeros((12, 16), dtype=np.uint8)
     class_map[6:, :] = 1

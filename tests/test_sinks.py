@@ -113,10 +113,29 @@ def test_memory_sink_keeps_results():
 
 
 def test_overlay_caption_says_where_carried_results_came_from():
-    from blinkflow.overlay import _caption
+    from blinkflow.sinks.overlay import _caption
 
     reused = FrameResult("cam", 7, 0.0, 8, 8, Outcome.REUSED, results={"gate": {"decision": "reuse"}}, reuse_of=4)
     refresh = FrameResult("cam", 8, 0.0, 8, 8, Outcome.PROCESSED,
                           results={"gate": {"decision": "refresh", "stages": ["segment"], "keyframe": 4}})
     assert _caption(reused, []) == "cam #7 | reused from #4"
     assert _caption(refresh, []) == "cam #8 | segment fresh, rest from #4"
+
+
+def test_a_new_sink_is_one_file_the_registry_finds_and_configs_accept(tmp_path):
+    """pipeline/sinks/csv_boxes.py is the whole csv sink: no list or Literal names it anywhere else."""
+    from blinkflow.api import run
+    from blinkflow.registry import sinks
+    from blinkflow.sinks.csv_boxes import read_rows
+
+    assert "csv" in sinks.names()
+    others = [p for p in (REPO_ROOT / "pipeline").rglob("*.py") if p.name != "csv_boxes.py"]
+    assert not any("csv_boxes" in p.read_text() for p in others)
+    out = tmp_path / "boxes.csv"
+    records = list(run("configs/synthetic.yaml", **{"sources.0.num_frames": 4, "gate.enabled": False,
+                                                    "sinks": [{"type": "csv", "path": str(out)}],
+                                                    "stages.segment.enabled": False, "stages.flow.enabled": False,
+                                                    "stages.action.enabled": False}))
+    rows = read_rows(out.read_text())
+    expected = [(r["index"], name) for r in records for name in r["detect"]["classes"]]
+    assert expected and [(int(row["index"]), row["class"]) for row in rows] == expected

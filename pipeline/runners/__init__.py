@@ -1,17 +1,18 @@
-"""Runners execute a resolved graph: ``local`` (in-process reference) and ``ray`` (actors)."""
+"""Runners execute a resolved graph: ``local`` (in-process reference) and ``ray`` (actors).
+
+Each registers itself (``@register_runner``); the registry imports every module of this package,
+so a new runner is one new file here.
+"""
 
 from __future__ import annotations
 
 
 def get_runner(name: str):
-    if name == "local":
-        from blinkflow.runners.local import LocalRunner
+    """The runner class registered as ``name`` (an unknown name is a one-line error listing the valid ones)."""
+    from blinkflow.errors import ConfigError, RegistryError
+    from blinkflow.registry import runners
 
-        return LocalRunner
-    if name == "ray":
-        from blinkflow.runners.ray import RayRunner
-
-        return RayRunner
-    from blinkflow.errors import ConfigError
-
-    raise ConfigError(f"runtime.runner: unknown runner {name!r}; valid runners: local, ray")
+    try:
+        return runners.get(name)
+    except RegistryError as exc:
+        raise ConfigError(f"runtime.runner: {exc}") from None

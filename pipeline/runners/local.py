@@ -16,12 +16,14 @@ from blinkflow.config import Config
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.graph import build_graph
 from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
+from blinkflow.registry import register_runner
 from blinkflow.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
 
 
+@register_runner("local")
 class LocalRunner:
     name = "local"
 

@@ -47,6 +47,7 @@ from blinkflow.errors import BlinkflowError, StageError
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.graph import StageSpec, build_graph
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
+from blinkflow.registry import register_runner
 from blinkflow.runners.base import OrderedOutput, RunSummary, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
@@ -139,6 +140,7 @@ class Chain:
     retried: bool = False
 
 
+@register_runner("ray")
 class RayRunner:
     name = "ray"
 

@@ -30,7 +30,14 @@ SCHEMA_VERSION = 1
 
 
 class Sink:
-    """Receives FrameResults in order per stream; ``close`` commits, ``abort`` discards."""
+    """Receives FrameResults in order per stream; ``close`` commits, ``abort`` discards.
+
+    A new sink is one file in this package: a subclass registered with ``@register_sink("name")``
+    (the registry imports every module here), then ``sinks: [{type: name, ...}]`` in a config.
+    """
+
+    #: the config must give ``path`` (file sinks)
+    needs_path: bool = False
 
     def __init__(self, cfg: SinkConfig) -> None:
         self.cfg = cfg
@@ -123,6 +130,8 @@ def decode_dense_array(obj: dict[str, Any]) -> np.ndarray:
 class JsonlSink(Sink):
     """One JSON object per frame, one frame per line."""
 
+    needs_path = True  # config checks that a path is given
+
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
         self.file = AtomicFile(cfg.path)
@@ -175,6 +184,8 @@ class Mp4OverlaySink(Sink):
     ``<stem>-<stream><suffix>`` beside it (or use ``{stream}`` in the path).
     """
 
+    needs_path = True  # config checks that a path is given
+
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
         self.writers: dict[str, _StreamVideoWriter] = {}
@@ -190,7 +201,7 @@ class Mp4OverlaySink(Sink):
         writer = self.writers.get(result.stream_id)
         if writer is None:
             writer = self.writers[result.stream_id] = _StreamVideoWriter(self._path_for(result.stream_id), self.cfg.fps)
-        from blinkflow.overlay import draw_overlay
+        from blinkflow.sinks.overlay import draw_overlay
 
         writer.write(draw_overlay(result, self.cfg.draw), result.pts)
 

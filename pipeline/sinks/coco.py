@@ -43,6 +43,8 @@ log = logging.getLogger(__name__)
 class CocoSink(Sink):
     """Detections and masks of every frame as one COCO-style JSON file."""
 
+    needs_path = True  # config checks that a path is given
+
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
         self.file = AtomicFile(cfg.path)
