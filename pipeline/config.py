@@ -251,8 +251,23 @@ class ControlConfig:
     enabled: bool = _field(
         False, "serve GET/POST /streams and DELETE /streams/<id>; the run then lasts until POST /stop, SIGTERM or Ctrl-C"
     )
-    host: str = _field("127.0.0.1", "bind address; whoever reaches it can make the pipeline open URLs, so keep 127.0.0.1")
+    host: str = _field("127.0.0.1", "bind address; another than loopback needs auth: token (docs/security.md)")
     port: int = _field(9465, "port; 0 picks a free one", lo=0, hi=65535)
+    auth: Literal["token", "none"] = _field(
+        "token", "token: a bearer token on every mutating route ($BLINKFLOW_CONTROL_TOKEN, token_file, or generated "
+        "and printed at start); none: no authentication, only on a loopback host")
+    token_file: str | None = _field(None, "a file holding the bearer token (readable by the service user only)")
+    allowed_origins: list[str] = _field(factory=list, doc="browser origins allowed to call the endpoint; none by default")
+    allow_local: list[str] = _field(factory=list, doc="local files and devices (globs) that POST /streams may open")
+    allow_hosts: list[str] = _field(
+        factory=list, doc="internal hosts or networks (loopback, private, link-local) POST /streams may stream from, "
+        "e.g. [10.20.0.0/16, cam.local]")
+    allowed_ffmpeg_options: list[str] = _field(
+        factory=lambda: ["rtsp_transport", "timeout", "rw_timeout", "stimeout", "fflags", "probesize", "analyzeduration"],
+        doc="FFmpeg options a POST /streams may set")
+    max_pixels: int = _field(1920 * 1080, "largest resize (width x height) a POST /streams may ask for", lo=1, hi=10**9)
+    max_fps: float = _field(60.0, "largest fps a POST /streams may ask for", lo=0.1, hi=1000)
+    max_queue_size: int = _field(256, "largest queue_size a POST /streams may ask for", lo=1, hi=4096)
     stream_defaults: dict[str, Any] = _field(
         factory=dict, doc="source settings for streams added at run time (a POST's own keys win), e.g. {resize: [640, 360]}"
     )
@@ -347,10 +362,27 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         if getattr(sink_registry.get(sink.type), "needs_path", False) and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
     _check_by_source_type(cfg)
+    _check_control(cfg.control)
     ids = [s.id for s in cfg.sources if s.id]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
+
+
+def _check_control(control: ControlConfig) -> None:
+    import ipaddress
+
+    if not control.enabled:
+        return
+    try:
+        loopback = control.host == "localhost" or ipaddress.ip_address(control.host).is_loopback
+    except ValueError:
+        loopback = False
+    if control.auth == "none" and not loopback:
+        raise ConfigError(f"control.auth: none on control.host {control.host}: anyone who reaches it could open "
+                          "files and URLs; set control.auth: token or bind 127.0.0.1")
+    if control.token_file and not Path(control.token_file).expanduser().is_file():
+        raise ConfigError(f"control.token_file: {control.token_file!r} does not exist; write the token there")
 
 
 def _check_registered(cfg: Config) -> None:

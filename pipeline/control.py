@@ -8,9 +8,11 @@ Routes (JSON in and out)::
     POST   /stop             end the run gracefully: stop every stream, drain, commit the sinks -> 202
     GET    /healthz          200 while the endpoint serves
 
-It binds 127.0.0.1 by default: whoever can reach it can make the pipeline
-open URLs of their choosing. :func:`live_session` wires a run together: the
-hub, this endpoint, the metrics bridge and graceful SIGINT/SIGTERM handling.
+Every request passes :class:`blinkflow.control_guard.ControlGuard` first (a bearer token on
+mutating routes, JSON only, no cross-origin or rebinding requests; streams from network URLs
+within the configured limits): see docs/security.md. Clients that stall are dropped after
+``READ_TIMEOUT_S``. :func:`live_session` wires a run together: the hub, this endpoint, the
+metrics bridge and graceful SIGINT/SIGTERM handling.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 from urllib.parse import unquote
 
+from blinkflow.control_guard import ControlGuard, Refused, content_length
 from blinkflow.errors import ConfigError, SourceError
 from blinkflow.http_service import HTTPService
 from blinkflow.streams import RecorderBridge, StreamHub, redact_text
@@ -31,6 +34,8 @@ from blinkflow.streams import RecorderBridge, StreamHub, redact_text
 log = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+#: a client that sends nothing for this long is dropped
+READ_TIMEOUT_S = 10.0
 
 
 class ControlServer(HTTPService):
@@ -38,12 +43,13 @@ class ControlServer(HTTPService):
 
     section = "control"
 
-    def __init__(self, hub: StreamHub, host: str = "127.0.0.1", port: int = 9465) -> None:
+    def __init__(self, hub: StreamHub, host: str = "127.0.0.1", port: int = 9465, guard: ControlGuard | None = None) -> None:
         super().__init__(host, port)
         self.hub = hub
+        self.guard = guard if guard is not None else ControlGuard(token=None, host=host)
 
     def handler_class(self) -> type[BaseHTTPRequestHandler]:
-        return _handler_for(self.hub)
+        return _handler_for(self.hub, self.guard, lambda: self.port)
 
     def start(self) -> "ControlServer":
         super().start()
@@ -57,7 +63,8 @@ class ControlServer(HTTPService):
         self.stop()
 
 
-def handle(hub: StreamHub, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+def handle(hub: StreamHub, method: str, path: str, body: bytes, guard: ControlGuard | None = None
+           ) -> tuple[int, dict[str, Any]]:
     """One request, without HTTP: (status, JSON reply). Kept apart so it is easy to test and to mount elsewhere."""
     path = path.split("?", 1)[0].rstrip("/") or "/"
     if method == "GET" and path == "/streams":
@@ -65,7 +72,7 @@ def handle(hub: StreamHub, method: str, path: str, body: bytes) -> tuple[int, di
     if method == "GET" and path == "/healthz":
         return 200, {"ok": True}
     if method == "POST" and path == "/streams":
-        return _add(hub, body)
+        return _add(hub, body, guard)
     if method == "DELETE" and path.startswith("/streams/"):
         stream_id = unquote(path[len("/streams/"):])
         if hub.remove(stream_id):
@@ -77,13 +84,18 @@ def handle(hub: StreamHub, method: str, path: str, body: bytes) -> tuple[int, di
     return 404, {"error": "unknown route; use GET/POST /streams, DELETE /streams/<id>, POST /stop"}
 
 
-def _add(hub: StreamHub, body: bytes) -> tuple[int, dict[str, Any]]:
+def _add(hub: StreamHub, body: bytes, guard: ControlGuard | None) -> tuple[int, dict[str, Any]]:
     try:
         request = json.loads(body or b"{}")
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return 400, {"error": 'the body must be JSON, e.g. {"url": "rtsp://host/path", "id": "cam1"}'}
     if not isinstance(request, dict) or not isinstance(request.get("url"), str):
         return 400, {"error": 'the body needs a "url" string, e.g. {"url": "rtsp://host/path", "id": "cam1"}'}
+    if guard is not None:
+        try:
+            guard.check_stream(request)
+        except Refused as refused:
+            return refused.status, {"error": redact_text(str(refused))}
     options = {k: v for k, v in request.items() if k not in ("url", "id", "type")}
     try:
         stream = hub.add_url(request["url"], request.get("id"), **options)
@@ -95,8 +107,10 @@ def _add(hub: StreamHub, body: bytes) -> tuple[int, dict[str, Any]]:
     return 201, {"id": stream.id, "url": stream.url}
 
 
-def _handler_for(hub: StreamHub) -> type[BaseHTTPRequestHandler]:
+def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = READ_TIMEOUT_S  # the socket's: a client that stalls mid-request is dropped
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             self._answer("GET")
 
@@ -107,17 +121,28 @@ def _handler_for(hub: StreamHub) -> type[BaseHTTPRequestHandler]:
             self._answer("DELETE")
 
         def _answer(self, method: str) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY:
-                status, reply = 413, {"error": f"the body is over {MAX_BODY} bytes"}
-            else:
-                status, reply = handle(hub, method, self.path, self.rfile.read(length) if length else b"")
+            try:
+                status, reply = self._checked(method)
+            except (TimeoutError, ConnectionError):
+                self.close_connection = True  # a stalled or vanished client: nothing to answer
+                return
             body = (json.dumps(reply, indent=1) + "\n").encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+
+        def _checked(self, method: str) -> tuple[int, dict[str, Any]]:
+            try:
+                guard.check_request(method, self.headers, port())
+                length = content_length(self.headers)
+                if length > MAX_BODY:
+                    raise Refused(413, f"the body is over {MAX_BODY} bytes")
+            except Refused as refused:
+                self.close_connection = True  # the body, if any, is left unread
+                return refused.status, {"error": str(refused)}
+            return handle(hub, method, self.path, self.rfile.read(length) if length else b"", guard)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
             log.debug("control http: %s", redact_text(format % args))
@@ -143,7 +168,8 @@ def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
     hub = StreamHub(mode=cfg.runtime.mode, defaults=cfg.control.stream_defaults, keep_open=cfg.control.enabled)
     if recorder is not None:
         hub.subscribe(RecorderBridge(recorder))
-    server = ControlServer(hub, cfg.control.host, cfg.control.port).start() if cfg.control.enabled else None
+    server = (ControlServer(hub, cfg.control.host, cfg.control.port, ControlGuard.from_config(cfg.control)).start()
+              if cfg.control.enabled else None)
     restore = _graceful_signals(hub)
     try:
         yield hub

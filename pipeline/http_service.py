@@ -7,6 +7,7 @@ clean stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -17,8 +18,47 @@ from blinkflow.errors import BlinkflowError
 log = logging.getLogger(__name__)
 
 
+class _BoundedServer(ThreadingHTTPServer):
+    """A threaded server with at most ``max_threads`` requests at once: more are turned away with 503
+    right away, so stalled or flooding clients cannot pile up threads."""
+
+    daemon_threads = True  # a hung client must not keep the process alive
+
+    def __init__(self, address: Any, handler: Any, max_threads: int) -> None:
+        super().__init__(address, handler)
+        self._slots = threading.BoundedSemaphore(max_threads)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            with contextlib.suppress(OSError):
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that stalls, resets or sends garbage is its own problem: one log line, no traceback."""
+        import sys
+
+        error = sys.exc_info()[1]
+        level = logging.DEBUG if isinstance(error, (OSError, ValueError)) else logging.WARNING
+        log.log(level, "http request from %s failed: %s", client_address[0], error)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class HTTPService:
     section = "http"
+    #: requests served at once (each on its own thread); more get 503
+    max_threads = 16
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -39,13 +79,12 @@ class HTTPService:
 
     def start(self) -> Any:
         try:
-            self._server = ThreadingHTTPServer((self.host, self.requested_port), self.handler_class())
+            self._server = _BoundedServer((self.host, self.requested_port), self.handler_class(), self.max_threads)
         except OSError as exc:
             raise BlinkflowError(
                 f"{self.section}: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "
                 f"set {self.section}.port to a free port (0 picks one) or {self.section}.enabled=false"
             ) from None
-        self._server.daemon_threads = True  # a hung client must not keep the process alive
         self._thread = threading.Thread(target=self._server.serve_forever, name=f"blinkflow-{self.section}", daemon=True)
         self._thread.start()
         return self

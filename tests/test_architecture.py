@@ -24,7 +24,8 @@ LAYERS = [
     ("training", ["blinkflow.models.training"]),
     ("engine", ["blinkflow.graph", "blinkflow.sources", "blinkflow.streams", "blinkflow.sinks", "blinkflow.metrics", "blinkflow.http_service", "blinkflow.runners",
                 "blinkflow.depth_parallel"]),
-    ("apps", ["blinkflow.cli", "blinkflow.label", "blinkflow.control", "blinkflow.api", "blinkflow.bench"]),
+    ("apps", ["blinkflow.cli", "blinkflow.label", "blinkflow.control", "blinkflow.control_guard", "blinkflow.api",
+              "blinkflow.bench"]),
     ("facade", ["blinkflow"]),  # the package itself: `import blinkflow` gives the API (lazily); nothing imports it
 ]
 

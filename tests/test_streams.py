@@ -465,9 +465,13 @@ def test_http_mpegts_stream_served_by_ffmpeg_listen(real_media):
     assert sink.results[0].width == 64 and sink.results[0].results["chaos"]["checksum"] > 0
 
 
+CONTROL_TOKEN = "test-token"
+
+
 def _request(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(base + path, data=data, method=method)
+    headers = {"Authorization": f"Bearer {CONTROL_TOKEN}", "Content-Type": "application/json"}
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as reply:
             return reply.status, json.loads(reply.read())
@@ -478,13 +482,15 @@ def _request(base: str, method: str, path: str, body: dict | None = None) -> tup
 @needs_rtsp
 def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, real_media):
     from blinkflow.control import ControlServer
+    from blinkflow.control_guard import ControlGuard
 
     clip = real_media / "video" / "bikes.mp4"
     server = rtsp_servers(mounts={"a": clip, "b": clip})
     cfg = load_config(data={"stages": {"chaos": {"batch": 1}}, "runtime": {"mode": "live"},
                             "control": {"enabled": True, "port": 0, "stream_defaults": {"resize": [64, 48]}}})
     hub = StreamHub(mode="live", defaults=cfg.control.stream_defaults, keep_open=True)
-    control = ControlServer(hub, port=0).start()
+    # the test's RTSP server is on loopback: an internal address the guard allows only when listed
+    control = ControlServer(hub, port=0, guard=ControlGuard(token=CONTROL_TOKEN, allow_hosts=["127.0.0.1"])).start()
     run = BackgroundRun(cfg, hub)
     try:
         assert _request(control.url, "POST", "/streams", {"url": server.url("a"), "id": "cam1"}) == (

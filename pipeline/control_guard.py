@@ -1,0 +1,205 @@
+"""Who may use the control endpoint, and which streams it may open (docs/security.md).
+
+Requests: a bearer token on every mutating route (generated at start unless given), JSON bodies
+only, no cross-origin requests, and a ``Host`` header naming this endpoint when it listens on
+loopback (a DNS-rebinding page cannot reach it). Streams: network URLs only; local files and
+devices only from ``control.allow_local``; no internal address (loopback, private, link-local)
+unless ``control.allow_hosts`` names it; settings and FFmpeg options within the configured limits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "BLINKFLOW_CONTROL_TOKEN"
+MUTATING = ("POST", "DELETE", "PUT", "PATCH")
+NETWORK_SCHEMES = {"rtsp", "rtsps", "http", "https", "udp", "srt", "rtp", "tcp"}
+#: schemes whose host is an address to listen on or join, not a server to fetch from
+LISTENING_SCHEMES = {"udp", "rtp"}
+#: stream settings a request may set (the hub's defaults fill the rest)
+REQUEST_KEYS = {"url", "id", "type", "resize", "fps", "queue_size", "stall_timeout_s", "max_retries", "rtsp_transport",
+                "overflow", "ffmpeg_options", "motion_vectors", "decode_threads", "backoff_initial_s", "backoff_max_s"}
+
+
+class Refused(Exception):
+    """A request the guard turns down: ``status`` and a one-line reason naming the fix."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass
+class ControlGuard:
+    token: str | None
+    host: str = "127.0.0.1"
+    allowed_origins: list[str] = field(default_factory=list)
+    allow_local: list[str] = field(default_factory=list)
+    allow_hosts: list[str] = field(default_factory=list)
+    allowed_ffmpeg_options: list[str] = field(default_factory=list)
+    max_pixels: int = 1920 * 1080
+    max_fps: float = 60.0
+    max_queue_size: int = 256
+
+    @classmethod
+    def from_config(cls, control: Any) -> "ControlGuard":
+        return cls(token=_token(control), host=control.host, allowed_origins=list(control.allowed_origins),
+                   allow_local=list(control.allow_local), allow_hosts=list(control.allow_hosts),
+                   allowed_ffmpeg_options=list(control.allowed_ffmpeg_options), max_pixels=control.max_pixels,
+                   max_fps=control.max_fps, max_queue_size=control.max_queue_size)
+
+    # ------------------------------------------------------------------ requests
+
+    def check_request(self, method: str, headers: Any, port: int) -> None:
+        """Raise :class:`Refused` unless the request may go on (before its body is read)."""
+        self._check_host(headers.get("Host"), port)
+        origin = headers.get("Origin")
+        if origin is not None and origin not in self.allowed_origins:
+            raise Refused(403, f"cross-origin request from {origin!r} refused; list trusted origins in "
+                               "control.allowed_origins")
+        if method in MUTATING and self.token is not None:
+            scheme, _, given = (headers.get("Authorization") or "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                raise Refused(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>' (the token "
+                                   f"the run printed, control.token_file or ${TOKEN_ENV})")
+        if method == "POST" and content_length(headers) > 0:
+            kind = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                raise Refused(415, "the body must be JSON with 'Content-Type: application/json'")
+
+    def _check_host(self, host_header: str | None, port: int) -> None:
+        """On loopback, the Host header must name loopback too: another name means a rebinding page."""
+        if not is_loopback_name(self.host):
+            return
+        name = (host_header or "").rsplit(":", 1)[0].strip("[]").lower() if host_header else ""
+        if not is_loopback_name(name):
+            raise Refused(403, f"Host {host_header!r} is not this endpoint; call it as 127.0.0.1:{port} or "
+                               f"localhost:{port}")
+
+    # ------------------------------------------------------------------ streams
+
+    def check_stream(self, request: dict[str, Any]) -> None:
+        """Raise :class:`Refused` unless the requested stream and settings are allowed."""
+        unknown = sorted(set(request) - REQUEST_KEYS)
+        if unknown:
+            raise Refused(400, f"unknown stream setting {unknown[0]!r}; allowed: {', '.join(sorted(REQUEST_KEYS))}")
+        self._check_url(str(request.get("url", "")))
+        self._check_limits(request)
+        options = request.get("ffmpeg_options") or {}
+        if not isinstance(options, dict):
+            raise Refused(400, "ffmpeg_options must be a mapping of option to value")
+        refused = sorted(k for k in options if k not in self.allowed_ffmpeg_options)
+        if refused:
+            raise Refused(403, f"FFmpeg option {refused[0]!r} is not allowed from the control endpoint; allowed: "
+                               f"{', '.join(self.allowed_ffmpeg_options) or 'none'} (control.allowed_ffmpeg_options)")
+
+    def _check_url(self, url: str) -> None:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme in ("", "file") or url.startswith("/dev/"):
+            path = parts.path if scheme == "file" else url
+            if not any(fnmatch.fnmatch(str(Path(path)), pattern) for pattern in self.allow_local):
+                raise Refused(403, "local files and devices are not opened from the control endpoint; list them "
+                                   "(or a glob) in control.allow_local")
+            return
+        if scheme not in NETWORK_SCHEMES:
+            raise Refused(400, f"scheme {scheme!r} is not a stream; use rtsp://, rtsps://, http(s)://, udp://, srt://")
+        if scheme in LISTENING_SCHEMES or not parts.hostname:
+            return
+        if not self._host_allowed(parts.hostname):
+            raise Refused(403, f"{parts.hostname!r} is an internal address; list it in control.allow_hosts to "
+                               "stream from it")
+
+    def _host_allowed(self, hostname: str) -> bool:
+        if hostname in self.allow_hosts:
+            return True
+        addresses = resolve(hostname)
+        if not addresses:
+            return True  # unresolvable: FFmpeg cannot reach it either, and says so in the stream's error
+        allowed = [ipaddress.ip_network(a, strict=False) for a in self.allow_hosts if _is_network(a)]
+        return all(not internal(a) or any(a in n for n in allowed) for a in addresses)
+
+    def _check_limits(self, request: dict[str, Any]) -> None:
+        resize = request.get("resize")
+        if resize is not None:
+            if not (isinstance(resize, list) and len(resize) == 2 and all(isinstance(v, int) and v > 1 for v in resize)):
+                raise Refused(400, "resize must be [width, height] in pixels")
+            if resize[0] * resize[1] > self.max_pixels:
+                raise Refused(400, f"resize {resize[0]}x{resize[1]} is over control.max_pixels ({self.max_pixels})")
+        for key, limit in (("fps", self.max_fps), ("queue_size", self.max_queue_size)):
+            value = request.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or value > limit):
+                raise Refused(400, f"{key} {value!r} is over control.max_{key} ({limit})")
+
+
+def content_length(headers: Any) -> int:
+    """The declared body length; a malformed or negative one is refused (400)."""
+    text = headers.get("Content-Length")
+    if text is None:
+        return 0
+    if not text.strip().isdigit():
+        raise Refused(400, f"Content-Length {text!r} is not a byte count")
+    return int(text)
+
+
+def is_loopback_name(name: str) -> bool:
+    if name in ("localhost", ""):
+        return name == "localhost"
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def internal(address: ipaddress._BaseAddress) -> bool:
+    return (address.is_loopback or address.is_private or address.is_link_local or address.is_reserved
+            or address.is_unspecified or address.is_multicast)
+
+
+def resolve(hostname: str) -> list[ipaddress._BaseAddress]:
+    try:
+        return [ipaddress.ip_address(hostname)]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(hostname, None)
+    except OSError:
+        return []
+    return sorted({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}, key=str)
+
+
+def _is_network(text: str) -> bool:
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
+def _token(control: Any) -> str | None:
+    if control.auth == "none":
+        log.warning("control endpoint without authentication (control.auth: none): any local process can add "
+                    "streams; use it only on a machine you trust")
+        return None
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if control.token_file:
+        return Path(control.token_file).expanduser().read_text().strip()
+    token = secrets.token_urlsafe(24)
+    # printed once, where the operator started the run (stderr); set control.token_file to choose it
+    print(f"blinkflow: control endpoint token (send 'Authorization: Bearer <token>'): {token}", flush=True,
+          file=sys.stderr)
+    return token
