@@ -337,6 +337,9 @@ def structure_config(raw: dict) -> Config:
         if name not in stage_registry:
             valid = ", ".join(n for n in stage_registry.names() if n != "gate")
             raise ConfigError(f"stages.{name}: unknown stage; valid stages: {valid}")
+        if stage_raw is not None and not isinstance(stage_raw, dict):
+            raise ConfigError(f"stages.{name}: expected a mapping of settings (model, weights, batch, ...), "
+                              f"got {stage_raw!r}")
         stage_raw = dict(stage_raw or {})
         options_raw = stage_raw.pop("options", None)
         stage_cfg = structure_dataclass(StageConfig, stage_raw, f"stages.{name}")
@@ -428,8 +431,8 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
 
         if source.action not in SYNTHETIC_ACTIONS:
             raise ConfigError(f"{path}.action: unknown action {source.action!r}; valid: {', '.join(SYNTHETIC_ACTIONS)}")
-    if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2):
-        raise ConfigError(f"{path}.resize: expected [width, height] with both >= 2, got {source.resize}")
+    if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2 or max(source.resize) > 16384):
+        raise ConfigError(f"{path}.resize: expected [width, height] between 2 and 16384, got {source.resize}")
 
 
 def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:

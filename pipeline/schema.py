@@ -153,23 +153,62 @@ def _check_path(f: dataclasses.Field, value: Any, path: str) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def read_yaml(path: str | Path) -> dict:
-    import yaml
+#: a config is a few kB; this bounds what a hostile file can make the loader hold
+MAX_CONFIG_BYTES = 1 << 20
+#: YAML aliases (``*name``) a config may use: a few are handy, thousands are an expansion bomb
+MAX_ALIASES = 64
 
+
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config (the limit is {MAX_CONFIG_BYTES}); "
+                          "pass the YAML file, not a video or an archive")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+    return parse_yaml(text, str(path))
+
+
+def parse_yaml(text: str, origin: str) -> dict:
+    """A YAML mapping from ``text`` with the safe loader and a bound on aliases; errors name ``origin``."""
+    import yaml
+
+    try:
+        data = yaml.load(text, Loader=_bounded_loader())  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's messages span lines
+        raise ConfigError(f"{origin}: invalid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        raise ConfigError(f"{origin}: the top level must be a mapping of sections")
     return data
+
+
+def _bounded_loader() -> type:
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        """yaml.SafeLoader that refuses more than MAX_ALIASES aliases (expansion bombs)."""
+
+        aliases = 0
+
+        def compose_node(self, parent, index):  # noqa: ANN001 - PyYAML's signature
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+                if self.aliases > MAX_ALIASES:
+                    mark = self.peek_event().start_mark
+                    raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (line {mark.line + 1}): an alias expansion "
+                                         "bomb? write the values out")
+            return super().compose_node(parent, index)
+
+    return BoundedLoader
 
 
 def apply_override(raw: dict, override: str) -> None:
@@ -180,7 +219,7 @@ def apply_override(raw: dict, override: str) -> None:
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected key=value, e.g. --set stages.detect.batch=8")
     try:
-        value = yaml.safe_load(text) if text else None
+        value = yaml.load(text, Loader=_bounded_loader()) if text else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = text
     set_value(raw, key, value)

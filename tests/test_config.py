@@ -185,3 +185,36 @@ def test_validate_command_accepts_the_demo(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     assert "ok" in proc.stdout
+
+
+def test_a_yaml_alias_bomb_is_refused_in_one_line_not_expanded(tmp_path):
+    lines = ['a0: &a0 ["lol"]'] + [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 12)]
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\n")  # fully expanded this would be 9**11 strings
+    with pytest.raises(ConfigError, match="more than 64 aliases") as error:
+        load_config(path)
+    assert "\n" not in str(error.value)
+
+
+def test_a_non_utf8_or_oversized_config_is_a_one_line_error(tmp_path):
+    binary = tmp_path / "clip.yaml"
+    binary.write_bytes(b"\xff\xfe\x00sources: []")
+    with pytest.raises(ConfigError, match="not UTF-8 text"):
+        load_config(binary)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (2 << 20))
+    with pytest.raises(ConfigError, match="is not a config"):
+        load_config(big)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("stages.detect=5", "stages.detect: expected a mapping of settings"),
+    ("sources.0.resize=[100000, 100000]", "sources.0.resize: expected [width, height] between 2 and 16384"),
+    ("stages.detect.batch=[1", "stages.detect.batch: expected an integer"),
+    ("runtime.runner=spark", "runtime.runner: 'spark' is not one of 'local' | 'ray'"),
+    ("sinks.0.type=parquet", "sinks.0.type: 'parquet' is not one of"),
+])
+def test_malformed_overrides_are_one_line_errors_naming_the_path(override, words):
+    with pytest.raises(ConfigError) as error:
+        load_config(REPO_ROOT / "configs" / "synthetic.yaml", [override])
+    assert words in str(error.value) and "\n" not in str(error.value)
