@@ -481,9 +481,9 @@ def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
     integer type that holds them (3-4x faster than adding every offset of a block).
     """
     weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
-    if downscale <= 1:
+    d = min(downscale, image.shape[0], image.shape[1])  # a frame smaller than a block is one block
+    if d <= 1:
         return image.astype(np.float32) @ weights
-    d = downscale
     h, w = image.shape[0] // d * d, image.shape[1] // d * d
     dtype = np.uint16 if d * d * 255 <= np.iinfo(np.uint16).max else np.uint32
     rows = image[0:h:d, :w].astype(dtype)

@@ -1024,3 +1024,15 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(real_media):
     assert len(pairs) == 2 and all(0.0 <= float(v) <= 1.0 for pair in pairs for v in pair), accuracy
     pooled = next(line for line in lines if line.startswith("The same target on the 1 synthetic static-camera scenes"))
     assert re.search(r"per scene: seed 7 [0-9.]+× at [0-9.]+ / [0-9.]+\.", pooled), pooled
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_frames_smaller_than_the_gate_blocks_are_gated_not_failed(size):
+    import blinkflow
+
+    frames = [np.full((size, size, 3), 40 * i, np.uint8) for i in range(4)] + [np.full((size, size, 3), 120, np.uint8)]
+    records = list(blinkflow.run("configs/synthetic.yaml", sources=[blinkflow.frames(frames)], sinks=[],
+                                 **{"stages.segment.enabled": False, "stages.flow.enabled": False,
+                                    "stages.action.enabled": False}))
+    assert [r["outcome"] for r in records][:4] == ["processed"] * 4  # every frame changed: keyframes
+    assert records[4]["outcome"] in ("processed", "reused") and not any(r.get("error") for r in records)
