@@ -24,10 +24,12 @@ table) give per-video frames, outcomes, time and fps.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob as globlib
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError
 from blinkflow.files import sha256_bytes, sha256_file, write_atomic
@@ -296,10 +298,13 @@ class LabelRun:
 
     def run(self) -> dict[str, Any]:
         """Label what is not finished yet; write summary.json; return the summary."""
+        with output_lock(self.out_dir):
+            return self._run()
+
+    def _run(self) -> dict[str, Any]:
         started = time.perf_counter()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
         self.scratch = self.out_dir / ".scratch"
-        shutil.rmtree(self.scratch, ignore_errors=True)
+        shutil.rmtree(self.scratch, ignore_errors=True)  # the lock is ours: any scratch left is a crashed run's
         self.scratch.mkdir()
         self.manifest = Manifest.load(self.out_dir, config_digest(self.cfg, self.formats), self.restart)
         todo = [v for v in self.videos if not self.manifest.finished(v, self.out_dir, self.cfg.label.retry_failed)]
@@ -482,6 +487,37 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
         lines.append("  * skipped: finished by an earlier run (verified against the manifest's checksums)")
     lines.append(f"  outputs, manifest.json and summary.json in {summary['out_dir']}")
     return lines
+
+
+LOCK_NAME = ".blinkflow-label.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder for the run: a second run into it stops at once, in one
+    line naming the holder's pid, instead of deleting the first one's scratch files."""
+    import fcntl
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BlinkflowError(f"--out {out_dir}: is a file, not a folder; name a folder for the outputs")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / LOCK_NAME
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise BlinkflowError(f"--out {out_dir}: another blinkflow label run (pid {holder}) is writing there; "
+                                 "wait for it or choose another folder") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def add_label_command(commands: Any) -> None:

@@ -243,3 +243,28 @@ def test_label_killed_halfway_and_resumed_on_ray_matches_an_uninterrupted_run(tm
     records = [json.loads(line) for line in (out / "bikes.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(250))
     assert not (out / ".scratch").exists()
+
+
+def test_a_second_run_into_the_same_folder_stops_in_one_line_naming_the_holder(tmp_path, tiny_video, light_config):
+    import os
+
+    from blinkflow.label import output_lock
+
+    out = tmp_path / "labels"
+    with output_lock(out):  # a first run holds the folder
+        proc = subprocess.run(_cli(str(tiny_video), "--out", str(out), "--config", str(light_config)),
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr
+        assert f"another blinkflow label run (pid {os.getpid()}) is writing there" in proc.stderr
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    summary = label([tiny_video], out, light_config)  # released: the next run goes ahead
+    assert summary["done"] == 1
+
+
+def test_out_naming_an_existing_file_is_a_one_line_error(tmp_path, tiny_video, light_config):
+    target = tmp_path / "labels.json"
+    target.write_text("{}")
+    proc = subprocess.run(_cli(str(tiny_video), "--out", str(target), "--config", str(light_config)),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
+    assert target.read_text() == "{}"
