@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError
+from blinkflow.sources import TRUNCATED
 from blinkflow.files import sha256_bytes, sha256_file, write_atomic
 from blinkflow.sinks import JsonlSink, to_record
 
@@ -147,8 +148,8 @@ class Manifest:
         entry = self.videos.get(video.id)
         if entry is None or entry.get("source") != str(video.path):
             return False
-        if entry["status"] == "failed" and retry_failed:
-            return False
+        if entry["status"] == "partial" or (entry["status"] == "failed" and retry_failed):
+            return False  # a truncated file is labelled again next time (it may have been re-copied whole)
         for name, digest in entry["outputs"].items():
             target = out_dir / name
             if not target.is_file() or sha256_file(target) != digest:
@@ -223,8 +224,10 @@ def _stats(summary: Any, outputs: dict[str, bytes]) -> dict[str, Any]:
     errors = list(summary.accounting.source_errors)
     if totals["failed"]:
         errors.append(f"{totals['failed']} frames failed in a stage (see the records' error field)")
+    truncated = any(f": {TRUNCATED}: " in e for e in summary.accounting.source_errors)
+    status = "done" if summary.ok else "partial" if truncated and totals["failed"] == 0 else "failed"
     return {
-        "status": "done" if summary.ok else "failed", "error": "; ".join(errors) or None,
+        "status": status, "error": "; ".join(errors) or None,
         "frames": totals["decoded"], "outcomes": {k: v for k, v in totals.items() if k != "decoded"},
         "seconds": round(summary.elapsed_s, 3), "setup_s": round(summary.setup_s, 3),
         "fps": round(totals["decoded"] / summary.processing_s, 2) if totals["decoded"] else 0.0,
@@ -382,8 +385,9 @@ class LabelRun:
             for outcome, count in entry["outcomes"].items():
                 totals[outcome] = totals.get(outcome, 0) + count
         failed = sorted(k for k, v in videos.items() if v["status"] == "failed")
+        partial = sorted(k for k, v in videos.items() if v["status"] == "partial")
         return {"out_dir": str(self.out_dir), "elapsed_s": round(elapsed, 3), "videos": videos, "totals": totals,
-                "done": sum(v["status"] == "done" for v in videos.values()), "failed": failed,
+                "done": sum(v["status"] == "done" for v in videos.values()), "failed": failed, "partial": partial,
                 "skipped": sorted(k for k, v in videos.items() if v["skipped"])}
 
 
@@ -472,7 +476,7 @@ class _Bars:
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines = [f"blinkflow label: {len(summary['videos'])} videos in {summary['elapsed_s']:.1f} s: "
-             f"{summary['done']} done, {len(summary['failed'])} failed, "
+             f"{summary['done']} done, {len(summary.get('partial', []))} partial, {len(summary['failed'])} failed, "
              f"{len(summary['skipped'])} skipped (already done)"]
     lines.append(f"  {'video':<28} {'status':<7} {'frames':>7} {'processed':>9} {'reused':>6} {'dropped':>7} "
                  f"{'failed':>6} {'time s':>7} {'fps':>7}")
@@ -483,6 +487,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
                      f"{o.get('reused', 0):>6} {o.get('dropped', 0):>7} {o.get('failed', 0):>6} "
                      f"{v['seconds'] or 0:>7.2f} {v['fps'] or 0:>7.1f}")
     lines.extend(f"  failed {video_id}: {summary['videos'][video_id]['error']}" for video_id in summary["failed"])
+    lines.extend(f"  partial {video_id}: {summary['videos'][video_id]['error']}"
+                 for video_id in summary.get("partial", []))
     if summary["skipped"]:
         lines.append("  * skipped: finished by an earlier run (verified against the manifest's checksums)")
     lines.append(f"  outputs, manifest.json and summary.json in {summary['out_dir']}")
@@ -557,4 +563,4 @@ def cmd_label(args: argparse.Namespace) -> int:
                    progress=not args.no_progress, restart=args.restart)
     summary = run.run()
     print("\n".join(summary_lines(summary)))
-    return 1 if summary["failed"] else 0
+    return 1 if summary["failed"] or summary.get("partial") else 0

@@ -28,6 +28,9 @@ from blinkflow.registry import register_source, sources as source_registry
 
 log = logging.getLogger(__name__)
 
+#: the word a source error starts its reason with when a file ended before its index did (label: partial)
+TRUNCATED = "truncated"
+
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
 
 
@@ -262,11 +265,29 @@ def _open_container(path: Path):
         raise SourceError(f"{path}: not a readable video ({exc}); check that the file is a video and not damaged") from None
 
 
+#: containers whose index lists every sample, so their frame count is what a whole file decodes to
+INDEXED_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2")
+
+
 def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
     rate = float(stream.average_rate or stream.guessed_rate or 25)
+    decoded = 0
     for n, frame in enumerate(container.decode(stream)):
         seconds = float(frame.time) if frame.time is not None else n / rate
+        decoded += 1
         yield seconds, frame
+    _check_complete(container, stream, path, decoded)
+
+
+def _check_complete(container, stream, path: Path, decoded: int) -> None:
+    """A file whose index promises more frames than its data held was cut short: the frames decoded have
+    been delivered, and the stream ends with this error instead of passing for a whole file."""
+    indexed = any(name in INDEXED_FORMATS for name in (container.format.name or "").split(","))
+    declared = stream.frames or 0
+    if indexed and decoded and declared > decoded:
+        raise SourceError(f"{path}: {TRUNCATED}: {decoded} of the {declared} frames its index lists were decoded "
+                          "(the rest of the file is missing); the frames before the cut were labelled, "
+                          "re-copy or re-encode the file for the rest")
 
 
 def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: Path) -> Iterator[Frame]:

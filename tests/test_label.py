@@ -268,3 +268,36 @@ def test_out_naming_an_existing_file_is_a_one_line_error(tmp_path, tiny_video, l
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "is a file, not a folder" in proc.stderr and "Traceback" not in proc.stderr
     assert target.read_text() == "{}"
+
+
+def _faststart_clip(path: Path, frames: int = 20) -> bytes:
+    """An MP4 whose index (moov) sits before its data, as cameras and web exports write them."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", options={"movflags": "+faststart"}) as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(frames):
+            image = np.full((48, 64, 3), 10 * i, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path.read_bytes()
+
+
+def test_a_truncated_mp4_is_partial_not_done_and_is_labelled_again(tmp_path, light_config):
+    whole = _faststart_clip(tmp_path / "whole.mp4")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    (clips / "cut.mp4").write_bytes(whole[: int(len(whole) * 0.9)])  # its index still lists 20 frames
+    out = tmp_path / "labels"
+    summary = label([clips / "cut.mp4"], out, light_config)
+    entry = summary["videos"]["cut"]
+    assert entry["status"] == "partial" and summary["partial"] == ["cut"] and summary["done"] == 0
+    assert "truncated: 7 of the 20 frames" in entry["error"]
+    assert (out / "cut.jsonl").read_text().count("\n") == entry["frames"] == 7  # what was there is kept
+    (clips / "cut.mp4").write_bytes(whole)  # re-copied whole: the next run labels it again, done
+    again = label([clips / "cut.mp4"], out, light_config)
+    assert again["videos"]["cut"]["status"] == "done" and again["videos"]["cut"]["frames"] == 20
