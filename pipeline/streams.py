@@ -43,7 +43,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -56,78 +56,17 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("rtsp", "rtsps", "http", "https", "udp", "srt", "file")
 V4L2_DEVICE = re.compile(r"^/dev/video\d+$")
-SECRET_KEYS = {"password", "passwd", "pwd", "pass", "token", "access_token", "auth", "key", "apikey", "api_key",
-               "secret", "signature", "sig", "credentials", "passphrase"}
-MASK = "***"
+from blinkflow.redact import (  # noqa: E402,F401 - redaction lives in one place; streams use it most
+    MASK,
+    RedactingFilter,
+    install_log_redaction,
+    is_secret_key,
+    redact_text,
+    redact_url,
+    remember_secrets,
+)
 EOF_REASON = "the stream ended"
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
-_SECRET_QUERY = re.compile(r"(?P<key>[?&;](?:%s)=)[^&;:\s'\"<>#)]*" % "|".join(sorted(SECRET_KEYS)), re.IGNORECASE)
 _ZERO_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
-_known_secrets: set[str] = set()
-_secrets_lock = threading.Lock()
-
-
-# --------------------------------------------------------------------------- redaction
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its user info and secret-looking query values replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return redact_text(url)
-    netloc = parts.netloc
-    if "@" in netloc:
-        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        query = urlencode([(k, MASK if k.lower() in SECRET_KEYS else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact_text(text: str) -> str:
-    """Scrub credentials from free text (FFmpeg errors quote the URL they failed on)."""
-    with _secrets_lock:
-        secrets = sorted(_known_secrets, key=len, reverse=True)
-    for secret in secrets:  # first: the patterns below stop at ':' or ')', which a known secret may hold
-        text = text.replace(secret, MASK)
-    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
-    return _SECRET_QUERY.sub(lambda m: f"{m['key']}{MASK}", text)
-
-
-def remember_secrets(url: str) -> None:
-    """Note the secrets of ``url`` so that :func:`redact_text` also catches them out of URL context."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return
-    # passwords only: a user name like "cam" is too common a word to scrub everywhere (URLs lose it anyway)
-    found = [parts.password, unquote(parts.password)] if parts.password else []
-    found += [v for k, v in parse_qsl(parts.query) if k.lower() in SECRET_KEYS]
-    with _secrets_lock:
-        _known_secrets.update(s for s in found if len(s) >= 4)
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that scrubs credentials from every record it sees."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        clean = redact_text(message)
-        if clean != message:
-            record.msg, record.args = clean, None
-        return True
-
-
-_FILTER = RedactingFilter()
-
-
-def install_log_redaction() -> None:
-    """Add the redacting filter to the root handlers (idempotent), for messages from FFmpeg or Ray."""
-    for handler in logging.getLogger().handlers:
-        if _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
 
 
 # --------------------------------------------------------------------------- URLs and config

@@ -17,7 +17,8 @@ PACKAGES = {"pipeline": "blinkflow", "stages": "blinkflow.stages", "models": "bl
 #: bottom to top; a module may import its own layer and the layers below (the longest prefix decides)
 LAYERS = [
     ("core", ["blinkflow.version", "blinkflow.errors", "blinkflow.files", "blinkflow.frame", "blinkflow.schema",
-              "blinkflow.registry", "blinkflow.resources", "blinkflow.devices", "blinkflow.ray_session"]),
+              "blinkflow.registry", "blinkflow.resources", "blinkflow.devices", "blinkflow.ray_session",
+              "blinkflow.redact"]),
     ("models", ["blinkflow.models"]),
     ("config", ["blinkflow.config"]),
     ("stages", ["blinkflow.stages", "blinkflow.skip"]),

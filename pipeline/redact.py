@@ -1,0 +1,102 @@
+"""Credentials out of everything Blinkflow prints or serves: logs, summaries, metric labels, API replies.
+
+One place decides what a secret is: a URL's user info, any query parameter whose *name* looks like
+a credential (``password``, ``token``, ``X-Amz-Signature``, ``X-Goog-Credential``, ``sig``, ``jwt``,
+``session`` ...), bearer tokens, and the passwords of the URLs a run has opened, wherever they
+reappear in free text (FFmpeg quotes the URLs it fails on).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+MASK = "***"
+#: parameter names that are credentials in full (after dropping x-amz-/x-goog-/x- prefixes)
+SECRET_NAMES = {"password", "passwd", "pwd", "pass", "token", "auth", "key", "apikey", "api_key", "secret", "signature",
+                "sig", "credential", "credentials", "passphrase", "session", "sessionid", "jwt", "code", "security-token",
+                "securitytoken", "client_secret", "access_token", "auth_token", "refresh_token", "id_token"}
+#: a parameter name containing one of these is a credential too (auth_token, x-amz-security-token, mysecret)
+SECRET_PARTS = ("pass", "token", "secret", "signature", "credential", "session", "jwt", "apikey", "api_key", "auth")
+_PREFIXES = ("x-amz-", "x-goog-", "x-ms-", "x-")
+
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
+_QUERY_PAIR = re.compile(r"(?P<sep>[?&;])(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;\s'\"<>#)]*)")
+_BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-._~+/]+=*")
+_known_secrets: set[str] = set()
+_lock = threading.Lock()
+
+
+def is_secret_key(name: str) -> bool:
+    name = unquote(name).lower()
+    for prefix in _PREFIXES:
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
+    return name in SECRET_NAMES or any(part in name for part in SECRET_PARTS)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its user info and credential-named query values replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_text(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = f"{MASK}@{netloc.rsplit('@', 1)[1]}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode([(k, MASK if is_secret_key(k) else v) for k, v in pairs], safe="*")
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Scrub credentials from free text."""
+    with _lock:
+        known = sorted(_known_secrets, key=len, reverse=True)
+    for secret in known:  # first: the patterns below stop at ':' or ')', which a known secret may hold
+        if len(secret) >= 4:
+            text = text.replace(secret, MASK)
+        else:  # a short password only as a whole word, or every "a" of the text would go
+            text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", MASK, text)
+    text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    text = _BEARER.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    return _QUERY_PAIR.sub(lambda m: f"{m['sep']}{m['key']}={MASK}" if is_secret_key(m["key"]) else m.group(0), text)
+
+
+def remember_secrets(url: str) -> None:
+    """Note the secrets of ``url`` so that :func:`redact_text` also catches them out of URL context."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return
+    # passwords only: a user name like "cam" is too common a word to scrub everywhere (URLs lose it anyway)
+    found = [parts.password, unquote(parts.password)] if parts.password else []
+    found += [v for k, v in parse_qsl(parts.query) if is_secret_key(k)]
+    with _lock:
+        _known_secrets.update(s for s in found if s)
+
+
+class RedactingFilter(logging.Filter):
+    """A logging filter that scrubs credentials from every record it sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact_text(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        return True
+
+
+_FILTER = RedactingFilter()
+
+
+def install_log_redaction() -> None:
+    """Add the redacting filter to the root handlers (idempotent), for messages from FFmpeg or Ray."""
+    for handler in logging.getLogger().handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
