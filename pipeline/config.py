@@ -220,6 +220,11 @@ class SinkConfig:
     path: str | None = _field(None, "output file (jsonl, mp4)")
     fps: float | None = _field(None, "mp4 frame rate; null uses the source rate", lo=0.1, hi=1000)
     include_dense: bool = _field(False, "jsonl: include dense flow fields (large); masks are always included")
+    live: bool | None = _field(
+        None, "jsonl: append and flush every record (visible while the run goes on, kept on errors and signals) "
+        "instead of one atomic file at the end; null: on when runtime.mode is live")
+    rotate_mb: float | None = _field(None, "jsonl live: start a new file past this size; null never", lo=0.001, hi=10**6)
+    keep: int = _field(10, "jsonl live: rotated files kept (<path>.1 is the newest)", lo=1, hi=10**4)
     draw: list[str] = _field(factory=lambda: ["detect", "segment", "flow", "action"], doc="mp4: layers to draw")
 
 
@@ -366,6 +371,9 @@ def check_config(cfg: Config, base_dir: Path) -> None:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
     _check_by_source_type(cfg)
     _check_control(cfg.control)
+    for sink in cfg.sinks:
+        if sink.live is None:
+            sink.live = cfg.runtime.mode == "live"
     ids = [s.id for s in cfg.sources if s.id]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:

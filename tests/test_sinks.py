@@ -139,3 +139,54 @@ def test_a_new_sink_is_one_file_the_registry_finds_and_configs_accept(tmp_path):
     rows = read_rows(out.read_text())
     expected = [(r["index"], name) for r in records for name in r["detect"]["classes"]]
     assert expected and [(int(row["index"]), row["class"]) for row in rows] == expected
+
+
+def _live_results(n: int):
+    from blinkflow.frame import FrameResult, Outcome
+
+    return [FrameResult(stream_id="cam", index=i, pts=i / 10, width=8, height=8, outcome=Outcome.PROCESSED,
+                        results={"detect": {"boxes": [], "labels": [], "classes": [], "scores": []}}) for i in range(n)]
+
+
+def test_live_jsonl_is_readable_while_the_run_goes_on_and_kept_when_it_dies(tmp_path):
+    from blinkflow.config import SinkConfig
+    from blinkflow.sinks import JsonlSink
+
+    path = tmp_path / "camera.jsonl"
+    sink = JsonlSink(SinkConfig(type="jsonl", path=str(path), live=True))
+    results = _live_results(5)
+    for result in results[:3]:
+        sink.write(result)
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1, 2]  # visible now
+    sink.write(results[3])
+    sink.abort()  # an exception or Ctrl-C: what was written stays
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1, 2, 3]
+    again = JsonlSink(SinkConfig(type="jsonl", path=str(path), live=True))  # a restarted job appends
+    again.write(results[4])
+    again.close()
+    assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
+
+
+def test_live_jsonl_rotates_by_size_and_keeps_the_newest_files(tmp_path):
+    from blinkflow.config import SinkConfig
+    from blinkflow.sinks import JsonlSink
+
+    path = tmp_path / "camera.jsonl"
+    sink = JsonlSink(SinkConfig(type="jsonl", path=str(path), live=True, rotate_mb=0.0005, keep=2))  # ~500 bytes
+    for result in _live_results(40):
+        sink.write(result)
+    sink.close()
+    files = [path, tmp_path / "camera.jsonl.1", tmp_path / "camera.jsonl.2"]
+    assert all(f.exists() for f in files) and not (tmp_path / "camera.jsonl.3").exists()
+    indices = [json.loads(line)["index"] for f in reversed(files) for line in f.read_text().splitlines()]
+    assert indices == sorted(indices) and indices[-1] == 39 and len(indices) < 40  # the oldest were dropped
+
+
+def test_archive_jsonl_stays_atomic_and_live_follows_the_runtime_mode(tmp_path):
+    from blinkflow.config import load_config
+
+    cfg = load_config(data={"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}],
+                            "runtime": {"mode": "live"}})
+    assert cfg.sinks[0].live is True
+    cfg = load_config(data={"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}]})
+    assert cfg.sinks[0].live is False

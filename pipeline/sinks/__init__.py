@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import time
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -54,6 +55,10 @@ class Sink:
 
 def build_sinks(configs: list[SinkConfig]) -> list[Sink]:
     return [sink_registry.get(cfg.type)(cfg) for cfg in configs]
+
+
+#: live JSONL: fsync at most this often (every record is flushed to the OS at once)
+FSYNC_EVERY_S = 2.0
 
 
 class AtomicFile:
@@ -128,20 +133,53 @@ def decode_dense_array(obj: dict[str, Any]) -> np.ndarray:
 
 @register_sink("jsonl")
 class JsonlSink(Sink):
-    """One JSON object per frame, one frame per line."""
+    """One JSON object per frame, one frame per line.
+
+    Archive mode writes the whole file under a temporary name and renames it when the run ends
+    (a crash leaves no half file). Live mode (``live``, by default when ``runtime.mode: live``)
+    appends to the file itself and flushes every record, so results are visible while a camera
+    job runs and nothing written is lost on an error or a signal; it rotates at ``rotate_mb``
+    into ``<path>.1``, ``<path>.2``, ... keeping the newest ``keep``.
+    """
 
     needs_path = True  # config checks that a path is given
 
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
+        self.live = bool(cfg.live)
         self.file = AtomicFile(cfg.path)
-        self.handle = self.file.temp.open("w", encoding="utf-8")
+        self.path = self.file.path
+        self.handle = (self.path.open("a", encoding="utf-8") if self.live
+                       else self.file.temp.open("w", encoding="utf-8"))
         self.count = 0
+        self._synced = time.monotonic()
 
     def write(self, result: FrameResult) -> None:
         self.handle.write(json.dumps(to_record(result, self.cfg.include_dense), separators=(",", ":")))
         self.handle.write("\n")
         self.count += 1
+        if self.live:
+            self._keep_live()
+
+    def _keep_live(self) -> None:
+        self.handle.flush()  # readers see every record at once
+        if time.monotonic() - self._synced >= FSYNC_EVERY_S:
+            os.fsync(self.handle.fileno())
+            self._synced = time.monotonic()
+        if self.cfg.rotate_mb and self.handle.tell() >= self.cfg.rotate_mb * 1e6:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        keep = self.cfg.keep
+        Path(f"{self.path}.{keep}").unlink(missing_ok=True)
+        for n in range(keep - 1, 0, -1):
+            older = Path(f"{self.path}.{n}")
+            if older.exists():
+                older.replace(f"{self.path}.{n + 1}")
+        self.path.replace(f"{self.path}.1")
+        self.handle = self.path.open("a", encoding="utf-8")
 
     def close(self) -> None:
         if self.handle.closed:
@@ -149,10 +187,14 @@ class JsonlSink(Sink):
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
-        self.file.commit()
-        log.info("wrote %d records to %s", self.count, self.file.path)
+        if not self.live:
+            self.file.commit()
+        log.info("wrote %d records to %s", self.count, self.path)
 
     def abort(self) -> None:
+        if self.live:
+            self.close()  # live records already written stay: never delete results on an error or a signal
+            return
         if not self.handle.closed:
             self.handle.close()
         self.file.discard()
