@@ -123,6 +123,7 @@ def test_a_malformed_content_length_is_a_400_not_a_traceback_or_a_hang(control, 
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.slow
 def test_stalled_clients_are_dropped_and_cannot_pile_up_threads(control, monkeypatch):
     before = threading.active_count()
     sockets = []

@@ -38,6 +38,7 @@ def test_deeplab_fine_tunes_on_the_synthetic_scenes_with_a_fresh_class_head(tmp_
     assert "2 class-dependent tensors start fresh (logits.bias" in caplog.text
 
 
+@pytest.mark.slow
 def test_yolox_training_loss_falls_on_one_real_image():
     """Three SGD steps on dog.jpg's three objects: the YOLOX loss (SimOTA, IoU, BCE) is wired right."""
     import numpy as np

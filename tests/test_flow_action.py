@@ -176,7 +176,9 @@ def make_action_stage(name: str = "causal3d_small", **options):
     return stage
 
 
-@pytest.mark.parametrize("name", model_names("action"))
+# mvit_v2_s only takes 16x224x224 clips: its case is in the slow tier
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "mvit_v2_s" else n
+                                  for n in model_names("action")])
 def test_action_stage_labels_a_full_clip(name):
     options = action_options_for(name)
     stage = make_action_stage(name, **options)

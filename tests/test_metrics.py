@@ -235,6 +235,7 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_metrics_aggregate_every_replica(ray_local):
     from blinkflow.runners.ray import RayRunner
 
@@ -249,6 +250,7 @@ def test_ray_metrics_aggregate_every_replica(ray_local):
     assert value(recorder, "blinkflow_stage_restarts_total", stage="chaos") == 0
 
 
+@pytest.mark.slow
 def test_ray_actor_restart_is_counted_and_counters_never_go_back(ray_local):
     from blinkflow.runners.ray import RayRunner
 
@@ -349,6 +351,7 @@ def promql(base_url: str, query: str) -> list[dict]:
     return payload["data"]["result"]
 
 
+@pytest.mark.slow
 def test_real_prometheus_sees_the_frames_the_run_reported(prometheus_server):
     recorder, base_url, jobs = prometheus_server
     summary = LocalRunner(chaos_config((20, 15), options={"fail_indices": [3]}), metrics=recorder).run()

@@ -25,6 +25,7 @@ def two_node_cluster():
     cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_stages_run_on_both_nodes_of_a_cluster(two_node_cluster, tmp_path):
     clip = write_test_video(tmp_path / "a.mp4", frames=10)
     cfg = load_config(data={

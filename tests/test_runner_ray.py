@@ -55,6 +55,7 @@ def test_ray_outputs_equal_local_outputs(ray_local, tmp_path):
     assert ray_summary.totals["failed"] == 2  # frame 4 of each clip
 
 
+@pytest.mark.slow
 def test_ray_model_stages_match_local(ray_local, tmp_path):
     cfg = load_config(data={
         "sources": two_clips(tmp_path, (5, 4)),
@@ -68,6 +69,7 @@ def test_ray_model_stages_match_local(ray_local, tmp_path):
     assert comparable(ray_results) == comparable(local_results)
 
 
+@pytest.mark.slow
 def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tmp_path):
     """The gate's partial frames: detect merges a crop with its last boxes, segment pastes tiles; both keep
     per-stream state, so each stream sticks to one replica in order and the runners agree exactly."""
@@ -88,6 +90,7 @@ def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tm
     assert crops, "no partial frame ran the detector on a crop"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_ray_matches_local_with_segment_refreshes(ray_local, adaptive):
     """A refresh runs the segmenter alone and the driver carries the boxes over; with adaptive and
@@ -108,6 +111,7 @@ def test_ray_matches_local_with_segment_refreshes(ray_local, adaptive):
     assert refreshes[:2] == ([3, 7] if adaptive else [3, 6])
 
 
+@pytest.mark.slow
 def test_per_stream_order_with_a_holding_temporal_stage_and_replicas(ray_local, tmp_path):
     sources = two_clips(tmp_path, (8, 8)) + [{"type": "synthetic", "id": "syn", "width": 64, "height": 48, "num_frames": 8}]
     cfg = load_config(data={"sources": sources, "stages": {"chaos": {"replicas": 2, "batch": 2, "options": {"hold": 3}}}})
@@ -120,6 +124,7 @@ def test_per_stream_order_with_a_holding_temporal_stage_and_replicas(ray_local, 
     assert summary.totals["processed"] == 24
 
 
+@pytest.mark.slow
 def test_killed_actor_is_restarted_and_no_frame_vanishes(ray_local, tmp_path):
     cfg = load_config(data={
         "sources": two_clips(tmp_path, (40, 40)),
@@ -152,6 +157,7 @@ def _kill_first_actor_when_busy(runner):
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 def test_live_mode_drops_oldest_frames_under_overload(ray_local, tmp_path):
     cfg = load_config(data={
         "sources": two_clips(tmp_path, (30, 30)),

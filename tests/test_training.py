@@ -354,6 +354,7 @@ def test_video_tree_is_read_with_class_per_folder(tmp_path):
 # --------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
 def test_smoke_training_lowers_the_loss(task, tmp_path):
     from blinkflow.models.training.train import main
@@ -366,6 +367,7 @@ def test_smoke_training_lowers_the_loss(task, tmp_path):
     assert (tmp_path / task / "checkpoint.pt").is_file() and (tmp_path / task / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
     from blinkflow.models.training import train
 
@@ -403,6 +405,7 @@ def test_resuming_with_another_config_is_refused(tmp_path):
         main(smoke_config("segment", tmp_path, "epochs=1", "seed=1"), resume=True, runtime=quiet_runtime())
 
 
+@pytest.mark.slow
 def test_init_starts_from_given_weights_and_records_them(tmp_path):
     """Fine-tuning: with a learning rate of 0 the trained parameters are exactly the init file's, and
     without ``init`` they are not; the run records the file with its sha256 (the manifest gets it)."""
@@ -455,6 +458,7 @@ def test_cli_trains_ships_and_evaluates(tmp_path, monkeypatch, capsys, real_medi
     assert "none of its categories" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_reads_an_exported_coco_dataset(tmp_path):
     from blinkflow.models.training.scenes import SceneGenerator, export_coco
     from blinkflow.models.training.train import main, run_eval
@@ -481,6 +485,7 @@ def ray_two_cpus():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, ray_two_cpus):
     from blinkflow.models.training.distributed import train_distributed
 

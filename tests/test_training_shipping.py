@@ -106,6 +106,7 @@ def _ship_one(folder: str, stage: str) -> None:
                  metrics={"value": 1.0}, out_dir=Path(folder))
 
 
+@pytest.mark.slow
 def test_runs_shipping_at_once_all_land_in_the_manifest(tmp_path):
     from blinkflow.models.weights import read_manifest
 
