@@ -86,3 +86,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def load_shipped(stage: str, name: str):
+    """A backend with its shipped weights (sha256-checked), in eval mode."""
+    from blinkflow.models.registry import build_model
+    from blinkflow.models.weights import load_state, resolve_weights
+
+    spec = resolve_weights("shipped", stage=stage, model_name=name)
+    kwargs = {"num_classes": len(spec.classes)} if spec.classes else {}
+    model = build_model(name, task=stage, **kwargs)
+    load_state(model, spec)
+    return model.eval()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from blinkflow.models.weights import WeightsError
+from tests.conftest import load_shipped
 
 log = logging.getLogger(__name__)
 
@@ -24,23 +25,12 @@ SIZE = 513  # the TFLite graph's fixed input size
 MIN_AGREEMENT = 0.97
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """513x513 forwards on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    from blinkflow.models.registry import build_model
-    from blinkflow.models.weights import load_state, resolve_weights
-
-    model = build_model(MODEL, task="segment", num_classes=21)
-    load_state(model, resolve_weights("shipped", stage="segment", model_name=MODEL))
-    return model.eval()
+    return load_shipped("segment", "deeplabv3_mobilenet_v2")
 
 
 def real_images() -> dict[str, np.ndarray]:

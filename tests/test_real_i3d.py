@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from blinkflow.models.weights import WeightsError
+from tests.conftest import load_shipped
 
 log = logging.getLogger(__name__)
 
@@ -27,23 +28,12 @@ TEST_DATA = Path(__file__).resolve().parent / "data"
 CRICKET_GIF = TEST_DATA / "originals" / "cricket_rgb.gif"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """I3D forwards on a shared 2-core machine: intra-op threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    from blinkflow.models.registry import build_model
-    from blinkflow.models.weights import load_state, resolve_weights
-
-    model = build_model("i3d", task="action")
-    load_state(model, resolve_weights("shipped", stage="action", model_name="i3d"))
-    return model.eval()
+    return load_shipped("action", "i3d")
 
 
 def gif_clip(path: Path) -> torch.Tensor:

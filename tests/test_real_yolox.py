@@ -14,11 +14,11 @@ from PIL import Image
 from blinkflow.models.classes import coco_categories
 from blinkflow.models.convert import import_weights, serialize_state
 from blinkflow.models.convert import yolox_onnx
-from blinkflow.models.registry import build_model
-from blinkflow.models.weights import WeightsError, load_state, resolve_weights, sha256_file
+from blinkflow.models.weights import WeightsError, resolve_weights, sha256_file
 from blinkflow.config import StageConfig
 from blinkflow.frame import Frame
 from blinkflow.stages.detect import Detect, DetectOptions
+from tests.conftest import load_shipped
 
 DATA = Path(__file__).resolve().parent / "data"
 ORIGINAL = DATA / "originals" / "yolox_nano.onnx"
@@ -32,19 +32,12 @@ DOG_OBJECTS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def shipped_model():
-    model = build_model("yolox_nano", task="detect")
-    load_state(model, resolve_weights("shipped", stage="detect", model_name="yolox_nano"))
-    return model.eval()
+    return load_shipped("detect", "yolox_nano")
 
 
 def read_rgb(path: Path) -> np.ndarray:
