@@ -16,7 +16,7 @@ from blinkflow.errors import BlinkflowError
 from blinkflow.schema import parse_yaml
 from blinkflow.streams import StreamHub
 
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 
 SECTIONS = st.sampled_from(["sources", "gate", "stages", "sinks", "metrics", "runtime", "control", "label", "x"])
 KEYS = st.sampled_from(["type", "path", "batch", "enabled", "threshold", "detect", "segment", "0", "runner", "port",

@@ -341,6 +341,7 @@ def test_stalled_stream_is_detected_and_reconnected(tmp_path, real_media):
 # --------------------------------------------------------------------------- real servers
 
 
+@pytest.mark.slow
 @needs_rtsp
 def test_rtsp_server_killed_and_restarted_the_stream_reconnects_and_accounts_for_every_frame(
         rtsp_servers, real_media, caplog):
@@ -397,6 +398,7 @@ class SrtServer:
         self.proc.wait(timeout=10)
 
 
+@pytest.mark.slow
 @needs_srt
 def test_srt_server_killed_and_restarted_the_relay_reconnects_and_accounts_for_every_frame(
         real_media, monkeypatch, caplog):
