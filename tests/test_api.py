@@ -23,6 +23,7 @@ def test_importing_blinkflow_gives_the_api_without_importing_torch_or_ray():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 def test_a_notebooks_own_frames_run_through_the_synthetic_pipeline_in_order():
     frames = (np.full((96, 128, 3), 20 * i, np.uint8) for i in range(5))
     records = list(blinkflow.run("configs/synthetic.yaml", sources=[blinkflow.frames(frames, id="nb", fps=10)],

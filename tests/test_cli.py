@@ -53,6 +53,7 @@ def test_the_demo_labels_the_real_clips_cars_and_bicycles_with_coco_names(tmp_pa
     assert all(r["action"]["top"][0]["label"] for r in records if r.get("action"))
 
 
+@pytest.mark.slow
 def test_run_on_a_file_with_a_set_override(tmp_path):
     write_test_video(tmp_path / "in.mp4", frames=6)
     config = tmp_path / "c.yaml"
