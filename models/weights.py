@@ -207,6 +207,17 @@ def _hub_checkpoints_dir() -> Path:
 # --------------------------------------------------------------------------- load
 
 
+def load_shipped(stage: str, model_name: str) -> tuple[Any, WeightsSpec]:
+    """A backend built for its shipped weights' classes, with them loaded (sha256-checked), in eval mode."""
+    from blinkflow.models.registry import build_model
+
+    spec = resolve_weights("shipped", stage=stage, model_name=model_name)
+    kwargs = {"num_classes": len(spec.classes)} if spec.classes else {}
+    model = build_model(model_name, task=stage, **kwargs)
+    load_state(model, spec)
+    return model.eval(), spec
+
+
 def load_state(model: Any, spec: WeightsSpec, *, fresh_head: bool = False) -> list[str]:
     """Load verified weights into ``model`` in place; a no-op for random initialisation.
 

@@ -789,7 +789,7 @@ class StreamSource:
     """A live stream as a lane of its own (``open_sources`` runs streams in a hub instead)."""
 
     #: load_config calls it: stream URLs and the control section's stream defaults
-    check_config = staticmethod(lambda cfg: check_live_config(cfg))
+    check_config = staticmethod(check_live_config)
 
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from blinkflow.errors import StageError
 from blinkflow.devices import resolve_device  # noqa: F401 - the stages' own name for it
 from blinkflow.frame import Frame
 

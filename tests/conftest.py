@@ -90,11 +90,6 @@ def one_torch_thread():
 
 def load_shipped(stage: str, name: str):
     """A backend with its shipped weights (sha256-checked), in eval mode."""
-    from blinkflow.models.registry import build_model
-    from blinkflow.models.weights import load_state, resolve_weights
+    from blinkflow.models.weights import load_shipped as load
 
-    spec = resolve_weights("shipped", stage=stage, model_name=name)
-    kwargs = {"num_classes": len(spec.classes)} if spec.classes else {}
-    model = build_model(name, task=stage, **kwargs)
-    load_state(model, spec)
-    return model.eval()
+    return load(stage, name)[0]

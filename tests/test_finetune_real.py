@@ -44,11 +44,9 @@ def test_yolox_training_loss_falls_on_one_real_image():
     import numpy as np
     from PIL import Image
 
-    from blinkflow.models.registry import build_model
-    from blinkflow.models.weights import load_state, resolve_weights
+    from tests.conftest import load_shipped
 
-    model = build_model("yolox_nano", task="detect")
-    load_state(model, resolve_weights("shipped", stage="detect", model_name="yolox_nano"))
+    model = load_shipped("detect", "yolox_nano")
     image = torch.from_numpy(np.array(Image.open(Path(__file__).parent / "data" / "originals" / "dog.jpg")))
     image = image.permute(2, 0, 1).float() / 255
     target = {"boxes": torch.tensor([[133.0, 207, 326, 543], [54, 137, 572, 423], [466, 78, 692, 171]]),

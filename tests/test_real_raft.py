@@ -107,11 +107,9 @@ def test_shipped_raft_beats_zero_flow_on_the_real_pair_with_ground_truth():
     from PIL import Image
 
     from blinkflow.models.metrics_flow import read_flo
-    from blinkflow.models.registry import build_model
-    from blinkflow.models.weights import load_state, resolve_weights
+    from tests.conftest import load_shipped
 
-    model = build_model("raft_large", task="flow", num_flow_updates=12)
-    load_state(model, resolve_weights("shipped", stage="flow", model_name="raft_large"))
+    model = load_shipped("flow", "raft_large")  # num_flow_updates: the builder's default, 12
     first, second = (torch.from_numpy(np.array(Image.open(DATA / "flow" / f"00001_img{i}.ppm"))).permute(2, 0, 1)[None]
                      .float() / 255 for i in (1, 2))
     truth = torch.from_numpy(read_flo(DATA / "flow" / "00001_flow.flo")).permute(2, 0, 1)[None]

@@ -273,7 +273,6 @@ def bench_depth(frames: int = DEFAULT_FRAMES, repetitions: int = 3, write: bool 
     actor call, so Ray's per-call cost matters less). ``quick`` replaces the sizes with
     :data:`QUICK`; ``doc`` is the markdown file to write (default ``docs/benchmarks.md``).
     """
-    import ray
     import torch
 
     if quick:
@@ -281,17 +280,15 @@ def bench_depth(frames: int = DEFAULT_FRAMES, repetitions: int = 3, write: bool 
         clip_model, clips, clip_len, clip_size = QUICK["clip_model"], QUICK["clips"], QUICK["clip_len"], QUICK["clip_size"]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    from blinkflow.ray_session import start_ray
+    from blinkflow.ray_session import ray_session
 
-    owns = start_ray(num_cpus=max(os.cpu_count() or 1, 4))
     load_before = os.getloadavg()
     try:
-        stream = run_stream_workload(stream_size, frames, repetitions, streams)
-        clip = run_clip_workload(clip_model, clip_len, clip_size, clips, repetitions)
-        training = run_sideways_comparison(quick) if sideways else None
+        with ray_session(num_cpus=max(os.cpu_count() or 1, 4)):
+            stream = run_stream_workload(stream_size, frames, repetitions, streams)
+            clip = run_clip_workload(clip_model, clip_len, clip_size, clips, repetitions)
+            training = run_sideways_comparison(quick) if sideways else None
     finally:
-        if owns:
-            ray.shutdown()
         torch.set_num_threads(threads)
     result = {"machine": machine_info(), "load": [load_before, os.getloadavg()], "frames": frames,
               "repetitions": repetitions, "stream_size": stream_size, "streams": streams, "clip_model": clip_model,

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from blinkflow.bench.common import REPO_ROOT, machine_info, machine_line, markdown_table, save_json, write_section
+from blinkflow.models.weights import load_shipped
 
 log = logging.getLogger(__name__)
 
@@ -194,17 +195,6 @@ def miou_from_confusion(confusion: np.ndarray, classes: list[str]) -> dict[str, 
 # ---------------------------------------------------------------------------- flow
 
 
-def _model(task: str, name: str) -> Any:
-    from blinkflow.models.registry import build_model
-    from blinkflow.models.weights import load_state, resolve_weights
-
-    spec = resolve_weights("shipped", stage=task, model_name=name)
-    kwargs = {"num_classes": len(spec.classes)} if spec.classes else {}
-    model = build_model(name, task=task, **kwargs)
-    load_state(model, spec)
-    return model.eval(), spec
-
-
 def _tensor(image: np.ndarray) -> Any:
     import torch
 
@@ -216,7 +206,7 @@ def flow_quality(pairs: int = 12, iterations: tuple[int, ...] = (6, 12, 20)) -> 
 
     from blinkflow.models.metrics_flow import read_flo
 
-    model, _ = _model("flow", "raft_large")
+    model, _ = load_shipped("flow", "raft_large")
     first, second = (_tensor(_image(DATA / "flow" / f"00001_img{i}.ppm")) for i in (1, 2))
     truth = torch.from_numpy(read_flo(DATA / "flow" / "00001_flow.flo")).permute(2, 0, 1)[None]
     epe = {}
@@ -267,7 +257,7 @@ def warp_errors(model: Any, pairs: list[tuple[np.ndarray, np.ndarray]]) -> dict[
 def action_quality(frames: int = 64) -> dict[str, Any]:
     import torch
 
-    model, spec = _model("action", "i3d")
+    model, spec = load_shipped("action", "i3d")
     out = {}
     for name, clip in (("arm_wrestling.mp4", video_clip(DATA / "video" / "arm_wrestling.mp4", frames)),
                        ("cricket_rgb.gif", gif_clip(DATA / "originals" / "cricket_rgb.gif", frames))):

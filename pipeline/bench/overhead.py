@@ -45,17 +45,13 @@ def _time_calls(call, payload: Any, iterations: int) -> list[float]:
 def bench_overhead(stages: int = 3, iterations: int = 200, width: int = 320, height: int = 240, write: bool = True) -> dict:
     import ray
 
-    from blinkflow.ray_session import start_ray
+    from blinkflow.ray_session import ray_session
 
-    owns = start_ray(num_cpus=max(2, stages))
-    try:
+    with ray_session(num_cpus=max(2, stages)):
         actors = [ray.remote(_Identity).options(num_cpus=0.1).remote() for _ in range(stages)]
         payload = _frame(width, height)
         plain = _time_calls(lambda x: ray.get(_chain_plain(actors, x)), payload, iterations)
         compiled, compiled_error = _time_compiled(actors, payload, iterations)
-    finally:
-        if owns:
-            ray.shutdown()
     result = {"machine": machine_info(), "stages": stages, "iterations": iterations, "frame": [width, height],
               "plain_ms": _summary(plain), "compiled_ms": _summary(compiled) if compiled else None,
               "compiled_error": compiled_error}

@@ -53,17 +53,12 @@ def ray_session(cfg: Config) -> Iterator[None]:
     bench measures the steady state of a running cluster, as a long-lived
     deployment sees it, so the instance outlives the runs.
     """
-    import ray
-
     from blinkflow.graph import build_graph
-    from blinkflow.runners.ray import init_ray
+    from blinkflow.ray_session import ray_session as shared_session
+    from blinkflow.runners.ray import ray_cluster
 
-    owns = init_ray(cfg, build_graph(cfg))  # the stage specs the runner sizes Ray by
-    try:
+    with shared_session(*ray_cluster(cfg, build_graph(cfg))):  # sized by the stage specs, as the runner does
         yield
-    finally:
-        if owns:
-            ray.shutdown()
 
 
 @contextlib.contextmanager

@@ -500,11 +500,16 @@ def init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
     """Connect to ``runtime.address`` or start a private local instance; return True if we started it."""
     from blinkflow.ray_session import start_ray
 
+    return start_ray(*ray_cluster(cfg, specs))
+
+
+def ray_cluster(cfg: Config, specs: list[StageSpec]) -> tuple[str | None, float | None]:
+    """(address, CPUs) for ``ray_session``: the configured cluster, or a local one sized for the stage actors."""
     if cfg.runtime.address:
-        return start_ray(cfg.runtime.address)
+        return cfg.runtime.address, None
     wanted = sum(
         getattr(getattr(s.cfg, "resources", None), "num_cpus", 1.0) * getattr(s.cfg, "replicas", 1)
         * (1 + (depth_parallel_of(s) if depth_parallel_of(s) > 1 else 0))  # the stage actor plus its slice actors
         for s in specs
     )
-    return start_ray(None, cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999)))
+    return None, cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
