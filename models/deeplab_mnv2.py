@@ -69,13 +69,20 @@ class DeepLabV3MobileNetV2(nn.Module):
         self.logits = nn.Conv2d(HEAD_CHANNELS, num_classes, 1)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        features = self.backbone(x * 2 - 1)
+        return {"out": self.head(self.features(x), x.shape[-2:])}
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The trunk's output-stride-16 features (N, 320, h/16, w/16): most of the compute. Feature-level
+        reuse (the segment stage's ``feature_reuse``) warps these between keyframes and runs only the head."""
+        return self.backbone(x * 2 - 1)
+
+    def head(self, features: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Logits at ``size`` (the input's height and width) from :meth:`features`."""
         # the original pools with a window the size of the 513x513 input's feature map: a global mean
         pooled = self.image_pooling(features.mean(dim=(2, 3), keepdim=True))
         pooled = pooled.expand(-1, -1, *features.shape[-2:])  # bilinear resize of a 1x1 map is a broadcast
         head = self.concat_projection(torch.cat([pooled, self.aspp0(features)], dim=1))
-        logits = F.interpolate(self.logits(head), size=x.shape[-2:], mode="bilinear", align_corners=True)
-        return {"out": logits}
+        return F.interpolate(self.logits(head), size=tuple(size), mode="bilinear", align_corners=True)
 
 
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:

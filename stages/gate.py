@@ -275,17 +275,24 @@ class Gate(Stage):
                 continue
             met = score >= cfg.agreement_target
             if refreshed is not None:
-                self._refresh_feedback(state, refreshed, float(score))
+                self._refresh_feedback(state, refreshed, float(score), audited_change)
             elif met:
                 state.passing = dict.fromkeys(state.passing, True)
-                state.threshold = self._raised(state.threshold)
+                state.threshold = self._raised(state.threshold, audited_change)
             else:
                 state.passing = dict.fromkeys(state.passing, False)
                 state.threshold = self._lowered(state.threshold, audited_change)
 
-    def _raised(self, threshold: float) -> float:
-        """The threshold after an audit that met the target: times adapt_up, at most threshold_max."""
-        return min(self.cfg.threshold_max, threshold * self.cfg.adapt_up)
+    def _raised(self, threshold: float, audited_change: float | None) -> float:
+        """The threshold after an audit that met the target: times adapt_up, but no further than adapt_up
+        times the change the audit was taken at, and at most threshold_max. An audit shows that reuse holds
+        at the change it saw, not at more: audits in a quiet stretch (an empty room) used to double the
+        threshold again and again, and the people who walked in later were reused."""
+        cfg = self.cfg
+        raised = threshold * cfg.adapt_up
+        if audited_change is not None:
+            raised = max(threshold, min(raised, audited_change * cfg.adapt_up))
+        return min(cfg.threshold_max, raised)
 
     def _lowered(self, threshold: float, audited_change: float | None) -> float:
         """The threshold after a missed audit: below the audited change (times adapt_down), but not below the
@@ -298,7 +305,8 @@ class Gate(Stage):
         floor = max(cfg.threshold_min, cfg.threshold) if below_configured else cfg.threshold_min
         return max(floor, base * cfg.adapt_down)
 
-    def _refresh_feedback(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
+    def _refresh_feedback(self, state: _StreamState, staleness: dict[str, int], score: float,
+                          audited_change: float | None) -> None:
         """A refresh audit speaks for its stages only: it raises the threshold when the span it ends met the
         target on average and the latest audit of every other stage met it too; a miss leaves the threshold
         (drift below the signal)."""
@@ -307,7 +315,7 @@ class Gate(Stage):
             self._adapt_bounds(state, staleness, score)
         state.passing.update(dict.fromkeys(staleness, met))
         if met and all(state.passing.values()):
-            state.threshold = self._raised(state.threshold)
+            state.threshold = self._raised(state.threshold, audited_change)
 
     def _span_meets(self, score: float, staleness: int, bound: int, share: float = 1.0) -> bool:
         """Whether the frames a refresh bound of ``bound`` carries over agree with the target on average.
@@ -354,6 +362,7 @@ class Gate(Stage):
         if state.motion is not None:
             frame.meta["motion"] = state.motion.astype(np.float16)
         state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
+        state.pending_audits[frame.index] = change.changed
         if self.cfg.tiles:
             frame.meta["tiles"] = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move

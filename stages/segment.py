@@ -81,12 +81,32 @@ class SegmentOptions:
         "cached logits (the stage then keeps per-stream state: stream affinity across replicas)",
     )
     tile_halo: int = _field(32, "context around each recomputed tile, in model-input pixels (receptive field)", lo=0, hi=4096)
+    feature_reuse: int = _field(
+        0, "feature-level reuse (Deep Feature Flow): the backbone runs on every Nth frame the stage computes; the "
+        "frames between warp that frame's backbone features along the decoder's motion vectors (the source's "
+        "motion_vectors: true) and run only the head. 0: off; needs a model with a features/head split "
+        "(deeplabv3_mobilenet_v2). Gate keyframes and frames without motion vectors always run in full",
+        lo=0, hi=1000,
+    )
     min_region: int = _field(
         256, "connected regions of one class smaller than this many model-input pixels (16x16) take the class of "
         "the nearest larger region (specks the model cannot resolve, which flicker from frame to frame; the best "
         "per-frame mIoU on the held-out scenes, docs/skipping.md); 0: keep all",
         lo=0, hi=10**6,
     )
+
+
+@dataclass
+class _FeatureKey:
+    """A stream's last backbone features (1, C, h, w), from frame ``index`` of size ``source``, and the
+    backward motion accumulated since (source pixels; None: no motion yet)."""
+
+    index: int
+    features: Any
+    source: tuple[int, int]
+    motion: np.ndarray | None = None
+    warped: int = 0  # frames computed from these features since
+    complete: bool = True  # every frame since carried motion vectors
 
 
 @dataclass
@@ -105,14 +125,14 @@ class Segment(Stage):
     name = TASK
     Options = SegmentOptions
     default_model = "unet_small"
-    stream_caches = ("_tiles",)
+    stream_caches = ("_tiles", "_keys")
     #: crops start on multiples of this (model-input pixels), so pooling grids line up with the full frame's
     tile_align: ClassVar[int] = 16
 
     @classmethod
     def is_temporal(cls, cfg: StageConfig | None) -> bool:
         options = getattr(cfg, "options", None)
-        return bool(options.tile_reuse) if options is not None else True
+        return bool(options.tile_reuse or options.feature_reuse) if options is not None else True
 
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
@@ -121,6 +141,8 @@ class Segment(Stage):
         self.model: Any = None
         self.classes: list[str] = []
         self._tiles: dict[str, _TileCache] = {}
+        self._keys: dict[str, _FeatureKey] = {}
+        self._head_share: dict[tuple[int, ...], float] = {}  # feature size -> the head's share of a forward
 
     def setup(self, device: str = "cpu") -> None:
         from blinkflow.models.weights import load_state, resolve_weights
@@ -138,10 +160,28 @@ class Segment(Stage):
         model = build_with_args(self.name, self.model_name, TASK, len(self.classes), self.options.model_args)
         load_state(model, spec)
         self.model = prepare_for_inference(model, self._device, self.cfg.channels_last)
+        if self.options.feature_reuse and not (hasattr(self.model, "features") and hasattr(self.model, "head")):
+            raise StageError(f"stages.{self.name}.options.feature_reuse: model {self.model_name!r} has no "
+                             "features/head split; use deeplabv3_mobilenet_v2 or set feature_reuse: 0")
         log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
-        run_with_regions(self.active(frames), self._try_patch, self._run_full)
+        if not self.options.feature_reuse:
+            run_with_regions(self.active(frames), self._try_patch, self._run_full)
+            return frames
+        # feature reuse: frame by frame in stream order, since each frame may start the features the next warp
+        for frame in frames:
+            self._follow_motion(frame)
+            if not frame.runs(self.name):
+                continue
+            if (frame.meta.get("tiles") or {}).get("changed") is not None:
+                self._keys.pop(frame.stream_id, None)  # new content pasted into the logits, not into the features
+                if not self._try_patch(frame):
+                    self._run_full([frame])
+            elif self._can_warp(frame):
+                self._run_warped(frame)
+            else:
+                self._run_full([frame])
         return frames
 
     def teardown(self) -> None:
@@ -152,9 +192,70 @@ class Segment(Stage):
 
     def _run_full(self, frames: list[Frame]) -> None:
         for group in self._batches(frames):
-            for frame, logits in zip(group, self._logits(group)):
-                frame.results[self.name] = self._result(self._class_map(logits, frame))
-                self._remember(frame, logits)
+            if self.options.feature_reuse:
+                logits, features = self._logits_and_features(group)
+                for frame, feature in zip(group, features):
+                    self._keys[frame.stream_id] = _FeatureKey(frame.index, feature[None], (frame.height, frame.width))
+            else:
+                logits = self._logits(group)
+            for frame, frame_logits in zip(group, logits):
+                frame.results[self.name] = self._result(self._class_map(frame_logits, frame))
+                self._remember(frame, frame_logits)
+
+    # ------------------------------------------------------------------ feature-level reuse
+
+    def _follow_motion(self, frame: Frame) -> None:
+        """Add this frame's decoder motion (``meta["mvs"]``, reused frames too) to its stream's key."""
+        key = self._keys.get(frame.stream_id)
+        if key is None or frame.index <= key.index:
+            return
+        step = frame.meta.get("mvs")
+        if step is None:
+            key.complete = False
+            return
+        from blinkflow.skip import compose_motion
+
+        key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
+
+    def _can_warp(self, frame: Frame) -> bool:
+        """Warp the key's features onto ``frame`` unless the key is stale, motion is missing, or the gate
+        asks for a fresh look (a keyframe: new content, a cut, an audit)."""
+        key = self._keys.get(frame.stream_id)
+        decision = (frame.results.get("gate") or {}).get("decision")
+        return (key is not None and key.complete and key.source == (frame.height, frame.width)
+                and key.warped + 1 < self.options.feature_reuse and decision in (None, "refresh"))
+
+    def _run_warped(self, frame: Frame) -> None:
+        """The head on the key's features moved along the motion since the key (Deep Feature Flow)."""
+        import torch
+
+        from blinkflow.stages.common import autocast
+
+        key = self._keys[frame.stream_id]
+        size = tuple(self.options.input_size) if self.options.input_size is not None else (frame.height, frame.width)
+        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+            warped = warp_features(key.features, key.motion, key.source)
+            logits = self.model.head(warped, size)[0]
+        key.warped += 1
+        result = self._result(self._class_map(logits, frame))
+        result["features"] = {"key": key.index, "area": self._head_share.get(tuple(key.features.shape[-2:]), 0.0)}
+        frame.results[self.name] = result
+        self._remember(frame, logits)
+
+    def _logits_and_features(self, frames: list[Frame]) -> tuple[Any, Any]:
+        """(N, C, h, w) logits and the backbone features they came from; the first time at a size, the
+        FLOPs of both halves are counted, for the cost a warped frame reports."""
+        import torch
+
+        from blinkflow.stages.common import autocast, frames_to_batch
+
+        size = tuple(self.options.input_size) if self.options.input_size is not None else None
+        batch = frames_to_batch(frames, self._device, size=size, channels_last=self.cfg.channels_last)
+        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+            features = self.model.features(batch)
+            if tuple(features.shape[-2:]) not in self._head_share:
+                self._head_share[tuple(features.shape[-2:])] = head_share(self.model, batch[:1], features[:1])
+            return self.model.head(features, batch.shape[-2:]), features
 
     def _remember(self, frame: Frame, logits: Any) -> None:
         """Keep the logits when the gate may send partial frames of this stream next."""
@@ -286,6 +387,36 @@ class Segment(Stage):
             "classes": list(self.classes),
             "areas": areas,
         }
+
+
+def warp_features(features: Any, motion: np.ndarray | None, source: tuple[int, int]) -> Any:
+    """``features`` (1, C, h, w) moved along a backward motion field (source pixels, see
+    :mod:`pipeline.skip`): ``out[p] = features[p - motion(p)]``, bilinear, borders repeated."""
+    import torch
+    import torch.nn.functional as F
+
+    if motion is None or not np.any(motion):
+        return features
+    height, width = features.shape[-2:]
+    field = torch.from_numpy(np.ascontiguousarray(motion, dtype=np.float32)).permute(2, 0, 1)[None].to(features.device)
+    field = F.adaptive_avg_pool2d(field, (height, width))  # each feature cell moves by the mean motion under it
+    # source pixels -> feature pixels -> grid_sample's [-1, 1] (align_corners=False: pixel centres at (i + 0.5) / n)
+    xs = (torch.arange(width, device=features.device) + 0.5)[None, :] - field[0, 0] * (width / source[1])
+    ys = (torch.arange(height, device=features.device) + 0.5)[:, None] - field[0, 1] * (height / source[0])
+    grid = torch.stack([xs / width * 2 - 1, ys / height * 2 - 1], dim=-1)[None].to(features.dtype)
+    return F.grid_sample(features, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def head_share(model: Any, image: Any, features: Any) -> float:
+    """The head's share of a whole forward's FLOPs (one image): what a warped frame costs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as trunk:
+        model.features(image)
+    with FlopCounterMode(display=False) as head:
+        model.head(features, image.shape[-2:])
+    total = trunk.get_total_flops() + head.get_total_flops()
+    return round(head.get_total_flops() / total, 4) if total else 0.0
 
 
 def speck_mask(class_map: np.ndarray, min_pixels: int) -> np.ndarray | None:

@@ -91,6 +91,27 @@ def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tm
 
 
 @pytest.mark.slow
+def test_ray_matches_local_with_feature_reuse_on_gate_refreshes(ray_local):
+    """The segmenter's feature-level reuse keeps per-stream features and the motion since them: with the gate
+    on, its refreshes run only the head on warped features, identically in both runners."""
+    from pathlib import Path
+
+    bikes = Path(__file__).resolve().parent / "data" / "video" / "bikes.mp4"
+    cfg = load_config(data={
+        "sources": [{"type": "file", "id": "bikes", "path": str(bikes), "resize": [160, 68], "max_frames": 16,
+                     "motion_vectors": True}],
+        "gate": {"enabled": True, "threshold": 0.25, "tiles": None, "refresh": {"segment": 1}, "max_reuse": 8},
+        "stages": {"segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2,
+                               "options": {"input_size": None, "feature_reuse": 4}}},
+    })
+    _, local_results = run(LocalRunner, cfg)
+    _, ray_results = run(RayRunner, cfg)
+    assert comparable(ray_results) == comparable(local_results)
+    warped = [r for r in local_results if r.outcome is Outcome.PROCESSED and "features" in r.results["segment"]]
+    assert warped and all(r.results["gate"]["decision"] == "refresh" for r in warped)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_ray_matches_local_with_segment_refreshes(ray_local, adaptive):
     """A refresh runs the segmenter alone and the driver carries the boxes over; with adaptive and

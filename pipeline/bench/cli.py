@@ -20,6 +20,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "skip": ("blinkflow.bench.cli", "run_skip"),
     "depth": ("blinkflow.bench.cli", "run_depth"),
     "models": ("blinkflow.bench.cli", "run_models"),
+    "tracking": ("blinkflow.bench.tracking", "main"),  # IDF1/MOTA/ID switches, gate off/on (docs/tracking.md)
 }
 ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth", "models"]
 
@@ -28,11 +29,16 @@ def add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
     bench.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' runs every one)")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
-    bench.add_argument("--config", type=Path, default=BENCH_CONFIG, help="pipeline config (default: configs/synthetic.yaml)")
+    bench.add_argument("--config", type=Path, default=None,
+                       help="pipeline config (default: configs/synthetic.yaml; skip: configs/demo.yaml, the real models)")
     bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48)")
     bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    bench.add_argument("--gate-from-config", action="store_true",
+                       help="skip: start the gate-on runs from the config's gate section, not GateConfig's defaults")
+    bench.add_argument("--clips", choices=["real", "synthetic", "all"], default="real",
+                       help="skip: the real clips (default), the synthetic scenes, or both")
     bench.set_defaults(handler=cmd_bench)
 
 
@@ -70,7 +76,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
 
     frames = args.frames or DEFAULT_FRAMES
     frames = min(frames, 8) if args.quick else frames
-    bench_pipeline(args.config, frames, 1 if args.quick else args.repetitions, args.overrides, write=_write(args))
+    bench_pipeline(args.config or BENCH_CONFIG, frames, 1 if args.quick else args.repetitions, args.overrides, write=_write(args))
 
 
 def run_overhead(args: argparse.Namespace) -> None:

@@ -1,0 +1,111 @@
+"""Feature-level reuse of the segmenter (Deep Feature Flow, ``stages.segment.options.feature_reuse``): the
+backbone on every Nth frame, its features warped along the decoder's motion vectors for the frames between,
+only the head run on them; the warp itself, when frames run in full, and Ray against local."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from blinkflow.config import load_config
+from blinkflow.errors import StageError
+from blinkflow.frame import Frame
+from blinkflow.stages.segment import Segment, warp_features
+
+BIKES = Path(__file__).resolve().parent / "data" / "video" / "bikes.mp4"
+MODEL = "deeplabv3_mobilenet_v2"
+
+
+def test_warp_features_moves_features_along_a_backward_motion_field():
+    features = torch.arange(8 * 8, dtype=torch.float32).reshape(1, 1, 8, 8)
+    # content moved 16 source pixels right and 8 down on a 64x64 frame: 2 and 1 feature pixels on the 8x8 grid
+    motion = np.zeros((8, 8, 2), np.float32)
+    motion[..., 0], motion[..., 1] = 16.0, 8.0
+    warped = warp_features(features, motion, (64, 64))
+    assert torch.equal(warped[0, 0, 1:, 2:], features[0, 0, :-1, :-2])  # out[p] = in[p - motion]
+    assert torch.equal(warped[0, 0, 0, 2:], features[0, 0, 0, :-2])  # borders repeat
+    assert warp_features(features, np.zeros((8, 8, 2), np.float32), (64, 64)) is features  # still: untouched
+    assert warp_features(features, None, (64, 64)) is features
+
+
+def _segmenter(feature_reuse: int, model: str = MODEL) -> Segment:
+    cfg = load_config(data={"stages": {"segment": {"model": model, "weights": "shipped" if model == MODEL else None,
+                                                   "options": {"input_size": None, "feature_reuse": feature_reuse}}}})
+    stage = Segment(cfg.stages["segment"])
+    stage.setup("cpu")
+    return stage
+
+
+def _frames(image: np.ndarray, count: int, motion: bool = True) -> list[Frame]:
+    frames = [Frame("s", i, i / 10, image) for i in range(count)]
+    for frame in frames[1:] if motion else []:
+        frame.meta["mvs"] = np.zeros((image.shape[0] // 8, image.shape[1] // 8, 2), np.float16)
+    return frames
+
+
+@pytest.mark.slow
+def test_between_keys_only_the_head_runs_and_a_still_scene_gives_the_full_result(one_torch_thread):
+    import av
+
+    with av.open(str(BIKES)) as container:
+        image = next(container.decode(video=0)).to_ndarray(format="rgb24")[::4, ::4].copy()  # 68 x 160
+    reuse, full = _segmenter(3), _segmenter(0)
+    frames, plain = reuse.process(_frames(image, 7)), full.process(_frames(image, 7))
+    features = [f.results["segment"].get("features") for f in frames]
+    assert [f is None for f in features] == [True, False, False, True, False, False, True]  # a key every 3rd frame
+    assert [f["key"] for f in features if f] == [0, 0, 3, 3]
+    share = features[1]["area"]
+    assert 0.02 < share < 0.5  # the head's FLOP share: what a warped frame costs
+    # no motion: the warped features are the key's, so the head gives what a full run gives on the same pixels
+    assert [f.results["segment"]["mask"] for f in frames] == [f.results["segment"]["mask"] for f in plain]
+    # a frame without motion vectors cannot be warped: it runs in full and starts a new key
+    gap = _frames(image, 4)
+    del gap[2].meta["mvs"]
+    assert [("features" in f.results["segment"]) for f in _segmenter(3).process(gap)] == [False, True, False, True]
+
+
+@pytest.mark.slow
+def test_gate_keyframes_and_partial_frames_run_the_backbone(one_torch_thread):
+    stage = _segmenter(10)
+    image = np.full((64, 96, 3), 120, np.uint8)
+    frames = _frames(image, 4)
+    frames[2].results["gate"] = {"decision": "keyframe", "reason": "changed"}  # new content: a fresh look
+    frames[3].results["gate"] = {"decision": "refresh"}
+    stage.process(frames)
+    assert [("features" in f.results["segment"]) for f in frames] == [False, True, False, True]
+    assert frames[3].results["segment"]["features"]["key"] == 2
+
+
+def test_feature_reuse_needs_a_model_with_a_features_head_split():
+    with pytest.raises(StageError, match=r"stages\.segment\.options\.feature_reuse: model 'unet_small' has no "
+                                         r"features/head split"):
+        _segmenter(3, model="unet_small")
+
+
+@pytest.mark.slow
+def test_features_warped_along_the_decoder_motion_are_closer_to_the_next_frames_features(one_torch_thread):
+    """bikes.mp4 pans: the key's backbone features moved along the accumulated motion vectors are closer to
+    the features of each of the next three frames than the same features left in place, or moved the other way."""
+    from blinkflow.config import SourceConfig
+    from blinkflow.skip import compose_motion
+    from blinkflow.sources import iter_video_frames
+    from tests.conftest import load_shipped
+
+    model = load_shipped("segment", MODEL)
+    cfg = SourceConfig(type="file", path=str(BIKES), resize=[320, 136], motion_vectors=True, max_frames=8)
+    frames = list(iter_video_frames(BIKES, "bikes", cfg))
+    with torch.inference_mode():
+        features = [model.features(torch.from_numpy(f.image).permute(2, 0, 1)[None].float() / 255) for f in frames]
+        for key in (0, 4):
+            motion = None
+            for index in range(key + 1, key + 4):
+                motion = compose_motion(np.asarray(frames[index].meta["mvs"], np.float32), motion)
+
+                def error(moved):
+                    return float((moved - features[index]).abs().mean())
+
+                warped = error(warp_features(features[key], motion, (136, 320)))
+                assert warped < error(features[key]) < error(warp_features(features[key], -motion, (136, 320)))
