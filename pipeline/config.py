@@ -155,6 +155,12 @@ class GateConfig:
         0, "process every Nth frame the gate would reuse as an audit that measures agreement; 0: only the "
         "max_reuse refreshes are audits", lo=0, hi=10**6,
     )
+    audit_uncertain: float = _field(
+        0.5, "also audit a frame the gate would reuse when its change is at least this fraction of the threshold "
+        "(where the gate is least sure), after at least audit_gap reused frames since the last audit; 0: audits on the clock only",
+        lo=0.0, hi=1.0,
+    )
+    audit_gap: int = _field(8, "audit_uncertain: fewest reused frames between two audits", lo=1, hi=10**6)
     agreement_target: float = _field(0.95, "audit agreement (box F1 at IoU 0.5, mask mIoU) to keep", lo=0.0, hi=1.0)
     adaptive: bool = _field(
         True, "the accuracy budget: audits move the threshold per stream, up while they meet agreement_target (up "
@@ -226,6 +232,33 @@ class SinkConfig:
     rotate_mb: float | None = _field(None, "jsonl live: start a new file past this size; null never", lo=0.001, hi=10**6)
     keep: int = _field(10, "jsonl live: rotated files kept (<path>.1 is the newest)", lo=1, hi=10**4)
     draw: list[str] = _field(factory=lambda: ["detect", "segment", "flow", "action"], doc="mp4: layers to draw")
+    # push sinks (docs/push-sinks.md): mqtt and webhook publish events from a bounded buffer in a thread of their own
+    host: str | None = _field(None, "mqtt: broker host name or address")
+    port: int | None = _field(None, "mqtt: broker port; null: 1883, or 8883 with tls", lo=1, hi=65535)
+    topic_prefix: str = _field("blinkflow", "mqtt: topics are <topic_prefix>/<stream>/events, .../frames and "
+                               "<topic_prefix>/status")
+    qos: int = _field(1, "mqtt: quality of service; 1 (at least once) survives broker restarts", lo=0, hi=2)
+    per_frame: bool = _field(False, "mqtt: also publish every frame's record on <topic_prefix>/<stream>/frames "
+                             "(masks and dense fields only with include_dense)")
+    client_id: str | None = _field(None, "mqtt: client id (unique per broker); null: blinkflow-<host name>-<pid>-<random>")
+    username: str | None = _field(None, "mqtt: user name; the password comes from password_file")
+    password_file: str | None = _field(None, "mqtt: a file holding the password (readable by the service user only)")
+    tls: bool = _field(False, "mqtt: connect with TLS (the system's CAs, or ca_file)")
+    ca_file: str | None = _field(None, "mqtt: a PEM file of the CAs to trust (implies tls)")
+    url: str | None = _field(None, "webhook: the http:// or https:// URL events are POSTed to, one event per request")
+    token_file: str | None = _field(None, "webhook: a file holding a bearer token for the Authorization header")
+    timeout_s: float = _field(5.0, "webhook: one request's time limit; mqtt: connect and keep-alive scale", lo=0.1,
+                              hi=600)
+    buffer: int = _field(1000, "mqtt, webhook: messages held while the broker or endpoint is slow or down; past "
+                         "it the oldest is dropped and counted", lo=1, hi=10**7)
+    retries: int = _field(-1, "webhook: failed attempts of one event before it is dropped and counted; -1 retries "
+                          "while it stays in the buffer", lo=-1, hi=10**6)
+    backoff_initial_s: float = _field(0.5, "mqtt, webhook: wait after the first failure (reconnect or retry)",
+                                      lo=0.01, hi=3600)
+    backoff_max_s: float = _field(30.0, "mqtt, webhook: longest wait; each failure doubles it up to this", lo=0.01,
+                                  hi=3600)
+    close_timeout_s: float = _field(5.0, "mqtt, webhook: at the end, time to deliver what is buffered; the rest is "
+                                    "reported in one log line", lo=0.0, hi=3600)
 
 
 @dataclass
@@ -365,10 +398,15 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         _check_source(source, f"sources.{i}", base_dir)
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
+    _check_stages_across(cfg)
     _check_gate(cfg.gate, cfg.stages)
     for i, sink in enumerate(cfg.sinks):
-        if getattr(sink_registry.get(sink.type), "needs_path", False) and not sink.path:
+        sink_cls = sink_registry.get(sink.type)
+        if getattr(sink_cls, "needs_path", False) and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
+        check = getattr(sink_cls, "check_config", None)  # a sink's own checks (mqtt: host; webhook: url)
+        if check is not None:
+            check(sink, f"sinks.{i}", base_dir)
     _check_by_source_type(cfg)
     _check_control(cfg.control)
     for sink in cfg.sinks:
@@ -378,6 +416,17 @@ def check_config(cfg: Config, base_dir: Path) -> None:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
+
+
+def _check_stages_across(cfg: Config) -> None:
+    """Checks a stage class makes across the config (``check_config(cfg, name)``: what it needs before it, the
+    stream ids its options name)."""
+    from blinkflow.registry import stages as stage_registry
+
+    for name in cfg.enabled_stages():
+        check = getattr(stage_registry.get(name), "check_config", None)
+        if check is not None:
+            check(cfg, name)
 
 
 def _check_control(control: ControlConfig) -> None:
@@ -447,13 +496,16 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
     for name, bound in list(gate.refresh.items()):
         if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
             raise ConfigError(f"gate.refresh.{name}: expected a number of frames >= 1, got {bound!r}")
+        if name in stages and _is_driver_stage(name):
+            raise ConfigError(f"gate.refresh.{name}: the {name} stage runs on every frame (in the driver, after the "
+                              "carry-over); nothing to refresh, remove it")
         if name in stages:
             if bound >= gate.max_reuse:
                 del gate.refresh[name]  # max_reuse refreshes every stage first: this bound never applies
             continue
         from blinkflow.registry import stages as stage_registry
 
-        known = [n for n in stage_registry.names() if n != "gate"]
+        known = [n for n in stage_registry.names() if n != "gate" and not _is_driver_stage(n)]
         if name not in known:
             raise ConfigError(f"gate.refresh.{name}: unknown stage {name!r}; valid: {', '.join(known)}")
         del gate.refresh[name]  # a bound for a stage this graph does not run: nothing to refresh
@@ -464,6 +516,12 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
             f"gate.threshold: {gate.threshold} is above threshold_max ({gate.threshold_max}), the most the "
             f"adaptive budget may raise it to; raise threshold_max, lower the threshold or set adaptive: false"
         )
+
+
+def _is_driver_stage(name: str) -> bool:
+    from blinkflow.registry import stages as stage_registry
+
+    return bool(stage_registry.get(name).driver)
 
 
 def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:

@@ -87,6 +87,74 @@ class MetricsRecorder:
 NULL_RECORDER = MetricsRecorder()
 
 
+# --------------------------------------------------------------------------- push sinks
+
+
+class SinkLedger:
+    """Messages of the push sinks (mqtt, webhook), process-wide: delivered, dropped by reason, pending.
+
+    Sinks are built apart from the run's recorder and report from their own sender threads, so they
+    count here and every :class:`PrometheusRecorder` exports these counts when it is scraped.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.delivered: dict[str, int] = {}
+        self.dropped: dict[tuple[str, str], int] = {}
+        self.pending: dict[str, int] = {}
+
+    def count_delivered(self, sink: str, n: int = 1) -> None:
+        with self._lock:
+            self.delivered[sink] = self.delivered.get(sink, 0) + n
+
+    def count_dropped(self, sink: str, reason: str, n: int = 1) -> None:
+        with self._lock:
+            self.dropped[(sink, reason)] = self.dropped.get((sink, reason), 0) + n
+
+    def add_pending(self, sink: str, delta: int) -> None:
+        with self._lock:
+            self.pending[sink] = self.pending.get(sink, 0) + delta
+
+    def snapshot(self) -> tuple[dict[str, int], dict[tuple[str, str], int], dict[str, int]]:
+        with self._lock:
+            return dict(self.delivered), dict(self.dropped), dict(self.pending)
+
+
+SINK_LEDGER = SinkLedger()
+
+
+class _SinkCollector:
+    """Exports a :class:`SinkLedger` at scrape time."""
+
+    def __init__(self, ledger: SinkLedger) -> None:
+        self.ledger = ledger
+
+    def describe(self) -> list[Any]:
+        return list(self._families({}, {}, {}))
+
+    def collect(self) -> Iterator[Any]:
+        return self._families(*self.ledger.snapshot())
+
+    @staticmethod
+    def _families(delivered: dict, dropped: dict, pending: dict) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        done = CounterMetricFamily("blinkflow_sink_delivered", "Messages a push sink delivered (acknowledged)",
+                                   labels=["sink"])
+        for sink, n in sorted(delivered.items()):
+            done.add_metric([sink], n)
+        lost = CounterMetricFamily("blinkflow_sink_dropped", "Messages a push sink dropped: overflow (buffer full, "
+                                   "oldest dropped), failed (retries spent), rejected (4xx), close (undelivered at "
+                                   "the end)", labels=["sink", "reason"])
+        for (sink, reason), n in sorted(dropped.items()):
+            lost.add_metric([sink, reason], n)
+        waiting = GaugeMetricFamily("blinkflow_sink_pending", "Messages a push sink holds, not yet delivered",
+                                    labels=["sink"])
+        for sink, n in sorted(pending.items()):
+            waiting.add_metric([sink], n)
+        yield from (done, lost, waiting)
+
+
 # --------------------------------------------------------------------------- inside Ray actors
 
 
@@ -225,6 +293,7 @@ class PrometheusRecorder(MetricsRecorder):
         self._define_stage_metrics()
         self._define_stream_metrics()
         self._define_process_metrics()
+        self.registry.register(_SinkCollector(SINK_LEDGER))
 
     def _define_stage_metrics(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram
@@ -263,6 +332,11 @@ class PrometheusRecorder(MetricsRecorder):
         self.gate_threshold = Gauge("blinkflow_gate_threshold_ratio",
                                     "The gate's current changed-fraction threshold (adaptive: moved by audits)",
                                     ["stream"], registry=r)
+        self.zone_objects = Gauge("blinkflow_zone_objects", "Tracked objects inside each zone (stages.events)",
+                                  ["stream", "zone"], registry=r)
+        self.line_crossings = Counter("blinkflow_line_crossings", "Objects that crossed each line, by direction "
+                                      "(stages.events)", ["stream", "line", "direction"], registry=r)
+        self.events = Counter("blinkflow_events", "Object events by type (stages.events)", ["stream", "type"], registry=r)
         self.gate_bound = Gauge("blinkflow_gate_refresh_bound_frames",
                                 "Frames a stage may go without running before the gate refreshes it alone "
                                 "(adapt_bounds: moved by refresh audits)", ["stream", "stage"], registry=r)
@@ -356,6 +430,16 @@ class PrometheusRecorder(MetricsRecorder):
         gate = result.results.get("gate") if result.results else None
         if isinstance(gate, dict):
             self._on_gate(result.stream_id, series, gate)
+        if result.results and ("events" in result.results or "zones" in result.results):
+            self._on_events(result.stream_id, result.results.get("events") or [], result.results.get("zones") or {})
+
+    def _on_events(self, stream: str, events: list[dict], zones: dict[str, int]) -> None:
+        for event in events:
+            self.events.labels(stream, str(event["type"])).inc()
+            if event["type"] == "cross_line":
+                self.line_crossings.labels(stream, str(event["line"]), str(event["direction"])).inc()
+        for zone, count in zones.items():
+            self.zone_objects.labels(stream, str(zone)).set(count)
 
     def _on_gate(self, stream: str, series: _StreamSeries, gate: dict) -> None:
         if gate.get("decision"):

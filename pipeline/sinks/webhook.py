@@ -1,0 +1,136 @@
+"""``type: webhook``: every event POSTed as JSON to a URL, one event per request (docs/push-sinks.md).
+
+One event per request keeps retries exact: a failed request repeats that event alone, and its
+``X-Blinkflow-Delivery`` header (the same on every attempt) lets the receiver drop a repeat.
+Transient failures (no connection, a timeout, 408, 425, 429, 5xx) are retried with a doubling
+backoff; other answers (4xx, and redirects, which are not followed: they could carry the token
+elsewhere) drop the event as ``rejected``. Delivery is at least once, in order.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import logging
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from blinkflow.config import SinkConfig, resolve_path
+from blinkflow.errors import ConfigError
+from blinkflow.redact import redact_text, redact_url, remember_secrets
+from blinkflow.registry import register_sink
+from blinkflow.sinks.push import Message, PushSink, backoff_s
+from blinkflow.version import __version__
+
+log = logging.getLogger(__name__)
+
+#: answers worth another try; any other error status means the request itself is refused
+TRANSIENT_STATUS = {408, 425, 429}
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the 3xx then surfaces as an HTTPError
+
+
+@register_sink("webhook")
+class WebhookSink(PushSink):
+    """POSTs each event to ``url`` from a bounded buffer; see the module docstring."""
+
+    def __init__(self, cfg: SinkConfig) -> None:
+        super().__init__(cfg)
+        remember_secrets(cfg.url)  # a password or token in the URL itself never reaches a log line
+        self.headers = {"Content-Type": "application/json", "User-Agent": f"blinkflow/{__version__}"}
+        if cfg.token_file:
+            self.headers["Authorization"] = f"Bearer {read_token(cfg.token_file)}"
+        self.opener = urllib.request.build_opener(_NoRedirect())
+        self.attempts = 0
+        self._failing = False
+        self._start()
+
+    @staticmethod
+    def check_config(cfg: SinkConfig, path: str, base_dir: Path) -> None:
+        if not cfg.url:
+            raise ConfigError(f"{path}.url: a webhook sink needs url: the endpoint, e.g. https://hooks.example.com/events")
+        parts = urlsplit(cfg.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{path}.url: {redact_url(cfg.url)!r} is not an http:// or https:// URL; "
+                              "give one like https://hooks.example.com/events")
+        if cfg.token_file:
+            found = resolve_path(cfg.token_file, base_dir)
+            if not found.is_file():
+                raise ConfigError(f"{path}.token_file: {cfg.token_file!r} does not exist; write the bearer token there")
+            if not found.read_text(encoding="utf-8").strip():
+                raise ConfigError(f"{path}.token_file: {cfg.token_file!r} is empty; write the bearer token there")
+            if parts.scheme == "http" and not _is_loopback(parts.hostname):
+                raise ConfigError(f"{path}.url: the bearer token would cross the network in clear text over http; "
+                                  "use https (plain http only to a loopback host)")
+            cfg.token_file = str(found)
+
+    def where(self) -> str:
+        return redact_url(self.cfg.url)
+
+    def _serve(self) -> None:
+        while (message := self._take()) is not None:
+            self._deliver(message)
+
+    def _deliver(self, message: Message) -> None:
+        failures = 0
+        while True:
+            verdict = self._post(message)
+            if verdict == "ok":
+                self._delivered()
+                return
+            if verdict == "rejected":
+                self._dropped("rejected")
+                return
+            failures += 1
+            if 0 <= self.cfg.retries < failures:
+                self._dropped("failed")
+                return
+            if self._wait(backoff_s(self.cfg, failures)):
+                return  # close() gave up; it counts this message as undelivered
+
+    def _post(self, message: Message) -> str:
+        """One attempt: 'ok', 'retry' (worth another try) or 'rejected'."""
+        request = urllib.request.Request(self.cfg.url, data=message.payload, method="POST",
+                                         headers={**self.headers, "X-Blinkflow-Delivery": message.id})
+        self.attempts += 1
+        try:
+            with self.opener.open(request, timeout=self.cfg.timeout_s) as response:
+                response.read(1 << 16)
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            transient = exc.code in TRANSIENT_STATUS or exc.code >= 500
+            self._note_failure(f"HTTP {exc.code}", transient)
+            return "retry" if transient else "rejected"
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, a bad answer
+            self._note_failure(redact_text(str(getattr(exc, "reason", exc)) or type(exc).__name__), True)
+            return "retry"
+        if self._failing:
+            log.info("webhook sink: %s answers again", self.where())
+            self._failing = False
+        return "ok"
+
+    def _note_failure(self, reason: str, transient: bool) -> None:
+        if not transient:
+            log.warning("webhook sink: %s refused an event (%s); it is dropped", self.where(), reason)
+        elif not self._failing:  # once per outage, not per attempt
+            log.warning("webhook sink: %s failed (%s); retrying with backoff up to %gs, buffering up to %d events",
+                        self.where(), reason, self.cfg.backoff_max_s, self.cfg.buffer)
+            self._failing = True
+
+
+def read_token(path: str) -> str:
+    return Path(path).expanduser().read_text(encoding="utf-8").strip()
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
