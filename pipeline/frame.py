@@ -96,6 +96,7 @@ class Frame:
             reuse_of=self.meta.get("reuse_of"),
             latency_s=max(0.0, time.time() - self.decoded_at),
             image=self.image,
+            ts=self.decoded_at,
         )
 
 
@@ -114,6 +115,7 @@ class FrameResult:
     reuse_of: int | None = None
     latency_s: float = 0.0
     image: Any = None  # the pixels, for overlay sinks; never serialised
+    ts: float = 0.0  # epoch seconds (wall clock) when the frame was decoded
 
     @classmethod
     def dropped(cls, frame: Frame) -> "FrameResult":

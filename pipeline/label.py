@@ -51,6 +51,8 @@ MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 MANIFEST_VERSION = 1
 OUTPUT_NAMES = {"jsonl": "{id}.jsonl", "coco": "{id}.coco.json", "mp4": "{id}.mp4"}
+#: written beside the others when the config runs the events stage (docs/tracking.md)
+EVENTS_OUTPUT = "{id}.events.jsonl"
 PROGRESS_EVERY_S = 0.2
 
 
@@ -192,6 +194,8 @@ def label_one(job: dict[str, Any], progress: Callable[[int, int | None], None] |
     try:
         with tempfile.TemporaryDirectory(prefix="blinkflow-label-", dir=job.get("scratch")) as scratch:
             names = video.outputs(formats)
+            if "events" in cfg.enabled_stages():
+                names["events"] = EVENTS_OUTPUT.format(id=video.id)
             sinks = [_build_sink(fmt, SinkConfig(type=fmt, path=str(Path(scratch) / name)))
                      for fmt, name in names.items()]
             total = probe_frame_count(video.path, cfg.sources[0])
@@ -279,6 +283,7 @@ class StableJsonlSink(JsonlSink):
     def write(self, result: Any) -> None:
         record = to_record(result, self.cfg.include_dense)
         record.pop("latency_ms", None)
+        record.pop("ts", None)  # wall clock too
         self.handle.write(json.dumps(record, separators=(",", ":")))
         self.handle.write("\n")
         self.count += 1

@@ -65,7 +65,7 @@ class Registry(Generic[T]):
         return name in self._items
 
 
-STAGE_MODULES = ("blinkflow.stages.gate", "blinkflow.stages.detect", "blinkflow.stages.segment", "blinkflow.stages.flow", "blinkflow.stages.action", "blinkflow.stages.chaos")
+STAGE_MODULES = ("blinkflow.stages.gate", "blinkflow.stages.detect", "blinkflow.stages.segment", "blinkflow.stages.flow", "blinkflow.stages.action", "blinkflow.stages.chaos", "blinkflow.stages.track", "blinkflow.stages.events")
 
 stages: Registry[type] = Registry("stage", STAGE_MODULES)
 sources: Registry[type] = Registry("source type", ("blinkflow.sources", "blinkflow.streams"))

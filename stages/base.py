@@ -44,6 +44,10 @@ class Stage:
     #: attributes holding dicts keyed by stream id of recomputable per-stream state (caches, no held
     #: frames): the default end_stream, flush and teardown forget them
     stream_caches: ClassVar[tuple[str, ...]] = ()
+    #: a *driver* stage runs in the driver on the ordered output (pipeline/runners/base.py OrderedOutput),
+    #: after the gate's carry-over filled reused frames: it sees every frame of a stream once, in order,
+    #: with its final results (tracking and events need the carried boxes of reused frames too)
+    driver: ClassVar[bool] = False
 
     def __init__(self, cfg: Any) -> None:
         self.cfg = cfg

@@ -79,7 +79,7 @@ def test_missing_weights_file_names_the_path(tmp_path):
 
 def test_unknown_stage_lists_valid_stages(tmp_path):
     message = error_of(tmp_path, "stages:\n  detekt: {}\n")
-    assert message == "stages.detekt: unknown stage; valid stages: action, chaos, detect, flow, segment"
+    assert message == "stages.detekt: unknown stage; valid stages: action, chaos, detect, events, flow, segment, track"
 
 
 def test_gate_under_stages_points_to_its_own_section(tmp_path):

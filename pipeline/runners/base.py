@@ -128,10 +128,20 @@ class StageChain:
 
 class OrderedOutput:
     """Restores per-stream frame order, fills reused frames from their keyframe,
-    counts outcomes and hands results to the sinks and the metrics."""
+    runs the driver stages, counts outcomes and hands results to the sinks and the metrics.
+
+    Driver stages (``Stage.driver``: tracking, events) run here, in the driver of every
+    runner, because only here does each frame have its final results in stream order: the
+    gate's reused frames get their boxes from the carry-over just above, after every worker
+    stage ran. They run after the carry-over has snapshotted the keyframe's results, so
+    nothing they add (track ids, events) is ever carried to another frame, and the gate's
+    audit feedback is unchanged by them. A driver stage may hold frames back (the events
+    stage keeps a stream's newest frame until the next one, so that the tracks a stream ends
+    with get their ``end`` events on its last frame); ``end_stream`` and ``close`` release them.
+    """
 
     def __init__(self, sinks: list[Any], accounting: Accounting, on_result: Callable[[FrameResult], None] | None = None,
-                 metrics: MetricsRecorder = NULL_RECORDER, gate: Any = None):
+                 metrics: MetricsRecorder = NULL_RECORDER, gate: Any = None, driver_stages: list[Any] = ()):
         self.sinks = sinks
         self.accounting = accounting
         self.on_result = on_result
@@ -142,6 +152,8 @@ class OrderedOutput:
         self.next_index: dict[str, int] = defaultdict(int)
         self.last_processed: dict[str, dict[str, Any]] = {}
         self._tiebreak = 0
+        #: driver stages from graph.build_driver_graph, set up here (they are cheap and pure Python)
+        self.driver = StageChain([setup_stage(spec, metrics) for spec in driver_stages])
 
     def push(self, frames: list[Frame]) -> None:
         for frame in frames:
@@ -162,6 +174,7 @@ class OrderedOutput:
             log.error("stream %s ended with %d frames out of order; emitting them", stream_id, len(heap))
         for _, _, frame in sorted(heap, key=lambda item: item[:2]):
             self._emit(frame)
+        self._deliver(self.driver.end_stream(stream_id))
         self.next_index.pop(stream_id, None)
         self.last_processed.pop(stream_id, None)
         self.carry.end_stream(stream_id)
@@ -169,6 +182,17 @@ class OrderedOutput:
     def close(self) -> None:
         for stream_id in list(self.pending):
             self.end_stream(stream_id)
+        self._deliver(self.driver.flush())
+        for caller in self.driver.callers:
+            caller.stage.teardown()
+
+    @property
+    def driver_seconds(self) -> dict[str, float]:
+        return {caller.name: caller.seconds for caller in self.driver.callers}
+
+    @property
+    def driver_frames(self) -> dict[str, int]:
+        return {caller.name: caller.frames for caller in self.driver.callers}
 
     def feedback_ready(self, frame: Frame) -> bool:
         """Whether the gate's audit feedback for ``frame`` is settled (see CarryOver.ready_for)."""
@@ -181,10 +205,17 @@ class OrderedOutput:
         keyframe_results = self.last_processed.get(frame.stream_id, {})
         if (frame.is_reused or frame.is_refresh) and not frame.is_failed:
             self.carry.fill(frame, keyframe_results)
-        result = frame.finish()
-        self.carry.observe(frame, keyframe_results if result.outcome is Outcome.PROCESSED else None)
-        if result.outcome is Outcome.PROCESSED:
+        outcome = frame.finish().outcome
+        self.carry.observe(frame, keyframe_results if outcome is Outcome.PROCESSED else None)
+        if outcome is Outcome.PROCESSED:
             self.last_processed[frame.stream_id] = dict(frame.results)
+        self._deliver(self.driver.process([frame]) if self.driver.callers else [frame])
+
+    def _deliver(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self._write(frame.finish())
+
+    def _write(self, result: FrameResult) -> None:
         self.accounting.on_result(result)
         self.metrics.on_result(result)
         for sink in self.sinks:

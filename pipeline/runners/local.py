@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from blinkflow.config import Config
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
-from blinkflow.graph import build_graph
+from blinkflow.graph import build_driver_graph, build_graph
 from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
@@ -39,7 +39,8 @@ class LocalRunner:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         accounting = Accounting()
-        output = OrderedOutput(self.sinks, accounting, self.on_result, self.metrics, gate=self.cfg.gate)
+        output = OrderedOutput(self.sinks, accounting, self.on_result, self.metrics, gate=self.cfg.gate,
+                               driver_stages=build_driver_graph(self.cfg))
         callers: list[StageCaller] = []
         try:
             callers.extend(self._setup_stages())
@@ -61,8 +62,8 @@ class LocalRunner:
         return RunSummary(
             accounting=accounting,
             elapsed_s=time.perf_counter() - started,
-            stage_seconds={c.name: c.seconds for c in callers},
-            stage_frames={c.name: c.frames for c in callers},
+            stage_seconds={c.name: c.seconds for c in callers} | output.driver_seconds,
+            stage_frames={c.name: c.frames for c in callers} | output.driver_frames,
             runner=self.name,
             setup_s=setup_s,
         )

@@ -45,7 +45,7 @@ from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
 from blinkflow.errors import BlinkflowError, StageError
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
-from blinkflow.graph import StageSpec, build_graph
+from blinkflow.graph import StageSpec, build_driver_graph, build_graph
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import OrderedOutput, RunSummary, setup_stage
@@ -162,7 +162,8 @@ class RayRunner:
     def run(self) -> RunSummary:
         started = time.perf_counter()
         self.accounting = Accounting()
-        self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate)
+        self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate,
+                                    driver_stages=build_driver_graph(self.cfg))
         self.ledger: dict[str, set[int]] = {}
         self.chains: deque[Chain] = deque()
         self.actor_stats = ActorStats(self.metrics)
@@ -193,8 +194,8 @@ class RayRunner:
         return RunSummary(
             accounting=self.accounting,
             elapsed_s=time.perf_counter() - started,
-            stage_seconds={k: v["seconds"] for k, v in stats.items()},
-            stage_frames={k: int(v["frames"]) for k, v in stats.items()},
+            stage_seconds={k: v["seconds"] for k, v in stats.items()} | self.output.driver_seconds,
+            stage_frames={k: int(v["frames"]) for k, v in stats.items()} | self.output.driver_frames,
             runner=self.name,
             setup_s=setup_s,
         )

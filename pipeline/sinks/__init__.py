@@ -89,6 +89,7 @@ def to_record(result: FrameResult, include_dense: bool = False) -> dict[str, Any
         "stream": result.stream_id,
         "index": result.index,
         "pts": round(float(result.pts), 6),
+        "ts": round(float(result.ts), 6),
         "width": result.width,
         "height": result.height,
         "outcome": result.outcome.value,

@@ -62,6 +62,8 @@ def _draw_boxes(image, detect: dict[str, Any]):
         return image
     boxes = torch.tensor(detect["boxes"], dtype=torch.float32)
     labels = [f"{name} {score:.2f}" for name, score in zip(detect["classes"], detect["scores"])]
+    track_ids = detect.get("track_ids") or [None] * len(labels)  # with the track stage: "#7 car 0.91"
+    labels = [label if track_id is None else f"#{track_id} {label}" for label, track_id in zip(labels, track_ids)]
     colours = [colour(int(label)) for label in detect["labels"]]
     return draw_bounding_boxes(image, boxes, labels=labels, colors=colours, width=2)
 

@@ -1,0 +1,416 @@
+"""Object events from the track stage's tracks: new, end, zones, lines, actions.
+
+A *driver* stage like ``track`` (see stages/track.py for why): it runs in the driver on the
+ordered output, after ``track``, one frame at a time per stream, so the local and Ray runners
+emit the same events. It holds each stream's newest frame until the next one arrives, so the
+tracks still alive when a stream ends get their ``end`` events on its last frame (one frame of
+delay in live mode).
+
+Events of a frame go into its record as ``results["events"]`` (a list; empty when nothing
+happened) and are described by ``pipeline/event.schema.json``:
+
+* ``new``: a track got its ID (it was confirmed); ``end``: it ended (lost for longer than the
+  track stage's ``max_lost_frames``, or the stream ended), with ``duration_s`` from its ``new`` frame to
+  its last matched frame (stream time, pts; wall clock when pts are unknown) and its best score;
+* ``enter_zone`` / ``exit_zone``: the bottom-centre point of the track's box (where an object
+  stands) went into / out of a polygon zone, ``hysteresis`` pixels past its edge;
+* ``cross_line``: that point went from one side of a line to the other, ``hysteresis`` pixels
+  past it, within the segment's extent; counted once per crossing (jitter on the line is not a
+  crossing). ``direction`` is ``in`` when the point moves from the left side of the line to its
+  right side as seen on the image looking from the line's first point to its second, ``out``
+  the other way: for a line drawn left to right, ``in`` is downwards;
+* ``action_start`` / ``action_end``: the action stage's top label of the stream (track_id null),
+  with hysteresis: a label must be top with at least ``action_min_score`` for ``action_frames``
+  frames in a row to start, and the action ends when another one starts or no label holds for
+  ``action_frames`` frames.
+
+Only tracks matched on a frame (not predicted while lost) move across zones and lines. Zones and
+lines are per stream (``stream: null`` applies to every stream), in pixels or, with
+``normalized: true``, in fractions of the frame width and height. ``results["zones"]`` holds
+per zone the number of tracks inside on that frame (the Prometheus zone gauge).
+
+Snapshots (off by default): with ``snapshots`` a folder, each event with a track writes a JPEG crop
+of its box to ``<folder>/<stream>/<index>-<type>-<track>.jpg`` (``end``: the crop of the track's
+best-scored frame) and names it in the event's ``snapshot``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from blinkflow.config import StageConfig, _field
+from blinkflow.errors import ConfigError
+from blinkflow.frame import Frame
+from blinkflow.registry import register_stage
+from blinkflow.stages.base import Stage
+
+log = logging.getLogger(__name__)
+
+TASK = "events"
+EVENT_TYPES = ("new", "end", "enter_zone", "exit_zone", "cross_line", "action_start", "action_end")
+
+
+@dataclass
+class ZoneOptions:
+    """A polygon zone (``stages.events.options.zones.N``)."""
+
+    name: str = _field("", "zone name, unique; used in events and metrics")
+    points: list[list[float]] = _field(factory=list, doc="polygon corners [[x, y], ...], at least 3")
+    stream: str | None = _field(None, "the stream id it applies to; null: every stream")
+    normalized: bool = _field(False, "points are fractions (0..1) of the frame width and height, not pixels")
+
+
+@dataclass
+class LineOptions:
+    """A directed line (``stages.events.options.lines.N``)."""
+
+    name: str = _field("", "line name, unique; used in events and metrics")
+    points: list[list[float]] = _field(factory=list, doc="[[x1, y1], [x2, y2]]; 'in' crosses from its left to its "
+                                       "right looking from the first point to the second")
+    stream: str | None = _field(None, "the stream id it applies to; null: every stream")
+    normalized: bool = _field(False, "points are fractions (0..1) of the frame width and height, not pixels")
+
+
+@dataclass
+class EventsOptions:
+    """Options of the events stage (``stages.events.options``)."""
+
+    zones: list[ZoneOptions] = _field(factory=list, doc="polygon zones")
+    lines: list[LineOptions] = _field(factory=list, doc="directed counting lines")
+    hysteresis: float = _field(4.0, "pixels a point must be past a line or a zone's edge to change side", lo=0.0, hi=10**4)
+    action_min_score: float = _field(0.5, "least score of the action stage's top label to count", lo=0.0, hi=1.0)
+    action_frames: int = _field(3, "frames in a row a label must hold to start (or none to end) an action", lo=1, hi=10**6)
+    snapshots: str | None = _field(None, "folder for JPEG crops of event objects; null: no snapshots")
+    jpeg_quality: int = _field(85, "snapshot JPEG quality", lo=1, hi=100)
+
+    def check(self, path: str) -> None:
+        for kind, shapes, least in (("zones", self.zones, 3), ("lines", self.lines, 2)):
+            names: set[str] = set()
+            for i, shape in enumerate(shapes):
+                _check_shape(shape, f"{path}.{kind}.{i}", least, exact=kind == "lines")
+                if shape.name in names:
+                    raise ConfigError(f"{path}.{kind}.{i}.name: {shape.name!r} is used twice; give each a unique name")
+                names.add(shape.name)
+
+
+def _check_shape(shape: ZoneOptions | LineOptions, path: str, least: int, exact: bool) -> None:
+    if not shape.name:
+        raise ConfigError(f"{path}.name: missing; give it a name (used in events and metrics)")
+    if any(len(p) != 2 for p in shape.points):
+        raise ConfigError(f"{path}.points: every point is [x, y], got {shape.points}")
+    count = len(shape.points)
+    if count < least or (exact and count != least):
+        need = "exactly 2 points [[x1, y1], [x2, y2]]" if exact else "at least 3 points"
+        raise ConfigError(f"{path}.points: a {'line' if exact else 'zone'} needs {need}, got {count}")
+    if exact and shape.points[0] == shape.points[1]:
+        raise ConfigError(f"{path}.points: both ends are {shape.points[0]}; a line needs two distinct points")
+    if shape.normalized and any(not 0.0 <= v <= 1.0 for p in shape.points for v in p):
+        raise ConfigError(f"{path}.points: normalized points lie in 0..1, got {shape.points}; "
+                          "use pixels with normalized: false")
+
+
+# --------------------------------------------------------------------------- geometry
+
+
+def bottom_centre(box: list[float]) -> tuple[float, float]:
+    return ((box[0] + box[2]) / 2.0, float(box[3]))
+
+
+def _pixels(points: list[list[float]], normalized: bool, width: int, height: int) -> np.ndarray:
+    array = np.asarray(points, dtype=np.float64)
+    return array * np.array([width, height]) if normalized else array
+
+
+def zone_depth(polygon: np.ndarray, point: tuple[float, float]) -> float:
+    """Distance from ``point`` to the polygon's boundary, positive inside and negative outside."""
+    x, y = point
+    inside = False
+    distance = math.inf
+    for (x1, y1), (x2, y2) in zip(polygon, np.roll(polygon, -1, axis=0)):
+        if (y1 > y) != (y2 > y) and x < x1 + (y - y1) * (x2 - x1) / (y2 - y1):
+            inside = not inside  # even-odd ray casting
+        distance = min(distance, _segment_distance((x1, y1), (x2, y2), point))
+    return distance if inside else -distance
+
+
+def _segment_distance(a: tuple[float, float], b: tuple[float, float], p: tuple[float, float]) -> float:
+    ab = np.subtract(b, a)
+    t = float(np.clip(np.dot(np.subtract(p, a), ab) / max(float(np.dot(ab, ab)), 1e-12), 0.0, 1.0))
+    return float(np.hypot(*(np.add(a, t * ab) - np.asarray(p))))
+
+
+def line_side(line: np.ndarray, point: tuple[float, float]) -> tuple[float, float]:
+    """(signed distance: positive on the right of first->second on the image, position along the segment 0..1)."""
+    (x1, y1), (x2, y2) = line
+    dx, dy = x2 - x1, y2 - y1
+    length = math.hypot(dx, dy)
+    px, py = point[0] - x1, point[1] - y1
+    return (dx * py - dy * px) / length, (dx * px + dy * py) / (length * length)
+
+
+# --------------------------------------------------------------------------- per-stream state
+
+
+@dataclass
+class _TrackMemory:
+    label: str
+    first_pts: float | None
+    first_ts: float
+    last_pts: float | None
+    last_ts: float
+    best_score: float
+    best_crop: Any = None
+    zones: dict[str, bool] = field(default_factory=dict)  # zone -> inside
+    sides: dict[str, int] = field(default_factory=dict)  # line -> committed side (+1 right, -1 left)
+
+
+@dataclass
+class _StreamState:
+    tracks: dict[int, _TrackMemory] = field(default_factory=dict)
+    held: Frame | None = None
+    action: str | None = None
+    action_since: tuple[float | None, float] | None = None  # (pts, ts) when the current action started
+    candidate: str | None = None
+    candidate_frames: int = 0
+    last_index: int = -1
+
+
+@register_stage(TASK)
+class EventsStage(Stage):
+    """Object events from tracks, zones, lines and the action label (see the module docstring)."""
+
+    name = TASK
+    driver = True
+    Options = EventsOptions
+
+    def __init__(self, cfg: StageConfig | None) -> None:
+        super().__init__(cfg if cfg is not None else StageConfig())
+        self._streams: dict[str, _StreamState] = {}
+
+    @classmethod
+    def check_config(cls, cfg: Any, name: str) -> None:
+        stages = list(cfg.enabled_stages())
+        if "track" not in stages or stages.index("track") > stages.index(name):
+            raise ConfigError(f"stages.{name}: events come from tracks; add stages.track before stages.{name}")
+        known = _known_stream_ids(cfg)
+        if known is None:
+            return
+        options = cfg.stages[name].options
+        for kind, shapes in (("zones", options.zones), ("lines", options.lines)):
+            for i, shape in enumerate(shapes):
+                if shape.stream is not None and shape.stream not in known:
+                    raise ConfigError(f"stages.{name}.options.{kind}.{i}.stream: no source has stream id "
+                                      f"{shape.stream!r}; known: {', '.join(sorted(known))}")
+
+    def process(self, frames: list[Frame]) -> list[Frame]:
+        released: list[Frame] = []
+        for frame in frames:
+            state = self._streams.get(frame.stream_id)
+            if state is None or frame.index <= state.last_index:  # a new stream, or a restart
+                if state is not None:
+                    released.extend(self._close(frame.stream_id, state))
+                state = self._streams[frame.stream_id] = _StreamState()
+            state.last_index = frame.index
+            frame.results[self.name] = self._events(frame, state)
+            if state.held is not None:
+                released.append(state.held)
+            state.held = frame
+        return released
+
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        state = self._streams.pop(stream_id, None)
+        return self._close(stream_id, state) if state is not None else []
+
+    def flush(self) -> list[Frame]:
+        return [f for stream_id in list(self._streams) for f in self.end_stream(stream_id)]
+
+    def teardown(self) -> None:
+        self._streams.clear()
+
+    def _close(self, stream_id: str, state: _StreamState) -> list[Frame]:
+        """The stream ended: its live tracks and action end on its last frame, which is released."""
+        frame = state.held
+        if frame is None:
+            return []
+        events = frame.results.setdefault(self.name, [])
+        for track_id in sorted(state.tracks):
+            events.append(self._end_event(frame, track_id, state.tracks.pop(track_id)))
+        if state.action is not None:
+            events.append(self._action_end(frame, state))
+        state.held = None
+        return [frame]
+
+    # ------------------------------------------------------------------ events of one frame
+
+    def _events(self, frame: Frame, state: _StreamState) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        track = frame.results.get("track")
+        if isinstance(track, dict):
+            for ended in track.get("ended", []):
+                memory = state.tracks.pop(int(ended["id"]), None)
+                if memory is not None:
+                    events.append(self._end_event(frame, int(ended["id"]), memory))
+            for item in track.get("tracks", []):
+                if item.get("det") is not None:
+                    events.extend(self._observe(frame, state, item))
+            if self.options.zones:
+                frame.results["zones"] = self._occupancy(frame.stream_id, state)
+        events.extend(self._action_events(frame, state))
+        return events
+
+    def _observe(self, frame: Frame, state: _StreamState, item: dict[str, Any]) -> list[dict[str, Any]]:
+        track_id, box, score = int(item["id"]), item["box"], float(item["score"])
+        pts = _finite(frame.pts)
+        events = []
+        memory = state.tracks.get(track_id)
+        if memory is None:
+            memory = state.tracks[track_id] = _TrackMemory(item["label"], pts, frame.decoded_at, pts, frame.decoded_at, -1.0)
+            events.append(self._event(frame, "new", track_id, item["label"], score, box=box))
+        memory.label, memory.last_pts, memory.last_ts = item["label"], pts, frame.decoded_at
+        if score > memory.best_score:
+            memory.best_score = score
+            if self.options.snapshots:
+                memory.best_crop = _crop(frame.image, box)
+        point = bottom_centre(box)
+        for zone in self._shapes(self.options.zones, frame):
+            events.extend(self._zone_events(frame, memory, track_id, score, box, zone, point))
+        for line in self._shapes(self.options.lines, frame):
+            events.extend(self._line_events(frame, memory, track_id, score, box, line, point))
+        return events
+
+    def _zone_events(self, frame: Frame, memory: _TrackMemory, track_id: int, score: float, box: list[float],
+                     zone: tuple[str, np.ndarray], point: tuple[float, float]) -> list[dict[str, Any]]:
+        name, polygon = zone
+        depth = zone_depth(polygon, point)
+        was_inside = memory.zones.get(name)
+        if abs(depth) < self.options.hysteresis and was_inside is not None:
+            return []  # on the edge: keep the side it was on
+        inside = depth > 0
+        memory.zones[name] = inside
+        if inside == bool(was_inside):
+            return []
+        kind = "enter_zone" if inside else "exit_zone"
+        return [self._event(frame, kind, track_id, memory.label, score, box=box, zone=name)]
+
+    def _line_events(self, frame: Frame, memory: _TrackMemory, track_id: int, score: float, box: list[float],
+                     line: tuple[str, np.ndarray], point: tuple[float, float]) -> list[dict[str, Any]]:
+        name, ends = line
+        distance, along = line_side(ends, point)
+        if abs(distance) < self.options.hysteresis:
+            return []  # on the line: no side yet, or still the one it had
+        side = 1 if distance > 0 else -1
+        previous = memory.sides.get(name)
+        memory.sides[name] = side
+        if previous is None or previous == side or not 0.0 <= along <= 1.0:
+            return []  # first sight, same side, or it went round the segment's end
+        direction = "in" if side > 0 else "out"
+        return [self._event(frame, "cross_line", track_id, memory.label, score, box=box, line=name, direction=direction)]
+
+    def _occupancy(self, stream_id: str, state: _StreamState) -> dict[str, int]:
+        names = [z.name for z in self.options.zones if z.stream in (None, stream_id)]
+        return {name: sum(1 for m in state.tracks.values() if m.zones.get(name)) for name in names}
+
+    def _shapes(self, shapes: list[Any], frame: Frame) -> list[tuple[str, np.ndarray]]:
+        return [(s.name, _pixels(s.points, s.normalized, frame.width, frame.height))
+                for s in shapes if s.stream in (None, frame.stream_id)]
+
+    def _end_event(self, frame: Frame, track_id: int, memory: _TrackMemory) -> dict[str, Any]:
+        if memory.first_pts is not None and memory.last_pts is not None:
+            duration = memory.last_pts - memory.first_pts
+        else:
+            duration = memory.last_ts - memory.first_ts
+        event = self._event(frame, "end", track_id, memory.label, max(memory.best_score, 0.0), duration_s=round(duration, 6))
+        if memory.best_crop is not None:
+            event["snapshot"] = self._write_snapshot(frame, "end", track_id, memory.best_crop)
+        return event
+
+    # ------------------------------------------------------------------ actions
+
+    def _action_events(self, frame: Frame, state: _StreamState) -> list[dict[str, Any]]:
+        action = frame.results.get("action")
+        if not isinstance(action, dict) or not action.get("top"):
+            return []
+        top = action["top"][0]
+        label = str(top["label"]) if float(top["score"]) >= self.options.action_min_score else None
+        if label == state.action:
+            state.candidate, state.candidate_frames = None, 0
+            return []
+        if label != state.candidate:
+            state.candidate, state.candidate_frames = label, 0
+        state.candidate_frames += 1
+        if state.candidate_frames < self.options.action_frames:
+            return []
+        events = [self._action_end(frame, state)] if state.action is not None else []
+        state.action, state.candidate, state.candidate_frames = label, None, 0
+        if label is not None:
+            state.action_since = (_finite(frame.pts), frame.decoded_at)
+            events.append(self._event(frame, "action_start", None, label, float(top["score"])))
+        return events
+
+    def _action_end(self, frame: Frame, state: _StreamState) -> dict[str, Any]:
+        since_pts, since_ts = state.action_since or (None, frame.decoded_at)
+        pts = _finite(frame.pts)
+        duration = pts - since_pts if pts is not None and since_pts is not None else frame.decoded_at - since_ts
+        event = self._event(frame, "action_end", None, str(state.action), 0.0, duration_s=round(duration, 6))
+        state.action, state.action_since = None, None
+        return event
+
+    # ------------------------------------------------------------------ event records
+
+    def _event(self, frame: Frame, kind: str, track_id: int | None, label: str, score: float,
+               box: list[float] | None = None, **extra: Any) -> dict[str, Any]:
+        event = {"type": kind, "stream": frame.stream_id, "ts": round(frame.decoded_at, 6), "pts": _finite(frame.pts),
+                 "index": frame.index, "track_id": track_id, "label": label, "score": round(float(score), 4), **extra}
+        if box is not None and self.options.snapshots and track_id is not None:
+            event["snapshot"] = self._write_snapshot(frame, kind, track_id, _crop(frame.image, box))
+        return event
+
+    def _write_snapshot(self, frame: Frame, kind: str, track_id: int, crop: np.ndarray) -> str | None:
+        from PIL import Image
+
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in frame.stream_id)
+        path = Path(self.options.snapshots) / safe / f"{frame.index:08d}-{kind}-{track_id}.jpg"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(crop).save(path, quality=self.options.jpeg_quality)
+        except OSError as exc:  # a full disk must not stop the pipeline: the event goes out without its picture
+            log.warning("snapshot %s not written: %s", path, exc)
+            return None
+        return str(path)
+
+
+def _crop(image: Any, box: list[float]) -> np.ndarray:
+    height, width = image.shape[:2]
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(width, math.ceil(box[2])), min(height, math.ceil(box[3]))
+    if x2 <= x1 or y2 <= y1:
+        return np.ascontiguousarray(image)  # a box outside the frame: the whole frame
+    return np.ascontiguousarray(image[y1:y2, x1:x2])
+
+
+def _finite(value: float) -> float | None:
+    return round(float(value), 6) if value is not None and math.isfinite(value) else None
+
+
+def _known_stream_ids(cfg: Any) -> set[str] | None:
+    """The stream ids the sources will have, or None when some cannot be known before the run (directories,
+    globs, streams added through the control endpoint, or ``blinkflow label``, which sets sources per video)."""
+    if cfg.control.enabled or not cfg.sources:
+        return None
+    defaults = {"file": lambda s: Path(s.path).stem, "synthetic": lambda s: f"synthetic-{s.seed}",
+                "frames": lambda s: "frames"}
+    ids = set()
+    for source in cfg.sources:
+        if source.id:
+            ids.add(source.id)
+        elif source.type in defaults:
+            ids.add(defaults[source.type](source))
+        else:
+            return None
+    return ids
