@@ -22,8 +22,9 @@ connected changed area, and decides:
   last boxes (each stage runs in full where its crops would cost about as much).
 * ``keyframe``: everything runs. Reasons: ``first``, ``restart`` (the index
   went backwards), ``resized``, ``cut`` (change above ``cut_threshold``),
-  ``changed``, ``max_reuse`` and ``audit``. The last two are *audits*: frames
-  the gate would have reused; ``meta["audit_of"]`` tells the driver to score
+  ``changed``, ``max_reuse``, ``audit`` and ``uncertain``. The last three are *audits*: frames
+  the gate would have reused (``uncertain``: its change is at least ``audit_uncertain`` of the
+  threshold, where reuse is riskiest); ``meta["audit_of"]`` tells the driver to score
   the would-be carry-over against the fresh results.
 * ``refresh`` (a frame the gate would reuse, not identical to the reference, but
   a stage in ``refresh`` has not run for its bound of frames): only the stages in ``meta["refresh"]`` run;
@@ -223,6 +224,9 @@ class Gate(Stage):
             return "max_reuse"
         if cfg.audit_interval and state.since_audit + 1 >= cfg.audit_interval:
             return "audit"
+        if (cfg.audit_uncertain and change.changed >= cfg.audit_uncertain * state.threshold
+                and state.since_audit + 1 >= cfg.audit_gap):
+            return "uncertain"  # an audit where reuse is riskiest: the change is close to the threshold
         return None
 
     def _due(self, state: _StreamState, signal: np.ndarray) -> tuple[list[str], list[int] | None]:
@@ -409,7 +413,7 @@ class Gate(Stage):
         frame.results[self.name] = self._result(state, "partial", "changed", change, tiles=self._tiles_summary(change.tiles))
 
     def _keyframe(self, frame: Frame, signal: np.ndarray, state: _StreamState | None, change: _Change, reason: str) -> None:
-        audit = reason in ("max_reuse", "audit")
+        audit = reason in ("max_reuse", "audit", "uncertain")
         if audit:
             frame.meta["audit_of"] = state.key_index
             if state.motion is not None:

@@ -1070,3 +1070,38 @@ def test_frames_smaller_than_the_gate_blocks_are_gated_not_failed(size):
                                     "stages.action.enabled": False}))
     assert [r["outcome"] for r in records][:4] == ["processed"] * 4  # every frame changed: keyframes
     assert records[4]["outcome"] in ("processed", "reused") and not any(r.get("error") for r in records)
+
+
+def test_box_f1_can_ignore_unmatched_boxes_below_a_score():
+    from blinkflow.skip import box_f1
+
+    fresh = {"boxes": [[0, 0, 10, 10], [50, 50, 60, 60]], "labels": [1, 72], "scores": [0.9, 0.35]}
+    carried = {"boxes": [[0, 0, 10, 10]], "labels": [1], "scores": [0.9]}
+    assert box_f1(carried, fresh) == pytest.approx(2 / 3)  # strict: the hysteresis-held box is a miss
+    assert box_f1(carried, fresh, ignore_below=0.4) == 1.0  # below the detector's threshold: counts neither way
+    assert box_f1(fresh, carried, ignore_below=0.4) == 1.0  # either side
+    confident_miss = dict(fresh, scores=[0.9, 0.5])
+    assert box_f1(carried, confident_miss, ignore_below=0.4) == pytest.approx(2 / 3)
+    low_match = {"boxes": [[50, 50, 60, 60]], "labels": [72], "scores": [0.3]}
+    assert box_f1(low_match, fresh, ignore_below=0.4) == pytest.approx(2 / 3)  # a low box still matches
+    assert box_f1({"boxes": []}, {"boxes": [[0, 0, 1, 1]], "labels": [1], "scores": [0.1]}, ignore_below=0.4) == 1.0
+
+
+def test_frames_close_to_the_threshold_are_audited_where_the_gate_is_least_sure():
+    cfg = GateConfig(enabled=True, threshold=0.1, tiles=None, max_reuse=100, audit_uncertain=0.5, audit_gap=3, refresh={},
+                     adaptive=False, lighting=False)
+    base = textured(seed=1)
+    nudged = base.copy()
+    nudged[:8, :16] = 250  # 7% of the signal changes: below the threshold, above half of it
+    gate = Gate(cfg)
+    frames = gate.process(frames_of([base, base, base, base, nudged, nudged, base, base, base, nudged]))
+    # 4: uncertain after 3 reuses; 5: no change against 4; 6: uncertain but 2 reuses since the audit; 7: audited;
+    # 9: uncertain again, 1 reuse since
+    assert decisions(frames) == ["keyframe", "reuse", "reuse", "reuse", "keyframe", "reuse", "reuse", "keyframe", "reuse",
+                                 "reuse"]
+    audits = [f for f in frames if f.meta.get("audit_of") is not None]
+    assert [f.index for f in audits] == [4, 7] and all(f.results["gate"]["reason"] == "uncertain" for f in audits)
+    assert 0.05 <= frames[4].results["gate"]["changed"] < 0.1
+    quiet = Gate(GateConfig(enabled=True, threshold=0.1, tiles=None, max_reuse=100, audit_uncertain=0.0, refresh={},
+                            adaptive=False, lighting=False))
+    assert decisions(quiet.process(frames_of([base, base, base, base, nudged]))) == ["keyframe"] + ["reuse"] * 4
