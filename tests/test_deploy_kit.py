@@ -59,6 +59,8 @@ def offline_promql(expr: str) -> str:
 
 
 def exported_sample_names() -> set[str]:
+    from blinkflow.metrics import SINK_LEDGER
+
     """Every sample name the exporter produces once each kind of report has arrived."""
     recorder = PrometheusRecorder()
     recorder.on_stage_call("detect", 0.01, 4, 1)
@@ -68,6 +70,10 @@ def exported_sample_names() -> set[str]:
     recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.REUSED, results={
         "audit": {"agreement": 1.0}, "gate": {"decision": "reuse", "threshold": 0.01}}))
     recorder.on_device("host/cuda:0", "detect", 1, 2, 0.5)
+    recorder.on_result(FrameResult("cam", 1, 0.1, 1, 1, Outcome.PROCESSED, results={
+        "events": [{"type": "cross_line", "line": "gate", "direction": "in"}], "zones": {"door": 1}}))
+    SINK_LEDGER.count_dropped("mqtt", "overflow", 0)  # the push sinks' series exist once a sink counted
+    SINK_LEDGER.add_pending("mqtt", 0)
     return {sample.name for family in recorder.registry.collect() for sample in family.samples}
 
 
@@ -97,7 +103,8 @@ def test_deploy_pipeline_config_is_valid(path):
 def test_dashboard_has_the_panels_operators_need():
     titles = " | ".join(p["title"].lower() for p in json.loads(DASHBOARD.read_text())["panels"])
     for topic in ("throughput per stage", "latency percentiles", "queue depth", "skip ratio", "audit agreement",
-                  "gate decisions", "dropped", "failed", "streams up", "reconnects", "gpu memory"):
+                  "gate decisions", "dropped", "failed", "streams up", "reconnects", "gpu memory", "objects per zone",
+                  "line crossings", "push sink drops"):
         assert topic in titles, f"no dashboard panel about {topic!r}"
 
 
