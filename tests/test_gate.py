@@ -927,6 +927,7 @@ def test_on_a_refresh_only_the_segmenter_runs_and_the_boxes_are_carried(monkeypa
     assert after and all(r.results["segment"] == by_index[r.reuse_of].results["segment"] for r in after)
 
 
+@pytest.mark.slow
 def test_gated_records_match_the_documented_schema():
     import json
 

@@ -40,6 +40,7 @@ def two_clips(tmp_path, frames=(9, 7)):
     ]
 
 
+@pytest.mark.slow
 def test_ray_outputs_equal_local_outputs(ray_local, tmp_path):
     cfg = load_config(data={
         "sources": two_clips(tmp_path),
