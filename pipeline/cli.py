@@ -2,7 +2,9 @@
 
 Exit codes: 0 success; 1 the run finished but some input or frame failed
 (see the summary); 2 a user error (bad config, bad input, bad weights), printed
-as one line without a traceback.
+as one line without a traceback; 130 (SIGINT) or 143 (SIGTERM) a run that was
+interrupted: a file run stops reading at the first signal, lets the frames in flight
+reach the sinks and commits them; a second signal aborts.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -31,9 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlinkflowError as exc:
         print(f"blinkflow: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("blinkflow: interrupted", file=sys.stderr)
-        return 130
+        return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for a second SIGTERM
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,8 +128,9 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
 
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     sinks = build_sinks(cfg.sinks)
-    from blinkflow.control import live_session
+    from blinkflow.control import GracefulSignals, live_session
 
+    stop = threading.Event()
     with serving_metrics(cfg.metrics) as metrics, live_session(cfg, metrics) as hub, \
             tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
         def on_result(result) -> None:
@@ -133,12 +138,27 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
             if hub is not None:
                 hub.observe(result)  # capture-to-sink latency of live streams
 
-        runner = get_runner(cfg.runtime.runner)(cfg, sinks=sinks, on_result=on_result, metrics=metrics, hub=hub)
-        summary = runner.run()
+        # a file run drains on the first SIGINT/SIGTERM (a live session has installed its own handlers)
+        signals = GracefulSignals(stop.set, "stopping: no new frames are decoded, those in flight finish and the "
+                                            "outputs are committed (signal again to abort)")
+        if hub is None:
+            signals.install()
+        try:
+            runner = get_runner(cfg.runtime.runner)(cfg, sinks=sinks, on_result=on_result, metrics=metrics, hub=hub,
+                                                    stop=stop)
+            summary = runner.run()
+        finally:
+            signals.restore()
     print("\n".join(summary.lines() + (hub.summary_lines() if hub is not None else [])))
+    interrupted = signals.received
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
-        summary_json.write_text(json.dumps(summary.to_dict(), indent=2) + "\n")
+        interruption = {"interrupted": signal.Signals(interrupted).name} if interrupted else {}
+        summary_json.write_text(json.dumps(summary.to_dict() | interruption, indent=2) + "\n")
+    if interrupted:
+        print(f"blinkflow: interrupted by {signal.Signals(interrupted).name}: {summary.totals['decoded']} frames done "
+              "and written, outputs committed; the rest of the input was not read", file=sys.stderr)
+        return 128 + interrupted
     return 0 if summary.ok else 1
 
 
@@ -157,7 +177,7 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- training (models.training)
 
-TRAIN_TASKS = ("detect", "segment", "flow", "action")
+TRAIN_TASKS = ("detect", "segment", "flow", "action", "reid")
 
 
 def _add_training_commands(commands: argparse._SubParsersAction) -> None:

@@ -306,6 +306,9 @@ class ControlConfig:
     max_pixels: int = _field(1920 * 1080, "largest resize (width x height) a POST /streams may ask for", lo=1, hi=10**9)
     max_fps: float = _field(60.0, "largest fps a POST /streams may ask for", lo=0.1, hi=1000)
     max_queue_size: int = _field(256, "largest queue_size a POST /streams may ask for", lo=1, hi=4096)
+    max_memory_mb: int | None = _field(
+        None, "POST /streams answers 503 when this process's resident memory plus the new stream's buffer "
+        "(queue_size x width x height x 3 bytes) would exceed it; null: no budget", lo=1, hi=10**8)
     stream_defaults: dict[str, Any] = _field(
         factory=dict, doc="source settings for streams added at run time (a POST's own keys win), e.g. {resize: [640, 360]}"
     )

@@ -23,7 +23,7 @@ import logging
 import signal
 import threading
 from http.server import BaseHTTPRequestHandler
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 from urllib.parse import unquote
 
 from blinkflow.control_guard import ControlGuard, Refused, content_length
@@ -94,11 +94,13 @@ def _add(hub: StreamHub, body: bytes, guard: ControlGuard | None) -> tuple[int, 
     if guard is not None:
         try:
             guard.check_stream(request)
+            guard.check_memory(request, hub.defaults)
         except Refused as refused:
             return refused.status, {"error": redact_text(str(refused))}
     options = {k: v for k, v in request.items() if k not in ("url", "id", "type")}
     try:
-        stream = hub.add_url(request["url"], request.get("id"), **options)
+        check = guard.connect_refusal if guard is not None else None
+        stream = hub.add_url(request["url"], request.get("id"), connect_check=check, **options)
     except ConfigError as exc:
         return 400, {"error": redact_text(str(exc))}
     except SourceError as exc:
@@ -170,34 +172,54 @@ def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
         hub.subscribe(RecorderBridge(recorder))
     server = (ControlServer(hub, cfg.control.host, cfg.control.port, ControlGuard.from_config(cfg.control)).start()
               if cfg.control.enabled else None)
-    restore = _graceful_signals(hub)
+    signals = GracefulSignals(lambda: hub.close(stop_streams=True),
+                              "stopping: the streams end, buffered frames finish (signal again to abort)").install()
     try:
         yield hub
     finally:
-        restore()
+        signals.restore()
         hub.close(stop_streams=True)
         if server is not None:
             server.stop()
 
 
-def _graceful_signals(hub: StreamHub):
-    if threading.current_thread() is not threading.main_thread():
-        return lambda: None
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-    stopping = threading.Event()
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM: abort at once; the exit code is 128 + ``signum``."""
 
-    def on_signal(signum: int, _frame: Any) -> None:
-        if stopping.is_set():
-            raise KeyboardInterrupt
-        stopping.set()
-        log.warning("stopping: the streams end, buffered frames finish (signal again to abort)")
-        threading.Thread(target=hub.close, kwargs={"stop_streams": True}, daemon=True).start()
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
-    for sig in previous:
-        signal.signal(sig, on_signal)
 
-    def restore() -> None:
-        for sig, handler in previous.items():
+class GracefulSignals:
+    """The first SIGINT/SIGTERM asks the run to end gracefully (``stop``), a second aborts (:class:`Interrupted`).
+
+    Used by live sessions (``stop`` closes the hub) and file runs (``stop`` ends the file lanes).
+    ``received`` is the first signal's number, or None. Only the main thread can own signal
+    handlers; elsewhere install() does nothing.
+    """
+
+    def __init__(self, stop: Callable[[], None], message: str) -> None:
+        self.stop, self.message = stop, message
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> GracefulSignals:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+            for sig in self._previous:
+                signal.signal(sig, self._on_signal)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+        self._previous = {}
 
-    return restore
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.received is not None:
+            raise Interrupted(signum)
+        self.received = signum
+        log.warning("%s: %s", signal.Signals(signum).name, self.message)
+        # in a thread: the interrupted code may hold the locks that stop() takes
+        threading.Thread(target=self.stop, name="blinkflow-stop", daemon=True).start()

@@ -29,6 +29,9 @@ MUTATING = ("POST", "DELETE", "PUT", "PATCH")
 NETWORK_SCHEMES = {"rtsp", "rtsps", "http", "https", "udp", "srt", "rtp", "tcp"}
 #: schemes whose host is an address to listen on or join, not a server to fetch from
 LISTENING_SCHEMES = {"udp", "rtp"}
+MB = 1024 * 1024
+#: the frame size a memory estimate assumes for a stream without resize (1080p, the common camera size)
+UNRESIZED_FRAME = (1920, 1080)
 #: stream settings a request may set (the hub's defaults fill the rest)
 REQUEST_KEYS = {"url", "id", "type", "resize", "fps", "queue_size", "stall_timeout_s", "max_retries", "rtsp_transport",
                 "overflow", "ffmpeg_options", "motion_vectors", "decode_threads", "backoff_initial_s", "backoff_max_s"}
@@ -53,13 +56,15 @@ class ControlGuard:
     max_pixels: int = 1920 * 1080
     max_fps: float = 60.0
     max_queue_size: int = 256
+    max_memory_mb: int | None = None  # None: no memory budget
 
     @classmethod
     def from_config(cls, control: Any) -> "ControlGuard":
         return cls(token=_token(control), host=control.host, allowed_origins=list(control.allowed_origins),
                    allow_local=list(control.allow_local), allow_hosts=list(control.allow_hosts),
                    allowed_ffmpeg_options=list(control.allowed_ffmpeg_options), max_pixels=control.max_pixels,
-                   max_fps=control.max_fps, max_queue_size=control.max_queue_size)
+                   max_fps=control.max_fps, max_queue_size=control.max_queue_size,
+                   max_memory_mb=control.max_memory_mb)
 
     # ------------------------------------------------------------------ requests
 
@@ -106,6 +111,34 @@ class ControlGuard:
             raise Refused(403, f"FFmpeg option {refused[0]!r} is not allowed from the control endpoint; allowed: "
                                f"{', '.join(self.allowed_ffmpeg_options) or 'none'} (control.allowed_ffmpeg_options)")
 
+    def check_memory(self, request: dict[str, Any], defaults: dict[str, Any]) -> None:
+        """Refuse (503) a stream whose buffer would take the process past ``max_memory_mb``.
+
+        The estimate is what the stream may hold at once: queue_size frames of width x height x 3 bytes
+        (its resize, or :data:`UNRESIZED_FRAME` when it keeps the camera's size, unknown until decoded).
+        """
+        if self.max_memory_mb is None:
+            return
+        settings = {**defaults, **request}
+        width, height = settings.get("resize") or UNRESIZED_FRAME
+        queue_size = settings.get("queue_size") or _default_queue_size()
+        needed = queue_size * width * height * 3
+        resident = resident_bytes()
+        if resident + needed > self.max_memory_mb * MB:
+            raise Refused(503, f"memory budget control.max_memory_mb ({self.max_memory_mb} MB) would be exceeded: "
+                               f"resident {resident / MB:.0f} MB + {needed / MB:.0f} MB for this stream's buffer "
+                               f"(queue_size {queue_size} x {width}x{height}x3 bytes); remove a stream, ask for a "
+                               "smaller resize or queue_size, or raise the budget")
+
+    def connect_refusal(self, url: str) -> str | None:
+        """Why ``url`` may not be connected to now, or None: the POST's check again, right before each
+        connection attempt, since a rebinding DNS name may resolve elsewhere by then (docs/security.md)."""
+        try:
+            self._check_url(url)
+        except Refused as refused:
+            return str(refused)
+        return None
+
     def _check_url(self, url: str) -> None:
         parts = urlsplit(url)
         scheme = parts.scheme.lower()
@@ -143,6 +176,24 @@ class ControlGuard:
             value = request.get(key)
             if value is not None and (not isinstance(value, (int, float)) or value > limit):
                 raise Refused(400, f"{key} {value!r} is over control.max_{key} ({limit})")
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux: /proc/self/statm; elsewhere its peak, from getrusage)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # macOS says bytes, Linux kilobytes
+
+
+def _default_queue_size() -> int:
+    from blinkflow.config import SourceConfig
+
+    return SourceConfig(type="stream").queue_size
 
 
 def content_length(headers: Any) -> int:

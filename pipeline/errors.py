@@ -17,6 +17,10 @@ class SourceError(BlinkflowError):
     """A video input that cannot be opened or decoded; the message names the input."""
 
 
+class TruncatedVideoError(SourceError):
+    """A video whose data ended before its container's index did; the frames before the cut were delivered."""
+
+
 class SinkError(BlinkflowError):
     """An output that cannot be written; the message names the output."""
 

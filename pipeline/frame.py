@@ -131,9 +131,17 @@ class Accounting:
     decoded: Counter = field(default_factory=Counter)
     outcomes: dict[str, Counter] = field(default_factory=dict)
     source_errors: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)  # ids of the streams that ended TRUNCATED
 
     def on_decoded(self, frame: Frame) -> None:
         self.decoded[frame.stream_id] += 1
+
+    def on_stream_end(self, end: StreamEnd) -> None:
+        """Keep an early end's message and, for a cut-short input, its id (label marks it partial)."""
+        if end.error:
+            self.source_errors.append(end.error)
+        if end.reason is EndReason.TRUNCATED:
+            self.truncated.append(end.stream_id)
 
     def on_result(self, result: FrameResult) -> None:
         self.outcomes.setdefault(result.stream_id, Counter())[result.outcome.value] += 1
@@ -173,12 +181,26 @@ class Accounting:
 # --------------------------------------------------------------------------- streams
 
 
+class EndReason(str, enum.Enum):
+    """Why a stream ended; set by the source, read by the accounting and ``blinkflow label``."""
+
+    COMPLETE = "complete"  # the input was read to its end
+    ERROR = "error"  # it could not be opened or broke; ``error`` says how
+    TRUNCATED = "truncated"  # its data ended before its index did: the frames before the cut were delivered
+    STOPPED = "stopped"  # the run was asked to stop (a signal) before the input's end
+
+
 @dataclass
 class StreamEnd:
-    """Marks the end of a stream; ``error`` says why it ended early, if it did."""
+    """Marks the end of a stream; ``error`` says why it ended early, if it did, and ``reason`` what kind of end."""
 
     stream_id: str
     error: str | None = None
+    reason: EndReason | None = None  # None: COMPLETE without an error, ERROR with one
+
+    def __post_init__(self) -> None:
+        if self.reason is None:
+            self.reason = EndReason.ERROR if self.error else EndReason.COMPLETE
 
 
 class Stream:

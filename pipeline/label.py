@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError
-from blinkflow.sources import TRUNCATED
 from blinkflow.files import sha256_bytes, sha256_file, write_atomic
 from blinkflow.sinks import JsonlSink, to_record
 
@@ -228,7 +227,7 @@ def _stats(summary: Any, outputs: dict[str, bytes]) -> dict[str, Any]:
     errors = list(summary.accounting.source_errors)
     if totals["failed"]:
         errors.append(f"{totals['failed']} frames failed in a stage (see the records' error field)")
-    truncated = any(f": {TRUNCATED}: " in e for e in summary.accounting.source_errors)
+    truncated = bool(summary.accounting.truncated)  # cut short (typed by the source): partial, labelled again
     status = "done" if summary.ok else "partial" if truncated and totals["failed"] == 0 else "failed"
     return {
         "status": status, "error": "; ".join(errors) or None,

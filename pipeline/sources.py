@@ -22,13 +22,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from blinkflow.config import SourceConfig
-from blinkflow.errors import SourceError
-from blinkflow.frame import Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
+from blinkflow.errors import SourceError, TruncatedVideoError
+from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.registry import register_source, sources as source_registry
 
 log = logging.getLogger(__name__)
 
-#: the word a source error starts its reason with when a file ended before its index did (label: partial)
+#: the word a truncation message starts its reason with (the typed mark is EndReason.TRUNCATED)
 TRUNCATED = "truncated"
 
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
@@ -42,24 +42,46 @@ def open_lane(cfg: SourceConfig) -> Iterator[Stream]:
     return source_registry.get(cfg.type)(cfg).streams()
 
 
-def lane_items(streams: Iterator[Stream]) -> Iterator[Frame | StreamEnd]:
+def lane_items(streams: Iterator[Stream], stop: threading.Event | None = None) -> Iterator[Frame | StreamEnd]:
     """Frames of each stream in turn, each stream closed by a StreamEnd.
 
     A stream that fails to open or breaks mid-way ends with an error; its
     frames decoded so far have been delivered, and the lane goes on with the
-    next stream.
+    next stream. Once ``stop`` is set no further frame is taken: the open
+    stream ends STOPPED (its decoder stops) and no other stream is opened.
     """
     for stream in streams:
-        error = None
+        if stop is not None and stop.is_set():
+            return
+        error, reason = None, EndReason.COMPLETE
         try:
-            yield from stream.frames()
+            reason = yield from _until_stopped(stream.frames(), stop)
         except SourceError as exc:
             error = str(exc)
+            reason = EndReason.TRUNCATED if isinstance(exc, TruncatedVideoError) else EndReason.ERROR
             log.error("%s", error)
-        yield StreamEnd(stream.id, error)
+        yield StreamEnd(stream.id, error, reason)
 
 
-def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None) -> Iterator[Frame | StreamEnd]:
+def _until_stopped(frames: Iterator[Frame], stop: threading.Event | None) -> Iterator[Frame]:
+    """Yield ``frames`` until ``stop`` is set; return the EndReason (closing ``frames`` stops its decoder)."""
+    if stop is None:
+        yield from frames
+        return EndReason.COMPLETE
+    try:
+        for frame in frames:
+            yield frame
+            if stop.is_set():
+                return EndReason.STOPPED
+    finally:
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
+    return EndReason.COMPLETE
+
+
+def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None, stop: threading.Event | None = None
+                ) -> Iterator[Frame | StreamEnd]:
     """Interleave lanes round-robin: one item from each live lane in turn.
 
     With a :class:`pipeline.streams.StreamHub`, whatever its live streams have
@@ -67,7 +89,7 @@ def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None) -> Iterator[Fram
     lanes are done the hub's items follow until it ends. Without one, the order
     is fully deterministic.
     """
-    iterators = [lane_items(lane) for lane in lanes]
+    iterators = [lane_items(lane, stop) for lane in lanes]
     while iterators:
         for iterator in list(iterators):
             item = next(iterator, None)
@@ -81,13 +103,15 @@ def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None) -> Iterator[Fram
         yield from hub.items()
 
 
-def open_sources(configs: list[SourceConfig], hub: Any = None) -> Iterator[Frame | StreamEnd]:
+def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.Event | None = None
+                 ) -> Iterator[Frame | StreamEnd]:
     """Frames of every source. ``stream`` sources run in ``hub`` (one is made when none is given;
-    a given hub may also get streams added and removed while the run goes on)."""
+    a given hub may also get streams added and removed while the run goes on). Setting ``stop``
+    ends the file lanes after the frame in hand (a graceful stop; the hub has its own close)."""
     live = [cfg for cfg in configs if cfg.type == "stream"]
     lanes = [open_lane(cfg) for cfg in configs if cfg.type != "stream"]
     if not live and hub is None:
-        return merge_lanes(lanes)
+        return merge_lanes(lanes, stop=stop)
     from blinkflow.streams import StreamHub
 
     hub = hub if hub is not None else StreamHub()
@@ -99,7 +123,7 @@ def open_sources(configs: list[SourceConfig], hub: Any = None) -> Iterator[Frame
         raise
     if not hub.keep_open:
         hub.close()
-    return _stopping_hub_on_exit(merge_lanes(lanes, hub), hub)
+    return _stopping_hub_on_exit(merge_lanes(lanes, hub, stop), hub)
 
 
 def _stopping_hub_on_exit(items: Iterator[Frame | StreamEnd], hub: Any) -> Iterator[Frame | StreamEnd]:
@@ -285,7 +309,7 @@ def _check_complete(container, stream, path: Path, decoded: int) -> None:
     indexed = any(name in INDEXED_FORMATS for name in (container.format.name or "").split(","))
     declared = stream.frames or 0
     if indexed and decoded and declared > decoded:
-        raise SourceError(f"{path}: {TRUNCATED}: {decoded} of the {declared} frames its index lists were decoded "
+        raise TruncatedVideoError(f"{path}: {TRUNCATED}: {decoded} of the {declared} frames its index lists were decoded "
                           "(the rest of the file is missing); the frames before the cut were labelled, "
                           "re-copy or re-encode the file for the rest")
 

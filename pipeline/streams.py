@@ -66,6 +66,8 @@ from blinkflow.redact import (  # noqa: E402,F401 - redaction lives in one place
     remember_secrets,
 )
 EOF_REASON = "the stream ended"
+#: asked with a stream's URL before each connection attempt: the reason it is refused now, or None
+ConnectCheck = Callable[[str], str | None]
 _ZERO_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
@@ -212,8 +214,9 @@ class LiveStream:
     """
 
     def __init__(self, cfg: SourceConfig, stream_id: str, cond: threading.Condition,
-                 emit: Callable[[StreamEvent], None], overflow: str) -> None:
+                 emit: Callable[[StreamEvent], None], overflow: str, connect_check: ConnectCheck | None = None) -> None:
         self.cfg, self.id, self.overflow = cfg, stream_id, overflow
+        self._connect_check = connect_check
         self.url = redact_url(cfg.url or "")
         self.kind = stream_kind(cfg.url or "")
         self._cond, self._emit = cond, emit
@@ -341,6 +344,7 @@ class LiveStream:
     def _open(self, relay: SrtRelay | None) -> Any:
         import av
 
+        self._check_before_connecting()
         target, fmt, options = input_spec(self.cfg)
         timeout: Any = (self.cfg.open_timeout_s, self.cfg.stall_timeout_s)
         if relay is not None:
@@ -353,6 +357,14 @@ class LiveStream:
             raise _StreamDown(f"cannot connect: no answer within {self.cfg.open_timeout_s:g} s") from None
         except (av.FFmpegError, OSError) as exc:
             raise _lost(relay, "cannot connect", exc) from None
+
+    def _check_before_connecting(self) -> None:
+        """Ask the control guard again before every attempt: a DNS name that passed at POST time may have
+        been rebound to an internal address since. A refusal ends the stream (permanent: no retries)."""
+        refusal = self._connect_check(self.cfg.url or "") if self._connect_check is not None else None
+        if refusal:
+            log.error("stream %s (%s): refused before connecting: %s", self.id, self.url, refusal)
+            raise _StreamDown(f"refused before connecting: {refusal}", permanent=True)
 
     def _on_connected(self) -> None:
         self.connections += 1
@@ -659,8 +671,9 @@ class StreamHub:
 
     # ------------------------------------------------------------------ changes
 
-    def add(self, cfg: SourceConfig) -> LiveStream:
-        """Start a stream from a resolved stream source config; raise SourceError if its id is taken."""
+    def add(self, cfg: SourceConfig, connect_check: ConnectCheck | None = None) -> LiveStream:
+        """Start a stream from a resolved stream source config; raise SourceError if its id is taken.
+        ``connect_check`` is asked before every connection attempt (see :data:`ConnectCheck`)."""
         stream_id = cfg.id or default_stream_id(cfg.url or "")
         overflow = cfg.overflow if cfg.overflow != "auto" else ("drop_oldest" if self.mode == "live" else "block")
         remember_secrets(cfg.url or "")
@@ -670,7 +683,7 @@ class StreamHub:
                 raise SourceError("the run is stopping; no streams can be added")
             if stream_id in self._streams:
                 raise SourceError(f"stream id {stream_id!r} is already in use; give the stream another id")
-            stream = LiveStream(cfg, stream_id, self._cond, self._emit, overflow)
+            stream = LiveStream(cfg, stream_id, self._cond, self._emit, overflow, connect_check)
             self._streams[stream_id] = stream
             self._finished.pop(stream_id, None)
             self.latency[stream_id] = LatencyStats()
@@ -678,14 +691,15 @@ class StreamHub:
         stream.start()
         return stream
 
-    def add_url(self, url: str, stream_id: str | None = None, **options: Any) -> LiveStream:
+    def add_url(self, url: str, stream_id: str | None = None, connect_check: ConnectCheck | None = None,
+                **options: Any) -> LiveStream:
         """Build a stream source from ``url``, the hub's defaults and ``options``; check it; start it."""
         from blinkflow.config import structure_dataclass
 
         raw = {**self.defaults, **options, "type": "stream", "url": url, "id": stream_id}
         cfg = structure_dataclass(SourceConfig, raw, "stream")
         check_stream_source(cfg, "stream", self.mode)
-        return self.add(cfg)
+        return self.add(cfg, connect_check)
 
     def remove(self, stream_id: str) -> bool:
         """Stop a stream; its buffered frames still go through. False if no such stream."""

@@ -270,5 +270,6 @@ class RunSummary:
             "streams": {s: dict(c) for s, c in self.accounting.outcomes.items()},
             "decoded": dict(self.accounting.decoded),
             "source_errors": list(self.accounting.source_errors),
+            "truncated": list(self.accounting.truncated),  # streams cut short (their frames before the cut are in)
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
         }

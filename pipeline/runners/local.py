@@ -28,9 +28,10 @@ class LocalRunner:
     name = "local"
 
     def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
-                 metrics: MetricsRecorder | None = None, hub: Any = None):
+                 metrics: MetricsRecorder | None = None, hub: Any = None, stop: Any = None):
         self.cfg = cfg
         self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
+        self.stop = stop  # a threading.Event: once set, no new frame is read; those in flight finish, sinks commit
         self.sinks = sinks or []
         self.on_result = on_result
         self.metrics = metrics or NULL_RECORDER
@@ -77,15 +78,14 @@ class LocalRunner:
     def _pump(self, chain: StageChain, output: OrderedOutput, accounting: Accounting) -> None:
         wave_size = max([spec.batch for spec in self.specs] or [1])
         wave: list[Frame] = []
-        for item in open_sources(self.cfg.sources, self.hub):
+        for item in open_sources(self.cfg.sources, self.hub, self.stop):
             if isinstance(item, StreamEnd):
                 output.push(chain.process(wave))
                 wave = []
                 output.push(chain.end_stream(item.stream_id))
                 output.end_stream(item.stream_id)
                 self.metrics.on_stream_state(item.stream_id, False)
-                if item.error:
-                    accounting.source_errors.append(item.error)
+                accounting.on_stream_end(item)
                 continue
             accounting.on_decoded(item)
             self.metrics.on_decoded(item)

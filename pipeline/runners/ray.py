@@ -145,9 +145,10 @@ class RayRunner:
     name = "ray"
 
     def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
-                 metrics: MetricsRecorder | None = None, hub: Any = None):
+                 metrics: MetricsRecorder | None = None, hub: Any = None, stop: Any = None):
         self.cfg = cfg
         self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
+        self.stop = stop  # a threading.Event: once set, no new frame is read; those in flight finish, sinks commit
         self.sinks = sinks or []
         self.on_result = on_result
         self.metrics = metrics or NULL_RECORDER
@@ -306,14 +307,13 @@ class RayRunner:
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
         live = self.cfg.runtime.mode == "live"
-        for item in open_sources(self.cfg.sources, self.hub):
+        for item in open_sources(self.cfg.sources, self.hub, self.stop):
             if isinstance(item, StreamEnd):
                 shard = self._shard(item.stream_id)
                 self._submit_wave(pending.pop(shard, []), shard)
                 self._submit(Chain("end", shard, stream_id=item.stream_id))
                 self.metrics.on_stream_state(item.stream_id, False)
-                if item.error:
-                    self.accounting.source_errors.append(item.error)
+                self.accounting.on_stream_end(item)
                 continue
             self.accounting.on_decoded(item)
             self.metrics.on_decoded(item)

@@ -1,0 +1,374 @@
+"""Issue #24's later hardening: a typed truncation end, the control guard asked again before every
+connection (DNS rebinding), a memory budget for streams added at run time, and file runs that drain
+on SIGINT/SIGTERM (docs/security.md)."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import socket
+import threading
+import time
+
+import pytest
+from blinkflow import control_guard
+from blinkflow.config import SourceConfig
+from blinkflow.control import handle
+from blinkflow.control_guard import ControlGuard
+from blinkflow.frame import Accounting, EndReason, StreamEnd
+from blinkflow.label import _stats
+from blinkflow.runners.base import RunSummary
+from blinkflow.sources import open_sources
+from blinkflow.streams import StreamHub
+
+from tests.conftest import write_test_video
+from tests.test_label import _faststart_clip
+
+PUBLIC = ipaddress.ip_address("93.184.216.34")
+LOOPBACK = ipaddress.ip_address("127.0.0.1")
+
+
+# --------------------------------------------------------------------------- 1. a typed truncation end
+
+
+def _ends(path) -> list[StreamEnd]:
+    return [item for item in open_sources([SourceConfig(type="file", path=str(path))]) if isinstance(item, StreamEnd)]
+
+
+def test_the_source_types_how_each_stream_ended(tmp_path):
+    whole = _faststart_clip(tmp_path / "whole.mp4")
+    (tmp_path / "cut.mp4").write_bytes(whole[: int(len(whole) * 0.9)])
+    (tmp_path / "junk.mp4").write_bytes(b"\x00garbage" * 100)
+    (cut,) = _ends(tmp_path / "cut.mp4")
+    assert cut.reason is EndReason.TRUNCATED and "truncated: 7 of the 20 frames" in cut.error  # the message stays
+    (junk,) = _ends(tmp_path / "junk.mp4")
+    assert junk.reason is EndReason.ERROR and "junk.mp4" in junk.error
+    (complete,) = _ends(tmp_path / "whole.mp4")
+    assert complete.reason is EndReason.COMPLETE and complete.error is None
+
+
+def _summary(*ends: StreamEnd) -> RunSummary:
+    accounting = Accounting()
+    for end in ends:
+        accounting.on_stream_end(end)
+    return RunSummary(accounting=accounting, elapsed_s=1.0)
+
+
+def test_label_reads_the_typed_reason_not_the_message_text():
+    # a file whose path happens to hold the words is not a truncation; a typed end is, whatever its text
+    lookalike = _summary(StreamEnd("a", "/in/x: truncated: b.mp4: not a readable video", EndReason.ERROR))
+    assert _stats(lookalike, {})["status"] == "failed"
+    typed = _summary(StreamEnd("a", "/in/a.mp4: cut short", EndReason.TRUNCATED))
+    stats = _stats(typed, {})
+    assert stats["status"] == "partial" and stats["error"] == "/in/a.mp4: cut short"
+    assert typed.accounting.truncated == ["a"] and lookalike.accounting.truncated == []
+
+
+# --------------------------------------------------------------------------- 2. DNS re-checked at connect
+
+
+def _serve_ts(payload: bytes, connections: list, stop: threading.Event) -> int:
+    """An HTTP server on loopback that sends ``payload`` (MPEG-TS) and closes: each connection is one EOF."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.1)
+
+    def loop() -> None:
+        with server:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                connections.append(1)
+                with conn:
+                    conn.recv(4096)
+                    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: video/mp2t\r\n\r\n" + payload)
+                    conn.shutdown(socket.SHUT_WR)  # a clean EOF; the client closes its side
+                    conn.settimeout(2)
+                    with contextlib.suppress(OSError):
+                        conn.recv(1)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def _rebinding(monkeypatch, public_answers: int) -> list[str]:
+    """The guard's resolver answers a public address ``public_answers`` times, then loopback (a rebinding DNS)."""
+    asked: list[str] = []
+
+    def resolve(hostname: str):
+        asked.append(hostname)
+        return [PUBLIC if len(asked) <= public_answers else LOOPBACK]
+
+    monkeypatch.setattr(control_guard, "resolve", resolve)
+    return asked
+
+
+def _post_and_collect(url: str, timeout: float = 20) -> tuple[list, StreamHub]:
+    hub = StreamHub(mode="live", keep_open=True)
+    guard = ControlGuard(token=None)
+    body = json.dumps({"url": url, "id": "cam", "backoff_initial_s": 0.05, "max_retries": 5}).encode()
+    status, reply = handle(hub, "POST", "/streams", body, guard)
+    assert status == 201, reply
+    hub.close()
+    items, deadline = [], time.monotonic() + timeout
+    for item in hub.items():
+        items.append(item)
+        assert time.monotonic() < deadline, "the stream did not end"
+    return items, hub
+
+
+@pytest.fixture
+def ts_server(tmp_path):
+    clip = write_test_video(tmp_path / "clip.ts", frames=8)
+    connections, stop = [], threading.Event()
+    port = _serve_ts(clip.read_bytes(), connections, stop)
+    yield port, connections
+    stop.set()
+
+
+@pytest.mark.timeout(30)
+def test_a_name_rebound_to_loopback_after_the_post_is_refused_before_the_first_connection(ts_server, monkeypatch):
+    port, connections = ts_server
+    asked = _rebinding(monkeypatch, public_answers=1)  # the POST's check sees a public address
+    items, hub = _post_and_collect(f"http://localhost:{port}/cam.ts")
+    (end,) = items
+    assert isinstance(end, StreamEnd) and end.reason is EndReason.ERROR
+    assert end.error == (f"stream cam (http://localhost:{port}/cam.ts): refused before connecting: 'localhost' is an "
+                         "internal address; list it in control.allow_hosts to stream from it")
+    assert asked == ["localhost", "localhost"] and connections == []  # asked once more, then never connected
+    (entry,) = [e for e in hub.status()["streams"] + hub.status()["ended"] if e["id"] == "cam"]
+    assert entry["state"] == "failed" and entry["reconnects"] == 0
+
+
+@pytest.mark.timeout(30)
+def test_a_reconnection_asks_the_guard_again_and_ends_the_stream_once_refused(ts_server, monkeypatch):
+    port, connections = ts_server
+    asked = _rebinding(monkeypatch, public_answers=2)  # the POST and the first connection see a public address
+    items, _hub = _post_and_collect(f"http://localhost:{port}/cam.ts")
+    frames, (end,) = items[:-1], items[-1:]
+    assert frames and [f.index for f in frames] == list(range(len(frames)))  # the first connection's frames
+    assert "refused before connecting: 'localhost' is an internal address" in end.error
+    assert len(connections) == 1 and len(asked) == 3  # no retry loop after the refusal
+    accounting = Accounting()
+    accounting.on_stream_end(end)
+    assert accounting.source_errors == [end.error]  # counted like any stream error
+
+
+@pytest.mark.timeout(30)
+def test_streams_added_without_the_control_endpoint_are_not_rechecked(ts_server, monkeypatch):
+    asked = _rebinding(monkeypatch, public_answers=0)
+    hub = StreamHub(mode="live")
+    port, connections = ts_server
+    hub.add_url(f"http://localhost:{port}/cam.ts", "cam", reconnect_on_eof=False, max_retries=0)
+    hub.close()
+    items = list(hub.items())
+    assert asked == [] and len(items) > 1 and isinstance(items[-1], StreamEnd) and connections
+
+
+# --------------------------------------------------------------------------- 3. a memory budget for added streams
+
+
+def _budget_mb(spare_mb: int) -> int:
+    return int(control_guard.resident_bytes() / control_guard.MB) + spare_mb
+
+
+def test_resident_memory_is_read_and_plausible():
+    assert 10 * control_guard.MB < control_guard.resident_bytes() < 64 * 1024 * control_guard.MB
+
+
+def test_a_stream_whose_buffer_would_pass_the_budget_is_a_503_naming_budget_and_resident_memory():
+    hub = StreamHub(mode="live", keep_open=True, defaults={"resize": [640, 360]})
+    budget = _budget_mb(200)
+    guard = ControlGuard(token=None, allow_hosts=["198.18.0.0/15"], max_memory_mb=budget)
+    try:
+        body = {"url": "rtsp://198.18.0.1/a", "resize": [1920, 1080], "queue_size": 128}  # about 760 MB
+        status, reply = handle(hub, "POST", "/streams", json.dumps(body).encode(), guard)
+        assert status == 503 and "\n" not in reply["error"]
+        assert reply["error"].startswith(f"memory budget control.max_memory_mb ({budget} MB) would be exceeded: "
+                                         "resident ")
+        assert "+ 759 MB for this stream's buffer (queue_size 128 x 1920x1080x3 bytes)" in reply["error"]
+        assert hub.status()["streams"] == []  # nothing was started
+        # the hub's defaults count too: 32 frames of its 640x360 are about 21 MB, within the budget
+        guard.check_memory({"url": "rtsp://198.18.0.1/a"}, hub.defaults)
+        # no resize anywhere: a 1080p camera is assumed (32 x 1920x1080x3 is about 190 MB)
+        with pytest.raises(control_guard.Refused, match=r"queue_size 32 x 1920x1080x3 bytes"):
+            ControlGuard(token=None, max_memory_mb=_budget_mb(150)).check_memory({"url": "rtsp://x/a"}, {})
+    finally:
+        hub.close(stop_streams=True)
+
+
+def test_without_a_budget_nothing_is_refused_for_memory(monkeypatch):
+    monkeypatch.setattr(control_guard, "resident_bytes", lambda: 10**15)
+    ControlGuard(token=None).check_memory({"url": "rtsp://x/a", "resize": [4000, 4000], "queue_size": 4096}, {})
+
+
+def test_the_budget_is_configured_under_control_and_checked():
+    from blinkflow.config import load_config
+    from blinkflow.errors import ConfigError
+
+    cfg = load_config(data={"sources": [], "control": {"max_memory_mb": 2048}})
+    assert ControlGuard.from_config(cfg.control).max_memory_mb == 2048
+    assert load_config(data={"sources": []}).control.max_memory_mb is None
+    with pytest.raises(ConfigError, match="control.max_memory_mb"):
+        load_config(data={"sources": [], "control": {"max_memory_mb": 0}})
+
+
+# --------------------------------------------------------------------------- 4. file runs drain on SIGINT/SIGTERM
+
+
+def test_a_stop_ends_every_file_lane_after_the_frame_in_hand(tmp_path):
+    from blinkflow.frame import Frame
+
+    write_test_video(tmp_path / "a.mp4", frames=30)
+    write_test_video(tmp_path / "b.mp4", frames=30)
+    configs = [SourceConfig(type="file", path=str(tmp_path / "a.mp4")),
+               SourceConfig(type="file", path=str(tmp_path / "b.mp4")),
+               SourceConfig(type="synthetic", width=32, height=24, num_frames=1000)]
+    stop = threading.Event()
+    items = []
+    for item in open_sources(configs, stop=stop):
+        items.append(item)
+        if len(items) == 7:
+            stop.set()
+    frames = [i for i in items if isinstance(i, Frame)]
+    ends = [i for i in items if isinstance(i, StreamEnd)]
+    assert len(frames) == 7  # nothing read after the stop; each lane ended where it stood
+    assert sorted(e.stream_id for e in ends) == ["a", "b", "synthetic-0"]
+    assert all(e.reason is EndReason.STOPPED and e.error is None for e in ends)
+
+
+def test_a_stopped_local_run_finishes_what_it_read_and_commits_its_sinks(tmp_path):
+    from blinkflow.config import load_config
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import build_sinks
+
+    out = tmp_path / "out.jsonl"
+    cfg = load_config(data={"sources": [{"type": "synthetic", "width": 32, "height": 24, "num_frames": 5000}],
+                            "stages": {"chaos": {"batch": 4}}, "sinks": [{"type": "jsonl", "path": str(out)}]})
+    stop = threading.Event()
+    seen = []
+
+    def on_result(result) -> None:
+        seen.append(result.index)
+        if len(seen) == 10:
+            stop.set()
+
+    summary = LocalRunner(cfg, sinks=build_sinks(cfg.sinks), on_result=on_result, stop=stop).run()
+    indices = [json.loads(line)["index"] for line in out.read_text().splitlines()]
+    assert indices == seen == list(range(len(indices))) and 10 <= len(indices) < 20  # the waves in flight
+    assert summary.totals["decoded"] == summary.totals["processed"] == len(indices) and summary.ok
+
+
+def test_the_first_signal_asks_for_a_stop_and_the_second_aborts():
+    import os
+    import signal
+
+    from blinkflow.control import GracefulSignals, Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers belong to the main thread; this test sends SIGTERM to its own process")
+    stopped = threading.Event()
+    previous = signal.getsignal(signal.SIGTERM)
+    signals = GracefulSignals(stopped.set, "test").install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stopped.wait(5) and signals.received == signal.SIGTERM
+        with pytest.raises(Interrupted) as caught:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)  # the handler runs at the next bytecode; never reached
+        assert caught.value.signum == signal.SIGINT and isinstance(caught.value, KeyboardInterrupt)
+    finally:
+        signals.restore()
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def _start_long_run(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    out = tmp_path / "out.jsonl"
+    config = tmp_path / "long.yaml"
+    config.write_text(json.dumps({  # JSON is YAML
+        "sources": [{"type": "synthetic", "id": "cam", "width": 64, "height": 48, "num_frames": 1_000_000}],
+        "stages": {"chaos": {"batch": 1, "options": {"sleep_ms": 10}}},
+        "sinks": [{"type": "jsonl", "path": str(out)}],
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "blinkflow.cli", "run", str(config), "--no-progress",
+                             "--summary-json", str(tmp_path / "summary.json")],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    try:
+        while not any(p.stat().st_size for p in tmp_path.glob(".out*partial*")):  # records are being written
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no records within 60 s"
+            time.sleep(0.05)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    return proc, out
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_sigterm_drains_a_file_run_commits_its_jsonl_and_exits_143(tmp_path):
+    import signal
+
+    proc, out = _start_long_run(tmp_path)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]  # committed, every line valid JSON
+    assert records and [r["index"] for r in records] == list(range(len(records)))
+    assert all(r["outcome"] == "processed" for r in records)
+    assert (f"blinkflow: interrupted by SIGTERM: {len(records)} frames done and written, outputs committed; "
+            "the rest of the input was not read") in stderr.splitlines()
+    assert f"frames: {len(records)} decoded = {len(records)} processed" in stdout
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["interrupted"] == "SIGTERM" and summary["totals"]["decoded"] == len(records)
+    assert not list(tmp_path.glob(".out*"))  # no temporary file left behind
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_second_signal_aborts_at_once_without_committing(tmp_path):
+    import signal
+
+    proc, out = _start_long_run(tmp_path)
+    try:
+        # two kinds, as two of one kind may merge into one while pending; whichever runs second aborts
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
+        _stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode in (130, 143), stderr  # 128 + the second signal's number
+    assert "frames done" not in stderr
+    assert "blinkflow: interrupted" in stderr.splitlines()
+    assert not out.exists() and not list(tmp_path.glob(".out*"))  # an aborted archive output is discarded
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_stopped_ray_run_drains_the_frames_in_flight_and_accounts_for_each(tmp_path):
+    pytest.importorskip("ray")
+    from blinkflow.config import load_config
+    from blinkflow.runners.ray import RayRunner
+    from blinkflow.sinks import MemorySink
+
+    cfg = load_config(data={"sources": [{"type": "synthetic", "width": 32, "height": 24, "num_frames": 100_000}],
+                            "stages": {"chaos": {"batch": 2, "replicas": 2}}, "runtime": {"runner": "ray"}})
+    stop, sink = threading.Event(), MemorySink()
+    summary = RayRunner(cfg, sinks=[sink], on_result=lambda r: stop.set() if r.index == 20 else None, stop=stop).run()
+    indices = [r.index for r in sink.results]
+    assert indices == list(range(len(indices))) and 20 < len(indices) < 5000  # what was read, in order, no more
+    assert summary.totals["decoded"] == summary.totals["processed"] == len(indices) and summary.ok
