@@ -576,13 +576,17 @@ def test_a_real_pipeline_publishes_per_frame_records_and_never_stalls_on_a_dead_
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_the_events_of_the_scripted_tracking_clip_arrive_over_mqtt_exactly(broker):
+def test_the_events_of_the_scripted_tracking_clip_arrive_over_mqtt_exactly(broker, request):
     """End to end: the track and events stages on the scripted clip of tests/test_tracking_events.py (whose
     test checks those events against the script's truth); the broker must carry exactly those events."""
     from blinkflow.runners.local import LocalRunner
     from blinkflow.sinks import MemorySink, build_sinks
 
+    from tests import scripted_stage
+
     tracking = pytest.importorskip("tests.test_tracking_events", reason="needs the track and events stages")
+    scripted_stage.register()  # the clip's test-only detector, as tests/test_tracking_events.py registers it
+    request.addfinalizer(scripted_stage.unregister)
     cfg = tracking.config(sinks=[{"type": "mqtt", "host": "127.0.0.1", "port": broker.port, "topic_prefix": "clip"}])
     subscriber = Subscriber(broker.port, "clip/#")
     memory, (sink,) = MemorySink(), build_sinks(cfg.sinks)
