@@ -322,6 +322,18 @@ def test_events_sink_writes_one_event_per_line_atomically(tmp_path):
     aborted = build_sinks([SinkConfig(type="events", path=str(tmp_path / "gone.jsonl"))])[0]
     aborted.abort()
     assert not list(tmp_path.glob("*gone*"))
+    # live (a camera run): every event is in the file as soon as it is written, and an abort keeps them
+    live = build_sinks([SinkConfig(type="events", path=str(tmp_path / "live.jsonl"), live=True)])[0]
+    from blinkflow.sinks import MemorySink
+
+    memory = MemorySink()
+    LocalRunner(config(), sinks=[memory]).run()
+    first = next(r for r in memory.results if r.results.get("events"))
+    live.write(first)
+    written = (tmp_path / "live.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in written] == first.results["events"]
+    live.abort()
+    assert (tmp_path / "live.jsonl").read_text().splitlines() == written
 
 
 @pytest.mark.slow

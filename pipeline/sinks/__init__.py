@@ -156,11 +156,16 @@ class JsonlSink(Sink):
         self._synced = time.monotonic()
 
     def write(self, result: FrameResult) -> None:
-        self.handle.write(json.dumps(to_record(result, self.cfg.include_dense), separators=(",", ":")))
-        self.handle.write("\n")
-        self.count += 1
+        for line in self.lines(result):
+            self.handle.write(json.dumps(line, separators=(",", ":")))
+            self.handle.write("\n")
+            self.count += 1
         if self.live:
             self._keep_live()
+
+    def lines(self, result: FrameResult) -> list[dict[str, Any]]:
+        """The JSON objects a frame adds to the file: its record."""
+        return [to_record(result, self.cfg.include_dense)]
 
     def _keep_live(self) -> None:
         self.handle.flush()  # readers see every record at once
@@ -190,7 +195,7 @@ class JsonlSink(Sink):
         self.handle.close()
         if not self.live:
             self.file.commit()
-        log.info("wrote %d records to %s", self.count, self.path)
+        log.info("wrote %d lines to %s", self.count, self.path)
 
     def abort(self) -> None:
         if self.live:
