@@ -17,7 +17,7 @@ from blinkflow.registry import Registry
 @dataclass(frozen=True)
 class ModelEntry:
     name: str
-    task: str  # "detect", "segment", "flow" or "action"
+    task: str  # "detect", "segment", "flow", "action" or "reid"
     builder: Callable[..., Any]
     #: the torchvision weights enum, e.g. "SSDLite320_MobileNet_V3_Large_Weights"; None for own nets
     torchvision_weights: str | None = None
@@ -30,6 +30,7 @@ MODEL_MODULES = (
     "blinkflow.models.segmentation",
     "blinkflow.models.flow",
     "blinkflow.models.action",
+    "blinkflow.models.reid",
 )
 
 models: Registry[ModelEntry] = Registry("model", MODEL_MODULES)

@@ -30,9 +30,21 @@ over (copied, or moved along motion vectors): they are matched like fresh ones, 
 every skip, but the motion model takes them as ``carried_noise`` times noisier observations, so
 the stale positions do not stall its velocity between keyframes. A frame without detect results
 (failed, dropped, or the detect stage did not run) only predicts: its gap counts neither as a
-match nor as a miss. Re-identification hook: :meth:`Track.embed`
-returns appearance embeddings per box (by default the detect result's optional ``"embeddings"``);
-with ``appearance_weight`` > 0 the cost mixes in their cosine distance. No re-ID network is built here.
+match nor as a miss.
+
+Re-identification (``appearance_weight`` > 0): every box gets an appearance embedding, the detect
+result's own ``"embeddings"`` when it has them (:meth:`Track.embed`), else the re-ID net's
+(``reid_model`` with ``reid_weights``, models/reid.py, trained by ``blinkflow train reid``) on the
+box's crop. Each track keeps a gallery of its last ``gallery_size`` embeddings taken while its box
+overlapped no other box (an occluded crop shows the occluder). Then
+
+* steps 2 to 4 cost ``(1 - w) * (1 - IoU) + w * d`` with ``d`` the least cosine distance of the box
+  to the track's gallery, and a pair whose ``d`` exceeds ``appearance_gate`` is never matched (a
+  track does not slide onto another object that covers it);
+* after step 3, the confirmed and lost tracks still unmatched are matched to the high boxes left by
+  appearance alone, wherever they are (``d`` <= ``reid_distance``, same class): an object that
+  comes back after an occlusion or a long gap, away from where its motion model expected it, gets
+  its old ID instead of a new one.
 
 Result per frame (frames with detect results)::
 
@@ -66,6 +78,8 @@ TASK = "track"
 TENTATIVE, CONFIRMED, LOST, ENDED = "tentative", "confirmed", "lost", "ended"
 #: Kalman noise per unit of box height (ByteTrack's values)
 STD_POSITION, STD_VELOCITY = 1.0 / 20, 1.0 / 160
+#: a box overlapping another by at least this IoU is partly covered: its crop does not enter the track's gallery
+CLEAN_IOU = 0.1
 
 
 @dataclass
@@ -89,8 +103,17 @@ class TrackOptions:
         "standard deviations) for the motion model: copied or vector-moved boxes lag the object, and taken at face "
         "value they would stall the velocity between keyframes", lo=1.0, hi=1000.0)
     appearance_weight: float = _field(
-        0.0, "re-ID hook: weight of the cosine distance of appearance embeddings in the matching cost (0 = IoU "
-        "only); needs embeddings per box (detect's 'embeddings', or Track.embed overridden)", lo=0.0, hi=1.0)
+        0.0, "re-identification: weight of the cosine distance of appearance embeddings in the matching cost (0 = "
+        "IoU only, no embeddings computed); embeddings are detect's 'embeddings', else reid_model's", lo=0.0, hi=1.0)
+    reid_model: str = _field("embed_small", "re-ID embedding net (model registry, task reid) used when "
+                             "appearance_weight > 0 and the detector gives no embeddings")
+    reid_weights: str | None = _field("shipped", "its weights: 'shipped' (models/weights), a .pt path, or null (random)")
+    gallery_size: int = _field(8, "embeddings each track keeps (its newest unoccluded ones)", lo=1, hi=1000)
+    appearance_gate: float = _field(
+        0.5, "with appearance: a track and a box whose cosine distance is above this never match", lo=0.0, hi=2.0)
+    reid_distance: float = _field(
+        0.25, "with appearance: an unmatched track takes back a high-score box anywhere in the frame at up to this "
+        "cosine distance (re-identification after occlusions and gaps); 0 turns it off", lo=0.0, hi=2.0)
 
     def check(self, path: str) -> None:
         if self.low_threshold > self.high_threshold:
@@ -146,7 +169,17 @@ class Track:
     lost_frames: int = 0
     det: int | None = None  # the detection it matched on the current frame
     box: np.ndarray = field(default_factory=lambda: np.zeros(4))
-    embedding: np.ndarray | None = None
+    gallery: list[np.ndarray] = field(default_factory=list)  # unit-norm appearance embeddings, newest last
+
+    def remember(self, embedding: np.ndarray, size: int) -> None:
+        self.gallery.append(embedding / max(float(np.linalg.norm(embedding)), 1e-9))
+        del self.gallery[:-size]
+
+    def appearance_distance(self, embeddings: np.ndarray) -> np.ndarray:
+        """The least cosine distance of each row of (unit-norm) ``embeddings`` to the gallery; NaN without one."""
+        if not self.gallery:
+            return np.full(len(embeddings), np.nan)
+        return 1.0 - (embeddings @ np.stack(self.gallery).T).max(axis=1)
 
     @staticmethod
     def embed(frame: Frame, detect: dict[str, Any]) -> np.ndarray | None:
@@ -161,7 +194,15 @@ class _Detections:
     boxes: np.ndarray
     scores: np.ndarray
     classes: list[str]
-    embeddings: np.ndarray | None
+    embeddings: np.ndarray | None  # unit norm (normalised in __post_init__)
+    clean: np.ndarray = field(init=False)  # boxes overlapping no other box: their crops enter galleries
+
+    def __post_init__(self) -> None:
+        if self.embeddings is not None:
+            self.embeddings = self.embeddings / np.maximum(np.linalg.norm(self.embeddings, axis=1, keepdims=True), 1e-9)
+        iou = box_iou(self.boxes, self.boxes) if len(self.boxes) else np.zeros((0, 0))
+        np.fill_diagonal(iou, 0.0)
+        self.clean = (iou.max(axis=1) if len(self.boxes) > 1 else np.zeros(len(self.boxes))) < CLEAN_IOU
 
 
 class StreamTracker:
@@ -191,12 +232,37 @@ class StreamTracker:
         tentative = [t for t in self.tracks if t.state == TENTATIVE]
         high_left = self._match(active, high, dets, opts.match_iou)
         self._match([t for t in active if t.det is None and t.state == CONFIRMED], low, dets, opts.low_match_iou)
+        if self._appearance(dets) and opts.reid_distance > 0:
+            high_left = self._reidentify([t for t in active if t.det is None], high_left, dets)
         high_left = self._match(tentative, high_left, dets, opts.match_iou)
         ended = self._age_unmatched()
         for det in high_left:
             if dets.scores[det] >= opts.new_track_threshold:
                 self._start(index, det, dets)
         return ended
+
+    def _appearance(self, dets: _Detections) -> bool:
+        return self.options.appearance_weight > 0 and dets.embeddings is not None
+
+    def _reidentify(self, tracks: list[Track], candidates: np.ndarray, dets: _Detections) -> np.ndarray:
+        """Match unmatched tracks to ``candidates`` by appearance alone (after occlusions and gaps)."""
+        tracks = [t for t in tracks if t.gallery]
+        if not tracks or len(candidates) == 0:
+            return candidates
+        from scipy.optimize import linear_sum_assignment
+
+        distance = np.stack([t.appearance_distance(dets.embeddings[candidates]) for t in tracks])
+        allowed = distance <= self.options.reid_distance
+        if self.options.class_aware:
+            allowed &= np.array([[t.label == dets.classes[c] for c in candidates] for t in tracks])
+        rows, cols = linear_sum_assignment(np.where(allowed, distance, 1e6))
+        used = set()
+        for r, c in zip(rows, cols):
+            if allowed[r, c]:
+                log.debug("track %s re-identified at distance %.3f", tracks[r].id, distance[r, c])
+                self._update(tracks[r], int(candidates[c]), dets)
+                used.add(int(candidates[c]))
+        return np.array([c for c in candidates if c not in used], dtype=int)
 
     def _match(self, tracks: list[Track], candidates: np.ndarray, dets: _Detections, min_iou: float) -> np.ndarray:
         """Match ``tracks`` to the ``candidates`` detections and update them; return the candidates left."""
@@ -214,9 +280,13 @@ class StreamTracker:
         predicted = np.stack([t.kalman.box for t in tracks])
         iou = box_iou(predicted, dets.boxes[candidates])
         cost = 1.0 - iou
-        if self.options.appearance_weight > 0 and dets.embeddings is not None:
-            cost = self._with_appearance(cost, tracks, dets.embeddings[candidates])
         allowed = iou >= max(min_iou, 1e-6)
+        if self._appearance(dets):
+            distance = np.stack([t.appearance_distance(dets.embeddings[candidates]) for t in tracks])
+            known = ~np.isnan(distance)  # a track without a gallery yet is matched on IoU alone
+            weight = self.options.appearance_weight
+            cost = np.where(known, (1 - weight) * cost + weight * np.nan_to_num(distance), cost)
+            allowed &= ~known | (np.nan_to_num(distance) <= self.options.appearance_gate)
         if self.options.class_aware:
             allowed &= np.array([[t.label == dets.classes[c] for c in candidates] for t in tracks])
         cost = np.where(allowed, cost, 1e6)
@@ -224,16 +294,6 @@ class StreamTracker:
         pairs = [(tracks[r], int(candidates[c])) for r, c in zip(rows, cols) if allowed[r, c]]
         used = {det for _, det in pairs}
         return pairs, np.array([c for c in candidates if c not in used], dtype=int)
-
-    def _with_appearance(self, cost: np.ndarray, tracks: list[Track], embeddings: np.ndarray) -> np.ndarray:
-        weight = self.options.appearance_weight
-        out = cost.copy()
-        norms = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-9)
-        for row, track in enumerate(tracks):
-            if track.embedding is not None:
-                distance = 1.0 - norms @ (track.embedding / max(np.linalg.norm(track.embedding), 1e-9))
-                out[row] = (1 - weight) * cost[row] + weight * distance
-        return out
 
     def _update(self, track: Track, det: int, dets: _Detections) -> None:
         track.kalman.update(dets.boxes[det], self.noise)
@@ -243,9 +303,8 @@ class StreamTracker:
         track.label = dets.classes[det]
         track.hits += 1
         track.lost_frames = 0
-        if dets.embeddings is not None:  # an exponential moving average keeps the appearance stable
-            new = dets.embeddings[det]
-            track.embedding = new if track.embedding is None else 0.9 * track.embedding + 0.1 * new
+        if dets.embeddings is not None and dets.clean[det]:
+            track.remember(dets.embeddings[det], self.options.gallery_size)
         if track.state == LOST or (track.state == TENTATIVE and track.hits >= self.options.confirm_hits):
             self._confirm(track)
 
@@ -277,8 +336,8 @@ class StreamTracker:
     def _start(self, index: int, det: int, dets: _Detections) -> None:
         track = Track(KalmanBox(dets.boxes[det]), dets.classes[det], float(dets.scores[det]), index, det=det,
                       box=dets.boxes[det])
-        if dets.embeddings is not None:
-            track.embedding = dets.embeddings[det]
+        if dets.embeddings is not None and dets.clean[det]:
+            track.remember(dets.embeddings[det], self.options.gallery_size)
         if self.options.confirm_hits <= 1:
             self._confirm(track)
         self.tracks.append(track)
@@ -296,10 +355,23 @@ class TrackStage(Stage):
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
         self._trackers: dict[str, StreamTracker] = {}
+        self._embedder: Any = None  # the re-ID net, when appearance_weight > 0
+
+    def setup(self, device: str = "cpu") -> None:
+        super().setup(device)
+        if self.options.appearance_weight > 0:
+            self._embedder = ReidEmbedder(self.options.reid_model, self.options.reid_weights)
+
+    def teardown(self) -> None:
+        super().teardown()
+        self._embedder = None
 
     @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
-        source = cfg.stages[name].options.boxes_from
+        options = cfg.stages[name].options
+        source = options.boxes_from
+        if options.appearance_weight > 0:
+            _check_reid_model(options, f"stages.{name}.options")
         if source not in cfg.enabled_stages():
             raise ConfigError(f"stages.{name}.options.boxes_from: tracking needs the {source} stage's boxes; "
                               f"add stages.{source}")
@@ -315,7 +387,7 @@ class TrackStage(Stage):
             tracker = self._trackers[frame.stream_id] = StreamTracker(self.options)
         source = self.options.boxes_from
         detect = frame.results.get(source) if not frame.is_failed else None
-        dets = _detections(frame, detect) if isinstance(detect, dict) else None
+        dets = _detections(frame, detect, self._embedder) if isinstance(detect, dict) else None
         carried = not frame.runs(source)  # the gate's carry-over, not the detector, gave this frame its boxes
         ended = tracker.step(frame.index, dets, carried)
         if dets is None:
@@ -331,12 +403,56 @@ class TrackStage(Stage):
         }
 
 
-def _detections(frame: Frame, detect: dict[str, Any]) -> _Detections:
+def _detections(frame: Frame, detect: dict[str, Any], embedder: ReidEmbedder | None = None) -> _Detections:
     boxes = np.asarray(detect.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(detect.get("scores") or [1.0] * len(boxes), dtype=np.float64)
     classes = [str(c) for c in (detect.get("classes") or detect.get("labels") or [""] * len(boxes))]
     embeddings = Track.embed(frame, detect)
+    if embeddings is None and embedder is not None and frame.image is not None:
+        embeddings = embedder(frame.image, boxes)
     return _Detections(boxes, scores, classes, embeddings)
+
+
+class ReidEmbedder:
+    """The re-ID net on the crops of a frame's boxes (models/reid.py), in eval mode on the CPU.
+
+    The tracker runs in the driver, one frame at a time: a net of ~0.1M parameters on 32x32 crops
+    costs about a millisecond per box there, so it needs no worker or GPU of its own.
+    """
+
+    def __init__(self, model_name: str, weights: str | None) -> None:
+        import torch
+        from blinkflow.models.registry import build_model
+        from blinkflow.models.reid import INPUT_SIZE
+        from blinkflow.models.weights import load_state, resolve_weights
+
+        spec = resolve_weights(weights, stage="reid", model_name=model_name)
+        self.model = build_model(model_name, task="reid")  # the builder's defaults: what the shipped weights use
+        load_state(self.model, spec)
+        self.model.eval()
+        self.size = INPUT_SIZE
+        self._torch = torch
+
+    def __call__(self, image: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        from blinkflow.models.reid import crops_to_batch
+
+        if len(boxes) == 0:
+            return np.zeros((0, 1), dtype=np.float32)
+        with self._torch.inference_mode():
+            return self.model(crops_to_batch(image, boxes, self.size)).numpy()
+
+
+def _check_reid_model(options: TrackOptions, path: str) -> None:
+    from blinkflow.errors import RegistryError
+    from blinkflow.models.registry import get_model_entry
+    from blinkflow.models.weights import WeightsError, resolve_weights
+
+    try:
+        get_model_entry(options.reid_model, task="reid")
+        resolve_weights(options.reid_weights, stage="reid", model_name=options.reid_model)
+    except (RegistryError, WeightsError) as exc:
+        detail = str(exc).split(": ", 1)[-1] if isinstance(exc, WeightsError) else str(exc)
+        raise ConfigError(f"{path}.reid_model: {detail}; set appearance_weight: 0 to track without appearance") from None
 
 
 def _track_record(track: Track, index: int) -> dict[str, Any]:

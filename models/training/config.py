@@ -22,7 +22,7 @@ from blinkflow.schema import _field, apply_override, read_yaml, resolve_path, st
 from blinkflow.devices import DEVICE_PATTERN
 from blinkflow.errors import ConfigError
 
-TASKS = ("detect", "segment", "flow", "action")
+TASKS = ("detect", "segment", "flow", "action", "reid")
 #: held-out synthetic clips start here by default, far from any training seed
 VAL_FIRST_SEED = 1_000_000
 
@@ -109,10 +109,24 @@ class ConsistencyConfig:
 
 
 @dataclass
+class ReidConfig:
+    """Reid: the metric-learning loss and the P x K batches (P = batch_size identities, K crops each)."""
+
+    loss: Literal["triplet", "ntxent"] = _field(
+        "triplet", "triplet: batch-hard triplet loss (hardest positive and negative in the batch); ntxent: "
+        "SimCLR's normalised-temperature cross-entropy over the batch")
+    margin: float = _field(0.2, "triplet: the margin between positive and negative distances", lo=0.0, hi=4.0)
+    temperature: float = _field(0.1, "ntxent: the softmax temperature of the cosine similarities", lo=0.001, hi=10.0)
+    crops_per_identity: int = _field(4, "K: crops of each identity per batch (at least 2: a positive pair)", lo=2, hi=64)
+    min_box: int = _field(8, "crops only of visible boxes at least this many pixels wide and high", lo=1, hi=4096)
+
+
+@dataclass
 class TrainConfig:
     """One training run of one stage's model."""
 
-    task: Literal["detect", "segment", "flow", "action"] = _field("segment", "the stage the weights are for")
+    task: Literal["detect", "segment", "flow", "action", "reid"] = _field(
+        "segment", "the stage the weights are for (reid: the track stage's appearance embeddings)")
     model: str = _field("unet_small", "model registry name (`blinkflow list`)")
     model_args: dict[str, Any] = _field(factory=dict, doc="extra builder arguments; the stage must get the same via options.model_args")
     seed: int = _field(0, "seed for weights init, data order and dropout", lo=0, hi=2**31 - 1)
@@ -130,10 +144,14 @@ class TrainConfig:
     data: DataConfig = _field(factory=DataConfig, doc="training and held-out data")
     optim: OptimConfig = _field(factory=OptimConfig, doc="optimiser and schedule")
     consistency: ConsistencyConfig = _field(factory=ConsistencyConfig, doc="segment: frame-to-frame consistency term")
+    reid: ReidConfig = _field(factory=ReidConfig, doc="reid: loss and batch composition")
 
     def to_dict(self) -> dict:
         """Plain data (what the checkpoint and the weights manifest record)."""
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.task != "reid":  # only reid reads that section: the other tasks' records stay as they were
+            data.pop("reid")
+        return data
 
 
 def load_train_config(

@@ -10,6 +10,7 @@ Each :class:`Task` knows
   + ROI losses); segment: per-pixel cross-entropy, plus the frame-to-frame
   consistency term when ``consistency.weight > 0``; flow: FlowNet's multi-scale
   end-point error (RAFT: its sequence loss, EPE weighted 0.8^i); action: cross-entropy;
+  reid: batch-hard triplet or NT-Xent on crop embeddings (models/training/reid.py);
 * ``evaluate``: the metrics on a loader (the model is in eval mode), measured
   where the stage reports: segment and flow at the source resolution.
 """
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 
 from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
 from blinkflow.models.training import datasets as ds
-from blinkflow.models.training import metrics
+from blinkflow.models.training import metrics, reid
 from blinkflow.models.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -387,7 +388,65 @@ def _mirrored_labels(classes: list[str]) -> torch.Tensor:
     return torch.tensor([index.get(mirror(name), i) for i, name in enumerate(classes)])
 
 
-TASK_CLASSES: dict[str, type[Task]] = {"detect": DetectTask, "segment": SegmentTask, "flow": FlowTask, "action": ActionTask}
+class ReidTask(Task):
+    """Metric learning of the track stage's appearance embeddings; losses, identity crops and retrieval
+    metrics are in :mod:`models.training.reid`. A dataset item is one identity with all its crops."""
+
+    name, primary = "reid", "map"
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        from blinkflow.models.reid import INPUT_SIZE
+
+        self.cfg = cfg  # no stage preset to read: the crop size is the net's own
+        size = cfg.data.input_size or INPUT_SIZE
+        self.input_size = (int(size[0]), int(size[1]))
+        self._baseline: dict[str, float] | None = None
+
+    def build_model(self, classes: list[str] | None) -> torch.nn.Module:
+        from blinkflow.models.registry import build_model
+
+        return build_model(self.cfg.model, task=self.name, **self.cfg.model_args)
+
+    def synthetic_set(self, split: Any, native: bool) -> Any:
+        return reid.synthetic_identities(self.cfg, split, self.input_size)
+
+    def real_set(self, path: str, classes: list[str] | None) -> Any:
+        raise NotImplementedError("reid trains on synthetic identities only; set data.train_path to null")
+
+    def collate(self, items: list[dict], train: bool = False) -> Any:
+        """Training: K random crops of each of the P identities, augmented, labelled by batch position;
+        evaluation: every crop, labelled by identity."""
+        images, labels = [], []
+        for position, item in enumerate(items):
+            crops = item["crops"]
+            if train:
+                k = self.cfg.reid.crops_per_identity
+                pick = torch.randperm(len(crops))[:k] if len(crops) >= k else torch.randint(len(crops), (k,))
+                crops = crops[pick]
+            images.append(crops)
+            labels += [position if train else item["identity"]] * len(crops)
+        batch = torch.cat(images).float().div_(255.0)
+        return (reid.augment(batch) if train else batch), torch.tensor(labels)
+
+    def to_device(self, batch: Any, device: torch.device) -> Any:
+        images, labels = batch
+        return images.to(device), labels.to(device)
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        images, labels = batch
+        return reid.reid_loss(self.cfg, model(images), labels)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module, loader: Any, device: torch.device) -> dict[str, Any]:
+        scores = reid.retrieval(model, loader, device)
+        if self._baseline is None:  # an untrained net of the same init: what training bought
+            torch.manual_seed(self.cfg.seed)
+            self._baseline = reid.retrieval(self.build_model(None).to(device).eval(), loader, device)
+        return {**scores, "untrained_top1": self._baseline["top1"], "untrained_map": self._baseline["map"]}
+
+
+TASK_CLASSES: dict[str, type[Task]] = {"detect": DetectTask, "segment": SegmentTask, "flow": FlowTask, "action": ActionTask,
+                                       "reid": ReidTask}
 
 
 def make_task(cfg: TrainConfig) -> Task:
