@@ -47,12 +47,14 @@ def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
     before = _digest(BENCH_DOC)
     assert main(["bench", "decode", "--quick"]) == 0
     out = capsys.readouterr().out
-    rows = table_rows(out, ["clip", "frames", "ffmpeg CLI fps", "PyAV decode fps", "PyAV + RGB fps", "PyAV ÷ ffmpeg"])
+    rows = table_rows(out, ["clip", "frames", "ffmpeg CLI fps", "PyAV decode fps", "PyAV + RGB fps", "source fps",
+                            "source + motion vectors fps", "PyAV ÷ ffmpeg", "motion vectors ÷ plain"])
     assert rows, out
     for clip, frames, *rates in rows:
         assert int(frames) > 0
-        for cell in rates[1:3]:  # PyAV is always there; ffmpeg depends on the machine
+        for cell in rates[1:5]:  # PyAV and the source are always there; ffmpeg depends on the machine
             assert re.fullmatch(rf"{NUMBER} \({NUMBER}–{NUMBER}\)", cell), cell
+        assert float(rates[-1]) > 0  # motion vectors ÷ plain
     assert any(r[0].startswith("generated-") for r in rows)
     assert _digest(BENCH_DOC) == before
     assert not (bench_paths / "benchmarks.md").exists()  # --quick never writes
