@@ -315,17 +315,23 @@ def _start_long_run(tmp_path):
     return proc, out
 
 
+def _interrupt(proc, *signals) -> tuple[str, str]:
+    """Send ``signals`` to the run and wait for it (a minute at most); it is killed whatever happens."""
+    try:
+        for signum in signals:
+            proc.send_signal(signum)
+        return proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_sigterm_drains_a_file_run_commits_its_jsonl_and_exits_143(tmp_path):
     import signal
 
     proc, out = _start_long_run(tmp_path)
-    try:
-        proc.send_signal(signal.SIGTERM)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    stdout, stderr = _interrupt(proc, signal.SIGTERM)
     assert proc.returncode == 143, stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]  # committed, every line valid JSON
     assert records and [r["index"] for r in records] == list(range(len(records)))
@@ -344,13 +350,8 @@ def test_a_second_signal_aborts_at_once_without_committing(tmp_path):
     import signal
 
     proc, out = _start_long_run(tmp_path)
-    try:
-        # two kinds, as two of one kind may merge into one while pending; whichever runs second aborts
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGTERM)
-        _stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
+    # two kinds, as two of one kind may merge into one while pending; whichever runs second aborts
+    _stdout, stderr = _interrupt(proc, signal.SIGINT, signal.SIGTERM)
     assert proc.returncode in (130, 143), stderr  # 128 + the second signal's number
     assert "frames done" not in stderr
     assert "blinkflow: interrupted" in stderr.splitlines()
