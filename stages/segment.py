@@ -247,10 +247,9 @@ class Segment(Stage):
         FLOPs of both halves are counted, for the cost a warped frame reports."""
         import torch
 
-        from blinkflow.stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import autocast
 
-        size = tuple(self.options.input_size) if self.options.input_size is not None else None
-        batch = frames_to_batch(frames, self._device, size=size, channels_last=self.cfg.channels_last)
+        batch = self._input_batch(frames)
         with torch.inference_mode(), autocast(self._device, self.cfg.precision):
             features = self.model.features(batch)
             if tuple(features.shape[-2:]) not in self._head_share:
@@ -348,12 +347,18 @@ class Segment(Stage):
         """(N, C, h, w) logits at the model input size."""
         import torch
 
-        from blinkflow.stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import autocast
 
-        size = tuple(self.options.input_size) if self.options.input_size is not None else None
-        batch = frames_to_batch(frames, self._device, size=size, channels_last=self.cfg.channels_last)
+        batch = self._input_batch(frames)
         with torch.inference_mode(), autocast(self._device, self.cfg.precision):
             return self.model(batch)["out"]
+
+    def _input_batch(self, frames: list[Frame]) -> Any:
+        """The frames as one model-input batch: at ``input_size``, or their own size when it is null."""
+        from blinkflow.stages.common import frames_to_batch
+
+        size = tuple(self.options.input_size) if self.options.input_size is not None else None
+        return frames_to_batch(frames, self._device, size=size, channels_last=self.cfg.channels_last)
 
     def _class_map(self, logits: Any, frame: Frame) -> np.ndarray:
         """(C, h, w) logits to the frame's (H, W) class map, without specks below ``min_region``."""
