@@ -11,6 +11,7 @@ workers; workers never reread files or the environment.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -24,63 +25,79 @@ from blinkflow.schema import (  # noqa: F401 - re-exported: the helpers configs 
     resolve_path,
     setting,
     structure_dataclass,
+    structure_fields,
 )
 
 
 # --------------------------------------------------------------------------- sections
 
 
-@dataclass
+#: the settings every source type takes, at source level in YAML; a type's own settings sit beside them
+SOURCE_COMMON = ("type", "id", "path", "url", "fps", "resize", "max_frames")
+
+
+@dataclass(init=False)
 class SourceConfig:
-    """One input: a file, a directory or glob of files, a live stream, or a synthetic scene."""
+    """One input. The settings all types share are fields here; a type's own settings (decoder threads,
+    reconnection, the synthetic scene, ...) are its ``Options``, registered with the source type, in
+    ``options``. In YAML both are written flat, side by side: ``{type: synthetic, fps: 10, seed: 3}``."""
 
     type: str = _field(
         "file", "a registered source type: file, dir, glob, stream, synthetic, or frames (the Python API's own "
         "numpy frames, blinkflow.frames)")
+    id: str | None = _field(None, "stream id used in outputs and metrics; defaults to the file name or url host")
     path: str | None = _field(None, "file, directory or glob pattern (file, dir, glob)")
     url: str | None = _field(None, "stream URL: rtsp://, http(s)://, udp://, srt:// or /dev/videoN (stream)")
-    id: str | None = _field(None, "stream id used in outputs and metrics; defaults to the file name or url host")
     fps: float | None = _field(None, "resample to this many frames per second; null keeps the source rate", lo=0.1, hi=1000)
     resize: list[int] | None = _field(None, "resize frames to [width, height]; null keeps the source size")
     max_frames: int | None = _field(None, "stop after this many frames per stream", lo=1, hi=10**9)
-    frames: Any = _field(None, "frames: an iterable of HxWx3 uint8 RGB arrays (Python API only, not from YAML)")
-    decode_threads: int = _field(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
-    queue_size: int = _field(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
-    motion_vectors: bool = _field(
-        False, "file/dir/glob: export the decoder's motion vectors (FFmpeg flags2=+export_mvs) for the gate's "
-        "motion-compensated reuse (gate.motion: mvs or auto)"
-    )
-    # synthetic scene options
-    seed: int = _field(0, "synthetic: random seed; the same seed gives the same frames", lo=0, hi=2**31 - 1)
-    width: int = _field(320, "synthetic: frame width", lo=16, hi=7680)
-    height: int = _field(240, "synthetic: frame height", lo=16, hi=4320)
-    num_frames: int = _field(48, "synthetic: number of frames", lo=1, hi=10**7)
-    num_objects: int = _field(3, "synthetic: moving objects per scene", lo=0, hi=64)
-    frame_rate: float = _field(25.0, "synthetic: frames per second of the generated clip", lo=0.1, hi=1000)
-    action: str | None = _field(None, "synthetic: the front object's action (static, slide-left, slide-right, rotate, "
-                                "grow, shrink, bounce); null: drawn from the seed")
-    static_camera: bool = _field(False, "synthetic: a fixed camera (the background does not pan)")
-    # live stream options (docs/streams.md)
-    stall_timeout_s: float = _field(10.0, "stream: a connection that delivers no data for this long is dropped and retried", lo=0.1, hi=3600)
-    open_timeout_s: float = _field(10.0, "stream: give up one connection attempt after this many seconds", lo=0.1, hi=3600)
-    max_retries: int = _field(
-        -1, "stream: failed reconnection attempts in a row before the stream is given up; -1 retries forever", lo=-1, hi=10**9
-    )
-    backoff_initial_s: float = _field(0.5, "stream: wait before the first reconnection attempt", lo=0.0, hi=3600)
-    backoff_max_s: float = _field(30.0, "stream: longest wait between reconnection attempts", lo=0.0, hi=3600)
-    backoff_factor: float = _field(2.0, "stream: each failed attempt multiplies the wait by this", lo=1.0, hi=100)
-    backoff_jitter: float = _field(0.2, "stream: random spread of each wait, as a fraction (0.2 = +-20%)", lo=0.0, hi=1.0)
-    reconnect_on_eof: bool = _field(
-        True, "stream: treat the end of the stream as a drop and reconnect; false ends the stream (finite HTTP or file streams)"
-    )
-    overflow: Literal["auto", "drop_oldest", "block"] = _field(
-        "auto", "stream: when queue_size frames wait, drop the oldest (counted as dropped) or block the decoder; "
-        "auto: drop_oldest in live mode, block in archive mode"
-    )
-    rtsp_transport: Literal["tcp", "udp"] = _field("tcp", "stream: RTSP transport; tcp survives packet loss, udp has less delay")
-    ffmpeg_options: dict[str, Any] = _field(
-        factory=dict, doc="stream: extra FFmpeg input options, e.g. {input_format: mjpeg, video_size: 640x480} for v4l2"
-    )
+    options: Any = _field(None, "the type's own settings (its registered Options), written flat beside these")
+
+    def __init__(self, type: str = "file", id: str | None = None, path: str | None = None, url: str | None = None,
+                 fps: float | None = None, resize: list[int] | None = None, max_frames: int | None = None,
+                 options: Any = None, **settings: Any) -> None:
+        """``settings`` are the type's own (``SourceConfig(type="synthetic", seed=3)``), checked against it."""
+        if options is not None and settings:
+            raise TypeError(f"pass the {type} source's settings either as options or as keywords, not both")
+        self.type, self.id, self.path, self.url = type, id, path, url
+        self.fps, self.resize, self.max_frames = fps, resize, max_frames
+        self.options = options if options is not None else source_options(type, settings, "source")
+
+    @classmethod
+    def from_mapping(cls, data: dict, path: str) -> "SourceConfig":
+        """Structure one YAML source entry: the common settings here, the rest against the type's Options."""
+        settings = {str(k): v for k, v in data.items()}
+        if "options" in settings:
+            raise ConfigError(f"{_join(path, 'options')}: write a source's settings flat beside its type, not "
+                              "under options")
+        common = structure_fields(cls, {k: settings.pop(k) for k in SOURCE_COMMON if k in settings}, path)
+        kind = common.get("type", "file")
+        return cls(**common, options=source_options(kind, settings, path))
+
+
+def source_options(kind: str, settings: dict, path: str) -> Any:
+    """The ``Options`` of source type ``kind`` from its own ``settings``; a setting it does not take is a
+    one-line error naming the YAML path, what the type takes, and which types take it."""
+    from blinkflow.registry import sources as source_registry
+
+    if kind not in source_registry:
+        raise ConfigError(f"{_join(path, 'type')}: {kind!r} is not one of "
+                          f"{' | '.join(repr(n) for n in source_registry.names())}")
+    options_cls = source_registry.get(kind).Options
+    known = [f.name for f in dataclasses.fields(options_cls)]
+    for key in map(str, settings):
+        if key not in known:
+            takers = [n for n in source_registry.names() if key in _option_names(n)]
+            where = f" (a setting of {', '.join(repr(t) for t in takers)} sources)" if takers else ""
+            raise ConfigError(f"{_join(path, key)}: not an option of a {kind!r} source{where}; it has: "
+                              f"{', '.join(list(SOURCE_COMMON) + known)}")
+    return structure_dataclass(options_cls, settings, path)
+
+
+def _option_names(kind: str) -> list[str]:
+    from blinkflow.registry import sources as source_registry
+
+    return [f.name for f in dataclasses.fields(source_registry.get(kind).Options)]
 
 
 @dataclass
@@ -210,6 +227,10 @@ class StageConfig:
     device: str = _field("cpu", "'cpu', 'cuda:N' or 'auto' (the GPU when the process has one, else the CPU)")
     precision: Literal["fp32", "fp16", "bf16"] = _field("fp32", "inference precision (fp16/bf16 on GPU only)")
     channels_last: bool = _field(False, "use channels_last memory format (GPU)")
+    warmup: bool | None = _field(
+        None, "run one forward on a dummy input at setup, so the first batch does not pay for the GPU's kernel "
+        "selection and allocations; null: on GPU only"
+    )
     depth_parallel: int = _field(1, "split the model into this many depth stages", lo=1, hi=64)
     resources: ResourcesConfig = _field(factory=ResourcesConfig, doc="Ray resources per replica")
     options: Any = _field(None, "stage-specific options")
@@ -473,12 +494,18 @@ def _check_by_source_type(cfg: Config) -> None:
 
 
 def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
-    if (source.type == "frames") != (source.frames is not None and not isinstance(source.frames, (str, bytes, dict))):
-        raise ConfigError(f"{path}.frames: a frames source takes an iterable of numpy frames from the Python API "
-                          f"(blinkflow.frames(...)), and only a frames source takes one")
-    needs = {"file": "path", "dir": "path", "glob": "path", "stream": "url"}.get(source.type)
-    if needs and not getattr(source, needs):
-        raise ConfigError(f"{path}.{needs}: a {source.type} source needs '{needs}'")
+    from blinkflow.registry import sources as source_registry
+
+    locator = getattr(source_registry.get(source.type), "locator", None)  # what the type opens: path, url or none
+    if locator and not getattr(source, locator):
+        raise ConfigError(f"{path}.{locator}: a {source.type} source needs '{locator}'")
+    for other in ("path", "url"):
+        if other != locator and getattr(source, other) is not None:
+            raise ConfigError(f"{path}.{other}: not an option of a {source.type!r} source; "
+                              + (f"it opens its {locator}" if locator else "it opens no file or URL"))
+    check_options = getattr(source.options, "check", None)
+    if check_options is not None:  # the type's own checks on its settings
+        check_options(path)
     if source.type in ("file", "dir"):
         resolved = resolve_path(source.path, base_dir)
         if source.type == "file" and not resolved.is_file():
@@ -486,11 +513,6 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
         if source.type == "dir" and not resolved.is_dir():
             raise ConfigError(f"{path}.path: directory {source.path!r} does not exist")
         source.path = str(resolved)
-    if source.action is not None:
-        from blinkflow.models.classes import SYNTHETIC_ACTIONS
-
-        if source.action not in SYNTHETIC_ACTIONS:
-            raise ConfigError(f"{path}.action: unknown action {source.action!r}; valid: {', '.join(SYNTHETIC_ACTIONS)}")
     if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2 or max(source.resize) > 16384):
         raise ConfigError(f"{path}.resize: expected [width, height] between 2 and 16384, got {source.resize}")
 

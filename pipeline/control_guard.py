@@ -193,7 +193,7 @@ def resident_bytes() -> int:
 def _default_queue_size() -> int:
     from blinkflow.config import SourceConfig
 
-    return SourceConfig(type="stream").queue_size
+    return SourceConfig(type="stream").options.queue_size
 
 
 def content_length(headers: Any) -> int:

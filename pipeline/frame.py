@@ -24,12 +24,32 @@ class Outcome(str, enum.Enum):
 
 
 @dataclass
+class GateMark:
+    """The gate's decision on one frame, as the model stages and the driver's carry-over read it
+    (stages/gate.py decides, pipeline/skip.py carries over). Plain values: a frame pickles for Ray."""
+
+    #: a reused frame: the keyframe whose results it carries (no stage runs on it)
+    reuse_of: int | None = None
+    #: a refresh: only these stages run; the driver carries the others over
+    refresh: list[str] | None = None
+    #: the keyframe whose would-be carry-over the driver scores against this frame's fresh results (an audit)
+    audit_of: int | None = None
+    #: backward motion since the keyframe, (gh, gw, 2) float16 in source pixels (pipeline/skip.py)
+    motion: Any = None
+    #: region recompute: {"grid": [rows, cols], "changed": tile indices or None (whole frame), "base": the frame
+    #: the stages' caches hold, "bases": per stage, for stages refreshed since}
+    tiles: dict[str, Any] | None = None
+    #: (frame index, agreement) of audits at least ``gate.audit_lag`` frames older, from the driver to the gate
+    feedback: list[tuple[int, float]] | None = None
+
+
+@dataclass
 class Frame:
     """One decoded video frame travelling through the graph.
 
     ``image`` is RGB uint8, shape (H, W, 3). Stages add their outputs to
-    ``results[stage_name]``; ``meta`` carries bookkeeping such as the gate's
-    decision (``meta["reuse_of"]``, the keyframe index a reused frame copies).
+    ``results[stage_name]``; ``gate`` is the gate's typed mark (None before the gate or without one);
+    ``meta`` carries the source's bookkeeping (decoder motion vectors, reconnects).
     """
 
     stream_id: str
@@ -37,6 +57,7 @@ class Frame:
     pts: float
     image: Any
     meta: dict[str, Any] = field(default_factory=dict)
+    gate: GateMark | None = None
     results: dict[str, Any] = field(default_factory=dict)
     outcome: Outcome | None = None
     error: str | None = None
@@ -55,19 +76,24 @@ class Frame:
         return (self.stream_id, self.index)
 
     @property
+    def mark(self) -> GateMark:
+        """The gate's mark, or an empty one (no gate)."""
+        return self.gate if self.gate is not None else GateMark()
+
+    @property
     def is_reused(self) -> bool:
-        return self.meta.get("reuse_of") is not None
+        return self.mark.reuse_of is not None
 
     @property
     def is_refresh(self) -> bool:
-        """A gate refresh: only the stages in ``meta["refresh"]`` run; the driver carries the others over."""
-        return self.meta.get("refresh") is not None
+        """A gate refresh: only the stages in ``gate.refresh`` run; the driver carries the others over."""
+        return self.mark.refresh is not None
 
     def runs(self, stage: str) -> bool:
         """Whether ``stage`` computes on this frame: not failed, not reused, and listed if it is a refresh."""
         if self.is_failed or self.is_reused:
             return False
-        return not self.is_refresh or stage in self.meta["refresh"]
+        return not self.is_refresh or stage in self.mark.refresh
 
     @property
     def is_failed(self) -> bool:
@@ -93,7 +119,7 @@ class Frame:
             outcome=self.outcome,
             results=self.results,
             error=self.error,
-            reuse_of=self.meta.get("reuse_of"),
+            reuse_of=self.mark.reuse_of,
             latency_s=max(0.0, time.time() - self.decoded_at),
             image=self.image,
             ts=self.decoded_at,

@@ -111,17 +111,27 @@ def _structure_scalar(tp: type, value: Any, path: str) -> Any:
 
 
 def structure_dataclass(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass ``cls`` from a mapping: unknown keys, types and ranges are checked."""
+    """Build dataclass ``cls`` from a mapping: unknown keys, types and ranges are checked. A class
+    with a ``from_mapping(data, path)`` classmethod structures itself (a source splits its settings
+    between the common ones and its type's own)."""
     label = path or "config"
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: expected a mapping, got {data!r}")
+    if hasattr(cls, "from_mapping"):
+        return cls.from_mapping(data, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(map(str, data)) - set(fields))
     if unknown:
         valid = ", ".join(fields)
         raise ConfigError(f"{_join(path, unknown[0])}: unknown key; valid keys here: {valid}")
+    return cls(**structure_fields(cls, data, path))
+
+
+def structure_fields(cls: type, data: dict, path: str) -> dict[str, Any]:
+    """The values of ``data`` (keys that are fields of dataclass ``cls``) typed and range-checked."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -129,7 +139,7 @@ def structure_dataclass(cls: type, data: Any, path: str) -> Any:
         kwargs[name] = _structure(hints[name], value, sub)
         _check_range(fields[name], kwargs[name], sub)
         _check_path(fields[name], kwargs[name], sub)
-    return cls(**kwargs)
+    return kwargs
 
 
 def _join(path: str, key: Any) -> str:

@@ -34,8 +34,6 @@ log = logging.getLogger(__name__)
 
 #: side of a motion-field cell in source pixels (H.264 partitions go down to 8x8 for P/B blocks we use)
 MOTION_CELL = 8
-#: stages whose results the carry-over moves with motion and the audit compares
-BOX_STAGE, MASK_STAGE = "detect", "segment"
 #: the results key of an audit's scores (``{"agreement", "boxes_f1", "mask_iou", "audit_of"}``); never carried over
 AUDIT_KEY = "audit"
 
@@ -536,52 +534,49 @@ def class_map_of(segment_result: dict[str, Any]) -> np.ndarray:
 
 
 def agreement(carried: dict[str, Any], fresh: dict[str, Any], stages: list[str] | None = None) -> dict[str, float] | None:
-    """Box F1 at IoU 0.5 and mask mIoU of carried-over against fresh results; ``score`` is the worst.
+    """Each audited stage's scores of carried-over against fresh results (``Stage.agreement``: box F1 at
+    IoU 0.5 for detect, mask mIoU for segment); ``score`` is the worst.
 
     ``stages`` limits the comparison to those stages (a refresh ran only them: the others' results
     on the frame are themselves carried over, so comparing them would only find agreement)."""
     out: dict[str, float] = {}
-    wanted = set(stages) if stages is not None else {BOX_STAGE, MASK_STAGE}
-    if BOX_STAGE in wanted and BOX_STAGE in carried and BOX_STAGE in fresh:
-        out["boxes_f1"] = round(box_f1(carried[BOX_STAGE], fresh[BOX_STAGE]), 6)
-    if MASK_STAGE in wanted and MASK_STAGE in carried and MASK_STAGE in fresh:
-        out["mask_iou"] = round(mask_miou(class_map_of(carried[MASK_STAGE]), class_map_of(fresh[MASK_STAGE])), 6)
+    for name, stage_cls in _stage_classes(fresh if stages is None else stages):
+        if name in carried and name in fresh:
+            out.update(stage_cls.agreement(carried[name], fresh[name]) or {})
     if not out:
         return None
     out["score"] = min(out.values())
     return out
 
 
+def _stage_classes(names: Any) -> list[tuple[str, type]]:
+    """(name, registered stage class) of the names that are stages (results also hold e.g. the audit)."""
+    from blinkflow.registry import stages as stage_registry
+
+    return [(name, stage_registry.get(name)) for name in names if name in stage_registry]
+
+
 # --------------------------------------------------------------------------- carry-over (driver)
 
 
 def compensate(results: dict[str, Any], motion: np.ndarray | None, height: int, width: int) -> dict[str, Any]:
-    """The keyframe's results moved along ``motion``: boxes shifted, the class map warped.
-
-    Other stages' results are shared unchanged (the same objects), as a plain carry-over does.
-    """
+    """The keyframe's results moved along ``motion``, each stage's as it declares (``Stage.follow_motion``:
+    detect shifts its boxes, segment warps its class map). The others are shared unchanged (the same
+    objects), as a plain carry-over does."""
     if is_still(motion):
         return dict(results)
     moved = dict(results)
-    if isinstance(results.get(BOX_STAGE), dict) and results[BOX_STAGE].get("boxes"):
-        moved[BOX_STAGE] = dict(results[BOX_STAGE], boxes=shift_boxes(results[BOX_STAGE]["boxes"], motion, height, width))
-    if isinstance(results.get(MASK_STAGE), dict) and "mask" in results[MASK_STAGE]:
-        moved[MASK_STAGE] = _warped_segment(results[MASK_STAGE], motion)
+    for name, stage_cls in _stage_classes(results):
+        moved[name] = stage_cls.follow_motion(results[name], motion, height, width)
     return moved
 
 
-def _warped_segment(result: dict[str, Any], motion: np.ndarray) -> dict[str, Any]:
-    from blinkflow.stages.common import encode_class_map
-
-    class_map = warp_backward(class_map_of(result), motion)
-    counts = np.bincount(class_map.ravel(), minlength=len(result.get("classes", [])))
-    classes = result.get("classes") or [str(i) for i in range(len(counts))]
-    areas: dict[str, int] = {}
-    for index in np.flatnonzero(counts):
-        name = classes[index] if index < len(classes) else str(index)
-        areas[name] = areas.get(name, 0) + int(counts[index])
-    mask = dict(result["mask"], data=encode_class_map(class_map))
-    return dict(result, mask=mask, areas=areas)
+def _recomputed_area(results: dict[str, Any]) -> float:
+    """The fraction of a forward a partial frame's tile recompute cost, as the stage reports it
+    (``"tiles": {"area"}``: segment); 0 when no stage recomputed tiles."""
+    areas = [r["tiles"]["area"] for r in results.values()
+             if isinstance(r, dict) and isinstance(r.get("tiles"), dict) and "area" in r["tiles"]]
+    return float(areas[0]) if areas else 0.0
 
 
 @dataclass
@@ -621,7 +616,7 @@ class CarryOver:
     """Driver-side half of the gate: fill reused frames, score audits, relay agreement.
 
     ``motion`` is the gate's ``motion`` setting: ``"mvs"`` uses the field the
-    gate accumulated from the decoder's vectors (``meta["motion"]``), ``"flow"``
+    gate accumulated from the decoder's vectors (``frame.gate.motion``), ``"flow"``
     extrapolates the keyframe's flow result, ``"auto"`` tries both in that order.
     ``lag`` is ``gate.audit_lag``; ``adaptive`` says whether the gate uses the
     feedback (only then does the Ray runner wait for it, see :meth:`ready_for`).
@@ -663,13 +658,12 @@ class CarryOver:
             stats.refreshed += 1
         elif decision == "partial":
             stats.partial += 1
-            recomputed = (frame.results.get(MASK_STAGE) or {}).get("tiles", {}).get("area")
-            stats.recomputed_area += float(recomputed) if recomputed is not None else 0.0
-        audit_of = frame.meta.get("audit_of")
+            stats.recomputed_area += _recomputed_area(frame.results)
+        audit_of = frame.mark.audit_of
         if audit_of is None or frame.is_failed or not keyframe_results:
             return
         predicted = compensate(keyframe_results, self._motion_for(frame, keyframe_results), frame.height, frame.width)
-        scores = agreement(predicted, frame.results, frame.meta.get("refresh"))
+        scores = agreement(predicted, frame.results, frame.mark.refresh)
         if scores is None:
             return
         frame.results[AUDIT_KEY] = {"agreement": scores.pop("score"), **scores, "audit_of": int(audit_of)}
@@ -680,10 +674,11 @@ class CarryOver:
         self._feedback[frame.stream_id].append((frame.index, scores["score"]))
 
     def _motion_for(self, frame: Any, keyframe_results: dict[str, Any]) -> np.ndarray | None:
-        if self.motion in ("mvs", "auto") and frame.meta.get("motion") is not None:
-            return np.asarray(frame.meta["motion"], dtype=np.float32)
+        mark = frame.mark
+        if self.motion in ("mvs", "auto") and mark.motion is not None:
+            return np.asarray(mark.motion, dtype=np.float32)
         if self.motion in ("flow", "auto"):
-            key = frame.meta.get("reuse_of", frame.meta.get("audit_of"))
+            key = mark.reuse_of if mark.reuse_of is not None else mark.audit_of
             if key is not None:
                 return motion_from_flow(keyframe_results.get("flow"), int(key), frame.index)
         return None
@@ -709,7 +704,11 @@ class CarryOver:
                 continue
             due = [item for item in queue if item[0] <= frame.index - self.lag]
             if due:
-                frame.meta["audit_feedback"] = due
+                if frame.gate is None:
+                    from blinkflow.frame import GateMark
+
+                    frame.gate = GateMark()
+                frame.gate.feedback = due
                 self._feedback[frame.stream_id] = [item for item in queue if item[0] > frame.index - self.lag]
 
     def end_stream(self, stream_id: str) -> None:

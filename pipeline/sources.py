@@ -16,13 +16,14 @@ import glob as globlib
 import logging
 import queue
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from blinkflow.config import SourceConfig
-from blinkflow.errors import SourceError, TruncatedVideoError
+from blinkflow.config import SourceConfig, setting
+from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
 from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.registry import register_source, sources as source_registry
 
@@ -136,9 +137,25 @@ def _stopping_hub_on_exit(items: Iterator[Frame | StreamEnd], hub: Any) -> Itera
 # --------------------------------------------------------------------------- files
 
 
+@dataclass
+class FileOptions:
+    """The own settings of file, dir and glob sources (written flat beside ``type`` and ``path``)."""
+
+    decode_threads: int = setting(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
+    queue_size: int = setting(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
+    motion_vectors: bool = setting(
+        False, "export the decoder's motion vectors (FFmpeg flags2=+export_mvs) for the gate's motion-compensated "
+        "reuse (gate.motion: mvs or auto)"
+    )
+
+
 @register_source("file")
 class FileSource:
     """A single video file."""
+
+    Options = FileOptions
+    #: the common setting that says what to open
+    locator = "path"
 
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
@@ -151,6 +168,9 @@ class FileSource:
 @register_source("dir")
 class DirectorySource:
     """Every video file under a directory (recursively), in sorted order."""
+
+    Options = FileOptions
+    locator = "path"
 
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
@@ -209,7 +229,7 @@ class _ThreadedDecoder:
 
     def __init__(self, path: Path, stream_id: str, cfg: SourceConfig) -> None:
         self.path, self.stream_id, self.cfg = path, stream_id, cfg
-        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_size)
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.options.queue_size)
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"decode:{stream_id}", daemon=True)
 
@@ -264,9 +284,9 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
             raise SourceError(f"{path}: the file has no video stream; pass a video file")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        if cfg.decode_threads:
-            stream.codec_context.thread_count = cfg.decode_threads
-        if getattr(cfg, "motion_vectors", False):
+        if cfg.options.decode_threads:
+            stream.codec_context.thread_count = cfg.options.decode_threads
+        if cfg.options.motion_vectors:
             stream.codec_context.options = {"flags2": "+export_mvs"}
             # with frame threads FFmpeg's H.264 decoder now and then exports a B-frame's vectors incomplete
             # (one vector instead of 92 on the same file, about one decode in three): slices only
@@ -339,7 +359,7 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
 
 
 def _decoder_motion(cfg: SourceConfig) -> Any:
-    if not getattr(cfg, "motion_vectors", False):
+    if not cfg.options.motion_vectors:
         return None
     from blinkflow.skip import DecoderMotion
 
@@ -349,31 +369,56 @@ def _decoder_motion(cfg: SourceConfig) -> Any:
 # --------------------------------------------------------------------------- synthetic
 
 
+@dataclass
+class SyntheticOptions:
+    """The own settings of a synthetic source."""
+
+    seed: int = setting(0, "random seed; the same seed gives the same frames", lo=0, hi=2**31 - 1)
+    width: int = setting(320, "frame width", lo=16, hi=7680)
+    height: int = setting(240, "frame height", lo=16, hi=4320)
+    num_frames: int = setting(48, "number of frames", lo=1, hi=10**7)
+    num_objects: int = setting(3, "moving objects per scene", lo=0, hi=64)
+    frame_rate: float = setting(25.0, "frames per second of the generated clip", lo=0.1, hi=1000)
+    action: str | None = setting(None, "the front object's action (static, slide-left, slide-right, rotate, grow, "
+                                 "shrink, bounce); null: drawn from the seed")
+    static_camera: bool = setting(False, "a fixed camera (the background does not pan)")
+
+    def check(self, path: str) -> None:
+        from blinkflow.models.classes import SYNTHETIC_ACTIONS
+
+        if self.action is not None and self.action not in SYNTHETIC_ACTIONS:
+            raise ConfigError(f"{path}.action: unknown action {self.action!r}; valid: {', '.join(SYNTHETIC_ACTIONS)}")
+
+
 @register_source("synthetic")
 class SyntheticSource:
     """A procedural scene of moving textured shapes, deterministic by seed."""
+
+    Options = SyntheticOptions
 
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
 
     def streams(self) -> Iterator[Stream]:
-        stream_id = self.cfg.id or f"synthetic-{self.cfg.seed}"
-        yield Stream(stream_id, lambda: self._frames(stream_id), f"synthetic seed {self.cfg.seed}")
+        seed = self.cfg.options.seed
+        stream_id = self.cfg.id or f"synthetic-{seed}"
+        yield Stream(stream_id, lambda: self._frames(stream_id), f"synthetic seed {seed}")
 
     def _frames(self, stream_id: str) -> Iterator[Frame]:
         from blinkflow.models.training.scenes import SceneGenerator
 
-        cfg = self.cfg
-        generator = SceneGenerator(seed=cfg.seed, width=cfg.width, height=cfg.height, num_objects=cfg.num_objects,
-                                   action=cfg.action, background_motion=not cfg.static_camera)
-        step = 1 if cfg.fps is None else max(1, round(cfg.frame_rate / cfg.fps))
-        for index, t in enumerate(range(0, cfg.num_frames, step)):
+        cfg, scene = self.cfg, self.cfg.options
+        generator = SceneGenerator(seed=scene.seed, width=scene.width, height=scene.height,
+                                   num_objects=scene.num_objects, action=scene.action,
+                                   background_motion=not scene.static_camera)
+        step = 1 if cfg.fps is None else max(1, round(scene.frame_rate / cfg.fps))
+        for index, t in enumerate(range(0, scene.num_frames, step)):
             if cfg.max_frames is not None and index >= cfg.max_frames:
                 return
             image = generator.render_image(t)
             if cfg.resize:
                 image = _resize_array(image, cfg.resize)
-            yield Frame(stream_id=stream_id, index=index, pts=t / cfg.frame_rate, image=image)
+            yield Frame(stream_id=stream_id, index=index, pts=t / scene.frame_rate, image=image)
 
 
 def _resize_array(image: np.ndarray, size: list[int]) -> np.ndarray:
@@ -385,9 +430,23 @@ def _resize_array(image: np.ndarray, size: list[int]) -> np.ndarray:
 # --------------------------------------------------------------------------- the Python API's own frames
 
 
+@dataclass
+class FramesOptions:
+    """The own setting of a frames source."""
+
+    frames: Any = setting(None, "an iterable of HxWx3 uint8 RGB arrays (Python API only, not from YAML)")
+
+    def check(self, path: str) -> None:
+        if self.frames is None or isinstance(self.frames, (str, bytes, dict)):
+            raise ConfigError(f"{path}.frames: a frames source takes an iterable of numpy frames from the Python "
+                              "API (blinkflow.frames(...))")
+
+
 @register_source("frames")
 class FramesSource:
     """Any iterable of HxWx3 uint8 RGB numpy arrays (a notebook's own frames); ``fps`` sets the timestamps."""
+
+    Options = FramesOptions
 
     def __init__(self, cfg: SourceConfig) -> None:
         self.cfg = cfg
@@ -398,7 +457,7 @@ class FramesSource:
 
     def _frames(self, stream_id: str) -> Iterator[Frame]:
         rate = self.cfg.fps or 25.0
-        for index, image in enumerate(self.cfg.frames):
+        for index, image in enumerate(self.cfg.options.frames):
             if self.cfg.max_frames is not None and index >= self.cfg.max_frames:
                 return
             yield Frame(stream_id=stream_id, index=index, pts=index / rate, image=_checked_image(image, stream_id, index))

@@ -42,12 +42,12 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
 
-from blinkflow.config import SourceConfig
+from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError
 from blinkflow.frame import Frame, FrameResult, Outcome
 from blinkflow.registry import register_source
@@ -72,6 +72,35 @@ _ZERO_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------- URLs and config
+
+
+@dataclass
+class StreamOptions:
+    """The own settings of a live stream source (docs/streams.md), written flat beside ``type`` and ``url``."""
+
+    decode_threads: int = setting(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
+    queue_size: int = setting(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
+    stall_timeout_s: float = setting(10.0, "a connection that delivers no data for this long is dropped and retried",
+                                     lo=0.1, hi=3600)
+    open_timeout_s: float = setting(10.0, "give up one connection attempt after this many seconds", lo=0.1, hi=3600)
+    max_retries: int = setting(
+        -1, "failed reconnection attempts in a row before the stream is given up; -1 retries forever", lo=-1, hi=10**9
+    )
+    backoff_initial_s: float = setting(0.5, "wait before the first reconnection attempt", lo=0.0, hi=3600)
+    backoff_max_s: float = setting(30.0, "longest wait between reconnection attempts", lo=0.0, hi=3600)
+    backoff_factor: float = setting(2.0, "each failed attempt multiplies the wait by this", lo=1.0, hi=100)
+    backoff_jitter: float = setting(0.2, "random spread of each wait, as a fraction (0.2 = +-20%)", lo=0.0, hi=1.0)
+    reconnect_on_eof: bool = setting(
+        True, "treat the end of the stream as a drop and reconnect; false ends the stream (finite HTTP or file streams)"
+    )
+    overflow: Literal["auto", "drop_oldest", "block"] = setting(
+        "auto", "when queue_size frames wait, drop the oldest (counted as dropped) or block the decoder; "
+        "auto: drop_oldest in live mode, block in archive mode"
+    )
+    rtsp_transport: Literal["tcp", "udp"] = setting("tcp", "RTSP transport; tcp survives packet loss, udp has less delay")
+    ffmpeg_options: dict[str, Any] = setting(
+        factory=dict, doc="extra FFmpeg input options, e.g. {input_format: mjpeg, video_size: 640x480} for v4l2"
+    )
 
 
 def stream_kind(url: str) -> str:
@@ -119,23 +148,23 @@ def check_stream_source(source: SourceConfig, path: str, mode: str) -> None:
         stream_kind(source.url or "")
     except ConfigError as exc:
         raise ConfigError(f"{path}.url: {exc}") from None
-    if source.backoff_max_s < source.backoff_initial_s:
-        raise ConfigError(f"{path}.backoff_max_s: {source.backoff_max_s} is below backoff_initial_s "
-                          f"({source.backoff_initial_s}); raise it")
-    if source.overflow == "auto":
-        source.overflow = "drop_oldest" if mode == "live" else "block"
+    if source.options.backoff_max_s < source.options.backoff_initial_s:
+        raise ConfigError(f"{path}.backoff_max_s: {source.options.backoff_max_s} is below backoff_initial_s "
+                          f"({source.options.backoff_initial_s}); raise it")
+    if source.options.overflow == "auto":
+        source.options.overflow = "drop_oldest" if mode == "live" else "block"
 
 
 def input_spec(cfg: SourceConfig) -> tuple[str, str | None, dict[str, str]]:
     """What to hand ``av.open``: the target, a forced format, and FFmpeg options."""
     url = cfg.url or ""
     kind = stream_kind(url)
-    options = {str(k): str(v) for k, v in (cfg.ffmpeg_options or {}).items()}
+    options = {str(k): str(v) for k, v in (cfg.options.ffmpeg_options or {}).items()}
     fmt = None
     if kind == "v4l2":
         fmt = "v4l2"
     elif kind == "rtsp":
-        options.setdefault("rtsp_transport", cfg.rtsp_transport)
+        options.setdefault("rtsp_transport", cfg.options.rtsp_transport)
     elif kind == "file":
         url = urlsplit(url).path
     return url, fmt, options
@@ -156,7 +185,8 @@ class Backoff:
 
     @classmethod
     def from_config(cls, cfg: SourceConfig) -> "Backoff":
-        return cls(cfg.backoff_initial_s, cfg.backoff_max_s, cfg.backoff_factor, cfg.backoff_jitter)
+        options = cfg.options
+        return cls(options.backoff_initial_s, options.backoff_max_s, options.backoff_factor, options.backoff_jitter)
 
     def delay(self, attempt: int) -> float:
         base = min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1))
@@ -287,10 +317,10 @@ class LiveStream:
             if self._stopping.is_set() or self._reached_max_frames():
                 break
             self.last_error = reason
-            if reason == EOF_REASON and not self.cfg.reconnect_on_eof:
+            if reason == EOF_REASON and not self.cfg.options.reconnect_on_eof:
                 break
             failures = 1 if self.decoded > before else failures + 1
-            if permanent or (self.cfg.max_retries >= 0 and failures > self.cfg.max_retries):
+            if permanent or (self.cfg.options.max_retries >= 0 and failures > self.cfg.options.max_retries):
                 error = self._give_up_message(reason, failures - 1, permanent)
                 break
             delay = self._backoff.delay(failures)
@@ -333,7 +363,7 @@ class LiveStream:
             self._on_connected()
             self._decode(container, container.streams.video[0])
         except av.ExitError:
-            raise _StreamDown(f"stalled: no data for {self.cfg.stall_timeout_s:g} s") from None
+            raise _StreamDown(f"stalled: no data for {self.cfg.options.stall_timeout_s:g} s") from None
         except (av.FFmpegError, OSError) as exc:
             raise _lost(relay, "connection lost", exc) from None
         finally:
@@ -346,7 +376,7 @@ class LiveStream:
 
         self._check_before_connecting()
         target, fmt, options = input_spec(self.cfg)
-        timeout: Any = (self.cfg.open_timeout_s, self.cfg.stall_timeout_s)
+        timeout: Any = (self.cfg.options.open_timeout_s, self.cfg.options.stall_timeout_s)
         if relay is not None:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
         try:
@@ -354,7 +384,7 @@ class LiveStream:
         except av.error.ProtocolNotFoundError:
             raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
         except av.ExitError:
-            raise _StreamDown(f"cannot connect: no answer within {self.cfg.open_timeout_s:g} s") from None
+            raise _StreamDown(f"cannot connect: no answer within {self.cfg.options.open_timeout_s:g} s") from None
         except (av.FFmpegError, OSError) as exc:
             raise _lost(relay, "cannot connect", exc) from None
 
@@ -380,8 +410,8 @@ class LiveStream:
         from blinkflow.frame import av_to_rgb as _to_rgb
 
         video.thread_type = "SLICE"  # frame threading would add a frame of delay per thread
-        if self.cfg.decode_threads:
-            video.codec_context.thread_count = self.cfg.decode_threads
+        if self.cfg.options.decode_threads:
+            video.codec_context.thread_count = self.cfg.options.decode_threads
         rate = float(video.average_rate or video.guessed_rate or 25)
         clock = _SessionClock(self, rate)
         last_frame_at = time.monotonic()
@@ -401,8 +431,8 @@ class LiveStream:
                 clock.first = False
                 if self._reached_max_frames():
                     return
-            if time.monotonic() - last_frame_at > self.cfg.stall_timeout_s:
-                raise _StreamDown(f"stalled: data but no decodable frame for {self.cfg.stall_timeout_s:g} s")
+            if time.monotonic() - last_frame_at > self.cfg.options.stall_timeout_s:
+                raise _StreamDown(f"stalled: data but no decodable frame for {self.cfg.options.stall_timeout_s:g} s")
 
     def _frame(self, pts: float, image: np.ndarray, first_of_connection: bool) -> Frame:
         meta: dict[str, Any] = {"reconnects": self.reconnects}
@@ -416,11 +446,11 @@ class LiveStream:
         """Buffer a frame; when full, block (archive) or push the oldest out as dropped (live)."""
         with self._cond:
             if self.overflow == "block":
-                while len(self._frames) >= self.cfg.queue_size and not self._stopping.is_set():
+                while len(self._frames) >= self.cfg.options.queue_size and not self._stopping.is_set():
                     self._cond.wait(0.1)
             if self._stopping.is_set():
                 return  # removed while decoding: this frame never entered the run
-            if len(self._frames) >= self.cfg.queue_size:
+            if len(self._frames) >= self.cfg.options.queue_size:
                 self._dropped.append(_dropped_stub(self._frames.popleft()))
                 self.dropped += 1
             self._frames.append(frame)
@@ -503,7 +533,7 @@ def pyav_has_protocol(scheme: str) -> bool:
 
 def relay_command(cfg: SourceConfig, ffmpeg: str) -> list[str]:
     """The ffmpeg command that copies the stream's first video track to MPEG-TS on stdout."""
-    options = {**RELAY_PROBE, **{str(k): str(v) for k, v in (cfg.ffmpeg_options or {}).items()}}
+    options = {**RELAY_PROBE, **{str(k): str(v) for k, v in (cfg.options.ffmpeg_options or {}).items()}}
     flags = [item for key, value in options.items() for item in (f"-{key}", value)]
     return [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *flags, "-i", cfg.url or "",
             "-map", "0:v:0", "-c", "copy", "-flush_packets", "1", "-f", "mpegts", "pipe:1"]
@@ -544,7 +574,7 @@ class SrtRelay:
         while True:
             if self._stopping.is_set():
                 raise self._fail(_StreamDown("stopped"))
-            limit = self.cfg.stall_timeout_s if self._got_data else self.cfg.open_timeout_s
+            limit = self.cfg.options.stall_timeout_s if self._got_data else self.cfg.options.open_timeout_s
             left = self._last_data + limit - time.monotonic()
             if left <= 0:
                 raise self._fail(_StreamDown(f"stalled: no data for {limit:g} s" if self._got_data
@@ -675,7 +705,9 @@ class StreamHub:
         """Start a stream from a resolved stream source config; raise SourceError if its id is taken.
         ``connect_check`` is asked before every connection attempt (see :data:`ConnectCheck`)."""
         stream_id = cfg.id or default_stream_id(cfg.url or "")
-        overflow = cfg.overflow if cfg.overflow != "auto" else ("drop_oldest" if self.mode == "live" else "block")
+        overflow = cfg.options.overflow
+        if overflow == "auto":
+            overflow = "drop_oldest" if self.mode == "live" else "block"
         remember_secrets(cfg.url or "")
         install_log_redaction()
         with self._cond:
@@ -801,6 +833,10 @@ class StreamHub:
 @register_source("stream")
 class StreamSource:
     """A live stream as a lane of its own (``open_sources`` runs streams in a hub instead)."""
+
+    Options = StreamOptions
+    #: the common setting that says what to open
+    locator = "url"
 
     #: load_config calls it: stream URLs and the control section's stream defaults
     check_config = staticmethod(check_live_config)

@@ -43,7 +43,7 @@ from blinkflow.config import StageConfig, _field
 from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
-from blinkflow.stages.base import Stage
+from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
 
@@ -99,40 +99,39 @@ class _StreamState:
 
 
 @register_stage(TASK)
-class Action(Stage):
+class Action(ModelStage):
     """Top-k action classes per sliding clip, attached to every frame the clip covers."""
 
     name = TASK
     temporal = True
     Options = ActionOptions
     default_model = "causal3d_small"
+    memory_format = "channels_last_3d"  # clips are 5D
 
     def __init__(self, cfg: StageConfig | None) -> None:
-        super().__init__(cfg if cfg is not None else StageConfig())
-        self.model_name = self.cfg.model or self.default_model
-        self.input_size = _checked_input_size(self.options.input_size)
-        self.model: Any = None
+        super().__init__(cfg)
+        self.input_size = checked_input_size(self.name, self.options.input_size, "[112, 112]")
         self.classes: list[str] = []
         self._streams: dict[str, _StreamState] = {}
         self._executor: Any = None  # runs the model on a list of clip batches when depth_parallel > 1
         self._executor_factory: Any = None
 
-    def setup(self, device: str = "cpu") -> None:
-        from blinkflow.models.weights import load_state, resolve_weights
-        from blinkflow.stages.common import resolve_device
+    def build_model(self, spec: Any) -> Any:
+        self.classes = pick_classes(self.name, spec.classes, self.options.classes, SYNTHETIC_ACTIONS,
+                                    what="at least two classes")
+        return self.build_backend(num_classes=len(self.classes))
 
-        self.device = device
-        self._device = resolve_device(device)
-        spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
-        self.classes = _pick_classes(spec.classes, self.options.classes)
-        model = _build(self.model_name, len(self.classes), self.options.model_args)
+    def check_model(self, model: Any) -> None:
         self._check_clip_shape(model)
         _check_depth_parallel(model, self.model_name, self.cfg.depth_parallel)
-        load_state(model, spec)
-        self.model = _prepare_for_inference(model, self._device, self.cfg.channels_last)
-        log.info(
-            "%s: %s (%s weights, %d classes) on %s", self.name, self.model_name, spec.kind, len(self.classes), device
-        )
+
+    def describe(self) -> str:
+        return f", {len(self.classes)} classes"
+
+    def warmup_inputs(self) -> tuple | None:
+        import torch
+
+        return (torch.zeros(1, 3, self.options.clip_len, *self.input_size, device=self._device),)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         touched = list(dict.fromkeys(f.stream_id for f in frames))
@@ -161,7 +160,7 @@ class Action(Stage):
         if hasattr(self._executor, "close"):
             self._executor.close()
         self._executor = None
-        self.model = None
+        super().teardown()
 
     def set_model_executor(self, factory: Any) -> None:
         """Run the model depth-parallel through ``factory(model, k, example_clip)`` (``depth_parallel`` > 1).
@@ -273,11 +272,9 @@ class Action(Stage):
             return
         import torch
 
-        from blinkflow.stages.common import autocast
-
         clips = self._clips(windows)
         chunk = max(1, self.cfg.batch)
-        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+        with self.inference():
             batches = [clips[i : i + chunk] for i in range(0, len(windows), chunk)]
             logits = torch.cat([out.float() for out in self._forward(batches)])
         scores, labels = torch.softmax(logits, dim=1).topk(min(self.options.top_k, len(self.classes)), dim=1)
@@ -359,49 +356,3 @@ def _check_depth_parallel(model: Any, model_name: str, stages: int) -> None:
 def _copy_result(result: dict[str, Any]) -> dict[str, Any]:
     """Each frame gets its own copy, so editing one frame's result never changes another's."""
     return {"window": list(result["window"]), "top": [dict(t) for t in result["top"]]}
-
-
-def _checked_input_size(size: Any) -> tuple[int, int]:
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or min(size) < 16:
-        raise StageError(
-            f"stages.{TASK}.options.input_size: expected [height, width] with both >= 16, got {size}; "
-            f"e.g. input_size: [112, 112]"
-        )
-    return int(size[0]), int(size[1])
-
-
-def _pick_classes(weight_classes: list[str] | None, option_classes: list[str] | None) -> list[str]:
-    """The weights' own class list wins; options.classes names classes for weights without one."""
-    if weight_classes and option_classes and list(option_classes) != list(weight_classes):
-        raise StageError(
-            f"stages.{TASK}.options.classes: the weights define their own {len(weight_classes)} classes; "
-            f"remove options.classes or use weights trained on your classes"
-        )
-    classes = list(weight_classes or option_classes or SYNTHETIC_ACTIONS)
-    if len(classes) < 2:
-        raise StageError(f"stages.{TASK}.options.classes: need at least two classes, got {classes}")
-    return classes
-
-
-def _build(model_name: str, num_classes: int, model_args: dict | None) -> Any:
-    """Build the backend; a builder argument it does not take becomes a one-line StageError."""
-    from blinkflow.models.registry import build_model
-
-    try:
-        return build_model(model_name, task=TASK, num_classes=num_classes, **(model_args or {}))
-    except (TypeError, ValueError) as exc:
-        if not model_args:
-            raise
-        raise StageError(
-            f"stages.{TASK}.options.model_args: {model_name} rejected {sorted(model_args)} ({exc}); "
-            f"remove or fix the arguments"
-        ) from None
-
-
-def _prepare_for_inference(model: Any, device: Any, channels_last: bool) -> Any:
-    import torch
-
-    model = model.eval().to(device)
-    if channels_last:  # clips are 5D, so the 3D variant of the format
-        model = model.to(memory_format=torch.channels_last_3d)
-    return model

@@ -76,6 +76,18 @@ class Stage:
         for name in self.stream_caches:
             getattr(self, name).clear()
 
+    @staticmethod
+    def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
+        """This stage's ``result`` moved along a backward motion field (pipeline/skip.py), for a frame the
+        gate reused: the driver's carry-over calls it. The default carries the result over unchanged."""
+        return result
+
+    @staticmethod
+    def agreement(carried: Any, fresh: Any) -> dict[str, float] | None:
+        """How well a carried-over result matches a fresh one, as named scores in [0, 1] (the audits'
+        worst score drives the adaptive gate); None: this stage's results are not audited."""
+        return None
+
     def active(self, frames: list[Frame]) -> list[Frame]:
         """Frames this stage must compute on: not reused, not failed, not a refresh of other stages."""
         return [f for f in frames if f.runs(self.name)]

@@ -64,7 +64,7 @@ def run_with_regions(frames: list[Frame], try_region: Any, run_full: Any) -> Non
     stream's previous result, so the full frames of its stream queued before it run first."""
     full: list[Frame] = []
     for frame in frames:
-        partial = (frame.meta.get("tiles") or {}).get("changed") is not None
+        partial = (frame.mark.tiles or {}).get("changed") is not None
         if partial and any(f.stream_id == frame.stream_id for f in full):
             run_full(full)
             full = []

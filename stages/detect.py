@@ -47,8 +47,8 @@ from blinkflow.errors import ConfigError, StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.skip import tile_edges
-from blinkflow.stages.base import Stage
 from blinkflow.stages.common import region_base, run_with_regions
+from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ class _BoxCache:
 
 
 @register_stage(TASK)
-class Detect(Stage):
+class Detect(ModelStage):
     """Boxes, labels and scores per frame from a registered detection backend."""
 
     name = TASK
@@ -126,51 +126,58 @@ class Detect(Stage):
         return crop_reuse_enabled(cfg) or getattr(options, "keep_threshold", None) is not None
 
     def __init__(self, cfg: StageConfig | None) -> None:
-        super().__init__(cfg if cfg is not None else StageConfig())
-        self.model_name = self.cfg.model or self.default_model
-        check_input_size(self.name, self.options.input_size)
+        super().__init__(cfg)
+        checked_input_size(self.name, self.options.input_size, "[320, 320], or null", optional=True)
         self.options.check(f"stages.{self.name}.options")
-        self.model: Any = None
         self.classes: list[str] = []
         self._allowed_labels: list[int] | None = None
         self._boxes: dict[str, _BoxCache] = {}
         self._shown: dict[str, tuple[int, Any, Any]] = {}  # stream -> (frame index, boxes, labels) it last output
         self._crop_reuse = crop_reuse_enabled(self.cfg)
 
-    def setup(self, device: str = "cpu") -> None:
-        from blinkflow.models.weights import load_state, resolve_weights
-        from blinkflow.stages.common import resolve_device
-
-        self.device = device
-        self._device = resolve_device(device)
-        spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
-        self.classes = pick_classes(self.name, spec.classes, self.options.classes)
+    def build_model(self, spec: Any) -> Any:
+        self.classes = pick_classes(self.name, spec.classes, self.options.classes, SYNTHETIC_CLASSES)
         self._allowed_labels = self._labels_for_filter()
-        model = build_with_args(self.name, self.model_name, TASK, len(self.classes), self.options.model_args)
-        load_state(model, spec)
+        model = self.build_backend(num_classes=len(self.classes))
         self._align_model_limits(model)
-        self.model = prepare_for_inference(model, self._device, self.cfg.channels_last)
-        log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
+        return model
+
+    def describe(self) -> str:
+        return f", {len(self.classes)} classes"
+
+    def warmup_inputs(self) -> tuple | None:
+        import torch
+
+        height, width = self.options.input_size or (320, 320)
+        return ([torch.zeros(3, height, width, device=self._device)],)
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         run_with_regions(self.active(frames), self._try_crop, self._run_full)
         return frames
 
-    def teardown(self) -> None:
-        self.model = None
-        super().teardown()
+    @staticmethod
+    def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
+        """Each box shifted by the median motion inside it."""
+        from blinkflow.skip import shift_boxes
+
+        if not (isinstance(result, dict) and result.get("boxes")):
+            return result
+        return dict(result, boxes=shift_boxes(result["boxes"], motion, height, width))
+
+    @staticmethod
+    def agreement(carried: Any, fresh: Any) -> dict[str, float] | None:
+        """Box F1 at IoU 0.5 (same class, one-to-one)."""
+        from blinkflow.skip import box_f1
+
+        return {"boxes_f1": round(box_f1(carried, fresh), 6)}
 
     # ------------------------------------------------------------------ full frames and crops
 
     def _run_full(self, frames: list[Frame]) -> None:
-        import torch
-
-        from blinkflow.stages.common import autocast
-
         if not frames:
             return
         images, scales = self._model_inputs(frames)
-        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+        with self.inference():
             outputs = self.model(images)
         for frame, output, scale in zip(frames, outputs, scales):
             frame.results[self.name] = self._postprocess(output, scale, frame)
@@ -178,7 +185,7 @@ class Detect(Stage):
 
     def _remember(self, frame: Frame) -> None:
         """Keep the result when the gate may send partial frames of this stream next."""
-        if self._crop_reuse and frame.meta.get("tiles"):
+        if self._crop_reuse and frame.mark.tiles:
             self._boxes[frame.stream_id] = _BoxCache(frame.index, frame.results[self.name], (frame.height, frame.width))
         else:
             self._boxes.pop(frame.stream_id, None)
@@ -193,7 +200,7 @@ class Detect(Stage):
     def _crop_for(self, frame: Frame) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
         """(inner, crop) as (x1, y1, x2, y2) source pixels: the changed tiles' bounding box and it grown by the
         halo, or None when the frame must run in full (no cached base, or the crop is too large)."""
-        tiles = frame.meta.get("tiles") or {}
+        tiles = frame.mark.tiles or {}
         cache = self._boxes.get(frame.stream_id)
         changed = tiles.get("changed")
         if not (self._crop_reuse and changed and cache is not None and cache.index == region_base(tiles, self.name)
@@ -206,7 +213,7 @@ class Detect(Stage):
         """Detect on the crop at full-frame pixel scale and merge with the stream's carried-over boxes."""
         import torch
 
-        from blinkflow.stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import frames_to_batch
 
         x0, y0, x1, y1 = crop
         size = self.options.input_size
@@ -223,7 +230,7 @@ class Detect(Stage):
         try:
             if transform is not None and hasattr(transform, "fixed_size"):
                 transform.fixed_size = (crop_model[1], crop_model[0])  # (width, height): the same scale as a full frame
-            with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+            with self.inference():
                 output = self.model([image])[0]
         finally:
             if transform is not None and hasattr(transform, "fixed_size"):
@@ -420,56 +427,6 @@ def _model_scale(transform: Any, size: tuple[int, int]) -> tuple[float, float]:
     target = min_size[-1] if isinstance(min_size, (tuple, list)) else min_size
     factor = min(float(target) / min(size), float(max_size) / max(size))
     return factor, factor
-
-
-# ---------------------------------------------------------------------- shared with stages.segment
-
-
-def check_input_size(stage: str, size: list[int] | None) -> None:
-    if size is None:
-        return
-    if len(size) != 2 or min(size) < 16:
-        raise StageError(
-            f"stages.{stage}.options.input_size: expected [height, width] with both >= 16, got {size}; "
-            f"e.g. input_size: [320, 320], or null"
-        )
-
-
-def pick_classes(stage: str, weight_classes: list[str] | None, option_classes: list[str] | None) -> list[str]:
-    """The weights' own class list wins; options.classes names classes for weights without one."""
-    if weight_classes and option_classes and list(option_classes) != list(weight_classes):
-        raise StageError(
-            f"stages.{stage}.options.classes: the weights define their own {len(weight_classes)} classes; "
-            f"remove options.classes or use weights trained on your classes"
-        )
-    classes = list(weight_classes or option_classes or SYNTHETIC_CLASSES)
-    if len(classes) < 2:
-        raise StageError(f"stages.{stage}.options.classes: need background plus at least one class, got {classes}")
-    return classes
-
-
-def build_with_args(stage: str, model_name: str, task: str, num_classes: int, model_args: dict | None) -> Any:
-    """Build the backend; a builder argument it does not take becomes a one-line StageError."""
-    from blinkflow.models.registry import build_model
-
-    if not model_args:
-        return build_model(model_name, task=task, num_classes=num_classes)
-    try:
-        return build_model(model_name, task=task, num_classes=num_classes, **model_args)
-    except TypeError as exc:
-        raise StageError(
-            f"stages.{stage}.options.model_args: {model_name} rejected {sorted(model_args)} ({exc}); "
-            f"remove the arguments it does not take"
-        ) from None
-
-
-def prepare_for_inference(model: Any, device: Any, channels_last: bool) -> Any:
-    import torch
-
-    model = model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
 
 
 def crop_reuse_enabled(cfg: StageConfig | None) -> bool:

@@ -31,10 +31,9 @@ from typing import Any
 import numpy as np
 
 from blinkflow.config import StageConfig, _field
-from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
-from blinkflow.stages.base import Stage
+from blinkflow.stages.model_stage import ModelStage, checked_input_size
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class _Previous:
 
 
 @register_stage(TASK)
-class Flow(Stage):
+class Flow(ModelStage):
     """Dense optical flow from the previous active frame of the same stream."""
 
     name = TASK
@@ -73,23 +72,18 @@ class Flow(Stage):
     stream_caches = ("_previous",)
 
     def __init__(self, cfg: StageConfig | None) -> None:
-        super().__init__(cfg if cfg is not None else StageConfig())
-        self.model_name = self.cfg.model or self.default_model
-        self.input_size = _checked_input_size(self.options.input_size)
-        self.model: Any = None
+        super().__init__(cfg)
+        self.input_size = checked_input_size(self.name, self.options.input_size, "[128, 160]")
         self._previous: dict[str, _Previous] = {}
 
-    def setup(self, device: str = "cpu") -> None:
-        from blinkflow.models.weights import load_state, resolve_weights
-        from blinkflow.stages.common import resolve_device
+    def describe(self) -> str:
+        return f", input {list(self.input_size)}"
 
-        self.device = device
-        self._device = resolve_device(device)
-        spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
-        model = _build(self.model_name, self.options.model_args)
-        load_state(model, spec)
-        self.model = _prepare_for_inference(model, self._device, self.cfg.channels_last)
-        log.info("%s: %s (%s weights) on %s, input %s", self.name, self.model_name, spec.kind, device, self.input_size)
+    def warmup_inputs(self) -> tuple | None:
+        import torch
+
+        pair = torch.zeros(2, 1, 3, *self.input_size, device=self._device)
+        return pair[0], pair[1]
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         from blinkflow.stages.common import frames_to_batch
@@ -107,10 +101,6 @@ class Flow(Stage):
         for stream_id, pos in latest.items():
             self._previous[stream_id] = _Previous(active[pos].index, pixels[pos].clone())
         return frames
-
-    def teardown(self) -> None:
-        self.model = None
-        super().teardown()
 
     # ------------------------------------------------------------------ helpers
 
@@ -139,11 +129,9 @@ class Flow(Stage):
         """Flow (P, 2, h, w) in model-input pixels, in chunks of at most ``batch`` pairs."""
         import torch
 
-        from blinkflow.stages.common import autocast
-
         chunk = max(1, self.cfg.batch)
         outputs = []
-        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+        with self.inference():
             for start in range(0, first.shape[0], chunk):
                 outputs.append(self.model(first[start : start + chunk], second[start : start + chunk]).float())
         return torch.cat(outputs)
@@ -174,36 +162,3 @@ def _half_resolution_result(flow: Any, previous_index: int, frame: Frame) -> dic
         "magnitude_mean": round(float(magnitude.mean()), 4),
         "magnitude_max": round(float(magnitude.max()), 4),
     }
-
-
-def _checked_input_size(size: Any) -> tuple[int, int]:
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or min(size) < 16:
-        raise StageError(
-            f"stages.{TASK}.options.input_size: expected [height, width] with both >= 16, got {size}; "
-            f"e.g. input_size: [128, 160]"
-        )
-    return int(size[0]), int(size[1])
-
-
-def _build(model_name: str, model_args: dict | None) -> Any:
-    """Build the backend; a builder argument it does not take becomes a one-line StageError."""
-    from blinkflow.models.registry import build_model
-
-    try:
-        return build_model(model_name, task=TASK, **(model_args or {}))
-    except (TypeError, ValueError) as exc:
-        if not model_args:
-            raise
-        raise StageError(
-            f"stages.{TASK}.options.model_args: {model_name} rejected {sorted(model_args)} ({exc}); "
-            f"remove or fix the arguments"
-        ) from None
-
-
-def _prepare_for_inference(model: Any, device: Any, channels_last: bool) -> Any:
-    import torch
-
-    model = model.eval().to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model

@@ -12,29 +12,29 @@ connected changed area, and decides:
 * ``reuse`` (change below the stream's threshold): the model stages skip the
   frame; the driver carries the keyframe's results over, moved along the
   decoder's motion vectors when the source exports them (the comparison then
-  uses the motion-compensated reference). ``meta["reuse_of"]`` names the
-  keyframe; ``meta["motion"]`` holds the accumulated motion field.
+  uses the motion-compensated reference). ``frame.gate.reuse_of`` names the
+  keyframe; ``frame.gate.motion`` holds the accumulated motion field.
 * ``partial`` (with ``tiles``: at most ``partial_changed`` of the signal
   changed, and the change, grown by ``tile_margin`` tiles, stays inside at
   most ``partial_max`` of the tiles): the frame is processed; the segment
-  stage recomputes only ``meta["tiles"]["changed"]`` and pastes them into its
+  stage recomputes only ``frame.gate.tiles["changed"]`` and pastes them into its
   cached map, the detect stage runs on their bounding crop and merges with its
   last boxes (each stage runs in full where its crops would cost about as much).
 * ``keyframe``: everything runs. Reasons: ``first``, ``restart`` (the index
   went backwards), ``resized``, ``cut`` (change above ``cut_threshold``),
   ``changed``, ``max_reuse``, ``audit`` and ``uncertain``. The last three are *audits*: frames
   the gate would have reused (``uncertain``: its change is at least ``audit_uncertain`` of the
-  threshold, where reuse is riskiest); ``meta["audit_of"]`` tells the driver to score
+  threshold, where reuse is riskiest); ``frame.gate.audit_of`` tells the driver to score
   the would-be carry-over against the fresh results.
 * ``refresh`` (a frame the gate would reuse, not identical to the reference, but
-  a stage in ``refresh`` has not run for its bound of frames): only the stages in ``meta["refresh"]`` run;
+  a stage in ``refresh`` has not run for its bound of frames): only the stages in ``frame.gate.refresh`` run;
   the driver carries the others over as for a reused frame and audits the
   refreshed stages' would-be carry-over. Masks go stale under drift the pixel
   signal cannot see (a slow object moves a pixel a frame) long before boxes
   matched at IoU 0.5 do, so the segmenter can refresh more often than the rest.
 
 With ``adaptive``, the agreement of each audit comes back ``audit_lag`` frames
-later in ``meta["audit_feedback"]`` (see pipeline.skip.CarryOver) and moves the
+later in ``frame.gate.feedback`` (see pipeline.skip.CarryOver) and moves the
 stream's threshold: up (x ``adapt_up``) when it met ``agreement_target``, down
 (to the audited change x ``adapt_down``) when it did not, but below the
 configured threshold only when the audited change was above it. A refresh audits only
@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 from blinkflow.config import GateConfig
-from blinkflow.frame import Frame
+from blinkflow.frame import Frame, GateMark
 from blinkflow.registry import register_stage
 from blinkflow.skip import (
     blurred_difference,
@@ -153,8 +153,8 @@ class Gate(Stage):
     # ------------------------------------------------------------------ decisions
 
     def _decide(self, frame: Frame) -> None:
-        for key in ("reuse_of", "audit_of", "motion", "tiles", "refresh"):
-            frame.meta.pop(key, None)
+        feedback = frame.mark.feedback  # the driver's, attached before this call; the decision is made afresh
+        frame.gate = GateMark()
         signal = gray_signal(frame.image, self.cfg.downscale)
         state = self.streams.get(frame.stream_id)
         reason = self._restart_reason(state, frame, signal)
@@ -163,7 +163,7 @@ class Gate(Stage):
             return
         state.frames += 1
         state.last_index = frame.index
-        self._apply_feedback(state, frame.meta.pop("audit_feedback", None))
+        self._apply_feedback(state, feedback)
         if self.cfg.motion in ("mvs", "auto"):
             step = _step_motion(frame)
             state.motion = compose_motion(step, state.motion)
@@ -350,9 +350,9 @@ class Gate(Stage):
         state.reused_since_key += 1
         state.since_audit += 1
         state.reused += 1
-        frame.meta["reuse_of"] = state.key_index
+        frame.gate.reuse_of = state.key_index
         if state.motion is not None:
-            frame.meta["motion"] = state.motion.astype(np.float16)
+            frame.gate.motion = state.motion.astype(np.float16)
         frame.results[self.name] = self._result(state, "reuse", None, change, keyframe=state.key_index)
 
     def _refresh(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change,
@@ -361,14 +361,14 @@ class Gate(Stage):
         stages over from the last processed frame and scores the refreshed stages' would-be carry-over
         (an audit of those stages)."""
         key = state.key_index
-        frame.meta["refresh"] = stages
-        frame.meta["audit_of"] = key
+        frame.gate.refresh = stages
+        frame.gate.audit_of = key
         if state.motion is not None:
-            frame.meta["motion"] = state.motion.astype(np.float16)
+            frame.gate.motion = state.motion.astype(np.float16)
         state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
         state.pending_audits[frame.index] = change.changed
         if self.cfg.tiles:
-            frame.meta["tiles"] = self._tiles_meta(state, tiles)
+            frame.gate.tiles = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move
             reference = state.stage_refs.get(stage, state.reference).copy()
             state.stage_refs[stage] = _patched(reference, signal, tiles, self.cfg.tiles)
@@ -406,7 +406,7 @@ class Gate(Stage):
 
     def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
         self._patch_reference(state, signal, change.tiles)
-        frame.meta["tiles"] = self._tiles_meta(state, change.tiles)
+        frame.gate.tiles = self._tiles_meta(state, change.tiles)
         self._processed(state, frame.index)
         self._ran_all(state, frame.index)
         state.partial_run += 1
@@ -415,9 +415,9 @@ class Gate(Stage):
     def _keyframe(self, frame: Frame, signal: np.ndarray, state: _StreamState | None, change: _Change, reason: str) -> None:
         audit = reason in ("max_reuse", "audit", "uncertain")
         if audit:
-            frame.meta["audit_of"] = state.key_index
+            frame.gate.audit_of = state.key_index
             if state.motion is not None:
-                frame.meta["motion"] = state.motion.astype(np.float16)
+                frame.gate.motion = state.motion.astype(np.float16)
             state.pending_audits[frame.index] = change.changed
             state.since_audit = 0
         if state is None:
@@ -428,8 +428,8 @@ class Gate(Stage):
         self._ran_all(state, frame.index)
         state.partial_run = 0
         if self.cfg.tiles:
-            frame.meta["tiles"] = self._tiles_meta(state, None)
-        extra = {"audit_of": frame.meta["audit_of"]} if audit else {}
+            frame.gate.tiles = self._tiles_meta(state, None)
+        extra = {"audit_of": frame.gate.audit_of} if audit else {}
         frame.results[self.name] = self._result(state, "keyframe", reason, change, **extra)
 
     def _new_state(self, frame: Frame, signal: np.ndarray) -> _StreamState:

@@ -48,14 +48,9 @@ from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.skip import tile_edges, tile_runs
-from blinkflow.stages.base import Stage
+from blinkflow.models.classes import SYNTHETIC_CLASSES
 from blinkflow.stages.common import region_base, run_with_regions
-from blinkflow.stages.detect import (
-    build_with_args,
-    check_input_size,
-    pick_classes,
-    prepare_for_inference,
-)
+from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +114,7 @@ class _TileCache:
 
 
 @register_stage(TASK)
-class Segment(Stage):
+class Segment(ModelStage):
     """A per-pixel class map, its PNG encoding and per-class areas per frame."""
 
     name = TASK
@@ -135,35 +130,59 @@ class Segment(Stage):
         return bool(options.tile_reuse or options.feature_reuse) if options is not None else True
 
     def __init__(self, cfg: StageConfig | None) -> None:
-        super().__init__(cfg if cfg is not None else StageConfig())
-        self.model_name = self.cfg.model or self.default_model
-        check_input_size(self.name, self.options.input_size)
-        self.model: Any = None
+        super().__init__(cfg)
+        checked_input_size(self.name, self.options.input_size, "[256, 256], or null", optional=True)
         self.classes: list[str] = []
         self._tiles: dict[str, _TileCache] = {}
         self._keys: dict[str, _FeatureKey] = {}
         self._head_share: dict[tuple[int, ...], float] = {}  # feature size -> the head's share of a forward
 
-    def setup(self, device: str = "cpu") -> None:
-        from blinkflow.models.weights import load_state, resolve_weights
-        from blinkflow.stages.common import resolve_device
-
-        self.device = device
-        self._device = resolve_device(device)
-        spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
-        self.classes = pick_classes(self.name, spec.classes, self.options.classes)
+    def build_model(self, spec: Any) -> Any:
+        self.classes = pick_classes(self.name, spec.classes, self.options.classes, SYNTHETIC_CLASSES)
         if len(self.classes) > MAX_CLASSES:
             raise StageError(
                 f"stages.{self.name}.options.classes: {len(self.classes)} classes do not fit the uint8 mask; "
                 f"use at most {MAX_CLASSES}"
             )
-        model = build_with_args(self.name, self.model_name, TASK, len(self.classes), self.options.model_args)
-        load_state(model, spec)
-        self.model = prepare_for_inference(model, self._device, self.cfg.channels_last)
-        if self.options.feature_reuse and not (hasattr(self.model, "features") and hasattr(self.model, "head")):
+        return self.build_backend(num_classes=len(self.classes))
+
+    def check_model(self, model: Any) -> None:
+        if self.options.feature_reuse and not (hasattr(model, "features") and hasattr(model, "head")):
             raise StageError(f"stages.{self.name}.options.feature_reuse: model {self.model_name!r} has no "
                              "features/head split; use deeplabv3_mobilenet_v2 or set feature_reuse: 0")
-        log.info("%s: %s, %s weights, %d classes, on %s", self.name, self.model_name, spec.kind, len(self.classes), device)
+
+    def describe(self) -> str:
+        return f", {len(self.classes)} classes"
+
+    def warmup_inputs(self) -> tuple | None:
+        import torch
+
+        batch = torch.zeros(1, 3, *(self.options.input_size or (256, 256)), device=self._device)
+        return (batch.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last else batch,)
+
+    @staticmethod
+    def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
+        """The class map warped along the motion (nearest class), its areas recounted."""
+        from blinkflow.skip import class_map_of, warp_backward
+        from blinkflow.stages.common import encode_class_map
+
+        if not (isinstance(result, dict) and "mask" in result):
+            return result
+        class_map = warp_backward(class_map_of(result), motion)
+        counts = np.bincount(class_map.ravel(), minlength=len(result.get("classes", [])))
+        classes = result.get("classes") or [str(i) for i in range(len(counts))]
+        areas: dict[str, int] = {}
+        for index in np.flatnonzero(counts):
+            name = classes[index] if index < len(classes) else str(index)
+            areas[name] = areas.get(name, 0) + int(counts[index])
+        return dict(result, mask=dict(result["mask"], data=encode_class_map(class_map)), areas=areas)
+
+    @staticmethod
+    def agreement(carried: Any, fresh: Any) -> dict[str, float] | None:
+        """Mean IoU of the two class maps over the classes present in either."""
+        from blinkflow.skip import class_map_of, mask_miou
+
+        return {"mask_iou": round(mask_miou(class_map_of(carried), class_map_of(fresh)), 6)}
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         if not self.options.feature_reuse:
@@ -174,7 +193,7 @@ class Segment(Stage):
             self._follow_motion(frame)
             if not frame.runs(self.name):
                 continue
-            if (frame.meta.get("tiles") or {}).get("changed") is not None:
+            if (frame.mark.tiles or {}).get("changed") is not None:
                 self._keys.pop(frame.stream_id, None)  # new content pasted into the logits, not into the features
                 if not self._try_patch(frame):
                     self._run_full([frame])
@@ -183,10 +202,6 @@ class Segment(Stage):
             else:
                 self._run_full([frame])
         return frames
-
-    def teardown(self) -> None:
-        self.model = None
-        super().teardown()
 
     # ------------------------------------------------------------------ full frames and tiles
 
@@ -227,13 +242,9 @@ class Segment(Stage):
 
     def _run_warped(self, frame: Frame) -> None:
         """The head on the key's features moved along the motion since the key (Deep Feature Flow)."""
-        import torch
-
-        from blinkflow.stages.common import autocast
-
         key = self._keys[frame.stream_id]
         size = tuple(self.options.input_size) if self.options.input_size is not None else (frame.height, frame.width)
-        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+        with self.inference():
             warped = warp_features(key.features, key.motion, key.source)
             logits = self.model.head(warped, size)[0]
         key.warped += 1
@@ -245,12 +256,8 @@ class Segment(Stage):
     def _logits_and_features(self, frames: list[Frame]) -> tuple[Any, Any]:
         """(N, C, h, w) logits and the backbone features they came from; the first time at a size, the
         FLOPs of both halves are counted, for the cost a warped frame reports."""
-        import torch
-
-        from blinkflow.stages.common import autocast
-
         batch = self._input_batch(frames)
-        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+        with self.inference():
             features = self.model.features(batch)
             if tuple(features.shape[-2:]) not in self._head_share:
                 self._head_share[tuple(features.shape[-2:])] = head_share(self.model, batch[:1], features[:1])
@@ -258,7 +265,7 @@ class Segment(Stage):
 
     def _remember(self, frame: Frame, logits: Any) -> None:
         """Keep the logits when the gate may send partial frames of this stream next."""
-        if self.options.tile_reuse and frame.meta.get("tiles"):
+        if self.options.tile_reuse and frame.mark.tiles:
             self._tiles[frame.stream_id] = _TileCache(frame.index, logits.float().clone(), (frame.height, frame.width))
         else:
             self._tiles.pop(frame.stream_id, None)
@@ -270,7 +277,7 @@ class Segment(Stage):
         return True
 
     def _can_patch(self, frame: Frame) -> bool:
-        tiles = frame.meta.get("tiles")
+        tiles = frame.mark.tiles
         cache = self._tiles.get(frame.stream_id)
         if not (self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
                 and cache.index == region_base(tiles, self.name) and cache.source == (frame.height, frame.width)):
@@ -284,18 +291,18 @@ class Segment(Stage):
         """Recompute the changed tiles (+ halo) of a partial frame and paste them into the cached logits."""
         import torch
 
-        from blinkflow.stages.common import autocast, frames_to_batch
+        from blinkflow.stages.common import frames_to_batch
 
         cache = self._tiles[frame.stream_id]
         size = tuple(cache.logits.shape[-2:])
-        grid = frame.meta["tiles"]["grid"]
-        changed = frame.meta["tiles"]["changed"]
+        grid = frame.mark.tiles["grid"]
+        changed = frame.mark.tiles["changed"]
         cost = 0
         with torch.inference_mode():
             logits = cache.logits.clone()
             image = frames_to_batch([frame], self._device, size=size, channels_last=self.cfg.channels_last)
             for (cy0, cy1, cx0, cx1), pastes in self._merged_crops(grid, changed, size):
-                with autocast(self._device, self.cfg.precision):
+                with self.autocast():
                     out = self.model(image[..., cy0:cy1, cx0:cx1])["out"][0].float()
                 for py0, py1, px0, px1 in pastes:
                     logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
@@ -345,12 +352,8 @@ class Segment(Stage):
 
     def _logits(self, frames: list[Frame]) -> Any:
         """(N, C, h, w) logits at the model input size."""
-        import torch
-
-        from blinkflow.stages.common import autocast
-
         batch = self._input_batch(frames)
-        with torch.inference_mode(), autocast(self._device, self.cfg.precision):
+        with self.inference():
             return self.model(batch)["out"]
 
     def _input_batch(self, frames: list[Frame]) -> Any:

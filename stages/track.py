@@ -42,9 +42,14 @@ overlapped no other box (an occluded crop shows the occluder). Then
   to the track's gallery, and a pair whose ``d`` exceeds ``appearance_gate`` is never matched (a
   track does not slide onto another object that covers it);
 * after step 3, the confirmed and lost tracks still unmatched are matched to the high boxes left by
-  appearance alone, wherever they are (``d`` <= ``reid_distance``, same class): an object that
-  comes back after an occlusion or a long gap, away from where its motion model expected it, gets
-  its old ID instead of a new one.
+  appearance alone (``d`` <= ``reid_distance``, same class), even at zero IoU, within a motion and
+  size gate: the box lies within ``reid_max_speed`` box sizes per lost frame (plus one) of where the
+  track was last seen and its size is within ``reid_max_scale`` of that box's. An object that comes
+  back after an occlusion or a long gap, away from where its motion model expected it, gets its old
+  ID instead of a new one (and its motion model starts afresh there);
+* a lost track with a gallery stays for ``reid_max_lost_frames`` (not ``max_lost_frames``); past
+  ``max_lost_frames`` its stale prediction no longer takes boxes by IoU, only re-identification
+  can take it back (an object that left the frame and came back, or stood behind a pillar).
 
 Result per frame (frames with detect results)::
 
@@ -114,6 +119,17 @@ class TrackOptions:
     reid_distance: float = _field(
         0.25, "with appearance: an unmatched track takes back a high-score box anywhere in the frame at up to this "
         "cosine distance (re-identification after occlusions and gaps); 0 turns it off", lo=0.0, hi=2.0)
+    reid_max_lost_frames: int = _field(
+        90, "with appearance: a lost track with a gallery ends after this many frames instead of max_lost_frames "
+        "(when larger); past max_lost_frames only re-identification can take it back (an object out of view for "
+        "a while, e.g. one that left the frame and came back)", lo=0, hi=10**6)
+    reid_max_speed: float = _field(
+        0.5, "with appearance: re-identification takes a box only within this many box sizes per lost frame (plus "
+        "one box size) of where the track was last seen: a look-alike across the frame is not the same object", lo=0.0,
+        hi=1000.0)
+    reid_max_scale: float = _field(
+        2.0, "with appearance: re-identification takes a box only if its size (square root of the area) is within "
+        "this factor of the track's last seen box", lo=1.0, hi=1000.0)
 
     def check(self, path: str) -> None:
         if self.low_threshold > self.high_threshold:
@@ -169,6 +185,7 @@ class Track:
     lost_frames: int = 0
     det: int | None = None  # the detection it matched on the current frame
     box: np.ndarray = field(default_factory=lambda: np.zeros(4))
+    seen_box: np.ndarray = field(default_factory=lambda: np.zeros(4))  # the last matched box (kept while lost)
     gallery: list[np.ndarray] = field(default_factory=list)  # unit-norm appearance embeddings, newest last
 
     def remember(self, embedding: np.ndarray, size: int) -> None:
@@ -230,7 +247,8 @@ class StreamTracker:
         low = np.flatnonzero(keep & (dets.scores < opts.high_threshold))
         active = [t for t in self.tracks if t.state in (CONFIRMED, LOST)]
         tentative = [t for t in self.tracks if t.state == TENTATIVE]
-        high_left = self._match(active, high, dets, opts.match_iou)
+        recent = [t for t in active if t.lost_frames <= opts.max_lost_frames]  # older ones: by appearance only
+        high_left = self._match(recent, high, dets, opts.match_iou)
         self._match([t for t in active if t.det is None and t.state == CONFIRMED], low, dets, opts.low_match_iou)
         if self._appearance(dets) and opts.reid_distance > 0:
             high_left = self._reidentify([t for t in active if t.det is None], high_left, dets)
@@ -252,7 +270,7 @@ class StreamTracker:
         from scipy.optimize import linear_sum_assignment
 
         distance = np.stack([t.appearance_distance(dets.embeddings[candidates]) for t in tracks])
-        allowed = distance <= self.options.reid_distance
+        allowed = (distance <= self.options.reid_distance) & self._plausible(tracks, dets.boxes[candidates])
         if self.options.class_aware:
             allowed &= np.array([[t.label == dets.classes[c] for c in candidates] for t in tracks])
         rows, cols = linear_sum_assignment(np.where(allowed, distance, 1e6))
@@ -260,9 +278,23 @@ class StreamTracker:
         for r, c in zip(rows, cols):
             if allowed[r, c]:
                 log.debug("track %s re-identified at distance %.3f", tracks[r].id, distance[r, c])
+                tracks[r].kalman = KalmanBox(dets.boxes[candidates[c]])  # its old velocity says nothing about now
                 self._update(tracks[r], int(candidates[c]), dets)
                 used.add(int(candidates[c]))
         return np.array([c for c in candidates if c not in used], dtype=int)
+
+    def _plausible(self, tracks: list[Track], boxes: np.ndarray) -> np.ndarray:
+        """(tracks, boxes): a box near enough to where each track was last seen, given the frames it has been lost,
+        and of a similar size (``reid_max_speed``, ``reid_max_scale``)."""
+        seen = np.stack([_xywh(t.seen_box) for t in tracks])
+        cand = np.stack([_xywh(b) for b in boxes])
+        size_seen, size_cand = np.sqrt(seen[:, 2] * seen[:, 3]), np.sqrt(cand[:, 2] * cand[:, 3])
+        ratio = size_cand[None, :] / size_seen[:, None]
+        scale = self.options.reid_max_scale
+        lost = np.array([t.lost_frames + 1 for t in tracks], dtype=float)
+        reach = (self.options.reid_max_speed * lost + 1.0) * np.maximum(size_seen, 1.0)
+        shift = np.hypot(cand[None, :, 0] - seen[:, None, 0], cand[None, :, 1] - seen[:, None, 1])
+        return (ratio <= scale) & (ratio >= 1.0 / scale) & (shift <= reach[:, None])
 
     def _match(self, tracks: list[Track], candidates: np.ndarray, dets: _Detections, min_iou: float) -> np.ndarray:
         """Match ``tracks`` to the ``candidates`` detections and update them; return the candidates left."""
@@ -297,7 +329,7 @@ class StreamTracker:
 
     def _update(self, track: Track, det: int, dets: _Detections) -> None:
         track.kalman.update(dets.boxes[det], self.noise)
-        track.box = dets.boxes[det]
+        track.box = track.seen_box = dets.boxes[det]
         track.det = det
         track.score = float(dets.scores[det])
         track.label = dets.classes[det]
@@ -325,7 +357,7 @@ class StreamTracker:
                 track.lost_frames += 1
                 track.state = LOST
                 track.box = track.kalman.box
-                if track.lost_frames > self.options.max_lost_frames:
+                if track.lost_frames > self._max_lost(track):
                     track.state = ENDED
                     ended.append(track)
                 else:
@@ -333,9 +365,16 @@ class StreamTracker:
         self.tracks = alive
         return ended
 
+    def _max_lost(self, track: Track) -> int:
+        """How long a track may stay lost: longer with a gallery to re-identify it by (``reid_max_lost_frames``)."""
+        opts = self.options
+        if opts.appearance_weight > 0 and opts.reid_distance > 0 and track.gallery:
+            return max(opts.max_lost_frames, opts.reid_max_lost_frames)
+        return opts.max_lost_frames
+
     def _start(self, index: int, det: int, dets: _Detections) -> None:
         track = Track(KalmanBox(dets.boxes[det]), dets.classes[det], float(dets.scores[det]), index, det=det,
-                      box=dets.boxes[det])
+                      box=dets.boxes[det], seen_box=dets.boxes[det])
         if dets.embeddings is not None and dets.clean[det]:
             track.remember(dets.embeddings[det], self.options.gallery_size)
         if self.options.confirm_hits <= 1:

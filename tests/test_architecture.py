@@ -124,6 +124,10 @@ def test_ray_is_imported_only_where_it_runs_and_started_in_one_place():
     assert importers <= RAY_MODULES, sorted(importers - RAY_MODULES)
     starters = sorted(m for m, p in MODULES.items() if "ray.init(" in p.read_text())
     assert starters == ["blinkflow.ray_session"]
+    # the runners, labelling and the benches own Ray through ray_session(); only training's long-lived
+    # actors (started with start_ray, closed by their owner) shut it down themselves
+    stoppers = {m for m, p in MODULES.items() if "ray.shutdown(" in p.read_text()}
+    assert stoppers <= {"blinkflow.ray_session", "blinkflow.models.training.sideways"}, sorted(stoppers)
 
 
 @pytest.mark.parametrize("module", ["blinkflow.stages.detect", "blinkflow.stages.base", "blinkflow.stages.gate"])

@@ -68,6 +68,31 @@ def test_invalid_choice_lists_the_allowed_values(tmp_path):
     assert message == "runtime.mode: 'turbo' is not one of 'archive' | 'live'"
 
 
+def test_a_source_setting_is_checked_against_its_type_naming_the_yaml_path(tmp_path):
+    message = error_of(tmp_path, "sources:\n  - type: synthetic\n  - type: file\n    path: x.mp4\n    reconnect_delay: 3\n")
+    assert message.startswith("sources.1.reconnect_delay: not an option of a 'file' source; it has: type, id, path, url, "
+                              "fps, resize, max_frames, decode_threads, queue_size, motion_vectors")
+    message = error_of(tmp_path, "sources:\n  - type: file\n    path: x.mp4\n    stall_timeout_s: 3\n")
+    assert message.startswith("sources.0.stall_timeout_s: not an option of a 'file' source (a setting of 'stream' sources)")
+    message = error_of(tmp_path, "sources:\n  - type: synthetic\n    url: rtsp://cam/x\n")
+    assert message == "sources.0.url: not an option of a 'synthetic' source; it opens no file or URL"
+    assert error_of(tmp_path, "sources:\n  - type: synthetic\n    seed: -1\n") == "sources.0.seed: -1 is out of range (0..2147483647)"
+    assert error_of(tmp_path, "sources:\n  - type: webcam\n").startswith("sources.0.type: 'webcam' is not one of 'dir'")
+
+
+def test_a_source_from_python_takes_its_types_settings_as_keywords():
+    import dataclasses
+
+    from blinkflow.config import SourceConfig
+
+    scene = SourceConfig(type="synthetic", fps=5, seed=3, num_frames=9)
+    assert (scene.fps, scene.options.seed, scene.options.num_frames, scene.options.width) == (5, 3, 9, 320)
+    moved = dataclasses.replace(scene, id="x")  # what labelling does per video
+    assert (moved.id, moved.options.seed) == ("x", 3)
+    with pytest.raises(ConfigError, match=r"^source\.seed: not an option of a 'file' source \(a setting of 'synthetic'"):
+        SourceConfig(type="file", path="a.mp4", seed=3)
+
+
 def test_missing_source_file_names_the_path(tmp_path):
     message = error_of(tmp_path, "sources:\n  - type: file\n    path: nope/missing.mp4\n")
     assert message == "sources.0.path: file 'nope/missing.mp4' does not exist"
@@ -156,7 +181,7 @@ def test_missing_config_file(tmp_path):
 def test_set_overrides_nested_values_and_list_items(tmp_path):
     path = write(tmp_path, "sources:\n  - type: synthetic\n    seed: 1\n")
     cfg = load_config(path, ["sources.0.seed=5", "gate.enabled=true", "stages.detect.batch=8"])
-    assert cfg.sources[0].seed == 5
+    assert cfg.sources[0].options.seed == 5
     assert cfg.gate.enabled is True
     assert cfg.stages["detect"].batch == 8
 

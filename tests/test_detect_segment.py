@@ -17,7 +17,7 @@ from blinkflow.models.formats import coco_to_detections, detections_to_coco
 from blinkflow.models.registry import model_names
 from blinkflow.config import StageConfig
 from blinkflow.errors import StageError
-from blinkflow.frame import Frame
+from blinkflow.frame import Frame, GateMark
 from blinkflow.stages.common import decode_class_map
 from blinkflow.stages.detect import Detect, DetectOptions
 from blinkflow.stages.segment import Segment, SegmentOptions
@@ -198,7 +198,7 @@ def test_detect_runs_one_forward_over_differently_sized_frames():
 def test_detect_skips_reused_and_failed_frames():
     detector = FixedDetector([[1, 1, 5, 5]], [1], [0.9])
     frames = make_frames(((48, 64), (48, 64), (48, 64)))
-    frames[0].meta["reuse_of"] = 7
+    frames[0].gate = GateMark(reuse_of=7)
     frames[2].fail("gate", "boom")
     results = detect_with(detector, frames=frames)
     assert detector.calls == [[(3, 48, 64)]]
@@ -208,7 +208,7 @@ def test_detect_skips_reused_and_failed_frames():
 def test_detect_skips_the_forward_when_no_frame_is_active():
     detector = FixedDetector([[1, 1, 5, 5]], [1], [0.9])
     frames = make_frames(((48, 64),))
-    frames[0].meta["reuse_of"] = 0
+    frames[0].gate = GateMark(reuse_of=0)
     assert detect_with(detector, frames=frames) == [None] and detector.calls == []
 
 
@@ -410,7 +410,7 @@ def test_segment_skips_reused_and_failed_frames():
     stage = make_stage(Segment, input_size=[32, 32])
     stage.model = HalvesSegmenter(len(stage.classes))
     frames = make_frames(((48, 64), (48, 64), (48, 64)))
-    frames[1].meta["reuse_of"] = 0
+    frames[1].gate = GateMark(reuse_of=0)
     frames[2].fail("detect", "boom")
     stage.process(frames)
     assert stage.model.calls == [(1, 3, 32, 32)]
@@ -552,3 +552,50 @@ def test_detect_runs_fp16_channels_last_on_cuda():
     segment.setup("cuda:0")
     for frame in segment.process(make_frames()):
         assert_segmentation_schema(frame.results["segment"], frame, segment.classes)
+
+
+class _CountingModel(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+        self.shapes: list[tuple] = []
+
+    def forward(self, batch):
+        self.shapes.append(tuple(batch.shape))
+        return self.conv(batch)
+
+
+def _counting_stage_class():
+    from blinkflow.stages.model_stage import ModelStage
+
+    class Counting(ModelStage):
+        """A new model stage is its own logic only: the base builds, places and warms the model up."""
+
+        name = "segment"
+
+        def build_model(self, spec):
+            return _CountingModel()
+
+        def warmup_inputs(self):
+            return (torch.zeros(1, 3, 8, 8, device=self._device),)
+
+    return Counting
+
+
+@pytest.mark.parametrize("warmup, calls", [(None, 0), (True, 1), (False, 0)])  # null: GPU only, so none on CPU
+def test_model_stage_base_sets_up_in_eval_mode_warms_up_when_asked_and_tears_down(warmup, calls):
+    stage = _counting_stage_class()(StageConfig(warmup=warmup, channels_last=True))
+    stage.setup("cpu")
+    assert not stage.model.training and stage.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert stage.model.shapes == [(1, 3, 8, 8)] * calls
+    with stage.inference():
+        assert torch.is_inference_mode_enabled()
+    stage.teardown()
+    assert stage.model is None
+
+
+def test_model_stage_turns_a_rejected_builder_argument_into_one_line_naming_the_yaml_path():
+    stage = Detect(StageConfig(model="ssdlite320_mobilenet_v3_large", options=DetectOptions(model_args={"bogus": 1})))
+    with pytest.raises(StageError, match=r"^stages\.detect\.options\.model_args: ssdlite320_mobilenet_v3_large "
+                                         r"rejected \['bogus'\]"):
+        stage.setup("cpu")

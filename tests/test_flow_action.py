@@ -13,7 +13,7 @@ from blinkflow.models.classes import SYNTHETIC_ACTIONS
 from blinkflow.models.registry import build_model, model_names
 from blinkflow.config import StageConfig
 from blinkflow.errors import BlinkflowError, StageError
-from blinkflow.frame import Frame
+from blinkflow.frame import Frame, GateMark
 
 torch = pytest.importorskip("torch")
 
@@ -119,7 +119,7 @@ def test_flow_stage_keeps_the_previous_frame_across_calls(name):
 def test_flow_pairs_skip_reused_frames_and_separate_streams():
     stage = make_flow_stage()
     a, b = make_frames(3, "a"), make_frames(2, "b")
-    a[1].meta["reuse_of"] = 0
+    a[1].gate = GateMark(reuse_of=0)
     stage.process([a[0], b[0], a[1], b[1], a[2]])
     assert "flow" not in a[1].results and "flow" not in b[0].results
     assert a[2].results["flow"]["pair"] == [0, 2]
@@ -196,7 +196,7 @@ def test_action_stage_labels_a_full_clip(name):
 def test_action_returns_every_frame_once_in_order_with_a_covering_window():
     stage = make_action_stage(clip_len=4, stride=2)
     frames = make_frames(11, height=32, width=32)
-    frames[4].meta["reuse_of"] = 3
+    frames[4].gate = GateMark(reuse_of=3)
     frames[6].fail("detect", "boom")
     returned = []
     for batch in (frames[0:3], frames[3:4], frames[4:8], frames[8:11]):

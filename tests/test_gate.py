@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from blinkflow.config import GateConfig, load_config
-from blinkflow.frame import Frame
+from blinkflow.frame import Frame, GateMark
 from blinkflow.skip import (
     CarryOver,
     box_f1,
@@ -44,10 +44,10 @@ def test_identical_frames_give_one_processed_frame_per_max_reuse_interval():
     frames = gate.process(frames_of([textured()] * 15))
     processed = [f.index for f in frames if not f.is_reused]
     assert processed == [0, 5, 10]
-    assert [f.meta.get("reuse_of") for f in frames[1:5]] == [0, 0, 0, 0]
-    assert all(f.results["gate"]["keyframe"] == f.meta["reuse_of"] for f in frames if f.is_reused)
+    assert [f.mark.reuse_of for f in frames[1:5]] == [0, 0, 0, 0]
+    assert all(f.results["gate"]["keyframe"] == f.gate.reuse_of for f in frames if f.is_reused)
     # the forced refreshes are audits of the keyframe they would have copied
-    assert [f.meta.get("audit_of") for f in frames if f.index in (5, 10)] == [0, 5]
+    assert [f.mark.audit_of for f in frames if f.index in (5, 10)] == [0, 5]
     assert frames[5].results["gate"]["reason"] == "max_reuse"
 
 
@@ -96,7 +96,7 @@ def test_a_refresh_does_not_pay_for_lighting(lighting):
     if lighting:
         assert decisions(frames) == ["keyframe"] + ["reuse"] * 5
     else:
-        assert refreshes and len(refreshes[0].meta["tiles"]["changed"]) > 8  # most tiles got brighter by 6 levels
+        assert refreshes and len(refreshes[0].gate.tiles["changed"]) > 8  # most tiles got brighter by 6 levels
 
 
 def test_a_cut_forces_a_refresh_even_with_a_permissive_threshold():
@@ -104,7 +104,7 @@ def test_a_cut_forces_a_refresh_even_with_a_permissive_threshold():
     frames = gate.process(frames_of([textured(seed=1)] * 3 + [textured(seed=2)] * 2))
     assert decisions(frames) == ["keyframe", "reuse", "reuse", "keyframe", "reuse"]
     assert frames[3].results["gate"]["reason"] == "cut"
-    assert frames[4].meta["reuse_of"] == 3
+    assert frames[4].gate.reuse_of == 3
 
 
 def test_a_stream_restart_forces_a_refresh():
@@ -113,7 +113,7 @@ def test_a_stream_restart_forces_a_refresh():
     gate.process(frames_of([image] * 4))
     again = gate.process(frames_of([image] * 2))  # indices start over at 0
     assert again[0].results["gate"]["reason"] == "restart"
-    assert again[1].meta["reuse_of"] == 0
+    assert again[1].gate.reuse_of == 0
 
 
 def test_codec_noise_is_not_change_but_a_moving_patch_is():
@@ -161,13 +161,13 @@ def test_a_local_change_is_a_partial_frame_that_names_its_tiles():
     gate = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=0, max_reuse=100))
     frames = gate.process(frames_of([image, changed, changed]))
     assert decisions(frames) == ["keyframe", "partial", "reuse"]
-    assert frames[1].meta["tiles"] == {"grid": [4, 4], "changed": [15], "base": 0}
-    assert frames[0].meta["tiles"]["changed"] is None  # a keyframe: the segment stage runs in full
-    assert frames[2].meta["reuse_of"] == 1  # the partial frame is the new reference
+    assert frames[1].gate.tiles == {"grid": [4, 4], "changed": [15], "base": 0}
+    assert frames[0].gate.tiles["changed"] is None  # a keyframe: the segment stage runs in full
+    assert frames[2].gate.reuse_of == 1  # the partial frame is the new reference
     # with a margin, the neighbours of the changed tile are recomputed too
     gate = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=1, partial_max=0.5, max_reuse=100))
     frames = gate.process(frames_of([image, changed]))
-    assert frames[1].meta["tiles"]["changed"] == [10, 11, 14, 15]
+    assert frames[1].gate.tiles["changed"] == [10, 11, 14, 15]
 
 
 def test_tiles_with_only_a_few_changed_pixels_are_noise_not_change():
@@ -228,7 +228,7 @@ def test_tile_recompute_matches_a_full_recompute(segmenter):
     frames = segmenter.process(gate.process(frames_of([image, changed])))
     assert frames[1].results["gate"]["decision"] == "partial"
     tiles = frames[1].results["segment"]["tiles"]
-    assert tiles["recomputed"] == len(frames[1].meta["tiles"]["changed"]) < 12
+    assert tiles["recomputed"] == len(frames[1].gate.tiles["changed"]) < 12
     assert tiles["area"] < 1.0
     patched = decode_class_map(frames[1].results["segment"]["mask"]["data"])
     full = frames_of([changed], stream="fresh")[0]
@@ -243,7 +243,7 @@ def test_tile_recompute_matches_a_full_recompute(segmenter):
 def test_segment_recomputes_in_full_without_its_cached_base(segmenter):
     image = textured(96, 128, seed=5)
     frame = frames_of([image], stream="nocache", start=3)[0]
-    frame.meta["tiles"] = {"grid": [3, 4], "changed": [0], "base": 2}  # base 2 was never seen here
+    frame.gate = GateMark(tiles={"grid": [3, 4], "changed": [0], "base": 2})  # base 2 was never seen here
     segmenter.process([frame])
     assert "tiles" not in frame.results["segment"]
 
@@ -562,9 +562,9 @@ class _Out:
     """A frame as OrderedOutput hands it to the carry-over."""
 
     @staticmethod
-    def frame(index, results, meta=None):
+    def frame(index, results, mark=None):
         frame = Frame(stream_id="s", index=index, pts=0.0, image=np.zeros((32, 48, 3), dtype=np.uint8))
-        frame.results, frame.meta = results, meta or {}
+        frame.results, frame.gate = results, mark
         return frame
 
 
@@ -572,17 +572,17 @@ def test_an_audit_is_scored_and_its_agreement_goes_back_after_the_lag():
     carry = CarryOver(motion="off", lag=3, adaptive=True)
     keyframe = {"gate": {"decision": "keyframe"}, "detect": {"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [1, 1]}}
     fresh = {"gate": {"decision": "keyframe", "reason": "audit"}, "detect": {"boxes": [[0, 0, 10, 10]], "labels": [1]}}
-    audit = _Out.frame(5, fresh, {"audit_of": 0})
+    audit = _Out.frame(5, fresh, GateMark(audit_of=0))
     carry.observe(audit, keyframe)
     assert audit.results["audit"] == {"agreement": pytest.approx(2 / 3), "boxes_f1": pytest.approx(2 / 3), "audit_of": 0}
     early, due = _Out.frame(7, {}), _Out.frame(8, {})
     assert not carry.ready_for(early, next_index=4) and carry.ready_for(early, next_index=5)
     carry.attach_feedback([early, due])
-    assert "audit_feedback" not in early.meta
-    assert due.meta["audit_feedback"] == [(5, pytest.approx(2 / 3))]
+    assert early.mark.feedback is None
+    assert due.gate.feedback == [(5, pytest.approx(2 / 3))]
     later = _Out.frame(9, {})
     carry.attach_feedback([later])
-    assert "audit_feedback" not in later.meta  # each audit goes back once
+    assert later.mark.feedback is None  # each audit goes back once
 
 
 def test_the_adaptive_threshold_moves_in_the_right_direction():
@@ -591,26 +591,26 @@ def test_the_adaptive_threshold_moves_in_the_right_direction():
     gate = Gate(cfg)
     image = textured()
     frames = gate.process(frames_of([image] * 4))
-    assert frames[3].meta["audit_of"] == 0  # the max_reuse refresh is an audit
+    assert frames[3].gate.audit_of == 0  # the max_reuse refresh is an audit
     good = frames_of([image], start=4)[0]
-    good.meta["audit_feedback"] = [(3, 1.0)]
+    good.gate = GateMark(feedback=[(3, 1.0)])
     gate.process([good])
     # met the target at no change at all: that shows nothing about reusing more change, so no raise (audits of
     # an empty room used to double the threshold until the people who walked in later were reused)
     assert good.results["gate"]["threshold"] == pytest.approx(0.02)
     gate.streams["s"].pending_audits[40] = 0.018
     good = frames_of([image], start=5)[0]
-    good.meta["audit_feedback"] = [(40, 1.0)]
+    good.gate = GateMark(feedback=[(40, 1.0)])
     gate.process([good])
     assert good.results["gate"]["threshold"] == pytest.approx(0.027)  # up to adapt_up x the change it held at
     gate.streams["s"].pending_audits[42] = 0.5
     good = frames_of([image], start=6)[0]
-    good.meta["audit_feedback"] = [(42, 1.0)]
+    good.gate = GateMark(feedback=[(42, 1.0)])
     gate.process([good])
     assert good.results["gate"]["threshold"] == pytest.approx(0.0405)  # at most adapt_up x the threshold
     gate.streams["s"].threshold = 0.02
     bad = frames_of([image], start=7)[0]
-    bad.meta["audit_feedback"] = [(3, 0.5)]  # (an audit reported twice still counts, without its change)
+    bad.gate = GateMark(feedback=[(3, 0.5)])  # (an audit reported twice still counts, without its change)
     gate.process([bad])
     # missed it: skip less, but a miss at a change the configured threshold reuses anyway (drift below the
     # signal) does not take the threshold below the configured one
@@ -620,7 +620,7 @@ def test_the_adaptive_threshold_moves_in_the_right_direction():
     def miss_at(index, change):  # an audit of a frame that changed by ``change`` missed the target
         state.pending_audits[index] = change
         frame = frames_of([image], start=index)[0]
-        frame.meta["audit_feedback"] = [(index, 0.0)]
+        frame.gate = GateMark(feedback=[(index, 0.0)])
         gate.process([frame])
         return frame.results["gate"]["threshold"]
 
@@ -633,7 +633,7 @@ def test_the_adaptive_threshold_moves_in_the_right_direction():
 def test_a_non_adaptive_gate_keeps_its_threshold():
     gate = Gate(GateConfig(enabled=True, threshold=0.02))
     frame = frames_of([textured()])[0]
-    frame.meta["audit_feedback"] = [(0, 0.1)]
+    frame.gate = GateMark(feedback=[(0, 0.1)])
     gate.process([frame])
     assert frame.results["gate"]["threshold"] == 0.02
 
@@ -659,13 +659,13 @@ def test_a_stage_past_its_refresh_bound_runs_alone_on_a_frame_the_gate_would_reu
     assert decisions(frames) == ["keyframe", "reuse", "reuse", "reuse", "refresh", "reuse", "reuse", "reuse",
                                  "refresh", "reuse", "reuse", "keyframe"]
     refresh = frames[4]
-    assert refresh.meta["refresh"] == ["segment"] and refresh.meta["audit_of"] == 0
+    assert refresh.gate.refresh == ["segment"] and refresh.gate.audit_of == 0
     assert refresh.results["gate"]["stages"] == ["segment"] and refresh.results["gate"]["keyframe"] == 0
     assert refresh.runs("segment") and not refresh.runs("detect") and not refresh.runs("action")
-    assert [f.meta.get("reuse_of") for f in frames[5:8]] == [4, 4, 4]  # later frames copy the refresh
-    assert frames[8].meta["audit_of"] == 4
+    assert [f.mark.reuse_of for f in frames[5:8]] == [4, 4, 4]  # later frames copy the refresh
+    assert frames[8].gate.audit_of == 4
     # the other stages were carried over through both refreshes: max_reuse still bounds them
-    assert frames[11].results["gate"]["reason"] == "max_reuse" and frames[11].meta["audit_of"] == 8
+    assert frames[11].results["gate"]["reason"] == "max_reuse" and frames[11].gate.audit_of == 8
 
 
 def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_reference():
@@ -678,8 +678,8 @@ def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_re
     images = drifting(14, height=96, width=128)
     first = gate.process(frames_of(images[:4]))
     assert decisions(first) == ["keyframe", "reuse", "reuse", "refresh"]
-    assert first[3].meta["tiles"]["changed"] == [0, 4]  # the tiles the square drifted in, no others
-    assert first[3].meta["tiles"]["base"] == 0 and "bases" not in first[3].meta["tiles"]  # the segmenter's cache
+    assert first[3].gate.tiles["changed"] == [0, 4]  # the tiles the square drifted in, no others
+    assert first[3].gate.tiles["base"] == 0 and "bases" not in first[3].gate.tiles  # the segmenter's cache
     state = gate.streams["s"]
     key, now = gray_signal(images[0], 4), gray_signal(images[3], 4)
     assert np.array_equal(state.reference, key)  # what the carried-over detector still represents
@@ -690,7 +690,7 @@ def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_re
     assert np.array_equal(state.stage_refs["segment"], expected)
     rest = gate.process(frames_of(images[4:], start=4))
     second = next(f for f in rest if f.results["gate"]["decision"] == "refresh")
-    assert second.meta["tiles"]["bases"] == {"segment": 3}  # it patches the map of its own last run
+    assert second.gate.tiles["bases"] == {"segment": 3}  # it patches the map of its own last run
     # the drift keeps adding up against the frame reference: the detector gets its partial frame
     assert "partial" in decisions(rest) and "refresh" in decisions(rest)
 
@@ -717,7 +717,7 @@ def test_a_refresh_leaves_out_tiles_whose_change_is_noise_that_does_not_add_up(f
     assert [f.index for f in refreshes] == [4, 8]
     flicker_tiles = {10, 11, 14, 15}
     for refresh in refreshes:
-        tiles = set(refresh.meta["tiles"]["changed"])
+        tiles = set(refresh.gate.tiles["changed"])
         assert {0, 4} <= tiles  # the drifting square is always refreshed
         assert bool(tiles & flicker_tiles) == flicker_refreshed
 
@@ -737,7 +737,7 @@ def test_a_partial_frame_builds_on_each_stages_own_last_run():
     moved[36:48, 48:64] = 250  # a real local change in one corner
     frames = gate.process(frames_of(images + [moved]))
     assert decisions(frames) == ["keyframe", "reuse", "reuse", "refresh", "partial"]
-    tiles = frames[4].meta["tiles"]
+    tiles = frames[4].gate.tiles
     assert tiles["base"] == 0  # the last frame every stage ran on: the detector's cache
     assert tiles["bases"] == {"segment": 3}  # the segmenter's cache is the refresh
 
@@ -749,7 +749,7 @@ def test_adapt_bounds_moves_the_refreshed_stages_bound():
     frames = gate.process(frames_of(drifting(6)))
     assert decisions(frames)[5] == "refresh"
     bad = frames_of(drifting(7)[6:], start=6)[0]
-    bad.meta["audit_feedback"] = [(5, 0.5)]  # 5 frames stale: 0.1 lost a frame, far over the budget
+    bad.gate = GateMark(feedback=[(5, 0.5)])  # 5 frames stale: 0.1 lost a frame, far over the budget
     gate.process([bad])
     state = gate.streams["s"]
     assert state.bounds == {"segment": 3} and state.threshold == 0.5  # missed: one frame less
@@ -757,7 +757,7 @@ def test_adapt_bounds_moves_the_refreshed_stages_bound():
     later = gate.process(frames_of(images[7:10], start=7))
     assert decisions(later) == ["reuse", "reuse", "refresh"]  # stale for 3 frames now (6 was one of them)
     good = frames_of(images[10:11], start=10)[0]
-    good.meta["audit_feedback"] = [(9, 1.0)]
+    good.gate = GateMark(feedback=[(9, 1.0)])
     gate.process([good])
     assert state.bounds == {"segment": 4}  # met: one frame more
     # every stage passing, but the refresh held at a change far below the threshold: no evidence for more
@@ -775,7 +775,7 @@ def _refreshed_once(bound: int, score: float, **cfg_overrides):
     frames = gate.process(frames_of(images[: bound + 2]))
     assert decisions(frames)[bound + 1] == "refresh"
     feedback = frames_of(images[bound + 2:], start=bound + 2)[0]
-    feedback.meta["audit_feedback"] = [(bound + 1, score)]
+    feedback.gate = GateMark(feedback=[(bound + 1, score)])
     gate.process([feedback])
     return gate
 
@@ -808,9 +808,9 @@ def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a
                      refresh={"segment": 2, "detect": 3}, tiles=None, adapt_bounds=False, agreement_target=0.95, adapt_up=2.0)
     gate = Gate(cfg)
     frames = frames_of(drifting(10))
-    frames[5].meta["audit_feedback"] = [(3, 0.5)]  # the segmenter's refresh at 3 missed
-    frames[7].meta["audit_feedback"] = [(4, 1.0)]  # the detector's at 4 met, but the segmenter's last one missed
-    frames[9].meta["audit_feedback"] = [(6, 1.0)]  # the segmenter's at 6 met: every stage passes now
+    frames[5].gate = GateMark(feedback=[(3, 0.5)])  # the segmenter's refresh at 3 missed
+    frames[7].gate = GateMark(feedback=[(4, 1.0)])  # the detector's at 4 met, but the segmenter's last one missed
+    frames[9].gate = GateMark(feedback=[(6, 1.0)])  # the segmenter's at 6 met: every stage passes now
     state = gate.streams
     gate.process(frames[:7])
     state["s"].pending_audits[4] = 0.19  # as if the refreshes were seen at a change near the threshold
@@ -818,7 +818,7 @@ def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a
     state["s"].pending_audits[6] = 0.19
     gate.process(frames[9:])
     thresholds = [f.results["gate"]["threshold"] for f in frames]
-    assert [f.meta.get("refresh") for f in frames[3:7]] == [["segment"], ["detect"], None, ["segment"]]
+    assert [f.mark.refresh for f in frames[3:7]] == [["segment"], ["detect"], None, ["segment"]]
     # a miss is drift below the pixel signal, which a lower threshold cannot see: the threshold stays
     assert thresholds[:9] == [0.2] * 9
     assert thresholds[9] == pytest.approx(0.38)  # adapt_up x the change the audit held at (less than 2 x 0.2)
@@ -838,7 +838,7 @@ def test_a_refresh_audit_scores_only_the_stages_that_ran():
     fresh_map = np.zeros((8, 8), np.uint8)
     fresh_map[:4] = 1
     refresh = _Out.frame(4, {"gate": {"decision": "refresh", "stages": ["segment"]},
-                             "segment": _segment_result(fresh_map)}, {"audit_of": 0, "refresh": ["segment"]})
+                             "segment": _segment_result(fresh_map)}, GateMark(audit_of=0, refresh=["segment"]))
     carry.fill(refresh, keyframe)
     assert refresh.results["detect"] == keyframe["detect"]  # carried: the detector did not run
     assert refresh.results["segment"]["mask"] != keyframe["segment"]["mask"]  # fresh: kept
@@ -1101,9 +1101,48 @@ def test_frames_close_to_the_threshold_are_audited_where_the_gate_is_least_sure(
     # 9: uncertain again, 1 reuse since
     assert decisions(frames) == ["keyframe", "reuse", "reuse", "reuse", "keyframe", "reuse", "reuse", "keyframe", "reuse",
                                  "reuse"]
-    audits = [f for f in frames if f.meta.get("audit_of") is not None]
+    audits = [f for f in frames if f.mark.audit_of is not None]
     assert [f.index for f in audits] == [4, 7] and all(f.results["gate"]["reason"] == "uncertain" for f in audits)
     assert 0.05 <= frames[4].results["gate"]["changed"] < 0.1
     quiet = Gate(GateConfig(enabled=True, threshold=0.1, tiles=None, max_reuse=100, audit_uncertain=0.0, refresh={},
                             adaptive=False, lighting=False))
     assert decisions(quiet.process(frames_of([base, base, base, base, nudged]))) == ["keyframe"] + ["reuse"] * 4
+
+
+def test_the_carry_over_moves_and_audits_each_result_as_its_stage_declares():
+    """No stage names in the carry-over: a stage registered now is moved and scored by its own methods."""
+    from blinkflow.registry import stages as stage_registry
+    from blinkflow.skip import agreement, compensate
+    from blinkflow.stages.base import Stage
+
+    class Drifting(Stage):
+        name = "drifting_test"
+
+        @staticmethod
+        def follow_motion(result, motion, height, width):
+            return {"x": result["x"] + float(motion[..., 0].mean())}
+
+        @staticmethod
+        def agreement(carried, fresh):
+            return {"x_match": float(carried["x"] == fresh["x"])}
+
+    motion = np.full((4, 6, 2), 2.0, np.float32)
+    stage_registry.names()  # load the registered stages first, so the test stage is the only addition
+    stage_registry.register(Drifting.name)(Drifting)
+    try:
+        moved = compensate({"drifting_test": {"x": 1.0}, "flow": {"pair": [0, 1]}, "audit": {}}, motion, 32, 48)
+        assert moved == {"drifting_test": {"x": 3.0}, "flow": {"pair": [0, 1]}, "audit": {}}  # flow: carried as is
+        assert agreement(moved, {"drifting_test": {"x": 3.0}}) == {"x_match": 1.0, "score": 1.0}
+        assert agreement(moved, {"drifting_test": {"x": 3.0}}, stages=["detect"]) is None  # not a refreshed stage
+    finally:
+        stage_registry._items.pop(Drifting.name)
+
+
+def test_a_frame_keeps_its_gate_mark_through_pickling_as_ray_sends_it():
+    import pickle
+
+    mark = GateMark(reuse_of=4, motion=np.ones((2, 3, 2), np.float16), tiles={"grid": [2, 2], "changed": [1], "base": 4})
+    frame = Frame("s", 6, 0.2, np.zeros((8, 8, 3), np.uint8), gate=mark)
+    back = pickle.loads(pickle.dumps(frame))
+    assert back.is_reused and not back.runs("detect") and back.gate.tiles == mark.tiles
+    assert np.array_equal(back.gate.motion, mark.motion) and back.finish().reuse_of == 4

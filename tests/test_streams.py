@@ -205,8 +205,8 @@ def test_stream_url_needs_a_supported_scheme():
 
 
 def test_overflow_follows_the_runtime_mode():
-    assert stream_config("rtsp://cam/x", mode="live").sources[0].overflow == "drop_oldest"
-    assert stream_config("rtsp://cam/x", mode="archive").sources[0].overflow == "block"
+    assert stream_config("rtsp://cam/x", mode="live").sources[0].options.overflow == "drop_oldest"
+    assert stream_config("rtsp://cam/x", mode="archive").sources[0].options.overflow == "block"
 
 
 def test_backoff_grows_exponentially_within_its_jitter_and_cap():

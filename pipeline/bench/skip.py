@@ -422,7 +422,7 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
         truth = scene.render(index)
         frame = gate.process([Frame("synthetic", index, 0.0, truth.image)])[0]
         fresh_boxes = {"boxes": truth.boxes.tolist(), "labels": truth.labels.tolist()}
-        decision, changed = frame.results["gate"]["decision"], (frame.meta.get("tiles") or {}).get("changed")
+        decision, changed = frame.results["gate"]["decision"], (frame.mark.tiles or {}).get("changed")
         ran = frame.results["gate"]["stages"] if decision == "refresh" else ("detect", "segment")
         if decision in ("partial", "refresh") and changed:
             height, width = truth.semantic.shape

@@ -43,10 +43,11 @@ from typing import Any, Callable
 
 from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
-from blinkflow.errors import BlinkflowError, StageError
+from blinkflow.errors import BlinkflowError, ConfigError, StageError
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.graph import StageSpec, build_driver_graph, build_graph
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
+from blinkflow.ray_session import ray_session
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import OrderedOutput, RunSummary, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
@@ -170,25 +171,21 @@ class RayRunner:
         self.actor_stats = ActorStats(self.metrics)
         self.drains: dict[tuple[int, int], Any] = {}
         self.next_poll = 0.0
-        owns_ray = init_ray(self.cfg, self.specs)
-        try:
-            self.pools = self._start_pools()
-            setup_s = time.perf_counter() - started
-            self.metrics.on_ready(True)
-            self._pump()
-            self.output.close()
-            stats = self._collect_stats()
-        except BaseException:
-            for sink in self.sinks:
-                sink.abort()
-            raise
-        finally:
-            self.metrics.on_ready(False)
-            self._stop_pools()
-            if owns_ray:
-                import ray
-
-                ray.shutdown()
+        with ray_session(*ray_cluster(self.cfg, self.specs)):
+            try:
+                self.pools = self._start_pools()
+                setup_s = time.perf_counter() - started
+                self.metrics.on_ready(True)
+                self._pump()
+                self.output.close()
+                stats = self._collect_stats()
+            except BaseException:
+                for sink in self.sinks:
+                    sink.abort()
+                raise
+            finally:
+                self.metrics.on_ready(False)
+                self._stop_pools()
         for sink in self.sinks:
             sink.close()
         self.accounting.check()
@@ -204,6 +201,7 @@ class RayRunner:
     def _start_pools(self) -> list[StagePool]:
         import ray
 
+        check_room_for_actors(self.cfg, self.specs, ray.cluster_resources())
         actor_cls = ray.remote(StageActorImpl)
         pools = []
         for spec in self.specs:
@@ -497,20 +495,46 @@ def _put(value: Any) -> Any:
     return ray.put(value)
 
 
-def init_ray(cfg: Config, specs: list[StageSpec]) -> bool:
-    """Connect to ``runtime.address`` or start a private local instance; return True if we started it."""
-    from blinkflow.ray_session import start_ray
-
-    return start_ray(*ray_cluster(cfg, specs))
-
-
 def ray_cluster(cfg: Config, specs: list[StageSpec]) -> tuple[str | None, float | None]:
     """(address, CPUs) for ``ray_session``: the configured cluster, or a local one sized for the stage actors."""
     if cfg.runtime.address:
         return cfg.runtime.address, None
-    wanted = sum(
-        getattr(getattr(s.cfg, "resources", None), "num_cpus", 1.0) * getattr(s.cfg, "replicas", 1)
-        * (1 + (depth_parallel_of(s) if depth_parallel_of(s) > 1 else 0))  # the stage actor plus its slice actors
-        for s in specs
-    )
-    return None, cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(wanted + 0.999))
+    return None, cfg.runtime.num_cpus or max(os.cpu_count() or 1, int(_actor_needs(specs)["CPU"] + 0.999))
+
+
+def _actor_needs(specs: list[StageSpec]) -> dict[str, float]:
+    """CPUs and GPUs the stage actors reserve together (a depth-parallel stage adds its slice actors)."""
+    needs = {"CPU": 0.0, "GPU": 0.0}
+    for _name, copies, cpus, gpus in _actors(specs):
+        needs["CPU"] += cpus * copies
+        needs["GPU"] += gpus * copies
+    return needs
+
+
+def _actors(specs: list[StageSpec]) -> list[tuple[str, int, float, float]]:
+    """(stage, actors, CPUs and GPUs per actor) of each stage."""
+    rows = []
+    for spec in specs:
+        resources = getattr(spec.cfg, "resources", None)
+        copies = getattr(spec.cfg, "replicas", 1) * (1 + (depth_parallel_of(spec) if depth_parallel_of(spec) > 1 else 0))
+        rows.append((spec.name, copies, resources.num_cpus if resources else 1.0,
+                     resources.num_gpus if resources else 0.0))
+    return rows
+
+
+def check_room_for_actors(cfg: Config, specs: list[StageSpec], cluster: dict[str, float]) -> None:
+    """Ray waits forever for room to place an actor; a local instance too small for the stage actors is a
+    config mistake, said at once in one line. A remote cluster may grow (an autoscaler), so only a warning."""
+    short = {kind: (need, cluster.get(kind, 0.0)) for kind, need in _actor_needs(specs).items()
+             if need > cluster.get(kind, 0.0) + 1e-9}
+    if not short:
+        return
+    said = ", ".join(f"{need:g} {kind}s but the cluster has {have:g}" for kind, (need, have) in short.items())
+    stages = ", ".join(f"{name} {copies} x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
+                       for name, copies, cpus, gpus in _actors(specs))
+    if cfg.runtime.address:
+        log.warning("the stage actors reserve %s; they wait until the cluster has room (%s)", said, stages)
+        return
+    fix = "raise runtime.num_cpus" if "CPU" in short else "run on a machine with GPUs or set resources.num_gpus: 0"
+    raise ConfigError(f"runtime: the stage actors reserve {said} ({stages}), so Ray would wait forever to place "
+                      f"them; {fix}, or lower the stages' replicas or resources")
