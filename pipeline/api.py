@@ -68,12 +68,16 @@ def _copied(raw: dict) -> dict:
 def run(config: Any, /, **overrides: Any) -> Iterator[dict]:
     """Run a pipeline; yield one record per decoded frame, in order per stream, as they complete.
 
-    The config's own sinks still write their files. Stopping the iteration early stops the run.
+    The config's own sinks still write their files. Stopping the iteration early (``break``, or an
+    exception such as Ctrl-C's KeyboardInterrupt in the loop, once the generator is closed) stops the
+    run gracefully: no further frame is read, the frames in flight finish and the sinks commit.
+    Wrap the call in ``contextlib.closing`` to close it at once where the generator may outlive the
+    loop (a notebook keeps a traceback's frames).
     """
     cfg = load_config(config, **overrides)
     results: queue.Queue = queue.Queue(maxsize=BUFFERED_RECORDS)
-    stop = threading.Event()
-    worker = threading.Thread(target=_pump, args=(cfg, results, stop), name="blinkflow-run", daemon=True)
+    stopper = _Stopper(_hub_for(cfg))
+    worker = threading.Thread(target=_pump, args=(cfg, results, stopper), name="blinkflow-run", daemon=True)
     worker.start()
     try:
         while True:
@@ -85,30 +89,46 @@ def run(config: Any, /, **overrides: Any) -> Iterator[dict]:
             else:
                 return
     finally:
-        stop.set()
+        stopper.stop()
         _drain(results, worker)
 
 
-class _Stopped(Exception):
-    """Raised inside the pipeline thread when the consumer stopped iterating."""
+class _Stopper:
+    """The consumer's graceful stop: no new frame from files (the runner's ``stop``) or streams (the hub)."""
+
+    def __init__(self, hub: Any) -> None:
+        self.hub, self.event = hub, threading.Event()
+
+    def stop(self) -> None:
+        self.event.set()
+        if self.hub is not None:
+            self.hub.close(stop_streams=True)
 
 
-def _pump(cfg: Any, results: queue.Queue, stop: threading.Event) -> None:
+def _hub_for(cfg: Any) -> Any:
+    """A hub for the config's stream sources, owned here so a stop can end them (None without any)."""
+    if not any(source.type == "stream" for source in cfg.sources):
+        return None
+    from blinkflow.streams import StreamHub
+
+    return StreamHub(mode=cfg.runtime.mode, defaults=cfg.control.stream_defaults)
+
+
+def _pump(cfg: Any, results: queue.Queue, stopper: _Stopper) -> None:
     from blinkflow.runners import get_runner
     from blinkflow.sinks import build_sinks, to_record
 
     def deliver(result: Any) -> None:
-        if stop.is_set():
-            raise _Stopped()
-        results.put(("record", to_record(result)))
+        if not stopper.event.is_set():  # after a stop the consumer is gone; the config's sinks still get it
+            results.put(("record", to_record(result)))
 
     try:
-        summary = get_runner(cfg.runtime.runner)(cfg, sinks=build_sinks(cfg.sinks), on_result=deliver).run()
+        runner = get_runner(cfg.runtime.runner)(cfg, sinks=build_sinks(cfg.sinks), on_result=deliver,
+                                                hub=stopper.hub, stop=stopper.event)
+        summary = runner.run()
         errors = summary.accounting.source_errors
         # an input that failed (a bad frame, a corrupt file) ends its stream; the caller hears of it, once
         results.put(("error", SourceError(errors[0])) if errors else ("done", None))
-    except _Stopped:
-        results.put(("done", None))
     except BaseException as exc:  # noqa: BLE001 - handed to the consumer's thread, raised there
         results.put(("error", exc))
 

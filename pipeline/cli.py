@@ -88,6 +88,9 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _setup_logging(verbosity: int) -> None:
     level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from blinkflow.redact import install_log_redaction
+
+    install_log_redaction()  # every log line of every run, not only of runs with streams
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -149,12 +152,14 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
             summary = runner.run()
         finally:
             signals.restore()
-    print("\n".join(summary.lines() + (hub.summary_lines() if hub is not None else [])))
+    from blinkflow.redact import redact_obj, redact_text
+
+    print(redact_text("\n".join(summary.lines() + (hub.summary_lines() if hub is not None else []))))
     interrupted = signals.received
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         interruption = {"interrupted": signal.Signals(interrupted).name} if interrupted else {}
-        summary_json.write_text(json.dumps(summary.to_dict() | interruption, indent=2) + "\n")
+        summary_json.write_text(json.dumps(redact_obj(summary.to_dict() | interruption), indent=2) + "\n")
     if interrupted:
         print(f"blinkflow: interrupted by {signal.Signals(interrupted).name}: {summary.totals['decoded']} frames done "
               "and written, outputs committed; the rest of the input was not read", file=sys.stderr)

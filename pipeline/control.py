@@ -29,6 +29,7 @@ from urllib.parse import unquote
 from blinkflow.control_guard import ControlGuard, Refused, content_length
 from blinkflow.errors import ConfigError, SourceError
 from blinkflow.http_service import HTTPService
+from blinkflow.redact import redact_obj
 from blinkflow.streams import RecorderBridge, StreamHub, redact_text
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTT
             except (TimeoutError, ConnectionError):
                 self.close_connection = True  # a stalled or vanished client: nothing to answer
                 return
-            body = (json.dumps(reply, indent=1) + "\n").encode()
+            body = (json.dumps(redact_obj(reply), indent=1) + "\n").encode()  # every reply, scrubbed in one place
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))

@@ -19,6 +19,12 @@ present with matching checksums; a missing or changed output is redone. A
 corrupt or unreadable video is recorded as ``failed`` and the others go on;
 the exit code is 1 when any video failed. ``summary.json`` (and the printed
 table) give per-video frames, outcomes, time and fps.
+
+Interrupted (SIGINT/SIGTERM): the first signal starts no further video; the
+videos in progress finish and are recorded, ``summary.json`` lists the rest as
+``not_started`` and the run exits 128 + the signal (130, 143). A re-run goes on
+with them. A second signal aborts at once, as a crash would (the re-run redoes
+the videos that were in progress).
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -41,6 +49,7 @@ from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError
 from blinkflow.files import sha256_bytes, sha256_file, write_atomic
+from blinkflow.redact import redact_obj, redact_text
 from blinkflow.sinks import JsonlSink, to_record
 
 log = logging.getLogger(__name__)
@@ -53,6 +62,8 @@ OUTPUT_NAMES = {"jsonl": "{id}.jsonl", "coco": "{id}.coco.json", "mp4": "{id}.mp
 #: written beside the others when the config runs the events stage (docs/tracking.md)
 EVENTS_OUTPUT = "{id}.events.jsonl"
 PROGRESS_EVERY_S = 0.2
+#: stage settings that change how a run goes, not what it outputs (left out of the config digest)
+RUN_ONLY_STAGE_KEYS = frozenset({"replicas", "resources", "warmup", "max_wait_ms"})
 
 
 @dataclass
@@ -165,10 +176,12 @@ class Manifest:
 
 
 def config_digest(cfg: Any, formats: list[str]) -> str:
-    """What determines the outputs: stages, gate, decode settings and formats (not parallelism)."""
+    """What determines the outputs: stages, gate, decode settings and formats (not parallelism, placement
+    or warm-up: changing those must not label an archive again)."""
     relevant = {
         "gate": dataclasses.asdict(cfg.gate),
-        "stages": {name: dataclasses.asdict(stage) for name, stage in cfg.stages.items()},
+        "stages": {name: {k: v for k, v in dataclasses.asdict(stage).items() if k not in RUN_ONLY_STAGE_KEYS}
+                   for name, stage in cfg.stages.items()},
         "source": dataclasses.asdict(cfg.label.source),
         "formats": formats,
     }
@@ -302,6 +315,8 @@ class LabelRun:
     progress: bool = True
     restart: bool = False
     results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: once set, no further video starts; those in progress finish (a graceful stop, e.g. on SIGTERM)
+    stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> dict[str, Any]:
         """Label what is not finished yet; write summary.json; return the summary."""
@@ -325,7 +340,7 @@ class LabelRun:
                 self._run_ray(todo, bars)
         shutil.rmtree(self.scratch, ignore_errors=True)
         summary = self._summary(time.perf_counter() - started)
-        write_atomic(self.out_dir / SUMMARY, (json.dumps(summary, indent=1) + "\n").encode())
+        write_atomic(self.out_dir / SUMMARY, (json.dumps(redact_obj(summary), indent=1) + "\n").encode())
         return summary
 
     def _job(self, video: Video) -> dict[str, Any]:
@@ -341,23 +356,25 @@ class LabelRun:
 
     def _run_local(self, todo: list[Video], bars: "_Bars") -> None:
         for video in todo:
+            if self.stop.is_set():
+                return
             result = label_one(self._job(video), lambda done, total, v=video.id: bars.video(v, done, total))
             self._finish(video, result, bars)
 
     def _run_ray(self, todo: list[Video], bars: "_Bars") -> None:
         import ray
 
-        from blinkflow.runners.ray import init_ray
+        from blinkflow.ray_session import ray_session
+        from blinkflow.runners.ray import ray_cluster
 
-        owns_ray = init_ray(self.cfg, [])
-        try:
+        with ray_session(*ray_cluster(self.cfg, [])):
             board = ray.remote(num_cpus=0)(ProgressBoard).remote()
             task = ray.remote(_ray_label_one).options(num_cpus=self.cfg.label.task_cpus, max_retries=1)
             cpus = ray.cluster_resources().get("CPU", 1)
             parallel = self.cfg.label.parallel or max(1, int(cpus // max(self.cfg.label.task_cpus, 1e-3)))
             queue, pending = deque(todo), {}
-            while queue or pending:
-                while queue and len(pending) < parallel:
+            while pending or (queue and not self.stop.is_set()):
+                while queue and len(pending) < parallel and not self.stop.is_set():
                     video = queue.popleft()
                     pending[task.remote(self._job(video), board)] = video
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=PROGRESS_EVERY_S)
@@ -365,9 +382,6 @@ class LabelRun:
                     bars.video(video_id, done, total)
                 for ref in ready:
                     self._finish(pending.pop(ref), _ray_result(ref), bars)
-        finally:
-            if owns_ray:
-                ray.shutdown()
 
     def _finish(self, video: Video, result: dict[str, Any], bars: "_Bars") -> None:
         """Commit the outputs, then the manifest entry (the order that makes a crash harmless)."""
@@ -390,9 +404,11 @@ class LabelRun:
                 totals[outcome] = totals.get(outcome, 0) + count
         failed = sorted(k for k, v in videos.items() if v["status"] == "failed")
         partial = sorted(k for k, v in videos.items() if v["status"] == "partial")
+        not_started = [v.id for v in self.videos if v.id not in self.results]  # a stop came first
         return {"out_dir": str(self.out_dir), "elapsed_s": round(elapsed, 3), "videos": videos, "totals": totals,
                 "done": sum(v["status"] == "done" for v in videos.values()), "failed": failed, "partial": partial,
-                "skipped": sorted(k for k, v in videos.items() if v["skipped"])}
+                "skipped": sorted(k for k, v in videos.items() if v["skipped"]),
+                "stopped": self.stop.is_set(), "not_started": not_started}
 
 
 def _summary_entry(entry: dict[str, Any]) -> dict[str, Any]:
@@ -493,6 +509,8 @@ def summary_lines(summary: dict[str, Any]) -> list[str]:
     lines.extend(f"  failed {video_id}: {summary['videos'][video_id]['error']}" for video_id in summary["failed"])
     lines.extend(f"  partial {video_id}: {summary['videos'][video_id]['error']}"
                  for video_id in summary.get("partial", []))
+    if summary.get("not_started"):
+        lines.append(f"  not started (stopped before them; a re-run labels them): {', '.join(summary['not_started'])}")
     if summary["skipped"]:
         lines.append("  * skipped: finished by an earlier run (verified against the manifest's checksums)")
     lines.append(f"  outputs, manifest.json and summary.json in {summary['out_dir']}")
@@ -563,8 +581,20 @@ def cmd_label(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config or config_path(ARCHIVE_CONFIG), args.overrides)
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
+    from blinkflow.control import GracefulSignals
+
     run = LabelRun(find_videos(args.inputs), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
                    progress=not args.no_progress, restart=args.restart)
-    summary = run.run()
-    print("\n".join(summary_lines(summary)))
+    signals = GracefulSignals(run.stop.set, "stopping: no further video starts, those in progress finish and are "
+                                            "recorded (signal again to abort)").install()
+    try:
+        summary = run.run()
+    finally:
+        signals.restore()
+    print(redact_text("\n".join(summary_lines(summary))))
+    if signals.received:
+        name = signal.Signals(signals.received).name
+        print(f"blinkflow label: interrupted by {name}: {summary['done']} videos done and recorded, "
+              f"{len(summary['not_started'])} not started; run the same command again to finish", file=sys.stderr)
+        return 128 + signals.received
     return 1 if summary["failed"] or summary.get("partial") else 0

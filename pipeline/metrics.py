@@ -33,6 +33,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 
 from blinkflow.http_service import HTTPService
+from blinkflow.redact import redacted_label
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,12 @@ class SinkLedger:
 SINK_LEDGER = SinkLedger()
 
 
+def _labels(metric: Any, *values: Any) -> Any:
+    """``metric``'s child for these label values, scrubbed of credentials (pipeline/redact.py): every
+    series Blinkflow creates goes through here, so no label can carry a secret to a scraper."""
+    return metric.labels(*(redacted_label(v) for v in values))
+
+
 class _SinkCollector:
     """Exports a :class:`SinkLedger` at scrape time."""
 
@@ -142,16 +149,16 @@ class _SinkCollector:
         done = CounterMetricFamily("blinkflow_sink_delivered", "Messages a push sink delivered (acknowledged)",
                                    labels=["sink"])
         for sink, n in sorted(delivered.items()):
-            done.add_metric([sink], n)
+            done.add_metric([redacted_label(sink)], n)
         lost = CounterMetricFamily("blinkflow_sink_dropped", "Messages a push sink dropped: overflow (buffer full, "
                                    "oldest dropped), failed (retries spent), rejected (4xx), close (undelivered at "
                                    "the end)", labels=["sink", "reason"])
         for (sink, reason), n in sorted(dropped.items()):
-            lost.add_metric([sink, reason], n)
+            lost.add_metric([redacted_label(sink), reason], n)
         waiting = GaugeMetricFamily("blinkflow_sink_pending", "Messages a push sink holds, not yet delivered",
                                     labels=["sink"])
         for sink, n in sorted(pending.items()):
-            waiting.add_metric([sink], n)
+            waiting.add_metric([redacted_label(sink)], n)
         yield from (done, lost, waiting)
 
 
@@ -362,10 +369,11 @@ class PrometheusRecorder(MetricsRecorder):
         series = self._streams.get(stream)
         if series is None:
             series = self._streams[stream] = _StreamSeries(
-                outcomes={o: self.frames.labels(stream, o) for o in OUTCOMES},
-                decoded=self.decoded.labels(stream), latency=self.latency.labels(stream), fps=self.fps.labels(stream),
-                skip_ratio=self.skip_ratio.labels(stream), up=self.stream_up.labels(stream),
-                reconnects=self.reconnects.labels(stream),
+                outcomes={o: _labels(self.frames, stream, o) for o in OUTCOMES},
+                decoded=_labels(self.decoded, stream), latency=_labels(self.latency, stream),
+                fps=_labels(self.fps, stream),
+                skip_ratio=_labels(self.skip_ratio, stream), up=_labels(self.stream_up, stream),
+                reconnects=_labels(self.reconnects, stream),
             )
         return series
 
@@ -373,10 +381,10 @@ class PrometheusRecorder(MetricsRecorder):
         series = self._stages.get(stage)
         if series is None:
             series = self._stages[stage] = _StageSeries(
-                seconds=self.stage_seconds.labels(stage), frames=self.stage_frames.labels(stage),
-                batches=self.stage_batches.labels(stage), errors=self.stage_errors.labels(stage),
-                restarts=self.stage_restarts.labels(stage), queue_depth=self.queue_depth.labels(stage),
-                in_flight=self.in_flight.labels(stage),
+                seconds=_labels(self.stage_seconds, stage), frames=_labels(self.stage_frames, stage),
+                batches=_labels(self.stage_batches, stage), errors=_labels(self.stage_errors, stage),
+                restarts=_labels(self.stage_restarts, stage), queue_depth=_labels(self.queue_depth, stage),
+                in_flight=_labels(self.in_flight, stage),
             )
         return series
 
@@ -435,21 +443,21 @@ class PrometheusRecorder(MetricsRecorder):
 
     def _on_events(self, stream: str, events: list[dict], zones: dict[str, int]) -> None:
         for event in events:
-            self.events.labels(stream, str(event["type"])).inc()
+            _labels(self.events, stream, str(event["type"])).inc()
             if event["type"] == "cross_line":
-                self.line_crossings.labels(stream, str(event["line"]), str(event["direction"])).inc()
+                _labels(self.line_crossings, stream, str(event["line"]), str(event["direction"])).inc()
         for zone, count in zones.items():
-            self.zone_objects.labels(stream, str(zone)).set(count)
+            _labels(self.zone_objects, stream, str(zone)).set(count)
 
     def _on_gate(self, stream: str, series: _StreamSeries, gate: dict) -> None:
         if gate.get("decision"):
-            self.gate_decisions.labels(stream, str(gate["decision"])).inc()
+            _labels(self.gate_decisions, stream, str(gate["decision"])).inc()
         if gate.get("threshold") is not None:
             if series.threshold is None:
-                series.threshold = self.gate_threshold.labels(stream)
+                series.threshold = _labels(self.gate_threshold, stream)
             series.threshold.set(float(gate["threshold"]))
         for stage, bound in (gate.get("bounds") or {}).items():
-            self.gate_bound.labels(stream, str(stage)).set(float(bound))
+            _labels(self.gate_bound, stream, str(stage)).set(float(bound))
 
     def _count_fps(self, series: _StreamSeries) -> None:
         series.window_frames += 1
@@ -474,7 +482,8 @@ class PrometheusRecorder(MetricsRecorder):
     def on_audit(self, stream: str, agreement: float) -> None:
         series = self._stream(stream)
         if series.audited is None:
-            series.audited, series.audit_agreement = self.audited.labels(stream), self.audit_agreement.labels(stream)
+            series.audited = _labels(self.audited, stream)
+            series.audit_agreement = _labels(self.audit_agreement, stream)
         series.audit_sum += agreement
         series.audit_count += 1
         series.audited.inc()
@@ -482,10 +491,10 @@ class PrometheusRecorder(MetricsRecorder):
 
     def on_device(self, device: str, process: str, allocated_bytes: int, reserved_bytes: int,
                   utilization: float | None) -> None:
-        self.gpu_allocated.labels(device, process).set(allocated_bytes)
-        self.gpu_reserved.labels(device, process).set(reserved_bytes)
+        _labels(self.gpu_allocated, device, process).set(allocated_bytes)
+        _labels(self.gpu_reserved, device, process).set(reserved_bytes)
         if utilization is not None:
-            self.gpu_utilization.labels(device).set(utilization)
+            _labels(self.gpu_utilization, device).set(utilization)
 
     def refresh(self) -> None:
         """Called before each scrape: sample this process's own GPU memory, if it uses CUDA."""

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
+import threading
 from typing import Iterator
 
 from blinkflow.errors import BlinkflowError
@@ -25,6 +27,27 @@ def start_ray(address: str | None = None, num_cpus: float | None = None, **optio
 
     if ray.is_initialized():
         return False
+    with _signal_handlers_kept():
+        return _init(ray, address, num_cpus, options)
+
+
+@contextlib.contextmanager
+def _signal_handlers_kept() -> Iterator[None]:
+    """``ray.init`` replaces the driver's SIGTERM handler with one that exits at once; Blinkflow's own
+    handlers (a graceful drain, pipeline/control.py GracefulSignals) must stay, so they are put back."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None and signal.getsignal(sig) is not handler:
+                signal.signal(sig, handler)
+
+
+def _init(ray, address: str | None, num_cpus: float | None, options: dict) -> bool:
     settings = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING, **options}
     if address:
         _check_reachable(address)

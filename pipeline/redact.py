@@ -8,9 +8,11 @@ reappear in free text (FFmpeg quotes the URLs it fails on).
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
@@ -23,7 +25,8 @@ SECRET_PARTS = ("pass", "token", "secret", "signature", "credential", "session",
 _PREFIXES = ("x-amz-", "x-goog-", "x-ms-", "x-")
 
 _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
-_QUERY_PAIR = re.compile(r"(?P<sep>[?&;])(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;\s'\"<>#)]*)")
+#: key=value after a query separator, or standing as a word in free text ("token=..." in an error)
+_QUERY_PAIR = re.compile(r"(?P<sep>[?&;]|(?:^|(?<=[\s,(\[{'\"])))(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;\s'\"<>#)]*)")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-._~+/]+=*")
 _known_secrets: set[str] = set()
 _lock = threading.Lock()
@@ -66,6 +69,29 @@ def redact_text(text: str) -> str:
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)}{MASK}", text)
     return _QUERY_PAIR.sub(lambda m: f"{m['sep']}{m['key']}={MASK}" if is_secret_key(m["key"]) else m.group(0), text)
+
+
+def redact_obj(value: Any) -> Any:
+    """A JSON-like value (summary, API reply) with :func:`redact_text` applied to every string in it, keys too."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {redact_obj(k): redact_obj(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact_obj(v) for v in value]
+    return value
+
+
+def redacted_label(value: Any) -> str:
+    """A Prometheus label value, scrubbed (cached: labels repeat on every frame)."""
+    with _lock:
+        generation = len(_known_secrets)  # a newly learned secret must reach labels cached before it
+    return _cached_label(str(value), generation)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cached_label(value: str, _generation: int) -> str:
+    return redact_text(value)
 
 
 def remember_secrets(url: str) -> None:

@@ -43,6 +43,25 @@ def test_stopping_the_loop_stops_the_pipeline():
     assert seen == 3  # and the generator's close returned: the pipeline thread has ended
 
 
+def test_ctrl_c_in_the_loop_drains_the_run_and_commits_the_configs_sinks(tmp_path):
+    import contextlib
+    import json
+
+    out = tmp_path / "out.jsonl"
+    config = {"sources": [{"type": "synthetic", "width": 32, "height": 24, "num_frames": 100_000}],
+              "stages": {"chaos": {"batch": 2}}, "sinks": [{"type": "jsonl", "path": str(out)}]}
+    seen = []
+    with pytest.raises(KeyboardInterrupt), contextlib.closing(blinkflow.run(config)) as records:
+        for record in records:
+            seen.append(record["index"])
+            if len(seen) == 5:
+                raise KeyboardInterrupt  # what Ctrl-C raises in a notebook's loop
+    written = [json.loads(line)["index"] for line in out.read_text().splitlines()]  # committed, not discarded
+    assert written[:5] == seen == [0, 1, 2, 3, 4]
+    assert written == list(range(len(written))) and len(written) < 1000  # in flight finished; nothing more read
+    assert not list(tmp_path.glob(".out*"))
+
+
 def test_a_bad_frame_raises_its_one_line_error():
     with pytest.raises(blinkflow.SourceError, match="frame 1 is float32 .* must be HxWx3 uint8 RGB"):
         list(blinkflow.run({"sources": [blinkflow.frames([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)])]}))

@@ -301,3 +301,15 @@ def test_a_truncated_mp4_is_partial_not_done_and_is_labelled_again(tmp_path, lig
     (clips / "cut.mp4").write_bytes(whole)  # re-copied whole: the next run labels it again, done
     again = label([clips / "cut.mp4"], out, light_config)
     assert again["videos"]["cut"]["status"] == "done" and again["videos"]["cut"]["frames"] == 20
+
+
+def test_the_config_digest_ignores_placement_and_warm_up_but_not_what_changes_outputs():
+    from blinkflow.label import config_digest
+
+    base = {"sources": [], "stages": {"chaos": {"batch": 2}}}
+    digest = config_digest(load_config(data=base), ["jsonl"])
+    placement = {"replicas": 3, "resources": {"num_cpus": 2}, "warmup": True, "max_wait_ms": 5}
+    assert config_digest(load_config(data={**base, "stages": {"chaos": {"batch": 2, **placement}}}), ["jsonl"]) == digest
+    changed = load_config(data={**base, "stages": {"chaos": {"batch": 2, "options": {"fail_indices": [1]}}}})
+    assert config_digest(changed, ["jsonl"]) != digest
+    assert config_digest(load_config(data=base), ["jsonl", "coco"]) != digest

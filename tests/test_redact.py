@@ -55,3 +55,86 @@ def test_every_log_record_goes_through_the_redaction(caplog):
     finally:
         root.removeHandler(handler)
     assert records and "Sup3rS3cret" not in records[0] and "t0ken99" not in records[0]
+
+
+# --------------------------------------------------------------------------- the audit: every surface of a real run
+
+
+def test_metric_labels_and_json_values_go_through_the_redaction():
+    from prometheus_client import generate_latest
+
+    from blinkflow.metrics import SINK_LEDGER, PrometheusRecorder
+    from blinkflow.redact import redact_obj
+
+    remember_secrets("rtsp://cam:Zq9-label-pass@10.0.0.5/live")
+    recorder = PrometheusRecorder()
+    recorder.on_stream_state("http://10.0.0.5/cam?sig=label-sig-77", up=True)
+    recorder.on_reconnect("lobby Zq9-label-pass")
+    SINK_LEDGER.count_delivered("webhook http://h/x?access_token=ledger-tok-5")
+    text = generate_latest(recorder.registry).decode()
+    assert "blinkflow_stream_up" in text and "sig=***" in text and "access_token=***" in text
+    for secret in ("label-sig-77", "Zq9-label-pass", "ledger-tok-5"):
+        assert secret not in text
+    reply = redact_obj({"streams": [{"url": "rtsp://u:p4ss-word@h/x?token=t0k3n", "errors": ("jwt=abc.def",)}],
+                        "k?secret=s3cr3t": 1, "count": 3})
+    assert reply == {"streams": [{"url": f"rtsp://{MASK}@h/x?token={MASK}", "errors": [f"jwt={MASK}"]}],
+                     f"k?secret={MASK}": 1, "count": 3}
+
+
+SECRETS = ("Sh0rtPw", "tok-SECRET-1", "amzSIG123", "tok-SECRET-2", "bearer-SECRET-3")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_no_secret_of_a_runs_urls_reaches_its_logs_summaries_or_metrics(tmp_path):
+    """A run with a credentialed camera URL that fails and a webhook with a token in its URL and a bearer
+    token: its stdout, stderr (verbose logs), --summary-json and /metrics scraped while it runs hold none."""
+    import json
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from tests.conftest import REPO_ROOT
+    from tests.test_metrics import free_port
+
+    dead, metrics_port = free_port(), free_port()
+    (tmp_path / "token").write_text("bearer-SECRET-3\n")
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({
+        "sources": [
+            {"type": "stream", "url": f"rtsp://admin:Sh0rtPw@127.0.0.1:{dead}/live?token=tok-SECRET-1"
+                                     "&X-Amz-Signature=amzSIG123", "max_retries": 1, "backoff_initial_s": 0.1,
+             "open_timeout_s": 2},
+            {"type": "synthetic", "id": "scene", "width": 32, "height": 24, "num_frames": 150}],
+        "stages": {"chaos": {"batch": 1, "options": {"sleep_ms": 20}}},
+        "sinks": [{"type": "jsonl", "path": str(tmp_path / "out.jsonl")},
+                  {"type": "webhook", "url": f"http://127.0.0.1:{dead}/hook?access_token=tok-SECRET-2",
+                   "token_file": str(tmp_path / "token"), "close_timeout_s": 0.5}],
+        "metrics": {"enabled": True, "port": metrics_port},
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "blinkflow.cli", "-v", "run", str(config), "--no-progress",
+                             "--summary-json", str(tmp_path / "summary.json")],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    scrapes = []
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as reply:
+                    scrapes.append(reply.read().decode())
+            except OSError:
+                pass
+            time.sleep(0.3)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    summary = (tmp_path / "summary.json").read_text()
+    surfaces = {"stdout": stdout, "stderr": stderr, "summary.json": summary, "metrics": "\n".join(scrapes)}
+    # the run did say where things went wrong, so the URLs were there to leak
+    assert any("blinkflow_stream_up" in s for s in scrapes), "no scrape while the run went on"
+    assert "127.0.0.1" in json.loads(summary)["source_errors"][0]
+    assert MASK in stderr and MASK in summary
+    for name, text in surfaces.items():
+        for secret in SECRETS:
+            assert secret not in text, f"{secret} leaked into {name}"
