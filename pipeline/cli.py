@@ -143,7 +143,8 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
 
         # a file run drains on the first SIGINT/SIGTERM (a live session has installed its own handlers)
         signals = GracefulSignals(stop.set, "stopping: no new frames are decoded, those in flight finish and the "
-                                            "outputs are committed (signal again to abort)")
+                                            "outputs are committed (signal again to abort)",
+                              cfg.runtime.drain_timeout_s)
         if hub is None:
             signals.install()
         try:

@@ -301,6 +301,10 @@ class RuntimeConfig:
     max_in_flight: int = _field(8, "batches in flight per stage before upstream blocks (or live drops)", lo=1, hi=4096)
     num_cpus: int | None = _field(None, "CPUs for a local Ray instance; null uses all", lo=1, hi=4096)
     log_level: Literal["debug", "info", "warning", "error"] = _field("warning", "logging level")
+    drain_timeout_s: float | None = _field(
+        60.0, "after a first SIGINT/SIGTERM, abort as a second signal would if the run has not drained within this "
+        "many seconds (a stuck stage or source; blinkflow label: videos still in progress are redone by the next "
+        "run); null waits for the drain however long it takes", lo=0.1, hi=10**6)
 
 
 @dataclass

@@ -174,7 +174,8 @@ def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
     server = (ControlServer(hub, cfg.control.host, cfg.control.port, ControlGuard.from_config(cfg.control)).start()
               if cfg.control.enabled else None)
     signals = GracefulSignals(lambda: hub.close(stop_streams=True),
-                              "stopping: the streams end, buffered frames finish (signal again to abort)").install()
+                              "stopping: the streams end, buffered frames finish (signal again to abort)",
+                              cfg.runtime.drain_timeout_s).install()
     try:
         yield hub
     finally:
@@ -200,10 +201,11 @@ class GracefulSignals:
     handlers; elsewhere install() does nothing.
     """
 
-    def __init__(self, stop: Callable[[], None], message: str) -> None:
-        self.stop, self.message = stop, message
+    def __init__(self, stop: Callable[[], None], message: str, timeout_s: float | None = None) -> None:
+        self.stop, self.message, self.timeout_s = stop, message, timeout_s
         self.received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._deadline: threading.Timer | None = None
 
     def install(self) -> GracefulSignals:
         if threading.current_thread() is threading.main_thread():
@@ -213,6 +215,8 @@ class GracefulSignals:
         return self
 
     def restore(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -224,3 +228,14 @@ class GracefulSignals:
         log.warning("%s: %s", signal.Signals(signum).name, self.message)
         # in a thread: the interrupted code may hold the locks that stop() takes
         threading.Thread(target=self.stop, name="blinkflow-stop", daemon=True).start()
+        if self.timeout_s is not None:  # a stuck stage or source must not hold the process forever
+            self._deadline = threading.Timer(self.timeout_s, self._drain_too_long, args=(signum,))
+            self._deadline.daemon = True
+            self._deadline.start()
+
+    def _drain_too_long(self, signum: int) -> None:
+        log.error("still draining %g s after %s (runtime.drain_timeout_s); aborting", self.timeout_s,
+                  signal.Signals(signum).name)
+        # a real signal to the main thread (it also wakes a blocking call there); our handler runs again and,
+        # the first signal being received already, aborts
+        signal.pthread_kill(threading.main_thread().ident, signum)

@@ -586,7 +586,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     run = LabelRun(find_videos(args.inputs), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
                    progress=not args.no_progress, restart=args.restart)
     signals = GracefulSignals(run.stop.set, "stopping: no further video starts, those in progress finish and are "
-                                            "recorded (signal again to abort)").install()
+                                            "recorded (signal again to abort)", cfg.runtime.drain_timeout_s).install()
     try:
         summary = run.run()
     finally:

@@ -486,3 +486,38 @@ def test_stage_actors_that_cannot_all_be_placed_are_a_one_line_error_not_a_hang(
     remote = load_config(data={**data, "runtime": {"runner": "ray", "address": "10.0.0.1:6379"}})
     check_room_for_actors(remote, specs, {"CPU": 1.5})  # a cluster may grow: only a warning
     assert "they wait until the cluster has room" in caplog.text
+
+
+# --------------------------------------------------------------------------- 7. a drain that takes too long is cut short
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_drain_stuck_past_drain_timeout_s_aborts_with_one_line(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT
+
+    config = tmp_path / "stuck.yaml"
+    config.write_text(json.dumps({  # the second batch takes 20 s: a stuck model
+        "sources": [{"type": "synthetic", "width": 32, "height": 24, "num_frames": 1000}],
+        "stages": {"chaos": {"batch": 1, "options": {"sleep_ms": 20000}}},
+        "sinks": [{"type": "jsonl", "path": str(tmp_path / "out.jsonl")}],
+        "runtime": {"drain_timeout_s": 1},
+    }))
+    proc = subprocess.Popen([sys.executable, "-m", "blinkflow.cli", "run", str(config), "--no-progress"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(8)  # past start-up, inside a 20 s batch
+        proc.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        _stdout, stderr = proc.communicate(timeout=60)
+        waited = time.monotonic() - signalled
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "still draining 1 s after SIGTERM (runtime.drain_timeout_s); aborting" in stderr
+    assert "blinkflow: interrupted" in stderr.splitlines() and "Traceback" not in stderr
+    assert waited < 15, "the stuck batch was not waited for"
