@@ -249,3 +249,81 @@ def test_track_stage_re_identifies_with_the_shipped_net():
 
     assert len(run(0.0)) == 3
     assert run(0.5) == {1: {"a"}, 2: {"b"}}
+
+
+def _gap_clip(t: int, back: int, twin: bool) -> tuple[np.ndarray, list[str]]:
+    """Object a walks right and is gone from frame 10; it comes back at frame ``back`` near where it was last
+    seen. With ``twin``, a look-alike of it (same class, size and look) shows for frames 12-15 far away."""
+    boxes, names = [], []
+    if t < 10:
+        boxes.append([100 + 6.0 * t, 50, 130 + 6.0 * t, 90])
+        names.append("a")
+    elif t >= back:
+        boxes.append([160 - 2.0 * (t - back), 90, 190 - 2.0 * (t - back), 130])
+        names.append("a")
+    if twin and 12 <= t < 16:
+        boxes.append([20, 200, 50, 240])
+        names.append("twin")
+    return np.array(boxes, dtype=float).reshape(-1, 4), names
+
+
+def _gap_owners(back: int, twin: bool = False, **options) -> dict[int, set[str]]:
+    from blinkflow.stages.track import StreamTracker, TrackOptions, _Detections
+
+    look = np.random.default_rng(1).normal(size=16)
+    tracker, owners = StreamTracker(TrackOptions(confirm_hits=2, max_lost_frames=30, **options)), {}
+    for t in range(back + 10):
+        boxes, names = _gap_clip(t, back, twin)
+        embeddings = np.stack([look for _ in names]) if names else None  # the twin looks exactly alike
+        tracker.step(t, _Detections(boxes, np.full(len(boxes), 0.9), ["car"] * len(boxes), embeddings))
+        for track in tracker.tracks:
+            if track.id is not None and track.det is not None:
+                owners.setdefault(track.id, set()).add(names[track.det])
+    return owners
+
+
+def test_a_track_out_of_view_longer_than_max_lost_frames_is_re_identified():
+    """Gone for 50 frames (more than max_lost_frames): IoU alone has ended its track, appearance keeps it for
+    reid_max_lost_frames and takes it back; past that horizon it is a new object."""
+    assert _gap_owners(60) == {1: {"a"}, 2: {"a"}}  # IoU only
+    assert _gap_owners(60, appearance_weight=0.5) == {1: {"a"}}
+    assert _gap_owners(60, appearance_weight=0.5, reid_max_lost_frames=40) == {1: {"a"}, 2: {"a"}}
+
+
+def test_re_identification_is_gated_by_motion_and_size():
+    """A look-alike far from where the track was last seen, a few frames after it was lost, is not the object
+    (reid_max_speed); without the gate it takes the ID. A box of another size is not it either (reid_max_scale)."""
+    gated = _gap_owners(60, twin=True, appearance_weight=0.5)
+    assert gated == {1: {"a"}, 2: {"twin"}}
+    ungated = _gap_owners(60, twin=True, appearance_weight=0.5, reid_max_speed=1000.0)
+    assert ungated[1] == {"a", "twin"}
+
+    from blinkflow.stages.track import StreamTracker, TrackOptions, Track, KalmanBox
+
+    tracker = StreamTracker(TrackOptions(appearance_weight=0.5))
+    track = Track(KalmanBox(np.array([100.0, 100, 130, 140])), "car", 0.9, 0, seen_box=np.array([100.0, 100, 130, 140]))
+    near = np.array([[102.0, 100, 132, 140], [95.0, 90, 155, 170], [108.0, 110, 122, 128]])  # same, 2x, 0.45x size
+    assert tracker._plausible([track], near).tolist() == [[True, True, False]]
+
+
+def test_windows_of_one_real_track_are_positives_in_a_training_batch():
+    """Real identities are windows of a track: two windows of one object share a label in the batch (positives),
+    never each other's negatives; synthetic identities keep a label each."""
+    from blinkflow.models.training.config import load_train_config
+    from blinkflow.models.training.reid import IdentityCrops
+    from blinkflow.models.training.tasks import make_task
+
+    task = make_task(load_train_config(SMOKE, ["reid.crops_per_identity=2"], task="reid"))
+    crops = [torch.zeros((3, 3, 32, 32), dtype=torch.uint8) for _ in range(2)]
+    identities = IdentityCrops(crops).extended([(crops[0], "clip#1"), (crops[1], "clip#1"), (crops[0], "clip#2")])
+    _, labels = task.collate([identities[i] for i in range(5)], train=True)
+    assert labels.tolist() == [0, 0, 1, 1, 2, 2, 2, 2, 3, 3]
+
+
+def test_real_clip_options_stay_out_of_a_synthetic_only_record():
+    from blinkflow.models.training.config import load_train_config
+
+    plain = load_train_config(SMOKE, task="reid").to_dict()["reid"]
+    assert "real_clips" not in plain and "real_window" not in plain
+    real = load_train_config(SMOKE, ["reid.real_clips=[a.mp4]"], task="reid").to_dict()["reid"]
+    assert real["real_clips"] == ["a.mp4"] and real["real_window"] == 16

@@ -119,6 +119,16 @@ class ReidConfig:
     temperature: float = _field(0.1, "ntxent: the softmax temperature of the cosine similarities", lo=0.001, hi=10.0)
     crops_per_identity: int = _field(4, "K: crops of each identity per batch (at least 2: a positive pair)", lo=2, hi=64)
     min_box: int = _field(8, "crops only of visible boxes at least this many pixels wide and high", lo=1, hi=4096)
+    real_clips: list[str] = _field(
+        factory=list, doc="real videos whose tracked objects add identities (real appearance): each confirmed track of "
+        "real_detector's detect stage plus the track stage over real_window frames is one identity, known by "
+        "construction; [] = synthetic identities only")
+    real_detector: str = _field("configs/demo.yaml", "pipeline config whose detect stage finds the real clips' objects "
+                                "(relative to the repository)")
+    real_window: int = _field(16, "frames of one track that make one real identity", lo=2, hi=10**6)
+    real_step: int = _field(2, "take every real_step-th frame's crop of a track", lo=1, hi=1000)
+    real_holdout: float = _field(0.4, "the last fraction of each real clip's frames is held out: its identities are "
+                                 "evaluated (real_top1, real_map), never trained on", lo=0.0, hi=0.95)
 
 
 @dataclass
@@ -151,6 +161,9 @@ class TrainConfig:
         data = dataclasses.asdict(self)
         if self.task != "reid":  # only reid reads that section: the other tasks' records stay as they were
             data.pop("reid")
+        elif not self.reid.real_clips:  # synthetic only: the record stays as it was before real clips existed
+            for key in ("real_clips", "real_detector", "real_window", "real_step", "real_holdout"):
+                data["reid"].pop(key)
         return data
 
 

@@ -24,6 +24,7 @@ The task itself (``ReidTask``) is in models/training/tasks.py with the other sta
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,16 +115,21 @@ def retrieval_scores(embeddings: np.ndarray, labels: np.ndarray) -> dict[str, fl
 
 
 class IdentityCrops(Dataset):
-    """One item per identity: all its crops, (M, 3, h, w) uint8."""
+    """One item per identity: all its crops, (M, 3, h, w) uint8, and its object (``group``): identities of one
+    object (windows of one real track) share it, so they are positives of each other, never negatives."""
 
-    def __init__(self, crops: list[torch.Tensor]) -> None:
+    def __init__(self, crops: list[torch.Tensor], groups: list[str] | None = None) -> None:
         self.crops = crops
+        self.groups = groups if groups is not None else [f"synthetic#{i}" for i in range(len(crops))]
 
     def __len__(self) -> int:
         return len(self.crops)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return {"crops": self.crops[i], "identity": i}
+        return {"crops": self.crops[i], "identity": i, "group": self.groups[i]}
+
+    def extended(self, more: list[tuple[torch.Tensor, str]]) -> "IdentityCrops":
+        return IdentityCrops(self.crops + [c for c, _ in more], self.groups + [g for _, g in more])
 
 
 def synthetic_identities(cfg: TrainConfig, split: Any, size: tuple[int, int]) -> IdentityCrops:
@@ -147,6 +153,66 @@ def synthetic_identities(cfg: TrainConfig, split: Any, size: tuple[int, int]) ->
     if not identities:
         raise ValueError("no identity has two crops; raise samples_per_clip or lower reid.min_box")
     return IdentityCrops(identities)
+
+
+def real_identities(cfg: TrainConfig, size: tuple[int, int], held_out: bool) -> list[tuple[torch.Tensor, str]]:
+    """Identities of real appearance: (crops (M, 3, h, w) uint8, track name) per window of ``reid.real_window``
+    frames of each confirmed track in ``reid.real_clips``, from the training part of each clip's frames or from
+    its held-out tail (``reid.real_holdout``). Windows of one track share the track name (the same object)."""
+    windows = []
+    for clip in cfg.reid.real_clips:
+        tracked = _tracked_clip(clip, cfg.reid.real_detector)
+        cut = round(len(tracked) * (1.0 - cfg.reid.real_holdout))
+        per_window: dict[tuple[int, int], list[torch.Tensor]] = {}
+        for index, image, boxes, ids in tracked[cut:] if held_out else tracked[:cut]:
+            if index % cfg.reid.real_step:
+                continue
+            keep = [k for k, (box, tid) in enumerate(zip(boxes, ids))
+                    if tid is not None and min(box[2] - box[0], box[3] - box[1]) >= cfg.reid.min_box]
+            if not keep:
+                continue
+            from blinkflow.models.reid import crops_to_batch
+
+            crops = crops_to_batch(image, np.asarray(boxes)[keep], size).mul_(255).round_().to(torch.uint8)
+            for k, crop in zip(keep, crops):
+                per_window.setdefault((ids[k], index // cfg.reid.real_window), []).append(crop)
+        windows += [(torch.stack(c), f"{clip}#{tid}") for (tid, _), c in sorted(per_window.items()) if len(c) >= 2]
+    log.info("%d real identity windows (%s)", len(windows), "held out" if held_out else "training")
+    return windows
+
+
+_TRACKED: dict[tuple[str, str], list] = {}
+
+
+def _tracked_clip(clip: str, detector_config: str) -> list[tuple[int, np.ndarray, list, list]]:
+    """(index, image, boxes, track ids) of every frame of ``clip``: the config's detect stage, then the track stage
+    with its defaults (IoU only), run here frame by frame. Cached per process (train and held-out sets share it)."""
+    key = (clip, detector_config)
+    if key not in _TRACKED:
+        from blinkflow.config import StageConfig, load_config
+        from blinkflow.frame import Frame
+        from blinkflow.models.training.media import read_video_frames
+        from blinkflow.registry import stages
+        from blinkflow.schema import resolve_path
+        from blinkflow.stages.track import TrackStage
+
+        repo = Path(__file__).resolve().parents[2]
+        pipeline = load_config(resolve_path(detector_config, repo))
+        detect = stages.get("detect")(pipeline.stages["detect"])
+        track = TrackStage(StageConfig())
+        detect.setup("cpu")
+        track.setup("cpu")
+        out = []
+        for index, image in enumerate(read_video_frames(resolve_path(clip, repo), max_frames=10**6)):
+            frame = Frame("clip", index, index / 25.0, image)
+            detect.process([frame])
+            track.process([frame])
+            result = frame.results.get("detect") or {}
+            out.append((index, image, result.get("boxes", []), result.get("track_ids", [])))
+        detect.teardown()
+        track.teardown()
+        _TRACKED[key] = out
+    return _TRACKED[key]
 
 
 def augment(images: torch.Tensor) -> torch.Tensor:

@@ -408,7 +408,10 @@ class ReidTask(Task):
         return build_model(self.cfg.model, task=self.name, **self.cfg.model_args)
 
     def synthetic_set(self, split: Any, native: bool) -> Any:
-        return reid.synthetic_identities(self.cfg, split, self.input_size)
+        identities = reid.synthetic_identities(self.cfg, split, self.input_size)
+        if not self.cfg.reid.real_clips or split is not self.cfg.data.train:
+            return identities  # the held-out real identities are scored apart (evaluate: real_top1, real_map)
+        return identities.extended(reid.real_identities(self.cfg, self.input_size, held_out=False))
 
     def real_set(self, path: str, classes: list[str] | None) -> Any:
         raise NotImplementedError("reid trains on synthetic identities only; set data.train_path to null")
@@ -416,15 +419,16 @@ class ReidTask(Task):
     def collate(self, items: list[dict], train: bool = False) -> Any:
         """Training: K random crops of each of the P identities, augmented, labelled by batch position;
         evaluation: every crop, labelled by identity."""
-        images, labels = [], []
-        for position, item in enumerate(items):
+        images, labels, groups = [], [], {}
+        for item in items:
             crops = item["crops"]
             if train:
                 k = self.cfg.reid.crops_per_identity
                 pick = torch.randperm(len(crops))[:k] if len(crops) >= k else torch.randint(len(crops), (k,))
                 crops = crops[pick]
             images.append(crops)
-            labels += [position if train else item["identity"]] * len(crops)
+            label = groups.setdefault(item.get("group", item["identity"]), len(groups))  # one object, one label
+            labels += [label if train else item["identity"]] * len(crops)
         batch = torch.cat(images).float().div_(255.0)
         return (reid.augment(batch) if train else batch), torch.tensor(labels)
 
@@ -442,7 +446,22 @@ class ReidTask(Task):
         if self._baseline is None:  # an untrained net of the same init: what training bought
             torch.manual_seed(self.cfg.seed)
             self._baseline = reid.retrieval(self.build_model(None).to(device).eval(), loader, device)
-        return {**scores, "untrained_top1": self._baseline["top1"], "untrained_map": self._baseline["map"]}
+        real = self._real_scores(model, device) if self.cfg.reid.real_clips else {}
+        return {**scores, "untrained_top1": self._baseline["top1"], "untrained_map": self._baseline["map"], **real}
+
+    def _real_scores(self, model: torch.nn.Module, device: torch.device) -> dict[str, float]:
+        """Retrieval among the real clips' held-out identities (labelled by track: windows of one object match)."""
+        held_out = reid.real_identities(self.cfg, self.input_size, held_out=True)
+        if not held_out:
+            return {}
+        crops = torch.cat([c for c, _ in held_out]).float().div_(255.0)
+        labels = np.concatenate([[i] * len(c) for i, (c, group) in enumerate(held_out)])
+        names = {g: i for i, g in enumerate(dict.fromkeys(g for _, g in held_out))}
+        labels = np.array([names[held_out[i][1]] for i in labels])
+        with torch.no_grad():
+            embeddings = model(crops.to(device)).float().cpu().numpy()
+        scores = reid.retrieval_scores(embeddings, labels)
+        return {"real_top1": scores["top1"], "real_map": scores["map"], "real_queries": scores["queries"]}
 
 
 TASK_CLASSES: dict[str, type[Task]] = {"detect": DetectTask, "segment": SegmentTask, "flow": FlowTask, "action": ActionTask,
