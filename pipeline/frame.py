@@ -26,7 +26,7 @@ class Outcome(str, enum.Enum):
 @dataclass
 class GateMark:
     """The gate's decision on one frame, as the model stages and the driver's carry-over read it
-    (stages/gate.py decides, pipeline/skip.py carries over). Plain values: a frame pickles for Ray."""
+    (pipeline/gate/policy.py decides, pipeline/gate/carry.py carries over). Plain values: a frame pickles for Ray."""
 
     #: a reused frame: the keyframe whose results it carries (no stage runs on it)
     reuse_of: int | None = None
@@ -34,7 +34,7 @@ class GateMark:
     refresh: list[str] | None = None
     #: the keyframe whose would-be carry-over the driver scores against this frame's fresh results (an audit)
     audit_of: int | None = None
-    #: backward motion since the keyframe, (gh, gw, 2) float16 in source pixels (pipeline/skip.py)
+    #: backward motion since the keyframe, (gh, gw, 2) float16 in source pixels (pipeline/gate/motion.py)
     motion: Any = None
     #: region recompute: {"grid": [rows, cols], "changed": tile indices or None (whole frame), "base": the frame
     #: the stages' caches hold, "bases": per stage, for stages refreshed since}

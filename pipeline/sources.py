@@ -361,7 +361,7 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
 def _decoder_motion(cfg: SourceConfig) -> Any:
     if not cfg.options.motion_vectors:
         return None
-    from blinkflow.skip import DecoderMotion
+    from blinkflow.gate.motion import DecoderMotion
 
     return DecoderMotion(cfg.resize)
 

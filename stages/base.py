@@ -78,7 +78,7 @@ class Stage:
 
     @staticmethod
     def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
-        """This stage's ``result`` moved along a backward motion field (pipeline/skip.py), for a frame the
+        """This stage's ``result`` moved along a backward motion field (pipeline/gate/motion.py), for a frame the
         gate reused: the driver's carry-over calls it. The default carries the result over unchanged."""
         return result
 

@@ -99,3 +99,8 @@ def decode_class_map(data: bytes) -> np.ndarray:
     from PIL import Image
 
     return np.array(Image.open(io.BytesIO(data)))
+
+
+def class_map_of(segment_result: dict[str, Any]) -> np.ndarray:
+    """The (H, W) class map of a segment result (its PNG bytes decoded)."""
+    return decode_class_map(segment_result["mask"]["data"])

@@ -46,7 +46,7 @@ from blinkflow.config import StageConfig, _field
 from blinkflow.errors import ConfigError, StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
-from blinkflow.skip import tile_edges
+from blinkflow.gate.tiles import tile_edges
 from blinkflow.stages.common import region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
@@ -158,7 +158,7 @@ class Detect(ModelStage):
     @staticmethod
     def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
         """Each box shifted by the median motion inside it."""
-        from blinkflow.skip import shift_boxes
+        from blinkflow.gate.motion import shift_boxes
 
         if not (isinstance(result, dict) and result.get("boxes")):
             return result
@@ -167,7 +167,7 @@ class Detect(ModelStage):
     @staticmethod
     def agreement(carried: Any, fresh: Any) -> dict[str, float] | None:
         """Box F1 at IoU 0.5 (same class, one-to-one)."""
-        from blinkflow.skip import box_f1
+        from blinkflow.gate.agreement import box_f1
 
         return {"boxes_f1": round(box_f1(carried, fresh), 6)}
 

@@ -47,7 +47,7 @@ from blinkflow.config import StageConfig, _field
 from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
-from blinkflow.skip import tile_edges, tile_runs
+from blinkflow.gate.tiles import tile_edges, tile_runs
 from blinkflow.models.classes import SYNTHETIC_CLASSES
 from blinkflow.stages.common import region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
@@ -163,8 +163,8 @@ class Segment(ModelStage):
     @staticmethod
     def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
         """The class map warped along the motion (nearest class), its areas recounted."""
-        from blinkflow.skip import class_map_of, warp_backward
-        from blinkflow.stages.common import encode_class_map
+        from blinkflow.gate.motion import warp_backward
+        from blinkflow.stages.common import class_map_of, encode_class_map
 
         if not (isinstance(result, dict) and "mask" in result):
             return result
@@ -180,7 +180,8 @@ class Segment(ModelStage):
     @staticmethod
     def agreement(carried: Any, fresh: Any) -> dict[str, float] | None:
         """Mean IoU of the two class maps over the classes present in either."""
-        from blinkflow.skip import class_map_of, mask_miou
+        from blinkflow.gate.agreement import mask_miou
+        from blinkflow.stages.common import class_map_of
 
         return {"mask_iou": round(mask_miou(class_map_of(carried), class_map_of(fresh)), 6)}
 
@@ -228,7 +229,7 @@ class Segment(ModelStage):
         if step is None:
             key.complete = False
             return
-        from blinkflow.skip import compose_motion
+        from blinkflow.gate.motion import compose_motion
 
         key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
 
@@ -399,7 +400,7 @@ class Segment(ModelStage):
 
 def warp_features(features: Any, motion: np.ndarray | None, source: tuple[int, int]) -> Any:
     """``features`` (1, C, h, w) moved along a backward motion field (source pixels, see
-    :mod:`pipeline.skip`): ``out[p] = features[p - motion(p)]``, bilinear, borders repeated."""
+    :mod:`blinkflow.gate.motion`): ``out[p] = features[p - motion(p)]``, bilinear, borders repeated."""
     import torch
     import torch.nn.functional as F
 

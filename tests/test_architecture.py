@@ -21,7 +21,8 @@ LAYERS = [
               "blinkflow.redact"]),
     ("models", ["blinkflow.models"]),
     ("config", ["blinkflow.config"]),
-    ("stages", ["blinkflow.stages", "blinkflow.skip"]),
+    ("gate", ["blinkflow.gate"]),  # the gate's policy, signal, motion and carry-over: below the stages that use them
+    ("stages", ["blinkflow.stages"]),
     ("training", ["blinkflow.models.training"]),
     ("engine", ["blinkflow.graph", "blinkflow.sources", "blinkflow.streams", "blinkflow.sinks", "blinkflow.metrics", "blinkflow.http_service", "blinkflow.runners",
                 "blinkflow.depth_parallel"]),

@@ -90,7 +90,7 @@ def test_features_warped_along_the_decoder_motion_are_closer_to_the_next_frames_
     """bikes.mp4 pans: the key's backbone features moved along the accumulated motion vectors are closer to
     the features of each of the next three frames than the same features left in place, or moved the other way."""
     from blinkflow.config import SourceConfig
-    from blinkflow.skip import compose_motion
+    from blinkflow.gate.motion import compose_motion
     from blinkflow.sources import iter_video_frames
     from tests.conftest import load_shipped
 

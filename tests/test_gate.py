@@ -10,15 +10,10 @@ import pytest
 
 from blinkflow.config import GateConfig, load_config
 from blinkflow.frame import Frame, GateMark
-from blinkflow.skip import (
-    CarryOver,
-    box_f1,
-    compensate,
-    largest_component,
-    mask_miou,
-    relit,
-    tile_runs,
-)
+from blinkflow.gate.agreement import box_f1, mask_miou
+from blinkflow.gate.carry import CarryOver, compensate
+from blinkflow.gate.signal import largest_component, relit
+from blinkflow.gate.tiles import tile_runs
 from blinkflow.stages.gate import Gate
 
 
@@ -131,7 +126,7 @@ def test_codec_noise_is_not_change_but_a_moving_patch_is():
 
 @pytest.mark.parametrize("downscale", [1, 2, 4, 16, 17])  # 17: block sums overflow 16 bits
 def test_gray_signal_is_the_block_mean_of_the_grayscale(downscale):
-    from blinkflow.stages.gate import gray_signal
+    from blinkflow.gate.signal import gray_signal
 
     image = np.random.default_rng(downscale).integers(0, 256, (70, 90, 3), dtype=np.uint8)
     h, w = 70 // downscale * downscale, 90 // downscale * downscale
@@ -171,7 +166,7 @@ def test_a_local_change_is_a_partial_frame_that_names_its_tiles():
 
 
 def test_tiles_with_only_a_few_changed_pixels_are_noise_not_change():
-    from blinkflow.skip import changed_tiles
+    from blinkflow.gate.tiles import changed_tiles
 
     mask = np.zeros((16, 16), dtype=bool)  # a 4x4 grid of 4x4-pixel tiles
     mask[0, 0] = True  # tile 0: 1 of 16 pixels, a speck of codec noise
@@ -350,7 +345,6 @@ def test_detect_recomputes_only_the_changed_crop_and_keeps_the_boxes_outside_it(
 
 
 def test_detect_crop_recompute_matches_a_full_recompute_when_the_change_holds_everything():
-    from blinkflow.skip import box_f1
 
     first = scene([((41, 31, 71, 61), RED), ((80, 35, 100, 55), BLUE)])
     moved = scene([((51, 36, 81, 66), RED), ((90, 40, 110, 60), BLUE)])  # both inside one crop
@@ -393,7 +387,7 @@ def test_motion_compensation_moves_boxes_and_masks():
     assert moved["detect"]["boxes"] == [[16.0, 8.0, 24.0, 16.0]]
     expected = np.zeros_like(class_map)
     expected[8:16, 16:24] = 2
-    from blinkflow.skip import class_map_of
+    from blinkflow.stages.common import class_map_of
 
     assert mask_miou(class_map_of(moved["segment"]), expected) == 1.0
     assert moved["action"] is keyframe["action"]
@@ -505,7 +499,7 @@ def test_decoder_motion_reads_the_rarer_picture_types_by_their_role(tmp_path, ki
     """S (MPEG-4 global motion) and SP frames are predicted from the last anchor like P, SI is intra like I, and
     BI (VC-1) is a B-frame coded without vectors: each reads as its role (the same fields as the frame under
     its own type), not as zero motion."""
-    from blinkflow.skip import DecoderMotion
+    from blinkflow.gate.motion import DecoderMotion
 
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
     with av.open(str(clip)) as container:
@@ -598,24 +592,24 @@ def test_the_adaptive_threshold_moves_in_the_right_direction():
     # met the target at no change at all: that shows nothing about reusing more change, so no raise (audits of
     # an empty room used to double the threshold until the people who walked in later were reused)
     assert good.results["gate"]["threshold"] == pytest.approx(0.02)
-    gate.streams["s"].pending_audits[40] = 0.018
+    gate.policy.streams["s"].pending_audits[40] = 0.018
     good = frames_of([image], start=5)[0]
     good.gate = GateMark(feedback=[(40, 1.0)])
     gate.process([good])
     assert good.results["gate"]["threshold"] == pytest.approx(0.027)  # up to adapt_up x the change it held at
-    gate.streams["s"].pending_audits[42] = 0.5
+    gate.policy.streams["s"].pending_audits[42] = 0.5
     good = frames_of([image], start=6)[0]
     good.gate = GateMark(feedback=[(42, 1.0)])
     gate.process([good])
     assert good.results["gate"]["threshold"] == pytest.approx(0.0405)  # at most adapt_up x the threshold
-    gate.streams["s"].threshold = 0.02
+    gate.policy.streams["s"].threshold = 0.02
     bad = frames_of([image], start=7)[0]
     bad.gate = GateMark(feedback=[(3, 0.5)])  # (an audit reported twice still counts, without its change)
     gate.process([bad])
     # missed it: skip less, but a miss at a change the configured threshold reuses anyway (drift below the
     # signal) does not take the threshold below the configured one
     assert bad.results["gate"]["threshold"] == pytest.approx(0.02)
-    state = gate.streams["s"]
+    state = gate.policy.streams["s"]
 
     def miss_at(index, change):  # an audit of a frame that changed by ``change`` missed the target
         state.pending_audits[index] = change
@@ -669,8 +663,8 @@ def test_a_stage_past_its_refresh_bound_runs_alone_on_a_frame_the_gate_would_reu
 
 
 def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_reference():
-    from blinkflow.skip import tile_rects
-    from blinkflow.stages.gate import gray_signal
+    from blinkflow.gate.signal import gray_signal
+    from blinkflow.gate.tiles import tile_rects
 
     # no uncertain audits: they would reset the reference before the drift adds up to a partial frame
     gate = Gate(GateConfig(enabled=True, threshold=0.01, max_reuse=30, refresh={"segment": 2}, tiles=[4, 4],
@@ -680,7 +674,7 @@ def test_a_refresh_recomputes_only_the_tiles_that_drifted_and_keeps_the_frame_re
     assert decisions(first) == ["keyframe", "reuse", "reuse", "refresh"]
     assert first[3].gate.tiles["changed"] == [0, 4]  # the tiles the square drifted in, no others
     assert first[3].gate.tiles["base"] == 0 and "bases" not in first[3].gate.tiles  # the segmenter's cache
-    state = gate.streams["s"]
+    state = gate.policy.streams["s"]
     key, now = gray_signal(images[0], 4), gray_signal(images[3], 4)
     assert np.array_equal(state.reference, key)  # what the carried-over detector still represents
     expected = key.copy()
@@ -751,7 +745,7 @@ def test_adapt_bounds_moves_the_refreshed_stages_bound():
     bad = frames_of(drifting(7)[6:], start=6)[0]
     bad.gate = GateMark(feedback=[(5, 0.5)])  # 5 frames stale: 0.1 lost a frame, far over the budget
     gate.process([bad])
-    state = gate.streams["s"]
+    state = gate.policy.streams["s"]
     assert state.bounds == {"segment": 3} and state.threshold == 0.5  # missed: one frame less
     images = drifting(12)
     later = gate.process(frames_of(images[7:10], start=7))
@@ -786,7 +780,7 @@ def _refreshed_once(bound: int, score: float, **cfg_overrides):
     (0.85, 3, False),  # the span averages 0.94: one frame less, and the threshold stays
 ])
 def test_a_refresh_audit_judges_the_span_it_ends_not_its_stalest_frame(score, bound_after, raised):
-    state = _refreshed_once(4, score, adapt_up=2.0).streams["s"]
+    state = _refreshed_once(4, score, adapt_up=2.0).policy.streams["s"]
     assert state.bounds == {"segment": bound_after}
     assert state.passing == {"segment": raised}
     # it held at a drift far below the threshold, which shows nothing about more change: no raise either way
@@ -795,12 +789,12 @@ def test_a_refresh_audit_judges_the_span_it_ends_not_its_stalest_frame(score, bo
 
 def test_adapt_bounds_grows_a_bound_to_at_most_twice_the_configured_one():
     gate = _refreshed_once(2, 1.0)
-    state = gate.streams["s"]
+    state = gate.policy.streams["s"]
     assert state.bounds == {"segment": 3}
     for _ in range(5):  # more perfect audits: the bound stops at twice the configured one
-        gate._adapt_bounds(state, {"segment": state.bounds["segment"] + 1}, 1.0)
+        gate.policy._adapt_bounds(state, {"segment": state.bounds["segment"] + 1}, 1.0)
     assert state.bounds == {"segment": 4}
-    assert _refreshed_once(2, 1.0, adapt_bounds=False).streams["s"].bounds == {"segment": 2}  # as configured
+    assert _refreshed_once(2, 1.0, adapt_bounds=False).policy.streams["s"].bounds == {"segment": 2}  # as configured
 
 
 def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a_miss_leaves_it():
@@ -811,7 +805,7 @@ def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a
     frames[5].gate = GateMark(feedback=[(3, 0.5)])  # the segmenter's refresh at 3 missed
     frames[7].gate = GateMark(feedback=[(4, 1.0)])  # the detector's at 4 met, but the segmenter's last one missed
     frames[9].gate = GateMark(feedback=[(6, 1.0)])  # the segmenter's at 6 met: every stage passes now
-    state = gate.streams
+    state = gate.policy.streams
     gate.process(frames[:7])
     state["s"].pending_audits[4] = 0.19  # as if the refreshes were seen at a change near the threshold
     gate.process(frames[7:9])
@@ -822,7 +816,7 @@ def test_a_refresh_audit_raises_the_threshold_only_when_every_stage_passes_and_a
     # a miss is drift below the pixel signal, which a lower threshold cannot see: the threshold stays
     assert thresholds[:9] == [0.2] * 9
     assert thresholds[9] == pytest.approx(0.38)  # adapt_up x the change the audit held at (less than 2 x 0.2)
-    assert gate.streams["s"].bounds == {"segment": 2, "detect": 3}  # without adapt_bounds, as configured
+    assert gate.policy.streams["s"].bounds == {"segment": 2, "detect": 3}  # without adapt_bounds, as configured
 
 
 def _segment_result(class_map):
@@ -1075,7 +1069,6 @@ def test_frames_smaller_than_the_gate_blocks_are_gated_not_failed(size):
 
 
 def test_box_f1_can_ignore_unmatched_boxes_below_a_score():
-    from blinkflow.skip import box_f1
 
     fresh = {"boxes": [[0, 0, 10, 10], [50, 50, 60, 60]], "labels": [1, 72], "scores": [0.9, 0.35]}
     carried = {"boxes": [[0, 0, 10, 10]], "labels": [1], "scores": [0.9]}
@@ -1112,7 +1105,7 @@ def test_frames_close_to_the_threshold_are_audited_where_the_gate_is_least_sure(
 def test_the_carry_over_moves_and_audits_each_result_as_its_stage_declares():
     """No stage names in the carry-over: a stage registered now is moved and scored by its own methods."""
     from blinkflow.registry import stages as stage_registry
-    from blinkflow.skip import agreement, compensate
+    from blinkflow.gate.carry import agreement
     from blinkflow.stages.base import Stage
 
     class Drifting(Stage):

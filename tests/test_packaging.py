@@ -34,7 +34,8 @@ def test_the_wheel_holds_one_namespace_and_its_data(wheel):
                      "blinkflow/configs/train/finetune-detect.yaml", "blinkflow/frame-record.schema.json",
                      "blinkflow/models/weights/manifest.json", "blinkflow/models/weights/NOTICE",
                      "blinkflow/models/weights/detect-yolox_nano.pt", "blinkflow/models/weights/action-i3d.pt",
-                     "blinkflow/models/labels/kinetics400.txt", "blinkflow/bench/skip.py"]:
+                     "blinkflow/models/labels/kinetics400.txt", "blinkflow/bench/skip.py",
+                     "blinkflow/gate/policy.py", "blinkflow/gate/carry.py"]:
         assert required in names, required
     assert not any(n.startswith("blinkflow/tests") or "/__pycache__/" in n for n in names)
 

@@ -88,7 +88,7 @@ def ffmpeg_decode(path: Path) -> float | None:
 def source_decode(path: Path, motion_vectors: bool) -> float:
     """Seconds the file source takes to deliver every frame as RGB (the pipeline's own decode path), with or
     without the decoder's motion vectors (the gate's motion; FFmpeg's ``export_mvs`` plus
-    :class:`pipeline.skip.DecoderMotion`)."""
+    :class:`blinkflow.gate.motion.DecoderMotion`)."""
     from blinkflow.config import SourceConfig
     from blinkflow.sources import iter_video_frames
 

@@ -265,7 +265,8 @@ def work_fraction(results: list[Any], cost: dict[str, float]) -> tuple[float, di
 def agreement_with_off(off: list[Any], on: list[Any], confident: float | None = None) -> dict[str, Any]:
     """Box F1 (IoU 0.5) and mask mIoU of each gate-on frame against the gate-off frame, averaged; with
     ``confident`` (the detector's score_threshold) also the box F1 that ignores unmatched boxes below it."""
-    from blinkflow.skip import box_f1, class_map_of, mask_miou
+    from blinkflow.gate.agreement import box_f1, mask_miou
+    from blinkflow.stages.common import class_map_of
 
     by_index = {r.index: r for r in off}
     scores: dict[str, list[float]] = {"boxes_f1": [], "mask_iou": [], "reused_boxes_f1": [], "reused_mask_iou": [],
@@ -296,7 +297,7 @@ def agreement_with_off(off: list[Any], on: list[Any], confident: float | None = 
 
 def output_richness(off: list[Any]) -> dict[str, float]:
     """How much there is to agree on: gate-off boxes per frame and classes per mask."""
-    from blinkflow.skip import class_map_of
+    from blinkflow.stages.common import class_map_of
 
     boxes = [len((r.results.get("detect") or {}).get("boxes") or []) for r in off]
     classes = [len(set(class_map_of(r.results["segment"]).ravel().tolist())) for r in off if "segment" in r.results]
@@ -308,7 +309,8 @@ def output_richness(off: list[Any]) -> dict[str, float]:
 def consecutive_agreement(off: list[Any]) -> dict[str, float | None]:
     """The models' own stability: each gate-off frame against the previous gate-off frame. Reuse cannot
     agree with fresh results better than fresh results agree with themselves from one frame to the next."""
-    from blinkflow.skip import box_f1, class_map_of, mask_miou
+    from blinkflow.gate.agreement import box_f1, mask_miou
+    from blinkflow.stages.common import class_map_of
 
     f1s, mious = [], []
     for before, after in itertools.pairwise(off):
@@ -404,7 +406,7 @@ def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, f
     """
     from blinkflow.models.training.scenes import SceneGenerator
     from blinkflow.frame import Frame
-    from blinkflow.skip import box_f1, mask_miou
+    from blinkflow.gate.agreement import box_f1, mask_miou
     from blinkflow.stages.detect import DetectOptions, crop_region
     from blinkflow.stages.gate import Gate
     from blinkflow.stages.segment import Segment
@@ -451,7 +453,8 @@ def accuracy_against_truth(results: list[Any], source: dict[str, Any]) -> dict[s
     averaged over the frames: what skipping costs in accuracy, where agreement with gate off also counts
     the models' own frame-to-frame flicker as disagreement."""
     from blinkflow.models.training.scenes import SceneGenerator
-    from blinkflow.skip import box_f1, class_map_of, mask_miou
+    from blinkflow.gate.agreement import box_f1, mask_miou
+    from blinkflow.stages.common import class_map_of
 
     scene = SceneGenerator(seed=source["seed"], width=source["width"], height=source["height"],
                            num_objects=source["num_objects"], action=source.get("action"),
@@ -503,7 +506,7 @@ def _merged_truth(kept: dict[str, Any], fresh: dict[str, Any], inner: tuple, cro
 
 def _patched(kept: Any, fresh: Any, changed: list[int] | None, gate_cfg: Any) -> Any:
     """The kept class map with the changed tiles (source pixels, no halo) taken from ``fresh``."""
-    from blinkflow.skip import tile_rects
+    from blinkflow.gate.tiles import tile_rects
 
     if kept is None or changed is None:
         return fresh

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
-from blinkflow.skip import CarryOver
+from blinkflow.gate.carry import CarryOver
 from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 
 log = logging.getLogger(__name__)

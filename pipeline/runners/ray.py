@@ -372,7 +372,7 @@ class RayRunner:
 
     def _settle_gate_feedback(self, frames: list[Frame]) -> None:
         """An adaptive gate must get the same audit feedback as under the local runner: finish
-        older chains until it is settled (pipeline.skip.CarryOver.ready_for), then attach it."""
+        older chains until it is settled (blinkflow.gate.carry.CarryOver.ready_for), then attach it."""
         while self.chains and not all(self.output.feedback_ready(frame) for frame in frames):
             self._consume(self.chains.popleft())
         self.output.attach_feedback(frames)

@@ -1,0 +1,79 @@
+"""Agreement measures: how well a carried-over result matches a fresh one (the stages' ``agreement``
+uses them; the driver scores audit frames with them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix of (N, 4) and (M, 4) boxes in x1, y1, x2, y2."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    union = area_a[:, None] + area_b[None, :] - inter
+    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+
+
+def box_f1(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float = 0.5,
+           ignore_below: float | None = None) -> float:
+    """F1 of carried boxes against fresh ones: greedy one-to-one matching, same label, IoU >= threshold.
+
+    Two empty results agree perfectly (1.0); fresh boxes are matched best-score first. With
+    ``ignore_below``, an unmatched box of either side scoring below it counts neither way (it may still
+    match): a box held by the detector's score hysteresis exists or not depending on which earlier frames
+    the detector saw, not on these pixels.
+    """
+    a = np.asarray(carried.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(fresh.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    if ignore_below is not None:
+        sa = np.asarray(carried.get("scores") or [1.0] * len(a), dtype=np.float64)
+        sb = np.asarray(fresh.get("scores") or [1.0] * len(b), dtype=np.float64)
+        matches, used_a, used_b = _greedy_matches(carried, fresh, a, b, iou_threshold)
+        missed = int(((~used_a) & (sa >= ignore_below)).sum() + ((~used_b) & (sb >= ignore_below)).sum())
+        return 1.0 if matches == 0 and missed == 0 else 2.0 * matches / (2.0 * matches + missed)
+    if len(a) == 0 and len(b) == 0:
+        return 1.0
+    if len(a) == 0 or len(b) == 0:
+        return 0.0
+    matches, _, _ = _greedy_matches(carried, fresh, a, b, iou_threshold)
+    return 2.0 * matches / (len(a) + len(b))
+
+
+def _greedy_matches(carried: dict[str, Any], fresh: dict[str, Any], a: np.ndarray, b: np.ndarray,
+                    iou_threshold: float) -> tuple[int, np.ndarray, np.ndarray]:
+    """Matches of ``box_f1`` and which boxes of each side were matched."""
+    used, used_b = np.zeros(len(a), dtype=bool), np.zeros(len(b), dtype=bool)
+    if len(a) == 0 or len(b) == 0:
+        return 0, used, used_b
+    la, lb = list(carried.get("labels") or [0] * len(a)), list(fresh.get("labels") or [0] * len(b))
+    iou = box_iou(a, b)
+    iou[np.asarray(la)[:, None] != np.asarray(lb)[None, :]] = 0.0
+    matches = 0
+    for j in range(len(b)):  # fresh results are sorted best first
+        candidates = np.where(~used & (iou[:, j] >= iou_threshold), iou[:, j], -1.0)
+        i = int(np.argmax(candidates))
+        if candidates[i] >= iou_threshold:
+            used[i] = used_b[j] = True
+            matches += 1
+    return matches, used, used_b
+
+
+def mask_miou(carried: np.ndarray, fresh: np.ndarray) -> float:
+    """Mean IoU over the classes present in either class map (1.0 for identical maps)."""
+    if carried.shape != fresh.shape:
+        return 0.0
+    num = int(max(carried.max(initial=0), fresh.max(initial=0))) + 1
+    joint = np.bincount(carried.ravel().astype(np.int64) * num + fresh.ravel(), minlength=num * num).reshape(num, num)
+    inter = np.diag(joint).astype(np.float64)
+    union = joint.sum(0) + joint.sum(1) - inter
+    present = union > 0
+    return float((inter[present] / union[present]).mean()) if present.any() else 1.0

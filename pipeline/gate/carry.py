@@ -1,0 +1,204 @@
+"""The driver's half of the gate: carry a keyframe's results over to the frames the gate reused,
+score audits, and relay the audits' agreement back to the gate.
+
+:class:`CarryOver` runs in the driver (inside ``OrderedOutput``, identical for both runners): it fills
+reused frames, moving each stage's results along the frame's motion as the stage declares
+(``Stage.follow_motion``, via :func:`compensate`), scores audits (``Stage.agreement``, via
+:func:`agreement`), keeps per-stream :class:`StreamSkipStats` and queues the audit agreement that goes
+back to the gate (see :meth:`CarryOver.attach_feedback` for why that is deterministic). Stages are
+looked up by name in the registry: no model stage is named here.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from blinkflow.frame import GateMark
+from blinkflow.gate.motion import is_still, motion_from_flow
+
+#: the results key of an audit's scores (``{"agreement", "boxes_f1", "mask_iou", "audit_of"}``); never carried over
+AUDIT_KEY = "audit"
+
+
+def agreement(carried: dict[str, Any], fresh: dict[str, Any], stages: list[str] | None = None) -> dict[str, float] | None:
+    """Each audited stage's scores of carried-over against fresh results (``Stage.agreement``: box F1 at
+    IoU 0.5 for detect, mask mIoU for segment); ``score`` is the worst.
+
+    ``stages`` limits the comparison to those stages (a refresh ran only them: the others' results
+    on the frame are themselves carried over, so comparing them would only find agreement)."""
+    out: dict[str, float] = {}
+    for name, stage_cls in _stage_classes(fresh if stages is None else stages):
+        if name in carried and name in fresh:
+            out.update(stage_cls.agreement(carried[name], fresh[name]) or {})
+    if not out:
+        return None
+    out["score"] = min(out.values())
+    return out
+
+
+def _stage_classes(names: Any) -> list[tuple[str, type]]:
+    """(name, registered stage class) of the names that are stages (results also hold e.g. the audit)."""
+    from blinkflow.registry import stages as stage_registry
+
+    return [(name, stage_registry.get(name)) for name in names if name in stage_registry]
+
+
+def compensate(results: dict[str, Any], motion: np.ndarray | None, height: int, width: int) -> dict[str, Any]:
+    """The keyframe's results moved along ``motion``, each stage's as it declares (``Stage.follow_motion``:
+    detect shifts its boxes, segment warps its class map). The others are shared unchanged (the same
+    objects), as a plain carry-over does."""
+    if is_still(motion):
+        return dict(results)
+    moved = dict(results)
+    for name, stage_cls in _stage_classes(results):
+        moved[name] = stage_cls.follow_motion(results[name], motion, height, width)
+    return moved
+
+
+def _recomputed_area(results: dict[str, Any]) -> float:
+    """The fraction of a forward a partial frame's tile recompute cost, as the stage reports it
+    (``"tiles": {"area"}``: segment); 0 when no stage recomputed tiles."""
+    areas = [r["tiles"]["area"] for r in results.values()
+             if isinstance(r, dict) and isinstance(r.get("tiles"), dict) and "area" in r["tiles"]]
+    return float(areas[0]) if areas else 0.0
+
+
+@dataclass
+class StreamSkipStats:
+    """Per-stream gate figures the driver keeps (and the metrics exporter can read)."""
+
+    frames: int = 0
+    reused: int = 0
+    partial: int = 0
+    refreshed: int = 0
+    audits: int = 0
+    agreement_sum: float = 0.0
+    agreement_last: float | None = None
+    threshold: float | None = None
+    recomputed_area: float = 0.0  # segment tiles: fraction of a frame recomputed, summed over partial frames
+
+    @property
+    def skip_ratio(self) -> float:
+        return self.reused / self.frames if self.frames else 0.0
+
+    @property
+    def agreement_mean(self) -> float | None:
+        return self.agreement_sum / self.audits if self.audits else None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "frames": self.frames, "reused": self.reused, "partial": self.partial,
+            "refreshed": self.refreshed, "audits": self.audits,
+            "skip_ratio": round(self.skip_ratio, 6), "agreement_mean": self.agreement_mean,
+            "agreement_last": self.agreement_last, "threshold": self.threshold,
+            "recomputed_area": round(self.recomputed_area, 4),
+        }
+
+
+@dataclass
+class CarryOver:
+    """Driver-side half of the gate: fill reused frames, score audits, relay agreement.
+
+    ``motion`` is the gate's ``motion`` setting: ``"mvs"`` uses the field the
+    gate accumulated from the decoder's vectors (``frame.gate.motion``), ``"flow"``
+    extrapolates the keyframe's flow result, ``"auto"`` tries both in that order.
+    ``lag`` is ``gate.audit_lag``; ``adaptive`` says whether the gate uses the
+    feedback (only then does the Ray runner wait for it, see :meth:`ready_for`).
+    """
+
+    motion: str = "off"
+    lag: int = 8
+    adaptive: bool = False
+    stats: dict[str, StreamSkipStats] = field(default_factory=lambda: defaultdict(StreamSkipStats))
+    _feedback: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+
+    @classmethod
+    def from_config(cls, gate_cfg: Any | None) -> "CarryOver":
+        if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
+            return cls()
+        return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive)
+
+    def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
+        """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets
+        those of the stages that did not run on it."""
+        motion = self._motion_for(frame, keyframe_results)
+        carried = compensate(keyframe_results, motion, frame.height, frame.width) if motion is not None else keyframe_results
+        for stage, value in carried.items():
+            if stage != AUDIT_KEY:
+                frame.results.setdefault(stage, value)
+
+    def observe(self, frame: Any, keyframe_results: dict[str, Any] | None) -> None:
+        """Count a finished frame; for an audit, score the would-be carry-over against the fresh results."""
+        gate = frame.results.get("gate")
+        if not isinstance(gate, dict):
+            return
+        stats = self.stats[frame.stream_id]
+        stats.frames += 1
+        stats.threshold = gate.get("threshold", stats.threshold)
+        decision = gate.get("decision")
+        if decision == "reuse":
+            stats.reused += 1
+        elif decision == "refresh":
+            stats.refreshed += 1
+        elif decision == "partial":
+            stats.partial += 1
+            stats.recomputed_area += _recomputed_area(frame.results)
+        audit_of = frame.mark.audit_of
+        if audit_of is None or frame.is_failed or not keyframe_results:
+            return
+        predicted = compensate(keyframe_results, self._motion_for(frame, keyframe_results), frame.height, frame.width)
+        scores = agreement(predicted, frame.results, frame.mark.refresh)
+        if scores is None:
+            return
+        frame.results[AUDIT_KEY] = {"agreement": scores.pop("score"), **scores, "audit_of": int(audit_of)}
+        scores["score"] = frame.results[AUDIT_KEY]["agreement"]
+        stats.audits += 1
+        stats.agreement_sum += scores["score"]
+        stats.agreement_last = scores["score"]
+        self._feedback[frame.stream_id].append((frame.index, scores["score"]))
+
+    def _motion_for(self, frame: Any, keyframe_results: dict[str, Any]) -> np.ndarray | None:
+        mark = frame.mark
+        if self.motion in ("mvs", "auto") and mark.motion is not None:
+            return np.asarray(mark.motion, dtype=np.float32)
+        if self.motion in ("flow", "auto"):
+            key = mark.reuse_of if mark.reuse_of is not None else mark.audit_of
+            if key is not None:
+                return motion_from_flow(keyframe_results.get("flow"), int(key), frame.index)
+        return None
+
+    # ------------------------------------------------------------------ feedback to the gate
+
+    def ready_for(self, frame: Any, next_index: int) -> bool:
+        """True when every frame at or before ``frame.index - lag`` of its stream has been emitted.
+
+        The Ray runner consumes finished chains until this holds (or none are
+        left) before it submits ``frame``; the local runner always has it (or
+        never will, for frames a holding stage still keeps). Either way both
+        runners attach the same feedback to the same frame, so the gate's
+        adaptive decisions are identical in both.
+        """
+        return not self.adaptive or next_index > frame.index - self.lag
+
+    def attach_feedback(self, frames: list[Any]) -> None:
+        """Hand each frame the agreement of its stream's audits at least ``lag`` frames older, once."""
+        for frame in frames:
+            queue = self._feedback.get(frame.stream_id)
+            if not queue:
+                continue
+            due = [item for item in queue if item[0] <= frame.index - self.lag]
+            if due:
+                if frame.gate is None:
+                    frame.gate = GateMark()
+                frame.gate.feedback = due
+                self._feedback[frame.stream_id] = [item for item in queue if item[0] > frame.index - self.lag]
+
+    def end_stream(self, stream_id: str) -> None:
+        self._feedback.pop(stream_id, None)
+
+    def snapshot(self) -> dict[str, dict[str, Any]]:
+        return {stream: stats.as_dict() for stream, stats in self.stats.items()}

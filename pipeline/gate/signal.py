@@ -1,0 +1,123 @@
+"""The change signal: where a frame differs from the reference the caches represent, robust to codec
+noise and to global lighting.
+
+The signal is the frame's grayscale, block-averaged (:func:`gray_signal`); the absolute difference
+to the reference is box-blurred (:func:`blurred_difference`) and thresholded (:func:`changed_mask`),
+optionally after fitting the reference to the frame's lighting (:func:`relit`). numpy only at import
+time (scipy where a component is measured).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from blinkflow.config import GateConfig
+
+
+def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
+    """Grayscale, block-averaged by ``downscale`` (float32).
+
+    Both steps are linear, so the blocks are summed first (in integers) and the
+    grey weights applied to the few block sums: the same signal for a fraction
+    of the arithmetic (the gate runs on every frame). The sums are separable:
+    strided adds of rows, then of columns of the row sums, in the narrowest
+    integer type that holds them (3-4x faster than adding every offset of a block).
+    """
+    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    d = min(downscale, image.shape[0], image.shape[1])  # a frame smaller than a block is one block
+    if d <= 1:
+        return image.astype(np.float32) @ weights
+    h, w = image.shape[0] // d * d, image.shape[1] // d * d
+    dtype = np.uint16 if d * d * 255 <= np.iinfo(np.uint16).max else np.uint32
+    rows = image[0:h:d, :w].astype(dtype)
+    for dy in range(1, d):
+        rows += image[dy:h:d, :w]
+    sums = rows[:, 0:w:d].copy()
+    for dx in range(1, d):
+        sums += rows[:, dx:w:d]
+    return (sums.astype(np.float32) @ weights) / float(d * d)
+
+
+def box_blur(image: np.ndarray, size: int) -> np.ndarray:
+    """Mean filter with an odd ``size`` window (edges replicated), via summed-area tables."""
+    if size <= 1:
+        return image
+    pad = size // 2
+    padded = np.pad(image, pad, mode="edge")
+    table = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    h, w = image.shape
+    total = table[size : size + h, size : size + w] - table[:h, size : size + w] - table[size : size + h, :w] + table[:h, :w]
+    return total / float(size * size)
+
+
+def blurred_difference(reference: np.ndarray, current: np.ndarray, blur: int) -> np.ndarray:
+    """|current - reference|, box-blurred: the change signal before any threshold."""
+    return box_blur(np.abs(current - reference), blur | 1)
+
+
+#: lighting: the largest global gain a fit may explain away (exposure steps, clouds); a larger one is change
+MAX_LIGHT_GAIN = 1.5
+
+
+def relit(reference: np.ndarray, current: np.ndarray, inlier: float, max_gain: float = MAX_LIGHT_GAIN) -> np.ndarray:
+    """``reference`` under ``current``'s global lighting: ``gain * reference + offset``, fitted by least squares
+    on the pixels that agree within ``inlier`` gray levels after a first fit (so a moving object does not bend
+    the fit). A gain outside ``1 / max_gain .. max_gain`` is not lighting: the reference comes back unchanged."""
+    x, y = reference.ravel(), current.ravel()
+    gain, offset = _light_fit(x, y)
+    keep = np.abs(gain * x + offset - y) <= inlier
+    if keep.sum() < max(16, x.size // 4):
+        return reference
+    gain, offset = _light_fit(x[keep], y[keep])
+    if not 1.0 / max_gain <= gain <= max_gain:
+        return reference
+    return (gain * reference + offset).astype(np.float32)
+
+
+def _light_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares ``y = gain * x + offset``; a flat ``x`` gets gain 1 (gain and offset cannot be told apart)."""
+    n = float(x.size)
+    sx, sy = float(x.sum(dtype=np.float64)), float(y.sum(dtype=np.float64))
+    sxx, sxy = float(np.dot(x, x)), float(np.dot(x, y))
+    spread = sxx - sx * sx / n
+    if spread <= 1e-6 * n:
+        return 1.0, (sy - sx) / n
+    gain = (sxy - sx * sy / n) / spread
+    return gain, (sy - gain * sx) / n
+
+
+def changed_mask(reference: np.ndarray, current: np.ndarray, pixel_threshold: float, blur: int,
+                 noise_sigmas: float = 0.0) -> np.ndarray:
+    """Boolean mask of changed signal pixels: blurred |difference| above the pixel threshold.
+
+    Block averaging (the signal's downscale) and the blur remove isolated codec
+    noise. With ``noise_sigmas > 0`` the threshold also rises to that many
+    robust standard deviations (1.4826 x MAD) of the blurred difference, so a
+    noisy camera does not read as change everywhere.
+    """
+    diff = blurred_difference(reference, current, blur)
+    threshold = float(pixel_threshold)
+    if noise_sigmas > 0:
+        median = float(np.median(diff))
+        sigma = 1.4826 * float(np.median(np.abs(diff - median)))
+        threshold = max(threshold, median + noise_sigmas * sigma)
+    return diff > threshold
+
+
+def largest_component(mask: np.ndarray) -> int:
+    """Pixel count of the largest 4-connected component of ``mask``."""
+    if not mask.any():
+        return 0
+    from scipy import ndimage  # lazy: only the gate needs it
+
+    labels, count = ndimage.label(mask)  # 4-connectivity is scipy's default structure
+    return int(np.bincount(labels.ravel(), minlength=count + 1)[1:].max())
+
+
+def changed_fraction(previous: np.ndarray, current: np.ndarray, cfg: GateConfig) -> tuple[float, float]:
+    """Fraction of changed signal pixels, and the largest connected changed area as a fraction."""
+    mask = changed_mask(previous, current, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+    return float(mask.mean()), largest_component(mask) / mask.size
