@@ -74,6 +74,7 @@ import numpy as np
 from blinkflow.config import StageConfig, _field
 from blinkflow.errors import ConfigError
 from blinkflow.frame import Frame
+from blinkflow.gate.agreement import box_iou
 from blinkflow.registry import register_stage
 from blinkflow.stages.base import Stage
 
@@ -510,13 +511,3 @@ def _track_record(track: Track, index: int) -> dict[str, Any]:
 def _xywh(box: np.ndarray) -> np.ndarray:
     x1, y1, x2, y2 = (float(v) for v in box)
     return np.array([(x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, 1e-3), max(y2 - y1, 1e-3)])
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pairwise IoU of (n, 4) and (m, 4) boxes in x1y1x2y2."""
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
-    area_a = np.prod(np.clip(a[:, 2:] - a[:, :2], 0, None), axis=1)
-    area_b = np.prod(np.clip(b[:, 2:] - b[:, :2], 0, None), axis=1)
-    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)

@@ -331,7 +331,7 @@ def _iou_distances(truth: Any, hypotheses: Any, min_iou: float = 0.5) -> Any:
     calls np.asfarray, gone in NumPy 2)."""
     import numpy as np
 
-    from blinkflow.stages.track import box_iou
+    from blinkflow.gate.agreement import box_iou
 
     a = np.asarray(truth, dtype=np.float64).reshape(-1, 4)
     b = np.asarray(hypotheses, dtype=np.float64).reshape(-1, 4)

@@ -9,18 +9,15 @@ import numpy as np
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU matrix of (N, 4) and (M, 4) boxes in x1, y1, x2, y2."""
+    """IoU matrix of (N, 4) and (M, 4) numpy boxes in x1, y1, x2, y2: ``torchvision.ops.box_iou``, with 0 where
+    two boxes have no area between them (torchvision gives 0/0 there)."""
+    import torch
+    from torchvision.ops import box_iou as torch_box_iou
+
+    a, b = np.asarray(a, dtype=np.float64).reshape(-1, 4), np.asarray(b, dtype=np.float64).reshape(-1, 4)
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)))
-    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
-    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
-    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
-    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    return np.nan_to_num(torch_box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy(), nan=0.0)
 
 
 def box_f1(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float = 0.5,
