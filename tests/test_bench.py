@@ -209,3 +209,38 @@ def test_bench_pipeline_quick_compares_ray_with_the_bound(bench_paths):
     assert low <= result["metrics_overhead"] <= high
     assert result["config"] == "configs/synthetic.yaml"  # shown relative to the repository
     assert _digest(BENCH_DOC) == before
+
+
+# --------------------------------------------------------------------------- bench gpu (issue #25): its CPU-side paths
+
+
+def test_bench_gpu_without_cuda_is_one_line_and_quick_is_the_only_way():
+    import argparse
+
+    import torch
+
+    from blinkflow.bench import gpu
+    from blinkflow.errors import BlinkflowError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: the full run is tools/gpu-check.sh's")
+    with pytest.raises(BlinkflowError, match="needs a CUDA GPU .* `--quick` runs its code paths on the CPU"):
+        gpu.main(argparse.Namespace(quick=False, no_write=False))
+
+
+@pytest.mark.slow
+def test_bench_gpu_decode_and_streams_sections_measure_and_report(tmp_path):
+    from blinkflow.bench import gpu
+
+    images = gpu.clip_frames(gpu.CLIPS[1], (96, 64), 6)
+    assert len(images) == 6 and images[0].shape == (64, 96, 3)
+    plan = gpu.Plan(device="cpu", size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=(1, 2),
+                    stream_seconds=1.5, frames=6, quick=True, stages={"chaos": {}})
+    decode = gpu.bench_decode(plan, images)
+    assert decode["cpu_fps"] > 0 and ("nvdec_fps" in decode or "nvdec_error" in decode)
+    streams = gpu.bench_streams(plan, images)
+    assert [row["streams"] for row in streams] == [1, 2]  # a light graph holds both steps
+    assert all(row["held"] and row["p95_s"] < 1.0 and 10 <= row["frames"] <= row["expected"] + 2 for row in streams)
+    plan.results = {"decode": decode, "streams": streams, "stages": {"error": "RuntimeError: out of memory"}}
+    report = gpu.render(plan)
+    assert "Largest number of streams held: **2**" in report and "Stages: failed (RuntimeError: out of memory)" in report

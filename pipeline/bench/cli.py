@@ -21,6 +21,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "depth": ("blinkflow.bench.cli", "run_depth"),
     "models": ("blinkflow.bench.cli", "run_models"),
     "tracking": ("blinkflow.bench.tracking", "main"),  # IDF1/MOTA/ID switches, gate off/on (docs/tracking.md)
+    "gpu": ("blinkflow.bench.gpu", "main"),  # needs CUDA (--quick: its code paths on the CPU); tools/gpu-check.sh
 }
 ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth", "models"]
 

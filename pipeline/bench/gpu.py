@@ -1,0 +1,330 @@
+"""``blinkflow bench gpu``: the headline figures on one accelerator, in one command (issue #25).
+
+Sections (docs/benchmarks.md ``gpu``, with the GPU's name and driver):
+
+* **decode**: a 720p H.264 clip (made from the repository's real clips) decoded by FFmpeg's CUDA
+  decoder (NVDEC, PyAV ``HWAccel``) against the CPU decoder of the same machine;
+* **stages**: each real-model stage of configs/demo.yaml (shipped weights) in frames/s on 720p frames at
+  batch 1/8/32, fp32 and fp16, channels_last;
+* **streams**: the full real-model graph (gate, detect, segment, track, flow, action) on N streams of
+  720p at 10 fps, paced in real time, stepping N up until the p95 latency passes 1 s or a stream
+  falls behind; the largest N that held;
+* **label**: archive labelling frames/s of the static-camera clips at 720p, skipping off and on.
+
+Without CUDA only ``--quick`` runs (tiny sizes, on the CPU: it checks the code paths and writes
+nothing). ``tools/gpu-check.sh`` runs this on the GPU machine with the ``needs_cuda`` tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from blinkflow.bench.common import REPO_ROOT, machine_info, machine_line, markdown_table, publish
+from blinkflow.errors import BlinkflowError
+
+log = logging.getLogger(__name__)
+
+DEMO = REPO_ROOT / "configs" / "demo.yaml"
+CLIPS = (REPO_ROOT / "tests" / "data" / "static" / "car-detection-19s.mp4",
+         REPO_ROOT / "tests" / "data" / "static" / "one-by-one-person-30s.mp4")
+SIZE, QUICK_SIZE = (1280, 720), (160, 96)
+BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 2)
+STREAM_STEPS, QUICK_STREAM_STEPS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 64), (1,)
+STREAM_FPS, STREAM_SECONDS, QUICK_STREAM_SECONDS = 10.0, 20.0, 3.0
+P95_LIMIT_S = 1.0
+
+
+@dataclass
+class Plan:
+    """What one invocation measures: the full GPU run, or the quick smoke run of its code paths."""
+
+    device: str
+    size: tuple[int, int]
+    batches: tuple[int, ...]
+    precisions: tuple[str, ...]
+    stream_steps: tuple[int, ...]
+    stream_seconds: float
+    frames: int
+    quick: bool
+    stages: dict[str, Any] | None = None  # the graph of the streams section; None: configs/demo.yaml's, + track
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+def main(args: argparse.Namespace) -> None:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.quick:
+        raise BlinkflowError("blinkflow bench gpu needs a CUDA GPU (none is visible to torch); "
+                             "`--quick` runs its code paths on the CPU")
+    plan = Plan(device="cuda:0" if cuda else "cpu", size=QUICK_SIZE if args.quick else SIZE,
+                batches=QUICK_BATCHES if args.quick else BATCHES,
+                precisions=("fp32",) if not cuda else ("fp32", "fp16"),
+                stream_steps=QUICK_STREAM_STEPS if args.quick else STREAM_STEPS,
+                stream_seconds=QUICK_STREAM_SECONDS if args.quick else STREAM_SECONDS,
+                frames=8 if args.quick else 64, quick=args.quick)
+    images = clip_frames(CLIPS[0], plan.size, plan.frames)
+    sections = [("decode", bench_decode), ("stages", bench_stages), ("streams", bench_streams), ("label", bench_label)]
+    for name, measure in sections:
+        try:
+            plan.results[name] = measure(plan, images)
+        except Exception as exc:  # noqa: BLE001 - one section that cannot run is reported; the others go on
+            log.error("bench gpu: %s failed: %s", name, exc)
+            plan.results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+    publish("gpu", render(plan), {"machine": machine_info(), "gpu": gpu_info(), **plan.results},
+            write=cuda and not args.quick and not args.no_write)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def clip_frames(path: Path, size: tuple[int, int], count: int) -> list[np.ndarray]:
+    """``count`` RGB frames of a real clip, scaled to ``size`` (width, height) by FFmpeg's scaler."""
+    import av
+
+    frames = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            frames.append(frame.to_ndarray(format="rgb24", width=size[0], height=size[1]))
+            if len(frames) == count:
+                break
+    return frames
+
+
+def encode_clip(images: list[np.ndarray], path: Path, fps: int = 10) -> Path:
+    """An H.264 clip of ``images`` (the decode section's input: a 720p clip made from the real clips)."""
+    import av
+
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = images[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for image in images:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def gpu_info() -> dict[str, Any]:
+    """The GPU's name, memory and driver as nvidia-smi reports them (empty without one)."""
+    try:
+        line = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20, check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return {}
+    name, driver, memory = (part.strip() for part in line.split(",")[:3])
+    return {"name": name, "driver": driver, "memory": memory}
+
+
+# --------------------------------------------------------------------------- decode
+
+
+def bench_decode(plan: Plan, images: list[np.ndarray]) -> dict[str, Any]:
+    """Frames/s of the CPU decoder and of NVDEC on the same 720p clip (best of three passes)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        clip = encode_clip([images[i % len(images)] for i in range(max(len(images), 4 * len(images)))],
+                           Path(folder) / "clip.mp4")
+        result: dict[str, Any] = {"cpu_fps": max(decode_rate(clip, None) for _ in range(3))}
+        try:
+            result["nvdec_fps"] = max(decode_rate(clip, "cuda") for _ in range(3))
+            result["nvdec_over_cpu"] = result["nvdec_fps"] / result["cpu_fps"]
+        except Exception as exc:  # noqa: BLE001 - no CUDA decoder here: said in the table
+            result["nvdec_error"] = f"{type(exc).__name__}: {exc}"
+    return result
+
+
+def decode_rate(path: Path, hwaccel: str | None) -> float:
+    """Decoded frames per second of ``path``, downloaded to RGB as the sources deliver them."""
+    import av
+    from av.codec.hwaccel import HWAccel
+
+    options = {"hwaccel": HWAccel(hwaccel, allow_software_fallback=False)} if hwaccel else {}
+    frames, started = 0, time.perf_counter()
+    with av.open(str(path), **options) as container:
+        for frame in container.decode(video=0):
+            frame.to_ndarray(format="rgb24")
+            frames += 1
+    return frames / (time.perf_counter() - started)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def bench_stages(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Each demo stage's frames/s per batch size and precision (channels_last on CUDA)."""
+    from blinkflow.bench.stages import time_stage
+    from blinkflow.config import load_config
+    from blinkflow.registry import stages
+
+    cfg = load_config(DEMO)
+    rows = []
+    for task in ("detect", "segment", "flow", "action"):
+        for precision in plan.precisions:
+            for batch in plan.batches:
+                stage_cfg = replace(cfg.stages[task], batch=batch, precision=precision, device=plan.device,
+                                    channels_last=plan.device != "cpu")
+                row = {"stage": task, "model": stage_cfg.model, "precision": precision, "batch": batch}
+                try:
+                    stage = stages.get(task)(stage_cfg)
+                    stage.setup(plan.device)
+                    warmup = stage.options.clip_len if task == "action" else batch
+                    seconds = time_stage(stage, images, batch, 1 if plan.quick else 3, warmup)
+                    stage.teardown()
+                    row["fps"] = 1.0 / statistics.median(seconds)
+                except Exception as exc:  # noqa: BLE001 - e.g. out of memory at batch 32: reported, not fatal
+                    row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+                rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------- streams
+
+
+def bench_streams(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """N paced 720p streams through the full graph, N stepped up until the p95 latency or the pace breaks."""
+    rows = []
+    for streams in plan.stream_steps:
+        row = run_streams(plan, images, streams)
+        rows.append(row)
+        if not row["held"]:
+            break
+    return rows
+
+
+def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str, Any]:
+    from blinkflow.config import load_config
+    from blinkflow.runners.local import LocalRunner
+
+    stop = threading.Event()
+    sources = [{"type": "frames", "id": f"cam{i}", "fps": STREAM_FPS, "frames": paced(images, STREAM_FPS, stop, i)}
+               for i in range(streams)]
+    cfg = load_config(data={"sources": sources, "gate": {"enabled": True},
+                            "stages": plan.stages or graph_stages(plan), "runtime": {"mode": "live"}, "sinks": []})
+    latencies: list[float] = []
+    timer = threading.Timer(plan.stream_seconds, stop.set)
+    timer.start()
+    try:
+        summary = LocalRunner(cfg, on_result=lambda result: latencies.append(result.latency_s)).run()
+    finally:
+        timer.cancel()
+        stop.set()
+    p95 = float(np.percentile(latencies, 95)) if latencies else float("inf")
+    expected = streams * STREAM_FPS * plan.stream_seconds
+    behind = summary.totals["decoded"] < 0.9 * expected  # the graph could not take frames at the cameras' pace
+    return {"streams": streams, "frames": summary.totals["decoded"], "expected": round(expected),
+            "p95_s": round(p95, 3), "dropped": summary.totals["dropped"], "failed": summary.totals["failed"],
+            "held": p95 <= P95_LIMIT_S and not behind and summary.totals["dropped"] == 0
+            and summary.totals["failed"] == 0}
+
+
+def graph_stages(plan: Plan) -> dict[str, Any]:
+    """configs/demo.yaml's model stages on the plan's device (fp16 on CUDA), plus tracking."""
+    from blinkflow.schema import read_yaml
+
+    stages = read_yaml(DEMO)["stages"]
+    for stage in stages.values():
+        stage["device"] = plan.device
+        if plan.device != "cpu":
+            stage.update(precision="fp16", channels_last=True, batch=max(8, stage.get("batch", 1)))
+    try:
+        import scipy.optimize  # noqa: F401 - the track stage's assignment
+        stages["track"] = {}
+    except ImportError:
+        log.warning("bench gpu: scipy is missing, so the streams run without the track stage")
+    return stages
+
+
+def paced(images: list[np.ndarray], fps: float, stop: threading.Event, offset: int) -> Iterator[np.ndarray]:
+    """The clip looped at ``fps`` in wall-clock time, like a camera, until ``stop``."""
+    due = time.monotonic()
+    index = offset
+    while not stop.is_set():
+        wait = due - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        yield images[index % len(images)]
+        index += 1
+        due += 1.0 / fps
+
+
+# --------------------------------------------------------------------------- archive labelling
+
+
+def bench_label(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """Archive labelling frames/s of the static clips scaled to the plan's size, skipping off and on."""
+    import tempfile
+
+    from blinkflow.config import load_config
+    from blinkflow.label import LabelRun, find_videos
+
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "inputs"
+        inputs.mkdir()
+        for clip in CLIPS:
+            encode_clip(clip_frames(clip, plan.size, plan.frames * (1 if plan.quick else 4)), inputs / clip.name)
+        stages = graph_stages(plan)
+        stages = {name: stages[name] for name in ("detect", "segment")}
+        for gate in (False, True):
+            cfg = load_config(data={"sources": [], "gate": {"enabled": gate}, "stages": stages,
+                                    "label": {"formats": ["jsonl"], "executor": "local"}})
+            started = time.perf_counter()
+            summary = LabelRun(find_videos([str(inputs)]), Path(folder) / f"out-{gate}", cfg, ["jsonl"],
+                               progress=False).run()
+            seconds = time.perf_counter() - started
+            rows.append({"skipping": gate, "frames": summary["totals"]["frames"],
+                         "fps": summary["totals"]["frames"] / seconds, "reused": summary["totals"].get("reused", 0)})
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def render(plan: Plan) -> str:
+    results, gpu = plan.results, gpu_info()
+    title = gpu.get("name", "no GPU") + (f", driver {gpu['driver']}, {gpu['memory']}" if gpu else "")
+    lines = ["## GPU: decode, stages, streams per GPU, archive labelling", "",
+             f"`blinkflow bench gpu{' --quick' if plan.quick else ''}` on **{title}** ({plan.device}); frames "
+             f"{plan.size[0]}x{plan.size[1]} from the repository's real static-camera clips. Targets (issue #25): "
+             f">= 30 streams of 720p at 10 fps with p95 <= {P95_LIMIT_S:g} s and nothing dropped; labelling >= 1000 "
+             "frames/s with skipping; NVDEC >= 3x the CPU decoder.", "", machine_line(machine_info()), ""]
+    lines += _decode_lines(results.get("decode", {}), plan.size)
+    lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "batch", "fps"])
+    lines += _table_lines("streams", results.get("streams"),
+                          ["streams", "frames", "expected", "p95_s", "dropped", "failed", "held"])
+    held = [row["streams"] for row in results.get("streams") or [] if isinstance(row, dict) and row.get("held")]
+    lines += [f"Largest number of streams held: **{max(held) if held else 0}**.", ""]
+    lines += _table_lines("label", results.get("label"), ["skipping", "frames", "fps", "reused"])
+    return "\n".join(lines)
+
+
+def _decode_lines(decode: dict[str, Any], size: tuple[int, int]) -> list[str]:
+    if "error" in decode:
+        return [f"Decode: failed ({decode['error']}).", ""]
+    nvdec = (f"NVDEC {decode['nvdec_fps']:.0f} frames/s, **{decode['nvdec_over_cpu']:.2f}x**" if "nvdec_fps" in decode
+             else f"NVDEC unavailable ({decode.get('nvdec_error', '?')})")
+    return [f"Decode ({size[0]}x{size[1]} H.264 to RGB, best of 3): CPU {decode.get('cpu_fps', 0):.0f} frames/s; {nvdec}.", ""]
+
+
+def _table_lines(name: str, rows: Any, columns: list[str]) -> list[str]:
+    if isinstance(rows, dict) and "error" in rows:
+        return [f"{name.capitalize()}: failed ({rows['error']}).", ""]
+    body = [[_cell(row.get(column, row.get("error", "")) if column == columns[-1] else row.get(column, ""))
+             for column in columns] for row in rows or []]
+    return [f"**{name.capitalize()}**", "", markdown_table(columns, body), ""]
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
