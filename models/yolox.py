@@ -202,6 +202,9 @@ class YOLOX(nn.Module):
     otherwise the head has ``num_classes - 1`` outputs and label = head index + 1.
     """
 
+    #: the letterbox's padding in the RGB [0, 1] pixels the model takes (a canvas built outside pads with it)
+    pad_value = PAD_VALUE / PIXEL_SCALE
+
     def __init__(
         self, num_classes: int = COCO_NUM_CLASSES, input_size: tuple[int, int] = (416, 416),
         depth: float = 0.33, width: float = 0.25,
@@ -238,6 +241,12 @@ class YOLOX(nn.Module):
             self._detections(pred, ratio, image.shape[-2:]) for pred, ratio, image in zip(raw, ratios, images)
         ]
 
+    def letterbox_fit(self, height: int, width: int) -> tuple[float, tuple[int, int]]:
+        """The resize ratio of a ``height`` x ``width`` image in the letterbox and the (height, width) it
+        takes there (top-left; the rest is padding)."""
+        ratio = min(self.input_size[0] / height, self.input_size[1] / width)
+        return ratio, (max(1, int(height * ratio)), max(1, int(width * ratio)))  # int() truncates, as the YOLOX demo does
+
     def letterbox(self, images: list[Tensor]) -> tuple[Tensor, list[float]]:
         """RGB [0, 1] images to the network's input: a BGR 0..255 NCHW batch and each image's resize ratio."""
         height, width = self.input_size
@@ -245,9 +254,7 @@ class YOLOX(nn.Module):
         batch = images[0].new_full((len(images), 3, height, width), PAD_VALUE, dtype=dtype)
         ratios = []
         for slot, image in zip(batch, images):
-            h, w = image.shape[-2:]
-            ratio = min(height / h, width / w)
-            size = (max(1, int(h * ratio)), max(1, int(w * ratio)))  # int() truncates, as the YOLOX demo does
+            ratio, size = self.letterbox_fit(*image.shape[-2:])
             bgr = image.flip(0).to(dtype)[None] * 255.0
             slot[:, : size[0], : size[1]] = F.interpolate(bgr, size=size, mode="bilinear", align_corners=False)[0]
             ratios.append(ratio)

@@ -31,13 +31,21 @@ same object seen again and goes (:func:`superseded`); then class-aware NMS. When
 whole frame runs. Such a result also carries ``"crop": {"box": [x1, y1, x2,
 y2], "area": fraction of a full forward}``. With the cache, the stage is
 temporal (each stream sticks to one replica, in order).
+
+``crop_reuse: letterbox`` is the same for detectors that letterbox every input to one
+size (YOLOX), where a crop would be seen at the wrong scale: the changed tiles' connected
+groups, each grown around the stream's previous boxes that touch it and by the halo, are
+cut from the frame at the full-frame call's scale on the stride-32 grid and packed into one
+canvas padded like the letterbox (:mod:`stages.canvas`); one call sees every object at its
+usual scale, costs the canvas's share of the full input (``crop.area``), and the boxes are
+merged as above, region by region (``crop.regions``: each region's crop in source pixels).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -47,6 +55,7 @@ from blinkflow.errors import ConfigError, StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.gate.tiles import tile_edges
+from blinkflow.stages.canvas import Canvas, object_regions, plan_canvas
 from blinkflow.stages.common import region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
@@ -72,14 +81,18 @@ class DetectOptions:
         None, "class names (index 0 = background) for random or own weights without a class list"
     )
     model_args: dict[str, Any] | None = _field(None, "extra builder arguments, e.g. {min_size: 320, max_size: 512}")
-    crop_reuse: bool | None = _field(
+    crop_reuse: bool | Literal["letterbox"] | None = _field(
         None, "on frames the gate marks partial, run only on the crop around the changed tiles and merge with the "
-        "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas). null: on for "
-        "detectors whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), off for SSD/SSDLite and "
-        "YOLOX, which scale every input to a fixed size, so a crop sees its objects at the wrong scale",
+        "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas). letterbox: "
+        "for detectors with a fixed letterboxed input (YOLOX), the changed regions (grown around the previous "
+        "boxes) cut at the full-frame scale and packed into one small padded canvas. null: on for detectors "
+        "whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), off for SSD/SSDLite and YOLOX, "
+        "which scale every input to a fixed size, so a crop sees its objects at the wrong scale",
     )
     crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
-    crop_max_area: float = _field(0.5, "run the whole frame when the crop would cover more than this fraction of it", lo=0.0, hi=1.0)
+    crop_max_area: float = _field(
+        0.5, "run the whole frame when the crop would cover more than this fraction of it (letterbox: when the "
+        "canvas would cost more than this fraction of the full input)", lo=0.0, hi=1.0)
     keep_threshold: float | None = _field(
         None, "hysteresis: a box that overlaps (IoU >= 0.5, same class) one of the stream's boxes on the previous "
         "frame the stage ran on stays while it scores at least this; new boxes still need score_threshold. Fewer "
@@ -125,6 +138,15 @@ class Detect(ModelStage):
         options = getattr(cfg, "options", None)
         return crop_reuse_enabled(cfg) or getattr(options, "keep_threshold", None) is not None
 
+    @classmethod
+    def check_config(cls, cfg: Any, name: str) -> None:
+        """``crop_reuse: letterbox`` names a torchvision detector: none letterboxes (one-line error at load)."""
+        from blinkflow.models.registry import get_model_entry
+
+        stage = cfg.stages[name]
+        if crop_reuse_mode(stage) == "letterbox" and get_model_entry(stage.model).torchvision_weights is not None:
+            raise ConfigError(_not_letterboxed(name, stage.model))
+
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg)
         checked_input_size(self.name, self.options.input_size, "[320, 320], or null", optional=True)
@@ -134,6 +156,7 @@ class Detect(ModelStage):
         self._boxes: dict[str, _BoxCache] = {}
         self._shown: dict[str, tuple[int, Any, Any]] = {}  # stream -> (frame index, boxes, labels) it last output
         self._crop_reuse = crop_reuse_enabled(self.cfg)
+        self._letterbox = crop_reuse_mode(self.cfg) == "letterbox"
 
     def build_model(self, spec: Any) -> Any:
         self.classes = pick_classes(self.name, spec.classes, self.options.classes, SYNTHETIC_CLASSES)
@@ -141,6 +164,10 @@ class Detect(ModelStage):
         model = self.build_backend(num_classes=len(self.classes))
         self._align_model_limits(model)
         return model
+
+    def check_model(self, model: Any) -> None:
+        if self._letterbox and not letterboxes(model):
+            raise StageError(_not_letterboxed(self.name, self.model_name))
 
     def describe(self) -> str:
         return f", {len(self.classes)} classes"
@@ -191,22 +218,32 @@ class Detect(ModelStage):
             self._boxes.pop(frame.stream_id, None)
 
     def _try_crop(self, frame: Frame) -> bool:
+        if not self._has_base(frame):
+            return False
+        if self._letterbox:
+            canvas = self._canvas_for(frame)
+            if canvas is None:
+                return False
+            self._run_canvas(frame, canvas)
+            return True
         crop = self._crop_for(frame)
         if crop is None:
             return False
         self._run_crop(frame, *crop)
         return True
 
-    def _crop_for(self, frame: Frame) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
-        """(inner, crop) as (x1, y1, x2, y2) source pixels: the changed tiles' bounding box and it grown by the
-        halo, or None when the frame must run in full (no cached base, or the crop is too large)."""
+    def _has_base(self, frame: Frame) -> bool:
+        """Whether a partial frame can build on the stream's cached boxes (of its base frame, same size)."""
         tiles = frame.mark.tiles or {}
         cache = self._boxes.get(frame.stream_id)
-        changed = tiles.get("changed")
-        if not (self._crop_reuse and changed and cache is not None and cache.index == region_base(tiles, self.name)
-                and cache.source == (frame.height, frame.width)):
-            return None
-        return crop_region(tiles["grid"], changed, frame.height, frame.width, self.options.crop_halo,
+        return bool(self._crop_reuse and tiles.get("changed") and cache is not None
+                    and cache.index == region_base(tiles, self.name) and cache.source == (frame.height, frame.width))
+
+    def _crop_for(self, frame: Frame) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]] | None:
+        """(inner, crop) as (x1, y1, x2, y2) source pixels: the changed tiles' bounding box and it grown by the
+        halo, or None when the crop is too large."""
+        tiles = frame.mark.tiles
+        return crop_region(tiles["grid"], tiles["changed"], frame.height, frame.width, self.options.crop_halo,
                            self.options.crop_max_area)
 
     def _run_crop(self, frame: Frame, inner: tuple[int, int, int, int], crop: tuple[int, int, int, int]) -> None:
@@ -239,7 +276,7 @@ class Detect(ModelStage):
         scale = torch.tensor([(x1 - x0) / crop_in[1], (y1 - y0) / crop_in[0]] * 2, device=found[0].device)
         boxes = found[0] * scale + torch.tensor([x0, y0, x0, y0], dtype=torch.float32, device=found[0].device)
         new = self._keep_new(boxes.cpu(), inner, crop, frame)
-        carried = self._carried(frame, inner)
+        carried = self._carried(frame, [inner])
         stale = superseded(carried[0], carried[2], boxes.cpu()[new], found[2].cpu()[new])
         carried = tuple(part[~stale] for part in carried)
         merged = (
@@ -254,15 +291,97 @@ class Detect(ModelStage):
         self._boxes[frame.stream_id] = _BoxCache(frame.index, {k: v for k, v in result.items() if k != "crop"},
                                                  (frame.height, frame.width))
 
+    def _canvas_for(self, frame: Frame) -> Canvas | None:
+        """The letterboxed canvas of a partial frame's changed regions, or None when it costs too much."""
+        tiles = frame.mark.tiles
+        rows, cols = tiles["grid"]
+        previous = self._boxes[frame.stream_id].result.get("boxes") or []
+        inners = object_regions(tiles["grid"], tiles["changed"], frame.height, frame.width, previous)
+        scale, content = self._letterbox_scale(frame)
+        halo = (self.options.crop_halo * frame.width / cols, self.options.crop_halo * frame.height / rows)
+        full = self.model.input_size
+        return plan_canvas(inners, (frame.height, frame.width), scale, content, halo,
+                           self.options.crop_max_area * full[0] * full[1])
+
+    def _letterbox_scale(self, frame: Frame) -> tuple[tuple[float, float], tuple[int, int]]:
+        """(x, y) factors from source pixels to the letterboxed model input of a full-frame call, and the
+        (height, width) the frame takes in it."""
+        height, width = self.options.input_size or (frame.height, frame.width)
+        ratio, content = self.model.letterbox_fit(height, width)
+        return (ratio * width / frame.width, ratio * height / frame.height), content
+
+    def _run_canvas(self, frame: Frame, canvas: Canvas) -> None:
+        """Detect on the canvas of the changed regions in one call and merge with the carried-over boxes."""
+        import torch
+
+        found = self._filtered(self._canvas_output(frame, canvas))
+        boxes, scores, labels = (part.cpu() for part in found)
+        scale, _ = self._letterbox_scale(frame)
+        new_boxes, new_scores, new_labels = [], [], []
+        taken = torch.zeros(len(boxes), dtype=torch.bool)
+        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+        for region in canvas.regions:
+            (px, py), (x0, y0, x1, y1) = region.place, region.cut
+            mine = ~taken & (cx >= px) & (cx < px + x1 - x0) & (cy >= py) & (cy < py + y1 - y0)
+            taken |= mine
+            # a box reaching past its region into the padding or a neighbour ends at the region's edge
+            local = boxes[mine].clone()
+            local[:, 0::2] = local[:, 0::2].clamp(px, px + x1 - x0) - px + x0
+            local[:, 1::2] = local[:, 1::2].clamp(py, py + y1 - y0) - py + y0
+            local = local / torch.tensor([scale[0], scale[1]] * 2)
+            keep = self._keep_new(local, region.inners, region.crop, frame)
+            new_boxes.append(local[keep])
+            new_scores.append(scores[mine][keep].float())
+            new_labels.append(labels[mine][keep])
+        new = (torch.cat(new_boxes), torch.cat(new_scores), torch.cat(new_labels))
+        carried = self._carried(frame, [inner for region in canvas.regions for inner in region.inners])
+        stale = superseded(carried[0], carried[2], new[0], new[2])
+        merged = [torch.cat([old[~stale], fresh]) for old, fresh in zip(carried, new)]
+        result = self._finish(*merged, frame)
+        full = self.model.input_size
+        crops = [[round(float(v), 2) for v in region.crop] for region in canvas.regions]
+        result["crop"] = {
+            "box": [min(c[0] for c in crops), min(c[1] for c in crops), max(c[2] for c in crops), max(c[3] for c in crops)],
+            "area": round(canvas.area / (full[0] * full[1]), 4),
+            "regions": crops,
+        }
+        frame.results[self.name] = result
+        self._boxes[frame.stream_id] = _BoxCache(frame.index, {k: v for k, v in result.items() if k != "crop"},
+                                                 (frame.height, frame.width))
+
+    def _canvas_output(self, frame: Frame, canvas: Canvas) -> dict[str, Any]:
+        """The model's output on the canvas: each region cut from the frame resized as a full-frame call
+        resizes it, at its place, the rest padded as the letterbox pads; boxes in canvas pixels."""
+        import torch.nn.functional as F
+
+        from blinkflow.stages.common import frames_to_batch
+
+        size = self.options.input_size
+        image = frames_to_batch([frame], self._device, size=tuple(size) if size is not None else None)[0]
+        _, content = self.model.letterbox_fit(*image.shape[-2:])
+        scaled = F.interpolate(image[None], size=content, mode="bilinear", align_corners=False)[0]
+        board = scaled.new_full((3, *canvas.size), self.model.pad_value)
+        for region in canvas.regions:
+            (px, py), (x0, y0, x1, y1) = region.place, region.cut
+            x1, y1 = min(x1, content[1]), min(y1, content[0])  # beyond the frame the letterbox pads
+            board[:, py:py + y1 - y0, px:px + x1 - x0] = scaled[:, y0:y1, x0:x1]
+        saved = self.model.input_size
+        try:
+            self.model.input_size = canvas.size  # the canvas is its own letterbox: ratio 1, no resize
+            with self.inference():
+                return self.model([board])[0]
+        finally:
+            self.model.input_size = saved
+
     @staticmethod
-    def _keep_new(boxes: Any, inner: tuple, crop: tuple, frame: Frame) -> Any:
-        """Crop boxes to add: centre in the changed region, or whole inside the crop (not cut by an inner edge)."""
+    def _keep_new(boxes: Any, inner: Any, crop: tuple, frame: Frame) -> Any:
+        """Crop boxes to add: centre in the changed region (one rectangle or several), or whole inside the
+        crop (not cut by an inner edge)."""
         import torch
 
         if len(boxes) == 0:
             return torch.zeros(0, dtype=torch.bool)
-        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
-        centre_in = (cx >= inner[0]) & (cx < inner[2]) & (cy >= inner[1]) & (cy < inner[3])
+        centre_in = _centre_in(boxes, inner)
         edge = 1.0  # a box within a pixel of an inner crop edge is cut by it
         cut = torch.zeros(len(boxes), dtype=torch.bool)
         if crop[0] > 0:
@@ -275,9 +394,10 @@ class Detect(ModelStage):
             cut |= boxes[:, 3] >= crop[3] - edge
         return centre_in | ~cut
 
-    def _carried(self, frame: Frame, inner: tuple) -> tuple[Any, Any, Any]:
-        """The stream's last boxes whose centre is outside the changed region. They stay where they were: the
-        gate's tiles come from the plain (not motion-compensated) reference, so outside them nothing moved."""
+    def _carried(self, frame: Frame, inners: list[tuple]) -> tuple[Any, Any, Any]:
+        """The stream's last boxes whose centre is outside the changed regions ``inners``. They stay where they
+        were: the gate's tiles come from the plain (not motion-compensated) reference, so outside them nothing
+        moved."""
         import torch
 
         last = self._boxes[frame.stream_id].result
@@ -285,8 +405,7 @@ class Detect(ModelStage):
         s = torch.tensor(last.get("scores") or [], dtype=torch.float32)
         lab = torch.tensor(last.get("labels") or [], dtype=torch.int64)
         if len(b):
-            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-            outside = ~((cx >= inner[0]) & (cx < inner[2]) & (cy >= inner[1]) & (cy < inner[3]))
+            outside = ~_centre_in(b, inners)
             b, s, lab = b[outside], s[outside], lab[outside]
         return b, s, lab
 
@@ -430,14 +549,44 @@ def _model_scale(transform: Any, size: tuple[int, int]) -> tuple[float, float]:
 
 
 def crop_reuse_enabled(cfg: StageConfig | None) -> bool:
-    """``options.crop_reuse``, or for null whether the model's anchors keep their pixel size on a crop."""
+    """Whether partial frames run on part of the frame (``crop_reuse_mode`` is not None)."""
+    return crop_reuse_mode(cfg) is not None
+
+
+def crop_reuse_mode(cfg: StageConfig | None) -> str | None:
+    """"crop", "letterbox" or None (off): ``options.crop_reuse``, or for null what the model allows."""
     options = getattr(cfg, "options", None)
-    if options is not None and options.crop_reuse is not None:
-        return bool(options.crop_reuse)
+    setting = None if options is None else options.crop_reuse
+    if setting == "letterbox":
+        return "letterbox"
+    if setting is not None:
+        return "crop" if setting else None
     model = (getattr(cfg, "model", None) or Detect.default_model).lower()
     # torchvision's SSD and SSDLite size their default boxes by the input, and YOLOX letterboxes every
     # input (a crop too) to its fixed size: a crop would see its objects at the wrong scale
-    return not model.startswith(("ssd", "yolox"))
+    return None if model.startswith(("ssd", "yolox")) else "crop"
+
+
+def letterboxes(model: Any) -> bool:
+    """Whether ``model`` letterboxes every input to a settable fixed size, as :class:`models.yolox.YOLOX` does."""
+    return all(hasattr(model, name) for name in ("input_size", "letterbox_fit", "pad_value"))
+
+
+def _not_letterboxed(stage: str, model: str) -> str:
+    return (f"stages.{stage}.options.crop_reuse: letterbox needs a detector that letterboxes to a fixed input "
+            f"(yolox_nano); {model} resizes its input instead; use true, false or null")
+
+
+def _centre_in(boxes: Any, rects: Any) -> Any:
+    """Which boxes (N, 4) have their centre in the rectangle ``rects`` (x1, y1, x2, y2) or in any of several."""
+    import torch
+
+    many = rects if not rects or isinstance(rects[0], (tuple, list)) else [rects]
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    inside = torch.zeros(len(boxes), dtype=torch.bool)
+    for x0, y0, x1, y1 in many:
+        inside |= (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+    return inside
 
 
 #: a carried box this much like (IoU) a new crop box of the same class is the same object seen again

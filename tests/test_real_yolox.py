@@ -114,6 +114,30 @@ def test_detect_stage_finds_the_dog_the_bicycle_and_the_car():
 # ---------------------------------------------------------------------- the converter
 
 
+def test_a_letterboxed_canvas_sees_a_real_object_at_its_full_frame_scale():
+    """crop_reuse: letterbox on a partial frame whose change touches the car: the region grows around the car's
+    previous box, one call on a canvas a fifth of the input finds it where the full frame does."""
+    from blinkflow.frame import GateMark
+
+    cfg = StageConfig(model="yolox_nano", weights="shipped",
+                      options=DetectOptions(score_threshold=0.5, crop_reuse="letterbox"))
+    stage = Detect(cfg)
+    stage.setup("cpu")
+    image = read_rgb(DOG)
+    first = Frame("s", 0, 0.0, image)
+    first.gate = GateMark(tiles={"grid": [8, 8], "changed": None, "base": 0})
+    full = stage.process([first])[0].results["detect"]
+    partial = Frame("s", 1, 0.0, image.copy())
+    partial.gate = GateMark(tiles={"grid": [8, 8], "changed": [14], "base": 0})  # one tile on the car's back half
+    result = stage.process([partial])[0].results["detect"]
+    assert 0 < result["crop"]["area"] < 0.25 and len(result["crop"]["regions"]) == 1
+    x0, _, x1, _ = result["crop"]["regions"][0]
+    assert x0 < DOG_OBJECTS["car"][0] and x1 == 768  # the whole car, not only the changed tile
+    assert result["classes"] == full["classes"]
+    for fresh, carried in zip(result["boxes"], full["boxes"]):
+        assert iou(fresh, carried) >= 0.9
+
+
 def test_import_refuses_a_tampered_copy(tmp_path):
     tampered = tmp_path / "yolox_nano.onnx"
     data = bytearray(ORIGINAL.read_bytes())

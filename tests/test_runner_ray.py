@@ -92,6 +92,28 @@ def test_ray_matches_local_with_region_recompute_on_partial_frames(ray_local, tm
 
 
 @pytest.mark.slow
+def test_ray_matches_local_with_letterboxed_canvases_on_partial_frames(ray_local):
+    """crop_reuse: letterbox (YOLOX): the changed regions packed into one canvas per partial frame, merged with
+    the stream's last boxes, identically in both runners, with the detector on two replicas."""
+    from pathlib import Path
+
+    parking = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
+    cfg = load_config(data={
+        "sources": [{"type": "file", "id": "parking", "path": str(parking), "resize": [384, 216], "max_frames": 24,
+                     "motion_vectors": True}],
+        "gate": {"enabled": True, "refresh": {"detect": 4}},
+        "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2, "replicas": 2,
+                              "options": {"score_threshold": 0.3, "crop_reuse": "letterbox",
+                                          "model_args": {"input_size": [320, 320]}}}},
+    })
+    _, local_results = run(LocalRunner, cfg)
+    _, ray_results = run(RayRunner, cfg)
+    assert comparable(ray_results) == comparable(local_results)
+    canvases = [r for r in local_results if r.outcome.value == "processed" and "regions" in (r.results["detect"].get("crop") or {})]
+    assert canvases, "no partial frame ran the detector on a canvas"
+
+
+@pytest.mark.slow
 def test_ray_matches_local_with_feature_reuse_on_gate_refreshes(ray_local):
     """The segmenter's feature-level reuse keeps per-stream features and the motion since them: with the gate
     on, its refreshes run only the head on warped features, identically in both runners."""
