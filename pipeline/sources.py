@@ -25,6 +25,7 @@ import numpy as np
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
 from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
+from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
 from blinkflow.registry import register_source, sources as source_registry
 
 log = logging.getLogger(__name__)
@@ -338,18 +339,18 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
     """Keep frames on a 1/fps grid (when fps is set), convert to RGB, resize, cap the count."""
     next_time = None
     index = 0
-    motion = None  # decoder motion since the last kept frame (frames dropped by fps add up)
-    tracker = _decoder_motion(cfg)
+    vectors = _vector_reader(cfg)
+    pending: list[Any] = []  # the decoder's vectors of every frame since the last kept one (dropped ones add up)
     for seconds, av_frame in decoded:
-        if tracker is not None:
-            motion = tracker.compose(av_frame, motion)
+        if vectors is not None:
+            pending.append(vectors(av_frame, cfg.resize))
         if cfg.fps is not None:
             if next_time is not None and seconds < next_time - 1e-6:
                 continue
             next_time = (seconds if next_time is None else next_time) + 1.0 / cfg.fps
         frame = Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
-        if motion is not None:
-            frame.meta["mvs"], motion = motion.astype(np.float16), None
+        if pending:
+            frame.meta[VECTORS_KEY], pending = pending, []
         yield frame
         index += 1
         if cfg.max_frames is not None and index >= cfg.max_frames:
@@ -358,12 +359,11 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
         raise SourceError(f"{path}: no frames could be decoded; the file is empty or damaged")
 
 
-def _decoder_motion(cfg: SourceConfig) -> Any:
-    if not cfg.options.motion_vectors:
-        return None
-    from blinkflow.gate.motion import DecoderMotion
-
-    return DecoderMotion(cfg.resize)
+def _vector_reader(cfg: SourceConfig) -> Any:
+    """What reads a decoded frame's motion vectors: only what the decoder gives, copied out and packed
+    (blinkflow.gate.motion.decoder_vectors). The fields are made where they are read (the gate, or the
+    segmenter's feature reuse without one), so the decoder thread does next to nothing more."""
+    return decoder_vectors if cfg.options.motion_vectors else None
 
 
 # --------------------------------------------------------------------------- synthetic

@@ -28,7 +28,9 @@ class Gate(Stage):
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         for frame in frames:
-            if not frame.is_failed:
+            if frame.is_failed:
+                self.policy.follow_motion(frame)  # the decoder's motion state still moves on
+            else:
                 self.policy.decide(frame)
         return frames
 

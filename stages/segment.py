@@ -120,7 +120,7 @@ class Segment(ModelStage):
     name = TASK
     Options = SegmentOptions
     default_model = "unet_small"
-    stream_caches = ("_tiles", "_keys")
+    stream_caches = ("_tiles", "_keys", "_decoders")
     #: crops start on multiples of this (model-input pixels), so pooling grids line up with the full frame's
     tile_align: ClassVar[int] = 16
 
@@ -135,6 +135,7 @@ class Segment(ModelStage):
         self.classes: list[str] = []
         self._tiles: dict[str, _TileCache] = {}
         self._keys: dict[str, _FeatureKey] = {}
+        self._decoders: dict[str, Any] = {}  # per stream: the decoder's motion state, when no gate turned the vectors
         self._head_share: dict[tuple[int, ...], float] = {}  # feature size -> the head's share of a forward
 
     def build_model(self, spec: Any) -> Any:
@@ -221,16 +222,18 @@ class Segment(ModelStage):
     # ------------------------------------------------------------------ feature-level reuse
 
     def _follow_motion(self, frame: Frame) -> None:
-        """Add this frame's decoder motion (``meta["mvs"]``, reused frames too) to its stream's key."""
+        """Add this frame's decoder motion (``meta["mvs"]``, reused frames too) to its stream's key. The gate
+        turns the source's vectors into that field; without a gate (or with its motion off) this stage does."""
+        from blinkflow.gate.motion import MOTION_KEY, attach_decoder_motion, compose_motion
+
+        attach_decoder_motion(frame, self._decoders)  # a no-op once the gate did
         key = self._keys.get(frame.stream_id)
         if key is None or frame.index <= key.index:
             return
-        step = frame.meta.get("mvs")
+        step = frame.meta.get(MOTION_KEY)
         if step is None:
             key.complete = False
             return
-        from blinkflow.gate.motion import compose_motion
-
         key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
 
     def _can_warp(self, frame: Frame) -> bool:

@@ -48,7 +48,7 @@ def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
     assert main(["bench", "decode", "--quick"]) == 0
     out = capsys.readouterr().out
     rows = table_rows(out, ["clip", "frames", "ffmpeg CLI fps", "PyAV decode fps", "PyAV + RGB fps", "source fps",
-                            "source + motion vectors fps", "PyAV ÷ ffmpeg", "motion vectors ÷ plain"])
+                            "source + motion vectors fps", "… + fields fps", "PyAV ÷ ffmpeg", "motion vectors ÷ plain"])
     assert rows, out
     for clip, frames, *rates in rows:
         assert int(frames) > 0

@@ -90,13 +90,15 @@ def test_features_warped_along_the_decoder_motion_are_closer_to_the_next_frames_
     """bikes.mp4 pans: the key's backbone features moved along the accumulated motion vectors are closer to
     the features of each of the next three frames than the same features left in place, or moved the other way."""
     from blinkflow.config import SourceConfig
-    from blinkflow.gate.motion import compose_motion
+    from blinkflow.gate.motion import attach_decoder_motion, compose_motion
     from blinkflow.sources import iter_video_frames
     from tests.conftest import load_shipped
 
     model = load_shipped("segment", MODEL)
     cfg = SourceConfig(type="file", path=str(BIKES), resize=[320, 136], motion_vectors=True, max_frames=8)
-    frames = list(iter_video_frames(BIKES, "bikes", cfg))
+    frames, decoders = list(iter_video_frames(BIKES, "bikes", cfg)), {}
+    for frame in frames:
+        attach_decoder_motion(frame, decoders)
     with torch.inference_mode():
         features = [model.features(torch.from_numpy(f.image).permute(2, 0, 1)[None].float() / 255) for f in frames]
         for key in (0, 4):
@@ -109,3 +111,19 @@ def test_features_warped_along_the_decoder_motion_are_closer_to_the_next_frames_
 
                 warped = error(warp_features(features[key], motion, (136, 320)))
                 assert warped < error(features[key]) < error(warp_features(features[key], -motion, (136, 320)))
+
+
+@pytest.mark.slow
+def test_without_a_gate_the_segmenter_turns_the_decoder_vectors_into_motion(one_torch_thread):
+    """The source attaches only the decoder's vectors; with no gate to make the fields, the segmenter's
+    feature reuse makes them itself and warps between keys."""
+    from blinkflow.config import SourceConfig
+    from blinkflow.gate.motion import VECTORS_KEY
+    from blinkflow.sources import iter_video_frames
+
+    cfg = SourceConfig(type="file", path=str(BIKES), resize=[160, 68], motion_vectors=True, max_frames=7)
+    frames = list(iter_video_frames(BIKES, "bikes", cfg))
+    assert all(VECTORS_KEY in f.meta and "mvs" not in f.meta for f in frames)
+    _segmenter(3).process(frames)
+    assert all(VECTORS_KEY not in f.meta and f.meta["mvs"].shape == (9, 20, 2) for f in frames)
+    assert [("features" in f.results["segment"]) for f in frames] == [False, True, True, False, True, True, False]

@@ -411,12 +411,21 @@ def write_pan_video(path, frames=8, step=2, options=None):
     return path
 
 
-def test_decoder_motion_vectors_follow_a_pan(tmp_path):
+def decoded_with_motion(clip, **source):
+    """The file source's frames of ``clip`` with motion vectors, each with its one-frame field as the gate
+    makes it (the source attaches only the decoder's vectors)."""
+    from blinkflow.gate.motion import attach_decoder_motion
     from blinkflow.sources import open_sources
 
-    clip = write_pan_video(tmp_path / "pan.mp4")
-    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}]})
-    frames = [item for item in open_sources(cfg.sources) if isinstance(item, Frame)]
+    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True, **source}]})
+    frames, decoders = [item for item in open_sources(cfg.sources) if isinstance(item, Frame)], {}
+    for frame in frames:
+        attach_decoder_motion(frame, decoders)
+    return frames
+
+
+def test_decoder_motion_vectors_follow_a_pan(tmp_path):
+    frames = decoded_with_motion(write_pan_video(tmp_path / "pan.mp4"))
     fields = [f.meta["mvs"] for f in frames[1:]]
     assert fields[0].shape == (12, 16, 2)
     dx = np.median([np.median(f[2:-2, 2:-2, 0]) for f in fields])
@@ -457,15 +466,12 @@ def test_decoder_motion_with_b_frames_gives_every_frame_its_own_motion(tmp_path,
     """FFmpeg's vectors tell only the direction of their reference: the distance depends on where the
     B-frame lies in its run and on whether the middle B-frame is a reference (x264's default
     b-pyramid). Every frame's field must be one frame of the pan, whatever the run."""
-    from blinkflow.sources import open_sources
-
     options, kinds = B_RUNS[encoding]
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**options, "g": "100"})
     with av.open(str(clip)) as container:
         decoded = [int(frame.pict_type) for frame in container.decode(video=0)]
     assert decoded[: len(kinds)] == kinds  # the structure this case is about
-    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}]})
-    frames = [item for item in open_sources(cfg.sources) if isinstance(item, Frame)]
+    frames = decoded_with_motion(clip)
     dx = [float(np.median(f.meta["mvs"][2:-2, 2:-2, 0])) for f in frames[1:]]
     assert dx == pytest.approx([-2.0] * len(dx), abs=0.5)
 
@@ -473,12 +479,8 @@ def test_decoder_motion_with_b_frames_gives_every_frame_its_own_motion(tmp_path,
 def test_decoder_motion_is_the_same_on_every_decode(tmp_path):
     """FFmpeg's frame-threaded H.264 decoding exported a B-frame's vectors incomplete about one decode in
     three on this clip; the file source decodes with slice threads when it exports vectors."""
-    from blinkflow.sources import open_sources
-
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
-    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True}]})
-    decodes = [[f.meta["mvs"] for f in open_sources(cfg.sources) if isinstance(f, Frame) and "mvs" in f.meta]
-                for _ in range(6)]
+    decodes = [[f.meta["mvs"] for f in decoded_with_motion(clip) if "mvs" in f.meta] for _ in range(6)]
     assert len(decodes[0]) == 21  # every frame, the first (an I-frame) with zero motion
     for other in decodes[1:]:
         assert all(np.array_equal(a, b) for a, b in zip(decodes[0], other, strict=True))
@@ -499,7 +501,7 @@ def test_decoder_motion_reads_the_rarer_picture_types_by_their_role(tmp_path, ki
     """S (MPEG-4 global motion) and SP frames are predicted from the last anchor like P, SI is intra like I, and
     BI (VC-1) is a B-frame coded without vectors: each reads as its role (the same fields as the frame under
     its own type), not as zero motion."""
-    from blinkflow.gate.motion import DecoderMotion
+    from blinkflow.gate.motion import DecoderMotion, decoder_vectors
 
     clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
     with av.open(str(clip)) as container:
@@ -507,10 +509,104 @@ def test_decoder_motion_reads_the_rarer_picture_types_by_their_role(tmp_path, ki
         container.streams.video[0].thread_type = "SLICE"
         decoded = list(container.decode(video=0))
     plain, retyped = DecoderMotion(), DecoderMotion()
-    fields = [(plain.step(f), retyped.step(_Retyped(f, as_kind) if int(f.pict_type) == kind else f)) for f in decoded]
+    fields = [(plain.step(decoder_vectors(f)),
+               retyped.step(decoder_vectors(_Retyped(f, as_kind) if int(f.pict_type) == kind else f))) for f in decoded]
     assert sum(int(f.pict_type) == kind for f in decoded) >= 1
     assert all(np.array_equal(expected, got) for expected, got in fields)
     assert np.median(fields[-1][1][2:-2, 2:-2, 0]) == pytest.approx(-2.0, abs=0.5)
+
+
+def _source_frames(clip, **source):
+    from blinkflow.sources import open_sources
+
+    cfg = load_config(data={"sources": [{"type": "file", "path": str(clip), "motion_vectors": True, **source}]})
+    return [item for item in open_sources(cfg.sources) if isinstance(item, Frame)]
+
+
+def test_the_source_attaches_only_the_decoders_vectors_packed(tmp_path):
+    """The decoder thread makes no field: each frame carries its picture type and its vectors, packed to the
+    fields the motion reads (18 bytes a vector, not PyAV's 40), and pickles small for Ray."""
+    import pickle
+
+    from blinkflow.gate.motion import PACKED_VECTORS, VECTORS_KEY
+
+    clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
+    with av.open(str(clip)) as container:
+        container.streams.video[0].codec_context.options = {"flags2": "+export_mvs"}
+        container.streams.video[0].thread_type = "SLICE"
+        decoded = [(int(f.pict_type), s.to_ndarray().copy() if (s := f.side_data.get("MOTION_VECTORS")) else None)
+                   for f in container.decode(video=0)]
+    frames = _source_frames(clip)
+    assert len(frames) == len(decoded) and not any("mvs" in f.meta for f in frames)
+    for frame, (picture, vectors) in zip(frames, decoded):
+        [entry] = frame.meta[VECTORS_KEY]
+        assert (entry.picture, entry.size, entry.out) == (picture, (160, 120), (160, 120))
+        if vectors is None:
+            assert entry.vectors is None
+            continue
+        assert entry.vectors.dtype == PACKED_VECTORS and PACKED_VECTORS.itemsize == 18
+        for name in PACKED_VECTORS.names:
+            assert np.array_equal(entry.vectors[name], vectors[name]), name
+        assert len(pickle.dumps(frame.meta)) < 18 * len(vectors) + 1000  # the rest: the dtype, the record
+    assert sum(entry.vectors is not None for f in frames for entry in f.meta[VECTORS_KEY]) >= 15
+
+
+def test_reading_the_vectors_leaves_each_decoded_frame_free_at_once(tmp_path):
+    """PyAV caches ``frame.side_data`` on the frame and the container holds the frame: read through it, every
+    decoded frame waited for the cyclic garbage collector with its decoder buffers (a quarter of the decode
+    rate). decoder_vectors reads around it: no cycle is left behind."""
+    import gc
+
+    from blinkflow.gate.motion import decoder_vectors
+
+    clip = write_pan_video(tmp_path / "pan.mp4")
+
+    def cycles_left(read):
+        gc.collect()
+        gc.disable()
+        try:
+            with av.open(str(clip)) as container:
+                container.streams.video[0].codec_context.options = {"flags2": "+export_mvs"}
+                vectors = [read(frame) for frame in container.decode(video=0)]
+        finally:
+            gc.enable()
+        return vectors, gc.collect()
+
+    vectors, left = cycles_left(decoder_vectors)
+    assert left == 0 and sum(v.vectors is not None for v in vectors) >= 6
+    assert cycles_left(lambda frame: frame.side_data.get("MOTION_VECTORS") is not None)[1] > 0  # what it avoids
+
+
+def test_the_gate_turns_the_vectors_into_fields_only_when_it_moves_along_them(tmp_path):
+    """With motion: mvs the gate gives every frame its field (failed frames and a replayed stream too), the same
+    fields as the decoder's motion over the decoded frames; with motion: off it computes none."""
+    from blinkflow.gate.motion import VECTORS_KEY
+
+    clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["b-pyramid"][0], "g": "100"})
+    expected = [f.meta["mvs"] for f in decoded_with_motion(clip)]
+    gate = Gate(GateConfig(enabled=True, motion="mvs"))
+    for _ in range(2):  # the second decode restarts the stream's indices: a fresh decoder state
+        frames = _source_frames(clip)
+        frames[3].fail("detect", "boom")  # the gate makes no decision on it, but the decoder's state moves on
+        gate.process(frames)
+        assert all(VECTORS_KEY not in f.meta for f in frames)
+        assert all(np.array_equal(f.meta["mvs"], field) for f, field in zip(frames, expected, strict=True))
+    assert np.median(expected[-1][2:-2, 2:-2, 0]) == pytest.approx(-2.0, abs=0.5)
+    frames = Gate(GateConfig(enabled=True, motion="off")).process(_source_frames(clip))
+    assert not any("mvs" in f.meta for f in frames) and all(VECTORS_KEY in f.meta for f in frames)
+
+
+def test_frames_dropped_by_fps_bring_their_vectors_to_the_next_kept_frame(tmp_path):
+    """At half the clip's rate each kept frame carries the vectors of the frame dropped before it, and its field
+    is the motion of both (two frames of the pan)."""
+    from blinkflow.gate.motion import VECTORS_KEY
+
+    clip = write_smooth_pan(tmp_path / "pan.mp4", {**B_RUNS["runs of 2"][0], "g": "100"})
+    frames = _source_frames(clip, fps=12.5)
+    assert [len(f.meta[VECTORS_KEY]) for f in frames] == [1] + [2] * (len(frames) - 1)
+    Gate(GateConfig(enabled=True, motion="mvs")).process(frames)
+    dx = [float(np.median(f.meta["mvs"][2:-2, 2:-2, 0])) for f in frames[1:]]
+    assert dx == pytest.approx([-4.0] * len(dx), abs=0.75)
 
 
 def test_a_pan_is_reused_with_motion_compensation(tmp_path):

@@ -3,14 +3,21 @@ of copying them stale, and compare a frame with the reference moved along them.
 
 A *motion field* is a coarse (gh, gw, 2) float array of backward displacements ``(dx, dy)`` in frame
 pixels: the content at pixel ``p`` of the current frame came from ``p - field[cell(p)]`` of the
-reference frame. :class:`DecoderMotion` turns each decoded frame's vectors (PyAV ``MOTION_VECTORS``
-side data) into a one-frame field; :func:`compose_motion` chains them from the keyframe on;
-:func:`warp_backward` and :func:`shift_boxes` apply them.
+reference frame. A file source with ``motion_vectors`` attaches only what the decoder gives
+(:func:`decoder_vectors`: the picture type and the vectors, packed) under ``frame.meta[VECTORS_KEY]``, so
+its decoder thread stays as fast as plain decoding; their first reader turns them into the one-frame
+field under ``frame.meta[MOTION_KEY]`` (:func:`attach_decoder_motion`, with the stream's
+:class:`DecoderMotion`): the gate, or the segmenter's feature reuse when no gate did.
+:func:`compose_motion` chains fields from the keyframe on; :func:`warp_backward` and :func:`shift_boxes`
+apply them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import sys
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,21 +25,121 @@ import numpy as np
 #: side of a motion-field cell in source pixels (H.264 partitions go down to 8x8 for P/B blocks we use)
 MOTION_CELL = 8
 
+#: ``frame.meta`` key of the decoder's raw vectors: a list of :class:`DecoderVectors`, one per decoded frame
+#: since the last delivered one (frames dropped by ``fps`` add up)
+VECTORS_KEY = "decoder_vectors"
+#: ``frame.meta`` key of the frame's one-frame backward motion field, (gh, gw, 2) float16 in output pixels
+MOTION_KEY = "mvs"
+
+#: FFmpeg's AVMotionVector as its side data lays it out (PyAV's ``MotionVectors.to_ndarray`` reads the same)
+AV_MOTION_VECTOR = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
+                             ("dst_x", "<i2"), ("dst_y", "<i2"), ("flags", "<u8"), ("motion_x", "<i4"),
+                             ("motion_y", "<i4"), ("motion_scale", "<u2")], align=True)
+#: the fields the motion needs, packed: 18 bytes a vector instead of 40 (``source`` keeps its low 16 bits:
+#: FFmpeg writes -1 or 1)
+PACKED_VECTORS = np.dtype([("source", "<i2"), ("w", "u1"), ("h", "u1"), ("dst_x", "<i2"), ("dst_y", "<i2"),
+                           ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")])
+
+
+def _packed_words() -> np.ndarray:
+    """The 16-bit words of an AVMotionVector that, in order, make a PACKED_VECTORS record."""
+    words = []
+    for name in PACKED_VECTORS.names:
+        offset, size = AV_MOTION_VECTOR.fields[name][1], PACKED_VECTORS.fields[name][0].itemsize
+        words += [word for word in range(offset // 2, (offset + size + 1) // 2) if word not in words]
+    assert len(words) * 2 == PACKED_VECTORS.itemsize  # w and h share one word
+    return np.array(words)
+
+
+_PACKED_WORDS = _packed_words()
+
+
+@dataclass
+class DecoderVectors:
+    """What the decoder tells of one decoded frame's motion: its picture type (AVPictureType) and its
+    motion vectors (PACKED_VECTORS; None when it exported none), with the decoded size and the size the
+    source delivers (its ``resize``), both ``(width, height)``. Plain values: a frame pickles for Ray."""
+
+    picture: int
+    size: tuple[int, int]
+    out: tuple[int, int]
+    vectors: np.ndarray | None = None
+
+
+def decoder_vectors(av_frame: Any, resize: list[int] | None = None) -> DecoderVectors:
+    """The motion side data of a PyAV frame decoded with ``flags2=+export_mvs``, copied out of the frame and
+    packed; the only work the decoder thread does for the motion (the fields are made where they are read)."""
+    size = (av_frame.width, av_frame.height)
+    side_data = _side_data(av_frame)
+    side = side_data.get("MOTION_VECTORS") if len(side_data) else None
+    return DecoderVectors(int(av_frame.pict_type), size, (resize[0], resize[1]) if resize else size,
+                          None if side is None else pack_vectors(side))
+
+
+def _side_data(av_frame: Any) -> Any:
+    """The frame's side data, read without ``av_frame.side_data``: PyAV caches that container on the frame and
+    the container holds the frame, so every frame read through it waits for the cyclic garbage collector,
+    holding its decoder buffers (a quarter of the decode rate on the test clips, even with no vectors)."""
+    frame_type, container = _av_side_data_types()
+    return container(av_frame) if isinstance(av_frame, frame_type) else av_frame.side_data
+
+
+@functools.cache
+def _av_side_data_types() -> tuple[type, type]:
+    from av.frame import Frame
+    from av.sidedata.sidedata import SideDataContainer
+
+    return Frame, SideDataContainer
+
+
+def pack_vectors(side: Any) -> np.ndarray:
+    """AVMotionVector side data (anything with the buffer protocol, or their structured array) as a
+    PACKED_VECTORS array: one gather of 16-bit words, a few times faster than copying field by field."""
+    raw = np.frombuffer(side, dtype=np.uint8)
+    if sys.byteorder == "little" and raw.size % AV_MOTION_VECTOR.itemsize == 0:
+        words = raw.view("<i2").reshape(-1, AV_MOTION_VECTOR.itemsize // 2)
+        return words.take(_PACKED_WORDS, axis=1).view(PACKED_VECTORS).reshape(-1)
+    vectors = side.to_ndarray() if hasattr(side, "to_ndarray") else np.asarray(side)  # pragma: no cover - big-endian
+    packed = np.empty(len(vectors), PACKED_VECTORS)
+    for name in PACKED_VECTORS.names:
+        packed[name] = vectors[name]
+    return packed
+
+
+def attach_decoder_motion(frame: Any, trackers: dict[str, DecoderMotion]) -> None:
+    """Turn the decoder vectors a source attached to ``frame`` (``meta[VECTORS_KEY]``, taken off) into its
+    one-frame field (``meta[MOTION_KEY]``, float16), with the stream's decoder state in ``trackers``. Call it
+    on every frame of the stream in order; an index at or before the last one starts afresh (a new decode)."""
+    entries = frame.meta.pop(VECTORS_KEY, None)
+    if entries is None:
+        return
+    tracker = trackers.get(frame.stream_id)
+    if tracker is None or frame.index <= tracker.index:
+        tracker = trackers[frame.stream_id] = DecoderMotion()
+    motion = None
+    for entry in entries:
+        motion = tracker.compose(entry, motion)
+    tracker.index = frame.index
+    frame.meta[MOTION_KEY] = motion.astype(np.float16)
+
 
 def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell: int = MOTION_CELL,
                           scale: tuple[float, float] = (1.0, 1.0), past_distance: float = 1.0,
                           future_distance: float = 1.0, uncovered: float = 0.0) -> np.ndarray:
-    """The decoder's motion vectors (PyAV ``MOTION_VECTORS`` side data) as a one-frame backward motion field.
+    """The decoder's motion vectors (PACKED_VECTORS, or PyAV's ``MOTION_VECTORS`` array) as a one-frame
+    backward motion field.
 
     Each vector moves a ``w x h`` block whose centre is ``(dst_x, dst_y)``; its
     content came from ``src = dst + motion / motion_scale`` in a reference frame
     ``past_distance`` frames back (``source < 0``) or ``future_distance`` ahead
     (B-frames). Dividing by the distance gives the motion per frame (constant
-    velocity): ``(dst - src) / past`` or ``(src - dst) / future``. Cells no
-    vector covers (intra blocks) get ``uncovered`` (zero motion by default).
-    ``scale`` maps decoded to output pixels.
+    velocity): ``(dst - src) / past`` or ``(src - dst) / future``. A cell takes the
+    mean of the blocks over it; cells no vector covers (intra blocks) get
+    ``uncovered`` (zero motion by default). ``scale`` maps decoded to output pixels.
     """
     gh, gw = max(1, math.ceil(height / cell)), max(1, math.ceil(width / cell))
+    if mvs is not None and len(mvs) and not (mvs["w"].all() and mvs["h"].all()):
+        mvs = mvs[(mvs["w"] > 0) & (mvs["h"] > 0)]  # an empty block covers no cell
     if mvs is None or not len(mvs):
         return np.full((gh, gw, 2), uncovered, dtype=np.float32)
     # contiguous columns once: arithmetic on a structured array's strided fields is several times slower
@@ -41,24 +148,63 @@ def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell:
     distance = np.where(mvs["source"] > 0, -max(future_distance, 1.0), max(past_distance, 1.0))
     divisor = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0) * distance
     forward_x, forward_y = -mvs["motion_x"] / divisor, -mvs["motion_y"] / divisor
-    # each block covers the cells under it (H.264 blocks are 4..16 px a side): one row per (block, cell)
-    across, down = (w + cell - 1) // cell, (h + cell - 1) // cell
-    covers = across * down
-    block = np.repeat(np.arange(len(mvs)), covers)
-    nth = np.arange(len(block)) - np.repeat(np.cumsum(covers) - covers, covers)
-    cx = (left[block] + nth % across[block] * cell) // cell
-    cy = (top[block] + nth // across[block] * cell) // cell
-    inside = (cx >= 0) & (cx < gw) & (cy >= 0) & (cy < gh)
-    flat, block = cy[inside] * gw + cx[inside], block[inside]
-    # bincount, not np.add.at (10x faster)
-    count = np.bincount(flat, minlength=gh * gw)
+    flat, forward_x, forward_y, grid, crop = _covered_cells(left, top, w, h, cell, gh, gw, forward_x, forward_y)
+    # bincount, not np.add.at (10x faster); cells are summed block by block, in the vectors' order
+    count = np.bincount(flat, minlength=grid)
     per_cell = np.maximum(count, 1)
     field_ = np.empty((gh, gw, 2), dtype=np.float32)
-    field_[..., 0] = (np.bincount(flat, weights=forward_x[block], minlength=gh * gw) / per_cell * scale[0]).reshape(gh, gw)
-    field_[..., 1] = (np.bincount(flat, weights=forward_y[block], minlength=gh * gw) / per_cell * scale[1]).reshape(gh, gw)
+    field_[..., 0] = crop(np.bincount(flat, weights=forward_x, minlength=grid) / per_cell * scale[0])
+    field_[..., 1] = crop(np.bincount(flat, weights=forward_y, minlength=grid) / per_cell * scale[1])
     if uncovered != 0.0:
-        field_[count.reshape(gh, gw) == 0] = uncovered
+        field_[crop(count) == 0] = uncovered
     return field_
+
+
+def _covered_cells(left: np.ndarray, top: np.ndarray, w: np.ndarray, h: np.ndarray, cell: int, gh: int, gw: int,
+                   *weights: np.ndarray) -> tuple[Any, ...]:
+    """One row per (block, cell it covers), block by block and row by row within a block: the flat cell
+    index on a grid padded to every covered cell (no bounds checks; ``crop`` cuts the frame's cells out of
+    a per-cell array), each weight repeated along, the padded grid's size and ``crop``. A block covers the
+    cells from its top-left one on, ``ceil(w / cell)`` across and ``ceil(h / cell)`` down (H.264 blocks are
+    4..16 pixels a side: one or two each way; blocks no larger than a cell take the short path)."""
+    cx, cy, across, down = left // cell, top // cell, (w + cell - 1) // cell, (h + cell - 1) // cell
+    most_across, most_down = int(across.max()), int(down.max())
+    x0, y0 = min(0, int(cx.min())), min(0, int(cy.min()))
+    pw = max(gw, int(cx.max()) + most_across) - x0
+    ph = max(gh, int(cy.max()) + most_down) - y0
+    corner = (cy - y0) * pw + (cx - x0)
+
+    def crop(per_cell: np.ndarray) -> np.ndarray:
+        return per_cell[:ph * pw].reshape(ph, pw)[-y0:gh - y0, -x0:gw - x0]
+
+    if most_across == 1 and most_down == 1:
+        return (corner, *weights, ph * pw, crop)
+    # every block gets the largest block's rows (1-D repeats: broadcasting (n, 1) against a few offsets is
+    # several times slower); the rows outside a smaller block go to one spare cell past the grid, which
+    # crop drops, so each cell still sums its blocks in their order
+    offsets = most_across * most_down
+    down_by, across_by = np.divmod(np.arange(offsets), most_across)
+
+    def spread(per_block: np.ndarray) -> np.ndarray:
+        return np.repeat(per_block, offsets)
+
+    flat = spread(corner) + np.tile(down_by * pw + across_by, len(corner))
+    if int(across.min()) < most_across or int(down.min()) < most_down:
+        flat[_outside_rows(across, down, across_by, down_by)] = ph * pw
+    return (flat, *(spread(weight) for weight in weights), ph * pw + 1, crop)
+
+
+def _outside_rows(across: np.ndarray, down: np.ndarray, across_by: np.ndarray, down_by: np.ndarray) -> np.ndarray:
+    """Per (block, offset) row, whether the offset lies outside the block (``across`` x ``down`` cells): a
+    table per block shape, looked up a block at a time as one machine word when the offsets fit in one."""
+    most_across, most_down, offsets = int(across.max()), int(down.max()), len(across_by)
+    shapes = np.arange(most_across * most_down)
+    table = ((shapes // most_down + 1)[:, None] <= across_by) | ((shapes % most_down + 1)[:, None] <= down_by)
+    shape = (across - 1) * most_down + (down - 1)
+    if offsets in (1, 2, 4, 8):
+        words = np.ascontiguousarray(table).view(f"u{offsets}").reshape(-1)
+        return words[shape].view(bool)
+    return table[shape].reshape(-1)
 
 
 class DecoderMotion:
@@ -80,43 +226,43 @@ class DecoderMotion:
       vectors give the same speed is taken, among runs of any length (they change
       with adaptive B-frames); ties go to the speed nearest the last frame's.
 
-    ``resize`` ([width, height]) maps the fields to output pixels.
+    Each :class:`DecoderVectors` carries the size the fields are mapped to (the source's ``resize``).
     """
 
-    def __init__(self, resize: list[int] | None = None) -> None:
-        self.resize = resize
+    def __init__(self) -> None:
         self.count = -1
+        self.index = -1  # the last delivered frame it gave motion for (attach_decoder_motion)
         self.last_anchor: int | None = None
         self.anchor_gap: int | None = None  # frames between the last two anchors; None before the first P-frame
         self.pyramid = False
         self.last_speed: float | None = None  # pixels per frame of the last B-frame whose reading was measured
         self.run_steps: np.ndarray | None = None  # the sum of the B-frames' steps since the last anchor
 
-    def step(self, av_frame: Any) -> np.ndarray:
+    def step(self, decoded: DecoderVectors) -> np.ndarray:
+        """The one-frame field of the next decoded frame (display order)."""
         self.count += 1
-        role = _PICTURE_ROLES.get(int(av_frame.pict_type), "intra")
+        role = _PICTURE_ROLES.get(decoded.picture, "intra")
         since = self.count - self.last_anchor if self.last_anchor is not None else 1  # >= 1: count moved on
-        side = av_frame.side_data.get("MOTION_VECTORS")
-        vectors = side.to_ndarray() if side is not None and role != "intra" else None
+        vectors = decoded.vectors if role != "intra" else None
         if role == "bidirectional":
             past, future = self._b_distances(vectors, since)
-            step = self._field(av_frame, vectors, past, future)
+            step = self._field(decoded, vectors, past, future)
             self.run_steps = step if self.run_steps is None else self.run_steps + step
             return step
-        step = self._anchor_step(av_frame, vectors)
+        step = self._anchor_step(decoded, vectors)
         if role == "predicted" and self.last_anchor is not None:
             self.anchor_gap = since
         self.last_anchor, self.run_steps = self.count, None
         return step
 
-    def compose(self, av_frame: Any, pending: np.ndarray | None) -> np.ndarray:
+    def compose(self, decoded: DecoderVectors, pending: np.ndarray | None) -> np.ndarray:
         """This frame's step composed onto ``pending`` (the motion of frames decoded but not kept)."""
-        return compose_motion(self.step(av_frame), pending)
+        return compose_motion(self.step(decoded), pending)
 
-    def _anchor_step(self, av_frame: Any, vectors: np.ndarray | None) -> np.ndarray:
+    def _anchor_step(self, decoded: DecoderVectors, vectors: np.ndarray | None) -> np.ndarray:
         """The motion since the last anchor (undivided), less what the B-frames since then were given;
         cells without a vector (intra) keep what those B-frames said."""
-        whole = self._field(av_frame, vectors, 1.0, 1.0, uncovered=np.nan)
+        whole = self._field(decoded, vectors, 1.0, 1.0, uncovered=np.nan)
         if self.run_steps is not None and self.run_steps.shape == whole.shape:
             whole -= self.run_steps
         return np.nan_to_num(whole, nan=0.0)
@@ -147,10 +293,9 @@ class DecoderMotion:
         """How far the speed a reading implies is from the last frame's (0 when there is none)."""
         return abs(math.log(_speed(speeds, pair) / self.last_speed)) if self.last_speed else 0.0
 
-    def _field(self, av_frame: Any, vectors: np.ndarray | None, past: float, future: float,
+    def _field(self, decoded: DecoderVectors, vectors: np.ndarray | None, past: float, future: float,
                uncovered: float = 0.0) -> np.ndarray:
-        height, width = av_frame.height, av_frame.width
-        out_w, out_h = (self.resize[0], self.resize[1]) if self.resize else (width, height)
+        (width, height), (out_w, out_h) = decoded.size, decoded.out
         field_ = motion_field_from_mvs(vectors, height, width, scale=(out_w / width, out_h / height),
                                        past_distance=past, future_distance=future, uncovered=uncovered)
         return regrid_motion(field_, out_h, out_w) if (out_w, out_h) != (width, height) else field_

@@ -60,7 +60,9 @@ import numpy as np
 
 from blinkflow.config import GateConfig
 from blinkflow.frame import Frame, GateMark
-from blinkflow.gate.motion import compose_motion, is_still, warp_backward
+from blinkflow.gate.motion import (
+    MOTION_KEY, DecoderMotion, attach_decoder_motion, compose_motion, is_still, warp_backward,
+)
 from blinkflow.gate.signal import blurred_difference, changed_mask, gray_signal, largest_component, relit
 from blinkflow.gate.tiles import changed_tile_grid, changed_tiles, patch_tiles, tile_indices, tile_maxima
 
@@ -117,9 +119,20 @@ class GatePolicy:
     def __init__(self, cfg: GateConfig) -> None:
         self.cfg = cfg
         self.streams: dict[str, _StreamState] = {}
+        self.decoders: dict[str, DecoderMotion] = {}  # per stream: the decoder's motion state (follow_motion)
 
     def end_stream(self, stream_id: str) -> None:
         self.streams.pop(stream_id, None)
+        self.decoders.pop(stream_id, None)
+
+    def follow_motion(self, frame: Frame) -> None:
+        """With ``motion: mvs`` or ``auto``, turn the decoder's vectors the source attached to ``frame`` into
+        its one-frame field (``frame.meta["mvs"]``, which the segmenter's feature reuse reads too). The
+        source leaves this to the gate so that its decoder thread keeps pace with plain decoding; the gate
+        sees every frame of its stream in order, reused ones too. Failed frames as well: the gate stage
+        calls this for them, since the decoder's state moves frame by frame."""
+        if self.cfg.motion in ("mvs", "auto"):
+            attach_decoder_motion(frame, self.decoders)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         """Per-stream skip ratio, threshold and last audit agreement (as this replica sees them)."""
@@ -135,6 +148,7 @@ class GatePolicy:
         """Decide ``frame`` (its stream's next): set its gate mark and its ``gate`` result."""
         feedback = frame.mark.feedback  # the driver's, attached before this call; the decision is made afresh
         frame.gate = GateMark()
+        self.follow_motion(frame)
         signal = gray_signal(frame.image, self.cfg.downscale)
         state = self.streams.get(frame.stream_id)
         reason = self._restart_reason(state, frame, signal)
@@ -449,5 +463,5 @@ class GatePolicy:
 
 
 def _step_motion(frame: Frame) -> np.ndarray | None:
-    field_ = frame.meta.get("mvs")
+    field_ = frame.meta.get(MOTION_KEY)
     return None if field_ is None else np.asarray(field_, dtype=np.float32)
