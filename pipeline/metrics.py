@@ -301,6 +301,9 @@ class PrometheusRecorder(MetricsRecorder):
         self._define_stream_metrics()
         self._define_process_metrics()
         self.registry.register(_SinkCollector(SINK_LEDGER))
+        from blinkflow.hwdecode import HwaccelCollector
+
+        self.registry.register(HwaccelCollector())
 
     def _define_stage_metrics(self) -> None:
         from prometheus_client import Counter, Gauge, Histogram

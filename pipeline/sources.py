@@ -18,7 +18,7 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import numpy as np
 
@@ -26,6 +26,7 @@ from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
 from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
+from blinkflow.hwdecode import check_hwaccel, open_decoding
 from blinkflow.registry import register_source, sources as source_registry
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,12 @@ class FileOptions:
         False, "export the decoder's motion vectors (FFmpeg flags2=+export_mvs) for the gate's motion-compensated "
         "reuse (gate.motion: mvs or auto)"
     )
+    hwaccel: Literal["none", "auto", "cuda"] = setting(
+        "none", "decode on the GPU (FFmpeg's CUDA decoder, NVDEC): cuda always, auto when there is one and no motion "
+        "vectors are wanted; without one it decodes on the CPU, said once and counted")
+
+    def check(self, path: str) -> None:
+        check_hwaccel(path, self.hwaccel, self.motion_vectors)
 
 
 @register_source("file")
@@ -279,7 +286,7 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
     """Decode, resample and resize one file (runs inside the decoder thread)."""
     import av
 
-    container = _open_container(path)
+    container = _open_container(path, stream_id, cfg.options.hwaccel, cfg.options.motion_vectors)
     try:
         if not container.streams.video:
             raise SourceError(f"{path}: the file has no video stream; pass a video file")
@@ -299,11 +306,14 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
         container.close()
 
 
-def _open_container(path: Path):
+def _open_container(path: Path, stream_id: str | None = None, hwaccel: str = "none", motion_vectors: bool = False):
     import av
 
+    def open_container(**hw: Any) -> Any:
+        return av.open(str(path), mode="r", metadata_errors="ignore", **hw)
+
     try:
-        return av.open(str(path), mode="r", metadata_errors="ignore")
+        return open_decoding(open_container, stream_id or path.stem, hwaccel, motion_vectors)
     except FileNotFoundError:
         raise SourceError(f"{path}: file not found; check the path") from None
     except (av.FFmpegError, UnicodeDecodeError) as exc:

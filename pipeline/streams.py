@@ -50,6 +50,7 @@ import numpy as np
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError
 from blinkflow.frame import Frame, FrameResult, Outcome
+from blinkflow.hwdecode import open_decoding
 from blinkflow.registry import register_source
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,9 @@ class StreamOptions:
         "auto: drop_oldest in live mode, block in archive mode"
     )
     rtsp_transport: Literal["tcp", "udp"] = setting("tcp", "RTSP transport; tcp survives packet loss, udp has less delay")
+    hwaccel: Literal["none", "auto", "cuda"] = setting(
+        "none", "decode on the GPU (FFmpeg's CUDA decoder, NVDEC) when there is one (auto or cuda); without one the "
+        "stream decodes on the CPU, said once and counted")
     ffmpeg_options: dict[str, Any] = setting(
         factory=dict, doc="extra FFmpeg input options, e.g. {input_format: mjpeg, video_size: 640x480} for v4l2"
     )
@@ -380,7 +384,8 @@ class LiveStream:
         if relay is not None:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
         try:
-            return av.open(target, format=fmt, options=options, timeout=timeout, metadata_errors="ignore")
+            return open_decoding(lambda **hw: av.open(target, format=fmt, options=options, timeout=timeout,
+                                                      metadata_errors="ignore", **hw), self.id, self.cfg.options.hwaccel)
         except av.error.ProtocolNotFoundError:
             raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
         except av.ExitError:

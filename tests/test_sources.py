@@ -152,3 +152,58 @@ def test_import_pipeline_does_not_import_torch_or_ray():
     code = "import sys, blinkflow, blinkflow.config, blinkflow.sources, blinkflow.sinks, blinkflow.stages.gate; print(sorted(m for m in ('torch', 'ray', 'av', 'torchvision') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# --------------------------------------------------------------------------- hardware decoding (issue #25)
+
+
+def _cuda_decoder_present() -> bool:
+    import av
+    from av.codec.hwaccel import HWAccel
+
+    from tests.conftest import TEST_DATA
+
+    try:
+        av.open(str(TEST_DATA / "video" / "bikes.mp4"), hwaccel=HWAccel("cuda", allow_software_fallback=False)).close()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not here
+        return False
+
+
+def test_hwaccel_is_checked_in_config_for_files_and_streams():
+    from blinkflow.config import load_config
+    from blinkflow.errors import ConfigError
+    from tests.conftest import TEST_DATA
+
+    clip = str(TEST_DATA / "video" / "bikes.mp4")
+    assert load_config(data={"sources": [{"type": "file", "path": clip, "hwaccel": "auto"}]}).sources[0].options.hwaccel == "auto"
+    stream = load_config(data={"sources": [{"type": "stream", "url": "rtsp://cam.example/live", "hwaccel": "cuda"}]})
+    assert stream.sources[0].options.hwaccel == "cuda"
+    with pytest.raises(ConfigError, match=r"sources\.0\.hwaccel"):
+        load_config(data={"sources": [{"type": "file", "path": clip, "hwaccel": "nvdec"}]})
+    with pytest.raises(ConfigError) as caught:
+        load_config(data={"sources": [{"type": "file", "path": clip, "hwaccel": "cuda", "motion_vectors": True}]})
+    assert str(caught.value).startswith("sources.0.hwaccel: the CUDA decoder exports no motion vectors")
+
+
+def test_without_a_cuda_decoder_hwaccel_decodes_on_the_cpu_says_so_once_and_counts_it(caplog):
+    from blinkflow.config import SourceConfig
+    from blinkflow.hwdecode import HwaccelCollector, fallback_counts
+    from blinkflow.sources import decode_file
+    from tests.conftest import TEST_DATA
+
+    if _cuda_decoder_present():
+        pytest.skip("this machine has a CUDA decoder: nothing falls back")
+    clip = TEST_DATA / "video" / "bikes.mp4"
+    plain = [f.image for f in decode_file(clip, "plain", SourceConfig(type="file", path=str(clip), max_frames=5))]
+    before = fallback_counts().get("hw-cam", 0)
+    for _ in range(2):
+        cfg = SourceConfig(type="file", path=str(clip), max_frames=5, hwaccel="cuda")
+        frames = [f.image for f in decode_file(clip, "hw-cam", cfg)]
+        assert len(frames) == 5 and all(np.array_equal(a, b) for a, b in zip(frames, plain))
+    assert fallback_counts()["hw-cam"] == before + 2
+    said = caplog.text.count("hw-cam: no CUDA video decoder here")
+    assert said == (1 if before == 0 else 0)  # said once per source, counted each time
+    exported = {sample.labels["source"]: sample.value for family in HwaccelCollector().collect()
+                for sample in family.samples}
+    assert exported["hw-cam"] == before + 2
