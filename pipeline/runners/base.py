@@ -5,12 +5,13 @@ frame accounting, and the run summary.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.gate.carry import CarryOver
@@ -222,6 +223,20 @@ class OrderedOutput:
             sink.write(result)
         if self.on_result is not None:
             self.on_result(result)
+
+
+@contextlib.contextmanager
+def committed_sinks(sinks: list[Any]) -> Iterator[None]:
+    """The sinks of one run: aborted when the run fails (archive outputs are discarded), closed (committed)
+    when it ends; the block's own cleanup (stage teardown, actors stopped) runs first."""
+    try:
+        yield
+    except BaseException:
+        for sink in sinks:
+            sink.abort()
+        raise
+    for sink in sinks:
+        sink.close()
 
 
 @dataclass

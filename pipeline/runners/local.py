@@ -17,7 +17,7 @@ from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.graph import build_driver_graph, build_graph
 from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 from blinkflow.registry import register_runner
-from blinkflow.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, setup_stage
+from blinkflow.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, committed_sinks, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
@@ -43,22 +43,17 @@ class LocalRunner:
         output = OrderedOutput(self.sinks, accounting, self.on_result, self.metrics, gate=self.cfg.gate,
                                driver_stages=build_driver_graph(self.cfg))
         callers: list[StageCaller] = []
-        try:
-            callers.extend(self._setup_stages())
-            setup_s = time.perf_counter() - started
-            self.metrics.on_ready(True)
-            self._pump(StageChain(callers, before=output.attach_feedback), output, accounting)
-            output.close()
-        except BaseException:
-            for sink in self.sinks:
-                sink.abort()
-            raise
-        finally:
-            self.metrics.on_ready(False)
-            for caller in callers:
-                caller.stage.teardown()
-        for sink in self.sinks:
-            sink.close()
+        with committed_sinks(self.sinks):
+            try:
+                callers.extend(self._setup_stages())
+                setup_s = time.perf_counter() - started
+                self.metrics.on_ready(True)
+                self._pump(StageChain(callers, before=output.attach_feedback), output, accounting)
+                output.close()
+            finally:
+                self.metrics.on_ready(False)
+                for caller in callers:
+                    caller.stage.teardown()
         accounting.check()
         return RunSummary(
             accounting=accounting,

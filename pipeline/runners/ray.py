@@ -49,7 +49,7 @@ from blinkflow.graph import StageSpec, build_driver_graph, build_graph
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
 from blinkflow.ray_session import ray_session
 from blinkflow.registry import register_runner
-from blinkflow.runners.base import OrderedOutput, RunSummary, setup_stage
+from blinkflow.runners.base import OrderedOutput, RunSummary, committed_sinks, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class RayRunner:
         self.actor_stats = ActorStats(self.metrics)
         self.drains: dict[tuple[int, int], Any] = {}
         self.next_poll = 0.0
-        with ray_session(*ray_cluster(self.cfg, self.specs)):
+        with committed_sinks(self.sinks), ray_session(*ray_cluster(self.cfg, self.specs)):
             try:
                 self.pools = self._start_pools()
                 setup_s = time.perf_counter() - started
@@ -179,15 +179,9 @@ class RayRunner:
                 self._pump()
                 self.output.close()
                 stats = self._collect_stats()
-            except BaseException:
-                for sink in self.sinks:
-                    sink.abort()
-                raise
             finally:
                 self.metrics.on_ready(False)
                 self._stop_pools()
-        for sink in self.sinks:
-            sink.close()
         self.accounting.check()
         return RunSummary(
             accounting=self.accounting,
