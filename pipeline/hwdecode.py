@@ -17,7 +17,6 @@ from blinkflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-HWACCEL_CHOICES = ("none", "auto", "cuda")
 _lock = threading.Lock()
 _fallbacks: dict[str, int] = {}
 
