@@ -319,10 +319,9 @@ class Detect(ModelStage):
         scale, _ = self._letterbox_scale(frame)
         new_boxes, new_scores, new_labels = [], [], []
         taken = torch.zeros(len(boxes), dtype=torch.bool)
-        cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
         for region in canvas.regions:
             (px, py), (x0, y0, x1, y1) = region.place, region.cut
-            mine = ~taken & (cx >= px) & (cx < px + x1 - x0) & (cy >= py) & (cy < py + y1 - y0)
+            mine = ~taken & _centre_in(boxes, (px, py, px + x1 - x0, py + y1 - y0))
             taken |= mine
             # a box reaching past its region into the padding or a neighbour ends at the region's edge
             local = boxes[mine].clone()
