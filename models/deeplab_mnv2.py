@@ -76,10 +76,14 @@ class DeepLabV3MobileNetV2(nn.Module):
         reuse (the segment stage's ``feature_reuse``) warps these between keyframes and runs only the head."""
         return self.backbone(x * 2 - 1)
 
-    def head(self, features: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-        """Logits at ``size`` (the input's height and width) from :meth:`features`."""
+    def head(self, features: torch.Tensor, size: tuple[int, int] | torch.Size,
+             context: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at ``size`` (the input's height and width) from :meth:`features`. ``context`` (N, 320, 1, 1),
+        when given, is the global mean the image-pooling branch sees instead of these features' own: a crop
+        of a frame then keeps the whole frame's context (the segment stage's tile recompute)."""
         # the original pools with a window the size of the 513x513 input's feature map: a global mean
-        pooled = self.image_pooling(features.mean(dim=(2, 3), keepdim=True))
+        mean = features.mean(dim=(2, 3), keepdim=True) if context is None else context
+        pooled = self.image_pooling(mean)
         pooled = pooled.expand(-1, -1, *features.shape[-2:])  # bilinear resize of a 1x1 map is a broadcast
         head = self.concat_projection(torch.cat([pooled, self.aspp0(features)], dim=1))
         return F.interpolate(self.logits(head), size=tuple(size), mode="bilinear", align_corners=True)

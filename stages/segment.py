@@ -76,6 +76,11 @@ class SegmentOptions:
         "cached logits (the stage then keeps per-stream state: stream affinity across replicas)",
     )
     tile_halo: int = _field(32, "context around each recomputed tile, in model-input pixels (receptive field)", lo=0, hi=4096)
+    tile_context: bool = _field(
+        True, "with tile_reuse, a crop's global pooling sees the whole frame: the stream's cached backbone features "
+        "with the crops' features pasted in (DeepLab's image pooling otherwise sees only the crop and labels it "
+        "differently). Applies to models with a features/head split (deeplabv3_mobilenet_v2); others run crops plainly",
+    )
     feature_reuse: int = _field(
         0, "feature-level reuse (Deep Feature Flow): the backbone runs on every Nth frame the stage computes; the "
         "frames between warp that frame's backbone features along the decoder's motion vectors (the source's "
@@ -106,11 +111,13 @@ class _FeatureKey:
 
 @dataclass
 class _TileCache:
-    """A stream's last logits at model-input size (C, h, w), from frame ``index`` of size ``source``."""
+    """A stream's last logits at model-input size (C, h, w), from frame ``index`` of size ``source``, and with
+    ``tile_context`` the backbone features they came from (1, C', h / 16, w / 16)."""
 
     index: int
     logits: Any
     source: tuple[int, int]
+    features: Any = None
 
 
 @register_stage(TASK)
@@ -137,6 +144,7 @@ class Segment(ModelStage):
         self._keys: dict[str, _FeatureKey] = {}
         self._decoders: dict[str, Any] = {}  # per stream: the decoder's motion state, when no gate turned the vectors
         self._head_share: dict[tuple[int, ...], float] = {}  # feature size -> the head's share of a forward
+        self._tile_context = False  # check_model: crops pool over the cached whole-frame features
 
     def build_model(self, spec: Any) -> Any:
         self.classes = pick_classes(self.name, spec.classes, self.options.classes, SYNTHETIC_CLASSES)
@@ -148,7 +156,9 @@ class Segment(ModelStage):
         return self.build_backend(num_classes=len(self.classes))
 
     def check_model(self, model: Any) -> None:
-        if self.options.feature_reuse and not (hasattr(model, "features") and hasattr(model, "head")):
+        split = hasattr(model, "features") and hasattr(model, "head")
+        self._tile_context = bool(self.options.tile_reuse and self.options.tile_context and split)
+        if self.options.feature_reuse and not split:
             raise StageError(f"stages.{self.name}.options.feature_reuse: model {self.model_name!r} has no "
                              "features/head split; use deeplabv3_mobilenet_v2 or set feature_reuse: 0")
 
@@ -209,15 +219,17 @@ class Segment(ModelStage):
 
     def _run_full(self, frames: list[Frame]) -> None:
         for group in self._batches(frames):
-            if self.options.feature_reuse:
+            features = None
+            if self.options.feature_reuse or self._tile_context:
                 logits, features = self._logits_and_features(group)
-                for frame, feature in zip(group, features):
-                    self._keys[frame.stream_id] = _FeatureKey(frame.index, feature[None], (frame.height, frame.width))
             else:
                 logits = self._logits(group)
-            for frame, frame_logits in zip(group, logits):
+            for position, (frame, frame_logits) in enumerate(zip(group, logits)):
+                frame_features = None if features is None else features[position : position + 1]
+                if self.options.feature_reuse:
+                    self._keys[frame.stream_id] = _FeatureKey(frame.index, frame_features, (frame.height, frame.width))
                 frame.results[self.name] = self._result(self._class_map(frame_logits, frame))
-                self._remember(frame, frame_logits)
+                self._remember(frame, frame_logits, frame_features)
 
     # ------------------------------------------------------------------ feature-level reuse
 
@@ -255,7 +267,7 @@ class Segment(ModelStage):
         result = self._result(self._class_map(logits, frame))
         result["features"] = {"key": key.index, "area": self._head_share.get(tuple(key.features.shape[-2:]), 0.0)}
         frame.results[self.name] = result
-        self._remember(frame, logits)
+        self._remember(frame, logits, warped)
 
     def _logits_and_features(self, frames: list[Frame]) -> tuple[Any, Any]:
         """(N, C, h, w) logits and the backbone features they came from; the first time at a size, the
@@ -263,14 +275,16 @@ class Segment(ModelStage):
         batch = self._input_batch(frames)
         with self.inference():
             features = self.model.features(batch)
-            if tuple(features.shape[-2:]) not in self._head_share:
+            if self.options.feature_reuse and tuple(features.shape[-2:]) not in self._head_share:
                 self._head_share[tuple(features.shape[-2:])] = head_share(self.model, batch[:1], features[:1])
             return self.model.head(features, batch.shape[-2:]), features
 
-    def _remember(self, frame: Frame, logits: Any) -> None:
-        """Keep the logits when the gate may send partial frames of this stream next."""
+    def _remember(self, frame: Frame, logits: Any, features: Any = None) -> None:
+        """Keep the logits (and with ``tile_context`` the features) when the gate may send partial frames of this
+        stream next."""
         if self.options.tile_reuse and frame.mark.tiles:
-            self._tiles[frame.stream_id] = _TileCache(frame.index, logits.float().clone(), (frame.height, frame.width))
+            kept = features.float().clone() if self._tile_context and features is not None else None
+            self._tiles[frame.stream_id] = _TileCache(frame.index, logits.float().clone(), (frame.height, frame.width), kept)
         else:
             self._tiles.pop(frame.stream_id, None)
 
@@ -301,20 +315,47 @@ class Segment(ModelStage):
         size = tuple(cache.logits.shape[-2:])
         grid = frame.mark.tiles["grid"]
         changed = frame.mark.tiles["changed"]
-        cost = 0
+        crops = self._merged_crops(grid, changed, size)
         with torch.inference_mode():
             logits = cache.logits.clone()
             image = frames_to_batch([frame], self._device, size=size, channels_last=self.cfg.channels_last)
-            for (cy0, cy1, cx0, cx1), pastes in self._merged_crops(grid, changed, size):
-                with self.autocast():
-                    out = self.model(image[..., cy0:cy1, cx0:cx1])["out"][0].float()
+            if cache.features is not None:
+                outs, features = self._crops_in_context(image, crops, cache.features)
+            else:
+                outs, features = self._crops_alone(image, crops), None
+            for ((cy0, _, cx0, _), pastes), out in zip(crops, outs):
                 for py0, py1, px0, px1 in pastes:
                     logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
-                cost += (cy1 - cy0) * (cx1 - cx0)
+        cost = sum((cy1 - cy0) * (cx1 - cx0) for (cy0, cy1, cx0, cx1), _ in crops)
         result = self._result(self._class_map(logits, frame))
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1], "area": round(cost / (size[0] * size[1]), 4)}
         frame.results[self.name] = result
-        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source)
+        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source, features)
+
+    def _crops_alone(self, image: Any, crops: list[tuple[tuple, list[tuple]]]) -> list[Any]:
+        """Each crop's logits (C, h, w), the model seeing only the crop."""
+        with self.autocast():
+            return [self.model(image[..., cy0:cy1, cx0:cx1])["out"][0].float() for (cy0, cy1, cx0, cx1), _ in crops]
+
+    def _crops_in_context(self, image: Any, crops: list[tuple[tuple, list[tuple]]], cached: Any) -> tuple[list[Any], Any]:
+        """Each crop's logits with the whole frame's global pooling: the crops' backbone features pasted into the
+        cached features of the frame (crops start on the stride, so feature cells line up), their mean the
+        context every crop's head pools. Returns the logits and the patched features, the next cache."""
+        stride = self.tile_align
+        features = cached.clone()
+        crop_features = []
+        with self.autocast():
+            for (cy0, cy1, cx0, cx1), pastes in crops:
+                crop = self.model.features(image[..., cy0:cy1, cx0:cx1]).float()
+                crop_features.append(crop)
+                for py0, py1, px0, px1 in pastes:
+                    fy0, fy1, fx0, fx1 = py0 // stride, -(-py1 // stride), px0 // stride, -(-px1 // stride)
+                    oy, ox = cy0 // stride, cx0 // stride
+                    features[..., fy0:fy1, fx0:fx1] = crop[..., fy0 - oy : fy1 - oy, fx0 - ox : fx1 - ox]
+            context = features.mean(dim=(2, 3), keepdim=True)
+            outs = [self.model.head(crop, (cy1 - cy0, cx1 - cx0), context=context)[0].float()
+                    for crop, ((cy0, cy1, cx0, cx1), _) in zip(crop_features, crops)]
+        return outs, features
 
     def _merged_crops(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple[tuple, list[tuple]]]:
         """(crop, pastes) to run: one crop per run of changed tiles, or a single crop around them all when that
