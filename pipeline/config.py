@@ -194,6 +194,16 @@ class GateConfig:
         "twice the configured bound: longer while a span one frame longer would still meet agreement_target on "
         "average (drift adds up about linearly from the stage's last run), shorter when the current span does not",
     )
+    object_weight: float = _field(
+        1.0, "changed signal pixels on the stream's recent objects (its boxes at least audit_lag frames old, grown "
+        "by object_margin) count this many times towards threshold: a person's shift matters more than leaves "
+        "or codec noise elsewhere; cut_threshold and partial_changed still see the plain fraction. 1 = off",
+        lo=1.0, hi=100.0,
+    )
+    object_margin: float = _field(
+        0.5, "object_weight: each box grows by this fraction of its width and height on every side (objects move "
+        "between the frame whose boxes the gate sees and the frame it decides)", lo=0.0, hi=10.0,
+    )
     audit_lag: int = _field(
         8, "adaptive: frames between an audit and the gate using its agreement (the same in both runners; "
         "the Ray runner keeps at most this many frames of a stream unfinished)", lo=1, hi=10**6,

@@ -41,6 +41,9 @@ class GateMark:
     tiles: dict[str, Any] | None = None
     #: (frame index, agreement) of audits at least ``gate.audit_lag`` frames older, from the driver to the gate
     feedback: list[tuple[int, float]] | None = None
+    #: object_weight: the boxes (x1, y1, x2, y2, source pixels) of the stream's latest frame at least
+    #: ``gate.audit_lag`` frames older, from the driver to the gate
+    objects: list[list[float]] | None = None
 
 
 @dataclass

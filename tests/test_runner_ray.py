@@ -114,6 +114,30 @@ def test_ray_matches_local_with_letterboxed_canvases_on_partial_frames(ray_local
 
 
 @pytest.mark.slow
+def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_local):
+    """object_weight: the driver hands the gate each stream's boxes audit_lag frames late, in both runners
+    alike; the segmenter's partial frames recompute their tiles in the cached frame's context (tile_context)."""
+    from pathlib import Path
+
+    parking = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
+    cfg = load_config(data={
+        "sources": [{"type": "file", "id": "parking", "path": str(parking), "resize": [384, 216], "max_frames": 72,
+                     "motion_vectors": True}],
+        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4},
+        "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
+                              "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
+                   "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2, "replicas": 2,
+                               "options": {"input_size": None}}},
+    })
+    _, local_results = run(LocalRunner, cfg)
+    _, ray_results = run(RayRunner, cfg)
+    assert comparable(ray_results) == comparable(local_results)
+    gates = [r.results["gate"] for r in local_results]
+    assert any("weighted" in g and g["weighted"] > g["changed"] for g in gates), "no change on a known object"
+    assert any("tiles" in r.results["segment"] for r in local_results if r.outcome is Outcome.PROCESSED)
+
+
+@pytest.mark.slow
 def test_ray_matches_local_with_feature_reuse_on_gate_refreshes(ray_local):
     """The segmenter's feature-level reuse keeps per-stream features and the motion since them: with the gate
     on, its refreshes run only the head on warped features, identically in both runners."""

@@ -40,6 +40,15 @@ def agreement(carried: dict[str, Any], fresh: dict[str, Any], stages: list[str] 
     return out
 
 
+def frame_boxes(results: dict[str, Any]) -> list[list[float]]:
+    """Every box of a frame's results (any stage's ``boxes``: the detector's, the tracker's), source pixels."""
+    boxes: list[list[float]] = []
+    for value in results.values():
+        if isinstance(value, dict) and isinstance(value.get("boxes"), list):
+            boxes.extend([float(v) for v in box[:4]] for box in value["boxes"])
+    return boxes
+
+
 def _stage_classes(names: Any) -> list[tuple[str, type]]:
     """(name, registered stage class) of the names that are stages (results also hold e.g. the audit)."""
     from blinkflow.registry import stages as stage_registry
@@ -107,20 +116,24 @@ class CarryOver:
     gate accumulated from the decoder's vectors (``frame.gate.motion``), ``"flow"``
     extrapolates the keyframe's flow result, ``"auto"`` tries both in that order.
     ``lag`` is ``gate.audit_lag``; ``adaptive`` says whether the gate uses the
-    feedback (only then does the Ray runner wait for it, see :meth:`ready_for`).
+    feedback, ``objects`` whether it weighs change by the stream's boxes (``object_weight``); only then
+    does the Ray runner wait for them, see :meth:`ready_for`.
     """
 
     motion: str = "off"
     lag: int = 8
     adaptive: bool = False
+    objects: bool = False
     stats: dict[str, StreamSkipStats] = field(default_factory=lambda: defaultdict(StreamSkipStats))
     _feedback: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    _boxes: dict[str, list[tuple[int, list[list[float]]]]] = field(default_factory=lambda: defaultdict(list))
 
     @classmethod
     def from_config(cls, gate_cfg: Any | None) -> "CarryOver":
         if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
             return cls()
-        return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive)
+        return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive,
+                   objects=gate_cfg.object_weight > 1.0)
 
     def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
         """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets
@@ -136,6 +149,8 @@ class CarryOver:
         gate = frame.results.get("gate")
         if not isinstance(gate, dict):
             return
+        if self.objects and not frame.is_failed:
+            self._boxes[frame.stream_id].append((frame.index, frame_boxes(frame.results)))
         stats = self.stats[frame.stream_id]
         stats.frames += 1
         stats.threshold = gate.get("threshold", stats.threshold)
@@ -182,11 +197,13 @@ class CarryOver:
         runners attach the same feedback to the same frame, so the gate's
         adaptive decisions are identical in both.
         """
-        return not self.adaptive or next_index > frame.index - self.lag
+        return not (self.adaptive or self.objects) or next_index > frame.index - self.lag
 
     def attach_feedback(self, frames: list[Any]) -> None:
-        """Hand each frame the agreement of its stream's audits at least ``lag`` frames older, once."""
+        """Hand each frame the agreement of its stream's audits at least ``lag`` frames older, once, and
+        (``objects``) the boxes of its stream's latest frame at least ``lag`` frames older."""
         for frame in frames:
+            self._attach_boxes(frame)
             queue = self._feedback.get(frame.stream_id)
             if not queue:
                 continue
@@ -197,8 +214,19 @@ class CarryOver:
                 frame.gate.feedback = due
                 self._feedback[frame.stream_id] = [item for item in queue if item[0] > frame.index - self.lag]
 
+    def _attach_boxes(self, frame: Any) -> None:
+        queue = self._boxes.get(frame.stream_id)
+        due = [item for item in queue or [] if item[0] <= frame.index - self.lag]
+        if not due:
+            return
+        if frame.gate is None:
+            frame.gate = GateMark()
+        frame.gate.objects = due[-1][1]
+        self._boxes[frame.stream_id] = queue[len(due) - 1 :]  # the latest due stays: the next frame may need it
+
     def end_stream(self, stream_id: str) -> None:
         self._feedback.pop(stream_id, None)
+        self._boxes.pop(stream_id, None)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {stream: stats.as_dict() for stream, stats in self.stats.items()}

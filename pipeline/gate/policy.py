@@ -53,6 +53,7 @@ decide alike.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,14 +103,21 @@ class _StreamState:
     previous: np.ndarray | None = None  # the last frame's signal, for the frame-to-frame noise floor
     noise: np.ndarray | None = None  # per tile: largest frame-to-frame change since the last processed frame
     ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
+    objects: np.ndarray | None = None  # object_weight: the recent boxes on the signal grid (bool)
 
 
 @dataclass
 class _Change:
-    changed: float  # against the (motion-compensated) reference: drives reuse
+    changed: float  # against the (motion-compensated) reference
     largest: float
     tiles: list[int] | None = None  # against the plain reference: what the segment cache must redo
     compensated: bool = False
+    weighted: float | None = None  # object_weight: changed pixels on the recent objects counted that many times
+
+    @property
+    def score(self) -> float:
+        """What the threshold (and the audits' budget) is compared with."""
+        return self.changed if self.weighted is None else self.weighted
 
 
 class GatePolicy:
@@ -146,8 +154,8 @@ class GatePolicy:
 
     def decide(self, frame: Frame) -> None:
         """Decide ``frame`` (its stream's next): set its gate mark and its ``gate`` result."""
-        feedback = frame.mark.feedback  # the driver's, attached before this call; the decision is made afresh
-        frame.gate = GateMark()
+        feedback, objects = frame.mark.feedback, frame.mark.objects  # the driver's, attached before this call
+        frame.gate = GateMark()  # the decision is made afresh
         self.follow_motion(frame)
         signal = gray_signal(frame.image, self.cfg.downscale)
         state = self.streams.get(frame.stream_id)
@@ -158,6 +166,8 @@ class GatePolicy:
         state.frames += 1
         state.last_index = frame.index
         self._apply_feedback(state, feedback)
+        if objects is not None and self.cfg.object_weight > 1.0:
+            state.objects = object_grid(objects, signal.shape, self.cfg.downscale, self.cfg.object_margin)
         if self.cfg.motion in ("mvs", "auto"):
             step = _step_motion(frame)
             state.motion = compose_motion(step, state.motion)
@@ -197,7 +207,11 @@ class GatePolicy:
             moved = self._lit(warp_backward(state.reference, motion / float(cfg.downscale)), signal)
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
-        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated)
+        weighted = None
+        if state.objects is not None and state.objects.shape == mask.shape:
+            on_objects = np.count_nonzero(mask & state.objects)
+            weighted = min(1.0, (np.count_nonzero(mask) + (cfg.object_weight - 1.0) * on_objects) / mask.size)
+        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted)
 
     def _lit(self, reference: np.ndarray, signal: np.ndarray) -> np.ndarray:
         """The reference under the frame's global lighting (``lighting``), so that an exposure change or a
@@ -208,7 +222,7 @@ class GatePolicy:
         cfg = self.cfg
         if change.changed >= cfg.cut_threshold:
             return "cut"
-        if change.changed >= state.threshold:
+        if change.score >= state.threshold:
             total = cfg.tiles[0] * cfg.tiles[1] if cfg.tiles else 0
             fits = total and len(change.tiles) <= cfg.partial_max * total and change.changed <= cfg.partial_changed
             if not (fits and not change.tiles):
@@ -218,7 +232,7 @@ class GatePolicy:
             return "max_reuse"
         if cfg.audit_interval and state.since_audit + 1 >= cfg.audit_interval:
             return "audit"
-        if (cfg.audit_uncertain and change.changed >= cfg.audit_uncertain * state.threshold
+        if (cfg.audit_uncertain and change.score >= cfg.audit_uncertain * state.threshold
                 and state.since_audit + 1 >= cfg.audit_gap):
             return "uncertain"  # an audit where reuse is riskiest: the change is close to the threshold
         return None
@@ -360,7 +374,7 @@ class GatePolicy:
         if state.motion is not None:
             frame.gate.motion = state.motion.astype(np.float16)
         state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
-        state.pending_audits[frame.index] = change.changed
+        state.pending_audits[frame.index] = change.score
         if self.cfg.tiles:
             frame.gate.tiles = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move
@@ -412,7 +426,7 @@ class GatePolicy:
             frame.gate.audit_of = state.key_index
             if state.motion is not None:
                 frame.gate.motion = state.motion.astype(np.float16)
-            state.pending_audits[frame.index] = change.changed
+            state.pending_audits[frame.index] = change.score
             state.since_audit = 0
         if state is None:
             state = self._new_state(frame, signal)
@@ -452,6 +466,8 @@ class GatePolicy:
         if reason:
             result["reason"] = reason
         result.update(changed=round(change.changed, 6), largest=round(change.largest, 6))
+        if change.weighted is not None:
+            result["weighted"] = round(change.weighted, 6)
         if change.compensated:
             result["compensated"] = True
         result.update(extra)
@@ -460,6 +476,19 @@ class GatePolicy:
             result["bounds"] = dict(state.bounds)  # the refresh bounds at this frame (adapt_bounds moves them)
         result["skip_ratio"] = round(state.reused / max(1, state.frames), 6)
         return result
+
+
+def object_grid(boxes: list[list[float]], shape: tuple[int, ...], downscale: int, margin: float) -> np.ndarray:
+    """The boxes (source pixels), each grown by ``margin`` of its size on every side, as a boolean mask on the
+    signal grid of ``shape`` (the frame downscaled by ``downscale``)."""
+    grid = np.zeros(shape[:2], dtype=bool)
+    height, width = grid.shape
+    for x1, y1, x2, y2 in (box[:4] for box in boxes):
+        grow_x, grow_y = margin * (x2 - x1), margin * (y2 - y1)
+        c0, c1 = int(max(0.0, (x1 - grow_x) / downscale)), int(min(width, math.ceil((x2 + grow_x) / downscale)))
+        r0, r1 = int(max(0.0, (y1 - grow_y) / downscale)), int(min(height, math.ceil((y2 + grow_y) / downscale)))
+        grid[r0:r1, c0:c1] = True
+    return grid
 
 
 def _step_motion(frame: Frame) -> np.ndarray | None:

@@ -42,15 +42,13 @@ def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
 
 
 def box_blur(image: np.ndarray, size: int) -> np.ndarray:
-    """Mean filter with an odd ``size`` window (edges replicated), via summed-area tables."""
+    """Mean filter with an odd ``size`` window (edges replicated): scipy's one C pass, a third of the time of
+    summed-area tables in numpy on the gate's small signals (the gate blurs every frame, twice with motion)."""
     if size <= 1:
         return image
-    pad = size // 2
-    padded = np.pad(image, pad, mode="edge")
-    table = np.pad(padded.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-    h, w = image.shape
-    total = table[size : size + h, size : size + w] - table[:h, size : size + w] - table[size : size + h, :w] + table[:h, :w]
-    return total / float(size * size)
+    from scipy import ndimage  # lazy: only the gate needs it
+
+    return ndimage.uniform_filter(image, size, mode="nearest")
 
 
 def blurred_difference(reference: np.ndarray, current: np.ndarray, blur: int) -> np.ndarray:
