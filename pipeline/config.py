@@ -194,6 +194,13 @@ class GateConfig:
         "twice the configured bound: longer while a span one frame longer would still meet agreement_target on "
         "average (drift adds up about linearly from the stage's last run), shorter when the current span does not",
     )
+    carry_until: dict[str, float] = _field(
+        factory=lambda: {"detect": 3.0}, doc="per stage, a factor: on a frame whose change passes threshold but stays "
+        "under factor x threshold (and fits a partial frame), that stage is carried over, moved along the motion, "
+        "while the others run on the tiles changed since their own results; past it, or past the stage's refresh "
+        "bound, everything runs (a stage without a bound in refresh is never carried). For stages whose results "
+        "follow the motion well (boxes matched at IoU 0.5). A mapping replaces the default; {} = off",
+    )
     object_weight: float = _field(
         1.0, "changed signal pixels on the stream's recent objects (its boxes at least audit_lag frames old, grown "
         "by object_margin) count this many times towards threshold: a person's shift matters more than leaves "
@@ -532,6 +539,7 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
 
 
 def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
+    _check_carry_until(gate, stages)
     for name, bound in list(gate.refresh.items()):
         if isinstance(bound, bool) or not isinstance(bound, int) or bound < 1:
             raise ConfigError(f"gate.refresh.{name}: expected a number of frames >= 1, got {bound!r}")
@@ -555,6 +563,21 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
             f"gate.threshold: {gate.threshold} is above threshold_max ({gate.threshold_max}), the most the "
             f"adaptive budget may raise it to; raise threshold_max, lower the threshold or set adaptive: false"
         )
+
+
+def _check_carry_until(gate: GateConfig, stages: dict[str, Any]) -> None:
+    """Factors of at least 1, for stages that exist; a stage that this graph does not run, or that has no
+    refresh bound (what caps a carried stage's staleness), is not carried."""
+    from blinkflow.registry import stages as stage_registry
+
+    for name, factor in list(gate.carry_until.items()):
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+            raise ConfigError(f"gate.carry_until.{name}: expected a factor >= 1 (times the threshold), got {factor!r}")
+        if name not in stage_registry or _is_driver_stage(name) or name == "gate":
+            known = [n for n in stage_registry.names() if n != "gate" and not _is_driver_stage(n)]
+            raise ConfigError(f"gate.carry_until.{name}: unknown stage {name!r}; valid: {', '.join(known)}")
+        if name not in stages or name not in gate.refresh:
+            del gate.carry_until[name]
 
 
 def _is_driver_stage(name: str) -> bool:

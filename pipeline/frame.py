@@ -32,6 +32,9 @@ class GateMark:
     reuse_of: int | None = None
     #: a refresh: only these stages run; the driver carries the others over
     refresh: list[str] | None = None
+    #: a refresh for change (``gate.carry_until``): these stages are carried over (moved along the motion), the
+    #: others run
+    carried: list[str] | None = None
     #: the keyframe whose would-be carry-over the driver scores against this frame's fresh results (an audit)
     audit_of: int | None = None
     #: backward motion since the keyframe, (gh, gw, 2) float16 in source pixels (pipeline/gate/motion.py)
@@ -89,14 +92,19 @@ class Frame:
 
     @property
     def is_refresh(self) -> bool:
-        """A gate refresh: only the stages in ``gate.refresh`` run; the driver carries the others over."""
-        return self.mark.refresh is not None
+        """A gate refresh: only the stages in ``gate.refresh`` run, or all but those in ``gate.carried``; the
+        driver carries the others over."""
+        return self.mark.refresh is not None or self.mark.carried is not None
 
     def runs(self, stage: str) -> bool:
-        """Whether ``stage`` computes on this frame: not failed, not reused, and listed if it is a refresh."""
+        """Whether ``stage`` computes on this frame: not failed, not reused, listed if it is a refresh and not
+        carried over."""
         if self.is_failed or self.is_reused:
             return False
-        return not self.is_refresh or stage in self.mark.refresh
+        mark = self.mark
+        if mark.carried is not None:
+            return stage not in mark.carried
+        return mark.refresh is None or stage in mark.refresh
 
     @property
     def is_failed(self) -> bool:

@@ -19,6 +19,9 @@ context, aligned to the model's stride; one crop around all of them when that
 costs less), pastes the crops' logits for the tiles
 plus half the halo into the cached logits, and takes the class map from those.
 When the crops would cost a full forward or more, the frame runs in full.
+With ``tile_context`` (models with a features/head split: DeepLab) the stage
+also keeps the stream's backbone features and the crops' global pooling sees
+them, the crops' own features pasted in: the frame's context, not the crop's.
 Such a result also carries ``"tiles": {"recomputed", "total", "area"}``, where
 ``area`` is the fraction of a full forward the crops cost. With the cache, the
 stage is temporal (each stream sticks to one replica, in order).

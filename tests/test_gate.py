@@ -326,7 +326,7 @@ RED, GREEN, BLUE = (255, 0, 0), (0, 255, 0), (0, 0, 255)
 def test_detect_recomputes_only_the_changed_crop_and_keeps_the_boxes_outside_it():
     first = scene([((20, 20, 50, 50), RED), ((240, 170, 270, 200), GREEN)])
     moved = scene([((20, 20, 50, 50), RED), ((252, 178, 282, 208), GREEN)])  # green moves, red stays
-    gate = Gate(GateConfig(enabled=True, max_reuse=100))
+    gate = Gate(GateConfig(enabled=True, max_reuse=100, carry_until={}))
     stage = colour_detector_stage()
     frames = stage.process(gate.process(frames_of([first, moved])))
     assert decisions(frames) == ["keyframe", "partial"]
@@ -340,7 +340,7 @@ def test_detect_recomputes_only_the_changed_crop_and_keeps_the_boxes_outside_it(
     assert boxes == {"red": [20.0, 20.0, 50.0, 50.0], "green": [252.0, 178.0, 282.0, 208.0]}
     # a crop that would cover more than crop_max_area of the frame: the whole frame runs
     stage = colour_detector_stage(crop_max_area=0.05)
-    frames = stage.process(Gate(GateConfig(enabled=True, max_reuse=100)).process(frames_of([first, moved])))
+    frames = stage.process(Gate(GateConfig(enabled=True, max_reuse=100, carry_until={})).process(frames_of([first, moved])))
     assert "crop" not in frames[1].results["detect"] and stage.model.calls[-1] == (3, 240, 320)
 
 
@@ -349,7 +349,7 @@ def test_detect_crop_recompute_matches_a_full_recompute_when_the_change_holds_ev
     first = scene([((41, 31, 71, 61), RED), ((80, 35, 100, 55), BLUE)])
     moved = scene([((51, 36, 81, 66), RED), ((90, 40, 110, 60), BLUE)])  # both inside one crop
     stage = colour_detector_stage()
-    frames = stage.process(Gate(GateConfig(enabled=True, max_reuse=100)).process(frames_of([first, moved])))
+    frames = stage.process(Gate(GateConfig(enabled=True, max_reuse=100, carry_until={})).process(frames_of([first, moved])))
     patched = frames[1].results["detect"]
     assert "crop" in patched
     fresh = colour_detector_stage().process(frames_of([moved], stream="fresh"))[0].results["detect"]

@@ -74,3 +74,65 @@ def test_the_driver_hands_the_gate_the_boxes_of_the_latest_frame_at_least_the_la
 def test_object_weight_below_one_is_a_config_error_naming_its_path():
     with pytest.raises(ConfigError, match=r"gate\.object_weight"):
         load_config(data={"gate": {"enabled": True, "object_weight": 0.5}})
+
+
+# --------------------------------------------------------------------------- carry_until: skips per stage
+
+
+def _with_blocks(base: np.ndarray, corners: list[tuple[int, int]]) -> np.ndarray:
+    image = base.copy()
+    for y, x in corners:
+        image[y : y + 16, x : x + 16] = 255
+    return image
+
+
+def _carry_gate(threshold: float, detect_bound: int = 8) -> Gate:
+    return Gate(GateConfig(enabled=True, threshold=threshold, adaptive=False, max_reuse=100, audit_uncertain=0.0,
+                           tiles=[8, 8], tile_margin=0, motion="off", refresh={"segment": 4, "detect": detect_bound},
+                           carry_until={"detect": 3.0}))
+
+
+def test_a_small_change_runs_the_segmenter_on_its_tiles_and_carries_the_boxes():
+    base = _textured()
+    one = _second_frame(0.5, 1.0, None)["changed"]  # what one 16x16 block changes
+    gate = _carry_gate(one / 1.5)  # one block passes the threshold; three pass 3 x threshold
+    images = [base, _with_blocks(base, [(40, 56)]), _with_blocks(base, [(40, 64)]),
+              _with_blocks(base, [(40, 64), (8, 8), (72, 96)])]
+    frames = gate.process([Frame("s", i, i / 10, image) for i, image in enumerate(images)])
+    gates = [f.results["gate"] for f in frames]
+    assert [(g["decision"], g.get("reason")) for g in gates] == [
+        ("keyframe", "first"), ("refresh", "changed"), ("refresh", "changed"), ("partial", "changed")]
+    first, second = frames[1], frames[2]
+    assert gates[1]["carried"] == ["detect"] and gates[1]["stages"] == ["segment"]
+    assert first.runs("segment") and not first.runs("detect") and first.runs("track")  # unbounded stages run
+    assert first.mark.audit_of is None  # a refresh for change scores nothing
+    assert first.gate.tiles["changed"] == [27, 28, 35, 36]  # the block's 2 x 2 tiles of 12 x 16 pixels
+    # the second frame's tiles, against the segmenter's own results (frame 1): where the block was and went
+    assert {27, 29, 35, 37} <= set(second.gate.tiles["changed"]) <= {27, 28, 29, 35, 36, 37}
+    assert second.gate.tiles["bases"] == {"segment": 1}  # the segmenter's cache holds frame 1, the detector's 0
+
+
+def test_a_carried_stage_runs_once_its_refresh_bound_is_reached():
+    base = _textured()
+    one = _second_frame(0.5, 1.0, None)["changed"]
+    gate = _carry_gate(one / 1.5, detect_bound=2)
+    images = [base] + [_with_blocks(base, [(40, 40 + 8 * i)]) for i in range(4)]
+    frames = gate.process([Frame("s", i, i / 10, image) for i, image in enumerate(images)])
+    assert [f.results["gate"]["decision"] for f in frames] == ["keyframe", "refresh", "refresh", "partial", "refresh"]
+
+
+@pytest.mark.parametrize("carry, message", [
+    ({"detect": 0.5}, r"gate\.carry_until\.detect: expected a factor >= 1"),
+    ({"detcet": 2.0}, r"gate\.carry_until\.detcet: unknown stage 'detcet'; valid: .*detect"),
+])
+def test_carry_until_names_stages_and_factors_of_at_least_one(carry, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(data={"gate": {"enabled": True, "carry_until": carry}, "stages": {"detect": {}, "segment": {}}})
+
+
+def test_a_stage_without_a_refresh_bound_or_not_in_the_graph_is_not_carried():
+    unbounded = load_config(data={"gate": {"enabled": True, "refresh": {"segment": 4}}, "stages": {"detect": {}, "segment": {}}})
+    absent = load_config(data={"gate": {"enabled": True}, "stages": {"segment": {}}})
+    default = load_config(data={"gate": {"enabled": True}, "stages": {"detect": {}, "segment": {}}})
+    assert unbounded.gate.carry_until == {} and absent.gate.carry_until == {}
+    assert default.gate.carry_until == {"detect": 3.0}

@@ -116,7 +116,8 @@ def test_ray_matches_local_with_letterboxed_canvases_on_partial_frames(ray_local
 @pytest.mark.slow
 def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_local):
     """object_weight: the driver hands the gate each stream's boxes audit_lag frames late, in both runners
-    alike; the segmenter's partial frames recompute their tiles in the cached frame's context (tile_context)."""
+    alike; frames of small change carry the boxes over and run the segmenter alone on its changed tiles
+    (carry_until), in the cached frame's context (tile_context)."""
     from pathlib import Path
 
     parking = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
@@ -135,6 +136,7 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     gates = [r.results["gate"] for r in local_results]
     assert any("weighted" in g and g["weighted"] > g["changed"] for g in gates), "no change on a known object"
     assert any("tiles" in r.results["segment"] for r in local_results if r.outcome is Outcome.PROCESSED)
+    assert any(g.get("carried") == ["detect"] for g in gates), "no frame carried the boxes over a small change"
 
 
 @pytest.mark.slow

@@ -235,8 +235,10 @@ def frame_work(result: Any) -> dict[str, float]:
     """Units of model work one gate-on frame cost, per stage (1 = a full forward)."""
     if result.outcome.value != "processed":
         return dict.fromkeys(MODEL_STAGES, 0.0)
-    refreshed = (result.results.get("gate") or {}).get("stages")  # a refresh: only these stages ran
-    work = {stage: 1.0 if refreshed is None or stage in refreshed else 0.0 for stage in MODEL_STAGES}
+    gate = result.results.get("gate") or {}
+    refreshed, carried = gate.get("stages"), gate.get("carried") or []  # a refresh: only these stages ran
+    work = {stage: 1.0 if (refreshed is None or stage in refreshed) and stage not in carried else 0.0
+            for stage in MODEL_STAGES}
     tiles = (result.results.get("segment") or {}).get("tiles")
     if tiles is not None and work["segment"]:
         work["segment"] = float(tiles["area"])

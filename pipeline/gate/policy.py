@@ -178,13 +178,45 @@ class GatePolicy:
         reason = self._refresh_reason(state, change)
         due, drift_tiles = ([], None) if reason else self._due(state, signal)
         if reason == "partial":
-            self._partial(frame, signal, state, change)
+            self._partial_or_carry(frame, signal, state, change)
         elif reason:
             self._keyframe(frame, signal, state, change, reason)
         elif due:
             self._refresh(frame, signal, state, change, due, drift_tiles)
         else:
             self._reuse(frame, state, change)
+
+    def _partial_or_carry(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
+        """A partial frame, unless stages in ``carry_until`` may be carried over it: then the others run on
+        the tiles that changed since their own results (a refresh for change, not an audit), or none does."""
+        carried = self._carried_stages(state, change)
+        if not carried:
+            self._partial(frame, signal, state, change)
+            return
+        running = [stage for stage in state.bounds if stage not in carried]
+        tiles = self._changed_since(state, signal, running)
+        if tiles:
+            self._refresh(frame, signal, state, change, running, tiles, carried=sorted(carried))
+        else:
+            self._reuse(frame, state, change)
+
+    def _carried_stages(self, state: _StreamState, change: _Change) -> set[str]:
+        """The ``carry_until`` stages whose factor times the threshold the change stays under and that are
+        within their refresh bound (past it, they run: the bound caps how stale carried results get)."""
+        cfg = self.cfg
+        return {stage for stage, factor in cfg.carry_until.items()
+                if stage in state.bounds and change.score < factor * state.threshold
+                and state.stale.get(stage, 0) < state.bounds[stage]}
+
+    def _changed_since(self, state: _StreamState, signal: np.ndarray, stages: list[str]) -> list[int]:
+        """The tiles (with tile_margin) where ``signal`` changed since the results of any of ``stages``."""
+        cfg = self.cfg
+        tiles: set[int] = set()
+        for stage in stages:
+            reference = state.stage_refs.get(stage, state.reference)
+            mask = changed_mask(self._lit(reference, signal), signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+            tiles.update(changed_tiles(mask, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed))
+        return sorted(tiles)
 
     def _restart_reason(self, state: _StreamState | None, frame: Frame, signal: np.ndarray) -> str | None:
         if state is None:
@@ -364,17 +396,23 @@ class GatePolicy:
         frame.results[RESULT_KEY] = self._result(state, "reuse", None, change, keyframe=state.key_index)
 
     def _refresh(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change,
-                 stages: list[str], tiles: list[int] | None) -> None:
+                 stages: list[str], tiles: list[int] | None, carried: list[str] | None = None) -> None:
         """Only ``stages`` run, on ``tiles`` (all of the frame when None); the driver carries the other
-        stages over from the last processed frame and scores the refreshed stages' would-be carry-over
-        (an audit of those stages)."""
+        stages over from the last processed frame. A refresh for staleness also scores the refreshed stages'
+        would-be carry-over (an audit of those stages). One for change (``carried``: ``carry_until``) carries
+        those stages and runs every other, unscored."""
         key = state.key_index
-        frame.gate.refresh = stages
-        frame.gate.audit_of = key
+        audit = carried is None
+        if audit:
+            frame.gate.refresh = stages
+        else:
+            frame.gate.carried = carried
         if state.motion is not None:
             frame.gate.motion = state.motion.astype(np.float16)
-        state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
-        state.pending_audits[frame.index] = change.score
+        if audit:
+            frame.gate.audit_of = key
+            state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
+            state.pending_audits[frame.index] = change.score
         if self.cfg.tiles:
             frame.gate.tiles = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move
@@ -389,8 +427,9 @@ class GatePolicy:
         state.stale, state.reused_since_key = stale, reused
         state.ran.update(dict.fromkeys(stages, frame.index))
         extra = {"tiles": self._tiles_summary(tiles)} if tiles is not None else {}
-        frame.results[RESULT_KEY] = self._result(state, "refresh", "stale", change, stages=stages, keyframe=key,
-                                                audit_of=key, **extra)
+        extra.update({"audit_of": key} if audit else {"carried": carried})
+        frame.results[RESULT_KEY] = self._result(state, "refresh", "stale" if audit else "changed", change,
+                                                stages=stages, keyframe=key, **extra)
 
     def _tiles_meta(self, state: _StreamState, tiles: list[int] | None) -> dict[str, Any]:
         """What the stages' region recompute needs: the changed tiles (None: the whole frame) and the frame
