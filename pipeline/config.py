@@ -244,6 +244,11 @@ class StageConfig:
     device: str = _field("cpu", "'cpu', 'cuda:N' or 'auto' (the GPU when the process has one, else the CPU)")
     precision: Literal["fp32", "fp16", "bf16"] = _field("fp32", "inference precision (fp16/bf16 on GPU only)")
     channels_last: bool = _field(False, "use channels_last memory format (GPU)")
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = _field(
+        "off", "torch.compile the model's forward with this mode (reduce-overhead adds CUDA graphs on a GPU); each new "
+        "input shape first pays its compile (tens of seconds, more on a CPU), so fixed batch shapes pay off most. "
+        "Methods other than the forward (the segmenter's features/head for tiles and feature reuse) run eagerly",
+    )
     warmup: bool | None = _field(
         None, "run one forward on a dummy input at setup, so the first batch does not pay for the GPU's kernel "
         "selection and allocations; null: on GPU only"
@@ -594,6 +599,9 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
 
     if not re.fullmatch(DEVICE_PATTERN, stage.device):
         raise ConfigError(f"stages.{name}.device: {stage.device!r} is not 'cpu', 'cuda:N' or 'auto'")
+    if stage.compile != "off" and stage.depth_parallel > 1:
+        raise ConfigError(f"stages.{name}.compile: {stage.compile!r} compiles the whole model, which depth_parallel: "
+                          f"{stage.depth_parallel} splits across actors; use one or the other")
     if stage.model is not None and name != "gate":
         try:
             get_model_entry(stage.model, task=name)

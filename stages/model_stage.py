@@ -3,7 +3,8 @@
 ``setup`` is a template: resolve the device and the weights, ``build_model(spec)``,
 ``check_model(model)`` (before the weights load, so a wrong shape is reported without
 reading them), load the weights, move the model to the device in eval mode (in
-``memory_format`` when ``channels_last`` is set), log one line, and warm up. A model
+``memory_format`` when ``channels_last`` is set, its forward compiled when ``compile`` is
+not off), log one line, and warm up. A model
 stage then holds its own logic only: how to build its backend, what to check, and
 what to do with the outputs. ``inference()`` is the context every forward runs in
 (no autograd, the configured precision).
@@ -126,6 +127,8 @@ class ModelStage(Stage):
         model = model.eval().to(self._device)
         if self.cfg.channels_last:
             model = model.to(memory_format=getattr(torch, self.memory_format))
+        if self.cfg.compile != "off":
+            model.compile(mode=self.cfg.compile)  # in place: the model keeps its attributes and other methods
         return model
 
 

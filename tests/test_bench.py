@@ -244,3 +244,15 @@ def test_bench_gpu_decode_and_streams_sections_measure_and_report(tmp_path):
     plan.results = {"decode": decode, "streams": streams, "stages": {"error": "RuntimeError: out of memory"}}
     report = gpu.render(plan)
     assert "Largest number of streams held: **2**" in report and "Stages: failed (RuntimeError: out of memory)" in report
+
+
+def test_bench_gpu_times_compiled_detect_and_segment_on_a_gpu_only():
+    from blinkflow.bench import gpu
+
+    def plan(compile_: bool) -> gpu.Plan:
+        return gpu.Plan(device="cuda:0", size=(96, 64), batches=(1, 8), precisions=("fp32", "fp16"), stream_steps=(1,),
+                        stream_seconds=1.0, frames=6, quick=False, compile=compile_)
+
+    plain, compiled = gpu.stage_variants(plan(False)), gpu.stage_variants(plan(True))
+    assert len(plain) == 4 * 2 * 2 and all(mode == "off" for *_, mode in plain)
+    assert compiled[len(plain):] == [("detect", "fp16", 8, "reduce-overhead"), ("segment", "fp16", 8, "reduce-overhead")]

@@ -5,7 +5,8 @@ Sections (docs/benchmarks.md ``gpu``, with the GPU's name and driver):
 * **decode**: a 720p H.264 clip (made from the repository's real clips) decoded by FFmpeg's CUDA
   decoder (NVDEC, PyAV ``HWAccel``) against the CPU decoder of the same machine;
 * **stages**: each real-model stage of configs/demo.yaml (shipped weights) in frames/s on 720p frames at
-  batch 1/8/32, fp32 and fp16, channels_last;
+  batch 1/8/32, fp32 and fp16, channels_last; detect and segment also compiled (``compile:
+  reduce-overhead``: torch.compile with CUDA graphs) at batch 8 in fp16;
 * **streams**: the full real-model graph (gate, detect, segment, track, flow, action) on N streams of
   720p at 10 fps, paced in real time, stepping N up until the p95 latency passes 1 s or a stream
   falls behind; the largest N that held;
@@ -42,6 +43,8 @@ BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 2)
 STREAM_STEPS, QUICK_STREAM_STEPS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 64), (1,)
 STREAM_FPS, STREAM_SECONDS, QUICK_STREAM_SECONDS = 10.0, 20.0, 3.0
 P95_LIMIT_S = 1.0
+#: the stages section's torch.compile rows: this mode (CUDA graphs), at this batch, fp16
+COMPILE_MODE, COMPILED_BATCH = "reduce-overhead", 8
 
 
 @dataclass
@@ -56,6 +59,7 @@ class Plan:
     stream_seconds: float
     frames: int
     quick: bool
+    compile: bool = False  # also time detect and segment compiled (COMPILE_MODE), on a GPU only
     stages: dict[str, Any] | None = None  # the graph of the streams section; None: configs/demo.yaml's, + track
     results: dict[str, Any] = field(default_factory=dict)
 
@@ -72,7 +76,7 @@ def main(args: argparse.Namespace) -> None:
                 precisions=("fp32",) if not cuda else ("fp32", "fp16"),
                 stream_steps=QUICK_STREAM_STEPS if args.quick else STREAM_STEPS,
                 stream_seconds=QUICK_STREAM_SECONDS if args.quick else STREAM_SECONDS,
-                frames=8 if args.quick else 64, quick=args.quick)
+                frames=8 if args.quick else 64, quick=args.quick, compile=cuda and not args.quick)
     images = clip_frames(CLIPS[0], plan.size, plan.frames)
     sections = [("decode", bench_decode), ("stages", bench_stages), ("streams", bench_streams), ("label", bench_label)]
     for name, measure in sections:
@@ -169,23 +173,29 @@ def bench_stages(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
 
     cfg = load_config(DEMO)
     rows = []
-    for task in ("detect", "segment", "flow", "action"):
-        for precision in plan.precisions:
-            for batch in plan.batches:
-                stage_cfg = replace(cfg.stages[task], batch=batch, precision=precision, device=plan.device,
-                                    channels_last=plan.device != "cpu")
-                row = {"stage": task, "model": stage_cfg.model, "precision": precision, "batch": batch}
-                try:
-                    stage = stages.get(task)(stage_cfg)
-                    stage.setup(plan.device)
-                    warmup = stage.options.clip_len if task == "action" else batch
-                    seconds = time_stage(stage, images, batch, 1 if plan.quick else 3, warmup)
-                    stage.teardown()
-                    row["fps"] = 1.0 / statistics.median(seconds)
-                except Exception as exc:  # noqa: BLE001 - e.g. out of memory at batch 32: reported, not fatal
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
-                rows.append(row)
+    for task, precision, batch, compile_mode in stage_variants(plan):
+        stage_cfg = replace(cfg.stages[task], batch=batch, precision=precision, device=plan.device,
+                            channels_last=plan.device != "cpu", compile=compile_mode)
+        row = {"stage": task, "model": stage_cfg.model, "precision": precision, "compile": compile_mode, "batch": batch}
+        try:
+            stage = stages.get(task)(stage_cfg)
+            stage.setup(plan.device)
+            warmup = stage.options.clip_len if task == "action" else batch
+            seconds = time_stage(stage, images, batch, 1 if plan.quick else 3, warmup)
+            stage.teardown()
+            row["fps"] = 1.0 / statistics.median(seconds)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at batch 32: reported, not fatal
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        rows.append(row)
     return rows
+
+
+def stage_variants(plan: Plan) -> list[tuple[str, str, int, str]]:
+    """(stage, precision, batch, compile mode) of each row of the stages section."""
+    variants = [(task, precision, batch, "off") for task in ("detect", "segment", "flow", "action")
+                for precision in plan.precisions for batch in plan.batches]
+    # torch.compile with CUDA graphs, on the per-frame stages at the streams' batch only: each shape compiles anew
+    return variants + [(task, "fp16", COMPILED_BATCH, COMPILE_MODE) for task in ("detect", "segment") if plan.compile]
 
 
 # --------------------------------------------------------------------------- streams
@@ -300,7 +310,7 @@ def render(plan: Plan) -> str:
              f">= 30 streams of 720p at 10 fps with p95 <= {P95_LIMIT_S:g} s and nothing dropped; labelling >= 1000 "
              "frames/s with skipping; NVDEC >= 3x the CPU decoder.", "", machine_line(machine_info()), ""]
     lines += _decode_lines(results.get("decode", {}), plan.size)
-    lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "batch", "fps"])
+    lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "compile", "batch", "fps"])
     lines += _table_lines("streams", results.get("streams"),
                           ["streams", "frames", "expected", "p95_s", "dropped", "failed", "held"])
     held = [row["streams"] for row in results.get("streams") or [] if isinstance(row, dict) and row.get("held")]
