@@ -207,8 +207,13 @@ class GateConfig:
         "or codec noise elsewhere; cut_threshold and partial_changed still see the plain fraction. 1 = off",
         lo=1.0, hi=100.0,
     )
+    object_tiles: bool = _field(
+        False, "a partial frame's changed tiles grow to every tile of each recent object they touch (the boxes "
+        "object_weight uses), so an object whose edge changed is recomputed whole; measured to cost compute for no "
+        "agreement on the real clips (docs/skipping.md), so off",
+    )
     object_margin: float = _field(
-        0.5, "object_weight: each box grows by this fraction of its width and height on every side (objects move "
+        0.5, "object_weight, object_tiles: each box grows by this fraction of its width and height on every side (objects move "
         "between the frame whose boxes the gate sees and the frame it decides)", lo=0.0, hi=10.0,
     )
     audit_lag: int = _field(

@@ -136,3 +136,28 @@ def test_a_stage_without_a_refresh_bound_or_not_in_the_graph_is_not_carried():
     default = load_config(data={"gate": {"enabled": True}, "stages": {"detect": {}, "segment": {}}})
     assert unbounded.gate.carry_until == {} and absent.gate.carry_until == {}
     assert default.gate.carry_until == {"detect": 3.0}
+
+
+def test_object_tiles_grow_a_partial_frame_to_the_whole_objects_it_touches():
+    from blinkflow.gate.policy import grown_by_objects
+
+    objects = np.zeros((16, 16), dtype=bool)
+    objects[0:8, 0:6] = True  # one object over tiles 0, 1 (and 4, 5) of a 4x4 grid of 4x4 cells
+    objects[12:16, 12:16] = True  # another in tile 15, untouched by the change
+    assert grown_by_objects([5, 6], objects, [4, 4]) == [0, 1, 4, 5, 6]
+    assert grown_by_objects([10], objects, [4, 4]) == [10]
+
+    base = _textured()
+    changed = base.copy()
+    changed[40:56, 56:72] = 255
+    results = {}
+    for grow in (False, True):
+        gate = Gate(GateConfig(enabled=True, threshold=0.001, adaptive=False, refresh={}, max_reuse=100,
+                               audit_uncertain=0.0, tiles=[8, 8], tile_margin=0, motion="off", object_tiles=grow))
+        gate.process([Frame("s", 0, 0.0, base)])
+        second = Frame("s", 1, 0.1, changed)
+        second.gate = GateMark(objects=[[48, 0, 80, 60]])  # an object reaching up from the change to the top
+        results[grow] = gate.process([second])[0]
+    assert results[False].results["gate"]["decision"] == results[True].results["gate"]["decision"] == "partial"
+    plain, grown = set(results[False].gate.tiles["changed"]), set(results[True].gate.tiles["changed"])
+    assert plain < grown and {3, 4} <= {t % 8 for t in grown - plain} and min(grown) < 8  # up to the first row

@@ -103,7 +103,7 @@ class _StreamState:
     previous: np.ndarray | None = None  # the last frame's signal, for the frame-to-frame noise floor
     noise: np.ndarray | None = None  # per tile: largest frame-to-frame change since the last processed frame
     ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
-    objects: np.ndarray | None = None  # object_weight: the recent boxes on the signal grid (bool)
+    objects: np.ndarray | None = None  # object_weight, object_tiles: the recent boxes on the signal grid (bool)
 
 
 @dataclass
@@ -166,7 +166,7 @@ class GatePolicy:
         state.frames += 1
         state.last_index = frame.index
         self._apply_feedback(state, feedback)
-        if objects is not None and self.cfg.object_weight > 1.0:
+        if objects is not None and (self.cfg.object_weight > 1.0 or self.cfg.object_tiles):
             state.objects = object_grid(objects, signal.shape, self.cfg.downscale, self.cfg.object_margin)
         if self.cfg.motion in ("mvs", "auto"):
             step = _step_motion(frame)
@@ -239,8 +239,11 @@ class GatePolicy:
             moved = self._lit(warp_backward(state.reference, motion / float(cfg.downscale)), signal)
             mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
+        known = state.objects is not None and state.objects.shape == mask.shape
+        if tiles and known and cfg.object_tiles:
+            tiles = grown_by_objects(tiles, state.objects, cfg.tiles)
         weighted = None
-        if state.objects is not None and state.objects.shape == mask.shape:
+        if known and cfg.object_weight > 1.0:
             on_objects = np.count_nonzero(mask & state.objects)
             weighted = min(1.0, (np.count_nonzero(mask) + (cfg.object_weight - 1.0) * on_objects) / mask.size)
         return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted)
@@ -528,6 +531,18 @@ def object_grid(boxes: list[list[float]], shape: tuple[int, ...], downscale: int
         r0, r1 = int(max(0.0, (y1 - grow_y) / downscale)), int(min(height, math.ceil((y2 + grow_y) / downscale)))
         grid[r0:r1, c0:c1] = True
     return grid
+
+
+def grown_by_objects(tiles: list[int], objects: np.ndarray, grid: list[int]) -> list[int]:
+    """``tiles`` plus every tile of each object they touch (``objects``: the recent boxes on the signal grid;
+    overlapping boxes count as one): an object whose edge changed is recomputed whole."""
+    from scipy import ndimage  # lazy: only the gate needs it
+
+    labels, count = ndimage.label(changed_tile_grid(objects, grid))
+    if not count:
+        return tiles
+    touched = np.setdiff1d(labels.ravel()[tiles], [0])
+    return sorted(set(tiles) | {int(i) for i in np.flatnonzero(np.isin(labels.ravel(), touched))})
 
 
 def _step_motion(frame: Frame) -> np.ndarray | None:
