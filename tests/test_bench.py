@@ -246,7 +246,7 @@ def test_bench_gpu_decode_and_streams_sections_measure_and_report(tmp_path):
     assert "Largest number of streams held: **2**" in report and "Stages: failed (RuntimeError: out of memory)" in report
 
 
-def test_bench_gpu_times_compiled_detect_and_segment_on_a_gpu_only():
+def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_on_a_gpu_only():
     from blinkflow.bench import gpu
 
     def plan(compile_: bool) -> gpu.Plan:
@@ -254,5 +254,11 @@ def test_bench_gpu_times_compiled_detect_and_segment_on_a_gpu_only():
                         stream_seconds=1.0, frames=6, quick=False, compile=compile_)
 
     plain, compiled = gpu.stage_variants(plan(False)), gpu.stage_variants(plan(True))
-    assert len(plain) == 4 * 2 * 2 and all(mode == "off" for *_, mode in plain)
-    assert compiled[len(plain):] == [("detect", "fp16", 8, "reduce-overhead"), ("segment", "fp16", 8, "reduce-overhead")]
+    assert len(plain) == 4 * 2 * 2 + 2 and all(mode == "off" for *_, mode, _ in plain)
+    assert plain[-2:] == [("detect", "fp16", 8, "off", False), ("segment", "fp16", 8, "off", False)]  # channels_last off
+    assert all(last for *_, last in plain[:-2])
+    assert compiled[len(plain):] == [("detect", "fp16", 8, "reduce-overhead", True),
+                                     ("segment", "fp16", 8, "reduce-overhead", True)]
+    cpu = gpu.Plan(device="cpu", size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=(1,),
+                   stream_seconds=1.0, frames=6, quick=True)
+    assert gpu.stage_variants(cpu) == [(task, "fp32", 1, "off", False) for task in ("detect", "segment", "flow", "action")]

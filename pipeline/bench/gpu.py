@@ -5,8 +5,8 @@ Sections (docs/benchmarks.md ``gpu``, with the GPU's name and driver):
 * **decode**: a 720p H.264 clip (made from the repository's real clips) decoded by FFmpeg's CUDA
   decoder (NVDEC, PyAV ``HWAccel``) against the CPU decoder of the same machine;
 * **stages**: each real-model stage of configs/demo.yaml (shipped weights) in frames/s on 720p frames at
-  batch 1/8/32, fp32 and fp16, channels_last; detect and segment also compiled (``compile:
-  reduce-overhead``: torch.compile with CUDA graphs) at batch 8 in fp16;
+  batch 1/8/32, fp32 and fp16, channels_last; detect and segment at batch 8 in fp16 also without
+  channels_last and compiled (``compile: reduce-overhead``: torch.compile with CUDA graphs);
 * **streams**: the full real-model graph (gate, detect, segment, track, flow, action) on N streams of
   720p at 10 fps, paced in real time, stepping N up until the p95 latency passes 1 s or a stream
   falls behind; the largest N that held;
@@ -173,10 +173,11 @@ def bench_stages(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
 
     cfg = load_config(DEMO)
     rows = []
-    for task, precision, batch, compile_mode in stage_variants(plan):
+    for task, precision, batch, compile_mode, channels_last in stage_variants(plan):
         stage_cfg = replace(cfg.stages[task], batch=batch, precision=precision, device=plan.device,
-                            channels_last=plan.device != "cpu", compile=compile_mode)
-        row = {"stage": task, "model": stage_cfg.model, "precision": precision, "compile": compile_mode, "batch": batch}
+                            channels_last=channels_last, compile=compile_mode)
+        row = {"stage": task, "model": stage_cfg.model, "precision": precision, "channels_last": channels_last,
+               "compile": compile_mode, "batch": batch}
         try:
             stage = stages.get(task)(stage_cfg)
             stage.setup(plan.device)
@@ -190,12 +191,16 @@ def bench_stages(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
-def stage_variants(plan: Plan) -> list[tuple[str, str, int, str]]:
-    """(stage, precision, batch, compile mode) of each row of the stages section."""
-    variants = [(task, precision, batch, "off") for task in ("detect", "segment", "flow", "action")
+def stage_variants(plan: Plan) -> list[tuple[str, str, int, str, bool]]:
+    """(stage, precision, batch, compile mode, channels_last) of each row of the stages section: every stage
+    at every precision and batch (channels_last on a GPU); on a GPU also detect and segment at the streams'
+    batch in fp16 without channels_last, and compiled (each shape compiles anew, so one batch only)."""
+    gpu = plan.device != "cpu"
+    variants = [(task, precision, batch, "off", gpu) for task in ("detect", "segment", "flow", "action")
                 for precision in plan.precisions for batch in plan.batches]
-    # torch.compile with CUDA graphs, on the per-frame stages at the streams' batch only: each shape compiles anew
-    return variants + [(task, "fp16", COMPILED_BATCH, COMPILE_MODE) for task in ("detect", "segment") if plan.compile]
+    if gpu:
+        variants += [(task, "fp16", COMPILED_BATCH, "off", False) for task in ("detect", "segment")]
+    return variants + [(task, "fp16", COMPILED_BATCH, COMPILE_MODE, True) for task in ("detect", "segment") if plan.compile]
 
 
 # --------------------------------------------------------------------------- streams
@@ -310,7 +315,7 @@ def render(plan: Plan) -> str:
              f">= 30 streams of 720p at 10 fps with p95 <= {P95_LIMIT_S:g} s and nothing dropped; labelling >= 1000 "
              "frames/s with skipping; NVDEC >= 3x the CPU decoder.", "", machine_line(machine_info()), ""]
     lines += _decode_lines(results.get("decode", {}), plan.size)
-    lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "compile", "batch", "fps"])
+    lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "channels_last", "compile", "batch", "fps"])
     lines += _table_lines("streams", results.get("streams"),
                           ["streams", "frames", "expected", "p95_s", "dropped", "failed", "held"])
     held = [row["streams"] for row in results.get("streams") or [] if isinstance(row, dict) and row.get("held")]
