@@ -262,3 +262,22 @@ def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_o
     cpu = gpu.Plan(device="cpu", size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=(1,),
                    stream_seconds=1.0, frames=6, quick=True)
     assert gpu.stage_variants(cpu) == [(task, "fp32", 1, "off", False) for task in ("detect", "segment", "flow", "action")]
+
+
+def test_plot_skipping_draws_the_points_and_the_target_region(tmp_path):
+    from PIL import Image
+
+    from blinkflow.bench.plot import BACKGROUND, GRID, TARGET_FILL, SkipPoint, plot_skipping
+
+    points = [SkipPoint("parking lot", 2.96, 0.950), SkipPoint("room", 4.41, 0.766, lenient=0.970),
+              SkipPoint("static clips pooled", 3.59, 0.865, kind="pooled"),
+              SkipPoint("room, features", 3.15, 0.965, kind="features")]
+    out = plot_skipping(points, (4.0, 0.95), tmp_path / "skipping.png", size=(900, 560))
+    image = Image.open(out).convert("RGB")
+    assert image.size == (900, 560)
+    # axes: x 80..720 for 1..6x, y 500..50 for 0.6..1.0
+    def at(less, agreement):
+        return image.getpixel((round(80 + 640 * (less - 1) / 5), round(500 - 450 * (agreement - 0.6) / 0.4)))
+    assert at(5.5, 0.99) == TARGET_FILL and at(2.5, 0.98) == BACKGROUND  # the target region is shaded, and only it
+    assert at(2.96, 0.950) != BACKGROUND and at(3.59, 0.865) != BACKGROUND and at(3.15, 0.965) != BACKGROUND
+    assert at(4.41, 0.87) == GRID  # the line up to the lenient reading's ring

@@ -2,6 +2,8 @@
 
 * :func:`plot_throughput`: frames/s of every measured variant against its bound,
   from the ``bench-*.json`` files the benchmarks save (``docs/img/throughput.png``).
+* :func:`plot_skipping`: less model compute against agreement per real clip (``docs/img/skipping.png``,
+  drawn by ``blinkflow bench skip``).
 * :func:`draw_pipeline_diagram`: the data path, source to sinks (``docs/img/pipeline.png``).
 * :func:`save_demo_frame`: one annotated frame of ``blinkflow demo``'s MP4 (``docs/img/demo-frame.png``).
 
@@ -133,6 +135,104 @@ def _draw_panel(draw, panel: Panel, top: int, width: int, row: int, head: int) -
         draw.line([bx, top + head - 6, bx, y + 6], fill=BOUND, width=3)
         draw.text((max(x0, bx - 200), y + 8), f"{panel.bound_label} ({panel.bound:.1f})", fill=BOUND, font=_font(13))
     return y + 30
+
+
+# --------------------------------------------------------------------------- skipping
+
+
+@dataclass
+class SkipPoint:
+    """One measured skipping figure: ``less`` model compute at ``agreement`` with gate off; ``kind`` is
+    ``clip`` (gate on, one clip), ``pooled`` (the static clips together) or ``features`` (the segmenter's
+    feature reuse); ``lenient``: the agreement when unmatched boxes below the detector's threshold count
+    neither way (drawn as a ring when higher)."""
+
+    label: str
+    less: float
+    agreement: float
+    kind: str = "clip"
+    lenient: float | None = None
+
+
+SKIP_AXES = (1.0, 6.0, 0.6, 1.0)  # less compute from..to, agreement from..to
+TARGET_FILL, POOLED, FEATURES = (214, 240, 220), (15, 157, 88), (244, 160, 0)
+
+
+def plot_skipping(points: list[SkipPoint], target: tuple[float, float], out: Path | None = None,
+                  size: tuple[int, int] = (900, 560)) -> Path:
+    """Less model compute (x) against agreement with gate off (y), the target region shaded: where each
+    measured clip stands (``docs/img/skipping.png``, drawn by ``blinkflow bench skip``)."""
+    from PIL import Image, ImageDraw
+
+    out = IMG_DIR / "skipping.png" if out is None else Path(out)
+    image = Image.new("RGB", size, BACKGROUND)
+    draw = ImageDraw.Draw(image)
+    to_px = _skip_axes(draw, size, target)
+    taken: list[tuple[float, float, float, float]] = [(*to_px(p.less, p.agreement), 0, 0) for p in points]
+    taken = [(x - 9, y - 9, x + 9, y + 9) for x, y, _, _ in taken]  # the markers themselves
+    for point in points:
+        x, y = to_px(point.less, point.agreement)
+        if point.lenient is not None and point.lenient > point.agreement:
+            _, y_lenient = to_px(point.less, point.lenient)
+            draw.line([x, y, x, y_lenient], fill=GRID, width=2)
+            draw.ellipse([x - 5, y_lenient - 5, x + 5, y_lenient + 5], outline=BAR, width=2)
+        colour = {"pooled": POOLED, "features": FEATURES}.get(point.kind, BAR)
+        if point.kind == "features":
+            draw.rectangle([x - 6, y - 6, x + 6, y + 6], fill=colour)
+        else:
+            radius = 9 if point.kind == "pooled" else 7
+            draw.ellipse([x - radius, y - radius, x + radius, y + radius], fill=colour)
+        _place_label(draw, point.label, x, y, taken)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, format="PNG", optimize=True)
+    return out
+
+
+def _place_label(draw, label: str, x: float, y: float, taken: list[tuple[float, float, float, float]]) -> None:
+    """The label right of its marker, else below, above or left of it: wherever it overlaps no marker or label."""
+    font = _font(13)
+    x0, y0, x1, y1 = draw.textbbox((0, 0), label, font=font)
+    w, h = x1 - x0, y1 - y0
+    for dx, dy in ((11, -8), (11, 6), (11, -22), (-w - 11, -8), (-w / 2, 10), (-w / 2, -26)):
+        box = (x + dx, y + dy, x + dx + w, y + dy + h + 2)
+        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+            break
+    taken.append(box)
+    draw.text((box[0], box[1]), label, fill=TEXT, font=font)
+
+
+def _skip_axes(draw, size: tuple[int, int], target: tuple[float, float]):
+    """Axes, grid and the shaded target region; returns the (less, agreement) -> pixel mapping."""
+    width, height = size
+    left, right, top, bottom = 80, width - 180, 50, height - 60
+    x_lo, x_hi, y_lo, y_hi = SKIP_AXES
+
+    def to_px(less: float, agreement: float) -> tuple[float, float]:
+        x = left + (right - left) * (min(max(less, x_lo), x_hi) - x_lo) / (x_hi - x_lo)
+        y = bottom - (bottom - top) * (min(max(agreement, y_lo), y_hi) - y_lo) / (y_hi - y_lo)
+        return x, y
+
+    tx, ty = to_px(*target)
+    draw.rectangle([tx, top, right, ty], fill=TARGET_FILL)
+    draw.text((tx + 6, top + 4), f"target: >= {target[0]:g}x at >= {target[1]:g}", fill=POOLED, font=_font(13))
+    for tick in range(int(x_lo), int(x_hi) + 1):
+        x, _ = to_px(tick, y_lo)
+        draw.line([x, top, x, bottom], fill=GRID)
+        draw.text((x - 8, bottom + 6), f"{tick}x", fill=TEXT, font=_font(13))
+    for tick in (0.6, 0.7, 0.8, 0.9, 0.95, 1.0):
+        _, y = to_px(x_lo, tick)
+        draw.line([left, y, right, y], fill=GRID)
+        draw.text((left - 44, y - 8), f"{tick:.2f}", fill=TEXT, font=_font(13))
+    draw.text((left, 14), "Skipping on real footage: less model compute vs agreement with gate off", fill=TEXT,
+              font=_font(17))
+    draw.text(((left + right) // 2 - 90, bottom + 28), "less model compute (gate off / on)", fill=TEXT, font=_font(13))
+    draw.text((right + 14, top), "circle: gate on, a clip", fill=BAR, font=_font(12))
+    draw.text((right + 14, top + 18), "ring: ignoring boxes below", fill=BAR, font=_font(12))
+    draw.text((right + 14, top + 32), "  the detector's threshold", fill=BAR, font=_font(12))
+    draw.text((right + 14, top + 50), "green: static clips pooled", fill=POOLED, font=_font(12))
+    draw.text((right + 14, top + 68), "square: segmenter feature", fill=FEATURES, font=_font(12))
+    draw.text((right + 14, top + 82), "  reuse (its compute only)", fill=FEATURES, font=_font(12))
+    return to_px
 
 
 # --------------------------------------------------------------------------- pipeline diagram

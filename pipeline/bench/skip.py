@@ -708,6 +708,28 @@ def pooled_real(reports: list[ClipReport]) -> dict[str, Any] | None:
 TARGET_LESS, TARGET_AGREEMENT = 4.0, 0.95
 
 
+def skip_points(reports: list[ClipReport]) -> list[Any]:
+    """The picture's points: each clip gate on (strict agreement, and ignoring sub-threshold boxes), the static
+    clips pooled, and the segmenter's feature reuse per clip."""
+    from blinkflow.bench.plot import SkipPoint
+
+    points = []
+    for report in reports:
+        f = report.figures
+        if f.get("agreement") is None:
+            continue
+        label = report.clip.description.split(",")[0].split(" (")[0] + (" (moving)" if report.clip.name == "moving" else "")
+        lenient = [v for v in (f.get("confident_boxes_f1"), f.get("mask_iou")) if v is not None]
+        points.append(SkipPoint(label, f["less_compute"], f["agreement"], lenient=min(lenient) if lenient else None))
+        if "features" in f and f["features"].get("mask_iou") is not None:
+            points.append(SkipPoint(f"{label}, features", f["features"]["less_compute"], f["features"]["mask_iou"],
+                                    kind="features"))
+    pooled = pooled_real(reports)
+    if pooled and pooled["agreement"] is not None:
+        points.append(SkipPoint("static clips pooled", pooled["less_compute"], pooled["agreement"], kind="pooled"))
+    return points
+
+
 def _met(less: float, agreement: float | None) -> str:
     return "met" if less >= TARGET_LESS and (agreement or 0.0) >= TARGET_AGREEMENT else "not met"
 
@@ -800,6 +822,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     print(body)
     if not quick and not getattr(args, "no_write", False):
         write_section("skip-synthetic" if which == "synthetic" else "skip", body)
+        if which == "real":
+            from blinkflow.bench.plot import plot_skipping
+
+            log.warning("bench skip: %s", plot_skipping(skip_points(reports), (TARGET_LESS, TARGET_AGREEMENT)))
     result["clips"] = {r.clip.name: r.figures for r in reports}
     result["price"] = {k: v for k, v in (price or {}).items() if not isinstance(v, Measurement)}
     return result
