@@ -281,3 +281,24 @@ def test_plot_skipping_draws_the_points_and_the_target_region(tmp_path):
     assert at(5.5, 0.99) == TARGET_FILL and at(2.5, 0.98) == BACKGROUND  # the target region is shaded, and only it
     assert at(2.96, 0.950) != BACKGROUND and at(3.59, 0.865) != BACKGROUND and at(3.15, 0.965) != BACKGROUND
     assert at(4.41, 0.87) == GRID  # the line up to the lenient reading's ring
+
+
+def test_skip_points_label_each_clip_and_pool_the_static_ones():
+    from blinkflow.bench.skip import ClipReport, real_clips, skip_points
+
+    clips = {clip.name: clip for clip in real_clips(quick=True)}
+
+    def report(name, less, boxes, masks, confident, features=None):
+        figures = {"frames": 10, "work_fraction": 1 / less, "less_compute": less, "boxes_f1": boxes, "mask_iou": masks,
+                   "agreement": min(boxes, masks), "confident_boxes_f1": confident}
+        if features:
+            figures["features"] = features
+        return ClipReport(clips[name], None, None, figures)
+
+    points = skip_points([report("parking", 3.0, 0.95, 0.96, 0.95, {"less_compute": 3.2, "mask_iou": 0.95}),
+                          report("people", 4.4, 0.77, 0.97, 0.98), report("moving", 1.4, 0.9, 0.94, 0.97)])
+    assert [(p.label, p.kind) for p in points] == [
+        ("parking lot", "clip"), ("parking lot, features", "features"), ("room", "clip"),
+        ("bikes.mp4 (moving)", "clip"), ("static clips pooled", "pooled")]
+    assert points[2].agreement == 0.77 and points[2].lenient == 0.97  # strict, and ignoring sub-threshold boxes
+    assert points[-1].less == pytest.approx(1 / ((1 / 3.0 + 1 / 4.4) / 2))  # the static clips, pooled by frames

@@ -718,7 +718,7 @@ def skip_points(reports: list[ClipReport]) -> list[Any]:
         f = report.figures
         if f.get("agreement") is None:
             continue
-        label = report.clip.description.split(",")[0].split(" (")[0] + (" (moving)" if report.clip.name == "moving" else "")
+        label = report.clip.what.split(",")[0].split(" (")[0] + (" (moving)" if report.clip.name == "moving" else "")
         lenient = [v for v in (f.get("confident_boxes_f1"), f.get("mask_iou")) if v is not None]
         points.append(SkipPoint(label, f["less_compute"], f["agreement"], lenient=min(lenient) if lenient else None))
         if "features" in f and f["features"].get("mask_iou") is not None:
