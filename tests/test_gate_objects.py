@@ -112,6 +112,17 @@ def test_a_small_change_runs_the_segmenter_on_its_tiles_and_carries_the_boxes():
     assert second.gate.tiles["bases"] == {"segment": 1}  # the segmenter's cache holds frame 1, the detector's 0
 
 
+def test_without_another_bounded_stage_a_small_change_is_a_partial_frame():
+    """The gate knows the stages by their refresh bounds only: with the detector the one bounded stage,
+    carrying it would leave nothing it knows to run, so every stage runs."""
+    base = _textured()
+    one = _second_frame(0.5, 1.0, None)["changed"]
+    gate = Gate(GateConfig(enabled=True, threshold=one / 1.5, adaptive=False, max_reuse=100, audit_uncertain=0.0,
+                           tiles=[8, 8], tile_margin=0, motion="off", refresh={"detect": 8}, carry_until={"detect": 3.0}))
+    frames = gate.process([Frame("s", 0, 0.0, base), Frame("s", 1, 0.1, _with_blocks(base, [(40, 56)]))])
+    assert frames[1].results["gate"]["decision"] == "partial" and frames[1].runs("segment")
+
+
 def test_a_carried_stage_runs_once_its_refresh_bound_is_reached():
     base = _textured()
     one = _second_frame(0.5, 1.0, None)["changed"]

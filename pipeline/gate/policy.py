@@ -190,10 +190,10 @@ class GatePolicy:
         """A partial frame, unless stages in ``carry_until`` may be carried over it: then the others run on
         the tiles that changed since their own results (a refresh for change, not an audit), or none does."""
         carried = self._carried_stages(state, change)
-        if not carried:
+        running = [stage for stage in state.bounds if stage not in carried]
+        if not (carried and running):  # nothing carried, or no bounded stage left to run: every stage runs
             self._partial(frame, signal, state, change)
             return
-        running = [stage for stage in state.bounds if stage not in carried]
         tiles = self._changed_since(state, signal, running)
         if tiles:
             self._refresh(frame, signal, state, change, running, tiles, carried=sorted(carried))
