@@ -216,6 +216,11 @@ class GateConfig:
         0.5, "object_weight, object_tiles: each box grows by this fraction of its width and height on every side (objects move "
         "between the frame whose boxes the gate sees and the frame it decides)", lo=0.0, hi=10.0,
     )
+    @property
+    def uses_objects(self) -> bool:
+        """Whether the gate needs the stream's recent boxes (object_weight or object_tiles)."""
+        return self.object_weight > 1.0 or self.object_tiles
+
     audit_lag: int = _field(
         8, "adaptive: frames between an audit and the gate using its agreement (the same in both runners; "
         "the Ray runner keeps at most this many frames of a stream unfinished)", lo=1, hi=10**6,
@@ -560,9 +565,7 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
             if bound >= gate.max_reuse:
                 del gate.refresh[name]  # max_reuse refreshes every stage first: this bound never applies
             continue
-        from blinkflow.registry import stages as stage_registry
-
-        known = [n for n in stage_registry.names() if n != "gate" and not _is_driver_stage(n)]
+        known = _gated_stage_names()
         if name not in known:
             raise ConfigError(f"gate.refresh.{name}: unknown stage {name!r}; valid: {', '.join(known)}")
         del gate.refresh[name]  # a bound for a stage this graph does not run: nothing to refresh
@@ -578,16 +581,21 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
 def _check_carry_until(gate: GateConfig, stages: dict[str, Any]) -> None:
     """Factors of at least 1, for stages that exist; a stage that this graph does not run, or that has no
     refresh bound (what caps a carried stage's staleness), is not carried."""
-    from blinkflow.registry import stages as stage_registry
-
     for name, factor in list(gate.carry_until.items()):
         if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
             raise ConfigError(f"gate.carry_until.{name}: expected a factor >= 1 (times the threshold), got {factor!r}")
-        if name not in stage_registry or _is_driver_stage(name) or name == "gate":
-            known = [n for n in stage_registry.names() if n != "gate" and not _is_driver_stage(n)]
+        known = _gated_stage_names()
+        if name not in known:
             raise ConfigError(f"gate.carry_until.{name}: unknown stage {name!r}; valid: {', '.join(known)}")
         if name not in stages or name not in gate.refresh:
             del gate.carry_until[name]
+
+
+def _gated_stage_names() -> list[str]:
+    """The registered stages the gate can skip: not the gate itself, not the driver's (they run on every frame)."""
+    from blinkflow.registry import stages as stage_registry
+
+    return [n for n in stage_registry.names() if n != "gate" and not _is_driver_stage(n)]
 
 
 def _is_driver_stage(name: str) -> bool:

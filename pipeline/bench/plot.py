@@ -168,10 +168,9 @@ def plot_skipping(points: list[SkipPoint], target: tuple[float, float], out: Pat
     image = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     to_px = _skip_axes(draw, size, target)
-    taken: list[tuple[float, float, float, float]] = [(*to_px(p.less, p.agreement), 0, 0) for p in points]
-    taken = [(x - 9, y - 9, x + 9, y + 9) for x, y, _, _ in taken]  # the markers themselves
-    for point in points:
-        x, y = to_px(point.less, point.agreement)
+    markers = [to_px(p.less, p.agreement) for p in points]
+    taken = [(x - 9, y - 9, x + 9, y + 9) for x, y in markers]  # boxes labels must avoid: the markers, then labels
+    for point, (x, y) in zip(points, markers):
         if point.lenient is not None and point.lenient > point.agreement:
             _, y_lenient = to_px(point.less, point.lenient)
             draw.line([x, y, x, y_lenient], fill=GRID, width=2)

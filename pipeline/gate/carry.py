@@ -133,7 +133,7 @@ class CarryOver:
         if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
             return cls()
         return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive,
-                   objects=gate_cfg.object_weight > 1.0 or gate_cfg.object_tiles)
+                   objects=gate_cfg.uses_objects)
 
     def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
         """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets

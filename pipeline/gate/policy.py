@@ -166,7 +166,7 @@ class GatePolicy:
         state.frames += 1
         state.last_index = frame.index
         self._apply_feedback(state, feedback)
-        if objects is not None and (self.cfg.object_weight > 1.0 or self.cfg.object_tiles):
+        if objects is not None and self.cfg.uses_objects:
             state.objects = object_grid(objects, signal.shape, self.cfg.downscale, self.cfg.object_margin)
         if self.cfg.motion in ("mvs", "auto"):
             step = _step_motion(frame)
