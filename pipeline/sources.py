@@ -294,12 +294,15 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
         stream.thread_type = "AUTO"
         if cfg.options.decode_threads:
             stream.codec_context.thread_count = cfg.options.decode_threads
+        decoded = _decoded_frames(container, stream, path)
         if cfg.options.motion_vectors:
             stream.codec_context.options = {"flags2": "+export_mvs"}
-            # with frame threads FFmpeg's H.264 decoder now and then exports a B-frame's vectors incomplete
-            # (one vector instead of 92 on the same file, about one decode in three): slices only
+            # with frame threads FFmpeg's H.264 decoder exports some frames' vectors differently from run to
+            # run (in every run on bikes.mp4, P- and B-frames alike): slices only, so a stream of one slice a
+            # frame decodes on one thread, and the read-ahead below gives it its second core back
             stream.thread_type = "SLICE"
-        yield from _resampled(_decoded_frames(container, stream, path), cfg, stream_id, path)
+        # decode the next frames while this one becomes RGB (both release the GIL)
+        yield from _resampled(read_ahead(decoded, depth=4, name=f"demux:{stream_id}"), cfg, stream_id, path)
     except av.FFmpegError as exc:
         raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
     finally:
@@ -332,6 +335,50 @@ def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
         decoded += 1
         yield seconds, frame
     _check_complete(container, stream, path, decoded)
+
+
+def read_ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
+    """``items``, produced in a thread of their own up to ``depth`` ahead of the consumer; their errors are
+    raised here, in order. Closing this generator stops and joins the thread before it returns, so whatever
+    ``items`` reads (an open container) may be closed right after."""
+    ahead: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def put(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                ahead.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((end, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
+            put((end, exc))
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ahead.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 def _check_complete(container, stream, path: Path, decoded: int) -> None:
