@@ -91,6 +91,17 @@ class SegmentOptions:
         "(deeplabv3_mobilenet_v2). Gate keyframes and frames without motion vectors always run in full",
         lo=0, hi=1000,
     )
+    feature_reuse_adapt: bool = _field(
+        True, "with feature_reuse, each stream's interval moves by a frame at every key the backbone computes in "
+        "full: the previous key's features, warped onto the new key's frame, are scored against it (mask mIoU; "
+        "the head once more, counted in the frame's cost). It grows (to at most twice feature_reuse) while the "
+        "warped frames would keep 3/4 of the budget 1 - feature_reuse_target on average, and shrinks (to 1: no "
+        "warping, checked every feature_reuse frames) when they would not",
+    )
+    feature_reuse_target: float = _field(
+        0.95, "mask mIoU that warped frames keep on average against running the backbone (feature_reuse_adapt)",
+        lo=0.0, hi=1.0,
+    )
     min_region: int = _field(
         256, "connected regions of one class smaller than this many model-input pixels (16x16) take the class of "
         "the nearest larger region (specks the model cannot resolve, which flicker from frame to frame; the best "
@@ -112,6 +123,19 @@ class _FeatureKey:
     complete: bool = True  # every frame since carried motion vectors
 
 
+#: feature_reuse_adapt: the weight of the latest check in a stream's average loss a warped frame
+RATE_WEIGHT = 0.3
+
+
+@dataclass
+class _Interval:
+    """A stream's feature-reuse interval (frames per backbone run) and the full runs since its last check."""
+
+    frames: int
+    since_check: int = 0
+    loss: float | None = None  # the checks' agreement lost per warped frame, averaged (RATE_WEIGHT on the latest)
+
+
 @dataclass
 class _TileCache:
     """A stream's last logits at model-input size (C, h, w), from frame ``index`` of size ``source``, and with
@@ -130,7 +154,7 @@ class Segment(ModelStage):
     name = TASK
     Options = SegmentOptions
     default_model = "unet_small"
-    stream_caches = ("_tiles", "_keys", "_decoders")
+    stream_caches = ("_tiles", "_keys", "_decoders", "_intervals")
     #: crops start on multiples of this (model-input pixels), so pooling grids line up with the full frame's
     tile_align: ClassVar[int] = 16
 
@@ -145,6 +169,7 @@ class Segment(ModelStage):
         self.classes: list[str] = []
         self._tiles: dict[str, _TileCache] = {}
         self._keys: dict[str, _FeatureKey] = {}
+        self._intervals: dict[str, _Interval] = {}  # feature_reuse_adapt: per stream
         self._decoders: dict[str, Any] = {}  # per stream: the decoder's motion state, when no gate turned the vectors
         self._head_share: dict[tuple[int, ...], float] = {}  # feature size -> the head's share of a forward
         self._tile_context = False  # check_model: crops pool over the cached whole-frame features
@@ -208,13 +233,9 @@ class Segment(ModelStage):
             self._follow_motion(frame)
             if not frame.runs(self.name):
                 continue
-            if (frame.mark.tiles or {}).get("changed") is not None:
-                self._keys.pop(frame.stream_id, None)  # new content pasted into the logits, not into the features
-                if not self._try_patch(frame):
-                    self._run_full([frame])
-            elif self._can_warp(frame):
+            if self._can_warp(frame):
                 self._run_warped(frame)
-            else:
+            elif not self._try_patch(frame):
                 self._run_full([frame])
         return frames
 
@@ -229,9 +250,14 @@ class Segment(ModelStage):
                 logits = self._logits(group)
             for position, (frame, frame_logits) in enumerate(zip(group, logits)):
                 frame_features = None if features is None else features[position : position + 1]
+                class_map = self._class_map(frame_logits, frame)
+                result = self._result(class_map)
                 if self.options.feature_reuse:
+                    check = self._check_warp(frame, class_map)
+                    if check is not None:
+                        result["feature_check"] = check
                     self._keys[frame.stream_id] = _FeatureKey(frame.index, frame_features, (frame.height, frame.width))
-                frame.results[self.name] = self._result(self._class_map(frame_logits, frame))
+                frame.results[self.name] = result
                 self._remember(frame, frame_logits, frame_features)
 
     # ------------------------------------------------------------------ feature-level reuse
@@ -253,19 +279,62 @@ class Segment(ModelStage):
 
     def _can_warp(self, frame: Frame) -> bool:
         """Warp the key's features onto ``frame`` unless the key is stale, motion is missing, or the gate
-        asks for a fresh look (a keyframe: new content, a cut, an audit)."""
+        asks for a fresh look (a keyframe: new content, a cut, an audit) or recomputes changed tiles (a
+        partial frame: warping those first cost the parking lot's masks 0.95 -> 0.89 on such frames)."""
         key = self._keys.get(frame.stream_id)
         decision = (frame.results.get("gate") or {}).get("decision")
         return (key is not None and key.complete and key.source == (frame.height, frame.width)
-                and key.warped + 1 < self.options.feature_reuse and decision in (None, "refresh"))
+                and key.warped + 1 < self._interval(frame.stream_id).frames and decision in (None, "refresh"))
+
+    def _interval(self, stream_id: str) -> _Interval:
+        return self._intervals.setdefault(stream_id, _Interval(self.options.feature_reuse))
+
+    def _warped_logits(self, key: _FeatureKey, frame: Frame) -> tuple[Any, Any]:
+        """The head on the key's features moved along the motion since the key: (logits (C, h, w), features)."""
+        size = tuple(self.options.input_size) if self.options.input_size is not None else (frame.height, frame.width)
+        with self.inference():
+            warped = warp_features(key.features, key.motion, key.source)
+            return self.model.head(warped, size)[0], warped
+
+    def _check_warp(self, frame: Frame, class_map: np.ndarray) -> dict[str, Any] | None:
+        """At a key the backbone computed in full (``class_map``): how well the previous key, warped onto this
+        frame, agrees with it, and the stream's interval moved by that (feature_reuse_adapt). None when there
+        is nothing to check: no key, or one nothing was warped from (at interval 1: every feature_reuse runs)."""
+        from blinkflow.gate.agreement import BOUND_GROWTH, BOUND_SHARE, mask_miou
+
+        key, interval = self._keys.get(frame.stream_id), self._interval(frame.stream_id)
+        interval.since_check += 1
+        if not (self.options.feature_reuse_adapt and key is not None and key.complete and key.motion is not None
+                and key.source == (frame.height, frame.width) and frame.index > key.index):
+            return None
+        # a key nothing was warped from says nothing about warping (a quiet stretch of reused frames would
+        # grow the interval for the moving ones); at interval 1 nothing is, so a check comes every few runs
+        if not (key.warped or (interval.frames == 1 and interval.since_check >= self.options.feature_reuse)):
+            return None
+        logits, _ = self._warped_logits(key, frame)
+        score = mask_miou(self._class_map(logits, frame), class_map)
+        # one check is a poor sample: a speck class that comes and goes halves a frame's mIoU, so the loss is
+        # averaged over the checks. That flicker does not grow with the staleness as drift does: every warped
+        # frame is taken to lose what the stalest one did (the span's average then is span / (span + 1) of it)
+        loss = 1.0 - score
+        interval.loss = loss if interval.loss is None else RATE_WEIGHT * loss + (1 - RATE_WEIGHT) * interval.loss
+        budget = BOUND_SHARE * (1.0 - self.options.feature_reuse_target)
+
+        def meets(span: int) -> bool:  # span: warped frames after the key
+            return interval.loss * span / (span + 1) <= budget + 1e-9
+
+        span, top = interval.frames - 1, BOUND_GROWTH * self.options.feature_reuse - 1
+        # bursts (a car drives through a still scene) go wrong at once: halve on a miss, grow by one on a pass
+        span = min(top, span + 1) if meets(span + 1) else (span // 2 if not meets(span) else span)
+        interval.frames = span + 1
+        interval.since_check = 0
+        return {"key": key.index, "mask_iou": round(score, 4), "interval": interval.frames,
+                "area": self._head_share.get(tuple(key.features.shape[-2:]), 0.0)}
 
     def _run_warped(self, frame: Frame) -> None:
         """The head on the key's features moved along the motion since the key (Deep Feature Flow)."""
         key = self._keys[frame.stream_id]
-        size = tuple(self.options.input_size) if self.options.input_size is not None else (frame.height, frame.width)
-        with self.inference():
-            warped = warp_features(key.features, key.motion, key.source)
-            logits = self.model.head(warped, size)[0]
+        logits, warped = self._warped_logits(key, frame)
         key.warped += 1
         result = self._result(self._class_map(logits, frame))
         result["features"] = {"key": key.index, "area": self._head_share.get(tuple(key.features.shape[-2:]), 0.0)}
@@ -330,6 +399,10 @@ class Segment(ModelStage):
                 for py0, py1, px0, px1 in pastes:
                     logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
         cost = sum((cy1 - cy0) * (cx1 - cx0) for (cy0, cy1, cx0, cx1), _ in crops)
+        if self.options.feature_reuse:
+            # warps start from a full run only: patched features mix fresh tiles with the cache (warped before
+            # perhaps), and warping them drifted far more (mask mIoU 0.33 against the next full run, parking lot)
+            self._keys.pop(frame.stream_id, None)
         result = self._result(self._class_map(logits, frame))
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1], "area": round(cost / (size[0] * size[1]), 4)}
         frame.results[self.name] = result

@@ -302,3 +302,20 @@ def test_skip_points_label_each_clip_and_pool_the_static_ones():
         ("bikes.mp4 (moving)", "clip"), ("static clips pooled", "pooled")]
     assert points[2].agreement == 0.77 and points[2].lenient == 0.97  # strict, and ignoring sub-threshold boxes
     assert points[-1].less == pytest.approx(1 / ((1 / 3.0 + 1 / 4.4) / 2))  # the static clips, pooled by frames
+
+
+def test_the_feature_reuse_table_shows_the_adapted_and_the_fixed_interval_side_by_side():
+    from blinkflow.bench.skip import ClipReport, _features_table, real_clips
+
+    parking = {clip.name: clip for clip in real_clips(quick=True)}["parking"]
+    fixed = {"warped": 180, "frames": 240, "segment_work": 0.315, "less_compute": 3.17, "mask_iou": 0.9503,
+             "intervals": None}
+    adapted = {"warped": 120, "frames": 240, "segment_work": 0.5, "less_compute": 2.0, "mask_iou": 0.9664,
+               "intervals": (1, 8), "interval": 4, "segment_time_ratio": 1.4, "fixed": fixed}
+    table = _features_table([ClipReport(parking, None, None, {"features": adapted})])
+    rows = [line for line in table.splitlines() if line.startswith(f"| {parking.what}")]
+    assert rows == [
+        f"| {parking.what}, adapted | 120/240 | 1–8 | 0.500 | **2.00×** | 1.40× | **0.966** | not met |",
+        f"| {parking.what}, fixed | 180/240 | – | 0.315 | **3.17×** | – | **0.950** | met |",
+    ]
+    assert "between 1 and 8" in table

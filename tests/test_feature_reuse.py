@@ -31,9 +31,10 @@ def test_warp_features_moves_features_along_a_backward_motion_field():
     assert warp_features(features, None, (64, 64)) is features
 
 
-def _segmenter(feature_reuse: int, model: str = MODEL) -> Segment:
+def _segmenter(feature_reuse: int, model: str = MODEL, adapt: bool = False) -> Segment:
+    options = {"input_size": None, "feature_reuse": feature_reuse, "feature_reuse_adapt": adapt}
     cfg = load_config(data={"stages": {"segment": {"model": model, "weights": "shipped" if model == MODEL else None,
-                                                   "options": {"input_size": None, "feature_reuse": feature_reuse}}}})
+                                                   "options": options}}})
     stage = Segment(cfg.stages["segment"])
     stage.setup("cpu")
     return stage
@@ -77,6 +78,55 @@ def test_gate_keyframes_and_partial_frames_run_the_backbone(one_torch_thread):
     stage.process(frames)
     assert [("features" in f.results["segment"]) for f in frames] == [False, True, False, True]
     assert frames[3].results["segment"]["features"]["key"] == 2
+
+
+def _bikes_image() -> np.ndarray:
+    import av
+
+    with av.open(str(BIKES)) as container:
+        return next(container.decode(video=0)).to_ndarray(format="rgb24")[::4, ::4].copy()  # 68 x 160
+
+
+def _keys_and_intervals(frames: list[Frame]) -> tuple[list[int], list[int]]:
+    results = [f.results["segment"] for f in frames]
+    return ([f.index for f, r in zip(frames, results) if "features" not in r],
+            [r["feature_check"]["interval"] for r in results if "feature_check" in r])
+
+
+@pytest.mark.slow
+def test_the_interval_grows_while_warped_frames_agree_and_halves_when_they_do_not(one_torch_thread):
+    """feature_reuse_adapt: at each key the previous key, warped onto it, is scored against it. A still scene
+    warps perfectly, so the interval grows by one a key up to twice feature_reuse; content the motion does not
+    explain (the scene replaced, no motion) fails the check and halves it."""
+    stage = _segmenter(2, adapt=True)
+    image = _bikes_image()
+    frames = stage.process(_frames(image, 20))
+    keys, intervals = _keys_and_intervals(frames)
+    assert keys == [0, 2, 5, 9, 13, 17]  # intervals 2, 3, 4, 4, 4: grown to 2 x feature_reuse
+    assert intervals == [3, 4, 4, 4, 4]
+    check = frames[2].results["segment"]["feature_check"]
+    assert check["key"] == 0 and check["mask_iou"] == 1.0
+    assert check["area"] == frames[1].results["segment"]["features"]["area"] > 0  # the head once more, counted
+    # the scene is replaced by a blank wall while the motion vectors say nothing moved: the warped frames keep
+    # showing the bikes, and the next key's check finds it
+    blank = _frames(np.full_like(image, 128), 8)
+    for frame in blank:
+        frame.index += 20
+        frame.meta["mvs"] = np.zeros((image.shape[0] // 8, image.shape[1] // 8, 2), np.float16)
+    later = stage.process(blank)
+    first_check = next(f.results["segment"]["feature_check"] for f in later if "feature_check" in f.results["segment"])
+    assert first_check["mask_iou"] < 0.5 and first_check["interval"] == 2  # span 3 -> 1
+
+
+def test_the_check_costs_the_head_once_more_in_the_benchmark():
+    from types import SimpleNamespace
+
+    from blinkflow.bench.skip import frame_work
+    from blinkflow.frame import Outcome
+
+    result = SimpleNamespace(outcome=Outcome.PROCESSED, results={
+        "segment": {"feature_check": {"key": 0, "mask_iou": 1.0, "interval": 3, "area": 0.09}}})
+    assert frame_work(result)["segment"] == pytest.approx(1.09)
 
 
 def test_feature_reuse_needs_a_model_with_a_features_head_split():

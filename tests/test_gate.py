@@ -1144,12 +1144,16 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(real_media):
     assert re.search(r"per scene: seed 7 [0-9.]+× at [0-9.]+ / [0-9.]+\.", pooled), pooled
     real = next(line for line in lines if line.startswith("Targets. Real static cameras"))
     assert re.search(r"Pooled over their 60 frames: [0-9.]+× at [0-9.]+ ", real), real  # 24 + 24 + 12 frames
-    features = lines[lines.index(next(line for line in lines if line.startswith("| clip | warped frames"))) + 2:][:4]
-    assert [row.split("|")[1].strip() for row in features] == [row[0] for row in rows[:4]]  # the file clips
+    features = lines[lines.index(next(line for line in lines if line.startswith("| clip | warped frames"))) + 2:][:8]
+    assert [row.split("|")[1].strip() for row in features] == [
+        f"{row[0]}, {kind}" for row in rows[:4] for kind in ("adapted", "fixed")]  # the file clips
     for row in features:
         cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
         warped, frames = (int(n) for n in cells[1].split("/"))
-        assert 0 < warped < frames and 0.0 < float(cells[2]) < 1.0 and 0.0 <= float(cells[5]) <= 1.0
+        assert 0 < warped < frames and 0.0 < float(cells[3]) < 1.0 and 0.0 <= float(cells[6]) <= 1.0
+        if cells[0].endswith("adapted"):  # the checks' range of intervals, within 1 and twice feature_reuse
+            low, high = (int(n) for n in cells[2].split("–"))
+            assert 1 <= low <= high <= 8
 
 
 @pytest.mark.parametrize("size", [1, 2, 3])

@@ -141,8 +141,8 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
 
 @pytest.mark.slow
 def test_ray_matches_local_with_feature_reuse_on_gate_refreshes(ray_local):
-    """The segmenter's feature-level reuse keeps per-stream features and the motion since them: with the gate
-    on, its refreshes run only the head on warped features, identically in both runners."""
+    """The segmenter's feature-level reuse keeps per-stream features, the motion since them and its adapted
+    interval: with the gate on, its refreshes run only the head on warped features, identically in both runners."""
     from pathlib import Path
 
     bikes = Path(__file__).resolve().parent / "data" / "video" / "bikes.mp4"
@@ -158,6 +158,10 @@ def test_ray_matches_local_with_feature_reuse_on_gate_refreshes(ray_local):
     assert comparable(ray_results) == comparable(local_results)
     warped = [r for r in local_results if r.outcome is Outcome.PROCESSED and "features" in r.results["segment"]]
     assert warped and all(r.results["gate"]["decision"] == "refresh" for r in warped)
+    # the interval's checks (feature_reuse_adapt, on by default) run and move it alike in both runners
+    checks = [r.results["segment"]["feature_check"] for r in local_results
+              if r.outcome is Outcome.PROCESSED and "feature_check" in r.results["segment"]]
+    assert checks and all(0 <= c["mask_iou"] <= 1 and 1 <= c["interval"] <= 8 for c in checks)
 
 
 @pytest.mark.slow

@@ -176,7 +176,7 @@ FEATURE_INTERVAL = 4
 
 
 def run_config(raw: dict[str, Any], clip: Clip, gate: dict[str, Any] | None, gate_overrides: list[str],
-               feature_reuse: int = 0) -> Any:
+               feature_reuse: int = 0, adapt: bool = True) -> Any:
     from blinkflow.config import load_config
 
     data = copy.deepcopy(raw)
@@ -185,7 +185,7 @@ def run_config(raw: dict[str, Any], clip: Clip, gate: dict[str, Any] | None, gat
         source["motion_vectors"] = True  # the decoder's vectors move carried-over boxes, masks and features
     if feature_reuse:
         segment = data["stages"]["segment"]
-        segment["options"] = dict(segment.get("options") or {}, feature_reuse=feature_reuse)
+        segment["options"] = dict(segment.get("options") or {}, feature_reuse=feature_reuse, feature_reuse_adapt=adapt)
     data["sources"] = [dict(source, id=clip.name)]
     data["gate"] = dict(gate or {}, enabled=gate is not None)
     cfg = load_config(data=data, overrides=gate_overrides if gate is not None else [])
@@ -245,6 +245,9 @@ def frame_work(result: Any) -> dict[str, float]:
     features = (result.results.get("segment") or {}).get("features")
     if features is not None and work["segment"]:
         work["segment"] = float(features["area"])  # the head on warped features
+    check = (result.results.get("segment") or {}).get("feature_check")
+    if check is not None and work["segment"]:
+        work["segment"] += float(check["area"])  # the head once more: the previous key warped onto this one
     crop = (result.results.get("detect") or {}).get("crop")
     if crop is not None and work["detect"]:
         work["detect"] = float(crop["area"])
@@ -379,19 +382,29 @@ def supports_feature_reuse(raw: dict[str, Any]) -> bool:
     return (raw["stages"]["segment"].get("model") or "") == "deeplabv3_mobilenet_v2"
 
 
-def feature_figures(off: Measurement, reuse: Measurement, run_off: RunOutcome, run_reuse: RunOutcome) -> dict[str, Any]:
-    """Feature-level reuse of the segmenter, gate off: its compute (warped frames cost the head's FLOP share)
-    and its masks against the segmenter run on every frame."""
-    segment_work = [frame_work(r)["segment"] for r in run_reuse.results]
-    warped = sum("features" in (r.results.get("segment") or {}) for r in run_reuse.results)
-    fraction = statistics.mean(segment_work) if segment_work else 1.0
-    agreement = agreement_with_off(run_off.results, run_reuse.results)
+def feature_figures(off: Measurement, reuse: Measurement, run_off: RunOutcome, run_reuse: RunOutcome,
+                    run_fixed: RunOutcome | None = None) -> dict[str, Any]:
+    """Feature-level reuse of the segmenter, gate off: its compute (warped frames cost the head's FLOP share,
+    the interval's checks the head once more) and its masks against the segmenter run on every frame; with
+    ``run_fixed`` also those of the interval left fixed (feature_reuse_adapt off, not timed)."""
     seconds_off = statistics.median(off.extra.get("segment", [0.0]))
     seconds_on = statistics.median(reuse.extra.get("segment", [0.0]))
-    return {"interval": FEATURE_INTERVAL, "warped": warped, "frames": len(run_reuse.results),
-            "segment_work": fraction, "less_compute": 1.0 / fraction if fraction > 0 else float("inf"),
-            "segment_time_ratio": seconds_off / seconds_on if seconds_on > 0 else 0.0,
-            "mask_iou": agreement["mask_iou"]}
+    figures = dict(_reuse_figures(run_off, run_reuse), interval=FEATURE_INTERVAL,
+                   segment_time_ratio=seconds_off / seconds_on if seconds_on > 0 else 0.0)
+    if run_fixed is not None:
+        figures["fixed"] = _reuse_figures(run_off, run_fixed)
+    return figures
+
+
+def _reuse_figures(run_off: RunOutcome, run_reuse: RunOutcome) -> dict[str, Any]:
+    segment_work = [frame_work(r)["segment"] for r in run_reuse.results]
+    fraction = statistics.mean(segment_work) if segment_work else 1.0
+    intervals = [c["interval"] for r in run_reuse.results if (c := (r.results.get("segment") or {}).get("feature_check"))]
+    return {"warped": sum("features" in (r.results.get("segment") or {}) for r in run_reuse.results),
+            "frames": len(run_reuse.results), "segment_work": fraction,
+            "less_compute": 1.0 / fraction if fraction > 0 else float("inf"),
+            "mask_iou": agreement_with_off(run_off.results, run_reuse.results)["mask_iou"],
+            "intervals": (min(intervals), max(intervals)) if intervals else None}
 
 
 def ground_truth_agreement(gate_cfg: Any, source: dict[str, Any]) -> dict[str, float]:
@@ -613,23 +626,36 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
 
 
 def _features_table(reports: list[ClipReport]) -> str:
-    rows = [[r.clip.what, f"{f['warped']}/{f['frames']}", f"{f['segment_work']:.3f}", f"**{f['less_compute']:.2f}×**",
-             f"{f['segment_time_ratio']:.2f}×", f"**{_num(f['mask_iou'])}**",
-             f"{'met' if f['less_compute'] >= 2.5 and (f['mask_iou'] or 0) >= 0.95 else 'not met'}"]
-            for r in reports if (f := r.figures.get("features"))]
+    rows = []
+    for r in reports:
+        if not (f := r.figures.get("features")):
+            continue
+        rows.append(_feature_row(f"{r.clip.what}, adapted", f, f"{f['segment_time_ratio']:.2f}×"))
+        if f.get("fixed"):
+            rows.append(_feature_row(f"{r.clip.what}, fixed", f["fixed"], "–"))
     if not rows:
         return ""
     interval = next(r.figures["features"]["interval"] for r in reports if "features" in r.figures)
     return "\n".join([
         f"**Feature-level reuse of the segmenter** (Deep Feature Flow; gate off, `stages.segment.options.feature_reuse: "
-        f"{interval}`): the backbone runs on every {interval}th frame, the frames between warp its features along the "
+        f"{interval}`): the backbone runs on one frame in {interval}, the frames between warp its features along the "
         "decoder's motion vectors and run only the head, which costs its FLOP share of a forward (counted by "
-        "`torch.utils.flop_counter`). Masks against the segmenter run in full on every frame. Target: ≥ 2.5× less "
-        "segmenter compute at ≥ 0.95 mIoU.",
+        "`torch.utils.flop_counter`). \"Adapted\" (`feature_reuse_adapt`, the default): at each key the previous key "
+        "warped onto it is scored against it (the head once more, counted), and the interval grows by one while the "
+        f"checks' averaged loss keeps the budget, halves when it does not, between 1 and {2 * interval}. \"Fixed\": "
+        f"every {interval}th frame, whatever the warps cost (one run, not timed). Masks against the segmenter run in "
+        "full on every frame. Target: ≥ 2.5× less segmenter compute at ≥ 0.95 mIoU.",
         "",
-        markdown_table(["clip", "warped frames", "segmenter work fraction", "less segmenter compute",
+        markdown_table(["clip", "warped frames", "intervals", "segmenter work fraction", "less segmenter compute",
                         "segmenter time, full ÷ reuse", "mask mIoU vs full", "target"], rows),
     ])
+
+
+def _feature_row(label: str, f: dict[str, Any], time_ratio: str) -> list[str]:
+    intervals = f.get("intervals")
+    return [label, f"{f['warped']}/{f['frames']}", f"{intervals[0]}–{intervals[1]}" if intervals else "–",
+            f"{f['segment_work']:.3f}", f"**{f['less_compute']:.2f}×**", time_ratio, f"**{_num(f['mask_iou'])}**",
+            "met" if f["less_compute"] >= 2.5 and (f["mask_iou"] or 0) >= 0.95 else "not met"]
 
 
 def _price_line(price: dict[str, Any] | None) -> str:
@@ -806,8 +832,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         reports.append(clip_report(clip, measured["gate off"], measured["gate on"], runs["gate off"], runs["gate on"],
                                    score_threshold(cfgs["gate off"])))
         if "feature reuse" in runs:
+            fixed = run_once(run_config(raw, clip, None, [], feature_reuse=FEATURE_INTERVAL, adapt=False))
             reports[-1].figures["features"] = feature_figures(measured["gate off"], measured["feature reuse"],
-                                                              runs["gate off"], runs["feature reuse"])
+                                                              runs["gate off"], runs["feature reuse"], fixed)
         if clip.source["type"] == "synthetic":
             reports[-1].figures["truth"] = ground_truth_agreement(cfgs["gate on"].gate, clip.source)
             reports[-1].figures["accuracy"] = {name: accuracy_against_truth(runs[name].results, clip.source)

@@ -74,3 +74,32 @@ def mask_miou(carried: np.ndarray, fresh: np.ndarray) -> float:
     union = joint.sum(0) + joint.sum(1) - inter
     present = union > 0
     return float((inter[present] / union[present]).mean()) if present.any() else 1.0
+
+
+#: an adapted reuse bound grows only while its span keeps this share of the agreement budget (1 - target); the
+#: rest is left to what the linear drift model does not see (a box born between two runs, mask flicker)
+BOUND_SHARE = 0.75
+#: an adapted reuse bound grows to at most this many times the configured one. Drift is smooth; a new object
+#: is not, and a detector refreshed every 30 frames would miss it for 30
+BOUND_GROWTH = 2
+
+
+def span_meets(score: float, staleness: int, span: int, target: float, share: float = 1.0) -> bool:
+    """Whether a span of ``span`` reused frames after a fresh one agrees with ``target`` on average, given an
+    audit that scored results ``staleness`` frames old at ``score``.
+
+    Drift below what the gate sees adds up about linearly, so reuse loses ``(1 - score) / staleness`` a frame
+    and the span (the fresh frame and ``span`` reused ones) ``rate * span / 2`` on average; it may spend
+    ``share`` of the budget ``1 - target``."""
+    rate = (1.0 - score) / max(1, staleness)
+    return rate * span / 2.0 <= share * (1.0 - target) + 1e-9
+
+
+def moved_bound(bound: int, top: int, score: float, staleness: int, target: float, share: float = BOUND_SHARE) -> int:
+    """A reuse bound moved by one after an audit: up (to at most ``top``) when a span one frame longer would
+    still keep ``share`` of the budget on average, down (to at least 1) when the current one does not."""
+    if span_meets(score, staleness, bound + 1, target, share):
+        return min(top, bound + 1)
+    if not span_meets(score, staleness, bound, target, share):
+        return max(1, bound - 1)
+    return bound

@@ -61,6 +61,7 @@ import numpy as np
 
 from blinkflow.config import GateConfig
 from blinkflow.frame import Frame, GateMark
+from blinkflow.gate.agreement import BOUND_GROWTH, BOUND_SHARE, moved_bound, span_meets
 from blinkflow.gate.motion import (
     MOTION_KEY, DecoderMotion, attach_decoder_motion, compose_motion, is_still, warp_backward,
 )
@@ -70,12 +71,6 @@ from blinkflow.gate.tiles import changed_tile_grid, changed_tiles, patch_tiles, 
 #: the gate stage's name: a frame's results hold its decision under it
 RESULT_KEY = "gate"
 
-#: adapt_bounds: a bound grows only while its span keeps this share of the agreement budget (1 - target); the
-#: rest is left to what the linear drift model does not see (a box born between two runs, mask flicker)
-BOUND_SHARE = 0.75
-#: adapt_bounds: a bound grows to at most this many times the configured one. Drift is smooth; a new object
-#: is not, and a detector refreshed every 30 frames would miss it for 30
-BOUND_GROWTH = 2
 
 
 @dataclass
@@ -365,13 +360,9 @@ class GatePolicy:
             state.threshold = self._raised(state.threshold, audited_change)
 
     def _span_meets(self, score: float, staleness: int, bound: int, share: float = 1.0) -> bool:
-        """Whether the frames a refresh bound of ``bound`` carries over agree with the target on average.
-
-        The audit scored results ``staleness`` frames old. Drift below the pixel signal adds up about
-        linearly, so the carried results lose ``(1 - score) / staleness`` a frame, and a span of ``bound``
-        carried frames and the one the stage ran on loses ``rate * bound / 2`` on average."""
-        rate = (1.0 - score) / max(1, staleness)
-        return rate * bound / 2.0 <= share * (1.0 - self.cfg.agreement_target) + 1e-9
+        """Whether the frames a refresh bound of ``bound`` carries over agree with the target on average
+        (:func:`blinkflow.gate.agreement.span_meets`)."""
+        return span_meets(score, staleness, bound, self.cfg.agreement_target, share)
 
     def _adapt_bounds(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
         """Move each refreshed stage's bound by one frame, between 1 and BOUND_GROWTH times the configured
@@ -380,10 +371,7 @@ class GatePolicy:
         for stage, n in staleness.items():
             bound = state.bounds.get(stage, 1)
             top = max(1, min(self.cfg.max_reuse - 1, BOUND_GROWTH * self.cfg.refresh.get(stage, bound)))
-            if self._span_meets(score, n, bound + 1, BOUND_SHARE):
-                state.bounds[stage] = min(top, bound + 1)
-            elif not self._span_meets(score, n, bound, BOUND_SHARE):
-                state.bounds[stage] = max(1, bound - 1)
+            state.bounds[stage] = moved_bound(bound, top, score, n, self.cfg.agreement_target, BOUND_SHARE)
 
     # ------------------------------------------------------------------ outcomes
 
