@@ -216,6 +216,14 @@ class GateConfig:
         0.5, "object_weight, object_tiles: each box grows by this fraction of its width and height on every side (objects move "
         "between the frame whose boxes the gate sees and the frame it decides)", lo=0.0, hi=10.0,
     )
+    region_budget: bool = _field(
+        False, "adaptive: a per-region accuracy budget. Each audit also tells where the carried-over results "
+        "disagreed with the fresh ones (per tile of the tiles grid); a tile that changed before an audit that "
+        "found it harmless counts half as much towards threshold from then on (down to a quarter), a tile where the "
+        "audit found disagreement counts in full again. Reuse is then spent where it costs least (leaves, screens, "
+        "rain the models ignore); needs tiles",
+    )
+
     @property
     def uses_objects(self) -> bool:
         """Whether the gate needs the stream's recent boxes (object_weight or object_tiles)."""
@@ -571,6 +579,10 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
         del gate.refresh[name]  # a bound for a stage this graph does not run: nothing to refresh
     if gate.tiles is not None and (len(gate.tiles) != 2 or not all(1 <= n <= 64 for n in gate.tiles)):
         raise ConfigError(f"gate.tiles: expected [rows, cols] with both in 1..64, got {gate.tiles}; e.g. tiles: [4, 4], or null")
+    if gate.region_budget and not (gate.adaptive and gate.tiles):
+        missing = "adaptive: true" if not gate.adaptive else "tiles (e.g. tiles: [8, 8])"
+        raise ConfigError(f"gate.region_budget: the per-region budget learns from the audits' feedback per tile; "
+                          f"set {missing}, or region_budget: false")
     if gate.adaptive and gate.threshold > gate.threshold_max:
         raise ConfigError(
             f"gate.threshold: {gate.threshold} is above threshold_max ({gate.threshold_max}), the most the "

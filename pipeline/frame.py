@@ -42,8 +42,9 @@ class GateMark:
     #: region recompute: {"grid": [rows, cols], "changed": tile indices or None (whole frame), "base": the frame
     #: the stages' caches hold, "bases": per stage, for stages refreshed since}
     tiles: dict[str, Any] | None = None
-    #: (frame index, agreement) of audits at least ``gate.audit_lag`` frames older, from the driver to the gate
-    feedback: list[tuple[int, float]] | None = None
+    #: (frame index, agreement) of audits at least ``gate.audit_lag`` frames older, from the driver to the gate;
+    #: with ``gate.region_budget`` a third item: the share of each tile where the results disagreed
+    feedback: list[tuple] | None = None
     #: object_weight: the boxes (x1, y1, x2, y2, source pixels) of the stream's latest frame at least
     #: ``gate.audit_lag`` frames older, from the driver to the gate
     objects: list[list[float]] | None = None

@@ -88,6 +88,12 @@ class Stage:
         worst score drives the adaptive gate); None: this stage's results are not audited."""
         return None
 
+    @staticmethod
+    def disagreement(carried: Any, fresh: Any, height: int, width: int) -> Any:
+        """Where a carried-over result and a fresh one disagree, as a (height, width) boolean map of the
+        frame (the gate's per-region budget, ``gate.region_budget``); None: this stage cannot say."""
+        return None
+
     def active(self, frames: list[Frame]) -> list[Frame]:
         """Frames this stage must compute on: not reused, not failed, not a refresh of other stages."""
         return [f for f in frames if f.runs(self.name)]

@@ -198,6 +198,16 @@ class Detect(ModelStage):
 
         return {"boxes_f1": round(box_f1(carried, fresh), 6)}
 
+    @staticmethod
+    def disagreement(carried: Any, fresh: Any, height: int, width: int) -> np.ndarray | None:
+        """The boxes either side has and the other does not (unmatched at IoU 0.5), filled in."""
+        from blinkflow.gate.agreement import unmatched_boxes
+
+        region = np.zeros((height, width), dtype=bool)
+        for x1, y1, x2, y2 in unmatched_boxes(carried, fresh):
+            region[max(0, int(y1)) : max(0, int(np.ceil(y2))), max(0, int(x1)) : max(0, int(np.ceil(x2)))] = True
+        return region
+
     # ------------------------------------------------------------------ full frames and crops
 
     def _run_full(self, frames: list[Frame]) -> None:

@@ -224,6 +224,14 @@ class Segment(ModelStage):
 
         return {"mask_iou": round(mask_miou(class_map_of(carried), class_map_of(fresh)), 6)}
 
+    @staticmethod
+    def disagreement(carried: Any, fresh: Any, height: int, width: int) -> np.ndarray | None:
+        """The pixels the two class maps label differently."""
+        from blinkflow.stages.common import class_map_of
+
+        a, b = class_map_of(carried), class_map_of(fresh)
+        return a != b if a.shape == b.shape == (height, width) else None
+
     def process(self, frames: list[Frame]) -> list[Frame]:
         if not self.options.feature_reuse:
             run_with_regions(self.active(frames), self._try_patch, self._run_full)

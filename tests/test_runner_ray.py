@@ -117,14 +117,15 @@ def test_ray_matches_local_with_letterboxed_canvases_on_partial_frames(ray_local
 def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_local):
     """object_weight: the driver hands the gate each stream's boxes audit_lag frames late, in both runners
     alike; frames of small change carry the boxes over and run the segmenter alone on its changed tiles
-    (carry_until), in the cached frame's context (tile_context)."""
+    (carry_until), in the cached frame's context (tile_context); with region_budget each audit also says
+    where the results disagreed, and tiles the audits found harmless count less, alike in both."""
     from pathlib import Path
 
     parking = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
     cfg = load_config(data={
         "sources": [{"type": "file", "id": "parking", "path": str(parking), "resize": [384, 216], "max_frames": 72,
                      "motion_vectors": True}],
-        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4},
+        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4, "region_budget": True},
         "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
                               "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
                    "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2, "replicas": 2,
@@ -137,6 +138,7 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     assert any("weighted" in g and g["weighted"] > g["changed"] for g in gates), "no change on a known object"
     assert any("tiles" in r.results["segment"] for r in local_results if r.outcome is Outcome.PROCESSED)
     assert any(g.get("carried") == ["detect"] for g in gates), "no frame carried the boxes over a small change"
+    assert any(g.get("discounted_tiles", 0) > 0 for g in gates), "no audit found a changed tile harmless"
 
 
 @pytest.mark.slow

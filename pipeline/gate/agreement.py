@@ -45,6 +45,14 @@ def box_f1(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float 
     return 2.0 * matches / (len(a) + len(b))
 
 
+def unmatched_boxes(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float = 0.5) -> list[list[float]]:
+    """The boxes of either side that ``box_f1`` leaves unmatched: where the two results disagree."""
+    a = np.asarray(carried.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    b = np.asarray(fresh.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    _, used_a, used_b = _greedy_matches(carried, fresh, a, b, iou_threshold)
+    return [*a[~used_a].tolist(), *b[~used_b].tolist()]
+
+
 def _greedy_matches(carried: dict[str, Any], fresh: dict[str, Any], a: np.ndarray, b: np.ndarray,
                     iou_threshold: float) -> tuple[int, np.ndarray, np.ndarray]:
     """Matches of ``box_f1`` and which boxes of each side were matched."""

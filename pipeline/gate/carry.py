@@ -40,6 +40,21 @@ def agreement(carried: dict[str, Any], fresh: dict[str, Any], stages: list[str] 
     return out
 
 
+def disagreement_by_tile(carried: dict[str, Any], fresh: dict[str, Any], stages: list[str] | None,
+                         grid: tuple[int, int], height: int, width: int) -> np.ndarray | None:
+    """The share of each tile (``grid``) where any audited stage's carried-over and fresh results disagree
+    (``Stage.disagreement``), a (rows, cols) float32 array; None when no stage can say."""
+    from blinkflow.gate.tiles import tile_fractions
+
+    region = None
+    for name, stage_cls in _stage_classes(fresh if stages is None else stages):
+        if name in carried and name in fresh:
+            disagrees = stage_cls.disagreement(carried[name], fresh[name], height, width)
+            if disagrees is not None:
+                region = disagrees if region is None else region | disagrees
+    return None if region is None else tile_fractions(region, grid).astype(np.float32)
+
+
 def frame_boxes(results: dict[str, Any]) -> list[list[float]]:
     """Every box of a frame's results (any stage's ``boxes``: the detector's, the tracker's), source pixels."""
     boxes: list[list[float]] = []
@@ -117,23 +132,26 @@ class CarryOver:
     extrapolates the keyframe's flow result, ``"auto"`` tries both in that order.
     ``lag`` is ``gate.audit_lag``; ``adaptive`` says whether the gate uses the
     feedback, ``objects`` whether it weighs change by the stream's boxes (``object_weight``); only then
-    does the Ray runner wait for them, see :meth:`ready_for`.
+    does the Ray runner wait for them, see :meth:`ready_for`. ``regions`` (the tiles grid, with
+    ``region_budget``) adds to each audit's feedback where on that grid the results disagreed.
     """
 
     motion: str = "off"
     lag: int = 8
     adaptive: bool = False
     objects: bool = False
+    regions: tuple[int, int] | None = None
     stats: dict[str, StreamSkipStats] = field(default_factory=lambda: defaultdict(StreamSkipStats))
-    _feedback: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: defaultdict(list))
+    _feedback: dict[str, list[tuple]] = field(default_factory=lambda: defaultdict(list))
     _boxes: dict[str, list[tuple[int, list[list[float]]]]] = field(default_factory=lambda: defaultdict(list))
 
     @classmethod
     def from_config(cls, gate_cfg: Any | None) -> "CarryOver":
         if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
             return cls()
+        regions = tuple(gate_cfg.tiles) if gate_cfg.region_budget and gate_cfg.tiles else None
         return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive,
-                   objects=gate_cfg.uses_objects)
+                   objects=gate_cfg.uses_objects, regions=regions)
 
     def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
         """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets
@@ -174,7 +192,11 @@ class CarryOver:
         stats.audits += 1
         stats.agreement_sum += scores["score"]
         stats.agreement_last = scores["score"]
-        self._feedback[frame.stream_id].append((frame.index, scores["score"]))
+        if self.regions is None:
+            self._feedback[frame.stream_id].append((frame.index, scores["score"]))
+            return
+        where = disagreement_by_tile(predicted, frame.results, frame.mark.refresh, self.regions, frame.height, frame.width)
+        self._feedback[frame.stream_id].append((frame.index, scores["score"], where))
 
     def _motion_for(self, frame: Any, keyframe_results: dict[str, Any]) -> np.ndarray | None:
         mark = frame.mark

@@ -47,6 +47,10 @@ audit of every other stage met it too, it raises the threshold like a keyframe
 audit; a miss was drift below the pixel signal, which a lower threshold cannot
 see, so the threshold stays. With ``adapt_bounds`` the refresh also moves its
 stages' bounds in that stream by a frame, between 1 and twice the configured bound.
+With ``region_budget`` each audit's feedback also says where (per tile) the carried-over
+results disagreed: a tile that had changed before an audit that found it harmless counts
+REGION_DECAY times less towards threshold (down to REGION_FLOOR), a tile where they disagreed
+counts in full again, so reuse is spent where it costs least.
 Everything here is a function of the stream's frames in order, so both runners
 decide alike.
 """
@@ -66,7 +70,9 @@ from blinkflow.gate.motion import (
     MOTION_KEY, DecoderMotion, attach_decoder_motion, compose_motion, is_still, warp_backward,
 )
 from blinkflow.gate.signal import blurred_difference, changed_mask, gray_signal, largest_component, relit
-from blinkflow.gate.tiles import changed_tile_grid, changed_tiles, patch_tiles, tile_indices, tile_maxima
+from blinkflow.gate.tiles import (
+    changed_tile_grid, changed_tiles, patch_tiles, tile_counts, tile_indices, tile_maxima,
+)
 
 #: the gate stage's name: a frame's results hold its decision under it
 RESULT_KEY = "gate"
@@ -99,6 +105,8 @@ class _StreamState:
     noise: np.ndarray | None = None  # per tile: largest frame-to-frame change since the last processed frame
     ran: dict[str, int] = field(default_factory=dict)  # per refresh stage: the last frame it ran on
     objects: np.ndarray | None = None  # object_weight, object_tiles: the recent boxes on the signal grid (bool)
+    regions: np.ndarray | None = None  # region_budget: each tile's weight towards threshold (rows, cols)
+    pending_regions: dict[int, np.ndarray] = field(default_factory=dict)  # audit index -> the tiles changed then
 
 
 @dataclass
@@ -107,7 +115,8 @@ class _Change:
     largest: float
     tiles: list[int] | None = None  # against the plain reference: what the segment cache must redo
     compensated: bool = False
-    weighted: float | None = None  # object_weight: changed pixels on the recent objects counted that many times
+    weighted: float | None = None  # object_weight, region_budget: changed pixels counted by where they are
+    grid: np.ndarray | None = None  # region_budget: the tiles that changed (rows, cols; bool)
 
     @property
     def score(self) -> float:
@@ -237,11 +246,15 @@ class GatePolicy:
         known = state.objects is not None and state.objects.shape == mask.shape
         if tiles and known and cfg.object_tiles:
             tiles = grown_by_objects(tiles, state.objects, cfg.tiles)
-        weighted = None
+        weighted, count = None, float(np.count_nonzero(mask))
+        if cfg.region_budget and state.regions is not None:
+            count = weighted_count(mask, state.regions)
+            weighted = count / mask.size
         if known and cfg.object_weight > 1.0:
             on_objects = np.count_nonzero(mask & state.objects)
-            weighted = min(1.0, (np.count_nonzero(mask) + (cfg.object_weight - 1.0) * on_objects) / mask.size)
-        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted)
+            weighted = min(1.0, (count + (cfg.object_weight - 1.0) * on_objects) / mask.size)
+        grid = changed_tile_grid(mask, cfg.tiles, cfg.tile_min_changed) if cfg.region_budget and cfg.tiles else None
+        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted, grid)
 
     def _lit(self, reference: np.ndarray, signal: np.ndarray) -> np.ndarray:
         """The reference under the frame's global lighting (``lighting``), so that an exposure change or a
@@ -309,9 +322,12 @@ class GatePolicy:
     def _apply_feedback(self, state: _StreamState, feedback: list[tuple[int, float]] | None) -> None:
         """Move the threshold on each audit's agreement (only with ``adaptive``)."""
         cfg = self.cfg
-        for index, score in feedback or []:
+        for index, score, *where in feedback or []:
             audited_change = state.pending_audits.pop(index, None)
             refreshed = state.pending_refresh.pop(index, None)
+            changed = state.pending_regions.pop(index, None)
+            if where and where[0] is not None and changed is not None and cfg.adaptive:
+                state.regions = budgeted_regions(state.regions, changed, where[0])
             state.agreement = float(score)
             if not cfg.adaptive:
                 continue
@@ -403,7 +419,7 @@ class GatePolicy:
         if audit:
             frame.gate.audit_of = key
             state.pending_refresh[frame.index] = {s: frame.index - state.ran.get(s, state.full_index) for s in stages}
-            state.pending_audits[frame.index] = change.score
+            self._pending_audit(state, frame.index, change)
         if self.cfg.tiles:
             frame.gate.tiles = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move
@@ -456,7 +472,7 @@ class GatePolicy:
             frame.gate.audit_of = state.key_index
             if state.motion is not None:
                 frame.gate.motion = state.motion.astype(np.float16)
-            state.pending_audits[frame.index] = change.score
+            self._pending_audit(state, frame.index, change)
             state.since_audit = 0
         if state is None:
             state = self._new_state(frame, signal)
@@ -476,6 +492,13 @@ class GatePolicy:
                              passing=dict.fromkeys(self.cfg.refresh, True))
         self.streams[frame.stream_id] = state
         return state
+
+    @staticmethod
+    def _pending_audit(state: _StreamState, index: int, change: _Change) -> None:
+        """Remember what an audit was taken at, for its feedback: the change, and the tiles it covered."""
+        state.pending_audits[index] = change.score
+        if change.grid is not None:
+            state.pending_regions[index] = change.grid
 
     @staticmethod
     def _processed(state: _StreamState, index: int) -> None:
@@ -498,6 +521,8 @@ class GatePolicy:
         result.update(changed=round(change.changed, 6), largest=round(change.largest, 6))
         if change.weighted is not None:
             result["weighted"] = round(change.weighted, 6)
+        if state.regions is not None:
+            result["discounted_tiles"] = int(np.count_nonzero(state.regions < 1.0))
         if change.compensated:
             result["compensated"] = True
         result.update(extra)
@@ -506,6 +531,31 @@ class GatePolicy:
             result["bounds"] = dict(state.bounds)  # the refresh bounds at this frame (adapt_bounds moves them)
         result["skip_ratio"] = round(state.reused / max(1, state.frames), 6)
         return result
+
+
+#: region_budget: an audit that found a changed tile harmless multiplies its weight by this, down to REGION_FLOOR
+REGION_DECAY = 0.5
+#: region_budget: the least a tile counts (change there is never ignored, only discounted)
+REGION_FLOOR = 0.25
+#: region_budget: a tile whose share of disagreeing pixels exceeds this (the budget at a 0.95 target) was harmed
+REGION_TOLERANCE = 0.05
+
+
+def budgeted_regions(weights: np.ndarray | None, changed: np.ndarray, disagreed: np.ndarray) -> np.ndarray:
+    """Tile weights after an audit: a tile that had changed and where the results still agreed counts
+    REGION_DECAY times less (down to REGION_FLOOR); a tile where they disagreed counts in full again."""
+    weights = np.ones(changed.shape, np.float32) if weights is None else weights
+    if disagreed.shape != changed.shape:
+        return weights
+    harmed = disagreed > REGION_TOLERANCE
+    harmless = changed & ~harmed
+    return np.where(harmed, 1.0, np.where(harmless, np.maximum(REGION_FLOOR, weights * REGION_DECAY), weights)).astype(np.float32)
+
+
+def weighted_count(mask: np.ndarray, weights: np.ndarray) -> float:
+    """The changed pixels of ``mask``, each counted by its tile's weight."""
+    counts, _ = tile_counts(mask, weights.shape)
+    return float((counts * weights).sum())
 
 
 def object_grid(boxes: list[list[float]], shape: tuple[int, ...], downscale: int, margin: float) -> np.ndarray:

@@ -29,15 +29,26 @@ def changed_tiles(mask: np.ndarray, grid: tuple[int, int] | list[int], margin: i
 def changed_tile_grid(mask: np.ndarray, grid: tuple[int, int] | list[int], min_fraction: float = 0.0) -> np.ndarray:
     """A (rows, cols) boolean grid: the tiles where at least ``min_fraction`` of ``mask``'s pixels
     changed (at least one pixel when 0)."""
+    counts, areas = tile_counts(mask, grid)
+    return (counts > 0) & (counts >= min_fraction * areas)
+
+
+def tile_fractions(mask: np.ndarray, grid: tuple[int, int] | list[int]) -> np.ndarray:
+    """The share of each tile's pixels set in ``mask``, as a (rows, cols) float array."""
+    counts, areas = tile_counts(mask, grid)
+    return counts / np.maximum(areas, 1)
+
+
+def tile_counts(mask: np.ndarray, grid: tuple[int, int] | list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The set pixels of each tile and each tile's pixels, (rows, cols) each."""
     h, w = mask.shape
     rows, cols = grid
     ys, xs = np.array(tile_edges(rows, h)), np.array(tile_edges(cols, w))
-    # changed pixels per tile in one pass: cumulative sums sampled at the tile edges
+    # set pixels per tile in one pass: cumulative sums sampled at the tile edges
     table = np.pad(mask.cumsum(0, dtype=np.int64).cumsum(1), ((1, 0), (1, 0)))
     corners = table[np.ix_(ys, xs)]
     counts = corners[1:, 1:] - corners[:-1, 1:] - corners[1:, :-1] + corners[:-1, :-1]
-    areas = np.diff(ys)[:, None] * np.diff(xs)[None, :]
-    return (counts > 0) & (counts >= min_fraction * areas)
+    return counts, np.diff(ys)[:, None] * np.diff(xs)[None, :]
 
 
 def tile_indices(hit: np.ndarray, margin: int = 0) -> list[int]:
