@@ -170,6 +170,9 @@ def plot_skipping(points: list[SkipPoint], target: tuple[float, float], out: Pat
     to_px = _skip_axes(draw, size, target)
     markers = [to_px(p.less, p.agreement) for p in points]
     taken = [(x - 9, y - 9, x + 9, y + 9) for x, y in markers]  # boxes labels must avoid: the markers, then labels
+    taken += [(x - 7, y - 7, x + 7, y + 7) for p in points if p.lenient is not None and p.lenient > p.agreement
+              for x, y in [to_px(p.less, p.lenient)]]  # the rings
+    taken.append((size[0] - 180, 40, size[0], 150))  # and the legend
     for point, (x, y) in zip(points, markers):
         if point.lenient is not None and point.lenient > point.agreement:
             _, y_lenient = to_px(point.less, point.lenient)
@@ -188,16 +191,23 @@ def plot_skipping(points: list[SkipPoint], target: tuple[float, float], out: Pat
 
 
 def _place_label(draw, label: str, x: float, y: float, taken: list[tuple[float, float, float, float]]) -> None:
-    """The label right of its marker, else below, above or left of it: wherever it overlaps no marker or label."""
+    """The label right of its marker, else below, above or left of it: wherever it overlaps no marker or label
+    and stays inside the picture."""
     font = _font(13)
     x0, y0, x1, y1 = draw.textbbox((0, 0), label, font=font)
-    w, h = x1 - x0, y1 - y0
-    for dx, dy in ((11, -8), (11, 6), (11, -22), (-w - 11, -8), (-w / 2, 10), (-w / 2, -26)):
-        box = (x + dx, y + dy, x + dx + w, y + dy + h + 2)
-        if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
+    w = x1 - x0
+    width, height = draw.im.size
+    near = [(11, -8), (11, 6), (11, -22), (11, 20), (-w - 11, -8), (-w / 2, 10), (-w / 2, -26)]
+    farther = [(24, -8 + sign * 15 * k) for k in range(2, 12) for sign in (1, -1)]  # with a leader line
+    for dx, dy in near + farther:
+        box = (x + dx + x0, y + dy + y0 - 1, x + dx + x1, y + dy + y1 + 1)  # where the text lands when drawn at (dx, dy)
+        inside = box[0] >= 2 and box[1] >= 2 and box[2] <= width - 2 and box[3] <= height - 2
+        if inside and not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in taken):
             break
     taken.append(box)
-    draw.text((box[0], box[1]), label, fill=TEXT, font=font)
+    if (dx, dy) not in near:
+        draw.line([x + 6, y, box[0] - 2, (box[1] + box[3]) / 2], fill=GRID, width=1)
+    draw.text((x + dx, y + dy), label, fill=TEXT, font=font)
 
 
 def _skip_axes(draw, size: tuple[int, int], target: tuple[float, float]):
@@ -230,7 +240,8 @@ def _skip_axes(draw, size: tuple[int, int], target: tuple[float, float]):
     draw.text((right + 14, top + 32), "  the detector's threshold", fill=BAR, font=_font(12))
     draw.text((right + 14, top + 50), "green: static clips pooled", fill=POOLED, font=_font(12))
     draw.text((right + 14, top + 68), "square: segmenter feature", fill=FEATURES, font=_font(12))
-    draw.text((right + 14, top + 82), "  reuse (its compute only)", fill=FEATURES, font=_font(12))
+    draw.text((right + 14, top + 82), "  reuse, adapted interval", fill=FEATURES, font=_font(12))
+    draw.text((right + 14, top + 96), "  (its compute only)", fill=FEATURES, font=_font(12))
     return to_px
 
 
