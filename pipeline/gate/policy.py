@@ -216,8 +216,7 @@ class GatePolicy:
         """The tiles (with tile_margin) where ``signal`` changed since the results of any of ``stages``."""
         cfg = self.cfg
         tiles: set[int] = set()
-        for stage in stages:
-            reference = state.stage_refs.get(stage, state.reference)
+        for reference in _references(state, stages):
             mask = changed_mask(self._lit(reference, signal), signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
             tiles.update(changed_tiles(mask, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed))
         return sorted(tiles)
@@ -288,7 +287,7 @@ class GatePolicy:
         if not due:
             return [], None
         cfg = self.cfg
-        references = [state.stage_refs.get(stage, state.reference) for stage in due]
+        references = _references(state, due)
         if not (cfg.tiles and cfg.refresh_pixel_threshold):
             return ([], None) if all(np.array_equal(signal, r) for r in references) else (due, None)
         tiles: set[int] = set()
@@ -531,6 +530,13 @@ class GatePolicy:
             result["bounds"] = dict(state.bounds)  # the refresh bounds at this frame (adapt_bounds moves them)
         result["skip_ratio"] = round(state.reused / max(1, state.frames), 6)
         return result
+
+
+def _references(state: _StreamState, stages: list[str]) -> list[np.ndarray]:
+    """The distinct references the results of ``stages`` stand for: stages not refreshed on their own
+    share the frame-level one, which is compared once."""
+    references = [state.stage_refs.get(stage, state.reference) for stage in stages]
+    return list({id(reference): reference for reference in references}.values())
 
 
 #: region_budget: an audit that found a changed tile harmless multiplies its weight by this, down to REGION_FLOOR
