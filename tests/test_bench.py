@@ -319,3 +319,17 @@ def test_the_feature_reuse_table_shows_the_adapted_and_the_fixed_interval_side_b
         f"| {parking.what}, fixed | 180/240 | – | 0.315 | **3.17×** | – | **0.950** | met |",
     ]
     assert "between 1 and 8" in table
+
+
+def test_the_skip_report_puts_each_real_clip_beside_the_recorded_baseline():
+    from blinkflow.bench.skip import BASELINE, Clip, ClipReport, _baseline_table, real_clips
+
+    clips = {clip.name: clip for clip in real_clips(quick=True)}
+    figures = {"frames": 240, "work_fraction": 1 / 2.95, "less_compute": 2.95, "boxes_f1": 0.95, "mask_iou": 0.953}
+    table = _baseline_table([ClipReport(clips["parking"], None, None, figures)])
+    rows = [line for line in table.splitlines() if line.startswith("| ")][1:]  # after the header
+    assert rows == [f"| {clips['parking'].what} | 6.35× → 2.95× | 0.871 → 0.950 | 0.907 → 0.953 |",
+                    "| static clips pooled | 5.68× → 2.95× | 0.811 → 0.950 | 0.910 → 0.953 |"]
+    assert BASELINE["commit"] in table
+    synthetic = ClipReport(Clip("synthetic", "a synthetic scene", {}, 24), None, None, figures)
+    assert _baseline_table([synthetic]) == ""  # no baseline was recorded for it
