@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
@@ -83,6 +83,11 @@ class SegmentOptions:
         True, "with tile_reuse, a crop's global pooling sees the whole frame: the stream's cached backbone features "
         "with the crops' features pasted in (DeepLab's image pooling otherwise sees only the crop and labels it "
         "differently). Applies to models with a features/head split (deeplabv3_mobilenet_v2); others run crops plainly",
+    )
+    tile_batch: Literal["auto", "on", "off"] = _field(
+        "auto", "with tile_reuse, a partial frame's crops go through the model in one call, each padded (zeros, "
+        "bottom and right) to the largest: one launch instead of one per crop, for the padding's compute. auto: "
+        "on a GPU only (launches cost there, FLOPs do not); the padded area counts in the frame's cost",
     )
     feature_reuse: int = _field(
         0, "feature-level reuse (Deep Feature Flow): the backbone runs on every Nth frame the stage computes; the "
@@ -383,7 +388,7 @@ class Segment(ModelStage):
         # crops that cost a full forward or more save nothing: then the frame runs in full (and exactly)
         size = tuple(cache.logits.shape[-2:])
         crops = self._merged_crops(tiles["grid"], tiles["changed"], size)
-        return sum((c[1] - c[0]) * (c[3] - c[2]) for c, _ in crops) < size[0] * size[1]
+        return self._crops_cost(crops) < size[0] * size[1]
 
     def _run_patch(self, frame: Frame) -> None:
         """Recompute the changed tiles (+ halo) of a partial frame and paste them into the cached logits."""
@@ -406,7 +411,7 @@ class Segment(ModelStage):
             for ((cy0, _, cx0, _), pastes), out in zip(crops, outs):
                 for py0, py1, px0, px1 in pastes:
                     logits[:, py0:py1, px0:px1] = out[:, py0 - cy0 : py1 - cy0, px0 - cx0 : px1 - cx0]
-        cost = sum((cy1 - cy0) * (cx1 - cx0) for (cy0, cy1, cx0, cx1), _ in crops)
+        cost = self._crops_cost(crops)
         if self.options.feature_reuse:
             # warps start from a full run only: patched features mix fresh tiles with the cache (warped before
             # perhaps), and warping them drifted far more (mask mIoU 0.33 against the next full run, parking lot)
@@ -419,7 +424,34 @@ class Segment(ModelStage):
     def _crops_alone(self, image: Any, crops: list[tuple[tuple, list[tuple]]]) -> list[Any]:
         """Each crop's logits (C, h, w), the model seeing only the crop."""
         with self.autocast():
-            return [self.model(image[..., cy0:cy1, cx0:cx1])["out"][0].float() for (cy0, cy1, cx0, cx1), _ in crops]
+            return [out["out"][0, :, :h, :w].float()
+                    for out, (h, w) in self._crop_calls(lambda batch: self.model(batch), image, crops)]
+
+    def _batches_crops(self) -> bool:
+        batch = self.options.tile_batch
+        return batch == "on" or (batch == "auto" and getattr(self._device, "type", "cpu") == "cuda")
+
+    def _crop_calls(self, call: Any, image: Any, crops: list[tuple[tuple, list[tuple]]]) -> list[tuple[Any, tuple]]:
+        """``call`` on each crop of ``image``: (its output with a batch dimension of 1, the crop's (h, w)). With
+        tile_batch, one call on the crops zero-padded to the largest (outputs still padded: slice to (h, w))."""
+        import torch
+
+        pieces = [image[..., cy0:cy1, cx0:cx1] for (cy0, cy1, cx0, cx1), _ in crops]
+        sizes = [tuple(piece.shape[-2:]) for piece in pieces]
+        if len(pieces) < 2 or not self._batches_crops():
+            return [(call(piece), size) for piece, size in zip(pieces, sizes)]
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+        padded = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1], 0, height - p.shape[-2])) for p in pieces])
+        out = call(padded)
+        split = (lambda i: {k: v[i : i + 1] for k, v in out.items()}) if isinstance(out, dict) else (lambda i: out[i : i + 1])
+        return [(split(i), size) for i, size in enumerate(sizes)]
+
+    def _crops_cost(self, crops: list[tuple[tuple, list[tuple]]]) -> int:
+        """Model-input pixels the crops cost: their own areas, or (tile_batch) the padded batch's."""
+        areas = [((cy1 - cy0), (cx1 - cx0)) for (cy0, cy1, cx0, cx1), _ in crops]
+        if len(areas) >= 2 and self._batches_crops():
+            return len(areas) * max(h for h, _ in areas) * max(w for _, w in areas)
+        return sum(h * w for h, w in areas)
 
     def _crops_in_context(self, image: Any, crops: list[tuple[tuple, list[tuple]]], cached: Any) -> tuple[list[Any], Any]:
         """Each crop's logits with the whole frame's global pooling: the crops' backbone features pasted into the
@@ -429,8 +461,8 @@ class Segment(ModelStage):
         features = cached.clone()
         crop_features = []
         with self.autocast():
-            for (cy0, cy1, cx0, cx1), pastes in crops:
-                crop = self.model.features(image[..., cy0:cy1, cx0:cx1]).float()
+            for (out, (h, w)), ((cy0, cy1, cx0, cx1), pastes) in zip(self._crop_calls(self.model.features, image, crops), crops):
+                crop = out[..., : -(-h // stride), : -(-w // stride)].float()
                 crop_features.append(crop)
                 for py0, py1, px0, px1 in pastes:
                     fy0, fy1, fx0, fx1 = py0 // stride, -(-py1 // stride), px0 // stride, -(-px1 // stride)
@@ -449,7 +481,7 @@ class Segment(ModelStage):
             return [(crop, [paste]) for crop, paste in rects]
         crops = [crop for crop, _ in rects]
         union = (min(c[0] for c in crops), max(c[1] for c in crops), min(c[2] for c in crops), max(c[3] for c in crops))
-        separate = sum((c[1] - c[0]) * (c[3] - c[2]) for c in crops)
+        separate = self._crops_cost([(crop, []) for crop in crops])
         if (union[1] - union[0]) * (union[3] - union[2]) <= separate:
             return [(union, [paste for _, paste in rects])]
         return [(crop, [paste]) for crop, paste in rects]
