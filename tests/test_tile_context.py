@@ -49,14 +49,14 @@ def _parking_frames(first: int, count: int) -> list[Frame]:
     return frames
 
 
-def _segmenter(tile_context: bool, tile_batch: str = "auto"):
+def _segmenter(tile_context: bool, tile_batch: str = "auto", device: str = "cpu"):
     from blinkflow.stages.segment import Segment
 
     options = {"input_size": None, "tile_context": tile_context, "tile_batch": tile_batch}
     cfg = load_config(data={"stages": {"segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped",
                                                    "options": options}}})
     stage = Segment(cfg.stages["segment"])
-    stage.setup("cpu")
+    stage.setup(device)
     return stage
 
 
@@ -82,22 +82,40 @@ def test_tiles_recomputed_in_context_agree_with_a_full_recompute_on_a_real_clip(
     assert scores[True][0] >= 0.99 and scores[True][1] >= 0.8, scores
 
 
+def _two_far_crops() -> list[Frame]:
+    """Two patches of the parking lot changed far apart, inside one row of the 8 x 8 tiles each: a partial
+    frame of two crops of different sizes."""
+    first = _parking_frames(56, 1)[0]
+    changed = first.image.copy()
+    changed[30:50, 10:60] = 255 - changed[30:50, 10:60]
+    changed[165:185, 250:370] = 255 - changed[165:185, 250:370]
+    gate = Gate(GateConfig(enabled=True, adaptive=False, refresh={}, max_reuse=100, motion="off", tile_margin=0))
+    gated = gate.process([first, Frame("parking", 57, 57 / 25, changed)])
+    assert gated[1].results["gate"]["decision"] == "partial"
+    return gated
+
+
 @pytest.mark.slow
 def test_crops_batched_into_one_call_agree_with_one_call_each_and_count_their_padding():
     """tile_batch: a partial frame's crops zero-padded to the largest and run as one batch (one launch on a
     GPU) give the class maps of one call per crop, up to the padding's effect at crop edges; the cost the
-    frame reports is the padded batch's. Two patches of the parking lot change, far apart and of different
-    sizes: two crops."""
-    first = _parking_frames(56, 1)[0]
-    changed = first.image.copy()
-    changed[30:50, 10:60] = 255 - changed[30:50, 10:60]  # inside one row of the 8 x 8 tiles each
-    changed[165:185, 250:370] = 255 - changed[165:185, 250:370]
-    frames = [first, Frame("parking", 57, 57 / 25, changed)]
-    gate = Gate(GateConfig(enabled=True, adaptive=False, refresh={}, max_reuse=100, motion="off", tile_margin=0))
-    gated = gate.process(frames)
-    assert gated[1].results["gate"]["decision"] == "partial"
+    frame reports is the padded batch's."""
+    gated = _two_far_crops()
     one, batched = (_segmenter(True, batch).process(copy.deepcopy(gated))[1].results["segment"] for batch in ("off", "on"))
     assert one["tiles"]["recomputed"] == batched["tiles"]["recomputed"]
     assert batched["tiles"]["area"] > one["tiles"]["area"]  # the smaller crop padded to the larger
     a, b = decode_class_map(one["mask"]["data"]), decode_class_map(batched["mask"]["data"])
     assert (a == b).mean() >= 0.99 and mask_miou(a, b) >= 0.9, ((a == b).mean(), mask_miou(a, b))
+    assert not _segmenter(True, "auto")._batches_crops()  # auto: a CPU pays FLOPs, not launches
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_crops_go_in_one_call_by_default_and_agree_with_the_cpu():
+    gated = _two_far_crops()
+    stage = _segmenter(True, "auto", "cuda:0")
+    assert stage._batches_crops()
+    gpu = stage.process(copy.deepcopy(gated))[1].results["segment"]
+    cpu = _segmenter(True, "off").process(copy.deepcopy(gated))[1].results["segment"]
+    a, b = decode_class_map(gpu["mask"]["data"]), decode_class_map(cpu["mask"]["data"])
+    assert gpu["tiles"]["area"] > cpu["tiles"]["area"] and (a == b).mean() >= 0.99
