@@ -144,7 +144,13 @@ class ChaosMonkey(threading.Thread):
                 time.sleep(self.rng.uniform(0.5, 2.5))
                 if action == "actor":
                     pool = self.rng.choice(self.runner.pools)
+                    before = self.runner.accounting.totals()["processed"]
                     ray.kill(self.rng.choice(pool.actors), no_restart=False)
+                    # faults one at a time: the next waits until frames flow again past everything that was
+                    # in flight (4 chains of 2). A kill during the one retry of the last fails its frames by
+                    # design ("actor died twice"), and on a loaded machine a restart outlasts the 0.5-2.5 s gap
+                    wait_until(lambda: self.runner.accounting.totals()["processed"] >= before + 12, 120,
+                               "frames to flow again after an actor was killed")
                 else:
                     self.server.kill()
                     time.sleep(self.rng.uniform(0.2, 1.5))
