@@ -41,6 +41,7 @@ def table_rows(text: str, headers: list[str]) -> list[list[str]]:
     return rows
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
     from blinkflow.cli import main
 
@@ -60,6 +61,7 @@ def test_bench_decode_quick_prints_a_table_of_rates(capsys, bench_paths):
     assert not (bench_paths / "benchmarks.md").exists()  # --quick never writes
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_bench_decode_without_ffmpeg_says_so_instead_of_failing(capsys, monkeypatch):
     from blinkflow.bench import decode as bench_decode
 

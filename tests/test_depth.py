@@ -372,6 +372,7 @@ def test_bench_depth_quick_writes_a_well_formed_section(ray_local, tmp_path):
 # --------------------------------------------------------------------------- Sideways
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
     from blinkflow.cli import main
 

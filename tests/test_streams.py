@@ -308,6 +308,7 @@ def _serve_stalling_http(payload: bytes, connections: list, stop: threading.Even
     return server.getsockname()[1]
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 @needs_ffmpeg
 def test_stalled_stream_is_detected_and_reconnected(tmp_path, real_media):
     ts = tmp_path / "clip.ts"
@@ -481,6 +482,7 @@ def _request(base: str, method: str, path: str, body: dict | None = None) -> tup
         return error.code, json.loads(error.read())
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 @needs_rtsp
 def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, real_media):
     from blinkflow.control import ControlServer
