@@ -179,7 +179,8 @@ def render(payload: dict[str, Any], rows: list[list[Any]], quick: bool) -> str:
         "so process start-up is left out) is the software limit; target ≥ 0.9×. Its time still includes setting up "
         "its decode pipeline once per run, which dominates clips of a few dozen frames: read the ratio on the long clips. "
         "\"source\" is the pipeline's file source delivering RGB frames, without and with the decoder's motion vectors "
-        "(what the gate's motion compensation and the segmenter's feature reuse read); target for the motion "
+        "(what the gate's motion compensation and the segmenter's feature reuse read), decoding a few frames ahead "
+        "of the RGB conversion in a thread of its own; target for the motion "
         "vectors: ≥ 0.9× of plain. The decoder thread only copies the vectors out; \"+ fields\" adds, in the same "
         "thread, turning them into motion fields, which the gate does in the pipeline (its cost moved, not gone). "
         "Variants are interleaved repetition by repetition.",
