@@ -97,11 +97,11 @@ class SegmentOptions:
         lo=0, hi=1000,
     )
     feature_reuse_adapt: bool = _field(
-        True, "with feature_reuse, each stream's interval moves by a frame at every key the backbone computes in "
-        "full: the previous key's features, warped onto the new key's frame, are scored against it (mask mIoU; "
-        "the head once more, counted in the frame's cost). It grows (to at most twice feature_reuse) while the "
-        "warped frames would keep 3/4 of the budget 1 - feature_reuse_target on average, and shrinks (to 1: no "
-        "warping, checked every feature_reuse frames) when they would not",
+        True, "with feature_reuse, each stream's interval moves at every key the backbone computes in full: the "
+        "previous key's features, warped onto the new key's frame, are scored against it (mask mIoU; the head once "
+        "more, counted in the frame's cost). It grows by one (to at most twice feature_reuse) while the checks' "
+        "averaged loss would keep 3/4 of the budget 1 - feature_reuse_target over the warped frames, and halves "
+        "(down to 1: no warping, checked every feature_reuse full runs) when it would not",
     )
     feature_reuse_target: float = _field(
         0.95, "mask mIoU that warped frames keep on average against running the backbone (feature_reuse_adapt)",
@@ -128,7 +128,7 @@ class _FeatureKey:
     complete: bool = True  # every frame since carried motion vectors
 
 
-#: feature_reuse_adapt: the weight of the latest check in a stream's average loss a warped frame
+#: feature_reuse_adapt: the weight of the latest check in a stream's averaged loss
 RATE_WEIGHT = 0.3
 
 
@@ -138,7 +138,7 @@ class _Interval:
 
     frames: int
     since_check: int = 0
-    loss: float | None = None  # the checks' agreement lost per warped frame, averaged (RATE_WEIGHT on the latest)
+    loss: float | None = None  # the mIoU the checks lost, averaged (RATE_WEIGHT on the latest)
 
 
 @dataclass

@@ -29,8 +29,7 @@ def box_f1(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float 
     match): a box held by the detector's score hysteresis exists or not depending on which earlier frames
     the detector saw, not on these pixels.
     """
-    a = np.asarray(carried.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(fresh.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    a, b = _box_array(carried), _box_array(fresh)
     if ignore_below is not None:
         sa = np.asarray(carried.get("scores") or [1.0] * len(a), dtype=np.float64)
         sb = np.asarray(fresh.get("scores") or [1.0] * len(b), dtype=np.float64)
@@ -47,10 +46,14 @@ def box_f1(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float 
 
 def unmatched_boxes(carried: dict[str, Any], fresh: dict[str, Any], iou_threshold: float = 0.5) -> list[list[float]]:
     """The boxes of either side that ``box_f1`` leaves unmatched: where the two results disagree."""
-    a = np.asarray(carried.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(fresh.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
+    a, b = _box_array(carried), _box_array(fresh)
     _, used_a, used_b = _greedy_matches(carried, fresh, a, b, iou_threshold)
     return [*a[~used_a].tolist(), *b[~used_b].tolist()]
+
+
+def _box_array(result: dict[str, Any]) -> np.ndarray:
+    """A detect-style result's boxes as an (N, 4) float array."""
+    return np.asarray(result.get("boxes") or [], dtype=np.float64).reshape(-1, 4)
 
 
 def _greedy_matches(carried: dict[str, Any], fresh: dict[str, Any], a: np.ndarray, b: np.ndarray,

@@ -318,18 +318,19 @@ class GatePolicy:
             state.noise = step if state.noise is None else np.maximum(state.noise, step)
         state.previous = signal
 
-    def _apply_feedback(self, state: _StreamState, feedback: list[tuple[int, float]] | None) -> None:
-        """Move the threshold on each audit's agreement (only with ``adaptive``)."""
+    def _apply_feedback(self, state: _StreamState, feedback: list[tuple] | None) -> None:
+        """Move the threshold (and with region_budget the tiles' weights) on each audit's agreement (only with
+        ``adaptive``)."""
         cfg = self.cfg
         for index, score, *where in feedback or []:
             audited_change = state.pending_audits.pop(index, None)
             refreshed = state.pending_refresh.pop(index, None)
             changed = state.pending_regions.pop(index, None)
-            if where and where[0] is not None and changed is not None and cfg.adaptive:
-                state.regions = budgeted_regions(state.regions, changed, where[0])
             state.agreement = float(score)
             if not cfg.adaptive:
                 continue
+            if where and where[0] is not None and changed is not None:
+                state.regions = budgeted_regions(state.regions, changed, where[0])
             met = score >= cfg.agreement_target
             if refreshed is not None:
                 self._refresh_feedback(state, refreshed, float(score), audited_change)
