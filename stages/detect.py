@@ -184,12 +184,19 @@ class Detect(ModelStage):
 
     @staticmethod
     def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
-        """Each box shifted by the median motion inside it."""
-        from blinkflow.gate.motion import shift_boxes
+        """Each box shifted by the median motion inside it; boxes moved mostly out of the frame are dropped
+        (with their labels, classes and scores)."""
+        from blinkflow.gate.motion import MIN_VISIBLE, shift_boxes
 
         if not (isinstance(result, dict) and result.get("boxes")):
             return result
-        return dict(result, boxes=shift_boxes(result["boxes"], motion, height, width))
+        boxes, kept = shift_boxes(result["boxes"], motion, height, width, MIN_VISIBLE)
+        moved = dict(result, boxes=boxes)
+        if len(kept) < len(result["boxes"]):
+            for key in ("labels", "classes", "scores"):
+                if isinstance(result.get(key), list):
+                    moved[key] = [result[key][i] for i in kept]
+        return moved
 
     @staticmethod
     def agreement(carried: Any, fresh: Any) -> dict[str, float] | None:

@@ -394,6 +394,23 @@ def test_motion_compensation_moves_boxes_and_masks():
     assert compensate(keyframe, np.zeros_like(motion), 32, 48)["detect"] is keyframe["detect"]
 
 
+def test_motion_compensation_drops_boxes_moved_mostly_out_of_the_frame():
+    """A carried car driving out at the top: the detector no longer sees a sliver of it, so neither may the
+    carry-over (parking lot, frames 104-111: a zero-height box was carried at full score)."""
+    keyframe = {"detect": {"boxes": [[4.0, 0.0, 12.0, 16.0], [24.0, 8.0, 40.0, 24.0], [40.0, 20.0, 48.0, 32.0]],
+                           "labels": [3, 2, 1], "classes": ["car", "truck", "person"], "scores": [0.9, 0.8, 0.7]}}
+    motion = np.zeros((4, 6, 2), dtype=np.float32)
+    motion[..., 1] = -6.0  # everything moved 6 px up
+    moved = compensate(keyframe, motion, 32, 48)["detect"]
+    # the car keeps 10 of its 16 rows (under MIN_VISIBLE 0.75) and goes with its label, class and score
+    assert moved == {"boxes": [[24.0, 2.0, 40.0, 18.0], [40.0, 14.0, 48.0, 26.0]],
+                     "labels": [2, 1], "classes": ["truck", "person"], "scores": [0.8, 0.7]}
+    motion[..., 1] = -3.0  # 13 of 16 rows left: it stays, clipped
+    assert compensate(keyframe, motion, 32, 48)["detect"]["boxes"][0] == [4.0, 0.0, 12.0, 13.0]
+    motion[..., 1] = -40.0  # everything gone
+    assert compensate(keyframe, motion, 32, 48)["detect"] == {"boxes": [], "labels": [], "classes": [], "scores": []}
+
+
 def write_pan_video(path, frames=8, step=2, options=None):
     rng = np.random.default_rng(0)
     scene = np.kron(rng.integers(0, 255, (16, 40, 3), dtype=np.uint8), np.ones((8, 8, 1), dtype=np.uint8))

@@ -398,17 +398,30 @@ def _median_motion(motion: np.ndarray, box: list[float], height: int, width: int
     return np.median(motion[y0:y1, x0:x1].reshape(-1, 2), axis=0)
 
 
-def shift_boxes(boxes: list[list[float]], motion: np.ndarray, height: int, width: int) -> list[list[float]]:
-    """Move each box by the median motion inside it (sampled where it was, then where it went), clipped."""
-    moved = []
-    for box in boxes:
+# A carried box pushed this far out of the frame is dropped: the detector does not keep an object it
+# sees only a sliver of, and a box clipped to nothing is no box (docs/skipping.md, "Objects leaving").
+MIN_VISIBLE = 0.75
+
+
+def shift_boxes(boxes: list[list[float]], motion: np.ndarray, height: int, width: int,
+                min_visible: float = 0.0) -> tuple[list[list[float]], list[int]]:
+    """Move each box by the median motion inside it (sampled where it was, then where it went), clipped.
+    Returns the moved boxes and their indices in ``boxes``: those left with under ``min_visible`` of
+    their area inside the frame (or none) are dropped."""
+    moved, kept = [], []
+    for i, box in enumerate(boxes):
         dx, dy = _median_motion(motion, box, height, width)
         shifted = [box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy]
         dx, dy = _median_motion(motion, shifted, height, width)
         x1, x2 = np.clip([box[0] + dx, box[2] + dx], 0, width)
         y1, y2 = np.clip([box[1] + dy, box[3] + dy], 0, height)
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        visible = (x2 - x1) * (y2 - y1)
+        if area > 0 and (visible <= 0 or visible < min_visible * area):
+            continue
         moved.append([round(float(x1), 2), round(float(y1), 2), round(float(x2), 2), round(float(y2), 2)])
-    return moved
+        kept.append(i)
+    return moved, kept
 
 
 def motion_from_flow(flow_result: dict[str, Any] | None, key_index: int, index: int) -> np.ndarray | None:
