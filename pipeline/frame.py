@@ -69,6 +69,13 @@ class Frame:
     outcome: Outcome | None = None
     error: str | None = None
     decoded_at: float = field(default_factory=time.time)
+    #: the pixels already on an accelerator, by device name (stages.common.device_image): the first model
+    #: stage on a GPU uploads a frame, the later ones on it reuse that copy; never pickled, emptied by finish()
+    device_images: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # device copies stay in the process that made them (a Ray actor uploads its own)
+        return {**self.__dict__, "device_images": {}}
 
     @property
     def height(self) -> int:
@@ -120,6 +127,7 @@ class Frame:
         self.error = f"{stage}: {message}"
 
     def finish(self) -> "FrameResult":
+        self.device_images.clear()  # a stage that still holds the frame uploads again; memory does not pile up
         if self.outcome is None:
             self.outcome = Outcome.REUSED if self.is_reused else Outcome.PROCESSED
         return FrameResult(

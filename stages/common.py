@@ -29,7 +29,7 @@ def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | No
     import torch
     import torch.nn.functional as F
 
-    tensors = [torch.from_numpy(np.ascontiguousarray(f.image)).to(device, non_blocking=True) for f in frames]
+    tensors = [device_image(f, device) for f in frames]
     if size is None and len({t.shape for t in tensors}) > 1:
         raise ValueError("frames of different sizes need a common size")
     batch = torch.stack([t.permute(2, 0, 1) for t in tensors]) if size is None else None
@@ -41,6 +41,24 @@ def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | No
     if channels_last:
         batch = batch.contiguous(memory_format=torch.channels_last)
     return batch
+
+
+def device_image(frame: Frame, device: Any):
+    """The frame's uint8 (H, W, 3) pixels as a tensor on ``device``. On an accelerator the copy is kept on the
+    frame, so the stages after the first one on that device take it without another host-to-device copy."""
+    import torch
+
+    pixels = torch.from_numpy(np.ascontiguousarray(frame.image))
+    device = torch.device(device)
+    if device.type == "cpu":
+        return pixels
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one copy
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = str(device)
+    copy = frame.device_images.get(key)
+    if copy is None:
+        copy = frame.device_images[key] = pixels.to(device, non_blocking=True)
+    return copy
 
 
 def _resize_uint8(image, size):

@@ -554,6 +554,44 @@ def test_detect_runs_fp16_channels_last_on_cuda():
         assert_segmentation_schema(frame.results["segment"], frame, segment.classes)
 
 
+def test_a_frame_goes_to_an_accelerator_once_for_all_its_stages():
+    """The first stage on a device uploads the pixels; the others take that copy. The copy is never pickled
+    (a Ray actor uploads its own) and goes when the frame is finished. ``meta`` stands in for a GPU here."""
+    import pickle
+
+    from blinkflow.stages.common import device_image, frames_to_batch
+
+    frame = make_frames()[0]
+    on_cpu = device_image(frame, "cpu")
+    assert on_cpu.data_ptr() == frame.image.__array_interface__["data"][0] and frame.device_images == {}
+    first = device_image(frame, "meta")
+    assert device_image(frame, torch.device("meta")) is first and list(frame.device_images) == ["meta"]
+    assert first.shape == frame.image.shape and first.dtype == torch.uint8
+    assert frames_to_batch([frame], "meta", size=(16, 16)).shape == (1, 3, 16, 16)
+    assert frame.device_images["meta"] is first
+    copy = pickle.loads(pickle.dumps(frame))
+    assert copy.device_images == {} and np.array_equal(copy.image, frame.image)
+    assert frame.device_images["meta"] is first
+    frame.finish()
+    assert frame.device_images == {}
+
+
+@pytest.mark.needs_cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_detect_and_segment_on_cuda_share_one_upload_of_each_frame():
+    gpu = {"weights": None, "device": "cuda"}
+    detect = Detect(StageConfig(model="ssdlite320_mobilenet_v3_large", options=DetectOptions(score_threshold=0.0), **gpu))
+    segment = Segment(StageConfig(options=SegmentOptions(input_size=[64, 64]), **gpu))
+    detect.setup("cuda")
+    segment.setup("cuda:0")
+    frames = detect.process(make_frames())
+    uploaded = [(list(f.device_images), f.device_images["cuda:0"].data_ptr()) for f in frames]
+    frames = segment.process(frames)
+    assert [(list(f.device_images), f.device_images["cuda:0"].data_ptr()) for f in frames] == uploaded
+    for frame in frames:
+        assert_segmentation_schema(frame.results["segment"], frame, segment.classes)
+
+
 class _CountingModel(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
