@@ -48,15 +48,15 @@ def device_image(frame: Frame, device: Any):
     frame, so the stages after the first one on that device take it without another host-to-device copy."""
     import torch
 
-    pixels = torch.from_numpy(np.ascontiguousarray(frame.image))
     device = torch.device(device)
     if device.type == "cpu":
-        return pixels
+        return torch.from_numpy(np.ascontiguousarray(frame.image))
     if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one copy
         device = torch.device("cuda", torch.cuda.current_device())
     key = str(device)
     copy = frame.device_images.get(key)
-    if copy is None:
+    if copy is None:  # only the first stage on the device reads the host pixels (a copy when they are strided)
+        pixels = torch.from_numpy(np.ascontiguousarray(frame.image))
         copy = frame.device_images[key] = pixels.to(device, non_blocking=True)
     return copy
 
