@@ -107,6 +107,12 @@ class SegmentOptions:
         0.95, "mask mIoU that warped frames keep on average against running the backbone (feature_reuse_adapt)",
         lo=0.0, hi=1.0,
     )
+    feature_reuse_change: float = _field(
+        0.03, "with feature_reuse, a frame is warped only while at most this fraction of it differs from the key's "
+        "pixels moved along the same motion (the gate's change measure at its defaults); more is new content a "
+        "warp cannot show (a car driving in), so the backbone runs. 1: off",
+        lo=0.0, hi=1.0,
+    )
     min_region: int = _field(
         256, "connected regions of one class smaller than this many model-input pixels (16x16) take the class of "
         "the nearest larger region (specks the model cannot resolve, which flicker from frame to frame; the best "
@@ -126,8 +132,15 @@ class _FeatureKey:
     motion: np.ndarray | None = None
     warped: int = 0  # frames computed from these features since
     complete: bool = True  # every frame since carried motion vectors
+    signal: np.ndarray | None = None  # the key frame's pixels as the gate sees them (feature_reuse_change)
 
 
+#: feature_reuse_change: the gate's change measure at its defaults (GateConfig downscale, pixel_threshold, blur)
+CHANGE_DOWNSCALE, CHANGE_PIXELS, CHANGE_BLUR = 4, 20.0, 3
+NEW_CONTENT_KEY = "segment_new_content"  # frame.meta: the change that made this frame a key
+#: a key's check leaves out the new content grown by this many signal pixels (16 frame pixels, the backbone's
+#: output stride): the masks of a car reach past its changed pixels, and a sliver of it would halve the mIoU
+NEW_CONTENT_MARGIN = 4
 #: feature_reuse_adapt: the weight of the latest check in a stream's averaged loss
 RATE_WEIGHT = 0.3
 
@@ -269,10 +282,13 @@ class Segment(ModelStage):
                 class_map = self._class_map(frame_logits, frame)
                 result = self._result(class_map)
                 if self.options.feature_reuse:
-                    check = self._check_warp(frame, class_map)
+                    new_content = frame.meta.pop(NEW_CONTENT_KEY, None)
+                    check = self._check_warp(frame, class_map, new_content)
+                    if new_content is not None:
+                        result["new_content"] = round(float(new_content.mean()), 4)
                     if check is not None:
                         result["feature_check"] = check
-                    self._keys[frame.stream_id] = _FeatureKey(frame.index, frame_features, (frame.height, frame.width))
+                    self._keys[frame.stream_id] = self._new_key(frame, frame_features)
                 frame.results[self.name] = result
                 self._remember(frame, frame_logits, frame_features)
 
@@ -299,8 +315,36 @@ class Segment(ModelStage):
         here: they recompute those (warping them instead cost the parking lot's masks 0.92 -> 0.89 there)."""
         key = self._keys.get(frame.stream_id)
         decision = (frame.results.get("gate") or {}).get("decision")
-        return (key is not None and key.complete and key.source == (frame.height, frame.width)
-                and key.warped + 1 < self._interval(frame.stream_id).frames and decision in (None, "refresh"))
+        if not (key is not None and key.complete and key.source == (frame.height, frame.width)
+                and key.warped + 1 < self._interval(frame.stream_id).frames and decision in (None, "refresh")):
+            return False
+        new = self._new_content(key, frame)
+        if new is not None and new.mean() > self.options.feature_reuse_change:
+            frame.meta[NEW_CONTENT_KEY] = new  # taken off again by _run_full, in this call
+            return False
+        return True
+
+    def _new_content(self, key: _FeatureKey, frame: Frame) -> np.ndarray | None:
+        """Where ``frame`` differs from the key's pixels moved along the motion since the key (the gate's
+        change measure, on its downscaled signal): what a warp of the key's features cannot show. None: off."""
+        if self.options.feature_reuse_change >= 1.0 or key.signal is None:
+            return None
+        from blinkflow.gate.motion import warp_backward
+        from blinkflow.gate.signal import changed_mask, gray_signal, relit
+
+        signal = gray_signal(frame.image, CHANGE_DOWNSCALE)
+        if signal.shape != key.signal.shape:
+            return np.ones(signal.shape, bool)
+        moved = key.signal if key.motion is None else warp_backward(key.signal, key.motion / float(CHANGE_DOWNSCALE))
+        return changed_mask(relit(moved, signal, CHANGE_PIXELS), signal, CHANGE_PIXELS, CHANGE_BLUR)
+
+    def _new_key(self, frame: Frame, features: Any) -> _FeatureKey:
+        signal = None
+        if self.options.feature_reuse_change < 1.0:
+            from blinkflow.gate.signal import gray_signal
+
+            signal = gray_signal(frame.image, CHANGE_DOWNSCALE)
+        return _FeatureKey(frame.index, features, (frame.height, frame.width), signal=signal)
 
     def _interval(self, stream_id: str) -> _Interval:
         return self._intervals.setdefault(stream_id, _Interval(self.options.feature_reuse))
@@ -312,7 +356,8 @@ class Segment(ModelStage):
             warped = warp_features(key.features, key.motion, key.source)
             return self.model.head(warped, size)[0], warped
 
-    def _check_warp(self, frame: Frame, class_map: np.ndarray) -> dict[str, Any] | None:
+    def _check_warp(self, frame: Frame, class_map: np.ndarray, new_content: np.ndarray | None = None
+                    ) -> dict[str, Any] | None:
         """At a key the backbone computed in full (``class_map``): how well the previous key, warped onto this
         frame, agrees with it, and the stream's interval moved by that (feature_reuse_adapt). None when there
         is nothing to check: no key, or one nothing was warped from (at interval 1: every feature_reuse runs)."""
@@ -327,8 +372,14 @@ class Segment(ModelStage):
         # grow the interval for the moving ones); at interval 1 nothing is, so a check comes every few runs
         if not (key.warped or (interval.frames == 1 and interval.since_check >= self.options.feature_reuse)):
             return None
+        # a key run for new content is judged outside it: no warp was asked to show it
+        kept = None if new_content is None else ~at_pixels(grown(new_content, NEW_CONTENT_MARGIN), class_map.shape,
+                                                            CHANGE_DOWNSCALE)
+        if kept is not None and kept.mean() < 0.5:
+            return None  # mostly new: nothing to judge the warps by
         logits, _ = self._warped_logits(key, frame)
-        score = mask_miou(self._class_map(logits, frame), class_map)
+        warped = self._class_map(logits, frame)
+        score = mask_miou(warped, class_map) if kept is None else mask_miou(warped[kept], class_map[kept])
         # one check is a poor sample: a speck class that comes and goes halves a frame's mIoU, so the loss is
         # averaged over the checks. That flicker does not grow with the staleness as drift does: every warped
         # frame is taken to lose what the stalest one did (the span's average then is span / (span + 1) of it)
@@ -559,6 +610,21 @@ class Segment(ModelStage):
             "classes": list(self.classes),
             "areas": areas,
         }
+
+
+def grown(mask: np.ndarray, margin: int) -> np.ndarray:
+    """``mask`` dilated by ``margin`` pixels (a square neighbourhood)."""
+    from scipy import ndimage
+
+    return ndimage.binary_dilation(mask, np.ones((2 * margin + 1,) * 2, bool)) if margin > 0 and mask.any() else mask
+
+
+def at_pixels(mask: np.ndarray, shape: tuple[int, ...], scale: int) -> np.ndarray:
+    """A mask on a grid ``scale`` times coarser (the gate's signal) at the pixels of ``shape`` (H, W); the
+    rows and columns past the coarse grid's cover take its last ones."""
+    rows = np.minimum(np.arange(shape[0]) // scale, mask.shape[0] - 1)
+    cols = np.minimum(np.arange(shape[1]) // scale, mask.shape[1] - 1)
+    return mask[rows[:, None], cols[None, :]]
 
 
 def warp_features(features: Any, motion: np.ndarray | None, source: tuple[int, int]) -> Any:

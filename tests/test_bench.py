@@ -310,15 +310,15 @@ def test_the_feature_reuse_table_shows_the_adapted_and_the_fixed_interval_side_b
     from blinkflow.bench.skip import ClipReport, _features_table, real_clips
 
     parking = {clip.name: clip for clip in real_clips(quick=True)}["parking"]
-    fixed = {"warped": 180, "frames": 240, "segment_work": 0.315, "less_compute": 3.17, "mask_iou": 0.9503,
-             "intervals": None}
-    adapted = {"warped": 120, "frames": 240, "segment_work": 0.5, "less_compute": 2.0, "mask_iou": 0.9664,
+    fixed = {"warped": 180, "new_content": 9, "frames": 240, "segment_work": 0.315, "less_compute": 3.17,
+             "mask_iou": 0.9503, "intervals": None}
+    adapted = {"warped": 120, "new_content": 14, "frames": 240, "segment_work": 0.5, "less_compute": 2.0, "mask_iou": 0.9664,
                "intervals": (1, 8), "interval": 4, "segment_time_ratio": 1.4, "fixed": fixed}
     table = _features_table([ClipReport(parking, None, None, {"features": adapted})])
     rows = [line for line in table.splitlines() if line.startswith(f"| {parking.what}")]
     assert rows == [
-        f"| {parking.what}, adapted | 120/240 | 1–8 | 0.500 | **2.00×** | 1.40× | **0.966** | not met |",
-        f"| {parking.what}, fixed | 180/240 | – | 0.315 | **3.17×** | – | **0.950** | met |",
+        f"| {parking.what}, adapted | 120/240 | 14 | 1–8 | 0.500 | **2.00×** | 1.40× | **0.966** | not met |",
+        f"| {parking.what}, fixed | 180/240 | 9 | – | 0.315 | **3.17×** | – | **0.950** | met |",
     ]
     assert "between 1 and 8" in table
 

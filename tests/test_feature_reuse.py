@@ -16,6 +16,7 @@ from blinkflow.frame import Frame
 from blinkflow.stages.segment import Segment, warp_features
 
 BIKES = Path(__file__).resolve().parent / "data" / "video" / "bikes.mp4"
+PARKING = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
 MODEL = "deeplabv3_mobilenet_v2"
 
 
@@ -31,8 +32,10 @@ def test_warp_features_moves_features_along_a_backward_motion_field():
     assert warp_features(features, None, (64, 64)) is features
 
 
-def _segmenter(feature_reuse: int, model: str = MODEL, adapt: bool = False) -> Segment:
+def _segmenter(feature_reuse: int, model: str = MODEL, adapt: bool = False, change: float | None = None) -> Segment:
     options = {"input_size": None, "feature_reuse": feature_reuse, "feature_reuse_adapt": adapt}
+    if change is not None:
+        options["feature_reuse_change"] = change
     cfg = load_config(data={"stages": {"segment": {"model": model, "weights": "shipped" if model == MODEL else None,
                                                    "options": options}}})
     stage = Segment(cfg.stages["segment"])
@@ -97,8 +100,9 @@ def _keys_and_intervals(frames: list[Frame]) -> tuple[list[int], list[int]]:
 def test_the_interval_grows_while_warped_frames_agree_and_halves_when_they_do_not(one_torch_thread):
     """feature_reuse_adapt: at each key the previous key, warped onto it, is scored against it. A still scene
     warps perfectly, so the interval grows by one a key up to twice feature_reuse; content the motion does not
-    explain (the scene replaced, no motion) fails the check and halves it."""
-    stage = _segmenter(2, adapt=True)
+    explain (the scene replaced, no motion) fails the check and halves it. (Without the new-content test,
+    feature_reuse_change 1, which would otherwise run the backbone on the replaced scene, see below.)"""
+    stage = _segmenter(2, adapt=True, change=1.0)
     image = _bikes_image()
     frames = stage.process(_frames(image, 20))
     keys, intervals = _keys_and_intervals(frames)
@@ -116,6 +120,50 @@ def test_the_interval_grows_while_warped_frames_agree_and_halves_when_they_do_no
     later = stage.process(blank)
     first_check = next(f.results["segment"]["feature_check"] for f in later if "feature_check" in f.results["segment"])
     assert first_check["mask_iou"] < 0.5 and first_check["interval"] == 2  # span 3 -> 1
+
+
+def _with_a_new_car(image: np.ndarray, count: int, start: int) -> list[Frame]:
+    """A still scene where a blue 'car' (a sixth of the picture) parks at frame ``start`` and stays."""
+    frames = _frames(image, count)
+    car = image.copy()
+    car[20:50, 40:100] = (30, 30, 200)
+    for frame in frames[start:]:
+        frame.image = car
+    return frames
+
+
+@pytest.mark.slow
+def test_new_content_that_no_warp_can_show_runs_the_backbone(one_torch_thread):
+    """feature_reuse_change: a frame that differs from the key's pixels (moved along the motion) in more than
+    that fraction is a key of its own, reported as new_content; the frames after it warp from it."""
+    image = _bikes_image()
+    frames = _segmenter(4).process(_with_a_new_car(image, 7, 2))
+    results = [f.results["segment"] for f in frames]
+    assert [r.get("features", {}).get("key") for r in results] == [None, 0, None, 2, 2, 2, None]
+    assert 0.1 < results[2]["new_content"] < 0.4 and all("new_content" not in r for r in results[3:5])
+    # without it the car is warped away: frame 2 shows the key's empty scene
+    blind = [f.results["segment"] for f in _segmenter(4, change=1.0).process(_with_a_new_car(image, 7, 2))]
+    assert [r.get("features", {}).get("key") for r in blind] == [None, 0, 0, 0, None, 4, 4]
+    assert blind[2]["mask"] == results[1]["mask"] != results[2]["mask"]
+
+
+@pytest.mark.slow
+def test_a_key_run_for_new_content_is_checked_outside_the_new_content(one_torch_thread):
+    """feature_reuse_adapt with new content: the check at that key judges the warp on the pixels that did not
+    change, so a car driving into the parking lot does not halve the interval as a bad warp would (the whole
+    frame's check would score the car the warp cannot show at IoU 0: a mIoU of at most 0.5)."""
+    import av
+
+    with av.open(str(PARKING)) as container:
+        decoded = [f.to_ndarray(format="rgb24")[::2, ::2].copy() for f, _ in zip(container.decode(video=0), range(67))]
+    frames = _frames(decoded[40], 8)  # the empty lot, then a car in it from frame 4 on
+    for frame in frames[4:]:
+        frame.image = decoded[66]
+    results = [f.results["segment"] for f in _segmenter(2, adapt=True).process(frames)]
+    assert "car" not in results[3]["areas"] and results[4]["areas"]["car"] > 0.05 * decoded[66][..., 0].size
+    assert 0.05 < results[4]["new_content"] < 0.3
+    check = results[4]["feature_check"]
+    assert check["key"] == 2 and check["mask_iou"] == 1.0 and check["interval"] == 4  # grown (3 -> 4), not halved
 
 
 def test_the_check_costs_the_head_once_more_in_the_benchmark():
@@ -174,6 +222,6 @@ def test_without_a_gate_the_segmenter_turns_the_decoder_vectors_into_motion(one_
     cfg = SourceConfig(type="file", path=str(BIKES), resize=[160, 68], motion_vectors=True, max_frames=7)
     frames = list(iter_video_frames(BIKES, "bikes", cfg))
     assert all(VECTORS_KEY in f.meta and "mvs" not in f.meta for f in frames)
-    _segmenter(3).process(frames)
+    _segmenter(3, change=1.0).process(frames)  # warps whatever the pan uncovers (the new-content test is above)
     assert all(VECTORS_KEY not in f.meta and f.meta["mvs"].shape == (9, 20, 2) for f in frames)
     assert [("features" in f.results["segment"]) for f in frames] == [False, True, True, False, True, True, False]

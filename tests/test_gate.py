@@ -1167,9 +1167,10 @@ def test_bench_skip_quick_runs_and_reports_well_formed_figures(real_media):
     for row in features:
         cells = [c.strip().strip("*") for c in row.strip("|").split("|")]
         warped, frames = (int(n) for n in cells[1].split("/"))
-        assert 0 < warped < frames and 0.0 < float(cells[3]) < 1.0 and 0.0 <= float(cells[6]) <= 1.0
+        assert 0 < warped < frames and 0 <= int(cells[2]) < frames - warped  # keys for new content: among the keys
+        assert 0.0 < float(cells[4]) < 1.0 and 0.0 <= float(cells[7]) <= 1.0
         if cells[0].endswith("adapted"):  # the checks' range of intervals, within 1 and twice feature_reuse
-            low, high = (int(n) for n in cells[2].split("–"))
+            low, high = (int(n) for n in cells[3].split("–"))
             assert 1 <= low <= high <= 8
 
 

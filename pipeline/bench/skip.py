@@ -188,7 +188,10 @@ def run_config(raw: dict[str, Any], clip: Clip, gate: dict[str, Any] | None, gat
         source["motion_vectors"] = True  # the decoder's vectors move carried-over boxes, masks and features
     if feature_reuse:
         segment = data["stages"]["segment"]
-        segment["options"] = dict(segment.get("options") or {}, feature_reuse=feature_reuse, feature_reuse_adapt=adapt)
+        # fixed: plain Deep Feature Flow, every Nth frame whatever the warps cost (no new-content keys either)
+        fixed = {} if adapt else {"feature_reuse_change": 1.0}
+        segment["options"] = dict(segment.get("options") or {}, feature_reuse=feature_reuse, feature_reuse_adapt=adapt,
+                                  **fixed)
     data["sources"] = [dict(source, id=clip.name)]
     data["gate"] = dict(gate or {}, enabled=gate is not None)
     cfg = load_config(data=data, overrides=gate_overrides if gate is not None else [])
@@ -404,6 +407,7 @@ def _reuse_figures(run_off: RunOutcome, run_reuse: RunOutcome) -> dict[str, Any]
     fraction = statistics.mean(segment_work) if segment_work else 1.0
     intervals = [c["interval"] for r in run_reuse.results if (c := (r.results.get("segment") or {}).get("feature_check"))]
     return {"warped": sum("features" in (r.results.get("segment") or {}) for r in run_reuse.results),
+            "new_content": sum("new_content" in (r.results.get("segment") or {}) for r in run_reuse.results),
             "frames": len(run_reuse.results), "segment_work": fraction,
             "less_compute": 1.0 / fraction if fraction > 0 else float("inf"),
             "mask_iou": agreement_with_off(run_off.results, run_reuse.results)["mask_iou"],
@@ -682,7 +686,10 @@ def _features_table(reports: list[ClipReport]) -> str:
             rows.append(_feature_row(f"{r.clip.what}, fixed", f["fixed"], "–"))
     if not rows:
         return ""
+    from blinkflow.stages.segment import SegmentOptions
+
     interval = next(r.figures["features"]["interval"] for r in reports if "features" in r.figures)
+    change = SegmentOptions().feature_reuse_change
     return "\n".join([
         f"**Feature-level reuse of the segmenter** (Deep Feature Flow; gate off, `stages.segment.options.feature_reuse: "
         f"{interval}`): the backbone runs on one frame in {interval}, the frames between warp its features along the "
@@ -690,17 +697,22 @@ def _features_table(reports: list[ClipReport]) -> str:
         "`torch.utils.flop_counter`). \"Adapted\" (`feature_reuse_adapt`, the default): at each key the previous key "
         "warped onto it is scored against it (the head once more, counted), and the interval grows by one while the "
         f"checks' averaged loss keeps the budget, halves when it does not, between 1 and {2 * interval}. \"Fixed\": "
-        f"every {interval}th frame, whatever the warps cost (one run, not timed). Masks against the segmenter run in "
-        "full on every frame. Target: ≥ 2.5× less segmenter compute at ≥ 0.95 mIoU.",
+        f"every {interval}th frame, whatever the warps cost (`feature_reuse_adapt: false, feature_reuse_change: 1`; one "
+        "run, not timed). Adapted, a frame that differs from the key's pixels moved along the same motion in more "
+        f"than `feature_reuse_change` ({change:g}) of the picture is new content no warp can show: the backbone runs "
+        "(\"keys for new content\"), and its check judges the warps outside that content. Masks against the "
+        "segmenter run in full on every frame. Target: ≥ 2.5× less segmenter compute at ≥ 0.95 mIoU.",
         "",
-        markdown_table(["clip", "warped frames", "intervals", "segmenter work fraction", "less segmenter compute",
+        markdown_table(["clip", "warped frames", "keys for new content", "intervals", "segmenter work fraction",
+                        "less segmenter compute",
                         "segmenter time, full ÷ reuse", "mask mIoU vs full", "target"], rows),
     ])
 
 
 def _feature_row(label: str, f: dict[str, Any], time_ratio: str) -> list[str]:
     intervals = f.get("intervals")
-    return [label, f"{f['warped']}/{f['frames']}", f"{intervals[0]}–{intervals[1]}" if intervals else "–",
+    return [label, f"{f['warped']}/{f['frames']}", str(f.get("new_content", 0)),
+            f"{intervals[0]}–{intervals[1]}" if intervals else "–",
             f"{f['segment_work']:.3f}", f"**{f['less_compute']:.2f}×**", time_ratio, f"**{_num(f['mask_iou'])}**",
             "met" if f["less_compute"] >= 2.5 and (f["mask_iou"] or 0) >= 0.95 else "not met"]
 
