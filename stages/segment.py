@@ -46,7 +46,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from blinkflow.config import StageConfig, _field
+from blinkflow.config import GateConfig, StageConfig, _field
 from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
@@ -135,12 +135,12 @@ class _FeatureKey:
     signal: np.ndarray | None = None  # the key frame's pixels as the gate sees them (feature_reuse_change)
 
 
-#: feature_reuse_change: the gate's change measure at its defaults (GateConfig downscale, pixel_threshold, blur)
-CHANGE_DOWNSCALE, CHANGE_PIXELS, CHANGE_BLUR = 4, 20.0, 3
-NEW_CONTENT_KEY = "segment_new_content"  # frame.meta: the change that made this frame a key
-#: a key's check leaves out the new content grown by this many signal pixels (16 frame pixels, the backbone's
-#: output stride): the masks of a car reach past its changed pixels, and a sliver of it would halve the mIoU
-NEW_CONTENT_MARGIN = 4
+#: feature_reuse_change measures change as the gate does at its defaults (downscale, pixel_threshold, blur)
+_GATE_DEFAULTS = GateConfig()
+NEW_CONTENT_KEY = "segment_new_content"  # frame.meta: where the frame showed new content (feature_reuse_change)
+#: a key's check leaves out the new content grown by this many frame pixels (the backbone's output stride):
+#: the masks of a car reach past its changed pixels, and a sliver of it would halve the mIoU
+NEW_CONTENT_MARGIN = 16
 #: feature_reuse_adapt: the weight of the latest check in a stream's averaged loss
 RATE_WEIGHT = 0.3
 
@@ -332,18 +332,20 @@ class Segment(ModelStage):
         from blinkflow.gate.motion import warp_backward
         from blinkflow.gate.signal import changed_mask, gray_signal, relit
 
-        signal = gray_signal(frame.image, CHANGE_DOWNSCALE)
+        gate = _GATE_DEFAULTS
+        signal = gray_signal(frame.image, gate.downscale)
         if signal.shape != key.signal.shape:
             return np.ones(signal.shape, bool)
-        moved = key.signal if key.motion is None else warp_backward(key.signal, key.motion / float(CHANGE_DOWNSCALE))
-        return changed_mask(relit(moved, signal, CHANGE_PIXELS), signal, CHANGE_PIXELS, CHANGE_BLUR)
+        moved = key.signal if key.motion is None else warp_backward(key.signal, key.motion / float(gate.downscale))
+        threshold = float(gate.pixel_threshold)
+        return changed_mask(relit(moved, signal, threshold), signal, threshold, gate.blur)
 
     def _new_key(self, frame: Frame, features: Any) -> _FeatureKey:
         signal = None
         if self.options.feature_reuse_change < 1.0:
             from blinkflow.gate.signal import gray_signal
 
-            signal = gray_signal(frame.image, CHANGE_DOWNSCALE)
+            signal = gray_signal(frame.image, _GATE_DEFAULTS.downscale)
         return _FeatureKey(frame.index, features, (frame.height, frame.width), signal=signal)
 
     def _interval(self, stream_id: str) -> _Interval:
@@ -373,8 +375,7 @@ class Segment(ModelStage):
         if not (key.warped or (interval.frames == 1 and interval.since_check >= self.options.feature_reuse)):
             return None
         # a key run for new content is judged outside it: no warp was asked to show it
-        kept = None if new_content is None else ~at_pixels(grown(new_content, NEW_CONTENT_MARGIN), class_map.shape,
-                                                            CHANGE_DOWNSCALE)
+        kept = None if new_content is None else ~_new_at_pixels(new_content, class_map.shape)
         if kept is not None and kept.mean() < 0.5:
             return None  # mostly new: nothing to judge the warps by
         logits, _ = self._warped_logits(key, frame)
@@ -612,19 +613,15 @@ class Segment(ModelStage):
         }
 
 
-def grown(mask: np.ndarray, margin: int) -> np.ndarray:
-    """``mask`` dilated by ``margin`` pixels (a square neighbourhood)."""
+def _new_at_pixels(new_content: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The new content (on the gate's downscaled signal) grown by NEW_CONTENT_MARGIN, at the (H, W) pixels."""
     from scipy import ndimage
 
-    return ndimage.binary_dilation(mask, np.ones((2 * margin + 1,) * 2, bool)) if margin > 0 and mask.any() else mask
+    from blinkflow.gate.motion import field_at_pixels
 
-
-def at_pixels(mask: np.ndarray, shape: tuple[int, ...], scale: int) -> np.ndarray:
-    """A mask on a grid ``scale`` times coarser (the gate's signal) at the pixels of ``shape`` (H, W); the
-    rows and columns past the coarse grid's cover take its last ones."""
-    rows = np.minimum(np.arange(shape[0]) // scale, mask.shape[0] - 1)
-    cols = np.minimum(np.arange(shape[1]) // scale, mask.shape[1] - 1)
-    return mask[rows[:, None], cols[None, :]]
+    margin = max(1, round(NEW_CONTENT_MARGIN / _GATE_DEFAULTS.downscale))
+    grown = ndimage.binary_dilation(new_content, np.ones((2 * margin + 1,) * 2, bool))
+    return field_at_pixels(grown, shape[0], shape[1])
 
 
 def warp_features(features: Any, motion: np.ndarray | None, source: tuple[int, int]) -> Any:
