@@ -329,16 +329,11 @@ class Segment(ModelStage):
         change measure, on its downscaled signal): what a warp of the key's features cannot show. None: off."""
         if self.options.feature_reuse_change >= 1.0 or key.signal is None:
             return None
-        from blinkflow.gate.motion import warp_backward
-        from blinkflow.gate.signal import changed_mask, gray_signal, relit
+        from blinkflow.gate.signal import gray_signal, measured_change
 
-        gate = _GATE_DEFAULTS
-        signal = gray_signal(frame.image, gate.downscale)
-        if signal.shape != key.signal.shape:
-            return np.ones(signal.shape, bool)
-        moved = key.signal if key.motion is None else warp_backward(key.signal, key.motion / float(gate.downscale))
-        threshold = float(gate.pixel_threshold)
-        return changed_mask(relit(moved, signal, threshold), signal, threshold, gate.blur)
+        # same frame size as the key (_can_warp), so the same signal shape
+        signal = gray_signal(frame.image, _GATE_DEFAULTS.downscale)
+        return measured_change(key.signal, signal, _GATE_DEFAULTS, key.motion)
 
     def _new_key(self, frame: Frame, features: Any) -> _FeatureKey:
         signal = None

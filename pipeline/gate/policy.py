@@ -67,9 +67,9 @@ from blinkflow.config import GateConfig
 from blinkflow.frame import Frame, GateMark
 from blinkflow.gate.agreement import BOUND_GROWTH, BOUND_SHARE, moved_bound, span_meets
 from blinkflow.gate.motion import (
-    MOTION_KEY, DecoderMotion, attach_decoder_motion, compose_motion, is_still, warp_backward,
+    MOTION_KEY, DecoderMotion, attach_decoder_motion, compose_motion, is_still,
 )
-from blinkflow.gate.signal import blurred_difference, changed_mask, gray_signal, largest_component, relit
+from blinkflow.gate.signal import blurred_difference, gray_signal, largest_component, lit, measured_change
 from blinkflow.gate.tiles import (
     changed_tile_grid, changed_tiles, patch_tiles, tile_counts, tile_indices, tile_maxima,
 )
@@ -217,7 +217,7 @@ class GatePolicy:
         cfg = self.cfg
         tiles: set[int] = set()
         for reference in _references(state, stages):
-            mask = changed_mask(self._lit(reference, signal), signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+            mask = measured_change(reference, signal, cfg)
             tiles.update(changed_tiles(mask, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed))
         return sorted(tiles)
 
@@ -235,12 +235,10 @@ class GatePolicy:
         motion = state.full_motion if state.split_motion else state.motion
         still = is_still(motion)
         # tiles are patched into the uncompensated reference, so they need the plain mask; skip it when unused
-        plain = changed_mask(self._lit(state.reference, signal), signal, cfg.pixel_threshold, cfg.blur,
-                             cfg.noise_sigmas) if still or cfg.tiles else None
+        plain = measured_change(state.reference, signal, cfg) if still or cfg.tiles else None
         mask, compensated = plain, False
         if not still:
-            moved = self._lit(warp_backward(state.reference, motion / float(cfg.downscale)), signal)
-            mask, compensated = changed_mask(moved, signal, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas), True
+            mask, compensated = measured_change(state.reference, signal, cfg, motion), True
         tiles = changed_tiles(plain, cfg.tiles, cfg.tile_margin, cfg.tile_min_changed) if cfg.tiles else None
         known = state.objects is not None and state.objects.shape == mask.shape
         if tiles and known and cfg.object_tiles:
@@ -254,11 +252,6 @@ class GatePolicy:
             weighted = min(1.0, (count + (cfg.object_weight - 1.0) * on_objects) / mask.size)
         grid = changed_tile_grid(mask, cfg.tiles, cfg.tile_min_changed) if cfg.region_budget and cfg.tiles else None
         return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted, grid)
-
-    def _lit(self, reference: np.ndarray, signal: np.ndarray) -> np.ndarray:
-        """The reference under the frame's global lighting (``lighting``), so that an exposure change or a
-        cloud is not change; pixels off the fit by more than ``pixel_threshold`` (real change) do not bend it."""
-        return relit(reference, signal, float(max(1, self.cfg.pixel_threshold))) if self.cfg.lighting else reference
 
     def _refresh_reason(self, state: _StreamState, change: _Change) -> str | None:
         cfg = self.cfg
@@ -300,7 +293,7 @@ class GatePolicy:
         change (above ``pixel_threshold``) or ``refresh_noise_factor`` times the largest frame-to-frame
         change seen there since: drift adds up from frame to frame, codec noise does not."""
         cfg = self.cfg
-        difference = blurred_difference(self._lit(reference, signal), signal, cfg.blur)
+        difference = blurred_difference(lit(reference, signal, cfg), signal, cfg.blur)
         change = tile_maxima(difference, cfg.tiles)
         hit = change > cfg.refresh_pixel_threshold
         if cfg.refresh_noise_factor and state.noise is not None:

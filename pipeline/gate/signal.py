@@ -87,6 +87,23 @@ def _light_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return gain, (sy - gain * sx) / n
 
 
+def lit(reference: np.ndarray, current: np.ndarray, cfg: GateConfig) -> np.ndarray:
+    """``reference`` under ``current``'s global lighting with ``cfg.lighting`` (an exposure change or a cloud is
+    not change; pixels off the fit by more than ``pixel_threshold``, real change, do not bend it), else as is."""
+    return relit(reference, current, float(max(1, cfg.pixel_threshold))) if cfg.lighting else reference
+
+
+def measured_change(reference: np.ndarray, current: np.ndarray, cfg: GateConfig,
+                    motion: np.ndarray | None = None) -> np.ndarray:
+    """The gate's mask of changed signal pixels: ``current`` against ``reference`` (first moved along the
+    backward ``motion`` in frame pixels, when given), under its lighting, blurred and thresholded per ``cfg``."""
+    if motion is not None:
+        from blinkflow.gate.motion import warp_backward
+
+        reference = warp_backward(reference, motion / float(cfg.downscale))
+    return changed_mask(lit(reference, current, cfg), current, cfg.pixel_threshold, cfg.blur, cfg.noise_sigmas)
+
+
 def changed_mask(reference: np.ndarray, current: np.ndarray, pixel_threshold: float, blur: int,
                  noise_sigmas: float = 0.0) -> np.ndarray:
     """Boolean mask of changed signal pixels: blurred |difference| above the pixel threshold.
