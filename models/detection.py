@@ -85,11 +85,12 @@ def fcos_resnet50_fpn(
 
 
 @register_model("yolox_nano", task="detect")
-def yolox_nano(*, num_classes: int = 91, input_size: tuple[int, int] = (416, 416)) -> Any:
-    """YOLOX-nano (anchor-free, depthwise, 0.9M parameters); letterboxes to ``input_size`` (multiples of 32)."""
+def yolox_nano(*, num_classes: int = 91, input_size: tuple[int, int] = (416, 416), rect: bool = True) -> Any:
+    """YOLOX-nano (anchor-free, depthwise, 0.9M parameters); letterboxes to ``input_size`` (multiples of 32),
+    with ``rect`` cut to the frame's shape (a 16:9 frame costs about half the square)."""
     from blinkflow.models.yolox import YOLOX
 
-    return YOLOX(num_classes=num_classes, input_size=tuple(input_size))
+    return YOLOX(num_classes=num_classes, input_size=tuple(input_size), rect=bool(rect))
 
 
 def _sizes(min_size: int | None, max_size: int | None) -> dict[str, int]:

@@ -15,6 +15,12 @@ sizes and returns per image ``{"boxes": (K, 4) x1y1x2y2 in the image's pixels,
 0..255, no mean/std, letterbox to ``input_size`` (aspect kept, top-left, padded
 with 114), then per anchor point the best class with score = objectness x class
 probability, the score cut, class-aware NMS and the best ``detections_per_img``.
+
+With ``rect`` the letterbox is cut to the image instead of the square: the image is
+scaled exactly as into ``input_size`` but padded only to the next multiple of 32 (a
+16:9 frame in 320x320 runs at 192x320, half the work). The network is convolutional
+(SPP's pools are local), so the boxes are those of the square letterbox but for the
+cells that saw its padding.
 """
 
 from __future__ import annotations
@@ -207,7 +213,7 @@ class YOLOX(nn.Module):
 
     def __init__(
         self, num_classes: int = COCO_NUM_CLASSES, input_size: tuple[int, int] = (416, 416),
-        depth: float = 0.33, width: float = 0.25,
+        depth: float = 0.33, width: float = 0.25, rect: bool = False,
     ) -> None:
         super().__init__()
         if len(input_size) != 2 or any(side % STRIDES[-1] or side <= 0 for side in input_size):
@@ -216,6 +222,7 @@ class YOLOX(nn.Module):
             raise ValueError(f"yolox num_classes counts the background and must be >= 2; got {num_classes}")
         self.num_classes = num_classes
         self.input_size = (int(input_size[0]), int(input_size[1]))
+        self.rect = bool(rect)
         self.score_thresh = 0.01
         self.nms_thresh = 0.45
         self.detections_per_img = 100
@@ -237,8 +244,9 @@ class YOLOX(nn.Module):
             return yolox_loss(self, images, targets)
         batch, ratios = self.letterbox(images)
         raw = self.raw(batch)
+        size = tuple(batch.shape[-2:])
         return [
-            self._detections(pred, ratio, image.shape[-2:]) for pred, ratio, image in zip(raw, ratios, images)
+            self._detections(pred, ratio, image.shape[-2:], size) for pred, ratio, image in zip(raw, ratios, images)
         ]
 
     def letterbox_fit(self, height: int, width: int) -> tuple[float, tuple[int, int]]:
@@ -247,9 +255,19 @@ class YOLOX(nn.Module):
         ratio = min(self.input_size[0] / height, self.input_size[1] / width)
         return ratio, (max(1, int(height * ratio)), max(1, int(width * ratio)))  # int() truncates, as the YOLOX demo does
 
+    def input_for(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) of the network's input for a ``height`` x ``width`` image: ``input_size``, or
+        with ``rect`` the image's place in it padded to the stride."""
+        if not self.rect:
+            return self.input_size
+        _, (fit_h, fit_w) = self.letterbox_fit(height, width)
+        step = STRIDES[-1]
+        return min(self.input_size[0], -(-fit_h // step) * step), min(self.input_size[1], -(-fit_w // step) * step)
+
     def letterbox(self, images: list[Tensor]) -> tuple[Tensor, list[float]]:
         """RGB [0, 1] images to the network's input: a BGR 0..255 NCHW batch and each image's resize ratio."""
-        height, width = self.input_size
+        sizes = [self.input_for(*image.shape[-2:]) for image in images]
+        height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
         dtype = images[0].dtype if images[0].is_floating_point() else torch.float32
         batch = images[0].new_full((len(images), 3, height, width), PAD_VALUE, dtype=dtype)
         ratios = []
@@ -273,18 +291,20 @@ class YOLOX(nn.Module):
         batch, for a training loss."""
         return self.head(self.backbone(x / PIXEL_SCALE))
 
-    def decode(self, raw: Tensor) -> Tensor:
-        """Boxes x1y1x2y2 in letterboxed input pixels for every point of ``raw`` (N, points, 4)."""
-        grid, strides = self._grid(raw.shape[1], raw.device, raw.dtype)
+    def decode(self, raw: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        """Boxes x1y1x2y2 in letterboxed input pixels for every point of ``raw`` (N, points, 4) of an input of
+        ``size`` (height, width; default ``input_size``)."""
+        grid, strides = self._grid(raw.shape[1], raw.device, raw.dtype, size or self.input_size)
         centre = (raw[..., :2] + grid) * strides
         half = torch.exp(raw[..., 2:4]) * strides / 2
         return torch.cat([centre - half, centre + half], dim=-1)
 
     # ------------------------------------------------------------------ helpers
 
-    def _grid(self, points: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    def _grid(self, points: int, device: torch.device, dtype: torch.dtype,
+              size: tuple[int, int]) -> tuple[Tensor, Tensor]:
         """Each point's (x, y) cell and its stride, level by level, row-major: the head's flattening order."""
-        height, width = self.input_size
+        height, width = size
         cells, strides = [], []
         for stride in STRIDES:
             ys, xs = torch.meshgrid(
@@ -295,12 +315,13 @@ class YOLOX(nn.Module):
             strides.append(torch.full((cells[-1].shape[0], 1), stride, device=device))
         grid, stride_of = torch.cat(cells).to(dtype), torch.cat(strides).to(dtype)
         if grid.shape[0] != points:
-            raise ValueError(f"yolox: {points} head points do not match input_size {self.input_size}")
+            raise ValueError(f"yolox: {points} head points do not match an input of {tuple(size)}")
         return grid, stride_of
 
-    def _detections(self, pred: Tensor, ratio: float, image_size: torch.Size) -> dict[str, Tensor]:
+    def _detections(self, pred: Tensor, ratio: float, image_size: torch.Size,
+                    input_size: tuple[int, int]) -> dict[str, Tensor]:
         pred = pred.float()  # NMS wants one dtype; autocast may have made the head fp16
-        boxes = self.decode(pred[None])[0]
+        boxes = self.decode(pred[None], input_size)[0]
         # YOLOX's post-processing: one class per point, the best, scored objectness x class probability
         scores, classes = (pred[:, 4:5] * pred[:, 5:]).max(dim=1)
         keep = scores >= self.score_thresh

@@ -28,8 +28,9 @@ def yolox_loss(model, images: list[Tensor], targets: list[dict[str, Tensor]]) ->
     box_raw = torch.cat([box.flatten(2) for box, _, _ in levels], 2).permute(0, 2, 1)
     obj = torch.cat([o.flatten(2) for _, o, _ in levels], 2).permute(0, 2, 1)[..., 0]
     cls = torch.cat([c.flatten(2) for _, _, c in levels], 2).permute(0, 2, 1)
-    grid, strides = model._grid(box_raw.shape[1], box_raw.device, box_raw.dtype)
-    boxes = model.decode(box_raw)
+    size = tuple(batch.shape[-2:])
+    grid, strides = model._grid(box_raw.shape[1], box_raw.device, box_raw.dtype, size)
+    boxes = model.decode(box_raw, size)
     totals = {"loss_box": boxes.new_zeros(()), "loss_obj": boxes.new_zeros(()), "loss_cls": boxes.new_zeros(())}
     assigned = 0
     for i, target in enumerate(targets):

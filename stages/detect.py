@@ -316,9 +316,15 @@ class Detect(ModelStage):
         inners = object_regions(tiles["grid"], tiles["changed"], frame.height, frame.width, previous)
         scale, content = self._letterbox_scale(frame)
         halo = (self.options.crop_halo * frame.width / cols, self.options.crop_halo * frame.height / rows)
-        full = self.model.input_size
+        full = self._full_input(frame)
         return plan_canvas(inners, (frame.height, frame.width), scale, content, halo,
                            self.options.crop_max_area * full[0] * full[1])
+
+    def _full_input(self, frame: Frame) -> tuple[int, int]:
+        """The (height, width) of the model input a full-frame call on ``frame`` runs at: what a canvas costs
+        a share of (a rect letterbox is smaller than input_size)."""
+        height, width = self.options.input_size or (frame.height, frame.width)
+        return self.model.input_for(height, width)
 
     def _letterbox_scale(self, frame: Frame) -> tuple[tuple[float, float], tuple[int, int]]:
         """(x, y) factors from source pixels to the letterboxed model input of a full-frame call, and the
@@ -354,7 +360,7 @@ class Detect(ModelStage):
         stale = superseded(carried[0], carried[2], new[0], new[2])
         merged = [torch.cat([old[~stale], fresh]) for old, fresh in zip(carried, new)]
         result = self._finish(*merged, frame)
-        full = self.model.input_size
+        full = self._full_input(frame)
         crops = [[round(float(v), 2) for v in region.crop] for region in canvas.regions]
         result["crop"] = {
             "box": [min(c[0] for c in crops), min(c[1] for c in crops), max(c[2] for c in crops), max(c[3] for c in crops)],
@@ -585,7 +591,7 @@ def crop_reuse_mode(cfg: StageConfig | None) -> str | None:
 
 def letterboxes(model: Any) -> bool:
     """Whether ``model`` letterboxes every input to a settable fixed size, as :class:`models.yolox.YOLOX` does."""
-    return all(hasattr(model, name) for name in ("input_size", "letterbox_fit", "pad_value"))
+    return all(hasattr(model, name) for name in ("input_size", "input_for", "letterbox_fit", "pad_value"))
 
 
 def _not_letterboxed(stage: str, model: str) -> str:

@@ -28,6 +28,9 @@ class LetterboxColourDetector:
         self.input_size = tuple(input_size)
         self.calls: list[tuple[int, int]] = []
 
+    def input_for(self, height, width):
+        return self.input_size  # the square letterbox (YOLOX without rect)
+
     def letterbox_fit(self, height, width):
         ratio = min(self.input_size[0] / height, self.input_size[1] / width)
         return ratio, (max(1, int(height * ratio)), max(1, int(width * ratio)))

@@ -165,8 +165,9 @@ def render(payload: dict[str, Any], rows: list[list[Any]], quick: bool) -> str:
 
 #: speed knobs measured beside the demo's own settings: (stage, label, overrides of the demo config)
 DEMO_VARIANTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
-    ("detect", "demo (YOLOX 320x320)", ()),
-    ("detect", "416x416 (trained size)", ("stages.detect.options.model_args.input_size=[416,416]",)),
+    ("detect", "demo (YOLOX 320x320, rect: 160x320)", ()),
+    ("detect", "square letterbox (rect off: 320x320)", ("stages.detect.options.model_args.rect=false",)),
+    ("detect", "416x416 (trained size; rect: 224x416)", ("stages.detect.options.model_args.input_size=[416,416]",)),
     ("segment", "demo (272x640, the clip's size)", ()),
     ("segment", "input_size 136x320", ("stages.segment.options.input_size=[136,320]",)),
     ("flow", "demo (136x320, 6 iterations)", ()),
