@@ -359,7 +359,7 @@ def compose_motion(step: np.ndarray | None, accumulated: np.ndarray | None) -> n
     if accumulated is None or accumulated.shape != step.shape:
         return step.astype(np.float32)
     gh, gw = step.shape[:2]
-    ys, xs = np.mgrid[0:gh, 0:gw]
+    ys, xs = _pixel_grid(gh, gw)
     cell_w, cell_h = _cell_size(step)
     src_x = np.clip(np.rint(xs - step[..., 0] / cell_w), 0, gw - 1).astype(np.intp)
     src_y = np.clip(np.rint(ys - step[..., 1] / cell_h), 0, gh - 1).astype(np.intp)
@@ -373,17 +373,33 @@ def _cell_size(motion: np.ndarray) -> tuple[float, float]:
 
 def field_at_pixels(motion: np.ndarray, height: int, width: int) -> np.ndarray:
     """The coarse field expanded to one (dx, dy) per pixel (nearest cell)."""
-    gh, gw = motion.shape[:2]
-    rows = np.minimum(np.arange(height) * gh // max(height, 1), gh - 1)
-    cols = np.minimum(np.arange(width) * gw // max(width, 1), gw - 1)
-    return motion[rows[:, None], cols[None, :]]
+    rows, cols = _nearest_cells(motion.shape[0], motion.shape[1], height, width)
+    return motion[rows, cols]
+
+
+@functools.lru_cache(maxsize=64)
+def _nearest_cells(gh: int, gw: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per pixel row (a column vector) and column (a row vector) of a ``height x width`` frame, the cell of a
+    (gh, gw) field it takes (read-only: shared by every call on the same sizes, as the gate makes them per frame)."""
+    rows = np.minimum(np.arange(height) * gh // max(height, 1), gh - 1)[:, None]
+    cols = np.minimum(np.arange(width) * gw // max(width, 1), gw - 1)[None, :]
+    rows.flags.writeable = cols.flags.writeable = False
+    return rows, cols
+
+
+@functools.lru_cache(maxsize=64)
+def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """``np.mgrid[0:height, 0:width]`` as (ys, xs), read-only and cached (the gate warps every frame)."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    ys.flags.writeable = xs.flags.writeable = False
+    return ys, xs
 
 
 def warp_backward(image: np.ndarray, motion: np.ndarray) -> np.ndarray:
     """``out[p] = image[p - motion(p)]`` (nearest pixel, edges clamped): how a decoder moves blocks."""
     height, width = image.shape[:2]
     per_pixel = field_at_pixels(motion, height, width)
-    ys, xs = np.mgrid[0:height, 0:width]
+    ys, xs = _pixel_grid(height, width)
     src_x = np.clip(np.rint(xs - per_pixel[..., 0]), 0, width - 1).astype(np.intp)
     src_y = np.clip(np.rint(ys - per_pixel[..., 1]), 0, height - 1).astype(np.intp)
     return image[src_y, src_x]
