@@ -663,8 +663,8 @@ def _baseline_table(reports: list[ClipReport]) -> str:
         return ""
     return "\n".join([
         f"**Against the baseline** (commit {BASELINE['commit']}, before the gate was re-earned on real footage; its "
-        "savings were judged by the same models, but its budget had reused the cars and people who came into quiet "
-        "scenes, docs/skipping.md):",
+        "savings were judged by the same models, the detector then on its square letterbox, not the frame's shape "
+        "(rect), but its budget had reused the cars and people who came into quiet scenes, docs/skipping.md):",
         "",
         markdown_table(["clip", "less compute: baseline → now", "box F1: baseline → now",
                         "mask mIoU: baseline → now"], rows),
