@@ -296,9 +296,20 @@ class DecoderMotion:
     def _field(self, decoded: DecoderVectors, vectors: np.ndarray | None, past: float, future: float,
                uncovered: float = 0.0) -> np.ndarray:
         (width, height), (out_w, out_h) = decoded.size, decoded.out
-        field_ = motion_field_from_mvs(vectors, height, width, scale=(out_w / width, out_h / height),
+        factor = _whole_factor((width, height), (out_w, out_h))
+        # a source that resizes by a whole factor (or not at all): the output's cells are whole squares of
+        # decoded pixels, so the blocks are averaged straight onto them (every vector counts, where making
+        # the finer field and taking every factor-th cell dropped the others and cost 2.4x the time)
+        cell = MOTION_CELL * (factor or 1)
+        field_ = motion_field_from_mvs(vectors, height, width, cell=cell, scale=(out_w / width, out_h / height),
                                        past_distance=past, future_distance=future, uncovered=uncovered)
-        return regrid_motion(field_, out_h, out_w) if (out_w, out_h) != (width, height) else field_
+        return field_ if factor else regrid_motion(field_, out_h, out_w)
+
+
+def _whole_factor(size: tuple[int, int], out: tuple[int, int]) -> int | None:
+    """k when ``size`` is ``out`` times a whole k on both sides (1: no resize), else None."""
+    k, rest = divmod(size[0], out[0]) if out[0] else (0, 1)
+    return k if k >= 1 and rest == 0 and size[1] == k * out[1] else None
 
 
 #: AVPictureType -> how its vectors read: anchors (intra: none; predicted: from the last anchor) or a
