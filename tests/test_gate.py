@@ -1257,3 +1257,28 @@ def test_a_frame_keeps_its_gate_mark_through_pickling_as_ray_sends_it():
     back = pickle.loads(pickle.dumps(frame))
     assert back.is_reused and not back.runs("detect") and back.gate.tiles == mark.tiles
     assert np.array_equal(back.gate.motion, mark.motion) and back.finish().reuse_of == 4
+
+
+def test_a_source_resized_by_a_whole_factor_gets_its_fields_averaged_onto_the_output_cells():
+    """Decoded 64x32, delivered 32x16 (factor 2): each output cell (16 decoded pixels) is the mean of the four
+    8x8 blocks over it, scaled to output pixels; a resize by no whole factor still regrids the fine field."""
+    from blinkflow.gate.motion import PACKED_VECTORS, DecoderMotion, DecoderVectors, _whole_factor, motion_field_from_mvs
+
+    assert _whole_factor((640, 272), (320, 136)) == 2 and _whole_factor((640, 272), (640, 272)) == 1
+    assert _whole_factor((1280, 720), (384, 216)) is None and _whole_factor((768, 432), (384, 200)) is None
+    rng = np.random.default_rng(3)
+    blocks = [(x, y) for y in range(0, 32, 8) for x in range(0, 64, 8)]
+    vectors = np.zeros(len(blocks), PACKED_VECTORS)
+    vectors["source"], vectors["w"], vectors["h"], vectors["motion_scale"] = -1, 8, 8, 4
+    vectors["dst_x"] = [x + 4 for x, _ in blocks]
+    vectors["dst_y"] = [y + 4 for _, y in blocks]
+    vectors["motion_x"] = rng.integers(-40, 40, len(blocks))
+    vectors["motion_y"] = rng.integers(-40, 40, len(blocks))
+    fine = motion_field_from_mvs(vectors, 32, 64, scale=(0.5, 0.5))  # one block a cell: (4, 8, 2)
+    expected = fine.reshape(2, 2, 4, 2, 2).mean(axis=(1, 3))
+    field = DecoderMotion().step(DecoderVectors(2, (64, 32), (32, 16), vectors))  # a P-frame after nothing
+    assert field.shape == (2, 4, 2)
+    np.testing.assert_allclose(field, expected, rtol=1e-6, atol=1e-6)
+    odd = DecoderMotion().step(DecoderVectors(2, (64, 32), (40, 20), vectors))  # 1.6x: the fine field regridded
+    fine_odd = motion_field_from_mvs(vectors, 32, 64, scale=(40 / 64, 20 / 32))
+    assert odd.shape == (3, 5, 2) and set(np.unique(odd[..., 0])) <= set(np.unique(fine_odd[..., 0]))
