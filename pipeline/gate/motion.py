@@ -368,9 +368,7 @@ def _mismatch(speeds: tuple[float, float], distances: tuple[int, int]) -> float:
 def regrid_motion(motion: np.ndarray, height: int, width: int) -> np.ndarray:
     """Resample a motion field (nearest cell) onto the MOTION_CELL grid of a ``height x width`` frame."""
     gh, gw = max(1, math.ceil(height / MOTION_CELL)), max(1, math.ceil(width / MOTION_CELL))
-    rows = np.minimum(np.arange(gh) * motion.shape[0] // gh, motion.shape[0] - 1)
-    cols = np.minimum(np.arange(gw) * motion.shape[1] // gw, motion.shape[1] - 1)
-    return motion[rows[:, None], cols[None, :]]
+    return field_at_pixels(motion, gh, gw)  # the new cells take the old ones as pixels would
 
 
 def compose_motion(step: np.ndarray | None, accumulated: np.ndarray | None) -> np.ndarray | None:
@@ -381,7 +379,7 @@ def compose_motion(step: np.ndarray | None, accumulated: np.ndarray | None) -> n
     if accumulated is None or accumulated.shape != step.shape:
         return step.astype(np.float32)
     gh, gw = step.shape[:2]
-    ys, xs = _pixel_grid(gh, gw)
+    ys, xs = _index_grid(gh, gw)
     cell_w, cell_h = _cell_size(step)
     src_x = np.clip(np.rint(xs - step[..., 0] / cell_w), 0, gw - 1).astype(np.intp)
     src_y = np.clip(np.rint(ys - step[..., 1] / cell_h), 0, gh - 1).astype(np.intp)
@@ -410,7 +408,7 @@ def _nearest_cells(gh: int, gw: int, height: int, width: int) -> tuple[np.ndarra
 
 
 @functools.lru_cache(maxsize=64)
-def _pixel_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+def _index_grid(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """``np.mgrid[0:height, 0:width]`` as (ys, xs), read-only and cached (the gate warps every frame)."""
     ys, xs = np.mgrid[0:height, 0:width]
     ys.flags.writeable = xs.flags.writeable = False
@@ -421,7 +419,7 @@ def warp_backward(image: np.ndarray, motion: np.ndarray) -> np.ndarray:
     """``out[p] = image[p - motion(p)]`` (nearest pixel, edges clamped): how a decoder moves blocks."""
     height, width = image.shape[:2]
     per_pixel = field_at_pixels(motion, height, width)
-    ys, xs = _pixel_grid(height, width)
+    ys, xs = _index_grid(height, width)
     src_x = np.clip(np.rint(xs - per_pixel[..., 0]), 0, width - 1).astype(np.intp)
     src_y = np.clip(np.rint(ys - per_pixel[..., 1]), 0, height - 1).astype(np.intp)
     return image[src_y, src_x]
