@@ -41,6 +41,7 @@ import argparse
 import copy
 import itertools
 import logging
+import math
 import os
 import statistics
 from dataclasses import dataclass, field
@@ -333,6 +334,34 @@ def consecutive_agreement(off: list[Any]) -> dict[str, float | None]:
             "consecutive_mask_iou": statistics.mean(mious) if mious else None}
 
 
+#: a gate-off mask that agrees with the previous frame's below this mIoU marks a frame where something moved
+#: (docs/skipping.md, "The parking lot's floor": no reuse of an older mask holds 0.95 on such frames)
+MOVING_MIOU = 0.98
+
+
+def moving_frames(off: list[Any]) -> set[int]:
+    """Indices of the gate-off frames whose mask differs from the previous frame's (mIoU < MOVING_MIOU)."""
+    from blinkflow.gate.agreement import mask_miou
+    from blinkflow.stages.common import class_map_of
+
+    return {after.index for before, after in itertools.pairwise(off)
+            if "segment" in before.results and "segment" in after.results
+            and mask_miou(class_map_of(before.results["segment"]), class_map_of(after.results["segment"])) < MOVING_MIOU}
+
+
+def moving_work(off: list[Any], on: list[Any], cost: dict[str, float]) -> dict[str, Any]:
+    """What the gate spent on the frames where something moved: their share, each stage's work per such frame,
+    and the less compute a run would reach if those frames cost what they did here and every other frame nothing."""
+    moving = moving_frames(off)
+    works = [frame_work(r) for r in on if r.index in moving]
+    per_stage = {stage: (statistics.mean(w[stage] for w in works) if works else 0.0) for stage in MODEL_STAGES}
+    total = sum(cost.values())
+    spent = sum(cost[s] * per_stage[s] for s in MODEL_STAGES) / total if total > 0 else statistics.mean(per_stage.values())
+    fraction = spent * len(works) / max(1, len(on))
+    return {"moving_frames": len(moving), "moving_work": per_stage,
+            "moving_ceiling": 1.0 / fraction if fraction > 0 else float("inf")}
+
+
 def gate_figures(on: list[Any]) -> dict[str, Any]:
     decisions = [(r.results.get("gate") or {}).get("decision") for r in on]
     audits = [r.results["audit"]["agreement"] for r in on if "audit" in r.results]
@@ -372,6 +401,7 @@ def clip_report(clip: Clip, off: Measurement, on: Measurement, run_off: RunOutco
         **gate_figures(run_on.results),
         **agreement_with_off(run_off.results, run_on.results, confident),
         **output_richness(run_off.results),
+        **moving_work(run_off.results, run_on.results, cost),
     }
     return ClipReport(clip, off, on, figures)
 
@@ -599,7 +629,7 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
                _num(r.figures["confident_boxes_f1"]), _num(r.figures["reused_boxes_f1"]), _num(r.figures["reused_mask_iou"]),
                f"{r.figures['boxes_per_frame']:.1f} / {r.figures['classes_per_mask']:.1f}",
                f"{_num(r.figures['consecutive_boxes_f1'])} / {_num(r.figures['consecutive_mask_iou'])}",
-               _num(r.figures["final_threshold"], 4)] for r in reports]
+               _moving_cell(r.figures), _num(r.figures["final_threshold"], 4)] for r in reports]
     weights = ", ".join(f"{stage}: {w}" for stage, w in result["weights"].items())
     changed = f" with {', '.join(result['gate_overrides'])}" if result["gate_overrides"] else ""
     intro = (
@@ -615,7 +645,10 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
         "is the models' own frame-to-frame stability, a ceiling for any reuse. \"Confident boxes\": the same box F1, "
         "but an unmatched box scoring below the detector's `score_threshold` counts neither way (the detector keeps "
         "such a box only through its score hysteresis, so whether it exists depends on which earlier frames the "
-        "detector saw, not on the frame's pixels); the targets are judged on the strict F1."
+        "detector saw, not on the frame's pixels); the targets are judged on the strict F1. \"Moving frames\": "
+        f"gate-off frames whose mask agrees with the previous one's below {MOVING_MIOU} mIoU (something moved); their "
+        "work per frame in this run, and the ceiling: the less compute if those frames cost what they did and every "
+        "other frame nothing."
     )
     return "\n".join([
         "## Skipping: gate off vs gate on",
@@ -630,7 +663,8 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
         "",
         markdown_table(["clip", "detect work", "segment work", "gate-off ms/frame detect / segment",
                         "box F1, confident boxes", "box F1, reused frames", "mask mIoU, reused frames", "gate-off boxes / classes per frame",
-                        "gate-off frame vs previous: box F1 / mIoU", "final threshold"], detail),
+                        "gate-off frame vs previous: box F1 / mIoU",
+                        "moving frames: count, detect / segment work each, ceiling", "final threshold"], detail),
         "",
         _baseline_table(reports),
         "",
@@ -642,6 +676,16 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
         "",
         _verdict(result, reports, price),
     ])
+
+
+def _moving_cell(f: dict[str, Any]) -> str:
+    work = f.get("moving_work")
+    if not work:
+        return "–"
+    if not f["moving_frames"]:
+        return f"0 of {f['frames']}"
+    ceiling = f"{f['moving_ceiling']:.2f}×" if math.isfinite(f["moving_ceiling"]) else "–"
+    return f"{f['moving_frames']} of {f['frames']}, {work['detect']:.2f} / {work['segment']:.2f}, {ceiling}"
 
 
 #: the real clips before issue #22 changed the gate (commit b22b78d, gate defaults, the same models and clips):
