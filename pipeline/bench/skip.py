@@ -646,9 +646,9 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
         "but an unmatched box scoring below the detector's `score_threshold` counts neither way (the detector keeps "
         "such a box only through its score hysteresis, so whether it exists depends on which earlier frames the "
         "detector saw, not on the frame's pixels); the targets are judged on the strict F1. \"Moving frames\": "
-        f"gate-off frames whose mask agrees with the previous one's below {MOVING_MIOU} mIoU (something moved); their "
-        "work per frame in this run, and the ceiling: the less compute if those frames cost what they did and every "
-        "other frame nothing."
+        f"gate-off frames whose mask agrees with the previous one's below {MOVING_MIOU} mIoU (something moved, or the "
+        "segmenter flickered); their work per frame in this run, and the ceiling: the less compute if those frames "
+        "cost what they did and every other frame nothing."
     )
     return "\n".join([
         "## Skipping: gate off vs gate on",
