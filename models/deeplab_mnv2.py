@@ -32,6 +32,7 @@ from torch import nn
 
 TRUNK_CHANNELS = 320
 HEAD_CHANNELS = 256
+OUTPUT_STRIDE = 16
 #: torchvision ``features`` index of TF's ``expanded_conv_N`` is N + 1; the first block without its stride
 UNSTRIDED_BLOCK = 14
 #: blocks whose depthwise conv is dilated by 2 (output stride 16 instead of 32)
@@ -81,12 +82,68 @@ class DeepLabV3MobileNetV2(nn.Module):
         """Logits at ``size`` (the input's height and width) from :meth:`features`. ``context`` (N, 320, 1, 1),
         when given, is the global mean the image-pooling branch sees instead of these features' own: a crop
         of a frame then keeps the whole frame's context (the segment stage's tile recompute)."""
+        return self.upsample(self.head_cells(features, context), size)
+
+    def head_cells(self, features: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The head's logits on the feature cells (output stride 16), before :meth:`upsample`. Every branch
+        but the global mean is a 1x1 conv, so any window of cells gives the whole map's values there."""
         # the original pools with a window the size of the 513x513 input's feature map: a global mean
         mean = features.mean(dim=(2, 3), keepdim=True) if context is None else context
         pooled = self.image_pooling(mean)
         pooled = pooled.expand(-1, -1, *features.shape[-2:])  # bilinear resize of a 1x1 map is a broadcast
-        head = self.concat_projection(torch.cat([pooled, self.aspp0(features)], dim=1))
-        return F.interpolate(self.logits(head), size=tuple(size), mode="bilinear", align_corners=True)
+        return self.logits(self.concat_projection(torch.cat([pooled, self.aspp0(features)], dim=1)))
+
+    @staticmethod
+    def upsample(cells: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        return F.interpolate(cells, size=tuple(size), mode="bilinear", align_corners=True)
+
+    # ------------------------------------------------------------------ recompute over regions
+
+    def activations(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every trunk block's output (the last is :meth:`features`): the cache :meth:`update_activations`
+        recomputes regions of."""
+        out, t = [], x * 2 - 1
+        for block in self.backbone:
+            t = block(t)
+            out.append(t)
+        return out
+
+    def update_activations(self, x: torch.Tensor, cached: list[torch.Tensor],
+                           rects: list[tuple[int, int, int, int]]) -> tuple[list[torch.Tensor], int]:
+        """The trunk's activations for ``x``, recomputed block by block over ``rects`` (y0, y1, x0, x1 input
+        pixels) and taken from ``cached`` (another frame's :meth:`activations`) elsewhere; and the FLOPs spent
+        (:mod:`models.region_update`)."""
+        from blinkflow.models.region_update import update
+
+        return update(self.backbone, x * 2 - 1, cached, rects)
+
+    def region_flops(self, size: tuple[int, int], rects: list[tuple[int, int, int, int]] | None = None) -> int:
+        """FLOPs of the trunk recomputing ``rects`` (None: the whole input) and of the head on their cells."""
+        from blinkflow.models.region_update import full_flops, planned_flops
+
+        trunk = full_flops(self.backbone, size) if rects is None else planned_flops(self.backbone, size, rects)
+        return trunk + self.head_cell_flops() * self.head_cell_count(size, rects)
+
+    def head_cell_flops(self) -> int:
+        """The head's FLOPs per feature cell (its 1x1 convs; the pooling branch runs once, on the mean)."""
+        return 2 * HEAD_CHANNELS * (TRUNK_CHANNELS + 2 * HEAD_CHANNELS + self.num_classes)
+
+    @staticmethod
+    def head_rects(size: tuple[int, int], rects: list[tuple[int, int, int, int]] | None = None
+                   ) -> list[tuple[int, int, int, int]]:
+        """The feature cells (output stride 16) under ``rects`` (None: the whole input of ``size``) as windows the
+        head runs on: overlapping ones merged, so no cell is computed twice."""
+        from blinkflow.models.region_update import merge_rects
+
+        height, width = -(-size[0] // OUTPUT_STRIDE), -(-size[1] // OUTPUT_STRIDE)
+        if rects is None:
+            return [(0, height, 0, width)]
+        cells = [(y0 // OUTPUT_STRIDE, min(height, -(-y1 // OUTPUT_STRIDE)), x0 // OUTPUT_STRIDE,
+                  min(width, -(-x1 // OUTPUT_STRIDE))) for y0, y1, x0, x1 in rects]
+        return merge_rects(cells, reach=0)
+
+    def head_cell_count(self, size: tuple[int, int], rects: list[tuple[int, int, int, int]] | None = None) -> int:
+        return sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.head_rects(size, rects))
 
 
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:

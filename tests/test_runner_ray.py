@@ -117,7 +117,8 @@ def test_ray_matches_local_with_letterboxed_canvases_on_partial_frames(ray_local
 def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_local):
     """object_weight: the driver hands the gate each stream's boxes audit_lag frames late, in both runners
     alike; frames of small change carry the boxes over and run the segmenter alone on its changed tiles
-    (carry_until), in the cached frame's context (tile_context); with region_budget each audit also says
+    (carry_until), block by block around the stream's cached activations (tile_update); with region_budget each
+    audit also says
     where the results disagreed, and tiles the audits found harmless count less, alike in both."""
     from pathlib import Path
 
@@ -136,7 +137,9 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     assert comparable(ray_results) == comparable(local_results)
     gates = [r.results["gate"] for r in local_results]
     assert any("weighted" in g and g["weighted"] > g["changed"] for g in gates), "no change on a known object"
-    assert any("tiles" in r.results["segment"] for r in local_results if r.outcome is Outcome.PROCESSED)
+    tiles = [r.results["segment"]["tiles"] for r in local_results
+             if r.outcome is Outcome.PROCESSED and "tiles" in r.results["segment"]]
+    assert any(t.get("update") == "layers" for t in tiles), "no partial frame recomputed the trunk block by block"
     assert any(g.get("carried") == ["detect"] for g in gates), "no frame carried the boxes over a small change"
     assert any(g.get("discounted_tiles", 0) > 0 for g in gates), "no audit found a changed tile harmless"
 

@@ -49,10 +49,10 @@ def _parking_frames(first: int, count: int) -> list[Frame]:
     return frames
 
 
-def _segmenter(tile_context: bool, tile_batch: str = "auto", device: str = "cpu"):
+def _segmenter(tile_context: bool, tile_batch: str = "auto", device: str = "cpu", update: str = "crops"):
     from blinkflow.stages.segment import Segment
 
-    options = {"input_size": None, "tile_context": tile_context, "tile_batch": tile_batch}
+    options = {"input_size": None, "tile_context": tile_context, "tile_batch": tile_batch, "tile_update": update}
     cfg = load_config(data={"stages": {"segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped",
                                                    "options": options}}})
     stage = Segment(cfg.stages["segment"])
@@ -80,6 +80,42 @@ def test_tiles_recomputed_in_context_agree_with_a_full_recompute_on_a_real_clip(
     # measured: pixels 0.992 in context against 0.982 alone, mIoU 0.850 against 0.715
     assert scores[True][0] > scores[False][0] and scores[True][1] > scores[False][1], scores
     assert scores[True][0] >= 0.99 and scores[True][1] >= 0.8, scores
+
+
+@pytest.mark.slow
+def test_tiles_recomputed_layer_by_layer_agree_better_than_crops_and_cost_less():
+    """tile_update layers: on the same partial frames, the trunk recomputed block by block over the changed
+    tiles (their borders reading the cached activations, no halo computed) agrees with a full recompute better
+    than crops in context do, for fewer FLOPs."""
+    gate = Gate(GateConfig(enabled=True, adaptive=False, refresh={}, max_reuse=100, motion="off"))
+    gated = gate.process(_parking_frames(56, 14))
+    partial = [f.index for f in gated if f.results["gate"]["decision"] == "partial"]
+    full = {f.index: decode_class_map(f.results["segment"]["mask"]["data"])
+            for f in _segmenter(False).process([Frame("full", f.index, f.pts, f.image) for f in gated])}
+    scores = {}
+    for update in ("layers", "crops"):
+        frames = _segmenter(True, update=update).process(copy.deepcopy(gated))
+        tiles = [f.results["segment"]["tiles"] for f in frames if f.index in partial]
+        assert all(t.get("update") == ("layers" if update == "layers" else None) for t in tiles), tiles
+        maps = {f.index: decode_class_map(f.results["segment"]["mask"]["data"]) for f in frames}
+        scores[update] = (np.mean([mask_miou(maps[i], full[i]) for i in partial]), np.mean([t["area"] for t in tiles]))
+    # measured: mIoU 0.876 at 0.501 of a forward, against 0.850 at 0.548 with crops
+    assert scores["layers"][0] > scores["crops"][0] + 0.01 and scores["layers"][1] < scores["crops"][1] - 0.02, scores
+
+
+def test_layer_by_layer_tiles_need_a_model_that_can_recompute_regions():
+    from blinkflow.errors import StageError
+
+    cfg = load_config(data={"stages": {"segment": {"model": "unet_small", "options": {"tile_update": "layers"}}}})
+    from blinkflow.stages.segment import Segment
+
+    with pytest.raises(StageError, match=r"^stages\.segment\.options\.tile_update: model 'unet_small' cannot "
+                                         r"recompute its layers over regions; use deeplabv3_mobilenet_v2 or "):
+        Segment(cfg.stages["segment"]).setup("cpu")
+    auto = load_config(data={"stages": {"segment": {"model": "unet_small"}}})
+    stage = Segment(auto.stages["segment"])
+    stage.setup("cpu")
+    assert not stage._tile_layers  # auto: crops for a model without the layers
 
 
 def _two_far_crops() -> list[Frame]:
