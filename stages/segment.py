@@ -22,8 +22,13 @@ When the crops would cost a full forward or more, the frame runs in full.
 With ``tile_context`` (models with a features/head split: DeepLab) the stage
 also keeps the stream's backbone features and the crops' global pooling sees
 them, the crops' own features pasted in: the frame's context, not the crop's.
+With ``tile_update`` layers (``auto`` picks it for DeepLab) no crops run: the
+stage keeps every trunk block's output and recomputes each block only over the
+changed tiles plus half the halo, reading its input around them from that cache
+(:mod:`models.region_update`); the head runs on their feature cells.
 Such a result also carries ``"tiles": {"recomputed", "total", "area"}``, where
-``area`` is the fraction of a full forward the crops cost. With the cache, the
+``area`` is the fraction of a full forward the crops (or the layers' FLOPs) cost,
+and ``"update": "layers"`` for the layered update. With the cache, the
 stage is temporal (each stream sticks to one replica, in order).
 
 Specks (``min_region``): connected regions of one class smaller than
