@@ -122,29 +122,25 @@ class DeepLabV3MobileNetV2(nn.Module):
         from blinkflow.models.region_update import full_flops, planned_flops
 
         trunk = full_flops(self.backbone, size) if rects is None else planned_flops(self.backbone, size, rects)
-        return trunk + self.head_cell_flops() * self.head_cell_count(size, rects)
+        return trunk + self.head_flops(size, rects)
 
-    def head_cell_flops(self) -> int:
-        """The head's FLOPs per feature cell (its 1x1 convs; the pooling branch runs once, on the mean)."""
-        return 2 * HEAD_CHANNELS * (TRUNK_CHANNELS + 2 * HEAD_CHANNELS + self.num_classes)
+    def head_flops(self, size: tuple[int, int], rects: list[tuple[int, int, int, int]] | None = None) -> int:
+        """FLOPs of the head on the cells of :meth:`head_rects` (its 1x1 convs; the pooling branch runs once,
+        on the mean, and is left out)."""
+        per_cell = 2 * HEAD_CHANNELS * (TRUNK_CHANNELS + 2 * HEAD_CHANNELS + self.num_classes)
+        return per_cell * sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.head_rects(size, rects))
 
     @staticmethod
     def head_rects(size: tuple[int, int], rects: list[tuple[int, int, int, int]] | None = None
                    ) -> list[tuple[int, int, int, int]]:
         """The feature cells (output stride 16) under ``rects`` (None: the whole input of ``size``) as windows the
         head runs on: overlapping ones merged, so no cell is computed twice."""
-        from blinkflow.models.region_update import merge_rects
+        from blinkflow.models.region_update import level_regions
 
-        height, width = -(-size[0] // OUTPUT_STRIDE), -(-size[1] // OUTPUT_STRIDE)
+        cells = (-(-size[0] // OUTPUT_STRIDE), -(-size[1] // OUTPUT_STRIDE))
         if rects is None:
-            return [(0, height, 0, width)]
-        cells = [(y0 // OUTPUT_STRIDE, min(height, -(-y1 // OUTPUT_STRIDE)), x0 // OUTPUT_STRIDE,
-                  min(width, -(-x1 // OUTPUT_STRIDE))) for y0, y1, x0, x1 in rects]
-        return merge_rects(cells, reach=0)
-
-    def head_cell_count(self, size: tuple[int, int], rects: list[tuple[int, int, int, int]] | None = None) -> int:
-        return sum((y1 - y0) * (x1 - x0) for y0, y1, x0, x1 in self.head_rects(size, rects))
-
+            return [(0, cells[0], 0, cells[1])]
+        return level_regions(rects, OUTPUT_STRIDE, cells, reach=0)
 
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))

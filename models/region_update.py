@@ -86,19 +86,19 @@ def _plan(block: Any, size: tuple[int, int], region: Rect) -> list[tuple[Rect, R
     return plan[::-1]
 
 
-def region_flops(block: Any, size: tuple[int, int], region: Rect) -> int:
-    """FLOPs of ``block`` recomputing its outputs over ``region`` (its input of ``size``)."""
+def region_flops(block: Any, size: tuple[int, int], region: Rect, plan: list | None = None) -> int:
+    """FLOPs of ``block`` recomputing its outputs over ``region`` (its input of ``size``; ``plan``: its _plan)."""
     layers, _ = block_layers(block)
     return sum(conv_flops(conv) * (out[1] - out[0]) * (out[3] - out[2])
-               for (conv, _), (_, out, _) in zip(layers, _plan(block, size, region)))
+               for (conv, _), (_, out, _) in zip(layers, plan or _plan(block, size, region)))
 
 
-def run_region(block: Any, x: Any, region: Rect) -> Any:
+def run_region(block: Any, x: Any, region: Rect, plan: list | None = None) -> Any:
     """``block``'s outputs over ``region`` (cells of its output) from its whole input ``x`` (N, C, H, W)."""
     import torch.nn.functional as F
 
     layers, residual = block_layers(block)
-    plan = _plan(block, tuple(x.shape[-2:]), region)
+    plan = plan or _plan(block, tuple(x.shape[-2:]), region)
     first = _clipped(plan[0][0], tuple(x.shape[-2:]))
     t = x[..., first[0]:first[1], first[2]:first[3]]
     for (conv, act), (need, _, size) in zip(layers, plan):
@@ -113,10 +113,11 @@ def run_region(block: Any, x: Any, region: Rect) -> Any:
     return t
 
 
-def level_regions(rects: list[Rect], stride: int, size: tuple[int, int]) -> list[Rect]:
-    """Pixel rectangles as cells of a level at ``stride`` (outward), merged where their windows would meet."""
+def level_regions(rects: list[Rect], stride: int, size: tuple[int, int], reach: int = REACH) -> list[Rect]:
+    """Pixel rectangles as cells of a level at ``stride`` (outward, inside its ``size``), merged where their
+    windows (grown by ``reach``) would meet."""
     cells = [_clipped((y0 // stride, -(-y1 // stride), x0 // stride, -(-x1 // stride)), size) for y0, y1, x0, x1 in rects]
-    return merge_rects([c for c in cells if c[0] < c[1] and c[2] < c[3]], REACH)
+    return merge_rects([c for c in cells if c[0] < c[1] and c[2] < c[3]], reach)
 
 
 def merge_rects(rects: list[Rect], reach: int) -> list[Rect]:
@@ -145,8 +146,9 @@ def update(blocks: Any, first: Any, cached: list[Any], rects: list[Rect]) -> tup
         level *= block_stride(block)
         new = old.clone()
         for region in level_regions(rects, level, tuple(old.shape[-2:])):
-            new[..., region[0]:region[1], region[2]:region[3]] = run_region(block, x, region)
-            spent += region_flops(block, tuple(x.shape[-2:]), region)
+            plan = _plan(block, tuple(x.shape[-2:]), region)
+            new[..., region[0]:region[1], region[2]:region[3]] = run_region(block, x, region, plan)
+            spent += region_flops(block, tuple(x.shape[-2:]), region, plan)
         out.append(new)
         x = new
     return out, spent

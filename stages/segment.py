@@ -529,7 +529,7 @@ class Segment(ModelStage):
         rects = self._layer_rects(grid, changed, size)
         with torch.inference_mode(), self.autocast():
             image = frames_to_batch([frame], self._device, size=size, channels_last=self.cfg.channels_last)
-            activations, _ = self.model.update_activations(image, cache.activations, rects)
+            activations, trunk_flops = self.model.update_activations(image, cache.activations, rects)
             activations = [a.float() for a in activations]
             features = activations[-1]
             context = features.mean(dim=(2, 3), keepdim=True)  # the whole frame's, the regions' pasted in
@@ -544,7 +544,7 @@ class Segment(ModelStage):
             self._keys.pop(frame.stream_id, None)  # warps start from a full run only (as after crops)
         result = self._result(self._class_map(logits, frame))
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1],
-                           "area": round(self._layers_cost(rects, size), 4), "update": "layers"}
+                           "area": round(self._layers_cost(rects, size, trunk_flops), 4), "update": "layers"}
         frame.results[self.name] = result
         self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source, features, activations, cells)
 
@@ -553,11 +553,13 @@ class Segment(ModelStage):
         the crops, whose halo it does not need)."""
         return [paste for _, paste in self._crops(grid, changed, size)]
 
-    def _layers_cost(self, rects: list[tuple], size: tuple[int, int]) -> float:
-        """The layered update's share of a whole forward's FLOPs (trunk and head)."""
+    def _layers_cost(self, rects: list[tuple], size: tuple[int, int], trunk_flops: int | None = None) -> float:
+        """The layered update's share of a whole forward's FLOPs (trunk and head); ``trunk_flops``: what the
+        update spent on the trunk, when it ran (else planned)."""
         if size not in self._full_flops:
             self._full_flops[size] = self.model.region_flops(size)
-        return self.model.region_flops(size, rects) / self._full_flops[size]
+        spent = self.model.region_flops(size, rects) if trunk_flops is None else trunk_flops + self.model.head_flops(size, rects)
+        return spent / self._full_flops[size]
 
     def _crops_alone(self, image: Any, crops: list[tuple[tuple, list[tuple]]]) -> list[Any]:
         """Each crop's logits (C, h, w), the model seeing only the crop."""

@@ -74,7 +74,7 @@ def test_a_change_recomputed_with_a_margin_nears_the_full_call_and_costs_a_share
     a margin around the change takes in more of them. On random pixels (every cell as different as can be)
     the features over the change approach the full call's as the margin grows, for a share of its FLOPs."""
     before, after = _frames()
-    full = model.region_flops(SIZE) - model.head_cell_flops() * model.head_cell_count(SIZE)
+    full = model.region_flops(SIZE) - model.head_flops(SIZE)
     inside = (slice(None), slice(None), slice(4, 7), slice(10, 14))  # feature cells under the change
     ratios, costs = [], []
     with torch.inference_mode():
@@ -88,7 +88,7 @@ def test_a_change_recomputed_with_a_margin_nears_the_full_call_and_costs_a_share
             area = (rect[1] - rect[0]) * (rect[3] - rect[2]) / (SIZE[0] * SIZE[1])
             assert area < spent / full < 2.5 * area, (margin, spent / full, area)  # the region and each layer's reach
             costs.append(spent)
-            assert model.region_flops(SIZE, [rect]) == spent + model.head_cell_flops() * model.head_cell_count(SIZE, [rect])
+            assert model.region_flops(SIZE, [rect]) == spent + model.head_flops(SIZE, [rect])
     # measured: 0.74, 0.39, 0.18 of the cached features' error, for 0.12, 0.20 and 0.30 of the trunk's FLOPs
     assert ratios[0] < 0.8 and ratios[2] < 0.2 and ratios == sorted(ratios, reverse=True), ratios
     assert costs == sorted(costs)

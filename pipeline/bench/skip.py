@@ -321,15 +321,11 @@ def output_richness(off: list[Any]) -> dict[str, float]:
 def consecutive_agreement(off: list[Any]) -> dict[str, float | None]:
     """The models' own stability: each gate-off frame against the previous gate-off frame. Reuse cannot
     agree with fresh results better than fresh results agree with themselves from one frame to the next."""
-    from blinkflow.gate.agreement import box_f1, mask_miou
-    from blinkflow.stages.common import class_map_of
+    from blinkflow.gate.agreement import box_f1
 
-    f1s, mious = [], []
-    for before, after in itertools.pairwise(off):
-        if "detect" in before.results and "detect" in after.results:
-            f1s.append(box_f1(before.results["detect"], after.results["detect"]))
-        if "segment" in before.results and "segment" in after.results:
-            mious.append(mask_miou(class_map_of(before.results["segment"]), class_map_of(after.results["segment"])))
+    f1s = [box_f1(before.results["detect"], after.results["detect"]) for before, after in itertools.pairwise(off)
+           if "detect" in before.results and "detect" in after.results]
+    mious = list(consecutive_mask_mious(off).values())
     return {"consecutive_boxes_f1": statistics.mean(f1s) if f1s else None,
             "consecutive_mask_iou": statistics.mean(mious) if mious else None}
 
@@ -339,14 +335,18 @@ def consecutive_agreement(off: list[Any]) -> dict[str, float | None]:
 MOVING_MIOU = 0.98
 
 
-def moving_frames(off: list[Any]) -> set[int]:
-    """Indices of the gate-off frames whose mask differs from the previous frame's (mIoU < MOVING_MIOU)."""
+def consecutive_mask_mious(off: list[Any]) -> dict[int, float]:
+    """Per gate-off frame index, its mask's mIoU against the previous frame's."""
     from blinkflow.gate.agreement import mask_miou
     from blinkflow.stages.common import class_map_of
 
-    return {after.index for before, after in itertools.pairwise(off)
-            if "segment" in before.results and "segment" in after.results
-            and mask_miou(class_map_of(before.results["segment"]), class_map_of(after.results["segment"])) < MOVING_MIOU}
+    return {after.index: mask_miou(class_map_of(before.results["segment"]), class_map_of(after.results["segment"]))
+            for before, after in itertools.pairwise(off) if "segment" in before.results and "segment" in after.results}
+
+
+def moving_frames(off: list[Any]) -> set[int]:
+    """Indices of the gate-off frames whose mask differs from the previous frame's (mIoU < MOVING_MIOU)."""
+    return {index for index, miou in consecutive_mask_mious(off).items() if miou < MOVING_MIOU}
 
 
 def moving_work(off: list[Any], on: list[Any], cost: dict[str, float]) -> dict[str, Any]:
