@@ -132,7 +132,9 @@ class GateConfig:
     )
     tile_margin: int = _field(
         1, "a partial frame also recomputes the tiles this many tiles around each changed one: change just below "
-        "pixel_threshold gathers around real change, and left alone it would go stale in the caches", lo=0, hi=64,
+        "pixel_threshold gathers around real change, and the fresh masks reach past the changed pixels; left "
+        "alone they go stale in the caches (0 saves compute on a fixed camera, at the masks of the frames where "
+        "things move: docs/skipping.md)", lo=0, hi=64,
     )
     tile_min_changed: float = _field(
         0.05, "a tile counts as changed only when at least this fraction of its signal pixels changed; scattered "
@@ -196,7 +198,8 @@ class GateConfig:
     )
     carry_until: dict[str, float] = _field(
         factory=lambda: {"detect": 3.0}, doc="per stage, a factor: on a frame whose change passes threshold but stays "
-        "under factor x threshold (and fits a partial frame), that stage is carried over, moved along the motion, "
+        "under factor x the configured threshold (the stream's when audits lowered it; raised, it does not widen "
+        "this) and fits a partial frame, that stage is carried over, moved along the motion, "
         "while the others run on the tiles changed since their own results; past it, or past the stage's refresh "
         "bound, everything runs (a stage without a bound in refresh is never carried). For stages whose results "
         "follow the motion well (boxes matched at IoU 0.5). A mapping replaces the default; {} = off",

@@ -78,8 +78,9 @@ def tile_groups(grid: list[int], changed: list[int]) -> list[list[int]]:
 def object_regions(grid: list[int], changed: list[int], height: int, width: int,
                    boxes: list[list[float]] | None = None) -> list[Rect]:
     """Frame-pixel rectangles of the changed regions: each group of touching tiles' bounding box,
-    grown to hold every one of ``boxes`` (the stream's previous detections) that overlaps one of its
-    tiles, so a car whose back half changed is looked at, and replaced, whole; rectangles that then
+    grown to hold every one of ``boxes`` (the stream's previous detections) that overlaps or borders one
+    of its tiles, so a car whose back half changed is looked at, and replaced, whole (and one that grew
+    from a box ending at the tile's edge); rectangles that then
     overlap merge. A box only touching a grown rectangle does not grow it further (no chain from
     box to overlapping box across the frame)."""
     rows, cols = grid
@@ -89,7 +90,7 @@ def object_regions(grid: list[int], changed: list[int], height: int, width: int,
     for group in tile_groups(grid, changed):
         tiles = [(xs[t % cols], ys[t // cols], xs[t % cols + 1], ys[t // cols + 1]) for t in group]
         rect = tiles[0]
-        for part in [*tiles[1:], *(box for box in objects if any(_overlap(box, tile) for tile in tiles))]:
+        for part in [*tiles[1:], *(box for box in objects if any(_touch(box, tile) for tile in tiles))]:
             rect = _union(rect, part)
         rects.append(rect)
     return _merge_overlapping(rects)
@@ -209,6 +210,11 @@ def _clamped(rect: Rect, width: int, height: int) -> Rect:
 
 def _overlap(a: Rect, b: Rect) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _touch(a: Rect, b: Rect) -> bool:
+    """Overlapping or sharing an edge."""
+    return a[0] <= b[2] and b[0] <= a[2] and a[1] <= b[3] and b[1] <= a[3]
 
 
 def _contains(a: Rect, b: Rect) -> bool:

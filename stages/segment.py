@@ -55,7 +55,7 @@ from blinkflow.config import GateConfig, StageConfig, _field
 from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
-from blinkflow.gate.tiles import tile_edges, tile_runs
+from blinkflow.gate.tiles import tile_edges, tile_runs, tiles_of_touched_regions
 from blinkflow.models.classes import SYNTHETIC_CLASSES
 from blinkflow.stages.common import region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
@@ -88,6 +88,12 @@ class SegmentOptions:
         True, "with tile_reuse, a crop's global pooling sees the whole frame: the stream's cached backbone features "
         "with the crops' features pasted in (DeepLab's image pooling otherwise sees only the crop and labels it "
         "differently). Applies to models with a features/head split (deeplabv3_mobilenet_v2); others run crops plainly",
+    )
+    tile_regions: bool = _field(
+        True, "with tile_reuse, a partial frame also recomputes every tile of each region of the stream's last class "
+        "map (connected pixels of one object class) that its changed tiles touch: an object whose part changed is "
+        "recomputed whole, since a sliver of it left in an unchanged tile (the fresh frame may show none of it) "
+        "halves the frame's mIoU (docs/skipping.md)",
     )
     tile_update: Literal["auto", "layers", "crops"] = _field(
         "auto", "with tile_reuse, how a partial frame recomputes its changed tiles. layers: the trunk block by block "
@@ -177,6 +183,7 @@ class _TileCache:
     features: Any = None
     activations: list[Any] | None = None  # tile_update layers: every trunk block's output (1, C, h, w)
     cells: Any = None  # tile_update layers: the head's logits on the feature cells (1, C, h / 16, w / 16)
+    class_map: np.ndarray | None = None  # tile_regions: the class map those logits gave (H, W)
 
 
 @register_stage(TASK)
@@ -314,7 +321,7 @@ class Segment(ModelStage):
                         result["feature_check"] = check
                     self._keys[frame.stream_id] = self._new_key(frame, frame_features)
                 frame.results[self.name] = result
-                self._remember(frame, frame_logits, frame_features,
+                self._remember(frame, frame_logits, class_map, frame_features,
                                None if activations is None else [a[one] for a in activations],
                                None if cells is None else cells[one])
 
@@ -425,10 +432,11 @@ class Segment(ModelStage):
         key = self._keys[frame.stream_id]
         logits, warped = self._warped_logits(key, frame)
         key.warped += 1
-        result = self._result(self._class_map(logits, frame))
+        class_map = self._class_map(logits, frame)
+        result = self._result(class_map)
         result["features"] = {"key": key.index, "area": self._head_share.get(tuple(key.features.shape[-2:]), 0.0)}
         frame.results[self.name] = result
-        self._remember(frame, logits, warped)
+        self._remember(frame, logits, class_map, warped)
 
     def _logits_and_features(self, frames: list[Frame]) -> tuple[Any, Any]:
         """(N, C, h, w) logits and the backbone features they came from; the first time at a size, the
@@ -452,50 +460,64 @@ class Segment(ModelStage):
             cells = self.model.head_cells(features)
             return self.model.upsample(cells, batch.shape[-2:]), features, activations, cells
 
-    def _remember(self, frame: Frame, logits: Any, features: Any = None, activations: list[Any] | None = None,
-                  cells: Any = None) -> None:
+    def _remember(self, frame: Frame, logits: Any, class_map: np.ndarray, features: Any = None,
+                  activations: list[Any] | None = None, cells: Any = None) -> None:
         """Keep the logits (with ``tile_context`` the features, with tile_update layers every block's output and
         the head's cells) when the gate may send partial frames of this stream next."""
         if self.options.tile_reuse and frame.mark.tiles:
             kept = features.float().clone() if self._tile_context and features is not None else None
             layers = [a.float().clone() for a in activations] if self._tile_layers and activations is not None else None
             self._tiles[frame.stream_id] = _TileCache(frame.index, logits.float().clone(), (frame.height, frame.width),
-                                                      kept, layers, None if layers is None else cells.float().clone())
+                                                      kept, layers, None if layers is None else cells.float().clone(),
+                                                      class_map)
         else:
             self._tiles.pop(frame.stream_id, None)
 
     def _try_patch(self, frame: Frame) -> bool:
-        if not self._can_patch(frame):
+        cache = self._patchable_cache(frame)
+        if cache is None:
             return False
-        self._run_patch(frame)
+        changed = self._recomputed_tiles(frame, cache)
+        if not self._saves(cache, frame.mark.tiles["grid"], changed):
+            return False
+        self._run_patch(frame, cache, changed)
         return True
 
-    def _can_patch(self, frame: Frame) -> bool:
+    def _patchable_cache(self, frame: Frame) -> _TileCache | None:
+        """The stream's cache when ``frame``'s changed tiles can be pasted into it, else None."""
         tiles = frame.mark.tiles
         cache = self._tiles.get(frame.stream_id)
-        if not (self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
+        if (self.options.tile_reuse and tiles and tiles.get("changed") is not None and cache is not None
                 and cache.index == region_base(tiles, self.name) and cache.source == (frame.height, frame.width)):
-            return False
-        # crops that cost a full forward or more save nothing: then the frame runs in full (and exactly)
+            return cache
+        return None
+
+    def _recomputed_tiles(self, frame: Frame, cache: _TileCache) -> list[int]:
+        """The gate's changed tiles, with ``tile_regions`` grown to every tile of each cached region they touch."""
+        grid, changed = frame.mark.tiles["grid"], frame.mark.tiles["changed"]
+        if not (self.options.tile_regions and changed and cache.class_map is not None):
+            return changed
+        return tiles_of_touched_regions(cache.class_map, grid, changed)
+
+    def _saves(self, cache: _TileCache, grid: list[int], changed: list[int]) -> bool:
+        """Whether recomputing ``changed`` costs less than a full forward; else the frame runs in full (and
+        exactly)."""
         size = tuple(cache.logits.shape[-2:])
         if cache.activations is not None:
-            return self._layers_cost(self._layer_rects(tiles["grid"], tiles["changed"], size), size) < 1.0
-        crops = self._merged_crops(tiles["grid"], tiles["changed"], size)
-        return self._crops_cost(crops) < size[0] * size[1]
+            return self._layers_cost(self._layer_rects(grid, changed, size), size) < 1.0
+        return self._crops_cost(self._merged_crops(grid, changed, size)) < size[0] * size[1]
 
-    def _run_patch(self, frame: Frame) -> None:
-        """Recompute the changed tiles (+ halo) of a partial frame and paste them into the cached logits."""
+    def _run_patch(self, frame: Frame, cache: _TileCache, changed: list[int]) -> None:
+        """Recompute ``changed`` tiles (+ halo) of a partial frame and paste them into the cached logits."""
         import torch
 
         from blinkflow.stages.common import frames_to_batch
 
-        cache = self._tiles[frame.stream_id]
         if cache.activations is not None:
-            self._run_layers(frame, cache)
+            self._run_layers(frame, cache, changed)
             return
         size = tuple(cache.logits.shape[-2:])
         grid = frame.mark.tiles["grid"]
-        changed = frame.mark.tiles["changed"]
         crops = self._merged_crops(grid, changed, size)
         with torch.inference_mode():
             logits = cache.logits.clone()
@@ -512,12 +534,13 @@ class Segment(ModelStage):
             # warps start from a full run only: patched features mix fresh tiles with the cache (warped before
             # perhaps), and warping them drifted far more (mask mIoU 0.33 against the next full run, parking lot)
             self._keys.pop(frame.stream_id, None)
-        result = self._result(self._class_map(logits, frame))
+        class_map = self._class_map(logits, frame)
+        result = self._result(class_map)
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1], "area": round(cost / (size[0] * size[1]), 4)}
         frame.results[self.name] = result
-        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source, features)
+        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source, features, class_map=class_map)
 
-    def _run_layers(self, frame: Frame, cache: _TileCache) -> None:
+    def _run_layers(self, frame: Frame, cache: _TileCache, changed: list[int]) -> None:
         """Recompute the changed tiles (+ half the halo) block by block through the trunk, the cached activations
         around them, and the head on their feature cells; paste them into the cached logits (tile_update layers)."""
         import torch
@@ -525,7 +548,7 @@ class Segment(ModelStage):
         from blinkflow.stages.common import frames_to_batch
 
         size = tuple(cache.logits.shape[-2:])
-        grid, changed = frame.mark.tiles["grid"], frame.mark.tiles["changed"]
+        grid = frame.mark.tiles["grid"]
         rects = self._layer_rects(grid, changed, size)
         with torch.inference_mode(), self.autocast():
             image = frames_to_batch([frame], self._device, size=size, channels_last=self.cfg.channels_last)
@@ -542,11 +565,13 @@ class Segment(ModelStage):
                 logits[:, y0:y1, x0:x1] = upsampled[:, y0:y1, x0:x1]
         if self.options.feature_reuse:
             self._keys.pop(frame.stream_id, None)  # warps start from a full run only (as after crops)
-        result = self._result(self._class_map(logits, frame))
+        class_map = self._class_map(logits, frame)
+        result = self._result(class_map)
         result["tiles"] = {"recomputed": len(changed), "total": grid[0] * grid[1],
                            "area": round(self._layers_cost(rects, size, trunk_flops), 4), "update": "layers"}
         frame.results[self.name] = result
-        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source, features, activations, cells)
+        self._tiles[frame.stream_id] = _TileCache(frame.index, logits, cache.source, features, activations, cells,
+                                                  class_map)
 
     def _layer_rects(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple]:
         """The regions a layered update recomputes: each run of changed tiles plus half the halo (the pastes of

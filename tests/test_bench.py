@@ -342,7 +342,7 @@ def test_the_skip_report_counts_what_the_gate_spent_where_something_moved():
 
     import numpy as np
 
-    from blinkflow.bench.skip import _moving_cell, moving_work
+    from blinkflow.bench.skip import _moving_agreement_cell, _moving_cell, moving_work
     from blinkflow.frame import Outcome
     from blinkflow.stages.common import encode_class_map
 
@@ -353,19 +353,23 @@ def test_the_skip_report_counts_what_the_gate_spent_where_something_moved():
 
     lefts = [2, 2, 2, 6, 10, 10]  # the object moves on frames 3 and 4 only
     off = [SimpleNamespace(index=i, results={"segment": mask(x)}) for i, x in enumerate(lefts)]
+    # the gate-on run recomputes frame 3 right and leaves frame 4's object where frame 3 had it
     on = [SimpleNamespace(index=i, outcome=Outcome.PROCESSED if i in (0, 3, 4) else Outcome.REUSED,
-                          results={"gate": {"decision": "partial"}, "segment": {"tiles": {"area": 0.5}}} if i in (3, 4)
-                          else {"gate": {"decision": "keyframe"}} if i == 0 else {})
+                          results={"gate": {"decision": "partial"}, "segment": {**mask(6), "tiles": {"area": 0.5}}}
+                          if i in (3, 4) else {"gate": {"decision": "keyframe"}} if i == 0 else {})
           for i in range(len(lefts))]
     figures = moving_work(off, on, {"detect": 0.01, "segment": 0.03})
     assert figures["moving_frames"] == 2
     assert figures["moving_work"] == {"detect": 1.0, "segment": 0.5}
+    # frame 3 agrees; frame 4: the objects miss each other (IoU 0), the background overlaps on 96 of 128 pixels
+    assert figures["moving_agreement"] == {"boxes_f1": None, "mask_iou": pytest.approx((1.0 + 0.375) / 2)}
+    assert _moving_agreement_cell(dict(figures, frames=6)) == "– / 0.688"
     # the moving frames alone: (0.01 * 1 + 0.03 * 0.5) / 0.04 of a frame's work, on 2 frames of 6
     assert figures["moving_ceiling"] == pytest.approx(1 / ((0.025 / 0.04) * 2 / 6))
     assert _moving_cell(dict(figures, frames=6)) == "2 of 6, 1.00 / 0.50, 4.80×"
     assert _moving_cell({"frames": 6}) == "–"  # a report without the figures (an older run)
     still = moving_work(off[:3], on[:3], {"detect": 0.01, "segment": 0.03})
-    assert _moving_cell(dict(still, frames=3)) == "0 of 3"
+    assert _moving_cell(dict(still, frames=3)) == "0 of 3" and _moving_agreement_cell(dict(still, frames=3)) == "–"
     all_reused = [SimpleNamespace(index=r.index, outcome=Outcome.REUSED, results={}) if r.index in (3, 4) else r for r in on]
     reused = moving_work(off, all_reused, {"detect": 0.01, "segment": 0.03})
     assert _moving_cell(dict(reused, frames=6)) == "2 of 6, 0.00 / 0.00, –"  # moved, and the gate spent nothing

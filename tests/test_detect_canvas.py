@@ -157,7 +157,7 @@ def test_an_object_only_partly_in_the_change_is_looked_at_whole_and_replaced():
     """A bar that grows at one end: only the tiles at that end change; the previous box that touches them widens
     the region, so the bar is seen whole and its stale box replaced, as a full-frame call would."""
     first = scene([((20, 100, 200, 120), GREEN)], height=240, width=320)
-    grown = scene([((20, 100, 232, 120), GREEN)], height=240, width=320)  # the change: tile columns 4-6 with margin
+    grown = scene([((20, 100, 232, 120), GREEN)], height=240, width=320)  # the change: tile column 5, by the box's end
     stage = letterbox_stage()
     frames = gated(stage, [first, grown])
     assert frames[1].results["gate"]["decision"] == "partial"

@@ -117,7 +117,8 @@ def test_ray_matches_local_with_letterboxed_canvases_on_partial_frames(ray_local
 def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_local):
     """object_weight: the driver hands the gate each stream's boxes audit_lag frames late, in both runners
     alike; frames of small change carry the boxes over and run the segmenter alone on its changed tiles
-    (carry_until), block by block around the stream's cached activations (tile_update); with region_budget each
+    (carry_until), block by block around the stream's cached activations (tile_update), grown to the regions of
+    its last mask they touch (tile_regions); with region_budget each
     audit also says
     where the results disagreed, and tiles the audits found harmless count less, alike in both."""
     from pathlib import Path
@@ -126,7 +127,7 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     cfg = load_config(data={
         "sources": [{"type": "file", "id": "parking", "path": str(parking), "resize": [384, 216], "max_frames": 72,
                      "motion_vectors": True}],
-        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4, "region_budget": True},
+        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4, "region_budget": True, "tile_margin": 0},
         "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
                               "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
                    "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2, "replicas": 2,
@@ -140,6 +141,9 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     tiles = [r.results["segment"]["tiles"] for r in local_results
              if r.outcome is Outcome.PROCESSED and "tiles" in r.results["segment"]]
     assert any(t.get("update") == "layers" for t in tiles), "no partial frame recomputed the trunk block by block"
+    grown = [r for r in local_results if r.outcome is Outcome.PROCESSED and "tiles" in r.results["segment"]
+             and r.results["segment"]["tiles"]["recomputed"] > r.results["gate"]["tiles"]["changed"]]
+    assert grown, "no partial frame grew its tiles to the regions of the last mask they touch (tile_regions)"
     assert any(g.get("carried") == ["detect"] for g in gates), "no frame carried the boxes over a small change"
     assert any(g.get("discounted_tiles", 0) > 0 for g in gates), "no audit found a changed tile harmless"
 

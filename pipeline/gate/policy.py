@@ -206,10 +206,14 @@ class GatePolicy:
 
     def _carried_stages(self, state: _StreamState, change: _Change) -> set[str]:
         """The ``carry_until`` stages whose factor times the threshold the change stays under and that are
-        within their refresh bound (past it, they run: the bound caps how stale carried results get)."""
+        within their refresh bound (past it, they run: the bound caps how stale carried results get). The
+        threshold is the configured one, or the stream's where audits lowered it: an audit that raised it
+        showed reuse held at the change it saw, which says nothing of carrying a stage at three times more
+        (on the parking lot, cars driving in were carried past at a raised threshold)."""
         cfg = self.cfg
+        top = min(state.threshold, cfg.threshold)
         return {stage for stage, factor in cfg.carry_until.items()
-                if stage in state.bounds and change.score < factor * state.threshold
+                if stage in state.bounds and change.score < factor * top
                 and state.stale.get(stage, 0) < state.bounds[stage]}
 
     def _changed_since(self, state: _StreamState, signal: np.ndarray, stages: list[str]) -> list[int]:

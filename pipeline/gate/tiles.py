@@ -66,6 +66,28 @@ def tile_indices(hit: np.ndarray, margin: int = 0) -> list[int]:
     return [int(i) for i in np.flatnonzero(hit.ravel())]
 
 
+def tiles_of_touched_regions(label_map: np.ndarray, grid: tuple[int, int] | list[int], tiles: list[int],
+                             background: int = 0) -> list[int]:
+    """``tiles`` plus every tile of each region of ``label_map`` (8-connected pixels of one value other than
+    ``background``) that has a pixel in them, row-major."""
+    from scipy import ndimage  # lazy: only region-level reuse needs it
+
+    height, width = label_map.shape
+    inside = np.zeros((height, width), bool)
+    for y0, y1, x0, x1 in (tile_rects(grid, height, width)[i] for i in tiles):
+        inside[y0:y1, x0:x1] = True
+    touched = np.zeros((height, width), bool)
+    for value in np.unique(label_map[inside]):
+        if value == background:
+            continue
+        regions, _ = ndimage.label(label_map == value, structure=_EIGHT)
+        hit = np.unique(regions[inside & (regions > 0)])
+        touched |= np.isin(regions, hit)
+    grown = changed_tile_grid(touched, grid)
+    grown.flat[list(tiles)] = True
+    return tile_indices(grown)
+
+
 def tile_maxima(values: np.ndarray, grid: tuple[int, int] | list[int]) -> np.ndarray:
     """The largest value inside each tile, as a (rows, cols) array."""
     h, w = values.shape
@@ -95,3 +117,6 @@ def patch_tiles(reference: np.ndarray, signal: np.ndarray, tiles: list[int] | No
         y0, y1, x0, x1 = rects[index]
         reference[y0:y1, x0:x1] = signal[y0:y1, x0:x1]
     return reference
+
+
+_EIGHT = np.ones((3, 3), bool)
