@@ -55,7 +55,7 @@ from blinkflow.config import GateConfig, StageConfig, _field
 from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
-from blinkflow.gate.tiles import tile_edges, tile_runs, tiles_of_touched_regions
+from blinkflow.gate.tiles import EIGHT_CONNECTED, tile_edges, tile_runs, tiles_of_touched_regions
 from blinkflow.models.classes import SYNTHETIC_CLASSES
 from blinkflow.stages.common import region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
@@ -771,7 +771,7 @@ def speck_mask(class_map: np.ndarray, min_pixels: int) -> np.ndarray | None:
 
     specks = np.zeros(class_map.shape, bool)
     for value in np.flatnonzero(np.bincount(class_map.ravel())):
-        regions, _ = ndimage.label(class_map == value, structure=_EIGHT)
+        regions, _ = ndimage.label(class_map == value, structure=EIGHT_CONNECTED)
         small = np.bincount(regions.ravel()) < min_pixels
         small[0] = False  # label 0 is "not this class"
         if small.any():
@@ -821,6 +821,5 @@ def _grown(masks: np.ndarray) -> np.ndarray:
     return grown
 
 
-_EIGHT = np.ones((3, 3), bool)
 #: a logit no class reaches (logits of trained models stay within tens)
 _RULED_OUT = -1e4

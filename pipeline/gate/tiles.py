@@ -73,14 +73,15 @@ def tiles_of_touched_regions(label_map: np.ndarray, grid: tuple[int, int] | list
     from scipy import ndimage  # lazy: only region-level reuse needs it
 
     height, width = label_map.shape
+    rects = tile_rects(grid, height, width)
     inside = np.zeros((height, width), bool)
-    for y0, y1, x0, x1 in (tile_rects(grid, height, width)[i] for i in tiles):
+    for y0, y1, x0, x1 in (rects[i] for i in tiles):
         inside[y0:y1, x0:x1] = True
     touched = np.zeros((height, width), bool)
     for value in np.unique(label_map[inside]):
         if value == background:
             continue
-        regions, _ = ndimage.label(label_map == value, structure=_EIGHT)
+        regions, _ = ndimage.label(label_map == value, structure=EIGHT_CONNECTED)
         hit = np.unique(regions[inside & (regions > 0)])
         touched |= np.isin(regions, hit)
     grown = changed_tile_grid(touched, grid)
@@ -119,4 +120,5 @@ def patch_tiles(reference: np.ndarray, signal: np.ndarray, tiles: list[int] | No
     return reference
 
 
-_EIGHT = np.ones((3, 3), bool)
+#: 8-connectivity for scipy's label: regions of a class map touch at corners too
+EIGHT_CONNECTED = np.ones((3, 3), bool)
