@@ -1,16 +1,36 @@
 #!/usr/bin/env bash
-# Run on a machine that reaches the package index, before the GPU run (issue #25): downloads into
-# tools/wheels/ the wheels the GPU machine lacks (it has Python 3.12 with torch and torchvision, no index).
-# About 37 MB: carry the folder with the command (the device tool's `carry: ["tools/wheels"]`).
-# scipy (35 MB, only the track stage needs it) is left out to stay under the 64 MiB a call may carry;
-# `WITH_SCIPY=1` adds it when the GPU machine lacks it and nothing else is carried.
+# Run on a machine that reaches the package index, before the GPU run (issue #25): packs into
+# tools/wheels/wheels.tar.xz the wheels the GPU machine lacks (it has Python 3.12 with torch and
+# torchvision, no index). Carry the folder with the command (the device tool's `carry: ["tools/wheels"]`).
+# A call may carry 64 MiB and the wheels are 70 MB, most of it PyAV's and SciPy's shared libraries,
+# already deflated; stored uncompressed in their zips and xz'd together they take about 50 MB, so SciPy
+# (the gate's and the tracker's) travels too. tools/gpu-check.sh unpacks them outside its outputs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY_VERSION=${PY_VERSION:-3.12}
-mkdir -p tools/wheels
-packages=(av==18.1.0 pyyaml prometheus-client tqdm pycocotools paho-mqtt pytest pytest-timeout pluggy iniconfig)
-[ "${WITH_SCIPY:-0}" = 1 ] && packages+=(scipy)
+LIMIT_MB=62
+packages=(av==18.1.0 scipy pyyaml prometheus-client tqdm pycocotools paho-mqtt pytest pytest-timeout pluggy iniconfig packaging pygments)
+staging=$(mktemp -d)
+trap 'rm -rf "$staging"' EXIT
 python3 -m pip download --quiet --only-binary=:all: --no-deps --python-version "$PY_VERSION" \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d tools/wheels "${packages[@]}"
-du -sh tools/wheels
+    -d "$staging/download" "${packages[@]}"
+# a wheel is a zip: the same members stored instead of deflated are still that wheel (RECORD hashes the
+# files, not their compression), and xz then sees the libraries' bytes
+python3 - "$staging/download" "$staging/stored" <<'PYEOF'
+import pathlib, sys, zipfile
+source, target = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+target.mkdir()
+for wheel in sorted(source.glob("*.whl")):
+    with zipfile.ZipFile(wheel) as old, zipfile.ZipFile(target / wheel.name, "w", zipfile.ZIP_STORED) as new:
+        for info in old.infolist():
+            new.writestr(info, old.read(info), compress_type=zipfile.ZIP_STORED)
+PYEOF
+rm -rf tools/wheels && mkdir -p tools/wheels
+tar -C "$staging/stored" -cf - . | xz -9 -T0 > tools/wheels/wheels.tar.xz
+size_mb=$(( $(stat -c %s tools/wheels/wheels.tar.xz) / 1048576 ))
+echo "tools/wheels/wheels.tar.xz: ${size_mb} MiB ($(ls "$staging/stored" | wc -l) wheels)"
+if [ "$size_mb" -gt "$LIMIT_MB" ]; then
+    echo "fetch-gpu-wheels: over ${LIMIT_MB} MiB, too big to carry with the GPU command; drop a package" >&2
+    exit 1
+fi

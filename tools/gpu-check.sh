@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU run of issue #25 in one go, on a machine with an NVIDIA GPU and no package index:
-#   1. installs what it lacks from tools/wheels/ (tools/fetch-gpu-wheels.sh fills it elsewhere);
+#   1. installs what it lacks from tools/wheels/wheels.tar.xz (tools/fetch-gpu-wheels.sh packs it elsewhere);
 #   2. makes `blinkflow` importable (an editable install, or a link tree when setuptools is missing);
 #   3. runs the needs_cuda tests and `blinkflow bench gpu` (about 8 minutes), which writes
 #      docs/benchmarks.md's gpu section;
@@ -31,12 +31,20 @@ log "python: $(head -1 "$OUT/python.txt")"
 
 missing=()
 for pair in av:av yaml:pyyaml prometheus_client:prometheus-client tqdm:tqdm scipy:scipy pycocotools:pycocotools \
-            paho:paho-mqtt pytest:pytest pytest_timeout:pytest-timeout pluggy:pluggy iniconfig:iniconfig; do
+            paho:paho-mqtt pytest:pytest pytest_timeout:pytest-timeout pluggy:pluggy iniconfig:iniconfig \
+            packaging:packaging pygments:pygments; do
     $PY -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
 done
+wheels=tools/wheels
+if [ -f tools/wheels/wheels.tar.xz ]; then
+    # unpacked outside $OUT: the outputs come back to the caller, 70 MB of wheels should not
+    wheels=$(mktemp -d)
+    $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+        tools/wheels/wheels.tar.xz "$wheels" || log "could not unpack tools/wheels/wheels.tar.xz"
+fi
 if [ "${#missing[@]}" -gt 0 ]; then
-    log "installing from tools/wheels: ${missing[*]}"
-    $PY -m pip install --no-index --find-links tools/wheels --no-deps "${missing[@]}" > "$OUT/pip.log" 2>&1 \
+    log "installing from $wheels: ${missing[*]}"
+    $PY -m pip install --no-index --find-links "$wheels" --no-deps "${missing[@]}" > "$OUT/pip.log" 2>&1 \
         || log "some wheels are not in tools/wheels (see pip.log); the sections needing them report it"
 fi
 
