@@ -39,6 +39,7 @@ wheels=tools/wheels
 if [ -f tools/wheels/wheels.tar.xz ]; then
     # unpacked outside $OUT: the outputs come back to the caller, 70 MB of wheels should not
     wheels=$(mktemp -d)
+    trap 'rm -rf "$wheels"' EXIT
     $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
         tools/wheels/wheels.tar.xz "$wheels" || log "could not unpack tools/wheels/wheels.tar.xz"
 fi
