@@ -35,15 +35,15 @@ for pair in av:av yaml:pyyaml prometheus_client:prometheus-client tqdm:tqdm scip
             packaging:packaging pygments:pygments; do
     $PY -c "import ${pair%%:*}" 2>/dev/null || missing+=("${pair##*:}")
 done
-wheels=tools/wheels
-if [ -f tools/wheels/wheels.tar.xz ]; then
-    # unpacked outside $OUT: the outputs come back to the caller, 70 MB of wheels should not
-    wheels=$(mktemp -d)
-    trap 'rm -rf "$wheels"' EXIT
-    $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
-        tools/wheels/wheels.tar.xz "$wheels" || log "could not unpack tools/wheels/wheels.tar.xz"
-fi
 if [ "${#missing[@]}" -gt 0 ]; then
+    wheels=tools/wheels
+    if [ -f tools/wheels/wheels.tar.xz ]; then
+        # unpacked outside $OUT: the outputs come back to the caller, 70 MB of wheels should not
+        wheels=$(mktemp -d)
+        trap 'rm -rf "$wheels"' EXIT
+        $PY -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+            tools/wheels/wheels.tar.xz "$wheels" || log "could not unpack tools/wheels/wheels.tar.xz"
+    fi
     log "installing from $wheels: ${missing[*]}"
     $PY -m pip install --no-index --find-links "$wheels" --no-deps "${missing[@]}" > "$OUT/pip.log" 2>&1 \
         || log "some wheels are not in tools/wheels (see pip.log); the sections needing them report it"
