@@ -342,7 +342,8 @@ def test_the_skip_report_counts_what_the_gate_spent_where_something_moved():
 
     import numpy as np
 
-    from blinkflow.bench.skip import _moving_agreement_cell, _moving_cell, moving_work
+    from blinkflow.bench.skip import (_moving_agreement_cell, _moving_cell, consecutive_mask_mious, frame_scores,
+                                      moving_work)
     from blinkflow.frame import Outcome
     from blinkflow.stages.common import encode_class_map
 
@@ -366,6 +367,9 @@ def test_the_skip_report_counts_what_the_gate_spent_where_something_moved():
     assert _moving_agreement_cell(dict(figures, frames=6)) == "– / 0.688"
     # the moving frames alone: (0.01 * 1 + 0.03 * 0.5) / 0.04 of a frame's work, on 2 frames of 6
     assert figures["moving_ceiling"] == pytest.approx(1 / ((0.025 / 0.04) * 2 / 6))
+    # the skip report hands over the scores it already has: the same figures without scoring again
+    scored = moving_work(off, on, {"detect": 0.01, "segment": 0.03}, frame_scores(off, on), consecutive_mask_mious(off))
+    assert scored == figures
     assert _moving_cell(dict(figures, frames=6)) == "2 of 6, 1.00 / 0.50, 4.80×"
     assert _moving_cell({"frames": 6}) == "–"  # a report without the figures (an older run)
     still = moving_work(off[:3], on[:3], {"detect": 0.01, "segment": 0.03})

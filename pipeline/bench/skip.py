@@ -277,60 +277,75 @@ def work_fraction(results: list[Any], cost: dict[str, float]) -> tuple[float, di
     return sum(cost[s] * per_stage[s] for s in MODEL_STAGES) / total, per_stage
 
 
-def agreement_with_off(off: list[Any], on: list[Any], confident: float | None = None) -> dict[str, Any]:
-    """Box F1 (IoU 0.5) and mask mIoU of each gate-on frame against the gate-off frame, averaged; with
-    ``confident`` (the detector's score_threshold) also the box F1 that ignores unmatched boxes below it."""
+def frame_scores(off: list[Any], on: list[Any], confident: float | None = None) -> list[dict[str, Any]]:
+    """Each gate-on frame scored against the gate-off frame of the same index: its box F1 (IoU 0.5), with
+    ``confident`` (the detector's score_threshold) the box F1 that ignores unmatched boxes below it, and its mask
+    mIoU (a key is absent where a side lacks the stage)."""
     from blinkflow.gate.agreement import box_f1, mask_miou
     from blinkflow.stages.common import class_map_of
 
     by_index = {r.index: r for r in off}
-    scores: dict[str, list[float]] = {"boxes_f1": [], "mask_iou": [], "reused_boxes_f1": [], "reused_mask_iou": [],
-                                      "confident_boxes_f1": []}
+    scores = []
     for result in on:
         fresh = by_index.get(result.index)
         if fresh is None:
             continue
-        reused = result.outcome.value == "reused"
+        score: dict[str, Any] = {"index": result.index, "reused": result.outcome.value == "reused"}
         if "detect" in result.results and "detect" in fresh.results:
-            f1 = box_f1(result.results["detect"], fresh.results["detect"])
-            scores["boxes_f1"].append(f1)
+            score["boxes_f1"] = box_f1(result.results["detect"], fresh.results["detect"])
             if confident is not None:
-                scores["confident_boxes_f1"].append(box_f1(result.results["detect"], fresh.results["detect"],
-                                                           ignore_below=confident))
-            if reused:
-                scores["reused_boxes_f1"].append(f1)
+                score["confident_boxes_f1"] = box_f1(result.results["detect"], fresh.results["detect"],
+                                                     ignore_below=confident)
         if "segment" in result.results and "segment" in fresh.results:
-            miou = mask_miou(class_map_of(result.results["segment"]), class_map_of(fresh.results["segment"]))
-            scores["mask_iou"].append(miou)
-            if reused:
-                scores["reused_mask_iou"].append(miou)
-    out = {key: (statistics.mean(values) if values else None) for key, values in scores.items()}
+            score["mask_iou"] = mask_miou(class_map_of(result.results["segment"]), class_map_of(fresh.results["segment"]))
+        scores.append(score)
+    return scores
+
+
+def summarise_scores(scores: list[dict[str, Any]]) -> dict[str, Any]:
+    """The per-frame scores averaged, over every frame and over the reused ones; ``agreement`` is the lower of the
+    box F1 and the mask mIoU."""
+    def mean_of(key: str, reused_only: bool = False) -> float | None:
+        values = [s[key] for s in scores if key in s and (s["reused"] or not reused_only)]
+        return statistics.mean(values) if values else None
+
+    out = {"boxes_f1": mean_of("boxes_f1"), "mask_iou": mean_of("mask_iou"),
+           "reused_boxes_f1": mean_of("boxes_f1", reused_only=True),
+           "reused_mask_iou": mean_of("mask_iou", reused_only=True),
+           "confident_boxes_f1": mean_of("confident_boxes_f1")}
     present = [out[k] for k in ("boxes_f1", "mask_iou") if out[k] is not None]
     out["agreement"] = min(present) if present else None
     return out
 
 
-def output_richness(off: list[Any]) -> dict[str, float]:
-    """How much there is to agree on: gate-off boxes per frame and classes per mask."""
+def agreement_with_off(off: list[Any], on: list[Any], confident: float | None = None) -> dict[str, Any]:
+    """Box F1 (IoU 0.5) and mask mIoU of each gate-on frame against the gate-off frame, averaged; with
+    ``confident`` (the detector's score_threshold) also the box F1 that ignores unmatched boxes below it."""
+    return summarise_scores(frame_scores(off, on, confident))
+
+
+def output_richness(off: list[Any], mious: dict[int, float] | None = None) -> dict[str, float]:
+    """How much there is to agree on: gate-off boxes per frame and classes per mask (``mious``: the gate-off
+    masks' frame-to-frame mIoUs, when already computed)."""
     from blinkflow.stages.common import class_map_of
 
     boxes = [len((r.results.get("detect") or {}).get("boxes") or []) for r in off]
     classes = [len(set(class_map_of(r.results["segment"]).ravel().tolist())) for r in off if "segment" in r.results]
     return {"boxes_per_frame": statistics.mean(boxes) if boxes else 0.0,
             "classes_per_mask": statistics.mean(classes) if classes else 0.0,
-            **consecutive_agreement(off)}
+            **consecutive_agreement(off, mious)}
 
 
-def consecutive_agreement(off: list[Any]) -> dict[str, float | None]:
+def consecutive_agreement(off: list[Any], mious: dict[int, float] | None = None) -> dict[str, float | None]:
     """The models' own stability: each gate-off frame against the previous gate-off frame. Reuse cannot
     agree with fresh results better than fresh results agree with themselves from one frame to the next."""
     from blinkflow.gate.agreement import box_f1
 
     f1s = [box_f1(before.results["detect"], after.results["detect"]) for before, after in itertools.pairwise(off)
            if "detect" in before.results and "detect" in after.results]
-    mious = list(consecutive_mask_mious(off).values())
+    values = list((consecutive_mask_mious(off) if mious is None else mious).values())
     return {"consecutive_boxes_f1": statistics.mean(f1s) if f1s else None,
-            "consecutive_mask_iou": statistics.mean(mious) if mious else None}
+            "consecutive_mask_iou": statistics.mean(values) if values else None}
 
 
 #: a gate-off mask that agrees with the previous frame's below this mIoU marks a frame where something moved
@@ -347,22 +362,27 @@ def consecutive_mask_mious(off: list[Any]) -> dict[int, float]:
             for before, after in itertools.pairwise(off) if "segment" in before.results and "segment" in after.results}
 
 
-def moving_frames(off: list[Any]) -> set[int]:
+def moving_frames(off: list[Any], mious: dict[int, float] | None = None) -> set[int]:
     """Indices of the gate-off frames whose mask differs from the previous frame's (mIoU < MOVING_MIOU)."""
-    return {index for index, miou in consecutive_mask_mious(off).items() if miou < MOVING_MIOU}
+    mious = consecutive_mask_mious(off) if mious is None else mious
+    return {index for index, miou in mious.items() if miou < MOVING_MIOU}
 
 
-def moving_work(off: list[Any], on: list[Any], cost: dict[str, float]) -> dict[str, Any]:
+def moving_work(off: list[Any], on: list[Any], cost: dict[str, float], scores: list[dict[str, Any]] | None = None,
+                mious: dict[int, float] | None = None) -> dict[str, Any]:
     """What the gate spent on the frames where something moved: their share, each stage's work per such frame,
     the less compute a run would reach if those frames cost what they did here and every other frame nothing, and
-    the agreement on those frames alone (an average over every frame hides them among the still ones)."""
-    moving = moving_frames(off)
+    the agreement on those frames alone (an average over every frame hides them among the still ones).
+    ``scores`` (``frame_scores``) and ``mious`` (``consecutive_mask_mious``) save scoring the frames again."""
+    moving = moving_frames(off, mious)
     works = [frame_work(r) for r in on if r.index in moving]
     per_stage = {stage: (statistics.mean(w[stage] for w in works) if works else 0.0) for stage in MODEL_STAGES}
     total = sum(cost.values())
     spent = sum(cost[s] * per_stage[s] for s in MODEL_STAGES) / total if total > 0 else statistics.mean(per_stage.values())
     fraction = spent * len(works) / max(1, len(on))
-    agreement = agreement_with_off(off, [r for r in on if r.index in moving])
+    if scores is None:
+        scores = frame_scores(off, [r for r in on if r.index in moving])
+    agreement = summarise_scores([s for s in scores if s["index"] in moving])
     return {"moving_frames": len(moving), "moving_work": per_stage,
             "moving_ceiling": 1.0 / fraction if fraction > 0 else float("inf"),
             "moving_agreement": {key: agreement[key] for key in ("boxes_f1", "mask_iou")}}
@@ -390,13 +410,15 @@ def clip_report(clip: Clip, off: Measurement, on: Measurement, run_off: RunOutco
                 confident: float | None = None) -> ClipReport:
     cost = stage_cost(off, run_off)
     fraction, per_stage = work_fraction(run_on.results, cost)
+    scores = frame_scores(run_off.results, run_on.results, confident)  # once: every figure below draws on them
+    mious = consecutive_mask_mious(run_off.results)
     static = {}
     if clip.static_until is not None:
         part = [r for r in run_on.results if r.index < clip.static_until]
         static_fraction, _ = work_fraction(part, cost)
         static = {"static_frames": len(part), "static_work_fraction": static_fraction,
                   "static_less_compute": 1.0 / static_fraction if static_fraction > 0 else float("inf"),
-                  "static_agreement": agreement_with_off(run_off.results, part)["agreement"]}
+                  "static_agreement": summarise_scores([s for s in scores if s["index"] < clip.static_until])["agreement"]}
     figures = {
         **static,
         "work_fraction": fraction,
@@ -405,9 +427,9 @@ def clip_report(clip: Clip, off: Measurement, on: Measurement, run_off: RunOutco
         "stage_ms_per_frame": {s: 1000.0 * c for s, c in cost.items()},
         "speedup": on.median_fps / off.median_fps if off.median_fps else 0.0,
         **gate_figures(run_on.results),
-        **agreement_with_off(run_off.results, run_on.results, confident),
-        **output_richness(run_off.results),
-        **moving_work(run_off.results, run_on.results, cost),
+        **summarise_scores(scores),
+        **output_richness(run_off.results, mious),
+        **moving_work(run_off.results, run_on.results, cost, scores, mious),
     }
     return ClipReport(clip, off, on, figures)
 
