@@ -377,3 +377,30 @@ def test_the_skip_report_counts_what_the_gate_spent_where_something_moved():
     all_reused = [SimpleNamespace(index=r.index, outcome=Outcome.REUSED, results={}) if r.index in (3, 4) else r for r in on]
     reused = moving_work(off, all_reused, {"detect": 0.01, "segment": 0.03})
     assert _moving_cell(dict(reused, frames=6)) == "2 of 6, 0.00 / 0.00, –"  # moved, and the gate spent nothing
+
+
+def test_the_skip_verdict_claims_a_target_only_where_the_models_had_something_to_agree_on_and_moving_frames_hold():
+    from blinkflow.bench.skip import ClipReport, _judged, pooled_real, real_clips
+
+    clips = {c.name: c for c in real_clips(quick=True)}
+
+    def figures(less, agreement, moving=None, boxes=2.0, classes=3.0):
+        return {"frames": 100, "work_fraction": 1 / less, "less_compute": less, "agreement": agreement,
+                "boxes_f1": agreement, "mask_iou": agreement, "boxes_per_frame": boxes, "classes_per_mask": classes,
+                "moving_frames": 40 if moving else 0,
+                "moving_agreement": {"boxes_f1": moving, "mask_iou": moving} if moving else None}
+
+    assert _judged(figures(4.2, 0.96, moving=0.97)) == "**met**"
+    assert _judged(figures(3.1, 0.97, moving=0.97)) == "**not met**"
+    # the average holds, the frames where the cars move do not: a margin-0 gate on the parking lot
+    assert _judged(figures(4.1, 0.953, moving=0.902)) == "**met over all frames only**: the moving frames agree at 0.902"
+    # models that saw nothing agree with themselves: no boxes and one class
+    assert _judged(figures(10.0, 1.0, boxes=0.0, classes=1.0)).startswith("**vacuous**")
+    assert _judged(figures(10.0, 1.0, boxes=0.0, classes=2.0)) == "**met**"  # the masks still judge
+
+    # pooled, the moving frames are weighed by their count: 40 at 0.99 and 40 at 0.90
+    reports = [ClipReport(clips["parking"], None, None, figures(4.1, 0.953, moving=0.90)),
+               ClipReport(clips["people"], None, None, figures(5.0, 0.99, moving=0.99))]
+    pooled = pooled_real(reports, ("parking", "people"))
+    assert pooled["moving_agreement"]["mask_iou"] == pytest.approx(0.945)
+    assert _judged(pooled).startswith("**met over all frames only**")

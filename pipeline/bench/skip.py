@@ -871,7 +871,22 @@ def pooled_real(reports: list[ClipReport], names: tuple[str, ...] = REAL_STATIC)
     work, boxes, masks = pooled("work_fraction"), pooled("boxes_f1"), pooled("mask_iou")
     present = [v for v in (boxes, masks) if v is not None]
     return {"clips": len(real), "frames": frames, "less_compute": 1.0 / work if work else float("inf"),
-            "boxes_f1": boxes, "mask_iou": masks, "agreement": min(present) if present else None}
+            "boxes_f1": boxes, "mask_iou": masks, "agreement": min(present) if present else None,
+            "moving_agreement": _pooled_moving(real),
+            "boxes_per_frame": max(r.figures.get("boxes_per_frame", 0.0) for r in real),
+            "classes_per_mask": max(r.figures.get("classes_per_mask", 0.0) for r in real)}
+
+
+def _pooled_moving(real: list[ClipReport]) -> dict[str, float | None] | None:
+    """The clips' moving-frame agreement pooled over their moving frames (None where no clip has one)."""
+    def pooled(key: str) -> float | None:
+        known = [(r.figures["moving_agreement"][key], r.figures["moving_frames"]) for r in real
+                 if r.figures.get("moving_frames") and (r.figures.get("moving_agreement") or {}).get(key) is not None]
+        count = sum(n for _, n in known)
+        return sum(v * n for v, n in known) / count if count else None
+
+    moving = {key: pooled(key) for key in ("boxes_f1", "mask_iou")}
+    return moving if any(v is not None for v in moving.values()) else None
 
 
 #: the real-footage target (issue #22): this much less model compute at this agreement with gate off
@@ -904,12 +919,27 @@ def _met(less: float, agreement: float | None) -> str:
     return "met" if less >= TARGET_LESS and (agreement or 0.0) >= TARGET_AGREEMENT else "not met"
 
 
+def _judged(f: dict[str, Any]) -> str:
+    """The target's verdict on a clip's (or a pool's) figures. Agreement averaged over every frame is only claimed
+    where the models had something to agree on and where it also holds on the frames where something moved (still
+    frames agree by construction and would hide a gate that loses the moving objects)."""
+    verdict = _met(f["less_compute"], f["agreement"])
+    if verdict != "met":
+        return f"**{verdict}**"
+    if f.get("boxes_per_frame", 1.0) == 0 and f.get("classes_per_mask", 2.0) <= 1:
+        return "**vacuous** (no boxes and one class: nothing to agree on)"
+    moving = [v for v in (f.get("moving_agreement") or {}).values() if v is not None]
+    if moving and min(moving) < TARGET_AGREEMENT:
+        return f"**met over all frames only**: the moving frames agree at {min(moving):.3f}"
+    return "**met**"
+
+
 def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str, Any] | None) -> str:
     lines = []
     real = [r for r in reports if r.clip.name in REAL_STATIC]
     if real:
         each = "; ".join(f"{r.clip.what}: {r.figures['frames']} frames {r.figures['less_compute']:.2f}× at "
-                         f"{_num(r.figures['agreement'])} — **{_met(r.figures['less_compute'], r.figures['agreement'])}** "
+                         f"{_num(r.figures['agreement'])} — {_judged(r.figures)} "
                          f"(box F1 {_num(r.figures['boxes_f1'])}, confident boxes {_num(r.figures['confident_boxes_f1'])}; "
                          f"mask mIoU {_num(r.figures['mask_iou'])}, the segmenter's own frame-to-frame "
                          f"{_num(r.figures['consecutive_mask_iou'])}{_moving_clause(r.figures)})"
@@ -961,7 +991,7 @@ def _moving_clause(f: dict[str, Any]) -> str:
 def _pooled_sentence(label: str, pooled: dict[str, Any]) -> str:
     return (f"Pooled, {label}, over their {pooled['frames']} frames: {pooled['less_compute']:.2f}× at "
             f"{_num(pooled['agreement'])} (box F1 {_num(pooled['boxes_f1'])}, mask mIoU {_num(pooled['mask_iou'])}) — "
-            f"**{_met(pooled['less_compute'], pooled['agreement'])}**.")
+            f"{_judged(pooled)}.")
 
 
 def default_config(which: str) -> Path:
