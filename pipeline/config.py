@@ -126,6 +126,11 @@ class GateConfig:
         "the pixels that did not change, up to a gain of 1.5): auto exposure or a cloud is then not change; the "
         "audits still judge whether the models' results hold under it",
     )
+    relight_patches: bool = _field(
+        False, "with lighting and tiles, put the reference under each partial frame's lighting before its tiles are "
+        "patched in, so an exposure ramp does not leave a patchwork of exposures that reads as change later "
+        "(docs/skipping.md: right about the signal, off until the bench's figures are re-measured with it)",
+    )
     tiles: list[int] | None = _field(
         factory=lambda: [8, 8], doc="[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is "
         "'partial' and the segment stage recomputes only those tiles (plus a halo); null = off",

@@ -1287,3 +1287,19 @@ def test_a_source_resized_by_a_whole_factor_gets_its_fields_averaged_onto_the_ou
     odd = DecoderMotion().step(DecoderVectors(2, (64, 32), (40, 20), vectors))  # 1.6x: the fine field regridded
     fine_odd = motion_field_from_mvs(vectors, 32, 64, scale=(40 / 64, 20 / 32))
     assert odd.shape == (3, 5, 2) and set(np.unique(odd[..., 0])) <= set(np.unique(fine_odd[..., 0]))
+
+
+@pytest.mark.parametrize("relight", [True, False])
+def test_tiles_patched_during_an_exposure_ramp_leave_no_patchwork_with_relight_patches(relight):
+    base = (textured().astype(np.float32) * 0.7).astype(np.uint8)  # room for a brighter exposure without clipping
+    moved = brightened(base, 1.3)  # the camera's exposure rises while an object changes in one corner
+    moved[40:48, 52:64] = 250
+    gate = Gate(GateConfig(enabled=True, tiles=[4, 4], tile_margin=0, max_reuse=100, refresh={}, adaptive=False,
+                           relight_patches=relight))
+    frames = gate.process(frames_of([base, moved, moved.copy()]))
+    assert decisions(frames)[:2] == ["keyframe", "partial"]
+    assert frames[1].gate.tiles["changed"] == [15]  # the gain is lighting: only the object's tile is recomputed
+    if relight:  # the reference took the new exposure with the tile: the same frame again is no change at all
+        assert decisions(frames)[2] == "reuse" and frames[2].results["gate"]["changed"] == 0.0
+    else:  # the patched tile is at the new exposure, the rest at the old: no one gain fits, the tile reads as changed
+        assert frames[2].results["gate"]["changed"] > 0.0

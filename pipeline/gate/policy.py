@@ -420,8 +420,7 @@ class GatePolicy:
         if self.cfg.tiles:
             frame.gate.tiles = self._tiles_meta(state, tiles)
         for stage in stages:  # the frame-level reference stays: the other stages' caches did not move
-            reference = state.stage_refs.get(stage, state.reference).copy()
-            state.stage_refs[stage] = patch_tiles(reference, signal, tiles, self.cfg.tiles)
+            state.stage_refs[stage] = self._patched(state.stage_refs.get(stage, state.reference).copy(), signal, tiles)
         # the other stages reuse this frame: it counts towards their staleness, and towards max_reuse
         stale = {s: 0 if s in stages else state.stale.get(s, 0) + 1 for s in state.bounds}
         reused = state.reused_since_key + 1
@@ -451,9 +450,16 @@ class GatePolicy:
 
     def _patch_reference(self, state: _StreamState, signal: np.ndarray, tiles: list[int]) -> None:
         """A partial frame: every stage recomputed ``tiles``, so every reference takes them."""
-        state.reference = patch_tiles(state.reference, signal, tiles, self.cfg.tiles)
+        state.reference = self._patched(state.reference, signal, tiles)
         for stage, reference in state.stage_refs.items():
-            state.stage_refs[stage] = patch_tiles(reference, signal, tiles, self.cfg.tiles)
+            state.stage_refs[stage] = self._patched(reference, signal, tiles)
+
+    def _patched(self, reference: np.ndarray, signal: np.ndarray, tiles: list[int] | None) -> np.ndarray:
+        """``reference`` with ``tiles`` taken from ``signal``; with ``relight_patches`` first put under the signal's
+        lighting, so tiles patched in during an exposure ramp do not leave a patchwork no global gain explains."""
+        if tiles is not None and self.cfg.relight_patches and self.cfg.lighting:
+            reference = lit(reference, signal, self.cfg)  # a new array, or the same one when no gain explains it
+        return patch_tiles(reference, signal, tiles, self.cfg.tiles)
 
     def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
         self._patch_reference(state, signal, change.tiles)
