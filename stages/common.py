@@ -19,6 +19,10 @@ from blinkflow.frame import Frame
 log = logging.getLogger(__name__)
 
 
+#: gate reasons after which a stream's previous output says nothing about this frame (hysteresis starts over)
+FRESH_START = ("first", "restart", "resized", "cut")
+
+
 def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | None = None, channels_last: bool = False):
     """Stack frames into a float NCHW tensor in [0, 1] on ``device``.
 

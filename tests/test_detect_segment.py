@@ -283,6 +283,56 @@ def test_detect_hysteresis_off_is_a_plain_threshold_and_lowers_the_backend_cut_w
     assert hysteresis.model.score_thresh == pytest.approx(0.3)  # SSDLite's own cut lets continuing boxes through
 
 
+class ScriptedSegmenter:
+    """Stands in for a segmenter: per image, in call order, the logit of class 1 over class 0 on the left
+    half of the input (the right half is class 0 by 5 logits)."""
+
+    def __init__(self, margins) -> None:
+        self.margins = list(margins)
+
+    def __call__(self, batch):
+        height, width = batch.shape[-2:]
+        logits = torch.zeros(batch.shape[0], 2, height, width)
+        logits[:, 0, :, width // 2:] = 5.0
+        for row in logits:
+            row[1, :, : width // 2] = self.margins.pop(0)
+        return {"out": logits}
+
+
+def _left_class(frame: Frame) -> int:
+    class_map = decode_class_map(frame.results["segment"]["mask"]["data"])
+    return int(class_map[:, : class_map.shape[1] // 2].max())
+
+
+def test_segment_keep_margin_holds_a_class_until_another_beats_it_by_the_margin():
+    # class 1 wins by 1.0, then loses by 0.5 (held), wins again by 0.2, loses by 2.0 (beaten), wins by 0.5 (held off)
+    margins = [1.0, -0.5, 0.2, -2.0, 0.5]
+    stage = make_stage(Segment, classes=["bg", "thing"], input_size=[16, 32], min_region=0, keep_margin=1.0)
+    stage.model = ScriptedSegmenter(margins)
+    frames = stage.process(stream_frames(2)) + stage.process(stream_frames(3, start=2))
+    assert [_left_class(f) for f in frames] == [1, 1, 1, 0, 0]
+    plain = make_stage(Segment, classes=["bg", "thing"], input_size=[16, 32], min_region=0)
+    plain.model = ScriptedSegmenter(margins)
+    assert [_left_class(f) for f in plain.process(stream_frames(5))] == [1, 0, 1, 0, 1]  # every hair flips it
+    assert plain._shown == {}
+    # the state makes the stage temporal (one replica per stream, in order), even without region reuse
+    def temporal(**options):
+        return Segment.is_temporal(StageConfig(model="unet_small", options=SegmentOptions(tile_reuse=False, **options)))
+    assert temporal(keep_margin=1.0) and not temporal()
+
+
+def test_segment_keep_margin_is_per_stream_and_starts_over_on_a_cut_or_a_restart():
+    stage = make_stage(Segment, classes=["bg", "thing"], input_size=[16, 32], min_region=0, keep_margin=1.0)
+    stage.model = ScriptedSegmenter([1.0, -0.5, -0.5, 1.5, -0.5])
+    shown = stage.process(stream_frames(1, "a") + stream_frames(1, "b", start=1))  # b never showed class 1
+    cut = stream_frames(1, "a", start=2)
+    cut[0].results["gate"] = {"decision": "keyframe", "reason": "cut"}
+    stage.process(cut)  # a cut: the mask before it says nothing about this frame
+    again = stage.process(stream_frames(1, "a", start=3))
+    restarted = stage.process(stream_frames(1, "a", start=0))  # the index went back
+    assert [_left_class(f) for f in shown + cut + again + restarted] == [1, 0, 0, 1, 0]
+
+
 def test_detect_keep_threshold_above_score_threshold_is_a_one_line_config_error():
     from blinkflow.config import load_config
     from blinkflow.errors import ConfigError

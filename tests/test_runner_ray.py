@@ -120,7 +120,8 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     (carry_until), block by block around the stream's cached activations (tile_update), grown to the regions of
     its last mask they touch (tile_regions); with region_budget each
     audit also says
-    where the results disagreed, and tiles the audits found harmless count less, alike in both."""
+    where the results disagreed, and tiles the audits found harmless count less, alike in both. The segmenter's
+    masks lean to the stream's previous ones (keep_margin) on two replicas: each stream sticks to one."""
     from pathlib import Path
 
     parking = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
@@ -131,7 +132,7 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
         "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
                               "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
                    "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2, "replicas": 2,
-                               "options": {"input_size": None}}},
+                               "options": {"input_size": None, "keep_margin": 2.0}}},
     })
     _, local_results = run(LocalRunner, cfg)
     _, ray_results = run(RayRunner, cfg)
@@ -146,6 +147,11 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     assert grown, "no partial frame grew its tiles to the regions of the last mask they touch (tile_regions)"
     assert any(g.get("carried") == ["detect"] for g in gates), "no frame carried the boxes over a small change"
     assert any(g.get("discounted_tiles", 0) > 0 for g in gates), "no audit found a changed tile harmless"
+    cfg.stages["segment"].options.keep_margin = None
+    _, plain = run(LocalRunner, cfg)
+    assert any(a.results["segment"]["mask"]["data"] != b.results["segment"]["mask"]["data"] for a, b in
+               zip(local_results, plain) if a.outcome is Outcome.PROCESSED and b.outcome is Outcome.PROCESSED), \
+        "the masks did not lean on the previous ones anywhere: the replicas' stream affinity went untested"
 
 
 @pytest.mark.slow
