@@ -129,7 +129,7 @@ class GateConfig:
     relight_patches: bool = _field(
         False, "with lighting and tiles, put the reference under each partial frame's lighting before its tiles are "
         "patched in, so an exposure ramp does not leave a patchwork of exposures that reads as change later "
-        "(docs/skipping.md: right about the signal, off until the bench's figures are re-measured with it)",
+        "(docs/skipping.md: right about the signal; off because the parking lot's boxes then fall where cars leave)",
     )
     tiles: list[int] | None = _field(
         factory=lambda: [8, 8], doc="[rows, cols]: region-level reuse; a frame whose change stays inside few tiles is "
