@@ -708,7 +708,7 @@ class Segment(ModelStage):
         if self.options.min_region > 0:
             logits = cleaned_logits(logits, self.options.min_region)
         if self.options.keep_margin is not None:
-            self._shown[frame.stream_id] = (frame.index, logits.max(dim=0).indices)
+            self._shown[frame.stream_id] = (frame.index, logits.max(dim=0).indices.byte())  # classes fit uint8
         return self._to_source_class_map(logits, frame)
 
     def _leaning(self, logits: Any, frame: Frame) -> Any:
