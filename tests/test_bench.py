@@ -404,3 +404,23 @@ def test_the_skip_verdict_claims_a_target_only_where_the_models_had_something_to
     pooled = pooled_real(reports, ("parking", "people"))
     assert pooled["moving_agreement"]["mask_iou"] == pytest.approx(0.945)
     assert _judged(pooled).startswith("**met over all frames only**")
+
+
+@pytest.mark.slow  # the real models on the quick clips: about 25 s
+def test_bench_skip_quick_names_what_changed_the_judge_and_gives_every_clip_a_verdict(capsys, bench_paths):
+    import argparse
+
+    from blinkflow.bench import skip
+
+    args = argparse.Namespace(quick=True, no_write=True, clips="real", config=None, repetitions=1,
+                              gate_from_config=False,
+                              overrides=["stages.segment.options.keep_margin=2", "gate.tile_margin=0"])
+    result = skip.main(args)
+    out = capsys.readouterr().out
+    intro = next(line for line in out.splitlines() if line.startswith("`blinkflow bench skip`"))
+    assert "with stages.segment.options.keep_margin=2 on both sides (the judge changes with them)" in intro
+    assert "Gate: GateConfig defaults with gate.tile_margin=0" in intro
+    targets = next(line for line in out.splitlines() if line.startswith("Targets."))
+    verdicts = re.findall(r" — \*\*(met|not met|vacuous|met over all frames only)\*\*", targets)
+    assert len(verdicts) == len(skip.REAL_STATIC) + 2  # every clip and both pools
+    assert set(result["clips"]) == {"parking", "people", "tree", "moving"}

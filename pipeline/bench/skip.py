@@ -660,8 +660,10 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
                _moving_cell(r.figures), _num(r.figures["final_threshold"], 4)] for r in reports]
     weights = ", ".join(f"{stage}: {w}" for stage, w in result["weights"].items())
     changed = f" with {', '.join(result['gate_overrides'])}" if result["gate_overrides"] else ""
+    models = result.get("model_overrides") or []
+    judged = f", with {', '.join(models)} on both sides (the judge changes with them)" if models else ""
     intro = (
-        f"`blinkflow bench skip` — detect and segment of `{result['config']}` (weights: {weights}), local runner, "
+        f"`blinkflow bench skip` — detect and segment of `{result['config']}` (weights: {weights}){judged}, local runner, "
         f"{result['repetitions']} repetitions alternating gate off and on; frames/s as median (min–max), model loading "
         f"excluded. Gate: {result['gate_source']}{changed}; files decoded with motion vectors when the gate is on."
     )
@@ -1004,7 +1006,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     repetitions = 1 if quick else max(1, int(getattr(args, "repetitions", 3)))
     which = getattr(args, "clips", "real") or "real"
     config_path = Path(getattr(args, "config", None) or default_config(which))
-    raw, config_gate, gate_overrides = base_raw(config_path, list(getattr(args, "overrides", None) or []))
+    overrides = list(getattr(args, "overrides", None) or [])
+    raw, config_gate, gate_overrides = base_raw(config_path, overrides)
     from_config = bool(getattr(args, "gate_from_config", False))
     gate_base = config_gate if from_config else {}
     reports, price = [], None
@@ -1028,6 +1031,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("bench skip: %s done (%.2fx less compute)", clip.name, reports[-1].figures["less_compute"])
     result = {"machine": machine_info(), "config": display_path(config_path), "repetitions": repetitions, "quick": quick,
               "weights": weights_used(raw), "gate_overrides": gate_overrides,
+              "model_overrides": [o for o in overrides if o not in gate_overrides],
               "gate_source": "the config's gate section" if from_config else "GateConfig defaults"}
     body = render(result, reports, price)
     print(body)
