@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 FRESH_START = ("first", "restart", "resized", "cut")
 
 
+def follows(last_index: int | None, frame: Frame) -> bool:
+    """Whether the stream's output of frame ``last_index`` may hold this frame's (the stages' hysteresis): not
+    when there is none, after a restart (the index went back), a cut or a resize."""
+    reason = (frame.results.get("gate") or {}).get("reason")
+    return last_index is not None and last_index < frame.index and reason not in FRESH_START
+
+
 def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | None = None, channels_last: bool = False):
     """Stack frames into a float NCHW tensor in [0, 1] on ``device``.
 

@@ -56,7 +56,7 @@ from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.gate.tiles import tile_edges
 from blinkflow.stages.canvas import Canvas, object_regions, plan_canvas
-from blinkflow.stages.common import FRESH_START, region_base, run_with_regions
+from blinkflow.stages.common import follows, region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
@@ -499,8 +499,7 @@ class Detect(ModelStage):
         if self.options.keep_threshold is None or len(boxes) == 0:
             return keep
         shown = self._shown.get(frame.stream_id)
-        reason = (frame.results.get("gate") or {}).get("reason")
-        if shown is None or shown[0] >= frame.index or reason in FRESH_START or len(shown[1]) == 0:
+        if shown is None or not follows(shown[0], frame) or len(shown[1]) == 0:
             return keep
         same_class = labels.view(-1, 1).cpu() == shown[2].view(1, -1)
         continues = ((box_iou(boxes.cpu(), shown[1]) >= CONTINUE_IOU) & same_class).any(dim=1)

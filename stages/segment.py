@@ -57,7 +57,7 @@ from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.gate.tiles import EIGHT_CONNECTED, tile_edges, tile_runs, tiles_of_touched_regions
 from blinkflow.models.classes import SYNTHETIC_CLASSES
-from blinkflow.stages.common import FRESH_START, region_base, run_with_regions
+from blinkflow.stages.common import follows, region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
@@ -717,9 +717,7 @@ class Segment(ModelStage):
         import torch
 
         shown = self._shown.get(frame.stream_id)
-        reason = (frame.results.get("gate") or {}).get("reason")
-        if (shown is None or shown[0] >= frame.index or reason in FRESH_START
-                or tuple(shown[1].shape) != tuple(logits.shape[-2:])):
+        if shown is None or not follows(shown[0], frame) or tuple(shown[1].shape) != tuple(logits.shape[-2:]):
             return logits
         previous = torch.nn.functional.one_hot(shown[1].long().to(logits.device), logits.shape[0]).permute(2, 0, 1)
         return logits.float() + float(self.options.keep_margin) * previous
