@@ -457,8 +457,8 @@ class GatePolicy:
     def _patched(self, reference: np.ndarray, signal: np.ndarray, tiles: list[int] | None) -> np.ndarray:
         """``reference`` with ``tiles`` taken from ``signal``; with ``relight_patches`` first put under the signal's
         lighting, so tiles patched in during an exposure ramp do not leave a patchwork no global gain explains."""
-        if tiles is not None and self.cfg.relight_patches and self.cfg.lighting:
-            reference = lit(reference, signal, self.cfg)  # a new array, or the same one when no gain explains it
+        if tiles is not None and self.cfg.relight_patches:
+            reference = lit(reference, signal, self.cfg)  # with lighting off, or no gain explaining it: the same one
         return patch_tiles(reference, signal, tiles, self.cfg.tiles)
 
     def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
