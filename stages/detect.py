@@ -32,7 +32,7 @@ whole frame runs. Such a result also carries ``"crop": {"box": [x1, y1, x2,
 y2], "area": fraction of a full forward}``. With the cache, the stage is
 temporal (each stream sticks to one replica, in order).
 
-``crop_reuse: letterbox`` is the same for detectors that letterbox every input to one
+``crop_reuse: letterbox`` (what null picks for YOLOX) is the same for detectors that letterbox every input to one
 size (YOLOX), where a crop would be seen at the wrong scale: the changed tiles' connected
 groups, each grown around the stream's previous boxes that touch it and by the halo, are
 cut from the frame at the full-frame call's scale on the stride-32 grid and packed into one
@@ -86,8 +86,8 @@ class DetectOptions:
         "stream's last boxes (the stage then keeps per-stream state: stream affinity across replicas). letterbox: "
         "for detectors with a fixed letterboxed input (YOLOX), the changed regions (grown around the previous "
         "boxes) cut at the full-frame scale and packed into one small padded canvas. null: on for detectors "
-        "whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), off for SSD/SSDLite and YOLOX, "
-        "which scale every input to a fixed size, so a crop sees its objects at the wrong scale",
+        "whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), letterbox for YOLOX, off for "
+        "SSD/SSDLite, which scale every input to a fixed size, so a crop sees its objects at the wrong scale",
     )
     crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
     crop_max_area: float = _field(
@@ -165,7 +165,11 @@ class Detect(ModelStage):
 
     def check_model(self, model: Any) -> None:
         if self._letterbox and not letterboxes(model):
-            raise StageError(_not_letterboxed(self.name, self.model_name))
+            if self.options.crop_reuse is not None:
+                raise StageError(_not_letterboxed(self.name, self.model_name))
+            # null chose the canvas by the model's name; a model of one's own under that name runs whole frames
+            log.info("stages.%s: %s does not letterbox; partial frames run the whole frame", self.name, self.model_name)
+            self._crop_reuse = self._letterbox = False
 
     def describe(self) -> str:
         return f", {len(self.classes)} classes"
@@ -581,9 +585,12 @@ def crop_reuse_mode(cfg: StageConfig | None) -> str | None:
     if setting is not None:
         return "crop" if setting else None
     model = (getattr(cfg, "model", None) or Detect.default_model).lower()
-    # torchvision's SSD and SSDLite size their default boxes by the input, and YOLOX letterboxes every
-    # input (a crop too) to its fixed size: a crop would see its objects at the wrong scale
-    return None if model.startswith(("ssd", "yolox")) else "crop"
+    # YOLOX letterboxes every input (a crop too) to its fixed size, so its regions go on a canvas at the
+    # full-frame scale; torchvision's SSD and SSDLite size their default boxes by the input: a crop would
+    # see its objects at the wrong scale
+    if model.startswith("yolox"):
+        return "letterbox"
+    return None if model.startswith("ssd") else "crop"
 
 
 def letterboxes(model: Any) -> bool:

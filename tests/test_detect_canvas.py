@@ -199,3 +199,16 @@ def test_the_option_takes_letterbox_and_refuses_what_cannot_letterbox_in_one_lin
     with pytest.raises(StageError, match="^stages.detect.options.crop_reuse: letterbox needs"):
         stage.check_model(object())
     stage.check_model(LetterboxColourDetector())
+
+
+def test_null_picks_the_canvas_for_yolox_and_whole_frames_for_a_model_of_that_name_that_does_not_letterbox():
+    def stage(model):
+        cfg = load_config(data={"sources": [{"type": "synthetic"}], "stages": {"detect": {"model": model}}})
+        return Detect(cfg.stages["detect"])
+
+    yolox = stage("yolox_nano")
+    assert yolox._letterbox and yolox._crop_reuse and Detect.is_temporal(yolox.cfg)
+    yolox.check_model(object())  # null chose it by the name: no error, the whole frame runs instead
+    assert not yolox._letterbox and not yolox._crop_reuse
+    ssd = stage("ssdlite320_mobilenet_v3_large")
+    assert not ssd._letterbox and not ssd._crop_reuse
