@@ -703,12 +703,16 @@ class Segment(ModelStage):
     def _class_map(self, logits: Any, frame: Frame) -> np.ndarray:
         """(C, h, w) logits to the frame's (H, W) class map, without specks below ``min_region``, and with
         ``keep_margin`` leaning to the stream's previous classes."""
+        import torch
+
+        winners = None
         if self.options.keep_margin is not None:
             logits = self._leaning(logits, frame)
         if self.options.min_region > 0:
-            logits = cleaned_logits(logits, self.options.min_region)
+            logits, winners = cleaned_logits(logits, self.options.min_region)
         if self.options.keep_margin is not None:
-            self._shown[frame.stream_id] = (frame.index, logits.max(dim=0).indices.byte())  # classes fit uint8
+            winners = logits.max(dim=0).indices if winners is None else torch.from_numpy(winners)
+            self._shown[frame.stream_id] = (frame.index, winners.byte())  # classes fit uint8
         return self._to_source_class_map(logits, frame)
 
     def _leaning(self, logits: Any, frame: Frame) -> Any:
@@ -816,8 +820,9 @@ def speck_sources(specks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return rows, cols
 
 
-def cleaned_logits(logits: Any, min_pixels: int) -> Any:
-    """(C, h, w) logits without specks and with no room for slivers once upsampled:
+def cleaned_logits(logits: Any, min_pixels: int) -> tuple[Any, np.ndarray]:
+    """(C, h, w) logits without specks and with no room for slivers once upsampled, and their (h, w) uint8
+    argmax (which the cleaning computes anyway):
 
     * the pixels of specks (regions of the argmax smaller than ``min_pixels``) get the logits of the
       nearest pixel outside them;
@@ -834,7 +839,8 @@ def cleaned_logits(logits: Any, min_pixels: int) -> Any:
         logits = logits[:, torch.from_numpy(rows).to(logits.device), torch.from_numpy(cols).to(logits.device)]
     nearby = _grown(winners[None] == np.arange(logits.shape[0], dtype=np.uint8)[:, None, None])
     # finite: the upsampling weighs neighbours, and 0 * -inf would be NaN
-    return logits.float().masked_fill(~torch.from_numpy(nearby).to(logits.device), _RULED_OUT)
+    # a pixel's winner wins its own neighbourhood, so ruling classes out leaves the argmax as it is
+    return logits.float().masked_fill(~torch.from_numpy(nearby).to(logits.device), _RULED_OUT), winners
 
 
 def _grown(masks: np.ndarray) -> np.ndarray:

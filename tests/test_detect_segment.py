@@ -437,8 +437,9 @@ def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
     class_map[0:8, 0:8] = 1  # 64 pixels: a region, not a speck
     logits = torch.nn.functional.one_hot(torch.from_numpy(class_map), 8).permute(2, 0, 1).float()
     assert speck_mask(class_map.astype(np.uint8), 20).sum() == 9 + 6
-    cleaned = cleaned_logits(logits, 20)
+    cleaned, winners = cleaned_logits(logits, 20)
     out = cleaned.argmax(dim=0).numpy()
+    assert winners.dtype == np.uint8 and (winners == out).all()  # the argmax it returns is the cleaned logits'
     assert (out[30:33, 45:47] == 2).all() and (out[10:13, 27:29] == 0).all() and out[11, 29] == 2
     assert set(out[10:13, 29].tolist()) <= {0, 2}  # the corners are as near one side as the other
     assert (out[0:8, 0:8] == 1).all() and (out[class_map < 3] == class_map[class_map < 3]).all()
@@ -446,7 +447,7 @@ def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
     assert (cleaned[5] == cleaned.min()).all() and (cleaned[7] == cleaned.min()).all()
     assert (cleaned[1, 20:, 20:] == cleaned.min()).all() and (cleaned[1, 0:8, 0:8] == 1).all()
     assert (cleaned[1, 8, 0:9] == 0).all() and (cleaned[1, 9, 0:9] == cleaned.min()).all()  # one pixel around
-    assert torch.equal(cleaned_logits(logits, 6).argmax(dim=0), logits.argmax(dim=0))  # none under 6 pixels
+    assert torch.equal(cleaned_logits(logits, 6)[0].argmax(dim=0), logits.argmax(dim=0))  # none under 6 pixels
 
 
 def test_segment_without_input_size_batches_by_frame_size():

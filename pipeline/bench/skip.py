@@ -156,16 +156,21 @@ def clips(quick: bool, which: str = "real") -> list[Clip]:
 # --------------------------------------------------------------------------- configs and runs
 
 
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """``--set`` overrides split into the gate's (``gate.*``: gate-on runs only) and the models' (both sides)."""
+    gate = [o for o in overrides if o.startswith("gate.")]
+    return gate, [o for o in overrides if o not in gate]
+
+
 def base_raw(config_path: Path, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """The config's detect and segment stages, its gate section (for ``--gate-from-config``), and the
     overrides of ``gate.*``, kept apart for the gate-on runs."""
     from blinkflow.config import apply_override, read_yaml
 
     raw = read_yaml(config_path)
-    gate_overrides = [o for o in overrides if o.startswith("gate.")]
-    for override in overrides:
-        if not override.startswith("gate."):
-            apply_override(raw, override)
+    gate_overrides, model_overrides = split_overrides(overrides)
+    for override in model_overrides:
+        apply_override(raw, override)
     stages = raw.get("stages") or {}
     missing = [name for name in MODEL_STAGES if name not in stages]
     if missing:
@@ -865,10 +870,7 @@ def pooled_real(reports: list[ClipReport], names: tuple[str, ...] = REAL_STATIC)
     frames = sum(r.figures["frames"] for r in real)
 
     def pooled(key: str) -> float | None:
-        known = [r for r in real if r.figures[key] is not None]
-        if not known:
-            return None
-        return sum(r.figures[key] * r.figures["frames"] for r in known) / sum(r.figures["frames"] for r in known)
+        return _weighted_mean([(r.figures[key], r.figures["frames"]) for r in real if r.figures[key] is not None])
 
     work, boxes, masks = pooled("work_fraction"), pooled("boxes_f1"), pooled("mask_iou")
     present = [v for v in (boxes, masks) if v is not None]
@@ -882,13 +884,18 @@ def pooled_real(reports: list[ClipReport], names: tuple[str, ...] = REAL_STATIC)
 def _pooled_moving(real: list[ClipReport]) -> dict[str, float | None] | None:
     """The clips' moving-frame agreement pooled over their moving frames (None where no clip has one)."""
     def pooled(key: str) -> float | None:
-        known = [(r.figures["moving_agreement"][key], r.figures["moving_frames"]) for r in real
-                 if r.figures.get("moving_frames") and (r.figures.get("moving_agreement") or {}).get(key) is not None]
-        count = sum(n for _, n in known)
-        return sum(v * n for v, n in known) / count if count else None
+        return _weighted_mean([(r.figures["moving_agreement"][key], r.figures["moving_frames"]) for r in real
+                               if r.figures.get("moving_frames")
+                               and (r.figures.get("moving_agreement") or {}).get(key) is not None])
 
     moving = {key: pooled(key) for key in ("boxes_f1", "mask_iou")}
     return moving if any(v is not None for v in moving.values()) else None
+
+
+def _weighted_mean(pairs: list[tuple[float, int]]) -> float | None:
+    """The mean of (value, count) pairs weighted by count; None when there is no count."""
+    count = sum(n for _, n in pairs)
+    return sum(v * n for v, n in pairs) / count if count else None
 
 
 #: the real-footage target (issue #22): this much less model compute at this agreement with gate off
@@ -1031,7 +1038,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("bench skip: %s done (%.2fx less compute)", clip.name, reports[-1].figures["less_compute"])
     result = {"machine": machine_info(), "config": display_path(config_path), "repetitions": repetitions, "quick": quick,
               "weights": weights_used(raw), "gate_overrides": gate_overrides,
-              "model_overrides": [o for o in overrides if o not in gate_overrides],
+              "model_overrides": split_overrides(overrides)[1],
               "gate_source": "the config's gate section" if from_config else "GateConfig defaults"}
     body = render(result, reports, price)
     print(body)
