@@ -901,13 +901,18 @@ def test_a_refresh_audit_judges_the_span_it_ends_not_its_stalest_frame(score, bo
     assert state.threshold == pytest.approx(0.5)
 
 
-def test_adapt_bounds_grows_a_bound_to_at_most_twice_the_configured_one():
+def test_adapt_bounds_grows_the_masks_bound_to_four_times_the_configured_one_and_the_boxes_to_twice():
     gate = _refreshed_once(2, 1.0)
     state = gate.policy.streams["s"]
     assert state.bounds == {"segment": 3}
-    for _ in range(5):  # more perfect audits: the bound stops at twice the configured one
+    for _ in range(10):  # more perfect audits: the bound stops at four times the configured one
         gate.policy._adapt_bounds(state, {"segment": state.bounds["segment"] + 1}, 1.0)
-    assert state.bounds == {"segment": 4}
+    assert state.bounds == {"segment": 8}
+    # the detector's bound stops at twice: a small new object under the carry band waits for its refresh
+    gate.cfg.refresh["detect"], state.bounds["detect"] = 2, 2
+    for _ in range(10):
+        gate.policy._adapt_bounds(state, {"detect": state.bounds["detect"] + 1}, 1.0)
+    assert state.bounds["detect"] == 4
     assert _refreshed_once(2, 1.0, adapt_bounds=False).policy.streams["s"].bounds == {"segment": 2}  # as configured
 
 

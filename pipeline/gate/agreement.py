@@ -93,6 +93,10 @@ BOUND_SHARE = 0.75
 #: an adapted reuse bound grows to at most this many times the configured one. Drift is smooth; a new object
 #: is not, and a detector refreshed every 30 frames would miss it for 30
 BOUND_GROWTH = 2
+#: refresh bounds that may grow further. A small new object, under the carry band (carry_until), is seen by the
+#: segmenter on the partial frame it changes and by the detector only at its refresh, so only the masks' bound
+#: can grow without making new boxes later (4: the real clips' still stretches, docs/skipping.md)
+REFRESH_GROWTH = {"segment": 4}
 
 
 def span_meets(score: float, staleness: int, span: int, target: float, share: float = 1.0) -> bool:

@@ -46,7 +46,7 @@ linearly from the stage's last run, see ``_span_meets``). Then, if the latest
 audit of every other stage met it too, it raises the threshold like a keyframe
 audit; a miss was drift below the pixel signal, which a lower threshold cannot
 see, so the threshold stays. With ``adapt_bounds`` the refresh also moves its
-stages' bounds in that stream by a frame, between 1 and twice the configured bound.
+stages' bounds in that stream by a frame, between 1 and twice the configured bound (four times the segmenter's).
 With ``region_budget`` each audit's feedback also says where (per tile) the carried-over
 results disagreed: a tile that had changed before an audit that found it harmless counts
 REGION_DECAY times less towards threshold (down to REGION_FLOOR), a tile where they disagreed
@@ -65,7 +65,7 @@ import numpy as np
 
 from blinkflow.config import GateConfig
 from blinkflow.frame import Frame, GateMark
-from blinkflow.gate.agreement import BOUND_GROWTH, BOUND_SHARE, moved_bound, span_meets
+from blinkflow.gate.agreement import BOUND_GROWTH, BOUND_SHARE, REFRESH_GROWTH, moved_bound, span_meets
 from blinkflow.gate.motion import (
     MOTION_KEY, DecoderMotion, attach_decoder_motion, compose_motion, is_still,
 )
@@ -378,12 +378,13 @@ class GatePolicy:
         return span_meets(score, staleness, bound, self.cfg.agreement_target, share)
 
     def _adapt_bounds(self, state: _StreamState, staleness: dict[str, int], score: float) -> None:
-        """Move each refreshed stage's bound by one frame, between 1 and BOUND_GROWTH times the configured
-        bound (below max_reuse): up when a span one frame longer would still keep BOUND_SHARE of the budget
-        on average, down when the current one does not."""
+        """Move each refreshed stage's bound by one frame, between 1 and its growth (REFRESH_GROWTH, else
+        BOUND_GROWTH) times the configured bound (below max_reuse): up when a span one frame longer would still
+        keep BOUND_SHARE of the budget on average, down when the current one does not."""
         for stage, n in staleness.items():
             bound = state.bounds.get(stage, 1)
-            top = max(1, min(self.cfg.max_reuse - 1, BOUND_GROWTH * self.cfg.refresh.get(stage, bound)))
+            growth = REFRESH_GROWTH.get(stage, BOUND_GROWTH)
+            top = max(1, min(self.cfg.max_reuse - 1, growth * self.cfg.refresh.get(stage, bound)))
             state.bounds[stage] = moved_bound(bound, top, score, n, self.cfg.agreement_target, BOUND_SHARE)
 
     # ------------------------------------------------------------------ outcomes
