@@ -199,8 +199,8 @@ class GateConfig:
     adapt_bounds: bool = _field(
         True, "adaptive: a refresh audit also moves its stages' refresh bounds by a frame, per stream, between 1 and "
         "twice the configured bound (the segmenter's: four times; a small new object reaches the boxes only at the "
-        "detector's refresh, the masks on the partial frame it changes): longer while a span one frame longer would still meet agreement_target on "
-        "average (drift adds up about linearly from the stage's last run), shorter when the current span does not",
+        "detector's refresh, the masks on the partial frame it changes): longer while a span one frame longer "
+        "would still meet agreement_target on average (drift adds up about linearly from the stage's last run), shorter when the current span does not",
     )
     carry_until: dict[str, float] = _field(
         factory=lambda: {"detect": 3.0}, doc="per stage, a factor: on a frame whose change passes threshold but stays "

@@ -162,13 +162,12 @@ def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
     return gate, [o for o in overrides if o not in gate]
 
 
-def base_raw(config_path: Path, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """The config's detect and segment stages, its gate section (for ``--gate-from-config``), and the
-    overrides of ``gate.*``, kept apart for the gate-on runs."""
+def base_raw(config_path: Path, model_overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The config's detect and segment stages with ``model_overrides`` applied (both sides of every comparison),
+    and its gate section (for ``--gate-from-config``)."""
     from blinkflow.config import apply_override, read_yaml
 
     raw = read_yaml(config_path)
-    gate_overrides, model_overrides = split_overrides(overrides)
     for override in model_overrides:
         apply_override(raw, override)
     stages = raw.get("stages") or {}
@@ -178,7 +177,7 @@ def base_raw(config_path: Path, overrides: list[str]) -> tuple[dict[str, Any], d
     gate = {k: v for k, v in (raw.get("gate") or {}).items() if k != "enabled"}
     raw = {"stages": {name: copy.deepcopy(stages[name]) for name in MODEL_STAGES},
            "runtime": {"runner": "local", "mode": "archive", "log_level": "warning"}}
-    return raw, gate, gate_overrides
+    return raw, gate
 
 
 #: feature-level reuse of the segmenter (gate off): its backbone on every Nth frame
@@ -1013,8 +1012,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     repetitions = 1 if quick else max(1, int(getattr(args, "repetitions", 3)))
     which = getattr(args, "clips", "real") or "real"
     config_path = Path(getattr(args, "config", None) or default_config(which))
-    overrides = list(getattr(args, "overrides", None) or [])
-    raw, config_gate, gate_overrides = base_raw(config_path, overrides)
+    gate_overrides, model_overrides = split_overrides(list(getattr(args, "overrides", None) or []))
+    raw, config_gate = base_raw(config_path, model_overrides)
     from_config = bool(getattr(args, "gate_from_config", False))
     gate_base = config_gate if from_config else {}
     reports, price = [], None
@@ -1038,7 +1037,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         log.warning("bench skip: %s done (%.2fx less compute)", clip.name, reports[-1].figures["less_compute"])
     result = {"machine": machine_info(), "config": display_path(config_path), "repetitions": repetitions, "quick": quick,
               "weights": weights_used(raw), "gate_overrides": gate_overrides,
-              "model_overrides": split_overrides(overrides)[1],
+              "model_overrides": model_overrides,
               "gate_source": "the config's gate section" if from_config else "GateConfig defaults"}
     body = render(result, reports, price)
     print(body)
