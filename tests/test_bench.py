@@ -266,6 +266,35 @@ def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_o
     assert gpu.stage_variants(cpu) == [(task, "fp32", 1, "off", False) for task in ("detect", "segment", "flow", "action")]
 
 
+@pytest.mark.slow
+def test_gpu_check_script_runs_every_step_on_a_cpu_and_says_what_it_could_not(tmp_path):
+    """tools/gpu-check.sh is run for real only where a GPU is lent: this dry run keeps it from rotting."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: run tools/gpu-check.sh itself")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "gpu-out"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "BENCH_TIMEOUT": "120"}
+    done = subprocess.run(["bash", str(root / "tools" / "gpu-check.sh")], env=env, capture_output=True, text=True,
+                          timeout=400)
+    assert done.returncode == 0, done.stderr
+    steps = (out / "steps.log").read_text()
+    assert "nvidia-smi failed" in steps and "blinkflow already installed from this checkout" in steps
+    assert "needs_cuda tests: exit 0" in steps and "bench gpu: exit 2" in steps and "done; outputs in" in steps
+    tests = (out / "pytest-needs-cuda.txt").read_text()
+    assert re.search(r"\b\d+ skipped\b", tests) and "passed" not in tests and "failed" not in tests
+    assert "cuda False" in (out / "python.txt").read_text()
+    bench = (out / "bench-gpu.txt").read_text().strip().splitlines()
+    assert bench == ["blinkflow: error: blinkflow bench gpu needs a CUDA GPU (none is visible to torch); "
+                     "`--quick` runs its code paths on the CPU"]
+    assert (out / "benchmarks.md").read_text() == (root / "docs" / "benchmarks.md").read_text()
+
+
 def test_plot_skipping_draws_the_points_and_the_target_region(tmp_path):
     from PIL import Image
 

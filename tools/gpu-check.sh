@@ -49,7 +49,11 @@ if [ "${#missing[@]}" -gt 0 ]; then
         || log "some wheels are not in tools/wheels (see pip.log); the sections needing them report it"
 fi
 
-if $PY -m pip install --no-index --no-deps --no-build-isolation -e . > "$OUT/pip-blinkflow.log" 2>&1; then
+# this checkout's blinkflow already importable (a dry run on a CPU machine's venv): leave that install alone
+installed=$($PY -c "import blinkflow, pathlib; print(pathlib.Path(blinkflow.__file__).resolve().parent.parent)" 2>/dev/null)
+if [ "$installed" = "$(pwd -P)" ]; then
+    log "blinkflow already installed from this checkout"
+elif $PY -m pip install --no-index --no-deps --no-build-isolation -e . > "$OUT/pip-blinkflow.log" 2>&1; then
     log "blinkflow installed (editable)"
 else
     # setuptools missing: the same namespace as pyproject's package-dir, as a tree of links
