@@ -13,11 +13,27 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from blinkflow.config import Config
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.gate.carry import CarryOver
+from blinkflow.graph import build_graph
 from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 
 log = logging.getLogger(__name__)
+
+
+class RunnerBase:
+    """What every runner holds: the config and its stage graph, the sinks, who hears of each result."""
+
+    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
+                 metrics: MetricsRecorder | None = None, hub: Any = None, stop: Any = None):
+        self.cfg = cfg
+        self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
+        self.stop = stop  # a threading.Event: once set, no new frame is read; those in flight finish, sinks commit
+        self.sinks = sinks or []
+        self.on_result = on_result
+        self.metrics = metrics or NULL_RECORDER
+        self.specs = build_graph(cfg)
 
 
 class StageCaller:

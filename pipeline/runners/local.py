@@ -10,32 +10,19 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
 
-from blinkflow.config import Config
-from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
-from blinkflow.graph import build_driver_graph, build_graph
-from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
+from blinkflow.frame import Accounting, Frame, Outcome
+from blinkflow.graph import build_driver_graph
 from blinkflow.registry import register_runner
-from blinkflow.runners.base import OrderedOutput, RunSummary, StageCaller, StageChain, committed_sinks, setup_stage
+from blinkflow.runners.base import OrderedOutput, RunnerBase, RunSummary, StageCaller, StageChain, committed_sinks, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
 
 
 @register_runner("local")
-class LocalRunner:
+class LocalRunner(RunnerBase):
     name = "local"
-
-    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
-                 metrics: MetricsRecorder | None = None, hub: Any = None, stop: Any = None):
-        self.cfg = cfg
-        self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
-        self.stop = stop  # a threading.Event: once set, no new frame is read; those in flight finish, sinks commit
-        self.sinks = sinks or []
-        self.on_result = on_result
-        self.metrics = metrics or NULL_RECORDER
-        self.specs = build_graph(cfg)
 
     def run(self) -> RunSummary:
         started = time.perf_counter()

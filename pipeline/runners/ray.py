@@ -45,11 +45,11 @@ from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
 from blinkflow.errors import BlinkflowError, ConfigError, StageError
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
-from blinkflow.graph import StageSpec, build_driver_graph, build_graph
+from blinkflow.graph import StageSpec, build_driver_graph
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
 from blinkflow.ray_session import ray_session
 from blinkflow.registry import register_runner
-from blinkflow.runners.base import OrderedOutput, RunSummary, committed_sinks, setup_stage
+from blinkflow.runners.base import OrderedOutput, RunnerBase, RunSummary, committed_sinks, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
@@ -142,18 +142,12 @@ class Chain:
 
 
 @register_runner("ray")
-class RayRunner:
+class RayRunner(RunnerBase):
     name = "ray"
 
     def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
                  metrics: MetricsRecorder | None = None, hub: Any = None, stop: Any = None):
-        self.cfg = cfg
-        self.hub = hub  # a pipeline.streams.StreamHub whose streams may change while the run goes on
-        self.stop = stop  # a threading.Event: once set, no new frame is read; those in flight finish, sinks commit
-        self.sinks = sinks or []
-        self.on_result = on_result
-        self.metrics = metrics or NULL_RECORDER
-        self.specs = build_graph(cfg)
+        super().__init__(cfg, sinks, on_result, metrics, hub, stop)
         self.pools: list[StagePool] = []
         self.shards = max([s.cfg.replicas for s in self.specs if s.temporal and hasattr(s.cfg, "replicas")] or [1])
         self.wave_size = max([spec.batch for spec in self.specs] or [1])
