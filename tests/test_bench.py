@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from blinkflow.bench.common import BENCH_DOC
+from tests.conftest import REPO_ROOT
 
 NUMBER = r"\d+(?:\.\d+)?"
 
@@ -277,10 +278,9 @@ def test_gpu_check_script_runs_every_step_on_a_cpu_and_says_what_it_could_not(tm
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: run tools/gpu-check.sh itself")
-    root = Path(__file__).resolve().parents[1]
     out = tmp_path / "gpu-out"
     env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "BENCH_TIMEOUT": "120"}
-    done = subprocess.run(["bash", str(root / "tools" / "gpu-check.sh")], env=env, capture_output=True, text=True,
+    done = subprocess.run(["bash", str(REPO_ROOT / "tools" / "gpu-check.sh")], env=env, capture_output=True, text=True,
                           timeout=400)
     assert done.returncode == 0, done.stderr
     steps = (out / "steps.log").read_text()
@@ -292,7 +292,7 @@ def test_gpu_check_script_runs_every_step_on_a_cpu_and_says_what_it_could_not(tm
     bench = (out / "bench-gpu.txt").read_text().strip().splitlines()
     assert bench == ["blinkflow: error: blinkflow bench gpu needs a CUDA GPU (none is visible to torch); "
                      "`--quick` runs its code paths on the CPU"]
-    assert (out / "benchmarks.md").read_text() == (root / "docs" / "benchmarks.md").read_text()
+    assert (out / "benchmarks.md").read_text() == (REPO_ROOT / "docs" / "benchmarks.md").read_text()
 
 
 def test_plot_skipping_draws_the_points_and_the_target_region(tmp_path):
