@@ -38,6 +38,8 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     bench.add_argument("--gate-from-config", action="store_true",
                        help="skip: start the gate-on runs from the config's gate section, not GateConfig's defaults")
+    bench.add_argument("--budget-s", type=float, default=None,
+                       help="gpu: seconds the run may take; what would not fit is marked skipped (default 400)")
     bench.add_argument("--clips", choices=["real", "synthetic", "all"], default="real",
                        help="skip: the real clips (default), the synthetic scenes, or both")
     bench.set_defaults(handler=cmd_bench)

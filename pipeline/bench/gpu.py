@@ -9,8 +9,13 @@ Sections (docs/benchmarks.md ``gpu``, with the GPU's name and driver):
   channels_last and compiled (``compile: reduce-overhead``: torch.compile with CUDA graphs);
 * **streams**: the full real-model graph (gate, detect, segment, track, flow, action) on N streams of
   720p at 10 fps, paced in real time, stepping N up until the p95 latency passes 1 s or a stream
-  falls behind; the largest N that held;
+  falls behind, then halving the gap to the last N that held; the largest N that held;
 * **label**: archive labelling frames/s of the static-camera clips at 720p, skipping off and on.
+
+A GPU is lent for minutes, so the run keeps to a time budget (``--budget-s``, default
+:data:`DEFAULT_BUDGET_S`): the sections run in the order of the issue's targets (decode, streams, label,
+then the stages table), what would not fit in the time left is marked *skipped* instead of being started,
+and each finished section is written at once, so a run cut short still leaves what it measured.
 
 Without CUDA only ``--quick`` runs (tiny sizes, on the CPU: it checks the code paths and writes
 nothing). ``tools/gpu-check.sh`` runs this on the GPU machine with the ``needs_cuda`` tests.
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import statistics
 import subprocess
 import threading
@@ -30,7 +36,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from blinkflow.bench.common import REPO_ROOT, machine_info, machine_line, markdown_table, publish
+from blinkflow.bench.common import (REPO_ROOT, machine_info, machine_line, markdown_table, publish, save_json,
+                                    write_section)
 from blinkflow.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
@@ -40,11 +47,20 @@ CLIPS = (REPO_ROOT / "tests" / "data" / "static" / "car-detection-19s.mp4",
          REPO_ROOT / "tests" / "data" / "static" / "one-by-one-person-30s.mp4")
 SIZE, QUICK_SIZE = (1280, 720), (160, 96)
 BATCHES, QUICK_BATCHES = (1, 8, 32), (1, 2)
-STREAM_STEPS, QUICK_STREAM_STEPS = (1, 2, 4, 8, 16, 24, 32, 40, 48, 64), (1,)
+#: streams stepped up (doubling, then by 16) until one breaks; bench_streams then halves the gap
+STREAM_STEPS, QUICK_STREAM_STEPS = (1, 8, 16, 32, 48, 64), (1,)
 STREAM_FPS, STREAM_SECONDS, QUICK_STREAM_SECONDS = 10.0, 20.0, 3.0
 P95_LIMIT_S = 1.0
 #: the stages section's torch.compile rows: this mode (CUDA graphs), at this batch, fp16
 COMPILE_MODE, COMPILED_BATCH = "reduce-overhead", 8
+#: seconds the whole run may take by default: the GPU machine is lent for 15 minutes, the needs_cuda tests and
+#: its start included (tools/gpu-check.sh passes what its own deadline leaves)
+DEFAULT_BUDGET_S = 400.0
+#: what a row or section is taken to cost before one like it was timed (s); a compile is slow only the first time
+FIRST_GUESS_S = {"stage": 20.0, "compiled": 150.0, "stream_setup": 20.0, "label": 90.0}
+#: the order sections are measured in: the issue's targets first, the stages table (the longest) last
+MEASURE_ORDER = ("decode", "streams", "label", "stages")
+SKIPPED = "time budget"
 
 
 @dataclass
@@ -62,6 +78,11 @@ class Plan:
     compile: bool = False  # also time detect and segment compiled (COMPILE_MODE), on a GPU only
     stages: dict[str, Any] | None = None  # the graph of the streams section; None: configs/demo.yaml's, + track
     results: dict[str, Any] = field(default_factory=dict)
+    deadline: float = math.inf  # time.monotonic() by which measuring stops; inf: no budget
+
+    def fits(self, seconds: float) -> bool:
+        """Whether something expected to take ``seconds`` ends before the deadline."""
+        return time.monotonic() + seconds <= self.deadline
 
 
 def main(args: argparse.Namespace) -> None:
@@ -77,16 +98,35 @@ def main(args: argparse.Namespace) -> None:
                 stream_steps=QUICK_STREAM_STEPS if args.quick else STREAM_STEPS,
                 stream_seconds=QUICK_STREAM_SECONDS if args.quick else STREAM_SECONDS,
                 frames=8 if args.quick else 64, quick=args.quick, compile=cuda and not args.quick)
+    budget = getattr(args, "budget_s", None)
+    budget = (math.inf if args.quick else DEFAULT_BUDGET_S) if budget is None else float(budget)
+    plan.deadline = time.monotonic() + budget
+    write = cuda and not args.quick and not args.no_write
     images = clip_frames(CLIPS[0], plan.size, plan.frames)
-    sections = [("decode", bench_decode), ("stages", bench_stages), ("streams", bench_streams), ("label", bench_label)]
-    for name, measure in sections:
+    measure = {"decode": bench_decode, "stages": bench_stages, "streams": bench_streams, "label": bench_label}
+    for name in MEASURE_ORDER:
         try:
-            plan.results[name] = measure(plan, images)
+            plan.results[name] = measure[name](plan, images)
         except Exception as exc:  # noqa: BLE001 - one section that cannot run is reported; the others go on
             log.error("bench gpu: %s failed: %s", name, exc)
             plan.results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-    publish("gpu", render(plan), {"machine": machine_info(), "gpu": gpu_info(), **plan.results},
-            write=cuda and not args.quick and not args.no_write)
+        if write:  # a run cut short (the machine's time is up) keeps every section finished so far
+            save_sections(plan)
+    publish("gpu", render(plan), payload(plan), write=write)
+
+
+def payload(plan: Plan) -> dict[str, Any]:
+    return {"machine": machine_info(), "gpu": gpu_info(), "budget_s": _budget_s(plan), **plan.results}
+
+
+def save_sections(plan: Plan) -> None:
+    """The doc's gpu section and its JSON as measured so far (publish prints the table once, at the end)."""
+    write_section("gpu", render(plan))
+    save_json("gpu", payload(plan))
+
+
+def _budget_s(plan: Plan) -> float | None:
+    return None if math.isinf(plan.deadline) else round(plan.deadline - time.monotonic(), 1)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -137,6 +177,9 @@ def bench_decode(plan: Plan, images: list[np.ndarray]) -> dict[str, Any]:
     """Frames/s of the CPU decoder and of NVDEC on the same 720p clip (best of three passes)."""
     import tempfile
 
+    if not plan.fits(10.0):
+        return {"skipped": SKIPPED}
+
     with tempfile.TemporaryDirectory() as folder:
         clip = encode_clip(images * 4, Path(folder) / "clip.mp4")
         result: dict[str, Any] = {"cpu_fps": max(decode_rate(clip, None) for _ in range(3))}
@@ -173,11 +216,17 @@ def bench_stages(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
 
     cfg = load_config(DEMO)
     rows = []
+    timed: dict[bool, float] = {}  # compiled or not -> the longest such row so far (s)
     for task, precision, batch, compile_mode, channels_last in stage_variants(plan):
         stage_cfg = replace(cfg.stages[task], batch=batch, precision=precision, device=plan.device,
                             channels_last=channels_last, compile=compile_mode)
         row = {"stage": task, "model": stage_cfg.model, "precision": precision, "channels_last": channels_last,
                "compile": compile_mode, "batch": batch}
+        compiled = compile_mode != "off"
+        if not plan.fits(timed.get(compiled, FIRST_GUESS_S["compiled" if compiled else "stage"])):
+            rows.append({**row, "skipped": SKIPPED})
+            continue
+        started = time.monotonic()
         try:
             stage = stages.get(task)(stage_cfg)
             stage.setup(plan.device)
@@ -187,6 +236,7 @@ def bench_stages(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
             row["fps"] = 1.0 / statistics.median(seconds)
         except Exception as exc:  # noqa: BLE001 - e.g. out of memory at batch 32: reported, not fatal
             row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+        timed[compiled] = max(timed.get(compiled, 0.0), time.monotonic() - started)
         rows.append(row)
     return rows
 
@@ -207,14 +257,33 @@ def stage_variants(plan: Plan) -> list[tuple[str, str, int, str, bool]]:
 
 
 def bench_streams(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
-    """N paced 720p streams through the full graph, N stepped up until the p95 latency or the pace breaks."""
-    rows = []
+    """N paced 720p streams through the full graph: N stepped up until the p95 latency or the pace breaks,
+    then halved between the last N that held and the first that did not, while the budget allows."""
+    rows: dict[int, dict[str, Any]] = {}
+    steps_s: list[float] = []  # wall time of each step run (the graph's setup included)
+
+    def step_s() -> float:
+        return max(steps_s) if steps_s else plan.stream_seconds + FIRST_GUESS_S["stream_setup"]
+
+    def holds(streams: int) -> bool:
+        started = time.monotonic()
+        rows[streams] = run_streams(plan, images, streams)
+        steps_s.append(time.monotonic() - started)
+        return rows[streams]["held"]
+
+    held, broke = 0, None
     for streams in plan.stream_steps:
-        row = run_streams(plan, images, streams)
-        rows.append(row)
-        if not row["held"]:
+        if not plan.fits(step_s()):
+            rows[streams] = {"streams": streams, "skipped": SKIPPED}
             break
-    return rows
+        if not holds(streams):
+            broke = streams
+            break
+        held = streams
+    while broke is not None and held and broke - held > 1 and plan.fits(step_s()):
+        middle = (held + broke) // 2
+        held, broke = (middle, broke) if holds(middle) else (held, middle)
+    return [rows[n] for n in sorted(rows)]
 
 
 def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str, Any]:
@@ -283,6 +352,8 @@ def bench_label(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
     from blinkflow.config import load_config
     from blinkflow.label import LabelRun, find_videos
 
+    if not plan.fits(FIRST_GUESS_S["label"]):
+        return [{"skipping": gate, "skipped": SKIPPED} for gate in (True, False)]
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         inputs = Path(folder) / "inputs"
@@ -291,13 +362,18 @@ def bench_label(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
             encode_clip(clip_frames(clip, plan.size, plan.frames * (1 if plan.quick else 4)), inputs / clip.name)
         stages = graph_stages(plan)
         stages = {name: stages[name] for name in ("detect", "segment")}
-        for gate in (False, True):
+        run_s = 0.0
+        for gate in (True, False):  # with skipping first: the target is about it
+            if not plan.fits(run_s):  # the run without skipping takes longer than the one with it
+                rows.append({"skipping": gate, "skipped": SKIPPED})
+                continue
             cfg = load_config(data={"sources": [], "gate": {"enabled": gate}, "stages": stages,
                                     "label": {"formats": ["jsonl"], "executor": "local"}})
             started = time.perf_counter()
             summary = LabelRun(find_videos([str(inputs)]), Path(folder) / f"out-{gate}", cfg, ["jsonl"],
                                progress=False).run()
             seconds = time.perf_counter() - started
+            run_s = seconds
             rows.append({"skipping": gate, "frames": summary["totals"]["frames"],
                          "fps": summary["totals"]["frames"] / seconds, "reused": summary["totals"].get("reused", 0)})
     return rows
@@ -313,7 +389,7 @@ def render(plan: Plan) -> str:
              f"`blinkflow bench gpu{' --quick' if plan.quick else ''}` on **{title}** ({plan.device}); frames "
              f"{plan.size[0]}x{plan.size[1]} from the repository's real static-camera clips. Targets (issue #25): "
              f">= 30 streams of 720p at 10 fps with p95 <= {P95_LIMIT_S:g} s and nothing dropped; labelling >= 1000 "
-             "frames/s with skipping; NVDEC >= 3x the CPU decoder.", "", machine_line(machine_info()), ""]
+             "frames/s with skipping; NVDEC >= 3x the CPU decoder." + _budget_words(plan), "", machine_line(machine_info()), ""]
     lines += _decode_lines(results.get("decode", {}), plan.size)
     lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "channels_last", "compile", "batch", "fps"])
     lines += _table_lines("streams", results.get("streams"),
@@ -324,20 +400,38 @@ def render(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _budget_words(plan: Plan) -> str:
+    skipped = sum("skipped" in row for section in plan.results.values()
+                  for row in (section if isinstance(section, list) else [section]) if isinstance(row, dict))
+    return (f" Measured within a time budget; {skipped} row(s) did not fit it and are marked skipped." if skipped
+            else "")
+
+
 def _decode_lines(decode: dict[str, Any], size: tuple[int, int]) -> list[str]:
     if "error" in decode:
         return [f"Decode: failed ({decode['error']}).", ""]
+    if "skipped" in decode:
+        return [f"Decode: skipped ({decode['skipped']}).", ""]
+    if not decode:
+        return ["Decode: not measured yet (the run stopped before it).", ""]
     nvdec = (f"NVDEC {decode['nvdec_fps']:.0f} frames/s, **{decode['nvdec_over_cpu']:.2f}x**" if "nvdec_fps" in decode
              else f"NVDEC unavailable ({decode.get('nvdec_error', '?')})")
     return [f"Decode ({size[0]}x{size[1]} H.264 to RGB, best of 3): CPU {decode.get('cpu_fps', 0):.0f} frames/s; {nvdec}.", ""]
 
 
 def _table_lines(name: str, rows: Any, columns: list[str]) -> list[str]:
+    if rows is None:
+        return [f"{name.capitalize()}: not measured yet (the run stopped before it).", ""]
     if isinstance(rows, dict) and "error" in rows:
         return [f"{name.capitalize()}: failed ({rows['error']}).", ""]
-    body = [[_cell(row.get(column, row.get("error", "")) if column == columns[-1] else row.get(column, ""))
+    body = [[_cell(row.get(column, _why_not_measured(row)) if column == columns[-1] else row.get(column, ""))
              for column in columns] for row in rows or []]
     return [f"**{name.capitalize()}**", "", markdown_table(columns, body), ""]
+
+
+def _why_not_measured(row: dict[str, Any]) -> str:
+    """A row's last cell when it has no figure: its error, or why it was skipped."""
+    return row["error"] if "error" in row else f"skipped ({row['skipped']})" if "skipped" in row else ""
 
 
 def _cell(value: Any) -> str:
