@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,92 @@ def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_o
     assert gpu.stage_variants(cpu) == [(task, "fp32", 1, "off", False) for task in ("detect", "segment", "flow", "action")]
 
 
+class _FakeClock:
+    """time.monotonic for the bench's budget: a fake step of the streams section advances it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+def _streams_plan(gpu, steps):
+    return gpu.Plan(device="cpu", size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=steps,
+                    stream_seconds=20.0, frames=6, quick=True)
+
+
+def test_bench_gpu_streams_step_up_then_halve_to_the_largest_n_that_holds(monkeypatch):
+    from blinkflow.bench import gpu
+
+    clock, tried = _FakeClock(), []
+
+    def fake_run(plan, images, streams):
+        tried.append(streams)
+        clock.now += 25.0
+        return {"streams": streams, "held": streams <= 27}
+
+    monkeypatch.setattr(gpu, "run_streams", fake_run)
+    monkeypatch.setattr(gpu.time, "monotonic", clock.monotonic)
+    rows = gpu.bench_streams(_streams_plan(gpu, (1, 8, 16, 32, 40)), [])
+    assert tried == [1, 8, 16, 32, 24, 28, 26, 27]  # up until 32 breaks, then halved between 16 .. 32
+    assert [row["streams"] for row in rows] == [1, 8, 16, 24, 26, 27, 28, 32]
+    plan = _streams_plan(gpu, (1, 8, 16, 32, 40))
+    plan.results = {"streams": rows}
+    assert "Largest number of streams held: **27**" in gpu.render(plan)
+
+
+def test_bench_gpu_streams_stop_where_the_next_step_would_pass_the_budget(monkeypatch):
+    from blinkflow.bench import gpu
+
+    clock, tried = _FakeClock(), []
+
+    def fake_run(plan, images, streams):
+        tried.append(streams)
+        clock.now += 25.0 + streams  # more streams, longer setup
+        return {"streams": streams, "held": True}
+
+    monkeypatch.setattr(gpu, "run_streams", fake_run)
+    monkeypatch.setattr(gpu.time, "monotonic", clock.monotonic)
+    plan = _streams_plan(gpu, (1, 8, 16, 32))
+    plan.deadline = clock.now + 75.0  # 40 s guessed for the first step; then each step's measured time
+    rows = gpu.bench_streams(plan, [])
+    assert tried == [1, 8]  # 26 s and 33 s spent; 33 s more would end after the deadline
+    assert rows[-1] == {"streams": 16, "skipped": "time budget"}
+    plan.results = {"streams": rows}
+    report = gpu.render(plan)
+    assert "| 16 |" in report and "skipped (time budget)" in report and "1 row(s) did not fit" in report
+    assert "Largest number of streams held: **8**" in report
+
+
+def test_bench_gpu_out_of_time_writes_every_section_as_skipped_and_loads_no_model(tmp_path, monkeypatch):
+    """On a GPU with no time left: nothing is started, and the doc says so section by section."""
+    import argparse
+
+    import torch
+
+    from blinkflow.bench import gpu
+
+    doc, out = tmp_path / "benchmarks.md", tmp_path / "results"
+    monkeypatch.setenv("BLINKFLOW_BENCH_DOC", str(doc))
+    monkeypatch.setenv("BLINKFLOW_BENCH_OUT", str(out))
+    info = gpu.machine_info()  # this CPU machine's, read before torch is told that a GPU is here
+    monkeypatch.setattr(gpu, "machine_info", lambda: info)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    saved = []
+    monkeypatch.setattr(gpu, "save_sections", lambda plan: saved.append(dict(plan.results)) or
+                        gpu.write_section("gpu", gpu.render(plan)))
+    gpu.main(argparse.Namespace(quick=False, no_write=False, budget_s=0.0))
+    assert [list(results) for results in saved] == [list(gpu.MEASURE_ORDER[:n]) for n in range(1, 5)]
+    text = doc.read_text()
+    assert "Decode: skipped (time budget)" in text and "Largest number of streams held: **0**" in text
+    assert text.count("skipped (time budget)") == 1 + 1 + 2 + len(gpu.stage_variants(gpu.Plan(
+        device="cuda:0", size=gpu.SIZE, batches=gpu.BATCHES, precisions=("fp32", "fp16"), stream_steps=(1,),
+        stream_seconds=1.0, frames=1, quick=False, compile=True)))
+    payload = json.loads((out / "bench-gpu.json").read_text())
+    assert payload["label"] == [{"skipping": True, "skipped": "time budget"}, {"skipping": False, "skipped": "time budget"}]
+
+
 @pytest.mark.slow
 def test_gpu_check_script_runs_every_step_on_a_cpu_and_says_what_it_could_not(tmp_path):
     """tools/gpu-check.sh is run for real only where a GPU is lent: this dry run keeps it from rotting."""
@@ -288,11 +375,54 @@ def test_gpu_check_script_runs_every_step_on_a_cpu_and_says_what_it_could_not(tm
     assert "needs_cuda tests: exit 0" in steps and "bench gpu: exit 2" in steps and "done; outputs in" in steps
     tests = (out / "pytest-needs-cuda.txt").read_text()
     assert re.search(r"\b\d+ skipped\b", tests) and "passed" not in tests and "failed" not in tests
-    assert "cuda False" in (out / "python.txt").read_text()
+    assert "cuda False" in (out / "machine.txt").read_text()
+    assert len([f for f in out.rglob("*") if f.is_file()]) <= 8  # what the device tool brings back
     bench = (out / "bench-gpu.txt").read_text().strip().splitlines()
     assert bench == ["blinkflow: error: blinkflow bench gpu needs a CUDA GPU (none is visible to torch); "
                      "`--quick` runs its code paths on the CPU"]
     assert (out / "benchmarks.md").read_text() == (REPO_ROOT / "docs" / "benchmarks.md").read_text()
+
+
+def _travel(clone: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "tools/gpu-travel.sh", *args], cwd=clone, capture_output=True, text=True, timeout=120)
+
+
+def _travel_mib(done: subprocess.CompletedProcess) -> int:
+    return int(re.search(r"(\d+) MiB would travel", done.stdout).group(1))
+
+
+def test_gpu_travel_fits_each_device_call_under_its_limit_and_restores_the_index(tmp_path):
+    """The device tool refuses a working tree over 64 MiB: the repository alone is over it, so the GPU run
+    travels in two slimmed trees (tools/gpu-travel.sh), and the index comes back exactly as it was."""
+    import shutil
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(REPO_ROOT), str(clone)], check=True, timeout=120)
+    shutil.copy(REPO_ROOT / "tools" / "gpu-travel.sh", clone / "tools" / "gpu-travel.sh")  # as in this checkout
+    whole = _travel(clone, "size")
+    assert whole.returncode == 1 and _travel_mib(whole) > 64, whole.stdout  # why the script exists
+    (clone / "tools" / "wheels").mkdir()
+    with open(clone / "tools" / "wheels" / "wheels.tar.xz", "wb") as wheels:
+        wheels.truncate(25 * 2**20)  # PyAV and pycocotools, xz'd (tools/fetch-gpu-wheels.sh): 24 MiB
+
+    def tracked(path: str) -> bool:
+        return bool(subprocess.run(["git", "ls-files", path], cwd=clone, capture_output=True, text=True).stdout)
+
+    first = _travel(clone, "wheels")
+    assert first.returncode == 0 and _travel_mib(first) <= 64, first.stdout + first.stderr
+    assert not tracked("models/weights/action-i3d.pt") and (clone / "models/weights/action-i3d.pt").is_file()
+    second = _travel(clone, "run")
+    assert second.returncode == 0 and _travel_mib(second) <= 64, second.stdout + second.stderr
+    assert tracked("models/weights/action-i3d.pt") and tracked("models/weights/detect-yolox_nano.pt")
+    assert not tracked("models/weights/segment-unet_small.pt") and not tracked("tests/data/originals")
+    assert _travel(clone, "restore").returncode == 0
+    staged = subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=clone)
+    assert staged.returncode == 0 and tracked("models/weights/segment-unet_small.pt")
+    assert "gpu-travel" not in (clone / ".git" / "info" / "exclude").read_text()
+    (clone / "README.md").write_text("changed\n")
+    subprocess.run(["git", "add", "README.md"], cwd=clone, check=True)
+    refused = _travel(clone, "run")  # a commit made while files are out of the index would delete them
+    assert refused.returncode == 1 and "staged changes" in refused.stderr
 
 
 def test_plot_skipping_draws_the_points_and_the_target_region(tmp_path):
