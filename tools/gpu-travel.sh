@@ -7,7 +7,8 @@
 #   tools/gpu-travel.sh wheels    # call 1's tree: without the I3D weights (24 MiB); carry tools/wheels and run
 #                                 #   STEPS=install bash tools/gpu-check.sh  (PyAV installed there, kept while warm)
 #   tools/gpu-travel.sh run       # call 2's tree, at once (the machine goes back after 30 s idle): everything
-#                                 #   the run reads, no wheels; run  bash tools/gpu-check.sh
+#                                 #   the run reads, no wheels; run  DEADLINE_S=N bash tools/gpu-check.sh  with N
+#                                 #   the device time left (status: budget_left_s) less 40 s, at most 560
 #   tools/gpu-travel.sh restore   # ALWAYS afterwards: every file back in the index
 #   tools/gpu-travel.sh size      # what would travel now, in MiB
 #
