@@ -23,6 +23,10 @@ started=$(date +%s)
 left() { echo $(( DEADLINE_S - ($(date +%s) - started) )); }
 wants() { [[ " $STEPS " == *" $1 "* ]]; }
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+# the carried wheels install into .gpu-site (ignored by git, so the device tool keeps it between calls, and
+# nothing asks the image's Python environment to be writable)
+SITE="$PWD/.gpu-site"
+if [ -d "$SITE" ]; then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
 log() { echo "gpu-check: $*" | tee -a "$OUT/steps.log"; }
 
 nvidia-smi > "$OUT/machine.txt" 2>&1 || log "nvidia-smi failed (no driver?)"
@@ -60,13 +64,15 @@ elif [ "${#missing[@]}" -gt 0 ]; then
     # one at a time: pip installs none of a list when one of it has no wheel here
     got=() absent=()
     for package in "${missing[@]}"; do
-        if $PY -m pip install --no-index --find-links "$wheels" --no-deps "$package" >> "$OUT/install.log" 2>&1; then
+        if $PY -m pip install --no-index --find-links "$wheels" --no-deps --target "$SITE" "$package" \
+                >> "$OUT/install.log" 2>&1; then
             got+=("$package")
         else
             absent+=("$package")
         fi
     done
     log "installed from $wheels: ${got[*]:-nothing}; not there: ${absent[*]:-nothing} (tests needing those skip)"
+    case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" ;; esac
 fi
 
 # this checkout's blinkflow already importable (a dry run on a CPU machine's venv): leave that install alone
