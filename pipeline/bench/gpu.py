@@ -294,25 +294,31 @@ def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str,
     from blinkflow.runners.local import LocalRunner
 
     stop = threading.Event()
-    sources = [{"type": "frames", "id": f"cam{i}", "fps": STREAM_FPS, "frames": paced(images, STREAM_FPS, stop, i)}
-               for i in range(streams)]
+    window = StreamWindow(plan.stream_seconds, stop)
+    sources = [{"type": "frames", "id": f"cam{i}", "fps": STREAM_FPS,
+                "frames": paced(images, STREAM_FPS, stop, i, window.open)} for i in range(streams)]
     cfg = load_config(data={"sources": sources, "gate": {"enabled": True},
                             "stages": plan.stages or graph_stages(plan), "runtime": {"mode": "live"}, "sinks": []})
     latencies: list[float] = []
-    timer = threading.Timer(plan.stream_seconds, stop.set)
-    timer.start()
     try:
         summary = LocalRunner(cfg, on_result=lambda result: latencies.append(result.latency_s)).run()
     finally:
-        timer.cancel()
-        stop.set()
+        window.close()
     p95 = float(np.percentile(latencies, 95)) if latencies else float("inf")
     expected = streams * STREAM_FPS * plan.stream_seconds
     behind = summary.totals["decoded"] < 0.9 * expected  # the graph could not take frames at the cameras' pace
     return {"streams": streams, "frames": summary.totals["decoded"], "expected": round(expected),
             "p95_s": round(p95, 3), "dropped": summary.totals["dropped"], "failed": summary.totals["failed"],
+            "stage_ms": stage_ms(summary.stage_seconds, summary.totals["decoded"]),
             "held": p95 <= P95_LIMIT_S and not behind and summary.totals["dropped"] == 0
             and summary.totals["failed"] == 0}
+
+
+def stage_ms(stage_seconds: dict[str, float], frames: int) -> str:
+    """Milliseconds a frame in each stage, the busiest first: the local runner runs one stage at a time, so
+    where N stops is where these add up to the 100 / N ms a frame that N streams at 10 fps leave."""
+    per_frame = sorted(((1000.0 * s / max(1, frames), name) for name, s in stage_seconds.items()), reverse=True)
+    return ", ".join(f"{name} {ms:.1f}" for ms, name in per_frame if ms >= 0.05)
 
 
 def graph_stages(plan: Plan) -> dict[str, Any]:
@@ -332,8 +338,31 @@ def graph_stages(plan: Plan) -> dict[str, Any]:
     return stages
 
 
-def paced(images: list[np.ndarray], fps: float, stop: threading.Event, offset: int) -> Iterator[np.ndarray]:
-    """The clip looped at ``fps`` in wall-clock time, like a camera, until ``stop``."""
+class StreamWindow:
+    """The streams' measuring window: ``seconds`` from the first frame a camera sends. Loading the models (and
+    a GPU's warm-up) come before it, so they do not count as frames the graph fell behind on."""
+
+    def __init__(self, seconds: float, stop: threading.Event) -> None:
+        self._stop, self._timer, self._lock = stop, threading.Timer(seconds, stop.set), threading.Lock()
+        self._opened = False
+
+    def open(self) -> None:
+        with self._lock:
+            if not self._opened and not self._stop.is_set():
+                self._opened = True
+                self._timer.start()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        self._stop.set()
+
+
+def paced(images: list[np.ndarray], fps: float, stop: threading.Event, offset: int,
+          on_first: Any = None) -> Iterator[np.ndarray]:
+    """The clip looped at ``fps`` in wall-clock time, like a camera, until ``stop``; ``on_first`` is called when
+    the first frame is asked for."""
+    if on_first is not None:
+        on_first()
     due = time.monotonic()
     index = offset
     while not stop.is_set():
@@ -396,7 +425,7 @@ def render(plan: Plan) -> str:
     lines += _decode_lines(results.get("decode", {}), plan.size)
     lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "channels_last", "compile", "batch", "fps"])
     lines += _table_lines("streams", results.get("streams"),
-                          ["streams", "frames", "expected", "p95_s", "dropped", "failed", "held"])
+                          ["streams", "frames", "expected", "p95_s", "dropped", "failed", "stage_ms", "held"])
     held = [row["streams"] for row in results.get("streams") or [] if isinstance(row, dict) and row.get("held")]
     lines += [f"Largest number of streams held: **{max(held) if held else 0}**.", ""]
     lines += _table_lines("label", results.get("label"), ["skipping", "frames", "fps", "reused"])
