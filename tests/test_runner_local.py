@@ -101,3 +101,27 @@ def test_summary_lines_report_every_outcome(tmp_path):
     summary, _ = run(config([{"type": "file", "path": str(clip)}], {"chaos": {}}))
     assert summary.lines()[1] == "frames: 3 decoded = 3 processed + 0 reused + 0 dropped + 0 failed"
     assert summary.ok
+
+
+def _camera(count: int, interval_s: float):
+    """A camera's frames: one every ``interval_s`` of wall-clock time."""
+    import time
+
+    for index in range(count):
+        time.sleep(interval_s)
+        yield np.full((48, 64, 3), index * 10, np.uint8)
+
+
+def test_live_waves_go_after_max_wait_ms_and_archive_waves_wait_to_be_full():
+    """A 20 fps camera into a stage of batch 8: live, each frame goes with the next (no frame waits for seven
+    more); archive keeps full waves, whatever the wait."""
+    def latencies(mode: str) -> list[float]:
+        cfg = load_config(data={"sources": [{"type": "frames", "id": "cam", "fps": 20, "frames": _camera(16, 0.05)}],
+                                "stages": {"chaos": {"batch": 8, "max_wait_ms": 20}}, "runtime": {"mode": mode}})
+        summary, results = run(cfg)
+        assert summary.totals["processed"] == 16 and [r.index for r in results] == list(range(16))
+        return [r.latency_s for r in results]
+
+    live, archive = latencies("live"), latencies("archive")
+    assert max(live) < 0.2  # a frame waits for the next one (50 ms), not for a full wave (350 ms)
+    assert max(archive) > 0.3 and sorted(archive)[8] > 0.15  # the first of each wave waited for seven more
