@@ -450,6 +450,46 @@ def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
     assert torch.equal(cleaned_logits(logits, 6)[0].argmax(dim=0), logits.argmax(dim=0))  # none under 6 pixels
 
 
+def _cleaned_logits_as_gathered(logits, min_pixels):
+    """The first cleaning, kept as the reference: the whole map gathered and the masks grown on the host."""
+    from blinkflow.stages.segment import _RULED_OUT, speck_mask, speck_sources
+
+    winners = logits.max(dim=0).indices.to(torch.uint8).cpu().numpy()
+    specks = speck_mask(winners, min_pixels)
+    if specks is not None:
+        rows, cols = speck_sources(specks)
+        winners = winners[rows, cols]
+        logits = logits[:, torch.from_numpy(rows), torch.from_numpy(cols)]
+    masks = winners[None] == np.arange(logits.shape[0], dtype=np.uint8)[:, None, None]
+    tall = masks.copy()
+    tall[:, 1:] |= masks[:, :-1]
+    tall[:, :-1] |= masks[:, 1:]
+    grown = tall.copy()
+    grown[:, :, 1:] |= tall[:, :, :-1]
+    grown[:, :, :-1] |= tall[:, :, 1:]
+    return logits.float().masked_fill(~torch.from_numpy(grown), _RULED_OUT), winners
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cleaning_in_place_of_the_logits_gives_exactly_the_gathered_cleaning(dtype):
+    """Copying only the speck pixels' logits, and growing the masks where the logits are (a GPU's memory),
+    changes nothing: the same logits and argmax, bit for bit, on busy maps with hundreds of specks."""
+    from blinkflow.stages.segment import cleaned_logits, speck_mask
+
+    generator = torch.Generator().manual_seed(3)
+    for size in [(12, 20), (45, 80)]:
+        coarse = torch.randn(21, *size, generator=generator) * 3
+        coarse[0] = 3.0  # a background that wins a third of the map, objects and their specks elsewhere
+        logits = torch.nn.functional.interpolate(coarse[None], size=(180, 320), mode="bilinear")[0]
+        logits = (logits + 0.3 * torch.randn(logits.shape, generator=generator)).to(dtype)
+        specks = speck_mask(logits.float().argmax(dim=0).to(torch.uint8).numpy(), 256)
+        assert specks is not None and 500 < specks.sum() < specks.size
+        cleaned, winners = cleaned_logits(logits, 256)
+        reference, reference_winners = _cleaned_logits_as_gathered(logits, 256)
+        assert torch.equal(cleaned, reference) and np.array_equal(winners, reference_winners)
+        assert cleaned.dtype == torch.float32 and logits.dtype == dtype  # the input is left as it was
+
+
 def test_segment_without_input_size_batches_by_frame_size():
     stage = make_stage(Segment, input_size=None)
     stage.model = HalvesSegmenter(len(stage.classes))
