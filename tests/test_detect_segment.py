@@ -452,6 +452,8 @@ def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
 
 def _cleaned_logits_as_gathered(logits, min_pixels):
     """The first cleaning, kept as the reference: the whole map gathered and the masks grown on the host."""
+    from scipy import ndimage
+
     from blinkflow.stages.segment import _RULED_OUT, speck_mask, speck_sources
 
     winners = logits.max(dim=0).indices.to(torch.uint8).cpu().numpy()
@@ -461,12 +463,7 @@ def _cleaned_logits_as_gathered(logits, min_pixels):
         winners = winners[rows, cols]
         logits = logits[:, torch.from_numpy(rows), torch.from_numpy(cols)]
     masks = winners[None] == np.arange(logits.shape[0], dtype=np.uint8)[:, None, None]
-    tall = masks.copy()
-    tall[:, 1:] |= masks[:, :-1]
-    tall[:, :-1] |= masks[:, 1:]
-    grown = tall.copy()
-    grown[:, :, 1:] |= tall[:, :, :-1]
-    grown[:, :, :-1] |= tall[:, :, 1:]
+    grown = ndimage.binary_dilation(masks, structure=np.ones((1, 3, 3), bool))  # each class's 3x3 neighbourhood
     return logits.float().masked_fill(~torch.from_numpy(grown), _RULED_OUT), winners
 
 
