@@ -34,6 +34,10 @@ class RunnerBase:
         self.on_result = on_result
         self.metrics = metrics or NULL_RECORDER
         self.specs = build_graph(cfg)
+        # frames are read in waves of the largest stage batch; in live mode a partial wave goes once its oldest
+        # frame has waited the shortest max_wait_ms of the stages
+        self.wave_size = max([spec.batch for spec in self.specs] or [1])
+        self.max_wait_ms = min([getattr(spec.cfg, "max_wait_ms", 20.0) for spec in self.specs] or [20.0])
 
 
 class StageCaller:

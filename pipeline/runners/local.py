@@ -58,11 +58,9 @@ class LocalRunner(RunnerBase):
         return callers
 
     def _pump(self, chain: StageChain, output: OrderedOutput, accounting: Accounting) -> None:
-        wave_size = max([spec.batch for spec in self.specs] or [1])
         # live: a wave also goes when its oldest frame has waited max_wait_ms by the time the next frame comes (a
         # camera at 10 fps would otherwise wait 7 frame intervals for a wave of 8); archive: full waves only
-        max_wait_s = (min([getattr(spec.cfg, "max_wait_ms", 20.0) for spec in self.specs] or [20.0]) / 1000.0
-                      if self.cfg.runtime.mode == "live" else float("inf"))
+        max_wait_s = self.max_wait_ms / 1000.0 if self.cfg.runtime.mode == "live" else float("inf")
         wave: list[Frame] = []
         for item in open_sources(self.cfg.sources, self.hub, self.stop):
             if isinstance(item, StreamEnd):
@@ -79,7 +77,7 @@ class LocalRunner(RunnerBase):
                 output.push([item])
                 continue
             wave.append(item)
-            if len(wave) >= wave_size or time.time() - wave[0].decoded_at >= max_wait_s:
+            if len(wave) >= self.wave_size or time.time() - wave[0].decoded_at >= max_wait_s:
                 output.push(chain.process(wave))
                 wave = []
         output.push(chain.process(wave))

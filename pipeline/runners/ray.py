@@ -150,8 +150,6 @@ class RayRunner(RunnerBase):
         super().__init__(cfg, sinks, on_result, metrics, hub, stop)
         self.pools: list[StagePool] = []
         self.shards = max([s.cfg.replicas for s in self.specs if s.temporal and hasattr(s.cfg, "replicas")] or [1])
-        self.wave_size = max([spec.batch for spec in self.specs] or [1])
-        self.max_wait_ms = min([getattr(spec.cfg, "max_wait_ms", 20.0) for spec in self.specs] or [20.0])
 
     # ------------------------------------------------------------------ lifecycle
 
