@@ -26,7 +26,12 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 # the carried wheels install into .gpu-site (ignored by git, so the device tool keeps it between calls, and
 # nothing asks the image's Python environment to be writable)
 SITE="$PWD/.gpu-site"
-if [ -d "$SITE" ]; then export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"; fi
+site_on_path() {  # once, and only when a call (this one or an earlier) installed something there
+    if [ -d "$SITE" ]; then
+        case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+    fi
+}
+site_on_path
 log() { echo "gpu-check: $*" | tee -a "$OUT/steps.log"; }
 
 nvidia-smi > "$OUT/machine.txt" 2>&1 || log "nvidia-smi failed (no driver?)"
@@ -72,7 +77,7 @@ elif [ "${#missing[@]}" -gt 0 ]; then
         fi
     done
     log "installed from $wheels: ${got[*]:-nothing}; not there: ${absent[*]:-nothing} (tests needing those skip)"
-    case ":${PYTHONPATH:-}:" in *":$SITE:"*) ;; *) export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" ;; esac
+    site_on_path
 fi
 
 # this checkout's blinkflow already importable (a dry run on a CPU machine's venv): leave that install alone
