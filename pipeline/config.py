@@ -344,7 +344,8 @@ class MetricsConfig:
 class RuntimeConfig:
     """How the graph runs."""
 
-    runner: str = _field("local", "a registered runner: local (in-process reference) or ray (actors)")
+    runner: str = _field("local", "a registered runner: local (in-process, one stage at a time: the reference), "
+                         "threaded (in-process, each stage in its own thread, so stages overlap) or ray (actors)")
     mode: Literal["archive", "live"] = _field("archive", "archive never drops frames; live drops the oldest under overload")
     address: str | None = _field(None, "Ray cluster address; null starts a local Ray instance")
     max_in_flight: int = _field(8, "batches in flight per stage before upstream blocks (or live drops)", lo=1, hi=4096)

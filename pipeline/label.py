@@ -1,6 +1,7 @@
 """Archive batch-labelling: ``blinkflow label INPUT... --out DIR``.
 
-Every video is labelled on its own by the local runner, spread over the Ray
+Every video is labelled on its own by the local runner (or the threaded one, when
+``runtime.runner: threaded``), spread over the Ray
 cluster as one task per video (``label.executor: ray``) or one after another in
 this process (``local``). A task returns its outputs' bytes, so workers need
 no shared file system; only this driver writes into DIR.
@@ -192,13 +193,15 @@ def config_digest(cfg: Any, formats: list[str]) -> str:
 
 
 def label_one(job: dict[str, Any], progress: Callable[[int, int | None], None] | None = None) -> dict[str, Any]:
-    """Label one video with the local runner into a private folder; return its stats and output bytes.
+    """Label one video into a private folder with the local runner (the threaded one when ``runtime.runner`` is
+    ``threaded``: its stages overlap, which pays with a GPU); return its stats and output bytes.
 
     Runs inside a Ray task (or in-process for the local executor); never
     raises for a bad video: the failure is in the returned ``error``.
     """
     from blinkflow.config import SinkConfig
     from blinkflow.runners.local import LocalRunner
+    from blinkflow.runners.threaded import ThreadedRunner
 
     cfg, video, formats = job["cfg"], job["video"], job["formats"]
     previous_threads = _limit_torch_threads(job.get("threads", 1))
@@ -219,7 +222,8 @@ def label_one(job: dict[str, Any], progress: Callable[[int, int | None], None] |
                     done[1] = time.monotonic()
                     progress(done[0], total)
 
-            summary = LocalRunner(cfg, sinks=sinks, on_result=on_result).run()
+            runner = ThreadedRunner if cfg.runtime.runner == "threaded" else LocalRunner
+            summary = runner(cfg, sinks=sinks, on_result=on_result).run()
             if progress is not None:
                 progress(done[0], done[0])
             outputs = {name: (Path(scratch) / name).read_bytes() for name in names.values()}

@@ -237,7 +237,7 @@ def test_a_non_utf8_or_oversized_config_is_a_one_line_error(tmp_path):
     ("stages.detect=5", "stages.detect: expected a mapping of settings"),
     ("sources.0.resize=[100000, 100000]", "sources.0.resize: expected [width, height] between 2 and 16384"),
     ("stages.detect.batch=[1", "stages.detect.batch: expected an integer"),
-    ("runtime.runner=spark", "runtime.runner: 'spark' is not one of 'local' | 'ray'"),
+    ("runtime.runner=spark", "runtime.runner: 'spark' is not one of 'local' | 'ray' | 'threaded'"),
     ("sinks.0.type=parquet", "sinks.0.type: 'parquet' is not one of"),
 ])
 def test_malformed_overrides_are_one_line_errors_naming_the_path(override, words):

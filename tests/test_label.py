@@ -145,6 +145,19 @@ def test_changed_output_is_labelled_again_and_a_finished_run_skips(tmp_path, lig
     assert third["skipped"] == ["clip"] and jsonl.read_bytes() == original
 
 
+def test_the_threaded_runner_labels_the_same_bytes_as_the_local_one(tmp_path, light_config, monkeypatch):
+    from blinkflow.runners.threaded import ThreadedRunner
+
+    clips = [write_test_video(tmp_path / f"clip{i}.mp4", frames=n) for i, n in enumerate((10, 7))]
+    label(clips, tmp_path / "local", light_config)
+    threaded_runs = []
+    run = ThreadedRunner.run
+    monkeypatch.setattr(ThreadedRunner, "run", lambda self: threaded_runs.append(self) or run(self))
+    summary = label(clips, tmp_path / "threaded", light_config, "runtime.runner=threaded")
+    assert summary["done"] == 2 and len(threaded_runs) == 2
+    assert output_files(tmp_path / "threaded") == output_files(tmp_path / "local")
+
+
 def test_crash_between_outputs_and_manifest_redoes_the_video(tmp_path, light_config, monkeypatch):
     clip = write_test_video(tmp_path / "clip.mp4", frames=5)
     reference = label([clip], tmp_path / "ref", light_config)

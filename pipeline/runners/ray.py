@@ -36,26 +36,23 @@ from __future__ import annotations
 import logging
 import os
 import time
-import zlib
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
 from blinkflow.errors import BlinkflowError, ConfigError, StageError
-from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
-from blinkflow.graph import StageSpec, build_driver_graph
+from blinkflow.frame import Frame, FrameResult
+from blinkflow.graph import StageSpec
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
 from blinkflow.ray_session import ray_session
 from blinkflow.registry import register_runner
-from blinkflow.runners.base import OrderedOutput, RunnerBase, RunSummary, committed_sinks, setup_stage
-from blinkflow.sources import StreamEnd, open_sources
+from blinkflow.runners.base import RunSummary, committed_sinks, setup_stage
+from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner
 
 log = logging.getLogger(__name__)
 
 RESTART_WAIT_S = 120.0  # how long a retry waits for Ray to restart a dead stage actor
-METRICS_POLL_S = 0.5  # how often the driver drains actor stats and samples queues when metrics are on
 
 
 class StageActorImpl:
@@ -128,21 +125,8 @@ class StagePool:
         return self.actors[self.calls % len(self.actors)]
 
 
-@dataclass
-class Chain:
-    """One unit of work travelling through every stage: a wave, a stream end, or the final flush."""
-
-    kind: str  # "wave" | "end" | "flush"
-    shard: int
-    frames: list[Frame] = field(default_factory=list)
-    stream_id: str | None = None
-    refs: list[Any] = field(default_factory=list)
-    actors: list[Any] = field(default_factory=list)
-    retried: bool = False
-
-
 @register_runner("ray")
-class RayRunner(RunnerBase):
+class RayRunner(ChainRunner):
     name = "ray"
 
     def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
@@ -155,11 +139,7 @@ class RayRunner(RunnerBase):
 
     def run(self) -> RunSummary:
         started = time.perf_counter()
-        self.accounting = Accounting()
-        self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate,
-                                    driver_stages=build_driver_graph(self.cfg))
-        self.ledger: dict[str, set[int]] = {}
-        self.chains: deque[Chain] = deque()
+        self._start_driver()
         self.actor_stats = ActorStats(self.metrics)
         self.drains: dict[tuple[int, int], Any] = {}
         self.next_poll = 0.0
@@ -275,99 +255,7 @@ class RayRunner(RunnerBase):
                 continue  # the actor died; its restarted incarnation reports from zero next time
             self.actor_stats.absorb(self.pools[stage_index].spec.name, replica, snapshot)
 
-    def _sample_queues(self) -> None:
-        """Per stage: calls not finished (in flight), and those whose input is ready beyond one per replica (queued)."""
-        import ray
-
-        refs = [ref for chain in self.chains for ref in chain.refs]
-        done = set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0]) if refs else set()
-        for index, pool in enumerate(self.pools):
-            unfinished = [c for c in self.chains if len(c.refs) > index and c.refs[index] not in done]
-            startable = sum(1 for c in unfinished if index == 0 or c.refs[index - 1] in done)
-            self.metrics.on_queue(pool.spec.name, depth=max(0, startable - len(pool.actors)), in_flight=len(unfinished))
-
-    # ------------------------------------------------------------------ the driver loop
-
-    def _pump(self) -> None:
-        pending: dict[int, list[Frame]] = {}
-        live = self.cfg.runtime.mode == "live"
-        for item in open_sources(self.cfg.sources, self.hub, self.stop):
-            if isinstance(item, StreamEnd):
-                shard = self._shard(item.stream_id)
-                self._submit_wave(pending.pop(shard, []), shard)
-                self._submit(Chain("end", shard, stream_id=item.stream_id))
-                self.metrics.on_stream_state(item.stream_id, False)
-                self.accounting.on_stream_end(item)
-                continue
-            self.accounting.on_decoded(item)
-            self.metrics.on_decoded(item)
-            self.ledger.setdefault(item.stream_id, set()).add(item.index)
-            if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: straight to the output
-                self._emit_dropped(item)
-                continue
-            shard = self._shard(item.stream_id)
-            pending.setdefault(shard, []).append(item)
-            if live:
-                pending[shard] = self._admit_live(pending[shard], shard)
-            elif len(pending[shard]) >= self.wave_size:
-                self._submit_wave(pending.pop(shard), shard)
-        for shard, wave in sorted(pending.items()):
-            self._submit_wave(wave, shard)
-        for shard in range(self.shards):
-            self._submit(Chain("flush", shard))
-        while self.chains:
-            self._consume(self.chains.popleft())
-
-    def _shard(self, stream_id: str) -> int:
-        return zlib.crc32(stream_id.encode()) % self.shards if self.shards > 1 else 0
-
-    def _admit_live(self, waiting: list[Frame], shard: int) -> list[Frame]:
-        """Live mode: submit while there is room; otherwise keep only the newest frames waiting.
-
-        The waiting list never exceeds one wave, so memory and latency stay
-        bounded whatever the input rate; each frame pushed out is ``dropped``.
-        """
-        self._consume_ready()
-        oldest_wait_ms = (time.time() - waiting[0].decoded_at) * 1000.0 if waiting else 0.0
-        full = len(waiting) >= self.wave_size or oldest_wait_ms >= self.max_wait_ms
-        if full and len(self.chains) < self.cfg.runtime.max_in_flight:
-            self._submit_wave(waiting[: self.wave_size], shard)
-            waiting = waiting[self.wave_size :]
-        while len(waiting) > self.wave_size:
-            self._emit_dropped(waiting.pop(0))
-        return waiting
-
-    def _consume_ready(self) -> None:
-        import ray
-
-        while self.chains:
-            ready, _ = ray.wait([self.chains[0].refs[-1]], timeout=0)
-            if not ready:
-                return
-            self._consume(self.chains.popleft())
-
-    def _emit_dropped(self, frame: Frame) -> None:
-        frame.outcome = Outcome.DROPPED
-        self.ledger[frame.stream_id].discard(frame.index)
-        self.output.push([frame])
-
-    def _submit_wave(self, frames: list[Frame], shard: int) -> None:
-        if frames:
-            self._settle_gate_feedback(frames)
-            self._submit(Chain("wave", shard, frames=frames))
-
-    def _settle_gate_feedback(self, frames: list[Frame]) -> None:
-        """An adaptive gate must get the same audit feedback as under the local runner: finish
-        older chains until it is settled (blinkflow.gate.carry.CarryOver.ready_for), then attach it."""
-        while self.chains and not all(self.output.feedback_ready(frame) for frame in frames):
-            self._consume(self.chains.popleft())
-        self.output.attach_feedback(frames)
-
-    def _submit(self, chain: Chain) -> None:
-        while len(self.chains) >= self.cfg.runtime.max_in_flight:
-            self._consume(self.chains.popleft())
-        self._send(chain, 0)
-        self.chains.append(chain)
+    # ------------------------------------------------------------------ chains of actor calls
 
     def _send(self, chain: Chain, first_stage: int) -> None:
         """Submit the chain's calls from ``first_stage`` on, each fed by the previous ref."""
@@ -387,24 +275,23 @@ class RayRunner(RunnerBase):
         if not self.pools:
             chain.refs.append(_put(chain.frames))
 
-    # ------------------------------------------------------------------ results
+    def _finished(self, refs: list[Any]) -> set[Any]:
+        import ray
 
-    def _consume(self, chain: Chain) -> None:
+        return set(ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)[0])
+
+    def _stage_workers(self) -> list[tuple[str, int]]:
+        return [(pool.spec.name, len(pool.actors)) for pool in self.pools]
+
+    def _collect(self, chain: Chain) -> list[Frame]:
         import ray
 
         while self.metrics is not NULL_RECORDER and not ray.wait(chain.refs[-1:], timeout=METRICS_POLL_S)[0]:
             self._observe()  # a long chain must not freeze the metrics
         try:
-            frames = ray.get(chain.refs[-1])
+            return ray.get(chain.refs[-1])
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-            frames = self._recover(chain, exc)
-        self._deliver(frames)
-        if chain.kind == "end":
-            self._close_stream(chain.stream_id)
-        elif chain.kind == "flush":
-            for stream_id in [s for s in self.ledger if self._shard(s) == chain.shard]:
-                self._close_stream(stream_id)
-        self._observe()
+            return self._recover(chain, exc)
 
     def _recover(self, chain: Chain, error: BaseException) -> list[Frame]:
         """Resubmit once from the first stage whose actor died; then fail the chain's frames."""
@@ -452,27 +339,6 @@ class RayRunner(RunnerBase):
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
                 return index
         return len(chain.refs) - 1
-
-    def _deliver(self, frames: list[Frame]) -> None:
-        for frame in frames:
-            self.ledger.get(frame.stream_id, set()).discard(frame.index)
-        self.output.push(frames)
-
-    def _close_stream(self, stream_id: str) -> None:
-        """Anything of this stream still in the ledger was lost inside a restarted actor."""
-        lost = sorted(self.ledger.pop(stream_id, set()))
-        if lost:
-            log.error("stream %s: %d frames were lost in a restarted actor; marking them failed", stream_id, len(lost))
-        self.output.push([_lost_frame(stream_id, index) for index in lost])
-        self.output.end_stream(stream_id)
-
-
-def _lost_frame(stream_id: str, index: int) -> Frame:
-    import numpy as np
-
-    frame = Frame(stream_id=stream_id, index=index, pts=float("nan"), image=np.zeros((1, 1, 3), dtype=np.uint8))
-    frame.fail("runtime", "lost: the stage actor holding it restarted")
-    return frame
 
 
 def _put(value: Any) -> Any:

@@ -1,0 +1,195 @@
+"""The driver loop of the runners whose stages work side by side (``ray``: actors; ``threaded``: threads).
+
+A wave (or a stream's end, or the final flush) travels as a *chain*: one call per stage, each fed by the
+previous call's result, so wave i+1 is in stage 1 while wave i is in stage 2. The driver cuts waves exactly
+as the local runner does, keeps at most ``runtime.max_in_flight`` chains out (archive: it then waits, and
+decoding with it; live: it drops the oldest frames waiting), settles the gate's audit feedback before a
+wave goes, and hands finished chains to the ordered output. A subclass says how a chain's calls are sent
+(``_send``), which calls have finished (``_finished``) and how a chain's frames are collected (``_collect``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from blinkflow.frame import Accounting, Frame, Outcome
+from blinkflow.graph import build_driver_graph
+from blinkflow.metrics import NULL_RECORDER
+from blinkflow.runners.base import OrderedOutput, RunnerBase
+from blinkflow.sources import StreamEnd, open_sources
+
+log = logging.getLogger(__name__)
+
+METRICS_POLL_S = 0.5  # how often the driver folds in stage stats and samples queues when metrics are on
+
+
+@dataclass
+class Chain:
+    """One unit of work travelling through every stage: a wave, a stream end, or the final flush."""
+
+    kind: str  # "wave" | "end" | "flush"
+    shard: int
+    frames: list[Frame] = field(default_factory=list)
+    stream_id: str | None = None
+    refs: list[Any] = field(default_factory=list)  # one handle per stage call sent: an ObjectRef, a Future
+    actors: list[Any] = field(default_factory=list)
+    retried: bool = False
+
+
+class ChainRunner(RunnerBase):
+    """Waves as chains of concurrent stage calls; the subclass sends and collects them."""
+
+    shards = 1  # streams hashed to shards; a temporal stage's replica is picked by shard
+
+    def _send(self, chain: Chain, first_stage: int) -> None:
+        """Send the chain's calls from ``first_stage`` on, each fed by the previous one; keep the handles in ``chain.refs``."""
+        raise NotImplementedError
+
+    def _finished(self, refs: list[Any]) -> set[Any]:
+        """Those of ``refs`` whose calls have finished (without waiting)."""
+        raise NotImplementedError
+
+    def _collect(self, chain: Chain) -> list[Frame]:
+        """Wait for the chain's last call and return its frames."""
+        raise NotImplementedError
+
+    def _stage_workers(self) -> list[tuple[str, int]]:
+        """(stage name, how many calls it runs at once) for each stage, in order."""
+        raise NotImplementedError
+
+    def _observe(self) -> None:
+        """Called as chains finish: a subclass with metrics to fold in does it here."""
+
+    # ------------------------------------------------------------------ the driver loop
+
+    def _start_driver(self) -> None:
+        self.accounting = Accounting()
+        self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate,
+                                    driver_stages=build_driver_graph(self.cfg))
+        self.ledger: dict[str, set[int]] = {}
+        self.chains: deque[Chain] = deque()
+
+    def _pump(self) -> None:
+        pending: dict[int, list[Frame]] = {}
+        live = self.cfg.runtime.mode == "live"
+        for item in open_sources(self.cfg.sources, self.hub, self.stop):
+            if isinstance(item, StreamEnd):
+                shard = self._shard(item.stream_id)
+                self._submit_wave(pending.pop(shard, []), shard)
+                self._submit(Chain("end", shard, stream_id=item.stream_id))
+                self.metrics.on_stream_state(item.stream_id, False)
+                self.accounting.on_stream_end(item)
+                continue
+            self.accounting.on_decoded(item)
+            self.metrics.on_decoded(item)
+            self.ledger.setdefault(item.stream_id, set()).add(item.index)
+            if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: straight to the output
+                self._emit_dropped(item)
+                continue
+            shard = self._shard(item.stream_id)
+            pending.setdefault(shard, []).append(item)
+            if live:
+                pending[shard] = self._admit_live(pending[shard], shard)
+            elif len(pending[shard]) >= self.wave_size:
+                self._submit_wave(pending.pop(shard), shard)
+        for shard, wave in sorted(pending.items()):
+            self._submit_wave(wave, shard)
+        for shard in range(self.shards):
+            self._submit(Chain("flush", shard))
+        while self.chains:
+            self._consume(self.chains.popleft())
+
+    def _shard(self, stream_id: str) -> int:
+        return zlib.crc32(stream_id.encode()) % self.shards if self.shards > 1 else 0
+
+    def _admit_live(self, waiting: list[Frame], shard: int) -> list[Frame]:
+        """Live mode: submit while there is room; otherwise keep only the newest frames waiting.
+
+        The waiting list never exceeds one wave, so memory and latency stay
+        bounded whatever the input rate; each frame pushed out is ``dropped``.
+        """
+        self._consume_ready()
+        oldest_wait_ms = (time.time() - waiting[0].decoded_at) * 1000.0 if waiting else 0.0
+        full = len(waiting) >= self.wave_size or oldest_wait_ms >= self.max_wait_ms
+        if full and len(self.chains) < self.cfg.runtime.max_in_flight:
+            self._submit_wave(waiting[: self.wave_size], shard)
+            waiting = waiting[self.wave_size :]
+        while len(waiting) > self.wave_size:
+            self._emit_dropped(waiting.pop(0))
+        return waiting
+
+    def _consume_ready(self) -> None:
+        while self.chains and self.chains[0].refs[-1] in self._finished(self.chains[0].refs[-1:]):
+            self._consume(self.chains.popleft())
+
+    def _emit_dropped(self, frame: Frame) -> None:
+        frame.outcome = Outcome.DROPPED
+        self.ledger[frame.stream_id].discard(frame.index)
+        self.output.push([frame])
+
+    def _submit_wave(self, frames: list[Frame], shard: int) -> None:
+        if frames:
+            self._settle_gate_feedback(frames)
+            self._submit(Chain("wave", shard, frames=frames))
+
+    def _settle_gate_feedback(self, frames: list[Frame]) -> None:
+        """An adaptive gate must get the same audit feedback as under the local runner: finish
+        older chains until it is settled (blinkflow.gate.carry.CarryOver.ready_for), then attach it."""
+        while self.chains and not all(self.output.feedback_ready(frame) for frame in frames):
+            self._consume(self.chains.popleft())
+        self.output.attach_feedback(frames)
+
+    def _submit(self, chain: Chain) -> None:
+        while len(self.chains) >= self.cfg.runtime.max_in_flight:
+            self._consume(self.chains.popleft())
+        self._send(chain, 0)
+        self.chains.append(chain)
+
+    # ------------------------------------------------------------------ results
+
+    def _consume(self, chain: Chain) -> None:
+        self._deliver(self._collect(chain))
+        if chain.kind == "end":
+            self._close_stream(chain.stream_id)
+        elif chain.kind == "flush":
+            for stream_id in [s for s in self.ledger if self._shard(s) == chain.shard]:
+                self._close_stream(stream_id)
+        self._observe()
+
+    def _deliver(self, frames: list[Frame]) -> None:
+        for frame in frames:
+            self.ledger.get(frame.stream_id, set()).discard(frame.index)
+        self.output.push(frames)
+
+    def _close_stream(self, stream_id: str) -> None:
+        """Anything of this stream still in the ledger was lost inside a restarted stage."""
+        lost = sorted(self.ledger.pop(stream_id, set()))
+        if lost:
+            log.error("stream %s: %d frames were lost in a restarted actor; marking them failed", stream_id, len(lost))
+        self.output.push([lost_frame(stream_id, index) for index in lost])
+        self.output.end_stream(stream_id)
+
+    def _sample_queues(self) -> None:
+        """Per stage: calls not finished (in flight), and those whose input is ready beyond one per worker (queued)."""
+        if self.metrics is NULL_RECORDER:
+            return
+        refs = [ref for chain in self.chains for ref in chain.refs]
+        done = self._finished(refs) if refs else set()
+        for index, (name, workers) in enumerate(self._stage_workers()):
+            unfinished = [c for c in self.chains if len(c.refs) > index and c.refs[index] not in done]
+            startable = sum(1 for c in unfinished if index == 0 or c.refs[index - 1] in done)
+            self.metrics.on_queue(name, depth=max(0, startable - workers), in_flight=len(unfinished))
+
+
+def lost_frame(stream_id: str, index: int) -> Frame:
+    """A frame a restarted stage actor lost: failed, with the reason, so no frame vanishes."""
+    import numpy as np
+
+    frame = Frame(stream_id=stream_id, index=index, pts=float("nan"), image=np.zeros((1, 1, 3), dtype=np.uint8))
+    frame.fail("runtime", "lost: the stage actor holding it restarted")
+    return frame

@@ -1,0 +1,105 @@
+"""The threaded runner: every stage in this process, each in a thread of its own.
+
+Stages overlap as the Ray runner's actors do (wave i+1 in stage 1 while wave i is in stage 2), without Ray
+and without copying frames between processes: a GPU stage's kernels run while the next stage does its host
+work, and torch, NumPy and PyAV release the GIL in their heavy calls. Each stage's thread runs its calls in
+the order they were sent, so per-stream state stays consistent and the outputs equal the local runner's
+(tests/test_runner_threaded.py). The driver loop (waves, backpressure, live drops, the gate's feedback) is
+the Ray runner's (:mod:`blinkflow.runners.chains`). One thread per stage: ``replicas`` are for the Ray runner.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any
+
+from blinkflow.frame import Frame
+from blinkflow.metrics import NULL_RECORDER
+from blinkflow.registry import register_runner
+from blinkflow.runners.base import RunSummary, StageCaller, committed_sinks, setup_stage
+from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner
+
+
+@register_runner("threaded")
+class ThreadedRunner(ChainRunner):
+    name = "threaded"
+
+    def run(self) -> RunSummary:
+        started = time.perf_counter()
+        self._start_driver()
+        self.callers: list[StageCaller] = []
+        self.lanes: list[ThreadPoolExecutor] = []
+        self.next_poll = 0.0
+        with committed_sinks(self.sinks):
+            try:
+                self.callers.extend(setup_stage(spec, self.metrics) for spec in self.specs)
+                self.lanes.extend(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blinkflow-{caller.name}")
+                                  for caller in self.callers)
+                self._sample_queues()
+                setup_s = time.perf_counter() - started
+                self.metrics.on_ready(True)
+                self._pump()
+                self.output.close()
+                self._sample_queues()  # every chain is done: the gauges go back to zero
+            finally:
+                self.metrics.on_ready(False)
+                self._stop_lanes()
+        self.accounting.check()
+        return RunSummary(
+            accounting=self.accounting,
+            elapsed_s=time.perf_counter() - started,
+            stage_seconds={c.name: c.seconds for c in self.callers} | self.output.driver_seconds,
+            stage_frames={c.name: c.frames for c in self.callers} | self.output.driver_frames,
+            runner=self.name,
+            setup_s=setup_s,
+        )
+
+    def _stop_lanes(self) -> None:
+        """After an error, calls not started are cancelled, and those waiting on a cancelled one end with it."""
+        for lane in self.lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+        for caller in self.callers:
+            caller.stage.teardown()
+
+    # ------------------------------------------------------------------ chains of thread calls
+
+    def _send(self, chain: Chain, first_stage: int) -> None:
+        upstream: Any = chain.frames if first_stage == 0 else chain.refs[first_stage - 1]
+        del chain.refs[first_stage:]
+        for caller, lane in zip(self.callers[first_stage:], self.lanes[first_stage:]):
+            upstream = lane.submit(_stage_call, caller, chain.kind, upstream, chain.stream_id)
+            chain.refs.append(upstream)
+        if not self.callers:
+            done: Future = Future()
+            done.set_result(chain.frames)
+            chain.refs.append(done)
+
+    def _finished(self, refs: list[Any]) -> set[Any]:
+        return {ref for ref in refs if ref.done()}
+
+    def _collect(self, chain: Chain) -> list[Frame]:
+        last = chain.refs[-1]
+        while self.metrics is not NULL_RECORDER and not wait([last], timeout=METRICS_POLL_S).done:
+            self._observe()  # a long chain must not freeze the queue gauges
+        return last.result()  # a stage's end_stream or flush that raised fails the run, as in the local runner
+
+    def _stage_workers(self) -> list[tuple[str, int]]:
+        return [(caller.name, 1) for caller in self.callers]
+
+    def _observe(self) -> None:
+        """With metrics on, every METRICS_POLL_S: sample the queues (stage calls report themselves)."""
+        if self.metrics is NULL_RECORDER or time.monotonic() < self.next_poll:
+            return
+        self.next_poll = time.monotonic() + METRICS_POLL_S
+        self._sample_queues()
+
+
+def _stage_call(caller: StageCaller, kind: str, upstream: list[Frame] | Future, stream_id: str | None) -> list[Frame]:
+    """One stage's part of a chain, in the stage's thread: it waits for the previous stage's part first."""
+    frames = upstream.result() if isinstance(upstream, Future) else upstream
+    if kind == "wave":
+        return caller.process(frames)
+    if kind == "end":
+        return caller.process(frames) + caller.end_stream(stream_id)
+    return caller.process(frames) + caller.flush()

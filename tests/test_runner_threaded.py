@@ -1,0 +1,170 @@
+"""The threaded runner: stages in threads of their own, with outputs equal to the local runner's."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from blinkflow.config import load_config
+from blinkflow.frame import Outcome
+from blinkflow.runners.base import StageCaller
+from blinkflow.runners.local import LocalRunner
+from blinkflow.runners.threaded import ThreadedRunner
+from blinkflow.sinks import MemorySink
+from tests.conftest import write_test_video
+
+PARKING = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
+
+
+def run(runner_cls, cfg, **kwargs):
+    sink = MemorySink()
+    summary = runner_cls(cfg, sinks=[sink], **kwargs).run()
+    return summary, sink.results
+
+
+def comparable(results):
+    return [(r.stream_id, r.index, r.outcome.value, r.reuse_of, r.error, repr(r.results)) for r in results]
+
+
+def two_clips(tmp_path, frames=(9, 7)):
+    return [{"type": "file", "path": str(write_test_video(tmp_path / f"c{i}.mp4", frames=n))}
+            for i, n in enumerate(frames)]
+
+
+def test_threaded_equals_local_with_failures_and_a_holding_stage(tmp_path):
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path) + [{"type": "synthetic", "id": "syn", "width": 64, "height": 48, "num_frames": 8}],
+        "gate": {"enabled": True, "threshold": 0.02, "batch": 3},
+        "stages": {"chaos": {"batch": 3, "options": {"fail_indices": [4], "hold": 3}}},
+    })
+    local_summary, local_results = run(LocalRunner, cfg)
+    summary, results = run(ThreadedRunner, cfg)
+    assert comparable(results) == comparable(local_results)
+    assert summary.totals == local_summary.totals
+    assert summary.totals["failed"] > 0  # frame 4 of a stream the gate did not reuse it on fails alone
+    for stream in ("c0", "c1", "syn"):
+        assert [r.index for r in results if r.stream_id == stream] == list(range({"c0": 9, "c1": 7}.get(stream, 8)))
+    assert summary.stage_frames["chaos"] == local_summary.stage_frames["chaos"]
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_threaded_equals_local_with_the_gates_audit_feedback(adaptive):
+    """The gate's adaptive decisions hang on audits audit_lag frames old: the driver settles them before a wave
+    goes, so the stages in their threads make the same decisions as the local runner's."""
+    cfg = load_config(data={
+        "sources": [{"type": "synthetic", "id": f"still{i}", "seed": 7 + i, "width": 96, "height": 64,
+                     "num_frames": 14, "num_objects": 2, "action": "static", "static_camera": True} for i in range(2)],
+        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8, "adaptive": adaptive,
+                 "adapt_bounds": adaptive, "audit_lag": 2, "batch": 2, "lighting": False},
+        "stages": {"detect": {"batch": 2}, "segment": {"model": "unet_small", "batch": 2,
+                                                       "options": {"input_size": [32, 32]}}},
+    })
+    _, local_results = run(LocalRunner, cfg)
+    _, results = run(ThreadedRunner, cfg)
+    assert comparable(results) == comparable(local_results)
+    refreshes = [r.index for r in local_results if r.stream_id == "still0" and r.results["gate"]["decision"] == "refresh"]
+    assert refreshes[:2] == ([3, 7] if adaptive else [3, 6])
+
+
+def test_threaded_equals_local_with_real_models_and_object_weighted_regions(one_torch_thread):
+    """The real detector and segmenter with per-stream state (boxes carried, tiles around cached activations,
+    masks leaning on the previous ones), fed the stream's boxes audit_lag frames late: the same as local."""
+    cfg = load_config(data={
+        "sources": [{"type": "file", "id": "parking", "path": str(PARKING), "resize": [384, 216], "max_frames": 48,
+                     "motion_vectors": True}],
+        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4, "region_budget": True, "tile_margin": 0},
+        "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
+                              "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
+                   "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2,
+                               "options": {"input_size": None, "keep_margin": 2.0}}},
+    })
+    _, local_results = run(LocalRunner, cfg)
+    _, results = run(ThreadedRunner, cfg)
+    assert comparable(results) == comparable(local_results)
+    assert any(r.outcome is Outcome.PROCESSED and "tiles" in r.results["segment"] for r in local_results), \
+        "no partial frame ran the segmenter on its changed tiles"
+
+
+def test_stages_work_at_the_same_time(tmp_path, monkeypatch):
+    """Wave i+1 is in one stage while wave i is in the next: some call of each stage overlaps one of the other."""
+    calls: list[tuple[str, str, float, float]] = []
+    lock = threading.Lock()
+    process_batch = StageCaller._process_batch
+
+    def timed(self, frames):
+        started = time.monotonic()
+        try:
+            return process_batch(self, frames)
+        finally:
+            with lock:
+                calls.append((self.name, threading.current_thread().name, started, time.monotonic()))
+
+    monkeypatch.setattr(StageCaller, "_process_batch", timed)
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (12, 12)),
+        "stages": {"segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [32, 32]}},
+                   "chaos": {"batch": 2, "options": {"sleep_ms": 30}}},
+    })
+    summary, results = run(ThreadedRunner, cfg)
+    assert summary.totals["processed"] == 24
+    threads = {name: {thread for stage, thread, _, _ in calls if stage == name} for name in ("segment", "chaos")}
+    assert all(len(names) == 1 for names in threads.values()) and threads["segment"] != threads["chaos"]
+    chaos = [(a, b) for stage, _, a, b in calls if stage == "chaos"]
+    segment = [(a, b) for stage, _, a, b in calls if stage == "segment"]
+    assert any(a < d and c < b for a, b in chaos for c, d in segment), "no segment call ran during a chaos call"
+
+
+def test_live_mode_drops_the_oldest_frames_under_overload(tmp_path):
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (30, 30)),
+        "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 60}}},
+        "runtime": {"mode": "live", "max_in_flight": 1},
+    })
+    summary, results = run(ThreadedRunner, cfg)
+    totals = summary.totals
+    assert totals["dropped"] > 0 and totals["processed"] + totals["dropped"] == 60
+    assert all("chaos" not in r.results for r in results if r.outcome is Outcome.DROPPED)
+    for stream in ("c0", "c1"):
+        assert [r.index for r in results if r.stream_id == stream] == list(range(30))
+
+
+def test_a_release_that_raises_fails_the_run_and_stops_every_thread(tmp_path, monkeypatch):
+    from blinkflow.stages.chaos import Chaos
+
+    def broken_flush(self):
+        raise RuntimeError("chaos: flush broke")
+
+    monkeypatch.setattr(Chaos, "flush", broken_flush)
+    torn_down = []
+    monkeypatch.setattr(Chaos, "teardown", lambda self: torn_down.append(self))
+    cfg = load_config(data={"sources": two_clips(tmp_path, (6, 6)),
+                            "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 5}}}})
+    sink = MemorySink()
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(RuntimeError, match="flush broke"):
+        ThreadedRunner(cfg, sinks=[sink]).run()
+    assert len(torn_down) == 1
+    assert not [t for t in threading.enumerate() if t.name.startswith("blinkflow-chaos") and t.name not in before]
+
+
+def test_queue_gauges_rise_while_waves_wait_and_end_at_zero(tmp_path):
+    from blinkflow.metrics import MetricsRecorder
+
+    class Gauges(MetricsRecorder):
+        def __init__(self):
+            self.samples: list[tuple[str, int, int]] = []
+
+        def on_queue(self, stage, depth, in_flight):
+            self.samples.append((stage, depth, in_flight))
+
+    gauges = Gauges()
+    cfg = load_config(data={"sources": two_clips(tmp_path, (40, 40)),
+                            "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 40}}},
+                            "runtime": {"max_in_flight": 6}})
+    summary, _ = run(ThreadedRunner, cfg, metrics=gauges)
+    assert summary.totals["processed"] == 80
+    assert any(depth > 0 and in_flight > 1 for _, depth, in_flight in gauges.samples)
+    assert gauges.samples[-1] == ("chaos", 0, 0)
