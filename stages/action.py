@@ -7,14 +7,19 @@ sample arrives, the window is complete; all windows completed in one
 ``process`` call, across streams, run as one batched forward (in chunks of
 ``batch`` clips).
 
-Holding: a frame (active, reused or failed, sampled or not) is held until the
-first window that covers it completes, then released in stream order with that
+Holding (``hold: true``, the default in ``archive`` mode): a frame (active, reused or failed, sampled or
+not) is held until the first window that covers it completes, then released in stream order with that
 window's result. With overlapping windows (stride < clip_len) every frame lies
 inside its window's span. With stride >= clip_len, frames after a window and
 before the next window's first sample lie in no window: they carry the result
 of the window before them and are released at once. Held frames per stream
 stay within clip_len * sampling_rate + stride active frames (plus any reused
 frames in between).
+
+Not holding (``hold: false``, the default in ``live`` mode): a clip of 16 frames at 10 fps would hold its
+first frame 1.5 s, and longer while the gate skips frames, so every frame leaves at once with the latest
+window completed at or before it (the window it completes, if any); frames before the first window leave
+without a result. A window's frames stay referenced until it runs; nothing else changes.
 
 End of a stream (``end_stream``) or of the run (``flush``): if frames are held
 and at least one of them is active, a final *partial* window runs on the
@@ -63,6 +68,10 @@ class ActionOptions:
     )
     classes: list[str] | None = _field(None, "class names for random or own weights without a class list")
     model_args: dict[str, Any] | None = _field(None, "extra builder arguments, e.g. {widths: [32, 64, 96, 128]}")
+    hold: bool | None = _field(
+        None, "true: a frame waits until the first clip covering it completes and gets that clip's label; false: "
+        "every frame leaves at once with the latest completed clip's label (no added latency; the label lags); "
+        "null: true in archive mode, false in live mode")
 
 
 @dataclass
@@ -79,6 +88,7 @@ class _Window:
 class _Held:
     frame: Frame
     window: _Window | None = None  # the first window covering the frame, once known
+    settled: bool = False  # hold: false: its window was fixed when it came; a later window does not replace it
 
 
 @dataclass
@@ -108,8 +118,16 @@ class Action(ModelStage):
     default_model = "causal3d_small"
     memory_format = "channels_last_3d"  # clips are 5D
 
+    @classmethod
+    def check_config(cls, cfg: Any, name: str) -> None:
+        """``hold: null`` follows the run's mode: a live stream must not wait for clips to complete."""
+        options = cfg.stages[name].options
+        if options.hold is None:
+            options.hold = cfg.runtime.mode != "live"
+
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg)
+        self.hold = self.options.hold is not False
         self.input_size = checked_input_size(self.name, self.options.input_size, "[112, 112]")
         self.classes: list[str] = []
         self._streams: dict[str, _StreamState] = {}
@@ -145,7 +163,7 @@ class Action(ModelStage):
                 self._streams.pop(sid, None)
             self._streams.update(before)
             raise
-        return [f for sid in touched for f in self._release(self._streams[sid])]
+        return [f for sid in touched for f in self._release(self._streams[sid], everything=not self.hold)]
 
     def end_stream(self, stream_id: str) -> list[Frame]:
         state = self._streams.pop(stream_id, None)
@@ -193,7 +211,9 @@ class Action(ModelStage):
                 window = self._add_sample(state, frame)
                 completed = [window] if window is not None else []
             state.active_seen += 1
-        if entry.window is None and state.samples_seen <= state.next_start and state.last_window is not None:
+        if not self.hold:  # the latest window so far (the one this frame completes, if any), or none yet
+            entry.window, entry.settled = entry.window or state.last_window, True
+        elif entry.window is None and state.samples_seen <= state.next_start and state.last_window is not None:
             entry.window = state.last_window  # between windows: carry the previous result, hold nothing
         return completed
 
@@ -231,7 +251,7 @@ class Action(ModelStage):
     def _assign(state: _StreamState, window: _Window) -> None:
         """Every held frame still waiting gets ``window``: the first window to complete wins."""
         for entry in state.held:
-            if entry.window is None:
+            if entry.window is None and not entry.settled:
                 entry.window = window
         state.last_window = window
 

@@ -258,6 +258,39 @@ def test_action_held_frames_stay_bounded():
     assert frames[1].results["action"]["window"] == [0, 6]  # samples 0, 2, 4, 6
 
 
+def test_action_without_holding_every_frame_leaves_at_once_with_the_latest_window_whatever_the_batches():
+    """hold: false (live): no frame waits for its clip; each gets the latest window completed at or before it
+    (the one it completes included), frames before the first window none, however the frames are batched."""
+    def labels(batches):
+        stage = make_action_stage(clip_len=4, stride=2, hold=False)
+        frames = make_frames(11, height=32, width=32)
+        frames[5].gate = GateMark(reuse_of=4)  # reused: not sampled, but labelled like the others
+        returned = []
+        for start, end in batches:
+            batch = frames[start:end]
+            assert stage.process(batch) == batch and stage.held_count("cam") == 0
+            returned += batch
+        assert stage.flush() == [] and stage.end_stream("cam") == []
+        return [f.results.get("action", {}).get("window") for f in returned]
+
+    one_by_one = labels([(i, i + 1) for i in range(11)])
+    # samples are the active frames 0..4, 6..10: windows complete at samples 3, 5, 7, 9 = frames 3, 6, 8, 10
+    assert one_by_one == [None] * 3 + [[0, 3]] * 3 + [[2, 6]] * 2 + [[4, 8]] * 2 + [[7, 10]]
+    assert labels([(0, 4), (4, 11)]) == labels([(0, 11)]) == one_by_one
+
+
+def test_action_hold_follows_the_run_mode_unless_set():
+    from blinkflow.config import load_config
+
+    def hold(mode, **options):
+        cfg = load_config(data={"sources": [], "runtime": {"mode": mode},
+                                "stages": {"action": {"options": {"input_size": [32, 32], **options}}}})
+        return cfg.stages["action"].options.hold
+
+    assert hold("archive") is True and hold("live") is False
+    assert hold("live", hold=True) is True and hold("archive", hold=False) is False
+
+
 def test_action_frames_between_distant_windows_carry_the_previous_result():
     stage = make_action_stage(clip_len=2, stride=3)
     frames = make_frames(7, height=16, width=16)
