@@ -203,7 +203,10 @@ def test_bench_pipeline_quick_compares_ray_with_the_bound(bench_paths):
     before = _digest(BENCH_DOC)
     result = bench_pipeline(Path(__file__).resolve().parent.parent / "configs" / "synthetic.yaml", frames=8, repetitions=1,
                             overrides=["stages.segment.batch=2", "stages.detect.batch=2"], write=False)
-    assert set(result["fps"]) >= {"sequential (local runner)", "Ray runner", "Ray runner + metrics"}
+    assert set(result["fps"]) >= {"sequential (local runner)", "threaded runner (a thread per stage)", "Ray runner",
+                                  "Ray runner + metrics"}
+    assert result["threaded_over_sequential"] == pytest.approx(
+        result["fps"]["threaded runner (a thread per stage)"][1] / result["fps"]["sequential (local runner)"][1])
     assert all(low > 0 and low <= mid <= high for low, mid, high in result["fps"].values())
     assert result["bound_fps"] == pytest.approx(min(result["slowest_stage_fps"], result["shared_cores_fps"]))
     assert result["ray_over_bound"] == pytest.approx(result["fps"]["Ray runner"][1] / result["bound_fps"])
@@ -261,15 +264,16 @@ def test_bench_gpu_streams_window_opens_at_the_first_frame_so_model_loading_is_n
     import time as real_time
 
     from blinkflow.bench import gpu
-    from blinkflow.runners.local import LocalRunner
+    from blinkflow.runners import threaded
 
-    setup = LocalRunner._setup_stages
+    assert gpu.RUNNER == "threaded"
+    setup = threaded.setup_stage
 
-    def slow_setup(self):
+    def slow_setup(spec, metrics):
         real_time.sleep(1.0)  # as long as the window itself
-        return setup(self)
+        return setup(spec, metrics)
 
-    monkeypatch.setattr(LocalRunner, "_setup_stages", slow_setup)
+    monkeypatch.setattr(threaded, "setup_stage", slow_setup)
     images = gpu.clip_frames(gpu.CLIPS[1], (96, 64), 6)
     plan = gpu.Plan(device="cpu", size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=(1,),
                     stream_seconds=1.0, frames=6, quick=True, stages={"chaos": {}})

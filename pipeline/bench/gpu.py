@@ -8,9 +8,11 @@ Sections (docs/benchmarks.md ``gpu``, with the GPU's name and driver):
   batch 1/8/32, fp32 and fp16, channels_last; detect and segment at batch 8 in fp16 also without
   channels_last and compiled (``compile: reduce-overhead``: torch.compile with CUDA graphs);
 * **streams**: the full real-model graph (gate, detect, segment, track, flow, action) on N streams of
-  720p at 10 fps, paced in real time, stepping N up until the p95 latency passes 1 s or a stream
+  720p at 10 fps, paced in real time, on the threaded runner (stages overlap: one stage's GPU kernels
+  run while another does its host work; Ray is not on the GPU machine), stepping N up until the p95 latency passes 1 s or a stream
   falls behind, then halving the gap to the last N that held; the largest N that held;
-* **label**: archive labelling frames/s of the static-camera clips at 720p, skipping off and on.
+* **label**: archive labelling frames/s of the static-camera clips at 720p, skipping off and on (each
+  video on the threaded runner).
 
 A GPU is lent for minutes, so the run keeps to a time budget (``--budget-s``, default
 :data:`DEFAULT_BUDGET_S`): the sections run in the order of the issue's targets (decode, streams, label,
@@ -64,6 +66,8 @@ SKIPPED = "time budget"
 #: labelling without skipping against with it: the static clips' model work differs by about this much
 #: (docs/skipping.md); the budget takes it for the second run's time
 LABEL_OFF_OVER_ON = 5.0
+#: the runner of the streams and label sections: its stages overlap in one process (no Ray on the GPU machine)
+RUNNER = "threaded"
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Plan:
     stages: dict[str, Any] | None = None  # the graph of the streams section; None: configs/demo.yaml's, + track
     results: dict[str, Any] = field(default_factory=dict)
     deadline: float = math.inf  # time.monotonic() by which measuring stops; inf: no budget
+    runner: str = RUNNER  # the streams' and the labelling's runner
 
     def fits(self, seconds: float) -> bool:
         """Whether something expected to take ``seconds`` ends before the deadline."""
@@ -291,17 +296,18 @@ def bench_streams(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
 
 def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str, Any]:
     from blinkflow.config import load_config
-    from blinkflow.runners.local import LocalRunner
+    from blinkflow.runners import get_runner
 
     stop = threading.Event()
     window = StreamWindow(plan.stream_seconds, stop)
     sources = [{"type": "frames", "id": f"cam{i}", "fps": STREAM_FPS,
                 "frames": paced(images, STREAM_FPS, stop, i, window.open)} for i in range(streams)]
     cfg = load_config(data={"sources": sources, "gate": {"enabled": True},
-                            "stages": plan.stages or graph_stages(plan), "runtime": {"mode": "live"}, "sinks": []})
+                            "stages": plan.stages or graph_stages(plan),
+                            "runtime": {"mode": "live", "runner": plan.runner}, "sinks": []})
     latencies: list[float] = []
     try:
-        summary = LocalRunner(cfg, on_result=lambda result: latencies.append(result.latency_s)).run()
+        summary = get_runner(plan.runner)(cfg, on_result=lambda result: latencies.append(result.latency_s)).run()
     finally:
         window.close()
     p95 = float(np.percentile(latencies, 95)) if latencies else float("inf")
@@ -315,8 +321,9 @@ def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str,
 
 
 def stage_ms(stage_seconds: dict[str, float], frames: int) -> str:
-    """Milliseconds a frame in each stage, the busiest first: the local runner runs one stage at a time, so
-    where N stops is where these add up to the 100 / N ms a frame that N streams at 10 fps leave."""
+    """Milliseconds a frame in each stage, the busiest first. N streams at 10 fps leave 100 / N ms a frame: the
+    threaded runner's stages overlap, so N stops where the busiest reaches it, or earlier where stages wait for
+    each other (one GPU, the GIL); on the local runner, where they add up to it."""
     per_frame = sorted(((1000.0 * s / max(1, frames), name) for name, s in stage_seconds.items()), reverse=True)
     return ", ".join(f"{name} {ms:.1f}" for ms, name in per_frame if ms >= 0.05)
 
@@ -400,7 +407,8 @@ def bench_label(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
                 rows.append({"skipping": gate, "skipped": SKIPPED})
                 continue
             cfg = load_config(data={"sources": [], "gate": {"enabled": gate}, "stages": stages,
-                                    "label": {"formats": ["jsonl"], "executor": "local"}})
+                                    "label": {"formats": ["jsonl"], "executor": "local"},
+                                    "runtime": {"runner": plan.runner}})
             started = time.perf_counter()
             summary = LabelRun(find_videos([str(inputs)]), Path(folder) / f"out-{gate}", cfg, ["jsonl"],
                                progress=False).run()
@@ -424,6 +432,8 @@ def render(plan: Plan) -> str:
              "frames/s with skipping; NVDEC >= 3x the CPU decoder." + _budget_words(plan), "", machine_line(machine_info()), ""]
     lines += _decode_lines(results.get("decode", {}), plan.size)
     lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "channels_last", "compile", "batch", "fps"])
+    lines += [f"Streams and labelling on the {plan.runner} runner; stage_ms: each stage's milliseconds a frame, "
+              "the busiest first.", ""]
     lines += _table_lines("streams", results.get("streams"),
                           ["streams", "frames", "expected", "p95_s", "dropped", "failed", "stage_ms", "held"])
     held = [row["streams"] for row in results.get("streams") or [] if isinstance(row, dict) and row.get("held")]

@@ -1,6 +1,6 @@
-"""``blinkflow bench pipeline``: sequential local runner against the Ray runner
-against the slowest stage alone (the bound), on the same frames and models; and
-the Ray runner with metrics on (served and scraped every second) against off."""
+"""``blinkflow bench pipeline``: the sequential local runner against the threaded and Ray runners (stages
+overlapping) against the slowest stage alone (the bound), on the same frames and models; and the Ray
+runner with metrics on (served and scraped every second) against off."""
 
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def bench_pipeline(config_path: Path, frames: int = DEFAULT_FRAMES, repetitions:
                    write: bool = True) -> dict[str, Any]:
     cfg = bench_config(config_path, frames, overrides or [])
     sequential = measure("sequential (local runner)", cfg, "local", repetitions)
+    threaded = measure("threaded runner (a thread per stage)", cfg, "threaded", repetitions)
     with ray_session(cfg):
         ray_run, ray_metrics = measure_metrics_overhead(cfg, "ray", repetitions)
     ray_run.name, ray_metrics.name = "Ray runner", "Ray runner + metrics"
@@ -132,8 +133,10 @@ def bench_pipeline(config_path: Path, frames: int = DEFAULT_FRAMES, repetitions:
         "config": display_path(config_path),
         "frames": frames,
         "repetitions": repetitions,
-        "fps": {m.name: m.fps_range() for m in [sequential, ray_run, ray_metrics, *alone.values()]},
+        "fps": {m.name: m.fps_range() for m in [sequential, threaded, ray_run, ray_metrics, *alone.values()]},
         "ray_over_sequential": ray_run.median_fps / sequential.median_fps,
+        "threaded_over_sequential": threaded.median_fps / sequential.median_fps,
+        "threaded_over_bound": threaded.median_fps / bound_fps,
         "slowest_stage": slowest.name,
         "slowest_stage_fps": slowest.median_fps,
         "shared_cores_fps": shared_fps,
@@ -144,7 +147,7 @@ def bench_pipeline(config_path: Path, frames: int = DEFAULT_FRAMES, repetitions:
         "metrics_overhead_range": [min(ray_metrics.extra["paired"]), max(ray_metrics.extra["paired"])],
         "ray_busy": ray_run.extra["busy"],
     }
-    body = render(result, [sequential, ray_run, ray_metrics, *alone.values()], slowest)
+    body = render(result, [sequential, threaded, ray_run, ray_metrics, *alone.values()], slowest)
     publish("pipeline", body, result, write=write)
     return result
 
@@ -166,7 +169,7 @@ def measure_alone(cfg: Config, name: str, repetitions: int) -> Measurement:
 def render(result: dict[str, Any], measurements: list[Measurement], slowest: Measurement) -> str:
     rows = [[m.name + (" ← bound" if m is slowest else ""), fps_cell(m)] for m in measurements]
     return "\n".join([
-        "## Pipeline: sequential vs Ray vs the slowest stage",
+        "## Pipeline: sequential vs threaded vs Ray vs the slowest stage",
         "",
         f"`blinkflow bench pipeline` — {result['frames']} frames of `{result['config']}` (gate off, no sinks), "
         f"{result['repetitions']} repetitions after an untimed warm-up run of each variant; frames/s as median "
@@ -186,6 +189,10 @@ def render(result: dict[str, Any], measurements: list[Measurement], slowest: Mea
         f"(target ≥ 0.85 of the bound; Ray ÷ slowest stage alone = {result['ray_over_slowest_stage']:.2f}). "
         "Stage actors busy (compute ÷ run time, median): "
         + ", ".join(f"{stage} {share:.0%}" for stage, share in result["ray_busy"].items()) + ".",
+        "",
+        f"**Threaded ÷ sequential = {result['threaded_over_sequential']:.2f}×; threaded ÷ bound = "
+        f"{result['threaded_over_bound']:.2f}**: the same overlap in one process, without copies between processes; "
+        "its stage threads share torch's thread pool (each stage alone above gets one thread, as its actor).",
         "",
         f"**Metrics overhead = {100 * result['metrics_overhead']:+.1f}%** run time with metrics on "
         "(exporter served, scraped every 1 s), the median over the repetitions of each metrics-on run against the "
