@@ -108,6 +108,9 @@ class GateConfig:
     threshold: float = _field(0.01, "changed-pixel fraction below which a frame is reused", lo=0.0, hi=1.0)
     pixel_threshold: int = _field(20, "gray-level difference that counts a pixel as changed", lo=0, hi=255)
     downscale: int = _field(4, "compare frames downscaled by this factor", lo=1, hi=64)
+    replicas: int = _field(
+        1, "parallel copies of the gate (threaded and ray runners), the streams spread over them, each stream always "
+        "on the same one: one copy takes about 200 frames/s of 720p on one core", lo=1, hi=1024)
     blur: int = _field(3, "box-blur kernel on the difference, in downscaled pixels (odd; 1 = off)", lo=1, hi=31)
     max_reuse: int = _field(
         30, "force a fresh frame (an audit) after this many reused frames; bounds how stale a result gets", lo=0, hi=10**6
@@ -267,7 +270,10 @@ class StageConfig:
     )
     batch: int = _field(4, "max frames per batch", lo=1, hi=1024)
     max_wait_ms: float = _field(20.0, "max time a partial batch waits for more frames", lo=0.0, hi=60000)
-    replicas: int = _field(1, "parallel copies of the stage (per-frame stages only)", lo=1, hi=1024)
+    replicas: int = _field(
+        1, "parallel copies of the stage: threads (threaded runner) or actors (ray); the local runner runs one. A "
+        "stage with per-stream state gets the streams spread over its copies, each stream always on the same one",
+        lo=1, hi=1024)
     device: str = _field("cpu", "'cpu', 'cuda:N' or 'auto' (the GPU when the process has one, else the CPU)")
     precision: Literal["fp32", "fp16", "bf16"] = _field("fp32", "inference precision (fp16/bf16 on GPU only)")
     channels_last: bool = _field(False, "use channels_last memory format (GPU)")

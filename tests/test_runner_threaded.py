@@ -88,6 +88,40 @@ def test_threaded_equals_local_with_real_models_and_object_weighted_regions(one_
         "no partial frame ran the segmenter on its changed tiles"
 
 
+def test_replicas_spread_the_streams_and_each_stream_meets_one_copy(tmp_path, monkeypatch):
+    """gate.replicas and a stage's replicas: K copies, each in its thread; a stage with per-stream state gets
+    each stream on one copy, in order, so the outputs still equal the local runner's (which runs one copy)."""
+    threads: dict[str, set[str]] = {}
+    process_batch = StageCaller._process_batch
+
+    def recorded(self, frames):
+        for frame in frames:
+            threads.setdefault(f"{self.name}/{frame.stream_id}", set()).add(threading.current_thread().name)
+        return process_batch(self, frames)
+
+    monkeypatch.setattr(StageCaller, "_process_batch", recorded)
+    sources = two_clips(tmp_path, (8, 8)) + [
+        {"type": "synthetic", "id": f"syn{i}", "seed": i, "width": 64, "height": 48, "num_frames": 8} for i in range(3)]
+    cfg = load_config(data={
+        "sources": sources,
+        "gate": {"enabled": True, "threshold": 0.02, "batch": 2, "replicas": 2},
+        "stages": {"chaos": {"replicas": 2, "batch": 2, "options": {"hold": 3}}},
+    })
+    _, local_results = run(LocalRunner, cfg)
+    threads.clear()
+    summary, results = run(ThreadedRunner, cfg)
+    assert comparable(results) == comparable(local_results)
+    streams = ("c0", "c1", "syn0", "syn1", "syn2")
+    for stream in streams:
+        assert [r.index for r in results if r.stream_id == stream] == list(range(8))
+        seen = [r.results["chaos"]["seen"] for r in results if r.stream_id == stream and r.outcome is Outcome.PROCESSED]
+        assert seen == list(range(1, len(seen) + 1)) and seen  # one copy saw the whole stream: 1, 2, ...
+        assert len(threads[f"gate/{stream}"]) == 1 and len(threads.get(f"chaos/{stream}", {""})) == 1
+    gate_threads = set().union(*(threads[f"gate/{stream}"] for stream in streams))
+    assert len(gate_threads) == 2, "the streams were not spread over both gate copies"
+    assert summary.stage_frames["gate"] == 40
+
+
 def test_stages_work_at_the_same_time(tmp_path, monkeypatch):
     """Wave i+1 is in one stage while wave i is in the next: some call of each stage overlaps one of the other."""
     calls: list[tuple[str, str, float, float]] = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blinkflow.frame import Accounting, Frame, Outcome
-from blinkflow.graph import build_driver_graph
+from blinkflow.graph import StageSpec, build_driver_graph
 from blinkflow.metrics import NULL_RECORDER
 from blinkflow.runners.base import OrderedOutput, RunnerBase
 from blinkflow.sources import StreamEnd, open_sources
@@ -26,6 +26,22 @@ from blinkflow.sources import StreamEnd, open_sources
 log = logging.getLogger(__name__)
 
 METRICS_POLL_S = 0.5  # how often the driver folds in stage stats and samples queues when metrics are on
+
+
+@dataclass
+class StagePool:
+    """The replicas of one stage (Ray actors, or a stage and its thread) and how calls are routed to them: a
+    stage with per-stream state by shard, so each stream always meets the same replica, the others in turn."""
+
+    spec: StageSpec
+    actors: list[Any]
+    calls: int = 0
+
+    def pick(self, shard: int) -> Any:
+        if self.spec.temporal:
+            return self.actors[shard % len(self.actors)]
+        self.calls += 1
+        return self.actors[self.calls % len(self.actors)]
 
 
 @dataclass
@@ -44,7 +60,12 @@ class Chain:
 class ChainRunner(RunnerBase):
     """Waves as chains of concurrent stage calls; the subclass sends and collects them."""
 
-    shards = 1  # streams hashed to shards; a temporal stage's replica is picked by shard
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.pools: list[StagePool] = []
+        # streams hash to shards, as many as the most replicas of a stage with per-stream state; waves never mix
+        # shards, and such a stage picks its replica by shard
+        self.shards = max([getattr(s.cfg, "replicas", 1) for s in self.specs if s.temporal] or [1])
 
     def _send(self, chain: Chain, first_stage: int) -> None:
         """Send the chain's calls from ``first_stage`` on, each fed by the previous one; keep the handles in ``chain.refs``."""

@@ -36,19 +36,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
 from blinkflow.errors import BlinkflowError, ConfigError, StageError
-from blinkflow.frame import Frame, FrameResult
+from blinkflow.frame import Frame
 from blinkflow.graph import StageSpec
-from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog, MetricsRecorder
+from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog
 from blinkflow.ray_session import ray_session
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import RunSummary, committed_sinks, setup_stage
-from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner
+from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner, StagePool
 
 log = logging.getLogger(__name__)
 
@@ -110,30 +109,9 @@ def _limit_threads(num_cpus: float) -> None:
         pass
 
 
-@dataclass
-class StagePool:
-    """The replicas of one stage and how calls are routed to them."""
-
-    spec: StageSpec
-    actors: list[Any]
-    calls: int = 0
-
-    def pick(self, shard: int) -> Any:
-        if self.spec.temporal:
-            return self.actors[shard % len(self.actors)]
-        self.calls += 1
-        return self.actors[self.calls % len(self.actors)]
-
-
 @register_runner("ray")
 class RayRunner(ChainRunner):
     name = "ray"
-
-    def __init__(self, cfg: Config, sinks: list[Any] | None = None, on_result: Callable[[FrameResult], None] | None = None,
-                 metrics: MetricsRecorder | None = None, hub: Any = None, stop: Any = None):
-        super().__init__(cfg, sinks, on_result, metrics, hub, stop)
-        self.pools: list[StagePool] = []
-        self.shards = max([s.cfg.replicas for s in self.specs if s.temporal and hasattr(s.cfg, "replicas")] or [1])
 
     # ------------------------------------------------------------------ lifecycle
 

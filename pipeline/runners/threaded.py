@@ -5,7 +5,9 @@ and without copying frames between processes: a GPU stage's kernels run while th
 work, and torch, NumPy and PyAV release the GIL in their heavy calls. Each stage's thread runs its calls in
 the order they were sent, so per-stream state stays consistent and the outputs equal the local runner's
 (tests/test_runner_threaded.py). The driver loop (waves, backpressure, live drops, the gate's feedback) is
-the Ray runner's (:mod:`blinkflow.runners.chains`). One thread per stage: ``replicas`` are for the Ray runner.
+the Ray runner's (:mod:`blinkflow.runners.chains`). ``replicas: K`` gives a stage K copies, each with its
+thread, routed as the Ray runner routes actors (a stage with per-stream state by the stream's shard), so a
+host-bound stage such as the gate spreads over cores (its NumPy work mostly runs without the GIL).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from blinkflow.frame import Frame
 from blinkflow.metrics import NULL_RECORDER
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import RunSummary, StageCaller, committed_sinks, setup_stage
-from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner
+from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner, StagePool
 
 
 @register_runner("threaded")
@@ -28,14 +30,10 @@ class ThreadedRunner(ChainRunner):
     def run(self) -> RunSummary:
         started = time.perf_counter()
         self._start_driver()
-        self.callers: list[StageCaller] = []
-        self.lanes: list[ThreadPoolExecutor] = []
         self.next_poll = 0.0
         with committed_sinks(self.sinks):
             try:
-                self.callers.extend(setup_stage(spec, self.metrics) for spec in self.specs)
-                self.lanes.extend(ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blinkflow-{caller.name}")
-                                  for caller in self.callers)
+                self._start_pools()
                 self._sample_queues()
                 setup_s = time.perf_counter() - started
                 self.metrics.on_ready(True)
@@ -44,33 +42,53 @@ class ThreadedRunner(ChainRunner):
                 self._sample_queues()  # every chain is done: the gauges go back to zero
             finally:
                 self.metrics.on_ready(False)
-                self._stop_lanes()
+                self._stop_pools()
         self.accounting.check()
+        callers = {pool.spec.name: [caller for caller, _ in pool.actors] for pool in self.pools}
         return RunSummary(
             accounting=self.accounting,
             elapsed_s=time.perf_counter() - started,
-            stage_seconds={c.name: c.seconds for c in self.callers} | self.output.driver_seconds,
-            stage_frames={c.name: c.frames for c in self.callers} | self.output.driver_frames,
+            stage_seconds={name: sum(c.seconds for c in copies) for name, copies in callers.items()}
+            | self.output.driver_seconds,
+            stage_frames={name: sum(c.frames for c in copies) for name, copies in callers.items()}
+            | self.output.driver_frames,
             runner=self.name,
             setup_s=setup_s,
         )
 
-    def _stop_lanes(self) -> None:
+    def _start_pools(self) -> None:
+        """Each stage's replicas, set up here one by one (a failing set-up leaves the earlier ones to tear down)."""
+        for spec in self.specs:
+            pool = StagePool(spec, [])
+            self.pools.append(pool)
+            for replica in range(getattr(spec.cfg, "replicas", 1)):
+                lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blinkflow-{spec.name}-{replica}")
+                try:
+                    caller = setup_stage(spec, self.metrics)
+                except BaseException:
+                    lane.shutdown()
+                    raise
+                pool.actors.append((caller, lane))
+
+    def _stop_pools(self) -> None:
         """After an error, calls not started are cancelled, and those waiting on a cancelled one end with it."""
-        for lane in self.lanes:
-            lane.shutdown(wait=True, cancel_futures=True)
-        for caller in self.callers:
-            caller.stage.teardown()
+        for pool in self.pools:
+            for _, lane in pool.actors:
+                lane.shutdown(wait=True, cancel_futures=True)
+        for pool in self.pools:
+            for caller, _ in pool.actors:
+                caller.stage.teardown()
 
     # ------------------------------------------------------------------ chains of thread calls
 
     def _send(self, chain: Chain, first_stage: int) -> None:
         upstream: Any = chain.frames if first_stage == 0 else chain.refs[first_stage - 1]
         del chain.refs[first_stage:]
-        for caller, lane in zip(self.callers[first_stage:], self.lanes[first_stage:]):
+        for pool in self.pools[first_stage:]:
+            caller, lane = pool.pick(chain.shard)
             upstream = lane.submit(_stage_call, caller, chain.kind, upstream, chain.stream_id)
             chain.refs.append(upstream)
-        if not self.callers:
+        if not self.pools:
             done: Future = Future()
             done.set_result(chain.frames)
             chain.refs.append(done)
@@ -85,7 +103,7 @@ class ThreadedRunner(ChainRunner):
         return last.result()  # a stage's end_stream or flush that raised fails the run, as in the local runner
 
     def _stage_workers(self) -> list[tuple[str, int]]:
-        return [(caller.name, 1) for caller in self.callers]
+        return [(pool.spec.name, len(pool.actors)) for pool in self.pools]
 
     def _observe(self) -> None:
         """With metrics on, every METRICS_POLL_S: sample the queues (stage calls report themselves)."""
