@@ -180,7 +180,7 @@ def config_digest(cfg: Any, formats: list[str]) -> str:
     """What determines the outputs: stages, gate, decode settings and formats (not parallelism, placement
     or warm-up: changing those must not label an archive again)."""
     relevant = {
-        "gate": dataclasses.asdict(cfg.gate),
+        "gate": {k: v for k, v in dataclasses.asdict(cfg.gate).items() if k not in RUN_ONLY_STAGE_KEYS},
         "stages": {name: {k: v for k, v in dataclasses.asdict(stage).items() if k not in RUN_ONLY_STAGE_KEYS}
                    for name, stage in cfg.stages.items()},
         "source": dataclasses.asdict(cfg.label.source),

@@ -323,6 +323,8 @@ def test_the_config_digest_ignores_placement_and_warm_up_but_not_what_changes_ou
     digest = config_digest(load_config(data=base), ["jsonl"])
     placement = {"replicas": 3, "resources": {"num_cpus": 2}, "warmup": True, "max_wait_ms": 5}
     assert config_digest(load_config(data={**base, "stages": {"chaos": {"batch": 2, **placement}}}), ["jsonl"]) == digest
+    assert config_digest(load_config(data={**base, "gate": {"replicas": 4}}), ["jsonl"]) == digest
+    assert config_digest(load_config(data={**base, "runtime": {"runner": "threaded"}}), ["jsonl"]) == digest
     changed = load_config(data={**base, "stages": {"chaos": {"batch": 2, "options": {"fail_indices": [1]}}}})
     assert config_digest(changed, ["jsonl"]) != digest
     assert config_digest(load_config(data=base), ["jsonl", "coco"]) != digest
