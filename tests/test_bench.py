@@ -281,6 +281,24 @@ def test_bench_gpu_streams_window_opens_at_the_first_frame_so_model_loading_is_n
     assert row["frames"] >= 0.9 * row["expected"] and row["held"], row  # 10 frames in the second after setup
 
 
+def test_bench_gpu_streams_graph_is_live_threaded_with_gate_copies_and_two_segmenters_on_a_gpu():
+    from blinkflow.bench import gpu
+
+    def plan(device: str) -> gpu.Plan:
+        return gpu.Plan(device=device, size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=(1,),
+                        stream_seconds=1.0, frames=6, quick=device == "cpu")
+
+    sources = [{"type": "frames", "id": "cam0", "fps": 10, "frames": iter(())}]
+    on_gpu, on_cpu = gpu.streams_config(plan("cuda:0"), sources), gpu.streams_config(plan("cpu"), sources)
+    for cfg in (on_gpu, on_cpu):
+        assert (cfg.runtime.runner, cfg.runtime.mode, cfg.runtime.max_in_flight) == ("threaded", "live", 32)
+        assert cfg.gate.enabled and cfg.gate.replicas == 4
+        assert cfg.stages["action"].options.hold is False  # live: no frame waits for its clip
+        assert set(cfg.enabled_stages()) >= {"detect", "segment", "flow", "action"}
+    assert on_gpu.stages["segment"].replicas == 2 and on_gpu.stages["segment"].precision == "fp16"
+    assert on_cpu.stages["segment"].replicas == 1
+
+
 def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_on_a_gpu_only():
     from blinkflow.bench import gpu
 

@@ -71,6 +71,9 @@ RUNNER = "threaded"
 #: the streams' gate copies (one takes about 200 frames/s of 720p on a core: 30 streams are 300) and the waves in
 #: flight before live mode drops (waves go after max_wait_ms, so at 300 frames/s they hold a few frames each)
 STREAM_GATE_REPLICAS, STREAM_IN_FLIGHT = 4, 32
+#: the segmenter's copies on a GPU: a whole 720p frame leaves 20-70 ms of host work after the model (speck
+#: regions and their nearest-pixel transform, the PNG), which two threads share at about 1.5x one
+STREAM_SEGMENT_REPLICAS = 2
 
 
 @dataclass
@@ -298,16 +301,13 @@ def bench_streams(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
 
 
 def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str, Any]:
-    from blinkflow.config import load_config
     from blinkflow.runners import get_runner
 
     stop = threading.Event()
     window = StreamWindow(plan.stream_seconds, stop)
     sources = [{"type": "frames", "id": f"cam{i}", "fps": STREAM_FPS,
                 "frames": paced(images, STREAM_FPS, stop, i, window.open)} for i in range(streams)]
-    cfg = load_config(data={"sources": sources, "gate": {"enabled": True, "replicas": STREAM_GATE_REPLICAS},
-                            "stages": plan.stages or graph_stages(plan), "sinks": [],
-                            "runtime": {"mode": "live", "runner": plan.runner, "max_in_flight": STREAM_IN_FLIGHT}})
+    cfg = streams_config(plan, sources)
     latencies: list[float] = []
     try:
         summary = get_runner(plan.runner)(cfg, on_result=lambda result: latencies.append(result.latency_s)).run()
@@ -321,6 +321,19 @@ def run_streams(plan: Plan, images: list[np.ndarray], streams: int) -> dict[str,
             "stage_ms": stage_ms(summary.stage_seconds, summary.totals["decoded"]),
             "held": p95 <= P95_LIMIT_S and not behind and summary.totals["dropped"] == 0
             and summary.totals["failed"] == 0}
+
+
+def streams_config(plan: Plan, sources: list[dict[str, Any]]) -> Any:
+    """The streams' graph: the plan's stages (configs/demo.yaml's, + track), live, on the plan's runner, with
+    the gate's copies, the segmenter's on a GPU, and the waves in flight."""
+    from blinkflow.config import load_config
+
+    stages = plan.stages or graph_stages(plan)
+    if plan.device != "cpu" and "segment" in stages:
+        stages = {**stages, "segment": {**stages["segment"], "replicas": STREAM_SEGMENT_REPLICAS}}
+    return load_config(data={"sources": sources, "gate": {"enabled": True, "replicas": STREAM_GATE_REPLICAS},
+                             "stages": stages, "sinks": [],
+                             "runtime": {"mode": "live", "runner": plan.runner, "max_in_flight": STREAM_IN_FLIGHT}})
 
 
 def stage_ms(stage_seconds: dict[str, float], frames: int) -> str:
@@ -436,7 +449,7 @@ def render(plan: Plan) -> str:
     lines += _decode_lines(results.get("decode", {}), plan.size)
     lines += _table_lines("stages", results.get("stages"), ["stage", "model", "precision", "channels_last", "compile", "batch", "fps"])
     lines += [f"Streams and labelling on the {plan.runner} runner; the streams with {STREAM_GATE_REPLICAS} gate "
-              f"copies and at most {STREAM_IN_FLIGHT} waves in flight; stage_ms: each stage's milliseconds a frame "
+              f"copies, {STREAM_SEGMENT_REPLICAS} segmenter copies on a GPU and at most {STREAM_IN_FLIGHT} waves in flight; stage_ms: each stage's milliseconds a frame "
               "(all its copies together), the busiest first.", ""]
     lines += _table_lines("streams", results.get("streams"),
                           ["streams", "frames", "expected", "p95_s", "dropped", "failed", "stage_ms", "held"])
