@@ -249,6 +249,12 @@ class StreamEnd:
             self.reason = EndReason.ERROR if self.error else EndReason.COMPLETE
 
 
+@dataclass
+class Tick:
+    """Nothing came from the live streams for a while (``open_sources(tick_s=...)``): a live runner's cue to
+    send a wave that has waited long enough and to hand out finished results, however quiet the cameras."""
+
+
 class Stream:
     """One video stream: an id and a frame iterator that may raise SourceError."""
 

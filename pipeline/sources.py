@@ -83,13 +83,14 @@ def _until_stopped(frames: Iterator[Frame], stop: threading.Event | None) -> Ite
     return EndReason.COMPLETE
 
 
-def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None, stop: threading.Event | None = None
-                ) -> Iterator[Frame | StreamEnd]:
+def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None, stop: threading.Event | None = None,
+                tick_s: float | None = None) -> Iterator[Frame | StreamEnd]:
     """Interleave lanes round-robin: one item from each live lane in turn.
 
     With a :class:`pipeline.streams.StreamHub`, whatever its live streams have
     ready is taken after each lane's item (never waiting on them), and once the
-    lanes are done the hub's items follow until it ends. Without one, the order
+    lanes are done the hub's items follow until it ends (with ``Tick`` items
+    while its streams are quiet, given ``tick_s``). Without one, the order
     is fully deterministic.
     """
     iterators = [lane_items(lane, stop) for lane in lanes]
@@ -103,14 +104,15 @@ def merge_lanes(lanes: list[Iterator[Stream]], hub: Any = None, stop: threading.
             if hub is not None:
                 yield from hub.poll()
     if hub is not None:
-        yield from hub.items()
+        yield from hub.items(tick_s)
 
 
-def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.Event | None = None
-                 ) -> Iterator[Frame | StreamEnd]:
+def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.Event | None = None,
+                 tick_s: float | None = None) -> Iterator[Frame | StreamEnd]:
     """Frames of every source. ``stream`` sources run in ``hub`` (one is made when none is given;
     a given hub may also get streams added and removed while the run goes on). Setting ``stop``
-    ends the file lanes after the frame in hand (a graceful stop; the hub has its own close)."""
+    ends the file lanes after the frame in hand (a graceful stop; the hub has its own close).
+    ``tick_s``: once the file lanes are done, a ``Tick`` after each ``tick_s`` the live streams stay quiet."""
     live = [cfg for cfg in configs if cfg.type == "stream"]
     lanes = [open_lane(cfg) for cfg in configs if cfg.type != "stream"]
     if not live and hub is None:
@@ -126,7 +128,7 @@ def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.E
         raise
     if not hub.keep_open:
         hub.close()
-    return _stopping_hub_on_exit(merge_lanes(lanes, hub, stop), hub)
+    return _stopping_hub_on_exit(merge_lanes(lanes, hub, stop, tick_s), hub)
 
 
 def _stopping_hub_on_exit(items: Iterator[Frame | StreamEnd], hub: Any) -> Iterator[Frame | StreamEnd]:

@@ -771,16 +771,19 @@ class StreamHub:
         with self._cond:
             return self._poll_locked()
 
-    def items(self) -> Iterator[Any]:
-        """Every item until the hub is closed and empty; waits while all streams are quiet."""
+    def items(self, tick_s: float | None = None) -> Iterator[Any]:
+        """Every item until the hub is closed and empty; waits while all streams are quiet, and with ``tick_s``
+        yields a :class:`~blinkflow.frame.Tick` after each ``tick_s`` of that quiet."""
+        from blinkflow.frame import Tick
+
         while True:
             with self._cond:
                 batch = self._poll_locked()
                 if not batch:
                     if self._closed and not self._streams:
                         return
-                    self._cond.wait(0.25)
-                    continue
+                    woken = self._cond.wait(0.25 if tick_s is None else tick_s)
+                    batch = [] if woken or tick_s is None else [Tick()]
             yield from batch
 
     def _poll_locked(self) -> list[Any]:

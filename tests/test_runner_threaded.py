@@ -6,10 +6,11 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from blinkflow.config import load_config
-from blinkflow.frame import Outcome
+from blinkflow.frame import Frame, Outcome, StreamEnd, Tick
 from blinkflow.runners.base import StageCaller
 from blinkflow.runners.local import LocalRunner
 from blinkflow.runners.threaded import ThreadedRunner
@@ -120,6 +121,47 @@ def test_replicas_spread_the_streams_and_each_stream_meets_one_copy(tmp_path, mo
     gate_threads = set().union(*(threads[f"gate/{stream}"] for stream in streams))
     assert len(gate_threads) == 2, "the streams were not spread over both gate copies"
     assert summary.stage_frames["gate"] == 40
+
+
+def _quiet_camera(sources, hub, stop, tick_s=None):
+    """Three frames, then 0.6 s of quiet in which the live streams send ticks (as StreamHub.items does)."""
+    assert tick_s == pytest.approx(0.02)
+    for index in range(3):
+        yield Frame(stream_id="cam", index=index, pts=index / 10, image=np.zeros((48, 64, 3), np.uint8))
+    quiet_until = time.time() + 0.6
+    while time.time() < quiet_until:
+        time.sleep(tick_s)
+        yield Tick()
+    yield StreamEnd("cam")
+
+
+@pytest.mark.parametrize("runner_cls", [LocalRunner, ThreadedRunner])
+def test_a_quiet_live_stream_still_gets_its_waiting_frames_through_on_the_ticks(runner_cls, monkeypatch):
+    """A wave of 8 with 3 frames: in live mode it goes once max_wait_ms has passed, and its results are handed
+    out while the stream stays quiet, not when its next frame (or its end) comes 0.6 s later."""
+    import blinkflow.runners.chains as chains
+    import blinkflow.runners.local as local
+
+    monkeypatch.setattr(local, "open_sources", _quiet_camera)
+    monkeypatch.setattr(chains, "open_sources", _quiet_camera)
+    cfg = load_config(data={"sources": [], "stages": {"chaos": {"batch": 8, "max_wait_ms": 20}},
+                            "runtime": {"mode": "live"}})
+    summary, results = run(runner_cls, cfg)
+    assert summary.totals["processed"] == 3 and [r.index for r in results] == [0, 1, 2]
+    assert max(r.latency_s for r in results) < 0.4, [r.latency_s for r in results]
+
+
+def test_the_hub_ticks_while_its_streams_are_quiet_and_only_when_asked():
+    from blinkflow.streams import StreamHub
+
+    def items(tick_s):
+        hub = StreamHub(keep_open=True)
+        threading.Timer(0.3, hub.close).start()
+        return list(hub.items(tick_s))
+
+    ticks = items(0.05)
+    assert 3 <= len(ticks) <= 7 and all(isinstance(item, Tick) for item in ticks)
+    assert items(None) == []
 
 
 def test_stages_work_at_the_same_time(tmp_path, monkeypatch):

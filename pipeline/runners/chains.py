@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from blinkflow.frame import Accounting, Frame, Outcome
+from blinkflow.frame import Accounting, Frame, Outcome, Tick
 from blinkflow.graph import StageSpec, build_driver_graph
 from blinkflow.metrics import NULL_RECORDER
 from blinkflow.runners.base import OrderedOutput, RunnerBase
@@ -98,7 +98,12 @@ class ChainRunner(RunnerBase):
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
         live = self.cfg.runtime.mode == "live"
-        for item in open_sources(self.cfg.sources, self.hub, self.stop):
+        for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=self.max_wait_ms / 1000.0 if live else None):
+            if isinstance(item, Tick):  # quiet live streams: send waves that waited long enough, hand out results
+                self._consume_ready()
+                for shard in list(pending):
+                    pending[shard] = self._admit_live(pending[shard], shard)
+                continue
             if isinstance(item, StreamEnd):
                 shard = self._shard(item.stream_id)
                 self._submit_wave(pending.pop(shard, []), shard)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 
-from blinkflow.frame import Accounting, Frame, Outcome
+from blinkflow.frame import Accounting, Frame, Outcome, Tick
 from blinkflow.graph import build_driver_graph
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import OrderedOutput, RunnerBase, RunSummary, StageCaller, StageChain, committed_sinks, setup_stage
@@ -58,11 +58,18 @@ class LocalRunner(RunnerBase):
         return callers
 
     def _pump(self, chain: StageChain, output: OrderedOutput, accounting: Accounting) -> None:
-        # live: a wave also goes when its oldest frame has waited max_wait_ms by the time the next frame comes (a
-        # camera at 10 fps would otherwise wait 7 frame intervals for a wave of 8); archive: full waves only
-        max_wait_s = self.max_wait_ms / 1000.0 if self.cfg.runtime.mode == "live" else float("inf")
+        # live: a wave also goes when its oldest frame has waited max_wait_ms, checked as each frame comes and on
+        # the live streams' ticks while they are quiet (a camera at 10 fps would otherwise wait 7 frame intervals for
+        # a wave of 8); archive: full waves only
+        live = self.cfg.runtime.mode == "live"
+        max_wait_s = self.max_wait_ms / 1000.0 if live else float("inf")
         wave: list[Frame] = []
-        for item in open_sources(self.cfg.sources, self.hub, self.stop):
+        for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=max_wait_s if live else None):
+            if isinstance(item, Tick):  # quiet live streams: the wave goes once it has waited long enough
+                if wave and time.time() - wave[0].decoded_at >= max_wait_s:
+                    output.push(chain.process(wave))
+                    wave = []
+                continue
             if isinstance(item, StreamEnd):
                 output.push(chain.process(wave))
                 wave = []
