@@ -450,21 +450,100 @@ def test_specks_take_the_logits_of_the_nearest_region_and_large_regions_stay():
     assert torch.equal(cleaned_logits(logits, 6)[0].argmax(dim=0), logits.argmax(dim=0))  # none under 6 pixels
 
 
+def _specks_over_the_whole_map(class_map, min_pixels):
+    """The first speck finder, kept as the reference: every class labelled over the whole map."""
+    from scipy import ndimage
+
+    specks = np.zeros(class_map.shape, bool)
+    for value in np.unique(class_map):
+        regions, _ = ndimage.label(class_map == value, structure=np.ones((3, 3), bool))
+        small = np.bincount(regions.ravel()) < min_pixels
+        small[0] = False
+        specks |= small[regions]
+    return specks if specks.any() and not specks.all() else None
+
+
+def _sources_over_the_whole_map(specks):
+    """The first nearest-pixel transform, kept as the reference: one over the whole map."""
+    from scipy import ndimage
+
+    return ndimage.distance_transform_edt(specks, return_indices=True)[1]
+
+
 def _cleaned_logits_as_gathered(logits, min_pixels):
     """The first cleaning, kept as the reference: the whole map gathered and the masks grown on the host."""
     from scipy import ndimage
 
-    from blinkflow.stages.segment import _RULED_OUT, speck_mask, speck_sources
+    from blinkflow.stages.segment import _RULED_OUT
 
     winners = logits.max(dim=0).indices.to(torch.uint8).cpu().numpy()
-    specks = speck_mask(winners, min_pixels)
+    specks = _specks_over_the_whole_map(winners, min_pixels)
     if specks is not None:
-        rows, cols = speck_sources(specks)
+        rows, cols = _sources_over_the_whole_map(specks)
         winners = winners[rows, cols]
         logits = logits[:, torch.from_numpy(rows), torch.from_numpy(cols)]
     masks = winners[None] == np.arange(logits.shape[0], dtype=np.uint8)[:, None, None]
     grown = ndimage.binary_dilation(masks, structure=np.ones((1, 3, 3), bool))  # each class's 3x3 neighbourhood
     return logits.float().masked_fill(~torch.from_numpy(grown), _RULED_OUT), winners
+
+
+def _random_class_map(rng, height, width):
+    """A map with a dominant class, a few large shapes (some against the edges) and specks of every size."""
+    class_map = np.full((height, width), rng.integers(0, 3), np.uint8)
+    for _ in range(rng.integers(0, 5)):
+        y, x = rng.integers(-10, height), rng.integers(-10, width)
+        class_map[max(0, y):y + rng.integers(5, height), max(0, x):x + rng.integers(5, width)] = rng.integers(0, 4)
+    for _ in range(rng.integers(0, 40)):
+        y, x = rng.integers(0, height), rng.integers(0, width)
+        class_map[y:y + rng.integers(1, 9), x:x + rng.integers(1, 12)] = rng.integers(0, 4)
+    return class_map
+
+
+def test_specks_found_in_windows_are_exactly_those_of_the_whole_map():
+    """Labelling each class only in its window (its own box, or the others' box with open sides where a strip
+    of it alone lies beyond) finds exactly the specks labelling everything finds, and a box around each."""
+    from blinkflow.stages.segment import speck_regions
+
+    rng = np.random.default_rng(7)
+    windows_used = 0
+    for trial in range(400):
+        height, width = int(rng.integers(8, 90)), int(rng.integers(8, 120))
+        class_map = _random_class_map(rng, height, width)
+        min_pixels = int(rng.choice([4, 20, 64, 256]))
+        specks, boxes = speck_regions(class_map, min_pixels)
+        expected = _specks_over_the_whole_map(class_map, min_pixels)
+        assert (specks is None) == (expected is None), trial
+        if specks is None:
+            continue
+        assert np.array_equal(specks, expected), trial
+        in_boxes = np.zeros_like(specks)
+        for rows, cols in boxes:
+            in_boxes[rows, cols] = True
+            assert specks[rows, cols].any()
+        assert not (specks & ~in_boxes).any()
+        windows_used += sum(r.stop - r.start < height or c.stop - c.start < width for r, c in boxes)
+    assert windows_used > 100  # the boxes are the regions', not the map
+
+
+def test_speck_sources_in_windows_are_those_of_one_transform_over_the_whole_map():
+    """Windows grown until no pixel outside could be nearer give the whole map's nearest pixels, ties included."""
+    from blinkflow.stages.segment import speck_regions, speck_sources
+
+    rng = np.random.default_rng(11)
+    checked = 0
+    for trial in range(300):
+        height, width = int(rng.integers(8, 120)), int(rng.integers(8, 160))
+        class_map = _random_class_map(rng, height, width)
+        specks, boxes = speck_regions(class_map, int(rng.choice([20, 64, 256])))
+        if specks is None:
+            continue
+        (ty, tx), (sy, sx) = speck_sources(specks, boxes)
+        rows, cols = _sources_over_the_whole_map(specks)
+        order = np.lexsort((tx, ty))
+        assert np.array_equal(np.stack([ty, tx])[:, order], np.stack(np.nonzero(specks))), trial  # each once
+        assert np.array_equal(sy, rows[ty, tx]) and np.array_equal(sx, cols[ty, tx]), trial
+        checked += ty.size
+    assert checked > 5000
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
