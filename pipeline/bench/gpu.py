@@ -71,8 +71,9 @@ RUNNER = "threaded"
 #: the streams' gate copies (one takes about 200 frames/s of 720p on a core: 30 streams are 300) and the waves in
 #: flight before live mode drops (waves go after max_wait_ms, so at 300 frames/s they hold a few frames each)
 STREAM_GATE_REPLICAS, STREAM_IN_FLIGHT = 4, 32
-#: the segmenter's copies on a GPU: a whole 720p frame leaves 20-70 ms of host work after the model (speck
-#: regions and their nearest-pixel transform, the PNG), which two threads share at about 1.5x one
+#: the segmenter's copies on a GPU: a whole 720p frame leaves about 10-20 ms of host work after the model (its
+#: speck regions and their nearest pixels, 3-14 ms on real frames on this VM's CPU; the PNG, 6 ms), which two
+#: threads share at about 1.5x one
 STREAM_SEGMENT_REPLICAS = 2
 
 
