@@ -252,16 +252,6 @@ def _kill_first_actor_when_busy(runner):
 
 @pytest.mark.slow
 def test_live_mode_drops_oldest_frames_under_overload(ray_local, tmp_path):
-    cfg = load_config(data={
-        "sources": two_clips(tmp_path, (30, 30)),
-        "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 60}}},
-        "runtime": {"mode": "live", "max_in_flight": 1},
-    })
-    summary, results = run(RayRunner, cfg)
-    totals = summary.totals
-    assert totals["dropped"] > 0
-    assert totals["processed"] + totals["dropped"] == 60
-    dropped = [r for r in results if r.outcome is Outcome.DROPPED]
-    assert all("chaos" not in r.results for r in dropped)
-    for stream in ("c0", "c1"):
-        assert [r.index for r in results if r.stream_id == stream] == list(range(30))
+    from tests.test_runner_threaded import check_live_overload_drops_the_oldest_frames
+
+    check_live_overload_drops_the_oldest_frames(RayRunner, tmp_path)

@@ -194,12 +194,18 @@ def test_stages_work_at_the_same_time(tmp_path, monkeypatch):
 
 
 def test_live_mode_drops_the_oldest_frames_under_overload(tmp_path):
+    check_live_overload_drops_the_oldest_frames(ThreadedRunner, tmp_path)
+
+
+def check_live_overload_drops_the_oldest_frames(runner_cls, tmp_path):
+    """Live mode with one wave in flight and a slow stage: the oldest waiting frames are dropped, counted, and
+    still delivered in order, without results (shared with the Ray runner's test)."""
     cfg = load_config(data={
         "sources": two_clips(tmp_path, (30, 30)),
         "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 60}}},
         "runtime": {"mode": "live", "max_in_flight": 1},
     })
-    summary, results = run(ThreadedRunner, cfg)
+    summary, results = run(runner_cls, cfg)
     totals = summary.totals
     assert totals["dropped"] > 0 and totals["processed"] + totals["dropped"] == 60
     assert all("chaos" not in r.results for r in results if r.outcome is Outcome.DROPPED)
