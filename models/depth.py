@@ -204,6 +204,8 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
         layers = [Unit(f"layer{i}.{j}", block) for i in range(1, 5) for j, block in enumerate(getattr(model, f"layer{i}"))]
         head = Unit("head", PoolHead(model.avgpool, model.fc))
         return _with_pre_hooks(model, [Unit("stem", stem), *layers, head]), nn.Identity()
+    if callable(getattr(model, "depth_units", None)):  # a model that names its own chain (I3D)
+        return _with_pre_hooks(model, [Unit(name, module) for name, module in model.depth_units()]), nn.Identity()
     if _is_s3d(model):
         features = [Unit(f"features.{i}", m) for i, m in enumerate(model.features)]
         return _with_pre_hooks(model, features + [Unit("head", S3DHead(model.avgpool, model.classifier))]), nn.Identity()
@@ -215,7 +217,7 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
     if isinstance(model, nn.Sequential):
         return _with_pre_hooks(model, [Unit(str(i), m) for i, m in enumerate(model)]), nn.Identity()
     raise DepthSplitError(
-        f"cannot split {type(model).__name__} by depth; supported: causal3d_small, r3d_18, mc3_18, r2plus1d_18, s3d, "
+        f"cannot split {type(model).__name__} by depth; supported: causal3d_small, i3d, r3d_18, mc3_18, r2plus1d_18, s3d, "
         "torchvision ResNets/MobileNets/EfficientNets and nn.Sequential"
     )
 

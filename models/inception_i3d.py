@@ -148,17 +148,46 @@ class InceptionI3d(nn.Module):
 
     def features(self, clip: torch.Tensor) -> torch.Tensor:
         """Mixed_5c activations of a [0, 1] clip."""
-        x = clip * 2 - 1  # the weights were trained on RGB in [-1, 1]
-        x = self.MaxPool3d_2a_3x3(self.Conv3d_1a_7x7(x))
-        x = self.MaxPool3d_3a_3x3(self.Conv3d_2c_3x3(self.Conv3d_2b_1x1(x)))
-        x = self.MaxPool3d_4a_3x3(self.Mixed_3c(self.Mixed_3b(x)))
-        for block in (self.Mixed_4b, self.Mixed_4c, self.Mixed_4d, self.Mixed_4e, self.Mixed_4f):
-            x = block(x)
-        return self.Mixed_5c(self.Mixed_5b(self.MaxPool3d_5a_2x2(x)))
+        x = clip
+        for _, unit in self.depth_units()[:-1]:
+            x = unit(x)
+        return x
 
     def forward(self, clip: torch.Tensor) -> torch.Tensor:
-        x = self.features(clip)
+        return I3DHead(self.dropout, self.logits)(self.features(clip))
+
+    def depth_units(self) -> list[tuple[str, nn.Module]]:
+        """The network as a chain of (name, module), input to logits: what models.depth splits into depth stages
+        (the modules are this model's own, not copies)."""
+        mixed_4 = [(name, getattr(self, name)) for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e")]
+        return [
+            ("Conv3d_1a", nn.Sequential(Signed(), self.Conv3d_1a_7x7, self.MaxPool3d_2a_3x3)),
+            ("Conv3d_2", nn.Sequential(self.Conv3d_2b_1x1, self.Conv3d_2c_3x3, self.MaxPool3d_3a_3x3)),
+            ("Mixed_3b", self.Mixed_3b),
+            ("Mixed_3c", nn.Sequential(self.Mixed_3c, self.MaxPool3d_4a_3x3)),
+            *mixed_4,
+            ("Mixed_4f", nn.Sequential(self.Mixed_4f, self.MaxPool3d_5a_2x2)),
+            ("Mixed_5b", self.Mixed_5b),
+            ("Mixed_5c", self.Mixed_5c),
+            ("head", I3DHead(self.dropout, self.logits)),
+        ]
+
+
+class Signed(nn.Module):
+    """[0, 1] to [-1, 1]: the RGB range the weights were trained on."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 - 1
+
+
+class I3DHead(nn.Module):
+    """Mixed_5c activations to logits: average pool, the 1x1x1 logits conv, then the mean over (T, H, W)."""
+
+    def __init__(self, dropout: nn.Module, logits: nn.Module) -> None:
+        super().__init__()
+        self.dropout, self.logits = dropout, logits
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         window = tuple(min(w, n) for w, n in zip(HEAD_WINDOW, x.shape[-3:]))
         x = F.avg_pool3d(x, window, stride=1)
-        logits = self.logits(self.dropout(x))
-        return logits.mean(dim=(2, 3, 4))  # over time as the original; over space when H, W < 224 left some
+        return self.logits(self.dropout(x)).mean(dim=(2, 3, 4))  # over time as the original; over space when H, W < 224 left some

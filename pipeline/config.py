@@ -286,7 +286,9 @@ class StageConfig:
         None, "run one forward on a dummy input at setup, so the first batch does not pay for the GPU's kernel "
         "selection and allocations; null: on GPU only"
     )
-    depth_parallel: int = _field(1, "split the model into this many depth stages", lo=1, hi=64)
+    depth_parallel: int = _field(
+        1, "split the model into this many depth stages, run pipelined: slice actors (ray), slice threads "
+        "(threaded; one GPU each when there are as many), in sequence (local)", lo=1, hi=64)
     resources: ResourcesConfig = _field(factory=ResourcesConfig, doc="Ray resources per replica")
     options: Any = _field(None, "stage-specific options")
 

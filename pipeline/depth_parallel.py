@@ -53,10 +53,11 @@ TRANSPORTS = ("auto", "plain", "compiled")
 class SliceWorker:
     """The body of one depth-stage actor (a plain class, so it runs without Ray too)."""
 
-    def __init__(self, stage: Any, device: str = "cpu", threads: int = 1, precision: str = "fp32") -> None:
+    def __init__(self, stage: Any, device: str = "cpu", threads: int | None = 1, precision: str = "fp32") -> None:
         import torch
 
-        torch.set_num_threads(max(1, int(threads)))
+        if threads is not None:  # an actor's own process; a thread of the driver's (None) leaves the process's
+            torch.set_num_threads(max(1, int(threads)))
         self.device = torch.device(device)
         self.stage = stage.to(self.device).eval()
         self.precision = precision
@@ -318,6 +319,78 @@ class DepthPipeline:
         self.actors = []
 
 
+class ThreadedDepthPipeline:
+    """Depth-parallel in one process, without Ray: K threads, each owning one depth stage of ``split`` (a
+    :class:`SliceWorker`), on ``devices`` (one each: its own GPU when there are K, else all on one). Clip
+    batches are pipelined through them as through :class:`DepthPipeline`'s actors, batch i+1 in stage 1
+    while batch i is in stage 2; the outputs equal the monolithic model's. The threaded runner's choice,
+    and ``blinkflow bench gpu``'s on a GPU machine without Ray."""
+
+    def __init__(self, split: Any, devices: Sequence[str], precision: str = "fp32",
+                 max_in_flight: int | None = None) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.num_stages = split.num_stages
+        self.workers = [SliceWorker(copy.deepcopy(stage), device, None, precision)
+                        for stage, device in zip(split.stages, devices, strict=True)]
+        self.finish = copy.deepcopy(split.finish).to(self.workers[-1].device).eval()
+        self.max_in_flight = max_in_flight or self.num_stages + 1
+        self.lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blinkflow-depth-{k}")
+                      for k in range(self.num_stages)]
+        log.info("depth pipeline: %d stage threads on %s", self.num_stages, ", ".join(devices))
+
+    def __call__(self, batches: Sequence[Any]) -> list[Any]:
+        """The model's outputs for each batch (a list, in order), pipelined across the K threads."""
+        pending: deque = deque()
+        outputs = []
+        for batch in batches:
+            step: Any = batch
+            for worker, lane in zip(self.workers, self.lanes):
+                step = lane.submit(_forward_after, worker, step)
+            pending.append(step)
+            if len(pending) >= self.max_in_flight:
+                outputs.append(self.finish(pending.popleft().result()))
+        outputs.extend(self.finish(step.result()) for step in pending)
+        return outputs
+
+    def busy_seconds(self) -> list[float]:
+        return [worker.busy_s for worker in self.workers]
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane.shutdown(wait=True, cancel_futures=True)
+
+
+def _forward_after(worker: SliceWorker, previous: Any) -> Any:
+    """One stage of one batch, in the stage's thread, once the stage before it has given its output."""
+    from concurrent.futures import Future
+
+    return worker.forward(previous.result() if isinstance(previous, Future) else previous)
+
+
+def depth_devices(device: str, k: int) -> list[str]:
+    """The K stages' devices: one GPU each when ``device`` is CUDA and there are K, else all on ``device``."""
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.device_count() >= k:
+        return [f"cuda:{i}" for i in range(k)]
+    return [device] * k
+
+
+@dataclass
+class ThreadedDepthExecutorFactory:
+    """Turns a stage's model into a :class:`ThreadedDepthPipeline` (the threaded runner's depth_parallel)."""
+
+    device: str = "cpu"
+    precision: str = "fp32"
+
+    def __call__(self, model: Any, k: int, example_input: Any) -> ThreadedDepthPipeline:
+        from blinkflow.models.depth import split_model
+
+        split = split_model(model, k, example_input=example_input)
+        return ThreadedDepthPipeline(split, depth_devices(self.device, k), precision=self.precision)
+
+
 def _to_cpu(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_to_cpu(v) for v in value)
@@ -360,12 +433,17 @@ def depth_parallel_of(spec: Any) -> int:
     return int(getattr(spec.cfg, "depth_parallel", 1) or 1)
 
 
-def attach_depth_parallel(spec: Any, stage: Any) -> None:
-    """Called by the Ray runner's stage actor after set-up: give a depth-parallel stage its Ray executor."""
+def attach_depth_parallel(spec: Any, stage: Any, threaded: bool = False) -> None:
+    """Called after set-up by the Ray runner's stage actor (K slice actors) or by the threaded runner (K slice
+    threads, ``threaded``): give a depth-parallel stage its executor."""
     if depth_parallel_of(spec) <= 1:
         return
     if not hasattr(stage, "set_model_executor"):
         log.warning("stages.%s: depth_parallel is set but the stage cannot use it; running it whole", spec.name)
+        return
+    if threaded:
+        stage.set_model_executor(ThreadedDepthExecutorFactory(device=str(getattr(stage, "_device", spec.device)),
+                                                              precision=getattr(spec.cfg, "precision", "fp32")))
         return
     resources = getattr(spec.cfg, "resources", None)
     stage.set_model_executor(RayDepthExecutorFactory(

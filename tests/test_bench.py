@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -299,6 +300,19 @@ def test_bench_gpu_streams_graph_is_live_threaded_with_gate_copies_and_two_segme
     assert on_cpu.stages["segment"].replicas == 1
 
 
+def test_bench_gpu_depth_section_splits_the_action_model_into_threads_with_the_whole_models_outputs():
+    """The shipped I3D on clip batches, whole and in 2 depth stages of threads (no Ray on the GPU machine)."""
+    from blinkflow.bench import gpu
+
+    plan = gpu.Plan(device="cpu", size=(96, 64), batches=(1,), precisions=("fp32",), stream_steps=(1,),
+                    stream_seconds=1.0, frames=6, quick=True)
+    whole, split = gpu.bench_depth(plan, [])
+    assert whole["k"] == 1 and whole["clips_per_s"] > 0
+    assert split["k"] == 2 and split["placement"] == "2 slices on one cpu", split
+    assert split["clips_per_s"] > 0 and split["over_whole"] > 0 and split["max_abs_diff"] <= 1e-4
+    assert "| 2 | 2 slices on one cpu |" in gpu.render(replace(plan, results={"depth": [whole, split]}))
+
+
 def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_on_a_gpu_only():
     from blinkflow.bench import gpu
 
@@ -393,10 +407,10 @@ def test_bench_gpu_out_of_time_writes_every_section_as_skipped_and_loads_no_mode
     monkeypatch.setattr(gpu, "save_sections", lambda plan: saved.append(dict(plan.results)) or
                         gpu.write_section("gpu", gpu.render(plan)))
     gpu.main(argparse.Namespace(quick=False, no_write=False, budget_s=0.0))
-    assert [list(results) for results in saved] == [list(gpu.MEASURE_ORDER[:n]) for n in range(1, 5)]
+    assert [list(results) for results in saved] == [list(gpu.MEASURE_ORDER[:n]) for n in range(1, 6)]
     text = doc.read_text()
     assert "Decode: skipped (time budget)" in text and "Largest number of streams held: **0**" in text
-    assert text.count("skipped (time budget)") == 1 + 1 + 2 + len(gpu.stage_variants(gpu.Plan(
+    assert text.count("skipped (time budget)") == 1 + 1 + 2 + 1 + len(gpu.DEPTH_KS) + len(gpu.stage_variants(gpu.Plan(
         device="cuda:0", size=gpu.SIZE, batches=gpu.BATCHES, precisions=("fp32", "fp16"), stream_steps=(1,),
         stream_seconds=1.0, frames=1, quick=False, compile=True)))
     payload = json.loads((out / "bench-gpu.json").read_text())

@@ -66,12 +66,13 @@ FAMILIES = {
     "resnet18 (per frame)": lambda: _per_frame("resnet18"),
     "mobilenet_v3_small (per frame)": lambda: _per_frame("mobilenet_v3_small"),
     "causal3d_small": lambda: (causal_model(), torch.rand(2, 3, 4, 32, 32)),
+    "i3d": lambda: (build_model("i3d", task="action", num_classes=7), torch.rand(1, 3, 8, 64, 64)),
 }
 
 
 @pytest.mark.parametrize("family, k", [
     ("r3d_18", 2), ("r2plus1d_18", 3), ("s3d", 3), ("resnet18 (per frame)", 3), ("mobilenet_v3_small (per frame)", 2),
-    ("causal3d_small", 2), ("causal3d_small", 3),
+    ("causal3d_small", 2), ("causal3d_small", 3), ("i3d", 2), ("i3d", 4),
 ])
 def test_split_model_equals_the_monolithic_model(family, k):
     model, example = FAMILIES[family]()
@@ -302,6 +303,69 @@ def test_compiled_graph_transport_gives_the_monolithic_outputs(ray_local):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     finally:
         pipeline.close()
+
+
+def test_threaded_depth_pipeline_gives_the_monolithic_outputs_with_its_stages_at_work_together(monkeypatch):
+    """K slice threads, no Ray: clip batches pipelined through them equal the whole model's outputs, each stage
+    runs in one thread of its own, and some call of the second stage runs while the first works on the next."""
+    import threading
+    import time
+
+    from blinkflow.depth_parallel import SliceWorker, ThreadedDepthPipeline
+
+    calls = []
+    forward = SliceWorker.forward
+
+    def timed(self, x):
+        started = time.monotonic()
+        time.sleep(0.02)  # long enough for the stages' calls to meet
+        try:
+            return forward(self, x)
+        finally:
+            calls.append((id(self), threading.current_thread().name, started, time.monotonic()))
+
+    monkeypatch.setattr(SliceWorker, "forward", timed)
+    model = causal_model()
+    before = torch.get_num_threads()
+    pipeline = ThreadedDepthPipeline(split_model(model, 2, costs=MID_BLOCK), ["cpu", "cpu"])
+    try:
+        assert torch.get_num_threads() == before  # threads of this process: its torch settings are left alone
+        clips = [torch.rand(2, 3, 4, 32, 32) for _ in range(5)]  # more than the K + 1 in flight
+        with torch.inference_mode():
+            expected = [model(clip) for clip in clips]
+            got = pipeline(clips)
+        for output, want in zip(got, expected, strict=True):
+            torch.testing.assert_close(output, want, rtol=1e-5, atol=1e-6)
+    finally:
+        pipeline.close()
+    first, second = (sorted({c[0] for c in calls}, key=[c[0] for c in calls].index))
+    threads = {worker: {c[1] for c in calls if c[0] == worker} for worker in (first, second)}
+    assert all(len(names) == 1 for names in threads.values()) and threads[first] != threads[second]
+    spans = {worker: [(c[2], c[3]) for c in calls if c[0] == worker] for worker in (first, second)}
+    assert any(a < d and c < b for a, b in spans[first] for c, d in spans[second]), "the stages never overlapped"
+
+
+def test_threaded_runner_action_depth_parallel_2_equals_depth_parallel_1(monkeypatch):
+    from blinkflow.depth_parallel import ThreadedDepthPipeline
+    from blinkflow.runners.threaded import ThreadedRunner
+    from blinkflow.sinks import MemorySink
+
+    pipelines = []
+    call = ThreadedDepthPipeline.__call__
+    monkeypatch.setattr(ThreadedDepthPipeline, "__call__", lambda self, batches: pipelines.append(self) or call(self, batches))
+
+    def run(k):
+        sink = MemorySink()
+        summary = ThreadedRunner(_action_config(k), sinks=[sink]).run()
+        return summary, [(r.stream_id, r.index, r.outcome.value, repr(r.results)) for r in sink.results]
+
+    whole_summary, whole = run(1)
+    assert pipelines == []
+    split_summary, split = run(2)
+    assert split == whole and split_summary.totals == whole_summary.totals
+    assert all("action" in r[3] for r in split)
+    assert pipelines and all(p.num_stages == 2 for p in pipelines), "depth_parallel: 2 ran on two slice threads"
+    assert all(lane._shutdown for p in pipelines for lane in p.lanes)  # closed with the stage
 
 
 def _action_config(k):

@@ -12,7 +12,10 @@ Sections (docs/benchmarks.md ``gpu``, with the GPU's name and driver):
   run while another does its host work; Ray is not on the GPU machine), stepping N up until the p95 latency passes 1 s or a stream
   falls behind, then halving the gap to the last N that held; the largest N that held;
 * **label**: archive labelling frames/s of the static-camera clips at 720p, skipping off and on (each
-  video on the threaded runner).
+  video on the threaded runner);
+* **depth**: the action model (I3D) on clip batches whole, and split into K = 2 and 4 depth stages in
+  threads of their own (:class:`~blinkflow.depth_parallel.ThreadedDepthPipeline`; one GPU each when there
+  are K, else K slices on one GPU, said so), clips/s and the outputs' largest difference from the whole.
 
 A GPU is lent for minutes, so the run keeps to a time budget (``--budget-s``, default
 :data:`DEFAULT_BUDGET_S`): the sections run in the order of the issue's targets (decode, streams, label,
@@ -59,9 +62,9 @@ COMPILE_MODE, COMPILED_BATCH = "reduce-overhead", 8
 #: its start included (tools/gpu-check.sh passes what its own deadline leaves)
 DEFAULT_BUDGET_S = 400.0
 #: what a row or section is taken to cost before one like it was timed (s); a compile is slow only the first time
-FIRST_GUESS_S = {"stage": 20.0, "compiled": 150.0, "stream_setup": 20.0, "label": 90.0}
+FIRST_GUESS_S = {"stage": 20.0, "compiled": 150.0, "stream_setup": 20.0, "label": 90.0, "depth": 30.0}
 #: the order sections are measured in: the issue's targets first, the stages table (the longest) last
-MEASURE_ORDER = ("decode", "streams", "label", "stages")
+MEASURE_ORDER = ("decode", "streams", "label", "depth", "stages")
 SKIPPED = "time budget"
 #: labelling without skipping against with it: the static clips' model work differs by about this much
 #: (docs/skipping.md); the budget takes it for the second run's time
@@ -118,7 +121,8 @@ def main(args: argparse.Namespace) -> None:
     plan.deadline = time.monotonic() + budget
     write = cuda and not args.quick and not args.no_write
     images = clip_frames(CLIPS[0], plan.size, plan.frames)
-    measure = {"decode": bench_decode, "stages": bench_stages, "streams": bench_streams, "label": bench_label}
+    measure = {"decode": bench_decode, "stages": bench_stages, "streams": bench_streams, "label": bench_label,
+               "depth": bench_depth}
     for name in MEASURE_ORDER:
         try:
             plan.results[name] = measure[name](plan, images)
@@ -398,6 +402,83 @@ def paced(images: list[np.ndarray], fps: float, stop: threading.Event, offset: i
         due += 1.0 / fps
 
 
+# --------------------------------------------------------------------------- depth parallel
+
+#: the depth section: stages per split, clips per batch and batches per timing (quick: fewer, smaller)
+DEPTH_KS, DEPTH_BATCH, DEPTH_BATCHES = (2, 4), 8, 12
+
+
+def bench_depth(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
+    """configs/demo.yaml's action model on clip batches: whole, then K depth stages in threads (no Ray here)."""
+    from blinkflow.config import load_config
+    from blinkflow.registry import stages
+
+    ks, batch, count = ((2,), 1, 3) if plan.quick else (DEPTH_KS, DEPTH_BATCH, DEPTH_BATCHES)
+    if not plan.fits(FIRST_GUESS_S["depth"]):
+        return [{"k": k, "skipped": SKIPPED} for k in (1, *ks)]
+    stage_cfg = replace(load_config(DEMO).stages["action"], device=plan.device, batch=batch,
+                        precision="fp16" if plan.device != "cpu" else "fp32")
+    stage = stages.get("action")(stage_cfg)
+    stage.setup(plan.device)
+    try:
+        clips = _depth_clips(stage, batch, count)
+        whole_s, expected = _timed_clips(stage, lambda batches: [stage.model(b) for b in batches], clips)
+        rows = [{"k": 1, "placement": "whole model", "clips_per_s": batch * count / whole_s}]
+        for k in ks:
+            rows.append(_depth_row(plan, stage, k, clips, expected, whole_s) if plan.fits(2 * whole_s + 10)
+                        else {"k": k, "skipped": SKIPPED})
+        return rows
+    finally:
+        stage.teardown()
+
+
+def _depth_clips(stage: Any, batch: int, count: int) -> list[Any]:
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch, 3, stage.options.clip_len, *stage.input_size)
+    return [torch.rand(shape, generator=generator).to(stage._device) for _ in range(count)]
+
+
+def _timed_clips(stage: Any, run: Any, clips: list[Any]) -> tuple[float, list[Any]]:
+    """(seconds, outputs) of ``run`` over the clips, after one untimed warm-up batch, in the stage's context."""
+    import torch
+
+    def synchronize() -> None:
+        if stage._device.type == "cuda":
+            torch.cuda.synchronize(stage._device)
+
+    with stage.inference():
+        run(clips[:1])
+        synchronize()
+        started = time.perf_counter()
+        outputs = [out.float() for out in run(clips)]
+        synchronize()
+    return time.perf_counter() - started, outputs
+
+
+def _depth_row(plan: Plan, stage: Any, k: int, clips: list[Any], expected: list[Any], whole_s: float) -> dict[str, Any]:
+    from blinkflow.depth_parallel import ThreadedDepthPipeline, depth_devices
+    from blinkflow.models.depth import split_model
+
+    devices = depth_devices(str(stage._device), k)
+    placement = f"{k} GPUs" if len(set(devices)) == k else f"{k} slices on one {devices[0]}"
+    row: dict[str, Any] = {"k": k, "placement": placement}
+    try:
+        split = split_model(stage.model, k, example_input=clips[0][:1])
+        pipeline = ThreadedDepthPipeline(split, devices, precision=stage.cfg.precision)
+        try:
+            seconds, outputs = _timed_clips(stage, pipeline, clips)
+        finally:
+            pipeline.close()
+        difference = max(float((a.cpu() - b.cpu()).abs().max()) for a, b in zip(outputs, expected))
+        row.update(clips_per_s=clips[0].shape[0] * len(clips) / seconds, over_whole=whole_s / seconds,
+                   max_abs_diff=difference)
+    except Exception as exc:  # noqa: BLE001 - a split that cannot run is reported, not fatal
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:120]}"
+    return row
+
+
 # --------------------------------------------------------------------------- archive labelling
 
 
@@ -457,6 +538,7 @@ def render(plan: Plan) -> str:
     held = [row["streams"] for row in results.get("streams") or [] if isinstance(row, dict) and row.get("held")]
     lines += [f"Largest number of streams held: **{max(held) if held else 0}**.", ""]
     lines += _table_lines("label", results.get("label"), ["skipping", "frames", "fps", "reused"])
+    lines += _table_lines("depth", results.get("depth"), ["k", "placement", "clips_per_s", "over_whole", "max_abs_diff"])
     return "\n".join(lines)
 
 

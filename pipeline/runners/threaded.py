@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any
 
+from blinkflow.depth_parallel import attach_depth_parallel
 from blinkflow.frame import Frame
 from blinkflow.metrics import NULL_RECORDER
 from blinkflow.registry import register_runner
@@ -69,6 +70,7 @@ class ThreadedRunner(ChainRunner):
                     lane.shutdown()
                     raise
                 pool.actors.append((caller, lane))
+                attach_depth_parallel(spec, caller.stage, threaded=True)  # depth_parallel: K slice threads of its own
 
     def _stop_pools(self) -> None:
         """After an error, calls not started are cancelled, and those waiting on a cancelled one end with it."""
