@@ -328,15 +328,14 @@ class ThreadedDepthPipeline:
 
     def __init__(self, split: Any, devices: Sequence[str], precision: str = "fp32",
                  max_in_flight: int | None = None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
+        from blinkflow.lanes import Lane
 
         self.num_stages = split.num_stages
         self.workers = [SliceWorker(copy.deepcopy(stage), device, None, precision)
                         for stage, device in zip(split.stages, devices, strict=True)]
         self.finish = copy.deepcopy(split.finish).to(self.workers[-1].device).eval()
         self.max_in_flight = max_in_flight or self.num_stages + 1
-        self.lanes = [ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blinkflow-depth-{k}")
-                      for k in range(self.num_stages)]
+        self.lanes = [Lane(f"blinkflow-depth-{k}") for k in range(self.num_stages)]
         log.info("depth pipeline: %d stage threads on %s", self.num_stages, ", ".join(devices))
 
     def __call__(self, batches: Sequence[Any]) -> list[Any]:
@@ -356,9 +355,9 @@ class ThreadedDepthPipeline:
     def busy_seconds(self) -> list[float]:
         return [worker.busy_s for worker in self.workers]
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
         for lane in self.lanes:
-            lane.shutdown(wait=True, cancel_futures=True)
+            lane.close(timeout_s)
 
 
 def _forward_after(worker: SliceWorker, previous: Any) -> Any:

@@ -365,7 +365,7 @@ def test_threaded_runner_action_depth_parallel_2_equals_depth_parallel_1(monkeyp
     assert split == whole and split_summary.totals == whole_summary.totals
     assert all("action" in r[3] for r in split)
     assert pipelines and all(p.num_stages == 2 for p in pipelines), "depth_parallel: 2 ran on two slice threads"
-    assert all(lane._shutdown for p in pipelines for lane in p.lanes)  # closed with the stage
+    assert not any(lane._thread.is_alive() for p in pipelines for lane in p.lanes)  # closed with the stage
 
 
 def _action_config(k):

@@ -122,18 +122,9 @@ def test_ray_matches_local_with_object_weighted_change_and_tiles_in_context(ray_
     audit also says
     where the results disagreed, and tiles the audits found harmless count less, alike in both. The segmenter's
     masks lean to the stream's previous ones (keep_margin) on two replicas: each stream sticks to one."""
-    from pathlib import Path
+    from tests.test_runner_threaded import object_weighted_parking
 
-    parking = Path(__file__).resolve().parent / "data" / "static" / "car-detection-19s.mp4"
-    cfg = load_config(data={
-        "sources": [{"type": "file", "id": "parking", "path": str(parking), "resize": [384, 216], "max_frames": 72,
-                     "motion_vectors": True}],
-        "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4, "region_budget": True, "tile_margin": 0},
-        "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
-                              "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
-                   "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2, "replicas": 2,
-                               "options": {"input_size": None, "keep_margin": 2.0}}},
-    })
+    cfg = object_weighted_parking(max_frames=72, segment_replicas=2)
     _, local_results = run(LocalRunner, cfg)
     _, ray_results = run(RayRunner, cfg)
     assert comparable(ray_results) == comparable(local_results)

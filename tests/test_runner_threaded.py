@@ -70,18 +70,24 @@ def test_threaded_equals_local_with_the_gates_audit_feedback(adaptive):
     assert refreshes[:2] == ([3, 7] if adaptive else [3, 6])
 
 
-def test_threaded_equals_local_with_real_models_and_object_weighted_regions(one_torch_thread):
-    """The real detector and segmenter with per-stream state (boxes carried, tiles around cached activations,
-    masks leaning on the previous ones), fed the stream's boxes audit_lag frames late: the same as local."""
-    cfg = load_config(data={
-        "sources": [{"type": "file", "id": "parking", "path": str(PARKING), "resize": [384, 216], "max_frames": 48,
-                     "motion_vectors": True}],
+def object_weighted_parking(max_frames: int, segment_replicas: int = 1):
+    """The parking clip through the real detector and segmenter, the gate weighting change on known objects (fed
+    their boxes audit_lag frames late) and the segmenter leaning on its previous masks (shared with the Ray tests)."""
+    return load_config(data={
+        "sources": [{"type": "file", "id": "parking", "path": str(PARKING), "resize": [384, 216],
+                     "max_frames": max_frames, "motion_vectors": True}],
         "gate": {"enabled": True, "object_weight": 4.0, "audit_lag": 4, "region_budget": True, "tile_margin": 0},
         "stages": {"detect": {"model": "yolox_nano", "weights": "shipped", "batch": 2,
                               "options": {"score_threshold": 0.3, "model_args": {"input_size": [224, 224]}}},
                    "segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "batch": 2,
-                               "options": {"input_size": None, "keep_margin": 2.0}}},
+                               "replicas": segment_replicas, "options": {"input_size": None, "keep_margin": 2.0}}},
     })
+
+
+def test_threaded_equals_local_with_real_models_and_object_weighted_regions(one_torch_thread):
+    """The real detector and segmenter with per-stream state (boxes carried, tiles around cached activations,
+    masks leaning on the previous ones), fed the stream's boxes audit_lag frames late: the same as local."""
+    cfg = object_weighted_parking(max_frames=48)
     _, local_results = run(LocalRunner, cfg)
     _, results = run(ThreadedRunner, cfg)
     assert comparable(results) == comparable(local_results)
@@ -230,6 +236,61 @@ def test_a_release_that_raises_fails_the_run_and_stops_every_thread(tmp_path, mo
         ThreadedRunner(cfg, sinks=[sink]).run()
     assert len(torn_down) == 1
     assert not [t for t in threading.enumerate() if t.name.startswith("blinkflow-chaos") and t.name not in before]
+
+
+def test_a_lane_runs_calls_in_order_hands_errors_over_and_closes_without_waiting_forever():
+    from concurrent.futures import CancelledError
+
+    from blinkflow.lanes import Lane
+
+    lane, seen, release = Lane("test-lane"), [], threading.Event()
+    done = [lane.submit(seen.append, i) for i in range(5)]
+    failing = lane.submit(lambda: 1 / 0)
+    assert [f.result(timeout=5) for f in done] == [None] * 5 and seen == list(range(5))
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=5)
+    stuck, waiting = lane.submit(release.wait), lane.submit(seen.append, "never")
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert lane.close(timeout_s=0.2) is False and time.monotonic() - started < 2  # still in a call: not waited for
+    assert lane._thread.daemon and waiting.cancelled()
+    with pytest.raises(CancelledError):
+        waiting.result()
+    release.set()
+    assert stuck.result(timeout=5) is True and "never" not in seen
+
+
+def test_an_abort_with_a_stage_stuck_in_a_call_ends_in_bounded_time(tmp_path, monkeypatch, caplog):
+    """The driver fails (a second signal, a source error) while a stage hangs in a call: the run ends after
+    STOP_WAIT_S with the error, says which stage it left behind, and tears down the others."""
+    import blinkflow.runners.chains as chains
+    import blinkflow.runners.threaded as threaded
+    from blinkflow.stages.chaos import Chaos
+
+    hang = threading.Event()
+    monkeypatch.setattr(threaded, "STOP_WAIT_S", 0.3)
+    monkeypatch.setattr(Chaos, "process", lambda self, frames: hang.wait() and frames)
+
+    def failing_source(sources, hub, stop, tick_s=None):
+        for index in range(4):
+            yield Frame(stream_id="cam", index=index, pts=index / 10, image=np.zeros((48, 64, 3), np.uint8))
+        time.sleep(0.2)  # the chaos stage is in its call by now
+        raise RuntimeError("aborted")
+
+    monkeypatch.setattr(chains, "open_sources", failing_source)
+    cfg = load_config(data={"sources": [], "stages": {"segment": {"model": "unet_small", "batch": 2,
+                                                                   "options": {"input_size": [32, 32]}},
+                                                       "chaos": {"batch": 2}}})
+    torn_down = []
+    monkeypatch.setattr(Chaos, "teardown", lambda self: torn_down.append("chaos"))
+    started = time.monotonic()
+    try:
+        with pytest.raises(RuntimeError, match="aborted"):
+            ThreadedRunner(cfg, sinks=[MemorySink()]).run()
+        assert time.monotonic() - started < 10
+        assert "stage chaos is still in a call" in caplog.text and torn_down == []
+    finally:
+        hang.set()
 
 
 def test_queue_gauges_rise_while_waves_wait_and_end_at_zero(tmp_path):

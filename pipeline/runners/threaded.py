@@ -12,16 +12,23 @@ host-bound stage such as the gate spreads over cores (its NumPy work mostly runs
 
 from __future__ import annotations
 
+import logging
 import time
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from typing import Any
 
 from blinkflow.depth_parallel import attach_depth_parallel
 from blinkflow.frame import Frame
+from blinkflow.lanes import Lane
 from blinkflow.metrics import NULL_RECORDER
 from blinkflow.registry import register_runner
 from blinkflow.runners.base import RunSummary, StageCaller, committed_sinks, setup_stage
 from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner, StagePool
+
+log = logging.getLogger(__name__)
+
+#: how long the end of a run (an abort included) waits for a stage still in a call before leaving it behind
+STOP_WAIT_S = 30.0
 
 
 @register_runner("threaded")
@@ -63,23 +70,22 @@ class ThreadedRunner(ChainRunner):
             pool = StagePool(spec, [])
             self.pools.append(pool)
             for replica in range(getattr(spec.cfg, "replicas", 1)):
-                lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blinkflow-{spec.name}-{replica}")
-                try:
-                    caller = setup_stage(spec, self.metrics)
-                except BaseException:
-                    lane.shutdown()
-                    raise
-                pool.actors.append((caller, lane))
+                caller = setup_stage(spec, self.metrics)
+                pool.actors.append((caller, Lane(f"blinkflow-{spec.name}-{replica}")))
                 attach_depth_parallel(spec, caller.stage, threaded=True)  # depth_parallel: K slice threads of its own
 
     def _stop_pools(self) -> None:
-        """After an error, calls not started are cancelled, and those waiting on a cancelled one end with it."""
+        """Calls not started are cancelled (those waiting on a cancelled one end with it) and each stage is torn
+        down once its thread is done; a stage still in a call after STOP_WAIT_S (hung, on an abort) is left to
+        end with the process, and said."""
+        deadline = time.monotonic() + STOP_WAIT_S
         for pool in self.pools:
-            for _, lane in pool.actors:
-                lane.shutdown(wait=True, cancel_futures=True)
-        for pool in self.pools:
-            for caller, _ in pool.actors:
-                caller.stage.teardown()
+            for caller, lane in pool.actors:
+                if lane.close(max(0.0, deadline - time.monotonic())):
+                    caller.stage.teardown()
+                else:
+                    log.error("stage %s is still in a call %.0f s after the run ended; it is left to end with the "
+                              "process, not torn down", caller.name, STOP_WAIT_S)
 
     # ------------------------------------------------------------------ chains of thread calls
 
