@@ -18,7 +18,7 @@ PACKAGES = {"pipeline": "blinkflow", "stages": "blinkflow.stages", "models": "bl
 LAYERS = [
     ("core", ["blinkflow.version", "blinkflow.errors", "blinkflow.files", "blinkflow.frame", "blinkflow.schema",
               "blinkflow.registry", "blinkflow.resources", "blinkflow.devices", "blinkflow.ray_session",
-              "blinkflow.redact", "blinkflow.hwdecode"]),
+              "blinkflow.redact", "blinkflow.hwdecode", "blinkflow.lanes"]),
     ("models", ["blinkflow.models"]),
     ("config", ["blinkflow.config"]),
     ("gate", ["blinkflow.gate"]),  # the gate's policy, signal, motion and carry-over: below the stages that use them
