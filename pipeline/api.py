@@ -28,7 +28,8 @@ BUFFERED_RECORDS = 64
 
 
 def frames(images: Iterable[Any], *, id: str = "frames", fps: float = 25.0, **settings: Any) -> dict:
-    """A source entry for ``run``'s ``sources``: any iterable of HxWx3 uint8 RGB arrays."""
+    """A source entry for ``run``'s ``sources``: any iterable of HxWx3 uint8 RGB arrays, or of (array, capture
+    time) pairs (``time.time()`` seconds, a camera SDK's timestamp) so that latency counts from the capture."""
     return {"type": "frames", "id": id, "fps": fps, "frames": images, **settings}
 
 

@@ -493,7 +493,8 @@ def _resize_array(image: np.ndarray, size: list[int]) -> np.ndarray:
 class FramesOptions:
     """The own setting of a frames source."""
 
-    frames: Any = setting(None, "an iterable of HxWx3 uint8 RGB arrays (Python API only, not from YAML)")
+    frames: Any = setting(None, "an iterable of HxWx3 uint8 RGB arrays, or of (array, capture time) pairs whose "
+                                "latency then counts from that time.time() (Python API only, not from YAML)")
 
     def check(self, path: str) -> None:
         if self.frames is None or isinstance(self.frames, (str, bytes, dict)):
@@ -516,10 +517,14 @@ class FramesSource:
 
     def _frames(self, stream_id: str) -> Iterator[Frame]:
         rate = self.cfg.fps or 25.0
-        for index, image in enumerate(self.cfg.options.frames):
+        for index, item in enumerate(self.cfg.options.frames):
             if self.cfg.max_frames is not None and index >= self.cfg.max_frames:
                 return
-            yield Frame(stream_id=stream_id, index=index, pts=index / rate, image=_checked_image(image, stream_id, index))
+            image, captured = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+            frame = Frame(stream_id=stream_id, index=index, pts=index / rate, image=_checked_image(image, stream_id, index))
+            if captured is not None:  # a camera's own timestamp: a frame read late still counts its wait
+                frame.decoded_at = float(captured)
+            yield frame
 
 
 def _checked_image(image: Any, stream_id: str, index: int) -> np.ndarray:

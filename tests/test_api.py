@@ -33,6 +33,16 @@ def test_a_notebooks_own_frames_run_through_the_synthetic_pipeline_in_order():
     assert {r["outcome"] for r in records} <= {"processed", "reused"}
 
 
+def test_frames_with_their_capture_times_count_latency_from_the_capture():
+    import time
+
+    captured = time.time() - 2.0  # taken two seconds ago, read now
+    frames = [(np.full((64, 64, 3), 7, np.uint8), captured + i / 10) for i in range(3)] + [np.zeros((64, 64, 3), np.uint8)]
+    records = list(blinkflow.run({"sources": [blinkflow.frames(frames, fps=10)], "gate": {"enabled": False}}))
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert all(r["latency_ms"] >= 1700 for r in records[:3]) and records[3]["latency_ms"] < 1000
+
+
 def test_stopping_the_loop_stops_the_pipeline():
     frames = (np.full((64, 64, 3), 7, np.uint8) for _ in range(10_000))
     seen = 0

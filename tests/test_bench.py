@@ -313,6 +313,23 @@ def test_bench_gpu_depth_section_splits_the_action_model_into_threads_with_the_w
     assert "| 2 | 2 slices on one cpu |" in gpu.render(replace(plan, results={"depth": [whole, split]}))
 
 
+def test_bench_gpu_cameras_stamp_each_frame_with_its_capture_time_however_late_it_is_read():
+    """A camera does not wait for the graph: a frame read late carries the time it was due (its capture), which
+    the frames source makes its latency's start (tests/test_api.py), not the time the graph got to it."""
+    import threading
+    import time as real_time
+
+    from blinkflow.bench import gpu
+
+    images = gpu.clip_frames(gpu.CLIPS[1], (96, 64), 2)
+    camera = gpu.paced(images, 10.0, threading.Event(), 0)
+    (first, first_at), _ = next(camera), real_time.sleep(0.35)
+    (second, second_at), (third, third_at) = next(camera), next(camera)
+    assert abs(first_at - real_time.time() + 0.35) < 0.1  # captured when asked for, 0.35 s ago
+    assert abs(second_at - first_at - 0.1) < 1e-6 and abs(third_at - first_at - 0.2) < 1e-6  # due, not read, times
+    assert first is images[0] and second is images[1] and third is images[0]
+
+
 def test_bench_gpu_times_detect_and_segment_compiled_and_without_channels_last_on_a_gpu_only():
     from blinkflow.bench import gpu
 

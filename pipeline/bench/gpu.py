@@ -386,18 +386,20 @@ class StreamWindow:
 
 
 def paced(images: list[np.ndarray], fps: float, stop: threading.Event, offset: int,
-          on_first: Any = None) -> Iterator[np.ndarray]:
-    """The clip looped at ``fps`` in wall-clock time, like a camera, until ``stop``; ``on_first`` is called when
-    the first frame is asked for."""
+          on_first: Any = None) -> Iterator[tuple[np.ndarray, float]]:
+    """The clip looped at ``fps`` in wall-clock time, like a camera, until ``stop``: (image, capture time) pairs,
+    so a frame the graph reads late counts its wait in its latency; ``on_first`` is called when the first frame is
+    asked for."""
     if on_first is not None:
         on_first()
     due = time.monotonic()
+    wall = time.time() - due  # time.time() of a monotonic instant
     index = offset
     while not stop.is_set():
         wait = due - time.monotonic()
         if wait > 0:
             time.sleep(wait)
-        yield images[index % len(images)]
+        yield images[index % len(images)], wall + due
         index += 1
         due += 1.0 / fps
 
