@@ -261,34 +261,45 @@ def test_a_lane_runs_calls_in_order_hands_errors_over_and_closes_without_waiting
 
 
 def test_an_abort_with_a_stage_stuck_in_a_call_ends_in_bounded_time(tmp_path, monkeypatch, caplog):
-    """The driver fails (a second signal, a source error) while a stage hangs in a call: the run ends after
-    STOP_WAIT_S with the error, says which stage it left behind, and tears down the others."""
+    """The driver fails (a second signal, a source error) while one copy of a stage hangs in a call: the run
+    ends after STOP_WAIT_S with the error, says which stage it left behind, and tears down the others, the idle
+    copy closed after the stuck one included."""
     import blinkflow.runners.chains as chains
     import blinkflow.runners.threaded as threaded
     from blinkflow.stages.chaos import Chaos
+    from blinkflow.stages.segment import Segment
 
-    hang = threading.Event()
+    hang, entered = threading.Event(), threading.Event()
     monkeypatch.setattr(threaded, "STOP_WAIT_S", 0.3)
-    monkeypatch.setattr(Chaos, "process", lambda self, frames: hang.wait() and frames)
+
+    def process(self, frames):  # the second wave (frames 2 and 3) goes to the first copy (round robin): it hangs
+        if frames[0].index == 2:
+            entered.set()
+            hang.wait()
+        return frames
+
+    monkeypatch.setattr(Chaos, "process", process)
 
     def failing_source(sources, hub, stop, tick_s=None):
         for index in range(4):
             yield Frame(stream_id="cam", index=index, pts=index / 10, image=np.zeros((48, 64, 3), np.uint8))
-        time.sleep(0.2)  # the chaos stage is in its call by now
+        assert entered.wait(10), "the chaos stage never got the second wave"
         raise RuntimeError("aborted")
 
     monkeypatch.setattr(chains, "open_sources", failing_source)
     cfg = load_config(data={"sources": [], "stages": {"segment": {"model": "unet_small", "batch": 2,
                                                                    "options": {"input_size": [32, 32]}},
-                                                       "chaos": {"batch": 2}}})
+                                                       "chaos": {"batch": 2, "replicas": 2}}})
     torn_down = []
     monkeypatch.setattr(Chaos, "teardown", lambda self: torn_down.append("chaos"))
+    monkeypatch.setattr(Segment, "teardown", lambda self: torn_down.append("segment"))
     started = time.monotonic()
     try:
         with pytest.raises(RuntimeError, match="aborted"):
             ThreadedRunner(cfg, sinks=[MemorySink()]).run()
         assert time.monotonic() - started < 10
-        assert "stage chaos is still in a call" in caplog.text and torn_down == []
+        assert caplog.text.count("is still in a call") == 1 and "stage chaos is still in a call" in caplog.text
+        assert torn_down == ["segment", "chaos"]  # the idle copy too, though the wait was spent on the stuck one
     finally:
         hang.set()
 

@@ -81,7 +81,8 @@ class ThreadedRunner(ChainRunner):
         deadline = time.monotonic() + STOP_WAIT_S
         for pool in self.pools:
             for caller, lane in pool.actors:
-                if lane.close(max(0.0, deadline - time.monotonic())):
+                # past the deadline an idle lane still gets a moment to see its end (its thread wakes at once)
+                if lane.close(max(0.2, deadline - time.monotonic())):
                     caller.stage.teardown()
                 else:
                     log.error("stage %s is still in a call %.0f s after the run ended; it is left to end with the "
