@@ -88,7 +88,6 @@ class _Window:
 class _Held:
     frame: Frame
     window: _Window | None = None  # the first window covering the frame, once known
-    settled: bool = False  # hold: false: its window was fixed when it came; a later window does not replace it
 
 
 @dataclass
@@ -212,7 +211,7 @@ class Action(ModelStage):
                 completed = [window] if window is not None else []
             state.active_seen += 1
         if not self.hold:  # the latest window so far (the one this frame completes, if any), or none yet
-            entry.window, entry.settled = entry.window or state.last_window, True
+            entry.window = state.last_window
         elif entry.window is None and state.samples_seen <= state.next_start and state.last_window is not None:
             entry.window = state.last_window  # between windows: carry the previous result, hold nothing
         return completed
@@ -247,12 +246,13 @@ class Action(ModelStage):
         self._assign(state, window)
         return [window]
 
-    @staticmethod
-    def _assign(state: _StreamState, window: _Window) -> None:
-        """Every held frame still waiting gets ``window``: the first window to complete wins."""
-        for entry in state.held:
-            if entry.window is None and not entry.settled:
-                entry.window = window
+    def _assign(self, state: _StreamState, window: _Window) -> None:
+        """Every held frame still waiting gets ``window``: the first window to complete wins. Without holding,
+        a frame's window was fixed when it came (the latest then), and a later one does not replace it."""
+        if self.hold:
+            for entry in state.held:
+                if entry.window is None:
+                    entry.window = window
         state.last_window = window
 
     def _release(self, state: _StreamState, everything: bool = False) -> list[Frame]:
