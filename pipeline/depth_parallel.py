@@ -194,17 +194,13 @@ class DepthPipeline:
             return self._run_compiled(batches)
         import ray
 
-        pending: deque = deque()
-        outputs = []
-        for batch in batches:
+        def send(batch: Any) -> Any:
             ref = batch
             for actor in self.actors:
                 ref = actor.forward.remote(ref)
-            pending.append(ref)
-            if len(pending) >= self.max_in_flight:
-                outputs.append(self.finish(_to_cpu(ray.get(pending.popleft()))))
-        outputs.extend(self.finish(_to_cpu(ray.get(ref))) for ref in pending)
-        return outputs
+            return ref
+
+        return pipelined(batches, send, lambda ref: self.finish(_to_cpu(ray.get(ref))), self.max_in_flight)
 
     def _run_compiled(self, batches: Sequence[Any]) -> list[Any]:
         if self._compiled is None:
@@ -340,17 +336,13 @@ class ThreadedDepthPipeline:
 
     def __call__(self, batches: Sequence[Any]) -> list[Any]:
         """The model's outputs for each batch (a list, in order), pipelined across the K threads."""
-        pending: deque = deque()
-        outputs = []
-        for batch in batches:
+        def send(batch: Any) -> Any:
             step: Any = batch
             for worker, lane in zip(self.workers, self.lanes):
                 step = lane.submit(_forward_after, worker, step)
-            pending.append(step)
-            if len(pending) >= self.max_in_flight:
-                outputs.append(self.finish(pending.popleft().result()))
-        outputs.extend(self.finish(step.result()) for step in pending)
-        return outputs
+            return step
+
+        return pipelined(batches, send, lambda step: self.finish(step.result()), self.max_in_flight)
 
     def busy_seconds(self) -> list[float]:
         return [worker.busy_s for worker in self.workers]
@@ -358,6 +350,19 @@ class ThreadedDepthPipeline:
     def close(self, timeout_s: float = 30.0) -> None:
         for lane in self.lanes:
             lane.close(timeout_s)
+
+
+def pipelined(batches: Sequence[Any], send: Any, receive: Any, max_in_flight: int) -> list[Any]:
+    """Each batch ``send``-ed through the stages at once, at most ``max_in_flight`` outstanding, and the results
+    ``receive``-d in order: batch i+1 enters stage 1 while batch i is in stage 2."""
+    pending: deque = deque()
+    outputs = []
+    for batch in batches:
+        pending.append(send(batch))
+        if len(pending) >= max_in_flight:
+            outputs.append(receive(pending.popleft()))
+    outputs.extend(receive(handle) for handle in pending)
+    return outputs
 
 
 def _forward_after(worker: SliceWorker, previous: Any) -> Any:
