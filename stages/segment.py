@@ -905,28 +905,21 @@ def speck_sources(specks: np.ndarray, boxes: list[tuple[slice, slice]] | None
     instead of the whole map's (≈ 50 ms at 720p for a frame with two specks). Without boxes (a busy map), or
     when their windows would cover the map, one transform over the whole map.
     """
-    from scipy import ndimage
-
     height, width = specks.shape
+    whole = (slice(0, height), slice(0, width))
     margin = 2 * SOURCE_MARGIN
     if boxes is None or sum((r.stop - r.start + margin) * (c.stop - c.start + margin) for r, c in boxes) >= specks.size:
-        _, (rows, cols) = ndimage.distance_transform_edt(specks, return_indices=True)
-        ty, tx = np.nonzero(specks)
-        return (ty, tx), (rows[ty, tx], cols[ty, tx])
+        return _window_sources(specks, None, (0, height, 0, width), whole)
     done = np.zeros(specks.shape, bool)
     targets: list[tuple[np.ndarray, np.ndarray]] = []
     sources: list[tuple[np.ndarray, np.ndarray]] = []
     for rows, cols in boxes:
         margin = SOURCE_MARGIN
-        while True:
-            y0, y1 = max(0, rows.start - margin), min(height, rows.stop + margin)
-            x0, x1 = max(0, cols.start - margin), min(width, cols.stop + margin)
-            found = _window_sources(specks, done, (y0, y1, x0, x1), (rows, cols))
-            if found is not None or (y0, y1, x0, x1) == (0, height, 0, width):
-                break
+        # the whole map always answers: it has no open edge, and not every pixel of it is a speck
+        while (found := _window_sources(specks, done, (max(0, rows.start - margin), min(height, rows.stop + margin),
+                                                       max(0, cols.start - margin), min(width, cols.stop + margin)),
+                                        (rows, cols))) is None:
             margin *= 2
-        if found is None:  # the whole map: exact whatever the edges say
-            found = _window_sources(specks, done, (0, height, 0, width), (rows, cols), check=False)
         (ty, tx), (sy, sx) = found
         done[ty, tx] = True
         targets.append((ty, tx))
@@ -935,10 +928,11 @@ def speck_sources(specks: np.ndarray, boxes: list[tuple[slice, slice]] | None
     return (join(targets, 0), join(targets, 1)), (join(sources, 0), join(sources, 1))
 
 
-def _window_sources(specks: np.ndarray, done: np.ndarray, window: tuple[int, int, int, int],
-                    box: tuple[slice, slice], check: bool = True) -> Any:
-    """The speck pixels of ``box`` not ``done`` yet and their nearest sources inside ``window``; None when some
-    pixel's source is not nearer than an open edge of the window (a nearer one could be outside)."""
+def _window_sources(specks: np.ndarray, done: np.ndarray | None, window: tuple[int, int, int, int],
+                    box: tuple[slice, slice]) -> Any:
+    """The speck pixels of ``box`` not ``done`` yet (all, without ``done``) and their nearest sources inside
+    ``window``; None when some pixel's source is not nearer than an open edge of the window (a nearer one could
+    be outside)."""
     from scipy import ndimage
 
     y0, y1, x0, x1 = window
@@ -946,17 +940,16 @@ def _window_sources(specks: np.ndarray, done: np.ndarray, window: tuple[int, int
     if inside.all():
         return None  # no pixel to take from in the window (the transform's indices would be meaningless)
     distance, (rows, cols) = ndimage.distance_transform_edt(inside, return_indices=True)
-    ty, tx = np.nonzero(specks[box] & ~done[box])
+    ty, tx = np.nonzero(specks[box] if done is None else specks[box] & ~done[box])
     ty, tx = ty + box[0].start, tx + box[1].start
     wy, wx = ty - y0, tx - x0
-    if check:
-        height, width = specks.shape
-        edge = np.full(ty.shape, np.inf)
-        for is_open, gap in ((y0 > 0, wy + 1), (y1 < height, y1 - y0 - wy), (x0 > 0, wx + 1), (x1 < width, x1 - x0 - wx)):
-            if is_open:
-                edge = np.minimum(edge, gap)
-        if (distance[wy, wx] >= edge).any():
-            return None
+    height, width = specks.shape
+    edge = np.full(ty.shape, np.inf)
+    for is_open, gap in ((y0 > 0, wy + 1), (y1 < height, y1 - y0 - wy), (x0 > 0, wx + 1), (x1 < width, x1 - x0 - wx)):
+        if is_open:
+            edge = np.minimum(edge, gap)
+    if (distance[wy, wx] >= edge).any():
+        return None
     return (ty, tx), (rows[wy, wx] + y0, cols[wy, wx] + x0)
 
 
