@@ -270,6 +270,20 @@ class RunSummary:
     runner: str = "local"
     setup_s: float = 0.0  # model loading and actor start-up, included in elapsed_s
 
+    @classmethod
+    def of_run(cls, runner: str, accounting: Accounting, output: OrderedOutput, started: float, setup_s: float,
+               totals: dict[str, tuple[float, int]]) -> RunSummary:
+        """A finished run's summary: ``totals`` holds each worker stage's (busy seconds, frames), all its copies
+        together; the driver stages' come from ``output``; ``started`` is the run's ``time.perf_counter()``."""
+        return cls(
+            accounting=accounting,
+            elapsed_s=time.perf_counter() - started,
+            stage_seconds={name: seconds for name, (seconds, _) in totals.items()} | output.driver_seconds,
+            stage_frames={name: int(frames) for name, (_, frames) in totals.items()} | output.driver_frames,
+            runner=runner,
+            setup_s=setup_s,
+        )
+
     @property
     def processing_s(self) -> float:
         return max(1e-9, self.elapsed_s - self.setup_s)

@@ -42,14 +42,8 @@ class LocalRunner(RunnerBase):
                 for caller in callers:
                     caller.stage.teardown()
         accounting.check()
-        return RunSummary(
-            accounting=accounting,
-            elapsed_s=time.perf_counter() - started,
-            stage_seconds={c.name: c.seconds for c in callers} | output.driver_seconds,
-            stage_frames={c.name: c.frames for c in callers} | output.driver_frames,
-            runner=self.name,
-            setup_s=setup_s,
-        )
+        return RunSummary.of_run(self.name, accounting, output, started, setup_s,
+                                 {c.name: (c.seconds, c.frames) for c in callers})
 
     def _setup_stages(self) -> list[StageCaller]:
         callers = [setup_stage(spec, self.metrics) for spec in self.specs]

@@ -133,14 +133,8 @@ class RayRunner(ChainRunner):
                 self.metrics.on_ready(False)
                 self._stop_pools()
         self.accounting.check()
-        return RunSummary(
-            accounting=self.accounting,
-            elapsed_s=time.perf_counter() - started,
-            stage_seconds={k: v["seconds"] for k, v in stats.items()} | self.output.driver_seconds,
-            stage_frames={k: int(v["frames"]) for k, v in stats.items()} | self.output.driver_frames,
-            runner=self.name,
-            setup_s=setup_s,
-        )
+        return RunSummary.of_run(self.name, self.accounting, self.output, started, setup_s,
+                                 {name: (v["seconds"], v["frames"]) for name, v in stats.items()})
 
     def _start_pools(self) -> list[StagePool]:
         import ray

@@ -52,17 +52,10 @@ class ThreadedRunner(ChainRunner):
                 self.metrics.on_ready(False)
                 self._stop_pools()
         self.accounting.check()
-        callers = {pool.spec.name: [caller for caller, _ in pool.actors] for pool in self.pools}
-        return RunSummary(
-            accounting=self.accounting,
-            elapsed_s=time.perf_counter() - started,
-            stage_seconds={name: sum(c.seconds for c in copies) for name, copies in callers.items()}
-            | self.output.driver_seconds,
-            stage_frames={name: sum(c.frames for c in copies) for name, copies in callers.items()}
-            | self.output.driver_frames,
-            runner=self.name,
-            setup_s=setup_s,
-        )
+        copies = {pool.spec.name: [caller for caller, _ in pool.actors] for pool in self.pools}
+        return RunSummary.of_run(self.name, self.accounting, self.output, started, setup_s,
+                                 {name: (sum(c.seconds for c in callers), sum(c.frames for c in callers))
+                                  for name, callers in copies.items()})
 
     def _start_pools(self) -> None:
         """Each stage's replicas, set up here one by one (a failing set-up leaves the earlier ones to tear down)."""
