@@ -427,7 +427,7 @@ def bench_depth(plan: Plan, images: list[np.ndarray]) -> list[dict[str, Any]]:
         whole_s, expected = _timed_clips(stage, lambda batches: [stage.model(b) for b in batches], clips)
         rows = [{"k": 1, "placement": "whole model", "clips_per_s": batch * count / whole_s}]
         for k in ks:
-            rows.append(_depth_row(plan, stage, k, clips, expected, whole_s) if plan.fits(2 * whole_s + 10)
+            rows.append(_depth_row(stage, k, clips, expected, whole_s) if plan.fits(2 * whole_s + 10)
                         else {"k": k, "skipped": SKIPPED})
         return rows
     finally:
@@ -459,7 +459,7 @@ def _timed_clips(stage: Any, run: Any, clips: list[Any]) -> tuple[float, list[An
     return time.perf_counter() - started, outputs
 
 
-def _depth_row(plan: Plan, stage: Any, k: int, clips: list[Any], expected: list[Any], whole_s: float) -> dict[str, Any]:
+def _depth_row(stage: Any, k: int, clips: list[Any], expected: list[Any], whole_s: float) -> dict[str, Any]:
     from blinkflow.depth_parallel import ThreadedDepthPipeline, depth_devices
     from blinkflow.models.depth import split_model
 
