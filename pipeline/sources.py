@@ -325,6 +325,23 @@ def _open_container(path: Path, stream_id: str | None = None, hwaccel: str = "no
         raise SourceError(f"{path}: not a readable video ({exc}); check that the file is a video and not damaged") from None
 
 
+def probe_video(path: Path) -> tuple[int, int]:
+    """The first frame's width and height; a ``SourceError`` naming the file when it does not decode."""
+    import av
+
+    container = _open_container(path)
+    try:
+        if not container.streams.video:
+            raise SourceError(f"{path}: the file has no video stream; pass a video file")
+        for frame in container.decode(video=0):
+            return frame.width, frame.height
+        raise SourceError(f"{path}: no frame decodes; re-encode or replace the file")
+    except av.FFmpegError as exc:
+        raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
+    finally:
+        container.close()
+
+
 #: containers whose index lists every sample, so their frame count is what a whole file decodes to
 INDEXED_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2")
 

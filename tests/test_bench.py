@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -643,6 +644,67 @@ def test_the_skip_verdict_claims_a_target_only_where_the_models_had_something_to
     pooled = pooled_real(reports, ("parking", "people"))
     assert pooled["moving_agreement"]["mask_iou"] == pytest.approx(0.945)
     assert _judged(pooled).startswith("**met over all frames only**")
+
+
+def test_bench_skip_on_a_video_that_does_not_decode_stops_with_one_line_naming_it(tmp_path, bench_paths):
+    from blinkflow.cli import main
+
+    text = tmp_path / "notes.mp4"
+    text.write_text("not a video")
+    for video, named in ((tmp_path / "missing.mp4", "file not found"), (text, "not a readable video")):
+        proc = subprocess.run([sys.executable, "-m", "blinkflow.cli", "bench", "skip", "--video", str(video)],
+                              capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
+        assert proc.returncode == 2 and proc.stdout == ""
+        assert proc.stderr.count("\n") == 1 and str(video) in proc.stderr and named in proc.stderr, proc.stderr
+    assert main(["bench", "skip", "--video", str(text), "--resize", "640by360"]) == 2
+
+
+def test_bench_skip_videos_are_named_by_file_and_size_and_checked_before_any_model_loads(tmp_path):
+    from blinkflow.bench.skip import VIDEO_PREFIX, parse_size, video_clips
+    from blinkflow.errors import ConfigError, SourceError
+    from tests.conftest import write_test_video
+
+    clip = write_test_video(tmp_path / "cam.mp4", frames=3, width=64, height=48)
+    own, resized = video_clips([clip], 50, None)[0], video_clips([clip, clip], 50, [32, 24])[1]
+    assert (own.name, own.what, own.source.get("resize")) == (f"{VIDEO_PREFIX}1", "cam.mp4 (64×48)", None)
+    assert (resized.name, resized.what, resized.source["resize"]) == (f"{VIDEO_PREFIX}2", "cam.mp4 (32×24)", [32, 24])
+    assert own.source["max_frames"] == 50 and own.source["path"] == str(clip)
+    assert parse_size("640X360") == [640, 360] and parse_size(None) is None
+    for bad in ("640", "x360", "8x8", "-640x360"):
+        with pytest.raises(ConfigError, match="WIDTHxHEIGHT"):
+            parse_size(bad)
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    with pytest.raises(SourceError, match="empty.mp4"):
+        video_clips([clip, empty], 50, None)
+
+
+@pytest.mark.slow  # the real models on two short videos: about 5 s
+def test_bench_skip_measures_the_users_videos_and_leaves_the_docs_alone(capsys, bench_paths, real_media):
+    import argparse
+
+    from blinkflow.bench import skip
+
+    doc = bench_paths / "benchmarks.md"
+    videos = [real_media / "static" / "car-detection-19s.mp4", real_media / "video" / "tree.avi"]
+    args = argparse.Namespace(quick=False, no_write=False, clips="real", config=None, repetitions=1, frames=16,
+                              gate_from_config=False, overrides=[], video=videos, resize="192x108")
+    result = skip.main(args)
+    out = capsys.readouterr().out
+    assert not doc.exists()  # the docs hold the shipped clips' figures, never a user's
+    assert set(result["clips"]) == {"video-1", "video-2"}
+    assert all(figures["frames"] == 16 for figures in result["clips"].values())  # --frames caps each video
+    lines = out.splitlines()
+    header = next(n for n, line in enumerate(lines) if line.startswith("| clip | frames | model work fraction"))
+    assert [line.split("|")[1].strip() for line in lines[header + 2 : header + 4]] == [
+        "car-detection-19s.mp4 (192×108)", "tree.avi (192×108)"]
+    assert not lines[header + 4].startswith("|")
+    yours = next(line for line in out.splitlines() if line.startswith("Your videos"))
+    verdicts = re.findall(r" — \*\*(met|not met|vacuous|met over all frames only)\*\*", yours)
+    assert len(verdicts) == 3, yours  # each video and their pool
+    assert "Pooled, your videos, over their 32 frames" in yours
+    assert "Targets. Real static cameras" not in out and "Against the baseline" not in out
+    assert "\n\n\n" not in out  # sections with nothing to say leave no gaps
 
 
 @pytest.mark.slow  # the real models on the quick clips: about 25 s

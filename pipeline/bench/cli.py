@@ -32,7 +32,7 @@ def add_bench_command(commands) -> None:
     bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
     bench.add_argument("--config", type=Path, default=None,
                        help="pipeline config (default: configs/synthetic.yaml; skip: configs/demo.yaml, the real models)")
-    bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48)")
+    bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48; skip --video: 300 of each video)")
     bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
@@ -42,6 +42,11 @@ def add_bench_command(commands) -> None:
                        help="gpu: seconds the run may take; what would not fit is marked skipped (default 400)")
     bench.add_argument("--clips", choices=["real", "synthetic", "all"], default="real",
                        help="skip: the real clips (default), the synthetic scenes, or both")
+    bench.add_argument("--video", type=Path, action="append", default=[], metavar="PATH",
+                       help="skip: measure on this video instead of the shipped clips (repeatable; your own camera, "
+                            "judged by the config's models; prints only); --frames caps each (default 300)")
+    bench.add_argument("--resize", metavar="WxH", default=None,
+                       help="skip --video: decode at this size (default: the video's own)")
     bench.set_defaults(handler=cmd_bench)
 
 

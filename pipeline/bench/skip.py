@@ -148,6 +148,39 @@ def synthetic_clips(quick: bool) -> list[Clip]:
     ]
 
 
+#: ``--video``: frames measured of each (unless ``--frames``), about the shipped clips' length
+VIDEO_FRAMES = 300
+#: ``--video`` clips are named this and their place on the command line
+VIDEO_PREFIX = "video-"
+
+
+def video_clips(paths: list[Path], frames: int, resize: list[int] | None) -> list[Clip]:
+    """The user's own footage (``--video``), checked before any model loads: a file that does not decode stops
+    the bench with one line naming it."""
+    from blinkflow.sources import probe_video
+
+    found = []
+    for number, path in enumerate(paths, 1):
+        width, height = probe_video(Path(path))
+        if resize:
+            width, height = resize
+        source = {"type": "file", "path": str(path), "max_frames": frames, **({"resize": list(resize)} if resize else {})}
+        found.append(Clip(f"{VIDEO_PREFIX}{number}", f"{Path(path).name} ({width}×{height})", source, frames))
+    return found
+
+
+def parse_size(text: str | None) -> list[int] | None:
+    """``--resize WxH`` as [width, height]."""
+    from blinkflow.errors import ConfigError
+
+    if not text:
+        return None
+    width, _, height = text.lower().partition("x")
+    if not (width.isdigit() and height.isdigit() and int(width) >= 16 and int(height) >= 16):
+        raise ConfigError(f"--resize {text!r}: expected WIDTHxHEIGHT of at least 16x16, such as 640x360")
+    return [int(width), int(height)]
+
+
 def clips(quick: bool, which: str = "real") -> list[Clip]:
     return [*(real_clips(quick) if which in ("real", "all") else []),
             *(synthetic_clips(quick) if which in ("synthetic", "all") else [])]
@@ -216,6 +249,8 @@ def run_once(cfg: Any) -> RunOutcome:
     torch.manual_seed(0)  # random weights: the same models in every run
     sink = MemorySink()
     summary = LocalRunner(cfg, sinks=[sink]).run()
+    for error in summary.accounting.source_errors:  # both sides stop alike; the report counts the frames measured
+        log.warning("bench skip: %s; measured on the %d frames before it", error, len(sink.results))
     return RunOutcome(sink.results, summary.processing_s, dict(summary.stage_seconds), dict(summary.stage_frames))
 
 
@@ -684,32 +719,23 @@ def render(result: dict[str, Any], reports: list[ClipReport], price: dict[str, A
         "segmenter flickered); their agreement alone, their work per frame in this run, and the ceiling: the less "
         "compute if those frames cost what they did and every other frame nothing."
     )
-    return "\n".join([
+    sections = [
         "## Skipping: gate off vs gate on",
-        "",
         intro,
-        "",
         machine_line(result["machine"]),
-        "",
         markdown_table(headers, rows),
-        "",
         work,
-        "",
         markdown_table(["clip", "detect work", "segment work", "gate-off ms/frame detect / segment",
                         "box F1, confident boxes", "box F1, reused frames", "mask mIoU, reused frames", "gate-off boxes / classes per frame",
                         "gate-off frame vs previous: box F1 / mIoU",
                         "moving frames: count, detect / segment work each, ceiling", "final threshold"], detail),
-        "",
         _baseline_table(reports),
-        "",
         _features_table(reports),
-        "",
         _price_line(price),
-        "",
         _truth_line(reports),
-        "",
         _verdict(result, reports, price),
-    ])
+    ]
+    return "\n\n".join(section for section in sections if section)  # a section with nothing to say leaves no gap
 
 
 def _moving_cell(f: dict[str, Any]) -> str:
@@ -946,12 +972,7 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
     lines = []
     real = [r for r in reports if r.clip.name in REAL_STATIC]
     if real:
-        each = "; ".join(f"{r.clip.what}: {r.figures['frames']} frames {r.figures['less_compute']:.2f}× at "
-                         f"{_num(r.figures['agreement'])} — {_judged(r.figures)} "
-                         f"(box F1 {_num(r.figures['boxes_f1'])}, confident boxes {_num(r.figures['confident_boxes_f1'])}; "
-                         f"mask mIoU {_num(r.figures['mask_iou'])}, the segmenter's own frame-to-frame "
-                         f"{_num(r.figures['consecutive_mask_iou'])}{_moving_clause(r.figures)})"
-                         for r in real)
+        each = "; ".join(_clip_clause(r) for r in real)
         lines.append(
             f"Targets. Real static cameras, ≥ {TARGET_LESS:g}× less model compute at ≥ {TARGET_AGREEMENT} agreement "
             f"(the worse of box F1 and mask mIoU against gate off), judged by the models above. Each clip: {each}. "
@@ -962,6 +983,14 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
         if tree is not None:
             lines.append(f"tree.avi's still part (frames 0–{tree['static_frames'] - 1}, before the hand enters): "
                          f"{tree['static_less_compute']:.2f}× at {_num(tree['static_agreement'])}.")
+    videos = tuple(r.clip.name for r in reports if r.clip.name.startswith(VIDEO_PREFIX))
+    if videos:
+        pooled = pooled_real(reports, videos) if len(videos) > 1 else None
+        lines.append(
+            f"Your videos, against the shipped clips' target (≥ {TARGET_LESS:g}× less model compute at ≥ "
+            f"{TARGET_AGREEMENT} agreement, a yardstick: a moving camera or a busy scene saves less by nature), judged "
+            f"by the models above: {'; '.join(_clip_clause(r) for r in reports if r.clip.name in videos)}."
+            + (" " + _pooled_sentence("your videos", pooled) if pooled else ""))
     still = pooled_still(reports)
     if still is not None:
         lines.append(
@@ -986,6 +1015,14 @@ def _verdict(result: dict[str, Any], reports: list[ClipReport], price: dict[str,
         if clips_:
             lines.append(f"Caveat: on {', '.join(clips_)} {what} (weights: {weights}).")
     return "\n\n".join(lines)
+
+
+def _clip_clause(r: ClipReport) -> str:
+    f = r.figures
+    return (f"{r.clip.what}: {f['frames']} frames {f['less_compute']:.2f}× at {_num(f['agreement'])} — {_judged(f)} "
+            f"(box F1 {_num(f['boxes_f1'])}, confident boxes {_num(f['confident_boxes_f1'])}; mask mIoU "
+            f"{_num(f['mask_iou'])}, the segmenter's own frame-to-frame {_num(f['consecutive_mask_iou'])}"
+            f"{_moving_clause(f)})")
 
 
 def _moving_clause(f: dict[str, Any]) -> str:
@@ -1013,11 +1050,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     which = getattr(args, "clips", "real") or "real"
     config_path = Path(getattr(args, "config", None) or default_config(which))
     gate_overrides, model_overrides = split_overrides(list(getattr(args, "overrides", None) or []))
+    videos = list(getattr(args, "video", None) or [])
+    # the user's footage is checked before the models load; the shipped clips have fixed lengths (--frames does
+    # not apply to them): the targets are about these clips
+    video_frames = min(24 if quick else 10**9, getattr(args, "frames", None) or VIDEO_FRAMES)
+    measured_clips = (video_clips(videos, video_frames, parse_size(getattr(args, "resize", None)))
+                      if videos else clips(quick, which))
     raw, config_gate = base_raw(config_path, model_overrides)
     from_config = bool(getattr(args, "gate_from_config", False))
     gate_base = config_gate if from_config else {}
     reports, price = [], None
-    for clip in clips(quick, which):  # fixed clip lengths (--frames does not apply): the targets are about these clips
+    for clip in measured_clips:
         cfgs = {"gate off": run_config(raw, clip, None, []), "gate on": run_config(raw, clip, gate_base, gate_overrides)}
         if clip.source["type"] == "file" and supports_feature_reuse(raw):
             cfgs["feature reuse"] = run_config(raw, clip, None, [], feature_reuse=FEATURE_INTERVAL)
@@ -1041,7 +1084,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
               "gate_source": "the config's gate section" if from_config else "GateConfig defaults"}
     body = render(result, reports, price)
     print(body)
-    if not quick and not getattr(args, "no_write", False):
+    if videos:
+        log.warning("bench skip: measured on your videos; docs/benchmarks.md keeps the shipped clips' figures")
+    elif not quick and not getattr(args, "no_write", False):
         write_section("skip-synthetic" if which == "synthetic" else "skip", body)
         if which == "real":
             from blinkflow.bench.plot import plot_skipping
