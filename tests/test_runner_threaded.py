@@ -157,6 +157,56 @@ def test_a_quiet_live_stream_still_gets_its_waiting_frames_through_on_the_ticks(
     assert max(r.latency_s for r in results) < 0.4, [r.latency_s for r in results]
 
 
+def _camera_added_again(sources, hub, stop, tick_s=None):
+    """A camera removed and added again under the same id (the control API's DELETE, then POST): the hub frees
+    the id once the end is taken, so the new camera's frame 0 may come while the old one's end is in flight."""
+    for count in (2, 8):
+        for index in range(count):
+            yield Frame(stream_id="cam", index=index, pts=index / 10, image=np.full((48, 64, 3), index, np.uint8))
+        yield StreamEnd("cam")
+
+
+@pytest.mark.parametrize("runner_cls", [LocalRunner, ThreadedRunner])
+def test_a_camera_added_again_under_its_old_id_starts_afresh(runner_cls, monkeypatch):
+    import blinkflow.runners.chains as chains
+    import blinkflow.runners.local as local
+
+    monkeypatch.setattr(local, "open_sources", _camera_added_again)
+    monkeypatch.setattr(chains, "open_sources", _camera_added_again)
+    cfg = load_config(data={"sources": [], "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 50}}}})
+    summary, results = run(runner_cls, cfg)  # before: 6 frames "lost", written twice, then the accounting failed
+    assert [(r.index, r.outcome) for r in results] == [(i, Outcome.PROCESSED) for i in (0, 1, *range(8))]
+    assert summary.totals == {"processed": 10, "reused": 0, "dropped": 0, "failed": 0, "decoded": 10}
+
+
+def _slow_and_busy_cameras(sources, hub, stop, tick_s=None):
+    """One frame of a slow camera, then a busy one in the other shard every 10 ms: the hub is never quiet,
+    so no tick comes while the busy camera sends."""
+    image = np.zeros((48, 64, 3), np.uint8)
+    yield Frame(stream_id="slow", index=0, pts=0.0, image=image)
+    for index in range(40):
+        time.sleep(0.01)
+        yield Frame(stream_id="busy", index=index, pts=index / 100, image=image)
+    yield StreamEnd("slow")
+    yield StreamEnd("busy")
+
+
+def test_a_live_wave_goes_after_max_wait_ms_while_another_shard_keeps_the_hub_busy(monkeypatch):
+    import zlib
+
+    import blinkflow.runners.chains as chains
+
+    assert zlib.crc32(b"slow") % 2 != zlib.crc32(b"busy") % 2  # two shards: the stage's two copies
+    monkeypatch.setattr(chains, "open_sources", _slow_and_busy_cameras)
+    cfg = load_config(data={"sources": [], "runtime": {"mode": "live"},
+                            "stages": {"chaos": {"batch": 8, "max_wait_ms": 20, "replicas": 2,
+                                                 "options": {"temporal": True}}}})
+    _, results = run(ThreadedRunner, cfg)
+    slow = [r for r in results if r.stream_id == "slow"]
+    # before: it waited for its stream's end, 0.4 s later
+    assert len(slow) == 1 and slow[0].outcome is Outcome.PROCESSED and slow[0].latency_s < 0.25, slow[0].latency_s
+
+
 def test_the_hub_ticks_while_its_streams_are_quiet_and_only_when_asked():
     from blinkflow.streams import StreamHub
 

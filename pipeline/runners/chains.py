@@ -94,6 +94,7 @@ class ChainRunner(RunnerBase):
                                     driver_stages=build_driver_graph(self.cfg))
         self.ledger: dict[str, set[int]] = {}
         self.chains: deque[Chain] = deque()
+        self.ending: set[str] = set()  # streams whose end chain is out: their id may come back (a re-added camera)
 
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
@@ -101,16 +102,18 @@ class ChainRunner(RunnerBase):
         for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=self.max_wait_ms / 1000.0 if live else None):
             if isinstance(item, Tick):  # quiet live streams: send waves that waited long enough, hand out results
                 self._consume_ready()
-                for shard in list(pending):
-                    pending[shard] = self._admit_live(pending[shard], shard)
+                self._admit_all(pending)
                 continue
             if isinstance(item, StreamEnd):
                 shard = self._shard(item.stream_id)
                 self._submit_wave(pending.pop(shard, []), shard)
                 self._submit(Chain("end", shard, stream_id=item.stream_id))
+                self.ending.add(item.stream_id)
                 self.metrics.on_stream_state(item.stream_id, False)
                 self.accounting.on_stream_end(item)
                 continue
+            if item.stream_id in self.ending:
+                self._finish_ending(item.stream_id)
             self.accounting.on_decoded(item)
             self.metrics.on_decoded(item)
             self.ledger.setdefault(item.stream_id, set()).add(item.index)
@@ -119,8 +122,8 @@ class ChainRunner(RunnerBase):
                 continue
             shard = self._shard(item.stream_id)
             pending.setdefault(shard, []).append(item)
-            if live:
-                pending[shard] = self._admit_live(pending[shard], shard)
+            if live:  # every shard: another's wave may have waited max_wait_ms while this stream kept the hub busy
+                self._admit_all(pending)
             elif len(pending[shard]) >= self.wave_size:
                 self._submit_wave(pending.pop(shard), shard)
         for shard, wave in sorted(pending.items()):
@@ -132,6 +135,17 @@ class ChainRunner(RunnerBase):
 
     def _shard(self, stream_id: str) -> int:
         return zlib.crc32(stream_id.encode()) % self.shards if self.shards > 1 else 0
+
+    def _finish_ending(self, stream_id: str) -> None:
+        """A stream came back under the id of one whose end is still in flight (a camera removed and added
+        again): the old one's chains finish first, so that its ledger, output order and gate feedback are gone
+        before the new one's frame 0 is counted."""
+        while stream_id in self.ending:
+            self._consume(self.chains.popleft())
+
+    def _admit_all(self, pending: dict[int, list[Frame]]) -> None:
+        for shard in list(pending):
+            pending[shard] = self._admit_live(pending[shard], shard)
 
     def _admit_live(self, waiting: list[Frame], shard: int) -> list[Frame]:
         """Live mode: submit while there is room; otherwise keep only the newest frames waiting.
@@ -182,6 +196,7 @@ class ChainRunner(RunnerBase):
         self._deliver(self._collect(chain))
         if chain.kind == "end":
             self._close_stream(chain.stream_id)
+            self.ending.discard(chain.stream_id)
         elif chain.kind == "flush":
             for stream_id in [s for s in self.ledger if self._shard(s) == chain.shard]:
                 self._close_stream(stream_id)
