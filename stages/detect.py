@@ -89,6 +89,10 @@ class DetectOptions:
         "whose anchors have fixed pixel sizes (Faster R-CNN, RetinaNet, FCOS), letterbox for YOLOX, off for "
         "SSD/SSDLite, which scale every input to a fixed size, so a crop sees its objects at the wrong scale",
     )
+    crop_margin: bool = _field(False, "the canvas's regions also take the gate's tile_margin ring (the segmenter's "
+                               "need: its masks reach past the change). Off, a region is the tiles that changed, grown "
+                               "around the boxes they touch, and the ring is context through crop_halo: the same boxes "
+                               "on the real clips for 7% less detector work (docs/skipping.md)")
     crop_halo: float = _field(1.0, "margin around the changed tiles, in tiles, so objects crossing the crop edge are seen whole", lo=0.0, hi=64)
     crop_max_area: float = _field(
         0.5, "run the whole frame when the crop would cover more than this fraction of it (letterbox: when the "
@@ -315,7 +319,8 @@ class Detect(ModelStage):
         tiles = frame.mark.tiles
         rows, cols = tiles["grid"]
         previous = self._boxes[frame.stream_id].result.get("boxes") or []
-        inners = object_regions(tiles["grid"], tiles["changed"], frame.height, frame.width, previous)
+        changed = tiles["changed"] if self.options.crop_margin else tiles.get("core", tiles["changed"])
+        inners = object_regions(tiles["grid"], changed, frame.height, frame.width, previous)
         scale, content = self._letterbox_scale(frame)
         halo = (self.options.crop_halo * frame.width / cols, self.options.crop_halo * frame.height / rows)
         full = self._full_input(frame)

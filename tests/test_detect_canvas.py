@@ -167,6 +167,33 @@ def test_an_object_only_partly_in_the_change_is_looked_at_whole_and_replaced():
     assert result["crop"]["regions"][0][0] == 0  # the region reaches back over the whole previous box
 
 
+def test_regions_leave_the_gates_margin_ring_to_the_halo_unless_asked_and_find_the_same_boxes():
+    """The gate's tile_margin ring is the segmenter's need (its masks reach past the change): the detector's
+    regions are the tiles that changed, the ring only context through crop_halo, for a smaller canvas."""
+    first = scene([((60, 60, 100, 100), RED), ((500, 360, 540, 400), BLUE), ((400, 40, 440, 80), GREEN)])
+    moved = scene([((70, 64, 110, 104), RED), ((490, 370, 530, 410), BLUE), ((400, 40, 440, 80), GREEN)])
+    results = {}
+    for ring in (True, False):
+        frames = gated(letterbox_stage(crop_margin=ring), [first, moved])
+        tiles = frames[1].gate.tiles
+        assert set(tiles["core"]) < set(tiles["changed"])  # tile_margin 1 (the default): the ring is the difference
+        results[ring] = frames[1].results["detect"]
+    assert results[False]["crop"]["area"] < results[True]["crop"]["area"]
+    expected = fresh(moved)
+    for result in results.values():
+        assert sorted(zip(result["classes"], result["boxes"])) == sorted(zip(expected["classes"], expected["boxes"]))
+
+
+def test_the_gate_names_the_core_tiles_only_when_there_is_a_ring():
+    first = scene([((60, 60, 100, 100), RED)])
+    moved = scene([((70, 64, 110, 104), RED)])
+    for margin, has_core in ((0, False), (1, True)):
+        cfg = GateConfig(enabled=True, max_reuse=100, threshold=0.001, tile_margin=margin, carry_until={})
+        frame = Gate(cfg).process(frames_of([first, moved]))[1]
+        assert frame.results["gate"]["decision"] == "partial"
+        assert ("core" in frame.gate.tiles) is has_core and frame.gate.tiles["changed"]
+
+
 def test_the_full_frame_runs_when_the_canvas_would_cost_too_much():
     first = scene([((60, 60, 100, 100), RED), ((500, 360, 540, 400), BLUE)])
     moved = scene([((70, 64, 110, 104), RED), ((490, 370, 530, 410), BLUE)])

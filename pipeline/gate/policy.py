@@ -117,6 +117,7 @@ class _Change:
     compensated: bool = False
     weighted: float | None = None  # object_weight, region_budget: changed pixels counted by where they are
     grid: np.ndarray | None = None  # region_budget: the tiles that changed (rows, cols; bool)
+    core: list[int] | None = None  # the changed tiles without tile_margin's ring (None: no ring)
 
     @property
     def score(self) -> float:
@@ -255,7 +256,8 @@ class GatePolicy:
             on_objects = np.count_nonzero(mask & state.objects)
             weighted = min(1.0, (count + (cfg.object_weight - 1.0) * on_objects) / mask.size)
         grid = changed_tile_grid(mask, cfg.tiles, cfg.tile_min_changed) if cfg.region_budget and cfg.tiles else None
-        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted, grid)
+        core = changed_tiles(plain, cfg.tiles, 0, cfg.tile_min_changed) if tiles and cfg.tile_margin else None
+        return _Change(float(mask.mean()), largest_component(mask) / mask.size, tiles, compensated, weighted, grid, core)
 
     def _refresh_reason(self, state: _StreamState, change: _Change) -> str | None:
         cfg = self.cfg
@@ -435,11 +437,14 @@ class GatePolicy:
         frame.results[RESULT_KEY] = self._result(state, "refresh", "stale" if audit else "changed", change,
                                                 stages=stages, keyframe=key, **extra)
 
-    def _tiles_meta(self, state: _StreamState, tiles: list[int] | None) -> dict[str, Any]:
-        """What the stages' region recompute needs: the changed tiles (None: the whole frame) and the frame
-        each stage's cache holds (``base``: every stage's; ``bases``: stages refreshed since)."""
+    def _tiles_meta(self, state: _StreamState, tiles: list[int] | None, core: list[int] | None = None) -> dict[str, Any]:
+        """What the stages' region recompute needs: the changed tiles (None: the whole frame), those without
+        the margin's ring (``core``, a partial frame's when there is a ring) and the frame each stage's cache
+        holds (``base``: every stage's; ``bases``: stages refreshed since)."""
         meta: dict[str, Any] = {"grid": list(self.cfg.tiles), "changed": None if tiles is None else list(tiles),
                                 "base": None if tiles is None else state.full_index}
+        if tiles is not None and core is not None:
+            meta["core"] = list(core)
         bases = {stage: index for stage, index in state.ran.items() if index != state.full_index}
         if tiles is not None and bases:
             meta["bases"] = bases
@@ -464,7 +469,7 @@ class GatePolicy:
 
     def _partial(self, frame: Frame, signal: np.ndarray, state: _StreamState, change: _Change) -> None:
         self._patch_reference(state, signal, change.tiles)
-        frame.gate.tiles = self._tiles_meta(state, change.tiles)
+        frame.gate.tiles = self._tiles_meta(state, change.tiles, change.core)
         self._processed(state, frame.index)
         self._ran_all(state, frame.index)
         state.partial_run += 1
