@@ -68,7 +68,10 @@ class Frame:
     results: dict[str, Any] = field(default_factory=dict)
     outcome: Outcome | None = None
     error: str | None = None
-    decoded_at: float = field(default_factory=time.time)
+    decoded_at: float = field(default_factory=time.time)  # or a camera's capture time: latency counts from it
+    #: when the frame reached the runner: what a live wave's wait (max_wait_ms) counts from. A frame captured
+    #: long ago is not late for its wave; counting from the capture, a run that fell behind sent waves of one
+    arrived_at: float = field(default_factory=time.time)
     #: the pixels already on an accelerator, by device name (stages.common.device_image): the first model
     #: stage on a GPU uploads a frame, the later ones on it reuse that copy; never pickled, emptied by finish()
     device_images: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)

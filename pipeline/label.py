@@ -352,7 +352,10 @@ class LabelRun:
 
         source = dataclasses.replace(self.cfg.label.source, type="file", path=str(video.path), id=video.id)
         assert isinstance(source, SourceConfig)
-        cfg = dataclasses.replace(self.cfg, sources=[source], sinks=[])
+        # an archive is labelled in archive mode whatever the config says: live mode drops frames under load
+        # (and with it an action stage's labels follow the clip being held or not), which a label must not
+        runtime = dataclasses.replace(self.cfg.runtime, mode="archive")
+        cfg = dataclasses.replace(self.cfg, sources=[source], sinks=[], runtime=runtime)
         job = {"cfg": cfg, "video": video, "formats": self.formats, "threads": max(1, int(self.cfg.label.task_cpus))}
         if self.cfg.label.executor == "local":  # a crash leaves its scratch here, cleared by the next run
             job["scratch"] = str(self.scratch)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob as globlib
 import logging
+import math
 import queue
 import threading
 from dataclasses import dataclass
@@ -534,18 +535,45 @@ class FramesSource:
 
     def _frames(self, stream_id: str) -> Iterator[Frame]:
         rate = self.cfg.fps or 25.0
+        ahead_warned = False
         for index, item in enumerate(self.cfg.options.frames):
             if self.cfg.max_frames is not None and index >= self.cfg.max_frames:
                 return
-            image, captured = item if isinstance(item, tuple) and len(item) == 2 else (item, None)
+            paired = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], np.ndarray)
+            image, captured = item if paired else (item, None)
             frame = Frame(stream_id=stream_id, index=index, pts=index / rate, image=_checked_image(image, stream_id, index))
             if captured is not None:  # a camera's own timestamp: a frame read late still counts its wait
-                frame.decoded_at = float(captured)
+                frame.decoded_at = _capture_time(captured, stream_id, index, frame.arrived_at)
+                if frame.decoded_at == frame.arrived_at and captured > frame.arrived_at and not ahead_warned:
+                    ahead_warned = True
+                    log.warning("%s: capture times run ahead of this machine's clock (frame %d by %.3f s); latency "
+                                "counts from when such frames arrive", stream_id, index, captured - frame.arrived_at)
             yield frame
 
 
+#: a capture time this far ahead of the clock is in another unit (ms or ns since the epoch), not clock skew
+MAX_CAPTURE_AHEAD_S = 86400.0
+
+
+def _capture_time(value: Any, stream_id: str, index: int, now: float) -> float:
+    """A pair's capture time as seconds since the epoch, no later than ``now``; a SourceError naming the frame
+    for anything else."""
+    number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not number or not math.isfinite(value):
+        raise SourceError(f"{stream_id}: frame {index}'s capture time {value!r} is not a number; pass (image, "
+                          "time.time()) pairs (seconds since the epoch), or the images alone")
+    if value > now + MAX_CAPTURE_AHEAD_S:
+        raise SourceError(f"{stream_id}: frame {index}'s capture time {value:.6g} is {(value - now) / 86400:.0f} days "
+                          "ahead of this clock; capture times are seconds since the epoch (time.time()), not ms or ns")
+    return min(float(value), now)
+
+
 def _checked_image(image: Any, stream_id: str, index: int) -> np.ndarray:
-    array = np.asarray(image)
+    try:
+        array = np.asarray(image)
+    except (ValueError, TypeError) as exc:  # ragged nesting: a tuple of three, a list of mixed things
+        raise SourceError(f"{stream_id}: frame {index} is a {type(image).__name__}, not an image ({exc}); frames must "
+                          "be HxWx3 uint8 RGB arrays or (array, capture time) pairs") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or min(array.shape[:2]) < 1:
         raise SourceError(f"{stream_id}: frame {index} is {array.dtype} {array.shape}; frames must be HxWx3 uint8 RGB "
                           "arrays (convert with np.asarray(image.convert('RGB')) or arr.astype(np.uint8))")

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import blinkflow
+from blinkflow.errors import SourceError
 from tests.conftest import REPO_ROOT
 
 LIGHT = {"sinks": [], "stages.flow.enabled": False, "stages.action.enabled": False, "stages.segment.enabled": False}
@@ -43,6 +44,61 @@ def test_frames_with_their_capture_times_count_latency_from_the_capture():
     assert all(r["latency_ms"] >= 1700 for r in records[:3]) and records[3]["latency_ms"] < 1000
 
 
+def test_a_malformed_capture_time_or_frame_is_one_line_naming_the_frame():
+    import datetime
+    import time
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    cases = {"noon": "is not a number", float("nan"): "is not a number", float("inf"): "is not a number",
+             True: "is not a number", datetime.datetime.now(): "is not a number",
+             time.time_ns(): "days ahead of this clock; capture times are seconds since the epoch"}
+    for captured, says in cases.items():
+        with pytest.raises(SourceError, match=says) as caught:
+            list(blinkflow.run({"sources": [blinkflow.frames([image, (image, captured)], id="cam")],
+                                "gate": {"enabled": False}}))
+        assert str(caught.value).startswith("cam: frame 1") and "\n" not in str(caught.value)
+    with pytest.raises(SourceError, match="frame 0 is a tuple, not an image"):
+        list(blinkflow.run({"sources": [blinkflow.frames([(image, time.time(), "meta")], id="cam")],
+                            "gate": {"enabled": False}}))
+
+
+def test_capture_times_from_a_clock_ahead_count_from_arrival_and_lists_are_pairs_too(caplog):
+    import time
+
+    image = np.zeros((8, 8, 3), np.uint8)
+    frames = [[image, time.time() - 1.0], (image, time.time() + 5.0), (image, time.time() + 6.0)]
+    records = list(blinkflow.run({"sources": [blinkflow.frames(frames, id="cam")], "gate": {"enabled": False}}))
+    assert records[0]["latency_ms"] >= 900  # a list pair counts from its capture
+    assert all(0 <= r["latency_ms"] < 900 for r in records[1:]) and records[1]["ts"] <= time.time()
+    assert sum("run ahead of this machine's clock" in r.message for r in caplog.records) == 1  # once a stream
+
+
+@pytest.mark.parametrize("runner", ["local", "threaded"])
+def test_frames_captured_long_ago_still_go_in_full_live_waves(runner, monkeypatch):
+    """A wave's wait counts from when its frames arrived, not from their capture: counting from the capture, a
+    run that was behind sent every frame alone and fell further behind."""
+    import time
+
+    from blinkflow.runners.base import StageCaller
+
+    sizes = []
+    original = StageCaller._process_batch
+
+    def recorded(self, frames):
+        if self.name == "chaos":
+            sizes.append(len(frames))
+        return original(self, frames)
+
+    monkeypatch.setattr(StageCaller, "_process_batch", recorded)
+    old = time.time() - 10.0
+    frames = [(np.zeros((8, 8, 3), np.uint8), old + i / 100) for i in range(16)]
+    records = list(blinkflow.run({"sources": [blinkflow.frames(frames, id="cam")], "gate": {"enabled": False},
+                                  "runtime": {"mode": "live", "runner": runner, "max_in_flight": 64},
+                                  "stages": {"chaos": {"batch": 4, "max_wait_ms": 500}}}))
+    assert len(records) == 16 and all(r["latency_ms"] >= 9000 for r in records)
+    assert sizes == [4, 4, 4, 4], sizes
+
+
 def test_stopping_the_loop_stops_the_pipeline():
     frames = (np.full((64, 64, 3), 7, np.uint8) for _ in range(10_000))
     seen = 0
@@ -73,7 +129,7 @@ def test_ctrl_c_in_the_loop_drains_the_run_and_commits_the_configs_sinks(tmp_pat
 
 
 def test_a_bad_frame_raises_its_one_line_error():
-    with pytest.raises(blinkflow.SourceError, match="frame 1 is float32 .* must be HxWx3 uint8 RGB"):
+    with pytest.raises(SourceError, match="frame 1 is float32 .* must be HxWx3 uint8 RGB"):
         list(blinkflow.run({"sources": [blinkflow.frames([np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8), np.float32)])]}))
 
 

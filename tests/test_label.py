@@ -158,6 +158,17 @@ def test_the_threaded_runner_labels_the_same_bytes_as_the_local_one(tmp_path, li
     assert output_files(tmp_path / "threaded") == output_files(tmp_path / "local")
 
 
+def test_an_archive_is_labelled_in_archive_mode_whatever_the_config_says(tmp_path, light_config):
+    """A camera config (runtime.mode: live) used to label files: live mode drops frames once max_in_flight
+    waves are out, and the threaded runner then recorded a video with 28 of its 40 frames dropped as done."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=40)
+    summary = label([clip], tmp_path / "out", light_config, "runtime.runner=threaded", "runtime.mode=live",
+                    "runtime.max_in_flight=1", "stages.chaos.options.sleep_ms=30")
+    records = [json.loads(line) for line in (tmp_path / "out" / "clip.jsonl").read_text().splitlines()]
+    assert summary["done"] == 1 and [r["index"] for r in records] == list(range(40))
+    assert {r["outcome"] for r in records} <= {"processed", "reused"}
+
+
 def test_crash_between_outputs_and_manifest_redoes_the_video(tmp_path, light_config, monkeypatch):
     clip = write_test_video(tmp_path / "clip.mp4", frames=5)
     reference = label([clip], tmp_path / "ref", light_config)

@@ -207,6 +207,18 @@ def test_a_live_wave_goes_after_max_wait_ms_while_another_shard_keeps_the_hub_bu
     assert len(slow) == 1 and slow[0].outcome is Outcome.PROCESSED and slow[0].latency_s < 0.25, slow[0].latency_s
 
 
+def test_quiet_live_streams_tick_at_max_wait_ms_but_never_in_a_busy_loop():
+    def tick_s(mode, max_wait_ms):
+        cfg = load_config(data={"sources": [], "runtime": {"mode": mode},
+                                "stages": {"chaos": {"batch": 4, "max_wait_ms": max_wait_ms}}})
+        return ThreadedRunner(cfg).tick_s()
+
+    assert tick_s("live", 20) == pytest.approx(0.02)
+    assert tick_s("live", 1) == pytest.approx(0.005)  # MIN_TICK_MS
+    assert tick_s("live", 0) is None  # every frame goes as it comes: nothing waits for a tick (a 0 s tick spun)
+    assert tick_s("archive", 20) is None
+
+
 def test_the_hub_ticks_while_its_streams_are_quiet_and_only_when_asked():
     from blinkflow.streams import StreamHub
 

@@ -21,6 +21,9 @@ from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 
 log = logging.getLogger(__name__)
 
+#: the shortest interval at which quiet live streams tick (see RunnerBase.tick_s)
+MIN_TICK_MS = 5.0
+
 
 class RunnerBase:
     """What every runner holds: the config and its stage graph, the sinks, who hears of each result."""
@@ -38,6 +41,14 @@ class RunnerBase:
         # frame has waited the shortest max_wait_ms of the stages
         self.wave_size = max([spec.batch for spec in self.specs] or [1])
         self.max_wait_ms = min([getattr(spec.cfg, "max_wait_ms", 20.0) for spec in self.specs] or [20.0])
+
+    def tick_s(self) -> float | None:
+        """How often quiet live streams wake the driver to send a wave that has waited ``max_wait_ms``: never in
+        archive mode, nor at 0 ms (every frame then goes as it comes), and at most every MIN_TICK_MS (a hub
+        ticking at 0 s spun a core)."""
+        if self.cfg.runtime.mode != "live" or self.max_wait_ms <= 0:
+            return None
+        return max(self.max_wait_ms, MIN_TICK_MS) / 1000.0
 
 
 class StageCaller:

@@ -99,7 +99,7 @@ class ChainRunner(RunnerBase):
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
         live = self.cfg.runtime.mode == "live"
-        for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=self.max_wait_ms / 1000.0 if live else None):
+        for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=self.tick_s()):
             if isinstance(item, Tick):  # quiet live streams: send waves that waited long enough, hand out results
                 self._consume_ready()
                 self._admit_all(pending)
@@ -154,7 +154,7 @@ class ChainRunner(RunnerBase):
         bounded whatever the input rate; each frame pushed out is ``dropped``.
         """
         self._consume_ready()
-        oldest_wait_ms = (time.time() - waiting[0].decoded_at) * 1000.0 if waiting else 0.0
+        oldest_wait_ms = (time.time() - waiting[0].arrived_at) * 1000.0 if waiting else 0.0
         full = len(waiting) >= self.wave_size or oldest_wait_ms >= self.max_wait_ms
         if full and len(self.chains) < self.cfg.runtime.max_in_flight:
             self._submit_wave(waiting[: self.wave_size], shard)

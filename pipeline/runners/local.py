@@ -58,9 +58,9 @@ class LocalRunner(RunnerBase):
         live = self.cfg.runtime.mode == "live"
         max_wait_s = self.max_wait_ms / 1000.0 if live else float("inf")
         wave: list[Frame] = []
-        for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=max_wait_s if live else None):
+        for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=self.tick_s()):
             if isinstance(item, Tick):  # quiet live streams: the wave goes once it has waited long enough
-                if wave and time.time() - wave[0].decoded_at >= max_wait_s:
+                if wave and time.time() - wave[0].arrived_at >= max_wait_s:
                     output.push(chain.process(wave))
                     wave = []
                 continue
@@ -78,7 +78,7 @@ class LocalRunner(RunnerBase):
                 output.push([item])
                 continue
             wave.append(item)
-            if len(wave) >= self.wave_size or time.time() - wave[0].decoded_at >= max_wait_s:
+            if len(wave) >= self.wave_size or time.time() - wave[0].arrived_at >= max_wait_s:
                 output.push(chain.process(wave))
                 wave = []
         output.push(chain.process(wave))
