@@ -352,8 +352,8 @@ class LabelRun:
 
         source = dataclasses.replace(self.cfg.label.source, type="file", path=str(video.path), id=video.id)
         assert isinstance(source, SourceConfig)
-        # an archive is labelled in archive mode whatever the config says: live mode drops frames under load
-        # (and with it an action stage's labels follow the clip being held or not), which a label must not
+        # an archive is labelled in archive mode whatever the config says: live mode drops frames under load,
+        # which a label must not (an action stage's hold was settled when the config loaded, and is in the digest)
         runtime = dataclasses.replace(self.cfg.runtime, mode="archive")
         cfg = dataclasses.replace(self.cfg, sources=[source], sinks=[], runtime=runtime)
         job = {"cfg": cfg, "video": video, "formats": self.formats, "threads": max(1, int(self.cfg.label.task_cpus))}
