@@ -273,16 +273,31 @@ class Action(ModelStage):
 
     def _finish(self, states: list[_StreamState]) -> list[Frame]:
         """Run the ended streams' partial windows and release every frame they hold."""
-        windows = [w for state in states for w in self._close(state)]
-        try:
-            self._run_windows(windows)
-        except Exception as exc:  # no later call can retry an ended stream: fail its tail, never lose it
-            log.warning("%s: final windows failed: %s", self.name, exc)
-            for entry in (e for state in states for e in state.held):
-                if entry.window is None or entry.window.result is None:
-                    entry.frame.fail(self.name, exc)
+        errors = self._run_final([w for state in states for w in self._close(state)])
+        for entry in (e for state in states for e in state.held):  # no later call can retry an ended stream:
+            if entry.window is not None and id(entry.window) in errors:  # fail its tail, never lose it
+                entry.frame.fail(self.name, errors[id(entry.window)])
         # frames of a stream that never had an active frame leave without a result
         return [f for state in states for f in self._release(state, everything=True)]
+
+    def _run_final(self, windows: list[_Window]) -> dict[int, Exception]:
+        """The final windows in one forward, or, when that fails, each alone, so that one stream's bad clip fails
+        only its own tail; the errors by window (``id``)."""
+        try:
+            self._run_windows(windows)
+            return {}
+        except Exception as exc:  # noqa: BLE001 - a model failure becomes the frames' error
+            if len(windows) == 1:
+                log.warning("%s: final window failed: %s", self.name, exc)
+                return {id(windows[0]): exc}
+        errors = {}
+        for window in windows:
+            try:
+                self._run_windows([window])
+            except Exception as exc:  # noqa: BLE001 - as above, for this window's frames only
+                log.warning("%s: final window %s failed: %s", self.name, [window.first_index, window.last_index], exc)
+                errors[id(window)] = exc
+        return errors
 
     # ------------------------------------------------------------------ model
 

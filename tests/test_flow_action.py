@@ -332,6 +332,26 @@ def test_action_final_window_failure_fails_the_tail_instead_of_losing_it():
     assert released == frames[4:]
     assert all(f.is_failed and "action" in f.error and "action" not in f.results for f in released)
 
+def test_action_one_streams_failing_final_clip_fails_only_its_own_tail():
+    stage = make_action_stage(clip_len=4, stride=4)
+    good, bad = make_frames(6, height=16, width=16), make_frames(6, stream="bad", height=16, width=16)
+    for frame in bad:
+        frame.image[:] = 255  # the clip the model fails on
+    assert stage.process(good + bad) == good[:4] + bad[:4]
+    model = stage.model
+
+    def fails_on_white(clips):
+        if bool((clips > 0.99).all(dim=(1, 2, 3, 4)).any()):
+            raise RuntimeError("device lost")
+        return model(clips)
+
+    stage.model = fails_on_white
+    released = stage.flush()
+    assert sorted((f.stream_id, f.index) for f in released) == sorted([("cam", 4), ("cam", 5), ("bad", 4), ("bad", 5)])
+    assert all(f.is_failed and "device lost" in f.error for f in released if f.stream_id == "bad")
+    assert all(not f.is_failed and f.results["action"]["window"] == [4, 5] for f in released if f.stream_id == "cam")
+
+
 def test_action_clip_shape_mismatch_is_a_stage_error():
     from blinkflow.stages.action import Action
 
