@@ -14,6 +14,7 @@ import hmac
 import ipaddress
 import logging
 import os
+import re
 import secrets
 import socket
 import sys
@@ -140,11 +141,19 @@ class ControlGuard:
         return None
 
     def _check_url(self, url: str) -> None:
-        parts = urlsplit(url)
+        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
+            # FFmpeg reads the URL as a C string: past a NUL it connects where this parser never looked
+            raise Refused(400, "the URL holds a space or a control character; percent-encode it")
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError as exc:
+            raise Refused(400, f"not a valid URL ({exc})") from None
         scheme = parts.scheme.lower()
         if scheme in ("", "file") or url.startswith("/dev/"):
             path = parts.path if scheme == "file" else url
-            if not any(fnmatch.fnmatch(str(Path(path)), pattern) for pattern in self.allow_local):
+            # '..' resolved first: fnmatch's '*' matches it (clips/*/../../etc/x would pass a clips/* glob)
+            if not any(fnmatch.fnmatch(os.path.normpath(path), pattern) for pattern in self.allow_local):
                 raise Refused(403, "local files and devices are not opened from the control endpoint; list them "
                                    "(or a glob) in control.allow_local")
             return
@@ -201,7 +210,7 @@ def content_length(headers: Any) -> int:
     text = headers.get("Content-Length")
     if text is None:
         return 0
-    if not text.strip().isdigit():
+    if not re.fullmatch(r"[0-9]+", text.strip()):  # str.isdigit() takes '²', which int() refuses
         raise Refused(400, f"Content-Length {text!r} is not a byte count")
     return int(text)
 
@@ -227,7 +236,7 @@ def resolve(hostname: str) -> list[ipaddress._BaseAddress]:
         pass
     try:
         infos = socket.getaddrinfo(hostname, None)
-    except OSError:
+    except (OSError, UnicodeError):  # a label over 63 characters fails IDNA encoding
         return []
     return sorted({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}, key=str)
 

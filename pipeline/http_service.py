@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -18,20 +20,34 @@ from blinkflow.errors import BlinkflowError
 log = logging.getLogger(__name__)
 
 
+#: the longest a connection may take, from accepting it to the last byte of the answer: the socket timeout
+#: bounds one read, and a client sending a header byte every few seconds (slowloris) would otherwise hold a
+#: slot forever; with every slot held so, the operator's own POST /stop was turned away
+REQUEST_DEADLINE_S = 15.0
+_BUSY = b'{"error": "busy: too many requests at once; retry in a moment"}\n'
+
+
 class _BoundedServer(ThreadingHTTPServer):
     """A threaded server with at most ``max_threads`` requests at once: more are turned away with 503
-    right away, so stalled or flooding clients cannot pile up threads."""
+    right away, so stalled or flooding clients cannot pile up threads, and each connection is cut after
+    ``REQUEST_DEADLINE_S``, so slow ones cannot hold the slots."""
 
     daemon_threads = True  # a hung client must not keep the process alive
+    request_deadline_s = REQUEST_DEADLINE_S
 
     def __init__(self, address: Any, handler: Any, max_threads: int) -> None:
-        super().__init__(address, handler)
         self._slots = threading.BoundedSemaphore(max_threads)
+        self._deadlines: dict[Any, float] = {}  # open connection -> when it is cut
+        self._deadlines_lock = threading.Lock()
+        self._closing = threading.Event()  # before binding: a failed bind calls server_close
+        super().__init__(address, handler)
+        threading.Thread(target=self._cut_late, name="http-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
             with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
             self.shutdown_request(request)
             return
         try:
@@ -49,10 +65,29 @@ class _BoundedServer(ThreadingHTTPServer):
         log.log(level, "http request from %s failed: %s", client_address[0], error)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + self.request_deadline_s
         try:
             super().process_request_thread(request, client_address)
         finally:
+            with self._deadlines_lock:
+                self._deadlines.pop(request, None)
             self._slots.release()
+
+    def _cut_late(self) -> None:
+        """One thread for every connection's deadline: a late one is shut down, so its blocked read returns
+        and its handler thread ends."""
+        while not self._closing.wait(min(0.25, self.request_deadline_s / 4)):
+            now = time.monotonic()
+            with self._deadlines_lock:
+                late = [request for request, deadline in self._deadlines.items() if deadline <= now]
+            for request in late:
+                with contextlib.suppress(OSError):
+                    request.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        self._closing.set()
+        super().server_close()
 
 
 class HTTPService:

@@ -29,6 +29,7 @@ _USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[
 _QUERY_PAIR = re.compile(r"(?P<sep>[?&;]|(?:^|(?<=[\s,(\[{'\"])))(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;\s'\"<>#)]*)")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-._~+/]+=*")
 _known_secrets: set[str] = set()
+_pattern_cache: tuple[int, re.Pattern[str] | None] = (0, None)
 _lock = threading.Lock()
 
 
@@ -57,26 +58,36 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def redact_text(text: str) -> str:
-    """Scrub credentials from free text."""
-    with _lock:
-        known = sorted(_known_secrets, key=len, reverse=True)
-    for secret in known:  # first: the patterns below stop at ':' or ')', which a known secret may hold
-        if len(secret) >= 4:
-            text = text.replace(secret, MASK)
-        else:  # a short password only as a whole word, or every "a" of the text would go
-            text = re.sub(rf"(?<![\w]){re.escape(secret)}(?![\w])", MASK, text)
+def redact_text(text: str, known: bool = True) -> str:
+    """Scrub credentials from free text (``known``: the passwords of the URLs opened so far too)."""
+    pattern = _known_pattern() if known else None
+    if pattern is not None:  # first: the patterns below stop at ':' or ')', which a known secret may hold
+        text = pattern.sub(MASK, text)
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)}{MASK}", text)
     return _QUERY_PAIR.sub(lambda m: f"{m['sep']}{m['key']}={MASK}" if is_secret_key(m["key"]) else m.group(0), text)
 
 
+def _known_pattern() -> re.Pattern[str] | None:
+    """One pattern for every known secret, longest first (one pass per text however many streams came and
+    went), rebuilt when a secret is learned; a short password only as a whole word, or every "a" would go."""
+    global _pattern_cache
+    with _lock:
+        if _pattern_cache[0] != len(_known_secrets):  # the set only grows
+            parts = [re.escape(s) if len(s) >= 4 else rf"(?<!\w){re.escape(s)}(?!\w)"
+                     for s in sorted(_known_secrets, key=lambda s: (-len(s), s))]
+            _pattern_cache = (len(_known_secrets), re.compile("|".join(parts)) if parts else None)
+        return _pattern_cache[1]
+
+
 def redact_obj(value: Any) -> Any:
-    """A JSON-like value (summary, API reply) with :func:`redact_text` applied to every string in it, keys too."""
+    """A JSON-like value (summary, API reply) with :func:`redact_text` applied to every string in it. Keys are
+    scrubbed of URL credentials only: they are the reply's own names, and a learned password that is also a word
+    ("id", "stream") must not rename "id" or "streams" for every client."""
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, dict):
-        return {redact_obj(k): redact_obj(v) for k, v in value.items()}
+        return {redact_text(k, known=False) if isinstance(k, str) else k: redact_obj(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact_obj(v) for v in value]
     return value

@@ -148,8 +148,10 @@ def _join(path: str, key: Any) -> str:
 
 def _check_range(f: dataclasses.Field, value: Any, path: str) -> None:
     lo, hi = f.metadata.get("range", (None, None))
-    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or (lo is None and hi is None):
         return
+    if value != value:  # NaN passes every comparison (a NaN backoff retried a dead camera without a pause)
+        raise ConfigError(f"{path}: NaN is not a number in range ({lo}..{hi})")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ConfigError(f"{path}: {value} is out of range ({lo}..{hi})")
 

@@ -87,8 +87,9 @@ class StreamOptions:
     max_retries: int = setting(
         -1, "failed reconnection attempts in a row before the stream is given up; -1 retries forever", lo=-1, hi=10**9
     )
-    backoff_initial_s: float = setting(0.5, "wait before the first reconnection attempt", lo=0.0, hi=3600)
-    backoff_max_s: float = setting(30.0, "longest wait between reconnection attempts", lo=0.0, hi=3600)
+    backoff_initial_s: float = setting(0.5, "wait before the first reconnection attempt (at least 0.05 s: a dead "
+                                            "camera must not be retried in a busy loop)", lo=0.05, hi=3600)
+    backoff_max_s: float = setting(30.0, "longest wait between reconnection attempts", lo=0.05, hi=3600)
     backoff_factor: float = setting(2.0, "each failed attempt multiplies the wait by this", lo=1.0, hi=100)
     backoff_jitter: float = setting(0.2, "random spread of each wait, as a fraction (0.2 = +-20%)", lo=0.0, hi=1.0)
     reconnect_on_eof: bool = setting(
@@ -128,7 +129,10 @@ def default_stream_id(url: str) -> str:
     if parts.scheme == "file":
         return Path(parts.path).stem
     host = parts.hostname or "stream"
-    port = f":{parts.port}" if parts.port else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError as exc:  # a port that is not a number in 0..65535
+        raise ConfigError(f"{redact_url(url)!r}: {exc}; fix the URL's port") from None
     path = parts.path.strip("/")
     return f"{host}{port}/{path}" if path else f"{host}{port}"
 
@@ -177,6 +181,10 @@ def input_spec(cfg: SourceConfig) -> tuple[str, str | None, dict[str, str]]:
 # --------------------------------------------------------------------------- backoff
 
 
+#: doublings (or steps of backoff_factor) after which the reconnection wait no longer grows
+MAX_BACKOFF_STEPS = 64
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with jitter: attempt n waits initial * factor**(n-1), capped, +-jitter."""
@@ -193,7 +201,9 @@ class Backoff:
         return cls(options.backoff_initial_s, options.backoff_max_s, options.backoff_factor, options.backoff_jitter)
 
     def delay(self, attempt: int) -> float:
-        base = min(self.max_s, self.initial_s * self.factor ** max(0, attempt - 1))
+        # the wait stops growing at max_s long before 64 doublings; past them factor ** attempt would overflow
+        # (2.0 ** 1024 raised after 8.5 hours of a camera offline and killed its decoder thread)
+        base = min(self.max_s, self.initial_s * self.factor ** min(max(0, attempt - 1), MAX_BACKOFF_STEPS))
         return max(0.0, base * (1.0 + self.jitter * self.rng.uniform(-1.0, 1.0)))
 
 
@@ -402,6 +412,8 @@ class LiveStream:
             raise _StreamDown(f"refused before connecting: {refusal}", permanent=True)
 
     def _on_connected(self) -> None:
+        if self._stopping.is_set():
+            return  # removed while connecting: no reconnect to count, no "up" to show
         self.connections += 1
         if self.connections > 1:
             self.reconnects += 1
@@ -463,8 +475,11 @@ class LiveStream:
             self._cond.notify_all()
 
     def _set_state(self, state: str, detail: str = "") -> None:
-        self.state = state
-        self._emit(StreamEvent(self.id, state, detail))
+        with self._cond:
+            if self._end is not None:  # stopped or ended: an open that finishes after a DELETE must not revive it
+                return
+            self.state = state
+            self._emit(StreamEvent(self.id, state, detail))
 
     def _finish_locked(self, error: str | None, kind: str) -> None:
         if self._end is not None:
@@ -713,13 +728,13 @@ class StreamHub:
         overflow = cfg.options.overflow
         if overflow == "auto":
             overflow = "drop_oldest" if self.mode == "live" else "block"
-        remember_secrets(cfg.url or "")
         install_log_redaction()
         with self._cond:
             if self._closed:
                 raise SourceError("the run is stopping; no streams can be added")
             if stream_id in self._streams:
                 raise SourceError(f"stream id {stream_id!r} is already in use; give the stream another id")
+            remember_secrets(cfg.url or "")  # a refused request teaches the scrubber nothing (the set only grows)
             stream = LiveStream(cfg, stream_id, self._cond, self._emit, overflow, connect_check)
             self._streams[stream_id] = stream
             self._finished.pop(stream_id, None)

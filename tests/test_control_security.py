@@ -3,6 +3,7 @@ loopback port, raw requests where a client library would tidy the probe away."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -166,3 +167,98 @@ def test_the_token_comes_from_the_environment_a_file_or_is_generated_once(tmp_pa
     control.token_file = None
     generated = ControlGuard.from_config(control).token
     assert len(generated) >= 32 and generated in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url, words", [
+    ("http://127.0.0.1:8080\u0000@93.184.215.14/x", "control character"),  # FFmpeg would stop at the NUL
+    ("rtsp://cam.example/a b", "control character"),
+    ("http://[::1/x", "not a valid URL"),
+    ("rtsp://h.example:99999/x", "not a valid URL"),
+    ("rtsp://h.example:abc/x", "not a valid URL"),
+])
+def test_a_url_this_parser_and_ffmpeg_would_read_apart_is_a_400(control, url, words):
+    for body in ({"url": url}, {"url": url, "id": "cam"}):  # without an id, the id is made from the URL
+        status, reply = post(control, body)
+        assert status == 400 and words in reply["error"], reply
+
+
+def test_a_host_name_too_long_to_resolve_gets_an_answer(control):
+    status, reply = post(control, {"url": "rtsp://" + "a" * 70 + ".example/x", "id": "long"})
+    assert status == 201, reply  # unresolvable here: FFmpeg cannot reach it either, and the stream says so
+
+
+def test_dot_dot_cannot_walk_out_of_an_allowed_folder():
+    guard = ControlGuard(token=None, allow_local=["/srv/replays/*"])
+    assert guard.connect_refusal("file:///srv/replays/door.mp4") is None
+    for url in ("file:///srv/replays/../secrets/key.mp4", "/srv/replays/../../etc/passwd"):
+        assert "control.allow_local" in guard.connect_refusal(url)
+
+
+def test_a_content_length_of_unicode_digits_is_a_400(control):
+    request = ("POST /streams HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer " + TOKEN
+               + "\r\nContent-Type: application/json\r\nContent-Length: \u00b2\r\n\r\n{}").encode("latin-1")
+    assert raw(control, request).startswith(b"HTTP/1.0 400")
+
+
+@pytest.fixture
+def two_slots(monkeypatch):
+    """A control endpoint that serves two requests at once."""
+    monkeypatch.setattr(ControlServer, "max_threads", 2)
+    hub = StreamHub(mode="live", keep_open=True)
+    server = ControlServer(hub, "127.0.0.1", 0, guard=ControlGuard(token=TOKEN)).start()
+    try:
+        yield server
+    finally:
+        hub.close(stop_streams=True)
+        server.stop()
+
+
+def _slow_clients(server, count: int) -> list[socket.socket]:
+    """Clients that send a header byte now and then and never finish (slowloris)."""
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(b"GET /streams HTTP/1.1\r\nX")
+        sockets.append(sock)
+    time.sleep(0.3)  # accepted, each holding a slot
+    return sockets
+
+
+def test_a_request_beyond_the_slots_is_told_so_in_json(two_slots):
+    sockets = _slow_clients(two_slots, 2)
+    try:
+        reply = raw(two_slots, f"GET /streams HTTP/1.1\r\nHost: 127.0.0.1:{two_slots.port}\r\n\r\n".encode())
+        head, body = reply.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.0 503") and json.loads(body)["error"].startswith("busy")
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_slow_clients_are_cut_at_the_deadline_and_the_operator_gets_through(two_slots, monkeypatch):
+    from blinkflow import http_service
+
+    monkeypatch.setattr(http_service._BoundedServer, "request_deadline_s", 0.5)
+    sockets = _slow_clients(two_slots, 2)
+    try:
+        time.sleep(1.0)
+        for sock in sockets:  # still trickling: the socket timeout alone never fired
+            with contextlib.suppress(OSError):
+                sock.sendall(b"x")
+        assert all(sock.recv(100) == b"" for sock in sockets)  # cut
+        status, reply = post(two_slots, {}, path="/stop")
+        assert status == 202, reply
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_a_learned_password_that_is_a_word_leaves_the_replys_keys_alone(control):
+    from blinkflow.redact import redact_obj, remember_secrets
+
+    remember_secrets("rtsp://admin:streams@198.18.0.9/live")
+    reply = redact_obj({"streams": [{"id": "cam", "url": "rtsp://admin:streams@198.18.0.9/live"}],
+                        "rtsp://u:pw@h/x": 1})
+    assert set(reply) == {"streams", "rtsp://***@h/x"} and "streams@" not in json.dumps(reply)
+    with urllib.request.urlopen(control.url + "/streams", timeout=10) as answer:
+        assert "streams" in json.loads(answer.read())  # the served reply too

@@ -217,6 +217,37 @@ def test_backoff_grows_exponentially_within_its_jitter_and_cap():
         assert max(delays) - min(delays) > 0.1 * base  # jittered, so cameras do not retry in lockstep
 
 
+def test_a_camera_offline_for_days_still_waits_its_capped_backoff():
+    """2.0 ** 1024 overflowed at the 1025th attempt (8.5 hours at the defaults) and killed the decoder thread."""
+    for factor in (2.0, 100.0):
+        delays = [Backoff(initial_s=0.5, max_s=30.0, factor=factor, jitter=0.2).delay(n) for n in (1025, 10**6)]
+        assert all(24.0 <= d <= 36.0 for d in delays), delays
+
+
+@pytest.mark.parametrize("setting, value", [("backoff_initial_s", 0), ("backoff_max_s", 0.0),
+                                            ("backoff_max_s", float("nan")), ("stall_timeout_s", float("nan")),
+                                            ("fps", float("nan"))])
+def test_a_backoff_that_would_retry_in_a_busy_loop_is_refused(setting, value):
+    with pytest.raises(ConfigError, match=rf"sources\.0\.{setting}: .*(out of range|NaN)"):
+        stream_config("rtsp://cam/x", **{setting: value})
+
+
+def test_a_stream_stopped_while_it_connects_stays_stopped():
+    """DELETE during av.open: the open that finishes afterwards must not mark the removed stream up again."""
+    hub = StreamHub(mode="live", keep_open=True)
+    events = []
+    hub.subscribe(events.append)
+    cfg = stream_config("rtsp://cam.invalid/x", id="cam").sources[0]
+    from blinkflow.streams import LiveStream
+
+    stream = LiveStream(cfg, "cam", hub._cond, hub._emit, "drop_oldest")
+    stream.stop()
+    stream._on_connected()
+    stream._set_state("down", "late")
+    assert stream.state == "stopped" and [e.kind for e in events] == ["stopped"]
+    assert stream.connections == 0
+
+
 # --------------------------------------------------------------------------- local streams
 
 
