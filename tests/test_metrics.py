@@ -81,7 +81,9 @@ def test_local_run_metrics_agree_with_the_run_summary():
         assert value(recorder, "blinkflow_stream_up", stream=stream) == 0  # ended
     assert total(recorder, "blinkflow_frames_total") == summary.totals["decoded"] == 21
     assert value(recorder, "blinkflow_stage_frames_total", stage="chaos") == summary.stage_frames["chaos"]
-    assert value(recorder, "blinkflow_stage_errors_total", stage="chaos") == summary.totals["failed"] == 2
+    # frame 0 of each stream fails in chaos; the frames that would carry its results over fail too (gate), until
+    # the gate hears of it audit_lag frames later
+    assert value(recorder, "blinkflow_stage_errors_total", stage="chaos") == 2 < summary.totals["failed"]
     latency_count = total(recorder, "blinkflow_e2e_latency_seconds_count")
     assert latency_count == summary.totals["processed"] + summary.totals["reused"]
     assert value(recorder, "blinkflow_ready") == 0

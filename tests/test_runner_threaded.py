@@ -219,6 +219,28 @@ def test_quiet_live_streams_tick_at_max_wait_ms_but_never_in_a_busy_loop():
     assert tick_s("archive", 20) is None
 
 
+@pytest.mark.parametrize("failing", [0, 5])
+def test_frames_that_would_carry_a_failed_frames_results_fail_and_the_gate_starts_afresh(failing):
+    """A keyframe (0) or a cut (5, another scene) on which a model stage fails: the reuses after it used to carry
+    an older frame's results (or nothing) as if they were its own."""
+    scenes = [np.full((48, 64, 3), 40, np.uint8)] * failing + [np.full((48, 64, 3), 200, np.uint8)] * (16 - failing)
+
+    def run_with(runner_cls):
+        cfg = load_config(data={"sources": [{"type": "frames", "id": "cam", "frames": [i.copy() for i in scenes]}],
+                                "gate": {"enabled": True, "threshold": 0.05, "batch": 2},
+                                "stages": {"chaos": {"batch": 2, "options": {"fail_indices": [failing]}}}})
+        return cfg.gate.audit_lag, run(runner_cls, cfg)[1]
+
+    lag, results = run_with(LocalRunner)
+    assert comparable(run_with(ThreadedRunner)[1]) == comparable(results)
+    stuck = [r for r in results if failing < r.index < failing + lag]
+    assert stuck and all(r.outcome is Outcome.FAILED and f"frame {failing}, whose results it reuses, failed" in r.error
+                         for r in stuck)
+    again = results[failing + lag]
+    assert again.outcome is Outcome.PROCESSED and again.results["gate"]["reason"] == "failed"
+    assert all(r.outcome is not Outcome.FAILED for r in results[failing + lag:])
+
+
 def test_the_hub_ticks_while_its_streams_are_quiet_and_only_when_asked():
     from blinkflow.streams import StreamHub
 

@@ -144,6 +144,7 @@ class CarryOver:
     stats: dict[str, StreamSkipStats] = field(default_factory=lambda: defaultdict(StreamSkipStats))
     _feedback: dict[str, list[tuple]] = field(default_factory=lambda: defaultdict(list))
     _boxes: dict[str, list[tuple[int, list[list[float]]]]] = field(default_factory=lambda: defaultdict(list))
+    _failed: dict[str, int] = field(default_factory=dict)  # a stream's latest failed processed frame, for the gate
 
     @classmethod
     def from_config(cls, gate_cfg: Any | None) -> "CarryOver":
@@ -221,11 +222,22 @@ class CarryOver:
         """
         return not (self.adaptive or self.objects) or next_index > frame.index - self.lag
 
+    def note_failed(self, frame: Any) -> None:
+        """A frame the gate had the models run on failed: the gate hears of it ``lag`` frames later, as it
+        hears of audits, so that it stops building on it (with the feedback's timing: the same in every runner)."""
+        if self.adaptive or self.objects:
+            self._failed[frame.stream_id] = frame.index
+
     def attach_feedback(self, frames: list[Any]) -> None:
         """Hand each frame the agreement of its stream's audits at least ``lag`` frames older, once, and
         (``objects``) the boxes of its stream's latest frame at least ``lag`` frames older."""
         for frame in frames:
             self._attach_boxes(frame)
+            failed = self._failed.get(frame.stream_id)
+            if failed is not None and failed <= frame.index - self.lag:
+                if frame.gate is None:
+                    frame.gate = GateMark()
+                frame.gate.failed = self._failed.pop(frame.stream_id)
             queue = self._feedback.get(frame.stream_id)
             if not queue:
                 continue
@@ -249,6 +261,7 @@ class CarryOver:
     def end_stream(self, stream_id: str) -> None:
         self._feedback.pop(stream_id, None)
         self._boxes.pop(stream_id, None)
+        self._failed.pop(stream_id, None)
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
         return {stream: stats.as_dict() for stream, stats in self.stats.items()}

@@ -159,7 +159,7 @@ class GatePolicy:
 
     def decide(self, frame: Frame) -> None:
         """Decide ``frame`` (its stream's next): set its gate mark and its ``gate`` result."""
-        feedback, objects = frame.mark.feedback, frame.mark.objects  # the driver's, attached before this call
+        mark = frame.mark  # the driver's feedback, objects and failures, attached before this call
         frame.gate = GateMark()  # the decision is made afresh
         self.follow_motion(frame)
         signal = gray_signal(frame.image, self.cfg.downscale)
@@ -170,7 +170,12 @@ class GatePolicy:
             return
         state.frames += 1
         state.last_index = frame.index
-        self._apply_feedback(state, feedback)
+        self._apply_feedback(state, mark.feedback)
+        objects = mark.objects
+        if mark.failed is not None and state.key_index <= mark.failed:
+            # the frame every reuse since builds on failed in a model stage: there is nothing to carry over
+            self._keyframe(frame, signal, state, _Change(1.0, 1.0), "failed")
+            return
         if objects is not None and self.cfg.uses_objects:
             state.objects = object_grid(objects, signal.shape, self.cfg.downscale, self.cfg.object_margin)
         if self.cfg.motion in ("mvs", "auto"):

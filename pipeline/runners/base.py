@@ -183,6 +183,8 @@ class OrderedOutput:
         self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
         self.next_index: dict[str, int] = defaultdict(int)
         self.last_processed: dict[str, dict[str, Any]] = {}
+        #: per stream, the latest frame the models ran on that failed, and why, until one runs whole again
+        self.broken: dict[str, tuple[int, str]] = {}
         self._tiebreak = 0
         #: driver stages from graph.build_driver_graph, set up here (they are cheap and pure Python)
         self.driver = StageChain([setup_stage(spec, metrics) for spec in driver_stages])
@@ -209,6 +211,7 @@ class OrderedOutput:
         self._deliver(self.driver.end_stream(stream_id))
         self.next_index.pop(stream_id, None)
         self.last_processed.pop(stream_id, None)
+        self.broken.pop(stream_id, None)
         self.carry.end_stream(stream_id)
 
     def close(self) -> None:
@@ -235,12 +238,23 @@ class OrderedOutput:
 
     def _emit(self, frame: Frame) -> None:
         keyframe_results = self.last_processed.get(frame.stream_id, {})
-        if (frame.is_reused or frame.is_refresh) and not frame.is_failed:
-            self.carry.fill(frame, keyframe_results)
+        broken = self.broken.get(frame.stream_id)
+        carried = frame.is_reused or frame.is_refresh
+        if carried and not frame.is_failed:
+            if broken is None:
+                self.carry.fill(frame, keyframe_results)
+            else:  # the results it would carry belong to an older frame: none rather than wrong ones
+                frame.fail("gate", f"nothing to carry over: frame {broken[0]}, whose results it reuses, failed "
+                                   f"({broken[1]})")
         outcome = frame.finish().outcome
-        self.carry.observe(frame, keyframe_results if outcome is Outcome.PROCESSED else None)
+        self.carry.observe(frame, keyframe_results if outcome is Outcome.PROCESSED and broken is None else None)
         if outcome is Outcome.PROCESSED:
+            if not carried:  # every model stage ran (a partial frame after a failure runs whole: stale caches)
+                self.broken.pop(frame.stream_id, None)
             self.last_processed[frame.stream_id] = dict(frame.results)
+        elif outcome is Outcome.FAILED and not carried and frame.gate is not None:
+            self.broken[frame.stream_id] = (frame.index, frame.error or "failed")
+            self.carry.note_failed(frame)
         self._deliver(self.driver.process([frame]) if self.driver.callers else [frame])
 
     def _deliver(self, frames: list[Frame]) -> None:
