@@ -114,6 +114,7 @@ def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.E
     a given hub may also get streams added and removed while the run goes on). Setting ``stop``
     ends the file lanes after the frame in hand (a graceful stop; the hub has its own close).
     ``tick_s``: once the file lanes are done, a ``Tick`` after each ``tick_s`` the live streams stay quiet."""
+    _check_distinct_ids(configs)
     live = [cfg for cfg in configs if cfg.type == "stream"]
     lanes = [open_lane(cfg) for cfg in configs if cfg.type != "stream"]
     if not live and hub is None:
@@ -130,6 +131,26 @@ def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.E
     if not hub.keep_open:
         hub.close()
     return _stopping_hub_on_exit(merge_lanes(lanes, hub, stop, tick_s), hub)
+
+
+def _check_distinct_ids(configs: list[SourceConfig]) -> None:
+    """Two inputs under one stream id would share its gate state, caches, tracks and output order (files named
+    alike in two folders: both ``clip``); refuse them before anything decodes. Listing a source's streams
+    opens nothing."""
+    from blinkflow.streams import default_stream_id
+
+    seen: dict[str, int] = {}
+    for number, cfg in enumerate(configs):
+        try:
+            ids = ({cfg.id or default_stream_id(cfg.url or "")} if cfg.type == "stream"
+                   else {stream.id for stream in open_lane(cfg)})
+        except SourceError:
+            continue  # an empty folder and the like: said when its lane runs
+        for stream_id in sorted(ids):
+            if stream_id in seen:
+                raise ConfigError(f"sources.{number}: its stream id {stream_id!r} is also one of sources.{seen[stream_id]}'s; "
+                                  "give the sources distinct ids (sources.N.id)")
+            seen[stream_id] = number
 
 
 def _stopping_hub_on_exit(items: Iterator[Frame | StreamEnd], hub: Any) -> Iterator[Frame | StreamEnd]:

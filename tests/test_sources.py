@@ -207,3 +207,21 @@ def test_without_a_cuda_decoder_hwaccel_decodes_on_the_cpu_says_so_once_and_coun
     exported = {sample.labels["source"]: sample.value for family in HwaccelCollector().collect()
                 for sample in family.samples}
     assert exported["hw-cam"] == before + 2
+
+
+def test_two_inputs_under_one_stream_id_are_refused_before_anything_decodes(tmp_path):
+    """Files named alike in two folders are both stream 'clip': they shared the gate's state and the output order."""
+    from blinkflow.runners.local import LocalRunner
+
+    for folder in ("cam1", "cam2"):
+        (tmp_path / folder).mkdir()
+        write_test_video(tmp_path / folder / "clip.mp4", frames=3)
+    sources = [{"type": "file", "path": str(tmp_path / folder / "clip.mp4")} for folder in ("cam1", "cam2")]
+    cfg = load_config(data={"sources": sources, "gate": {"enabled": True}, "stages": {"chaos": {}}})
+    with pytest.raises(ConfigError, match=r"^sources\.1: its stream id 'clip' is also one of sources\.0's; give"):
+        LocalRunner(cfg).run()
+    sources[1]["id"] = "cam2"
+    assert LocalRunner(load_config(data={"sources": sources, "stages": {"chaos": {}}})).run().totals["processed"] == 6
+    folders = [{"type": "dir", "path": str(tmp_path / folder)} for folder in ("cam1", "cam2")]  # ids from the files
+    with pytest.raises(ConfigError, match="stream id 'clip'"):
+        LocalRunner(load_config(data={"sources": folders, "stages": {"chaos": {}}})).run()
