@@ -1308,3 +1308,25 @@ def test_tiles_patched_during_an_exposure_ramp_leave_no_patchwork_with_relight_p
         assert decisions(frames)[2] == "reuse" and frames[2].results["gate"]["changed"] == 0.0
     else:  # the patched tile is at the new exposure, the rest at the old: no one gain fits, the tile reads as changed
         assert frames[2].results["gate"]["changed"] > 0.0
+
+
+def test_audits_from_before_a_resize_do_not_move_the_new_states_threshold():
+    """A camera that comes back at another size starts afresh; its older audits arrived audit_lag frames later
+    and raised the new state's threshold without the cap an audit of its own would have (0.01 -> 0.04)."""
+    from blinkflow.models.training.scenes import SceneGenerator
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink
+    from blinkflow.sources import _resize_array
+
+    scene = SceneGenerator(seed=7, width=96, height=64, num_objects=2, action="static", background_motion=False)
+    images = [scene.render_image(t) if t < 12 else _resize_array(scene.render_image(t), [128, 96]) for t in range(30)]
+    cfg = load_config(data={
+        "sources": [{"type": "frames", "id": "cam", "frames": images}],
+        "gate": {"enabled": True, "max_reuse": 4, "audit_lag": 8, "batch": 2, "lighting": False},
+        "stages": {"detect": {"batch": 2}, "segment": {"model": "unet_small", "batch": 2, "options": {"input_size": [32, 32]}}},
+    })
+    sink = MemorySink()
+    LocalRunner(cfg, sinks=[sink]).run()
+    gates = [r.results["gate"] for r in sink.results]
+    assert gates[12]["reason"] == "resized" and sum("audit" in r.results for r in sink.results[:12]) >= 2
+    assert {g["threshold"] for g in gates[12:]} == {cfg.gate.threshold}  # only its own (capped) audits move it

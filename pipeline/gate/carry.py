@@ -168,6 +168,8 @@ class CarryOver:
         gate = frame.results.get("gate")
         if not isinstance(gate, dict):
             return
+        if gate.get("reason") in ("restart", "resized"):
+            self._forget_before(frame.stream_id, frame.index)
         if self.objects and not frame.is_failed:
             self._boxes[frame.stream_id].append((frame.index, frame_boxes(frame.results)))
         stats = self.stats[frame.stream_id]
@@ -257,6 +259,14 @@ class CarryOver:
             frame.gate = GateMark()
         frame.gate.objects = due[-1][1]
         self._boxes[frame.stream_id] = queue[len(due) - 1 :]  # the latest due stays: the next frame may need it
+
+    def _forget_before(self, stream_id: str, index: int) -> None:
+        """The gate started the stream afresh at ``index`` (a restart, a new frame size): what the driver holds
+        for it from before (audits, boxes of another size, a failure) is not for the new state."""
+        self._feedback[stream_id] = [item for item in self._feedback.get(stream_id, []) if item[0] >= index]
+        self._boxes[stream_id] = [item for item in self._boxes.get(stream_id, []) if item[0] >= index]
+        if self._failed.get(stream_id, index) < index:
+            del self._failed[stream_id]
 
     def end_stream(self, stream_id: str) -> None:
         self._feedback.pop(stream_id, None)

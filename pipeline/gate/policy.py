@@ -107,6 +107,7 @@ class _StreamState:
     objects: np.ndarray | None = None  # object_weight, object_tiles: the recent boxes on the signal grid (bool)
     regions: np.ndarray | None = None  # region_budget: each tile's weight towards threshold (rows, cols)
     pending_regions: dict[int, np.ndarray] = field(default_factory=dict)  # audit index -> the tiles changed then
+    since_index: int = 0  # the frame this state began on (first, restart, resized): older audits are not its own
 
 
 @dataclass
@@ -327,6 +328,8 @@ class GatePolicy:
         ``adaptive``)."""
         cfg = self.cfg
         for index, score, *where in feedback or []:
+            if index < state.since_index:
+                continue  # an audit of the stream before it restarted or was resized: it says nothing of this state
             audited_change = state.pending_audits.pop(index, None)
             refreshed = state.pending_refresh.pop(index, None)
             changed = state.pending_regions.pop(index, None)
@@ -503,7 +506,7 @@ class GatePolicy:
     def _new_state(self, frame: Frame, signal: np.ndarray) -> _StreamState:
         state = _StreamState(frame.index, signal, frame.index, self.cfg.threshold, frames=1,
                              stale=dict.fromkeys(self.cfg.refresh, 0), bounds=dict(self.cfg.refresh), previous=signal,
-                             passing=dict.fromkeys(self.cfg.refresh, True))
+                             passing=dict.fromkeys(self.cfg.refresh, True), since_index=frame.index)
         self.streams[frame.stream_id] = state
         return state
 
