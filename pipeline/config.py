@@ -242,8 +242,9 @@ class GateConfig:
         return self.object_weight > 1.0 or self.object_tiles
 
     audit_lag: int = _field(
-        8, "adaptive: frames between an audit and the gate using its agreement (the same in both runners; "
-        "the Ray runner keeps at most this many frames of a stream unfinished)", lo=1, hi=10**6,
+        8, "adaptive: frames between an audit and the gate using its agreement (the same in every runner; "
+        "the threaded and Ray runners keep at most this many frames of a stream unfinished); at least one wave "
+        "(the largest stage batch), which a longer batch raises it to", lo=1, hi=10**6,
     )
 
 

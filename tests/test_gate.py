@@ -1330,3 +1330,21 @@ def test_audits_from_before_a_resize_do_not_move_the_new_states_threshold():
     gates = [r.results["gate"] for r in sink.results]
     assert gates[12]["reason"] == "resized" and sum("audit" in r.results for r in sink.results[:12]) >= 2
     assert {g["threshold"] for g in gates[12:]} == {cfg.gate.threshold}  # only its own (capped) audits move it
+
+
+def test_a_refresh_for_change_moves_the_boxes_it_carries_along_the_keyframes_flow():
+    """With motion: flow a carried refresh (carry_until) has neither reuse_of nor audit_of: its boxes stayed put."""
+    flow = np.zeros((2, 12, 16), np.float32)
+    flow[0] = 4.0  # frame 9 -> 10: everything 4 px to the right a frame
+    key = {"detect": {"boxes": [[20.0, 20.0, 40.0, 40.0]], "labels": [1], "scores": [0.9]},
+           "flow": {"flow": flow.tolist(), "pair": [9, 10], "scale": 1}}
+    carry = CarryOver(motion="flow")
+    reused = Frame("s", 12, 0.0, np.zeros((48, 64, 3), np.uint8))
+    reused.gate = GateMark(reuse_of=10)
+    refresh = Frame("s", 12, 0.0, np.zeros((48, 64, 3), np.uint8))
+    refresh.gate = GateMark(carried=["detect"])
+    refresh.results["gate"] = {"decision": "refresh", "reason": "changed", "keyframe": 10}
+    carry.fill(reused, key)
+    carry.fill(refresh, key)
+    assert refresh.results["detect"]["boxes"] == reused.results["detect"]["boxes"]
+    assert reused.results["detect"]["boxes"][0][0] > 20.0  # moved along the flow

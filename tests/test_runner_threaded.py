@@ -241,6 +241,25 @@ def test_frames_that_would_carry_a_failed_frames_results_fail_and_the_gate_start
     assert all(r.outcome is not Outcome.FAILED for r in results[failing + lag:])
 
 
+def test_two_gate_copies_give_the_local_runners_decisions_when_a_wave_is_longer_than_the_audit_lag():
+    """Per-shard waves (threaded, Ray) and mixed ones (local) gave the adaptive gate its feedback on different
+    frames once a wave was longer than audit_lag; the lag is now at least one wave."""
+    import zlib
+
+    assert zlib.crc32(b"a") % 2 != zlib.crc32(b"d") % 2  # one stream on each gate copy
+    cfg = load_config(data={
+        "sources": [{"type": "synthetic", "id": name, "seed": 7 + i, "width": 96, "height": 64, "num_frames": 24,
+                     "num_objects": 2, "action": "static", "static_camera": True} for i, name in enumerate("ad")],
+        "gate": {"enabled": True, "refresh": {"segment": 2}, "max_reuse": 8, "replicas": 2, "adapt_bounds": True,
+                 "audit_lag": 2, "batch": 4, "lighting": False},
+        "stages": {"detect": {"batch": 4}, "segment": {"model": "unet_small", "batch": 4, "options": {"input_size": [32, 32]}}},
+    })
+    _, local = run(LocalRunner, cfg)
+    _, threaded = run(ThreadedRunner, cfg)
+    assert sorted(comparable(threaded)) == sorted(comparable(local))
+    assert any("audit" in r.results for r in local)  # the feedback had something to say
+
+
 def test_the_hub_ticks_while_its_streams_are_quiet_and_only_when_asked():
     from blinkflow.streams import StreamHub
 

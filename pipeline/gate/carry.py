@@ -11,6 +11,7 @@ looked up by name in the registry: no model stage is named here.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ import numpy as np
 
 from blinkflow.frame import GateMark
 from blinkflow.gate.motion import is_still, motion_from_flow
+
+log = logging.getLogger(__name__)
 
 #: the results key of an audit's scores (``{"agreement", "boxes_f1", "mask_iou", "audit_of"}``); never carried over
 AUDIT_KEY = "audit"
@@ -147,12 +150,19 @@ class CarryOver:
     _failed: dict[str, int] = field(default_factory=dict)  # a stream's latest failed processed frame, for the gate
 
     @classmethod
-    def from_config(cls, gate_cfg: Any | None) -> "CarryOver":
+    def from_config(cls, gate_cfg: Any | None, wave_size: int = 1) -> "CarryOver":
+        """``wave_size``: the runner's waves. The lag is at least one wave: a frame's feedback is then always
+        from frames of earlier waves, whatever the runner sends together (with a longer wave than the lag, the
+        local runner's mixed waves and the threaded and Ray runners' per-shard ones gave the gate different
+        feedback, and so different decisions)."""
         if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
             return cls()
         regions = tuple(gate_cfg.tiles) if gate_cfg.region_budget and gate_cfg.tiles else None
-        return cls(motion=gate_cfg.motion, lag=gate_cfg.audit_lag, adaptive=gate_cfg.adaptive,
-                   objects=gate_cfg.uses_objects, regions=regions)
+        lag = max(gate_cfg.audit_lag, wave_size)
+        if lag > gate_cfg.audit_lag and (gate_cfg.adaptive or gate_cfg.uses_objects):
+            log.info("gate: audit feedback %d frames late (one wave), not gate.audit_lag %d", lag, gate_cfg.audit_lag)
+        return cls(motion=gate_cfg.motion, lag=lag, adaptive=gate_cfg.adaptive, objects=gate_cfg.uses_objects,
+                   regions=regions)
 
     def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
         """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets
@@ -207,6 +217,8 @@ class CarryOver:
             return np.asarray(mark.motion, dtype=np.float32)
         if self.motion in ("flow", "auto"):
             key = mark.reuse_of if mark.reuse_of is not None else mark.audit_of
+            if key is None and mark.carried:  # a refresh for change carries stages from the gate's keyframe
+                key = (frame.results.get("gate") or {}).get("keyframe")
             if key is not None:
                 return motion_from_flow(keyframe_results.get("flow"), int(key), frame.index)
         return None

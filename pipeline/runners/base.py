@@ -173,13 +173,14 @@ class OrderedOutput:
     """
 
     def __init__(self, sinks: list[Any], accounting: Accounting, on_result: Callable[[FrameResult], None] | None = None,
-                 metrics: MetricsRecorder = NULL_RECORDER, gate: Any = None, driver_stages: list[Any] = ()):
+                 metrics: MetricsRecorder = NULL_RECORDER, gate: Any = None, driver_stages: list[Any] = (),
+                 wave_size: int = 1):
         self.sinks = sinks
         self.accounting = accounting
         self.on_result = on_result
         self.metrics = metrics
         #: the gate's driver half: motion-compensated carry-over, audit scores, per-stream skip stats
-        self.carry = CarryOver.from_config(gate)
+        self.carry = CarryOver.from_config(gate, wave_size)
         self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
         self.next_index: dict[str, int] = defaultdict(int)
         self.last_processed: dict[str, dict[str, Any]] = {}

@@ -28,7 +28,7 @@ class LocalRunner(RunnerBase):
         started = time.perf_counter()
         accounting = Accounting()
         output = OrderedOutput(self.sinks, accounting, self.on_result, self.metrics, gate=self.cfg.gate,
-                               driver_stages=build_driver_graph(self.cfg))
+                               driver_stages=build_driver_graph(self.cfg), wave_size=self.wave_size)
         callers: list[StageCaller] = []
         with committed_sinks(self.sinks):
             try:
