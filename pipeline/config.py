@@ -556,9 +556,23 @@ def _check_by_source_type(cfg: Config) -> None:
             check(cfg)
 
 
+#: a stream id names output files, metric labels and log lines
+MAX_STREAM_ID_CHARS = 128
+
+
+def check_stream_id(stream_id: Any, path: str) -> None:
+    """One line naming ``path`` for an id that would split a log line or a label (a newline) or is no text."""
+    if stream_id is None:
+        return
+    if not (isinstance(stream_id, str) and 0 < len(stream_id) <= MAX_STREAM_ID_CHARS and stream_id.isprintable()):
+        raise ConfigError(f"{path}.id: {stream_id!r} is not a stream id; use 1 to {MAX_STREAM_ID_CHARS} printable "
+                          "characters (no newlines or tabs)")
+
+
 def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
     from blinkflow.registry import sources as source_registry
 
+    check_stream_id(source.id, path)
     locator = getattr(source_registry.get(source.type), "locator", None)  # what the type opens: path, url or none
     if locator and not getattr(source, locator):
         raise ConfigError(f"{path}.{locator}: a {source.type} source needs '{locator}'")

@@ -123,6 +123,24 @@ def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTT
         def do_DELETE(self) -> None:  # noqa: N802
             self._answer("DELETE")
 
+        def do_PUT(self) -> None:  # noqa: N802 - other methods get the route list in JSON, like a wrong route
+            self._answer("PUT")
+
+        do_PATCH = do_OPTIONS = do_PUT  # noqa: N815
+
+        def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+            """http.server's own errors (a malformed request line, a header too long) as JSON, like every reply."""
+            body = (json.dumps({"error": redact_text(message or explain or f"HTTP {code}")}) + "\n").encode()
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Connection", "close")
+                self.end_headers()
+                if self.command != "HEAD" and code >= 200 and code not in (204, 304):
+                    self.wfile.write(body)
+
         def _answer(self, method: str) -> None:
             try:
                 status, reply = self._checked(method)

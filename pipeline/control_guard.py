@@ -79,7 +79,7 @@ class ControlGuard:
         if method in MUTATING and self.token is not None:
             scheme, _, given = (headers.get("Authorization") or "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
-                raise Refused(401, "missing or wrong bearer token; send 'Authorization: Bearer <token>' (the token "
+                raise Refused(401, "missing or wrong token; send 'Authorization: Bearer <token>' (the token "
                                    f"the run printed, control.token_file or ${TOKEN_ENV})")
         if method == "POST" and content_length(headers) > 0:
             kind = (headers.get("Content-Type") or "").split(";")[0].strip().lower()

@@ -152,6 +152,9 @@ def check_live_config(cfg: Any) -> None:
 
 def check_stream_source(source: SourceConfig, path: str, mode: str) -> None:
     """Validate the URL and resolve ``overflow: auto`` from the runtime mode."""
+    from blinkflow.config import check_stream_id
+
+    check_stream_id(source.id, path)
     try:
         stream_kind(source.url or "")
     except ConfigError as exc:

@@ -262,3 +262,27 @@ def test_a_learned_password_that_is_a_word_leaves_the_replys_keys_alone(control)
     assert set(reply) == {"streams", "rtsp://***@h/x"} and "streams@" not in json.dumps(reply)
     with urllib.request.urlopen(control.url + "/streams", timeout=10) as answer:
         assert "streams" in json.loads(answer.read())  # the served reply too
+
+
+@pytest.mark.parametrize("request_bytes", [b"PUT /streams HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 0\r\n\r\n",
+                                           b"PATCH /stop HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+                                           b"BREW /pot HTTP/1.1\r\n\r\n", b"GARBAGE\r\n\r\n"])
+def test_other_methods_and_malformed_requests_are_answered_in_json(control, request_bytes):
+    reply = raw(control, request_bytes)
+    if not reply.startswith(b"HTTP/"):  # no request line: an HTTP/0.9 answer is the body alone
+        assert json.loads(reply)["error"].startswith("Bad request syntax")
+        return
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith((b"HTTP/1.0 4", b"HTTP/1.0 5")) and b"application/json" in head, head
+    assert json.loads(body)["error"]
+
+
+def test_a_missing_token_says_how_to_send_it_unscrubbed(control):
+    status, reply = post(control, {"url": "rtsp://198.18.0.1/a"}, headers={"Authorization": ""})
+    assert status == 401 and "'Authorization: Bearer <token>'" in reply["error"] and "***" not in reply["error"]
+
+
+@pytest.mark.parametrize("stream_id", ["cam\nFAKE log line", "tab\there", "", "x" * 129])
+def test_a_stream_id_that_would_split_a_log_line_is_a_400(control, stream_id):
+    status, reply = post(control, {"url": "rtsp://198.18.0.1/a", "id": stream_id})
+    assert status == 400 and "is not a stream id" in reply["error"], reply
