@@ -30,8 +30,14 @@ class Gate(Stage):
         for frame in frames:
             if frame.is_failed:
                 self.policy.follow_motion(frame)  # the decoder's motion state still moves on
-            else:
+                continue
+            try:
                 self.policy.decide(frame)
+            except Exception as exc:  # noqa: BLE001 - the frame fails alone, whatever the batch
+                # never raised to the caller: its frame-by-frame retry would decide the batch's earlier frames
+                # again (as restarts); the stream starts afresh at its next frame, its state being half-moved
+                frame.fail(self.name, exc)
+                self.policy.end_stream(frame.stream_id)
         return frames
 
     def end_stream(self, stream_id: str) -> list[Frame]:

@@ -1348,3 +1348,32 @@ def test_a_refresh_for_change_moves_the_boxes_it_carries_along_the_keyframes_flo
     carry.fill(refresh, key)
     assert refresh.results["detect"]["boxes"] == reused.results["detect"]["boxes"]
     assert reused.results["detect"]["boxes"][0][0] > 20.0  # moved along the flow
+
+
+def test_a_gate_failure_fails_its_frame_alone_whatever_the_gate_batch(monkeypatch):
+    """Raised to the runner, it was retried frame by frame, deciding the batch's earlier frames again (as
+    restarts): the outputs hung on gate.batch."""
+    from blinkflow.gate.policy import GatePolicy
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink
+
+    decide = GatePolicy.decide
+
+    def flaky(self, frame):
+        if frame.index == 6:
+            raise ValueError("bad frame")
+        return decide(self, frame)
+
+    monkeypatch.setattr(GatePolicy, "decide", flaky)
+    outcomes = []
+    for batch in (1, 4):
+        cfg = load_config(data={"sources": [{"type": "synthetic", "id": "s", "width": 64, "height": 48, "num_frames": 10,
+                                             "action": "static", "static_camera": True}],
+                                "gate": {"enabled": True, "batch": batch}, "stages": {"chaos": {"batch": batch}}})
+        sink = MemorySink()
+        LocalRunner(cfg, sinks=[sink]).run()
+        outcomes.append([(r.index, r.outcome.value, (r.results.get("gate") or {}).get("reason"), r.error)
+                         for r in sink.results])
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][6][1:] == ("failed", None, "gate: ValueError: bad frame")
+    assert outcomes[0][7][1:3] == ("processed", "first") and all(o[1] != "failed" for o in outcomes[0][:6])
