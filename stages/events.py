@@ -104,12 +104,16 @@ def _check_shape(shape: ZoneOptions | LineOptions, path: str, least: int, exact:
         raise ConfigError(f"{path}.name: missing; give it a name (used in events and metrics)")
     if any(len(p) != 2 for p in shape.points):
         raise ConfigError(f"{path}.points: every point is [x, y], got {shape.points}")
+    if not all(isinstance(v, (int, float)) and math.isfinite(v) for p in shape.points for v in p):
+        raise ConfigError(f"{path}.points: every coordinate is a finite number, got {shape.points}")
     count = len(shape.points)
     if count < least or (exact and count != least):
         need = "exactly 2 points [[x1, y1], [x2, y2]]" if exact else "at least 3 points"
         raise ConfigError(f"{path}.points: a {'line' if exact else 'zone'} needs {need}, got {count}")
     if exact and shape.points[0] == shape.points[1]:
         raise ConfigError(f"{path}.points: both ends are {shape.points[0]}; a line needs two distinct points")
+    if not exact and _area(shape.points) == 0.0:  # a zone no point can be inside never fires: say so
+        raise ConfigError(f"{path}.points: the zone {shape.points} has no area (its corners lie on one line)")
     if shape.normalized and any(not 0.0 <= v <= 1.0 for p in shape.points for v in p):
         raise ConfigError(f"{path}.points: normalized points lie in 0..1, got {shape.points}; "
                           "use pixels with normalized: false")
@@ -154,6 +158,21 @@ def line_side(line: np.ndarray, point: tuple[float, float]) -> tuple[float, floa
     return (dx * py - dy * px) / length, (dx * px + dy * py) / (length * length)
 
 
+def _area(points: list[list[float]]) -> float:
+    """The polygon's area (shoelace)."""
+    return abs(sum(x1 * y2 - x2 * y1 for (x1, y1), (x2, y2) in zip(points, points[1:] + points[:1]))) / 2.0
+
+
+def crossing_along(line: np.ndarray, before: tuple[float, float], after: tuple[float, float]) -> float:
+    """Where the path from ``before`` to ``after`` (on the line's two sides) meets the line, as a position along
+    the segment (0..1 on it): a track seen far apart crosses where its path does, not where it lands."""
+    d_before, _ = line_side(line, before)
+    d_after, _ = line_side(line, after)
+    t = d_before / (d_before - d_after)
+    met = (before[0] + t * (after[0] - before[0]), before[1] + t * (after[1] - before[1]))
+    return line_side(line, met)[1]
+
+
 # --------------------------------------------------------------------------- per-stream state
 
 
@@ -167,7 +186,9 @@ class _TrackMemory:
     best_score: float
     best_crop: Any = None
     zones: dict[str, bool] = field(default_factory=dict)  # zone -> inside
-    sides: dict[str, int] = field(default_factory=dict)  # line -> committed side (+1 right, -1 left)
+    sides: dict[str, tuple[int, tuple[float, float]]] = field(default_factory=dict)  # line -> committed side
+    # (+1 right, -1 left) and the point it was committed at: a crossing is where the path between two committed
+    # points meets the line, not where the new point lands
 
 
 @dataclass
@@ -289,8 +310,8 @@ class EventsStage(Stage):
         name, polygon = zone
         depth = zone_depth(polygon, point)
         was_inside = memory.zones.get(name)
-        if abs(depth) < self.options.hysteresis and was_inside is not None:
-            return []  # on the edge: keep the side it was on
+        if abs(depth) < self.options.hysteresis:
+            return []  # on the edge: keep the side it was on, or, first seen there, wait for one (as for lines)
         inside = depth > 0
         memory.zones[name] = inside
         if inside == bool(was_inside):
@@ -306,9 +327,9 @@ class EventsStage(Stage):
             return []  # on the line: no side yet, or still the one it had
         side = 1 if distance > 0 else -1
         previous = memory.sides.get(name)
-        memory.sides[name] = side
-        if previous is None or previous == side or not 0.0 <= along <= 1.0:
-            return []  # first sight, same side, or it went round the segment's end
+        memory.sides[name] = (side, point)
+        if previous is None or previous[0] == side or not 0.0 <= crossing_along(ends, previous[1], point) <= 1.0:
+            return []  # first sight, same side, or the path went round the segment's end
         direction = "in" if side > 0 else "out"
         return [self._event(frame, "cross_line", track_id, memory.label, score, box=box, line=name, direction=direction)]
 

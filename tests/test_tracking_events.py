@@ -228,6 +228,11 @@ def test_action_events_with_hysteresis():
     ({"lines": [{"points": [[0, 0], [9, 9]]}]}, "stages.events.options.lines.0.name: missing"),
     ({"zones": [{"name": "z", "points": [[0, 0], [1, 1], [2, 0]], "colour": "red"}]},
      "stages.events.options.zones.0.colour: unknown key"),
+    ({"zones": [{"name": "z", "points": [[0, 0], [1, 1], [2, 2]]}]}, "stages.events.options.zones.0.points: the zone"),
+    ({"lines": [{"name": "l", "points": [[float("nan"), 0], [float("nan"), 0]]}]},
+     "stages.events.options.lines.0.points: every coordinate is a finite number"),
+    ({"zones": [{"name": "z", "points": [[0, 0], [float("inf"), 1], [2, 0]]}]},
+     "stages.events.options.zones.0.points: every coordinate is a finite number"),
 ])
 def test_zone_and_line_mistakes_are_one_line_config_errors(events, message):
     with pytest.raises(ConfigError) as info:
@@ -409,3 +414,30 @@ def test_crossing_objects_of_one_class_keep_their_ids_by_their_motion():
             if track.id is not None and track.det is not None:
                 owners.setdefault(track.id, set()).add("ab"[track.det])
     assert owners == {1: {"a"}, 2: {"b"}}
+
+
+def _line_run(points: list[tuple[float, float]], size: float = 60.0) -> list[tuple[str, int, str | None]]:
+    """A car's bottom-centre at ``points``, one frame each, against the line y = 100 from x = 0 to 100."""
+    from blinkflow.config import StageConfig
+    from blinkflow.stages.events import EventsOptions, EventsStage, LineOptions
+    from blinkflow.stages.track import TrackOptions, TrackStage
+
+    track = TrackStage(StageConfig(options=TrackOptions(confirm_hits=1)))
+    events = EventsStage(StageConfig(options=EventsOptions(lines=[LineOptions(name="road", points=[[0, 100], [100, 100]])])))
+    track.setup()
+    events.setup()
+    out = []
+    for i, (x, y) in enumerate(points):
+        frame = Frame("cam", i, i / 25.0, np.zeros((240, 320, 3), np.uint8))
+        frame.results["detect"] = {"boxes": [[x - size / 2, y - size, x + size / 2, y]], "scores": [0.9], "classes": ["car"]}
+        out += events.process(track.process([frame]))
+    out += events.process(track.end_stream("cam")) + events.end_stream("cam")
+    return [(e["type"], e["index"], e.get("direction")) for f in out for e in f.results.get("events", [])]
+
+
+def test_a_crossing_is_where_the_path_meets_the_line_not_where_the_track_lands():
+    # seen far apart (the gate, a detector gap): the path crosses y = 100 at x 96.7, on the line; it lands at x 110
+    assert ("cross_line", 3, "in") in _line_run([(70, 70), (80, 80), (90, 90), (110, 120), (120, 130)])
+    # the other way round: the path crosses at x 110, past the line's end, and lands at x 90, over the line
+    assert not any(kind == "cross_line" for kind, *_ in _line_run([(150, 70), (140, 80), (130, 90), (90, 110), (85, 115)],
+                                                                    size=120.0))
