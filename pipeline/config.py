@@ -627,7 +627,7 @@ def _check_carry_until(gate: GateConfig, stages: dict[str, Any]) -> None:
     """Factors of at least 1, for stages that exist; a stage that this graph does not run, or that has no
     refresh bound (what caps a carried stage's staleness), is not carried."""
     for name, factor in list(gate.carry_until.items()):
-        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 1 <= factor < float("inf"):
             raise ConfigError(f"gate.carry_until.{name}: expected a factor >= 1 (times the threshold), got {factor!r}")
         known = _gated_stage_names()
         if name not in known:

@@ -70,21 +70,21 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
                 return _structure(arg, value, path)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
     if origin is Literal:
         value = _yaml_switch(value, typing.get_args(tp))
         if value not in typing.get_args(tp):
-            shown = f"{str(value).lower()} (YAML reads a bare yes/no/on/off as a boolean)" if isinstance(value, bool) else repr(value)
-            raise ConfigError(f"{path}: {shown} is not one of {_type_name(tp)}")
+            text = f"{str(value).lower()} (YAML reads a bare yes/no/on/off as a boolean)" if isinstance(value, bool) else shown(value)
+            raise ConfigError(f"{path}: {text} is not one of {_type_name(tp)}")
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
         (item,) = typing.get_args(tp)
         return [_structure(item, v, f"{path}.{i}") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{path}: expected a mapping, got {shown(value)}")
         _, item = typing.get_args(tp)
         return {str(k): _structure(item, v, f"{path}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
@@ -101,13 +101,16 @@ def _structure_scalar(tp: type, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer of hundreds of digits
+                raise ConfigError(f"{path}: {shown(value)} is too large a number") from None
     elif tp is str:
         if isinstance(value, str):
             return value
     else:
         raise TypeError(f"unsupported config type {tp!r} at {path}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
 
 
 def structure_dataclass(cls: type, data: Any, path: str) -> Any:
@@ -118,7 +121,7 @@ def structure_dataclass(cls: type, data: Any, path: str) -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{label}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{label}: expected a mapping, got {shown(data)}")
     if hasattr(cls, "from_mapping"):
         return cls.from_mapping(data, path)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -196,11 +199,54 @@ def parse_yaml(text: str, origin: str) -> dict:
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # PyYAML's messages span lines
         raise ConfigError(f"{origin}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply to be a config; write the sections out") from None
+    except ValueError:  # an integer over Python's 4300-digit limit for reading numbers
+        raise ConfigError(f"{origin}: a number of thousands of digits; no setting takes one") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{origin}: the top level must be a mapping of sections")
-    return data
+    return unshared(data, origin)
+
+
+#: values (mappings, lists, scalars) a config may hold once its aliases are written out
+MAX_CONFIG_VALUES = 100_000
+
+
+def unshared(data: Any, origin: str) -> Any:
+    """``data`` with every alias written out as a copy of its own: an override of ``stages.detect.batch`` must
+    not also change ``stages.segment`` when one was written as ``*detect``. Bounded: an alias bomb under the
+    alias limit still multiplies."""
+    count = 0
+
+    def copy(value: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if count > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise ConfigError(f"{origin}: over {MAX_CONFIG_VALUES} values or {MAX_CONFIG_DEPTH} levels once its "
+                              "aliases are written out; an alias expansion bomb? write the values out")
+        if isinstance(value, dict):
+            return {k: copy(v, depth + 1) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy(v, depth + 1) for v in value]
+        return value
+
+    return copy(data, 0)
+
+
+#: how deep a config nests (its real sections are a few levels)
+MAX_CONFIG_DEPTH = 64
+
+
+def shown(value: Any) -> str:
+    """A value for an error message, cut short: an alias bomb's expanded value would make a 5 GB line."""
+    import reprlib
+
+    short = reprlib.Repr()
+    short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 3, 8, 8, 80, 80
+    short.maxlong = 40
+    return short.repr(value)
 
 
 def _bounded_loader() -> type:
@@ -220,6 +266,17 @@ def _bounded_loader() -> type:
                                          "bomb? write the values out")
             return super().compose_node(parent, index)
 
+        def construct_mapping(self, node, deep=False):  # noqa: ANN001, ANN201 - PyYAML's signature
+            seen: set[str] = set()
+            for key_node, _ in node.value:  # as written: a merge (<<) may be overridden, a key written twice not
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    if key_node.value in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"{key_node.value!r} is written twice in one mapping; keep one",
+                            key_node.start_mark)
+                    seen.add(key_node.value)
+            return super().construct_mapping(node, deep)
+
     return BoundedLoader
 
 
@@ -234,7 +291,9 @@ def apply_override(raw: dict, override: str) -> None:
         value = yaml.load(text, Loader=_bounded_loader()) if text else None  # noqa: S506 - a SafeLoader
     except yaml.YAMLError:
         value = text
-    set_value(raw, key, value)
+    except (RecursionError, ValueError):  # nested too deeply, an integer over 4300 digits
+        raise ConfigError(f"--set {key}: the value is not a config value; write it plainly") from None
+    set_value(raw, key, unshared(value, f"--set {key}"))
 
 
 def set_value(raw: dict, key: str, value: Any) -> None:
@@ -252,13 +311,13 @@ def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
     if not isinstance(node, dict):
         raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a mapping")
     if node.get(part) is None:
-        node[part] = [] if next_part.isdigit() else {}
+        node[part] = [] if _is_index(next_part) else {}
     return node[part]
 
 
 def _assign(node: Any, part: str, value: Any, key: str) -> None:
     if isinstance(node, list):
-        index = int(part) if part.isdigit() else -1
+        index = int(part) if _is_index(part) else -1
         if index == len(node):
             node.append(value)
         else:
@@ -269,8 +328,12 @@ def _assign(node: Any, part: str, value: Any, key: str) -> None:
         raise ConfigError(f"--set {key}: cannot set {part!r} inside a scalar")
 
 
+def _is_index(part: str) -> bool:
+    return part.isascii() and part.isdigit()  # str.isdigit() alone takes '²', which int() refuses
+
+
 def _list_index(node: list, part: str, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
+    if not _is_index(part) or int(part) >= len(node):
         raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
     return int(part)
 

@@ -251,3 +251,36 @@ def test_every_shipped_config_validates(name):
     """The shipped configs are examples users copy: each loads and passes every check (streams are not opened)."""
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / name)
     assert cfg.enabled_stages() and (cfg.sources or name == "archive.yaml")  # label gives archive its sources
+
+
+BOMB = """stages: {chaos: {}}
+a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+"""
+
+
+@pytest.mark.parametrize("text, message", [
+    (BOMB, "an alias expansion bomb"),  # 40 aliases, 10^5 values: its error message alone was gigabytes
+    ("gate: " + "[" * 1200 + "]" * 1200 + "\n", "nested too deeply"),
+    ("gate: {batch: " + "1" * 5000 + "}\n", "a number of thousands of digits"),
+    ("gate: {threshold: 1" + "0" * 400 + "}\n", "gate.threshold: 1000"),
+    ("gate: {enabled: true}\ngate: {enabled: false}\n", "'gate' is written twice in one mapping"),
+    ("gate: {enabled: true, carry_until: {detect: .nan}}\n", "gate.carry_until.detect: expected a factor >= 1"),
+])
+def test_hostile_configs_are_one_short_line(tmp_path, text, message):
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, text))
+    assert message in str(caught.value) and "\n" not in str(caught.value) and len(str(caught.value)) < 300
+
+
+def test_an_override_through_an_alias_changes_only_its_own_path_and_merges_still_work(tmp_path):
+    path = write(tmp_path, "sources: [{type: synthetic}]\nstages:\n  detect: &d {batch: 2}\n  segment: {<<: *d, batch: 3}\n"
+                           "  flow: *d\n")
+    cfg = load_config(path, ["stages.detect.batch=8"])
+    assert (cfg.stages["detect"].batch, cfg.stages["segment"].batch, cfg.stages["flow"].batch) == (8, 3, 2)
+    for override, message in (("sources.\u00b2=x", "is not an index"), ("gate.batch=" + "9" * 5000, "not a config value")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(path, [override])
