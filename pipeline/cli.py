@@ -35,6 +35,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BlinkflowError as exc:
         print(f"blinkflow: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the machine's, not the code's: a read-only folder, a full disk, a path that is a folder
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"blinkflow: error: {where}{exc.strerror or exc}; check that the path is a writable file in a folder "
+              "with free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         print("blinkflow: interrupted", file=sys.stderr)
         return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for a second SIGTERM

@@ -491,6 +491,8 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         sink_cls = sink_registry.get(sink.type)
         if getattr(sink_cls, "needs_path", False) and not sink.path:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
+        if sink.path and Path(sink.path).is_dir():  # found only when the run commits, after all the work
+            raise ConfigError(f"sinks.{i}.path: {sink.path} is a folder; give the output's file name")
         check = getattr(sink_cls, "check_config", None)  # a sink's own checks (mqtt: host; webhook: url)
         if check is not None:
             check(sink, f"sinks.{i}", base_dir)

@@ -117,12 +117,24 @@ def _unique_ids(paths: list[Path]) -> list[str]:
             break
         for p in clashing:
             depth[p] += 1
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     ids = []
-    for n in names:  # same path tail (only possible with different suffixes): number them
-        seen[n] = seen.get(n, 0) + 1
-        ids.append(n if seen[n] == 1 else f"{n}-{seen[n]}")
+    for n in names:  # still the same (same path tail, other suffix; "a b" and "a_b"): number them, into free names
+        candidate, number = n, 1
+        while _clashes(candidate, taken):
+            number += 1
+            candidate = f"{n}-{number}"
+        taken.add(candidate)
+        ids.append(candidate)
     return ids
+
+
+def _clashes(video_id: str, taken: set[str]) -> bool:
+    """Whether ``video_id`` or its outputs would be another video's: ``x.events.jsonl`` is both the events of
+    ``x`` and the records of ``x.events``."""
+    events = EVENTS_OUTPUT.format(id="")[: -len(".jsonl")]  # ".events"
+    return (video_id in taken or f"{video_id}{events}" in taken
+            or (video_id.endswith(events) and video_id[: -len(events)] in taken))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -145,7 +157,9 @@ class Manifest:
             data = json.loads(path.read_text())
             videos = dict(data["videos"])
             recorded = data["config_digest"]
-        except (ValueError, KeyError, TypeError):
+            if not all(_entry_ok(entry) for entry in videos.values()):
+                raise ValueError("an entry is not what label writes")
+        except (OSError, ValueError, KeyError, TypeError):  # a folder, bad bytes, a hand edit
             raise BlinkflowError(
                 f"{path}: unreadable manifest; delete it or pass --restart to label everything again"
             ) from None
@@ -174,6 +188,19 @@ class Manifest:
         self.videos[video_id] = entry
         document = {"version": MANIFEST_VERSION, "config_digest": self.config_digest, "videos": self.videos}
         write_atomic(self.path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
+
+
+_COUNTS = {"frames": int, "outcomes": dict}
+
+
+def _entry_ok(entry: Any) -> bool:
+    """A manifest entry as ``record`` writes it: what resuming and the summary read from it."""
+    return (isinstance(entry, dict) and isinstance(entry.get("source"), str)
+            and entry.get("status") in ("done", "failed", "partial")
+            and isinstance(entry.get("outputs"), dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in entry["outputs"].items())
+            and all(isinstance(entry.get(key), kind) for key, kind in _COUNTS.items())
+            and all(isinstance(count, int) for count in entry["outcomes"].values()))
 
 
 def config_digest(cfg: Any, formats: list[str]) -> str:

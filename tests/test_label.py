@@ -339,3 +339,30 @@ def test_the_config_digest_ignores_placement_and_warm_up_but_not_what_changes_ou
     changed = load_config(data={**base, "stages": {"chaos": {"batch": 2, "options": {"fail_indices": [1]}}}})
     assert config_digest(changed, ["jsonl"]) != digest
     assert config_digest(load_config(data=base), ["jsonl", "coco"]) != digest
+
+
+def test_videos_whose_names_clash_get_ids_and_outputs_of_their_own():
+    """'a b' and 'a_b' are both a_b; the numbering gave 'a_b-2' to one while 'a b-2' was a_b-2 already, and a
+    video x.events wrote its records into x's events file."""
+    from blinkflow.label import _unique_ids
+
+    folder = Path("/archive")
+    ids = _unique_ids([folder / "a b.mp4", folder / "a_b.mp4", folder / "a b-2.mp4", folder / "a_b-2.mp4"])
+    assert len(set(ids)) == 4
+    for order in (["x.mp4", "x.events.mp4"], ["x.events.mp4", "x.mp4"]):
+        first, second = _unique_ids([folder / name for name in order])
+        names = {f"{first}.jsonl", f"{first}.events.jsonl", f"{second}.jsonl", f"{second}.events.jsonl"}
+        assert len(names) == 4, (first, second)
+
+
+@pytest.mark.parametrize("videos", [{"v": "x"}, {"v": {"source": "/a.mp4"}}, {"v": {"source": "/a.mp4", "status": "done",
+                                    "outputs": ["a.jsonl"], "frames": 1, "outcomes": {}}},
+                                    {"v": {"source": "/a.mp4", "status": "done", "outputs": {}, "frames": "1", "outcomes": {}}}])
+def test_a_hand_edited_manifest_is_one_line_naming_it(tmp_path, light_config, videos):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    out = tmp_path / "out"
+    label([clip], out, light_config)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**manifest, "videos": videos}))
+    with pytest.raises(BlinkflowError, match=r"manifest.json: unreadable manifest; delete it or pass --restart"):
+        label([clip], out, light_config)

@@ -190,3 +190,46 @@ def test_archive_jsonl_stays_atomic_and_live_follows_the_runtime_mode(tmp_path):
     assert cfg.sinks[0].live is True
     cfg = load_config(data={"sinks": [{"type": "jsonl", "path": str(tmp_path / "a.jsonl")}]})
     assert cfg.sinks[0].live is False
+
+
+def test_one_sink_that_cannot_commit_leaves_the_others_committed_and_says_so(tmp_path):
+    from blinkflow.errors import SinkError
+    from blinkflow.runners.base import committed_sinks
+
+    class Full(MemorySink):
+        def close(self) -> None:
+            raise OSError(28, "No space left on device")
+
+    first, second = JsonlSink(SinkConfig(type="jsonl", path=str(tmp_path / "a.jsonl"))), Full()
+    third = JsonlSink(SinkConfig(type="jsonl", path=str(tmp_path / "c.jsonl")))
+    with pytest.raises(SinkError, match=r"Full: could not be written \(OSError: .*No space left.*other outputs were "):
+        with committed_sinks([first, second, third]):
+            pass
+    assert (tmp_path / "a.jsonl").exists() and (tmp_path / "c.jsonl").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]  # nothing left under a temporary name
+
+
+def test_an_output_path_that_is_a_folder_is_refused_before_the_run(tmp_path):
+    from blinkflow.config import load_config
+    from blinkflow.errors import ConfigError
+
+    (tmp_path / "res.jsonl").mkdir()
+    with pytest.raises(ConfigError, match=r"^sinks\.0\.path: .*res\.jsonl is a folder; give the output's file name"):
+        load_config(data={"sources": [{"type": "synthetic", "num_frames": 2}], "stages": {"chaos": {}},
+                          "sinks": [{"type": "jsonl", "path": str(tmp_path / "res.jsonl")}]})
+
+
+def test_a_full_disk_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
+    from blinkflow.cli import main
+
+    def full(self, result):
+        raise OSError(28, "No space left on device", str(tmp_path / "out.jsonl"))
+
+    monkeypatch.setattr(JsonlSink, "write", full)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"sources: [{{type: synthetic, num_frames: 2}}]\nstages: {{chaos: {{}}}}\n"
+                      f"sinks: [{{type: jsonl, path: {tmp_path / 'out.jsonl'}}}]\n")
+    assert main(["run", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"blinkflow: error: {tmp_path / 'out.jsonl'}: No space left on device; check")
+    assert not (tmp_path / "out.jsonl").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]

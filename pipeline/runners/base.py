@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from blinkflow.config import Config
+from blinkflow.errors import SinkError
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.gate.carry import CarryOver
 from blinkflow.graph import build_graph
@@ -279,10 +280,22 @@ def committed_sinks(sinks: list[Any]) -> Iterator[None]:
         yield
     except BaseException:
         for sink in sinks:
-            sink.abort()
+            with contextlib.suppress(Exception):  # one sink that cannot discard must not keep the others from it
+                sink.abort()
         raise
-    for sink in sinks:
-        sink.close()
+    failures = []
+    for sink in sinks:  # each commits on its own: a full disk under one output must not strand the others
+        try:
+            sink.close()
+        except Exception as exc:  # noqa: BLE001 - said below, once every other sink is committed
+            failures.append((sink, exc))
+            with contextlib.suppress(Exception):
+                sink.abort()
+    if failures:
+        sink, exc = failures[0]
+        where = getattr(getattr(sink, "cfg", None), "path", None) or type(sink).__name__
+        raise SinkError(f"{where}: could not be written ({type(exc).__name__}: {exc}); the run's other outputs "
+                        "were committed; free space or fix the path and run again") from None
 
 
 @dataclass
