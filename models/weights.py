@@ -142,7 +142,10 @@ def _read_sidecar(path: Path) -> str | None:
     sidecar = path.with_name(path.name + ".sha256")
     if not sidecar.is_file():
         return None
-    tokens = sidecar.read_text().split()
+    try:
+        tokens = sidecar.read_bytes().decode("ascii").split()
+    except UnicodeDecodeError:
+        tokens = []
     if not tokens or not re.fullmatch(r"[0-9a-fA-F]{64}", tokens[0]):
         raise WeightsError(f"{sidecar}: expected a 64-digit sha256 hex digest")
     return tokens[0].lower()
@@ -414,7 +417,8 @@ def _check_compatible(model: Any, state: dict, spec: WeightsSpec) -> None:
         n_file, n_model = _class_counts(got[0], want[0], spec, model)
         raise WeightsError(
             f"{spec.label}: the weights have {n_file} classes but the model was built for {n_model}; "
-            f"set options.classes to the {n_file} class names or use matching weights"
+            f"give options.classes {n_file - n_model:+d} names (the list holds the background too, first) "
+            "or use matching weights"
         )
     raise WeightsError(f"{spec.label}: shape mismatch for {key}: weights {got}, model {want}")
 
@@ -449,14 +453,33 @@ def read_manifest(folder: Path | None = None) -> dict:
     if not path.is_file():
         return {"weights": []}
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise WeightsError(f"{path}: invalid JSON ({exc})") from None
     if isinstance(data, list):  # tolerate a bare list of entries
         data = {"weights": data}
     if not isinstance(data, dict) or not isinstance(data.get("weights"), list):
         raise WeightsError(f"{path}: expected an object with a 'weights' list")
+    for number, entry in enumerate(data["weights"]):
+        problem = _entry_problem(entry)
+        if problem:
+            raise WeightsError(f"{path}: weights.{number}: {problem}; fix the entry or remove the manifest")
     return data
+
+
+#: what each manifest entry field must be when present (the loader trusts them)
+_ENTRY_TYPES = {"file": str, "sha256": str, "classes": list, "metrics": dict, "stage": str, "model": str}
+
+
+def _entry_problem(entry: Any) -> str | None:
+    if not isinstance(entry, dict):
+        return f"expected an object, got {type(entry).__name__}"
+    for key, kind in _ENTRY_TYPES.items():
+        if key in entry and entry[key] is not None and not isinstance(entry[key], kind):
+            return f"{key} must be a {kind.__name__}, got {type(entry[key]).__name__}"
+    if isinstance(entry.get("classes"), list) and not all(isinstance(c, str) for c in entry["classes"]):
+        return "classes must be a list of names"
+    return None
 
 
 def write_manifest(folder: Path, manifest: dict) -> Path:

@@ -144,7 +144,7 @@ def test_wrong_number_of_classes_names_both_counts(tmp_path):
     with pytest.raises(WeightsError) as error:
         load_state(tiny_model(3), spec)
     assert "the weights have 5 classes but the model was built for 3" in str(error.value)
-    assert "options.classes" in str(error.value) and "five.pt" in str(error.value)
+    assert "give options.classes +2 names" in str(error.value) and "five.pt" in str(error.value)
 
 
 def test_missing_and_unexpected_keys_are_listed_on_one_line(tmp_path):
@@ -228,3 +228,35 @@ def test_torchvision_weights_in_cache_keep_torchvision_categories(ssdlite_entry)
 def test_unknown_torchvision_member_lists_the_valid_ones(ssdlite_entry):
     with pytest.raises(WeightsError, match="has no member 'IMAGENET1K_V9'.*COCO_V1"):
         resolve_weights("IMAGENET1K_V9", stage="detect", model_name="ssdlite320_mobilenet_v3_large")
+
+
+@pytest.mark.parametrize("entries, problem", [
+    (["w.pt"], "weights.0: expected an object, got str"),
+    ([{"file": "w.pt", "sha256": 12345}], "weights.0: sha256 must be a str, got int"),
+    ([{"file": "w.pt", "classes": 5}], "weights.0: classes must be a list, got int"),
+])
+def test_a_malformed_manifest_beside_the_weights_is_one_line_naming_the_entry(tmp_path, entries, problem):
+    path = tmp_path / "w.pt"
+    torch.save(tiny_model().state_dict(), path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"weights": entries}))
+    with pytest.raises(WeightsError, match=rf"manifest.json: {problem}; fix the entry"):
+        resolve_weights(str(path), stage="detect", model_name="tiny")
+
+
+def test_a_manifest_or_sidecar_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(tiny_model().state_dict(), path)
+    (tmp_path / "w.pt.sha256").write_bytes(b"\xff\xfe")
+    with pytest.raises(WeightsError, match="w.pt.sha256: expected a 64-digit sha256"):
+        resolve_weights(str(path), stage="detect", model_name="tiny")
+    (tmp_path / "manifest.json").write_bytes(b"\xff{}")
+    with pytest.raises(WeightsError, match="manifest.json: invalid JSON"):
+        resolve_weights(str(path), stage="detect", model_name="tiny")
+
+
+def test_importing_into_an_out_that_is_a_file_is_one_line(tmp_path):
+    from blinkflow.models.convert import import_weights
+
+    (tmp_path / "file.pt").write_bytes(b"x")
+    with pytest.raises(WeightsError, match="file.pt: a file, not a folder"):
+        import_weights("yolox_nano", out_dir=tmp_path / "file.pt")

@@ -132,6 +132,8 @@ def verify_source(importer: Importer, path: Path) -> None:
 def import_weights(name_or_path: str, *, search: list[Path] = (), out_dir: Path | None = None) -> dict:
     """Convert one original into ``<stage>-<model>.pt`` beside the manifest; return its manifest entry."""
     importer, path = find_importer(name_or_path)
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise WeightsError(f"--out {out_dir}: a file, not a folder; give the folder the weights and manifest go to")
     path = path or locate_source(importer, list(search))
     verify_source(importer, path)
     converter = importer.converter()
