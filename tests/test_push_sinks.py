@@ -606,3 +606,47 @@ def test_a_ca_file_that_is_not_pem_is_one_line_naming_it(tmp_path):
     (tmp_path / "ca.pem").write_text("not a certificate\n")
     with pytest.raises(SinkError, match=r"^mqtt sink: ca_file '.*ca.pem' is not a PEM file of CA certificates"):
         MqttSink(SinkConfig(type="mqtt", host="127.0.0.1", port=free_port(), ca_file=str(tmp_path / "ca.pem")))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_webhook_server_that_answers_a_byte_at_a_time_is_cut_at_timeout_s():
+    """timeout_s bounded each read only: a server trickling its headers held the one sender forever."""
+    from blinkflow.frame import FrameResult, Outcome
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    connections = []
+
+    def trickle(conn):
+        conn.recv(65536)
+        try:
+            conn.sendall(b"HTTP/1.1 503 Busy\r\n")
+            while True:
+                conn.sendall(b"X")
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    sink = WebhookSink(webhook_config(f"http://127.0.0.1:{server.getsockname()[1]}/e", timeout_s=0.5, retries=-1,
+                                      backoff_initial_s=0.05, backoff_max_s=0.05, close_timeout_s=1.0))
+    try:
+        sink.write(FrameResult("cam", 0, 0.0, 8, 8, Outcome.PROCESSED, {"events": [{"type": "enter", "track_id": 1}]}))
+        time.sleep(2.5)
+        assert len(connections) >= 3  # each attempt ended at its deadline and was retried
+    finally:
+        sink.close()
+        server.close()
+        for conn in connections:
+            conn.close()

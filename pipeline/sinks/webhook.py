@@ -9,12 +9,16 @@ elsewhere) drop the event as ``rejected``. Delivery is at least once, in order.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import ipaddress
 import logging
+import socket
+import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from blinkflow.config import SinkConfig, resolve_path
@@ -28,6 +32,48 @@ log = logging.getLogger(__name__)
 
 #: answers worth another try; any other error status means the request itself is refused
 TRANSIENT_STATUS = {408, 425, 429}
+
+
+class _Connections:
+    """The connections of the attempt in flight, so that its deadline can end it wherever it waits."""
+
+    def __init__(self) -> None:
+        self._open: list[Any] = []
+        self._lock = threading.Lock()
+
+    def made(self, connection: Any) -> Any:
+        with self._lock:
+            self._open = [c for c in self._open if c.sock is not None] + [connection]
+        return connection
+
+    def cut(self) -> None:
+        with self._lock:
+            connections = list(self._open)
+        for connection in connections:
+            sock = connection.sock
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class _TrackedHTTP(urllib.request.HTTPHandler):
+    def __init__(self, connections: _Connections) -> None:
+        super().__init__()
+        self.connections = connections
+
+    def http_open(self, req: Any) -> Any:
+        return self.do_open(lambda *a, **kw: self.connections.made(http.client.HTTPConnection(*a, **kw)), req)
+
+
+class _TrackedHTTPS(urllib.request.HTTPSHandler):
+    def __init__(self, connections: _Connections) -> None:
+        super().__init__()
+        self.connections = connections
+
+    def https_open(self, req: Any) -> Any:
+        extra = {"check_hostname": self._check_hostname} if getattr(self, "_check_hostname", None) is not None else {}
+        return self.do_open(lambda *a, **kw: self.connections.made(http.client.HTTPSConnection(*a, **kw)), req,
+                            context=self._context, **extra)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -45,7 +91,9 @@ class WebhookSink(PushSink):
         self.headers = {"Content-Type": "application/json", "User-Agent": f"blinkflow/{__version__}"}
         if cfg.token_file:
             self.headers["Authorization"] = f"Bearer {read_token(cfg.token_file)}"
-        self.opener = urllib.request.build_opener(_NoRedirect())
+        self._connections = _Connections()
+        self.opener = urllib.request.build_opener(_NoRedirect(), _TrackedHTTP(self._connections),
+                                                  _TrackedHTTPS(self._connections))
         self.attempts = 0
         self._failing = False
         self._start()
@@ -98,6 +146,11 @@ class WebhookSink(PushSink):
         request = urllib.request.Request(self.cfg.url, data=message.payload, method="POST",
                                          headers={**self.headers, "X-Blinkflow-Delivery": message.id})
         self.attempts += 1
+        # timeout_s bounds each read; a server that answers a byte at a time would never trip it, so the
+        # whole attempt is cut at the same limit
+        deadline = threading.Timer(self.cfg.timeout_s, self._connections.cut)
+        deadline.daemon = True
+        deadline.start()
         try:
             with self.opener.open(request, timeout=self.cfg.timeout_s) as response:
                 response.read(1 << 16)
@@ -107,8 +160,11 @@ class WebhookSink(PushSink):
             self._note_failure(f"HTTP {exc.code}", transient)
             return "retry" if transient else "rejected"
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, a bad answer
-            self._note_failure(redact_text(str(getattr(exc, "reason", exc)) or type(exc).__name__), True)
+            reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
+            self._note_failure(redact_text(" ".join(reason.split())[:200]), True)  # a server's text: one line
             return "retry"
+        finally:
+            deadline.cancel()
         if self._failing:
             log.info("webhook sink: %s answers again", self.where())
             self._failing = False
