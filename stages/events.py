@@ -395,7 +395,8 @@ class EventsStage(Stage):
     def _write_snapshot(self, frame: Frame, kind: str, track_id: int, crop: np.ndarray) -> str | None:
         from PIL import Image
 
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in frame.stream_id)
+        # no leading dots: a stream id '..' must not write beside the snapshots folder
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in frame.stream_id).lstrip(".") or "stream"
         path = Path(self.options.snapshots) / safe / f"{frame.index:08d}-{kind}-{track_id}.jpg"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

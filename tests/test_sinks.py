@@ -233,3 +233,29 @@ def test_a_full_disk_is_one_line_from_the_cli(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"blinkflow: error: {tmp_path / 'out.jsonl'}: No space left on device; check")
     assert not (tmp_path / "out.jsonl").exists() and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+
+
+def test_mp4_streams_whose_names_clash_or_climb_get_files_of_their_own_inside_the_folder(tmp_path):
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "out" / "{stream}.mp4"), fps=5))
+    for i in range(2):
+        for stream in ("cam 1", "cam/1", ".."):
+            sink.write(make_result(i, stream=stream))
+    sink.close()
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.mp4"))
+    assert len(written) == 3 and all(name.startswith("out/") for name in written), written
+    assert "out/cam_1.mp4" in written and "out/stream.mp4" in written
+
+
+def test_coco_gives_a_failed_frame_no_annotations(tmp_path):
+    import json
+
+    from blinkflow.sinks.coco import CocoSink
+
+    sink = CocoSink(SinkConfig(type="coco", path=str(tmp_path / "c.json")))
+    failed = make_result(0)
+    failed.results["detect"] = {"boxes": [[1.0, 2.0, 10.0, 6.5]], "scores": [0.9], "labels": [1], "classes": ["car"]}
+    failed.outcome, failed.error = Outcome.FAILED, "track: boom"
+    sink.write(failed)
+    sink.close()
+    document = json.loads((tmp_path / "c.json").read_text())
+    assert len(document["images"]) == 1 and document["annotations"] == []

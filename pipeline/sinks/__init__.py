@@ -9,6 +9,7 @@ under the final name. The record format is documented in
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -237,9 +238,18 @@ class Mp4OverlaySink(Sink):
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
         self.writers: dict[str, _StreamVideoWriter] = {}
+        self._paths: set[Path] = set()
 
     def _path_for(self, stream_id: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream_id)
+        # '..' and the like lose their dots: never a step out of the folder
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream_id).lstrip(".") or "stream"
+        path = self._named(safe)
+        if path in self._paths:  # 'cam 1' and 'cam/1' are both cam_1: the second gets a name of its own
+            path = self._named(f"{safe}-{hashlib.sha256(stream_id.encode()).hexdigest()[:6]}")
+        self._paths.add(path)
+        return path
+
+    def _named(self, safe: str) -> Path:
         if "{stream}" in self.cfg.path:
             return Path(self.cfg.path.format(stream=safe))
         path = Path(self.cfg.path)

@@ -63,6 +63,8 @@ class CocoSink(Sink):
             "pts": round(float(result.pts), 6), "outcome": result.outcome.value,
         })
         where = {"image_id": image_id, "video_id": video_id, "frame_id": result.index}
+        if result.outcome.value == "failed":
+            return  # a later stage failed on it: what the earlier ones found is not the frame's answer
         if result.results.get("detect"):
             self._add_detections(result.results["detect"], where)
         if result.results.get("segment"):
