@@ -45,6 +45,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for a second SIGTERM
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 0 (argparse turns the ValueError into its usage line)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a count; give 0 or more")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="blinkflow", description="Streaming video understanding on Ray.")
     parser.add_argument("--version", action="version", version=f"blinkflow {__version__}")
@@ -197,7 +205,8 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     train.add_argument("--config", type=Path, required=True, help="training YAML, e.g. configs/train/segment.yaml")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set epochs=2 (repeatable)")
-    train.add_argument("--workers", type=int, default=0, metavar="N", help="run under Ray Train with N DDP workers")
+    train.add_argument("--workers", type=_count, default=0, metavar="N",
+                       help="run under Ray Train with N DDP workers (0: in this process, no Ray)")
     train.add_argument("--fresh", action="store_true", help="start over instead of resuming out_dir/checkpoint.pt")
     train.add_argument("--ship", action="store_true", help="also save the weights to models/weights/ with the manifest")
     train.add_argument("--no-progress", action="store_true", help="hide the progress bars")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -559,3 +560,27 @@ def test_shipped_metrics_are_those_of_the_files(task):
     assert result["data"] == recorded["evaluated_on"]
     for name, value in result["metrics"].items():
         assert value == pytest.approx(recorded[name], abs=1e-6), name
+
+
+@pytest.mark.parametrize("document, problem", [
+    ({"images": 3, "annotations": [], "categories": []}, "'images' is not a list"),
+    ({"images": [{"id": 1}], "annotations": [], "categories": []}, "images[0] has no 'file_name'"),
+    ({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"category_id": 1, "bbox": [0, 0, 1, 1]}],
+      "categories": [{"id": 1, "name": "car"}]}, "annotations[0] has no 'image_id'"),
+    ({"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "category_id": 1, "bbox": "x"}],
+      "categories": [{"id": 1, "name": "car"}]}, "annotations[0].bbox is not [x, y, width, height]"),
+    ({"images": [], "annotations": [], "categories": [{"id": "1"}]}, "categories[0] has no 'id'"),
+])
+def test_a_malformed_coco_file_is_one_line_naming_the_entry(tmp_path, document, problem):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(document))
+    with pytest.raises(ds.DatasetError, match=re.escape(f"c.json: not a COCO instances file ({problem}")):
+        ds.read_coco(path)
+
+
+def test_a_negative_worker_count_is_refused(capsys):
+    from blinkflow.cli import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "detect", "--config", "configs/train/smoke-detect.yaml", "--workers", "-1"])
+    assert caught.value.code == 2 and "-1 is not a count" in capsys.readouterr().err

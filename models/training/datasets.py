@@ -267,15 +267,41 @@ def read_coco(path: str | Path) -> CocoData:
         raise DatasetError(f"{path}: cannot read the COCO file ({exc.strerror or exc}); pass a COCO instances JSON") from None
     except json.JSONDecodeError as exc:
         raise DatasetError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); pass a COCO instances JSON") from None
-    missing = [key for key in ("images", "annotations", "categories") if key not in coco]
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(coco, dict) or key not in coco]
     if missing:
         raise DatasetError(f"{path}: not a COCO instances file (no {missing[0]!r} list)")
+    problem = _coco_problem(coco)
+    if problem:
+        raise DatasetError(f"{path}: not a COCO instances file ({problem}); pass a COCO instances JSON")
     annotations: dict[int, list[dict]] = {image["id"]: [] for image in coco["images"]}
     for annotation in coco["annotations"]:
         annotations.setdefault(annotation["image_id"], []).append(annotation)
     images = [{**image, "path": path.parent / image["file_name"]} for image in coco["images"]]
     categories = {int(c["id"]): str(c["name"]) for c in coco["categories"]}
     return CocoData(path, images, annotations, categories)
+
+
+#: what each COCO list's entries need here: (key, type it must have)
+_COCO_FIELDS = {"images": (("id", int), ("file_name", str)),
+                "annotations": (("image_id", int), ("category_id", int)),
+                "categories": (("id", int), ("name", str))}
+
+
+def _coco_problem(coco: dict) -> str | None:
+    """What in ``coco`` the readers below could not take, as words naming the entry; None when nothing."""
+    for key, fields in _COCO_FIELDS.items():
+        if not isinstance(coco[key], list):
+            return f"{key!r} is not a list"
+        for number, entry in enumerate(coco[key]):
+            wrong = [f for f, kind in fields if not isinstance(entry, dict) or not isinstance(entry.get(f), kind)
+                     or isinstance(entry.get(f), bool)]
+            if wrong:
+                return f"{key}[{number}] has no {wrong[0]!r} of the right type"
+            bbox = entry.get("bbox") if key == "annotations" else None
+            if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4
+                                         and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+                return f"annotations[{number}].bbox is not [x, y, width, height]"
+    return None
 
 
 def coco_label_map(coco: CocoData, classes: list[str] | None) -> tuple[list[str], dict[int, int]]:
