@@ -14,6 +14,12 @@ from pathlib import Path
 from typing import Iterator
 
 
+def safe_name(text: str, default: str) -> str:
+    """``text`` as one file name: letters, digits, '-', '_' and '.' kept, the rest '_', no leading dots (a
+    stream id '..' must not step out of its folder); ``default`` when nothing is left."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).lstrip(".") or default
+
+
 def sha256_file(path: str | Path) -> str:
     with open(path, "rb") as handle:
         return hashlib.file_digest(handle, "sha256").hexdigest()

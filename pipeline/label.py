@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError
-from blinkflow.files import sha256_bytes, sha256_file, write_atomic
+from blinkflow.files import safe_name, sha256_bytes, sha256_file, write_atomic
 from blinkflow.redact import redact_obj, redact_text
 from blinkflow.sinks import JsonlSink, to_record
 
@@ -108,7 +108,7 @@ def _unique_ids(paths: list[Path]) -> list[str]:
 
     def name(p: Path) -> str:
         parts = p.with_suffix("").parts[-depth[p]:]
-        return "".join(c if c.isalnum() or c in "-_." else "_" for c in "-".join(parts)).lstrip(".") or "video"
+        return safe_name("-".join(parts), "video")
 
     while True:
         names = [name(p) for p in paths]

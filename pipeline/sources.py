@@ -12,6 +12,7 @@ overlaps with the model stages while memory stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import glob as globlib
 import logging
 import math
@@ -137,13 +138,12 @@ def _check_distinct_ids(configs: list[SourceConfig]) -> None:
     """Two inputs under one stream id would share its gate state, caches, tracks and output order (files named
     alike in two folders: both ``clip``); refuse them before anything decodes. Listing a source's streams
     opens nothing."""
-    from blinkflow.streams import default_stream_id
+    from blinkflow.streams import stream_id_of
 
     seen: dict[str, int] = {}
     for number, cfg in enumerate(configs):
         try:
-            ids = ({cfg.id or default_stream_id(cfg.url or "")} if cfg.type == "stream"
-                   else {stream.id for stream in open_lane(cfg)})
+            ids = {stream_id_of(cfg)} if cfg.type == "stream" else {stream.id for stream in open_lane(cfg)}
         except SourceError:
             continue  # an empty folder and the like: said when its lane runs
         for stream_id in sorted(ids):
@@ -308,13 +308,7 @@ class _ThreadedDecoder:
 
 def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator[Frame]:
     """Decode, resample and resize one file (runs inside the decoder thread)."""
-    import av
-
-    container = _open_container(path, stream_id, cfg.options.hwaccel, cfg.options.motion_vectors)
-    try:
-        if not container.streams.video:
-            raise SourceError(f"{path}: the file has no video stream; pass a video file")
-        stream = container.streams.video[0]
+    with _video_of(path, stream_id, cfg.options.hwaccel, cfg.options.motion_vectors) as (container, stream):
         stream.thread_type = "AUTO"
         if cfg.options.decode_threads:
             stream.codec_context.thread_count = cfg.options.decode_threads
@@ -327,6 +321,19 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
             stream.thread_type = "SLICE"
         # decode the next frames while this one becomes RGB (both release the GIL)
         yield from _resampled(read_ahead(decoded, depth=4, name=f"demux:{stream_id}"), cfg, stream_id, path)
+
+
+@contextlib.contextmanager
+def _video_of(path: Path, stream_id: str | None = None, hwaccel: str = "none",
+              motion_vectors: bool = False) -> Iterator[tuple[Any, Any]]:
+    """The open container and its first video stream; FFmpeg's errors inside become the file's one line."""
+    import av
+
+    container = _open_container(path, stream_id, hwaccel, motion_vectors)
+    try:
+        if not container.streams.video:
+            raise SourceError(f"{path}: the file has no video stream; pass a video file")
+        yield container, container.streams.video[0]
     except av.FFmpegError as exc:
         raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
     finally:
@@ -349,19 +356,10 @@ def _open_container(path: Path, stream_id: str | None = None, hwaccel: str = "no
 
 def probe_video(path: Path) -> tuple[int, int]:
     """The first frame's width and height; a ``SourceError`` naming the file when it does not decode."""
-    import av
-
-    container = _open_container(path)
-    try:
-        if not container.streams.video:
-            raise SourceError(f"{path}: the file has no video stream; pass a video file")
-        for frame in container.decode(video=0):
+    with _video_of(path) as (container, stream):
+        for frame in container.decode(stream):
             return frame.width, frame.height
-        raise SourceError(f"{path}: no frame decodes; re-encode or replace the file")
-    except av.FFmpegError as exc:
-        raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
-    finally:
-        container.close()
+    raise SourceError(f"{path}: no frame decodes; re-encode or replace the file")
 
 
 #: containers whose index lists every sample, so their frame count is what a whole file decodes to

@@ -137,6 +137,11 @@ def default_stream_id(url: str) -> str:
     return f"{host}{port}/{path}" if path else f"{host}{port}"
 
 
+def stream_id_of(cfg: SourceConfig) -> str:
+    """The id a stream source runs under: its own, else one made from its URL."""
+    return cfg.id or default_stream_id(cfg.url or "")
+
+
 def check_live_config(cfg: Any) -> None:
     """Cross-field checks for stream sources and the control section (called by load_config)."""
     for i, source in enumerate(cfg.sources):
@@ -727,7 +732,7 @@ class StreamHub:
     def add(self, cfg: SourceConfig, connect_check: ConnectCheck | None = None) -> LiveStream:
         """Start a stream from a resolved stream source config; raise SourceError if its id is taken.
         ``connect_check`` is asked before every connection attempt (see :data:`ConnectCheck`)."""
-        stream_id = cfg.id or default_stream_id(cfg.url or "")
+        stream_id = stream_id_of(cfg)
         overflow = cfg.options.overflow
         if overflow == "auto":
             overflow = "drop_oldest" if self.mode == "live" else "block"

@@ -395,9 +395,9 @@ class EventsStage(Stage):
     def _write_snapshot(self, frame: Frame, kind: str, track_id: int, crop: np.ndarray) -> str | None:
         from PIL import Image
 
-        # no leading dots: a stream id '..' must not write beside the snapshots folder
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in frame.stream_id).lstrip(".") or "stream"
-        path = Path(self.options.snapshots) / safe / f"{frame.index:08d}-{kind}-{track_id}.jpg"
+        from blinkflow.files import safe_name
+
+        path = Path(self.options.snapshots) / safe_name(frame.stream_id, "stream") / f"{frame.index:08d}-{kind}-{track_id}.jpg"
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(crop).save(path, quality=self.options.jpeg_quality)

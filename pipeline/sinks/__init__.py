@@ -22,7 +22,7 @@ import numpy as np
 
 from blinkflow.config import SinkConfig
 from blinkflow.errors import SinkError
-from blinkflow.files import commit as commit_file
+from blinkflow.files import commit as commit_file, safe_name
 from blinkflow.frame import FrameResult
 from blinkflow.registry import register_sink, sinks as sink_registry
 
@@ -241,8 +241,7 @@ class Mp4OverlaySink(Sink):
         self._paths: set[Path] = set()
 
     def _path_for(self, stream_id: str) -> Path:
-        # '..' and the like lose their dots: never a step out of the folder
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in stream_id).lstrip(".") or "stream"
+        safe = safe_name(stream_id, "stream")
         path = self._named(safe)
         if path in self._paths:  # 'cam 1' and 'cam/1' are both cam_1: the second gets a name of its own
             path = self._named(f"{safe}-{hashlib.sha256(stream_id.encode()).hexdigest()[:6]}")
