@@ -670,7 +670,7 @@ def test_bench_skip_videos_are_named_by_file_and_size_and_checked_before_any_mod
     assert (resized.name, resized.what, resized.source["resize"]) == (f"{VIDEO_PREFIX}2", "cam.mp4 (32×24)", [32, 24])
     assert own.source["max_frames"] == 50 and own.source["path"] == str(clip)
     assert parse_size("640X360") == [640, 360] and parse_size(None) is None
-    for bad in ("640", "x360", "8x8", "-640x360"):
+    for bad in ("640", "x360", "8x8", "-640x360", "\u00b2x360"):
         with pytest.raises(ConfigError, match="WIDTHxHEIGHT"):
             parse_size(bad)
     empty = tmp_path / "empty.mp4"

@@ -176,7 +176,8 @@ def parse_size(text: str | None) -> list[int] | None:
     if not text:
         return None
     width, _, height = text.lower().partition("x")
-    if not (width.isdigit() and height.isdigit() and int(width) >= 16 and int(height) >= 16):
+    digits = all(side.isascii() and side.isdigit() for side in (width, height))  # isdigit() alone takes '²'
+    if not (digits and int(width) >= 16 and int(height) >= 16):
         raise ConfigError(f"--resize {text!r}: expected WIDTHxHEIGHT of at least 16x16, such as 640x360")
     return [int(width), int(height)]
 
