@@ -48,6 +48,8 @@ from blinkflow.errors import BlinkflowError
 log = logging.getLogger(__name__)
 
 TRANSPORTS = ("auto", "plain", "compiled")
+#: how long the K slice actors may take to be placed and set up before the start is given up
+START_TIMEOUT_S = 120.0
 
 
 class SliceWorker:
@@ -161,35 +163,62 @@ class DepthPipeline:
         threads = threads or max(1, int(num_cpus))
         # the accelerator transport (NCCL) needs one GPU per actor: actors sharing a GPU use plain calls
         self.transport = ("compiled" if num_gpus >= 1 else "plain") if transport == "auto" else transport
-        options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}),
-                   "max_restarts": 0, "max_task_retries": 0}
-        actor_cls = ray.remote(SliceWorker)
-        self.actors = [
-            actor_cls.options(**options).remote(copy.deepcopy(stage).cpu(), device, threads, precision)
-            for stage in split.stages
-        ]
-        self._wait_ready(num_cpus, num_gpus)
+        self._options = {"num_cpus": num_cpus, "num_gpus": num_gpus, "resources": dict(resources or {}),
+                         "max_restarts": 0, "max_task_retries": 0}
+        self._worker_args = (device, threads, precision)
         self._compiled: Any = None
         self._ticks = 0
+        self.actors: list[Any] = []
+        self._start_actors()
         log.info("depth pipeline: %d stage actors (%s transport, device %s)", self.num_stages, self.transport, device)
 
-    def _wait_ready(self, num_cpus: float, num_gpus: float, timeout_s: float = 120.0) -> None:
+    def _start_actors(self) -> None:
+        import ray
+
+        actor_cls = ray.remote(SliceWorker)
+        self.actors = [actor_cls.options(**self._options).remote(copy.deepcopy(stage).cpu(), *self._worker_args)
+                       for stage in self.split.stages]
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.close()  # none of the K actors outlives a start that failed
+            raise
+
+    def _wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
         import ray
 
         try:
             ray.get([actor.ready.remote() for actor in self.actors], timeout=timeout_s)
         except ray.exceptions.GetTimeoutError:
-            self.close()
+            cpus, gpus = self._options["num_cpus"], self._options["num_gpus"]
             raise BlinkflowError(
-                f"depth_parallel: could not start {self.num_stages} stage actors with num_cpus={num_cpus}, "
-                f"num_gpus={num_gpus} each within {timeout_s:.0f}s; lower resources.num_cpus/num_gpus, "
+                f"depth_parallel: could not start {self.num_stages} stage actors with num_cpus={cpus:g}, "
+                f"num_gpus={gpus:g} each within {timeout_s:.0f}s; lower resources.num_cpus/num_gpus, "
                 f"lower depth_parallel, or give Ray more (runtime.num_cpus)"
             ) from None
+
+    def _restart(self, exc: BaseException) -> None:
+        """A slice actor died (its node, the OOM killer): the K actors start afresh, as the Ray runner restarts a
+        stage actor that dies. Clips carry no state between calls, so a retry gives the same outputs."""
+        log.warning("depth pipeline: a stage actor died (%s); starting the %d stage actors again",
+                    type(exc).__name__, self.num_stages)
+        self.close()
+        self._start_actors()
 
     # ------------------------------------------------------------------ clips
 
     def __call__(self, batches: Sequence[Any]) -> list[Any]:
-        """The model's outputs for each batch (a list, in order), pipelined across the K actors."""
+        """The model's outputs for each batch (a list, in order), pipelined across the K actors. A dead actor
+        restarts the K actors and the batches run once more (a second death in a row is raised)."""
+        import ray
+
+        try:
+            return self._clips(batches)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            self._restart(exc)
+        return self._clips(batches)
+
+    def _clips(self, batches: Sequence[Any]) -> list[Any]:
         if self.transport == "compiled":
             return self._run_compiled(batches)
         import ray

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 
 import pytest
 
@@ -285,6 +286,44 @@ def test_ray_depth_pipeline_streams_and_clips_equal_the_in_process_model(ray_loc
                 torch.testing.assert_close(got, model(clip), rtol=1e-5, atol=1e-6)
     finally:
         pipeline.close()
+
+
+@pytest.mark.slow
+def test_a_dead_slice_actor_is_started_again_and_the_clips_still_equal_the_model(ray_local):
+    """The OOM killer takes one of the K slice actors: the next call starts the K afresh and gives the model's
+    outputs (it used to fail every later clip of the run with ActorDiedError)."""
+    from blinkflow.depth_parallel import DepthPipeline
+
+    model = causal_model()
+    pipeline = DepthPipeline(split_model(model, 2), threads=1)
+    try:
+        clips = [torch.rand(1, 3, 4, 32, 32) for _ in range(2)]
+        pipeline(clips)
+        dead = pipeline.actors[1]
+        ray_local.kill(dead)
+        with torch.no_grad():
+            expected = [model(clip) for clip in clips]
+        for got, want in zip(pipeline(clips), expected, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        assert dead not in pipeline.actors and len(pipeline.actors) == 2
+    finally:
+        pipeline.close()
+
+
+@pytest.mark.slow
+def test_slice_actors_that_cannot_be_placed_are_one_error_and_none_is_left(ray_local, monkeypatch):
+    """More slice actors than the cluster has room for: the start gives up with the one-line advice and kills
+    the actors it asked for (it raised AttributeError and left them pending)."""
+    from blinkflow import depth_parallel
+    from blinkflow.errors import BlinkflowError
+
+    monkeypatch.setattr(depth_parallel.DepthPipeline._wait_ready, "__defaults__", (3.0,))
+    with pytest.raises(BlinkflowError, match=r"^depth_parallel: could not start 2 stage actors with num_cpus=3, "):
+        depth_parallel.DepthPipeline(split_model(causal_model(), 2), num_cpus=3, threads=1)  # 4 CPUs: room for one
+    deadline = time.monotonic() + 30  # the placed actor's CPUs come back once it is killed
+    while ray_local.available_resources().get("CPU", 0) < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_local.available_resources().get("CPU", 0) == 4, ray_local.available_resources()
 
 
 @pytest.mark.slow
