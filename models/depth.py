@@ -209,7 +209,7 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
     if _is_s3d(model):
         features = [Unit(f"features.{i}", m) for i, m in enumerate(model.features)]
         return _with_pre_hooks(model, features + [Unit("head", S3DHead(model.avgpool, model.classifier))]), nn.Identity()
-    if isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier"):
+    if _pools_features_into_classifier(model):
         features = [Unit(f"features.{i}", m) for i, m in enumerate(model.features)]
         pool = getattr(model, "avgpool", None) or nn.AdaptiveAvgPool2d(1)  # MobileNetV2 pools functionally
         head = Unit("head", PoolHead(pool, model.classifier))
@@ -218,8 +218,16 @@ def depth_units(model: nn.Module) -> tuple[list[Unit], nn.Module]:
         return _with_pre_hooks(model, [Unit(str(i), m) for i, m in enumerate(model)]), nn.Identity()
     raise DepthSplitError(
         f"cannot split {type(model).__name__} by depth; supported: causal3d_small, i3d, r3d_18, mc3_18, r2plus1d_18, s3d, "
-        "torchvision ResNets/MobileNets/EfficientNets and nn.Sequential"
+        "torchvision ResNets/MobileNets/EfficientNets/VGGs/AlexNet and nn.Sequential"
     )
+
+
+def _pools_features_into_classifier(model: nn.Module) -> bool:
+    """A torchvision model whose forward is exactly features -> pool -> flatten -> classifier (PoolHead): named,
+    not guessed from its attributes (DenseNet has both, and a ReLU between; SqueezeNet no flatten)."""
+    from torchvision.models import VGG, AlexNet, EfficientNet, MobileNetV2, MobileNetV3
+
+    return isinstance(model, (MobileNetV2, MobileNetV3, EfficientNet, VGG, AlexNet))
 
 
 def _is_s3d(model: nn.Module) -> bool:
@@ -500,11 +508,13 @@ class DepthClock:
     def drain_ticks(self) -> int:
         """Ticks without input after the last frame that bring every frame still inside to the output.
 
-        Only ``pipelined`` drains: ``sequential`` has nothing inside, and
-        ``predictive`` attributes each output to its tick, so ticks past the
-        last frame would name frames that never came.
+        ``pipelined`` drains its K - 1 ticks of lag (times the slowest rate); ``sequential`` only waits for a
+        slower stage's next update (``rates``: the last frames reach it on a later tick); ``predictive``
+        attributes each output to its tick, so ticks past the last frame would name frames that never came.
         """
-        return 0 if self.mode != "pipelined" else (self.num_stages - 1) * max(self.rates)
+        if self.mode == "pipelined":
+            return (self.num_stages - 1) * max(self.rates)
+        return max(self.rates) - 1 if self.mode == "sequential" else 0
 
     def advance(self, frame_value: Any, run: Callable[[int, Any], Any]) -> tuple[Slot | None, list[Slot | None]]:
         t, previous = self.tick, list(self.held)

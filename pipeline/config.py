@@ -651,6 +651,13 @@ def _is_driver_stage(name: str) -> bool:
     return bool(stage_registry.get(name).driver)
 
 
+def _splits_by_depth(name: str) -> bool:
+    """Whether the registered stage runs its model through a depth-parallel executor (``set_model_executor``)."""
+    from blinkflow.registry import stages as stage_registry
+
+    return hasattr(stage_registry.get(name), "set_model_executor")
+
+
 def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     import re
 
@@ -662,6 +669,9 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     if stage.compile != "off" and stage.depth_parallel > 1:
         raise ConfigError(f"stages.{name}.compile: {stage.compile!r} compiles the whole model, which depth_parallel: "
                           f"{stage.depth_parallel} splits across actors; use one or the other")
+    if stage.depth_parallel > 1 and not _splits_by_depth(name):
+        raise ConfigError(f"stages.{name}.depth_parallel: {stage.depth_parallel}, but the {name} stage cannot split its "
+                          f"model by depth (Ray would hold {stage.depth_parallel} slice actors idle); set depth_parallel: 1")
     if stage.model is not None and name != "gate":
         try:
             get_model_entry(stage.model, task=name)

@@ -151,7 +151,6 @@ class DepthPipeline:
         max_in_flight: int | None = None,
         resources: dict[str, float] | None = None,
     ) -> None:
-        import ray
 
         if transport not in TRANSPORTS:
             raise ValueError(f"transport {transport!r} is not one of {TRANSPORTS}")

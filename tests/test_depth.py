@@ -117,11 +117,28 @@ def test_split_follows_the_given_costs():
         "blocks.3.temporal", "blocks.3.spatial", "head"]]
 
 
+def test_depth_parallel_on_a_stage_that_cannot_split_its_model_is_a_config_error():
+    """detect runs its model whole: depth_parallel there reserved K idle slice actors (or refused to start
+    with a misleading CPU count); now the config names the key. action takes it."""
+    from blinkflow.config import load_config
+    from blinkflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^stages\.detect\.depth_parallel: 4, but the detect stage cannot split "):
+        load_config(data={"stages": {"detect": {"depth_parallel": 4}}})
+    assert load_config(data={"stages": {"action": {"depth_parallel": 2}}}).stages["action"].depth_parallel == 2
+
+
 def test_split_rejects_more_stages_than_units_and_unknown_models():
     with pytest.raises(DepthSplitError, match="10 depth units"):
         split_model(causal_model(), 11)
     with pytest.raises(DepthSplitError, match="cannot split"):
         split_model(torch.nn.Linear(3, 3), 2)
+    import torchvision
+
+    # features and a classifier, but not features -> pool -> flatten -> classifier: refused, not split wrongly
+    for name in ("densenet121", "squeezenet1_1"):
+        with pytest.raises(DepthSplitError, match=r"^cannot split (DenseNet|SqueezeNet) by depth"):
+            split_model(getattr(torchvision.models, name)(num_classes=5), 2)
 
 
 # --------------------------------------------------------------------------- streaming schedules
@@ -187,6 +204,17 @@ def test_multi_rate_clock_updates_the_deep_stage_every_n_ticks_and_reuses_its_ou
     assert [v for t, stage, v in record.calls if stage == 1] == ["s0@2", "s0@5"]
     assert lasts[3] is lasts[4] is lasts[5], "between updates the last output is re-emitted, not recomputed"
     assert [s.frame for s in lasts[3:]] == [2, 2, 2, 5, 5, 5]
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "sequential"])
+def test_multi_rate_drain_brings_out_the_last_frame_the_slow_stage_takes(mode):
+    """With rates [1, 2] the deep stage takes every second frame; the drained run gives the last of them in
+    either mode (sequential used to drain nothing and lost it), and one more tick gives nothing new."""
+    streaming = StreamingDepth(split_model(causal_model(), 2), mode, rates=[1, 2])
+    outputs = streaming.run(frames(n=4), drain=True)
+    fed = sorted({o.source_frame for o in outputs if o.source_frame is not None})
+    assert fed[-1] == 3, fed
+    assert streaming.tick(None).source_frame in fed
 
 
 def test_multi_rate_state_is_the_deep_stage_run_on_the_subsampled_sequence():
@@ -489,6 +517,18 @@ def test_train_action_sideways_lowers_the_loss(tmp_path, capsys):
     assert sideways["last_loss"] < sideways["first_loss"]
     assert (tmp_path / "sideways.pt").is_file()
     assert "sideways K=2 (local)" in capsys.readouterr().out
+
+
+def test_train_sideways_with_clips_shorter_than_its_stages_is_one_line(tmp_path, capsys):
+    """Three stages on two-frame clips: the top stage never sees a frame, so nothing trains; one line naming
+    data.clip_len (it was a StatisticsError traceback)."""
+    from blinkflow.cli import main
+
+    code = main(["train", "action", "--sideways", "--stages", "3", "--config", "configs/train/smoke-action.yaml",
+                 "--set", f"out_dir={tmp_path}", "--set", "data.clip_len=2"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0, err
+    assert "data.clip_len: 2 frames, but --stages 3 needs clips of at least 3" in err
 
 
 @pytest.mark.parametrize("costs", [None, MID_BLOCK], ids=["block boundary", "mid-block boundary"])

@@ -309,6 +309,12 @@ def compare(cfg: TrainConfig, stages: int = 2, executors: Sequence[str] = ("loca
         raise ConfigError(f"--sideways trains the streaming causal3d_small action model; got {cfg.task}/{cfg.model}")
     torch.set_num_threads(cfg.threads)
     data = build_data(cfg)
+    if data[0].clip_len < stages:
+        from blinkflow.errors import ConfigError
+
+        # the top stage first sees frame K - 1 of a clip: a shorter clip trains nothing and has no loss
+        raise ConfigError(f"data.clip_len: {data[0].clip_len} frames, but --stages {stages} needs clips of at least "
+                          f"{stages} (the top stage first sees frame {stages - 1}); set data.clip_len or lower --stages")
     results, model = [], None
     for executor in executors:
         result, model = train_sideways(cfg, data, stages, executor)
