@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 #: bounds one read, and a client sending a header byte every few seconds (slowloris) would otherwise hold a
 #: slot forever; with every slot held so, the operator's own POST /stop was turned away
 REQUEST_DEADLINE_S = 15.0
+#: connections one client address may hold at once: a scraper, a probe or an operator needs one or two, and a
+#: single host opening idle connections must not take every slot (a scrape, or POST /stop, turned away)
+MAX_PER_CLIENT = 4
 _BUSY = b'{"error": "busy: too many requests at once; retry in a moment"}\n'
 
 
@@ -33,28 +36,55 @@ class _BoundedServer(ThreadingHTTPServer):
     ``REQUEST_DEADLINE_S``, so slow ones cannot hold the slots."""
 
     daemon_threads = True  # a hung client must not keep the process alive
-    request_deadline_s = REQUEST_DEADLINE_S
 
-    def __init__(self, address: Any, handler: Any, max_threads: int) -> None:
+    def __init__(self, address: Any, handler: Any, max_threads: int, request_deadline_s: float = REQUEST_DEADLINE_S,
+                 max_per_client: int = MAX_PER_CLIENT) -> None:
+        self.request_deadline_s = request_deadline_s
+        self.max_per_client = max_per_client
         self._slots = threading.BoundedSemaphore(max_threads)
         self._deadlines: dict[Any, float] = {}  # open connection -> when it is cut
+        self._per_client: dict[str, int] = {}  # client address -> connections it holds (under _deadlines_lock)
         self._deadlines_lock = threading.Lock()
         self._closing = threading.Event()  # before binding: a failed bind calls server_close
         super().__init__(address, handler)
         threading.Thread(target=self._cut_late, name="http-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._take_client_slot(client_address[0]):
+            self._turn_away(request)
+            return
         if not self._slots.acquire(blocking=False):
-            with contextlib.suppress(OSError):
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
-            self.shutdown_request(request)
+            self._give_client_slot(client_address[0])
+            self._turn_away(request)
             return
         try:
             super().process_request(request, client_address)
         except BaseException:
             self._slots.release()
+            self._give_client_slot(client_address[0])
             raise
+
+    def _turn_away(self, request: Any) -> None:
+        with contextlib.suppress(OSError):
+            request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
+        self.shutdown_request(request)
+
+    def _take_client_slot(self, client: str) -> bool:
+        with self._deadlines_lock:
+            held = self._per_client.get(client, 0)
+            if held >= self.max_per_client:
+                return False
+            self._per_client[client] = held + 1
+            return True
+
+    def _give_client_slot(self, client: str) -> None:
+        with self._deadlines_lock:
+            held = self._per_client.get(client, 0) - 1
+            if held > 0:
+                self._per_client[client] = held
+            else:
+                self._per_client.pop(client, None)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that stalls, resets or sends garbage is its own problem: one log line, no traceback."""
@@ -73,6 +103,7 @@ class _BoundedServer(ThreadingHTTPServer):
             with self._deadlines_lock:
                 self._deadlines.pop(request, None)
             self._slots.release()
+            self._give_client_slot(client_address[0])
 
     def _cut_late(self) -> None:
         """One thread for every connection's deadline: a late one is shut down, so its blocked read returns
@@ -94,6 +125,8 @@ class HTTPService:
     section = "http"
     #: requests served at once (each on its own thread); more get 503
     max_threads = 16
+    #: a connection is cut this long after it opens (the whole request and answer)
+    request_deadline_s = REQUEST_DEADLINE_S
 
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -114,7 +147,13 @@ class HTTPService:
 
     def start(self) -> Any:
         try:
-            self._server = _BoundedServer((self.host, self.requested_port), self.handler_class(), self.max_threads)
+            self._server = _BoundedServer((self.host, self.requested_port), self.handler_class(), self.max_threads,
+                                          self.request_deadline_s)
+        except socket.gaierror as exc:  # an IPv6 literal or a name that does not resolve to IPv4
+            raise BlinkflowError(
+                f"{self.section}.host: {self.host!r} is not an IPv4 address or name this machine resolves "
+                f"({exc.strerror or exc}); use 127.0.0.1, 0.0.0.0 or the address of an interface"
+            ) from None
         except OSError as exc:
             raise BlinkflowError(
                 f"{self.section}: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "

@@ -41,6 +41,12 @@ STAGE_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OUTCOMES = ("processed", "reused", "dropped", "failed")
 FPS_WINDOW_S = 1.0
+#: the audit-agreement gauge is the mean of the audits of the last this many seconds (alerts use the counters)
+AUDIT_WINDOW_S = 300.0
+#: a stream removed on purpose (DELETE /streams/ID) keeps its series this long after its end, so a scrape or
+#: two still read its final counts; then they go, and with them its stream_up of 0 (no page for a camera
+#: the operator removed, and ids cycled by a tool do not grow the series without end)
+REMOVED_SERIES_S = 120.0
 STAGE_TOTAL_FIELDS = ("seconds", "frames", "calls", "errors")
 
 
@@ -72,7 +78,11 @@ class MetricsRecorder:
         """A FrameResult left the pipeline (once per decoded frame)."""
 
     def on_stream_state(self, stream: str, up: bool) -> None:
-        """A stream started delivering frames (up) or ended (down)."""
+        """A stream started delivering frames (up) or ended (down: its StreamEnd reached the runner)."""
+
+    def on_stream_event(self, stream: str, kind: str) -> None:
+        """A live stream's own news (``streams.StreamEvent`` kinds: connecting, up, down, ended, stopped, and
+        removed when the operator removed it)."""
 
     def on_reconnect(self, stream: str) -> None:
         """A live stream reconnected once more."""
@@ -83,6 +93,9 @@ class MetricsRecorder:
     def on_device(self, device: str, process: str, allocated_bytes: int, reserved_bytes: int,
                   utilization: float | None) -> None:
         """GPU memory held by one process on one device, and the device's utilisation (0..1)."""
+
+    def on_device_gone(self, device: str, process: str) -> None:
+        """A process no longer holds memory on the device (its actor restarted, perhaps elsewhere)."""
 
 
 NULL_RECORDER = MetricsRecorder()
@@ -200,6 +213,7 @@ class ActorStats:
     metrics: MetricsRecorder
     totals: dict[str, dict[str, float]] = field(default_factory=dict)
     last: dict[tuple[str, int], tuple[str, dict[str, float]]] = field(default_factory=dict)
+    devices: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # the devices each replica reported last
 
     def absorb(self, stage: str, replica: int, snapshot: dict[str, Any]) -> None:
         previous = self.last.get((stage, replica))
@@ -215,8 +229,18 @@ class ActorStats:
         self.last[(stage, replica)] = (snapshot["incarnation"], dict(snapshot["totals"]))
         for seconds, frames, errors in snapshot["calls"]:
             self.metrics.on_stage_call(stage, seconds, frames, errors)
-        for device in snapshot.get("devices", []):
-            self.metrics.on_device(**device)
+        self._absorb_devices(stage, replica, snapshot.get("devices", []))
+
+    def _absorb_devices(self, stage: str, replica: int, devices: list[dict[str, Any]]) -> None:
+        """Each replica's GPU memory under a process label of its own (replicas sharing a GPU each count); a
+        device it no longer reports (restarted on another node) is dropped, not left at its old value."""
+        process = f"{stage}/{replica}"
+        now = {device["device"] for device in devices}
+        for gone in self.devices.get((stage, replica), set()) - now:
+            self.metrics.on_device_gone(gone, process)
+        self.devices[(stage, replica)] = now
+        for device in devices:
+            self.metrics.on_device(**{**device, "process": process})
 
 
 def local_gpu_stats(process: str) -> list[dict[str, Any]]:
@@ -263,13 +287,17 @@ class _StreamSeries:
     audit_agreement: Any = None  # created at the first audit, so unaudited streams show no ratio
     audited: Any = None
     threshold: Any = None  # created at the first gate decision, so streams without a gate show none
+    audit_sum: Any = None
     counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
     is_up: bool = False
+    live: bool = False  # a live stream: up and down come from its own events, not from frames arriving
     reconnects_seen: int = 0
-    audit_sum: float = 0.0
-    audit_count: int = 0
-    window_start: float = field(default_factory=time.monotonic)
+    audits: deque = field(default_factory=deque)  # (monotonic time, agreement) of the last AUDIT_WINDOW_S
+    window_start: float = field(default_factory=lambda: time.monotonic())
     window_frames: int = 0
+    zones: set = field(default_factory=set)  # zones whose object counts this stream set
+    removed: bool = False  # removed by the operator: its series go REMOVED_SERIES_S after its end
+    ended_at: float | None = None
 
 
 @dataclass
@@ -296,6 +324,8 @@ class PrometheusRecorder(MetricsRecorder):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.ready = False
         self._streams: dict[str, _StreamSeries] = {}
+        self._children: dict[str, set[tuple[Any, tuple[str, ...]]]] = {}  # stream -> (metric, label values)
+        self._series_lock = threading.RLock()  # the driver, the hub's decoder threads and the scrape all reach streams
         self._stages: dict[str, _StageSeries] = {}
         self._define_stage_metrics()
         self._define_stream_metrics()
@@ -333,10 +363,13 @@ class PrometheusRecorder(MetricsRecorder):
                                registry=r)
         self.reconnects = Counter("blinkflow_stream_reconnects", "Live stream reconnections", ["stream"], registry=r)
         self.audit_agreement = Gauge("blinkflow_audit_agreement_ratio",
-                                     "Mean agreement of carried-over results with fresh runs on audit frames (0..1)",
-                                     ["stream"], registry=r)
+                                     "Mean agreement of carried-over results with fresh runs on the audit frames of "
+                                     "the last 5 minutes (0..1)", ["stream"], registry=r)
         self.audited = Counter("blinkflow_audited_frames", "Frames the gate would have reused, processed as audits",
                                ["stream"], registry=r)
+        self.audit_agreement_sum = Counter(
+            "blinkflow_audit_agreement_sum", "Sum of the audits' agreement (0..1 each): its rate over the audited "
+            "frames' rate is their mean agreement in any window", ["stream"], registry=r)
         self.gate_decisions = Counter("blinkflow_gate_decisions", "Frames by the gate's decision: keyframe, partial, "
                                       "refresh (some stages alone), reuse", ["stream", "decision"], registry=r)
         self.gate_threshold = Gauge("blinkflow_gate_threshold_ratio",
@@ -371,14 +404,32 @@ class PrometheusRecorder(MetricsRecorder):
     def _stream(self, stream: str) -> _StreamSeries:
         series = self._streams.get(stream)
         if series is None:
-            series = self._streams[stream] = _StreamSeries(
-                outcomes={o: _labels(self.frames, stream, o) for o in OUTCOMES},
-                decoded=_labels(self.decoded, stream), latency=_labels(self.latency, stream),
-                fps=_labels(self.fps, stream),
-                skip_ratio=_labels(self.skip_ratio, stream), up=_labels(self.stream_up, stream),
-                reconnects=_labels(self.reconnects, stream),
-            )
+            with self._series_lock:
+                series = self._streams.get(stream)
+                if series is None:
+                    series = self._streams[stream] = _StreamSeries(
+                        outcomes={o: self._child(self.frames, stream, o) for o in OUTCOMES},
+                        decoded=self._child(self.decoded, stream), latency=self._child(self.latency, stream),
+                        fps=self._child(self.fps, stream), skip_ratio=self._child(self.skip_ratio, stream),
+                        up=self._child(self.stream_up, stream), reconnects=self._child(self.reconnects, stream),
+                    )
         return series
+
+    def _child(self, metric: Any, stream: str, *rest: Any) -> Any:
+        """``metric``'s child for a stream's labels, remembered so that the stream's series can all go."""
+        values = tuple(redacted_label(v) for v in (stream, *rest))
+        with self._series_lock:
+            self._children.setdefault(stream, set()).add((metric, values))
+        return metric.labels(*values)
+
+    def _forget(self, stream: str) -> None:
+        """Every series of a stream removed on purpose: no stream_up of 0 left paging for it."""
+        with self._series_lock:
+            for metric, values in self._children.pop(stream, set()):
+                with contextlib.suppress(KeyError):
+                    metric.remove(*values)
+            self._streams.pop(stream, None)
+        log.debug("metrics: the series of removed stream %s are gone", stream)
 
     def _stage(self, stage: str) -> _StageSeries:
         series = self._stages.get(stage)
@@ -417,9 +468,11 @@ class PrometheusRecorder(MetricsRecorder):
     def on_decoded(self, frame: Any) -> None:
         series = self._stream(frame.stream_id)
         series.decoded.inc()
-        if not series.is_up:
+        if not series.is_up and not series.live:  # a live stream's buffered frames after a drop do not make it up
             self.on_stream_state(frame.stream_id, True)
         reconnects = frame.meta.get("reconnects") if frame.meta else None
+        if reconnects is not None and reconnects < series.reconnects_seen:
+            series.reconnects_seen = 0  # a new source under this id counts from 0
         if reconnects and reconnects > series.reconnects_seen:
             # sources report a running count; the counter takes the increase
             series.reconnects.inc(reconnects - series.reconnects_seen)
@@ -442,36 +495,66 @@ class PrometheusRecorder(MetricsRecorder):
         if isinstance(gate, dict):
             self._on_gate(result.stream_id, series, gate)
         if result.results and ("events" in result.results or "zones" in result.results):
-            self._on_events(result.stream_id, result.results.get("events") or [], result.results.get("zones") or {})
+            self._on_events(result.stream_id, series, result.results.get("events") or [], result.results.get("zones") or {})
 
-    def _on_events(self, stream: str, events: list[dict], zones: dict[str, int]) -> None:
+    def _on_events(self, stream: str, series: _StreamSeries, events: list[dict], zones: dict[str, int]) -> None:
         for event in events:
-            _labels(self.events, stream, str(event["type"])).inc()
+            self._child(self.events, stream, str(event["type"])).inc()
             if event["type"] == "cross_line":
-                _labels(self.line_crossings, stream, str(event["line"]), str(event["direction"])).inc()
+                self._child(self.line_crossings, stream, str(event["line"]), str(event["direction"])).inc()
         for zone, count in zones.items():
-            _labels(self.zone_objects, stream, str(zone)).set(count)
+            series.zones.add(str(zone))
+            self._child(self.zone_objects, stream, str(zone)).set(count)
 
     def _on_gate(self, stream: str, series: _StreamSeries, gate: dict) -> None:
         if gate.get("decision"):
-            _labels(self.gate_decisions, stream, str(gate["decision"])).inc()
+            self._child(self.gate_decisions, stream, str(gate["decision"])).inc()
         if gate.get("threshold") is not None:
             if series.threshold is None:
-                series.threshold = _labels(self.gate_threshold, stream)
+                series.threshold = self._child(self.gate_threshold, stream)
             series.threshold.set(float(gate["threshold"]))
         for stage, bound in (gate.get("bounds") or {}).items():
-            _labels(self.gate_bound, stream, str(stage)).set(float(bound))
+            self._child(self.gate_bound, stream, str(stage)).set(float(bound))
 
     def _count_fps(self, series: _StreamSeries) -> None:
         series.window_frames += 1
-        elapsed = time.monotonic() - series.window_start
+        self._roll_fps(series, time.monotonic())
+
+    @staticmethod
+    def _roll_fps(series: _StreamSeries, now: float) -> None:
+        """Results over the window, once it is a second long: at each result, and at each scrape (so a stream
+        whose results stopped reads 0, not its last rate)."""
+        elapsed = now - series.window_start
         if elapsed >= FPS_WINDOW_S:
             series.fps.set(series.window_frames / elapsed)
-            series.window_start += elapsed
-            series.window_frames = 0
+            series.window_start, series.window_frames = now, 0
 
     def on_stream_state(self, stream: str, up: bool) -> None:
-        series = self._stream(stream)
+        with self._series_lock:
+            series = self._stream(stream)
+            self._set_up(series, up)
+            if up:
+                series.ended_at = None
+                return
+            series.ended_at = time.monotonic()  # its end reached the runner: nothing more will come for it
+            series.reconnects_seen = 0  # a stream added again under this id counts its reconnections from 0
+            for zone in series.zones:  # nobody is in a zone of a stream that ended
+                self._child(self.zone_objects, stream, zone).set(0)
+
+    def on_stream_event(self, stream: str, kind: str) -> None:
+        with self._series_lock:
+            series = self._stream(stream)
+            series.live = True
+            if kind == "removed":
+                series.removed = True
+                return
+            if kind in ("connecting", "up"):  # (again) under this id: whatever was removed is back
+                series.removed, series.ended_at = False, None
+            if kind in ("connecting", "up", "down", "ended", "stopped"):
+                self._set_up(series, kind == "up")
+
+    @staticmethod
+    def _set_up(series: _StreamSeries, up: bool) -> None:
         series.is_up = up
         series.up.set(1 if up else 0)
         if not up:
@@ -485,12 +568,16 @@ class PrometheusRecorder(MetricsRecorder):
     def on_audit(self, stream: str, agreement: float) -> None:
         series = self._stream(stream)
         if series.audited is None:
-            series.audited = _labels(self.audited, stream)
-            series.audit_agreement = _labels(self.audit_agreement, stream)
-        series.audit_sum += agreement
-        series.audit_count += 1
+            series.audited = self._child(self.audited, stream)
+            series.audit_agreement = self._child(self.audit_agreement, stream)
+            series.audit_sum = self._child(self.audit_agreement_sum, stream)
         series.audited.inc()
-        series.audit_agreement.set(series.audit_sum / series.audit_count)
+        series.audit_sum.inc(agreement)
+        now = time.monotonic()
+        series.audits.append((now, agreement))
+        while series.audits[0][0] < now - AUDIT_WINDOW_S:  # a lifetime mean would hide a collapse for hours
+            series.audits.popleft()
+        series.audit_agreement.set(sum(a for _, a in series.audits) / len(series.audits))
 
     def on_device(self, device: str, process: str, allocated_bytes: int, reserved_bytes: int,
                   utilization: float | None) -> None:
@@ -499,8 +586,21 @@ class PrometheusRecorder(MetricsRecorder):
         if utilization is not None:
             _labels(self.gpu_utilization, device).set(utilization)
 
+    def on_device_gone(self, device: str, process: str) -> None:
+        for gauge in (self.gpu_allocated, self.gpu_reserved):
+            with contextlib.suppress(KeyError):
+                gauge.remove(redacted_label(device), redacted_label(process))
+
     def refresh(self) -> None:
-        """Called before each scrape: sample this process's own GPU memory, if it uses CUDA."""
+        """Called before each scrape: roll the streams' rates, let removed streams go once their time is up, and
+        sample this process's own GPU memory, if it uses CUDA."""
+        now = time.monotonic()
+        with self._series_lock:
+            for stream, series in list(self._streams.items()):
+                if series.removed and series.ended_at is not None and now - series.ended_at >= REMOVED_SERIES_S:
+                    self._forget(stream)
+                else:
+                    self._roll_fps(series, now)
         for device in local_gpu_stats("driver"):
             self.on_device(**device)
 
@@ -523,6 +623,8 @@ class MetricsExporter(HTTPService):
     """
 
     section = "metrics"
+    #: a scrape is one short GET: connections that idle are cut soon, so they cannot keep the slots from scrapers
+    request_deadline_s = 10.0
 
     def __init__(self, recorder: PrometheusRecorder, host: str = "127.0.0.1", port: int = 9464) -> None:
         super().__init__(host, port)
@@ -568,6 +670,8 @@ class MetricsExporter(HTTPService):
 
 def _handler_for(exporter: MetricsExporter) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        timeout = 5.0  # the socket's: a client silent this long is dropped
+
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
             path = self.path.split("?", 1)[0]
             if path == "/metrics":

@@ -221,7 +221,8 @@ class Backoff:
 @dataclass
 class StreamEvent:
     """Something that happened to a live stream: ``connecting``, ``up``, ``reconnect``,
-    ``down`` (with the reason and the retry delay), ``ended`` or ``stopped`` (removed or the run stopped)."""
+    ``down`` (with the reason and the retry delay), ``ended`` or ``stopped`` (removed or the run stopped), and
+    ``removed`` after ``stopped`` when the operator removed it."""
 
     stream: str
     kind: str
@@ -230,7 +231,8 @@ class StreamEvent:
 
 
 class RecorderBridge:
-    """Forwards stream up/down to a metrics recorder (``on_stream_state``).
+    """Forwards a live stream's events to a metrics recorder (``on_stream_event``): up and down come from
+    them, not from frames arriving (frames buffered before a drop still arrive after it).
 
     Reconnections are not forwarded: the recorder counts them from
     ``frame.meta["reconnects"]`` in ``on_decoded``, and forwarding them too
@@ -241,10 +243,8 @@ class RecorderBridge:
         self.recorder = recorder
 
     def __call__(self, event: StreamEvent) -> None:
-        if event.kind == "up":
-            self.recorder.on_stream_state(event.stream, True)
-        elif event.kind in ("down", "ended", "stopped"):
-            self.recorder.on_stream_state(event.stream, False)
+        if event.kind != "reconnect":
+            self.recorder.on_stream_event(event.stream, event.kind)
 
 
 # --------------------------------------------------------------------------- one stream
@@ -768,6 +768,7 @@ class StreamHub:
         if stream is None:
             return False
         stream.stop()
+        self._emit(StreamEvent(stream_id, "removed"))  # on purpose: its metrics may go once it has ended
         return True
 
     def close(self, stop_streams: bool = False) -> None:

@@ -235,10 +235,8 @@ def test_a_request_beyond_the_slots_is_told_so_in_json(two_slots):
             sock.close()
 
 
-def test_slow_clients_are_cut_at_the_deadline_and_the_operator_gets_through(two_slots, monkeypatch):
-    from blinkflow import http_service
-
-    monkeypatch.setattr(http_service._BoundedServer, "request_deadline_s", 0.5)
+def test_slow_clients_are_cut_at_the_deadline_and_the_operator_gets_through(two_slots):
+    two_slots._server.request_deadline_s = 0.5
     sockets = _slow_clients(two_slots, 2)
     try:
         time.sleep(1.0)

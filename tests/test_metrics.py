@@ -103,6 +103,113 @@ def test_skip_ratio_reconnects_and_audit_come_from_frames_and_results():
     assert value(recorder, "blinkflow_audited_frames_total", stream="cam") == 2
 
 
+def _stream_series(recorder: PrometheusRecorder, stream: str) -> list[str]:
+    return [name for (name, labels) in samples(recorder) if ("stream", stream) in labels]
+
+
+def test_a_stream_removed_on_purpose_loses_its_series_once_its_time_is_up(monkeypatch):
+    """DELETE /streams/door: its series stay a while (a scrape reads its final counts), then go, stream_up of 0
+    with them (it kept paging BlinkflowStreamDown for a camera removed on purpose, and cycled ids grew the
+    series without end). A stream that merely ended keeps its series; one re-added in time keeps them too."""
+    from blinkflow import metrics
+
+    recorder = PrometheusRecorder()
+    for stream in ("door", "yard", "back"):
+        recorder.on_stream_event(stream, "connecting")
+        recorder.on_stream_event(stream, "up")
+        recorder.on_decoded(Frame(stream, 0, 0.0, image=None))
+        recorder.on_result(FrameResult(stream, 0, 0.0, 1, 1, Outcome.PROCESSED, results={
+            "audit": {"agreement": 0.9}, "gate": {"decision": "keyframe", "threshold": 0.01},
+            "zones": {"gate-a": 2}, "events": [{"type": "enter_zone"}]}))
+    for stream in ("door", "back"):  # what the hub and the runner report: stopped, removed, then the stream's end
+        recorder.on_stream_event(stream, "stopped")
+        recorder.on_stream_event(stream, "removed")
+        recorder.on_stream_state(stream, False)
+    recorder.on_stream_event("back", "connecting")  # added again under its id before its time was up
+    recorder.refresh()
+    assert len(_stream_series(recorder, "door")) >= 15  # the final counts are still there to scrape
+    monkeypatch.setattr(metrics, "REMOVED_SERIES_S", 0.0)
+    recorder.refresh()
+    assert _stream_series(recorder, "door") == []
+    assert value(recorder, "blinkflow_stream_up", stream="yard") == 1
+    assert len(_stream_series(recorder, "back")) == len(_stream_series(recorder, "yard"))
+    assert value(recorder, "blinkflow_zone_objects", stream="back", zone="gate-a") == 0  # its end emptied the zone
+
+
+def test_a_live_stream_is_up_by_its_events_not_by_buffered_frames_after_a_drop():
+    recorder = PrometheusRecorder()
+    recorder.on_stream_event("cam", "up")
+    recorder.on_decoded(Frame("cam", 0, 0.0, image=None))
+    recorder.on_stream_event("cam", "down")
+    for index in range(1, 5):  # buffered before the drop, read by the driver after it
+        recorder.on_decoded(Frame("cam", index, 0.0, image=None))
+    assert value(recorder, "blinkflow_stream_up", stream="cam") == 0
+    recorder.on_decoded(Frame("file", 0, 0.0, image=None))  # a file has no events: its frames say it is up
+    assert value(recorder, "blinkflow_stream_up", stream="file") == 1
+
+
+def test_a_stream_added_again_under_its_id_counts_its_own_reconnections():
+    recorder = PrometheusRecorder()
+    for index, reconnects in enumerate([0, 2, 5]):
+        recorder.on_decoded(Frame("door", index, 0.0, image=None, meta={"reconnects": reconnects}))
+    recorder.on_stream_state("door", False)  # its end; a new source under the id counts from 0 again
+    for index, reconnects in enumerate([0, 1, 3]):
+        recorder.on_decoded(Frame("door", index, 0.0, image=None, meta={"reconnects": reconnects}))
+    assert value(recorder, "blinkflow_stream_reconnects_total", stream="door") == 8
+
+
+def test_the_agreement_gauge_follows_recent_audits_and_the_counters_give_any_window(monkeypatch):
+    """2000 audits at 0.98, then 200 at 0.5 five minutes later: the gauge reads 0.5 (a lifetime mean said 0.94
+    and the alert never fired); the sum counter over the audited frames gives the mean of any window."""
+    from blinkflow import metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    recorder = PrometheusRecorder()
+    for agreement, count in ((0.98, 2000), (0.5, 200)):
+        for _ in range(count):
+            recorder.on_audit("cam", agreement)
+        clock[0] += metrics.AUDIT_WINDOW_S + 1
+    assert value(recorder, "blinkflow_audit_agreement_ratio", stream="cam") == pytest.approx(0.5)
+    assert value(recorder, "blinkflow_audit_agreement_sum_total", stream="cam") == pytest.approx(2000 * 0.98 + 100)
+    assert value(recorder, "blinkflow_audited_frames_total", stream="cam") == 2200
+
+
+def test_the_rate_of_a_stream_whose_results_stopped_falls_to_zero_at_the_next_scrape(monkeypatch):
+    from blinkflow import metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    recorder = PrometheusRecorder()
+    for _ in range(20):
+        recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.PROCESSED))
+        clock[0] += 0.1
+    assert value(recorder, "blinkflow_stream_fps", stream="cam") == pytest.approx(10, rel=0.15)
+    clock[0] += 10  # a stage hangs: no result for ten seconds
+    recorder.refresh()
+    assert value(recorder, "blinkflow_stream_fps", stream="cam") < 1  # the window's last result over its 10 s
+    clock[0] += 15
+    recorder.refresh()
+    assert value(recorder, "blinkflow_stream_fps", stream="cam") == 0
+
+
+def test_replicas_sharing_a_gpu_each_count_and_a_moved_replica_leaves_no_stale_series():
+    recorder = PrometheusRecorder()
+    stats = ActorStats(recorder)
+
+    def snapshot(incarnation: str, device: str, gigabytes: float) -> dict:
+        return {"incarnation": incarnation, "totals": {}, "calls": [], "devices": [
+            {"device": device, "process": "detect", "allocated_bytes": int(gigabytes * 1e9),
+             "reserved_bytes": int(gigabytes * 1e9), "utilization": None}]}
+
+    stats.absorb("detect", 0, snapshot("a", "node-1/cuda:0", 3.0))
+    stats.absorb("detect", 1, snapshot("b", "node-1/cuda:0", 2.0))
+    assert total(recorder, "blinkflow_gpu_memory_allocated_bytes", device="node-1/cuda:0") == 5e9
+    stats.absorb("detect", 1, snapshot("c", "node-2/cuda:0", 2.0))  # restarted on another node
+    assert total(recorder, "blinkflow_gpu_memory_allocated_bytes", device="node-1/cuda:0") == 3e9
+    assert value(recorder, "blinkflow_gpu_memory_allocated_bytes", device="node-2/cuda:0", process="detect/1") == 2e9
+
+
 def test_gate_decisions_are_counted_per_stream_and_decision():
     recorder = PrometheusRecorder()
     for outcome, decision in [(Outcome.PROCESSED, "keyframe"), (Outcome.REUSED, "reuse"), (Outcome.PROCESSED, "refresh"),
@@ -177,6 +284,42 @@ def test_exporter_serves_metrics_and_probes():
         url = exporter.url
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/healthz", timeout=2)
+
+
+def test_one_host_holding_idle_connections_cannot_keep_the_scraper_out():
+    """16 silent connections from one address took every slot and every scrape got 503 (the driver looked
+    down and paged); one address now holds at most a few, and the scraper from another gets through."""
+    from blinkflow.http_service import MAX_PER_CLIENT
+
+    with MetricsExporter(PrometheusRecorder(), "127.0.0.1", 0) as exporter:
+        idle = []
+        try:
+            for _ in range(16):
+                sock = socket.socket()
+                sock.bind(("127.0.0.2", 0))  # another host, as far as the server can tell
+                sock.settimeout(5)
+                sock.connect(("127.0.0.1", exporter.port))
+                idle.append(sock)
+            time.sleep(0.3)
+            status, _, body = get(exporter.url + "/metrics")
+            assert status == 200 and "blinkflow_ready" in body
+            answers = []
+            for sock in idle:
+                sock.settimeout(0.2)
+                try:
+                    answers.append(sock.recv(20))
+                except TimeoutError:  # held: waiting for its request
+                    answers.append(b"")
+            assert sum(a.startswith(b"HTTP/1.0 503") for a in answers) == 16 - MAX_PER_CLIENT
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+def test_an_ipv6_host_is_a_one_line_error_naming_the_key():
+    with pytest.raises(BlinkflowError, match=r"^metrics\.host: '::1' is not an IPv4 address or name this machine "
+                                             r"resolves .*; use 127\.0\.0\.1, 0\.0\.0\.0"):
+        MetricsExporter(PrometheusRecorder(), "::1", 0).start()
 
 
 def test_exporters_keep_separate_registries():

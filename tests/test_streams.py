@@ -515,7 +515,8 @@ def _request(base: str, method: str, path: str, body: dict | None = None) -> tup
 
 @pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 @needs_rtsp
-def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, real_media):
+def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp_servers, real_media, monkeypatch):
+    from blinkflow import metrics
     from blinkflow.control import ControlServer
     from blinkflow.control_guard import ControlGuard
 
@@ -526,7 +527,9 @@ def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp
     hub = StreamHub(mode="live", defaults=cfg.control.stream_defaults, keep_open=True)
     # the test's RTSP server is on loopback: an internal address the guard allows only when listed
     control = ControlServer(hub, port=0, guard=ControlGuard(token=CONTROL_TOKEN, allow_hosts=["127.0.0.1"])).start()
-    run = BackgroundRun(cfg, hub)
+    recorder = metrics.PrometheusRecorder()
+    hub.subscribe(RecorderBridge(recorder))
+    run = BackgroundRun(cfg, hub, metrics=recorder)
     try:
         assert _request(control.url, "POST", "/streams", {"url": server.url("a"), "id": "cam1"}) == (
             201, {"id": "cam1", "url": server.url("a")})
@@ -555,6 +558,15 @@ def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp
         decoded = summary.accounting.decoded[stream]
         assert run.indices(stream) == list(range(decoded))
     assert _stream_ids(hub) == ["cam1", "cam2"]
+
+    def streams_in() -> set[str]:
+        return {sample.labels["stream"] for family in recorder.registry.collect() for sample in family.samples
+                if "stream" in sample.labels}
+
+    assert streams_in() == {"cam1", "cam2"}  # the removed camera's final counts, for a scrape or two
+    monkeypatch.setattr(metrics, "REMOVED_SERIES_S", 0.0)
+    recorder.refresh()
+    assert streams_in() == {"cam2"}  # then its series go (cam2 ended with the run: kept)
 
 
 def _stream_ids(hub: StreamHub) -> list[str]:
