@@ -659,6 +659,23 @@ def test_bench_skip_on_a_video_that_does_not_decode_stops_with_one_line_naming_i
     assert main(["bench", "skip", "--video", str(text), "--resize", "640by360"]) == 2
 
 
+def test_benches_outside_a_checkout_say_so_in_one_line_and_skip_video_finds_its_config(tmp_path, monkeypatch, capsys):
+    """An installed wheel has no tests/data nor docs/: the benches that need them say so in one line (they failed
+    on a config path under site-packages), and `bench skip --video`, the one for a user's footage, finds the
+    shipped configs where the package keeps them."""
+    from blinkflow.bench import cli as bench_cli
+    from blinkflow.bench import skip
+    from blinkflow.cli import main
+
+    monkeypatch.setattr(bench_cli, "REPO_ROOT", tmp_path)  # as installed: nothing but the package around
+    monkeypatch.setattr(skip, "REPO_ROOT", tmp_path)
+    assert main(["bench", "decode", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "blinkflow bench decode: needs a source checkout" in err, err
+    assert skip.default_config("real").is_file() and skip.default_config("synthetic").is_file()
+    assert bench_cli.BENCH_CONFIG.is_file()
+
+
 def test_bench_skip_videos_are_named_by_file_and_size_and_checked_before_any_model_loads(tmp_path):
     from blinkflow.bench.skip import VIDEO_PREFIX, parse_size, video_clips
     from blinkflow.errors import ConfigError, SourceError

@@ -225,6 +225,35 @@ def test_cluster_launcher_matches_rays_schema():
     assert launcher["file_mounts"]["/etc/blinkflow"] == "./deploy/configs"
 
 
+def test_the_images_user_can_write_the_data_volume_on_both_routes():
+    """The image runs as a non-root user; a fresh volume (or a /data Docker creates) is root's: the head pod's
+    fsGroup and the launcher's first command hand /data to that user, or every run fails writing its records."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    uid = int(re.search(r"useradd .*--uid (\d+) (\w+)", dockerfile).group(1))
+    assert re.search(r"^USER \w+", dockerfile, re.M)
+    head = manifest("RayCluster", "blinkflow")["spec"]["headGroupSpec"]["template"]["spec"]
+    assert head["securityContext"]["fsGroup"] == uid
+    assert any(m["mountPath"] == "/data" for c in head["containers"] for m in c["volumeMounts"])
+    launcher = yaml.safe_load((DEPLOY / "cluster-launcher.yaml").read_text())
+    assert "-v /data:/data" in launcher["docker"]["run_options"]
+    assert any(f"chown {uid}:{uid} /data" in command for command in launcher["initialization_commands"])
+
+
+def test_the_image_has_what_the_cluster_launcher_runs_inside_it():
+    """ray up copies files into the container with rsync, and the head's autoscaler starts AWS workers (boto3)
+    and reaches them over ssh, all from inside the image."""
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    apt = " ".join(re.findall(r"apt-get install [^&]*", dockerfile))
+    assert "rsync" in apt.split() and "openssh-client" in apt.split()
+    assert re.search(r"pip install [^\n]*\bboto3\b", dockerfile)
+    assert yaml.safe_load((DEPLOY / "cluster-launcher.yaml").read_text())["provider"]["type"] == "aws"
+
+
+def test_the_build_context_leaves_out_local_build_and_run_outputs():
+    ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert {"build", "dist", "runs", "tools/wheels", "tests", ".git"} <= set(ignored)
+
+
 @pytest.fixture(scope="module")
 def kubectl() -> str:
     binary = shutil.which("kubectl")

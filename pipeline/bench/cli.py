@@ -6,10 +6,12 @@ import argparse
 import importlib
 from pathlib import Path
 
+from blinkflow.resources import config_path
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the benchmarks' default pipeline: the synthetic scene with the small self-trained models, so that
 #: figures stay comparable across releases (`--config configs/demo.yaml` measures the real models)
-BENCH_CONFIG = REPO_ROOT / "configs" / "synthetic.yaml"
+BENCH_CONFIG = config_path("synthetic.yaml")
 
 #: name -> (module, function); each function takes the parsed args and returns nothing
 BENCHMARKS: dict[str, tuple[str, str]] = {
@@ -52,6 +54,12 @@ def add_bench_command(commands) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     names = ALL_ORDER if args.what == "all" else [args.what]
+    if not (args.what == "skip" and args.video) and not checkout_present():
+        from blinkflow.errors import BlinkflowError
+
+        raise BlinkflowError(f"blinkflow bench {args.what}: needs a source checkout (its clips in tests/data, its "
+                             "results in docs/); clone the repository and `pip install -e .` there, or measure your "
+                             "own footage with `blinkflow bench skip --video PATH`")
     for name in names:
         module, function = BENCHMARKS[name]
         getattr(importlib.import_module(module), function)(args)
@@ -60,6 +68,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         plot_throughput()
     return 0
+
+
+def checkout_present() -> bool:
+    """Whether this is a clone (an editable install): the benches' data and docs are not package data."""
+    return (REPO_ROOT / "tests" / "data").is_dir() and (REPO_ROOT / "docs").is_dir()
 
 
 def _write(args: argparse.Namespace) -> bool:

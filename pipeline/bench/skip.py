@@ -1042,7 +1042,9 @@ def _pooled_sentence(label: str, pooled: dict[str, Any]) -> str:
 
 def default_config(which: str) -> Path:
     """The real models for real clips (``configs/demo.yaml``), the self-trained ones for the synthetic scenes."""
-    return REPO_ROOT / "configs" / ("synthetic.yaml" if which == "synthetic" else "demo.yaml")
+    from blinkflow.resources import config_path
+
+    return config_path("synthetic.yaml" if which == "synthetic" else "demo.yaml")
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
