@@ -273,6 +273,16 @@ class Stream:
         return self._frames()
 
 
+def on_fps_grid(seconds: float, next_time: float | None, fps: float) -> tuple[bool, float | None]:
+    """Whether a frame at ``seconds`` is kept on a 1/``fps`` grid, and the grid's next time. After a gap of a
+    step or more (a pause in a recording, a reconnect) the grid restarts at that frame: the frames after a gap
+    are not all kept to catch up."""
+    if next_time is not None and seconds < next_time - 1e-6:
+        return False, next_time
+    on_grid = next_time is not None and seconds - next_time < 1.0 / fps
+    return True, (next_time if on_grid else seconds) + 1.0 / fps
+
+
 def av_to_rgb(av_frame: Any, resize: list[int] | None) -> np.ndarray:
     """A decoded PyAV frame as an RGB array, resized to ``[width, height]`` by FFmpeg's scaler when asked."""
     if resize:

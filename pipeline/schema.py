@@ -240,13 +240,18 @@ MAX_CONFIG_DEPTH = 64
 
 
 def shown(value: Any) -> str:
-    """A value for an error message, cut short: an alias bomb's expanded value would make a 5 GB line."""
+    """A value for an error message, cut short and on one line: an alias bomb's expanded value would make a
+    5 GB line, and a numpy frame's repr spans dozens (an array is named by its dtype and shape)."""
     import reprlib
 
-    short = reprlib.Repr()
+    class Short(reprlib.Repr):
+        def repr_ndarray(self, array: Any, level: int) -> str:  # reprlib dispatches on the type's name
+            return f"<{array.dtype} array {tuple(array.shape)}>"
+
+    short = Short()
     short.maxlevel, short.maxdict, short.maxlist, short.maxstring, short.maxother = 3, 8, 8, 80, 80
     short.maxlong = 40
-    return short.repr(value)
+    return " ".join(short.repr(value).split())
 
 
 def _bounded_loader() -> type:

@@ -26,10 +26,11 @@ import numpy as np
 
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
-from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
+from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, on_fps_grid, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
 from blinkflow.hwdecode import check_hwaccel, open_decoding
 from blinkflow.registry import register_source, sources as source_registry
+from blinkflow.schema import shown
 
 log = logging.getLogger(__name__)
 
@@ -364,16 +365,21 @@ def probe_video(path: Path) -> tuple[int, int]:
 
 #: containers whose index lists every sample, so their frame count is what a whole file decodes to
 INDEXED_FORMATS = ("mov", "mp4", "m4a", "3gp", "3g2", "mj2")
+#: containers whose header declares the duration: a video-only one whose frames stop this much short of it was cut
+DURATION_FORMATS = ("matroska", "webm")
+MISSING_TAIL_S = 1.0
 
 
 def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
     rate = float(stream.average_rate or stream.guessed_rate or 25)
-    decoded = 0
+    decoded, last = 0, None
     for n, frame in enumerate(container.decode(stream)):
         seconds = float(frame.time) if frame.time is not None else n / rate
-        decoded += 1
+        decoded, last = decoded + 1, seconds
         yield seconds, frame
     _check_complete(container, stream, path, decoded)
+    if last is not None:
+        _check_duration(container, path, last + 1.0 / rate)
 
 
 def read_ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
@@ -431,6 +437,19 @@ def _check_complete(container, stream, path: Path, decoded: int) -> None:
                           "re-copy or re-encode the file for the rest")
 
 
+def _check_duration(container, path: Path, end_s: float) -> None:
+    """A Matroska/WebM file declares its duration in its header; when it holds the video alone (an audio track
+    may outlast the video) and the frames end well before it, the file was cut short (a copy that stopped)."""
+    formats = (container.format.name or "").split(",")
+    if not any(name in DURATION_FORMATS for name in formats) or len(container.streams) != 1 or not container.duration:
+        return
+    declared = container.duration / 1e6 + (container.start_time or 0) / 1e6  # both in microseconds
+    if end_s < declared - MISSING_TAIL_S:
+        raise TruncatedVideoError(f"{path}: {TRUNCATED}: its frames end at {end_s:.2f} s of the {declared:.2f} s its "
+                                  "header declares (the rest of the file is missing); the frames before the cut were "
+                                  "labelled, re-copy or re-encode the file for the rest")
+
+
 def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: Path) -> Iterator[Frame]:
     """Keep frames on a 1/fps grid (when fps is set), convert to RGB, resize, cap the count."""
     next_time = None
@@ -441,9 +460,9 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
         if vectors is not None:
             pending.append(vectors(av_frame, cfg.resize))
         if cfg.fps is not None:
-            if next_time is not None and seconds < next_time - 1e-6:
+            keep, next_time = on_fps_grid(seconds, next_time, cfg.fps)
+            if not keep:
                 continue
-            next_time = (seconds if next_time is None else next_time) + 1.0 / cfg.fps
         frame = Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
         if pending:
             frame.meta[VECTORS_KEY], pending = pending, []
@@ -555,12 +574,15 @@ class FramesSource:
     def _frames(self, stream_id: str) -> Iterator[Frame]:
         rate = self.cfg.fps or 25.0
         ahead_warned = False
+        if self.cfg.max_frames == 0:
+            return
         for index, item in enumerate(self.cfg.options.frames):
-            if self.cfg.max_frames is not None and index >= self.cfg.max_frames:
-                return
             paired = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], np.ndarray)
             image, captured = item if paired else (item, None)
-            frame = Frame(stream_id=stream_id, index=index, pts=index / rate, image=_checked_image(image, stream_id, index))
+            image = _checked_image(image, stream_id, index)
+            if self.cfg.resize:
+                image = _resize_array(image, self.cfg.resize)
+            frame = Frame(stream_id=stream_id, index=index, pts=index / rate, image=image)
             if captured is not None:  # a camera's own timestamp: a frame read late still counts its wait
                 frame.decoded_at = _capture_time(captured, stream_id, index, frame.arrived_at)
                 if frame.decoded_at == frame.arrived_at and captured > frame.arrived_at and not ahead_warned:
@@ -568,6 +590,8 @@ class FramesSource:
                     log.warning("%s: capture times run ahead of this machine's clock (frame %d by %.3f s); latency "
                                 "counts from when such frames arrive", stream_id, index, captured - frame.arrived_at)
             yield frame
+            if self.cfg.max_frames is not None and index + 1 >= self.cfg.max_frames:
+                return  # before asking the iterable for one more: a camera's generator would block on it
 
 
 #: a capture time this far ahead of the clock is in another unit (ms or ns since the epoch), not clock skew
@@ -579,8 +603,8 @@ def _capture_time(value: Any, stream_id: str, index: int, now: float) -> float:
     for anything else."""
     number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
     if not number or not math.isfinite(value):
-        raise SourceError(f"{stream_id}: frame {index}'s capture time {value!r} is not a number; pass (image, "
-                          "time.time()) pairs (seconds since the epoch), or the images alone")
+        raise SourceError(f"{stream_id}: frame {index}'s capture time ({shown(value)}) is not a number; pass "
+                          "(image, time.time()) pairs (seconds since the epoch), or the images alone")
     if value > now + MAX_CAPTURE_AHEAD_S:
         raise SourceError(f"{stream_id}: frame {index}'s capture time {value:.6g} is {(value - now) / 86400:.0f} days "
                           "ahead of this clock; capture times are seconds since the epoch (time.time()), not ms or ns")

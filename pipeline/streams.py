@@ -49,7 +49,7 @@ import numpy as np
 
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError
-from blinkflow.frame import Frame, FrameResult, Outcome
+from blinkflow.frame import Frame, FrameResult, Outcome, on_fps_grid
 from blinkflow.hwdecode import open_decoding
 from blinkflow.registry import register_source
 
@@ -525,10 +525,9 @@ class _SessionClock:
         pts = max(self.base + seconds - self.first_source, stream._last_pts + 1e-6)
         fps = stream.cfg.fps
         if fps is not None:
-            if self.next_time is not None and pts < self.next_time - 1e-6:
+            keep, self.next_time = on_fps_grid(pts, self.next_time, fps)
+            if not keep:
                 return None
-            on_grid = self.next_time is not None and pts - self.next_time < 1.0 / fps
-            self.next_time = (self.next_time if on_grid else pts) + 1.0 / fps  # after a gap, restart the grid
         stream._last_pts = pts
         return pts
 

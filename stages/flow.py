@@ -56,6 +56,7 @@ class FlowOptions:
 @dataclass
 class _Previous:
     index: int
+    size: tuple[int, int]  # the frame's (height, width): a frame of another size is a fresh start, not a pair
     #: (3, h, w) float tensor on the device at the model input size; while pairing inside one
     #: call, the predecessor's int position in that call's batch instead
     pixels: Any
@@ -99,7 +100,8 @@ class Flow(ModelStage):
                 active[pos].results[self.name] = _half_resolution_result(flow, previous.index, active[pos])
         # the state moves on only after the model succeeded, so a frame-by-frame retry sees it unchanged
         for stream_id, pos in latest.items():
-            self._previous[stream_id] = _Previous(active[pos].index, pixels[pos].clone())
+            frame = active[pos]
+            self._previous[stream_id] = _Previous(frame.index, (frame.height, frame.width), pixels[pos].clone())
         return frames
 
     # ------------------------------------------------------------------ helpers
@@ -114,11 +116,16 @@ class Flow(ModelStage):
         for pos, frame in enumerate(active):
             sid = frame.stream_id
             if sid in latest:
-                before: _Previous | None = _Previous(active[latest[sid]].index, latest[sid])
+                last = active[latest[sid]]
+                before: _Previous | None = _Previous(last.index, (last.height, last.width), latest[sid])
             else:
                 before = self._previous.get(sid)
             if before is not None and frame.index <= before.index:
                 log.debug("%s: stream %s restarted at frame %d; no flow for it", self.name, sid, frame.index)
+                before = None
+            elif before is not None and before.size != (frame.height, frame.width):
+                # both are resized to the model's input, but their pixels do not correspond: no flow, as at a start
+                log.debug("%s: stream %s changed size at frame %d; no flow for it", self.name, sid, frame.index)
                 before = None
             if before is not None:
                 pairs.append((before, pos))

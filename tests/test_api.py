@@ -62,6 +62,35 @@ def test_a_malformed_capture_time_or_frame_is_one_line_naming_the_frame():
                             "gate": {"enabled": False}}))
 
 
+def test_an_array_where_a_capture_time_or_a_list_belongs_is_named_in_one_short_line():
+    """An (image, mask) pair, or sources= without its list: the errors named the array by its repr (49 lines)."""
+    from blinkflow.errors import ConfigError
+
+    image = np.zeros((480, 640, 3), np.uint8)
+    with pytest.raises(SourceError, match=r"capture time \(<uint8 array \(480, 640, 3\)>\) is not a number") as caught:
+        list(blinkflow.run({"sources": [blinkflow.frames([(image, image)], id="cam")], "gate": {"enabled": False}}))
+    assert "\n" not in str(caught.value)
+    with pytest.raises(ConfigError) as caught:
+        list(blinkflow.run({"sources": blinkflow.frames([image]), "gate": {"enabled": False}}))
+    assert "\n" not in str(caught.value) and "<uint8 array (480, 640, 3)>" in str(caught.value), str(caught.value)
+
+
+def test_max_frames_takes_no_more_from_a_cameras_generator_and_resize_applies():
+    """A camera SDK's generator blocks until its next frame: the run must not ask for one past max_frames. resize
+    on a frames source was accepted and ignored."""
+    pulled = []
+
+    def camera():
+        for i in range(100):
+            pulled.append(i)
+            yield np.zeros((48, 64, 3), np.uint8)
+
+    source = blinkflow.frames(camera(), max_frames=3, resize=[32, 24])
+    records = list(blinkflow.run({"sources": [source], "gate": {"enabled": False}}))
+    assert [r["index"] for r in records] == [0, 1, 2] and pulled == [0, 1, 2]
+    assert {(r["width"], r["height"]) for r in records} == {(32, 24)}
+
+
 def test_capture_times_from_a_clock_ahead_count_from_arrival_and_lists_are_pairs_too(caplog):
     import time
 

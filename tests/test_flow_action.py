@@ -129,6 +129,22 @@ def test_flow_pairs_skip_reused_frames_and_separate_streams():
     assert b[1].results["flow"]["pair"] == [0, 1]
 
 
+def test_flow_is_not_paired_across_a_change_of_frame_size():
+    """A camera reconnecting at another resolution: both frames are resized to the model's input, but their
+    pixels do not correspond, so the first frame of the new size starts afresh (it was paired: ~54 px of flow
+    on a still scene), within one call and across calls."""
+    stage = make_flow_stage()
+    small, large = make_frames(4, height=48, width=64), make_frames(4, height=40, width=80)
+    stage.process([small[0], small[1], large[2]])
+    stage.process([large[3]])
+    assert small[1].results["flow"]["pair"] == [0, 1]
+    assert "flow" not in large[2].results
+    assert large[3].results["flow"]["pair"] == [2, 3]
+    back = make_frames(1, height=48, width=64, start=4)[0]
+    stage.process([back])  # ...and back, across calls
+    assert "flow" not in back.results
+
+
 def test_flow_end_stream_forgets_the_previous_frame():
     stage = make_flow_stage()
     frames = make_frames(3)

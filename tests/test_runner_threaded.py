@@ -361,6 +361,8 @@ def test_a_lane_runs_calls_in_order_hands_errors_over_and_closes_without_waiting
         waiting.result()
     release.set()
     assert stuck.result(timeout=5) is True and "never" not in seen
+    with pytest.raises(RuntimeError, match="lane test-lane is closed"):  # not a future no thread would ever finish
+        lane.submit(seen.append, "late")
 
 
 def test_an_abort_with_a_stage_stuck_in_a_call_ends_in_bounded_time(tmp_path, monkeypatch, caplog):

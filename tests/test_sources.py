@@ -47,6 +47,34 @@ def test_resampling_to_a_target_fps(real_media):
     assert [f.index for f in frames] == list(range(50))
 
 
+def _video_with_a_gap(path):
+    """25 fps for a second, nothing until 3 s (a paused recording), 25 fps for a second more."""
+    import fractions
+
+    import av
+
+    times = [i / 25 for i in range(25)] + [3 + i / 25 for i in range(25)]
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 1000)
+        for t in times:
+            frame = av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")
+            frame.pts, frame.time_base = round(t * 1000), fractions.Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    return path
+
+
+def test_resampling_restarts_its_grid_after_a_gap_in_the_file(tmp_path):
+    """fps 5 over a recording with a 2 s pause: 5 frames a second on either side (every frame after the pause
+    was kept until the grid caught up: 20 frames where 10 were asked for)."""
+    frames = decode_all(_video_with_a_gap(tmp_path / "gap.mp4"), fps=5.0)
+    assert [round(f.pts, 2) for f in frames] == [0.0, 0.2, 0.4, 0.6, 0.8, 3.0, 3.2, 3.4, 3.6, 3.8]
+
+
 def test_resizing_and_max_frames(real_media):
     frames = decode_all(real_media / "video" / "bikes.mp4", resize=[96, 64], max_frames=7)
     assert len(frames) == 7
@@ -81,6 +109,22 @@ def test_truncated_file_keeps_decoded_frames_then_errors(tmp_path):
             frames.append(frame)
     assert str(broken) in str(info.value)
     assert len(frames) < 40
+
+
+def test_a_matroska_file_cut_short_of_its_declared_duration_is_truncated_and_a_whole_one_is_not(tmp_path):
+    """MKV has no frame index, but its header declares the duration: a copy that stopped half way decoded its
+    half and passed for complete (label recorded it done and never labelled the rest)."""
+    from blinkflow.errors import TruncatedVideoError
+
+    whole = write_test_video(tmp_path / "whole.mkv", frames=100, width=128, height=96)
+    assert len(decode_all(whole)) == 100
+    cut = tmp_path / "cut.mkv"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    frames: list[Frame] = []
+    with pytest.raises(TruncatedVideoError, match=r"cut\.mkv: truncated: its frames end at .* of the 10\.00 s its header"):
+        for frame in decode_file(cut, "cut", SourceConfig(type="file", path=str(cut))):
+            frames.append(frame)
+    assert 0 < len(frames) < 100
 
 
 def test_directory_run_goes_on_after_a_corrupt_file(tmp_path):
