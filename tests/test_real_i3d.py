@@ -169,6 +169,32 @@ def test_unpickler_refuses_non_arrays_and_broken_files(tmp_path):
         assert_one_line_naming(refused.value, path, reason)
 
 
+def _global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def test_unpickler_allocates_nothing_a_crafted_shape_asks_for(tmp_path):
+    """110 bytes asking _reconstruct for an object array of 300 M entries took 2.3 GB before any check; numpy's
+    own pickles only ever ask for an empty array, then fill it from bytes that must match its shape. Dicts
+    nested 200 000 deep were a RecursionError traceback."""
+    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
+
+    huge = (b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01" + _global("numpy.core.multiarray", "_reconstruct")
+            + _global("numpy", "ndarray") + b"J" + (300_000_000).to_bytes(4, "little") + b"\x85"
+            + _global("numpy", "dtype") + b"X\x02\x00\x00\x00f8" + b"K\x00K\x01\x87R" + b"\x87R" + b"s.")
+    cases = {"huge.ckpt": (huge, "_reconstruct(ndarray, (300000000,)) asked for"),
+             "objects.ckpt": (huge.replace(b"J" + (300_000_000).to_bytes(4, "little"), b"K\x00")
+                              .replace(b"f8", b"O8"), "dtype 'O8' asked for"),
+             "deep.ckpt": (b"\x80\x02" + b"}X\x01\x00\x00\x00a" * 200_000 + b"}" + b"s" * 200_000 + b".",
+                           "nest too deep")}
+    for name, (data, reason) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        with pytest.raises(WeightsError) as refused:
+            safe_load_numpy_pickle(path)
+        assert_one_line_naming(refused.value, path, reason)
+
+
 # --------------------------------------------------------------------------- the converter
 
 

@@ -225,6 +225,30 @@ def test_converter_refuses_a_different_graph(tmp_path, change):
     one_line_error(error, changed)
 
 
+def test_import_keeps_metrics_only_for_the_same_file_and_checks_the_manifest_before_writing(tmp_path):
+    """Metrics measured on another file were copied onto the new one; and an invalid manifest failed the import
+    after the .pt was already replaced (file and manifest then disagreed)."""
+    import json
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = {"stage": "detect", "model": "yolox_nano", "file": "detect-yolox_nano.pt", "sha256": "0" * 64,
+             "metrics": {"mAP": 0.99}}
+    (out / "manifest.json").write_text(json.dumps({"weights": [stale]}))
+    entry = import_weights(str(ORIGINAL), out_dir=out)
+    assert not entry.get("metrics") and not json.loads((out / "manifest.json").read_text())["weights"][0].get("metrics")
+    again = import_weights(str(ORIGINAL), out_dir=out)  # the same file: its metrics would stay
+    assert again["sha256"] == entry["sha256"]
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "manifest.json").write_text(json.dumps({"weights": [{"classes": "oops"}]}))
+    (broken / "detect-yolox_nano.pt").write_bytes(b"the old file")
+    with pytest.raises(WeightsError, match="classes must be a list"):
+        import_weights(str(ORIGINAL), out_dir=broken)
+    assert (broken / "detect-yolox_nano.pt").read_bytes() == b"the old file"
+
+
 def test_conversion_is_reproducible_and_gives_the_shipped_file(tmp_path):
     first = import_weights(str(ORIGINAL), out_dir=tmp_path / "a")
     second = import_weights(str(ORIGINAL), out_dir=tmp_path / "b")

@@ -143,14 +143,18 @@ def import_weights(name_or_path: str, *, search: list[Path] = (), out_dir: Path 
     folder = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / importer.file
-    write_atomic(target, serialize_state(stored))
-    entry = _entry(importer, converter, target, check)
     with manifest_lock(folder):
-        manifest = read_manifest(folder)
+        manifest = read_manifest(folder)  # first: a manifest that cannot take the entry leaves the old file in place
+        write_atomic(target, serialize_state(stored))
+        entry = _entry(importer, converter, target, check)
         kept = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) != (importer.stage, importer.model)]
         old = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) == (importer.stage, importer.model)]
         if old and old[0].get("metrics"):
-            entry["metrics"] = old[0]["metrics"]  # measured quality stays with the same file
+            if old[0].get("sha256") == entry["sha256"]:
+                entry["metrics"] = old[0]["metrics"]  # measured quality stays with the same file
+            else:
+                log.warning("%s: a different file than the one its metrics were measured on; they are dropped "
+                            "(blinkflow eval --record measures them again)", target)
         write_manifest(folder, {**manifest, "weights": [*kept, entry]})
     log.info("imported %s -> %s (%s)", path, target, entry["sha256"])
     return entry

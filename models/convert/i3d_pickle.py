@@ -65,12 +65,38 @@ def _reconstruct() -> Any:
         return importlib.import_module("numpy.core.multiarray")._reconstruct
 
 
+def _empty_array_only() -> Any:
+    """numpy's pickles rebuild an array as ``_reconstruct(ndarray, (0,), b"b")`` and then fill it from its bytes
+    (which must match the shape): any other call would allocate whatever shape the file asks for (an object
+    array of 300 M entries from 110 bytes) before a check could look at it."""
+    real = _reconstruct()
+
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
+        if subtype is not np.ndarray or tuple(shape) != (0,):
+            raise WeightsError(f"not a plain numpy array pickle: _reconstruct({getattr(subtype, '__name__', subtype)}, "
+                               f"{shape!r}) asked for")
+        return real(subtype, shape, dtype)
+
+    return reconstruct
+
+
+def _numeric_dtype() -> Any:
+    """np.dtype, for numbers only: object and structured (void) dtypes carry Python objects or nested fields."""
+    def dtype(spec: Any, *args: Any) -> Any:
+        made = np.dtype(spec, *args)
+        if made.kind in "OV":
+            raise WeightsError(f"not a numeric numpy array pickle: dtype {spec!r} asked for")
+        return made
+
+    return dtype
+
+
 #: what a pickle of plain numpy arrays (protocol 3/4, bytes stored as bytes) references, and nothing more
 ALLOWED_GLOBALS = {
-    "numpy.core.multiarray._reconstruct": _reconstruct,
-    "numpy._core.multiarray._reconstruct": _reconstruct,
+    "numpy.core.multiarray._reconstruct": _empty_array_only,
+    "numpy._core.multiarray._reconstruct": _empty_array_only,
     "numpy.ndarray": lambda: np.ndarray,
-    "numpy.dtype": lambda: np.dtype,
+    "numpy.dtype": _numeric_dtype,
 }
 
 
@@ -95,14 +121,17 @@ def safe_load_numpy_pickle(path: Path | str) -> dict:
     path = Path(path)
     try:
         tree = _NumpyOnlyUnpickler(path.read_bytes(), path).load()
-    except WeightsError:
-        raise
+    except WeightsError as exc:
+        raise WeightsError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line naming it
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(f"{path}: cannot read it as a pickle of numpy arrays ({reason})") from None
     if not isinstance(tree, dict):
         raise WeightsError(f"{path}: expected a dict of numpy arrays, got {type(tree).__name__}")
-    _check_leaves(tree, path)
+    try:
+        _check_leaves(tree, path)
+    except RecursionError:  # weights nest a few levels; thousands is a crafted file
+        raise WeightsError(f"{path}: its dicts nest too deep for weights; not a pickle of numpy arrays") from None
     return tree
 
 
