@@ -13,6 +13,25 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 TEST_DATA = REPO_ROOT / "tests" / "data"
 
 
+def _hypothesis_out_of_the_tree() -> None:
+    """Hypothesis keeps its folder in the current directory (the clone) from collection on: a temporary one
+    instead, removed at exit (the fuzz tests are derandomized, so nothing there is worth keeping)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    try:
+        from hypothesis.configuration import set_hypothesis_home_dir
+    except ImportError:  # pragma: no cover - the test extras bring it
+        return
+    folder = tempfile.mkdtemp(prefix="blinkflow-hypothesis-")
+    set_hypothesis_home_dir(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+_hypothesis_out_of_the_tree()
+
+
 def pytest_collection_modifyitems(config, items):
     try:
         import torch
