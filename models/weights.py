@@ -514,7 +514,9 @@ def record_metrics(stage: str, model_name: str, metrics: dict, folder: Path | No
         matches = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) == (stage, model_name)]
         if not matches:
             raise WeightsError(f"{folder / MANIFEST_NAME}: no {stage} entry for {model_name}; ship the weights first")
-        kept = {k: v for k, v in matches[0]["metrics"].items() if k in ("train_seconds", "epochs", "steps", "trained_on")}
+        # how the file was made (fine-tuned from what, too) does not change when it is re-evaluated here
+        how_made = ("train_seconds", "epochs", "steps", "trained_on", "initialised_from")
+        kept = {k: v for k, v in matches[0]["metrics"].items() if k in how_made}
         matches[0]["metrics"] = {**metrics, **kept}
         write_manifest(folder, manifest)
     return matches[0]
@@ -530,7 +532,12 @@ def save_shipped(
     metrics: dict,
     out_dir: Path | None = None,
 ) -> Path:
-    """Write ``<stage>-<model>.pt`` (a plain state dict) and record it in the manifest."""
+    """Write ``<stage>-<model>.pt`` (a plain state dict) and record it in the manifest.
+
+    Replacing converted third-party weights (an entry with a ``source``, e.g. fine-tuned with ``init:
+    shipped``) keeps their provenance: the new entry's ``derived_from`` is the original's source and its
+    ``licence`` still applies. A licence is never dropped silently, so this holds for any run over them.
+    """
     import torch
 
     folder = Path(out_dir) if out_dir is not None else WEIGHTS_DIR
@@ -551,7 +558,19 @@ def save_shipped(
     }
     with manifest_lock(folder):  # runs of other stages may ship at the same moment
         manifest = read_manifest(folder)
+        replaced = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) == (stage, model_name)]
         others = [e for e in manifest["weights"] if (e.get("stage"), e.get("model")) != (stage, model_name)]
+        entry.update(_provenance(replaced[0]) if replaced else {})
         write_manifest(folder, {**manifest, "weights": [*others, entry]})
     log.info("saved %s weights for %s to %s", stage, model_name, path)
     return path
+
+
+def _provenance(replaced: dict) -> dict:
+    """``derived_from`` and ``licence`` of the entry a new file replaces: its source (or, when it was itself
+    derived, what it was derived from); none for self-trained weights."""
+    origin = replaced.get("source") or replaced.get("derived_from")
+    if not isinstance(origin, dict):
+        return {}
+    licence = replaced.get("licence") or origin.get("licence")
+    return {"derived_from": origin, **({"licence": licence} if licence else {})}

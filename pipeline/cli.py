@@ -231,6 +231,10 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from blinkflow.models.training.config import load_train_config
 
+    if args.sideways and (args.ship or args.workers):
+        # Sideways compares two trainings in its own report; it ships nothing and runs no DDP workers
+        raise ConfigError("--sideways: cannot be combined with --ship or --workers; drop them (Sideways writes "
+                          "its own report and weights to out_dir)")
     cfg = load_train_config(args.config, args.overrides, task=args.task)
     if args.sideways:
         return _train_sideways(cfg, args)
@@ -264,6 +268,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from blinkflow.models.training.train import run_eval
 
     cfg = load_train_config(args.config, args.overrides, task=args.task)
+    if args.record:
+        _check_recordable(cfg, args)
     result = run_eval(cfg, weights=args.weights, data=args.data)
     print(f"{args.task} weights {result['weights']} on {result['data']} ({result['examples']} examples):")
     print("  " + _format_metrics(result["metrics"]))
@@ -272,12 +278,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _record_shipped_metrics(cfg, args: argparse.Namespace, result: dict) -> None:
-    from blinkflow.models.weights import record_metrics
+#: settings that change where or how fast an evaluation runs, never what it measures
+_RECORD_NEUTRAL_KEYS = ("out_dir", "threads", "device")
+
+
+def _check_recordable(cfg, args: argparse.Namespace) -> None:
+    """Before evaluating: the manifest's metrics must be those of the YAML's own held-out split."""
+    from blinkflow.models.training.config import load_train_config
 
     if args.weights != "shipped" or args.data:
         raise ConfigError("--record: only the shipped weights' held-out metrics are recorded; "
                           "use --weights shipped without --data")
+    written = _flat(load_train_config(args.config, task=args.task).to_dict())
+    given = _flat(cfg.to_dict())
+    changed = sorted(k for k in written.keys() | given.keys()
+                     if k not in _RECORD_NEUTRAL_KEYS and written.get(k) != given.get(k))
+    if changed:
+        raise ConfigError(f"--record: the --set overrides change {', '.join(changed)}, so the metrics would not be "
+                          f"those of the config the manifest records; drop those overrides (only "
+                          f"{', '.join(_RECORD_NEUTRAL_KEYS)} may be set)")
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """{"data": {"val": {"clips": 1}}} -> {"data.val.clips": 1}, so a refusal names the exact key."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _record_shipped_metrics(cfg, args: argparse.Namespace, result: dict) -> None:
+    from blinkflow.models.weights import record_metrics
+
     record_metrics(cfg.task, cfg.model, {**result["metrics"], "evaluated_on": result["data"]})
     print(f"recorded in models/weights/manifest.json ({cfg.task}-{cfg.model})")
 
@@ -313,8 +348,10 @@ def cmd_weights_list(args: argparse.Namespace) -> int:
     from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
 
     for entry in read_manifest(WEIGHTS_DIR)["weights"]:
-        source = entry.get("source") or {}
+        source, derived = entry.get("source") or {}, entry.get("derived_from") or {}
         origin = source.get("origin") or "trained by Blinkflow (docs/training.md)"
+        if derived.get("origin"):  # fine-tuned here from third-party weights: theirs is the origin that counts
+            origin = f"fine-tuned by Blinkflow from {derived['origin']}"
         metrics = _format_metrics({k: v for k, v in (entry.get("metrics") or {}).items()})
         print(f"{entry['stage']}/{entry['model']}: {entry['file']} ({entry.get('size', 0) / 1e6:.1f} MB, "
               f"sha256 {entry.get('sha256', '?')[:16]}…)")

@@ -64,3 +64,26 @@ def test_yolox_training_loss_falls_on_one_real_image():
         optimizer.step()
         losses.append(float(loss))
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+def test_shipping_a_yolox_fine_tune_keeps_megvii_as_its_source(tmp_path, monkeypatch):
+    """`train --ship` over converted weights, on a copy of the weights folder: provenance and licence stay."""
+    import json
+    import shutil
+
+    from blinkflow.cli import main as cli
+    from blinkflow.models import weights
+
+    copy = tmp_path / "weights"
+    copy.mkdir()
+    for name in ("manifest.json", "detect-yolox_nano.pt"):
+        shutil.copy(weights.WEIGHTS_DIR / name, copy / name)
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", copy)
+    original = next(e for e in weights.read_manifest(copy)["weights"] if e["model"] == "yolox_nano")
+    assert cli(["train", "detect", "--config", str(TRAIN_CONFIGS / "finetune-detect.yaml"), "--set",
+                f"out_dir={tmp_path / 'run'}", "--set", "epochs=1", "--ship", "--no-progress", "--fresh"]) == 0
+    entry = next(e for e in json.loads((copy / "manifest.json").read_text())["weights"] if e["model"] == "yolox_nano")
+    assert entry["derived_from"] == original["source"] and entry["licence"] == original["licence"]
+    assert entry["metrics"]["initialised_from"] == f"shipped (sha256 {original['sha256']})"
+    assert entry["sha256"] != original["sha256"]

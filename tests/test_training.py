@@ -247,6 +247,14 @@ def test_topk_accuracy_hand_computed():
     assert metrics.topk_accuracy(logits, [1, 0], ks=(1,)) == {"top1": 1.0}
 
 
+def test_topk_accuracy_breaks_ties_like_argmax_and_fails_non_finite_rows():
+    # a collapsed model (constant logits) is right only where argmax is: class 0
+    assert metrics.topk_accuracy(np.zeros((7, 7)), np.arange(7), ks=(1, 5)) == {"top1": 1 / 7, "top5": 5 / 7}
+    assert metrics.topk_accuracy(np.full((7, 7), np.nan), np.arange(7), ks=(1, 5)) == {"top1": 0.0, "top5": 0.0}
+    logits = [[0.1, np.inf, 0.4], [0.9, 0.05, 0.05]]  # the first row is non-finite, the second is right
+    assert metrics.topk_accuracy(logits, [1, 0], ks=(1,)) == {"top1": 0.5}
+
+
 def test_flow_metrics_are_the_shared_ones_and_agree_with_hand_cases():
     from blinkflow.models import metrics_flow
 
@@ -487,26 +495,45 @@ def ray_two_cpus():
 
 
 @pytest.mark.slow
-def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, ray_two_cpus):
+def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, monkeypatch, ray_two_cpus):
     from blinkflow.models.training.distributed import train_distributed
 
-    cfg = smoke_config("segment", tmp_path, "epochs=2", "eval_every=1")
+    monkeypatch.chdir(tmp_path)  # a relative out_dir: the workers write there, the records keep it as written
+    cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["out_dir=segment", "epochs=2", "eval_every=1"])
     summary = train_distributed(cfg, workers=2, resume=False)
     # 16 clips x 2 frames, sharded over 2 workers, 4 per batch: 4 steps per epoch
     assert summary["workers"] == 2 and summary["steps"] == 8 and summary["epochs"] == 2
     assert summary["history"]["probe_loss"][-1][1] < summary["history"]["probe_loss"][0][1]
     assert list((tmp_path / "segment" / "ray-train").glob("checkpoint_*"))
+    assert torch.load(tmp_path / "segment" / "checkpoint.pt", weights_only=True)["config"] == cfg.to_dict()
     again = train_distributed(cfg, workers=2, resume=True)  # everything done: resumes at the end
     assert again["steps"] == 8 and again["history"] == summary["history"]
 
 
+@pytest.mark.slow
+def test_ray_train_refuses_cuda_workers_on_a_cluster_without_gpus(tmp_path, ray_two_cpus):
+    import ray
+
+    from blinkflow.models.training.distributed import train_distributed
+
+    if ray.cluster_resources().get("GPU", 0):
+        pytest.skip("this Ray cluster has GPUs")
+    with pytest.raises(ConfigError, match=r"^device: 'cuda' with --workers 1 needs 1 GPUs but the Ray cluster has 0"):
+        train_distributed(smoke_config("segment", tmp_path, "device=cuda"), workers=1, resume=False)
+
+
 # --------------------------------------------------------------------------- shipped weights
+
+def third_party(entry: dict) -> bool:
+    """Converted third-party weights, or weights fine-tuned from them."""
+    return bool(entry.get("source") or entry.get("derived_from"))
+
 
 def shipped_entry(task: str) -> dict:
     from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
 
-    # the self-trained entries; converted third-party weights carry a "source"
-    entries = [e for e in read_manifest(WEIGHTS_DIR)["weights"] if e["stage"] == task and not e.get("source")]
+    # the self-trained entries; converted third-party weights carry a "source", fine-tunes of them "derived_from"
+    entries = [e for e in read_manifest(WEIGHTS_DIR)["weights"] if e["stage"] == task and not third_party(e)]
     assert len(entries) == 1, f"models/weights/manifest.json: expected one self-trained {task} entry, got {len(entries)}"
     return entries[0]
 
@@ -539,8 +566,8 @@ def test_shipped_weights_fit_the_size_budget():
     from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
 
     entries = read_manifest(WEIGHTS_DIR)["weights"]
-    own = sum((WEIGHTS_DIR / e["file"]).stat().st_size for e in entries if not e.get("source"))
-    converted = sum((WEIGHTS_DIR / e["file"]).stat().st_size for e in entries if e.get("source"))
+    own = sum((WEIGHTS_DIR / e["file"]).stat().st_size for e in entries if not third_party(e))
+    converted = sum((WEIGHTS_DIR / e["file"]).stat().st_size for e in entries if third_party(e))
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.iterdir() if p.is_file())
     assert own <= 30e6, f"self-trained weights hold {own / 1e6:.1f} MB (budget 30 MB)"
     assert converted <= 45e6, f"converted real weights hold {converted / 1e6:.1f} MB (budget 45 MB)"
@@ -584,3 +611,198 @@ def test_a_negative_worker_count_is_refused(capsys):
     with pytest.raises(SystemExit) as caught:
         main(["train", "detect", "--config", "configs/train/smoke-detect.yaml", "--workers", "-1"])
     assert caught.value.code == 2 and "-1 is not a count" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- bad input under --workers, readers, CLI
+
+
+@pytest.fixture
+def ray_train():
+    """Ray Train importable, for tests that stop before (or without) starting Ray."""
+    pytest.importorskip("ray")
+    try:
+        import ray.train.torch  # noqa: F401 - needs the ray[train] extra
+    except ImportError:
+        pytest.skip("ray[train] is not installed")
+
+
+@pytest.fixture
+def no_ray_cluster(monkeypatch, ray_train):
+    """A Ray 'cluster' of two CPUs and no GPU, without starting Ray."""
+    import ray
+
+    from blinkflow import ray_session
+
+    monkeypatch.setattr(ray_session, "start_ray", lambda *a, **k: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+
+
+def test_a_worker_shard_smaller_than_a_batch_is_refused_before_ray_starts(tmp_path, monkeypatch, ray_train):
+    from blinkflow import ray_session
+    from blinkflow.models.training.distributed import train_distributed
+
+    monkeypatch.setattr(ray_session, "start_ray", lambda *a, **k: pytest.fail("Ray started"))
+    cfg = smoke_config("segment", tmp_path, "batch_size=32")  # 16 clips x 2 frames: 16 per worker
+    with pytest.raises(ConfigError, match=r"^batch_size: 32 is more than each worker's shard of the training set "
+                                          r"\(16 of 32 examples over 2 workers\), so no step would be taken"):
+        train_distributed(cfg, workers=2, resume=False)
+
+
+def test_a_worker_whose_shard_holds_no_full_batch_stops_with_one_line(tmp_path):
+    """Data the driver cannot count (real files): each worker checks its shard once loaded."""
+    from blinkflow.models.training.distributed import seeded_shards
+    from blinkflow.models.training.train import Runtime, main
+
+    class SecondWorker(Runtime):
+        def prepare_loader(self, loader):
+            return seeded_shards(loader, self.rank, self.world_size)
+
+    cfg = smoke_config("segment", tmp_path, "batch_size=32")
+    with pytest.raises(ConfigError, match=r"^batch_size: 32 is more than each worker's shard .*\(16 of 32 examples"):
+        main(cfg, resume=False, runtime=SecondWorker(rank=1, world_size=2, progress=False))
+    assert not (tmp_path / "segment" / "checkpoint.pt").exists()
+
+
+def test_a_workers_blinkflow_error_reaches_the_driver_as_one_line(ray_train):
+    from blinkflow.models.training.distributed import _fit
+
+    class FailingTrainer:
+        def fit(self):
+            error = RuntimeError("Training failed due to worker errors:\nTraceback (most recent call last): ...")
+            error.worker_failures = {1: ConfigError("batch_size: too big; set it lower"), 0: RuntimeError("peer gone")}
+            raise error
+
+    with pytest.raises(BlinkflowError, match=r"^batch_size: too big; set it lower$"):
+        _fit(FailingTrainer())
+
+
+def test_cuda_workers_on_a_cluster_without_gpus_are_refused(tmp_path, monkeypatch, no_ray_cluster):
+    import ray.train.torch
+
+    from blinkflow.models.training.distributed import train_distributed
+
+    # Ray would wait for the GPUs forever: fail at once if training is set up at all
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", lambda *a, **k: pytest.fail("training was started"))
+
+    cfg = smoke_config("segment", tmp_path, "device=cuda")
+    with pytest.raises(ConfigError, match=r"^device: 'cuda' with --workers 2 needs 2 GPUs but the Ray cluster has 0; "
+                                          r"set device to cpu or auto"):
+        train_distributed(cfg, workers=2, resume=False)
+
+
+def test_workers_record_out_dir_as_written(tmp_path, monkeypatch, no_ray_cluster):
+    """The driver resolves out_dir for the workers, but the config they record (checkpoint, manifest) is the YAML's."""
+    import ray.train.torch
+
+    from blinkflow.models import weights
+    from blinkflow.models.training.distributed import train_distributed
+    from blinkflow.models.training.train import Runtime, main
+
+    class InProcessTrainer:  # runs the loop here with what the driver hands its workers
+        def __init__(self, loop, *, train_loop_config, **_):
+            self.config = train_loop_config
+
+        def fit(self):
+            config = self.config
+            main(config["cfg"], resume=False, ship=config["ship"],
+                 runtime=Runtime(progress=False, out_dir=Path(config.get("out_dir", config["cfg"].out_dir))))
+            return type("Result", (), {"error": None})()
+
+    monkeypatch.setattr(ray.train.torch, "TorchTrainer", InProcessTrainer)
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
+    monkeypatch.chdir(tmp_path)
+    cfg = load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", ["out_dir=runs/rel", "epochs=1"], task="segment")
+    train_distributed(cfg, workers=2, resume=False, ship=True)
+    entry = weights.read_manifest(tmp_path / "weights")["weights"][0]
+    assert entry["config"] == cfg.to_dict() and entry["config"]["out_dir"] == "runs/rel"
+    checkpoint = torch.load(tmp_path / "runs" / "rel" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["config"]["out_dir"] == "runs/rel"
+
+
+def test_worker_shards_are_shuffled_from_the_configs_seed(tmp_path, monkeypatch, ray_train):
+    """Ray's prepare_data_loader keeps a DistributedSampler it finds; its own one would be seeded 0."""
+    import ray.train.torch
+    from torch.utils.data.distributed import DistributedSampler
+
+    from blinkflow.models.training.distributed import RayRuntime
+    from blinkflow.models.training.train import make_loader
+    from blinkflow.models.training.tasks import make_task
+
+    monkeypatch.setattr(ray.train.torch, "prepare_data_loader", lambda loader, **_: loader)
+    orders = {}
+    for seed in (0, 5):
+        cfg = smoke_config("segment", tmp_path, f"seed={seed}", "data.train.clips=4")
+        task = make_task(cfg)
+        runtime = RayRuntime(rank=0, world_size=2)
+        loader = runtime.prepare_loader(make_loader(task, task.train_set(), 2, train=True, seed=cfg.seed))
+        assert isinstance(loader.sampler, DistributedSampler) and loader.sampler.seed == seed
+        runtime.set_epoch(loader, 1)
+        orders[seed] = list(loader.sampler)
+    assert orders[0] != orders[5] and len(orders[0]) == 4  # 8 examples, half each
+
+
+def _tiny_coco(folder: Path, annotations: list[dict], image: dict | None = None) -> Path:
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(folder / "a.png")
+    coco = {"images": [image or {"id": 5, "file_name": "a.png", "width": 30, "height": 20}],
+            "annotations": [{"id": i + 1, "image_id": 5, "category_id": 3, "iscrowd": 0, **a} for i, a in enumerate(annotations)],
+            "categories": [{"id": 3, "name": "square"}]}
+    (folder / "a.json").write_text(json.dumps(coco))
+    return folder / "a.json"
+
+
+def test_coco_boxes_of_zero_width_or_height_are_dropped(tmp_path, caplog):
+    path = _tiny_coco(tmp_path, [{"bbox": [2, 4, 10, 6]}, {"bbox": [5, 5, 0, 6]}, {"bbox": [5, 5, 4, 0]}])
+    with caplog.at_level("WARNING", logger="blinkflow.models.training.datasets"):
+        detections = ds.coco_detection(ds.read_coco(path), list(SYNTHETIC_CLASSES))
+    assert detections[0]["target"]["boxes"].tolist() == [[2.0, 4.0, 12.0, 10.0]]
+    assert "2 boxes of zero width or height are ignored" in caplog.text
+
+
+def test_coco_images_without_height_and_width_take_the_decoded_size(tmp_path):
+    square = [[2, 4, 12, 4, 12, 10, 2, 10]]
+    path = _tiny_coco(tmp_path, [{"bbox": [2, 4, 10, 6], "area": 60, "segmentation": square}],
+                      image={"id": 5, "file_name": "a.png"})
+    examples = ds.coco_segmentation(ds.read_coco(path), (16, 16), list(SYNTHETIC_CLASSES))
+    native = examples.native[0].numpy()
+    assert native.shape == (20, 30) and (native == SYNTHETIC_CLASSES.index("square")).sum() == 60
+
+
+@pytest.mark.parametrize("override, problem", [
+    ("model_args.depth=3", r"unexpected keyword argument 'depth'"),
+    ("model_args.base_width=-4", r""),
+])
+def test_model_args_the_builder_rejects_are_one_line(override, problem):
+    with pytest.raises(ConfigError, match=rf"^model_args: unet_small cannot be built with .*{problem}.*\); "
+                                          r"its arguments are: base_width$"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [override])
+
+
+def test_reid_refuses_real_dataset_paths(tmp_path, real_media):
+    from blinkflow.models.training.train import run_eval
+
+    coco = str(real_media / "coco" / "detections.json")
+    with pytest.raises(ConfigError, match=r"^data\.train_path: reid trains and is evaluated on synthetic identities"):
+        load_train_config(TRAIN_CONFIGS / "smoke-reid.yaml", [f"data.train_path={coco}"], task="reid")
+    cfg = smoke_config("reid", tmp_path)
+    with pytest.raises(ConfigError, match=r"^--data: reid is evaluated on synthetic identities .*; drop --data$"):
+        run_eval(cfg, data=coco)
+
+
+def test_sideways_refuses_ship_and_workers(capsys):
+    from blinkflow.cli import main as cli
+
+    config = str(TRAIN_CONFIGS / "smoke-action.yaml")
+    for flag in (["--ship"], ["--workers", "2"]):
+        assert cli(["train", "action", "--config", config, "--sideways", *flag]) == 2
+        err = capsys.readouterr().err
+        assert "--sideways: cannot be combined with --ship or --workers" in err and len(err.strip().splitlines()) == 1
+
+
+def test_eval_of_a_missing_weights_file_names_the_option(tmp_path, capsys):
+    from blinkflow.cli import main as cli
+
+    config = str(TRAIN_CONFIGS / "smoke-segment.yaml")
+    assert cli(["eval", "segment", "--config", config, "--weights", str(tmp_path / "missing.pt")]) == 2
+    assert re.search(r"error: --weights: file '.*missing\.pt' does not exist", capsys.readouterr().err)

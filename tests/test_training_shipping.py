@@ -151,3 +151,65 @@ def test_cli_eval_record_writes_this_machines_numbers(tmp_path, monkeypatch, cap
     assert recorded["trained_on"].startswith("cpu") and recorded["steps"] == entry["metrics"]["steps"]
     assert cli(["eval", "flow", "--config", config, "--set", out, "--record"]) == 2
     assert "--record: only the shipped weights" in capsys.readouterr().err
+
+
+def test_record_keeps_what_the_weights_were_initialised_from(tmp_path):
+    from blinkflow.models.weights import record_metrics, save_shipped
+
+    save_shipped(torch.nn.Linear(2, 2), stage="detect", model_name="tiny", classes=None, config={},
+                 metrics={"map": 0.2, "steps": 4, "initialised_from": "shipped (sha256 abc)"}, out_dir=tmp_path)
+    entry = record_metrics("detect", "tiny", {"map": 0.21, "evaluated_on": "here"}, folder=tmp_path)
+    assert entry["metrics"]["initialised_from"] == "shipped (sha256 abc)" and entry["metrics"]["map"] == 0.21
+
+
+def test_cli_eval_record_refuses_overrides_that_change_what_is_measured(tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from blinkflow.cli import main as cli
+    from blinkflow.models import weights
+
+    for name in ("manifest.json", "segment-unet_small.pt"):  # a copy: the manifest is what --record writes
+        shutil.copy(weights.WEIGHTS_DIR / name, tmp_path / name)
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    config = str(TRAIN_CONFIGS / "segment.yaml")
+    argv = ["eval", "segment", "--config", config, "--weights", "shipped", "--record", "--set", f"out_dir={tmp_path}"]
+    assert cli([*argv, "--set", "data.val.clips=1", "--set", "data.val.samples_per_clip=1", "--set", "threads=2"]) == 2
+    err = capsys.readouterr().err
+    assert "--record: the --set overrides change data.val.clips, data.val.samples_per_clip, so the metrics" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_shipping_over_converted_weights_keeps_their_source_and_licence(tmp_path, monkeypatch, capsys):
+    """On a copy of the shipped manifest: fine-tuned YOLOX-nano stays Megvii's derivative, under its licence."""
+    import shutil
+
+    from blinkflow.cli import main as cli
+    from blinkflow.models import weights
+
+    shutil.copy(weights.WEIGHTS_DIR / "manifest.json", tmp_path / "manifest.json")
+    original = next(e for e in weights.read_manifest(tmp_path)["weights"] if e["model"] == "yolox_nano")
+    weights.save_shipped(torch.nn.Linear(2, 2), stage="detect", model_name="yolox_nano", classes=original["classes"],
+                         config={}, metrics={"map": 0.2, "initialised_from": "shipped (sha256 x)"}, out_dir=tmp_path)
+    entry = next(e for e in weights.read_manifest(tmp_path)["weights"] if e["model"] == "yolox_nano")
+    assert "source" not in entry and entry["derived_from"] == original["source"]
+    assert entry["licence"] == original["licence"] == "Apache-2.0 (YOLOX, Megvii)"
+    # shipped again (a second fine-tune): still derived from the original
+    weights.save_shipped(torch.nn.Linear(2, 2), stage="detect", model_name="yolox_nano", classes=None, config={},
+                         metrics={}, out_dir=tmp_path)
+    again = next(e for e in weights.read_manifest(tmp_path)["weights"] if e["model"] == "yolox_nano")
+    assert again["derived_from"] == original["source"] and again["licence"] == original["licence"]
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path)
+    assert cli(["weights", "list"]) == 0
+    listed = capsys.readouterr().out.split("detect/yolox_nano")[1].split("\n")[1]
+    assert "licence: Apache-2.0 (YOLOX, Megvii)" in listed
+    assert f"source: fine-tuned by Blinkflow from {original['source']['origin']}" in listed
+
+
+def test_shipping_over_self_trained_weights_adds_no_provenance(tmp_path):
+    from blinkflow.models.weights import read_manifest, save_shipped
+
+    for _ in range(2):
+        save_shipped(torch.nn.Linear(2, 2), stage="flow", model_name="tiny", classes=None, config={}, metrics={},
+                     out_dir=tmp_path)
+    entry = read_manifest(tmp_path)["weights"][0]
+    assert "derived_from" not in entry and "licence" not in entry

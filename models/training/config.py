@@ -194,6 +194,7 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
     if not re.fullmatch(DEVICE_PATTERN, cfg.device):
         raise ConfigError(f"device: expected 'cpu', 'cuda', 'cuda:N' or 'auto', got {cfg.device!r}")
     _check_init(cfg, base_dir)
+    _check_reid_data(cfg)
     _check_size("data.input_size", cfg.data.input_size)
     _check_size("data.crop", cfg.data.crop)
     for key in ("train_path", "val_path"):
@@ -206,6 +207,44 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
     _check_disjoint(cfg.data.train, cfg.data.val)
     _check_backgrounds(cfg, base_dir)
     _check_consistency(cfg)
+    _check_model_args(cfg)
+
+
+def _check_reid_data(cfg: TrainConfig) -> None:
+    """Reid identities are known by construction (synthetic scenes, tracked real clips); no file format holds them."""
+    if cfg.task != "reid":
+        return
+    for key in ("train_path", "val_path"):
+        if getattr(cfg.data, key) is not None:
+            raise ConfigError(f"data.{key}: reid trains and is evaluated on synthetic identities (plus reid.real_clips), "
+                              f"not a dataset file; set it to null")
+
+
+def _check_model_args(cfg: TrainConfig) -> None:
+    """Build the model once with ``model_args``: an unknown key or bad value is a one-line error here, not a
+    traceback once the data is loaded. Only when there are model_args: building imports torch."""
+    if not cfg.model_args:
+        return
+    import inspect
+
+    import torch
+
+    from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
+    from blinkflow.models.registry import build_model, get_model_entry
+
+    # the class count of the synthetic data (flow and reid nets have no classes); a real dataset's may differ,
+    # but model_args that build with one count build with another
+    classes = {"detect": SYNTHETIC_CLASSES, "segment": SYNTHETIC_CLASSES, "action": SYNTHETIC_ACTIONS}.get(cfg.task)
+    counted = {"num_classes": len(classes)} if classes else {}
+    try:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
+            build_model(cfg.model, task=cfg.task, **counted, **cfg.model_args)
+    except Exception as exc:  # noqa: BLE001 - the same build without model_args works: they are the cause
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        accepted = ", ".join(p for p in inspect.signature(get_model_entry(cfg.model).builder).parameters
+                             if p != "num_classes")
+        raise ConfigError(f"model_args: {cfg.model} cannot be built with {cfg.model_args} ({detail}); "
+                          f"its arguments are: {accepted or 'none'}") from None
 
 
 def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:

@@ -340,24 +340,35 @@ def _coco_mask(annotation: dict, height: int, width: int) -> np.ndarray:
 
 
 def coco_detection(coco: CocoData, classes: list[str] | None = None) -> DetectionExamples:
-    """Boxes of the non-crowd annotations whose category is a class (COCO xywh -> x1y1x2y2)."""
+    """Boxes of the non-crowd annotations whose category is a class (COCO xywh -> x1y1x2y2);
+    zero-width or zero-height boxes are dropped (the detectors' losses refuse them)."""
     classes, mapping = coco_label_map(coco, classes)
-    images, targets = [], []
+    images, targets, degenerate = [], [], 0
     for image in coco.images:
         pixels = _read_image(image["path"])
-        kept = [a for a in coco.annotations[image["id"]] if a["category_id"] in mapping and not a.get("iscrowd", 0)]
+        candidates = [a for a in coco.annotations[image["id"]] if a["category_id"] in mapping and not a.get("iscrowd", 0)]
+        kept = [a for a in candidates if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        degenerate += len(candidates) - len(kept)
         boxes = [[x, y, x + w, y + h] for x, y, w, h in (a["bbox"] for a in kept)]
         images.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).contiguous())
         targets.append({
             "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "labels": torch.tensor([mapping[a["category_id"]] for a in kept], dtype=torch.int64),
         })
+    if degenerate:
+        log.warning("%s: %d boxes of zero width or height are ignored", coco.path, degenerate)
     return DetectionExamples(images, targets, classes)
 
 
-def coco_semantic_map(coco: CocoData, image: dict, mapping: dict[int, int]) -> np.ndarray:
-    """(H, W) class map painted from the image's masks, larger first so small objects stay on top."""
-    height, width = image["height"], image["width"]
+def coco_semantic_map(coco: CocoData, image: dict, mapping: dict[int, int],
+                      decoded_size: tuple[int, int] | None = None) -> np.ndarray:
+    """(H, W) class map painted from the image's masks, larger first so small objects stay on top.
+    The size is the entry's height and width, which COCO files may leave out: then ``decoded_size``."""
+    height, width = image.get("height"), image.get("width")
+    if not (isinstance(height, int) and isinstance(width, int)):
+        if decoded_size is None:
+            raise DatasetError(f"{coco.path}: image {image['id']} has no 'height' and 'width'; add them to the entry")
+        height, width = decoded_size
     semantic = np.zeros((height, width), dtype=np.uint8)
     kept = [a for a in coco.annotations[image["id"]] if a["category_id"] in mapping]
     for annotation in sorted(kept, key=lambda a: -a.get("area", 0)):
@@ -369,8 +380,9 @@ def coco_segmentation(coco: CocoData, size: tuple[int, int], classes: list[str] 
     classes, mapping = coco_label_map(coco, classes)
     images, labels, natives = [], [], []
     for image in coco.images:
-        semantic = coco_semantic_map(coco, image, mapping)
-        images.append(to_model_input([_read_image(image["path"])], size))
+        pixels = _read_image(image["path"])
+        semantic = coco_semantic_map(coco, image, mapping, pixels.shape[:2])
+        images.append(to_model_input([pixels], size))
         labels.append(resize_labels(semantic, size))
         natives.append(torch.from_numpy(semantic))
     return SegmentationExamples(torch.cat(images), torch.stack(labels), natives, classes)

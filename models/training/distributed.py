@@ -4,8 +4,10 @@
 (gloo on CPU, nccl on GPU). Each worker runs ``main`` with a :class:`RayRuntime`:
 
 * the model goes through ``ray.train.torch.prepare_model`` (DistributedDataParallel);
-* the training loader goes through ``ray.train.torch.prepare_data_loader``
-  (a ``DistributedSampler`` shards every epoch; ``batch_size`` is per worker);
+* the training loader gets a ``DistributedSampler`` seeded with ``seed`` (Ray's
+  ``prepare_data_loader`` keeps it; its own would use seed 0), so every epoch's
+  shards are a function of (seed, epoch); ``batch_size`` is per worker and a
+  shard smaller than it is an error, not a run of zero steps;
 * after every epoch all workers call ``ray.train.report``; rank 0 attaches
   the checkpoint as a ``ray.train.Checkpoint`` (kept under
   ``<out_dir>/ray-train/``) and also writes ``<out_dir>/checkpoint.pt`` so
@@ -14,7 +16,9 @@
   (``ray.train.get_checkpoint``); ``--fresh`` deletes that run first.
 
 Evaluation, the probe loss, ``metrics.json`` and shipping happen on rank 0 only.
-The driver connects to ``RAY_ADDRESS`` when set, else starts a local Ray.
+The driver connects to ``RAY_ADDRESS`` when set, else starts a local Ray;
+``device: cuda`` on a cluster with fewer GPUs than workers is refused (Ray would wait for them forever);
+``auto`` then trains on CPUs.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from blinkflow.models.training.config import TrainConfig
-from blinkflow.models.training.train import CHECKPOINT_NAME, METRICS_NAME, Runtime, _write_checkpoint, main
-from blinkflow.errors import BlinkflowError
+from blinkflow.models.training.train import CHECKPOINT_NAME, METRICS_NAME, Runtime, _write_checkpoint, check_shard, main
+from blinkflow.errors import BlinkflowError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +65,8 @@ class RayRuntime(Runtime):
     def prepare_loader(self, loader: Any) -> Any:
         import ray.train.torch
 
+        if self.world_size > 1:  # Ray keeps a DistributedSampler it finds; its own would ignore cfg.seed
+            loader = seeded_shards(loader, self.rank, self.world_size)
         return ray.train.torch.prepare_data_loader(loader, move_to_device=False)
 
     def set_epoch(self, loader: Any, epoch: int) -> None:
@@ -97,6 +103,19 @@ class RayRuntime(Runtime):
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def seeded_shards(loader: Any, rank: int, world_size: int) -> Any:
+    """The loader with a DistributedSampler shuffled from the loader's seed (set_epoch adds the epoch)."""
+    from torch.utils.data import DataLoader, RandomSampler
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(loader.dataset, num_replicas=world_size, rank=rank,
+                                 shuffle=isinstance(loader.sampler, RandomSampler), seed=loader.seed)
+    sharded = DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, drop_last=loader.drop_last,
+                         collate_fn=loader.collate_fn)
+    sharded.seed = loader.seed
+    return sharded
+
+
 def _train_worker(config: dict) -> None:
     """The function each Ray Train worker runs."""
     import ray.train
@@ -109,6 +128,7 @@ def _train_worker(config: dict) -> None:
         world_size=context.get_world_size(),
         progress=False,  # N interleaved bars would be noise in the driver's log
         resume=config["resume"],
+        out_dir=Path(config["out_dir"]),
     )
     main(config["cfg"], resume=config["resume"], ship=config["ship"], runtime=runtime)
 
@@ -116,26 +136,26 @@ def _train_worker(config: dict) -> None:
 def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, ship: bool = False) -> dict:
     """Train with ``workers`` DDP workers under Ray Train; returns the summary rank 0 wrote."""
     train = _import_ray_train()
-    import ray
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    _check_synthetic_shards(cfg, workers)  # before Ray starts: the common case fails in a second
     out_dir = Path(cfg.out_dir).resolve()
     if not resume:
         shutil.rmtree(out_dir / RAY_RUN_NAME, ignore_errors=True)
     from blinkflow.ray_session import start_ray
 
     start_ray()
-    # auto: GPUs when the cluster has them, like a single-process run
-    use_gpu = cfg.device.startswith("cuda") or (cfg.device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    use_gpu = _use_gpu(cfg, workers)
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"cfg": _with_out_dir(cfg, out_dir), "resume": resume, "ship": ship},
+        # workers may start in another directory: the absolute out_dir travels beside the config as written
+        train_loop_config={"cfg": cfg, "out_dir": str(out_dir), "resume": resume, "ship": ship},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=train.ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
         run_config=train.RunConfig(name=RAY_RUN_NAME, storage_path=str(out_dir),
                                    checkpoint_config=train.CheckpointConfig(num_to_keep=2)),
     )
-    result = trainer.fit()
+    result = _fit(trainer)
     if result.error is not None:
         raise result.error
     summary = json.loads((out_dir / METRICS_NAME).read_text())
@@ -143,8 +163,37 @@ def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, sh
     return summary
 
 
-def _with_out_dir(cfg: TrainConfig, out_dir: Path) -> TrainConfig:
-    """Workers may start in another directory: give them the absolute out_dir."""
-    import dataclasses
+def _check_synthetic_shards(cfg: TrainConfig, workers: int) -> None:
+    """Synthetic detect/segment/flow/action sets hold clips x samples_per_clip examples: check the shards
+    here; other sets are checked by the workers once loaded."""
+    if cfg.data.train_path is not None or cfg.task == "reid":
+        return
+    examples = cfg.data.train.clips * cfg.data.train.samples_per_clip
+    check_shard(cfg, -(-examples // workers), examples, workers)  # DistributedSampler pads to ceil(n / workers)
 
-    return dataclasses.replace(cfg, out_dir=str(out_dir))
+
+def _use_gpu(cfg: TrainConfig, workers: int) -> bool:
+    """One GPU per worker, which the cluster must have (else Ray waits for them forever): ``cuda`` without
+    them is an error; ``auto`` takes GPUs when there are enough, like a single-process run, else the CPUs."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.device.startswith("cuda") and gpus < workers:
+        fewer = f", or use at most {int(gpus)} workers" if gpus >= 1 else ""
+        raise ConfigError(f"device: {cfg.device!r} with --workers {workers} needs {workers} GPUs but the Ray cluster "
+                          f"has {gpus:g}; set device to cpu or auto{fewer}")
+    if cfg.device == "auto" and 0 < gpus < workers:
+        log.warning("device auto: %g GPUs for %d workers; training on CPUs", gpus, workers)
+    return cfg.device.startswith("cuda") or (cfg.device == "auto" and gpus >= workers)
+
+
+def _fit(trainer: Any) -> Any:
+    """``trainer.fit()``; a worker's BlinkflowError (bad input found once data is loaded) stays one line."""
+    try:
+        return trainer.fit()
+    except Exception as exc:
+        failures = getattr(exc, "worker_failures", None) or {}
+        for rank in sorted(failures):
+            if isinstance(failures[rank], BlinkflowError):
+                raise BlinkflowError(str(failures[rank])) from None  # Ray's wrapping adds a worker traceback
+        raise

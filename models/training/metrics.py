@@ -105,12 +105,19 @@ def segmentation_scores(confusion: np.ndarray) -> dict[str, Any]:
 
 
 def topk_accuracy(logits: Any, labels: Any, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """``top{k}`` = fraction of rows whose label is among the k highest scores (k capped at the class count)."""
+    """``top{k}`` = fraction of rows whose label is among the k highest scores (k capped at the class count).
+
+    Ties are broken as argmax breaks them (lower class index first); rows with non-finite logits count as wrong.
+    """
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(labels, dtype=np.int64)
     if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
         raise ValueError(f"expected logits (N, C) and N labels, got {logits.shape} and {labels.shape}")
-    # rank of the true class = how many classes score strictly higher (ties favour the truth)
-    true_scores = logits[np.arange(len(labels)), labels]
-    rank = (logits > true_scores[:, None]).sum(axis=1)
+    # rank of the true class = classes scoring higher, plus tied classes with a lower index (argmax order),
+    # so a collapsed model with constant logits is not scored as perfect
+    true_scores = logits[np.arange(len(labels)), labels][:, None]
+    lower_index = np.arange(logits.shape[1])[None, :] < labels[:, None]
+    rank = ((logits > true_scores) | ((logits == true_scores) & lower_index)).sum(axis=1)
+    # a row with NaN or inf logits has no meaningful ranking: count it as wrong
+    rank[~np.isfinite(logits).all(axis=1)] = logits.shape[1]
     return {f"top{k}": float((rank < min(k, logits.shape[1])).mean()) if len(labels) else 0.0 for k in ks}

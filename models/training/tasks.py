@@ -414,7 +414,11 @@ class ReidTask(Task):
         return identities.extended(reid.real_identities(self.cfg, self.input_size, held_out=False))
 
     def real_set(self, path: str, classes: list[str] | None) -> Any:
-        raise NotImplementedError("reid trains on synthetic identities only; set data.train_path to null")
+        from blinkflow.errors import ConfigError
+
+        # the config check and run_eval refuse real data first; this names the input should a new caller not
+        raise ConfigError(f"{path}: reid trains and is evaluated on synthetic identities (plus reid.real_clips), "
+                          f"not a dataset file; drop it")
 
     def collate(self, items: list[dict], train: bool = False) -> Any:
         """Training: K random crops of each of the P identities, augmented, labelled by batch position;

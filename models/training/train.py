@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from blinkflow.devices import resolve_device
 
 from blinkflow.models.training.config import OptimConfig, TrainConfig
 from blinkflow.models.training.tasks import Task, make_task, unwrap
-from blinkflow.errors import BlinkflowError
+from blinkflow.errors import BlinkflowError, ConfigError
 from blinkflow.files import atomic_path
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,9 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     progress: bool = True
+    #: where checkpoints and metrics go; None: cfg.out_dir. Ray workers get the driver's absolute path
+    #: here, so the config (recorded in checkpoints and the manifest) keeps out_dir as written
+    out_dir: Path | None = None
 
     @property
     def is_main(self) -> bool:
@@ -92,7 +96,7 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
     runtime = runtime or Runtime(device=resolve_device(cfg.device))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    out_dir = Path(cfg.out_dir)
+    out_dir = runtime.out_dir or Path(cfg.out_dir)
     task = make_task(cfg)
 
     train_set = task.train_set()
@@ -101,6 +105,7 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
     model = task.build_model(classes)  # the same init on every rank: seeded just above
     optimizer = build_optimizer(cfg.optim, model)
     loader = runtime.prepare_loader(make_loader(task, train_set, cfg.batch_size, train=True, seed=cfg.seed))
+    check_shard(cfg, len(loader.sampler), len(train_set), runtime.world_size)
     val_loader = make_loader(task, val_set, cfg.batch_size, train=False)
     scheduler = build_scheduler(cfg.optim, optimizer, total_steps=cfg.epochs * len(loader))
     state = {"epoch": 0, "step": 0, "seconds": 0.0, "initialised_from": None,
@@ -136,6 +141,15 @@ def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: 
     return summary
 
 
+def check_shard(cfg: TrainConfig, shard: int, examples: int, workers: int) -> None:
+    """Full batches only (drop_last): a shard smaller than the batch would train nothing, yet 'succeed'."""
+    if shard < min(cfg.batch_size, examples):  # make_loader caps the batch at the training set's size
+        raise ConfigError(
+            f"batch_size: {cfg.batch_size} is more than each worker's shard of the training set ({shard} of "
+            f"{examples} examples over {workers} workers), so no step would be taken; set batch_size to at most "
+            f"{shard} or use fewer --workers")
+
+
 def initialise(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
     """Load ``cfg.init`` into the fresh model (fine-tuning); what it was, with its sha256, for the manifest:
     ``init: shipped`` names a file that shipping this run replaces, so the name alone would not reproduce it."""
@@ -161,7 +175,7 @@ def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[s
             shipped["initialised_from"] = summary["initialised_from"]
         path = save_shipped(model, stage=cfg.task, model_name=cfg.model, classes=classes, config=cfg.to_dict(), metrics=shipped)
         summary["shipped"] = str(path)
-    out_dir = Path(cfg.out_dir)
+    out_dir = Path(summary["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / METRICS_NAME).write_text(json.dumps(summary, indent=2) + "\n")
 
@@ -195,6 +209,9 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
     (a real dataset; default: ``data.val_path``, else the synthetic held-out split)."""
     from blinkflow.models.weights import load_state
 
+    if data and cfg.task == "reid":
+        raise ConfigError("--data: reid is evaluated on synthetic identities (plus reid.real_clips), not a dataset "
+                          "file; drop --data")
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)
@@ -214,12 +231,15 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
 
 def eval_weights_spec(cfg: TrainConfig, weights: str | None) -> Any:
     """``None``: the run's checkpoint when there is one, else the shipped weights."""
-    from blinkflow.models.weights import resolve_weights
+    from blinkflow.models.weights import WeightsError, resolve_weights
 
     if weights is None:
         checkpoint = Path(cfg.out_dir) / CHECKPOINT_NAME
         weights = str(checkpoint) if checkpoint.is_file() else "shipped"
-    return resolve_weights(weights, stage=cfg.task, model_name=cfg.model)
+    try:
+        return resolve_weights(weights, stage=cfg.task, model_name=cfg.model)
+    except WeightsError as exc:  # its messages name the pipeline config's key; here the input is --weights
+        raise WeightsError(re.sub(rf"^stages\.{cfg.task}\.weights: ", "--weights: ", str(exc))) from None
 
 
 def _checkpoint_classes(path: Path | None) -> list[str] | None:
