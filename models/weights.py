@@ -232,17 +232,27 @@ def load_state(model: Any, spec: WeightsSpec, *, fresh_head: bool = False) -> li
         return []
     if spec.path is None or not spec.path.is_file():
         raise WeightsError(f"{spec.label}: weights file does not exist")
-    _verify_checksum(spec)
-    state = _extract_state_dict(_safe_torch_load(spec.path), spec)
+    state = _extract_state_dict(read_verified(spec), spec)
     state = _strip_prefix(state, "module.")  # DistributedDataParallel checkpoints
     state = _align_to_model(state, model)
     state = _reconcile_torchvision_extras(state, model)
     fresh = _fresh_head(model, state) if fresh_head else []
     state.update({key: model.state_dict()[key] for key in fresh})
     _check_compatible(model, state, spec)
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # what the checks above did not foresee: still the file's fault, in one line
+        raise WeightsError(f"{spec.label}: the weights do not load into this model ({_torch_reason(exc)})") from None
     log.info("loaded %s weights from %s%s", spec.kind, spec.path, f"; new class head: {fresh}" if fresh else "")
     return fresh
+
+
+def read_verified(spec: WeightsSpec) -> Any:
+    """The file's contents, read only after its sha256 pin (when it has one) holds."""
+    if spec.path is None or not spec.path.is_file():
+        raise WeightsError(f"{spec.label}: weights file does not exist")
+    _verify_checksum(spec)
+    return _safe_torch_load(spec.path)
 
 
 def _fresh_head(model: Any, state: dict) -> list[str]:
@@ -274,6 +284,7 @@ def _verify_checksum(spec: WeightsSpec) -> None:
 def _safe_torch_load(path: Path) -> Any:
     import torch
 
+    _refuse_compressed(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - text files, truncated zips and pickles all fail in their own way
@@ -287,6 +298,24 @@ def _safe_torch_load(path: Path) -> Any:
             f"{path}: cannot read {path.name}: not a valid torch weights file ({_torch_reason(exc)}); "
             f"re-export it with torch.save(model.state_dict(), path)"
         ) from None
+
+
+def _refuse_compressed(path: Path) -> None:
+    """torch.save stores its records uncompressed; a compressed one inflates to whatever size it declares (a
+    2 MB file to 2.6 GB) inside torch.load, before any check could look at it."""
+    import zipfile
+
+    try:
+        if not zipfile.is_zipfile(path):
+            return  # a legacy or foreign file: torch.load's own checks refuse it
+        with zipfile.ZipFile(path) as archive:
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+    except (OSError, zipfile.BadZipFile):
+        return  # unreadable: torch.load says how, in the usual one line
+    if packed:
+        raise WeightsError(f"{path}: refusing to load {path.name}: its records are compressed ({packed[0]}), which "
+                           "torch.save never does and which could inflate to any size; re-export it with "
+                           "torch.save(model.state_dict(), path)")
 
 
 def _torch_reason(exc: Exception) -> str:
@@ -400,6 +429,7 @@ def _reconcile_torchvision_extras(state: dict, model: Any) -> dict:
 
 
 def _check_compatible(model: Any, state: dict, spec: WeightsSpec) -> None:
+    _check_plain_tensors(state, spec)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -421,6 +451,24 @@ def _check_compatible(model: Any, state: dict, spec: WeightsSpec) -> None:
             "or use matching weights"
         )
     raise WeightsError(f"{spec.label}: shape mismatch for {key}: weights {got}, model {want}")
+
+
+def _check_plain_tensors(state: dict, spec: WeightsSpec) -> None:
+    """Every value a dense real tensor: an int, a sparse, quantized, nested or complex one fails inside
+    load_state_dict with a traceback, or (complex) loads with its imaginary part dropped."""
+    import torch
+
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            kind = type(value).__name__
+        elif value.layout != torch.strided or value.is_nested:
+            kind = "sparse or nested tensor"
+        elif value.is_quantized or value.is_complex():
+            kind = f"{value.dtype} tensor"
+        else:
+            continue
+        raise WeightsError(f"{spec.label}: {key} is a {kind}, not a plain dense tensor of numbers; re-export the "
+                           "weights with torch.save(model.state_dict(), path)")
 
 
 def _class_counts(rows_file: int, rows_model: int, spec: WeightsSpec, model: Any) -> tuple[int, int]:

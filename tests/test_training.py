@@ -806,3 +806,17 @@ def test_eval_of_a_missing_weights_file_names_the_option(tmp_path, capsys):
     config = str(TRAIN_CONFIGS / "smoke-segment.yaml")
     assert cli(["eval", "segment", "--config", config, "--weights", str(tmp_path / "missing.pt")]) == 2
     assert re.search(r"error: --weights: file '.*missing\.pt' does not exist", capsys.readouterr().err)
+
+
+def test_eval_checks_a_weights_files_pin_before_reading_it(tmp_path, monkeypatch, capsys):
+    """eval read a --weights file (for the classes a checkpoint records) before its sha256 sidecar was checked:
+    a swapped file was deserialised, a 2 MB zip bomb to 2.6 GB, before the mismatch was reported."""
+    from blinkflow.cli import main as cli
+
+    path = tmp_path / "seg.pt"
+    torch.save({"model": {}, "classes": ["background", "x"]}, path)
+    (tmp_path / "seg.pt.sha256").write_text("0" * 64 + "  seg.pt\n")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("the file was read before its pin was checked"))
+    config = str(TRAIN_CONFIGS / "smoke-segment.yaml")
+    assert cli(["eval", "segment", "--config", config, "--weights", str(path), "--set", f"out_dir={tmp_path}"]) == 2
+    assert "seg.pt: sha256 mismatch" in capsys.readouterr().err

@@ -137,6 +137,42 @@ def test_a_corrupt_file_names_the_file(tmp_path):
         load_state(tiny_model(), resolve_weights(str(path), stage="detect", model_name="tiny"))
 
 
+def test_a_file_with_compressed_records_is_refused_before_torch_inflates_them(tmp_path, monkeypatch):
+    """torch.save never compresses; torch.load inflates a DEFLATE record to whatever it declares (2 MB of
+    file, 2.6 GB of memory) before any check. The same weights re-zipped with compression are refused unread."""
+    import zipfile
+
+    from blinkflow.models import weights
+
+    plain = tmp_path / "plain.pt"
+    torch.save(tiny_model().state_dict(), plain)
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info.filename))
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    with pytest.raises(WeightsError, match=r"refusing to load packed\.pt: its records are compressed") as error:
+        load_state(tiny_model(), resolve_weights(str(packed), stage="detect", model_name="tiny"))
+    assert "\n" not in str(error.value)
+    monkeypatch.undo()
+    load_state(tiny_model(), resolve_weights(str(plain), stage="detect", model_name="tiny"))  # torch.save's own: fine
+    assert weights._refuse_compressed(plain) is None
+
+
+@pytest.mark.parametrize("odd", ["int", "sparse", "complex"])
+def test_a_state_dict_value_that_is_not_a_dense_real_tensor_is_one_line_naming_it(tmp_path, odd):
+    """They failed inside load_state_dict with tracebacks (int, sparse), or loaded with the imaginary part
+    dropped (complex)."""
+    state = tiny_model().state_dict()
+    key = "0.weight"
+    state[key] = {"int": 5, "sparse": state[key].to_sparse(), "complex": state[key].to(torch.complex64)}[odd]
+    path = tmp_path / f"{odd}.pt"
+    torch.save(state, path)
+    with pytest.raises(WeightsError, match=rf"{odd}\.pt.*: 0\.weight is a .*not a plain dense tensor") as error:
+        load_state(tiny_model(), resolve_weights(str(path), stage="detect", model_name="tiny"))
+    assert "\n" not in str(error.value)
+
+
 def test_wrong_number_of_classes_names_both_counts(tmp_path):
     path = tmp_path / "five.pt"
     torch.save(tiny_model(5).state_dict(), path)

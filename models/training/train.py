@@ -216,7 +216,7 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)
     spec = eval_weights_spec(cfg, weights)
-    classes = spec.classes or _checkpoint_classes(spec.path) or task.default_classes
+    classes = spec.classes or _checkpoint_classes(spec) or task.default_classes
     real = data or cfg.data.val_path
     if not real and task.default_classes is not None and list(classes) != list(task.default_classes):
         raise BlinkflowError(f"{spec.label}: these weights know {len(classes)} classes, not the synthetic scenes' "
@@ -242,14 +242,14 @@ def eval_weights_spec(cfg: TrainConfig, weights: str | None) -> Any:
         raise WeightsError(re.sub(rf"^stages\.{cfg.task}\.weights: ", "--weights: ", str(exc))) from None
 
 
-def _checkpoint_classes(path: Path | None) -> list[str] | None:
-    """The class list a training checkpoint records (plain state dicts have none)."""
-    if path is None:
+def _checkpoint_classes(spec: Any) -> list[str] | None:
+    """The class list a training checkpoint records (plain state dicts have none); read, like every weights
+    file, only once its sha256 pin holds."""
+    from blinkflow.models.weights import read_verified
+
+    if spec.kind == "random":
         return None
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - load_state reports unreadable files properly
-        return None
+    obj = read_verified(spec)
     return obj.get("classes") if isinstance(obj, dict) and "model" in obj else None
 
 
