@@ -486,6 +486,7 @@ def check_config(cfg: Config, base_dir: Path) -> None:
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
     _check_stages_across(cfg)
+    _check_ray_devices(cfg)
     _check_gate(cfg.gate, cfg.stages)
     for i, sink in enumerate(cfg.sinks):
         sink_cls = sink_registry.get(sink.type)
@@ -649,6 +650,28 @@ def _is_driver_stage(name: str) -> bool:
     from blinkflow.registry import stages as stage_registry
 
     return bool(stage_registry.get(name).driver)
+
+
+def _check_ray_devices(cfg: Config) -> None:
+    """Under the Ray runner a stage's actor sees only the GPUs Ray grants it (resources.num_gpus), numbered from
+    cuda:0: another index names no device there, and a GPU asked for without num_gpus is none at all."""
+    import math
+    import re
+
+    if cfg.runtime.runner != "ray":
+        return
+    for name, stage in cfg.stages.items():
+        if not stage.enabled or not stage.device.startswith("cuda"):
+            continue
+        granted = math.ceil(stage.resources.num_gpus)
+        if granted == 0:
+            raise ConfigError(f"stages.{name}.device: {stage.device!r}, but resources.num_gpus is 0, so Ray gives its "
+                              f"actor no GPU; set stages.{name}.resources.num_gpus (1, or 0.5 to share one)")
+        index = re.fullmatch(r"cuda:(\d+)", stage.device)
+        if index and int(index.group(1)) >= granted:
+            raise ConfigError(f"stages.{name}.device: {stage.device!r}, but its actor sees only the {granted} GPU(s) "
+                              f"Ray grants it (resources.num_gpus), as cuda:0..{granted - 1}; use device: cuda "
+                              "(Ray picks the GPU)")
 
 
 def _splits_by_depth(name: str) -> bool:

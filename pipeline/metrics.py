@@ -215,6 +215,10 @@ class ActorStats:
     last: dict[tuple[str, int], tuple[str, dict[str, float]]] = field(default_factory=dict)
     devices: dict[tuple[str, int], set[str]] = field(default_factory=dict)  # the devices each replica reported last
 
+    def started(self, stage: str, replica: int, incarnation: str) -> None:
+        """A replica's first incarnation is up: one that dies before its first drain still counts as a restart."""
+        self.last.setdefault((stage, replica), (incarnation, {}))
+
     def absorb(self, stage: str, replica: int, snapshot: dict[str, Any]) -> None:
         previous = self.last.get((stage, replica))
         restarted = previous is not None and previous[0] != snapshot["incarnation"]

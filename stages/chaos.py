@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.stages.base import Stage
@@ -22,6 +24,7 @@ class ChaosOptions:
     hold: int = 0  # hold frames per stream and release them in groups of this size, newest first
     sleep_ms: float = 0.0  # simulated model time per batch
     temporal: bool = False  # declare per-stream state (stream affinity) even without holding
+    fail_setup_if: str | None = None  # a path: set-up fails while it exists (a restarted actor's node lacks a file)
 
 
 @register_stage("chaos")
@@ -33,6 +36,12 @@ class Chaos(Stage):
         super().__init__(cfg)
         self.held: dict[str, list[Frame]] = {}
         self.seen: dict[str, int] = {}
+
+    def setup(self, device: str = "cpu") -> None:
+        super().setup(device)
+        marker = self.options.fail_setup_if
+        if marker and Path(marker).exists():
+            raise StageError(f"stages.chaos: injected set-up failure ({marker} exists)")
 
     @classmethod
     def is_temporal(cls, cfg) -> bool:

@@ -131,6 +131,7 @@ class Detect(ModelStage):
     """Boxes, labels and scores per frame from a registered detection backend."""
 
     name = TASK
+    gives_boxes = True  # the tracker's input (stages.track.options.boxes_from)
     Options = DetectOptions
     default_model = "ssdlite320_mobilenet_v3_large"
     stream_caches = ("_boxes", "_shown")

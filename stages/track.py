@@ -415,6 +415,12 @@ class TrackStage(Stage):
         if source not in cfg.enabled_stages():
             raise ConfigError(f"stages.{name}.options.boxes_from: tracking needs the {source} stage's boxes; "
                               f"add stages.{source}")
+        from blinkflow.registry import stages as stage_registry
+
+        if not getattr(stage_registry.get(source), "gives_boxes", False):  # flow, segment, track: no boxes to track
+            boxed = sorted(n for n in cfg.enabled_stages() if getattr(stage_registry.get(n), "gives_boxes", False))
+            raise ConfigError(f"stages.{name}.options.boxes_from: the {source} stage gives no boxes to track; "
+                              f"name one that does ({', '.join(boxed) or 'add stages.detect'})")
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         for frame in frames:

@@ -29,6 +29,7 @@ class ScriptedDetect(Stage):
     gives those their keyframe's boxes, as for a real detector)."""
 
     name = "scripted"
+    gives_boxes = True
     Options = ScriptedOptions
 
     def process(self, frames: list[Frame]) -> list[Frame]:

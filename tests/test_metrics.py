@@ -246,6 +246,15 @@ def test_actor_restart_keeps_totals_monotonic_and_counts_one_restart():
     assert value(recorder, "blinkflow_stage_errors_total", stage="detect") == 1
 
 
+def test_a_replica_that_dies_before_its_first_drain_still_counts_a_restart():
+    recorder = PrometheusRecorder()
+    stats = ActorStats(recorder)
+    stats.started("detect", 0, "first")  # ready() answered with its incarnation
+    stats.absorb("detect", 0, {"incarnation": "second", "totals": {"frames": 4}, "calls": [], "devices": []})
+    assert value(recorder, "blinkflow_stage_restarts_total", stage="detect") == 1
+    assert stats.totals["detect"]["frames"] == 4
+
+
 def test_device_metrics_absent_without_cuda_in_use():
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available() and torch.cuda.is_initialized():

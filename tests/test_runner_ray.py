@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -12,6 +13,7 @@ ray = pytest.importorskip("ray")
 from blinkflow.config import load_config  # noqa: E402
 from blinkflow.frame import Outcome  # noqa: E402
 from blinkflow.runners.local import LocalRunner  # noqa: E402
+from blinkflow.errors import ConfigError  # noqa: E402
 from blinkflow.runners.ray import RayRunner  # noqa: E402
 from blinkflow.sinks import MemorySink  # noqa: E402
 from tests.conftest import write_test_video  # noqa: E402
@@ -230,11 +232,120 @@ def test_killed_actor_is_restarted_and_no_frame_vanishes(ray_local, tmp_path):
         assert [r.index for r in results if r.stream_id == stream] == list(range(40))
 
 
-def _kill_first_actor_when_busy(runner):
+@pytest.mark.slow
+def test_a_restarted_actor_that_cannot_set_up_fails_its_frames_and_the_run_goes_on(ray_local, tmp_path):
+    """Killed, the chaos actor comes back on a 'node' without its file: its set-up fails. The run used to die
+    with an AttributeError traceback (no failed frames, sinks not committed); now every frame it would have
+    computed fails with the set-up error, in one line, and every frame still has its outcome."""
+    marker = tmp_path / "gone"
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (30, 30)),
+        "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 20, "fail_setup_if": str(marker)}}},
+        "runtime": {"max_in_flight": 4},
+    })
+    runner = RayRunner(cfg, sinks=[MemorySink()])
+
+    def kill_after_setup() -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (runner.pools and runner.accounting.totals()["processed"] >= 6):
+            time.sleep(0.01)
+        marker.touch()  # the restarted incarnation's set-up will fail
+        ray.kill(runner.pools[0].actors[0], no_restart=False)
+
+    killer = threading.Thread(target=kill_after_setup, daemon=True)
+    killer.start()
+    summary = runner.run()
+    killer.join(timeout=30)
+    totals = summary.totals
+    assert totals["decoded"] == 60 and totals["processed"] + totals["failed"] == 60
+    assert 0 < totals["failed"] and totals["processed"] >= 6
+    failed = [r for r in runner.sinks[0].results if r.outcome.value == "failed"]
+    assert all("injected set-up failure" in r.error and "\n" not in r.error for r in failed), failed[0].error
+    for stream in ("c0", "c1"):
+        assert [r.index for r in runner.sinks[0].results if r.stream_id == stream] == list(range(30))
+
+
+@pytest.mark.slow
+def test_the_stage_totals_keep_a_dead_actors_work_with_metrics_off(ray_local, tmp_path):
+    """Metrics off, the actors were drained only at the end: the summary's per-stage frames lost all the dead
+    incarnation's work (here about half). They are drained twice a second now, metrics on or off."""
+    cfg = load_config(data={
+        "sources": two_clips(tmp_path, (40, 40)),
+        "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 100}}},
+        "runtime": {"max_in_flight": 4},
+    })
+    runner = RayRunner(cfg, sinks=[MemorySink()])
+    killer = threading.Thread(target=_kill_first_actor_when_busy, args=(runner, 40), daemon=True)
+    killer.start()
+    summary = runner.run()
+    killer.join(timeout=30)
+    assert runner.killed and summary.totals["processed"] + summary.totals["failed"] == 80
+    # 80 frames, and more for the retried chain, less what the dead one did since its last drain (half a second)
+    assert summary.stage_frames["chaos"] >= 64, summary.stage_frames
+
+
+@pytest.mark.slow
+def test_a_run_that_fails_kills_its_actors_at_once_instead_of_waiting_for_their_teardown(ray_local, tmp_path):
+    """A sink fails with four slow calls in flight: each actor's teardown queued behind them (up to 30 s an
+    actor, one after another; a second Ctrl-C waited as long). After a failure the actors are killed at once."""
+    class Failing(MemorySink):
+        def write(self, result):
+            raise OSError("disk full")
+
+    cfg = load_config(data={"sources": two_clips(tmp_path, (40, 40)),
+                            "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 5000}}},
+                            "runtime": {"max_in_flight": 4}})
+    runner = RayRunner(cfg, sinks=[Failing()])
+    started = time.monotonic()
+    with pytest.raises(OSError, match="disk full"):
+        runner.run()
+    # the first result comes after ~5 s; waiting out the teardown behind three more calls took 15 s more
+    assert time.monotonic() - started < 14
+
+
+def test_under_ray_a_stage_names_only_the_gpus_its_actor_is_granted(monkeypatch):
+    """Inside an actor Ray numbers the GPUs it grants from cuda:0: cuda:1 with one GPU granted was an invalid
+    ordinal at set-up, and cuda with num_gpus 0 used GPU 0 unreserved (Ray leaves CUDA_VISIBLE_DEVICES unset
+    then); an actor that asked for no GPU now sees none, so auto means its CPU."""
+    from blinkflow.runners.ray import _only_granted_gpus
+
+    def stage(device, gpus):
+        return {"runtime": {"runner": "ray"}, "stages": {"chaos": {"device": device, "resources": {"num_gpus": gpus}}}}
+
+    with pytest.raises(ConfigError, match=r"^stages\.chaos\.device: 'cuda:1', but its actor sees only the 1 GPU\(s\)"):
+        load_config(data=stage("cuda:1", 0.5))
+    with pytest.raises(ConfigError, match=r"^stages\.chaos\.device: 'cuda', but resources\.num_gpus is 0, so Ray"):
+        load_config(data=stage("cuda", 0))
+    assert load_config(data=stage("cuda:1", 2)).stages["chaos"].device == "cuda:1"
+    assert load_config(data={**stage("cuda:1", 0), "runtime": {"runner": "local"}})  # in-process: every GPU is seen
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    _only_granted_gpus(1.0)
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # Ray sets it for an actor it granted GPUs
+    _only_granted_gpus(0.0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_a_custom_resource_a_local_instance_lacks_is_one_line_not_a_run_that_waits_forever():
+    """resources.custom on a local instance: Ray waited forever to place the actor (no word said); CPUs and
+    GPUs were checked, custom resources not. On a cluster (runtime.address) an autoscaler may add the node."""
+    from blinkflow.graph import build_graph
+    from blinkflow.runners.ray import check_room_for_actors
+
+    data = {"stages": {"chaos": {"replicas": 2, "resources": {"custom": {"gpu_node": 1}}}}}
+    cfg = load_config(data=data)
+    with pytest.raises(ConfigError, match=r"^runtime: the stage actors reserve 2 of the custom resource 'gpu_node' but "
+                                          r"the cluster has 0 \(chaos 2 x 1 CPU \+ 1 gpu_node\).*drop resources\.custom"):
+        check_room_for_actors(cfg, build_graph(cfg), {"CPU": 8.0, "GPU": 0.0})
+    check_room_for_actors(cfg, build_graph(cfg), {"CPU": 8.0, "gpu_node": 2.0})  # room: nothing said
+    joined = load_config(data={**data, "runtime": {"address": "127.0.0.1:6379"}})
+    check_room_for_actors(joined, build_graph(joined), {"CPU": 8.0})  # a cluster may grow: a warning only
+
+
+def _kill_first_actor_when_busy(runner, after: int = 10):
     runner.killed = False
     deadline = time.time() + 60
     while time.time() < deadline:
-        if runner.pools and runner.accounting.totals()["processed"] >= 10:
+        if runner.pools and runner.accounting.totals()["processed"] >= after:
             ray.kill(runner.pools[0].actors[0], no_restart=False)
             runner.killed = True
             return

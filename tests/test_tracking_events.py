@@ -246,6 +246,11 @@ def test_events_need_track_and_track_needs_its_boxes():
         load_config(data={"sources": [{"type": "frames", "frames": frames}], "stages": {"events": {}}})
     with pytest.raises(ConfigError, match=r"^stages.track.options.boxes_from: .* add stages.detect"):
         load_config(data={"sources": [{"type": "frames", "frames": frames}], "stages": {"track": {}}})
+    # a stage without boxes (it loaded, and every frame's track result was None)
+    with pytest.raises(ConfigError, match=r"^stages.track.options.boxes_from: the flow stage gives no boxes to track; "
+                                          r"name one that does \(detect\)"):
+        load_config(data={"sources": [{"type": "frames", "frames": frames}],
+                          "stages": {"detect": {}, "flow": {}, "track": {"options": {"boxes_from": "flow"}}}})
 
 
 def test_the_gate_cannot_refresh_a_driver_stage():

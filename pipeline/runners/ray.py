@@ -33,6 +33,7 @@ Design (see docs/design.md):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -52,6 +53,7 @@ from blinkflow.runners.chains import METRICS_POLL_S, Chain, ChainRunner, StagePo
 log = logging.getLogger(__name__)
 
 RESTART_WAIT_S = 120.0  # how long a retry waits for Ray to restart a dead stage actor
+TEARDOWN_WAIT_S = 30.0  # how long the stage actors may take to tear down after a clean end, all together
 
 
 class StageActorImpl:
@@ -62,24 +64,33 @@ class StageActorImpl:
         self.setup_error: BaseException | None = None
         self.call_log = CallLog()
         try:
-            _limit_threads(getattr(getattr(spec.cfg, "resources", None), "num_cpus", 1.0))
+            resources = getattr(spec.cfg, "resources", None)
+            _limit_threads(getattr(resources, "num_cpus", 1.0))
+            _only_granted_gpus(getattr(resources, "num_gpus", 0.0))
             self.caller = setup_stage(spec, self.call_log)
             attach_depth_parallel(spec, self.caller.stage)  # depth_parallel > 1: K slice actors of its own
         except BaseException as exc:  # noqa: BLE001 - reported to the driver by ready()
             self.setup_error = exc
 
-    def ready(self) -> int:
-        if self.setup_error is not None:
+    def ready(self) -> str:
+        """This incarnation's id (a restarted actor has a new one), once set up; else its set-up error."""
+        self._raise_setup_error()
+        return self.call_log.incarnation
+
+    def _raise_setup_error(self) -> None:
+        if self.setup_error is not None:  # a restarted incarnation whose set-up failed (its node lacks the weights)
             raise self.setup_error
-        return os.getpid()
 
     def process(self, frames: list[Frame]) -> list[Frame]:
+        self._raise_setup_error()
         return self.caller.process(frames)
 
     def end_stream(self, frames: list[Frame], stream_id: str) -> list[Frame]:
+        self._raise_setup_error()
         return self.caller.process(frames) + self.caller.end_stream(stream_id)
 
     def flush(self, frames: list[Frame]) -> list[Frame]:
+        self._raise_setup_error()
         return self.caller.process(frames) + self.caller.flush()
 
     def node_id(self) -> str:
@@ -91,12 +102,21 @@ class StageActorImpl:
         return {"seconds": self.caller.seconds, "frames": self.caller.frames, "errors": self.caller.errors}
 
     def drain_metrics(self) -> dict[str, Any]:
-        totals = {"seconds": self.caller.seconds, "frames": self.caller.frames, "calls": self.caller.calls,
-                  "errors": self.caller.errors}
+        caller = getattr(self, "caller", None)  # none when the set-up failed: nothing done, nothing to report
+        totals = {"seconds": caller.seconds, "frames": caller.frames, "calls": caller.calls,
+                  "errors": caller.errors} if caller is not None else {}
         return self.call_log.drain(totals, process=self.spec.name)
 
     def teardown(self) -> None:
-        self.caller.stage.teardown()
+        if getattr(self, "caller", None) is not None:
+            self.caller.stage.teardown()
+
+
+def _only_granted_gpus(num_gpus: float) -> None:
+    """An actor that asked Ray for no GPU sees none (Ray leaves CUDA_VISIBLE_DEVICES unset then): ``device:
+    auto`` means the CPU there, not GPU 0 shared unreserved by every such actor."""
+    if not num_gpus:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 def _limit_threads(num_cpus: float) -> None:
@@ -122,6 +142,7 @@ class RayRunner(ChainRunner):
         self.drains: dict[tuple[int, int], Any] = {}
         self.next_poll = 0.0
         with committed_sinks(self.sinks), ray_session(*ray_cluster(self.cfg, self.specs)):
+            ended = False
             try:
                 self.pools = self._start_pools()
                 setup_s = time.perf_counter() - started
@@ -129,9 +150,10 @@ class RayRunner(ChainRunner):
                 self._pump()
                 self.output.close()
                 stats = self._collect_stats()
+                ended = True
             finally:
                 self.metrics.on_ready(False)
-                self._stop_pools()
+                self._stop_pools(graceful=ended)
         self.accounting.check()
         return RunSummary.of_run(self.name, self.accounting, self.output, started, setup_s,
                                  {name: (v["seconds"], v["frames"]) for name, v in stats.items()})
@@ -155,31 +177,36 @@ class RayRunner(ChainRunner):
             }
             actors = [actor_cls.options(**options).remote(spec) for _ in range(replicas)]
             pools.append(StagePool(spec, actors))
+        self.pools = pools  # stopped (killed) on the way out even if one never gets ready
         self._wait_ready(pools)
         return pools
 
-    @staticmethod
-    def _wait_ready(pools: list[StagePool]) -> None:
+    def _wait_ready(self, pools: list[StagePool]) -> None:
         import ray
 
         for pool in pools:
             try:
-                ray.get([actor.ready.remote() for actor in pool.actors])
+                incarnations = ray.get([actor.ready.remote() for actor in pool.actors])
             except ray.exceptions.RayTaskError as exc:
                 cause = exc.cause if hasattr(exc, "cause") else None
                 if isinstance(cause, BlinkflowError):
                     raise cause from None
                 raise StageError(f"stages.{pool.spec.name}: setup failed in its actor: {cause or exc}") from None
+            for replica, incarnation in enumerate(incarnations):  # a restart before the first drain still counts
+                self.actor_stats.started(pool.spec.name, replica, incarnation)
 
-    def _stop_pools(self) -> None:
+    def _stop_pools(self, graceful: bool = True) -> None:
+        """After a clean end, every actor tears its stage down (one shared deadline), then all are killed; after
+        an error or a second Ctrl-C they are killed at once (a teardown queues behind the calls in flight)."""
         import ray
 
-        for pool in self.pools:
-            for actor in pool.actors:
-                try:
-                    ray.get(actor.teardown.remote(), timeout=30)
-                except Exception:  # noqa: BLE001 - best effort on the way out
-                    pass
+        actors = [actor for pool in self.pools for actor in pool.actors]
+        if graceful and actors:
+            teardowns = [actor.teardown.remote() for actor in actors]
+            with contextlib.suppress(Exception):  # best effort on the way out
+                ray.wait(teardowns, num_returns=len(teardowns), timeout=TEARDOWN_WAIT_S)
+        for actor in actors:
+            with contextlib.suppress(Exception):
                 ray.kill(actor)
 
     def _collect_stats(self) -> dict[str, dict[str, float]]:
@@ -195,13 +222,15 @@ class RayRunner(ChainRunner):
     # ------------------------------------------------------------------ metrics
 
     def _observe(self) -> None:
-        """With metrics on, every METRICS_POLL_S: fold in actor stats and sample the queues."""
-        if self.metrics is NULL_RECORDER or time.monotonic() < self.next_poll:
+        """Every METRICS_POLL_S: fold in actor stats (metrics on or off: the run summary's per-stage totals keep
+        what an actor did before it died) and, with metrics on, sample the queues."""
+        if time.monotonic() < self.next_poll:
             return
         self.next_poll = time.monotonic() + METRICS_POLL_S
         self._collect_drains(timeout=0.0)
         self._request_drains()
-        self._sample_queues()
+        if self.metrics is not NULL_RECORDER:
+            self._sample_queues()
 
     def _request_drains(self) -> None:
         """One outstanding drain per actor; Ray runs it after the calls queued before it."""
@@ -223,8 +252,8 @@ class RayRunner(ChainRunner):
             del self.drains[(stage_index, replica)]
             try:
                 snapshot = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
-                continue  # the actor died; its restarted incarnation reports from zero next time
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
+                continue  # the actor died (or came back unable to set up); a live incarnation reports next time
             self.actor_stats.absorb(self.pools[stage_index].spec.name, replica, snapshot)
 
     # ------------------------------------------------------------------ chains of actor calls
@@ -264,6 +293,8 @@ class RayRunner(ChainRunner):
             return ray.get(chain.refs[-1])
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             return self._recover(chain, exc)
+        except ray.exceptions.RayTaskError as exc:  # a restarted actor whose set-up failed
+            return self._fail_chain(chain, exc)
 
     def _recover(self, chain: Chain, error: BaseException) -> list[Frame]:
         """Resubmit once from the first stage whose actor died; then fail the chain's frames."""
@@ -280,8 +311,21 @@ class RayRunner(ChainRunner):
                 return ray.get(chain.refs[-1])
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as again:
                 error = again
+            except ray.exceptions.RayTaskError as exc:
+                return self._fail_chain(chain, exc)
         for frame in chain.frames:
             frame.fail(stage_name, f"actor died twice: {type(error).__name__}")
+        return chain.frames
+
+    def _fail_chain(self, chain: Chain, error: Any) -> list[Frame]:
+        """Every frame of the chain failed by the stage whose call raised (its actor came back from a restart but
+        could not set its stage up): one line naming the stage, not a traceback that ends the run."""
+        stage_name = self.pools[self._first_failed_stage(chain)].spec.name
+        cause = getattr(error, "cause", None) or error
+        reason = (str(cause).splitlines() or [type(cause).__name__])[0]
+        log.error("stages.%s: its restarted actor could not set the stage up: %s", stage_name, reason)
+        for frame in chain.frames:
+            frame.fail(stage_name, f"set-up failed after its actor restarted: {reason}")
         return chain.frames
 
     @staticmethod
@@ -300,7 +344,10 @@ class RayRunner(ChainRunner):
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
                     ray.exceptions.GetTimeoutError):
                 time.sleep(0.2)
-        log.warning("stage %s actor did not come back within %.0f s; retrying anyway", stage_name, RESTART_WAIT_S)
+        # every later call to it would wait as long (Ray keeps it pending until a node has its resources)
+        raise BlinkflowError(f"stages.{stage_name}: its actor died and did not come back within {RESTART_WAIT_S:.0f} s "
+                             "(its node left the cluster, or no node left has the stage's resources); the run stops. "
+                             "Give the cluster room for it and run again")
 
     def _first_failed_stage(self, chain: Chain) -> int:
         import ray
@@ -308,7 +355,7 @@ class RayRunner(ChainRunner):
         for index, ref in enumerate(chain.refs):
             try:
                 ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
                 return index
         return len(chain.refs) - 1
 
@@ -327,22 +374,25 @@ def ray_cluster(cfg: Config, specs: list[StageSpec]) -> tuple[str | None, float 
 
 
 def _actor_needs(specs: list[StageSpec]) -> dict[str, float]:
-    """CPUs and GPUs the stage actors reserve together (a depth-parallel stage adds its slice actors)."""
+    """CPUs, GPUs and custom resources the stage actors reserve together (a depth-parallel stage adds its slice
+    actors)."""
     needs = {"CPU": 0.0, "GPU": 0.0}
-    for _name, copies, cpus, gpus in _actors(specs):
+    for _name, copies, cpus, gpus, custom in _actors(specs):
         needs["CPU"] += cpus * copies
         needs["GPU"] += gpus * copies
+        for kind, amount in custom.items():
+            needs[kind] = needs.get(kind, 0.0) + amount * copies
     return needs
 
 
-def _actors(specs: list[StageSpec]) -> list[tuple[str, int, float, float]]:
-    """(stage, actors, CPUs and GPUs per actor) of each stage."""
+def _actors(specs: list[StageSpec]) -> list[tuple[str, int, float, float, dict[str, float]]]:
+    """(stage, actors, CPUs, GPUs and custom resources per actor) of each stage."""
     rows = []
     for spec in specs:
         resources = getattr(spec.cfg, "resources", None)
         copies = getattr(spec.cfg, "replicas", 1) * (1 + (depth_parallel_of(spec) if depth_parallel_of(spec) > 1 else 0))
         rows.append((spec.name, copies, resources.num_cpus if resources else 1.0,
-                     resources.num_gpus if resources else 0.0))
+                     resources.num_gpus if resources else 0.0, dict(resources.custom) if resources else {}))
     return rows
 
 
@@ -353,12 +403,20 @@ def check_room_for_actors(cfg: Config, specs: list[StageSpec], cluster: dict[str
              if need > cluster.get(kind, 0.0) + 1e-9}
     if not short:
         return
-    said = ", ".join(f"{need:g} {kind}s but the cluster has {have:g}" for kind, (need, have) in short.items())
+    said = ", ".join(f"{need:g} {kind}s but the cluster has {have:g}" if kind in ("CPU", "GPU")
+                     else f"{need:g} of the custom resource {kind!r} but the cluster has {have:g}"
+                     for kind, (need, have) in short.items())
     stages = ", ".join(f"{name} {copies} x {cpus:g} CPU" + (f" + {gpus:g} GPU" if gpus else "")
-                       for name, copies, cpus, gpus in _actors(specs))
+                       + "".join(f" + {amount:g} {kind}" for kind, amount in custom.items())
+                       for name, copies, cpus, gpus, custom in _actors(specs))
     if cfg.runtime.address:
         log.warning("the stage actors reserve %s; they wait until the cluster has room (%s)", said, stages)
         return
-    fix = "raise runtime.num_cpus" if "CPU" in short else "run on a machine with GPUs or set resources.num_gpus: 0"
+    if "CPU" in short:
+        fix = "raise runtime.num_cpus"
+    elif "GPU" in short:
+        fix = "run on a machine with GPUs or set resources.num_gpus: 0"
+    else:  # a local instance has no custom resources: they name nodes of a cluster
+        fix = "drop resources.custom (it places stages on the nodes of a cluster: set runtime.address)"
     raise ConfigError(f"runtime: the stage actors reserve {said} ({stages}), so Ray would wait forever to place "
                       f"them; {fix}, or lower the stages' replicas or resources")
