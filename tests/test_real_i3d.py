@@ -152,7 +152,6 @@ def test_unpickler_reads_numpy_arrays_pickled_like_the_original(tmp_path):
 
 
 def test_unpickler_refuses_non_arrays_and_broken_files(tmp_path):
-    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
 
     cases = {
         "list.ckpt": (pickle.dumps([np.zeros(2)], protocol=4), "expected a dict of numpy arrays"),
@@ -161,8 +160,15 @@ def test_unpickler_refuses_non_arrays_and_broken_files(tmp_path):
         # numpy pickles protocol-2 bytes through _codecs.encode, which the original never needs
         "protocol2.ckpt": (pickle.dumps({"w": np.zeros(2, np.float32)}, protocol=2), "_codecs.encode"),
     }
+    _assert_each_refused(cases, tmp_path)
+
+
+def _assert_each_refused(cases: dict[str, tuple[bytes, str]], folder: Path) -> None:
+    """Each file's bytes refused by the unpickler in one line naming the file and the reason."""
+    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
+
     for name, (data, reason) in cases.items():
-        path = tmp_path / name
+        path = folder / name
         path.write_bytes(data)
         with pytest.raises(WeightsError) as refused:
             safe_load_numpy_pickle(path)
@@ -177,7 +183,6 @@ def test_unpickler_allocates_nothing_a_crafted_shape_asks_for(tmp_path):
     """110 bytes asking _reconstruct for an object array of 300 M entries took 2.3 GB before any check; numpy's
     own pickles only ever ask for an empty array, then fill it from bytes that must match its shape. Dicts
     nested 200 000 deep were a RecursionError traceback."""
-    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
 
     huge = (b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01" + _global("numpy.core.multiarray", "_reconstruct")
             + _global("numpy", "ndarray") + b"J" + (300_000_000).to_bytes(4, "little") + b"\x85"
@@ -187,12 +192,7 @@ def test_unpickler_allocates_nothing_a_crafted_shape_asks_for(tmp_path):
                               .replace(b"f8", b"O8"), "dtype 'O8' asked for"),
              "deep.ckpt": (b"\x80\x02" + b"}X\x01\x00\x00\x00a" * 200_000 + b"}" + b"s" * 200_000 + b".",
                            "nest too deep")}
-    for name, (data, reason) in cases.items():
-        path = tmp_path / name
-        path.write_bytes(data)
-        with pytest.raises(WeightsError) as refused:
-            safe_load_numpy_pickle(path)
-        assert_one_line_naming(refused.value, path, reason)
+    _assert_each_refused(cases, tmp_path)
 
 
 # --------------------------------------------------------------------------- the converter
