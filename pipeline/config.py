@@ -661,8 +661,8 @@ def _check_ray_devices(cfg: Config) -> None:
     if cfg.runtime.runner != "ray":
         return
     for name, stage in cfg.stages.items():
-        if not stage.enabled or not stage.device.startswith("cuda"):
-            continue
+        if not stage.enabled or not stage.device.startswith("cuda") or _is_driver_stage(name):
+            continue  # a driver stage (track, events) runs in the driver, which sees every GPU
         granted = math.ceil(stage.resources.num_gpus)
         if granted == 0:
             raise ConfigError(f"stages.{name}.device: {stage.device!r}, but resources.num_gpus is 0, so Ray gives its "

@@ -29,6 +29,10 @@ class StageError(BlinkflowError):
     """A stage that cannot be set up (unknown backend, missing weights, bad device)."""
 
 
+class StageSetupFailed(StageError):
+    """A call reached a stage actor that came back from a restart and could not set its stage up."""
+
+
 class RegistryError(BlinkflowError):
     """An unknown or duplicate component name."""
 

@@ -277,10 +277,12 @@ def on_fps_grid(seconds: float, next_time: float | None, fps: float) -> tuple[bo
     """Whether a frame at ``seconds`` is kept on a 1/``fps`` grid, and the grid's next time. After a gap of a
     step or more (a pause in a recording, a reconnect) the grid restarts at that frame: the frames after a gap
     are not all kept to catch up."""
-    if next_time is not None and seconds < next_time - 1e-6:
+    step = 1.0 / fps
+    # timestamps are rounded (Matroska's to the millisecond): a frame a hair before its slot is in it
+    if next_time is not None and seconds < next_time - min(2e-3, 0.1 * step):
         return False, next_time
-    on_grid = next_time is not None and seconds - next_time < 1.0 / fps
-    return True, (next_time if on_grid else seconds) + 1.0 / fps
+    on_grid = next_time is not None and seconds - next_time < 1.5 * step  # jitter stays on the grid, a gap does not
+    return True, (next_time if on_grid else seconds) + step
 
 
 def av_to_rgb(av_frame: Any, resize: list[int] | None) -> np.ndarray:

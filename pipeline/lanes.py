@@ -20,20 +20,23 @@ class Lane:
     def __init__(self, name: str) -> None:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
+        self._closing = threading.Lock()  # a submit racing close() lands before the end mark, or is refused
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
-        if self._closed:  # no thread would ever take it: its future would wait forever
-            raise RuntimeError(f"lane {self._thread.name} is closed")
         future: Future = Future()
-        self._calls.put((future, fn, args))
+        with self._closing:
+            if self._closed:  # no thread would ever take it: its future would wait forever
+                raise RuntimeError(f"lane {self._thread.name} is closed")
+            self._calls.put((future, fn, args))
         return future
 
     def close(self, timeout_s: float | None = None) -> bool:
         """Cancel the calls not started, let the running one finish within ``timeout_s``; True once the thread
         has ended (False: it is still in a call, and is left to end with the process)."""
-        self._closed = True
+        with self._closing:
+            self._closed = True
         while True:
             try:
                 item = self._calls.get_nowait()

@@ -47,6 +47,8 @@ AUDIT_WINDOW_S = 300.0
 #: two still read its final counts; then they go, and with them its stream_up of 0 (no page for a camera
 #: the operator removed, and ids cycled by a tool do not grow the series without end)
 REMOVED_SERIES_S = 120.0
+#: a stream with no result for this long (and three of its usual gaps) reads 0 results a second at a scrape
+STALL_S = 5.0
 STAGE_TOTAL_FIELDS = ("seconds", "frames", "calls", "errors")
 
 
@@ -299,6 +301,8 @@ class _StreamSeries:
     audits: deque = field(default_factory=deque)  # (monotonic time, agreement) of the last AUDIT_WINDOW_S
     window_start: float = field(default_factory=lambda: time.monotonic())
     window_frames: int = 0
+    last_result_at: float | None = None
+    result_gap: float = 0.0  # seconds between its last two results: a slow stream's quiet is not a stall
     zones: set = field(default_factory=set)  # zones whose object counts this stream set
     removed: bool = False  # removed by the operator: its series go REMOVED_SERIES_S after its end
     ended_at: float | None = None
@@ -506,6 +510,8 @@ class PrometheusRecorder(MetricsRecorder):
             self._child(self.events, stream, str(event["type"])).inc()
             if event["type"] == "cross_line":
                 self._child(self.line_crossings, stream, str(event["line"]), str(event["direction"])).inc()
+        if series.ended_at is not None:
+            return  # the last wave's results, after the stream's end was reported: its zones stay empty
         for zone, count in zones.items():
             series.zones.add(str(zone))
             self._child(self.zone_objects, stream, str(zone)).set(count)
@@ -521,29 +527,43 @@ class PrometheusRecorder(MetricsRecorder):
             self._child(self.gate_bound, stream, str(stage)).set(float(bound))
 
     def _count_fps(self, series: _StreamSeries) -> None:
-        series.window_frames += 1
-        self._roll_fps(series, time.monotonic())
+        now = time.monotonic()
+        with self._series_lock:  # the scrape rolls the same window
+            if series.last_result_at is not None:
+                series.result_gap = now - series.last_result_at
+            series.last_result_at = now
+            series.window_frames += 1
+            self._roll_fps(series, now)
 
     @staticmethod
     def _roll_fps(series: _StreamSeries, now: float) -> None:
-        """Results over the window, once it is a second long: at each result, and at each scrape (so a stream
-        whose results stopped reads 0, not its last rate)."""
+        """Results over the window, once it is a second long, at each result; at a scrape, 0 once the stream has
+        gone quiet for longer than its own pace explains (a stage hangs), not its last rate."""
         elapsed = now - series.window_start
-        if elapsed >= FPS_WINDOW_S:
+        if elapsed < FPS_WINDOW_S:
+            return
+        if series.window_frames:
             series.fps.set(series.window_frames / elapsed)
-            series.window_start, series.window_frames = now, 0
+        elif series.last_result_at is not None and now - series.last_result_at > max(STALL_S, 3 * series.result_gap):
+            series.fps.set(0)
+        else:
+            return  # a slow stream between two results: its rate stands until the next
+        series.window_start, series.window_frames = now, 0
 
     def on_stream_state(self, stream: str, up: bool) -> None:
         with self._series_lock:
             series = self._stream(stream)
-            self._set_up(series, up)
             if up:
+                self._set_up(series, True)
                 series.ended_at = None
                 return
             series.ended_at = time.monotonic()  # its end reached the runner: nothing more will come for it
-            series.reconnects_seen = 0  # a stream added again under this id counts its reconnections from 0
             for zone in series.zones:  # nobody is in a zone of a stream that ended
                 self._child(self.zone_objects, stream, zone).set(0)
+            if series.live:
+                return  # up and down come from its own events: this end may be reported after a re-add's "up"
+            self._set_up(series, False)
+            series.reconnects_seen = 0  # a source under this id again counts its reconnections from 0
 
     def on_stream_event(self, stream: str, kind: str) -> None:
         with self._series_lock:

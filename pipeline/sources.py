@@ -443,7 +443,7 @@ def _check_duration(container, path: Path, end_s: float) -> None:
     formats = (container.format.name or "").split(",")
     if not any(name in DURATION_FORMATS for name in formats) or len(container.streams) != 1 or not container.duration:
         return
-    declared = container.duration / 1e6 + (container.start_time or 0) / 1e6  # both in microseconds
+    declared = container.duration / 1e6  # microseconds; FFmpeg's Matroska duration is the end, start offset included
     if end_s < declared - MISSING_TAIL_S:
         raise TruncatedVideoError(f"{path}: {TRUNCATED}: its frames end at {end_s:.2f} s of the {declared:.2f} s its "
                                   "header declares (the rest of the file is missing); the frames before the cut were "

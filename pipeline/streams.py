@@ -23,7 +23,7 @@ srt:// and /dev/videoN (v4l2), each decoded by PyAV in its own thread.
   :func:`redact_url` forms leave this module.
 
 Hub events (:class:`StreamEvent`) let the CLI forward stream state to the
-metrics recorder (``on_stream_state``); reconnections reach it in-band through
+metrics recorder (``on_stream_event``); reconnections reach it in-band through
 ``frame.meta["reconnects"]``, which the recorder turns into
 ``blinkflow_stream_reconnects_total``.
 """
@@ -766,8 +766,9 @@ class StreamHub:
             stream = self._streams.get(stream_id)
         if stream is None:
             return False
-        stream.stop()
+        # said first: until the stop has ended it the id cannot be added again, so no new stream gets this mark
         self._emit(StreamEvent(stream_id, "removed"))  # on purpose: its metrics may go once it has ended
+        stream.stop()
         return True
 
     def close(self, stop_streams: bool = False) -> None:

@@ -25,6 +25,7 @@ class ChaosOptions:
     sleep_ms: float = 0.0  # simulated model time per batch
     temporal: bool = False  # declare per-stream state (stream affinity) even without holding
     fail_setup_if: str | None = None  # a path: set-up fails while it exists (a restarted actor's node lacks a file)
+    fail_end: bool = False  # end_stream raises (a temporal stage whose final flush fails)
 
 
 @register_stage("chaos")
@@ -69,6 +70,8 @@ class Chaos(Stage):
         return out
 
     def end_stream(self, stream_id: str) -> list[Frame]:
+        if self.options.fail_end:
+            raise RuntimeError(f"chaos: injected failure ending stream {stream_id}")
         self.seen.pop(stream_id, None)
         return self.held.pop(stream_id, [])
 

@@ -158,6 +158,46 @@ def test_a_stream_added_again_under_its_id_counts_its_own_reconnections():
     assert value(recorder, "blinkflow_stream_reconnects_total", stream="door") == 8
 
 
+def test_the_end_of_a_removed_stream_reported_after_its_re_add_leaves_the_new_one_up():
+    """The hub hands out the old stream's end, the operator adds the id again and it connects, and only then
+    does the runner report the old end: the healthy new stream stayed at stream_up 0 (a page)."""
+    recorder = PrometheusRecorder()
+    for kind in ("connecting", "up", "removed", "stopped", "connecting", "up"):
+        recorder.on_stream_event("cam", kind)
+    recorder.on_stream_state("cam", False)  # the old stream's end, late
+    for index in range(3):
+        recorder.on_decoded(Frame("cam", index, 0.0, image=None))
+    assert value(recorder, "blinkflow_stream_up", stream="cam") == 1
+
+
+def test_zone_counts_of_a_streams_last_results_after_its_end_leave_the_zones_empty():
+    """The threaded and Ray runners report a stream's end before its last wave's results come back."""
+    recorder = PrometheusRecorder()
+    recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.PROCESSED, results={"zones": {"door": 1}}))
+    recorder.on_stream_state("cam", False)
+    recorder.on_result(FrameResult("cam", 1, 0.1, 1, 1, Outcome.PROCESSED, results={
+        "zones": {"door": 2}, "events": [{"type": "enter_zone"}]}))
+    assert value(recorder, "blinkflow_zone_objects", stream="cam", zone="door") == 0
+    assert value(recorder, "blinkflow_events_total", stream="cam", type="enter_zone") == 1  # events still count
+
+
+def test_a_slow_streams_rate_stands_between_its_results_at_every_scrape(monkeypatch):
+    """fps: 0.5 is a valid setting: scrapes between two results read 0 every other time."""
+    from blinkflow import metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    recorder = PrometheusRecorder()
+    readings = []
+    for _ in range(6):
+        recorder.on_result(FrameResult("cam", 0, 0.0, 1, 1, Outcome.PROCESSED))
+        for _ in range(2):
+            clock[0] += 1.0
+            recorder.refresh()
+            readings.append(value(recorder, "blinkflow_stream_fps", stream="cam"))
+    assert min(readings[2:]) > 0, readings
+
+
 def test_the_agreement_gauge_follows_recent_audits_and_the_counters_give_any_window(monkeypatch):
     """2000 audits at 0.98, then 200 at 0.5 five minutes later: the gauge reads 0.5 (a lifetime mean said 0.94
     and the alert never fired); the sum counter over the audited frames gives the mean of any window."""

@@ -266,6 +266,18 @@ def test_a_restarted_actor_that_cannot_set_up_fails_its_frames_and_the_run_goes_
 
 
 @pytest.mark.slow
+def test_a_stage_failing_at_a_streams_end_stops_the_ray_run_as_it_stops_the_local_one(ray_local, tmp_path):
+    """Only a restarted actor's set-up failure fails frames and goes on; any other error of a call (here the
+    stage's end_stream) was swallowed as one and blamed on a restart that never happened."""
+    from blinkflow.runners.local import LocalRunner
+
+    cfg = load_config(data={"sources": two_clips(tmp_path, (6,)), "stages": {"chaos": {"options": {"fail_end": True}}}})
+    for runner_cls in (LocalRunner, RayRunner):
+        with pytest.raises(Exception, match="chaos: injected failure ending stream c0"):
+            runner_cls(cfg, sinks=[MemorySink()]).run()
+
+
+@pytest.mark.slow
 def test_the_stage_totals_keep_a_dead_actors_work_with_metrics_off(ray_local, tmp_path):
     """Metrics off, the actors were drained only at the end: the summary's per-stage frames lost all the dead
     incarnation's work (here about half). They are drained twice a second now, metrics on or off."""
@@ -318,9 +330,11 @@ def test_under_ray_a_stage_names_only_the_gpus_its_actor_is_granted(monkeypatch)
         load_config(data=stage("cuda", 0))
     assert load_config(data=stage("cuda:1", 2)).stages["chaos"].device == "cuda:1"
     assert load_config(data={**stage("cuda:1", 0), "runtime": {"runner": "local"}})  # in-process: every GPU is seen
-    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    driver = {"runtime": {"runner": "ray"}, "stages": {"detect": {}, "track": {"device": "cuda:1"}}}
+    assert load_config(data=driver).stages["track"].device == "cuda:1"  # track runs in the driver, not an actor
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # what Ray sets for an actor it granted a GPU; undone after
     _only_granted_gpus(1.0)
-    assert "CUDA_VISIBLE_DEVICES" not in os.environ  # Ray sets it for an actor it granted GPUs
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "3"
     _only_granted_gpus(0.0)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
 

@@ -127,6 +127,41 @@ def test_a_matroska_file_cut_short_of_its_declared_duration_is_truncated_and_a_w
     assert 0 < len(frames) < 100
 
 
+def test_a_whole_matroska_file_starting_late_is_not_truncated(tmp_path):
+    """A camera archive's second segment starts where the first ended (FFmpeg's Matroska duration is its end,
+    the offset included): it was called truncated."""
+    import fractions
+
+    import av
+
+    path = tmp_path / "segment-2.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.codec_context.time_base = fractions.Fraction(1, 10)
+        for i in range(60):  # 6 s of video from 10 s on
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 4 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = 100 + i, fractions.Fraction(1, 10)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    frames = decode_all(path)
+    assert len(frames) == 60 and frames[0].pts == pytest.approx(10.0)
+
+
+def test_resampling_to_the_source_rate_keeps_every_frame_of_millisecond_timestamps():
+    """fps equal to a Matroska file's 30 fps, whose timestamps are rounded to the ms (0.033, 0.067, ...): one
+    frame in nine was dropped (a frame a hair before its slot skipped, the next restarting the grid)."""
+    from blinkflow.frame import on_fps_grid
+
+    kept, next_time = [], None
+    for i in range(300):
+        keep, next_time = on_fps_grid(round(i / 30, 3), next_time, 30.0)
+        kept += [i] if keep else []
+    assert kept == list(range(300))
+
+
 def test_directory_run_goes_on_after_a_corrupt_file(tmp_path):
     folder = tmp_path / "videos"
     folder.mkdir()

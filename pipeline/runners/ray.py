@@ -41,7 +41,7 @@ from typing import Any
 
 from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
-from blinkflow.errors import BlinkflowError, ConfigError, StageError
+from blinkflow.errors import BlinkflowError, ConfigError, StageError, StageSetupFailed
 from blinkflow.frame import Frame
 from blinkflow.graph import StageSpec
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog
@@ -74,12 +74,14 @@ class StageActorImpl:
 
     def ready(self) -> str:
         """This incarnation's id (a restarted actor has a new one), once set up; else its set-up error."""
-        self._raise_setup_error()
+        if self.setup_error is not None:
+            raise self.setup_error
         return self.call_log.incarnation
 
     def _raise_setup_error(self) -> None:
         if self.setup_error is not None:  # a restarted incarnation whose set-up failed (its node lacks the weights)
-            raise self.setup_error
+            reason = (str(self.setup_error).splitlines() or [type(self.setup_error).__name__])[0]
+            raise StageSetupFailed(f"set-up failed after its actor restarted: {reason}")
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         self._raise_setup_error()
@@ -139,6 +141,7 @@ class RayRunner(ChainRunner):
         started = time.perf_counter()
         self._start_driver()
         self.actor_stats = ActorStats(self.metrics)
+        self.setup_failed: set[str] = set()  # stages whose restarted actor could not set up (logged once)
         self.drains: dict[tuple[int, int], Any] = {}
         self.next_poll = 0.0
         with committed_sinks(self.sinks), ray_session(*ray_cluster(self.cfg, self.specs)):
@@ -293,8 +296,8 @@ class RayRunner(ChainRunner):
             return ray.get(chain.refs[-1])
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
             return self._recover(chain, exc)
-        except ray.exceptions.RayTaskError as exc:  # a restarted actor whose set-up failed
-            return self._fail_chain(chain, exc)
+        except ray.exceptions.RayTaskError as exc:
+            return self._fail_chain(chain, _setup_failure(exc))
 
     def _recover(self, chain: Chain, error: BaseException) -> list[Frame]:
         """Resubmit once from the first stage whose actor died; then fail the chain's frames."""
@@ -312,20 +315,20 @@ class RayRunner(ChainRunner):
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as again:
                 error = again
             except ray.exceptions.RayTaskError as exc:
-                return self._fail_chain(chain, exc)
+                return self._fail_chain(chain, _setup_failure(exc))
         for frame in chain.frames:
             frame.fail(stage_name, f"actor died twice: {type(error).__name__}")
         return chain.frames
 
-    def _fail_chain(self, chain: Chain, error: Any) -> list[Frame]:
-        """Every frame of the chain failed by the stage whose call raised (its actor came back from a restart but
-        could not set its stage up): one line naming the stage, not a traceback that ends the run."""
+    def _fail_chain(self, chain: Chain, error: StageSetupFailed) -> list[Frame]:
+        """Every frame of the chain failed by the stage whose actor came back from a restart but could not set
+        its stage up: one line naming the stage (logged once), not a traceback that ends the run."""
         stage_name = self.pools[self._first_failed_stage(chain)].spec.name
-        cause = getattr(error, "cause", None) or error
-        reason = (str(cause).splitlines() or [type(cause).__name__])[0]
-        log.error("stages.%s: its restarted actor could not set the stage up: %s", stage_name, reason)
+        if stage_name not in self.setup_failed:
+            self.setup_failed.add(stage_name)
+            log.error("stages.%s: %s; its frames fail from now on", stage_name, error)
         for frame in chain.frames:
-            frame.fail(stage_name, f"set-up failed after its actor restarted: {reason}")
+            frame.fail(stage_name, str(error))
         return chain.frames
 
     @staticmethod
@@ -358,6 +361,15 @@ class RayRunner(ChainRunner):
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError, ray.exceptions.RayTaskError):
                 return index
         return len(chain.refs) - 1
+
+
+def _setup_failure(error: Any) -> StageSetupFailed:
+    """The set-up failure a call raised in its actor; any other error of a call (a stage's end_stream or flush
+    raising) is raised as it is, as the local runner raises it."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, StageSetupFailed):
+        return cause
+    raise error
 
 
 def _put(value: Any) -> Any:
