@@ -226,10 +226,10 @@ class _Detections:
 class StreamTracker:
     """The tracks of one stream and the ByteTrack association step."""
 
-    def __init__(self, options: TrackOptions) -> None:
+    def __init__(self, options: TrackOptions, first_id: int = 1) -> None:
         self.options = options
         self.tracks: list[Track] = []
-        self.next_id = 1
+        self.next_id = first_id
         self.last_index = -1
         self.noise = 1.0  # measurement noise factor of the current frame
 
@@ -395,6 +395,9 @@ class TrackStage(Stage):
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
         self._trackers: dict[str, StreamTracker] = {}
+        # the next id of each stream ever seen: a stream that ends and comes back (a camera re-added, a restart)
+        # goes on from there, so its new tracks never reuse the ids of its old ones in the same outputs
+        self._next_ids: dict[str, int] = {}
         self._embedder: Any = None  # the re-ID net, when appearance_weight > 0
 
     def setup(self, device: str = "cpu") -> None:
@@ -427,10 +430,26 @@ class TrackStage(Stage):
             self._track(frame)
         return frames
 
+    def end_stream(self, stream_id: str) -> list[Frame]:
+        self._keep_next_id(stream_id)
+        return super().end_stream(stream_id)
+
+    def flush(self) -> list[Frame]:
+        for stream_id in list(self._trackers):
+            self._keep_next_id(stream_id)
+        return super().flush()
+
+    def _keep_next_id(self, stream_id: str) -> None:
+        tracker = self._trackers.get(stream_id)
+        if tracker is not None:
+            self._next_ids[stream_id] = tracker.next_id
+
     def _track(self, frame: Frame) -> None:
         tracker = self._trackers.get(frame.stream_id)
         if tracker is None or frame.index <= tracker.last_index:  # a new stream, or a restart
-            tracker = self._trackers[frame.stream_id] = StreamTracker(self.options)
+            self._keep_next_id(frame.stream_id)
+            first_id = self._next_ids.get(frame.stream_id, 1)
+            tracker = self._trackers[frame.stream_id] = StreamTracker(self.options, first_id)
         source = self.options.boxes_from
         detect = frame.results.get(source) if not frame.is_failed else None
         dets = _detections(frame, detect, self._embedder) if isinstance(detect, dict) else None

@@ -446,3 +446,27 @@ def test_a_crossing_is_where_the_path_meets_the_line_not_where_the_track_lands()
     # the other way round: the path crosses at x 110, past the line's end, and lands at x 90, over the line
     assert not any(kind == "cross_line" for kind, *_ in _line_run([(150, 70), (140, 80), (130, 90), (90, 110), (85, 115)],
                                                                     size=120.0))
+
+
+def test_a_stream_that_ends_and_comes_back_goes_on_with_new_track_ids():
+    """A camera removed and added again (or a restarted stream) under its id: its new tracks took ids 1, 2, ...
+    again, the same ids as its old tracks in the same events file and MQTT topic."""
+    from blinkflow.config import StageConfig
+    from blinkflow.stages.track import TrackOptions, TrackStage
+
+    track = TrackStage(StageConfig(options=TrackOptions(confirm_hits=1)))
+    track.setup()
+
+    def one_car(index: int) -> Frame:
+        frame = Frame("cam", index, index / 25.0, np.zeros((240, 320, 3), np.uint8))
+        frame.results["detect"] = {"boxes": [[100, 100, 160, 140]], "scores": [0.9], "classes": ["car"]}
+        return frame
+
+    def ids(frames: list[Frame]) -> set[int]:
+        return {t["id"] for f in frames for t in (f.results.get("track") or {}).get("tracks", [])}
+
+    first = track.process([one_car(i) for i in range(3)])
+    track.end_stream("cam")
+    again = track.process([one_car(i) for i in range(3)])  # the same id, from frame 0
+    restarted = track.process([one_car(0)])  # a restart within the run (its index goes back)
+    assert ids(first) == {1} and ids(again) == {2} and ids(restarted) == {3}
