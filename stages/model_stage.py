@@ -146,13 +146,17 @@ def pick_classes(stage: str, weight_classes: list[str] | None, option_classes: l
     return classes
 
 
+#: the largest model-input side: an 8K frame's (a side of 100 000 asked torch for terabytes at the first batch)
+MAX_INPUT_SIDE = 8192
+
+
 def checked_input_size(stage: str, size: Any, example: str, optional: bool = False) -> tuple[int, int] | None:
-    """``options.input_size`` as (height, width), both >= 16 (None when ``optional`` and null)."""
+    """``options.input_size`` as (height, width), both in 16..MAX_INPUT_SIDE (None when ``optional`` and null)."""
     if size is None and optional:
         return None
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or min(size) < 16:
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not 16 <= min(size) <= max(size) <= MAX_INPUT_SIDE:
         raise StageError(
-            f"stages.{stage}.options.input_size: expected [height, width] with both >= 16, got {size}; "
-            f"e.g. input_size: {example}"
+            f"stages.{stage}.options.input_size: expected [height, width] with both in 16..{MAX_INPUT_SIDE}, got "
+            f"{size}; e.g. input_size: {example}"
         )
     return int(size[0]), int(size[1])

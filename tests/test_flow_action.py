@@ -172,6 +172,9 @@ def test_flow_bad_input_size_is_a_stage_error():
 
     with pytest.raises(StageError, match="options.input_size"):
         Flow(StageConfig(options=Flow.Options(input_size=[64])))
+    # a side of 100 000 passed and asked torch for terabytes at the first batch
+    with pytest.raises(StageError, match=r"options\.input_size: expected \[height, width\] with both in 16\.\.8192"):
+        Flow(StageConfig(options=Flow.Options(input_size=[100_000, 100_000])))
 
 
 # --------------------------------------------------------------------------- action stage

@@ -820,3 +820,11 @@ def test_eval_checks_a_weights_files_pin_before_reading_it(tmp_path, monkeypatch
     config = str(TRAIN_CONFIGS / "smoke-segment.yaml")
     assert cli(["eval", "segment", "--config", config, "--weights", str(path), "--set", f"out_dir={tmp_path}"]) == 2
     assert "seg.pt: sha256 mismatch" in capsys.readouterr().err
+
+
+def test_an_out_dir_that_is_a_file_is_refused_before_training(tmp_path):
+    """It was reported only when the first checkpoint was written, after an epoch's work."""
+    taken = tmp_path / "runs"
+    taken.write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"^out_dir: '.*runs' is a file; give the folder"):
+        load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"out_dir={taken}"])

@@ -206,6 +206,8 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
             setattr(cfg.data, key, str(resolved))
     _check_disjoint(cfg.data.train, cfg.data.val)
     _check_backgrounds(cfg, base_dir)
+    if Path(cfg.out_dir).exists() and not Path(cfg.out_dir).is_dir():  # found at the first checkpoint otherwise
+        raise ConfigError(f"out_dir: {cfg.out_dir!r} is a file; give the folder the checkpoints and metrics go to")
     _check_consistency(cfg)
     _check_model_args(cfg)
 
