@@ -642,11 +642,16 @@ def test_a_webhook_server_that_answers_a_byte_at_a_time_is_cut_at_timeout_s():
     sink = WebhookSink(webhook_config(f"http://127.0.0.1:{server.getsockname()[1]}/e", timeout_s=0.5, retries=-1,
                                       backoff_initial_s=0.05, backoff_max_s=0.05, close_timeout_s=1.0))
     try:
+        before = {t.ident for t in threading.enumerate()}
         sink.write(FrameResult("cam", 0, 0.0, 8, 8, Outcome.PROCESSED, {"events": [{"type": "enter", "track_id": 1}]}))
         time.sleep(2.5)
         assert len(connections) >= 3  # each attempt ended at its deadline and was retried
+        # one watcher for every attempt's deadline, not a timer thread started per POST
+        assert [t.name for t in threading.enumerate() if t.ident not in before].count("webhook-deadline") == 1
     finally:
         sink.close()
         server.close()
         for conn in connections:
             conn.close()
+    time.sleep(0.2)
+    assert not [t for t in threading.enumerate() if t.name == "webhook-deadline"]  # gone with the sink

@@ -15,6 +15,7 @@ import ipaddress
 import logging
 import socket
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -35,25 +36,58 @@ TRANSIENT_STATUS = {408, 425, 429}
 
 
 class _Connections:
-    """The connections of the attempt in flight, so that its deadline can end it wherever it waits."""
+    """The connections of the attempt in flight, and one watcher thread that cuts them when the attempt's
+    deadline passes, wherever it waits (a thread of its own per attempt was a thread per POST)."""
 
     def __init__(self) -> None:
         self._open: list[Any] = []
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._closed = False
+        self._watcher: threading.Thread | None = None
 
     def made(self, connection: Any) -> Any:
-        with self._lock:
+        with self._cond:
             self._open = [c for c in self._open if c.sock is not None] + [connection]
         return connection
 
-    def cut(self) -> None:
-        with self._lock:
-            connections = list(self._open)
-        for connection in connections:
-            sock = connection.sock
-            if sock is not None:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+    def arm(self, seconds: float) -> None:
+        """The attempt starting now is cut ``seconds`` from now unless :meth:`disarm` comes first."""
+        with self._cond:
+            self._deadline = time.monotonic() + seconds
+            if self._watcher is None:
+                self._watcher = threading.Thread(target=self._watch, name="webhook-deadline", daemon=True)
+                self._watcher.start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None
+            self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    def _watch(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and (self._deadline is None or self._deadline > time.monotonic()):
+                    self._cond.wait(None if self._deadline is None else self._deadline - time.monotonic())
+                if self._closed:
+                    return
+                self._deadline = None
+                connections = list(self._open)
+            _shut(connections)
+
+
+def _shut(connections: list[Any]) -> None:
+    for connection in connections:
+        sock = connection.sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class _TrackedHTTP(urllib.request.HTTPHandler):
@@ -148,9 +182,7 @@ class WebhookSink(PushSink):
         self.attempts += 1
         # timeout_s bounds each read; a server that answers a byte at a time would never trip it, so the
         # whole attempt is cut at the same limit
-        deadline = threading.Timer(self.cfg.timeout_s, self._connections.cut)
-        deadline.daemon = True
-        deadline.start()
+        self._connections.arm(self.cfg.timeout_s)
         try:
             with self.opener.open(request, timeout=self.cfg.timeout_s) as response:
                 response.read(1 << 16)
@@ -164,11 +196,14 @@ class WebhookSink(PushSink):
             self._note_failure(redact_text(" ".join(reason.split())[:200]), True)  # a server's text: one line
             return "retry"
         finally:
-            deadline.cancel()
+            self._connections.disarm()
         if self._failing:
             log.info("webhook sink: %s answers again", self.where())
             self._failing = False
         return "ok"
+
+    def _finish(self) -> None:
+        self._connections.close()
 
     def _note_failure(self, reason: str, transient: bool) -> None:
         if not transient:
