@@ -285,6 +285,7 @@ def _safe_torch_load(path: Path) -> Any:
     import torch
 
     _refuse_compressed(path)
+    _refuse_code_in_a_bare_pickle(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - text files, truncated zips and pickles all fail in their own way
@@ -298,6 +299,23 @@ def _safe_torch_load(path: Path) -> Any:
             f"{path}: cannot read {path.name}: not a valid torch weights file ({_torch_reason(exc)}); "
             f"re-export it with torch.save(model.state_dict(), path)"
         ) from None
+
+
+def _refuse_code_in_a_bare_pickle(path: Path) -> None:
+    """A bare pickle of protocol 3 or later (torch.save writes a zip, or protocol 2 in its legacy format) is
+    scanned for code before torch sees it: torch would print its own warning about the protocol first."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(2)
+    except OSError:
+        return  # torch.load reports it
+    if len(head) < 2 or head[0] != 0x80 or head[1] < 3:
+        return
+    code = _unsafe_globals(path, None)
+    if code:
+        raise WeightsError(
+            f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict; it "
+            f"references {', '.join(code[:3])}); re-export it with torch.save(model.state_dict(), path)")
 
 
 def _refuse_compressed(path: Path) -> None:
@@ -327,7 +345,7 @@ def _torch_reason(exc: Exception) -> str:
     return reason if len(reason) <= 120 else reason[:117] + "..."
 
 
-def _unsafe_globals(path: Path, exc: Exception) -> list[str]:
+def _unsafe_globals(path: Path, exc: Exception | None) -> list[str]:
     """The globals outside ``weights_only``'s allowlist that the file references, found by reading opcodes
     only: torch lists them for its own zip checkpoints; a bare pickle (which torch's unpickler may reject
     before reaching a global, e.g. protocol 5) is scanned here."""

@@ -7,6 +7,7 @@ import os
 import pickle
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,6 @@ class _RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 @pytest.mark.parametrize("writer", ["torch.save", "pickle"])
 def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path, writer):
     marker = tmp_path / "code-ran"
@@ -124,10 +124,13 @@ def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path, writer):
     else:
         path.write_bytes(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
     spec = resolve_weights(str(path), stage="detect", model_name="tiny")
-    with pytest.raises(WeightsError, match="refusing to load evil.pt: it contains Python code") as error:
+    with warnings.catch_warnings(record=True) as warned, \
+            pytest.raises(WeightsError, match="refusing to load evil.pt: it contains Python code") as error:
+        warnings.simplefilter("always")
         load_state(tiny_model(), spec)
     assert "system" in str(error.value) and "torch.save(model.state_dict(), path)" in str(error.value)
     assert not marker.exists()
+    assert not warned, [str(w.message) for w in warned]  # one line for the user: torch's own warning came first
 
 
 def test_a_corrupt_file_names_the_file(tmp_path):
