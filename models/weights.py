@@ -345,6 +345,10 @@ def _torch_reason(exc: Exception) -> str:
     return reason if len(reason) <= 120 else reason[:117] + "..."
 
 
+#: pickles at the head of torch's legacy (non-zip) format: magic number, protocol, system info, the object, its keys
+LEGACY_PICKLES = 5
+
+
 def _unsafe_globals(path: Path, exc: Exception | None) -> list[str]:
     """The globals outside ``weights_only``'s allowlist that the file references, found by reading opcodes
     only: torch lists them for its own zip checkpoints; a bare pickle (which torch's unpickler may reject
@@ -359,10 +363,14 @@ def _unsafe_globals(path: Path, exc: Exception | None) -> list[str]:
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # noqa: BLE001 - a damaged zip: reported as unreadable
             return []
-    try:
-        names = _pickle_globals(pickletools.genops(path.read_bytes()))
-    except Exception:  # noqa: BLE001 - not a readable pickle: the caller reports a corrupt file
-        return []
+    import io
+
+    stream, names = io.BytesIO(path.read_bytes()), []
+    for _ in range(LEGACY_PICKLES):  # torch's legacy format is a few pickles in a row (magic, ..., the object)
+        try:
+            names += _pickle_globals(pickletools.genops(stream))
+        except Exception:  # noqa: BLE001 - no further pickle (the raw storages follow), or not a pickle at all
+            break
     return [name for name in names if not _allowed_global(name)]
 
 

@@ -114,13 +114,15 @@ class _RunsAShellCommand:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("writer", ["torch.save", "pickle"])
+@pytest.mark.parametrize("writer", ["torch.save", "torch.save legacy", "pickle"])
 def test_a_pickle_with_code_is_refused_and_never_runs(tmp_path, writer):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
     payload = {"model": {"weight": _RunsAShellCommand(marker)}}
     if writer == "torch.save":
         torch.save(payload, path)
+    elif writer == "torch.save legacy":  # several pickles in a row; the object's is the fourth
+        torch.save(payload, path, _use_new_zipfile_serialization=False)
     else:
         path.write_bytes(pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL))
     spec = resolve_weights(str(path), stage="detect", model_name="tiny")
