@@ -5,6 +5,13 @@ on one line, without a traceback. Anything else is a bug and keeps its traceback
 """
 
 
+def first_line(reason: object) -> str:
+    """An exception's (or any reason's) first line of text, for a one-line message; its type's name when it has
+    no text (FFmpeg, Ray and torch errors span lines)."""
+    text = str(reason).strip()
+    return text.splitlines()[0] if text else type(reason).__name__
+
+
 class BlinkflowError(Exception):
     """Base of every error that a user can fix (bad config, bad input, bad weights)."""
 

@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from blinkflow.errors import BlinkflowError, SourceError
+from blinkflow.errors import BlinkflowError, SourceError, first_line
 from blinkflow.files import safe_name, sha256_bytes, sha256_file, write_atomic
 from blinkflow.redact import redact_obj, redact_text
 from blinkflow.sinks import JsonlSink, to_record
@@ -480,8 +480,7 @@ def _ray_result(ref: Any) -> dict[str, Any]:
             raise cause from None  # not the video's fault (see label_one): stop the batch with its message
         return _failed(f"labelling raised: {cause or exc}", time.perf_counter())
     except ray.exceptions.RayError as exc:  # the worker died twice (segfault, out of memory): record it, go on
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return _failed(f"the labelling task died: {type(exc).__name__}: {first_line}", time.perf_counter())
+        return _failed(f"the labelling task died: {type(exc).__name__}: {first_line(exc)}", time.perf_counter())
 
 
 class _Bars:

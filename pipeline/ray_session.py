@@ -15,7 +15,7 @@ import socket
 import threading
 from typing import Iterator
 
-from blinkflow.errors import BlinkflowError
+from blinkflow.errors import BlinkflowError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def _init(ray, address: str | None, num_cpus: float | None, options: dict) -> bo
     try:
         ray.init(address="local", num_cpus=cpus, **settings)
     except (ConnectionError, ValueError, RuntimeError, OSError) as exc:
-        raise BlinkflowError(f"cannot start a local Ray instance ({_first_line(exc)}); check /tmp/ray has space "
+        raise BlinkflowError(f"cannot start a local Ray instance ({first_line(exc)}); check /tmp/ray has space "
                              "and no stale Ray processes are left (`ray stop`)") from None
     return True
 
@@ -92,10 +92,5 @@ def _check_reachable(address: str) -> None:
 
 
 def _cannot_connect(address: str, reason: object) -> str:
-    return (f"runtime.address: cannot connect to the Ray cluster at {address!r} ({_first_line(reason)}); "
+    return (f"runtime.address: cannot connect to the Ray cluster at {address!r} ({first_line(reason)}); "
             "check it is running (`ray status`) or remove runtime.address to start a local one")
-
-
-def _first_line(reason: object) -> str:
-    text = str(reason).strip()
-    return text.splitlines()[0] if text else type(reason).__name__

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from blinkflow.errors import first_line
 from blinkflow.models.classes import kinetics400_classes
 from blinkflow.models.weights import WeightsError
 
@@ -124,8 +125,7 @@ def safe_load_numpy_pickle(path: Path | str) -> dict:
     except WeightsError as exc:
         raise WeightsError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line naming it
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise WeightsError(f"{path}: cannot read it as a pickle of numpy arrays ({reason})") from None
+        raise WeightsError(f"{path}: cannot read it as a pickle of numpy arrays ({first_line(exc)})") from None
     if not isinstance(tree, dict):
         raise WeightsError(f"{path}: expected a dict of numpy arrays, got {type(tree).__name__}")
     try:

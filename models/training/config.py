@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from blinkflow.schema import _field, apply_override, read_yaml, resolve_path, structure_dataclass
 from blinkflow.devices import DEVICE_PATTERN
-from blinkflow.errors import ConfigError
+from blinkflow.errors import ConfigError, first_line
 
 TASKS = ("detect", "segment", "flow", "action", "reid")
 #: held-out synthetic clips start here by default, far from any training seed
@@ -212,14 +212,17 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
     _check_model_args(cfg)
 
 
+#: why reid takes no dataset file (its config check and the task itself say it)
+REID_DATA = "reid trains and is evaluated on synthetic identities (plus reid.real_clips), not a dataset file"
+
+
 def _check_reid_data(cfg: TrainConfig) -> None:
     """Reid identities are known by construction (synthetic scenes, tracked real clips); no file format holds them."""
     if cfg.task != "reid":
         return
     for key in ("train_path", "val_path"):
         if getattr(cfg.data, key) is not None:
-            raise ConfigError(f"data.{key}: reid trains and is evaluated on synthetic identities (plus reid.real_clips), "
-                              f"not a dataset file; set it to null")
+            raise ConfigError(f"data.{key}: {REID_DATA}; set it to null")
 
 
 def _check_model_args(cfg: TrainConfig) -> None:
@@ -242,10 +245,9 @@ def _check_model_args(cfg: TrainConfig) -> None:
         with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
             build_model(cfg.model, task=cfg.task, **counted, **cfg.model_args)
     except Exception as exc:  # noqa: BLE001 - the same build without model_args works: they are the cause
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         accepted = ", ".join(p for p in inspect.signature(get_model_entry(cfg.model).builder).parameters
                              if p != "num_classes")
-        raise ConfigError(f"model_args: {cfg.model} cannot be built with {cfg.model_args} ({detail}); "
+        raise ConfigError(f"model_args: {cfg.model} cannot be built with {cfg.model_args} ({first_line(exc)}); "
                           f"its arguments are: {accepted or 'none'}") from None
 
 

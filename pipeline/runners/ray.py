@@ -41,7 +41,13 @@ from typing import Any
 
 from blinkflow.config import Config
 from blinkflow.depth_parallel import attach_depth_parallel, depth_parallel_of
-from blinkflow.errors import BlinkflowError, ConfigError, StageError, StageSetupFailed
+from blinkflow.errors import (
+    BlinkflowError,
+    ConfigError,
+    StageError,
+    StageSetupFailed,
+    first_line,
+)
 from blinkflow.frame import Frame
 from blinkflow.graph import StageSpec
 from blinkflow.metrics import NULL_RECORDER, ActorStats, CallLog
@@ -80,8 +86,7 @@ class StageActorImpl:
 
     def _raise_setup_error(self) -> None:
         if self.setup_error is not None:  # a restarted incarnation whose set-up failed (its node lacks the weights)
-            reason = (str(self.setup_error).splitlines() or [type(self.setup_error).__name__])[0]
-            raise StageSetupFailed(f"set-up failed after its actor restarted: {reason}")
+            raise StageSetupFailed(f"set-up failed after its actor restarted: {first_line(self.setup_error)}")
 
     def process(self, frames: list[Frame]) -> list[Frame]:
         self._raise_setup_error()
