@@ -289,12 +289,7 @@ def _safe_torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - text files, truncated zips and pickles all fail in their own way
-        code = _unsafe_globals(path, exc)
-        if code:
-            raise WeightsError(
-                f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict; it "
-                f"references {', '.join(code[:3])}); re-export it with torch.save(model.state_dict(), path)"
-            ) from None
+        _refuse_code(path)
         raise WeightsError(
             f"{path}: cannot read {path.name}: not a valid torch weights file ({_torch_reason(exc)}); "
             f"re-export it with torch.save(model.state_dict(), path)"
@@ -309,13 +304,17 @@ def _refuse_code_in_a_bare_pickle(path: Path) -> None:
             head = file.read(2)
     except OSError:
         return  # torch.load reports it
-    if len(head) < 2 or head[0] != 0x80 or head[1] < 3:
-        return
-    code = _unsafe_globals(path, None)
+    if len(head) >= 2 and head[0] == 0x80 and head[1] >= 3:
+        _refuse_code(path)
+
+
+def _refuse_code(path: Path) -> None:
+    """The file's refusal in one line when it references globals outside ``weights_only``'s allowlist."""
+    code = _unsafe_globals(path)
     if code:
         raise WeightsError(
             f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict; it "
-            f"references {', '.join(code[:3])}); re-export it with torch.save(model.state_dict(), path)")
+            f"references {', '.join(code[:3])}); re-export it with torch.save(model.state_dict(), path)") from None
 
 
 def _refuse_compressed(path: Path) -> None:
@@ -349,10 +348,11 @@ def _torch_reason(exc: Exception) -> str:
 LEGACY_PICKLES = 5
 
 
-def _unsafe_globals(path: Path, exc: Exception | None) -> list[str]:
+def _unsafe_globals(path: Path) -> list[str]:
     """The globals outside ``weights_only``'s allowlist that the file references, found by reading opcodes
     only: torch lists them for its own zip checkpoints; a bare pickle (which torch's unpickler may reject
     before reaching a global, e.g. protocol 5) is scanned here."""
+    import io
     import pickletools
     import zipfile
 
@@ -363,8 +363,6 @@ def _unsafe_globals(path: Path, exc: Exception | None) -> list[str]:
             return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
         except Exception:  # noqa: BLE001 - a damaged zip: reported as unreadable
             return []
-    import io
-
     stream, names = io.BytesIO(path.read_bytes()), []
     for _ in range(LEGACY_PICKLES):  # torch's legacy format is a few pickles in a row (magic, ..., the object)
         try:

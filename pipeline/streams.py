@@ -222,7 +222,7 @@ class Backoff:
 class StreamEvent:
     """Something that happened to a live stream: ``connecting``, ``up``, ``reconnect``,
     ``down`` (with the reason and the retry delay), ``ended`` or ``stopped`` (removed or the run stopped), and
-    ``removed`` after ``stopped`` when the operator removed it."""
+    ``removed`` just before ``stopped`` when the operator removed it."""
 
     stream: str
     kind: str

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from blinkflow.models.classes import SYNTHETIC_ACTIONS, SYNTHETIC_CLASSES
 from blinkflow.models.training import datasets as ds
 from blinkflow.models.training import metrics, reid
-from blinkflow.models.training.config import TrainConfig
+from blinkflow.models.training.config import REID_DATA, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -417,8 +417,7 @@ class ReidTask(Task):
         from blinkflow.errors import ConfigError
 
         # the config check and run_eval refuse real data first; this names the input should a new caller not
-        raise ConfigError(f"{path}: reid trains and is evaluated on synthetic identities (plus reid.real_clips), "
-                          f"not a dataset file; drop it")
+        raise ConfigError(f"{path}: {REID_DATA}; drop it")
 
     def collate(self, items: list[dict], train: bool = False) -> Any:
         """Training: K random crops of each of the P identities, augmented, labelled by batch position;
