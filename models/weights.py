@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from blinkflow.errors import BlinkflowError
-from blinkflow.files import sha256_file, write_atomic
+from blinkflow.files import sha256_bytes, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -248,11 +248,17 @@ def load_state(model: Any, spec: WeightsSpec, *, fresh_head: bool = False) -> li
 
 
 def read_verified(spec: WeightsSpec) -> Any:
-    """The file's contents, read only after its sha256 pin (when it has one) holds."""
+    """The file's contents, loaded only after its sha256 pin (when it has one) holds. The file is read once:
+    the bytes checked are the bytes loaded (a file replaced between a check and a second read would load
+    unchecked)."""
     if spec.path is None or not spec.path.is_file():
         raise WeightsError(f"{spec.label}: weights file does not exist")
-    _verify_checksum(spec)
-    return _safe_torch_load(spec.path)
+    try:
+        data = spec.path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"{spec.path}: cannot read the weights file ({exc.strerror or exc})") from None
+    _verify_checksum(spec, data)
+    return _safe_torch_load(spec.path, data)
 
 
 def _fresh_head(model: Any, state: dict) -> list[str]:
@@ -261,10 +267,10 @@ def _fresh_head(model: Any, state: dict) -> list[str]:
             if key in expected and tuple(getattr(value, "shape", ())) != tuple(expected[key].shape)]
 
 
-def _verify_checksum(spec: WeightsSpec) -> None:
+def _verify_checksum(spec: WeightsSpec, data: bytes) -> None:
     assert spec.path is not None
     if spec.sha256 is not None:
-        actual = sha256_file(spec.path)
+        actual = sha256_bytes(data)
         if actual != spec.sha256.lower():
             raise WeightsError(
                 f"{spec.path}: sha256 mismatch (expected {spec.sha256}, got {actual}); "
@@ -273,7 +279,7 @@ def _verify_checksum(spec: WeightsSpec) -> None:
         return
     match = _HUB_HASH.search(spec.path.name) if spec.kind == "torchvision" else None
     if match:  # torch.hub's own convention: the name carries a prefix of the digest
-        actual = sha256_file(spec.path)
+        actual = sha256_bytes(data)
         if not actual.startswith(match.group(1)):
             raise WeightsError(
                 f"{spec.path}: sha256 mismatch (expected prefix {match.group(1)}, got {actual}); "
@@ -281,51 +287,50 @@ def _verify_checksum(spec: WeightsSpec) -> None:
             )
 
 
-def _safe_torch_load(path: Path) -> Any:
+def _safe_torch_load(path: Path, data: bytes) -> Any:
+    """``data`` (the contents of ``path``, named in messages) loaded with ``weights_only``, after the checks."""
+    import io
+
     import torch
 
-    _refuse_compressed(path)
-    _refuse_code_in_a_bare_pickle(path)
+    _refuse_compressed(path, data)
+    _refuse_code_in_a_bare_pickle(path, data)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - text files, truncated zips and pickles all fail in their own way
-        _refuse_code(path)
+        _refuse_code(path, data)
         raise WeightsError(
             f"{path}: cannot read {path.name}: not a valid torch weights file ({_torch_reason(exc)}); "
             f"re-export it with torch.save(model.state_dict(), path)"
         ) from None
 
 
-def _refuse_code_in_a_bare_pickle(path: Path) -> None:
+def _refuse_code_in_a_bare_pickle(path: Path, data: bytes) -> None:
     """A bare pickle of protocol 3 or later (torch.save writes a zip, or protocol 2 in its legacy format) is
     scanned for code before torch sees it: torch would print its own warning about the protocol first."""
-    try:
-        with open(path, "rb") as file:
-            head = file.read(2)
-    except OSError:
-        return  # torch.load reports it
-    if len(head) >= 2 and head[0] == 0x80 and head[1] >= 3:
-        _refuse_code(path)
+    if len(data) >= 2 and data[0] == 0x80 and data[1] >= 3:
+        _refuse_code(path, data)
 
 
-def _refuse_code(path: Path) -> None:
+def _refuse_code(path: Path, data: bytes) -> None:
     """The file's refusal in one line when it references globals outside ``weights_only``'s allowlist."""
-    code = _unsafe_globals(path)
+    code = _unsafe_globals(data)
     if code:
         raise WeightsError(
             f"{path}: refusing to load {path.name}: it contains Python code (not a plain state dict; it "
             f"references {', '.join(code[:3])}); re-export it with torch.save(model.state_dict(), path)") from None
 
 
-def _refuse_compressed(path: Path) -> None:
+def _refuse_compressed(path: Path, data: bytes) -> None:
     """torch.save stores its records uncompressed; a compressed one inflates to whatever size it declares (a
     2 MB file to 2.6 GB) inside torch.load, before any check could look at it."""
+    import io
     import zipfile
 
     try:
-        if not zipfile.is_zipfile(path):
+        if not zipfile.is_zipfile(io.BytesIO(data)):
             return  # a legacy or foreign file: torch.load's own checks refuse it
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
             packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
     except (OSError, zipfile.BadZipFile):
         return  # unreadable: torch.load says how, in the usual one line
@@ -348,7 +353,7 @@ def _torch_reason(exc: Exception) -> str:
 LEGACY_PICKLES = 5
 
 
-def _unsafe_globals(path: Path) -> list[str]:
+def _unsafe_globals(data: bytes) -> list[str]:
     """The globals outside ``weights_only``'s allowlist that the file references, found by reading opcodes
     only: torch lists them for its own zip checkpoints; a bare pickle (which torch's unpickler may reject
     before reaching a global, e.g. protocol 5) is scanned here."""
@@ -358,12 +363,12 @@ def _unsafe_globals(path: Path) -> list[str]:
 
     import torch
 
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(io.BytesIO(data)):
         try:
-            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(io.BytesIO(data)))
         except Exception:  # noqa: BLE001 - a damaged zip: reported as unreadable
             return []
-    stream, names = io.BytesIO(path.read_bytes()), []
+    stream, names = io.BytesIO(data), []
     for _ in range(LEGACY_PICKLES):  # torch's legacy format is a few pickles in a row (magic, ..., the object)
         try:
             names += _pickle_globals(pickletools.genops(stream))

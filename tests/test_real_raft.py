@@ -99,7 +99,7 @@ def test_an_unexpected_file_is_refused_before_conversion(tmp_path):
     with pytest.raises(WeightsError, match="not the pinned original") as error:
         from blinkflow.models.convert import IMPORTERS, verify_source
 
-        verify_source(IMPORTERS["raft_large"], tmp_path / "raft-sintel.pth")
+        verify_source(IMPORTERS["raft_large"], tmp_path / "raft-sintel.pth", (tmp_path / "raft-sintel.pth").read_bytes())
     assert "90630d2e7d48" in str(error.value)
 
 

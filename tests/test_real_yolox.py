@@ -249,6 +249,24 @@ def test_import_keeps_metrics_only_for_the_same_file_and_checks_the_manifest_bef
     assert (broken / "detect-yolox_nano.pt").read_bytes() == b"the old file"
 
 
+def test_import_converts_the_bytes_it_verified(tmp_path, monkeypatch):
+    """The original was hashed on one read and converted from a second: a file replaced in between was
+    converted unchecked (a swap right after the check goes unseen now: the checked bytes are converted)."""
+    from blinkflow.models import convert as conversion
+
+    copy = tmp_path / ORIGINAL.name
+    shutil.copyfile(ORIGINAL, copy)
+    check = conversion.verify_source
+
+    def check_then_swap(*args):
+        check(*args)
+        copy.write_bytes(b"not the original any more")
+
+    monkeypatch.setattr(conversion, "verify_source", check_then_swap)
+    entry = import_weights(str(copy), out_dir=tmp_path / "out")
+    assert entry["sha256"] == resolve_weights("shipped", stage="detect", model_name="yolox_nano").sha256
+
+
 def test_conversion_is_reproducible_and_gives_the_shipped_file(tmp_path):
     first = import_weights(str(ORIGINAL), out_dir=tmp_path / "a")
     second = import_weights(str(ORIGINAL), out_dir=tmp_path / "b")

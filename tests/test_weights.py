@@ -161,7 +161,7 @@ def test_a_file_with_compressed_records_is_refused_before_torch_inflates_them(tm
     assert "\n" not in str(error.value)
     monkeypatch.undo()
     load_state(tiny_model(), resolve_weights(str(plain), stage="detect", model_name="tiny"))  # torch.save's own: fine
-    assert weights._refuse_compressed(plain) is None
+    assert weights._refuse_compressed(plain, plain.read_bytes()) is None
 
 
 @pytest.mark.parametrize("odd", ["int", "sparse", "complex"])
@@ -225,6 +225,27 @@ def test_file_checksum_comes_from_a_sidecar(tmp_path):
     assert spec.sha256 == "0" * 64
     with pytest.raises(WeightsError, match="sha256 mismatch"):
         load_state(tiny_model(), spec)
+
+
+def test_the_bytes_checked_are_the_bytes_loaded(tmp_path, monkeypatch):
+    """The pin was checked on one read of the file and torch.load read it again: a file replaced in between
+    loaded unchecked."""
+    path = tmp_path / "w.pt"
+    pinned, other = tiny_model(), tiny_model()
+    torch.save(pinned.state_dict(), path)
+    (tmp_path / "w.pt.sha256").write_text(sha256_file(path) + "  w.pt\n")
+    spec = resolve_weights(str(path), stage="detect", model_name="tiny")
+    check = weights._verify_checksum
+
+    def check_then_replace(*args):
+        check(*args)
+        torch.save(other.state_dict(), path)  # swapped right after the check
+
+    monkeypatch.setattr(weights, "_verify_checksum", check_then_replace)
+    loaded = tiny_model()
+    load_state(loaded, spec)
+    assert torch.equal(loaded[0].weight, pinned[0].weight)
+    assert not torch.equal(loaded[0].weight, other[0].weight)
 
 
 def test_file_beside_a_manifest_gets_its_checksum_and_classes(tmp_path):

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from blinkflow.models.weights import WEIGHTS_DIR, WeightsError, manifest_lock, read_manifest, write_manifest
-from blinkflow.files import sha256_file, write_atomic
+from blinkflow.files import sha256_bytes, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +120,16 @@ def locate_source(importer: Importer, search: list[Path]) -> Path:
     )
 
 
-def verify_source(importer: Importer, path: Path) -> None:
-    actual = sha256_file(path)
+def read_source(path: Path) -> bytes:
+    """The original's bytes, read once: the bytes verified are the bytes converted."""
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise WeightsError(f"weights import: cannot read {path} ({exc.strerror or exc})") from None
+
+
+def verify_source(importer: Importer, path: Path, data: bytes) -> None:
+    actual = sha256_bytes(data)
     if actual != importer.source_sha256:
         raise WeightsError(
             f"{path}: sha256 {actual} is not the pinned original of {importer.name} "
@@ -135,9 +143,10 @@ def import_weights(name_or_path: str, *, search: list[Path] = (), out_dir: Path 
     if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise WeightsError(f"--out {out_dir}: a file, not a folder; give the folder the weights and manifest go to")
     path = path or locate_source(importer, list(search))
-    verify_source(importer, path)
+    data = read_source(path)
+    verify_source(importer, path, data)
     converter = importer.converter()
-    state32 = converter.convert(path)
+    state32 = converter.convert(path, data)
     model32 = _build_loaded(importer, converter, state32)
     stored, check = _storage(importer, converter, model32, state32)
     folder = Path(out_dir) if out_dir is not None else WEIGHTS_DIR

@@ -58,7 +58,7 @@ class GraphConv:
     same_padding: bool
 
 
-def convert(source: Path) -> dict:
+def convert(source: Path, data: bytes | None = None) -> dict:
     """The graph's conv weights and biases under the ``deeplabv3_mobilenet_v2`` backend's names."""
     import torch
 
@@ -67,7 +67,7 @@ def convert(source: Path) -> dict:
     convs = {name: module for name, module in DeepLabV3MobileNetV2(len(CLASSES)).named_modules()
              if isinstance(module, torch.nn.Conv2d)}
     state: dict[str, torch.Tensor] = {}
-    for conv in read_convs(source):
+    for conv in read_convs(source, data):
         name = torch_name(source, conv.scope)
         if name not in convs:
             raise WeightsError(f"{source}: layer {conv.scope} maps to {name}, which the backend does not have")
@@ -114,11 +114,13 @@ def _check_fits(source: Path, conv: GraphConv, name: str, module: Any) -> None:
 # ---------------------------------------------------------------------------- reading the flatbuffer
 
 
-def read_convs(source: Path) -> list[GraphConv]:
-    """Every convolution of the file's (single) subgraph, in graph order; align_corners resizes checked."""
+def read_convs(source: Path, data: bytes | None = None) -> list[GraphConv]:
+    """Every convolution of the file's (single) subgraph (``data``: its bytes when already read), in graph
+    order; align_corners resizes checked."""
     schema = _schema()
     try:
-        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(Path(source).read_bytes(), 0))
+        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(
+            data if data is not None else Path(source).read_bytes(), 0))
         graph = model.subgraphs[0]
         ops = [(_op_name(schema, model, op), op) for op in graph.operators]
         convs = [_graph_conv(schema, model, graph, op, name == "DEPTHWISE_CONV_2D")

@@ -117,11 +117,12 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         return allowed()
 
 
-def safe_load_numpy_pickle(path: Path | str) -> dict:
-    """A pickle of (nested) dicts of numeric numpy arrays, read without running anything else."""
+def safe_load_numpy_pickle(path: Path | str, data: bytes | None = None) -> dict:
+    """A pickle of (nested) dicts of numeric numpy arrays (``path``'s, or its ``data`` already read), read
+    without running anything else."""
     path = Path(path)
     try:
-        tree = _NumpyOnlyUnpickler(path.read_bytes(), path).load()
+        tree = _NumpyOnlyUnpickler(data if data is not None else path.read_bytes(), path).load()
     except WeightsError as exc:
         raise WeightsError(str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - a truncated or foreign file: one line naming it
@@ -192,14 +193,14 @@ def _to_torch(array: np.ndarray, layout: str) -> Any:
     return tensor  # left as is: the shape check below names it
 
 
-def convert(source: Path) -> dict:
+def convert(source: Path, data: bytes | None = None) -> dict:
     """The fp32 state dict of ``i3d`` (400 classes) from the original pickle."""
     import torch
 
     from blinkflow.models.inception_i3d import InceptionI3d
 
     path = Path(source)
-    arrays = flatten(safe_load_numpy_pickle(path))
+    arrays = flatten(safe_load_numpy_pickle(path, data))
     expected = InceptionI3d(num_classes=len(CLASSES)).state_dict()
     mapping = name_map()
     missing = sorted(name for name, _ in mapping.values() if name not in arrays)

@@ -36,12 +36,15 @@ _RENAMES: tuple[tuple[str, str], ...] = (
 _NORM3 = re.compile(r"\.layer\d\.\d\.norm3\.")
 
 
-def convert(source: Path) -> dict:
-    """The checkpoint's tensors under the ``raft_large`` backend's names (``net.`` + torchvision's)."""
+def convert(source: Path, data: bytes | None = None) -> dict:
+    """The checkpoint's tensors under the ``raft_large`` backend's names (``net.`` + torchvision's); ``data``:
+    the file's bytes when already read (and verified)."""
+    import io
+
     import torch
 
     try:
-        original = torch.load(source, map_location="cpu", weights_only=True)
+        original = torch.load(io.BytesIO(data) if data is not None else source, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing error
         raise WeightsError(f"{source}: not a readable torch checkpoint ({type(exc).__name__})") from None
     if not isinstance(original, dict):

@@ -61,13 +61,13 @@ def _csp(prefix: str, bottlenecks: int) -> list[str]:
 STEM = "backbone.backbone.stem.conv.conv"
 
 
-def convert(source: Path) -> dict:
+def convert(source: Path, data: bytes | None = None) -> dict:
     """The export's conv weights and biases under the backend's names, fp32."""
     import torch
 
     from blinkflow.models.yolox import PIXEL_SCALE, YOLOX
 
-    graph = _load_graph(source)
+    graph = _load_graph(source, data)
     model = YOLOX(num_classes=len(CLASSES))
     convs = dict(model.named_modules())
     nodes = [node for node in graph.node if node.op_type == "Conv"]
@@ -88,11 +88,11 @@ def convert(source: Path) -> dict:
     return state
 
 
-def _load_graph(source: Path) -> Any:
+def _load_graph(source: Path, data: bytes | None) -> Any:
     import onnx
 
     try:
-        return onnx.load(str(source)).graph
+        return (onnx.load_model_from_string(data) if data is not None else onnx.load(str(source))).graph
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing error
         raise WeightsError(f"{source}: not a readable ONNX model ({type(exc).__name__})") from None
 
