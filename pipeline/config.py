@@ -619,10 +619,26 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
         missing = "adaptive: true" if not gate.adaptive else "tiles (e.g. tiles: [8, 8])"
         raise ConfigError(f"gate.region_budget: the per-region budget learns from the audits' feedback per tile; "
                           f"set {missing}, or region_budget: false")
-    if gate.adaptive and gate.threshold > gate.threshold_max:
+    if gate.blur % 2 == 0:
+        raise ConfigError(f"gate.blur: expected an odd kernel size (1 = off), got {gate.blur}; e.g. blur: {gate.blur + 1}")
+    if gate.adaptive:
+        _check_adaptive_bounds(gate)
+
+
+def _check_adaptive_bounds(gate: GateConfig) -> None:
+    """threshold_min <= threshold <= threshold_max: the budget moves the threshold between the two bounds only."""
+    if gate.threshold_min > gate.threshold_max:
+        raise ConfigError(f"gate.threshold_min: {gate.threshold_min} is above threshold_max ({gate.threshold_max}); "
+                          "the adaptive budget keeps the threshold between the two")
+    if gate.threshold > gate.threshold_max:
         raise ConfigError(
             f"gate.threshold: {gate.threshold} is above threshold_max ({gate.threshold_max}), the most the "
             f"adaptive budget may raise it to; raise threshold_max, lower the threshold or set adaptive: false"
+        )
+    if gate.threshold < gate.threshold_min:
+        raise ConfigError(
+            f"gate.threshold: {gate.threshold} is below threshold_min ({gate.threshold_min}), the least the adaptive "
+            f"budget may lower it to (a missed audit would raise it there); lower threshold_min or raise the threshold"
         )
 
 

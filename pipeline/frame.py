@@ -48,6 +48,8 @@ class GateMark:
     #: object_weight: the boxes (x1, y1, x2, y2, source pixels) of the stream's latest frame at least
     #: ``gate.audit_lag`` frames older, from the driver to the gate
     objects: list[list[float]] | None = None
+    #: the frame ``objects`` came from (boxes from before a restart or a resize are not for the new state)
+    objects_from: int | None = None
     #: the stream's latest processed frame at least ``gate.audit_lag`` frames older that failed, from the driver
     #: to the gate: while the gate still builds on it, the next frame is a keyframe (nothing to carry over)
     failed: int | None = None

@@ -677,7 +677,7 @@ class _Out:
 
 
 def test_an_audit_is_scored_and_its_agreement_goes_back_after_the_lag():
-    carry = CarryOver(motion="off", lag=3, adaptive=True)
+    carry = CarryOver(enabled=True, motion="off", lag=3, adaptive=True)
     keyframe = {"gate": {"decision": "keyframe"}, "detect": {"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [1, 1]}}
     fresh = {"gate": {"decision": "keyframe", "reason": "audit"}, "detect": {"boxes": [[0, 0, 10, 10]], "labels": [1]}}
     audit = _Out.frame(5, fresh, GateMark(audit_of=0))
@@ -1377,3 +1377,130 @@ def test_a_gate_failure_fails_its_frame_alone_whatever_the_gate_batch(monkeypatc
     assert outcomes[0] == outcomes[1]
     assert outcomes[0][6][1:] == ("failed", None, "gate: ValueError: bad frame")
     assert outcomes[0][7][1:3] == ("processed", "first") and all(o[1] != "failed" for o in outcomes[0][:6])
+
+
+# --------------------------------------------------------------------------- failures under the gate
+
+
+def _drifting(count: int) -> list[np.ndarray]:
+    """A grey square moving one pixel a frame on a flat background: small changes, reused under threshold 0.2."""
+    images = []
+    for index in range(count):
+        image = np.full((48, 64, 3), 120, dtype=np.uint8)
+        image[16:32, 8 + index:24 + index] = 90
+        images.append(image)
+    return images
+
+
+def _run_chaos(gate: dict, fail: list[int], frames: int = 20):
+    cfg = load_config(data={
+        "sources": [{"type": "frames", "id": "s", "frames": _drifting(frames)}],
+        "gate": {"enabled": True, "threshold": 0.2, "max_reuse": 10, "tiles": None, "motion": "off",
+                 "audit_uncertain": 0.0, "batch": 1, "audit_lag": 1, **gate},
+        "stages": {"chaos": {"batch": 1, "options": {"fail_indices": fail}}}})
+    return run_local(cfg)
+
+
+@pytest.mark.parametrize("adaptive", [True, False])
+def test_a_failed_refresh_is_never_stood_in_for_by_the_frame_before_it(adaptive):
+    """A refresh that failed in its stage was skipped as a failure: the frames reusing it were filled with the
+    keyframe's results before it, silently (and without adaptive thresholds a failed keyframe failed every frame
+    up to the next natural keyframe, the gate never hearing of it)."""
+    results = _run_chaos({"refresh": {"chaos": 3}, "adaptive": adaptive}, fail=[4, 16])
+    by_index = {r.index: r for r in results}
+    assert by_index[4].outcome.value == "failed" and by_index[4].results["gate"]["decision"] == "refresh"
+    assert by_index[16].outcome.value == "failed" and by_index[16].results["gate"]["decision"] == "keyframe"
+    for failed in (4, 16):  # the gate hears of it after the lag (1): the next frame runs the models afresh
+        after = by_index[failed + 1]
+        assert after.outcome.value == "processed" and after.results["gate"]["reason"] == "failed"
+    for result in results:  # whatever carries results over carries them from the frame its mark names
+        key = result.results["gate"].get("keyframe")
+        if result.outcome.value == "reused":
+            assert by_index[key].outcome.value == "processed"
+            assert result.results["chaos"] == by_index[key].results["chaos"]
+    assert [r.index for r in results if r.outcome.value == "failed"] == [4, 16]
+
+
+def test_a_frame_lost_by_a_stage_actor_is_not_stood_in_for_by_an_older_one():
+    """A frame a restarted actor lost comes back without the gate's mark (chains.lost_frame): the frames reusing it
+    were filled with the keyframe's results before it."""
+    from blinkflow.frame import Accounting
+    from blinkflow.runners.base import OrderedOutput
+    from blinkflow.runners.chains import lost_frame
+
+    out = OrderedOutput([], Accounting(), gate=GateConfig(enabled=True, adaptive=False, refresh={}))
+    written = []
+    out._write = written.append
+    image = np.zeros((8, 8, 3), np.uint8)
+    first = Frame("s", 0, 0.0, image, gate=GateMark())
+    first.results = {"gate": {"decision": "keyframe", "reason": "first"}, "detect": {"boxes": [[0, 0, 4, 4]]}}
+    reusing = Frame("s", 2, 0.1, image, gate=GateMark(reuse_of=1))
+    reusing.results = {"gate": {"decision": "reuse", "keyframe": 1}}
+    out.push([first, reusing])
+    out.push([lost_frame("s", 1)])  # the gate had the models run on frame 1; the actor holding it restarted
+    assert [(r.index, r.outcome.value) for r in written] == [(0, "processed"), (1, "failed"), (2, "failed")]
+    assert "detect" not in written[2].results and "frame 1, whose results it reuses, failed" in written[2].error
+    later = Frame("s", 1 + 8, 0.2, image)  # the lag: gate.audit_lag's default, 8
+    out.attach_feedback([later])
+    assert later.gate.failed == 1  # the gate hears of it and makes a keyframe
+
+
+def test_audits_that_cannot_be_scored_are_forgotten_by_the_gate():
+    """A stage without agreement (chaos) gave audits that were never scored: the gate kept each one pending for the
+    stream's life (99 after 400 frames)."""
+    from blinkflow.stages.gate import Gate
+
+    seen = {}
+    end_stream = Gate.end_stream
+
+    def record(self, stream_id):
+        state = self.policy.streams[stream_id]
+        seen[stream_id] = (len(state.pending_audits), len(state.pending_regions), state.frames)
+        return end_stream(self, stream_id)
+
+    still = [_drifting(1)[0]] * 120
+    cfg = load_config(data={"sources": [{"type": "frames", "id": "s", "frames": still}],
+                            "gate": {"enabled": True, "max_reuse": 3, "refresh": {}, "region_budget": True},
+                            "stages": {"chaos": {"batch": 4}}})
+    Gate.end_stream = record
+    try:
+        results = run_local(cfg)
+    finally:
+        Gate.end_stream = end_stream
+    assert sum(r.results["gate"].get("audit_of") is not None for r in results) >= 25
+    audits, regions, frames = seen["s"]
+    assert frames == 120 and audits <= 2 and regions <= 2  # only those still within the lag
+
+
+def test_boxes_from_before_a_resize_do_not_weigh_the_new_size():
+    """The driver's boxes of the old size reached the gate in the wave after a resize and made its object grid
+    from them."""
+    gate = Gate(GateConfig(enabled=True, object_weight=2.0, tiles=None, refresh={}))
+    big, small = textured(48, 64), textured(24, 32)
+    gate.process(frames_of([big, big]))
+    resized = frames_of([small, small], start=2)
+    gate.process(resized[:1])
+    stale = resized[1]
+    stale.gate = GateMark(objects=[[40.0, 10.0, 60.0, 40.0]], objects_from=1)  # old-size boxes, of frame 1
+    gate.process([stale])
+    assert gate.policy.streams["s"].objects is None
+    fresh = frames_of([small], start=4)[0]
+    fresh.gate = GateMark(objects=[[4.0, 4.0, 12.0, 12.0]], objects_from=2)
+    gate.process([fresh])
+    assert gate.policy.streams["s"].objects is not None and gate.policy.streams["s"].objects.any()
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ({"threshold_min": 0.3, "threshold_max": 0.2, "threshold": 0.25}, r"gate\.threshold_min: 0\.3 is above threshold_max"),
+    ({"threshold_min": 0.05, "threshold": 0.01}, r"gate\.threshold: 0\.01 is below threshold_min \(0\.05\)"),
+    ({"blur": 4}, r"gate\.blur: expected an odd kernel size"),
+])
+def test_gate_bounds_that_contradict_each_other_are_one_line_config_errors(bounds, message):
+    """They were accepted, and one missed audit then put the threshold at threshold_min: above the configured
+    threshold, or above threshold_max."""
+    from blinkflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message) as error:
+        load_config(data={"sources": [{"type": "synthetic", "num_frames": 2}], "gate": {"enabled": True, **bounds},
+                          "stages": {"chaos": {}}})
+    assert "\n" not in str(error.value)

@@ -54,7 +54,7 @@ def test_change_on_a_recent_object_counts_more_than_the_same_change_elsewhere():
 
 
 def test_the_driver_hands_the_gate_the_boxes_of_the_latest_frame_at_least_the_lag_older():
-    carry = CarryOver(motion="off", lag=2, objects=True)
+    carry = CarryOver(enabled=True, motion="off", lag=2, objects=True)
     for index in range(4):
         frame = Frame("s", index, 0.0, np.zeros((32, 48, 3), dtype=np.uint8))
         frame.results = {"gate": {"decision": "keyframe"}, "detect": {"boxes": [[index, 0, 10, 10]], "labels": [1]}}
@@ -68,7 +68,9 @@ def test_the_driver_hands_the_gate_the_boxes_of_the_latest_frame_at_least_the_la
     again = Frame("s", 5, 0.0, np.zeros((32, 48, 3), dtype=np.uint8))
     carry.attach_feedback([again])
     assert again.gate.objects == [[3.0, 0.0, 10.0, 10.0]]  # the latest due boxes stay for the next frames
-    assert CarryOver(motion="off", lag=2).ready_for(waiting, next_index=0)  # off: nothing to wait for
+    assert CarryOver(motion="off", lag=2).ready_for(waiting, next_index=0)  # no gate: nothing to wait for
+    # any gate waits: a failure reaches it with the lag in every runner, adaptive or not
+    assert not CarryOver(enabled=True, motion="off", lag=2).ready_for(waiting, next_index=0)
 
 
 def test_object_weight_below_one_is_a_config_error_naming_its_path():

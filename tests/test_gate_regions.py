@@ -74,7 +74,7 @@ def test_the_gate_reuses_a_change_where_audits_found_it_harmless_until_one_finds
 
 
 def test_the_driver_says_on_which_tiles_an_audit_disagreed():
-    carry = CarryOver(motion="off", lag=1, adaptive=True, regions=(2, 2))
+    carry = CarryOver(enabled=True, motion="off", lag=1, adaptive=True, regions=(2, 2))
     keyframe = {"gate": {"decision": "keyframe"},
                 "detect": {"boxes": [[0, 0, 10, 10], [30, 20, 46, 30]], "labels": [1, 1]}}
     fresh = {"gate": {"decision": "keyframe", "reason": "audit"}, "detect": {"boxes": [[0, 0, 10, 10]], "labels": [1]}}

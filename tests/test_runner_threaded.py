@@ -427,3 +427,32 @@ def test_queue_gauges_rise_while_waves_wait_and_end_at_zero(tmp_path):
     assert summary.totals["processed"] == 80
     assert any(depth > 0 and in_flight > 1 for _, depth, in_flight in gauges.samples)
     assert gauges.samples[-1] == ("chaos", 0, 0)
+
+
+def test_frames_dropped_under_overload_bring_their_motion_vectors_to_the_next_kept_frame(tmp_path, monkeypatch):
+    """A frame dropped while waves waited took its decoder vectors with it: the gate composed the motion of the
+    kept frames without the dropped frames' steps (as the fps filter does not)."""
+    from blinkflow.gate import policy
+    from blinkflow.gate.motion import VECTORS_KEY
+
+    seen: dict[str, list[tuple[int, int]]] = {}
+    attach = policy.attach_decoder_motion
+
+    def count(frame, trackers):
+        seen.setdefault(frame.stream_id, []).append((frame.index, len(frame.meta.get(VECTORS_KEY) or [])))
+        return attach(frame, trackers)
+
+    monkeypatch.setattr(policy, "attach_decoder_motion", count)
+    sources = [dict(source, motion_vectors=True) for source in two_clips(tmp_path, (30, 30))]
+    cfg = load_config(data={"sources": sources, "gate": {"enabled": True, "motion": "mvs"},
+                            "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 60}}},
+                            "runtime": {"mode": "live", "max_in_flight": 1}})
+    summary, results = run(ThreadedRunner, cfg)
+    assert summary.totals["dropped"] > 0
+    for stream, kept in seen.items():
+        dropped = {r.index for r in results if r.stream_id == stream and r.outcome is Outcome.DROPPED}
+        previous = -1
+        for index, entries in kept:  # one entry a decoded frame: its own and every dropped one's since the last kept
+            assert entries == index - previous, (stream, index, sorted(dropped))
+            previous = index
+        assert any(index - 1 in dropped for index, _ in kept)

@@ -134,11 +134,13 @@ class CarryOver:
     gate accumulated from the decoder's vectors (``frame.gate.motion``), ``"flow"``
     extrapolates the keyframe's flow result, ``"auto"`` tries both in that order.
     ``lag`` is ``gate.audit_lag``; ``adaptive`` says whether the gate uses the
-    feedback, ``objects`` whether it weighs change by the stream's boxes (``object_weight``); only then
-    does the Ray runner wait for them, see :meth:`ready_for`. ``regions`` (the tiles grid, with
+    feedback, ``objects`` whether it weighs change by the stream's boxes (``object_weight``). Failures
+    reach the gate whatever they say (``enabled``: a gate runs), so the Ray runner waits for the lag
+    with any gate, see :meth:`ready_for`. ``regions`` (the tiles grid, with
     ``region_budget``) adds to each audit's feedback where on that grid the results disagreed.
     """
 
+    enabled: bool = False
     motion: str = "off"
     lag: int = 8
     adaptive: bool = False
@@ -161,8 +163,8 @@ class CarryOver:
         lag = max(gate_cfg.audit_lag, wave_size)
         if lag > gate_cfg.audit_lag and (gate_cfg.adaptive or gate_cfg.uses_objects):
             log.info("gate: audit feedback %d frames late (one wave), not gate.audit_lag %d", lag, gate_cfg.audit_lag)
-        return cls(motion=gate_cfg.motion, lag=lag, adaptive=gate_cfg.adaptive, objects=gate_cfg.uses_objects,
-                   regions=regions)
+        return cls(enabled=True, motion=gate_cfg.motion, lag=lag, adaptive=gate_cfg.adaptive,
+                   objects=gate_cfg.uses_objects, regions=regions)
 
     def fill(self, frame: Any, keyframe_results: dict[str, Any]) -> None:
         """Give a reused frame its keyframe's results, moved along the frame's motion; a refresh frame gets
@@ -194,11 +196,14 @@ class CarryOver:
             stats.partial += 1
             stats.recomputed_area += _recomputed_area(frame.results)
         audit_of = frame.mark.audit_of
-        if audit_of is None or frame.is_failed or not keyframe_results:
+        if audit_of is None:
             return
-        predicted = compensate(keyframe_results, self._motion_for(frame, keyframe_results), frame.height, frame.width)
-        scores = agreement(predicted, frame.results, frame.mark.refresh)
-        if scores is None:
+        scores = None
+        if not frame.is_failed and keyframe_results:
+            predicted = compensate(keyframe_results, self._motion_for(frame, keyframe_results), frame.height, frame.width)
+            scores = agreement(predicted, frame.results, frame.mark.refresh)
+        if scores is None:  # nothing to score (failed, or no stage that scores): the gate still forgets the audit
+            self._feedback[frame.stream_id].append((frame.index, None) if self.regions is None else (frame.index, None, None))
             return
         frame.results[AUDIT_KEY] = {"agreement": scores.pop("score"), **scores, "audit_of": int(audit_of)}
         scores["score"] = frame.results[AUDIT_KEY]["agreement"]
@@ -234,12 +239,13 @@ class CarryOver:
         runners attach the same feedback to the same frame, so the gate's
         adaptive decisions are identical in both.
         """
-        return not (self.adaptive or self.objects) or next_index > frame.index - self.lag
+        return not self.enabled or next_index > frame.index - self.lag
 
     def note_failed(self, frame: Any) -> None:
         """A frame the gate had the models run on failed: the gate hears of it ``lag`` frames later, as it
-        hears of audits, so that it stops building on it (with the feedback's timing: the same in every runner)."""
-        if self.adaptive or self.objects:
+        hears of audits, so that it stops building on it (with the feedback's timing: the same in every runner;
+        without adaptive thresholds too: the frames in between fail, not every one up to the next keyframe)."""
+        if self.enabled:
             self._failed[frame.stream_id] = frame.index
 
     def attach_feedback(self, frames: list[Any]) -> None:
@@ -269,7 +275,7 @@ class CarryOver:
             return
         if frame.gate is None:
             frame.gate = GateMark()
-        frame.gate.objects = due[-1][1]
+        frame.gate.objects_from, frame.gate.objects = due[-1]
         self._boxes[frame.stream_id] = queue[len(due) - 1 :]  # the latest due stays: the next frame may need it
 
     def _forget_before(self, stream_id: str, index: int) -> None:

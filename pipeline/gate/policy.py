@@ -177,7 +177,7 @@ class GatePolicy:
             # the frame every reuse since builds on failed in a model stage: there is nothing to carry over
             self._keyframe(frame, signal, state, _Change(1.0, 1.0), "failed")
             return
-        if objects is not None and self.cfg.uses_objects:
+        if objects is not None and self.cfg.uses_objects and (mark.objects_from is None or mark.objects_from >= state.since_index):
             state.objects = object_grid(objects, signal.shape, self.cfg.downscale, self.cfg.object_margin)
         if self.cfg.motion in ("mvs", "auto"):
             step = _step_motion(frame)
@@ -333,6 +333,8 @@ class GatePolicy:
             audited_change = state.pending_audits.pop(index, None)
             refreshed = state.pending_refresh.pop(index, None)
             changed = state.pending_regions.pop(index, None)
+            if score is None:
+                continue  # an audit the driver could not score (it failed, or no stage scores): forgotten
             state.agreement = float(score)
             if not cfg.adaptive:
                 continue

@@ -184,9 +184,11 @@ class OrderedOutput:
         self.carry = CarryOver.from_config(gate, wave_size)
         self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
         self.next_index: dict[str, int] = defaultdict(int)
-        self.last_processed: dict[str, dict[str, Any]] = {}
-        #: per stream, the latest frame the models ran on that failed, and why, until one runs whole again
-        self.broken: dict[str, tuple[int, str]] = {}
+        #: per stream, the latest frame the models ran on: (index, results); a carried frame takes results only
+        #: from the frame its gate mark names, so a failed or lost one is never stood in for by an older one
+        self.last_processed: dict[str, tuple[int, dict[str, Any]]] = {}
+        #: per stream, the latest frame the models ran on (or that was lost) that failed, and why
+        self.failures: dict[str, tuple[int, str]] = {}
         self._tiebreak = 0
         #: driver stages from graph.build_driver_graph, set up here (they are cheap and pure Python)
         self.driver = StageChain([setup_stage(spec, metrics) for spec in driver_stages])
@@ -213,7 +215,7 @@ class OrderedOutput:
         self._deliver(self.driver.end_stream(stream_id))
         self.next_index.pop(stream_id, None)
         self.last_processed.pop(stream_id, None)
-        self.broken.pop(stream_id, None)
+        self.failures.pop(stream_id, None)
         self.carry.end_stream(stream_id)
 
     def close(self) -> None:
@@ -239,25 +241,31 @@ class OrderedOutput:
         self.carry.attach_feedback(frames)
 
     def _emit(self, frame: Frame) -> None:
-        keyframe_results = self.last_processed.get(frame.stream_id, {})
-        broken = self.broken.get(frame.stream_id)
-        carried = frame.is_reused or frame.is_refresh
-        if carried and not frame.is_failed:
-            if broken is None:
-                self.carry.fill(frame, keyframe_results)
-            else:  # the results it would carry belong to an older frame: none rather than wrong ones
-                frame.fail("gate", f"nothing to carry over: frame {broken[0]}, whose results it reuses, failed "
-                                   f"({broken[1]})")
+        index, base = self.last_processed.get(frame.stream_id, (None, {}))
+        if (frame.is_reused or frame.is_refresh) and not frame.is_failed:
+            source = carried_from(frame)
+            if source == index:
+                self.carry.fill(frame, base)
+            else:  # the results it would carry belong to another frame: none rather than wrong ones
+                frame.fail("gate", self._nothing_to_carry(frame.stream_id, source))
         outcome = frame.finish().outcome
-        self.carry.observe(frame, keyframe_results if outcome is Outcome.PROCESSED and broken is None else None)
+        audited = outcome is Outcome.PROCESSED and frame.mark.audit_of is not None and frame.mark.audit_of == index
+        self.carry.observe(frame, base if audited else None)
         if outcome is Outcome.PROCESSED:
-            if not carried:  # every model stage ran (a partial frame after a failure runs whole: stale caches)
-                self.broken.pop(frame.stream_id, None)
-            self.last_processed[frame.stream_id] = dict(frame.results)
-        elif outcome is Outcome.FAILED and not carried and frame.gate is not None:
-            self.broken[frame.stream_id] = (frame.index, frame.error or "failed")
+            if not frame.is_reused:
+                self.last_processed[frame.stream_id] = (frame.index, dict(frame.results))
+        elif outcome is Outcome.FAILED and not frame.is_reused:
+            # a frame the models ran on (or one lost with its gate mark, which may have been): the gate hears of
+            # it and stops building on it; the frames carrying from it meanwhile fail above
+            self.failures[frame.stream_id] = (frame.index, frame.error or "failed")
             self.carry.note_failed(frame)
         self._deliver(self.driver.process([frame]) if self.driver.callers else [frame])
+
+    def _nothing_to_carry(self, stream_id: str, source: int | None) -> str:
+        failed = self.failures.get(stream_id)
+        if failed is not None and failed[0] == source:
+            return f"nothing to carry over: frame {source}, whose results it reuses, failed ({failed[1]})"
+        return f"nothing to carry over: frame {source}, whose results it reuses, has no results (lost or failed)"
 
     def _deliver(self, frames: list[Frame]) -> None:
         for frame in frames:
@@ -270,6 +278,14 @@ class OrderedOutput:
             sink.write(result)
         if self.on_result is not None:
             self.on_result(result)
+
+
+def carried_from(frame: Frame) -> int | None:
+    """The frame whose results a reused frame or a refresh carries over, by its gate mark."""
+    if frame.is_reused:
+        return frame.mark.reuse_of
+    key = (frame.results.get("gate") or {}).get("keyframe")
+    return int(key) if key is not None else None
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blinkflow.frame import Accounting, Frame, Outcome, Tick
+from blinkflow.gate.motion import VECTORS_KEY
 from blinkflow.graph import StageSpec, build_driver_graph
 from blinkflow.metrics import NULL_RECORDER
 from blinkflow.runners.base import OrderedOutput, RunnerBase
@@ -95,6 +96,8 @@ class ChainRunner(RunnerBase):
         self.ledger: dict[str, set[int]] = {}
         self.chains: deque[Chain] = deque()
         self.ending: set[str] = set()  # streams whose end chain is out: their id may come back (a re-added camera)
+        #: per stream, the decoder's motion vectors of frames dropped under overload, for its next submitted frame
+        self.dropped_vectors: dict[str, list[Any]] = {}
 
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
@@ -109,6 +112,7 @@ class ChainRunner(RunnerBase):
                 self._submit_wave(pending.pop(shard, []), shard)
                 self._submit(Chain("end", shard, stream_id=item.stream_id))
                 self.ending.add(item.stream_id)
+                self.dropped_vectors.pop(item.stream_id, None)  # no later frame of this decode to take them
                 self.metrics.on_stream_state(item.stream_id, False)
                 self.accounting.on_stream_end(item)
                 continue
@@ -168,11 +172,18 @@ class ChainRunner(RunnerBase):
             self._consume(self.chains.popleft())
 
     def _emit_dropped(self, frame: Frame) -> None:
+        vectors = frame.meta.pop(VECTORS_KEY, None)
+        if vectors:  # the motion of the dropped frame is part of the next kept frame's (as the fps filter does)
+            self.dropped_vectors.setdefault(frame.stream_id, []).extend(vectors)
         frame.outcome = Outcome.DROPPED
         self.ledger[frame.stream_id].discard(frame.index)
         self.output.push([frame])
 
     def _submit_wave(self, frames: list[Frame], shard: int) -> None:
+        for frame in frames:
+            earlier = self.dropped_vectors.pop(frame.stream_id, None)
+            if earlier:
+                frame.meta[VECTORS_KEY] = earlier + list(frame.meta.get(VECTORS_KEY) or [])
         if frames:
             self._settle_gate_feedback(frames)
             self._submit(Chain("wave", shard, frames=frames))
