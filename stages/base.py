@@ -76,6 +76,10 @@ class Stage:
         for name in self.stream_caches:
             getattr(self, name).clear()
 
+    #: keys of a result that describe the run that made it (what it cost), not the frame: a copy carried over to
+    #: a reused frame leaves them out, so that records summed over frames count each run once
+    run_keys: tuple[str, ...] = ()
+
     @staticmethod
     def follow_motion(result: Any, motion: Any, height: int, width: int) -> Any:
         """This stage's ``result`` moved along a backward motion field (pipeline/gate/motion.py), for a frame the

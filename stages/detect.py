@@ -135,6 +135,7 @@ class Detect(ModelStage):
     Options = DetectOptions
     default_model = "ssdlite320_mobilenet_v3_large"
     stream_caches = ("_boxes", "_shown")
+    run_keys = ("crop",)  # the partial frame's crop and what it cost, not what the frame shows
 
     @classmethod
     def is_temporal(cls, cfg: StageConfig | None) -> bool:

@@ -158,6 +158,7 @@ class _FeatureKey:
     motion: np.ndarray | None = None
     warped: int = 0  # frames computed from these features since
     complete: bool = True  # every frame since carried motion vectors
+    last: int = -1  # the latest frame whose motion ``motion`` holds (the key's own index until one follows)
     signal: np.ndarray | None = None  # the key frame's pixels as the gate sees them (feature_reuse_change)
 
 
@@ -202,6 +203,7 @@ class Segment(ModelStage):
     Options = SegmentOptions
     default_model = "unet_small"
     stream_caches = ("_tiles", "_keys", "_decoders", "_intervals", "_shown")
+    run_keys = ("tiles", "features", "feature_check", "new_content")  # what the run cost, not what the frame shows
     #: crops start on multiples of this (model-input pixels), so pooling grids line up with the full frame's
     tile_align: ClassVar[int] = 16
 
@@ -234,6 +236,16 @@ class Segment(ModelStage):
                 f"use at most {MAX_CLASSES}"
             )
         return self.build_backend(num_classes=len(self.classes))
+
+    @classmethod
+    def check_config(cls, cfg: Any, name: str) -> None:
+        """feature_reuse warps along the decoder's motion vectors: a file source that exports none never warps."""
+        if not cfg.stages[name].options.feature_reuse:
+            return
+        for i, source in enumerate(cfg.sources):
+            if source.type == "file" and not getattr(source.options, "motion_vectors", True):
+                log.warning("stages.%s.options.feature_reuse: sources.%d exports no motion vectors, so its frames are "
+                            "never warped (every frame runs the backbone); set sources.%d.motion_vectors: true", name, i, i)
 
     def check_model(self, model: Any) -> None:
         split = hasattr(model, "features") and hasattr(model, "head")
@@ -345,13 +357,14 @@ class Segment(ModelStage):
 
         attach_decoder_motion(frame, self._decoders)  # a no-op once the gate did
         key = self._keys.get(frame.stream_id)
-        if key is None or frame.index <= key.index:
-            return
+        if key is None or frame.index <= max(key.index, key.last):
+            return  # the key's own frame, or one seen again (a batch retried frame by frame): composed already
         step = frame.meta.get(MOTION_KEY)
-        if step is None:
-            key.complete = False
-            return
-        key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
+        if step is None or frame.index != max(key.index, key.last) + 1:
+            key.complete = False  # no vectors, or frames in between never came (dropped): the motion is not whole
+        else:
+            key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
+        key.last = frame.index
 
     def _can_warp(self, frame: Frame) -> bool:
         """Warp the key's features onto ``frame`` unless the key is stale, motion is missing, or the gate
@@ -359,7 +372,9 @@ class Segment(ModelStage):
         here: they recompute those (warping them instead cost the parking lot's masks 0.92 -> 0.89 there)."""
         key = self._keys.get(frame.stream_id)
         decision = (frame.results.get("gate") or {}).get("decision")
-        if not (key is not None and key.complete and key.source == (frame.height, frame.width)
+        # the motion must run from the key to this very frame (not to a later one, as for a frame retried)
+        if not (key is not None and key.complete and frame.index == key.last > key.index
+                and key.source == (frame.height, frame.width)
                 and key.warped + 1 < self._interval(frame.stream_id).frames and decision in (None, "refresh")):
             return False
         new = self._new_content(key, frame)

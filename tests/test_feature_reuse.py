@@ -225,3 +225,57 @@ def test_without_a_gate_the_segmenter_turns_the_decoder_vectors_into_motion(one_
     _segmenter(3, change=1.0).process(frames)  # warps whatever the pan uncovers (the new-content test is above)
     assert all(VECTORS_KEY not in f.meta and f.meta["mvs"].shape == (9, 20, 2) for f in frames)
     assert [("features" in f.results["segment"]) for f in frames] == [False, True, True, False, True, True, False]
+
+
+def _pan(count: int, step: int = 16) -> list[Frame]:
+    """The parking lot panning ``step`` pixels right a frame, with the decoder motion a gate would attach."""
+    import av
+
+    with av.open(str(PARKING)) as container:
+        image = next(container.decode(video=0)).to_ndarray(format="rgb24")[::6, ::6].copy()  # 72 x 128
+    frames = []
+    for index in range(count):
+        frame = Frame("s", index, index / 10, np.roll(image, step * index, axis=1).copy())
+        if index:
+            frame.meta["mvs"] = np.tile(np.array([step, 0.0], np.float16), (image.shape[0] // 8, image.shape[1] // 8, 1))
+        frames.append(frame)
+    return frames
+
+
+def test_a_batch_retried_frame_by_frame_gives_the_frames_their_results_again(one_torch_thread):
+    """One failing frame makes the caller run the batch again frame by frame: the frames seen twice added their
+    motion to the key again, and the key frame was warped from its own features (masks at 0.65 of the right ones)."""
+    from blinkflow.runners.base import StageCaller
+
+    alone = StageCaller("segment", _segmenter(4, change=1.0), batch=4).process(_pan(2))
+    frames = _pan(3)
+    frames[2].results["gate"] = {"decision": "keyframe", "reason": "changed"}  # the backbone must run on it...
+    frames[2].image = np.zeros((72, 128, 4), np.uint8)  # ...and fails there
+    retried = StageCaller("segment", _segmenter(4, change=1.0), batch=4).process(frames)
+    assert retried[2].is_failed and not retried[0].is_failed and not retried[1].is_failed
+    assert "features" not in retried[0].results["segment"]  # the key: computed, never warped
+    for again, once in zip(retried[:2], alone, strict=True):
+        assert again.results["segment"] == once.results["segment"]
+
+
+def test_a_frame_that_never_came_leaves_the_motion_incomplete_and_the_next_frame_runs_in_full(one_torch_thread):
+    """A frame dropped under live overload never reaches the stage: its motion was missing from the key's and the
+    next frame was warped a step short."""
+    stage = _segmenter(4, change=1.0)
+    frames = _pan(4)
+    kept = stage.process([frames[0], frames[1], frames[3]])
+    assert "features" in kept[1].results["segment"]  # warped: its motion is whole
+    assert "features" not in kept[2].results["segment"]  # frame 2 never came: run in full, a new key
+
+
+def test_feature_reuse_on_a_file_without_motion_vectors_says_so_at_load(caplog):
+    """It was accepted silently and warped nothing."""
+    data = {"stages": {"segment": {"model": MODEL, "weights": None, "options": {"feature_reuse": 3}}}}
+    with caplog.at_level("WARNING"):
+        load_config(data={**data, "sources": [{"type": "file", "path": str(BIKES)}]})
+    assert any("sources.0 exports no motion vectors" in r.getMessage() and "sources.0.motion_vectors: true" in r.getMessage()
+               for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_config(data={**data, "sources": [{"type": "file", "path": str(BIKES), "motion_vectors": True}]})
+    assert not any("motion vectors" in r.getMessage() for r in caplog.records)

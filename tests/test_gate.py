@@ -1504,3 +1504,15 @@ def test_gate_bounds_that_contradict_each_other_are_one_line_config_errors(bound
         load_config(data={"sources": [{"type": "synthetic", "num_frames": 2}], "gate": {"enabled": True, **bounds},
                           "stages": {"chaos": {}}})
     assert "\n" not in str(error.value)
+
+
+def test_a_carried_result_leaves_out_what_the_run_that_made_it_cost():
+    """Reused frames' records carried the segmenter's tiles and features areas and the detector's crop of the frame
+    they came from: summed over a run's records, each recompute counted once per frame that reused it."""
+    keyframe = {"segment": {"mask": "m", "tiles": {"recomputed": 8, "area": 0.25}, "features": {"key": 3, "area": 0.09},
+                            "feature_check": {"area": 0.09}, "new_content": 0.1},
+                "detect": {"boxes": [[0, 0, 4, 4]], "crop": {"box": [0, 0, 8, 8], "area": 0.3}}}
+    reused = _Out.frame(5, {"gate": {"decision": "reuse", "keyframe": 4}}, GateMark(reuse_of=4))
+    CarryOver(enabled=True).fill(reused, keyframe)
+    assert reused.results["segment"] == {"mask": "m"} and reused.results["detect"] == {"boxes": [[0, 0, 4, 4]]}
+    assert "tiles" in keyframe["segment"] and "crop" in keyframe["detect"]  # the keyframe's own record keeps them

@@ -67,6 +67,13 @@ def frame_boxes(results: dict[str, Any]) -> list[list[float]]:
     return boxes
 
 
+def _without(result: Any, keys: tuple[str, ...]) -> Any:
+    """``result`` without ``keys`` (a copy; the keyframe's own result is left as it is)."""
+    if not (keys and isinstance(result, dict) and any(key in result for key in keys)):
+        return result
+    return {key: value for key, value in result.items() if key not in keys}
+
+
 def _stage_classes(names: Any) -> list[tuple[str, type]]:
     """(name, registered stage class) of the names that are stages (results also hold e.g. the audit)."""
     from blinkflow.registry import stages as stage_registry
@@ -171,9 +178,10 @@ class CarryOver:
         those of the stages that did not run on it."""
         motion = self._motion_for(frame, keyframe_results)
         carried = compensate(keyframe_results, motion, frame.height, frame.width) if motion is not None else keyframe_results
+        run_keys = {name: stage_cls.run_keys for name, stage_cls in _stage_classes(carried)}
         for stage, value in carried.items():
             if stage != AUDIT_KEY:
-                frame.results.setdefault(stage, value)
+                frame.results.setdefault(stage, _without(value, run_keys.get(stage, ())))
 
     def observe(self, frame: Any, keyframe_results: dict[str, Any] | None) -> None:
         """Count a finished frame; for an audit, score the would-be carry-over against the fresh results."""
