@@ -533,6 +533,16 @@ def _check_control(control: ControlConfig) -> None:
                           "files and URLs; set control.auth: token or bind 127.0.0.1")
     if control.token_file and not Path(control.token_file).expanduser().is_file():
         raise ConfigError(f"control.token_file: {control.token_file!r} does not exist; write the token there")
+    if control.auth == "token" and control.token_file and not _read_text(control.token_file).strip():
+        raise ConfigError(f"control.token_file: {control.token_file!r} is empty: a blank token would let any request "
+                          "through; write the token there")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).expanduser().read_text(errors="replace")
+    except OSError as exc:
+        raise ConfigError(f"control.token_file: cannot read {path!r} ({exc.strerror or exc})") from None
 
 
 def _check_registered(cfg: Config) -> None:

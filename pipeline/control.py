@@ -28,7 +28,7 @@ from urllib.parse import unquote
 
 from blinkflow.control_guard import ControlGuard, Refused, content_length
 from blinkflow.errors import ConfigError, SourceError
-from blinkflow.http_service import HTTPService
+from blinkflow.http_service import HTTPService, ServiceHandler
 from blinkflow.redact import redact_obj
 from blinkflow.streams import RecorderBridge, StreamHub, redact_text
 
@@ -76,7 +76,7 @@ def handle(hub: StreamHub, method: str, path: str, body: bytes, guard: ControlGu
         return _add(hub, body, guard)
     if method == "DELETE" and path.startswith("/streams/"):
         stream_id = unquote(path[len("/streams/"):])
-        if hub.remove(stream_id):
+        if hub.remove(stream_id) or hub.forget(stream_id):  # a live stream stopped, or an ended one's record dropped
             return 200, {"id": stream_id, "removed": True}
         return 404, {"error": f"no live stream {stream_id!r}; GET /streams lists them"}
     if method == "POST" and path == "/stop":
@@ -111,7 +111,7 @@ def _add(hub: StreamHub, body: bytes, guard: ControlGuard | None) -> tuple[int, 
 
 
 def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(ServiceHandler):
         timeout = READ_TIMEOUT_S  # the socket's: a client that stalls mid-request is dropped
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -166,7 +166,8 @@ def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTT
             return handle(hub, method, self.path, self.rfile.read(length) if length else b"", guard)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
-            log.debug("control http: %s", redact_text(format % args))
+            if log.isEnabledFor(logging.DEBUG):  # scrubbing a request line nobody reads cost every request
+                log.debug("control http: %s", redact_text(format % args))
 
     return Handler
 

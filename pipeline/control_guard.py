@@ -21,7 +21,9 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
+
+from blinkflow.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +32,10 @@ MUTATING = ("POST", "DELETE", "PUT", "PATCH")
 NETWORK_SCHEMES = {"rtsp", "rtsps", "http", "https", "udp", "srt", "rtp", "tcp"}
 #: schemes whose host is an address to listen on or join, not a server to fetch from
 LISTENING_SCHEMES = {"udp", "rtp"}
+#: schemes whose URL query string FFmpeg reads as protocol options
+OPTION_QUERY_SCHEMES = {"udp", "rtp", "srt", "tcp"}
+#: query options that only say how to connect (SRT's mode, key and stream id; listening): no resource to spend
+SAFE_QUERY_OPTIONS = {"mode", "passphrase", "pbkeylen", "streamid", "latency", "listen", "localaddr", "localport"}
 MB = 1024 * 1024
 #: the frame size a memory estimate assumes for a stream without resize (1080p, the common camera size)
 UNRESIZED_FRAME = (1920, 1080)
@@ -141,8 +147,9 @@ class ControlGuard:
         return None
 
     def _check_url(self, url: str) -> None:
-        if any(ord(c) < 0x21 or ord(c) == 0x7F for c in url):
-            # FFmpeg reads the URL as a C string: past a NUL it connects where this parser never looked
+        if any(ord(c) < 0x21 or 0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in url):
+            # FFmpeg reads the URL as a C string: past a NUL it connects where this parser never looked; C1 controls
+            # and line separators would break log lines and metric labels
             raise Refused(400, "the URL holds a space or a control character; percent-encode it")
         try:
             parts = urlsplit(url)
@@ -159,11 +166,26 @@ class ControlGuard:
             return
         if scheme not in NETWORK_SCHEMES:
             raise Refused(400, f"scheme {scheme!r} is not a stream; use rtsp://, rtsps://, http(s)://, udp://, srt://")
-        if scheme in LISTENING_SCHEMES or not parts.hostname:
+        self._check_query_options(scheme, parts.query)
+        if scheme in LISTENING_SCHEMES or _listens(scheme, parts.query):
             return
+        if not parts.hostname:  # FFmpeg looks an empty host up as loopback: http://:8080/ is 127.0.0.1:8080
+            raise Refused(400, "the URL names no host; give the camera's address (e.g. rtsp://camera:554/stream)")
         if not self._host_allowed(parts.hostname):
             raise Refused(403, f"{parts.hostname!r} is an internal address; list it in control.allow_hosts to "
                                "stream from it")
+
+    def _check_query_options(self, scheme: str, query: str) -> None:
+        """udp, rtp, srt and tcp read their query string as FFmpeg options (fifo_size, buffer_size, localaddr...):
+        the same allowlist as ``ffmpeg_options`` (a fifo_size in the URL reserved 2 GB past max_memory_mb)."""
+        if scheme not in OPTION_QUERY_SCHEMES or not query:
+            return
+        names = sorted({name for name, _ in parse_qsl(query, keep_blank_values=True)} - SAFE_QUERY_OPTIONS)
+        refused = [name for name in names if name not in self.allowed_ffmpeg_options]
+        if refused:
+            raise Refused(403, f"the URL's option {refused[0]!r} is an FFmpeg option, not allowed from the control "
+                               f"endpoint; allowed: {', '.join([*sorted(SAFE_QUERY_OPTIONS), *self.allowed_ffmpeg_options])} "
+                               "(control.allowed_ffmpeg_options)")
 
     def _host_allowed(self, hostname: str) -> bool:
         if hostname in self.allow_hosts:
@@ -241,6 +263,12 @@ def resolve(hostname: str) -> list[ipaddress._BaseAddress]:
     return sorted({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}, key=str)
 
 
+def _listens(scheme: str, query: str) -> bool:
+    """An SRT listener (``?mode=listener``) or a TCP one (``?listen``) binds its host rather than connecting."""
+    options = dict(parse_qsl(query, keep_blank_values=True))
+    return (scheme == "srt" and options.get("mode") == "listener") or (scheme == "tcp" and "listen" in options)
+
+
 def _is_network(text: str) -> bool:
     try:
         ipaddress.ip_network(text, strict=False)
@@ -249,15 +277,23 @@ def _is_network(text: str) -> bool:
         return False
 
 
+def _not_blank(token: str, where: str) -> str:
+    """An empty token would let 'Authorization: Bearer' through: refused at start."""
+    if not token:
+        raise ConfigError(f"{where} is empty: a blank token would let any request through; put a token there "
+                          "(e.g. python -c 'import secrets; print(secrets.token_urlsafe(24))') or unset it")
+    return token
+
+
 def _token(control: Any) -> str | None:
     if control.auth == "none":
         log.warning("control endpoint without authentication (control.auth: none): any local process can add "
                     "streams; use it only on a machine you trust")
         return None
-    if os.environ.get(TOKEN_ENV):
-        return os.environ[TOKEN_ENV].strip()
+    if os.environ.get(TOKEN_ENV) is not None:
+        return _not_blank(os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}")
     if control.token_file:
-        return Path(control.token_file).expanduser().read_text().strip()
+        return _not_blank(Path(control.token_file).expanduser().read_text().strip(), f"control.token_file ({control.token_file})")
     token = secrets.token_urlsafe(24)
     # printed once, where the operator started the run (stderr); set control.token_file to choose it
     print(f"blinkflow: control endpoint token (send 'Authorization: Bearer <token>'): {token}", flush=True,

@@ -25,7 +25,9 @@ log = logging.getLogger(__name__)
 #: slot forever; with every slot held so, the operator's own POST /stop was turned away
 REQUEST_DEADLINE_S = 15.0
 #: connections one client address may hold at once: a scraper, a probe or an operator needs one or two, and a
-#: single host opening idle connections must not take every slot (a scrape, or POST /stop, turned away)
+#: single host opening idle connections must not take every slot (a scrape, or POST /stop, turned away). At the
+#: cap a new connection is still taken: the client's oldest one still sending its request is cut for it (on
+#: loopback every local process is one address, and four idle connections locked the operator out)
 MAX_PER_CLIENT = 4
 _BUSY = b'{"error": "busy: too many requests at once; retry in a moment"}\n'
 
@@ -43,6 +45,7 @@ class _BoundedServer(ThreadingHTTPServer):
         self.max_per_client = max_per_client
         self._slots = threading.BoundedSemaphore(max_threads)
         self._deadlines: dict[Any, float] = {}  # open connection -> when it is cut
+        self._waiting: dict[Any, tuple[str, float]] = {}  # connections still sending their request -> (client, opened)
         self._per_client: dict[str, int] = {}  # client address -> connections it holds (under _deadlines_lock)
         self._deadlines_lock = threading.Lock()
         self._closing = threading.Event()  # before binding: a failed bind calls server_close
@@ -57,12 +60,26 @@ class _BoundedServer(ThreadingHTTPServer):
             self._give_client_slot(client_address[0])
             self._turn_away(request)
             return
+        with self._deadlines_lock:
+            self._deadlines[request] = time.monotonic() + self.request_deadline_s
+            self._waiting[request] = (client_address[0], time.monotonic())
         try:
             super().process_request(request, client_address)
         except BaseException:
+            self._forget(request)
             self._slots.release()
             self._give_client_slot(client_address[0])
             raise
+
+    def answering(self, request: Any) -> None:
+        """The handler has the whole request and answers: the connection can no longer be cut for a newer one."""
+        with self._deadlines_lock:
+            self._waiting.pop(request, None)
+
+    def _forget(self, request: Any) -> None:
+        with self._deadlines_lock:
+            self._deadlines.pop(request, None)
+            self._waiting.pop(request, None)
 
     def _turn_away(self, request: Any) -> None:
         with contextlib.suppress(OSError):
@@ -71,12 +88,22 @@ class _BoundedServer(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def _take_client_slot(self, client: str) -> bool:
+        """A slot for ``client``; at its cap, the slot of its oldest connection still sending a request (cut now;
+        its thread ends and gives the slot back), up to twice the cap while cut ones end."""
+        cut = None
         with self._deadlines_lock:
             held = self._per_client.get(client, 0)
             if held >= self.max_per_client:
-                return False
+                waiting = [(opened, id(r), r) for r, (who, opened) in self._waiting.items() if who == client]
+                if not waiting or held >= 2 * self.max_per_client:
+                    return False
+                cut = min(waiting)[2]
+                self._waiting.pop(cut)
             self._per_client[client] = held + 1
-            return True
+        if cut is not None:
+            with contextlib.suppress(OSError):
+                cut.shutdown(socket.SHUT_RDWR)
+        return True
 
     def _give_client_slot(self, client: str) -> None:
         with self._deadlines_lock:
@@ -95,13 +122,10 @@ class _BoundedServer(ThreadingHTTPServer):
         log.log(level, "http request from %s failed: %s", client_address[0], error)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._deadlines_lock:
-            self._deadlines[request] = time.monotonic() + self.request_deadline_s
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._deadlines_lock:
-                self._deadlines.pop(request, None)
+            self._forget(request)
             self._slots.release()
             self._give_client_slot(client_address[0])
 
@@ -119,6 +143,16 @@ class _BoundedServer(ThreadingHTTPServer):
     def server_close(self) -> None:
         self._closing.set()
         super().server_close()
+
+
+class ServiceHandler(BaseHTTPRequestHandler):
+    """The services' request handlers: an answer begun tells the server the request is whole (see MAX_PER_CLIENT)."""
+
+    def send_response(self, code: int, message: str | None = None) -> None:
+        answering = getattr(self.server, "answering", None)
+        if answering is not None:
+            answering(self.request)
+        super().send_response(code, message)
 
 
 class HTTPService:

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Iterator
 
-from blinkflow.http_service import HTTPService
+from blinkflow.http_service import HTTPService, ServiceHandler
 from blinkflow.redact import redacted_label
 
 log = logging.getLogger(__name__)
@@ -693,7 +693,7 @@ class MetricsExporter(HTTPService):
 
 
 def _handler_for(exporter: MetricsExporter) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(ServiceHandler):
         timeout = 5.0  # the socket's: a client silent this long is dropped
 
         def do_GET(self) -> None:  # noqa: N802 - http.server's naming

@@ -19,18 +19,31 @@ MASK = "***"
 #: parameter names that are credentials in full (after dropping x-amz-/x-goog-/x- prefixes)
 SECRET_NAMES = {"password", "passwd", "pwd", "pass", "token", "auth", "key", "apikey", "api_key", "secret", "signature",
                 "sig", "credential", "credentials", "passphrase", "session", "sessionid", "jwt", "code", "security-token",
-                "securitytoken", "client_secret", "access_token", "auth_token", "refresh_token", "id_token"}
+                "securitytoken", "client_secret", "access_token", "auth_token", "refresh_token", "id_token", "loginpas", "pw",
+                "psw", "pswd"}
 #: a parameter name containing one of these is a credential too (auth_token, x-amz-security-token, mysecret)
 SECRET_PARTS = ("pass", "token", "secret", "signature", "credential", "session", "jwt", "apikey", "api_key", "auth")
 _PREFIXES = ("x-amz-", "x-goog-", "x-ms-", "x-")
 
-_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s'\"<>]+)@")
+#: the scheme is bounded (schemes are short): unbounded, every word of "a.a.a..." rescanned the rest (2 s for 64 KB,
+#: the interpreter lock held, from one request line the control endpoint logged)
+_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://)(?P<userinfo>[^/@\s'\"<>]+)@")
 #: key=value after a query separator, or standing as a word in free text ("token=..." in an error)
 _QUERY_PAIR = re.compile(r"(?P<sep>[?&;]|(?:^|(?<=[\s,(\[{'\"])))(?P<key>[A-Za-z0-9_.\-]+)=(?P<value>[^&;\s'\"<>#)]*)")
+#: a password-named pair anywhere, the path of a DVR's URL too ("/user=admin_password=hunter22_channel=1",
+#: "?loginpas=..."): its value to the next separator of URL parts (over-masking a trailing "_channel=1" is fine)
+_PASSWORD_PAIR = re.compile(r"(?i)(?<![A-Za-z0-9])(?P<key>pass(?:word|wd)?|pwd|psw|loginpas|pw)=(?P<value>[^&;/\s'\"<>#)]*)")
 _BEARER = re.compile(r"(?i)\b(bearer\s+)[A-Za-z0-9\-._~+/]+=*")
-_known_secrets: set[str] = set()
+#: the passwords learned from URLs, oldest first, and a count of changes (the pattern and labels follow it)
+_known_secrets: dict[str, None] = {}
+_generation = 0
 _pattern_cache: tuple[int, re.Pattern[str] | None] = (0, None)
 _lock = threading.Lock()
+#: at most this many learned secrets (the oldest go; streams a tool cycled with new passwords grew the set, and
+#: each recompile held the lock every log line takes), each at most this long (a longer one stays masked in its
+#: URL, where the patterns below find it, not in free text)
+MAX_KNOWN_SECRETS = 256
+MAX_SECRET_CHARS = 256
 
 
 def is_secret_key(name: str) -> bool:
@@ -55,7 +68,8 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, MASK if is_secret_key(k) else v) for k, v in pairs], safe="*")
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    path = _PASSWORD_PAIR.sub(lambda m: f"{m['key']}={MASK}" if m["value"] else m.group(0), parts.path)
+    return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
 
 
 def redact_text(text: str, known: bool = True) -> str:
@@ -65,6 +79,7 @@ def redact_text(text: str, known: bool = True) -> str:
         text = pattern.sub(MASK, text)
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)}{MASK}", text)
+    text = _PASSWORD_PAIR.sub(lambda m: f"{m['key']}={MASK}" if m["value"] else m.group(0), text)
     return _QUERY_PAIR.sub(lambda m: f"{m['sep']}{m['key']}={MASK}" if is_secret_key(m["key"]) else m.group(0), text)
 
 
@@ -73,10 +88,10 @@ def _known_pattern() -> re.Pattern[str] | None:
     went), rebuilt when a secret is learned; a short password only as a whole word, or every "a" would go."""
     global _pattern_cache
     with _lock:
-        if _pattern_cache[0] != len(_known_secrets):  # the set only grows
+        if _pattern_cache[0] != _generation:
             parts = [re.escape(s) if len(s) >= 4 else rf"(?<!\w){re.escape(s)}(?!\w)"
                      for s in sorted(_known_secrets, key=lambda s: (-len(s), s))]
-            _pattern_cache = (len(_known_secrets), re.compile("|".join(parts)) if parts else None)
+            _pattern_cache = (_generation, re.compile("|".join(parts)) if parts else None)
         return _pattern_cache[1]
 
 
@@ -96,7 +111,7 @@ def redact_obj(value: Any) -> Any:
 def redacted_label(value: Any) -> str:
     """A Prometheus label value, scrubbed (cached: labels repeat on every frame)."""
     with _lock:
-        generation = len(_known_secrets)  # a newly learned secret must reach labels cached before it
+        generation = _generation  # a newly learned secret must reach labels cached before it
     return _cached_label(str(value), generation)
 
 
@@ -114,8 +129,14 @@ def remember_secrets(url: str) -> None:
     # passwords only: a user name like "cam" is too common a word to scrub everywhere (URLs lose it anyway)
     found = [parts.password, unquote(parts.password)] if parts.password else []
     found += [v for k, v in parse_qsl(parts.query) if is_secret_key(k)]
+    found += [m["value"] for m in _PASSWORD_PAIR.finditer(parts.path)]
+    global _generation
     with _lock:
-        _known_secrets.update(s for s in found if s)
+        for secret in (s for s in found if s and len(s) <= MAX_SECRET_CHARS and s not in _known_secrets):
+            _known_secrets[secret] = None
+            _generation += 1
+        while len(_known_secrets) > MAX_KNOWN_SECRETS:
+            del _known_secrets[next(iter(_known_secrets))]
 
 
 class RedactingFilter(logging.Filter):

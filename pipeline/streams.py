@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from blinkflow.config import SourceConfig, setting
+from blinkflow.config import MAX_STREAM_ID_CHARS, SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError
 from blinkflow.frame import Frame, FrameResult, Outcome, on_fps_grid
 from blinkflow.hwdecode import open_decoding
@@ -134,7 +134,18 @@ def default_stream_id(url: str) -> str:
     except ValueError as exc:  # a port that is not a number in 0..65535
         raise ConfigError(f"{redact_url(url)!r}: {exc}; fix the URL's port") from None
     path = parts.path.strip("/")
-    return f"{host}{port}/{path}" if path else f"{host}{port}"
+    return _fitted_id(f"{host}{port}/{path}" if path else f"{host}{port}")
+
+
+def _fitted_id(text: str) -> str:
+    """``text`` as a stream id a log line and a label can hold: printable, at most MAX_STREAM_ID_CHARS (a long
+    one keeps its start and a digest of the whole, so two long URLs still get two ids)."""
+    import hashlib
+
+    text = "".join(c if c.isprintable() else "_" for c in text)
+    if len(text) <= MAX_STREAM_ID_CHARS:
+        return text
+    return f"{text[:MAX_STREAM_ID_CHARS - 9]}~{hashlib.sha256(text.encode()).hexdigest()[:8]}"
 
 
 def stream_id_of(cfg: SourceConfig) -> str:
@@ -399,6 +410,9 @@ class LiveStream:
         self._check_before_connecting()
         target, fmt, options = input_spec(self.cfg)
         timeout: Any = (self.cfg.options.open_timeout_s, self.cfg.options.stall_timeout_s)
+        guarded = self._connect_check is not None and self.kind == "http" and relay is None
+        if guarded:
+            options.update(GUARDED_HTTP_OPTIONS)  # over any ffmpeg_options: the guard checked this URL only
         if relay is not None:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
         try:
@@ -409,7 +423,7 @@ class LiveStream:
         except av.ExitError:
             raise _StreamDown(f"cannot connect: no answer within {self.cfg.options.open_timeout_s:g} s") from None
         except (av.FFmpegError, OSError) as exc:
-            raise _lost(relay, "cannot connect", exc) from None
+            raise _lost(relay, "cannot connect" + (GUARDED_HTTP_HINT if guarded else ""), exc) from None
 
     def _check_before_connecting(self) -> None:
         """Ask the control guard again before every attempt: a DNS name that passed at POST time may have
@@ -667,6 +681,15 @@ def _dropped_stub(frame: Frame) -> Frame:
     return stub
 
 
+#: an http(s) stream added from the control endpoint: the guard checked its URL's host, so FFmpeg follows no
+#: redirect (to a host nobody checked) and opens no playlist (HLS/DASH fetch segment URLs nobody checked): the
+#: demuxers of live camera streams over HTTP only
+GUARDED_HTTP_OPTIONS = {"max_redirects": "0",
+                        "format_whitelist": "mpjpeg,mjpeg,jpeg_pipe,mpegts,flv,live_flv,mov,matroska,h264,hevc,avi,asf,ogg"}
+GUARDED_HTTP_HINT = (" (from the control endpoint an http(s) stream follows no redirect and opens no HLS/DASH playlist, "
+                     "whose other URLs nobody checked; give the final URL, or add the stream in the config)")
+
+
 def _lost(relay: SrtRelay | None, context: str, exc: BaseException) -> _StreamDown:
     return relay.down(context) if relay is not None else _StreamDown(f"{context}: {_describe(exc)}")
 
@@ -701,6 +724,10 @@ class LatencyStats:
         return {"count": self.count, "mean_ms": round(1000 * self.total_s / self.count, 2),
                 "p50_ms": round(1000 * float(np.percentile(recent, 50)), 2),
                 "p95_ms": round(1000 * float(np.percentile(recent, 95)), 2), "max_ms": round(1000 * self.max_s, 2)}
+
+
+#: ended streams a hub remembers (GET /streams lists them, their metrics stay for alerts); older ones are forgotten
+MAX_ENDED = 256
 
 
 class StreamHub:
@@ -771,6 +798,16 @@ class StreamHub:
         stream.stop()
         return True
 
+    def forget(self, stream_id: str) -> bool:
+        """Drop an ended stream's record (its status, latency and, after REMOVED_SERIES_S, its metrics): DELETE of
+        a stream that already ended. False if no such ended stream."""
+        with self._cond:
+            if self._finished.pop(stream_id, None) is None:
+                return False
+            self.latency.pop(stream_id, None)
+        self._emit(StreamEvent(stream_id, "removed"))
+        return True
+
     def close(self, stop_streams: bool = False) -> None:
         """No more additions; with ``stop_streams``, also stop every stream (a graceful end of the run)."""
         with self._cond:
@@ -793,7 +830,9 @@ class StreamHub:
     def poll(self) -> list[Any]:
         """One round: the next item of every stream that has one (never blocks)."""
         with self._cond:
-            return self._poll_locked()
+            batch = self._poll_locked()
+        self._forget_oldest_ended()
+        return batch
 
     def items(self, tick_s: float | None = None) -> Iterator[Any]:
         """Every item until the hub is closed and empty; waits while all streams are quiet, and with ``tick_s``
@@ -808,7 +847,17 @@ class StreamHub:
                         return
                     woken = self._cond.wait(0.25 if tick_s is None else tick_s)
                     batch = [] if woken or tick_s is None else [Tick()]
+            self._forget_oldest_ended()
             yield from batch
+
+    def _forget_oldest_ended(self) -> None:
+        """At most MAX_ENDED ended streams are remembered: ids cycled by a tool grew the records and the metric
+        series without end (the oldest go, as if removed)."""
+        while len(self._finished) > MAX_ENDED:
+            with self._cond:
+                oldest = next(iter(self._finished), None)
+            if oldest is None or not self.forget(oldest):
+                return
 
     def _poll_locked(self) -> list[Any]:
         batch = []

@@ -284,3 +284,176 @@ def test_a_missing_token_says_how_to_send_it_unscrubbed(control):
 def test_a_stream_id_that_would_split_a_log_line_is_a_400(control, stream_id):
     status, reply = post(control, {"url": "rtsp://198.18.0.1/a", "id": stream_id})
     assert status == 400 and "is not a stream id" in reply["error"], reply
+
+
+# --------------------------------------------------------------------------- second review
+
+
+@pytest.mark.parametrize("url", ["http://:8080/admin", "https://:8443/", "rtsp://:554/x", "http://user@:80/",
+                                 "srt://:9000", "tcp://:9000"])
+def test_a_url_without_a_host_is_refused(control, url):
+    """FFmpeg looks an empty host up as loopback: these reached 127.0.0.1 past the internal-address check."""
+    status, reply = post(control, {"url": url, "id": "nohost"})
+    assert status == 400 and "names no host" in reply["error"], reply
+    assert "names no host" in ControlGuard(token=None).connect_refusal(url)  # the check before each connection too
+
+
+def test_listeners_may_leave_the_host_out():
+    guard = ControlGuard(token=None)
+    for url in ("udp://:5000", "rtp://:5004", "srt://:9000?mode=listener", "tcp://:9000?listen"):
+        assert guard.connect_refusal(url) is None, url
+
+
+@pytest.mark.parametrize("url, option", [("udp://203.0.113.5:40123?fifo_size=10000000&overrun_nonfatal=1", "fifo_size"),
+                                         ("srt://198.18.0.1:9000?rcvbuf=1000000000", "rcvbuf"),
+                                         ("tcp://198.18.0.1:9000?recv_buffer_size=99999999", "recv_buffer_size")])
+def test_ffmpeg_options_in_a_urls_query_need_the_allowlist_too(control, url, option):
+    """udp://...?fifo_size=... was accepted where ffmpeg_options: {fifo_size: ...} was refused (2 GB reserved)."""
+    status, reply = post(control, {"url": url, "id": "q"})
+    assert status == 403 and repr(option) in reply["error"] and "control.allowed_ffmpeg_options" in reply["error"]
+    guard = ControlGuard(token=None, allow_hosts=["198.18.0.0/15"], allowed_ffmpeg_options=[option, "overrun_nonfatal"])
+    guard.check_stream({"url": url})  # listed: allowed
+    guard.check_stream({"url": "srt://198.18.0.1:9000?mode=caller&passphrase=0123456789ab&latency=200"})
+
+
+@pytest.mark.parametrize("char", ["\u0085", "\u009b", "\u2028", "\u2029"])
+def test_c1_controls_and_line_separators_in_a_url_are_a_400(control, char):
+    status, reply = post(control, {"url": f"rtsp://198.18.0.1/a{char}b"})
+    assert status == 400 and "control character" in reply["error"], reply
+
+
+def test_an_id_made_from_a_long_url_fits_a_label():
+    from blinkflow.config import MAX_STREAM_ID_CHARS
+    from blinkflow.streams import default_stream_id
+
+    first, second = (default_stream_id(f"rtsp://198.18.0.1/{c * 3000}") for c in "ab")
+    assert len(first) == len(second) == MAX_STREAM_ID_CHARS and first != second and first.isprintable()
+    assert default_stream_id("rtsp://198.18.0.1/x\u200by") == "198.18.0.1/x_y"
+
+
+def test_scrubbing_a_long_request_line_takes_time_in_proportion_to_it():
+    """The user-info pattern rescanned the rest of the text from every word of "a.a.a...": 64 KB took 2 s with the
+    interpreter lock held, from one unauthenticated request line (best of three; quadratic would be 64x for 8x)."""
+    from blinkflow.redact import redact_text
+
+    def seconds(size: int) -> float:
+        best = float("inf")
+        for _ in range(3):
+            start = time.perf_counter()
+            redact_text("a." * (size // 2))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert seconds(128 * 1024) < 24 * max(seconds(16 * 1024), 1e-4)
+
+
+def test_a_blank_token_is_refused_not_taken(tmp_path, monkeypatch):
+    """An empty token file or a blank $BLINKFLOW_CONTROL_TOKEN made the token '': 'Authorization: Bearer' passed."""
+    empty = tmp_path / "token"
+    empty.write_text("  \n")
+    with pytest.raises(ConfigError, match=r"control\.token_file: .* is empty"):
+        load_config(data={"control": {"enabled": True, "token_file": str(empty)}})
+    control = load_config(data={"control": {"enabled": True}}).control
+    monkeypatch.setenv("BLINKFLOW_CONTROL_TOKEN", "   ")
+    with pytest.raises(ConfigError, match=r"\$BLINKFLOW_CONTROL_TOKEN is empty"):
+        ControlGuard.from_config(control)
+
+
+def test_idle_connections_from_the_operators_own_address_cannot_lock_it_out(control):
+    """Four connections sending one byte and nothing more held every slot of 127.0.0.1: POST /stop got 503."""
+    sockets = _slow_clients(control, 4)
+    try:
+        for _ in range(3):
+            status, reply = post(control, {}, path="/healthz", method="GET")
+            assert status == 200, reply
+        status, reply = post(control, {}, path="/stop")
+        assert status == 202, reply
+        assert sockets[0].recv(100) == b""  # the oldest idle one was cut for them
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_an_ended_stream_can_be_deleted_and_the_oldest_ended_ones_are_forgotten(monkeypatch):
+    from blinkflow import streams
+
+    hub = StreamHub(mode="live", keep_open=True)
+    removed = []
+    hub.subscribe(lambda event: removed.append(event.stream) if event.kind == "removed" else None)
+    monkeypatch.setattr(streams, "MAX_ENDED", 3)
+    for index in range(5):  # as if each had ended on its own
+        hub._finished[f"cam-{index}"] = {"id": f"cam-{index}"}
+        hub.latency[f"cam-{index}"] = streams.LatencyStats()
+    hub.poll()
+    assert list(hub._finished) == ["cam-2", "cam-3", "cam-4"] and removed == ["cam-0", "cam-1"]
+    assert "cam-0" not in hub.latency
+    server = ControlServer(hub, "127.0.0.1", 0, guard=ControlGuard(token=TOKEN)).start()
+    try:
+        assert post(server, {}, path="/streams/cam-3", method="DELETE") == (200, {"id": "cam-3", "removed": True})
+        assert post(server, {}, path="/streams/cam-3", method="DELETE")[0] == 404
+        assert "cam-3" not in {entry["id"] for entry in hub.status()["ended"]} and removed[-1] == "cam-3"
+    finally:
+        hub.close(stop_streams=True)
+        server.stop()
+
+
+def test_an_http_stream_from_the_control_endpoint_follows_no_redirect_and_opens_no_playlist(tmp_path):
+    """The guard checks the URL it is given; FFmpeg then followed a 302 and an HLS playlist's segment URL to a
+    host allow_hosts does not list."""
+    import http.server
+
+    other_hits: list[str] = []
+
+    class Other(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            other_hits.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.2", 0), Other)
+    elsewhere = f"http://127.0.0.2:{other.server_address[1]}"
+
+    class Allowed(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            if self.path == "/redirect":
+                self.send_response(302)
+                self.send_header("Location", f"{elsewhere}/via-redirect")
+                self.end_headers()
+                return
+            body = f"#EXTM3U\n#EXT-X-TARGETDURATION:2\n#EXTINF:2,\n{elsewhere}/via-hls.ts\n#EXT-X-ENDLIST\n".encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/vnd.apple.mpegurl")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    allowed = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Allowed)
+    for server in (other, allowed):
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    hub = StreamHub(mode="live", keep_open=True, defaults={"max_retries": 0, "open_timeout_s": 3})
+    control = ControlServer(hub, "127.0.0.1", 0, guard=ControlGuard(token=TOKEN, allow_hosts=["127.0.0.1"])).start()
+    try:
+        base = f"http://127.0.0.1:{allowed.server_address[1]}"
+        for stream_id, path in (("r", "/redirect"), ("h", "/live.m3u8")):
+            assert post(control, {"url": base + path, "id": stream_id})[0] == 201
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and len(hub.status()["streams"]) + len(hub.status()["ended"]) and any(
+                entry["state"] not in ("failed", "ended") for entry in hub.status()["streams"]):
+            hub.poll()
+            time.sleep(0.1)
+        hub.poll()
+        status = {entry["id"]: entry for entry in hub.status()["streams"] + hub.status()["ended"]}
+        assert other_hits == []
+        for stream_id in ("r", "h"):
+            assert "follows no redirect and opens no HLS/DASH playlist" in str(status[stream_id]), status[stream_id]
+    finally:
+        hub.close(stop_streams=True)
+        control.stop()
+        for server in (other, allowed):
+            server.shutdown()
+            server.server_close()

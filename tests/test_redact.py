@@ -138,3 +138,26 @@ def test_no_secret_of_a_runs_urls_reaches_its_logs_summaries_or_metrics(tmp_path
     for name, text in surfaces.items():
         for secret in SECRETS:
             assert secret not in text, f"{secret} leaked into {name}"
+
+
+def test_passwords_in_a_dvrs_path_and_odd_parameter_names_are_masked():
+    """GET /streams served them: the path was never looked at, and loginpas has no 'pass' in it."""
+    from blinkflow.redact import redact_text, redact_url
+
+    assert redact_url("rtsp://198.18.0.1:554/user=admin_password=hunter22_channel=1") == \
+        "rtsp://198.18.0.1:554/user=admin_password=***"
+    assert "hunter22" not in redact_url("http://198.18.0.1/videostream.cgi?loginuse=admin&loginpas=hunter22")
+    assert "hunter22" not in redact_text("cannot open rtsp://cam/user=admin_pwd=hunter22_stream=0: 404")
+
+
+def test_learned_secrets_are_bounded_and_the_oldest_go(monkeypatch):
+    """Each new password grew the set (and one recompile under the lock every log line takes) without end."""
+    from blinkflow import redact
+
+    monkeypatch.setattr(redact, "_known_secrets", {})
+    monkeypatch.setattr(redact, "MAX_KNOWN_SECRETS", 3)
+    for index in range(5):
+        redact.remember_secrets(f"rtsp://u:secret-number-{index}@cam/x")
+    redact.remember_secrets("rtsp://u:" + "z" * (redact.MAX_SECRET_CHARS + 1) + "@cam/x")  # too long to learn
+    assert list(redact._known_secrets) == [f"secret-number-{index}" for index in (2, 3, 4)]
+    assert redact.redact_text("said secret-number-4 and secret-number-0") == "said *** and secret-number-0"
