@@ -36,6 +36,7 @@ best-scored frame) and names it in the event's ``snapshot``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -112,6 +113,10 @@ def _check_shape(shape: ZoneOptions | LineOptions, path: str, least: int, exact:
         raise ConfigError(f"{path}.points: a {'line' if exact else 'zone'} needs {need}, got {count}")
     if exact and shape.points[0] == shape.points[1]:
         raise ConfigError(f"{path}.points: both ends are {shape.points[0]}; a line needs two distinct points")
+    if not exact and _crossing_edges(shape.points):  # inside and outside would be read by the even-odd rule
+        first, second = _crossing_edges(shape.points)
+        raise ConfigError(f"{path}.points: the zone's edges {first + 1} and {second + 1} cross each other; list its "
+                          "corners in order around it")
     if not exact and _area(shape.points) == 0.0:  # a zone no point can be inside never fires: say so
         raise ConfigError(f"{path}.points: the zone {shape.points} has no area (its corners lie on one line)")
     if shape.normalized and any(not 0.0 <= v <= 1.0 for p in shape.points for v in p):
@@ -156,6 +161,27 @@ def line_side(line: np.ndarray, point: tuple[float, float]) -> tuple[float, floa
     length = math.hypot(dx, dy)
     px, py = point[0] - x1, point[1] - y1
     return (dx * py - dy * px) / length, (dx * px + dy * py) / (length * length)
+
+
+def _crossing_edges(points: list[list[float]]) -> tuple[int, int] | None:
+    """The first two edges of the polygon that cross (not neighbours sharing a corner), or None."""
+    edges = list(zip(points, points[1:] + points[:1]))
+    count = len(edges)
+    for i in range(count):
+        for j in range(i + 2, count):
+            if i == 0 and j == count - 1:
+                continue  # the first and the last edge share the first corner
+            if _segments_cross(*edges[i], *edges[j]):
+                return i, j
+    return None
+
+
+def _segments_cross(a: list[float], b: list[float], c: list[float], d: list[float]) -> bool:
+    """Whether segments ab and cd cross at a point inside both (touching ends do not count)."""
+    def side(p: list[float], q: list[float], r: list[float]) -> float:
+        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+
+    return side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0
 
 
 def _area(points: list[list[float]]) -> float:
@@ -213,6 +239,7 @@ class EventsStage(Stage):
     def __init__(self, cfg: StageConfig | None) -> None:
         super().__init__(cfg if cfg is not None else StageConfig())
         self._streams: dict[str, _StreamState] = {}
+        self._sizes_seen: set[tuple[str, int, int]] = set()  # (stream, width, height) whose shapes were checked
 
     @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
@@ -338,8 +365,24 @@ class EventsStage(Stage):
         return {name: sum(1 for m in state.tracks.values() if m.zones.get(name)) for name in names}
 
     def _shapes(self, shapes: list[Any], frame: Frame) -> list[tuple[str, np.ndarray]]:
-        return [(s.name, _pixels(s.points, s.normalized, frame.width, frame.height))
-                for s in shapes if s.stream in (None, frame.stream_id)]
+        placed = [(s.name, _pixels(s.points, s.normalized, frame.width, frame.height))
+                  for s in shapes if s.stream in (None, frame.stream_id)]
+        self._warn_outside(placed, frame)
+        return placed
+
+    def _warn_outside(self, placed: list[tuple[str, np.ndarray]], frame: Frame) -> None:
+        """Once per stream and frame size: a zone or line wholly outside the frame never fires (pixels drawn on
+        a screenshot of another size than the source delivers, after its resize)."""
+        key = (frame.stream_id, frame.width, frame.height)
+        if key in self._sizes_seen:
+            return
+        self._sizes_seen.add(key)
+        for name, points in placed:
+            low, high = points.min(axis=0), points.max(axis=0)
+            if high[0] < 0 or high[1] < 0 or low[0] > frame.width or low[1] > frame.height:
+                log.warning("stages.%s: %r lies outside stream %s's %dx%d frames (points are pixels of the delivered "
+                            "frame, after the source's resize); it never fires: move it, or use normalized points",
+                            self.name, name, frame.stream_id, frame.width, frame.height)
 
     def _end_event(self, frame: Frame, track_id: int, memory: _TrackMemory) -> dict[str, Any]:
         if memory.first_pts is not None and memory.last_pts is not None:
@@ -395,16 +438,38 @@ class EventsStage(Stage):
     def _write_snapshot(self, frame: Frame, kind: str, track_id: int, crop: np.ndarray) -> str | None:
         from PIL import Image
 
-        from blinkflow.files import safe_name
-
-        path = Path(self.options.snapshots) / safe_name(frame.stream_id, "stream") / f"{frame.index:08d}-{kind}-{track_id}.jpg"
+        folder = Path(self.options.snapshots) / _stream_folder(frame.stream_id)
+        name = f"{frame.index:08d}-{kind}-{track_id}"
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(crop).save(path, quality=self.options.jpeg_quality)
+            folder.mkdir(parents=True, exist_ok=True)
+            path, handle = _new_file(folder, name, ".jpg")
+            with handle:
+                Image.fromarray(crop).save(handle, format="JPEG", quality=self.options.jpeg_quality)
         except OSError as exc:  # a full disk must not stop the pipeline: the event goes out without its picture
-            log.warning("snapshot %s not written: %s", path, exc)
+            log.warning("snapshot %s not written: %s", folder / f"{name}.jpg", exc)
             return None
         return str(path)
+
+
+def _stream_folder(stream_id: str) -> str:
+    """A stream's snapshot folder: its id made safe, with a digest when that changed it ('cam 1' and 'cam/1'
+    were both cam_1, and one camera's snapshots showed the other's objects)."""
+    from blinkflow.files import safe_name
+
+    safe = safe_name(stream_id, "stream")
+    return safe if safe == stream_id else f"{safe}-{hashlib.sha256(stream_id.encode()).hexdigest()[:6]}"
+
+
+def _new_file(folder: Path, name: str, suffix: str) -> tuple[Path, Any]:
+    """A file created afresh (never one of an earlier run: a restarted service numbers frames and tracks from the
+    start again, and its snapshots overwrote those earlier events point to): ``name``, else ``name-2``..."""
+    for attempt in range(1, 10_000):
+        path = folder / (f"{name}{suffix}" if attempt == 1 else f"{name}-{attempt}{suffix}")
+        try:
+            return path, open(path, "xb")
+        except FileExistsError:
+            continue
+    raise OSError(f"{folder}: {name}{suffix} and 9998 others exist")
 
 
 def _crop(image: Any, box: list[float]) -> np.ndarray:

@@ -8,6 +8,7 @@ script (so the gate sees the objects move) and fed through the ``frames`` source
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,11 @@ def test_action_events_with_hysteresis():
      "stages.events.options.lines.0.points: every coordinate is a finite number"),
     ({"zones": [{"name": "z", "points": [[0, 0], [float("inf"), 1], [2, 0]]}]},
      "stages.events.options.zones.0.points: every coordinate is a finite number"),
+    # a bowtie: accepted and read by the even-odd rule, or refused as having no area (the symmetric one)
+    ({"zones": [{"name": "z", "points": [[0, 0], [100, 100], [100, 0], [0, 50]]}]},
+     "stages.events.options.zones.0.points: the zone's edges 1 and 3 cross each other"),
+    ({"zones": [{"name": "z", "points": [[0, 0], [100, 100], [100, 0], [0, 100]]}]},
+     "stages.events.options.zones.0.points: the zone's edges 1 and 3 cross each other"),
 ])
 def test_zone_and_line_mistakes_are_one_line_config_errors(events, message):
     with pytest.raises(ConfigError) as info:
@@ -470,3 +476,38 @@ def test_a_stream_that_ends_and_comes_back_goes_on_with_new_track_ids():
     again = track.process([one_car(i) for i in range(3)])  # the same id, from frame 0
     restarted = track.process([one_car(0)])  # a restart within the run (its index goes back)
     assert ids(first) == {1} and ids(again) == {2} and ids(restarted) == {3}
+
+
+
+def test_a_zone_outside_the_delivered_frames_is_said_once(caplog):
+    """A zone drawn on a 1280x960 screenshot while the source delivers 320x240 frames never fired, silently."""
+    far = [{"name": "far", "points": [[900, 700], [1200, 700], [1200, 900], [900, 900]]}]
+    with caplog.at_level(logging.WARNING):
+        run_local(config(events={"zones": far}, frames=6))
+    said = [r.getMessage() for r in caplog.records if "'far' lies outside stream cam's" in r.getMessage()]
+    assert len(said) == 1 and "320x240" in said[0] and "normalized" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        run_local(config(frames=6))  # the shipped zones lie inside
+    assert not any("lies outside" in r.getMessage() for r in caplog.records)
+
+
+def test_snapshots_of_two_streams_and_of_a_restarted_run_never_overwrite_each_other(tmp_path):
+    """'cam 1' and 'cam/1' shared the folder cam_1 (one camera's event showed the other's object), and a restarted
+    service numbering frames and tracks from the start again overwrote the snapshots earlier events point to."""
+    import numpy as np
+
+    from blinkflow.frame import Frame
+    from blinkflow.stages.events import EventsStage
+
+    cfg = config(events={"snapshots": str(tmp_path / "snaps")}, frames=2).stages["events"]
+    paths = []
+    for run in range(2):
+        stage = EventsStage(cfg)
+        for stream, colour in (("cam 1", 40), ("cam/1", 200)):
+            frame = Frame(stream, 3, 0.1, np.full((48, 64, 3), colour, np.uint8))
+            paths.append(stage._write_snapshot(frame, "new", 1, frame.image[:10, :10]))
+    assert len(set(paths)) == 4 and all(Path(p).is_file() for p in paths)
+    assert Path(paths[0]).parent != Path(paths[1]).parent  # two streams, two folders
+    assert Path(paths[0]).read_bytes() != Path(paths[1]).read_bytes()
+    assert Path(paths[2]).name == "00000003-new-1-2.jpg"  # the second run's: a name of its own

@@ -30,8 +30,14 @@ WINDOW = 32
 
 
 def topic_part(stream: str) -> str:
-    """A stream id as one topic level: '/' would add levels, '+' and '#' are wildcards."""
-    return "".join("_" if c in "/+#\x00" else c for c in stream) or "_"
+    """A stream id as one topic level: '/' would add levels, '+' and '#' are wildcards. An id that had to change
+    gets a digest of itself, so that "lobby/1", "lobby+1" and "lobby_1" stay three topics."""
+    import hashlib
+
+    level = "".join("_" if c in "/+#\x00" else c for c in stream)
+    if level == stream and stream:
+        return stream
+    return f"{level or '_'}~{hashlib.sha256(stream.encode()).hexdigest()[:8]}"
 
 
 @register_sink("mqtt")
@@ -57,6 +63,9 @@ class MqttSink(PushSink):
     def check_config(cfg: SinkConfig, path: str, base_dir: Path) -> None:
         if not cfg.host:
             raise ConfigError(f"{path}.host: an mqtt sink needs host: the broker's host name, e.g. host: localhost")
+        if "://" in cfg.host or any(c in cfg.host for c in "/ @"):
+            raise ConfigError(f"{path}.host: {cfg.host!r} is not a host name; give the broker's name or address alone "
+                              "(e.g. host: broker.example, with port: and tls: for the rest)")
         prefix = cfg.topic_prefix
         if not prefix or any(c in prefix for c in "+#\x00") or prefix.startswith("/") or prefix.endswith("/"):
             raise ConfigError(f"{path}.topic_prefix: {prefix!r} is not a topic prefix; use levels without wildcards "

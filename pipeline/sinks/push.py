@@ -131,17 +131,28 @@ class PushSink(Sink):
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-            left = len(self._buffer) + self._in_hand
+            left, in_flight = len(self._buffer), self._in_hand
             if left:
                 self._buffer.clear()
                 self._count_drop("close", left, quiet=True)
+            if in_flight:  # being sent when the time was up: it may have arrived, the sender cannot say
+                self._count_drop("unconfirmed", in_flight, quiet=True)
                 self._in_hand = 0
         self._finish()
         self._thread.join(1.0)
+        self._log_summary(left, in_flight)
+
+    def _log_summary(self, left: int, in_flight: int) -> None:
+        """The sink's last line: a warning with every drop by reason whenever one was dropped in the run (the
+        throttled warnings may have shown only the first), else what was delivered."""
         summary = self.status()
-        if left:
-            log.warning("%s sink: %d of %d messages not delivered within close_timeout_s %gs (%s); dropped: %s",
-                        self.label, left, summary["written"], self.cfg.close_timeout_s, self.where(), summary["dropped"])
+        if left or in_flight:
+            log.warning("%s sink: %d of %d messages not delivered within close_timeout_s %gs (%s%s); dropped in all: %s",
+                        self.label, left + in_flight, summary["written"], self.cfg.close_timeout_s, self.where(),
+                        f"; {in_flight} were being sent and may have arrived" if in_flight else "", summary["dropped"])
+        elif summary["dropped"]:
+            log.warning("%s sink: delivered %d of %d messages (%s); dropped: %s", self.label, summary["delivered"],
+                        summary["written"], self.where(), summary["dropped"])
         else:
             log.info("%s sink: delivered %d of %d messages (%s)", self.label, summary["delivered"],
                      summary["written"], self.where())

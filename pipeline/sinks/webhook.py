@@ -26,7 +26,7 @@ from blinkflow.config import SinkConfig, resolve_path
 from blinkflow.errors import ConfigError
 from blinkflow.redact import redact_text, redact_url, remember_secrets
 from blinkflow.registry import register_sink
-from blinkflow.sinks.push import Message, PushSink, backoff_s
+from blinkflow.sinks.push import DROP_LOG_EVERY_S, Message, PushSink, backoff_s
 from blinkflow.version import __version__
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,8 @@ class WebhookSink(PushSink):
                                                   _TrackedHTTPS(self._connections))
         self.attempts = 0
         self._failing = False
+        self._rejections_logged_at = float("-inf")
+        self._rejections_unlogged = 0
         self._start()
 
     @staticmethod
@@ -140,6 +142,10 @@ class WebhookSink(PushSink):
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError(f"{path}.url: {redact_url(cfg.url)!r} is not an http:// or https:// URL; "
                               "give one like https://hooks.example.com/events")
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
+        except ValueError as exc:  # found at run time, each event was retried and dropped
+            raise ConfigError(f"{path}.url: {redact_url(cfg.url)!r}: {exc}; fix the URL's port") from None
         if cfg.token_file:
             found = resolve_path(cfg.token_file, base_dir)
             if not found.is_file():
@@ -152,7 +158,9 @@ class WebhookSink(PushSink):
             cfg.token_file = str(found)
 
     def where(self) -> str:
-        return redact_url(self.cfg.url)
+        """The endpoint without its path: Slack- and Discord-style hooks carry the secret in the path."""
+        parts = urlsplit(redact_url(self.cfg.url))
+        return f"{parts.scheme}://{parts.netloc}/…" if parts.path.strip("/") or parts.query else f"{parts.scheme}://{parts.netloc}"
 
     def _serve(self) -> None:
         while (message := self._take()) is not None:
@@ -206,8 +214,13 @@ class WebhookSink(PushSink):
         self._connections.close()
 
     def _note_failure(self, reason: str, transient: bool) -> None:
-        if not transient:
-            log.warning("webhook sink: %s refused an event (%s); it is dropped", self.where(), reason)
+        if not transient:  # at most one line every DROP_LOG_EVERY_S: a refusing endpoint refuses every event
+            self._rejections_unlogged += 1
+            now = time.monotonic()
+            if now - self._rejections_logged_at >= DROP_LOG_EVERY_S:
+                log.warning("webhook sink: %s refused %d event(s) (%s); they are dropped", self.where(),
+                            self._rejections_unlogged, reason)
+                self._rejections_logged_at, self._rejections_unlogged = now, 0
         elif not self._failing:  # once per outage, not per attempt
             log.warning("webhook sink: %s failed (%s); retrying with backoff up to %gs, buffering up to %d events",
                         self.where(), reason, self.cfg.backoff_max_s, self.cfg.buffer)
