@@ -163,7 +163,7 @@ def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTT
             except Refused as refused:
                 self.close_connection = True  # the body, if any, is left unread
                 return refused.status, {"error": str(refused)}
-            return handle(hub, method, self.path, self.rfile.read(length) if length else b"", guard)
+            return handle(hub, method, self.path, self.read_body(length), guard)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
             if log.isEnabledFor(logging.DEBUG):  # scrubbing a request line nobody reads cost every request

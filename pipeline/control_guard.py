@@ -166,8 +166,8 @@ class ControlGuard:
             return
         if scheme not in NETWORK_SCHEMES:
             raise Refused(400, f"scheme {scheme!r} is not a stream; use rtsp://, rtsps://, http(s)://, udp://, srt://")
-        self._check_query_options(scheme, parts.query)
-        if scheme in LISTENING_SCHEMES or _listens(scheme, parts.query):
+        self._check_query_options(scheme, url)
+        if scheme in LISTENING_SCHEMES or _listens(scheme, url):
             return
         if not parts.hostname:  # FFmpeg looks an empty host up as loopback: http://:8080/ is 127.0.0.1:8080
             raise Refused(400, "the URL names no host; give the camera's address (e.g. rtsp://camera:554/stream)")
@@ -175,12 +175,15 @@ class ControlGuard:
             raise Refused(403, f"{parts.hostname!r} is an internal address; list it in control.allow_hosts to "
                                "stream from it")
 
-    def _check_query_options(self, scheme: str, query: str) -> None:
+    def _check_query_options(self, scheme: str, url: str) -> None:
         """udp, rtp, srt and tcp read their query string as FFmpeg options (fifo_size, buffer_size, localaddr...):
-        the same allowlist as ``ffmpeg_options`` (a fifo_size in the URL reserved 2 GB past max_memory_mb)."""
-        if scheme not in OPTION_QUERY_SCHEMES or not query:
+        the same allowlist as ``ffmpeg_options`` (a fifo_size in the URL reserved 2 GB past max_memory_mb). FFmpeg
+        takes everything after the first '?', a fragment's too: a '#' there is refused."""
+        if scheme not in OPTION_QUERY_SCHEMES:
             return
-        names = sorted({name for name, _ in parse_qsl(query, keep_blank_values=True)} - SAFE_QUERY_OPTIONS)
+        if "#" in url:
+            raise Refused(400, f"a {scheme}:// URL cannot hold '#': FFmpeg reads options past it; percent-encode it")
+        names = sorted({name for name, _ in _ffmpeg_options(url)} - SAFE_QUERY_OPTIONS)
         refused = [name for name in names if name not in self.allowed_ffmpeg_options]
         if refused:
             raise Refused(403, f"the URL's option {refused[0]!r} is an FFmpeg option, not allowed from the control "
@@ -263,10 +266,23 @@ def resolve(hostname: str) -> list[ipaddress._BaseAddress]:
     return sorted({ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos}, key=str)
 
 
-def _listens(scheme: str, query: str) -> bool:
-    """An SRT listener (``?mode=listener``) or a TCP one (``?listen``) binds its host rather than connecting."""
-    options = dict(parse_qsl(query, keep_blank_values=True))
-    return (scheme == "srt" and options.get("mode") == "listener") or (scheme == "tcp" and "listen" in options)
+def _ffmpeg_options(url: str) -> list[tuple[str, str]]:
+    """The URL's options as FFmpeg's udp, tcp and srt protocols read them: the pairs after the first '?'."""
+    return parse_qsl(url.split("?", 1)[1], keep_blank_values=True) if "?" in url else []
+
+
+def _listens(scheme: str, url: str) -> bool:
+    """An SRT listener (``mode=listener``) or a TCP one (``listen`` or ``listen=N``, N > 0) binds its host rather
+    than connecting, as FFmpeg reads them: the first ``mode`` counts (a second one is refused), and ``listen=0``
+    connects."""
+    options = _ffmpeg_options(url)
+    if scheme == "srt":
+        modes = [value for name, value in options if name == "mode"]
+        return len(modes) == 1 and modes[0] == "listener"
+    if scheme == "tcp":
+        listen = [value for name, value in options if name == "listen"]
+        return len(listen) == 1 and (listen[0] == "" or (listen[0].isdigit() and int(listen[0]) > 0))
+    return False
 
 
 def _is_network(text: str) -> bool:
@@ -290,7 +306,7 @@ def _token(control: Any) -> str | None:
         log.warning("control endpoint without authentication (control.auth: none): any local process can add "
                     "streams; use it only on a machine you trust")
         return None
-    if os.environ.get(TOKEN_ENV) is not None:
+    if os.environ.get(TOKEN_ENV):  # set but empty (compose's ${TOKEN} unset): not given, as before
         return _not_blank(os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}")
     if control.token_file:
         return _not_blank(Path(control.token_file).expanduser().read_text().strip(), f"control.token_file ({control.token_file})")

@@ -146,13 +146,29 @@ class _BoundedServer(ThreadingHTTPServer):
 
 
 class ServiceHandler(BaseHTTPRequestHandler):
-    """The services' request handlers: an answer begun tells the server the request is whole (see MAX_PER_CLIENT)."""
+    """The services' request handlers. Once a request has fully arrived (its head without a body, its body read
+    with :meth:`read_body`, or an answer begun) the server may no longer cut its connection for a newer one of
+    the same client (see MAX_PER_CLIENT): a request being handled finishes."""
+
+    def parse_request(self) -> bool:
+        whole = super().parse_request()
+        if whole and (self.headers.get("Content-Length") or "").strip() in ("", "0"):
+            self._arrived()
+        return whole
+
+    def read_body(self, length: int) -> bytes:
+        body = self.rfile.read(length) if length else b""
+        self._arrived()
+        return body
 
     def send_response(self, code: int, message: str | None = None) -> None:
+        self._arrived()
+        super().send_response(code, message)
+
+    def _arrived(self) -> None:
         answering = getattr(self.server, "answering", None)
         if answering is not None:
             answering(self.request)
-        super().send_response(code, message)
 
 
 class HTTPService:

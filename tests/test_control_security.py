@@ -457,3 +457,59 @@ def test_an_http_stream_from_the_control_endpoint_follows_no_redirect_and_opens_
         for server in (other, allowed):
             server.shutdown()
             server.server_close()
+
+
+@pytest.mark.parametrize("url", ["tcp://127.0.0.1:6379?listen=0", "tcp://:6379?listen=0",
+                                 "srt://127.0.0.1:9000?mode=caller&mode=listener", "srt://:9000?mode=caller&mode=listener"])
+def test_a_url_that_only_looks_like_a_listener_gets_the_host_check(url):
+    """listen=0 connects, and FFmpeg takes the first mode=: both skipped the internal-address check."""
+    assert ControlGuard(token=None).connect_refusal(url) is not None
+
+
+@pytest.mark.parametrize("url", ["udp://:5000#?fifo_size=3000000", "udp://:5000?#&fifo_size=1",
+                                 "srt://198.18.0.1:9000#?rcvbuf=1"])
+def test_options_past_a_fragment_are_refused_too(url):
+    """FFmpeg reads options from the first '?' on, a fragment's too: the guard read the query only."""
+    refusal = ControlGuard(token=None, allow_hosts=["198.18.0.0/15"]).connect_refusal(url)
+    assert refusal is not None and "'#'" in refusal
+
+
+def test_a_request_being_handled_is_never_cut_for_a_newer_connection(monkeypatch):
+    """The oldest connection not yet answered was cut for a client's fifth: a POST whose host took a while to
+    resolve was cut mid-handling (no answer, yet the stream was added)."""
+    from blinkflow import control_guard
+
+    resolve = control_guard.resolve
+
+    def slow(name):
+        if name == "slow-dns.example":
+            time.sleep(1.0)
+            return []
+        return resolve(name)
+
+    monkeypatch.setattr(control_guard, "resolve", slow)
+    hub = StreamHub(mode="live", keep_open=True, defaults={"max_retries": 0})
+    server = ControlServer(hub, "127.0.0.1", 0, guard=ControlGuard(token=TOKEN)).start()
+    others = []
+    try:
+        body = json.dumps({"url": "rtsp://slow-dns.example:554/live", "id": "cam-A"}).encode()
+        head = (f"POST /streams HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as operator:
+            operator.sendall(head + body)
+            time.sleep(0.2)
+            others = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(4)]
+            assert operator.recv(4096).startswith(b"HTTP/1.0 201")
+    finally:
+        for sock in others:
+            sock.close()
+        hub.close(stop_streams=True)
+        server.stop()
+
+
+def test_an_exported_but_empty_token_variable_is_not_given(tmp_path, monkeypatch):
+    """compose's '- BLINKFLOW_CONTROL_TOKEN=${TOKEN}' with TOKEN unset exports ''; the token file is used, as before."""
+    (tmp_path / "token").write_text("from-file\n")
+    control = load_config(data={"control": {"enabled": True, "token_file": str(tmp_path / "token")}}).control
+    monkeypatch.setenv("BLINKFLOW_CONTROL_TOKEN", "")
+    assert ControlGuard.from_config(control).token == "from-file"

@@ -456,3 +456,34 @@ def test_frames_dropped_under_overload_bring_their_motion_vectors_to_the_next_ke
             assert entries == index - previous, (stream, index, sorted(dropped))
             previous = index
         assert any(index - 1 in dropped for index, _ in kept)
+
+
+def test_a_dropped_frames_vectors_go_to_the_next_frame_of_its_stream_never_an_earlier_one():
+    """A frame the source dropped arrives after older frames of its stream still wait for their wave: its vectors
+    went to the first of those (frame 1 got frame 4's motion, frame 5 lacked it)."""
+    from blinkflow.gate.motion import VECTORS_KEY
+    from blinkflow.runners.base import DroppedMotion
+
+    image = np.zeros((4, 4, 3), np.uint8)
+
+    def frame(index, stream="cam"):
+        return Frame(stream, index, float(index), image, meta={VECTORS_KEY: [f"v{index}"]})
+
+    motion = DroppedMotion()
+    waiting = [frame(i) for i in (1, 2, 3)]
+    for item in waiting:
+        motion.arrived(item)
+    motion.drop(frame(4), waiting)  # dropped at the source, after 1..3 arrived
+    fifth = frame(5)
+    motion.arrived(fifth)
+    assert [f.meta[VECTORS_KEY] for f in waiting] == [["v1"], ["v2"], ["v3"]]
+    assert fifth.meta[VECTORS_KEY] == ["v4", "v5"]
+    queue = [frame(7), frame(8), frame(7, "other")]
+    motion.drop(frame(6), queue)  # the oldest waiting frame dropped for newer ones (live overload)
+    assert queue[0].meta[VECTORS_KEY] == ["v6", "v7"] and queue[2].meta[VECTORS_KEY] == ["v7"]
+    motion.drop(frame(9))  # held for the next to come...
+    restarted = frame(0)
+    motion.arrived(restarted)  # ...but the stream started again: not this decode's motion
+    later = frame(10)
+    motion.arrived(later)
+    assert restarted.meta[VECTORS_KEY] == ["v0"] and later.meta[VECTORS_KEY] == ["v10"]

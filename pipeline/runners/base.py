@@ -17,6 +17,7 @@ from blinkflow.config import Config
 from blinkflow.errors import SinkError
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.gate.carry import CarryOver
+from blinkflow.gate.motion import VECTORS_KEY
 from blinkflow.graph import build_graph
 from blinkflow.metrics import NULL_RECORDER, MetricsRecorder
 
@@ -278,6 +279,48 @@ class OrderedOutput:
             sink.write(result)
         if self.on_result is not None:
             self.on_result(result)
+
+
+class DroppedMotion:
+    """The decoder vectors of frames dropped before any stage saw them (live overload), handed to the stream's
+    next frame, as the fps filter hands on those of the frames it skips: the gate composes its motion from every
+    decoded frame's, and a missing step moved carried results by too little."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, list[tuple[int, list[Any]]]] = {}
+        self._last: dict[str, int] = {}  # per stream, the latest frame given its vectors (a lower index: a restart)
+
+    def drop(self, frame: Frame, waiting: list[Frame] = ()) -> None:
+        """``frame`` is dropped: its vectors go to the next frame of its stream among ``waiting``, or are held
+        for the next one to arrive."""
+        vectors = frame.meta.pop(VECTORS_KEY, None)
+        if not vectors:
+            return
+        later = [f for f in waiting if f.stream_id == frame.stream_id and f.index > frame.index]
+        if later:
+            _prepend(min(later, key=lambda f: f.index), list(vectors))
+        else:
+            self._held.setdefault(frame.stream_id, []).append((frame.index, list(vectors)))
+
+    def arrived(self, frame: Frame) -> None:
+        """A frame that will be processed arrived: it takes the held vectors of its stream's earlier frames."""
+        stream = frame.stream_id
+        if frame.index <= self._last.get(stream, -1):
+            self._held.pop(stream, None)  # a new decode: the old one's vectors are not this one's
+        self._last[stream] = frame.index
+        held = self._held.get(stream)
+        earlier = sorted((index, vectors) for index, vectors in held or [] if index < frame.index)
+        if earlier:
+            self._held[stream] = [(index, vectors) for index, vectors in held if index >= frame.index]
+            _prepend(frame, [v for _, vectors in earlier for v in vectors])
+
+    def end_stream(self, stream_id: str) -> None:
+        self._held.pop(stream_id, None)
+        self._last.pop(stream_id, None)
+
+
+def _prepend(frame: Frame, vectors: list[Any]) -> None:
+    frame.meta[VECTORS_KEY] = vectors + list(frame.meta.get(VECTORS_KEY) or [])
 
 
 def carried_from(frame: Frame) -> int | None:

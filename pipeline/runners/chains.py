@@ -18,10 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from blinkflow.frame import Accounting, Frame, Outcome, Tick
-from blinkflow.gate.motion import VECTORS_KEY
 from blinkflow.graph import StageSpec, build_driver_graph
 from blinkflow.metrics import NULL_RECORDER
-from blinkflow.runners.base import OrderedOutput, RunnerBase
+from blinkflow.runners.base import DroppedMotion, OrderedOutput, RunnerBase
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
@@ -96,8 +95,7 @@ class ChainRunner(RunnerBase):
         self.ledger: dict[str, set[int]] = {}
         self.chains: deque[Chain] = deque()
         self.ending: set[str] = set()  # streams whose end chain is out: their id may come back (a re-added camera)
-        #: per stream, the decoder's motion vectors of frames dropped under overload, for its next submitted frame
-        self.dropped_vectors: dict[str, list[Any]] = {}
+        self.dropped_motion = DroppedMotion()  # vectors of frames dropped under overload, for the next frames
 
     def _pump(self) -> None:
         pending: dict[int, list[Frame]] = {}
@@ -112,7 +110,7 @@ class ChainRunner(RunnerBase):
                 self._submit_wave(pending.pop(shard, []), shard)
                 self._submit(Chain("end", shard, stream_id=item.stream_id))
                 self.ending.add(item.stream_id)
-                self.dropped_vectors.pop(item.stream_id, None)  # no later frame of this decode to take them
+                self.dropped_motion.end_stream(item.stream_id)  # no later frame of this decode to take them
                 self.metrics.on_stream_state(item.stream_id, False)
                 self.accounting.on_stream_end(item)
                 continue
@@ -124,6 +122,7 @@ class ChainRunner(RunnerBase):
             if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: straight to the output
                 self._emit_dropped(item)
                 continue
+            self.dropped_motion.arrived(item)
             shard = self._shard(item.stream_id)
             pending.setdefault(shard, []).append(item)
             if live:  # every shard: another's wave may have waited max_wait_ms while this stream kept the hub busy
@@ -164,26 +163,20 @@ class ChainRunner(RunnerBase):
             self._submit_wave(waiting[: self.wave_size], shard)
             waiting = waiting[self.wave_size :]
         while len(waiting) > self.wave_size:
-            self._emit_dropped(waiting.pop(0))
+            self._emit_dropped(waiting.pop(0), waiting)
         return waiting
 
     def _consume_ready(self) -> None:
         while self.chains and self.chains[0].refs[-1] in self._finished(self.chains[0].refs[-1:]):
             self._consume(self.chains.popleft())
 
-    def _emit_dropped(self, frame: Frame) -> None:
-        vectors = frame.meta.pop(VECTORS_KEY, None)
-        if vectors:  # the motion of the dropped frame is part of the next kept frame's (as the fps filter does)
-            self.dropped_vectors.setdefault(frame.stream_id, []).extend(vectors)
+    def _emit_dropped(self, frame: Frame, waiting: list[Frame] = ()) -> None:
+        self.dropped_motion.drop(frame, waiting)
         frame.outcome = Outcome.DROPPED
         self.ledger[frame.stream_id].discard(frame.index)
         self.output.push([frame])
 
     def _submit_wave(self, frames: list[Frame], shard: int) -> None:
-        for frame in frames:
-            earlier = self.dropped_vectors.pop(frame.stream_id, None)
-            if earlier:
-                frame.meta[VECTORS_KEY] = earlier + list(frame.meta.get(VECTORS_KEY) or [])
         if frames:
             self._settle_gate_feedback(frames)
             self._submit(Chain("wave", shard, frames=frames))

@@ -14,7 +14,7 @@ import time
 from blinkflow.frame import Accounting, Frame, Outcome, Tick
 from blinkflow.graph import build_driver_graph
 from blinkflow.registry import register_runner
-from blinkflow.runners.base import OrderedOutput, RunnerBase, RunSummary, StageCaller, StageChain, committed_sinks, setup_stage
+from blinkflow.runners.base import DroppedMotion, OrderedOutput, RunnerBase, RunSummary, StageCaller, StageChain, committed_sinks, setup_stage
 from blinkflow.sources import StreamEnd, open_sources
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class LocalRunner(RunnerBase):
         live = self.cfg.runtime.mode == "live"
         max_wait_s = self.max_wait_ms / 1000.0 if live else float("inf")
         wave: list[Frame] = []
+        dropped_motion = DroppedMotion()  # a dropped frame's decoder vectors go to its stream's next frame
         for item in open_sources(self.cfg.sources, self.hub, self.stop, tick_s=self.tick_s()):
             if isinstance(item, Tick):  # quiet live streams: the wave goes once it has waited long enough
                 if wave and time.time() - wave[0].arrived_at >= max_wait_s:
@@ -69,14 +70,17 @@ class LocalRunner(RunnerBase):
                 wave = []
                 output.push(chain.end_stream(item.stream_id))
                 output.end_stream(item.stream_id)
+                dropped_motion.end_stream(item.stream_id)
                 self.metrics.on_stream_state(item.stream_id, False)
                 accounting.on_stream_end(item)
                 continue
             accounting.on_decoded(item)
             self.metrics.on_decoded(item)
             if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: nothing to compute
+                dropped_motion.drop(item, wave)
                 output.push([item])
                 continue
+            dropped_motion.arrived(item)
             wave.append(item)
             if len(wave) >= self.wave_size or time.time() - wave[0].arrived_at >= max_wait_s:
                 output.push(chain.process(wave))
