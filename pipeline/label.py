@@ -65,6 +65,9 @@ EVENTS_OUTPUT = "{id}.events.jsonl"
 PROGRESS_EVERY_S = 0.2
 #: stage settings that change how a run goes, not what it outputs (left out of the config digest)
 RUN_ONLY_STAGE_KEYS = frozenset({"replicas", "resources", "warmup", "max_wait_ms"})
+#: more of them, left out since digests of before kept them (such a digest is still accepted: _legacy_digest)
+SPEED_ONLY_STAGE_KEYS = frozenset({"batch", "compile", "channels_last", "depth_parallel"})
+SPEED_ONLY_SOURCE_KEYS = frozenset({"queue_size", "decode_threads"})
 
 
 @dataclass
@@ -80,21 +83,25 @@ class Video:
 # --------------------------------------------------------------------------- inputs
 
 
-def find_videos(inputs: list[str]) -> list[Video]:
-    """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids."""
+def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
+    """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids. Nothing under
+    ``out_dir`` is an input: an output folder inside an input folder had its overlays labelled on every run."""
     from blinkflow.sources import VIDEO_SUFFIXES
 
+    outside = _outside(out_dir)
     paths: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+                           and outside(p))
         elif path.is_file():
             found = [path]
         else:
             found = sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
                 raise BlinkflowError(f"{item}: no such file or directory, and no file matches it as a glob")
+            found = [p for p in found if outside(p)]
         paths.extend(found)
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     if not unique:
@@ -102,21 +109,38 @@ def find_videos(inputs: list[str]) -> list[Video]:
     return [Video(video_id, path) for video_id, path in zip(_unique_ids(unique), unique)]
 
 
+def _outside(out_dir: Path | None) -> Callable[[Path], bool]:
+    if out_dir is None:
+        return lambda path: True
+    root = Path(out_dir).expanduser().resolve()
+    return lambda path: not path.resolve().is_relative_to(root)
+
+
 def _unique_ids(paths: list[Path]) -> list[str]:
-    """The file stem, lengthened with parent folders where stems collide."""
+    """The file stem, lengthened with parent folders where stems collide (case aside: one folder may sit on a
+    case-insensitive disk), as far as that tells them apart; those no folder tells apart (``clip.mp4`` and
+    ``clip.mkv``, ``a b`` and ``a_b``) are numbered instead of spelling out their whole path."""
     depth = {p: 1 for p in paths}
 
-    def name(p: Path) -> str:
-        parts = p.with_suffix("").parts[-depth[p]:]
-        return safe_name("-".join(parts), "video")
+    def name(p: Path, parts: int | None = None) -> str:
+        tail = p.with_suffix("").parts[-(parts or depth[p]):]
+        return safe_name("-".join(tail), "video")
+
+    def whole(p: Path) -> str:
+        return name(p, len(p.parts)).casefold()
 
     while True:
-        names = [name(p) for p in paths]
-        clashing = {p for p, n in zip(paths, names) if names.count(n) > 1 and depth[p] < len(p.parts)}
+        names = [name(p).casefold() for p in paths]
+        groups: dict[str, list[Path]] = {}
+        for p, n in zip(paths, names):
+            groups.setdefault(n, []).append(p)
+        clashing = {p for group in groups.values() if len(group) > 1 for p in group
+                    if depth[p] < len(p.parts) and any(whole(q) != whole(p) for q in group)}
         if not clashing:
             break
         for p in clashing:
             depth[p] += 1
+    names = [name(p) for p in paths]
     taken: set[str] = set()
     ids = []
     for n in names:  # still the same (same path tail, other suffix; "a b" and "a_b"): number them, into free names
@@ -124,7 +148,7 @@ def _unique_ids(paths: list[Path]) -> list[str]:
         while _clashes(candidate, taken):
             number += 1
             candidate = f"{n}-{number}"
-        taken.add(candidate)
+        taken.add(candidate.casefold())
         ids.append(candidate)
     return ids
 
@@ -133,6 +157,7 @@ def _clashes(video_id: str, taken: set[str]) -> bool:
     """Whether ``video_id`` or its outputs would be another video's: ``x.events.jsonl`` is both the events of
     ``x`` and the records of ``x.events``."""
     events = EVENTS_OUTPUT.format(id="")[: -len(".jsonl")]  # ".events"
+    video_id = video_id.casefold()  # taken holds casefolded ids: Clip and clip are one file on some disks
     return (video_id in taken or f"{video_id}{events}" in taken
             or (video_id.endswith(events) and video_id[: -len(events)] in taken))
 
@@ -147,33 +172,77 @@ class Manifest:
     path: Path
     config_digest: str
     videos: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: per model stage, the sha256 of the weights the outputs were made with (the config names a path or
+    #: "shipped": the file behind it may change)
+    weights: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def load(cls, out_dir: Path, config_digest: str, restart: bool) -> "Manifest":
+    def load(cls, out_dir: Path, config_digest: str, restart: bool, weights: dict[str, str] | None = None,
+             legacy_digest: str | None = None) -> "Manifest":
         path = out_dir / MANIFEST
+        weights = dict(weights or {})
         if restart or not path.exists():
-            return cls(path, config_digest)
+            return cls(path, config_digest, weights=weights)
         try:
             data = json.loads(path.read_text())
             videos = dict(data["videos"])
             recorded = data["config_digest"]
+            recorded_weights = data.get("weights")
             if not all(_entry_ok(entry) for entry in videos.values()):
                 raise ValueError("an entry is not what label writes")
         except (OSError, ValueError, KeyError, TypeError):  # a folder, bad bytes, a hand edit
             raise BlinkflowError(
                 f"{path}: unreadable manifest; delete it or pass --restart to label everything again"
             ) from None
-        if videos and recorded != config_digest:
+        if videos and recorded not in (config_digest, legacy_digest):  # legacy: a digest made before this release
             raise BlinkflowError(
                 f"{out_dir} was labelled with another config or format; use the same --config/--set/--format, "
                 "a new --out, or --restart to label everything again"
             )
-        return cls(path, config_digest, videos)
+        changed = sorted(s for s, digest in (recorded_weights or {}).items() if weights.get(s, digest) != digest)
+        if videos and changed:
+            raise BlinkflowError(
+                f"{out_dir} was labelled with other weights for {', '.join(changed)} (the file behind the config's "
+                "weights: changed); label into a new --out, or --restart to label everything again with these")
+        return cls(path, config_digest, videos, weights)
 
-    def finished(self, video: Video, out_dir: Path, retry_failed: bool) -> bool:
-        """True when the video needs no work: done (outputs verified) or failed and not to be retried."""
+    def assign(self, videos: list[Video]) -> list[Video]:
+        """Videos whose id the manifest holds for another source (a batch labelled into the same folder before,
+        e.g. day1/cam1.mp4 and now day2/cam1.mp4) take the id that source's entry has, or a free one: a second
+        batch overwrote the first one's labels under the same name."""
+        by_source = {entry["source"]: video_id for video_id, entry in self.videos.items()}
+        used = {v.id.casefold() for v in videos}
+        assigned = []
+        for video in videos:
+            entry = self.videos.get(video.id)
+            if entry is None or entry["source"] == str(video.path):
+                assigned.append(video)
+                continue
+            earlier = by_source.get(str(video.path))
+            new_id = earlier if earlier is not None and earlier.casefold() not in used else self._free_id(video.id, used)
+            used.add(new_id.casefold())
+            log.info("%s: %s is another video's (%s) in %s; labelled as %s", video.path, video.id, entry["source"],
+                     self.path.parent, new_id)
+            assigned.append(Video(new_id, video.path))
+        return assigned
+
+    def _free_id(self, base: str, used: set[str]) -> str:
+        held = {video_id.casefold() for video_id in self.videos} | used
+        number = 2
+        while _clashes(f"{base}-{number}", held):
+            number += 1
+        return f"{base}-{number}"
+
+    def finished(self, video: Video, out_dir: Path, retry_failed: bool, fingerprint: dict[str, int] | None = None) -> bool:
+        """True when the video needs no work: done (outputs verified) or failed and not to be retried, and its
+        source is the file it was labelled from (same size and modification time)."""
         entry = self.videos.get(video.id)
         if entry is None or entry.get("source") != str(video.path):
+            return False
+        recorded = {key: entry[key] for key in FINGERPRINT_KEYS if key in entry}
+        if fingerprint is not None and recorded and recorded != {k: fingerprint[k] for k in recorded}:
+            log.warning("%s: %s changed since it was labelled (size or modification time); labelling it again",
+                        video.id, video.path)
             return False
         if entry["status"] == "partial" or (entry["status"] == "failed" and retry_failed):
             return False  # a truncated file is labelled again next time (it may have been re-copied whole)
@@ -187,6 +256,8 @@ class Manifest:
     def record(self, video_id: str, entry: dict[str, Any]) -> None:
         self.videos[video_id] = entry
         document = {"version": MANIFEST_VERSION, "config_digest": self.config_digest, "videos": self.videos}
+        if self.weights:
+            document["weights"] = self.weights
         write_atomic(self.path, (json.dumps(document, indent=1, sort_keys=True) + "\n").encode())
 
 
@@ -203,17 +274,57 @@ def _entry_ok(entry: Any) -> bool:
             and all(isinstance(count, int) for count in entry["outcomes"].values()))
 
 
-def config_digest(cfg: Any, formats: list[str]) -> str:
-    """What determines the outputs: stages, gate, decode settings and formats (not parallelism, placement
-    or warm-up: changing those must not label an archive again)."""
+#: what a manifest entry records of its source: a re-copied or grown file is labelled again
+FINGERPRINT_KEYS = ("source_size", "source_mtime_ns")
+
+
+def source_fingerprint(path: Path) -> dict[str, int]:
+    stat = path.stat()
+    return {"source_size": stat.st_size, "source_mtime_ns": stat.st_mtime_ns}
+
+
+def config_digest(cfg: Any, formats: list[str], legacy: bool = False) -> str:
+    """What determines the outputs: stages, gate, decode settings and formats (not parallelism, placement,
+    batching, compilation, warm-up or the decoder's queue, nor the order of the formats: changing those must
+    not label an archive again). ``legacy``: the digest of earlier releases, which kept them."""
+    stage_skip = RUN_ONLY_STAGE_KEYS if legacy else RUN_ONLY_STAGE_KEYS | SPEED_ONLY_STAGE_KEYS
+    source_skip = frozenset() if legacy else SPEED_ONLY_SOURCE_KEYS
     relevant = {
         "gate": {k: v for k, v in dataclasses.asdict(cfg.gate).items() if k not in RUN_ONLY_STAGE_KEYS},
-        "stages": {name: {k: v for k, v in dataclasses.asdict(stage).items() if k not in RUN_ONLY_STAGE_KEYS}
+        "stages": {name: {k: v for k, v in dataclasses.asdict(stage).items() if k not in stage_skip}
                    for name, stage in cfg.stages.items()},
-        "source": dataclasses.asdict(cfg.label.source),
-        "formats": formats,
+        "source": _source_settings(cfg.label.source, source_skip),
+        "formats": formats if legacy else sorted(formats),
     }
     return sha256_bytes(json.dumps(relevant, sort_keys=True, default=str).encode())[:16]
+
+
+def _source_settings(source: Any, skip: frozenset[str]) -> dict[str, Any]:
+    settings = dataclasses.asdict(source)
+    if skip and isinstance(settings.get("options"), dict):
+        settings["options"] = {k: v for k, v in settings["options"].items() if k not in skip}
+    return settings
+
+
+def weights_digests(cfg: Any) -> dict[str, str]:
+    """Per enabled model stage, the sha256 of the weights file its ``weights:`` resolves to now (its pin when
+    it has one); a value that does not resolve (the run will say why) stands as written."""
+    from blinkflow.models.weights import resolve_weights
+    from blinkflow.registry import stages as stage_registry
+
+    digests = {}
+    for name in cfg.enabled_stages():
+        stage = cfg.stages[name]
+        if not getattr(stage, "weights", None):
+            continue
+        model = stage.model or getattr(stage_registry.get(name), "default_model", None) or ""
+        try:
+            spec = resolve_weights(stage.weights, stage=name, model_name=model)
+            digest = spec.sha256 or (sha256_file(spec.path) if spec.path is not None and spec.path.is_file() else None)
+        except Exception:  # noqa: BLE001 - resolved for real (and refused in one line) when the stage sets up
+            digest = None
+        digests[name] = digest or str(stage.weights)
+    return digests
 
 
 # --------------------------------------------------------------------------- one video (in a worker)
@@ -359,8 +470,13 @@ class LabelRun:
         self.scratch = self.out_dir / ".scratch"
         shutil.rmtree(self.scratch, ignore_errors=True)  # the lock is ours: any scratch left is a crashed run's
         self.scratch.mkdir()
-        self.manifest = Manifest.load(self.out_dir, config_digest(self.cfg, self.formats), self.restart)
-        todo = [v for v in self.videos if not self.manifest.finished(v, self.out_dir, self.cfg.label.retry_failed)]
+        self.manifest = Manifest.load(self.out_dir, config_digest(self.cfg, self.formats), self.restart,
+                                      weights_digests(self.cfg), config_digest(self.cfg, self.formats, legacy=True))
+        self.videos = self.manifest.assign(self.videos)
+        self.fingerprints = {v.id: source_fingerprint(v.path) for v in self.videos}
+        retry = self.cfg.label.retry_failed
+        todo = [v for v in self.videos
+                if not self.manifest.finished(v, self.out_dir, retry, self.fingerprints[v.id])]
         for video in self.videos:
             if video not in todo:
                 self.results[video.id] = {**self.manifest.videos[video.id], "skipped": True}
@@ -420,9 +536,12 @@ class LabelRun:
     def _finish(self, video: Video, result: dict[str, Any], bars: "_Bars") -> None:
         """Commit the outputs, then the manifest entry (the order that makes a crash harmless)."""
         outputs = result.pop("outputs")
+        if result["status"] == "failed":
+            outputs = {}  # empty files of a video that failed must not replace the good ones of an earlier run
         for name, data in outputs.items():
             write_atomic(self.out_dir / name, data)
-        entry = {**result, "source": str(video.path), "outputs": {n: sha256_bytes(d) for n, d in outputs.items()}}
+        entry = {**result, "source": str(video.path), "outputs": {n: sha256_bytes(d) for n, d in outputs.items()},
+                 **self.fingerprints.get(video.id, {})}
         self.manifest.record(video.id, entry)
         self.results[video.id] = {**entry, "skipped": False}
         if entry["status"] == "failed":
@@ -616,7 +735,7 @@ def cmd_label(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     from blinkflow.control import GracefulSignals
 
-    run = LabelRun(find_videos(args.inputs), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
+    run = LabelRun(find_videos(args.inputs, args.out), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
                    progress=not args.no_progress, restart=args.restart)
     signals = GracefulSignals(run.stop.set, "stopping: no further video starts, those in progress finish and are "
                                             "recorded (signal again to abort)", cfg.runtime.drain_timeout_s).install()

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 #: the word a truncation message starts its reason with (the typed mark is EndReason.TRUNCATED)
 TRUNCATED = "truncated"
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m"}
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m",
+                  ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv"}  # camcorders (AVCHD), phones, broadcast, DVD
 
 
 # --------------------------------------------------------------------------- lanes

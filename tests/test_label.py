@@ -366,3 +366,159 @@ def test_a_hand_edited_manifest_is_one_line_naming_it(tmp_path, light_config, vi
     (out / "manifest.json").write_text(json.dumps({**manifest, "videos": videos}))
     with pytest.raises(BlinkflowError, match=r"manifest.json: unreadable manifest; delete it or pass --restart"):
         label([clip], out, light_config)
+
+
+# --------------------------------------------------------------------------- a review of labelling
+
+
+def test_a_second_batch_into_the_same_folder_never_overwrites_the_first_ones_labels(tmp_path, light_config):
+    """day1/cam1.mp4 then day2/cam1.mp4 into one --out: both were 'cam1', and day2 replaced day1's labels."""
+    for day in ("day1", "day2"):
+        (tmp_path / day).mkdir()
+    first = write_test_video(tmp_path / "day1" / "cam1.mp4", frames=4)
+    second = write_test_video(tmp_path / "day2" / "cam1.mp4", frames=3)
+    out = tmp_path / "out"
+    label([first], out, light_config)
+    summary = label([second], out, light_config)
+    assert summary["done"] == 1 and list(summary["videos"]) == ["cam1-2"]
+    assert len((out / "cam1.jsonl").read_text().splitlines()) == 4 and len((out / "cam1-2.jsonl").read_text().splitlines()) == 3
+    again = label([second], out, light_config)  # the same video keeps its id: skipped
+    assert again["skipped"] == ["cam1-2"]
+    assert label([first], out, light_config)["skipped"] == ["cam1"]
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_an_input(tmp_path, light_config):
+    """Its overlays were labelled on the next run, and the next (2, 4, 8 videos)."""
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    write_test_video(folder / "clip.mp4", frames=3)
+    cfg = load_config(light_config)
+    for _ in range(2):
+        videos = find_videos([str(folder)], folder / "labels")
+        assert [v.id for v in videos] == ["clip"]
+        LabelRun(videos, folder / "labels", cfg, ["jsonl", "mp4"], progress=False).run()
+    assert (folder / "labels" / "clip.mp4").is_file()
+
+
+def test_a_source_replaced_since_it_was_labelled_is_labelled_again(tmp_path, light_config):
+    """A video's identity was its path: a re-copied or completed file was skipped with its old labels."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=4)
+    out = tmp_path / "out"
+    label([clip], out, light_config)
+    write_test_video(clip, frames=7)
+    summary = label([clip], out, light_config)
+    assert summary["skipped"] == [] and summary["videos"]["clip"]["frames"] == 7
+    assert label([clip], out, light_config)["skipped"] == ["clip"]
+
+
+def test_weights_changed_behind_the_same_path_are_refused_like_another_config(tmp_path, light_config):
+    """The digest held the weights' path, not the file: new weights labelled the rest of an archive silently."""
+    import torch
+
+    from blinkflow.models.registry import build_model
+
+    weights = tmp_path / "w.pt"
+    model = build_model("unet_small", task="segment", num_classes=2, base_width=16)
+    torch.save(model.state_dict(), weights)
+    config = tmp_path / "weights.yaml"
+    config.write_text(LIGHT_CONFIG.replace("weights: null", f"weights: {weights}").replace(
+        "model_args: {base_width: 16}", "model_args: {base_width: 16}, classes: [background, thing]"))
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    out = tmp_path / "out"
+    label([clip], out, config)
+    torch.nn.init.constant_(next(model.parameters()), 0.5)
+    torch.save(model.state_dict(), weights)
+    with pytest.raises(BlinkflowError, match=r"labelled with other weights for segment"):
+        label([clip], out, config)
+    assert label([clip], out, config, restart=True)["done"] == 1
+
+
+def test_settings_that_only_change_speed_keep_an_archive_and_old_digests_are_accepted(tmp_path, light_config):
+    """queue_size, decode_threads, batch or the order of --format refused the folder ('another config')."""
+    from blinkflow.label import config_digest
+
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    out = tmp_path / "out"
+    label([clip], out, light_config)
+    for change in ("label.source.queue_size=8", "stages.segment.batch=2", "stages.chaos.batch=1"):
+        assert label([clip], out, light_config, change)["skipped"] == ["clip"], change
+    cfg = load_config(light_config)
+    assert config_digest(cfg, ["coco", "jsonl"]) == config_digest(cfg, ["jsonl", "coco"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["config_digest"] = config_digest(cfg, cfg.label.formats, legacy=True)  # written by an earlier release
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert label([clip], out, light_config)["skipped"] == ["clip"]
+
+
+def test_ids_are_numbered_where_no_folder_tells_videos_apart_and_case_never_splits_them():
+    """clip.mp4 and clip.mkv spelled their whole path out (too long a name under deep folders), and Clip and clip
+    were two ids that are one file on a case-insensitive disk."""
+    from blinkflow.label import _unique_ids
+
+    assert _unique_ids([Path("/data/cam1/clip.mp4"), Path("/data/cam1/clip.mkv")]) == ["clip", "clip-2"]
+    assert _unique_ids([Path("/d/Clip.mp4"), Path("/d/clip.mp4")]) == ["Clip", "clip-2"]
+    assert _unique_ids([Path("/x/a/q/clip.mp4"), Path("/x/b/q/clip.mp4")]) == ["a-q-clip", "b-q-clip"]
+
+
+def test_camera_formats_are_found_in_a_folder(tmp_path):
+    for name in ("00001.MTS", "a.m2ts", "b.3gp", "c.mxf", "d.vob", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(v.id for v in find_videos([str(tmp_path)])) == ["00001", "a", "b", "c", "d"]
+
+
+def test_a_video_that_fails_leaves_the_good_outputs_of_an_earlier_run(tmp_path, light_config):
+    """Its empty .jsonl and .coco.json were committed, over the good ones of the run before (--restart)."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    out = tmp_path / "out"
+    label([clip], out, light_config)
+    good = (out / "clip.jsonl").read_bytes()
+    clip.write_bytes(b"not a video any more")
+    summary = label([clip], out, light_config, restart=True)
+    assert summary["failed"] == ["clip"] and (out / "clip.jsonl").read_bytes() == good
+    assert json.loads((out / "manifest.json").read_text())["videos"]["clip"]["outputs"] == {}
+
+
+def test_coco_category_ids_are_the_same_in_every_file(tmp_path):
+    """Ids came in the order classes were first seen: person 1 in one video's file, 2 in another's."""
+    from blinkflow.sinks.coco import CocoSink, category_id
+
+    files = []
+    for order in (["person", "car"], ["car", "person"]):
+        sink = CocoSink(SinkConfig(type="coco", path=str(tmp_path / f"{order[0]}.coco.json")))
+        for index, name in enumerate(order):
+            sink.write(FrameResult(stream_id="cam", index=index, pts=0.0, width=16, height=12,
+                                   outcome=Outcome.PROCESSED,
+                                   results={"detect": {"boxes": [[1.0, 2.0, 5.0, 6.0]], "labels": [0], "classes": [name],
+                                                       "scores": [0.9]}}))
+        sink.close()
+        files.append(json.loads((tmp_path / f"{order[0]}.coco.json").read_text()))
+    ids = [{c["name"]: c["id"] for c in data["categories"]} for data in files]
+    assert ids[0] == ids[1] == {"person": 1, "car": 3}  # COCO's own ids
+    assert category_id("disc") == category_id("disc") >= 1000 and category_id("disc") != category_id("square")
+
+
+def test_the_overlay_keeps_a_variable_frame_rate(tmp_path):
+    """Frames were encoded back to back at the rate of the first two: a 4 s clip with gaps became 0.8 s."""
+    import av
+
+    from blinkflow.sinks import Mp4OverlaySink
+
+    times = [0.0, 0.1, 0.2, 1.0, 1.1, 2.5, 2.6, 4.0]
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "o.mp4")))
+    for index, pts in enumerate(times):
+        sink.write(FrameResult(stream_id="cam", index=index, pts=pts, width=32, height=24, outcome=Outcome.PROCESSED,
+                               image=np.zeros((24, 32, 3), np.uint8)))
+    sink.close()
+    with av.open(str(tmp_path / "o.mp4")) as container:
+        decoded = [round(float(frame.time), 3) for frame in container.decode(video=0)]
+    assert decoded == times
+
+
+def test_label_records_validate_against_the_record_schema(tmp_path, light_config):
+    """The schema required latency_ms, which label's byte-stable records leave out."""
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = jsonschema.Draft202012Validator(json.loads((REPO_ROOT / "pipeline" / "frame-record.schema.json").read_text()))
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    label([clip], tmp_path / "out", light_config)
+    for line in (tmp_path / "out" / "clip.jsonl").read_text().splitlines():
+        schema.validate(json.loads(line))

@@ -12,6 +12,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from fractions import Fraction
@@ -271,8 +272,14 @@ class Mp4OverlaySink(Sink):
             writer.abort()
 
 
+#: the overlay's timestamps are in milliseconds
+OVERLAY_TIME_BASE = Fraction(1, 1000)
+
+
 class _StreamVideoWriter:
-    """Encodes frames of one stream; the frame rate is the sink's, or measured from the first two pts."""
+    """Encodes frames of one stream at their own times (a variable frame rate stays one: a 4 s clip with gaps
+    was a 0.8 s overlay); the nominal rate is the sink's, or measured from the first two pts. Frames without a
+    usable time (unknown, or not after the previous one) come one nominal interval after the previous."""
 
     def __init__(self, path: Path, fps: float | None) -> None:
         self.file = AtomicFile(path)
@@ -281,10 +288,12 @@ class _StreamVideoWriter:
         self.container = None
         self.stream = None
         self.count = 0
+        self.first_pts: float | None = None
+        self.last_ms: int | None = None
 
     def write(self, image: np.ndarray, pts: float) -> None:
         if self.container is not None:
-            self._encode(image)
+            self._encode(image, pts)
             return
         self.pending.append((image, pts))
         if self.fps is None and len(self.pending) < 2:
@@ -293,8 +302,8 @@ class _StreamVideoWriter:
 
     def _flush_pending(self) -> None:
         self._open(self.pending[0][0])
-        for pending_image, _ in self.pending:
-            self._encode(pending_image)
+        for pending_image, pending_pts in self.pending:
+            self._encode(pending_image, pending_pts)
         self.pending.clear()
 
     def _open(self, image: np.ndarray) -> None:
@@ -307,6 +316,8 @@ class _StreamVideoWriter:
         self.stream.width, self.stream.height = width + width % 2, height + height % 2
         self.stream.pix_fmt = "yuv420p"
         self.stream.options = {"crf": "23", "preset": "veryfast"}
+        self.stream.codec_context.time_base = OVERLAY_TIME_BASE
+        self.nominal_ms = max(1, round(1000.0 / fps))
 
     def _measured_fps(self) -> float:
         if len(self.pending) >= 2:
@@ -315,16 +326,28 @@ class _StreamVideoWriter:
                 return min(240.0, 1.0 / delta)
         return 25.0
 
-    def _encode(self, image: np.ndarray) -> None:
+    def _encode(self, image: np.ndarray, pts: float) -> None:
         import av
 
         height, width = self.stream.height, self.stream.width
         if image.shape[0] != height or image.shape[1] != width:
             image = _fit(image, height, width)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+        frame.pts, frame.time_base = self._ms(pts), OVERLAY_TIME_BASE
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.count += 1
+
+    def _ms(self, pts: float) -> int:
+        """The frame's time in ms since the stream's first frame; one nominal interval on when it has none."""
+        usable = pts is not None and math.isfinite(pts)
+        if usable and self.first_pts is None:
+            self.first_pts = pts
+        ms = round((pts - self.first_pts) * 1000.0) if usable and self.first_pts is not None else None
+        if ms is None or (self.last_ms is not None and ms <= self.last_ms):
+            ms = 0 if self.last_ms is None else self.last_ms + self.nominal_ms
+        self.last_ms = ms
+        return ms
 
     def close(self) -> None:
         if self.container is None and self.pending:

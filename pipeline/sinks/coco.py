@@ -14,9 +14,13 @@ the video structure (as in COCO-style video datasets such as YouTube-VIS)::
                       "task": "segment"}]}
 
 A segmentation annotation is ``pycocotools.mask.encode`` of ``class_map ==
-c`` for each class present in the frame, background (index 0) excluded.
-Category ids are given by name in the order first seen, so one name has one
-id whether a detector or a segmenter produced it. Frames that were dropped or
+c`` for each class present in the frame, background (index 0) excluded: one
+mask of every object of the class together, so it is marked ``iscrowd: 1``
+(COCO's convention for a region of several objects; filter on ``task`` to
+evaluate one kind). Category ids are fixed by name, the same in every file:
+a COCO class has its COCO id (person 1, car 3), any other name a stable id
+of 1000 or more made from the name, so one name has one id whether a
+detector or a segmenter produced it, and files of several videos merge. Frames that were dropped or
 failed get an image entry and no annotations. Everything is written when the
 sink closes, atomically; the output depends only on the results, so the same
 input gives byte-identical files.
@@ -73,7 +77,7 @@ class CocoSink(Sink):
     def _category(self, name: str, task: str) -> int:
         entry = self.categories.get(name)
         if entry is None:
-            entry = self.categories[name] = {"id": len(self.categories) + 1, "name": name, "supercategory": task}
+            entry = self.categories[name] = {"id": category_id(name), "name": name, "supercategory": task}
         return entry["id"]
 
     def _add_detections(self, detect: dict[str, Any], where: dict[str, int]) -> None:
@@ -100,7 +104,7 @@ class CocoSink(Sink):
                 "id": len(self.annotations) + 1, **where, "category_id": self._category(classes[index], "segment"),
                 "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
                 "area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "iscrowd": 0, "score": 1.0, "task": "segment",
+                "iscrowd": 1, "score": 1.0, "task": "segment",
             })
 
     def document(self) -> dict[str, Any]:
@@ -127,6 +131,23 @@ class CocoSink(Sink):
     def abort(self) -> None:
         self.closed = True
         self.file.discard()
+
+
+def category_id(name: str) -> int:
+    """A category's id in every file: COCO's for a COCO class name, else 1000 + a number made from the name
+    (first-seen order gave person 1 in one video's file and 2 in another's)."""
+    import hashlib
+
+    from blinkflow.models.classes import coco_categories
+
+    coco = _coco_ids(tuple(coco_categories()))
+    if name in coco:
+        return coco[name]
+    return 1000 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 9_000_000
+
+
+def _coco_ids(names: tuple[str, ...]) -> dict[str, int]:
+    return {name: index for index, name in enumerate(names) if index > 0 and name != "N/A"}
 
 
 def class_map_of(segment: dict[str, Any]) -> np.ndarray:
