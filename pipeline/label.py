@@ -84,8 +84,9 @@ class Video:
 
 
 def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
-    """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids. Nothing under
-    ``out_dir`` is an input: an output folder inside an input folder had its overlays labelled on every run."""
+    """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids. Label's own files in
+    ``out_dir`` (the outputs its manifest lists, its hidden scratch and partial files) are not inputs: an output
+    folder inside an input folder had its overlays labelled on every run."""
     from blinkflow.sources import VIDEO_SUFFIXES
 
     outside = _outside(out_dir)
@@ -110,10 +111,29 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
 
 
 def _outside(out_dir: Path | None) -> Callable[[Path], bool]:
+    """Whether a found file is not one of label's own in ``out_dir`` (videos may sit in or under it too)."""
     if out_dir is None:
         return lambda path: True
     root = Path(out_dir).expanduser().resolve()
-    return lambda path: not path.resolve().is_relative_to(root)
+    ours = _listed_outputs(root)
+
+    def outside(path: Path) -> bool:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(root):
+            return True
+        inside = resolved.relative_to(root).parts
+        return not (inside[0].startswith(".") or (len(inside) == 1 and inside[0] in ours))
+
+    return outside
+
+
+def _listed_outputs(root: Path) -> set[str]:
+    """The output files the folder's manifest lists (none when it has no readable one)."""
+    try:
+        videos = json.loads((root / MANIFEST).read_text())["videos"]
+        return {name for entry in videos.values() for name in entry.get("outputs", {})}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _unique_ids(paths: list[Path]) -> list[str]:
@@ -207,31 +227,37 @@ class Manifest:
         return cls(path, config_digest, videos, weights)
 
     def assign(self, videos: list[Video]) -> list[Video]:
-        """Videos whose id the manifest holds for another source (a batch labelled into the same folder before,
-        e.g. day1/cam1.mp4 and now day2/cam1.mp4) take the id that source's entry has, or a free one: a second
-        batch overwrote the first one's labels under the same name."""
+        """Ids that hold across runs: a video the manifest knows keeps the id it was labelled under (whatever the
+        other inputs now, or their order); a new one takes its fresh id unless that is, or clashes with, an id
+        of the manifest or of this batch (another file's: day1/cam1.mp4 labelled before day2/cam1.mp4 went over
+        its labels), and is numbered then."""
         by_source = {entry["source"]: video_id for video_id, entry in self.videos.items()}
-        used = {v.id.casefold() for v in videos}
-        assigned = []
+        final = {v.path: by_source[str(v.path)] for v in videos if str(v.path) in by_source}
+        taken = {video_id.casefold() for video_id in self.videos}
         for video in videos:
-            entry = self.videos.get(video.id)
-            if entry is None or entry["source"] == str(video.path):
-                assigned.append(video)
+            if video.path in final:
                 continue
-            earlier = by_source.get(str(video.path))
-            new_id = earlier if earlier is not None and earlier.casefold() not in used else self._free_id(video.id, used)
-            used.add(new_id.casefold())
-            log.info("%s: %s is another video's (%s) in %s; labelled as %s", video.path, video.id, entry["source"],
-                     self.path.parent, new_id)
-            assigned.append(Video(new_id, video.path))
-        return assigned
+            others = taken | {i.casefold() for i in final.values()} | {
+                v.id.casefold() for v in videos if v.path not in final and v.path != video.path}
+            video_id, number = video.id, 1
+            while _clashes(video_id, others):
+                number += 1
+                video_id = f"{video.id}-{number}"
+            if video_id != video.id:
+                log.info("%s: id %s is another video's in %s; labelled as %s", video.path, video.id,
+                         self.path.parent, video_id)
+            final[video.path] = video_id
+        return [Video(final[v.path], v.path) for v in videos]
 
-    def _free_id(self, base: str, used: set[str]) -> str:
-        held = {video_id.casefold() for video_id in self.videos} | used
-        number = 2
-        while _clashes(f"{base}-{number}", held):
-            number += 1
-        return f"{base}-{number}"
+    def backfill(self, videos: list[Video], fingerprints: dict[str, dict[str, int]]) -> None:
+        """Entries of an earlier release, without their source's size and time: recorded now (for the videos
+        this run skips), so that a later change of the file is noticed; with the weights, written once."""
+        missing = [v for v in videos if v.id in self.videos and not all(k in self.videos[v.id] for k in FINGERPRINT_KEYS)
+                   and self.videos[v.id].get("source") == str(v.path)]
+        for video in missing:
+            self.videos[video.id].update(fingerprints[video.id])
+        if missing:
+            self.save()
 
     def finished(self, video: Video, out_dir: Path, retry_failed: bool, fingerprint: dict[str, int] | None = None) -> bool:
         """True when the video needs no work: done (outputs verified) or failed and not to be retried, and its
@@ -255,6 +281,9 @@ class Manifest:
 
     def record(self, video_id: str, entry: dict[str, Any]) -> None:
         self.videos[video_id] = entry
+        self.save()
+
+    def save(self) -> None:
         document = {"version": MANIFEST_VERSION, "config_digest": self.config_digest, "videos": self.videos}
         if self.weights:
             document["weights"] = self.weights
@@ -299,6 +328,18 @@ def config_digest(cfg: Any, formats: list[str], legacy: bool = False) -> str:
     return sha256_bytes(json.dumps(relevant, sort_keys=True, default=str).encode())[:16]
 
 
+def _refuse_writing_over_inputs(videos: list[Video], out_dir: Path, formats: list[str]) -> None:
+    """Labelling in place (``--out`` the videos' own folder) with mp4 overlays would write ``<id>.mp4`` over the
+    video of that name."""
+    inputs = {v.path for v in videos}
+    for video in videos:
+        for name in video.outputs(formats).values():
+            target = (out_dir / name).resolve()
+            if target in inputs:
+                raise BlinkflowError(f"--out {out_dir}: {video.id}'s output {name} would be written over the input "
+                                     f"{target}; choose another --out, or leave mp4 out of --format")
+
+
 def _source_settings(source: Any, skip: frozenset[str]) -> dict[str, Any]:
     settings = dataclasses.asdict(source)
     if skip and isinstance(settings.get("options"), dict):
@@ -315,16 +356,22 @@ def weights_digests(cfg: Any) -> dict[str, str]:
     digests = {}
     for name in cfg.enabled_stages():
         stage = cfg.stages[name]
-        if not getattr(stage, "weights", None):
-            continue
-        model = stage.model or getattr(stage_registry.get(name), "default_model", None) or ""
-        try:
-            spec = resolve_weights(stage.weights, stage=name, model_name=model)
-            digest = spec.sha256 or (sha256_file(spec.path) if spec.path is not None and spec.path.is_file() else None)
-        except Exception:  # noqa: BLE001 - resolved for real (and refused in one line) when the stage sets up
-            digest = None
-        digests[name] = digest or str(stage.weights)
+        options = getattr(stage, "options", None)
+        if getattr(stage, "weights", None):
+            model = stage.model or getattr(stage_registry.get(name), "default_model", None) or ""
+            digests[name] = _weights_digest(resolve_weights, stage.weights, name, model)
+        if getattr(options, "reid_weights", None) and getattr(options, "appearance_weight", 0) > 0:  # track's re-id
+            digests[f"{name}.reid"] = _weights_digest(resolve_weights, options.reid_weights, "reid", options.reid_model)
     return digests
+
+
+def _weights_digest(resolve: Callable[..., Any], weights: str, stage: str, model: str) -> str:
+    try:
+        spec = resolve(weights, stage=stage, model_name=model)
+        digest = spec.sha256 or (sha256_file(spec.path) if spec.path is not None and spec.path.is_file() else None)
+    except Exception:  # noqa: BLE001 - resolved for real (and refused in one line) when the stage sets up
+        digest = None
+    return digest or str(weights)
 
 
 # --------------------------------------------------------------------------- one video (in a worker)
@@ -473,10 +520,12 @@ class LabelRun:
         self.manifest = Manifest.load(self.out_dir, config_digest(self.cfg, self.formats), self.restart,
                                       weights_digests(self.cfg), config_digest(self.cfg, self.formats, legacy=True))
         self.videos = self.manifest.assign(self.videos)
+        _refuse_writing_over_inputs(self.videos, self.out_dir, self.formats)
         self.fingerprints = {v.id: source_fingerprint(v.path) for v in self.videos}
         retry = self.cfg.label.retry_failed
         todo = [v for v in self.videos
                 if not self.manifest.finished(v, self.out_dir, retry, self.fingerprints[v.id])]
+        self.manifest.backfill([v for v in self.videos if v not in todo], self.fingerprints)
         for video in self.videos:
             if video not in todo:
                 self.results[video.id] = {**self.manifest.videos[video.id], "skipped": True}

@@ -113,8 +113,9 @@ def _check_shape(shape: ZoneOptions | LineOptions, path: str, least: int, exact:
         raise ConfigError(f"{path}.points: a {'line' if exact else 'zone'} needs {need}, got {count}")
     if exact and shape.points[0] == shape.points[1]:
         raise ConfigError(f"{path}.points: both ends are {shape.points[0]}; a line needs two distinct points")
-    if not exact and _crossing_edges(shape.points):  # inside and outside would be read by the even-odd rule
-        first, second = _crossing_edges(shape.points)
+    crossing = None if exact else _crossing_edges(shape.points)
+    if crossing:  # inside and outside would be read by the even-odd rule
+        first, second = crossing
         raise ConfigError(f"{path}.points: the zone's edges {first + 1} and {second + 1} cross each other; list its "
                           "corners in order around it")
     if not exact and _area(shape.points) == 0.0:  # a zone no point can be inside never fires: say so
@@ -164,24 +165,46 @@ def line_side(line: np.ndarray, point: tuple[float, float]) -> tuple[float, floa
 
 
 def _crossing_edges(points: list[list[float]]) -> tuple[int, int] | None:
-    """The first two edges of the polygon that cross (not neighbours sharing a corner), or None."""
-    edges = list(zip(points, points[1:] + points[:1]))
+    """The first two edges of the polygon that meet other than at the corner neighbours share (a crossing, one
+    edge through another's corner, or a spike folding back along its neighbour), or None. Zero-length edges
+    (a corner repeated, the first one at the end) are left out."""
+    corners = [p for i, p in enumerate(points) if p != points[i - 1]] or points[:1]
+    edges = list(zip(corners, corners[1:] + corners[:1]))
     count = len(edges)
     for i in range(count):
-        for j in range(i + 2, count):
-            if i == 0 and j == count - 1:
-                continue  # the first and the last edge share the first corner
-            if _segments_cross(*edges[i], *edges[j]):
+        for j in range(i + 1, count):
+            neighbours = j == i + 1 or (i == 0 and j == count - 1)
+            if (_folds_back(*edges[i], *edges[j]) if neighbours else _segments_meet(*edges[i], *edges[j])):
                 return i, j
     return None
 
 
-def _segments_cross(a: list[float], b: list[float], c: list[float], d: list[float]) -> bool:
-    """Whether segments ab and cd cross at a point inside both (touching ends do not count)."""
-    def side(p: list[float], q: list[float], r: list[float]) -> float:
-        return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
+def _side(p: list[float], q: list[float], r: list[float]) -> float:
+    return (q[0] - p[0]) * (r[1] - p[1]) - (q[1] - p[1]) * (r[0] - p[0])
 
-    return side(a, b, c) * side(a, b, d) < 0 and side(c, d, a) * side(c, d, b) < 0
+
+def _on_segment(p: list[float], q: list[float], r: list[float]) -> bool:
+    """``r`` (collinear with pq) lies on segment pq."""
+    return min(p[0], q[0]) <= r[0] <= max(p[0], q[0]) and min(p[1], q[1]) <= r[1] <= max(p[1], q[1])
+
+
+def _segments_meet(a: list[float], b: list[float], c: list[float], d: list[float]) -> bool:
+    """Whether segments ab and cd share any point (touching counts)."""
+    d1, d2, d3, d4 = _side(c, d, a), _side(c, d, b), _side(a, b, c), _side(a, b, d)
+    if ((d1 > 0 > d2) or (d1 < 0 < d2)) and ((d3 > 0 > d4) or (d3 < 0 < d4)):
+        return True
+    return ((d1 == 0 and _on_segment(c, d, a)) or (d2 == 0 and _on_segment(c, d, b))
+            or (d3 == 0 and _on_segment(a, b, c)) or (d4 == 0 and _on_segment(a, b, d)))
+
+
+def _folds_back(a: list[float], b: list[float], c: list[float], d: list[float]) -> bool:
+    """Neighbouring edges ab and cd (sharing a corner) that lie on one line and overlap past it: a spike."""
+    shared = b if b in (c, d) else a
+    start, far = (a if shared == b else b), (d if shared == c else c)
+    along = [start[0] - shared[0], start[1] - shared[1]], [far[0] - shared[0], far[1] - shared[1]]
+    cross = along[0][0] * along[1][1] - along[0][1] * along[1][0]
+    dot = along[0][0] * along[1][0] + along[0][1] * along[1][1]
+    return cross == 0 and dot > 0
 
 
 def _area(points: list[list[float]]) -> float:

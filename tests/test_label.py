@@ -522,3 +522,100 @@ def test_label_records_validate_against_the_record_schema(tmp_path, light_config
     label([clip], tmp_path / "out", light_config)
     for line in (tmp_path / "out" / "clip.jsonl").read_text().splitlines():
         schema.validate(json.loads(line))
+
+
+# --------------------------------------------------------------------------- a review of those fixes
+
+
+def test_labelling_in_place_or_into_a_folder_above_the_videos_finds_them(tmp_path, light_config):
+    """Every file under --out was dropped: '--out v v' and '--out arch arch/raw' found no video at all."""
+    folder = tmp_path / "v"
+    folder.mkdir()
+    write_test_video(folder / "clip.mp4", frames=3)
+    cfg = load_config(light_config)
+    assert LabelRun(find_videos([str(folder)], folder), folder, cfg, ["jsonl"], progress=False).run()["done"] == 1
+    assert [v.id for v in find_videos([str(folder)], folder)] == ["clip"]
+    with pytest.raises(BlinkflowError, match=r"clip's output clip\.mp4 would be written over the input"):
+        LabelRun(find_videos([str(folder)], folder), folder, cfg, ["jsonl", "mp4"], progress=False, restart=True).run()
+    (tmp_path / "arch" / "raw").mkdir(parents=True)
+    write_test_video(tmp_path / "arch" / "raw" / "door.mp4", frames=3)
+    assert [v.id for v in find_videos([str(tmp_path / "arch" / "raw")], tmp_path / "arch")] == ["door"]
+
+
+def test_ids_hold_across_runs_whatever_the_other_inputs_and_their_order(tmp_path, light_config):
+    """Swapping two inputs, adding a file or a folder relabelled finished videos under new ids and orphaned
+    their outputs."""
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    mp4 = write_test_video(tmp_path / "a" / "clip.mp4", frames=3)
+    mkv = tmp_path / "a" / "clip.mkv"
+    mkv.write_bytes(mp4.read_bytes())
+    other = write_test_video(tmp_path / "b" / "clip.mp4", frames=2)
+    out = tmp_path / "out"
+    first = label([mp4, mkv], out, light_config)
+    assert sorted(first["videos"]) == ["clip", "clip-2"]
+    swapped = label([mkv, mp4], out, light_config)
+    assert sorted(swapped["skipped"]) == ["clip", "clip-2"]
+    grown = label([tmp_path / "a", tmp_path / "b"], out, light_config)  # a folder added: a/clip is 'clip' still
+    assert sorted(grown["skipped"]) == ["clip", "clip-2"] and len(grown["videos"]) == 3
+    new_id = next(i for i, v in grown["videos"].items() if v["source"] == str(other.resolve()))
+    assert new_id not in ("clip", "clip-2")
+    assert sorted(p.name for p in out.glob("*.jsonl")) == sorted(f"{i}.jsonl" for i in grown["videos"])
+
+
+def test_a_new_videos_id_never_clashes_with_the_manifests_by_case_or_events_file():
+    from blinkflow.label import Manifest, Video
+
+    entry = {"status": "done", "outputs": {}, "frames": 1, "outcomes": {}}
+    manifest = Manifest(Path("/out/manifest.json"), "d", {"x": {**entry, "source": "/day1/x.mp4"},
+                                                           "Clip": {**entry, "source": "/day1/Clip.mp4"}})
+    ids = [v.id for v in manifest.assign([Video("x.events", Path("/day2/x.events.mp4")), Video("clip", Path("/day2/clip.mp4"))])]
+    assert ids == ["x.events-2", "clip-2"]
+
+
+def test_an_archive_of_an_earlier_release_gets_its_sources_recorded_and_then_notices_a_change(tmp_path, light_config):
+    """Entries without size and time were accepted and never got them: a replaced file stayed 'done' for good."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    out = tmp_path / "out"
+    label([clip], out, light_config)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for entry in manifest["videos"].values():  # as an earlier release wrote it
+        entry.pop("source_size"), entry.pop("source_mtime_ns")
+    manifest.pop("weights", None)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert label([clip], out, light_config)["skipped"] == ["clip"]
+    assert "source_size" in json.loads((out / "manifest.json").read_text())["videos"]["clip"]
+    write_test_video(clip, frames=5)
+    assert label([clip], out, light_config)["videos"]["clip"]["frames"] == 5
+
+
+def test_two_class_names_on_one_category_id_are_refused_not_merged(tmp_path, monkeypatch):
+    from blinkflow.sinks import coco
+
+    monkeypatch.setattr(coco, "category_id", lambda name: 4242)
+    sink = coco.CocoSink(SinkConfig(type="coco", path=str(tmp_path / "x.coco.json")))
+    detect = {"boxes": [[1.0, 2.0, 5.0, 6.0], [1.0, 2.0, 5.0, 6.0]], "labels": [0, 1], "classes": ["disc", "square"],
+              "scores": [0.9, 0.8]}
+    with pytest.raises(ValueError, match="classes 'disc' and 'square' have one category id"):
+        sink.write(FrameResult(stream_id="cam", index=0, pts=0.0, width=16, height=12, outcome=Outcome.PROCESSED,
+                               results={"detect": detect}))
+
+
+@pytest.mark.parametrize("times, fps, expected", [
+    ([0.0, 0.04, 0.04, 0.08, 0.12], None, [0.0, 0.04, 0.04, 0.08, 0.12]),  # a repeated time: no drift after it
+    ([0.0, 1.0, 2.0, 3.0], 30.0, [0.0, 1 / 30, 2 / 30, 0.1]),  # the sink's fps: a constant rate (a time-lapse)
+    ([0.0, 0.0005, 0.001, 0.0015], None, [0.0, 0.0005, 0.001, 0.0015]),  # over 1000 fps
+])
+def test_the_overlays_times_are_the_frames_or_the_sinks_rate(tmp_path, times, fps, expected):
+    import av
+
+    from blinkflow.sinks import Mp4OverlaySink
+
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "o.mp4"), fps=fps))
+    for index, pts in enumerate(times):
+        sink.write(FrameResult(stream_id="cam", index=index, pts=pts, width=32, height=24, outcome=Outcome.PROCESSED,
+                               image=np.zeros((24, 32, 3), np.uint8)))
+    sink.close()
+    with av.open(str(tmp_path / "o.mp4")) as container:
+        decoded = [float(frame.time) for frame in container.decode(video=0)]
+    assert decoded == pytest.approx(expected, abs=2e-4)

@@ -511,3 +511,16 @@ def test_snapshots_of_two_streams_and_of_a_restarted_run_never_overwrite_each_ot
     assert Path(paths[0]).parent != Path(paths[1]).parent  # two streams, two folders
     assert Path(paths[0]).read_bytes() != Path(paths[1]).read_bytes()
     assert Path(paths[2]).name == "00000003-new-1-2.jpg"  # the second run's: a name of its own
+
+
+@pytest.mark.parametrize("points, bad", [
+    ([[0, 0], [4, 4], [10, 10], [12, 0], [0, 6]], True),  # an edge through another's corner (4, 4)
+    ([[0, 0], [10, 0], [5, 0], [5, 5]], True),  # a spike folding back along its neighbour
+    ([[0, 0], [4, 4], [10, 10], [12, 0]], False),  # a corner on a straight side: fine
+    ([[0, 0], [100, 0], [100, 100], [0, 100], [0, 0]], False),  # closed by repeating the first corner: fine
+    ([[0, 0], [10, 0], [10, 10], [10, 10], [0, 10]], False),  # a corner given twice: fine
+])
+def test_zone_edges_that_meet_anywhere_but_their_shared_corner_are_refused(points, bad):
+    from blinkflow.stages.events import _crossing_edges
+
+    assert (_crossing_edges(points) is not None) == bad

@@ -272,14 +272,14 @@ class Mp4OverlaySink(Sink):
             writer.abort()
 
 
-#: the overlay's timestamps are in milliseconds
-OVERLAY_TIME_BASE = Fraction(1, 1000)
+#: the overlay's timestamps: MPEG's 90 kHz clock (a source over 1000 fps keeps its times)
+OVERLAY_TIME_BASE = Fraction(1, 90_000)
 
 
 class _StreamVideoWriter:
     """Encodes frames of one stream at their own times (a variable frame rate stays one: a 4 s clip with gaps
-    was a 0.8 s overlay); the nominal rate is the sink's, or measured from the first two pts. Frames without a
-    usable time (unknown, or not after the previous one) come one nominal interval after the previous."""
+    was a 0.8 s overlay), or, with the sink's ``fps``, at that constant rate (a time-lapse). A frame without a
+    usable time comes one interval after the previous; one at or before it, one tick after it."""
 
     def __init__(self, path: Path, fps: float | None) -> None:
         self.file = AtomicFile(path)
@@ -289,7 +289,7 @@ class _StreamVideoWriter:
         self.stream = None
         self.count = 0
         self.first_pts: float | None = None
-        self.last_ms: int | None = None
+        self.last_ticks: int | None = None
 
     def write(self, image: np.ndarray, pts: float) -> None:
         if self.container is not None:
@@ -317,7 +317,7 @@ class _StreamVideoWriter:
         self.stream.pix_fmt = "yuv420p"
         self.stream.options = {"crf": "23", "preset": "veryfast"}
         self.stream.codec_context.time_base = OVERLAY_TIME_BASE
-        self.nominal_ms = max(1, round(1000.0 / fps))
+        self.interval = max(1, round(OVERLAY_TIME_BASE.denominator / fps))  # in ticks
 
     def _measured_fps(self) -> float:
         if len(self.pending) >= 2:
@@ -333,21 +333,26 @@ class _StreamVideoWriter:
         if image.shape[0] != height or image.shape[1] != width:
             image = _fit(image, height, width)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-        frame.pts, frame.time_base = self._ms(pts), OVERLAY_TIME_BASE
+        frame.pts, frame.time_base = self._ticks(pts), OVERLAY_TIME_BASE
         for packet in self.stream.encode(frame):
             self.container.mux(packet)
         self.count += 1
 
-    def _ms(self, pts: float) -> int:
-        """The frame's time in ms since the stream's first frame; one nominal interval on when it has none."""
-        usable = pts is not None and math.isfinite(pts)
-        if usable and self.first_pts is None:
-            self.first_pts = pts
-        ms = round((pts - self.first_pts) * 1000.0) if usable and self.first_pts is not None else None
-        if ms is None or (self.last_ms is not None and ms <= self.last_ms):
-            ms = 0 if self.last_ms is None else self.last_ms + self.nominal_ms
-        self.last_ms = ms
-        return ms
+    def _ticks(self, pts: float) -> int:
+        """The frame's time since the stream's first frame, in OVERLAY_TIME_BASE ticks."""
+        if self.fps is not None:  # a constant rate asked for
+            ticks = self.count * self.interval
+        else:
+            usable = pts is not None and math.isfinite(pts)
+            if usable and self.first_pts is None:
+                self.first_pts = pts
+            ticks = round((pts - self.first_pts) * OVERLAY_TIME_BASE.denominator) if usable and self.first_pts is not None else None
+            if ticks is None:
+                ticks = 0 if self.last_ticks is None else self.last_ticks + self.interval
+            elif self.last_ticks is not None and ticks <= self.last_ticks:
+                ticks = self.last_ticks + 1  # a repeated time: one tick on, so the frames after keep theirs
+        self.last_ticks = ticks
+        return ticks
 
     def close(self) -> None:
         if self.container is None and self.pending:

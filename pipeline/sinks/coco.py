@@ -15,11 +15,11 @@ the video structure (as in COCO-style video datasets such as YouTube-VIS)::
 
 A segmentation annotation is ``pycocotools.mask.encode`` of ``class_map ==
 c`` for each class present in the frame, background (index 0) excluded: one
-mask of every object of the class together, so it is marked ``iscrowd: 1``
-(COCO's convention for a region of several objects; filter on ``task`` to
-evaluate one kind). Category ids are fixed by name, the same in every file:
-a COCO class has its COCO id (person 1, car 3), any other name a stable id
-of 1000 or more made from the name, so one name has one id whether a
+mask of every object of the class together (semantic, not instances; filter
+on ``task`` to evaluate boxes or masks alone: a class's mask beside its boxes
+would count as one more object). Category ids are fixed by name, the same in
+every file: a COCO class has its COCO id (person 1, car 3), any other name a
+stable id of 1000 or more made from the name, so one name has one id whether a
 detector or a segmenter produced it, and files of several videos merge. Frames that were dropped or
 failed get an image entry and no annotations. Everything is written when the
 sink closes, atomically; the output depends only on the results, so the same
@@ -77,7 +77,10 @@ class CocoSink(Sink):
     def _category(self, name: str, task: str) -> int:
         entry = self.categories.get(name)
         if entry is None:
-            entry = self.categories[name] = {"id": category_id(name), "name": name, "supercategory": task}
+            entry = self.categories[name] = {"id": category_id(name), "name": name, "supercategory": "object"}
+            clash = [other for other, c in self.categories.items() if c["id"] == entry["id"] and other != name]
+            if clash:  # one in about a million for a thousand names: said rather than merged
+                raise ValueError(f"coco sink: classes {clash[0]!r} and {name!r} have one category id; rename one")
         return entry["id"]
 
     def _add_detections(self, detect: dict[str, Any], where: dict[str, int]) -> None:
@@ -104,7 +107,7 @@ class CocoSink(Sink):
                 "id": len(self.annotations) + 1, **where, "category_id": self._category(classes[index], "segment"),
                 "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
                 "area": int(mask_utils.area(rle)), "bbox": [float(v) for v in mask_utils.toBbox(rle)],
-                "iscrowd": 1, "score": 1.0, "task": "segment",
+                "iscrowd": 0, "score": 1.0, "task": "segment",
             })
 
     def document(self) -> dict[str, Any]:
@@ -143,7 +146,7 @@ def category_id(name: str) -> int:
     coco = _coco_ids(tuple(coco_categories()))
     if name in coco:
         return coco[name]
-    return 1000 + int(hashlib.sha256(name.encode()).hexdigest()[:8], 16) % 9_000_000
+    return 1000 + int(hashlib.sha256(name.encode()).hexdigest()[:12], 16) % 10**12
 
 
 def _coco_ids(names: tuple[str, ...]) -> dict[str, int]:
