@@ -44,8 +44,9 @@ FPS_WINDOW_S = 1.0
 #: the audit-agreement gauge is the mean of the audits of the last this many seconds (alerts use the counters)
 AUDIT_WINDOW_S = 300.0
 #: a stream removed on purpose (DELETE /streams/ID) keeps its series this long after its end, so a scrape or
-#: two still read its final counts; then they go, and with them its stream_up of 0 (no page for a camera
-#: the operator removed, and ids cycled by a tool do not grow the series without end)
+#: two still read its final counts; then they go (ids cycled by a tool do not grow the series without end).
+#: Its stream_up goes at once: a 0 held that long fired the one-minute BlinkflowStreamDown page for a camera
+#: the operator removed
 REMOVED_SERIES_S = 120.0
 #: a stream with no result for this long (and three of its usual gaps) reads 0 results a second at a scrape
 STALL_S = 5.0
@@ -571,11 +572,22 @@ class PrometheusRecorder(MetricsRecorder):
             series.live = True
             if kind == "removed":
                 series.removed = True
+                self._drop_up(stream, series)
                 return
             if kind in ("connecting", "up"):  # (again) under this id: whatever was removed is back
+                if series.removed:
+                    series.up = self._child(self.stream_up, stream)
                 series.removed, series.ended_at = False, None
             if kind in ("connecting", "up", "down", "ended", "stopped"):
                 self._set_up(series, kind == "up")
+
+    def _drop_up(self, stream: str, series: _StreamSeries) -> None:
+        """A removed stream's stream_up goes now (the lock is held); its other series stay REMOVED_SERIES_S.
+        Later events set the detached child, which no scrape reads."""
+        values = (redacted_label(stream),)
+        self._children.get(stream, set()).discard((self.stream_up, values))
+        with contextlib.suppress(KeyError):
+            self.stream_up.remove(*values)
 
     @staticmethod
     def _set_up(series: _StreamSeries, up: bool) -> None:

@@ -151,6 +151,24 @@ def test_scrape_config_and_alerts_pass_promtool(promtool):
     assert "SUCCESS" in checked.stdout and "rules found" in checked.stdout
 
 
+def test_a_removed_camera_pages_no_one_and_a_dead_one_does(promtool, tmp_path):
+    """The exporter drops a removed stream's stream_up at once (it held a 0 for two minutes, past the alert's
+    one-minute for: a page for every camera removed on purpose); a stream that stays at 0 pages."""
+    shutil.copy(PROMETHEUS_DIR / "alerts.yml", tmp_path / "alerts.yml")
+    series = 'blinkflow_stream_up{job="blinkflow-cameras",stream="%s"}'
+    tests = {"rule_files": ["alerts.yml"], "evaluation_interval": "15s", "tests": [{
+        "interval": "15s",
+        "input_series": [{"series": series % "removed", "values": "1 1 1 _x20"},
+                         {"series": series % "dead", "values": "1 1 1 0x20"}],
+        "alert_rule_test": [{"eval_time": "150s", "alertname": "BlinkflowStreamDown", "exp_alerts": [{
+            "exp_labels": {"severity": "page", "job": "blinkflow-cameras", "stream": "dead"},
+            "exp_annotations": {"summary": "Camera stream dead delivers no frames"}}]}]}]}
+    (tmp_path / "alerts-test.yml").write_text(yaml.safe_dump(tests))
+    checked = subprocess.run([promtool, "test", "rules", "alerts-test.yml"], capture_output=True, text=True,
+                             timeout=60, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
 # --------------------------------------------------------------------------- KubeRay, launcher, image
 
 

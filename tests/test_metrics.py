@@ -127,7 +127,10 @@ def test_a_stream_removed_on_purpose_loses_its_series_once_its_time_is_up(monkey
         recorder.on_stream_state(stream, False)
     recorder.on_stream_event("back", "connecting")  # added again under its id before its time was up
     recorder.refresh()
-    assert len(_stream_series(recorder, "door")) >= 15  # the final counts are still there to scrape
+    assert len(_stream_series(recorder, "door")) >= 14  # the final counts are still there to scrape...
+    # ...but not its stream_up: a 0 held for REMOVED_SERIES_S fired the one-minute BlinkflowStreamDown page
+    assert ("blinkflow_stream_up", frozenset({("stream", "door")})) not in samples(recorder)
+    assert ("blinkflow_stream_up", frozenset({("stream", "back")})) in samples(recorder)  # re-added: connecting
     monkeypatch.setattr(metrics, "REMOVED_SERIES_S", 0.0)
     recorder.refresh()
     assert _stream_series(recorder, "door") == []
