@@ -174,3 +174,30 @@ def test_object_tiles_grow_a_partial_frame_to_the_whole_objects_it_touches():
     assert results[False].results["gate"]["decision"] == results[True].results["gate"]["decision"] == "partial"
     plain, grown = set(results[False].gate.tiles["changed"]), set(results[True].gate.tiles["changed"])
     assert plain < grown and {3, 4} <= {t % 8 for t in grown - plain} and min(grown) < 8  # up to the first row
+
+
+@pytest.mark.slow
+def test_records_of_every_gate_decision_validate_against_the_record_schema():
+    """A refresh for change wrote gate.carried, and object_weight / region_budget wrote weighted and
+    discounted_tiles, none of which the schema (additionalProperties: false) allowed: the demo's own records
+    failed it."""
+    import json
+
+    jsonschema = pytest.importorskip("jsonschema")
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink, to_record
+    from tests.conftest import REPO_ROOT
+
+    cfg = load_config(REPO_ROOT / "configs" / "synthetic.yaml", [
+        "sources.0.num_frames=40", "gate.enabled=true", "gate.carry_until={detect: 3}", "gate.object_weight=1.5",
+        "gate.region_budget=true", "gate.refresh={segment: 4, detect: 8}"])
+    cfg.sinks = []
+    sink = MemorySink()
+    LocalRunner(cfg, sinks=[sink]).run()
+    schema = jsonschema.Draft202012Validator(json.loads((REPO_ROOT / "pipeline" / "frame-record.schema.json").read_text()))
+    keys = set()
+    for result in sink.results:
+        schema.validate(json.loads(json.dumps(to_record(result))))
+        keys |= set(result.results.get("gate") or {})
+    assert {"carried", "weighted", "discounted_tiles", "tiles", "stages", "audit_of"} <= keys
+    assert {(r.results.get("gate") or {}).get("decision") for r in sink.results} == {"keyframe", "partial", "refresh", "reuse"}
