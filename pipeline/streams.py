@@ -535,7 +535,11 @@ class _SessionClock:
         stream = self.stream
         if self.first_source is None:
             self.first_source = seconds
-            self.base = 0.0 if stream._last_pts < 0 else time.monotonic() - stream._t0
+            # a new connection goes on from the wall clock (a camera's outage shows as a gap), but never before one
+            # frame after the last pts: a file decoded faster than real time had each later pass squeezed into
+            # microseconds after its first (its media time runs ahead of the wall clock)
+            self.base = 0.0 if stream._last_pts < 0 else max(time.monotonic() - stream._t0,
+                                                            stream._last_pts + 1.0 / self.rate)
         pts = max(self.base + seconds - self.first_source, stream._last_pts + 1e-6)
         fps = stream.cfg.fps
         if fps is not None:

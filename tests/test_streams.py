@@ -571,3 +571,26 @@ def test_streams_added_and_removed_at_run_time_through_the_control_endpoint(rtsp
 
 def _stream_ids(hub: StreamHub) -> list[str]:
     return sorted(s["id"] for s in hub.status()["ended"])
+
+
+def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypatch):
+    """A file decodes faster than real time: the wall clock since the start (0.2 s) was behind the media time of the
+    first pass (9.96 s), so every frame of the next pass was clamped to a microsecond after the last. A camera's
+    outage still shows as the wall-clock gap."""
+    import types
+
+    from blinkflow import streams
+
+    stream = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None))
+    clock = iter([1000.2, 1030.0])  # the later sessions start 0.2 s in (a fast file), then 30 s in (an outage)
+    monkeypatch.setattr(streams.time, "monotonic", lambda: next(clock))
+
+    def session(times):
+        session_clock = streams._SessionClock(stream, 25.0)
+        return [session_clock.pts(types.SimpleNamespace(time=t)) for t in times]
+
+    first = session([i / 25 for i in range(10)])
+    second = session([i / 25 for i in range(10)])
+    assert second == pytest.approx([first[-1] + (i + 1) / 25 for i in range(10)])  # spaced as the media is
+    third = session([0.0, 0.04])
+    assert third == pytest.approx([30.0, 30.04])  # a camera back after 30 s: the gap is kept
