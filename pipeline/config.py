@@ -494,11 +494,16 @@ def check_config(cfg: Config, base_dir: Path) -> None:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
         if sink.path and Path(sink.path).is_dir():  # found only when the run commits, after all the work
             raise ConfigError(f"sinks.{i}.path: {sink.path} is a folder; give the output's file name")
+        _check_sink_settings(sink, sink_cls, f"sinks.{i}")
         check = getattr(sink_cls, "check_config", None)  # a sink's own checks (mqtt: host; webhook: url)
         if check is not None:
             check(sink, f"sinks.{i}", base_dir)
     _check_by_source_type(cfg)
     _check_control(cfg.control)
+    for i, sink in enumerate(cfg.sinks):  # what a sink needs of the pipeline (events for the push sinks)
+        check_pipeline = getattr(sink_registry.get(sink.type), "check_pipeline", None)
+        if check_pipeline is not None:
+            check_pipeline(sink, cfg, f"sinks.{i}")
     for sink in cfg.sinks:
         if sink.live is None:
             sink.live = cfg.runtime.mode == "live"
@@ -506,6 +511,19 @@ def check_config(cfg: Config, base_dir: Path) -> None:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
+
+
+def _check_sink_settings(sink: SinkConfig, sink_cls: Any, path: str) -> None:
+    """A setting of another sink type, given a value of its own, is an error (retries on an mqtt sink, qos on a
+    webhook were accepted and ignored): every sink type shares SinkConfig's keys."""
+    allowed = getattr(sink_cls, "settings", None)
+    if allowed is None:
+        return
+    defaults = SinkConfig(type=sink.type)
+    for name in (f.name for f in dataclasses.fields(SinkConfig)):
+        if name != "type" and name not in allowed and getattr(sink, name) != getattr(defaults, name):
+            raise ConfigError(f"{path}.{name}: not a setting of a {sink.type} sink; its settings: "
+                              f"{', '.join(sorted(allowed)) or 'none'}")
 
 
 def _check_stages_across(cfg: Config) -> None:

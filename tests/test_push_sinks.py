@@ -538,6 +538,10 @@ def sink_data(**sink) -> dict:
     ({"type": "webhook", "url": "https://example.com/x", "buffer": 0}, "sinks.0.buffer"),
     ({"type": "webhook", "url": "http://127.0.0.1:80a/hook"}, "fix the URL's port"),  # was retried and dropped per event
     ({"type": "mqtt", "host": "mqtt://127.0.0.1"}, "sinks.0.host: 'mqtt://127.0.0.1' is not a host name"),
+    # another sink type's setting was accepted and ignored
+    ({"type": "mqtt", "host": "h", "retries": 3}, "sinks.0.retries: not a setting of a mqtt sink; its settings:"),
+    ({"type": "webhook", "url": "https://example.com/x", "qos": 2}, "sinks.0.qos: not a setting of a webhook sink"),
+    ({"type": "jsonl", "path": "/tmp/x.jsonl", "host": "h"}, "sinks.0.host: not a setting of a jsonl sink"),
 ])
 def test_push_sink_config_mistakes_are_one_line_naming_the_yaml_path(sink, message):
     with pytest.raises(ConfigError) as caught:
@@ -684,3 +688,16 @@ def test_a_refusing_webhook_is_one_warning_and_the_runs_drops_close_it_with_thei
     last = [r for r in caplog.records if "delivered 0 of 50" in r.getMessage()]
     assert len(last) == 1 and last[0].levelno == logging.WARNING and "'rejected': 50" in last[0].getMessage()
     assert "secret-part-of-the-hook" not in caplog.text
+
+
+@pytest.mark.parametrize("sink", [{"type": "webhook", "url": "https://example.com/x"}, {"type": "mqtt", "host": "h"},
+                                  {"type": "events", "path": "/tmp/never-written.events.jsonl"}])
+def test_a_sink_of_events_in_a_pipeline_without_them_is_said_at_load(sink, caplog):
+    """It sent nothing, and validate said ok."""
+    with caplog.at_level(logging.WARNING):
+        load_config(data=sink_data(**sink))
+    assert any("sinks.0:" in r.getMessage() and "has no stages.events" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_config(data=sink_data(**sink, **({"per_frame": True} if sink["type"] == "mqtt" else {})))
+    assert any("has no stages.events" in r.getMessage() for r in caplog.records) == (sink["type"] != "mqtt")

@@ -41,6 +41,8 @@ class Sink:
 
     #: the config must give ``path`` (file sinks)
     needs_path: bool = False
+    #: the SinkConfig settings this sink reads (besides ``type``); another's, set, is a config error (None: any)
+    settings: frozenset[str] | None = None
 
     def __init__(self, cfg: SinkConfig) -> None:
         self.cfg = cfg
@@ -381,3 +383,10 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
+JsonlSink.settings = frozenset(['include_dense', 'keep', 'live', 'path', 'rotate_mb'])  # the SinkConfig keys it reads
+
+
+MemorySink.settings = frozenset([])  # the SinkConfig keys it reads
+
+
+Mp4OverlaySink.settings = frozenset(['draw', 'fps', 'path'])  # the SinkConfig keys it reads

@@ -163,3 +163,6 @@ def class_map_of(segment: dict[str, Any]) -> np.ndarray:
     if isinstance(data, str):
         data = base64.b64decode(data)
     return decode_class_map(data)
+
+
+CocoSink.settings = frozenset(['path'])  # the SinkConfig keys it reads

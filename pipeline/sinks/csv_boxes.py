@@ -45,3 +45,6 @@ class CsvSink(Sink):
 def read_rows(text: str) -> list[dict[str, str]]:
     """The rows of a CSV this sink wrote (for tests and notebooks)."""
     return list(csv.DictReader(io.StringIO(text)))
+
+
+CsvSink.settings = frozenset(['path'])  # the SinkConfig keys it reads

@@ -8,16 +8,25 @@ crash leaves none); live runs append and flush every event, and rotate at ``rota
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from blinkflow.frame import FrameResult
 from blinkflow.registry import register_sink
 from blinkflow.sinks import JsonlSink
 
+log = logging.getLogger(__name__)
+
 
 @register_sink("events")
 class EventsJsonlSink(JsonlSink):
     """The ``events`` list of every frame record, one event per line."""
+
+    @staticmethod
+    def check_pipeline(sink: Any, cfg: Any, path: str) -> None:
+        if "events" not in cfg.enabled_stages():
+            log.warning("%s: an events sink writes the events stage's events, and this config has no stages.events "
+                        "(add it after stages.track): its file stays empty", path)
 
     def lines(self, result: FrameResult) -> list[dict[str, Any]]:
         return list((result.results or {}).get("events") or [])

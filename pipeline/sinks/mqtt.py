@@ -195,3 +195,6 @@ class MqttSink(PushSink):
                 pass  # the connection went meanwhile; the broker then sends the last will, also offline
         self._client.disconnect()
         self._client.loop_stop()
+
+
+MqttSink.settings = frozenset(['backoff_initial_s', 'backoff_max_s', 'buffer', 'ca_file', 'client_id', 'close_timeout_s', 'host', 'include_dense', 'password_file', 'per_frame', 'port', 'qos', 'timeout_s', 'tls', 'topic_prefix', 'username'])  # the SinkConfig keys it reads

@@ -100,6 +100,14 @@ class PushSink(Sink):
     def messages(self, result: FrameResult) -> list[Message]:
         return event_messages(result)
 
+    @staticmethod
+    def check_pipeline(sink: Any, cfg: Any, path: str) -> None:
+        """A sink of events in a pipeline that makes none sends nothing, silently: say so at load."""
+        if "events" not in cfg.enabled_stages() and not getattr(sink, "per_frame", False):
+            log.warning("%s: a %s sink sends the events stage's events, and this config has no stages.events "
+                        "(add it after stages.track%s)", path, sink.type,
+                        ", or per_frame: true for every frame's record" if sink.type == "mqtt" else "")
+
     def _offer(self, message: Message) -> None:
         with self._cond:
             if self._closing:  # a write after close(): nothing will send it, but it is counted

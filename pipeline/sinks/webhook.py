@@ -238,3 +238,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+WebhookSink.settings = frozenset(['backoff_initial_s', 'backoff_max_s', 'buffer', 'close_timeout_s', 'retries', 'timeout_s', 'token_file', 'url'])  # the SinkConfig keys it reads
