@@ -13,7 +13,7 @@ from blinkflow.errors import StageError
 DEVICE_PATTERN = r"cpu|auto|cuda(:\d+)?"
 
 
-def resolve_device(device: str) -> Any:
+def resolve_device(device: str, where: str = "device") -> Any:
     """Return a torch.device, with a clear error when CUDA is asked for but absent.
 
     ``auto`` is the first CUDA GPU when there is one, else the CPU (training
@@ -24,5 +24,6 @@ def resolve_device(device: str) -> Any:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise StageError(f"device {device!r} requested but no CUDA GPU is available; set device: cpu")
+        raise StageError(f"{where}: {device!r} needs a CUDA GPU and this machine has none; set {where.rsplit('.', 1)[-1]}: "
+                         "cpu (or auto)")
     return torch.device(device)

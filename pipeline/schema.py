@@ -170,14 +170,23 @@ def _check_path(f: dataclasses.Field, value: Any, path: str) -> None:
 
 #: a config is a few kB; this bounds what a hostile file can make the loader hold
 MAX_CONFIG_BYTES = 1 << 20
+#: file names that are media, not configs (a video passed where the config goes: "not UTF-8" misled)
+MEDIA_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".mts", ".m2ts", ".m4v", ".mpg", ".mpeg", ".flv",
+                  ".wmv", ".3gp", ".mxf", ".vob", ".ogv", ".y4m", ".gif", ".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: YAML aliases (``*name``) a config may use: a few are handy, thousands are an expansion bomb
 MAX_ALIASES = 64
 
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a config; pass the path of a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+    if path.suffix.lower() in MEDIA_SUFFIXES:
+        raise ConfigError(f"{path}: a video or image, not a config; name it in a config's sources (e.g. "
+                          f"blinkflow run configs/demo.yaml --set sources.0.path={path}), or label it with "
+                          "blinkflow label")
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config (the limit is {MAX_CONFIG_BYTES}); "
                           "pass the YAML file, not a video or an archive")

@@ -46,7 +46,7 @@ class ModelStage(Stage):
         from blinkflow.models.weights import load_state, resolve_weights
 
         self.device = device
-        self._device = resolve_device(device)
+        self._device = resolve_device(device, f"stages.{self.name}.device")
         spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
         model = self.build_model(spec)
         self.check_model(model)

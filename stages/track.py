@@ -514,10 +514,13 @@ def _check_reid_model(options: TrackOptions, path: str) -> None:
 
     try:
         get_model_entry(options.reid_model, task="reid")
+    except RegistryError as exc:
+        raise ConfigError(f"{path}.reid_model: {exc}; set appearance_weight: 0 to track without appearance") from None
+    try:
         resolve_weights(options.reid_weights, stage="reid", model_name=options.reid_model)
-    except (RegistryError, WeightsError) as exc:
-        detail = str(exc).split(": ", 1)[-1] if isinstance(exc, WeightsError) else str(exc)
-        raise ConfigError(f"{path}.reid_model: {detail}; set appearance_weight: 0 to track without appearance") from None
+    except WeightsError as exc:
+        detail = str(exc).split(": ", 1)[-1]
+        raise ConfigError(f"{path}.reid_weights: {detail}; set appearance_weight: 0 to track without appearance") from None
 
 
 def _track_record(track: Track, index: int) -> dict[str, Any]:

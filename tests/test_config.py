@@ -284,3 +284,33 @@ def test_an_override_through_an_alias_changes_only_its_own_path_and_merges_still
     for override, message in (("sources.\u00b2=x", "is not an index"), ("gate.batch=" + "9" * 5000, "not a config value")):
         with pytest.raises(ConfigError, match=message):
             load_config(path, [override])
+
+
+def test_a_folder_or_a_video_passed_as_the_config_says_what_it_is(tmp_path):
+    """A video gave 'not UTF-8 text (byte 42)', a folder 'config file not found'."""
+    from blinkflow.schema import read_yaml
+
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x20ftypisom")
+    with pytest.raises(ConfigError, match=r"clip\.mp4: a video or image, not a config; name it in a config's sources"):
+        read_yaml(video)
+    with pytest.raises(ConfigError, match=r": a folder, not a config"):
+        read_yaml(tmp_path)
+
+
+def test_a_bad_reid_weights_is_named_as_such():
+    """It was reported under reid_model."""
+    with pytest.raises(ConfigError, match=r"^stages\.track\.options\.reid_weights: .*/nope\.pt"):
+        load_config(data={"stages": {"detect": {}, "track": {"options": {"appearance_weight": 0.5,
+                                                                          "reid_weights": "/nope.pt"}}}})
+
+
+def test_a_cuda_device_on_a_machine_without_one_names_the_stage(monkeypatch):
+    import torch
+
+    from blinkflow.devices import resolve_device
+    from blinkflow.errors import StageError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(StageError, match=r"^stages\.detect\.device: 'cuda:0' needs a CUDA GPU .* set device: cpu"):
+        resolve_device("cuda:0", "stages.detect.device")

@@ -93,7 +93,7 @@ class Runtime:
 
 def main(cfg: TrainConfig, *, resume: bool = True, ship: bool = False, runtime: Runtime | None = None) -> dict:
     """Train ``cfg.task``'s model; return ``{"metrics", "history", "epochs", "steps", "seconds", "out_dir"}``."""
-    runtime = runtime or Runtime(device=resolve_device(cfg.device))
+    runtime = runtime or Runtime(device=resolve_device(cfg.device, "device"))
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     out_dir = runtime.out_dir or Path(cfg.out_dir)
