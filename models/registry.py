@@ -47,11 +47,13 @@ def register_model(name: str, *, task: str, torchvision_weights: str | None = No
 
 
 def get_model_entry(name: str, task: str | None = None) -> ModelEntry:
+    from blinkflow.errors import RegistryError
+
+    if task is not None and name not in models:  # a typo: the models of this task, not of every task
+        raise RegistryError(f"unknown model {name!r}; valid {task} models: {', '.join(model_names(task))}")
     entry = models.get(name)
     if task is not None and entry.task != task:
         valid = ", ".join(model_names(task))
-        from blinkflow.errors import RegistryError
-
         raise RegistryError(f"model {name!r} is a {entry.task} model, not {task}; valid {task} models: {valid}")
     return entry
 

@@ -89,8 +89,10 @@ def source_options(kind: str, settings: dict, path: str) -> Any:
         if key not in known:
             takers = [n for n in source_registry.names() if key in _option_names(n)]
             where = f" (a setting of {', '.join(repr(t) for t in takers)} sources)" if takers else ""
+            locator = getattr(source_registry.get(kind), "locator", None)  # path or url: the other is not its
+            common = [c for c in SOURCE_COMMON if c not in ("path", "url") or c == locator]
             raise ConfigError(f"{_join(path, key)}: not an option of a {kind!r} source{where}; it has: "
-                              f"{', '.join(list(SOURCE_COMMON) + known)}")
+                              f"{', '.join(common + known)}")
     return structure_dataclass(options_cls, settings, path)
 
 

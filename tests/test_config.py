@@ -70,8 +70,8 @@ def test_invalid_choice_lists_the_allowed_values(tmp_path):
 
 def test_a_source_setting_is_checked_against_its_type_naming_the_yaml_path(tmp_path):
     message = error_of(tmp_path, "sources:\n  - type: synthetic\n  - type: file\n    path: x.mp4\n    reconnect_delay: 3\n")
-    assert message.startswith("sources.1.reconnect_delay: not an option of a 'file' source; it has: type, id, path, url, "
-                              "fps, resize, max_frames, decode_threads, queue_size, motion_vectors")
+    assert message.startswith("sources.1.reconnect_delay: not an option of a 'file' source; it has: type, id, path, "
+                              "fps, resize, max_frames, decode_threads, queue_size, motion_vectors")  # no url: not a file's
     message = error_of(tmp_path, "sources:\n  - type: file\n    path: x.mp4\n    stall_timeout_s: 3\n")
     assert message.startswith("sources.0.stall_timeout_s: not an option of a 'file' source (a setting of 'stream' sources)")
     message = error_of(tmp_path, "sources:\n  - type: synthetic\n    url: rtsp://cam/x\n")
@@ -139,7 +139,8 @@ def test_a_bare_off_in_yaml_means_the_word_where_a_choice_has_it(tmp_path):
 
 def test_unknown_model_lists_valid_models(tmp_path):
     message = error_of(tmp_path, "stages:\n  detect:\n    model: yolo9000\n")
-    assert message.startswith("stages.detect.model: unknown model 'yolo9000'; valid names:")
+    assert message.startswith("stages.detect.model: unknown model 'yolo9000'; valid detect models:")
+    assert "yolox_nano" in message and "unet_small" not in message  # the detector's models, not every task's
 
 
 def test_model_of_the_wrong_task_is_rejected(tmp_path):
