@@ -584,10 +584,11 @@ class PrometheusRecorder(MetricsRecorder):
     def _drop_up(self, stream: str, series: _StreamSeries) -> None:
         """A removed stream's stream_up goes now (the lock is held); its other series stay REMOVED_SERIES_S.
         Later events set the detached child, which no scrape reads."""
-        values = (redacted_label(stream),)
-        self._children.get(stream, set()).discard((self.stream_up, values))
-        with contextlib.suppress(KeyError):
-            self.stream_up.remove(*values)
+        children = self._children.get(stream, set())
+        for metric, values in [c for c in children if c[0] is self.stream_up]:  # its labels as made, not re-made
+            children.discard((metric, values))  # (a password learned since would redact the id otherwise)
+            with contextlib.suppress(KeyError):
+                metric.remove(*values)
 
     @staticmethod
     def _set_up(series: _StreamSeries, up: bool) -> None:

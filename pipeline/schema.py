@@ -183,18 +183,21 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: a folder, not a config; pass the path of a YAML file such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
-    if path.suffix.lower() in MEDIA_SUFFIXES:
-        raise ConfigError(f"{path}: a video or image, not a config; name it in a config's sources (e.g. "
-                          f"blinkflow run configs/demo.yaml --set sources.0.path={path}), or label it with "
-                          "blinkflow label")
+    media = path.suffix.lower() in MEDIA_SUFFIXES  # said when it does not read as text: demo.ts may be YAML
     if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size} bytes is not a config (the limit is {MAX_CONFIG_BYTES}); "
-                          "pass the YAML file, not a video or an archive")
+        raise ConfigError(_media_message(path) if media else f"{path}: {path.stat().st_size} bytes is not a config "
+                          f"(the limit is {MAX_CONFIG_BYTES}); pass the YAML file, not a video or an archive")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8") from None
+        raise ConfigError(_media_message(path) if media else f"{path}: not UTF-8 text (byte {exc.start}); save the "
+                          "config as UTF-8") from None
     return parse_yaml(text, str(path))
+
+
+def _media_message(path: Path) -> str:
+    return (f"{path}: a video or image, not a config; name it in a config's sources (e.g. blinkflow run "
+            f"configs/demo.yaml --set sources.0.path={path}), or label it with blinkflow label")
 
 
 def parse_yaml(text: str, origin: str) -> dict:

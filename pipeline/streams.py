@@ -535,11 +535,13 @@ class _SessionClock:
         stream = self.stream
         if self.first_source is None:
             self.first_source = seconds
-            # a new connection goes on from the wall clock (a camera's outage shows as a gap), but never before one
-            # frame after the last pts: a file decoded faster than real time had each later pass squeezed into
-            # microseconds after its first (its media time runs ahead of the wall clock)
-            self.base = 0.0 if stream._last_pts < 0 else max(time.monotonic() - stream._t0,
-                                                            stream._last_pts + 1.0 / self.rate)
+            # a new connection goes on from the wall clock (a camera's outage shows as a gap); a file: stream, decoded
+            # faster than real time, one frame after its last pts (each later pass was squeezed into microseconds
+            # after the first). Only a file: a live source's burst on connecting (HLS, a cached GOP) would carry its
+            # lead over the wall clock into every later connection and hide outages
+            if stream._last_pts >= 0:
+                floor = stream._last_pts + 1.0 / self.rate if getattr(stream, "kind", None) == "file" else 0.0
+                self.base = max(time.monotonic() - stream._t0, floor)
         pts = max(self.base + seconds - self.first_source, stream._last_pts + 1e-6)
         fps = stream.cfg.fps
         if fps is not None:

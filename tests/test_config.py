@@ -292,7 +292,7 @@ def test_a_folder_or_a_video_passed_as_the_config_says_what_it_is(tmp_path):
     from blinkflow.schema import read_yaml
 
     video = tmp_path / "clip.mp4"
-    video.write_bytes(b"\x00\x00\x00\x20ftypisom")
+    video.write_bytes(b"\x00\x00\x00\x20ftypisom\x00\x00\x02\x00\xff\xd8")  # not text
     with pytest.raises(ConfigError, match=r"clip\.mp4: a video or image, not a config; name it in a config's sources"):
         read_yaml(video)
     with pytest.raises(ConfigError, match=r": a folder, not a config"):
@@ -315,3 +315,8 @@ def test_a_cuda_device_on_a_machine_without_one_names_the_stage(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(StageError, match=r"^stages\.detect\.device: 'cuda:0' needs a CUDA GPU .* set device: cpu"):
         resolve_device("cuda:0", "stages.detect.device")
+
+
+def test_a_yaml_config_named_like_a_video_still_loads(tmp_path):
+    (tmp_path / "demo.ts").write_text("stages:\n  chaos: {}\n")
+    assert "chaos" in load_config(tmp_path / "demo.ts").stages

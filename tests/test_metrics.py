@@ -568,3 +568,23 @@ def test_real_prometheus_sees_the_frames_the_run_reported(prometheus_server):
     }
     stage_frames = promql(base_url, f'blinkflow_stage_frames_total{{job="{jobs[0]}",stage="chaos"}}')
     assert float(stage_frames[0]["value"][1]) == summary.stage_frames["chaos"]
+
+
+def test_a_removed_streams_stream_up_goes_even_when_a_password_learned_since_would_redact_its_id():
+    """_drop_up made the label again: a password learned after the series was made (another camera's, also in this
+    id) redacted it differently, the removal missed, and stream_up stayed at 0 (a page) next to a new series."""
+    from blinkflow import redact
+
+    recorder = PrometheusRecorder()
+    recorder.on_stream_event("door-73914", "connecting")
+    recorder.on_stream_event("door-73914", "up")
+    redact.remember_secrets("rtsp://admin:73914@198.18.0.1/live")  # learned since
+    try:
+        recorder.on_stream_event("door-73914", "stopped")
+        recorder.on_stream_event("door-73914", "removed")
+        assert not [k for k in samples(recorder) if k[0] == "blinkflow_stream_up"]
+        recorder.on_stream_event("door-73914", "connecting")  # added again: one series, under today's label
+        recorder.on_stream_event("door-73914", "up")
+        assert [v for (name, _), v in samples(recorder).items() if name == "blinkflow_stream_up"] == [1.0]
+    finally:
+        redact._known_secrets.pop("73914", None)

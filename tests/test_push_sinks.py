@@ -701,3 +701,20 @@ def test_a_sink_of_events_in_a_pipeline_without_them_is_said_at_load(sink, caplo
     with caplog.at_level(logging.WARNING):
         load_config(data=sink_data(**sink, **({"per_frame": True} if sink["type"] == "mqtt" else {})))
     assert any("has no stages.events" in r.getMessage() for r in caplog.records) == (sink["type"] != "mqtt")
+
+
+def test_a_sink_that_subclasses_a_built_in_one_may_read_any_setting(tmp_path):
+    """It inherited the built-in's list of settings: a JsonlSink subclass reading fps was refused."""
+    from blinkflow.registry import sinks as sink_registry
+    from blinkflow.sinks import JsonlSink
+
+    class Paced(JsonlSink):
+        pass
+
+    sink_registry.names()
+    sink_registry.register("paced_test")(Paced)
+    try:
+        cfg = load_config(data=sink_data(type="paced_test", path=str(tmp_path / "x.jsonl"), fps=5.0))
+        assert cfg.sinks[0].fps == 5.0
+    finally:
+        sink_registry._items.pop("paced_test")

@@ -581,8 +581,8 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
 
     from blinkflow import streams
 
-    stream = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None))
-    clock = iter([1000.2, 1030.0])  # the later sessions start 0.2 s in (a fast file), then 30 s in (an outage)
+    stream = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None), kind="file")
+    clock = iter([1000.2, 1030.0, 1000.2, 1005.0])  # when each later session starts (a first one asks not)
     monkeypatch.setattr(streams.time, "monotonic", lambda: next(clock))
 
     def session(times):
@@ -593,4 +593,13 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
     second = session([i / 25 for i in range(10)])
     assert second == pytest.approx([first[-1] + (i + 1) / 25 for i in range(10)])  # spaced as the media is
     third = session([0.0, 0.04])
-    assert third == pytest.approx([30.0, 30.04])  # a camera back after 30 s: the gap is kept
+    assert third == pytest.approx([30.0, 30.04])  # back after 30 s: the gap is kept
+    # a live source that bursts on connecting (HLS, a cached GOP) runs its pts ahead of the wall clock: its next
+    # connection starts from the wall clock again, or the lead grew with each one and an outage showed no gap
+    camera = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None), kind="http")
+    stream = camera
+    burst = session([i / 25 for i in range(50)])  # 2 s of media delivered in the first 0.2 s
+    again = session([0.0])  # reconnected 0.2 s in: on the wall clock, not after the burst's lead
+    assert burst[-1] == pytest.approx(1.96) and again == [pytest.approx(burst[-1] + 1e-6)]
+    after_outage = session([0.0])  # back 5 s in: the gap from the last pts shows
+    assert after_outage == pytest.approx([5.0])
