@@ -280,6 +280,8 @@ def on_fps_grid(seconds: float, next_time: float | None, fps: float) -> tuple[bo
     step or more (a pause in a recording, a reconnect) the grid restarts at that frame: the frames after a gap
     are not all kept to catch up."""
     step = 1.0 / fps
+    if next_time is not None and seconds < next_time - 2.0 * step:  # time went back (joined segments, a reset):
+        return True, seconds + step                                  # the grid starts again there, as after a gap
     # timestamps are rounded (Matroska's to the millisecond): a frame a hair before its slot is in it
     if next_time is not None and seconds < next_time - min(2e-3, 0.1 * step):
         return False, next_time
@@ -288,7 +290,18 @@ def on_fps_grid(seconds: float, next_time: float | None, fps: float) -> tuple[bo
 
 
 def av_to_rgb(av_frame: Any, resize: list[int] | None) -> np.ndarray:
-    """A decoded PyAV frame as an RGB array, resized to ``[width, height]`` by FFmpeg's scaler when asked."""
+    """A decoded PyAV frame as an RGB array, upright (its display matrix's quarter turns applied: a phone's
+    video came sideways) and resized to ``[width, height]`` (of the upright picture) by FFmpeg's scaler."""
+    turns = quarter_turns(av_frame)
     if resize:
-        return av_frame.to_ndarray(format="rgb24", width=resize[0], height=resize[1])
-    return av_frame.to_ndarray(format="rgb24")
+        width, height = (resize[1], resize[0]) if turns % 2 else (resize[0], resize[1])
+        image = av_frame.to_ndarray(format="rgb24", width=width, height=height)
+    else:
+        image = av_frame.to_ndarray(format="rgb24")
+    return np.ascontiguousarray(np.rot90(image, turns)) if turns else image
+
+
+def quarter_turns(av_frame: Any) -> int:
+    """Counter-clockwise quarter turns that show the frame upright (its display matrix; 0 without one)."""
+    rotation = getattr(av_frame, "rotation", 0) or 0
+    return int(round(float(rotation) / 90.0)) % 4

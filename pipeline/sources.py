@@ -18,6 +18,7 @@ import logging
 import math
 import queue
 import threading
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -26,7 +27,7 @@ import numpy as np
 
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
-from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, on_fps_grid, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
+from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, on_fps_grid, quarter_turns, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
 from blinkflow.hwdecode import check_hwaccel, open_decoding
 from blinkflow.registry import register_source, sources as source_registry
@@ -219,8 +220,16 @@ class DirectorySource:
         if not files:
             raise SourceError(f"{root}: no video files found (looked for {', '.join(sorted(VIDEO_SUFFIXES))})")
         prefix = f"{self.cfg.id}/" if self.cfg.id else ""
-        for path in files:
-            yield file_stream(path, prefix + path.relative_to(root).with_suffix("").as_posix(), self.cfg)
+        names = [path.relative_to(root).with_suffix("").as_posix() for path in files]
+        for path, name in zip(files, _with_suffix_where_equal(files, names)):
+            yield file_stream(path, prefix + name, self.cfg)
+
+
+def _with_suffix_where_equal(files: list[Path], names: list[str]) -> list[str]:
+    """Stream ids from ``names``, the file's suffix kept where two would be equal (clip.mp4 and clip.mkv in one
+    folder were both 'clip': one stream of two files, their records and gate state mixed)."""
+    counts = Counter(names)
+    return [f"{name}{path.suffix}" if counts[name] > 1 else name for path, name in zip(files, names)]
 
 
 @register_source("glob")
@@ -235,10 +244,10 @@ class GlobSource(DirectorySource):
         if not files:
             raise SourceError(f"{self.cfg.path}: the pattern matches no files; check the glob")
         prefix = f"{self.cfg.id}/" if self.cfg.id else ""
-        stems = [p.stem for p in files]
-        for path in files:
-            unique = path.stem if stems.count(path.stem) == 1 else path.with_suffix("").as_posix()
-            yield file_stream(path, prefix + unique, self.cfg)
+        stems = Counter(p.stem for p in files)  # counted once: a count per file was quadratic (20,000 files: 4 s)
+        names = [p.stem if stems[p.stem] == 1 else p.with_suffix("").as_posix() for p in files]
+        for path, name in zip(files, _with_suffix_where_equal(files, names)):
+            yield file_stream(path, prefix + name, self.cfg)
 
 
 def file_stream(path: Path, stream_id: str, cfg: SourceConfig) -> Stream:
@@ -315,14 +324,31 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
         if cfg.options.decode_threads:
             stream.codec_context.thread_count = cfg.options.decode_threads
         decoded = _decoded_frames(container, stream, path)
-        if cfg.options.motion_vectors:
+        exports = cfg.options.motion_vectors and _exports_vectors(stream, path)
+        if exports:
             stream.codec_context.options = {"flags2": "+export_mvs"}
             # with frame threads FFmpeg's H.264 decoder exports some frames' vectors differently from run to
             # run (in every run on bikes.mp4, P- and B-frames alike): slices only, so a stream of one slice a
             # frame decodes on one thread, and the read-ahead below gives it its second core back
             stream.thread_type = "SLICE"
         # decode the next frames while this one becomes RGB (both release the GIL)
-        yield from _resampled(read_ahead(decoded, depth=4, name=f"demux:{stream_id}"), cfg, stream_id, path)
+        yield from _resampled(read_ahead(decoded, depth=4, name=f"demux:{stream_id}"), cfg, stream_id, path, exports)
+
+
+#: decoders that export motion vectors (FFmpeg's export_mvs: H.264 and the MPEG-video family)
+VECTOR_CODECS = {"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "h263p", "flv1", "msmpeg4v2", "msmpeg4v3",
+                 "wmv1", "wmv2"}
+
+
+def _exports_vectors(stream: Any, path: Path) -> bool:
+    """Whether the file's codec gives motion vectors; said when not: VP9, HEVC and the rest gave an all-zero
+    field on every frame, which carried results without moving them and kept gate.motion auto off flow."""
+    codec = stream.codec_context.name
+    if codec in VECTOR_CODECS:
+        return True
+    log.warning("%s: motion_vectors: its %s decoder exports none; its frames carry no decoder motion (gate.motion "
+                "auto uses flow, when a flow stage runs)", path, codec)
+    return False
 
 
 @contextlib.contextmanager
@@ -335,7 +361,7 @@ def _video_of(path: Path, stream_id: str | None = None, hwaccel: str = "none",
     try:
         if not container.streams.video:
             raise SourceError(f"{path}: the file has no video stream; pass a video file")
-        yield container, container.streams.video[0]
+        yield container, container.streams.best("video")  # the main one (not a cover picture listed first)
     except av.FFmpegError as exc:
         raise SourceError(f"{path}: corrupt or truncated video ({exc}); re-encode or replace the file") from None
     finally:
@@ -371,16 +397,39 @@ DURATION_FORMATS = ("matroska", "webm")
 MISSING_TAIL_S = 1.0
 
 
+#: a jump in a file's timestamps this much past its frame interval (and past GAP_MIN_S) is said in a warning: a
+#: damaged stretch (a corrupt Matroska cluster) decodes to nothing and the frames after it carry on silently
+GAP_FRAMES = 10
+GAP_MIN_S = 0.5
+GAPS_SAID = 5
+
+
 def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
     rate = float(stream.average_rate or stream.guessed_rate or 25)
-    decoded, last = 0, None
-    for n, frame in enumerate(container.decode(stream)):
-        seconds = float(frame.time) if frame.time is not None else n / rate
+    decoded, last, gaps = 0, None, 0
+    size = _size_of(path)
+    for frame in container.decode(stream):
+        # a frame without a time comes a step after the one before (counting from the file's start put it back)
+        seconds = float(frame.time) if frame.time is not None else (last + 1.0 / rate if last is not None else 0.0)
+        if last is not None and seconds - last > max(GAP_MIN_S, GAP_FRAMES / rate) and gaps < GAPS_SAID:
+            gaps += 1
+            log.warning("%s: no frames between %.2f s and %.2f s (a damaged or cut stretch, or a pause in the "
+                        "recording)%s", path, last, seconds, "; further gaps are not said" if gaps == GAPS_SAID else "")
         decoded, last = decoded + 1, seconds
         yield seconds, frame
-    _check_complete(container, stream, path, decoded)
+    if size is not None and _size_of(path) != size:
+        raise TruncatedVideoError(f"{path}: {TRUNCATED}: the file grew while it was read (still being written?); "
+                                  f"{decoded} frames were decoded, read it again once it is complete")
+    _check_complete(container, stream, path, decoded, None if last is None else last + 1.0 / rate)
     if last is not None:
         _check_duration(container, path, last + 1.0 / rate)
+
+
+def _size_of(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
 
 
 def read_ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
@@ -427,11 +476,17 @@ def read_ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
             close()
 
 
-def _check_complete(container, stream, path: Path, decoded: int) -> None:
+def _check_complete(container, stream, path: Path, decoded: int, end_s: float | None = None) -> None:
     """A file whose index promises more frames than its data held was cut short: the frames decoded have
-    been delivered, and the stream ends with this error instead of passing for a whole file."""
+    been delivered, and the stream ends with this error instead of passing for a whole file. An edit list
+    (a clip trimmed with -c copy) hides samples its index still lists: frames that reach the stream's declared
+    duration are a whole file."""
     indexed = any(name in INDEXED_FORMATS for name in (container.format.name or "").split(","))
     declared = stream.frames or 0
+    if stream.duration and stream.time_base and end_s is not None:
+        rate = float(stream.average_rate or stream.guessed_rate or 25)
+        if end_s >= float(stream.duration * stream.time_base) - max(2.0 / rate, 0.1):
+            return
     if indexed and decoded and declared > decoded:
         raise TruncatedVideoError(f"{path}: {TRUNCATED}: {decoded} of the {declared} frames its index lists were decoded "
                           "(the rest of the file is missing); the frames before the cut were labelled, "
@@ -451,13 +506,18 @@ def _check_duration(container, path: Path, end_s: float) -> None:
                                   "labelled, re-copy or re-encode the file for the rest")
 
 
-def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: Path) -> Iterator[Frame]:
+def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: Path,
+               vectors_ok: bool = True) -> Iterator[Frame]:
     """Keep frames on a 1/fps grid (when fps is set), convert to RGB, resize, cap the count."""
     next_time = None
     index = 0
-    vectors = _vector_reader(cfg)
+    vectors = _vector_reader(cfg) if vectors_ok else None
     pending: list[Any] = []  # the decoder's vectors of every frame since the last kept one (dropped ones add up)
     for seconds, av_frame in decoded:
+        if vectors is not None and quarter_turns(av_frame):  # its vectors are of the sideways picture
+            log.warning("%s: motion_vectors: the video is shown turned (its display matrix); its frames carry no "
+                        "decoder motion", path)
+            vectors, pending = None, []
         if vectors is not None:
             pending.append(vectors(av_frame, cfg.resize))
         if cfg.fps is not None:

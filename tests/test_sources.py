@@ -304,3 +304,119 @@ def test_two_inputs_under_one_stream_id_are_refused_before_anything_decodes(tmp_
     folders = [{"type": "dir", "path": str(tmp_path / folder)} for folder in ("cam1", "cam2")]  # ids from the files
     with pytest.raises(ConfigError, match="stream id 'clip'"):
         LocalRunner(load_config(data={"sources": folders, "stages": {"chaos": {}}})).run()
+
+
+# --------------------------------------------------------------------------- odd files (a review of decoding)
+
+
+def _ffmpeg(*args) -> None:
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("the ffmpeg command is not installed (.ci/run installs it)")
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", *map(str, args)], check=True, timeout=60)
+
+
+def _testsrc(path, seconds=2, size="64x48", *extra) -> None:
+    _ffmpeg("-f", "lavfi", "-i", f"testsrc2=size={size}:rate=25", "-t", seconds, "-pix_fmt", "yuv420p",
+            "-c:v", "libx264", *extra, path)
+
+
+def test_a_phone_video_turned_by_its_display_matrix_comes_upright(tmp_path):
+    """A rotate=90 clip came sideways (90x160 for a 160x90 picture shown upright as 90 wide, 160 high)."""
+    _testsrc(tmp_path / "plain.mp4", 1, "160x90")
+    _ffmpeg("-i", tmp_path / "plain.mp4", "-c", "copy", "-metadata:s:v:0", "rotate=90", tmp_path / "turned.mp4")
+    plain, turned = decode_all(tmp_path / "plain.mp4"), decode_all(tmp_path / "turned.mp4")
+    assert turned[0].image.shape == (160, 90, 3)
+    np.testing.assert_array_equal(turned[0].image, np.rot90(plain[0].image, 1))  # as ffmpeg shows it
+    assert decode_all(tmp_path / "turned.mp4", resize=[45, 80])[0].image.shape == (80, 45, 3)  # resize: upright sizes
+
+
+def test_timestamps_that_go_back_restart_the_fps_grid(tmp_path):
+    """Two camera segments joined: after the jump back every frame fell before the grid and was dropped."""
+    _testsrc(tmp_path / "a.ts", 2, "64x48", "-bf", "0", "-output_ts_offset", "10")
+    _testsrc(tmp_path / "b.ts", 2, "64x48", "-bf", "0")
+    (tmp_path / "joined.ts").write_bytes((tmp_path / "a.ts").read_bytes() + (tmp_path / "b.ts").read_bytes())
+    assert len(decode_all(tmp_path / "joined.ts", fps=5)) == 20
+
+
+def test_frames_without_timestamps_follow_the_one_before(tmp_path):
+    """They were timed from the file's start, so the real frames after them repeated those times and fps: 25 on a
+    25 fps file kept half."""
+    _testsrc(tmp_path / "base.mp4", 2)
+    _ffmpeg("-i", tmp_path / "base.mp4", "-c", "copy", "-avoid_negative_ts", "disabled", "-output_ts_offset", "-1",
+            tmp_path / "negative.mkv")
+    frames = decode_all(tmp_path / "negative.mkv", fps=25)
+    assert len(frames) == 50
+    assert all(b.pts > a.pts for a, b in zip(frames[:25], frames[1:25]))  # the untimed ones, a step apart
+
+
+def test_the_main_video_is_decoded_when_a_cover_picture_comes_first(tmp_path):
+    _testsrc(tmp_path / "base.mp4", 2)
+    _ffmpeg("-f", "lavfi", "-i", "color=green:size=32x32", "-frames:v", "1", tmp_path / "cover.png")
+    _ffmpeg("-i", tmp_path / "cover.png", "-i", tmp_path / "base.mp4", "-map", "0", "-map", "1", "-c", "copy",
+            "-c:v:0", "png", tmp_path / "covered.mkv")
+    frames = decode_all(tmp_path / "covered.mkv")
+    assert len(frames) == 50 and frames[0].image.shape == (48, 64, 3)
+
+
+def test_a_clip_trimmed_with_an_edit_list_is_whole_not_truncated(tmp_path):
+    """Its index lists the samples the edit list hides: 52 of 65 was called truncated (labelled again every run)."""
+    _testsrc(tmp_path / "long.mp4", 6, "160x120", "-g", "25")
+    _ffmpeg("-ss", "0.5", "-i", tmp_path / "long.mp4", "-t", "2", "-c", "copy", tmp_path / "trim.mp4")
+    assert 45 <= len(decode_all(tmp_path / "trim.mp4")) <= 60  # no TruncatedVideoError
+
+
+def test_a_damaged_stretch_that_decodes_to_nothing_is_said(tmp_path, caplog):
+    """A corrupt Matroska cluster lost a second of frames, silently: indices continuous, the stream 'complete'."""
+    import logging
+    import random
+
+    _testsrc(tmp_path / "long.mkv", 6, "160x120")
+    data = bytearray((tmp_path / "long.mkv").read_bytes())
+    rng, start = random.Random(1), len(data) // 2
+    for offset in range(start, start + 4000):
+        data[offset] = rng.randrange(256)
+    (tmp_path / "damaged.mkv").write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        frames = decode_all(tmp_path / "damaged.mkv")
+    assert len(frames) < 150
+    assert any("damaged.mkv: no frames between" in r.getMessage() for r in caplog.records)
+
+
+def test_two_files_of_one_name_in_a_folder_are_two_streams(tmp_path):
+    """clip.mp4 and clip.mkv were one stream 'clip': their records and gate state mixed."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    write_test_video(folder / "clip.mp4", frames=3)
+    write_test_video(folder / "clip.mkv", frames=2)
+    for source in ({"type": "dir", "path": str(folder)}, {"type": "glob", "path": str(folder / "*")}):
+        cfg = load_config(data={"sources": [source], "stages": {"chaos": {}}})
+        ids = sorted({item.stream_id for item in open_sources(cfg.sources) if isinstance(item, Frame)})
+        assert len(ids) == 2 and ids[0].endswith("clip.mkv") and ids[1].endswith("clip.mp4"), source
+
+
+def test_motion_vectors_of_a_codec_that_exports_none_are_said_and_not_made_up(tmp_path, caplog):
+    """VP9 gave an all-zero field on every frame: carried results stayed put and gate.motion auto never used flow."""
+    import logging
+
+    from blinkflow.gate.motion import VECTORS_KEY
+
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "1", "-c:v", "libvpx-vp9", tmp_path / "clip.webm")
+    with caplog.at_level(logging.WARNING):
+        frames = decode_all(tmp_path / "clip.webm", motion_vectors=True)
+    assert frames and not any(VECTORS_KEY in f.meta for f in frames)
+    assert any("its vp9 decoder exports none" in r.getMessage() for r in caplog.records)
+
+
+def test_a_file_that_grows_while_it_is_read_is_not_whole(tmp_path, monkeypatch):
+    """A recording still being written passed as complete."""
+    from blinkflow import sources
+    from blinkflow.sources import TruncatedVideoError
+
+    clip = write_test_video(tmp_path / "clip.mkv", frames=4)
+    sizes = iter([100, 200])
+    monkeypatch.setattr(sources, "_size_of", lambda path: next(sizes))
+    with pytest.raises(TruncatedVideoError, match="the file grew while it was read"):
+        decode_all(clip)
