@@ -408,7 +408,8 @@ def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
     rate = float(stream.average_rate or stream.guessed_rate or 25)
     decoded, last, gaps = 0, None, 0
     size = _size_of(path)
-    for frame in container.decode(stream):
+    damaged: list[int] = []  # packets the decoder refused (counted, and the file ends as damaged)
+    for frame in _decode_skipping_damage(container, stream, damaged):
         # a frame without a time comes a step after the one before (counting from the file's start put it back)
         seconds = float(frame.time) if frame.time is not None else (last + 1.0 / rate if last is not None else 0.0)
         if last is not None and seconds - last > max(GAP_MIN_S, GAP_FRAMES / rate) and gaps < GAPS_SAID:
@@ -417,12 +418,31 @@ def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
                         "recording)%s", path, last, seconds, "; further gaps are not said" if gaps == GAPS_SAID else "")
         decoded, last = decoded + 1, seconds
         yield seconds, frame
+    if damaged:
+        raise TruncatedVideoError(f"{path}: {TRUNCATED}: {damaged[0]} damaged packet(s) could not be decoded and were "
+                                  f"skipped; the other {decoded} frames were delivered; re-copy or re-encode the file")
     if size is not None and _size_of(path) != size:
         raise TruncatedVideoError(f"{path}: {TRUNCATED}: the file grew while it was read (still being written?); "
                                   f"{decoded} frames were decoded, read it again once it is complete")
     _check_complete(container, stream, path, decoded, None if last is None else last + 1.0 / rate)
     if last is not None:
         _check_duration(container, path, last + 1.0 / rate)
+
+
+def _decode_skipping_damage(container: Any, stream: Any, damaged: list[int]) -> Iterator[Any]:
+    """The stream's frames, packet by packet: a packet the decoder refuses is skipped and counted in
+    ``damaged`` (one bad packet in an MP4 ended the stream there, and every frame after it was lost)."""
+    import av
+
+    for packet in container.demux(stream):
+        try:
+            frames = packet.decode()
+        except av.InvalidDataError:
+            if packet.size == 0:  # the flush at the end: nothing more comes
+                continue
+            damaged[:] = [damaged[0] + 1 if damaged else 1]
+            continue
+        yield from frames
 
 
 def _size_of(path: Path) -> int | None:

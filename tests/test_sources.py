@@ -420,3 +420,22 @@ def test_a_file_that_grows_while_it_is_read_is_not_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "_size_of", lambda path: next(sizes))
     with pytest.raises(TruncatedVideoError, match="the file grew while it was read"):
         decode_all(clip)
+
+
+def test_a_damaged_packet_in_an_mp4_is_skipped_and_the_file_ends_as_damaged(tmp_path):
+    """One packet the decoder refused ended the stream there: about half the frames after it were lost."""
+    import random
+
+    from blinkflow.sources import TruncatedVideoError
+
+    _testsrc(tmp_path / "long.mp4", 6, "160x120")
+    data = bytearray((tmp_path / "long.mp4").read_bytes())
+    rng, start = random.Random(1), len(data) // 2
+    for offset in range(start, start + 4000):
+        data[offset] = rng.randrange(256)
+    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    frames = []
+    with pytest.raises(TruncatedVideoError, match=r"damaged packet\(s\) could not be decoded and were skipped"):
+        for frame in decode_file(tmp_path / "damaged.mp4", "damaged", SourceConfig(type="file", path=str(tmp_path))):
+            frames.append(frame)
+    assert 130 <= len(frames) < 150 and frames[-1].pts > 5.0  # the frames after the damage came through
