@@ -342,6 +342,8 @@ def _refuse_compressed(path: Path, data: bytes) -> None:
 
 def _torch_reason(exc: Exception) -> str:
     """The informative line of torch's multi-line loading error, shortened."""
+    if isinstance(exc, KeyError) or str(exc).strip("'\" ").isdigit():  # torch's pickle reader on a byte it
+        return "its bytes are not a pickle torch.save writes"              # does not know: KeyError('101')
     boilerplate = ("Weights only load failed", "Please file an issue", "Check the documentation", "Re-running")
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     useful = [line for line in lines if not line.startswith(boilerplate)]

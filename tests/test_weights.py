@@ -322,3 +322,13 @@ def test_importing_into_an_out_that_is_a_file_is_one_line(tmp_path):
     (tmp_path / "file.pt").write_bytes(b"x")
     with pytest.raises(WeightsError, match="file.pt: a file, not a folder"):
         import_weights("yolox_nano", out_dir=tmp_path / "file.pt")
+
+
+def test_a_text_file_given_as_weights_says_what_it_is_not(tmp_path):
+    """It said 'not a valid torch weights file (101)': torch's KeyError of the byte it met."""
+    path = tmp_path / "notes.pt"
+    path.write_text("hello weights\n")
+    with pytest.raises(WeightsError, match=r"not a valid torch weights file \(its bytes are not a pickle torch\.save "
+                                           r"writes\); re-export it") as error:
+        load_state(tiny_model(), resolve_weights(str(path), stage="detect", model_name="tiny"))
+    assert "(101)" not in str(error.value)
