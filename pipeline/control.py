@@ -190,8 +190,10 @@ def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
     hub = StreamHub(mode=cfg.runtime.mode, defaults=cfg.control.stream_defaults, keep_open=cfg.control.enabled)
     if recorder is not None:
         hub.subscribe(RecorderBridge(recorder))
-    server = (ControlServer(hub, cfg.control.host, cfg.control.port, ControlGuard.from_config(cfg.control)).start()
-              if cfg.control.enabled else None)
+    guard = ControlGuard.from_config(cfg.control) if cfg.control.enabled else None
+    server = ControlServer(hub, cfg.control.host, cfg.control.port, guard).start() if guard is not None else None
+    if guard is not None:
+        guard.announce()
     signals = GracefulSignals(lambda: hub.close(stop_streams=True),
                               "stopping: the streams end, buffered frames finish (signal again to abort)",
                               cfg.runtime.drain_timeout_s).install()

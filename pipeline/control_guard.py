@@ -64,14 +64,24 @@ class ControlGuard:
     max_fps: float = 60.0
     max_queue_size: int = 256
     max_memory_mb: int | None = None  # None: no memory budget
+    generated: bool = False  # the token was made here: announce() prints it once the endpoint listens
 
     @classmethod
     def from_config(cls, control: Any) -> "ControlGuard":
-        return cls(token=_token(control), host=control.host, allowed_origins=list(control.allowed_origins),
+        token, generated = _token(control)
+        return cls(token=token, generated=generated, host=control.host, allowed_origins=list(control.allowed_origins),
                    allow_local=list(control.allow_local), allow_hosts=list(control.allow_hosts),
                    allowed_ffmpeg_options=list(control.allowed_ffmpeg_options), max_pixels=control.max_pixels,
                    max_fps=control.max_fps, max_queue_size=control.max_queue_size,
                    max_memory_mb=control.max_memory_mb)
+
+    def announce(self) -> None:
+        """Print a generated token once, where the operator started the run (stderr), once the endpoint listens
+        (printed before, a run that then failed on a busy port showed a token for nothing); set
+        control.token_file to choose it."""
+        if self.generated and self.token:
+            print(f"blinkflow: control endpoint token (send 'Authorization: Bearer <token>'): {self.token}", flush=True,
+                  file=sys.stderr)
 
     # ------------------------------------------------------------------ requests
 
@@ -301,17 +311,15 @@ def _not_blank(token: str, where: str) -> str:
     return token
 
 
-def _token(control: Any) -> str | None:
+def _token(control: Any) -> tuple[str | None, bool]:
+    """The token, and whether it was generated here (then printed by :meth:`ControlGuard.announce`)."""
     if control.auth == "none":
         log.warning("control endpoint without authentication (control.auth: none): any local process can add "
                     "streams; use it only on a machine you trust")
-        return None
+        return None, False
     if os.environ.get(TOKEN_ENV):  # set but empty (compose's ${TOKEN} unset): not given, as before
-        return _not_blank(os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}")
+        return _not_blank(os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"), False
     if control.token_file:
-        return _not_blank(Path(control.token_file).expanduser().read_text().strip(), f"control.token_file ({control.token_file})")
-    token = secrets.token_urlsafe(24)
-    # printed once, where the operator started the run (stderr); set control.token_file to choose it
-    print(f"blinkflow: control endpoint token (send 'Authorization: Bearer <token>'): {token}", flush=True,
-          file=sys.stderr)
-    return token
+        return _not_blank(Path(control.token_file).expanduser().read_text().strip(),
+                          f"control.token_file ({control.token_file})"), False
+    return secrets.token_urlsafe(24), True

@@ -165,8 +165,11 @@ def test_the_token_comes_from_the_environment_a_file_or_is_generated_once(tmp_pa
     control.token_file = str(tmp_path / "token")
     assert ControlGuard.from_config(control).token == "from-file"
     control.token_file = None
-    generated = ControlGuard.from_config(control).token
-    assert len(generated) >= 32 and generated in capsys.readouterr().err
+    guard = ControlGuard.from_config(control)
+    generated = guard.token
+    assert len(generated) >= 32 and generated not in capsys.readouterr().err  # not before the endpoint listens
+    guard.announce()
+    assert generated in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("url, words", [
@@ -513,3 +516,23 @@ def test_an_exported_but_empty_token_variable_is_not_given(tmp_path, monkeypatch
     control = load_config(data={"control": {"enabled": True, "token_file": str(tmp_path / "token")}}).control
     monkeypatch.setenv("BLINKFLOW_CONTROL_TOKEN", "")
     assert ControlGuard.from_config(control).token == "from-file"
+
+
+def test_a_generated_token_is_printed_only_once_the_endpoint_listens(capsys, monkeypatch):
+    """It was printed before the port was taken: a run that then failed on a busy port showed a token for nothing."""
+    from blinkflow.control import live_session
+    from blinkflow.errors import BlinkflowError
+
+    monkeypatch.delenv("BLINKFLOW_CONTROL_TOKEN", raising=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        cfg = load_config(data={"control": {"enabled": True, "port": busy.getsockname()[1]}, "stages": {"chaos": {}}})
+        with pytest.raises(BlinkflowError, match="cannot listen on"):
+            with live_session(cfg):
+                pass
+    assert "control endpoint token" not in capsys.readouterr().err
+    cfg = load_config(data={"control": {"enabled": True, "port": 0}, "stages": {"chaos": {}}})
+    with live_session(cfg):
+        pass
+    assert "control endpoint token" in capsys.readouterr().err
