@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="run configs/demo.yaml: the real models on a real street clip")
     demo.add_argument("--out", type=Path, default=Path("out"), help="output folder (default: out)")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a value of configs/demo.yaml by its YAML path (repeatable)")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     demo.set_defaults(handler=cmd_demo)
 
@@ -220,7 +221,8 @@ def _add_training_commands(commands: argparse._SubParsersAction) -> None:
     evaluate = commands.add_parser("eval", help="evaluate a stage's weights (COCO mAP, mIoU, EPE, top-k)")
     evaluate.add_argument("task", choices=TRAIN_TASKS, help="which stage's model")
     evaluate.add_argument("--config", type=Path, required=True, help="the training YAML the weights belong to")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a training config value by its YAML path, e.g. data.val.real_fraction=1 (repeatable)")
     evaluate.add_argument("--weights", help="'shipped' or a .pt file (default: the run's checkpoint, else shipped)")
     evaluate.add_argument("--data", help="a real dataset (COCO JSON, .flo folder, video tree); default: held-out synthetic")
     evaluate.add_argument("--record", action="store_true",

@@ -36,7 +36,8 @@ def add_bench_command(commands) -> None:
                        help="pipeline config (default: configs/synthetic.yaml; skip: configs/demo.yaml, the real models)")
     bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48; skip --video: 300 of each video)")
     bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
-    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value by its YAML path (skip: gate.* for the gate-on runs only; repeatable)")
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     bench.add_argument("--gate-from-config", action="store_true",
                        help="skip: start the gate-on runs from the config's gate section, not GateConfig's defaults")
