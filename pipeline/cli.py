@@ -135,6 +135,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return code
 
 
+def expected_frames(cfg) -> int | None:
+    """How many frames the run's sources will give, for the progress bar's total: files whose container
+    counts its frames (without fps resampling), synthetic scenes; None when any source cannot say (a folder, a
+    stream, the control endpoint)."""
+    from blinkflow.label import probe_frame_count
+
+    if cfg.control.enabled:
+        return None
+    total = 0
+    for source in cfg.sources:
+        if source.type == "file" and source.path:
+            count = probe_frame_count(Path(source.path), source)
+        elif source.type == "synthetic":
+            count = min(source.options.num_frames, source.max_frames or source.options.num_frames)
+        else:
+            count = None
+        if count is None:
+            return None
+        total += count
+    return total or None
+
+
 def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int:
     """Run a resolved config with a progress bar; print the summary; return the exit code."""
     from tqdm import tqdm
@@ -149,7 +171,8 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
 
     stop = threading.Event()
     with serving_metrics(cfg.metrics) as metrics, live_session(cfg, metrics) as hub, \
-            tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True) as bar:
+            tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+                 total=expected_frames(cfg) if progress else None) as bar:
         def on_result(result) -> None:
             bar.update(1)
             if hub is not None:

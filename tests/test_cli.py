@@ -86,3 +86,19 @@ def test_unknown_command_line_config_path_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("blinkflow: error:") and "missing.yaml" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_progress_bar_knows_the_total_when_the_sources_can_say(tmp_path):
+    """It showed '10frame [01:21…]' with no total for a file of known length."""
+    from blinkflow.cli import expected_frames
+    from blinkflow.config import load_config
+    from tests.conftest import write_test_video
+
+    clip = write_test_video(tmp_path / "clip.mp4", frames=7)
+    files = load_config(data={"sources": [{"type": "file", "path": str(clip)},
+                                          {"type": "synthetic", "num_frames": 5}], "stages": {"chaos": {}}})
+    assert expected_frames(files) == 12
+    folder = load_config(data={"sources": [{"type": "dir", "path": str(tmp_path)}], "stages": {"chaos": {}}})
+    assert expected_frames(folder) is None
+    resampled = load_config(data={"sources": [{"type": "file", "path": str(clip), "fps": 2}], "stages": {"chaos": {}}})
+    assert expected_frames(resampled) is None
