@@ -280,8 +280,9 @@ def on_fps_grid(seconds: float, next_time: float | None, fps: float) -> tuple[bo
     step or more (a pause in a recording, a reconnect) the grid restarts at that frame: the frames after a gap
     are not all kept to catch up."""
     step = 1.0 / fps
-    if next_time is not None and seconds < next_time - 2.0 * step:  # time went back (joined segments, a reset):
-        return True, seconds + step                                  # the grid starts again there, as after a gap
+    if next_time is not None and seconds < next_time - max(2.0 * step, 0.5):  # time went back (segments joined,
+        return True, seconds + step                                  # a reset): the grid starts again there, as after
+                                                                     # a gap (not for one frame out of order)
     # timestamps are rounded (Matroska's to the millisecond): a frame a hair before its slot is in it
     if next_time is not None and seconds < next_time - min(2e-3, 0.1 * step):
         return False, next_time

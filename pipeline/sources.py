@@ -227,9 +227,16 @@ class DirectorySource:
 
 def _with_suffix_where_equal(files: list[Path], names: list[str]) -> list[str]:
     """Stream ids from ``names``, the file's suffix kept where two would be equal (clip.mp4 and clip.mkv in one
-    folder were both 'clip': one stream of two files, their records and gate state mixed)."""
+    folder were both 'clip': one stream of two files, their records and gate state mixed), numbered where even
+    that is equal (clip.mp4 beside clip.mp4.avi)."""
     counts = Counter(names)
-    return [f"{name}{path.suffix}" if counts[name] > 1 else name for path, name in zip(files, names)]
+    named = [f"{name}{path.suffix}" if counts[name] > 1 else name for path, name in zip(files, names)]
+    seen: Counter = Counter()
+    unique = []
+    for name in named:
+        seen[name] += 1
+        unique.append(name if seen[name] == 1 else f"{name}~{seen[name]}")
+    return unique
 
 
 @register_source("glob")
@@ -335,9 +342,9 @@ def iter_video_frames(path: Path, stream_id: str, cfg: SourceConfig) -> Iterator
         yield from _resampled(read_ahead(decoded, depth=4, name=f"demux:{stream_id}"), cfg, stream_id, path, exports)
 
 
-#: decoders that export motion vectors (FFmpeg's export_mvs: H.264 and the MPEG-video family)
-VECTOR_CODECS = {"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "h263p", "flv1", "msmpeg4v2", "msmpeg4v3",
-                 "wmv1", "wmv2"}
+#: decoders (FFmpeg's decoder names) that export motion vectors: H.264 and the MPEG-video family
+VECTOR_CODECS = {"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "h263i", "h263p", "flv", "msmpeg4v1",
+                 "msmpeg4v2", "msmpeg4", "wmv1", "wmv2", "rv10", "rv20"}
 
 
 def _exports_vectors(stream: Any, path: Path) -> bool:
@@ -407,7 +414,7 @@ GAPS_SAID = 5
 def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
     rate = float(stream.average_rate or stream.guessed_rate or 25)
     decoded, last, gaps = 0, None, 0
-    size = _size_of(path)
+    size = _size_of(path)  # (inode, bytes): a path swapped for another file meanwhile is not a file that grew
     damaged: list[int] = []  # packets the decoder refused (counted, and the file ends as damaged)
     for frame in _decode_skipping_damage(container, stream, damaged):
         # a frame without a time comes a step after the one before (counting from the file's start put it back)
@@ -421,7 +428,8 @@ def _decoded_frames(container, stream, path: Path) -> Iterator[Any]:
     if damaged:
         raise TruncatedVideoError(f"{path}: {TRUNCATED}: {damaged[0]} damaged packet(s) could not be decoded and were "
                                   f"skipped; the other {decoded} frames were delivered; re-copy or re-encode the file")
-    if size is not None and _size_of(path) != size:
+    now = _size_of(path)
+    if size is not None and now is not None and now[0] == size[0] and now[1] != size[1]:
         raise TruncatedVideoError(f"{path}: {TRUNCATED}: the file grew while it was read (still being written?); "
                                   f"{decoded} frames were decoded, read it again once it is complete")
     _check_complete(container, stream, path, decoded, None if last is None else last + 1.0 / rate)
@@ -437,19 +445,18 @@ def _decode_skipping_damage(container: Any, stream: Any, damaged: list[int]) -> 
     for packet in container.demux(stream):
         try:
             frames = packet.decode()
-        except av.InvalidDataError:
-            if packet.size == 0:  # the flush at the end: nothing more comes
-                continue
-            damaged[:] = [damaged[0] + 1 if damaged else 1]
+        except av.InvalidDataError:  # at the flush too: with frame threads a late packet's error shows there,
+            damaged[:] = [damaged[0] + 1 if damaged else 1]  # and the frames still in the decoder are lost
             continue
         yield from frames
 
 
-def _size_of(path: Path) -> int | None:
+def _size_of(path: Path) -> tuple[int, int] | None:
     try:
-        return path.stat().st_size
+        stat = path.stat()
     except OSError:
         return None
+    return stat.st_ino, stat.st_size
 
 
 def read_ahead(items: Iterator[Any], depth: int, name: str) -> Iterator[Any]:
@@ -505,7 +512,8 @@ def _check_complete(container, stream, path: Path, decoded: int, end_s: float | 
     declared = stream.frames or 0
     if stream.duration and stream.time_base and end_s is not None:
         rate = float(stream.average_rate or stream.guessed_rate or 25)
-        if end_s >= float(stream.duration * stream.time_base) - max(2.0 / rate, 0.1):
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        if end_s - start >= float(stream.duration * stream.time_base) - max(2.0 / rate, 0.1):  # duration: from start
             return
     if indexed and decoded and declared > decoded:
         raise TruncatedVideoError(f"{path}: {TRUNCATED}: {decoded} of the {declared} frames its index lists were decoded "
@@ -534,6 +542,8 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
     vectors = _vector_reader(cfg) if vectors_ok else None
     pending: list[Any] = []  # the decoder's vectors of every frame since the last kept one (dropped ones add up)
     for seconds, av_frame in decoded:
+        if index == 0 and next_time is None and cfg.resize:
+            _say_a_changed_shape(av_frame, cfg.resize, path)
         if vectors is not None and quarter_turns(av_frame):  # its vectors are of the sideways picture
             log.warning("%s: motion_vectors: the video is shown turned (its display matrix); its frames carry no "
                         "decoder motion", path)
@@ -553,6 +563,21 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
             return
     if index == 0:
         raise SourceError(f"{path}: no frames could be decoded; the file is empty or damaged")
+
+
+#: resize changing the picture's aspect by more than this ratio is said (a portrait phone video, upright now,
+#: squeezed into a landscape resize)
+ASPECT_CHANGE = 1.25
+
+
+def _say_a_changed_shape(av_frame: Any, resize: list[int], path: Path) -> None:
+    width, height = av_frame.width, av_frame.height
+    if quarter_turns(av_frame) % 2:
+        width, height = height, width
+    change = (resize[0] / resize[1]) / (width / height)
+    if not 1 / ASPECT_CHANGE <= change <= ASPECT_CHANGE:
+        log.warning("%s: resize %dx%d changes the picture's shape (%dx%d, upright); objects come out stretched: "
+                    "give a resize of the same shape", path, resize[0], resize[1], width, height)
 
 
 def _vector_reader(cfg: SourceConfig) -> Any:

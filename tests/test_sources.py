@@ -416,7 +416,7 @@ def test_a_file_that_grows_while_it_is_read_is_not_whole(tmp_path, monkeypatch):
     from blinkflow.sources import TruncatedVideoError
 
     clip = write_test_video(tmp_path / "clip.mkv", frames=4)
-    sizes = iter([100, 200])
+    sizes = iter([(1, 100), (1, 200)])  # (inode, bytes): the same file, longer
     monkeypatch.setattr(sources, "_size_of", lambda path: next(sizes))
     with pytest.raises(TruncatedVideoError, match="the file grew while it was read"):
         decode_all(clip)
@@ -439,3 +439,71 @@ def test_a_damaged_packet_in_an_mp4_is_skipped_and_the_file_ends_as_damaged(tmp_
         for frame in decode_file(tmp_path / "damaged.mp4", "damaged", SourceConfig(type="file", path=str(tmp_path))):
             frames.append(frame)
     assert 130 <= len(frames) < 150 and frames[-1].pts > 5.0  # the frames after the damage came through
+
+
+def test_damage_near_the_end_that_shows_only_at_the_flush_is_counted(tmp_path):
+    """With frame threads a late packet's error shows in the final flush; it was taken for the end and the file
+    ended 'ok' with its last frames lost."""
+    import subprocess
+
+    from blinkflow.sources import TruncatedVideoError
+
+    _testsrc(tmp_path / "clip.mp4", 3, "160x120", "-bf", "3", "-g", "25")
+    positions = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_packets", "-show_entries",
+                                "packet=pos", "-of", "csv=p=0", str(tmp_path / "clip.mp4")],
+                               capture_output=True, text=True, check=True, timeout=60).stdout.split()
+    data = bytearray((tmp_path / "clip.mp4").read_bytes())
+    second_last = int(positions[-2])
+    data[second_last:second_last + 4] = bytes.fromhex("7fffffff")  # its NAL length: the packet does not decode
+    (tmp_path / "bad.mp4").write_bytes(bytes(data))
+    _ffmpeg("-i", tmp_path / "bad.mp4", "-c", "copy", tmp_path / "bad.mkv")
+    with pytest.raises(TruncatedVideoError, match=r"damaged packet\(s\) could not be decoded"):
+        decode_all(tmp_path / "bad.mkv")
+
+
+def test_a_cut_mp4_with_a_start_offset_is_still_truncated(tmp_path):
+    """The decoded end (start offset included) was compared with the duration (without it): a cut file passed."""
+    from blinkflow.sources import TruncatedVideoError
+
+    _testsrc(tmp_path / "late.mp4", 4, "160x120", "-g", "25", "-movflags", "+faststart", "-output_ts_offset", "10")
+    data = (tmp_path / "late.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])
+    with pytest.raises(TruncatedVideoError, match="of the 100 frames its index lists were decoded"):
+        decode_all(tmp_path / "cut.mp4")
+
+
+def test_a_path_swapped_for_another_file_while_read_is_not_a_file_that_grew(tmp_path, monkeypatch):
+    from blinkflow import sources
+
+    clip = write_test_video(tmp_path / "clip.mkv", frames=4)
+    states = iter([(1, 100), (2, 200)])  # another inode at the end: a recorder's latest.ts re-pointed
+    monkeypatch.setattr(sources, "_size_of", lambda path: next(states))
+    assert len(decode_all(clip)) == 4
+
+
+def test_ids_of_equal_names_stay_unique_even_with_their_suffixes(tmp_path):
+    from blinkflow.sources import _with_suffix_where_equal
+
+    files = [tmp_path / "clip.mkv", tmp_path / "clip.mp4", tmp_path / "clip.mp4.avi"]
+    names = ["clip", "clip", "clip.mp4"]
+    assert _with_suffix_where_equal(files, names) == ["clip.mkv", "clip.mp4", "clip.mp4~2"]
+
+
+def test_one_frame_out_of_order_does_not_restart_the_fps_grid():
+    from blinkflow.frame import on_fps_grid
+
+    kept, next_time = [], None
+    for seconds in [0.0, 1 / 30, 3 / 30, 2 / 30, 4 / 30, 5 / 30]:  # one swap at the source rate
+        keep, next_time = on_fps_grid(seconds, next_time, 30.0)
+        kept.append(keep)
+    assert kept.count(True) == 5  # the late one is dropped, nothing goes back in time
+
+
+@pytest.mark.parametrize("codec, name", [("flv", "clip.flv"), ("msmpeg4", "clip.avi")])
+def test_motion_vectors_of_the_mpeg_video_family_are_read_by_decoder_name(tmp_path, codec, name):
+    """The list held codec ids (flv1, msmpeg4v3): their decoders (flv, msmpeg4) were told they export none."""
+    from blinkflow.gate.motion import VECTORS_KEY
+
+    _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "1", "-c:v", codec, tmp_path / name)
+    frames = decode_all(tmp_path / name, motion_vectors=True)
+    assert sum(VECTORS_KEY in f.meta for f in frames) >= len(frames) // 2

@@ -30,14 +30,19 @@ def read_video_frames(path: Path, max_frames: int, step: int = 1) -> list[np.nda
     """Every ``step``-th of the first ``max_frames`` frames as RGB arrays (PyAV)."""
     import av
 
+    from blinkflow.frame import av_to_rgb
+
     frames: list[np.ndarray] = []
     try:
         with av.open(str(path)) as container:
-            for index, frame in enumerate(container.decode(video=0)):
+            stream = container.streams.best("video")  # the main one, upright, as the pipeline decodes it
+            if stream is None:
+                raise DatasetError(f"{path}: the file has no video stream; replace the file or drop it")
+            for index, frame in enumerate(container.decode(stream)):
                 if index >= max_frames:
                     break
                 if index % step == 0:
-                    frames.append(frame.to_ndarray(format="rgb24"))
+                    frames.append(av_to_rgb(frame, None))
     except (av.error.FFmpegError, OSError) as exc:
         raise DatasetError(f"{path}: cannot decode the video ({exc}); replace the file or drop it") from None
     return frames
