@@ -444,10 +444,13 @@ def test_a_damaged_packet_in_an_mp4_is_skipped_and_the_file_ends_as_damaged(tmp_
 def test_damage_near_the_end_that_shows_only_at_the_flush_is_counted(tmp_path):
     """With frame threads a late packet's error shows in the final flush; it was taken for the end and the file
     ended 'ok' with its last frames lost."""
+    import shutil
     import subprocess
 
     from blinkflow.sources import TruncatedVideoError
 
+    if shutil.which("ffprobe") is None:
+        pytest.skip("the ffprobe command is not installed (.ci/run installs ffmpeg, which brings it)")
     _testsrc(tmp_path / "clip.mp4", 3, "160x120", "-bf", "3", "-g", "25")
     positions = subprocess.run(["ffprobe", "-v", "error", "-select_streams", "v:0", "-show_packets", "-show_entries",
                                 "packet=pos", "-of", "csv=p=0", str(tmp_path / "clip.mp4")],
@@ -506,4 +509,4 @@ def test_motion_vectors_of_the_mpeg_video_family_are_read_by_decoder_name(tmp_pa
 
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "1", "-c:v", codec, tmp_path / name)
     frames = decode_all(tmp_path / name, motion_vectors=True)
-    assert sum(VECTORS_KEY in f.meta for f in frames) >= len(frames) // 2
+    assert frames and sum(VECTORS_KEY in f.meta for f in frames) >= len(frames) // 2

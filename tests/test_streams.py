@@ -583,7 +583,7 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
 
     stream = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None), kind="file")
     clock = iter([1000.2, 1030.0, 1000.2, 1005.0])  # when each later session starts (a first one asks not)
-    monkeypatch.setattr(streams.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(streams, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))  # this module's only
 
     def session(times):
         session_clock = streams._SessionClock(stream, 25.0)
