@@ -368,17 +368,23 @@ def test_a_clip_trimmed_with_an_edit_list_is_whole_not_truncated(tmp_path):
     assert 45 <= len(decode_all(tmp_path / "trim.mp4")) <= 60  # no TruncatedVideoError
 
 
-def test_a_damaged_stretch_that_decodes_to_nothing_is_said(tmp_path, caplog):
-    """A corrupt Matroska cluster lost a second of frames, silently: indices continuous, the stream 'complete'."""
-    import logging
+def _damaged(folder, suffix: str) -> None:
+    """``damaged<suffix>``: a 6 s clip with 4000 random bytes written over its middle."""
     import random
 
-    _testsrc(tmp_path / "long.mkv", 6, "160x120")
-    data = bytearray((tmp_path / "long.mkv").read_bytes())
+    _testsrc(folder / f"long{suffix}", 6, "160x120")
+    data = bytearray((folder / f"long{suffix}").read_bytes())
     rng, start = random.Random(1), len(data) // 2
     for offset in range(start, start + 4000):
         data[offset] = rng.randrange(256)
-    (tmp_path / "damaged.mkv").write_bytes(bytes(data))
+    (folder / f"damaged{suffix}").write_bytes(bytes(data))
+
+
+def test_a_damaged_stretch_that_decodes_to_nothing_is_said(tmp_path, caplog):
+    """A corrupt Matroska cluster lost a second of frames, silently: indices continuous, the stream 'complete'."""
+    import logging
+
+    _damaged(tmp_path, ".mkv")
     with caplog.at_level(logging.WARNING):
         frames = decode_all(tmp_path / "damaged.mkv")
     assert len(frames) < 150
@@ -424,16 +430,9 @@ def test_a_file_that_grows_while_it_is_read_is_not_whole(tmp_path, monkeypatch):
 
 def test_a_damaged_packet_in_an_mp4_is_skipped_and_the_file_ends_as_damaged(tmp_path):
     """One packet the decoder refused ended the stream there: about half the frames after it were lost."""
-    import random
-
     from blinkflow.sources import TruncatedVideoError
 
-    _testsrc(tmp_path / "long.mp4", 6, "160x120")
-    data = bytearray((tmp_path / "long.mp4").read_bytes())
-    rng, start = random.Random(1), len(data) // 2
-    for offset in range(start, start + 4000):
-        data[offset] = rng.randrange(256)
-    (tmp_path / "damaged.mp4").write_bytes(bytes(data))
+    _damaged(tmp_path, ".mp4")
     frames = []
     with pytest.raises(TruncatedVideoError, match=r"damaged packet\(s\) could not be decoded and were skipped"):
         for frame in decode_file(tmp_path / "damaged.mp4", "damaged", SourceConfig(type="file", path=str(tmp_path))):
