@@ -542,6 +542,8 @@ def sink_data(**sink) -> dict:
     ({"type": "mqtt", "host": "h", "retries": 3}, "sinks.0.retries: not a setting of a mqtt sink; its settings:"),
     ({"type": "webhook", "url": "https://example.com/x", "qos": 2}, "sinks.0.qos: not a setting of a webhook sink"),
     ({"type": "jsonl", "path": "/tmp/x.jsonl", "host": "h"}, "sinks.0.host: not a setting of a jsonl sink"),
+    # the built-in events sink subclasses jsonl: it has its own list (it accepted anything)
+    ({"type": "events", "path": "/tmp/x.jsonl", "host": "h"}, "sinks.0.host: not a setting of a events sink"),
 ])
 def test_push_sink_config_mistakes_are_one_line_naming_the_yaml_path(sink, message):
     with pytest.raises(ConfigError) as caught:

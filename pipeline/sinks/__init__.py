@@ -147,6 +147,9 @@ class JsonlSink(Sink):
     into ``<path>.1``, ``<path>.2``, ... keeping the newest ``keep``.
     """
 
+    #: the SinkConfig settings it reads (config: another's, set, is an error)
+    settings = frozenset({"include_dense", "keep", "live", "path", "rotate_mb"})
+
     needs_path = True  # config checks that a path is given
 
     def __init__(self, cfg: SinkConfig) -> None:
@@ -214,6 +217,8 @@ class JsonlSink(Sink):
 class MemorySink(Sink):
     """Keeps every FrameResult in a list (for tests and notebooks)."""
 
+    settings: frozenset[str] = frozenset()  # it reads no SinkConfig setting
+
     def __init__(self, cfg: SinkConfig | None = None) -> None:
         super().__init__(cfg or SinkConfig(type="memory"))
         self.results: list[FrameResult] = []
@@ -235,6 +240,9 @@ class Mp4OverlaySink(Sink):
     The first stream writes to ``path``; any further stream writes to
     ``<stem>-<stream><suffix>`` beside it (or use ``{stream}`` in the path).
     """
+
+    #: the SinkConfig settings it reads (config: another's, set, is an error)
+    settings = frozenset({"draw", "fps", "path"})
 
     needs_path = True  # config checks that a path is given
 
@@ -381,12 +389,3 @@ def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
     h, w = min(height, image.shape[0]), min(width, image.shape[1])
     out[:h, :w] = image[:h, :w]
     return out
-
-
-JsonlSink.settings = frozenset(['include_dense', 'keep', 'live', 'path', 'rotate_mb'])  # the SinkConfig keys it reads
-
-
-MemorySink.settings = frozenset([])  # the SinkConfig keys it reads
-
-
-Mp4OverlaySink.settings = frozenset(['draw', 'fps', 'path'])  # the SinkConfig keys it reads

@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 class CocoSink(Sink):
     """Detections and masks of every frame as one COCO-style JSON file."""
 
+    #: the SinkConfig settings it reads (config: another's, set, is an error)
+    settings = frozenset({"path"})
+
     needs_path = True  # config checks that a path is given
 
     def __init__(self, cfg: SinkConfig) -> None:
@@ -163,6 +166,3 @@ def class_map_of(segment: dict[str, Any]) -> np.ndarray:
     if isinstance(data, str):
         data = base64.b64decode(data)
     return decode_class_map(data)
-
-
-CocoSink.settings = frozenset(['path'])  # the SinkConfig keys it reads

@@ -19,6 +19,9 @@ COLUMNS = ["stream", "index", "pts", "class", "score", "x1", "y1", "x2", "y2"]
 class CsvSink(Sink):
     """Boxes of the detect stage as CSV rows, written atomically when the run ends."""
 
+    #: the SinkConfig settings it reads (config: another's, set, is an error)
+    settings = frozenset({"path"})
+
     needs_path = True
 
     def __init__(self, cfg) -> None:
@@ -45,6 +48,3 @@ class CsvSink(Sink):
 def read_rows(text: str) -> list[dict[str, str]]:
     """The rows of a CSV this sink wrote (for tests and notebooks)."""
     return list(csv.DictReader(io.StringIO(text)))
-
-
-CsvSink.settings = frozenset(['path'])  # the SinkConfig keys it reads

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 class EventsJsonlSink(JsonlSink):
     """The ``events`` list of every frame record, one event per line."""
 
+    settings = JsonlSink.settings  # its own entry: the config check reads a class's own list only
+
     @staticmethod
     def check_pipeline(sink: Any, cfg: Any, path: str) -> None:
         if "events" not in cfg.enabled_stages():

@@ -44,6 +44,11 @@ def topic_part(stream: str) -> str:
 class MqttSink(PushSink):
     """Publishes events (and optionally frame records) from a bounded buffer; see the module docstring."""
 
+    #: the SinkConfig settings it reads (config: another's, set, is an error)
+    settings = frozenset({"backoff_initial_s", "backoff_max_s", "buffer", "ca_file", "client_id", "close_timeout_s",
+                          "host", "include_dense", "password_file", "per_frame", "port", "qos", "timeout_s", "tls",
+                          "topic_prefix", "username"})
+
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
         self.status_topic = f"{cfg.topic_prefix}/status"
@@ -195,6 +200,3 @@ class MqttSink(PushSink):
                 pass  # the connection went meanwhile; the broker then sends the last will, also offline
         self._client.disconnect()
         self._client.loop_stop()
-
-
-MqttSink.settings = frozenset(['backoff_initial_s', 'backoff_max_s', 'buffer', 'ca_file', 'client_id', 'close_timeout_s', 'host', 'include_dense', 'password_file', 'per_frame', 'port', 'qos', 'timeout_s', 'tls', 'topic_prefix', 'username'])  # the SinkConfig keys it reads

@@ -119,6 +119,10 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class WebhookSink(PushSink):
     """POSTs each event to ``url`` from a bounded buffer; see the module docstring."""
 
+    #: the SinkConfig settings it reads (config: another's, set, is an error)
+    settings = frozenset({"backoff_initial_s", "backoff_max_s", "buffer", "close_timeout_s", "retries", "timeout_s",
+                          "token_file", "url"})
+
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
         remember_secrets(cfg.url)  # a password or token in the URL itself never reaches a log line
@@ -238,6 +242,3 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-WebhookSink.settings = frozenset(['backoff_initial_s', 'backoff_max_s', 'buffer', 'close_timeout_s', 'retries', 'timeout_s', 'token_file', 'url'])  # the SinkConfig keys it reads
