@@ -14,6 +14,11 @@ from pathlib import Path
 from typing import Iterator
 
 
+#: file suffixes of videos (folder and glob sources, blinkflow label; a config's name: schema.MEDIA_SUFFIXES)
+VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m",
+                  ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv"}  # camcorders (AVCHD), phones, broadcast, DVD
+
+
 def safe_name(text: str, default: str) -> str:
     """``text`` as one file name: letters, digits, '-', '_' and '.' kept, the rest '_', no leading dots (a
     stream id '..' must not step out of its folder); ``default`` when nothing is left."""

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError, first_line
-from blinkflow.files import safe_name, sha256_bytes, sha256_file, write_atomic
+from blinkflow.files import VIDEO_SUFFIXES, safe_name, sha256_bytes, sha256_file, write_atomic
 from blinkflow.redact import redact_obj, redact_text
 from blinkflow.sinks import JsonlSink, to_record
 
@@ -87,8 +87,6 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
     """Files, directories (recursively) and globs, deduplicated, with unique file-safe ids. Label's own files in
     ``out_dir`` (the outputs its manifest lists, its hidden scratch and partial files) are not inputs: an output
     folder inside an input folder had its overlays labelled on every run."""
-    from blinkflow.sources import VIDEO_SUFFIXES
-
     outside = _outside(out_dir)
     paths: list[Path] = []
     for item in inputs:
@@ -470,7 +468,8 @@ def probe_frame_count(path: Path, source: Any) -> int | None:
         import av
 
         with av.open(str(path), metadata_errors="ignore") as container:
-            count = container.streams.video[0].frames if container.streams.video else 0
+            video = container.streams.best("video")  # the main one, as the source decodes
+            count = video.frames if video is not None else 0
     except Exception:  # noqa: BLE001 - only a progress-bar hint; decoding reports real damage
         return None
     if count and source.max_frames:

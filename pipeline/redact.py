@@ -68,7 +68,7 @@ def redact_url(url: str) -> str:
     if query:
         pairs = parse_qsl(query, keep_blank_values=True)
         query = urlencode([(k, MASK if is_secret_key(k) else v) for k, v in pairs], safe="*")
-    path = _PASSWORD_PAIR.sub(lambda m: f"{m['key']}={MASK}" if m["value"] else m.group(0), parts.path)
+    path = _PASSWORD_PAIR.sub(_masked_password, parts.path)
     return urlunsplit((parts.scheme, netloc, path, query, parts.fragment))
 
 
@@ -79,8 +79,12 @@ def redact_text(text: str, known: bool = True) -> str:
         text = pattern.sub(MASK, text)
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
     text = _BEARER.sub(lambda m: f"{m.group(1)}{MASK}", text)
-    text = _PASSWORD_PAIR.sub(lambda m: f"{m['key']}={MASK}" if m["value"] else m.group(0), text)
+    text = _PASSWORD_PAIR.sub(_masked_password, text)
     return _QUERY_PAIR.sub(lambda m: f"{m['sep']}{m['key']}={MASK}" if is_secret_key(m["key"]) else m.group(0), text)
+
+
+def _masked_password(match: re.Match[str]) -> str:
+    return f"{match['key']}={MASK}" if match["value"] else match.group(0)
 
 
 def _known_pattern() -> re.Pattern[str] | None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from blinkflow.errors import ConfigError
+from blinkflow.files import VIDEO_SUFFIXES
 
 
 def _field(default: Any = dataclasses.MISSING, doc: str = "", *, lo=None, hi=None, path_kind=None, factory=None):
@@ -171,8 +172,7 @@ def _check_path(f: dataclasses.Field, value: Any, path: str) -> None:
 #: a config is a few kB; this bounds what a hostile file can make the loader hold
 MAX_CONFIG_BYTES = 1 << 20
 #: file names that are media, not configs (a video passed where the config goes: "not UTF-8" misled)
-MEDIA_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".mts", ".m2ts", ".m4v", ".mpg", ".mpeg", ".flv",
-                  ".wmv", ".3gp", ".mxf", ".vob", ".ogv", ".y4m", ".gif", ".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+MEDIA_SUFFIXES = VIDEO_SUFFIXES | {".gif", ".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 #: YAML aliases (``*name``) a config may use: a few are handy, thousands are an expansion bomb
 MAX_ALIASES = 64
 

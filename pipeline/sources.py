@@ -27,6 +27,7 @@ import numpy as np
 
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
+from blinkflow.files import VIDEO_SUFFIXES
 from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, on_fps_grid, quarter_turns, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
 from blinkflow.hwdecode import check_hwaccel, open_decoding
@@ -37,9 +38,6 @@ log = logging.getLogger(__name__)
 
 #: the word a truncation message starts its reason with (the typed mark is EndReason.TRUNCATED)
 TRUNCATED = "truncated"
-
-VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m",
-                  ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv"}  # camcorders (AVCHD), phones, broadcast, DVD
 
 
 # --------------------------------------------------------------------------- lanes

@@ -394,7 +394,7 @@ class LiveStream:
             if not container.streams.video:
                 raise _StreamDown("the stream has no video track")
             self._on_connected()
-            self._decode(container, container.streams.video[0])
+            self._decode(container, container.streams.best("video"))  # the main one, as files
         except av.ExitError:
             raise _StreamDown(f"stalled: no data for {self.cfg.options.stall_timeout_s:g} s") from None
         except (av.FFmpegError, OSError) as exc:
