@@ -434,9 +434,8 @@ class PrometheusRecorder(MetricsRecorder):
     def _forget(self, stream: str) -> None:
         """Every series of a stream removed on purpose: no stream_up of 0 left paging for it."""
         with self._series_lock:
-            for metric, values in self._children.pop(stream, set()):
-                with contextlib.suppress(KeyError):
-                    metric.remove(*values)
+            self._remove_children(stream)
+            self._children.pop(stream, None)
             self._streams.pop(stream, None)
         log.debug("metrics: the series of removed stream %s are gone", stream)
 
@@ -584,9 +583,14 @@ class PrometheusRecorder(MetricsRecorder):
     def _drop_up(self, stream: str, series: _StreamSeries) -> None:
         """A removed stream's stream_up goes now (the lock is held); its other series stay REMOVED_SERIES_S.
         Later events set the detached child, which no scrape reads."""
+        self._remove_children(stream, self.stream_up)
+
+    def _remove_children(self, stream: str, only: Any = None) -> None:
+        """Unexport a stream's series (of metric ``only``, or all) by the labels they were made with, not labels
+        made again (a password learned since would redact the id otherwise); the lock is held."""
         children = self._children.get(stream, set())
-        for metric, values in [c for c in children if c[0] is self.stream_up]:  # its labels as made, not re-made
-            children.discard((metric, values))  # (a password learned since would redact the id otherwise)
+        for metric, values in [c for c in children if only is None or c[0] is only]:
+            children.discard((metric, values))
             with contextlib.suppress(KeyError):
                 metric.remove(*values)
 
