@@ -137,6 +137,30 @@ def test_gray_signal_is_the_block_mean_of_the_grayscale(downscale):
     assert np.allclose(signal, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("shape, grid", [((34, 80), (17, 40)), ((30, 41, 3), (7, 9)), ((5, 6), (3, 4))])
+def test_warp_backward_takes_each_pixel_from_where_its_cell_says_it_came(shape, grid):
+    from blinkflow.gate.motion import compose_motion, field_at_pixels, warp_backward
+
+    rng = np.random.default_rng(len(shape) * 100 + grid[0])
+    image = rng.integers(0, 256, shape).astype(np.float32)
+    motion = rng.normal(0, 3, (*grid, 2)).astype(np.float32)
+    height, width = shape[:2]
+    expected, per_pixel = np.empty_like(image), np.empty((height, width, 2), np.float32)
+    for y in range(height):  # the definition, pixel by pixel: nearest cell, nearest source pixel, edges clamped
+        for x in range(width):
+            per_pixel[y, x] = motion[min(y * grid[0] // height, grid[0] - 1), min(x * grid[1] // width, grid[1] - 1)]
+            dx, dy = per_pixel[y, x]
+            expected[y, x] = image[int(np.clip(np.rint(y - dy), 0, height - 1)), int(np.clip(np.rint(x - dx), 0, width - 1))]
+    assert np.array_equal(field_at_pixels(motion, height, width), per_pixel)
+    assert np.array_equal(warp_backward(image, motion), expected)
+    step = rng.normal(0, 12, (*grid, 2)).astype(np.float32)  # chaining: step(p) + accumulated(p - step(p)) on cells
+    composed = compose_motion(step, motion)
+    for y, x in [(0, 0), (grid[0] - 1, grid[1] - 1), (grid[0] // 2, grid[1] // 3)]:
+        sy = int(np.clip(np.rint(y - step[y, x, 1] / 8), 0, grid[0] - 1))
+        sx = int(np.clip(np.rint(x - step[y, x, 0] / 8), 0, grid[1] - 1))
+        assert np.array_equal(composed[y, x], step[y, x] + motion[sy, sx])
+
+
 def test_largest_component_measures_the_biggest_blob():
     mask = np.zeros((12, 12), dtype=bool)
     mask[1:3, 1:3] = True  # 4

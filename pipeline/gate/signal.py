@@ -17,6 +17,10 @@ if TYPE_CHECKING:
     from blinkflow.config import GateConfig
 
 
+#: ITU-R BT.601 luma weights (made once: the gate makes a signal on every frame)
+_GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
 def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
     """Grayscale, block-averaged by ``downscale`` (float32).
 
@@ -26,19 +30,22 @@ def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
     strided adds of rows, then of columns of the row sums, in the narrowest
     integer type that holds them (3-4x faster than adding every offset of a block).
     """
-    weights = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    weights = _GRAY_WEIGHTS
     d = min(downscale, image.shape[0], image.shape[1])  # a frame smaller than a block is one block
     if d <= 1:
         return image.astype(np.float32) @ weights
     h, w = image.shape[0] // d * d, image.shape[1] // d * d
-    dtype = np.uint16 if d * d * 255 <= np.iinfo(np.uint16).max else np.uint32
+    dtype = np.uint16 if d * d * 255 <= 0xFFFF else np.uint32
     rows = image[0:h:d, :w].astype(dtype)
     for dy in range(1, d):
         rows += image[dy:h:d, :w]
-    sums = rows[:, 0:w:d].copy()
-    for dx in range(1, d):
-        sums += rows[:, dx:w:d]
-    return (sums.astype(np.float32) @ weights) / float(d * d)
+    # the columns channel-major: each add then runs along a row (along a pixel's 3 channels it is 2x slower)
+    planes = rows.transpose(2, 0, 1)
+    sums = np.empty((planes.shape[0], h // d, w // d), dtype)
+    np.add(planes[:, :, 0:w:d], planes[:, :, 1:w:d], out=sums)
+    for dx in range(2, d):
+        np.add(sums, planes[:, :, dx:w:d], out=sums)
+    return (sums.transpose(1, 2, 0).astype(np.float32) @ weights) / float(d * d)
 
 
 def box_blur(image: np.ndarray, size: int) -> np.ndarray:
