@@ -137,6 +137,56 @@ def _pixels(points: list[list[float]], normalized: bool, width: int, height: int
     return array * np.array([width, height]) if normalized else array
 
 
+#: a zone's edge or a line's end this close to the frame's border (pixels) lies on it: a click on a screenshot's
+#: last row is 1 px short of the border, where a box clamped to the frame puts its bottom
+BORDER_TOLERANCE = 1.0
+
+
+def past_the_border(points: np.ndarray, closed: bool, width: int, height: int, margin: float) -> np.ndarray:
+    """``points`` with what lies on the frame's border moved ``margin`` past it, outwards.
+
+    Boxes are clamped to the frame, so an object touching the border stands exactly on it: a zone edge drawn
+    along the border (or a line ending there) would keep it within ``hysteresis`` for good, and the zone
+    would never count it (the line never see it cross). Nothing can be seen beyond the border, so moving
+    them past it changes nothing inside the frame. A zone (``closed``) moves the corners of each edge that
+    lies along a border, across that border; a line extends, along its own direction, each end that lies
+    on a border (its sides stay the same)."""
+    out = points.astype(np.float64).copy()
+    on = _on_borders(out, width, height)
+    if closed:
+        for i in range(len(out)):
+            j = (i + 1) % len(out)
+            for border in on[i] & on[j]:  # the edge i -> j lies along these borders
+                _push(out, i, border, width, height, margin)
+                _push(out, j, border, width, height, margin)
+        return out
+    direction = out[-1] - out[0]
+    length = float(np.hypot(*direction))
+    if length > 0:
+        if on[0]:
+            out[0] -= direction / length * (margin + BORDER_TOLERANCE)
+        if on[-1]:
+            out[-1] += direction / length * (margin + BORDER_TOLERANCE)
+    return out
+
+
+def _on_borders(points: np.ndarray, width: int, height: int) -> list[set[str]]:
+    tol = BORDER_TOLERANCE
+    return [{name for name, near in (("left", x <= tol), ("right", x >= width - tol), ("top", y <= tol),
+                                     ("bottom", y >= height - tol)) if near} for x, y in points]
+
+
+def _push(points: np.ndarray, i: int, border: str, width: int, height: int, margin: float) -> None:
+    if border == "left":
+        points[i, 0] = min(points[i, 0], -margin)
+    elif border == "right":
+        points[i, 0] = max(points[i, 0], width + margin)
+    elif border == "top":
+        points[i, 1] = min(points[i, 1], -margin)
+    else:
+        points[i, 1] = max(points[i, 1], height + margin)
+
+
 def zone_depth(polygon: np.ndarray, point: tuple[float, float]) -> float:
     """Distance from ``point`` to the polygon's boundary, positive inside and negative outside."""
     x, y = point
@@ -349,9 +399,9 @@ class EventsStage(Stage):
             if self.options.snapshots:
                 memory.best_crop = _crop(frame.image, box)
         point = bottom_centre(box)
-        for zone in self._shapes(self.options.zones, frame):
+        for zone in self._shapes(self.options.zones, frame, closed=True):
             events.extend(self._zone_events(frame, memory, track_id, score, box, zone, point))
-        for line in self._shapes(self.options.lines, frame):
+        for line in self._shapes(self.options.lines, frame, closed=False):
             events.extend(self._line_events(frame, memory, track_id, score, box, line, point))
         return events
 
@@ -387,11 +437,13 @@ class EventsStage(Stage):
         names = [z.name for z in self.options.zones if z.stream in (None, stream_id)]
         return {name: sum(1 for m in state.tracks.values() if m.zones.get(name)) for name in names}
 
-    def _shapes(self, shapes: list[Any], frame: Frame) -> list[tuple[str, np.ndarray]]:
+    def _shapes(self, shapes: list[Any], frame: Frame, closed: bool) -> list[tuple[str, np.ndarray]]:
         placed = [(s.name, _pixels(s.points, s.normalized, frame.width, frame.height))
                   for s in shapes if s.stream in (None, frame.stream_id)]
         self._warn_outside(placed, frame)
-        return placed
+        margin = self.options.hysteresis + 1.0
+        return [(name, past_the_border(points, closed, frame.width, frame.height, margin))
+                for name, points in placed]
 
     def _warn_outside(self, placed: list[tuple[str, np.ndarray]], frame: Frame) -> None:
         """Once per stream and frame size: a zone or line wholly outside the frame never fires (pixels drawn on

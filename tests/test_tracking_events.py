@@ -524,3 +524,53 @@ def test_zone_edges_that_meet_anywhere_but_their_shared_corner_are_refused(point
     from blinkflow.stages.events import _crossing_edges
 
     assert (_crossing_edges(points) is not None) == bad
+
+
+def _drive(boxes_per_frame: list[list[list[float]] | None], zones: list[dict] = (), lines: list[dict] = (),
+           reused_from: dict[int, int] | None = None, confirm_hits: int = 1) -> list[tuple[str, int, Any]]:
+    """The track and events stages on a 640x360 stream of one car's boxes (None: no detector output); frames in
+    ``reused_from`` are gate-reused ones carrying the named keyframe's boxes. Returns (type, index, zone/line)."""
+    from blinkflow.config import StageConfig
+    from blinkflow.frame import GateMark
+    from blinkflow.stages.events import EventsOptions, EventsStage, LineOptions, ZoneOptions
+    from blinkflow.stages.track import TrackOptions, TrackStage
+
+    track = TrackStage(StageConfig(options=TrackOptions(confirm_hits=confirm_hits)))
+    events = EventsStage(StageConfig(options=EventsOptions(zones=[ZoneOptions(**z) for z in zones],
+                                                           lines=[LineOptions(**line) for line in lines])))
+    track.setup()
+    events.setup()
+    out = []
+    for i, boxes in enumerate(boxes_per_frame):
+        frame = Frame("cam", i, i / 25.0, np.zeros((360, 640, 3), np.uint8))
+        if reused_from and i in reused_from:
+            frame.gate = GateMark(reuse_of=reused_from[i])
+        if boxes is not None:
+            frame.results["detect"] = {"boxes": boxes, "scores": [0.9] * len(boxes), "classes": ["car"] * len(boxes)}
+        out += events.process(track.process([frame]))
+    out += events.process(track.end_stream("cam")) + events.end_stream("cam")
+    return [(e["type"], e["index"], e.get("zone") or e.get("line")) for f in out for e in f.results.get("events", [])]
+
+
+@pytest.mark.parametrize("bottom", [360.0, 359.5, 358.0, 350.0])
+def test_a_zone_along_the_frames_border_counts_an_object_that_touches_the_border(bottom):
+    # camera.yaml's driveway: the bottom right quarter, normalized; boxes are clamped to the frame, so a car at
+    # the bottom stands exactly on the zone's bottom edge, which no object can go past
+    driveway = {"name": "driveway", "normalized": True, "points": [[0.55, 0.5], [1, 0.5], [1, 1], [0.55, 1]]}
+    got = _drive([[[10 + 10 * i, 280, 90 + 10 * i, bottom]] for i in range(50)], zones=[driveway])
+    assert [e for e in got if e[0] in ("enter_zone", "exit_zone")] == [("enter_zone", 31, "driveway")]
+
+
+@pytest.mark.parametrize("bottom", [360.0, 359.0, 340.0])
+def test_a_line_drawn_to_the_screenshots_last_row_counts_objects_touching_the_bottom(bottom):
+    entrance = {"name": "entrance", "points": [[320, 359], [320, 0]]}  # README, configs/camera.yaml
+    got = _drive([[[200 + 10 * i, 280, 260 + 10 * i, bottom]] for i in range(20)], lines=[entrance])
+    assert [e for e in got if e[0] == "cross_line"] == [("cross_line", 10, "entrance")]  # centre 330: 10 px past
+
+
+def test_a_box_the_detector_saw_once_gets_no_id_however_long_the_gate_carries_it():
+    box = [[100, 100, 160, 160]]
+    once = [None] * 10 + [box] * 5 + [[]] * 10  # seen on frame 10; frames 11-14 reuse it (carried copies)
+    assert _drive(once, reused_from={i: 10 for i in range(11, 15)}, confirm_hits=3) == []
+    # seen by the detector on three frames, the same boxes: confirmed, one ID from its third sighting on
+    assert _drive(once, confirm_hits=3) == [("new", 12, None), ("end", 24, None)]
