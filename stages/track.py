@@ -23,14 +23,19 @@ Association per frame (ByteTrack, Zhang et al. 2022):
 5. an unmatched confirmed track becomes lost; one lost for more than ``max_lost_frames`` frames ends;
 6. high detections left over, at or above ``new_track_threshold``, start tentative tracks; a
    tentative track is confirmed (and gets its ID, counted from 1 per stream) after ``confirm_hits``
-   matched frames, so a one-frame false positive never takes an ID.
+   matched frames, two of them seen by the detector, so a one-frame false positive never takes an ID.
 
 On a frame the gate reused (or refreshed for other stages) the boxes are the keyframe's, carried
-over (copied, or moved along motion vectors): they are matched like fresh ones, so IDs survive
-every skip, but the motion model takes them as ``carried_noise`` times noisier observations, so
-the stale positions do not stall its velocity between keyframes. A frame without detect results
-(failed, dropped, or the detect stage did not run) only predicts: its gap counts neither as a
-match nor as a miss.
+over (copied, or moved along motion vectors): they are matched like fresh ones, so a track lives
+through the skip, but a box the detector saw on one frame alone, carried over, is no second sighting
+(no ID) and the motion model takes them as ``carried_noise`` times noisier observations, so the
+stale positions do not stall its velocity between keyframes. An ID survives the skip when the
+object's box at the next keyframe still overlaps its track (``match_iou``): with the decoder's
+motion vectors (``sources.N.motion_vectors``) the carried boxes move with the objects; copied, a
+fast object that the gate skips for long (it moves most of its size meanwhile, which the gate's
+change signal usually stops) can start a new track. A frame without detect results (failed,
+dropped, or the detect stage did not run) only predicts: its gap counts neither as a match nor as
+a miss.
 
 Re-identification (``appearance_weight`` > 0): every box gets an appearance embedding, the detect
 result's own ``"embeddings"`` when it has them (:meth:`Track.embed`), else the re-ID net's
@@ -183,6 +188,7 @@ class Track:
     state: str = TENTATIVE
     id: int | None = None
     hits: int = 1
+    seen: int = 1  # of the hits, frames where the detector ran (not boxes carried over reused frames)
     lost_frames: int = 0
     det: int | None = None  # the detection it matched on the current frame
     box: np.ndarray = field(default_factory=lambda: np.zeros(4))
@@ -232,11 +238,13 @@ class StreamTracker:
         self.next_id = first_id
         self.last_index = -1
         self.noise = 1.0  # measurement noise factor of the current frame
+        self.carried = False  # the current frame's boxes are carried over from a keyframe: no new evidence
 
     def step(self, index: int, dets: _Detections | None, carried: bool = False) -> list[Track]:
         """Advance to frame ``index``; return the tracks that ended on it."""
         self.last_index = index
         self.noise = self.options.carried_noise if carried else 1.0
+        self.carried = carried
         for track in self.tracks:
             track.kalman.predict()
             track.det = None
@@ -335,11 +343,18 @@ class StreamTracker:
         track.score = float(dets.scores[det])
         track.label = dets.classes[det]
         track.hits += 1
+        track.seen += not self.carried
         track.lost_frames = 0
         if dets.embeddings is not None and dets.clean[det]:
             track.remember(dets.embeddings[det], self.options.gallery_size)
-        if track.state == LOST or (track.state == TENTATIVE and track.hits >= self.options.confirm_hits):
+        if track.state == LOST or (track.state == TENTATIVE and self._confirmed_by(track)):
             self._confirm(track)
+
+    def _confirmed_by(self, track: Track) -> bool:
+        """``confirm_hits`` matched frames, two of them seen by the detector (when it asks for two or more): a box
+        it saw on one frame alone, carried over the frames the gate reused, is no second sighting."""
+        need = self.options.confirm_hits
+        return track.hits >= need and track.seen >= min(2, need)
 
     def _confirm(self, track: Track) -> None:
         if track.id is None:
