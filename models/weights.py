@@ -19,6 +19,8 @@ refused instead of executed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import datetime as _dt
 import json
@@ -30,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from blinkflow.errors import BlinkflowError
-from blinkflow.files import sha256_bytes, sha256_file, write_atomic
+from blinkflow.files import atomic_path, sha256_bytes, sha256_file, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +261,25 @@ def read_verified(spec: WeightsSpec) -> Any:
         raise WeightsError(f"{spec.path}: cannot read the weights file ({exc.strerror or exc})") from None
     _verify_checksum(spec, data)
     return _safe_torch_load(spec.path, data)
+
+
+def with_checkpoint_classes(spec: WeightsSpec, stage: str) -> WeightsSpec:
+    """``spec`` with the class list its file records when it is one of our training checkpoints and no manifest
+    names its classes (a fine-tuned model's own classes, not a stage's defaults). A checkpoint trained for
+    another stage is refused. Read, like every weights file, only once its sha256 pin holds."""
+    if spec.kind != "file" or spec.classes:
+        return spec
+    obj = read_verified(spec)
+    if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
+        return spec  # a plain state dict: no record of its classes
+    task = (obj.get("config") or {}).get("task") if isinstance(obj.get("config"), dict) else None
+    if task and task != stage:
+        raise WeightsError(f"stages.{stage}.weights: {spec.label} is a checkpoint of `blinkflow train {task}`, "
+                           f"not of the {stage} stage; use it in stages.{task}, or weights trained for {stage}")
+    classes = obj.get("classes")
+    if isinstance(classes, list) and classes and all(isinstance(name, str) for name in classes):
+        return dataclasses.replace(spec, classes=list(classes))
+    return spec
 
 
 def _fresh_head(model: Any, state: dict) -> list[str]:
@@ -623,13 +644,15 @@ def save_shipped(
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stage}-{model_name}.pt"
     state = {k: v.detach().cpu().contiguous() for k, v in _strip_prefix(model.state_dict(), "module.").items()}
-    torch.save(state, path)
+    with atomic_path(path) as temp:  # a run killed mid-write leaves the shipped file its manifest pins
+        torch.save(state, temp)
+        digest, size = sha256_file(temp), temp.stat().st_size
     entry = {
         "stage": stage,
         "model": model_name,
         "file": path.name,
-        "sha256": sha256_file(path),
-        "size": path.stat().st_size,
+        "sha256": digest,
+        "size": size,
         "classes": list(classes) if classes is not None else None,
         "config": config,
         "metrics": metrics,

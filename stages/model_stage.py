@@ -43,11 +43,12 @@ class ModelStage(Stage):
 
     def setup(self, device: str = "cpu") -> None:
         from blinkflow.devices import resolve_device
-        from blinkflow.models.weights import load_state, resolve_weights
+        from blinkflow.models.weights import load_state, resolve_weights, with_checkpoint_classes
 
         self.device = device
         self._device = resolve_device(device, f"stages.{self.name}.device")
         spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
+        spec = with_checkpoint_classes(spec, self.name)  # a fine-tuned checkpoint names its own classes
         model = self.build_model(spec)
         self.check_model(model)
         load_state(model, spec)

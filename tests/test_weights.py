@@ -332,3 +332,22 @@ def test_a_text_file_given_as_weights_says_what_it_is_not(tmp_path):
                                            r"writes\); re-export it") as error:
         load_state(tiny_model(), resolve_weights(str(path), stage="detect", model_name="tiny"))
     assert "(101)" not in str(error.value)
+
+
+def test_a_fine_tuned_checkpoint_brings_its_own_classes_into_the_stage(tmp_path):
+    """A `blinkflow train` checkpoint records its classes: the stage names its outputs by them (it took the
+    synthetic scenes' names and loaded, or failed to, by their count); one trained for another stage is refused."""
+    from blinkflow.config import StageConfig
+    from blinkflow.models.registry import build_model
+    from blinkflow.stages.segment import Segment, SegmentOptions
+
+    classes = ["background", "apple", "bus"]
+    state = build_model("unet_small", task="segment", num_classes=len(classes)).state_dict()
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"model": state, "classes": classes, "config": {"task": "segment"}, "epoch": 1}, path)
+    stage = Segment(StageConfig(model="unet_small", weights=str(path), options=SegmentOptions(input_size=[64, 64])))
+    stage.setup("cpu")
+    assert stage.classes == classes
+    torch.save({"model": state, "classes": classes, "config": {"task": "detect"}}, path)
+    with pytest.raises(WeightsError, match="checkpoint of `blinkflow train detect`, not of the segment stage"):
+        Segment(StageConfig(model="unet_small", weights=str(path), options=SegmentOptions(input_size=[64, 64]))).setup("cpu")

@@ -42,7 +42,7 @@ from blinkflow.devices import resolve_device
 from blinkflow.models.training.config import OptimConfig, TrainConfig
 from blinkflow.models.training.tasks import Task, make_task, unwrap
 from blinkflow.errors import BlinkflowError, ConfigError
-from blinkflow.files import atomic_path
+from blinkflow.files import atomic_path, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[s
         summary["shipped"] = str(path)
     out_dir = Path(summary["out_dir"])
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / METRICS_NAME).write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(out_dir / METRICS_NAME, json.dumps(summary, indent=2) + "\n")
 
 
 def describe_device(device: torch.device) -> str:
@@ -207,7 +207,7 @@ def describe_eval_set(cfg: TrainConfig) -> str:
 def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None = None) -> dict:
     """Metrics of ``weights`` (default: the run's checkpoint, else the shipped weights) on ``data``
     (a real dataset; default: ``data.val_path``, else the synthetic held-out split)."""
-    from blinkflow.models.weights import load_state
+    from blinkflow.models.weights import load_state, with_checkpoint_classes
 
     if data and cfg.task == "reid":
         raise ConfigError("--data: reid is evaluated on synthetic identities (plus reid.real_clips), not a dataset "
@@ -216,11 +216,11 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)
     spec = eval_weights_spec(cfg, weights)
-    classes = spec.classes or _checkpoint_classes(spec) or task.default_classes
+    classes = with_checkpoint_classes(spec, cfg.task).classes or task.default_classes
     real = data or cfg.data.val_path
     if not real and task.default_classes is not None and list(classes) != list(task.default_classes):
-        raise BlinkflowError(f"{spec.label}: these weights know {len(classes)} classes, not the synthetic scenes' "
-                             f"{len(task.default_classes)}; evaluate them on their own data with --data PATH")
+        raise BlinkflowError(f"{spec.label}: these weights know other classes ({_names(classes)}) than the synthetic "
+                             f"scenes ({_names(task.default_classes)}); evaluate them on their own data with --data PATH")
     dataset = task.eval_set(data, list(classes) if classes is not None else None)
     model = task.build_model(classes)
     load_state(model, spec)
@@ -242,15 +242,9 @@ def eval_weights_spec(cfg: TrainConfig, weights: str | None) -> Any:
         raise WeightsError(re.sub(rf"^stages\.{cfg.task}\.weights: ", "--weights: ", str(exc))) from None
 
 
-def _checkpoint_classes(spec: Any) -> list[str] | None:
-    """The class list a training checkpoint records (plain state dicts have none); read, like every weights
-    file, only once its sha256 pin holds."""
-    from blinkflow.models.weights import read_verified
-
-    if spec.kind == "random":
-        return None
-    obj = read_verified(spec)
-    return obj.get("classes") if isinstance(obj, dict) and "model" in obj else None
+def _names(classes: list[str], most: int = 8) -> str:
+    shown = ", ".join(classes[:most])
+    return f"{shown}, … {len(classes)} in all" if len(classes) > most else shown
 
 
 # --------------------------------------------------------------------------- one epoch
