@@ -118,6 +118,25 @@ def test_runs_shipping_at_once_all_land_in_the_manifest(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_run_killed_while_shipping_leaves_the_shipped_weights_its_manifest_pins(tmp_path, monkeypatch):
+    from blinkflow.models.weights import WeightsSpec, read_manifest, read_verified, save_shipped
+
+    save_shipped(torch.nn.Linear(2, 2), stage="flow", model_name="tiny", classes=None, config={}, metrics={},
+                 out_dir=tmp_path)
+
+    def killed_half_way(obj, target):
+        Path(target).write_bytes(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        save_shipped(torch.nn.Linear(2, 2), stage="flow", model_name="tiny", classes=None, config={}, metrics={},
+                     out_dir=tmp_path)
+    entry = read_manifest(tmp_path)["weights"][0]
+    state = read_verified(WeightsSpec(source="shipped", kind="shipped", path=tmp_path / entry["file"], sha256=entry["sha256"]))
+    assert set(state) == {"weight", "bias"} and not list(tmp_path.glob(".*partial*"))
+
+
 def test_record_replaces_metrics_and_keeps_how_the_weights_were_trained(tmp_path):
     from blinkflow.models.weights import WeightsError, record_metrics, save_shipped
 

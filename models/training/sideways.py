@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blinkflow.files import atomic_path, write_atomic
 from blinkflow.models.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -332,9 +333,10 @@ def compare(cfg: TrainConfig, stages: int = 2, executors: Sequence[str] = ("loca
 def _save(cfg: TrainConfig, report: dict, model: nn.Module | None) -> None:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "sideways.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomic(out_dir / "sideways.json", json.dumps(report, indent=2) + "\n")
     if model is not None:
-        torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, out_dir / "sideways.pt")
+        with atomic_path(out_dir / "sideways.pt") as temp:  # a killed run leaves no half checkpoint
+            torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, temp)
 
 
 def format_report(report: dict) -> str:
