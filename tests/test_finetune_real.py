@@ -87,3 +87,35 @@ def test_shipping_a_yolox_fine_tune_keeps_megvii_as_its_source(tmp_path, monkeyp
     assert entry["derived_from"] == original["source"] and entry["licence"] == original["licence"]
     assert entry["metrics"]["initialised_from"] == f"shipped (sha256 {original['sha256']})"
     assert entry["sha256"] != original["sha256"]
+
+
+def test_a_coco_file_naming_other_categories_gets_a_fresh_head_for_its_own(tmp_path):
+    """finetune-detect.yaml: a file sharing categories with COCO keeps the init's 80-class head; one whose
+    annotations use none of them trains a head for the file's own categories (it was refused)."""
+    import json
+    import shutil
+
+    from blinkflow.models.training.tasks import make_task
+
+    sample = Path(__file__).resolve().parent / "data" / "coco"
+    coco = json.loads((sample / "detections.json").read_text())
+    for image in coco["images"]:
+        shutil.copy(sample / image["file_name"], tmp_path / image["file_name"])
+
+    def task_on(rename: dict[str, str]):
+        cats = [{**c, "name": rename.get(c["name"], c["name"])} for c in coco["categories"]]
+        path = tmp_path / f"coco-{len(rename)}.json"
+        path.write_text(json.dumps({**coco, "categories": cats}))
+        cfg = load_train_config(TRAIN_CONFIGS / "finetune-detect.yaml", [f"data.train_path={path}", f"data.val_path={path}",
+                                                                        f"out_dir={tmp_path / 'run'}"], task="detect")
+        return make_task(cfg), sorted(c["name"] for c in cats)
+
+    task, _ = task_on({})
+    assert len(task.init_classes()) == 91 and task.init_classes()[18] == "dog"  # all COCO names: the COCO head
+    used = {a["category_id"] for a in coco["annotations"]}
+    task, names = task_on({c["name"]: f"my-{c['name']}" for c in coco["categories"] if c["id"] in used})
+    assert task.init_classes() is None
+    classes = task.train_set().classes
+    assert classes[0] == "background" and sorted(classes[1:]) == names and "my-person" in classes
+    task, _ = task_on({"person": "forklift"})  # some still COCO's: the COCO head, the forklifts ignored
+    assert len(task.init_classes()) == 91

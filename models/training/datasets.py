@@ -304,6 +304,12 @@ def _coco_problem(coco: dict) -> str | None:
     return None
 
 
+def annotated_categories(coco: CocoData) -> list[str]:
+    """The names of the categories its annotations use (a file may list more: COCO's panoptic stuff, say)."""
+    used = {a.get("category_id") for annotations in coco.annotations.values() for a in annotations}
+    return sorted(name for cid, name in coco.categories.items() if cid in used)
+
+
 def coco_label_map(coco: CocoData, classes: list[str] | None) -> tuple[list[str], dict[int, int]]:
     """(classes, category id -> class index). ``classes=None`` takes the file's own, background first;
     otherwise categories are matched by name, and a file sharing none of them is an error."""
@@ -317,7 +323,8 @@ def coco_label_map(coco: CocoData, classes: list[str] | None) -> tuple[list[str]
         )
     dropped = sorted(set(coco.categories.values()) - set(classes))
     if dropped:
-        log.warning("%s: %d categories are not model classes and are ignored: %s", coco.path, len(dropped), dropped[:5])
+        log.warning("%s: %d categories are not model classes and their objects are ignored: %s (the model's head is "
+                    "kept since the file shares %d of its classes)", coco.path, len(dropped), dropped[:5], len(mapping))
     return classes, mapping
 
 

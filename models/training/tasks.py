@@ -54,12 +54,25 @@ class Task:
         return self.real_set(data.train_path, self.init_classes()) if data.train_path else self.synthetic_set(data.train, native=False)
 
     def init_classes(self) -> list[str] | None:
-        """The classes of the ``init`` weights (fine-tuning keeps their head on a real dataset), else None."""
+        """The classes of the ``init`` weights (fine-tuning keeps their head; the data's other categories are
+        ignored, with a warning), else None: training data labelled with none of them gets its own classes, on a
+        fresh head over the init's trunk."""
         if self.cfg.init is None:
             return None
         from blinkflow.models.weights import resolve_weights
 
-        return resolve_weights(self.cfg.init, stage=self.name, model_name=self.cfg.model).classes
+        classes = resolve_weights(self.cfg.init, stage=self.name, model_name=self.cfg.model).classes
+        named = self.data_classes(self.cfg.data.train_path) if classes and self.cfg.data.train_path else None
+        if named and not set(named) & set(classes[1:]):
+            log.info("%s: none of its categories (%s) are classes of the init %s; training a fresh head for its %d",
+                     self.cfg.data.train_path, ", ".join(named[:5]), self.cfg.init, len(named))
+            return None
+        return classes
+
+    def data_classes(self, path: str) -> list[str] | None:
+        """The class names a real dataset's examples are labelled with (None: the format does not say them up
+        front)."""
+        return None
 
     def eval_set(self, path: str | None = None, classes: list[str] | None = None) -> Any:
         """The held-out set: ``path`` (a real dataset), else ``data.val_path``, else the synthetic val split."""
@@ -104,6 +117,9 @@ class DetectTask(Task):
 
     def real_set(self, path: str, classes: list[str] | None) -> Any:
         return ds.coco_detection(ds.read_coco(path), classes)
+
+    def data_classes(self, path: str) -> list[str] | None:
+        return ds.annotated_categories(ds.read_coco(path))
 
     def collate(self, items: list[dict], train: bool = False) -> Any:
         """Source-size images and their targets; the detector resizes both itself, as at inference."""
@@ -150,6 +166,9 @@ class SegmentTask(Task):
 
     def real_set(self, path: str, classes: list[str] | None) -> Any:
         return ds.coco_segmentation(ds.read_coco(path), self.input_size, classes)
+
+    def data_classes(self, path: str) -> list[str] | None:
+        return ds.annotated_categories(ds.read_coco(path))
 
     def collate(self, items: list[dict], train: bool = False) -> Any:
         """(images, labels, natives, paired). Paired batches hold the N samples, then their N partners."""
