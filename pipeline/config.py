@@ -496,6 +496,7 @@ def check_config(cfg: Config, base_dir: Path) -> None:
             raise ConfigError(f"sinks.{i}.path: a {sink.type} sink needs an output path")
         if sink.path and Path(sink.path).is_dir():  # found only when the run commits, after all the work
             raise ConfigError(f"sinks.{i}.path: {sink.path} is a folder; give the output's file name")
+        _check_sink_target(cfg, i)
         _check_sink_settings(sink, sink_cls, f"sinks.{i}")
         check = getattr(sink_cls, "check_config", None)  # a sink's own checks (mqtt: host; webhook: url)
         if check is not None:
@@ -513,6 +514,27 @@ def check_config(cfg: Config, base_dir: Path) -> None:
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
+
+
+def _check_sink_target(cfg: Config, i: int) -> None:
+    """A sink writes a temporary file and renames it over its path: over a device (``/dev/stdout``, as root
+    ``/dev/full``) that replaced the device, over an input video the input, over another sink's file that
+    sink's output. All three are refused before any work."""
+    path = cfg.sinks[i].path
+    if not path:
+        return
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_file():
+        raise ConfigError(f"sinks.{i}.path: {path} is not a regular file (a device, pipe or socket); outputs are "
+                          "written to a file and renamed over their path: give a file's path")
+    where = target.resolve()
+    for j, other in enumerate(cfg.sinks[:i]):
+        if other.path and Path(other.path).expanduser().resolve() == where:
+            raise ConfigError(f"sinks.{i}.path: {path} is sinks.{j}'s output too; give each sink its own file")
+    for j, source in enumerate(cfg.sources):
+        if source.type == "file" and source.path and Path(source.path).resolve() == where:
+            raise ConfigError(f"sinks.{i}.path: {path} is sources.{j}'s input video; writing the output would replace "
+                              "it: give another path")
 
 
 def _check_sink_settings(sink: SinkConfig, sink_cls: Any, path: str) -> None:
@@ -623,8 +645,25 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
         if source.type == "dir" and not resolved.is_dir():
             raise ConfigError(f"{path}.path: directory {source.path!r} does not exist")
         source.path = str(resolved)
+    if source.type == "glob":
+        source.path = _resolved_glob(source.path, base_dir)
     if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2 or max(source.resize) > 16384):
         raise ConfigError(f"{path}.resize: expected [width, height] between 2 and 16384, got {source.resize}")
+
+
+def _resolved_glob(pattern: str, base_dir: Path) -> str:
+    """A glob pattern as the file and dir sources' paths are: from the working directory, then from the config's
+    folder (where it matches nothing from either, the run says so: a shipped config's pattern is a placeholder)."""
+    import glob
+
+    def matches(candidate: str) -> bool:
+        return any(Path(p).is_file() for p in glob.iglob(candidate, recursive=True))
+
+    expanded = str(Path(pattern).expanduser())
+    if Path(expanded).is_absolute() or matches(expanded):
+        return expanded
+    beside = str(base_dir / expanded)
+    return beside if matches(beside) else expanded
 
 
 def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:

@@ -320,3 +320,38 @@ def test_a_cuda_device_on_a_machine_without_one_names_the_stage(monkeypatch):
 def test_a_yaml_config_named_like_a_video_still_loads(tmp_path):
     (tmp_path / "demo.ts").write_text("stages:\n  chaos: {}\n")
     assert "chaos" in load_config(tmp_path / "demo.ts").stages
+
+
+def test_a_sink_never_writes_over_an_input_a_device_or_another_sinks_file(tmp_path, monkeypatch):
+    """Sinks rename a finished temporary file over their path: over the input video that replaced it, over
+    /dev/null (as root) the device, over another sink's path that sink's output; each is refused at load."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    video = tmp_path / "in.mp4"
+    shutil.copy(REPO_ROOT / "tests" / "data" / "video" / "realshort.mp4", video)
+    source = {"type": "file", "path": "in.mp4"}
+    with pytest.raises(ConfigError, match=r"sinks\.1\.path: in\.mp4 is sources\.0's input video"):
+        load_config(data={"sources": [source], "sinks": [{"type": "jsonl", "path": "o.jsonl"},
+                                                           {"type": "mp4", "path": "in.mp4"}]})
+    with pytest.raises(ConfigError, match=r"sinks\.1\.path: out/o\.json is sinks\.0's output too"):
+        load_config(data={"sources": [source], "sinks": [{"type": "jsonl", "path": str(tmp_path / "out" / "o.json")},
+                                                           {"type": "coco", "path": "out/o.json"}]})
+    with pytest.raises(ConfigError, match=r"sinks\.0\.path: /dev/null is not a regular file"):
+        load_config(data={"sources": [source], "sinks": [{"type": "jsonl", "path": "/dev/null"}]})
+    assert load_config(data={"sources": [source], "sinks": [{"type": "jsonl", "path": "o.jsonl"},
+                                                             {"type": "mp4", "path": "o.mp4"}]}).sinks[1].path == "o.mp4"
+
+
+def test_a_relative_glob_is_found_beside_the_config_as_file_and_dir_paths_are(tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "sub" / "media").mkdir(parents=True)
+    shutil.copy(REPO_ROOT / "tests" / "data" / "video" / "realshort.mp4", tmp_path / "sub" / "media" / "a.mp4")
+    config = tmp_path / "sub" / "g.yaml"
+    config.write_text("sources: [{type: glob, path: 'media/*.mp4'}, {type: dir, path: media}]\n")
+    monkeypatch.chdir(tmp_path)  # the run starts from the config's parent folder
+    cfg = load_config(config)
+    assert Path(cfg.sources[0].path) == tmp_path / "sub" / "media" / "*.mp4"
+    config.write_text("sources: [{type: glob, path: 'media/*.mkv'}]\n")  # matches nothing: as written (the run says so)
+    assert load_config(config).sources[0].path == "media/*.mkv"
