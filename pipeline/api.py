@@ -45,7 +45,7 @@ def load_config(config: Any, **overrides: Any):
         raise ConfigError("blinkflow.run: overrides need a config path or dict, not a loaded Config")
     if isinstance(config, (str, Path)):
         path = Path(config)
-        if not path.is_file() and config_path(path.name).is_file() and len(path.parts) <= 2:
+        if not path.is_file() and path.parts in ((path.name,), ("configs", path.name)) and config_path(path.name).is_file():
             path = config_path(path.name)  # "configs/demo.yaml" or "demo.yaml" from anywhere: the shipped one
         from blinkflow.schema import read_yaml
 

@@ -180,3 +180,13 @@ def test_the_readme_python_example_runs_as_written(capsys):
     exec(compile(code, "README.md", "exec"), {})
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 8 and lines[0].startswith("0 processed")
+
+
+def test_a_missing_config_path_is_an_error_not_the_shipped_config_of_that_name(tmp_path, monkeypatch):
+    from blinkflow.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    assert blinkflow.load_config("demo.yaml").sinks  # the shipped demo, from anywhere
+    assert blinkflow.load_config("configs/demo.yaml").sinks
+    with pytest.raises(ConfigError, match="experiments/demo.yaml"):
+        blinkflow.load_config("experiments/demo.yaml")  # it ran configs/demo.yaml and wrote its outputs
