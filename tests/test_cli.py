@@ -102,3 +102,12 @@ def test_the_progress_bar_knows_the_total_when_the_sources_can_say(tmp_path):
     assert expected_frames(folder) is None
     resampled = load_config(data={"sources": [{"type": "file", "path": str(clip), "fps": 2}], "stages": {"chaos": {}}})
     assert expected_frames(resampled) is None
+
+
+def test_an_option_of_another_benchmark_is_refused_before_anything_is_measured(capsys):
+    """`bench decode --video X` measured the shipped clips and rewrote docs/benchmarks.md."""
+    from blinkflow.cli import main
+
+    assert main(["bench", "decode", "--video", "mine.mp4"]) == 2
+    assert "--video: an option of `blinkflow bench skip`, not of decode; drop it" in capsys.readouterr().err
+    assert main(["bench", "stages", "--budget-s", "5"]) == 2

@@ -53,7 +53,19 @@ def add_bench_command(commands) -> None:
     bench.set_defaults(handler=cmd_bench)
 
 
+#: options that only one benchmark reads: given to another they were ignored (bench decode --video measured the
+#: shipped clips and rewrote docs/benchmarks.md)
+ONLY_FOR = {"video": "skip", "resize": "skip", "gate_from_config": "skip", "clips": "skip", "budget_s": "gpu"}
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    from blinkflow.errors import ConfigError
+
+    for option, owner in ONLY_FOR.items():
+        given = getattr(args, option)
+        if args.what != owner and given not in (None, False, [], "real"):
+            raise ConfigError(f"--{option.replace('_', '-')}: an option of `blinkflow bench {owner}`, not of "
+                              f"{args.what}; drop it")
     names = ALL_ORDER if args.what == "all" else [args.what]
     if not (args.what == "skip" and args.video) and not checkout_present():
         from blinkflow.errors import BlinkflowError
