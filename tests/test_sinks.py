@@ -259,3 +259,16 @@ def test_coco_gives_a_failed_frame_no_annotations(tmp_path):
     sink.close()
     document = json.loads((tmp_path / "c.json").read_text())
     assert len(document["images"]) == 1 and document["annotations"] == []
+
+
+def test_csv_gives_a_failed_frame_no_rows_as_coco_gives_it_no_annotations(tmp_path):
+    from blinkflow.sinks.csv_boxes import CsvSink, read_rows
+
+    sink = CsvSink(SinkConfig(type="csv", path=str(tmp_path / "b.csv")))
+    for index, outcome in enumerate([Outcome.FAILED, Outcome.PROCESSED]):
+        result = make_result(index)
+        result.results["detect"] = {"boxes": [[1.0, 2.0, 10.0, 6.5]], "scores": [0.9], "labels": [1], "classes": ["car"]}
+        result.outcome = outcome
+        sink.write(result)
+    sink.close()
+    assert [row["index"] for row in read_rows((tmp_path / "b.csv").read_text())] == ["1"]

@@ -1,4 +1,5 @@
 """``type: csv``: one row per detected box (stream, frame, pts, class, score, x1, y1, x2, y2), for spreadsheets.
+A failed frame has no rows (the JSON records say why it failed).
 
 The whole sink is this file: the registry imports every module of ``blinkflow.sinks``.
 """
@@ -32,6 +33,8 @@ class CsvSink(Sink):
         self.writer.writerow(COLUMNS)
 
     def write(self, result: FrameResult) -> None:
+        if result.outcome.value == "failed":
+            return  # a later stage failed on it: its boxes are not the frame's answer (as the COCO sink)
         found = result.results.get("detect") or {}
         for box, name, score in zip(found.get("boxes", []), found.get("classes", []), found.get("scores", [])):
             self.writer.writerow([result.stream_id, result.index, round(result.pts, 6), name, score, *box])
