@@ -131,7 +131,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path(DEMO_CONFIG), overrides)
     code = execute(cfg, progress=not args.no_progress, summary_json=args.out / "demo-summary.json")
-    print(f"demo outputs: {args.out / 'demo.jsonl'}, {args.out / 'demo.mp4'}")
+    written = [sink.path for sink in cfg.sinks if sink.path]  # --set may have changed or dropped sinks
+    print(f"demo outputs: {', '.join(written) or 'none (no sinks)'}")
     return code
 
 
@@ -166,6 +167,8 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     from blinkflow.sinks import build_sinks
 
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
+    if summary_json is not None and summary_json.is_dir():  # found after the whole run otherwise
+        raise ConfigError(f"--summary-json {summary_json}: is a folder; give a file's path")
     sinks = build_sinks(cfg.sinks)
     from blinkflow.control import GracefulSignals, live_session
 

@@ -111,3 +111,12 @@ def test_an_option_of_another_benchmark_is_refused_before_anything_is_measured(c
     assert main(["bench", "decode", "--video", "mine.mp4"]) == 2
     assert "--video: an option of `blinkflow bench skip`, not of decode; drop it" in capsys.readouterr().err
     assert main(["bench", "stages", "--budget-s", "5"]) == 2
+
+
+def test_a_summary_json_folder_is_refused_before_the_run(tmp_path, capsys):
+    from blinkflow.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("sources: [{type: synthetic, num_frames: 2}]\nstages: {chaos: {options: {sleep_ms: 5000}}}\n")
+    assert main(["run", str(config), "--summary-json", str(tmp_path), "--no-progress"]) == 2  # not after 10 s of work
+    assert f"--summary-json {tmp_path}: is a folder" in capsys.readouterr().err

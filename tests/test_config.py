@@ -355,3 +355,8 @@ def test_a_relative_glob_is_found_beside_the_config_as_file_and_dir_paths_are(tm
     assert Path(cfg.sources[0].path) == tmp_path / "sub" / "media" / "*.mp4"
     config.write_text("sources: [{type: glob, path: 'media/*.mkv'}]\n")  # matches nothing: as written (the run says so)
     assert load_config(config).sources[0].path == "media/*.mkv"
+
+
+def test_an_overlay_layer_typo_is_an_error_not_an_empty_drawing():
+    with pytest.raises(ConfigError, match=r"sinks\.0\.draw: 'detcet' is not a layer; layers: detect, segment, flow, action"):
+        load_config(data={"sinks": [{"type": "mp4", "path": "o.mp4", "draw": ["detcet"]}]})

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from blinkflow.config import SinkConfig
-from blinkflow.errors import SinkError
+from blinkflow.errors import ConfigError, SinkError
 from blinkflow.files import commit as commit_file, safe_name
 from blinkflow.frame import FrameResult
 from blinkflow.registry import register_sink, sinks as sink_registry
@@ -245,6 +245,14 @@ class Mp4OverlaySink(Sink):
     settings = frozenset({"draw", "fps", "path"})
 
     needs_path = True  # config checks that a path is given
+    #: what ``draw`` may name (blinkflow.sinks.overlay.draw_overlay)
+    LAYERS = ("detect", "segment", "flow", "action")
+
+    @classmethod
+    def check_config(cls, cfg: SinkConfig, path: str, base_dir: Path) -> None:
+        unknown = [layer for layer in cfg.draw or [] if layer not in cls.LAYERS]
+        if unknown:  # a typo drew nothing, silently
+            raise ConfigError(f"{path}.draw: {unknown[0]!r} is not a layer; layers: {', '.join(cls.LAYERS)}")
 
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
