@@ -71,7 +71,7 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
                 return _structure(arg, value, path)
             except ConfigError as exc:
                 errors.append(exc)
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}{_quote_hint(tp, value)}")
     if origin is Literal:
         value = _yaml_switch(value, typing.get_args(tp))
         if value not in typing.get_args(tp):
@@ -111,7 +111,16 @@ def _structure_scalar(tp: type, value: Any, path: str) -> Any:
             return value
     else:
         raise TypeError(f"unsupported config type {tp!r} at {path}")
-    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}")
+    raise ConfigError(f"{path}: expected {_type_name(tp)}, got {shown(value)}{_quote_hint(tp, value)}")
+
+
+def _quote_hint(tp: Any, value: Any) -> str:
+    """Where a string was meant: YAML reads a bare 1, 1.5, yes or no as a number or a boolean."""
+    wants_text = tp is str or str in typing.get_args(tp)
+    if wants_text and isinstance(value, (bool, int, float)):
+        written = str(value).lower() if isinstance(value, bool) else str(value)
+        return f" (YAML reads a bare {written} as a {'boolean' if isinstance(value, bool) else 'number'}: quote it, '{written}')"
+    return ""
 
 
 def structure_dataclass(cls: type, data: Any, path: str) -> Any:

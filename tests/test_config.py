@@ -360,3 +360,9 @@ def test_a_relative_glob_is_found_beside_the_config_as_file_and_dir_paths_are(tm
 def test_an_overlay_layer_typo_is_an_error_not_an_empty_drawing():
     with pytest.raises(ConfigError, match=r"sinks\.0\.draw: 'detcet' is not a layer; layers: detect, segment, flow, action"):
         load_config(data={"sinks": [{"type": "mp4", "path": "o.mp4", "draw": ["detcet"]}]})
+
+
+def test_a_number_where_text_is_expected_says_to_quote_it():
+    with pytest.raises(ConfigError, match=r"sources\.0\.id: expected a string or null, got 1 \(YAML reads a bare 1 as a "
+                                          r"number: quote it, '1'\)"):
+        load_config(data={"sources": [{"type": "synthetic", "id": 1}]})
