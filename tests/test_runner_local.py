@@ -125,3 +125,14 @@ def test_live_waves_go_after_max_wait_ms_and_archive_waves_wait_to_be_full():
     live, archive = latencies("live"), latencies("archive")
     assert max(live) < 0.2  # a frame waits for the next one (50 ms), not for a full wave (350 ms)
     assert max(archive) > 0.3 and sorted(archive)[8] > 0.15  # the first of each wave waited for seven more
+
+
+def test_a_stages_longer_max_wait_ms_holds_with_the_gate_on():
+    """The gate has no max_wait_ms of its own: it was counted as 20 ms, the shortest of the stages'."""
+    from blinkflow.config import load_config
+    from blinkflow.runners.base import RunnerBase
+
+    for gate in (True, False):
+        cfg = load_config(data={"sources": [{"type": "synthetic", "id": "a", "num_frames": 4}], "gate": {"enabled": gate},
+                                "stages": {"detect": {"max_wait_ms": 200}}, "runtime": {"mode": "live"}})
+        assert (RunnerBase(cfg).max_wait_ms, RunnerBase(cfg).tick_s()) == (200.0, 0.2)

@@ -42,7 +42,8 @@ class RunnerBase:
         # frames are read in waves of the largest stage batch; in live mode a partial wave goes once its oldest
         # frame has waited the shortest max_wait_ms of the stages
         self.wave_size = max([spec.batch for spec in self.specs] or [1])
-        self.max_wait_ms = min([getattr(spec.cfg, "max_wait_ms", 20.0) for spec in self.specs] or [20.0])
+        # the gate's config has no max_wait_ms: counting it as 20 ms capped every stage's longer wait
+        self.max_wait_ms = min([spec.cfg.max_wait_ms for spec in self.specs if hasattr(spec.cfg, "max_wait_ms")] or [20.0])
 
     def tick_s(self) -> float | None:
         """How often quiet live streams wake the driver to send a wave that has waited ``max_wait_ms``: never in
