@@ -136,3 +136,15 @@ def test_a_stages_longer_max_wait_ms_holds_with_the_gate_on():
         cfg = load_config(data={"sources": [{"type": "synthetic", "id": "a", "num_frames": 4}], "gate": {"enabled": gate},
                                 "stages": {"detect": {"max_wait_ms": 200}}, "runtime": {"mode": "live"}})
         assert (RunnerBase(cfg).max_wait_ms, RunnerBase(cfg).tick_s()) == (200.0, 0.2)
+
+
+def test_a_failed_batch_retried_frame_by_frame_counts_each_frame_once():
+    """The summary said 12 frames seen of 9 (the failed batch's 3 counted, then again in their retries)."""
+    from blinkflow.config import load_config
+    from blinkflow.runners.local import LocalRunner
+    from blinkflow.sinks import MemorySink
+
+    cfg = load_config(data={"sources": [{"type": "synthetic", "id": "a", "width": 64, "height": 48, "num_frames": 9}],
+                            "gate": {"enabled": False}, "stages": {"chaos": {"batch": 3, "options": {"fail_indices": [4]}}}})
+    summary = LocalRunner(cfg, sinks=[MemorySink()]).run()
+    assert summary.stage_frames["chaos"] == 9 and summary.totals["failed"] == 1

@@ -82,23 +82,27 @@ class StageCaller:
         if not frames:
             return []
         started = time.perf_counter()
-        failed = 0
         try:
-            return self.stage.process(frames)
+            out = self.stage.process(frames)
         except Exception as exc:  # noqa: BLE001 - the stage boundary: record, isolate, go on
             if len(frames) == 1:
-                failed = 1
                 self.errors += 1
                 log.warning("stage %s failed on %s#%d: %s", self.name, frames[0].stream_id, frames[0].index, exc)
                 frames[0].fail(self.name, exc)
+                self._count(started, 1, 1)
                 return frames
+            # the failed attempt's time is work done, its frames are not: the retries below count each one once
+            self._count(started, 0, 0)
             return [f for frame in frames for f in self._process_batch([frame])]
-        finally:
-            elapsed = time.perf_counter() - started
-            self.seconds += elapsed
-            self.frames += len(frames)
-            self.calls += 1
-            self.metrics.on_stage_call(self.name, elapsed, len(frames), failed)
+        self._count(started, len(frames), 0)
+        return out
+
+    def _count(self, started: float, frames: int, failed: int) -> None:
+        elapsed = time.perf_counter() - started
+        self.seconds += elapsed
+        self.frames += frames
+        self.calls += 1
+        self.metrics.on_stage_call(self.name, elapsed, frames, failed)
 
     def end_stream(self, stream_id: str) -> list[Frame]:
         return self._release(lambda: self.stage.end_stream(stream_id))
