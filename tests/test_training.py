@@ -360,6 +360,25 @@ def test_video_tree_is_read_with_class_per_folder(tmp_path):
     assert torch.equal(clips.clips[0][:, 4], clips.clips[0][:, 5])  # a short video repeats its last frame
 
 
+def test_a_class_index_that_leaves_out_a_folder_or_is_malformed_says_where(tmp_path):
+    import shutil
+
+    video = REPO_ROOT / "tests" / "data" / "video" / "realshort.mp4"
+    for name in ("walk", "run"):
+        (tmp_path / name).mkdir()
+        shutil.copy(video, tmp_path / name / "a.mp4")
+    shutil.copy(video, tmp_path / "run" / "b.m4v")  # a suffix the pipeline reads: training reads it too
+    (tmp_path / "classInd.txt").write_text("1 walk\n2 run\n")
+    classes, videos = ds.find_video_tree(tmp_path)
+    assert classes == ["walk", "run"] and sorted((v.name, c) for v, c in videos) == [("a.mp4", 0), ("a.mp4", 1), ("b.m4v", 1)]
+    (tmp_path / "classInd.txt").write_text("1 walk\n2 Run\n")  # the run clips were dropped, silently
+    with pytest.raises(BlinkflowError, match="classInd.txt: names no class 'run', a folder of the tree"):
+        ds.find_video_tree(tmp_path)
+    (tmp_path / "classInd.txt").write_text("1 walk\n2run\n")  # was an IndexError traceback
+    with pytest.raises(BlinkflowError, match=r"classInd.txt:2: '2run' is not '<number> <class>'"):
+        ds.find_video_tree(tmp_path)
+
+
 # --------------------------------------------------------------------------- training
 
 

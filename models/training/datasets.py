@@ -486,12 +486,30 @@ def find_video_tree(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]
         raise DatasetError(f"{root}: not a directory; pass the folder that holds one sub-folder per class")
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
     index_file = root / "classInd.txt"
-    classes = [line.split()[1] for line in index_file.read_text().splitlines() if line.strip()] if index_file.is_file() else folders
-    videos = [(video, classes.index(name)) for name in folders if name in classes
+    classes = _class_index(index_file, folders) if index_file.is_file() else folders
+    videos = [(video, classes.index(name)) for name in folders
               for video in sorted((root / name).iterdir()) if video.suffix.lower() in VIDEO_SUFFIXES]
     if not videos:
-        raise DatasetError(f"{root}: no videos found in <class>/<clip>{VIDEO_SUFFIXES[0]} sub-folders")
+        raise DatasetError(f"{root}: no videos found in <class>/<clip>.mp4 sub-folders (or .avi, .mkv, .mov, ...)")
     return classes, videos
+
+
+def _class_index(index_file: Path, folders: list[str]) -> list[str]:
+    """The classes of a UCF101 ``classInd.txt`` (``<number> <name>`` a line), in its order; every class folder of
+    the tree must be one of them (a folder it does not name was left out of training, silently)."""
+    classes = []
+    for number, line in enumerate(index_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 2 or not parts[0].isdigit():
+            raise DatasetError(f"{index_file}:{number}: {line.strip()!r} is not '<number> <class>' (e.g. '1 ApplyEyeMakeup')")
+        classes.append(parts[1])
+    unnamed = [name for name in folders if name not in classes]
+    if unnamed:
+        raise DatasetError(f"{index_file}: names no class {unnamed[0]!r}, a folder of the tree ({len(unnamed)} such); "
+                           "add it (class names are case-sensitive) or move the folder out")
+    return classes
 
 
 def read_clip(path: Path, length: int, size: tuple[int, int]) -> torch.Tensor:

@@ -7,8 +7,10 @@ from pathlib import Path
 import numpy as np
 
 from blinkflow.errors import BlinkflowError
+from blinkflow.files import VIDEO_SUFFIXES as _PIPELINE_VIDEO_SUFFIXES
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".mpg", ".mpeg")
+#: what the pipeline's sources read (.m4v, .ts, .mts...): a tree for training skipped those silently
+VIDEO_SUFFIXES = tuple(sorted(_PIPELINE_VIDEO_SUFFIXES))
 IMAGE_SUFFIXES = (".png", ".ppm", ".jpg", ".jpeg", ".bmp")
 
 
