@@ -325,6 +325,29 @@ def _check_recordable(cfg, args: argparse.Namespace) -> None:
         raise ConfigError(f"--record: the --set overrides change {', '.join(changed)}, so the metrics would not be "
                           f"those of the config the manifest records; drop those overrides (only "
                           f"{', '.join(_RECORD_NEUTRAL_KEYS)} may be set)")
+    _check_against_manifest(cfg, given, args.config)
+
+
+#: the settings an evaluation depends on: the model and its held-out data (training-only keys may differ)
+_EVAL_KEYS = ("task", "model", "data.val", "data.width", "data.height", "data.num_objects", "data.input_size",
+              "data.clip_len")
+
+
+def _check_against_manifest(cfg, given: dict, config_file: Path) -> None:
+    """The YAML itself must evaluate as the config the shipped weights' entry records (a copy with fewer val
+    clips recorded a figure of 8 examples under a config that says 24)."""
+    from blinkflow.models.weights import WEIGHTS_DIR, read_manifest
+
+    entries = [e for e in read_manifest(WEIGHTS_DIR)["weights"] if (e.get("stage"), e.get("model")) == (cfg.task, cfg.model)]
+    recorded = _flat(entries[0].get("config") or {}) if entries else {}
+    if not recorded:
+        return  # converted third-party weights: no training config to hold the YAML to
+    differ = sorted(k for k in recorded.keys() | given.keys()
+                    if k.startswith(_EVAL_KEYS) and recorded.get(k) != given.get(k))
+    if differ:
+        raise ConfigError(f"--record: {config_file} evaluates differently from the config the manifest records for "
+                          f"{cfg.task}/{cfg.model} ({', '.join(differ[:4])}); record with the YAML the weights were "
+                          "trained with")
 
 
 def _flat(data: dict, prefix: str = "") -> dict:

@@ -196,6 +196,12 @@ def test_cli_eval_record_refuses_overrides_that_change_what_is_measured(tmp_path
     err = capsys.readouterr().err
     assert "--record: the --set overrides change data.val.clips, data.val.samples_per_clip, so the metrics" in err
     assert len(err.strip().splitlines()) == 1
+    copy = tmp_path / "fewer-val-clips.yaml"  # the YAML itself changed: it recorded 8 examples' figure as the 24's
+    text = Path(config).read_text().replace("../../tests/data", str(TRAIN_CONFIGS.parent.parent / "tests" / "data"))
+    copy.write_text(text.replace("clips: 24", "clips: 2", 1))  # (the backgrounds, training-only, moved along)
+    assert "clips: 2" in copy.read_text()
+    assert cli(["eval", "segment", "--config", str(copy), "--weights", "shipped", "--record", "--set", f"out_dir={tmp_path}"]) == 2
+    assert "evaluates differently from the config the manifest records for segment/unet_small (data.val.clips)" in capsys.readouterr().err
 
 
 def test_shipping_over_converted_weights_keeps_their_source_and_licence(tmp_path, monkeypatch, capsys):
