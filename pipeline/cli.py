@@ -282,9 +282,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+#: what Sideways trains with (models/training/sideways.py): a fresh model, AdamW at a constant lr, unclipped, on the
+#: CPU; a config asking for anything else was ignored, silently
+_SIDEWAYS_FIXED = {"init": None, "optim.optimizer": "adamw", "optim.schedule": "constant", "optim.warmup_steps": 0,
+                   "optim.grad_clip": None, "device": "cpu"}
+
+
 def _train_sideways(cfg, args: argparse.Namespace) -> int:
     from blinkflow.models.training.sideways import compare, format_report
 
+    given = _flat(cfg.to_dict())
+    for key, fixed in _SIDEWAYS_FIXED.items():
+        if given.get(key) != fixed:
+            raise ConfigError(f"--sideways: {key}: {given.get(key)!r} is not supported (Sideways trains a fresh model "
+                              f"with AdamW at a constant lr, unclipped, on the CPU); set {key}={fixed!r}"
+                              .replace("=None", "=null"))
     executors = ("local", "ray") if args.sideways_executor == "both" else (args.sideways_executor,)
     print(format_report(compare(cfg, args.stages, executors)))
     print(f"report and Sideways weights in {cfg.out_dir}/sideways.json, sideways.pt")

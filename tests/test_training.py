@@ -819,6 +819,19 @@ def test_sideways_refuses_ship_and_workers(capsys):
         assert "--sideways: cannot be combined with --ship or --workers" in err and len(err.strip().splitlines()) == 1
 
 
+def test_sideways_refuses_what_it_would_ignore(capsys):
+    """init, sgd, a schedule, clipping, a GPU: Sideways trained a fresh model with AdamW at a constant lr anyway."""
+    from blinkflow.cli import main as cli
+
+    config = str(TRAIN_CONFIGS / "smoke-action.yaml")
+    for setting, message in (("init=shipped", "--sideways: init: 'shipped' is not supported"),
+                             ("optim.optimizer=sgd", "--sideways: optim.optimizer: 'sgd' is not supported"),
+                             ("optim.schedule=cosine", "set optim.schedule='constant'")):
+        assert cli(["train", "action", "--config", config, "--sideways", "--set", setting]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+
+
 def test_eval_of_a_missing_weights_file_names_the_option(tmp_path, capsys):
     from blinkflow.cli import main as cli
 
