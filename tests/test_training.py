@@ -529,6 +529,26 @@ def test_ray_train_with_two_workers_trains_and_resumes(tmp_path, monkeypatch, ra
     assert again["steps"] == 8 and again["history"] == summary["history"]
 
 
+def test_workers_refuse_to_start_over_a_run_without_workers_that_got_further(tmp_path):
+    """--workers resumes from Ray Train's checkpoints only: a single-process run's finished epochs were thrown away
+    and its checkpoint.pt overwritten from step 0, without a word."""
+    from blinkflow.models.training.distributed import RAY_RUN_NAME, _check_no_plain_run_ahead, train_distributed
+
+    cfg = smoke_config("segment", tmp_path)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True)
+    torch.save({"step": 8, "epoch": 1}, out_dir / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"checkpoint.pt: a run without --workers got to step 8 and Ray Train has "
+                                          r"none; resume it without --workers, or pass --fresh"):
+        train_distributed(cfg, workers=1, resume=True)  # before Ray starts
+    (out_dir / RAY_RUN_NAME / "checkpoint_000001").mkdir(parents=True)
+    torch.save({"step": 4, "epoch": 0}, out_dir / RAY_RUN_NAME / "checkpoint_000001" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="Ray Train's last is at step 4"):
+        _check_no_plain_run_ahead(out_dir)
+    torch.save({"step": 8, "epoch": 1}, out_dir / RAY_RUN_NAME / "checkpoint_000001" / "checkpoint.pt")
+    _check_no_plain_run_ahead(out_dir)  # rank 0 writes checkpoint.pt beside Ray's own: the same step
+
+
 @pytest.mark.slow
 def test_ray_train_refuses_cuda_workers_on_a_cluster_without_gpus(tmp_path, ray_two_cpus):
     import ray

@@ -142,6 +142,8 @@ def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, sh
     out_dir = Path(cfg.out_dir).resolve()
     if not resume:
         shutil.rmtree(out_dir / RAY_RUN_NAME, ignore_errors=True)
+    else:
+        _check_no_plain_run_ahead(out_dir)
     from blinkflow.ray_session import start_ray
 
     start_ray()
@@ -161,6 +163,22 @@ def train_distributed(cfg: TrainConfig, *, workers: int, resume: bool = True, sh
     summary = json.loads((out_dir / METRICS_NAME).read_text())
     summary["workers"] = workers
     return summary
+
+
+def _check_no_plain_run_ahead(out_dir: Path) -> None:
+    """Workers resume from Ray Train's checkpoints only: a run without --workers in the same out_dir that got
+    further (or the only one there) would be thrown away and its checkpoint.pt overwritten from step 0."""
+    from blinkflow.models.training.train import _read_checkpoint
+
+    plain = out_dir / CHECKPOINT_NAME
+    if not plain.is_file():
+        return
+    step = int(_read_checkpoint(plain).get("step", 0))
+    ray_steps = [int(_read_checkpoint(path).get("step", 0)) for path in (out_dir / RAY_RUN_NAME).rglob(CHECKPOINT_NAME)]
+    if not ray_steps or max(ray_steps) < step:
+        since = f"Ray Train's last is at step {max(ray_steps)}" if ray_steps else "Ray Train has none"
+        raise ConfigError(f"{plain}: a run without --workers got to step {step} and {since}; resume it without "
+                          "--workers, or pass --fresh to start over")
 
 
 def _check_synthetic_shards(cfg: TrainConfig, workers: int) -> None:
