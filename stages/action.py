@@ -118,6 +118,13 @@ class Action(ModelStage):
     memory_format = "channels_last_3d"  # clips are 5D
 
     @classmethod
+    def held_frames(cls, cfg: Any) -> int:
+        options = cfg.options
+        if options is None or options.hold is False:
+            return 0
+        return options.clip_len * options.sampling_rate + options.stride  # the bound above, reused frames aside
+
+    @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
         """``hold: null`` follows the run's mode: a live stream must not wait for clips to complete."""
         options = cfg.stages[name].options

@@ -54,6 +54,13 @@ class Stage:
         self.options = cfg.options if cfg is not None and cfg.options is not None else self.Options()
         self.device = "cpu"
 
+    @classmethod
+    def held_frames(cls, cfg: Any) -> int:
+        """How many frames of a stream this stage, configured by ``cfg``, usually keeps back before releasing
+        them (the action stage waits for clips): the driver's gate feedback waits at least that long, so that
+        the threaded and Ray runners need not finish every batch before sending the next (0: none held)."""
+        return 0
+
     def setup(self, device: str = "cpu") -> None:
         self.device = device
 

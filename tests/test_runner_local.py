@@ -8,7 +8,7 @@ from blinkflow.config import load_config
 from blinkflow.frame import Outcome
 from blinkflow.runners.local import LocalRunner
 from blinkflow.sinks import MemorySink
-from tests.conftest import write_test_video
+from tests.conftest import REPO_ROOT, write_test_video
 
 
 def run(cfg):
@@ -148,3 +148,20 @@ def test_a_failed_batch_retried_frame_by_frame_counts_each_frame_once():
                             "gate": {"enabled": False}, "stages": {"chaos": {"batch": 3, "options": {"fail_indices": [4]}}}})
     summary = LocalRunner(cfg, sinks=[MemorySink()]).run()
     assert summary.stage_frames["chaos"] == 9 and summary.totals["failed"] == 1
+
+
+def test_the_gates_feedback_waits_as_long_as_the_action_stage_holds_frames():
+    """Archive mode: the action stage keeps up to clip_len * sampling_rate + stride frames back; with the lag
+    shorter, the frames it needed were never all out and the threaded and Ray runners finished every batch
+    before sending the next."""
+    from blinkflow.config import load_config
+    from blinkflow.runners.base import OrderedOutput, RunnerBase
+
+    cfg = load_config(REPO_ROOT / "configs" / "synthetic.yaml")
+    options = cfg.stages["action"].options
+    runner = RunnerBase(cfg)
+    assert runner.held_frames == options.clip_len * options.sampling_rate + options.stride > cfg.gate.audit_lag
+    output = OrderedOutput([], None, gate=cfg.gate, wave_size=runner.wave_size, held=runner.held_frames)
+    assert output.carry.lag == runner.held_frames + 1
+    live = load_config(REPO_ROOT / "configs" / "synthetic.yaml", ["runtime.mode=live"])  # hold: false when live
+    assert RunnerBase(live).held_frames == 0

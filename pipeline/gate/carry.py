@@ -159,17 +159,20 @@ class CarryOver:
     _failed: dict[str, int] = field(default_factory=dict)  # a stream's latest failed processed frame, for the gate
 
     @classmethod
-    def from_config(cls, gate_cfg: Any | None, wave_size: int = 1) -> "CarryOver":
+    def from_config(cls, gate_cfg: Any | None, wave_size: int = 1, held: int = 0) -> "CarryOver":
         """``wave_size``: the runner's waves. The lag is at least one wave: a frame's feedback is then always
         from frames of earlier waves, whatever the runner sends together (with a longer wave than the lag, the
         local runner's mixed waves and the threaded and Ray runners' per-shard ones gave the gate different
-        feedback, and so different decisions)."""
+        feedback, and so different decisions). ``held``: the frames a stage keeps back (Stage.held_frames):
+        the lag is longer still, else the frames up to it were never all out and the threaded and Ray runners
+        finished every batch before sending the next (the action stage in archive mode: no overlap)."""
         if gate_cfg is None or not getattr(gate_cfg, "enabled", False):
             return cls()
         regions = tuple(gate_cfg.tiles) if gate_cfg.region_budget and gate_cfg.tiles else None
-        lag = max(gate_cfg.audit_lag, wave_size)
+        lag = max(gate_cfg.audit_lag, wave_size, held + 1 if held else 0)
         if lag > gate_cfg.audit_lag and (gate_cfg.adaptive or gate_cfg.uses_objects):
-            log.info("gate: audit feedback %d frames late (one wave), not gate.audit_lag %d", lag, gate_cfg.audit_lag)
+            why = "a stage holds frames back" if held + 1 == lag else "one wave"
+            log.info("gate: audit feedback %d frames late (%s), not gate.audit_lag %d", lag, why, gate_cfg.audit_lag)
         return cls(enabled=True, motion=gate_cfg.motion, lag=lag, adaptive=gate_cfg.adaptive,
                    objects=gate_cfg.uses_objects, regions=regions)
 

@@ -43,6 +43,8 @@ class RunnerBase:
         # frame has waited the shortest max_wait_ms of the stages
         self.wave_size = max([spec.batch for spec in self.specs] or [1])
         # the gate's config has no max_wait_ms: counting it as 20 ms capped every stage's longer wait
+        #: the most frames a worker stage keeps back per stream (the gate's feedback waits at least as long)
+        self.held_frames = max([spec.cls.held_frames(spec.cfg) for spec in self.specs] or [0])
         self.max_wait_ms = min([spec.cfg.max_wait_ms for spec in self.specs if hasattr(spec.cfg, "max_wait_ms")] or [20.0])
 
     def tick_s(self) -> float | None:
@@ -181,13 +183,13 @@ class OrderedOutput:
 
     def __init__(self, sinks: list[Any], accounting: Accounting, on_result: Callable[[FrameResult], None] | None = None,
                  metrics: MetricsRecorder = NULL_RECORDER, gate: Any = None, driver_stages: list[Any] = (),
-                 wave_size: int = 1):
+                 wave_size: int = 1, held: int = 0):
         self.sinks = sinks
         self.accounting = accounting
         self.on_result = on_result
         self.metrics = metrics
         #: the gate's driver half: motion-compensated carry-over, audit scores, per-stream skip stats
-        self.carry = CarryOver.from_config(gate, wave_size)
+        self.carry = CarryOver.from_config(gate, wave_size, held)
         self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
         self.next_index: dict[str, int] = defaultdict(int)
         #: per stream, the latest frame the models ran on: (index, results); a carried frame takes results only

@@ -91,7 +91,8 @@ class ChainRunner(RunnerBase):
     def _start_driver(self) -> None:
         self.accounting = Accounting()
         self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate,
-                                    driver_stages=build_driver_graph(self.cfg), wave_size=self.wave_size)
+                                    driver_stages=build_driver_graph(self.cfg), wave_size=self.wave_size,
+                                    held=self.held_frames)
         self.ledger: dict[str, set[int]] = {}
         self.chains: deque[Chain] = deque()
         self.ending: set[str] = set()  # streams whose end chain is out: their id may come back (a re-added camera)

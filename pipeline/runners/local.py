@@ -28,7 +28,8 @@ class LocalRunner(RunnerBase):
         started = time.perf_counter()
         accounting = Accounting()
         output = OrderedOutput(self.sinks, accounting, self.on_result, self.metrics, gate=self.cfg.gate,
-                               driver_stages=build_driver_graph(self.cfg), wave_size=self.wave_size)
+                               driver_stages=build_driver_graph(self.cfg), wave_size=self.wave_size,
+                               held=self.held_frames)
         callers: list[StageCaller] = []
         with committed_sinks(self.sinks):
             try:
