@@ -257,7 +257,11 @@ def local_gpu_stats(process: str) -> list[dict[str, Any]]:
     asking never loads torch nor creates a CUDA context.
     """
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    cuda = getattr(torch, "cuda", None)  # None while another thread is still importing torch
+    try:
+        if cuda is None or not cuda.is_available() or not cuda.is_initialized():
+            return []
+    except Exception:  # noqa: BLE001 - torch half imported: no GPU figures this scrape, the rest still served
         return []
     visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
     host = socket.gethostname()
@@ -432,7 +436,8 @@ class PrometheusRecorder(MetricsRecorder):
         return metric.labels(*values)
 
     def _forget(self, stream: str) -> None:
-        """Every series of a stream removed on purpose: no stream_up of 0 left paging for it."""
+        """Every series of a stream removed on purpose or of a file that ended: no stream_up of 0 left paging for
+        it, no series piling up over an archive's videos."""
         with self._series_lock:
             self._remove_children(stream)
             self._children.pop(stream, None)
@@ -638,7 +643,11 @@ class PrometheusRecorder(MetricsRecorder):
         now = time.monotonic()
         with self._series_lock:
             for stream, series in list(self._streams.items()):
-                if series.removed and series.ended_at is not None and now - series.ended_at >= REMOVED_SERIES_S:
+                # removed cameras, and files that ended (an archive job makes a stream of each of its videos: their
+                # ~35 series each piled up to hundreds of thousands, megabytes a scrape), go once a scrape or two
+                # read their final counts; a live stream that ended stays, its stream_up 0, until it is removed
+                gone = series.removed or not series.live
+                if gone and series.ended_at is not None and now - series.ended_at >= REMOVED_SERIES_S:
                     self._forget(stream)
                 else:
                     self._roll_fps(series, now)
@@ -683,9 +692,11 @@ class MetricsExporter(HTTPService):
         log.info("serving metrics on %s/metrics", self.url)
         return self
 
-    def note_scrape(self) -> None:
+    def note_scrape(self, started: float | None = None) -> None:
+        """A scrape was served; ``started``: when it began (epoch seconds), which is what a wait for a scrape
+        after the run's end compares (one that began before the end and finished after it read older counts)."""
         with self._scraped:
-            now = time.time()
+            now = time.time() if started is None else started
             self.scrapes += 1
             self.scrape_interval = now - self.last_scrape if self.last_scrape else None
             self.last_scrape = now
@@ -718,8 +729,14 @@ def _handler_for(exporter: MetricsExporter) -> type[BaseHTTPRequestHandler]:
             if path == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST
 
-                body = exporter.recorder.exposition()
-                exporter.note_scrape()
+                started = time.time()
+                try:
+                    body = exporter.recorder.exposition()
+                except Exception as exc:  # noqa: BLE001 - a scrape gets an answer, never a dropped connection
+                    log.warning("metrics: /metrics failed: %s", exc)
+                    self._reply(500, f"metrics failed: {exc}\n".encode())
+                    return
+                exporter.note_scrape(started)
                 self._reply(200, body, CONTENT_TYPE_LATEST)
             elif path == "/healthz":
                 self._reply(200, b"ok\n")

@@ -139,6 +139,28 @@ def test_a_stream_removed_on_purpose_loses_its_series_once_its_time_is_up(monkey
     assert value(recorder, "blinkflow_zone_objects", stream="back", zone="gate-a") == 0  # its end emptied the zone
 
 
+def test_a_file_that_ended_loses_its_series_once_its_time_is_up_a_live_stream_that_ended_does_not(monkeypatch):
+    """An archive job makes a stream of each video: ~35 series each stayed until the driver exited (5000 videos:
+    170,000 series, 12 MB a scrape)."""
+    from blinkflow import metrics
+
+    recorder = PrometheusRecorder()
+    for stream in ("clip-1", "clip-2"):  # files: no stream events, their state from the runner
+        recorder.on_stream_state(stream, True)
+        recorder.on_decoded(Frame(stream, 0, 0.0, image=None))
+        recorder.on_result(FrameResult(stream, 0, 0.0, 1, 1, Outcome.PROCESSED, results={}))
+    recorder.on_stream_event("cam", "up")  # a live camera that ends (gave up reconnecting) still says so
+    recorder.on_stream_event("cam", "ended")
+    recorder.on_stream_state("cam", False)
+    recorder.on_stream_state("clip-1", False)
+    recorder.refresh()
+    assert _stream_series(recorder, "clip-1")  # a scrape or two still read its final counts
+    monkeypatch.setattr(metrics, "REMOVED_SERIES_S", 0.0)
+    recorder.refresh()
+    assert _stream_series(recorder, "clip-1") == [] and value(recorder, "blinkflow_stream_up", stream="clip-2") == 1
+    assert value(recorder, "blinkflow_stream_up", stream="cam") == 0  # a camera down pages until removed
+
+
 def test_a_live_stream_is_up_by_its_events_not_by_buffered_frames_after_a_drop():
     recorder = PrometheusRecorder()
     recorder.on_stream_event("cam", "up")
@@ -336,6 +358,39 @@ def test_exporter_serves_metrics_and_probes():
         url = exporter.url
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(f"{url}/healthz", timeout=2)
+
+
+def test_a_scrape_while_torch_is_half_imported_is_answered(monkeypatch):
+    """A scrape during the stages' setup, while another thread imported torch, read torch.cuda of the half-made
+    module: the exception closed the connection without an answer (Prometheus: up 0 at every start)."""
+    import sys
+    import types
+
+    from blinkflow.metrics import local_gpu_stats
+
+    monkeypatch.setitem(sys.modules, "torch", types.ModuleType("torch"))  # no .cuda yet
+    assert local_gpu_stats("driver") == []
+    recorder = PrometheusRecorder()
+    with MetricsExporter(recorder, "127.0.0.1", 0) as exporter:
+        assert get(f"{exporter.url}/metrics")[0] == 200
+        monkeypatch.setattr(recorder, "refresh", lambda: 1 / 0)  # whatever else breaks: an answer, not a reset
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(f"{exporter.url}/metrics", timeout=5)
+        assert error.value.code == 500
+
+
+def test_a_scrape_that_began_before_the_runs_end_is_not_its_last_scrape():
+    """The linger at the end waited for 'a scrape after the end' and took one that had begun before it (it read
+    the counts of before the end) when it finished after: the final counts went unscraped."""
+    import time as clock
+
+    with MetricsExporter(PrometheusRecorder(), "127.0.0.1", 0) as exporter:
+        began = clock.time()
+        ended = began + 0.01  # the run ends while that scrape renders
+        exporter.note_scrape(started=began)
+        assert not exporter.wait_for_scrape(ended, timeout=0.2)
+        exporter.note_scrape(started=ended + 0.01)
+        assert exporter.wait_for_scrape(ended, timeout=0.2)
 
 
 def test_one_host_holding_idle_connections_cannot_keep_the_scraper_out():
