@@ -21,6 +21,9 @@ first frame 1.5 s, and longer while the gate skips frames, so every frame leaves
 window completed at or before it (the window it completes, if any); frames before the first window leave
 without a result. A window's frames stay referenced until it runs; nothing else changes.
 
+A restart (a frame index at or before the stream's last) or a new frame size (a camera back at another
+resolution) ends the stream's clips as its end does, below: no clip mixes them.
+
 End of a stream (``end_stream``) or of the run (``flush``): if frames are held
 and at least one of them is active, a final *partial* window runs on the
 samples of the pending window (plus the last active frame if it was not
@@ -98,6 +101,13 @@ class _StreamState:
     samples_seen: int = 0
     next_start: int = 0  # sample number of the earliest window not yet complete
     last_window: _Window | None = None
+    last_index: int = -1  # the stream's latest frame, and its (height, width): a clip never spans a restart or
+    size: tuple[int, int] | None = None  # a new frame size (a camera back at another resolution)
+
+    def breaks_at(self, frame: Frame) -> bool:
+        """``frame`` cannot continue this state's clips: the stream restarted (index back) or changed size."""
+        size = tuple(frame.image.shape[:2]) if frame.image is not None else None
+        return frame.index <= self.last_index or (size is not None and self.size is not None and size != self.size)
 
     def snapshot(self) -> "_StreamState":
         """A copy that later mutation of this state does not touch (frames are shared, not copied)."""
@@ -148,6 +158,11 @@ class Action(ModelStage):
     def check_model(self, model: Any) -> None:
         self._check_clip_shape(model)
         _check_depth_parallel(model, self.model_name, self.cfg.depth_parallel)
+        reach = getattr(model, "receptive_field", None)
+        if isinstance(reach, int) and self.options.clip_len > reach:  # the causal net sees only its last frames
+            log.warning("stages.%s.options.clip_len: %d frames, but %s sees only the last %d of a clip: the first %d "
+                        "do not change its label; a clip_len of %d costs less for the same result", self.name,
+                        self.options.clip_len, self.model_name, reach, self.options.clip_len - reach, reach)
 
     def describe(self) -> str:
         return f", {len(self.classes)} classes"
@@ -160,8 +175,14 @@ class Action(ModelStage):
     def process(self, frames: list[Frame]) -> list[Frame]:
         touched = list(dict.fromkeys(f.stream_id for f in frames))
         before = {sid: self._streams[sid].snapshot() for sid in touched if sid in self._streams}
+        ended: list[Frame] = []  # frames of clips a restart or a new frame size closed, released first
         try:
-            completed = [w for frame in frames for w in self._add(frame)]
+            completed = []
+            for frame in frames:
+                state = self._streams.get(frame.stream_id)
+                if state is not None and state.breaks_at(frame):  # as at the stream's end: its tail's window runs
+                    ended += self._finish([self._streams.pop(frame.stream_id)])
+                completed += self._add(frame)
             self._run_windows(completed)
         except BaseException:
             # leave the state as it was, so the runner's frame-by-frame retry starts clean
@@ -169,7 +190,7 @@ class Action(ModelStage):
                 self._streams.pop(sid, None)
             self._streams.update(before)
             raise
-        return [f for sid in touched for f in self._release(self._streams[sid], everything=not self.hold)]
+        return ended + [f for sid in touched for f in self._release(self._streams[sid], everything=not self.hold)]
 
     def end_stream(self, stream_id: str) -> list[Frame]:
         state = self._streams.pop(stream_id, None)
@@ -209,6 +230,9 @@ class Action(ModelStage):
     def _add(self, frame: Frame) -> list[_Window]:
         """Hold ``frame``; return the window it completes, if any."""
         state = self._streams.setdefault(frame.stream_id, _StreamState())
+        state.last_index = frame.index
+        if frame.image is not None:
+            state.size = tuple(frame.image.shape[:2])
         entry = _Held(frame)
         state.held.append(entry)
         completed = []

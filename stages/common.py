@@ -102,6 +102,10 @@ def run_with_regions(frames: list[Frame], try_region: Any, run_full: Any) -> Non
     run_full(full)
 
 
+#: (precision, device) pairs already warned about in this process
+_WARNED_PRECISION: set[tuple[str, str]] = set()
+
+
 def autocast(device: Any, precision: str):
     """An autocast context for fp16/bf16 on GPU; a no-op for fp32 or on CPU."""
     import torch
@@ -109,7 +113,9 @@ def autocast(device: Any, precision: str):
     if precision == "fp32":
         return contextlib.nullcontext()
     if device.type != "cuda":
-        log.warning("precision %s is for GPUs; running fp32 on %s", precision, device)
+        if (precision, str(device)) not in _WARNED_PRECISION:  # said once, not on every forward
+            _WARNED_PRECISION.add((precision, str(device)))
+            log.warning("precision %s is for GPUs; running fp32 on %s", precision, device)
         return contextlib.nullcontext()
     dtype = torch.float16 if precision == "fp16" else torch.bfloat16
     return torch.autocast(device_type="cuda", dtype=dtype)

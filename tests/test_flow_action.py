@@ -234,6 +234,27 @@ def test_action_returns_every_frame_once_in_order_with_a_covering_window():
     assert stage.held_count("cam") == 0
 
 
+@pytest.mark.parametrize("hold", [True, False])
+def test_action_clips_never_span_a_new_frame_size_or_a_restart(hold):
+    """A camera back at another resolution: frame 3 (160x96) was labelled from a clip mixing both sizes; a
+    restart gave frames 4, 5, 0, 1 the window [4, 1]."""
+    stage = make_action_stage(clip_len=4, stride=2, hold=hold)
+    small, large = make_frames(3, height=48, width=64), make_frames(5, height=96, width=160, start=3)
+    returned = stage.process(small) + stage.process(large) + stage.flush()
+    assert [f.index for f in returned] == list(range(8))
+    for frame in returned:
+        first, last = frame.results.get("action", {}).get("window", [frame.index, frame.index])
+        assert (first <= 2) == (last <= 2) and first <= last  # no window spans the change of size
+    stage = make_action_stage(clip_len=4, stride=2, hold=hold)
+    again = make_frames(3, height=32, width=32)
+    returned = stage.process(make_frames(6, height=32, width=32)) + stage.process(again) + stage.flush()
+    assert [f.index for f in returned] == [0, 1, 2, 3, 4, 5, 0, 1, 2]
+    for position, frame in enumerate(returned):  # without holding, frames before a first window get none
+        first, last = frame.results.get("action", {}).get("window", [frame.index, frame.index])
+        assert first <= last and (last <= 2 if position >= 6 else last <= 5)
+        assert first <= frame.index <= last or not hold
+
+
 def test_action_first_completed_window_wins():
     stage = make_action_stage(clip_len=4, stride=2)
     frames = make_frames(6, height=32, width=32)
@@ -515,3 +536,17 @@ def test_fl_all_counts_kitti_outliers():
     pred[0, 3, 1] += 3.5  # 3.5 px > 3 on zero flow: outlier
     assert fl_all(pred, gt) == pytest.approx(0.5)
     assert fl_all(gt, gt) == 0.0
+
+
+def test_a_clip_longer_than_the_causal_nets_reach_and_cpu_half_precision_are_said_once(caplog):
+    from blinkflow.stages.action import Action
+
+    with caplog.at_level("WARNING"):
+        stage = Action(StageConfig(model="causal3d_small", precision="bf16",
+                                   options=Action.Options(input_size=[32, 32], clip_len=16, stride=16)))
+        stage.setup("cpu")
+        for start in (0, 16):
+            stage.process(make_frames(16, height=32, width=32, start=start))
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("clip_len: 16 frames, but causal3d_small sees only the last 9" in m for m in said) == 1
+    assert sum("precision bf16 is for GPUs" in m for m in said) <= 1  # once a process, not on every forward
