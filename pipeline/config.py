@@ -487,6 +487,7 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         _check_source(source, f"sources.{i}", base_dir)
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
+    _settle_motion_vectors(cfg)
     _check_stages_across(cfg)
     _check_ray_devices(cfg)
     _check_gate(cfg.gate, cfg.stages)
@@ -548,6 +549,20 @@ def _check_sink_settings(sink: SinkConfig, sink_cls: Any, path: str) -> None:
         if name != "type" and name not in allowed and getattr(sink, name) != getattr(defaults, name):
             raise ConfigError(f"{path}.{name}: not a setting of a {sink.type} sink; its settings: "
                               f"{', '.join(sorted(allowed)) or 'none'}")
+
+
+def _settle_motion_vectors(cfg: Config) -> None:
+    """``motion_vectors: null`` (the default) on a file source: on when something moves results along the decoder's
+    vectors (the gate with motion mvs or auto, the segmenter's feature reuse) and the CPU decodes (CUDA's decoder
+    exports none). Off by default, the gate copied results it could have moved, with more keyframes, unlike
+    every figure of blinkflow bench skip."""
+    segment = cfg.stages.get("segment")
+    wanted = bool(cfg.gate.enabled and cfg.gate.motion in ("mvs", "auto")) or bool(
+        segment is not None and segment.enabled and getattr(segment.options, "feature_reuse", 0))
+    for source in [*cfg.sources, cfg.label.source]:  # label's: every video it labels
+        options = source.options
+        if getattr(options, "motion_vectors", False) is None:
+            options.motion_vectors = wanted and getattr(options, "hwaccel", "none") != "cuda"
 
 
 def _check_stages_across(cfg: Config) -> None:

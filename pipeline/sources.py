@@ -170,16 +170,16 @@ class FileOptions:
 
     decode_threads: int = setting(0, "PyAV decoder threads; 0 lets FFmpeg choose", lo=0, hi=64)
     queue_size: int = setting(32, "decoded frames buffered ahead of the pipeline", lo=1, hi=4096)
-    motion_vectors: bool = setting(
-        False, "export the decoder's motion vectors (FFmpeg flags2=+export_mvs) for the gate's motion-compensated "
-        "reuse (gate.motion: mvs or auto)"
+    motion_vectors: bool | None = setting(
+        None, "export the decoder's motion vectors (FFmpeg flags2=+export_mvs) for the gate's motion-compensated "
+        "reuse (gate.motion: mvs or auto) and the segmenter's feature reuse; null: on when either uses them"
     )
     hwaccel: Literal["none", "auto", "cuda"] = setting(
         "none", "decode on the GPU (FFmpeg's CUDA decoder, NVDEC): cuda always, auto when there is one and no motion "
         "vectors are wanted; without one it decodes on the CPU, said once and counted")
 
     def check(self, path: str) -> None:
-        check_hwaccel(path, self.hwaccel, self.motion_vectors)
+        check_hwaccel(path, self.hwaccel, self.motion_vectors is True)  # null is settled by the config's check
 
 
 @register_source("file")
