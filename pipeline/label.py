@@ -508,6 +508,9 @@ class LabelRun:
 
     def run(self) -> dict[str, Any]:
         """Label what is not finished yet; write summary.json; return the summary."""
+        if self.cfg.metrics.enabled:  # accepted by the config, served by nothing here: say so, not silently
+            log.warning("metrics.enabled: blinkflow label serves no metrics (its progress is in summary.json and "
+                        "manifest.json); for a /metrics endpoint over an archive, `blinkflow run` a glob source")
         with output_lock(self.out_dir):
             return self._run()
 

@@ -619,3 +619,10 @@ def test_the_overlays_times_are_the_frames_or_the_sinks_rate(tmp_path, times, fp
     with av.open(str(tmp_path / "o.mp4")) as container:
         decoded = [float(frame.time) for frame in container.decode(video=0)]
     assert decoded == pytest.approx(expected, abs=2e-4)
+
+
+def test_label_says_it_serves_no_metrics_when_the_config_asks_for_them(tmp_path, light_config, caplog):
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    with caplog.at_level("WARNING"):
+        assert label([clip], tmp_path / "out", light_config, "metrics.enabled=true", "metrics.port=0")["done"] == 1
+    assert any("metrics.enabled: blinkflow label serves no metrics" in r.getMessage() for r in caplog.records)
