@@ -108,6 +108,28 @@ def test_dashboard_has_the_panels_operators_need():
         assert topic in titles, f"no dashboard panel about {topic!r}"
 
 
+def test_every_panel_follows_the_selectors_at_the_top():
+    """deploy/README.md: the job, stream and stage selectors filter every panel. Zones, crossings and events
+    ignored the stream; with All jobs (".*") the readiness panel showed up{} of every job Prometheus scrapes."""
+    import re
+
+    from blinkflow.metrics import PrometheusRecorder
+
+    per_stream = {name for name, labels in _families(PrometheusRecorder()) if "stream" in labels}
+    for expr in dashboard_exprs():
+        assert 'job=~"$job"' in expr, expr
+        for name in re.findall(r"(blinkflow_[a-z_]+)", expr):
+            base = re.sub(r"_(total|bucket|sum|count)$", "", name)
+            assert base not in per_stream or 'stream=~"$stream"' in expr, expr
+    job = next(v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "job")
+    assert job.get("allValue") in (None, ""), "All must be the Blinkflow jobs, not every job"
+
+
+def _families(recorder) -> list[tuple[str, set[str]]]:
+    return [(metric.name, set(getattr(collector, "_labelnames", ())))
+            for collector in list(recorder.registry._collector_to_names) for metric in collector.describe()]
+
+
 def test_dashboard_and_alerts_name_only_exported_metrics():
     exported = exported_sample_names()
     for expr in dashboard_exprs() + alert_exprs():
