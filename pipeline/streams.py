@@ -300,17 +300,19 @@ class LiveStream:
 
     # ------------------------------------------------------------------ consumer side (hub lock held)
 
-    def take(self) -> Any:
-        """The next item (a dropped stub, a frame, or the final StreamEnd), or None."""
-        if self._dropped:
-            return self._dropped.popleft()
+    def take(self) -> list[Any]:
+        """This round's items: every dropped stub (they cost nothing downstream), then one frame or the final
+        StreamEnd. One stub a round let a faster camera's stubs queue up behind its frames without bound while
+        a slower one's frames took every round (its dropped records seconds late, growing; no frame processed)."""
+        items = list(self._dropped)
+        self._dropped.clear()
         if self._frames:
             self._cond.notify_all()  # room for a decoder blocked on a full buffer
-            return self._frames.popleft()
-        if self._end is not None and not self.delivered_end:
+            items.append(self._frames.popleft())
+        elif self._end is not None and not self.delivered_end:
             self.delivered_end = True
-            return self._end
-        return None
+            items.append(self._end)
+        return items
 
     def status(self) -> dict[str, Any]:
         return {
@@ -462,11 +464,15 @@ class LiveStream:
             except av.InvalidDataError:
                 decoded = []  # a damaged packet (common right after a reconnect): skip it, keep the connection
             for av_frame in decoded:
+                # a stall is data without decoded frames: a frame the fps grid skips counts as decoded, and the
+                # wait for room in the buffer (overflow: block, a slow consumer) is not the camera's (both made
+                # healthy streams reconnect in a loop; a file: stream then replayed its first frames forever)
+                last_frame_at = time.monotonic()
                 pts = clock.pts(av_frame)
                 if pts is None:
                     continue
-                last_frame_at = time.monotonic()
                 self._offer(self._frame(pts, _to_rgb(av_frame, self.cfg.resize), clock.first))
+                last_frame_at = time.monotonic()
                 clock.first = False
                 if self._reached_max_frames():
                     return
@@ -868,10 +874,10 @@ class StreamHub:
     def _poll_locked(self) -> list[Any]:
         batch = []
         for stream_id, stream in list(self._streams.items()):
-            item = stream.take()
-            if item is None:
+            items = stream.take()
+            if not items:
                 continue
-            batch.append(item)
+            batch.extend(items)
             if stream.delivered_end:
                 self._finished[stream_id] = stream.status()
                 del self._streams[stream_id]

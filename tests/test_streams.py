@@ -603,3 +603,35 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
     assert burst[-1] == pytest.approx(1.96) and again == [pytest.approx(burst[-1] + 1e-6)]
     after_outage = session([0.0])  # back 5 s in: the gap from the last pts shows
     assert after_outage == pytest.approx([5.0])
+
+
+def test_a_slow_consumer_is_no_stall_of_the_camera(tmp_path):
+    """overflow: block (archive mode): the wait for room in the buffer counted as 'data but no decodable frame',
+    so a healthy stream reconnected every stall_timeout_s, and a file: stream replayed its first frames forever."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=6)
+    cfg = stream_config(f"file:{clip}", mode="archive", id="cam", queue_size=1, reconnect_on_eof=False, max_frames=6,
+                        stall_timeout_s=0.3, stages={"chaos": {"batch": 1, "options": {"sleep_ms": 450}}})
+    sink = MemorySink()
+    summary = LocalRunner(cfg, sinks=[sink]).run()
+    assert [r.index for r in sink.results] == list(range(6)) and summary.totals["processed"] == 6
+    steps = [b.pts - a.pts for a, b in zip(sink.results, sink.results[1:])]
+    assert steps == pytest.approx([1 / 10] * 5, abs=1e-3)  # 10 fps, one pass through the file: no reconnect replayed it
+
+
+def test_each_round_takes_a_streams_dropped_stubs_with_one_frame():
+    """One item a round, stubs first: a camera dropping frames faster than the rounds came never had a frame
+    taken (a 30 fps camera beside a 25 fps one: 0 processed, its stubs seconds late and growing)."""
+    from blinkflow.config import SourceConfig
+    from blinkflow.frame import Frame
+
+    cond = threading.Condition()
+    stream = streams.LiveStream(SourceConfig(type="stream", url="udp://127.0.0.1:9"), "cam", cond, lambda event: None,
+                                "drop_oldest")
+    stubs = [Frame("cam", i, i / 30, None) for i in range(3)]
+    frames = [Frame("cam", i, i / 30, None) for i in (3, 4)]
+    stream._dropped.extend(stubs)
+    stream._frames.extend(frames)
+    with cond:
+        assert stream.take() == [*stubs, frames[0]]
+        assert stream.take() == [frames[1]]
+        assert stream.take() == []
