@@ -9,6 +9,7 @@ frames come back to system memory (the stages take numpy frames).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from typing import Any, Callable
@@ -33,21 +34,37 @@ def wanted(hwaccel: str, motion_vectors: bool = False) -> bool:
 
 
 def open_decoding(open_container: Callable[..., Any], source: str, hwaccel: str, motion_vectors: bool = False) -> Any:
-    """``open_container(**kwargs)`` with the hardware decoder when asked for and present, else without it."""
+    """``open_container(**kwargs)`` with the hardware decoder when asked for and present, else without it.
+
+    Whether the machine has one is probed on its own, once (:func:`cuda_decoder_missing`): reading any error of
+    the open as "no CUDA" connected twice per attempt (a camera that serves one client was used up by the first),
+    and counted a dead camera's or a corrupt file's errors as CUDA fallbacks. The open's own errors propagate."""
     if not wanted(hwaccel, motion_vectors):
         return open_container()
-    from av.codec.hwaccel import HWAccel
+    missing = cuda_decoder_missing()
+    if missing is None:
+        from av.codec.hwaccel import HWAccel
 
-    try:
         return open_container(hwaccel=HWAccel("cuda", allow_software_fallback=True))
-    except (OSError, ValueError, RuntimeError) as exc:  # no CUDA device or no NVDEC in this FFmpeg build
-        with _lock:
-            first = source not in _fallbacks
-            _fallbacks[source] = _fallbacks.get(source, 0) + 1
-        if first:
-            log.warning("%s: no CUDA video decoder here (%s: %s); decoding on the CPU", source, type(exc).__name__,
-                        exc)
-        return open_container()
+    with _lock:
+        first = source not in _fallbacks
+        _fallbacks[source] = _fallbacks.get(source, 0) + 1
+    if first:
+        log.warning("%s: no CUDA video decoder here (%s); decoding on the CPU", source, missing)
+    return open_container()
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_decoder_missing() -> str | None:
+    """Why this process cannot decode on a CUDA device (None: it can): one device context made and dropped."""
+    try:
+        import av
+        from av.codec.hwaccel import HWAccel
+
+        HWAccel("cuda", allow_software_fallback=True).create(av.Codec("h264", "r"))
+    except Exception as exc:  # noqa: BLE001 - no device, no driver, no NVDEC in this FFmpeg build: all "missing"
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def fallback_counts() -> dict[str, int]:

@@ -509,3 +509,27 @@ def test_motion_vectors_of_the_mpeg_video_family_are_read_by_decoder_name(tmp_pa
     _ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x48:rate=25", "-t", "1", "-c:v", codec, tmp_path / name)
     frames = decode_all(tmp_path / name, motion_vectors=True)
     assert frames and sum(VECTORS_KEY in f.meta for f in frames) >= len(frames) // 2
+
+
+def test_hwaccel_opens_a_source_once_and_only_a_missing_cuda_decoder_counts_as_a_fallback(monkeypatch):
+    """Any error of the open read as 'no CUDA': every attempt connected twice (a camera serving one client was
+    used up by the first), and a dead camera or a corrupt file counted as CUDA fallbacks."""
+    from blinkflow import hwdecode
+
+    calls = []
+
+    def refused(**kwargs):
+        calls.append(kwargs)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(hwdecode, "cuda_decoder_missing", lambda: "PermissionError: no device")
+    before = hwdecode.fallback_counts().get("lonely-cam", 0)
+    with pytest.raises(ConnectionRefusedError):
+        hwdecode.open_decoding(refused, "lonely-cam", "cuda")
+    assert calls == [{}]  # one connection, on the CPU decoder
+    assert hwdecode.fallback_counts()["lonely-cam"] == before + 1  # the machine has no decoder: a fallback
+    monkeypatch.setattr(hwdecode, "cuda_decoder_missing", lambda: None)  # a CUDA machine, a dead camera
+    calls.clear()
+    with pytest.raises(ConnectionRefusedError):
+        hwdecode.open_decoding(refused, "dead-cam", "cuda")
+    assert len(calls) == 1 and "hwaccel" in calls[0] and "dead-cam" not in hwdecode.fallback_counts()
