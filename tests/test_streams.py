@@ -605,6 +605,7 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
     assert after_outage == pytest.approx([5.0])
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_a_slow_consumer_is_no_stall_of_the_camera(tmp_path):
     """overflow: block (archive mode): the wait for room in the buffer counted as 'data but no decodable frame',
     so a healthy stream reconnected every stall_timeout_s, and a file: stream replayed its first frames forever."""
