@@ -260,6 +260,7 @@ def test_bench_gpu_decode_and_streams_sections_measure_and_report(tmp_path):
     assert "Largest number of streams held: **2**" in report and "Stages: failed (RuntimeError: out of memory)" in report
 
 
+@pytest.mark.slow  # 5-6 s: the fast tier keeps under 2 minutes
 def test_bench_gpu_streams_window_opens_at_the_first_frame_so_model_loading_is_not_counted_as_falling_behind(
         monkeypatch):
     """A GPU's graph loads its models (seconds) before the cameras' first frame: the window must not count it."""
@@ -301,6 +302,7 @@ def test_bench_gpu_streams_graph_is_live_threaded_with_gate_copies_and_two_segme
     assert on_cpu.stages["segment"].replicas == 1
 
 
+@pytest.mark.slow  # 5-6 s: the fast tier keeps under 2 minutes
 def test_bench_gpu_depth_section_splits_the_action_model_into_threads_with_the_whole_models_outputs():
     """The shipped I3D on clip batches, whole and in 2 depth stages of threads (no Ray on the GPU machine)."""
     from blinkflow.bench import gpu

@@ -45,7 +45,9 @@ def two_clips(tmp_path, frames=(9, 7)):
 @pytest.mark.slow
 def test_ray_outputs_equal_local_outputs(ray_local, tmp_path):
     cfg = load_config(data={
-        "sources": two_clips(tmp_path),
+        # results copied, not moved along the decoder's vectors (as this test was written: with them the gate
+        # reuses the frames after the failed frame 4 from it, and they fail too, "nothing to carry over")
+        "sources": [{**clip, "motion_vectors": False} for clip in two_clips(tmp_path)],
         # one gate call per clip (the batch's old default), as this test was written: chaos counts the frames each
         # replica saw, and smaller gate waves spread a clip over both replicas differently from the local runner
         "gate": {"enabled": True, "threshold": 0.02, "batch": 64},
