@@ -324,7 +324,8 @@ class YOLOX(nn.Module):
         boxes = self.decode(pred[None], input_size)[0]
         # YOLOX's post-processing: one class per point, the best, scored objectness x class probability
         scores, classes = (pred[:, 4:5] * pred[:, 5:]).max(dim=1)
-        keep = scores >= self.score_thresh
+        # a non-finite box (a NaN from the net) made NMS keep every box and reached the records as NaN
+        keep = (scores >= self.score_thresh) & torch.isfinite(boxes).all(dim=1)
         boxes, scores, classes = boxes[keep], scores[keep], classes[keep]
         order = batched_nms(boxes, scores, classes, self.nms_thresh)[: self.detections_per_img]
         boxes = boxes[order] / ratio

@@ -723,6 +723,20 @@ def _checked_image(image: Any, stream_id: str, index: int) -> np.ndarray:
                           "be HxWx3 uint8 RGB arrays or (array, capture time) pairs") from None
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or min(array.shape[:2]) < 1:
         raise SourceError(f"{stream_id}: frame {index} is {array.dtype} {array.shape}; frames must be HxWx3 uint8 RGB "
-                          "arrays (convert with np.asarray(image.convert('RGB')) or arr.astype(np.uint8))")
+                          f"arrays ({_conversion_for(array)})")
     return np.ascontiguousarray(array)
+
+
+def _conversion_for(array: np.ndarray) -> str:
+    """How to make ``array`` an HxWx3 uint8 RGB frame (a plain astype(np.uint8) blacks out floats in [0, 1] and
+    wraps 16-bit pixels)."""
+    if array.ndim == 2:
+        return "grayscale: np.repeat(arr[..., None], 3, axis=-1)"
+    if array.ndim == 3 and array.shape[2] == 4:
+        return "RGBA: arr[..., :3]"
+    if np.issubdtype(array.dtype, np.floating):
+        return "floats in [0, 1]: (arr * 255).clip(0, 255).astype(np.uint8)"
+    if array.dtype == np.uint16:
+        return "16-bit: (arr >> 8).astype(np.uint8)"
+    return "a PIL image: np.asarray(image.convert('RGB'))"
 

@@ -25,9 +25,11 @@ FRESH_START = ("first", "restart", "resized", "cut")
 
 def follows(last_index: int | None, frame: Frame) -> bool:
     """Whether the stream's output of frame ``last_index`` may hold this frame's (the stages' hysteresis): not
-    when there is none, after a restart (the index went back), a cut or a resize."""
+    when there is none, after a restart (the index went back), a cut, a resize, or a camera's reconnection (its
+    first frame after an outage: the indices go on, what it shows may not)."""
     reason = (frame.results.get("gate") or {}).get("reason")
-    return last_index is not None and last_index < frame.index and reason not in FRESH_START
+    return (last_index is not None and last_index < frame.index and reason not in FRESH_START
+            and not frame.meta.get("discontinuity"))
 
 
 def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | None = None, channels_last: bool = False):

@@ -226,14 +226,16 @@ class Detect(ModelStage):
     # ------------------------------------------------------------------ full frames and crops
 
     def _run_full(self, frames: list[Frame]) -> None:
-        if not frames:
-            return
-        images, scales = self._model_inputs(frames)
-        with self.inference():
-            outputs = self.model(images)
-        for frame, output, scale in zip(frames, outputs, scales):
-            frame.results[self.name] = self._postprocess(output, scale, frame)
-            self._remember(frame)
+        sizes: dict[tuple[int, int], list[Frame]] = {}
+        for frame in frames:  # one forward per frame size: YOLOX pads a batch to its largest input, so a frame's
+            sizes.setdefault((frame.height, frame.width), []).append(frame)  # boxes hung on its batch-mates' sizes
+        for group in sizes.values():
+            images, scales = self._model_inputs(group)
+            with self.inference():
+                outputs = self.model(images)
+            for frame, output, scale in zip(group, outputs, scales):
+                frame.results[self.name] = self._postprocess(output, scale, frame)
+                self._remember(frame)
 
     def _remember(self, frame: Frame) -> None:
         """Keep the result when the gate may send partial frames of this stream next."""

@@ -49,6 +49,9 @@ class ModelStage(Stage):
         self._device = resolve_device(device, f"stages.{self.name}.device")
         spec = resolve_weights(self.cfg.weights, stage=self.name, model_name=self.model_name)
         spec = with_checkpoint_classes(spec, self.name)  # a fine-tuned checkpoint names its own classes
+        if spec.kind == "random":  # `stages.detect: null` or a missing weights key runs an untrained net, silently
+            log.warning("stages.%s.weights: null, so %s starts from random weights and its outputs mean nothing; "
+                        "set weights: shipped (or a trained .pt) for real results", self.name, self.model_name)
         model = self.build_model(spec)
         self.check_model(model)
         load_state(model, spec)

@@ -190,3 +190,16 @@ def test_a_missing_config_path_is_an_error_not_the_shipped_config_of_that_name(t
     assert blinkflow.load_config("configs/demo.yaml").sinks
     with pytest.raises(ConfigError, match="experiments/demo.yaml"):
         blinkflow.load_config("experiments/demo.yaml")  # it ran configs/demo.yaml and wrote its outputs
+
+
+@pytest.mark.parametrize("image, advice", [
+    (np.zeros((8, 8, 3), np.float32), "(arr * 255).clip(0, 255).astype(np.uint8)"),
+    (np.zeros((8, 8, 3), np.uint16), "(arr >> 8).astype(np.uint8)"),
+    (np.zeros((8, 8), np.uint8), "np.repeat(arr[..., None], 3, axis=-1)"),
+    (np.zeros((8, 8, 4), np.uint8), "arr[..., :3]"),
+])
+def test_a_frame_of_another_kind_is_refused_with_the_conversion_that_keeps_its_picture(image, advice):
+    """The advice was arr.astype(np.uint8) for all: floats in [0, 1] went black and 16-bit pixels wrapped."""
+    with pytest.raises(SourceError) as error:
+        list(blinkflow.run({"sources": [blinkflow.frames([image], id="cam")], "gate": {"enabled": False}}))
+    assert advice in str(error.value)

@@ -804,3 +804,22 @@ def test_model_stage_turns_a_rejected_builder_argument_into_one_line_naming_the_
     with pytest.raises(StageError, match=r"^stages\.detect\.options\.model_args: ssdlite320_mobilenet_v3_large "
                                          r"rejected \['bogus'\]"):
         stage.setup("cpu")
+
+
+def test_a_cameras_reconnection_starts_the_stages_hysteresis_over():
+    """The first frame after an outage (meta discontinuity) kept boxes and masks of before it by keep_threshold and
+    keep_margin: the indices go on across a reconnection, what the camera shows may not."""
+    from blinkflow.stages.common import follows
+
+    assert follows(3, Frame("cam", 4, 0.4, None))
+    assert not follows(3, Frame("cam", 4, 0.4, None, meta={"discontinuity": True, "reconnects": 1}))
+
+
+def test_a_model_stage_on_random_weights_says_its_outputs_mean_nothing(caplog):
+    """`stages.detect: null` (or no weights key) built an untrained net, silently."""
+    from blinkflow.stages.segment import Segment, SegmentOptions
+
+    with caplog.at_level("WARNING"):
+        Segment(StageConfig(model="unet_small", weights=None, options=SegmentOptions(input_size=[32, 32]))).setup("cpu")
+    assert any("stages.segment.weights: null, so unet_small starts from random weights" in r.getMessage()
+               for r in caplog.records)

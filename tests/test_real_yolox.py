@@ -275,3 +275,54 @@ def test_conversion_is_reproducible_and_gives_the_shipped_file(tmp_path):
     shipped = resolve_weights("shipped", stage="detect", model_name="yolox_nano")
     assert first["sha256"] == shipped.sha256 == sha256_file(shipped.path)
     assert first["storage"]["stored"] == "fp32"  # fp16 moves the raw outputs past the onnxruntime tolerance
+
+
+def test_a_frames_boxes_do_not_depend_on_the_sizes_of_its_batch_mates():
+    """YOLOX pads a batch to its largest input: a 432x768 frame ran at 192x320 alone and at 256x320 beside a
+    256x340 one (a truck 0.6384 alone, 0.6494 beside it), so a box near the threshold came and went with batch,
+    max_wait_ms or the runner."""
+    import av
+
+    def frame_of(path: Path, index: int) -> np.ndarray:
+        with av.open(str(path)) as container:
+            for i, decoded in enumerate(container.decode(video=0)):
+                if i == index:
+                    return decoded.to_ndarray(format="rgb24")
+        raise AssertionError(path)
+
+    parking = frame_of(DATA / "static" / "car-detection-19s.mp4", 100)
+    arm = frame_of(DATA / "video" / "arm_wrestling.mp4", 4)
+    stage = Detect(StageConfig(model="yolox_nano", weights="shipped",
+                               options=DetectOptions(score_threshold=0.3, model_args={"input_size": [320, 320]})))
+    stage.setup("cpu")
+
+    def scores(*images: np.ndarray) -> list[list[float]]:
+        frames = [Frame(f"s{i}", 0, 0.0, image.copy()) for i, image in enumerate(images)]
+        stage.process(frames)
+        return [f.results["detect"]["scores"] for f in frames]
+
+    assert scores(parking, arm) == scores(parking) + scores(arm)
+
+
+def test_a_nan_box_from_the_net_is_dropped_not_kept_by_nms(shipped_model):
+    """NMS with a NaN box kept every box (23 instead of 5 on dog.jpg) and the records got NaN."""
+    model = shipped_model
+    image = as_model_input(read_rgb(DOG))
+    raw = model.raw if hasattr(model, "raw") else None
+    assert raw is not None
+    with torch.inference_mode():
+        clean = model([image])[0]
+        original = model.raw
+
+        def poisoned(*args, **kwargs):
+            out = original(*args, **kwargs)
+            best = (out[..., 4:5] * out[..., 5:]).max(dim=-1).values.argmax(dim=-1)
+            out[torch.arange(out.shape[0]), best, 0] = float("nan")
+            return out
+
+        model.raw = poisoned
+        try:
+            dirty = model([image])[0]
+        finally:
+            model.raw = original
+    assert torch.isfinite(dirty["boxes"]).all() and len(dirty["boxes"]) <= len(clean["boxes"])

@@ -7,7 +7,7 @@ the video structure (as in COCO-style video datasets such as YouTube-VIS)::
      "videos":      [{"id": 1, "name": <stream id>}],
      "images":      [{"id", "video_id", "frame_id", "file_name": "<stream>/<frame:06d>",
                       "width", "height", "pts", "outcome"}],          # one per frame
-     "categories":  [{"id", "name", "supercategory": "detect" | "segment"}],
+     "categories":  [{"id", "name", "supercategory": "object"}],
      "annotations": [{"id", "image_id", "video_id", "frame_id", "category_id", "bbox", "area",
                       "iscrowd": 0, "score", "task": "detect"},
                      {..., "segmentation": {"size": [h, w], "counts": <RLE string>},
