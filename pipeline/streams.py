@@ -415,6 +415,10 @@ class LiveStream:
         guarded = self._connect_check is not None and self.kind == "http" and relay is None
         if guarded:
             options.update(GUARDED_HTTP_OPTIONS)  # over any ffmpeg_options: the guard checked this URL only
+        elif self._connect_check is not None and relay is None:
+            # any scheme: FFmpeg takes a URL ending in .m3u8 for an HLS playlist (udp://host:port/a.m3u8, read to
+            # its end by a timeout) and fetched its segment URLs, internal ones included, that nobody checked
+            options["format_whitelist"] = GUARDED_FORMATS
         if relay is not None:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
         try:
@@ -698,6 +702,9 @@ def _dropped_stub(frame: Frame) -> Frame:
 #: demuxers of live camera streams over HTTP only
 GUARDED_HTTP_OPTIONS = {"max_redirects": "0",
                         "format_whitelist": "mpjpeg,mjpeg,jpeg_pipe,mpegts,flv,live_flv,mov,matroska,h264,hevc,avi,asf,ogg"}
+#: the demuxers any other stream added from the control endpoint may open: camera streams, never a playlist (hls,
+#: dash) or a description (sdp) that names further URLs
+GUARDED_FORMATS = GUARDED_HTTP_OPTIONS["format_whitelist"] + ",rtsp,rtp,mpegtsraw"
 GUARDED_HTTP_HINT = (" (from the control endpoint an http(s) stream follows no redirect and opens no HLS/DASH playlist, "
                      "whose other URLs nobody checked; give the final URL, or add the stream in the config)")
 

@@ -636,3 +636,28 @@ def test_each_round_takes_a_streams_dropped_stubs_with_one_frame():
         assert stream.take() == [*stubs, frames[0]]
         assert stream.take() == [frames[1]]
         assert stream.take() == []
+
+
+def test_a_guarded_stream_of_any_scheme_opens_no_playlist_demuxer(monkeypatch):
+    """udp://host:port/a.m3u8?timeout=...: FFmpeg read the datagram to its end (the timeout) as an HLS playlist and
+    fetched its segment URLs from an internal server the control guard refuses when given directly (a review's
+    repro through the control endpoint); only http(s) streams had the demuxer allowlist."""
+    import av
+
+    opened = []
+
+    def refuse(target, **kwargs):
+        opened.append(kwargs.get("options") or {})
+        raise av.error.ExitError(1414092869, "stop here")  # as a timeout: the stream gives up after its retries
+
+    monkeypatch.setattr(av, "open", refuse)
+    hub = StreamHub(mode="live", keep_open=True)
+    try:
+        for url in ("udp://127.0.0.1:9/a.m3u8?timeout=1000000", "rtsp://127.0.0.1:9/cam.m3u8"):
+            hub.add_url(url, url.split(":")[0], connect_check=lambda url: None, max_retries=0, backoff_initial_s=0.05)
+        wait_until(lambda: len(opened) >= 2, 10, "both streams tried to open")
+    finally:
+        hub.close(stop_streams=True)
+    for options in opened:
+        allowed = options["format_whitelist"].split(",")
+        assert not {"hls", "dash", "sdp", "concat"} & set(allowed) and "mpegts" in allowed
