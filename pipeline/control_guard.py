@@ -320,6 +320,8 @@ def _token(control: Any) -> tuple[str | None, bool]:
     if os.environ.get(TOKEN_ENV):  # set but empty (compose's ${TOKEN} unset): not given, as before
         return _not_blank(os.environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"), False
     if control.token_file:
-        return _not_blank(Path(control.token_file).expanduser().read_text().strip(),
+        from blinkflow.config import read_token_file
+
+        return _not_blank(read_token_file(control.token_file).strip(),
                           f"control.token_file ({control.token_file})"), False
     return secrets.token_urlsafe(24), True

@@ -366,3 +366,22 @@ def test_a_number_where_text_is_expected_says_to_quote_it():
     with pytest.raises(ConfigError, match=r"sources\.0\.id: expected a string or null, got 1 \(YAML reads a bare 1 as a "
                                           r"number: quote it, '1'\)"):
         load_config(data={"sources": [{"type": "synthetic", "id": 1}]})
+
+
+def test_a_token_file_that_is_not_text_or_is_a_folder_is_one_line_at_load(tmp_path):
+    """validate passed a non-UTF-8 token file (read with replacement characters) and the run then failed with a
+    traceback; a folder was said not to exist."""
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe")
+    control = {"enabled": True, "auth": "token"}
+    with pytest.raises(ConfigError, match=r"control\.token_file: .* is not UTF-8 text"):
+        load_config(data={"control": {**control, "token_file": str(token)}})
+    with pytest.raises(ConfigError, match=r"control\.token_file: .* is a folder, not a file"):
+        load_config(data={"control": {**control, "token_file": str(tmp_path)}})
+
+
+def test_an_mp4_path_template_names_only_the_stream():
+    """out/{stream}-{date}.mp4 passed validate and failed with a KeyError traceback at the first frame."""
+    with pytest.raises(ConfigError, match=r"sinks\.0\.path: 'out/\{stream\}-\{date\}\.mp4' names \{date\}"):
+        load_config(data={"sinks": [{"type": "mp4", "path": "out/{stream}-{date}.mp4"}]})
+    assert load_config(data={"sinks": [{"type": "mp4", "path": "out/{stream}.mp4"}]}).sinks[0].path == "out/{stream}.mp4"

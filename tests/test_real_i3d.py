@@ -270,3 +270,19 @@ def test_converter_maps_every_tensor_of_the_original_layout(tmp_path):
     path = tmp_path / "fake.ckpt"
     path.write_bytes(pickle.dumps(fake_original(), protocol=4))
     InceptionI3d(400).load_state_dict(convert(path), strict=True)
+
+
+def test_unpickler_refuses_a_float_dtype_forged_to_hold_objects(tmp_path):
+    """The dtype's pickled flags said 'Python objects inside' on a float64 array: accepted, and freeing it raised
+    numpy's internal error (a memory-safety hazard older numpy did not guard)."""
+    from blinkflow.models.convert.i3d_pickle import safe_load_numpy_pickle
+
+    data = pickle.dumps({"params": {"w": np.frombuffer(b"\x41" * 16, dtype="<f8").copy()}}, protocol=4)
+    honest = b"J\xff\xff\xff\xffK\x00t\x94b"  # the dtype state's flags: 0
+    assert data.count(honest) == 1
+    path = tmp_path / "forged.ckpt"
+    path.write_bytes(data.replace(honest, b"J\xff\xff\xff\xffK\x01t\x94b"))
+    with pytest.raises(WeightsError, match="has a forged dtype"):
+        safe_load_numpy_pickle(path)
+    path.write_bytes(data)
+    assert safe_load_numpy_pickle(path)["params"]["w"].dtype == np.float64

@@ -145,6 +145,10 @@ def _check_leaves(tree: dict, path: Path, prefix: str = "") -> None:
             _check_leaves(value, path, name + "/")
         elif not (isinstance(value, np.ndarray) and value.dtype.kind in "fiub"):
             raise WeightsError(f"{path}: {name} is a {type(value).__name__}, not a numeric numpy array")
+        elif value.dtype.hasobject or value.dtype.flags != np.dtype(value.dtype.str).flags:
+            # a float dtype whose pickled flags claim Python objects inside: numpy then frees it as objects
+            raise WeightsError(f"{path}: {name} has a forged dtype ({value.dtype.str} with flags {value.dtype.flags}); "
+                               "not a plain numeric array")
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:

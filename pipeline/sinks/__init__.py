@@ -253,6 +253,15 @@ class Mp4OverlaySink(Sink):
         unknown = [layer for layer in cfg.draw or [] if layer not in cls.LAYERS]
         if unknown:  # a typo drew nothing, silently
             raise ConfigError(f"{path}.draw: {unknown[0]!r} is not a layer; layers: {', '.join(cls.LAYERS)}")
+        import string
+
+        try:  # a path's {date} or {0} failed with a traceback once the first frame came
+            fields = [name for _, name, _, _ in string.Formatter().parse(cfg.path or "") if name is not None]
+        except ValueError as exc:
+            raise ConfigError(f"{path}.path: {cfg.path!r} is not a path template ({exc}); write '{{{{' for a brace") from None
+        if any(name != "stream" for name in fields):
+            raise ConfigError(f"{path}.path: {cfg.path!r} names {{{next(n for n in fields if n != 'stream')}}}; the only "
+                              "placeholder is {stream}")
 
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
