@@ -487,6 +487,7 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         _check_source(source, f"sources.{i}", base_dir)
     for name, stage in cfg.stages.items():
         _check_stage(name, stage, base_dir)
+    _check_label_source(cfg.label.source)
     _settle_motion_vectors(cfg)
     _check_stages_across(cfg)
     _check_ray_devices(cfg)
@@ -549,6 +550,17 @@ def _check_sink_settings(sink: SinkConfig, sink_cls: Any, path: str) -> None:
         if name != "type" and name not in allowed and getattr(sink, name) != getattr(defaults, name):
             raise ConfigError(f"{path}.{name}: not a setting of a {sink.type} sink; its settings: "
                               f"{', '.join(sorted(allowed)) or 'none'}")
+
+
+def _check_label_source(source: SourceConfig) -> None:
+    """``label.source`` holds the decode settings of every video label reads: a file source's, without the path
+    and id label gives each video (another type failed every video with an internal error, a path was ignored)."""
+    if source.type != "file":
+        raise ConfigError(f"label.source.type: {source.type!r}; label reads video files, so only 'file' (its settings: "
+                          "fps, resize, max_frames, decode_threads, motion_vectors, hwaccel)")
+    for key in ("path", "id"):
+        if getattr(source, key) is not None:
+            raise ConfigError(f"label.source.{key}: label sets it for every video it reads; remove it")
 
 
 def _settle_motion_vectors(cfg: Config) -> None:

@@ -129,7 +129,7 @@ def _listed_outputs(root: Path) -> set[str]:
     """The output files the folder's manifest lists (none when it has no readable one)."""
     try:
         videos = json.loads((root / MANIFEST).read_text())["videos"]
-        return {name for entry in videos.values() for name in entry.get("outputs", {})}
+        return {name for entry in videos.values() for key in ("outputs", "kept_outputs") for name in entry.get(key, {})}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
 
@@ -215,7 +215,8 @@ class Manifest:
         if videos and recorded not in (config_digest, legacy_digest):  # legacy: a digest made before this release
             raise BlinkflowError(
                 f"{out_dir} was labelled with another config or format; use the same --config/--set/--format, "
-                "a new --out, or --restart to label everything again"
+                "a new --out, or --restart to label everything again (labelled by a release before 2026-12-05 with "
+                "the gate on? its videos exported no motion vectors then: --set label.source.motion_vectors=false)"
             )
         changed = sorted(s for s, digest in (recorded_weights or {}).items() if weights.get(s, digest) != digest)
         if videos and changed:
@@ -328,14 +329,18 @@ def config_digest(cfg: Any, formats: list[str], legacy: bool = False) -> str:
 
 def _refuse_writing_over_inputs(videos: list[Video], out_dir: Path, formats: list[str]) -> None:
     """Labelling in place (``--out`` the videos' own folder) with mp4 overlays would write ``<id>.mp4`` over the
-    video of that name."""
+    video of that name, an input of this run or any video there that is not label's own output."""
     inputs = {v.path for v in videos}
+    ours = _listed_outputs(out_dir.expanduser().resolve())
     for video in videos:
         for name in video.outputs(formats).values():
             target = (out_dir / name).resolve()
             if target in inputs:
                 raise BlinkflowError(f"--out {out_dir}: {video.id}'s output {name} would be written over the input "
                                      f"{target}; choose another --out, or leave mp4 out of --format")
+            if target.suffix.lower() in VIDEO_SUFFIXES and target.is_file() and name not in ours:
+                raise BlinkflowError(f"--out {out_dir}: {video.id}'s output {name} would be written over {target}, a "
+                                     "video this run does not label; choose another --out, or leave mp4 out of --format")
 
 
 def _source_settings(source: Any, skip: frozenset[str]) -> dict[str, Any]:
@@ -409,6 +414,10 @@ def label_one(job: dict[str, Any], progress: Callable[[int, int | None], None] |
             summary = runner(cfg, sinks=sinks, on_result=on_result).run()
             if progress is not None:
                 progress(done[0], done[0])
+            if summary.accounting.source_errors and not summary.totals["decoded"]:
+                # nothing decoded: the source's own words (the mp4 sink writes no file for no frames, and reading
+                # it gave a FileNotFoundError traceback instead of "not a readable video")
+                return _failed("; ".join(summary.accounting.source_errors), started)
             outputs = {name: (Path(scratch) / name).read_bytes() for name in names.values()}
     except SourceError as exc:
         return _failed(str(exc), started)
@@ -445,8 +454,15 @@ def _failed(error: str, started: float) -> dict[str, Any]:
 
 def _build_sink(fmt: str, cfg: Any) -> Any:
     from blinkflow.sinks import build_sinks
+    from blinkflow.sinks.events import EventsJsonlSink
 
-    return StableJsonlSink(cfg) if fmt == "jsonl" else build_sinks([cfg])[0]
+    class StableEventsSink(EventsJsonlSink):  # the events file, reproducible as the records are
+        def lines(self, result: Any) -> list[dict[str, Any]]:
+            return _without_wall_clock(super().lines(result))
+
+    if fmt == "jsonl":
+        return StableJsonlSink(cfg)
+    return StableEventsSink(cfg) if fmt == "events" else build_sinks([cfg])[0]
 
 
 def _limit_torch_threads(threads: int) -> int:
@@ -484,9 +500,17 @@ class StableJsonlSink(JsonlSink):
         record = to_record(result, self.cfg.include_dense)
         record.pop("latency_ms", None)
         record.pop("ts", None)  # wall clock too
+        if isinstance(record.get("events"), list):  # each event's decode time as well
+            record["events"] = _without_wall_clock(record["events"])
         self.handle.write(json.dumps(record, separators=(",", ":")))
         self.handle.write("\n")
         self.count += 1
+
+
+def _without_wall_clock(events: list[Any]) -> list[Any]:
+    """Events without their ``ts`` (the wall clock of decoding, which differs from run to run and executor to
+    executor; ``pts`` places them in the video)."""
+    return [{k: v for k, v in event.items() if k != "ts"} if isinstance(event, dict) else event for event in events]
 
 
 # --------------------------------------------------------------------------- the batch (driver)
@@ -572,6 +596,9 @@ class LabelRun:
             board = ray.remote(num_cpus=0)(ProgressBoard).remote()
             task = ray.remote(_ray_label_one).options(num_cpus=self.cfg.label.task_cpus, max_retries=1)
             cpus = ray.cluster_resources().get("CPU", 1)
+            if self.cfg.label.task_cpus > cpus:  # no node could ever run a task: it waited forever, silently
+                raise BlinkflowError(f"label.task_cpus: {self.cfg.label.task_cpus:g} CPUs a video, but the Ray cluster "
+                                     f"has {cpus:g}; lower label.task_cpus (or runtime.num_cpus' cap)")
             parallel = self.cfg.label.parallel or max(1, int(cpus // max(self.cfg.label.task_cpus, 1e-3)))
             queue, pending = deque(todo), {}
             while pending or (queue and not self.stop.is_set()):
@@ -593,6 +620,12 @@ class LabelRun:
             write_atomic(self.out_dir / name, data)
         entry = {**result, "source": str(video.path), "outputs": {n: sha256_bytes(d) for n, d in outputs.items()},
                  **self.fingerprints.get(video.id, {})}
+        if result["status"] == "failed":  # an earlier run's files stay on disk, and stay ours (not someone's videos)
+            before = self.manifest.videos.get(video.id) or {}
+            kept = {**before.get("kept_outputs", {}), **before.get("outputs", {})}
+            kept = {name: digest for name, digest in kept.items() if (self.out_dir / name).is_file()}
+            if kept:
+                entry["kept_outputs"] = kept
         self.manifest.record(video.id, entry)
         self.results[video.id] = {**entry, "skipped": False}
         if entry["status"] == "failed":

@@ -626,3 +626,56 @@ def test_label_says_it_serves_no_metrics_when_the_config_asks_for_them(tmp_path,
     with caplog.at_level("WARNING"):
         assert label([clip], tmp_path / "out", light_config, "metrics.enabled=true", "metrics.port=0")["done"] == 1
     assert any("metrics.enabled: blinkflow label serves no metrics" in r.getMessage() for r in caplog.records)
+
+
+def test_mp4_overlays_never_replace_a_video_the_run_does_not_label(tmp_path, light_config):
+    """cams/a.mkv labelled into cams with mp4 overlays replaced the user's cams/a.mp4, exit 0."""
+    from blinkflow.errors import BlinkflowError
+
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    write_test_video(cams / "a.mkv", frames=3)
+    theirs = write_test_video(cams / "a.mp4", frames=5)
+    before = theirs.read_bytes()
+    with pytest.raises(BlinkflowError, match=r"a's output a\.mp4 would be written over .*a video this run does not label"):
+        label([cams / "a.mkv"], cams, light_config, "label.formats=[jsonl, mp4]")
+    assert theirs.read_bytes() == before
+
+
+def test_an_unreadable_video_fails_with_its_own_reason_and_a_failed_rerun_keeps_its_old_outputs(tmp_path, light_config):
+    """With mp4 among the formats an unreadable video failed with a FileNotFoundError traceback of the scratch
+    overlay; and a done video that failed on a re-run dropped its outputs from the manifest, so its overlay, left
+    on disk inside the input folder, was taken for an input and every later run refused to start."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    clip = write_test_video(videos / "a.mp4", frames=4)
+    out = videos / "labels"
+    cfg = load_config(light_config, ["label.formats=[jsonl, mp4]"])
+
+    def run() -> dict:  # as the CLI finds them: label's own outputs under --out are no inputs
+        return LabelRun(find_videos([str(videos)], out), out, cfg, cfg.label.formats, progress=False).run()
+
+    assert run()["done"] == 1
+    clip.write_bytes(b"corrupt now")
+    second = run()
+    entry = json.loads((out / "manifest.json").read_text())["videos"]["a"]
+    assert second["failed"] == ["a"] and "FileNotFoundError" not in entry["error"] and "a.mp4" in entry["kept_outputs"]
+    assert run()["failed"] == ["a"]  # every later run refused to start
+
+
+def test_label_source_is_a_files_settings_only():
+    from blinkflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"label\.source\.type: 'synthetic'; label reads video files"):
+        load_config(data={"label": {"source": {"type": "synthetic"}}})
+    with pytest.raises(ConfigError, match=r"label\.source\.path: label sets it for every video"):
+        load_config(data={"label": {"source": {"type": "file", "path": "/x.mp4"}}})
+
+
+@pytest.mark.slow  # starts Ray
+def test_a_video_task_larger_than_the_cluster_is_refused_not_waited_for_forever(tmp_path, light_config):
+    from blinkflow.errors import BlinkflowError
+
+    clip = write_test_video(tmp_path / "clip.mp4", frames=3)
+    with pytest.raises(BlinkflowError, match=r"label\.task_cpus: 4 CPUs a video, but the Ray cluster has 2"):
+        label([clip], tmp_path / "out", light_config, "label.executor=ray", "runtime.num_cpus=2", "label.task_cpus=4")
