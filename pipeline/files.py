@@ -19,10 +19,20 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg"
                   ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv"}  # camcorders (AVCHD), phones, broadcast, DVD
 
 
+#: a name's longest UTF-8 spelling: file systems take 255 bytes, and outputs add a suffix and a temporary prefix
+MAX_NAME_BYTES = 150
+
+
 def safe_name(text: str, default: str) -> str:
     """``text`` as one file name: letters, digits, '-', '_' and '.' kept, the rest '_', no leading dots (a
-    stream id '..' must not step out of its folder); ``default`` when nothing is left."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text).lstrip(".") or default
+    stream id '..' must not step out of its folder); ``default`` when nothing is left. A name longer than
+    MAX_NAME_BYTES in UTF-8 is cut there with a digest of the whole (a 254-byte video name, or 100 CJK
+    characters, could never be written: 'File name too long')."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in text).lstrip(".") or default
+    if len(name.encode()) <= MAX_NAME_BYTES:
+        return name
+    digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+    return f"{name.encode()[:MAX_NAME_BYTES - 9].decode('utf-8', 'ignore')}-{digest}"
 
 
 def sha256_file(path: str | Path) -> str:

@@ -272,3 +272,14 @@ def test_csv_gives_a_failed_frame_no_rows_as_coco_gives_it_no_annotations(tmp_pa
         sink.write(result)
     sink.close()
     assert [row["index"] for row in read_rows((tmp_path / "b.csv").read_text())] == ["1"]
+
+
+def test_an_output_name_made_from_a_long_id_fits_the_file_system(tmp_path):
+    """A 254-byte video name or 100 CJK characters (300 bytes) gave 'File name too long' on every run."""
+    from blinkflow.files import MAX_NAME_BYTES, safe_name
+
+    for text in ("v" * 250, "漢" * 100):
+        name = safe_name(text, "x")
+        assert len(name.encode()) <= MAX_NAME_BYTES and name != safe_name(text + "2", "x")
+        (tmp_path / f".{name}.12345.partial.jsonl").write_text("fits")  # the temporary beside an output
+    assert safe_name("cam-1", "x") == "cam-1"
