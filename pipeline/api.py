@@ -16,12 +16,16 @@ Python values, so ``sources=[blinkflow.frames(my_arrays, fps=10)]`` runs a noteb
 from __future__ import annotations
 
 import copy
+import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from blinkflow.errors import ConfigError, SourceError
+
+log = logging.getLogger(__name__)
 
 #: records buffered between the pipeline thread and a slow consumer before the pipeline waits
 BUFFERED_RECORDS = 64
@@ -76,6 +80,10 @@ def run(config: Any, /, **overrides: Any) -> Iterator[dict]:
     loop (a notebook keeps a traceback's frames).
     """
     cfg = load_config(config, **overrides)
+    for section in ("metrics", "control"):
+        if getattr(cfg, section).enabled:  # accepted by the config, served only by the CLI: said, not silently off
+            log.warning("blinkflow.run: %s.enabled is for `blinkflow run`; the Python API serves no %s endpoint",
+                        section, section)
     results: queue.Queue = queue.Queue(maxsize=BUFFERED_RECORDS)
     stopper = _Stopper(_hub_for(cfg))
     worker = threading.Thread(target=_pump, args=(cfg, results, stopper), name="blinkflow-run", daemon=True)
@@ -134,11 +142,25 @@ def _pump(cfg: Any, results: queue.Queue, stopper: _Stopper) -> None:
         results.put(("error", exc))
 
 
+#: after a stop, how long the pipeline thread may go without a result before the caller stops waiting for it (a
+#: frames iterable blocked in a camera read never returns to see the stop)
+DRAIN_QUIET_S = 15.0
+
+
 def _drain(results: queue.Queue, worker: threading.Thread) -> None:
-    """Unblock a pipeline thread waiting on a full queue, then wait for it to finish."""
+    """Unblock a pipeline thread waiting on a full queue, then wait for it to finish: the sinks commit. What goes
+    wrong meanwhile is logged (a sink that could not commit after a ``break`` was silent)."""
+    quiet_since = time.monotonic()
     while worker.is_alive():
         try:
-            results.get(timeout=0.1)
+            kind, value = results.get(timeout=0.1)
         except queue.Empty:
-            pass
+            if time.monotonic() - quiet_since > DRAIN_QUIET_S:
+                log.warning("blinkflow.run: stopped, but the pipeline has given nothing for %.0f s (a frames iterable "
+                            "blocked in a read?); not waiting for it: its sinks commit when it returns", DRAIN_QUIET_S)
+                return
+            continue
+        quiet_since = time.monotonic()
+        if kind == "error" and not isinstance(value, SourceError):
+            log.error("blinkflow.run: after the stop: %s", value)
     worker.join()

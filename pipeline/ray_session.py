@@ -65,17 +65,31 @@ def _init(ray, address: str | None, num_cpus: float | None, options: dict) -> bo
     return True
 
 
+#: sessions of this process using the Ray that one of them started: two pipelines at once (the Python API in two
+#: threads) raced ray.init ("called ray.init twice"), and the first to finish shut Ray down under the other
+_sessions_lock = threading.Lock()
+_sessions = 0
+_started_by_a_session = False
+
+
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: float | None = None, **options) -> Iterator[None]:
-    """Ray for the block; shut down afterwards when the block started it."""
+    """Ray for the block; shut down afterwards when a session started it and this is the last one using it."""
     import ray
 
-    started = start_ray(address, num_cpus, **options)
+    global _sessions, _started_by_a_session
+    with _sessions_lock:
+        if start_ray(address, num_cpus, **options):
+            _started_by_a_session = True
+        _sessions += 1
     try:
         yield
     finally:
-        if started:
-            ray.shutdown()
+        with _sessions_lock:
+            _sessions -= 1
+            if _sessions == 0 and _started_by_a_session:
+                _started_by_a_session = False
+                ray.shutdown()
 
 
 def _check_reachable(address: str) -> None:

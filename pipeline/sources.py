@@ -657,9 +657,19 @@ class FramesOptions:
                                 "latency then counts from that time.time() (Python API only, not from YAML)")
 
     def check(self, path: str) -> None:
-        if self.frames is None or isinstance(self.frames, (str, bytes, dict)):
+        if self.frames is None or isinstance(self.frames, (str, bytes, dict)) or not _iterable(self.frames):
             raise ConfigError(f"{path}.frames: a frames source takes an iterable of numpy frames from the Python "
-                              "API (blinkflow.frames(...))")
+                              "API (blinkflow.frames(...)), not a " + type(self.frames).__name__)
+        if isinstance(self.frames, np.ndarray) and self.frames.ndim == 3:
+            raise ConfigError(f"{path}.frames: one image {self.frames.shape}; give a list of them (or a 4-D array)")
+
+
+def _iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 @register_source("frames")
@@ -680,7 +690,7 @@ class FramesSource:
         ahead_warned = False
         if self.cfg.max_frames == 0:
             return
-        for index, item in enumerate(self.cfg.options.frames):
+        for index, item in enumerate(_guarded(self.cfg.options.frames, stream_id)):
             paired = isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], np.ndarray)
             image, captured = item if paired else (item, None)
             image = _checked_image(image, stream_id, index)
@@ -715,6 +725,22 @@ def _capture_time(value: Any, stream_id: str, index: int, now: float) -> float:
     return min(float(value), now)
 
 
+def _guarded(frames: Any, stream_id: str) -> Iterator[Any]:
+    """The caller's frames; what the iterable raises (a camera unplugged) ends this stream alone, as a damaged file
+    does, in one line: it stopped every stream of the run and threw every sink's output away."""
+    items, index = iter(frames), 0
+    while True:
+        try:
+            item = next(items)
+        except StopIteration:
+            return
+        except Exception as exc:  # noqa: BLE001 - the caller's code: its failure is this source's end
+            raise SourceError(f"{stream_id}: the frames iterable raised after {index} frames: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        index += 1
+        yield item
+
+
 def _checked_image(image: Any, stream_id: str, index: int) -> np.ndarray:
     try:
         array = np.asarray(image)
@@ -724,7 +750,9 @@ def _checked_image(image: Any, stream_id: str, index: int) -> np.ndarray:
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or min(array.shape[:2]) < 1:
         raise SourceError(f"{stream_id}: frame {index} is {array.dtype} {array.shape}; frames must be HxWx3 uint8 RGB "
                           f"arrays ({_conversion_for(array)})")
-    return np.ascontiguousarray(array)
+    # a copy: a camera SDK that fills one buffer for every read changed the frames waiting in a wave (boxes of
+    # frame 0 came from a later frame's pixels)
+    return np.array(array, order="C", copy=True)
 
 
 def _conversion_for(array: np.ndarray) -> str:

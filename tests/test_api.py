@@ -203,3 +203,93 @@ def test_a_frame_of_another_kind_is_refused_with_the_conversion_that_keeps_its_p
     with pytest.raises(SourceError) as error:
         list(blinkflow.run({"sources": [blinkflow.frames([image], id="cam")], "gate": {"enabled": False}}))
     assert advice in str(error.value)
+
+
+def test_a_camera_that_refills_one_buffer_gets_each_frames_own_results():
+    """frames() kept the caller's array: a camera SDK filling one buffer for every read changed the frames
+    waiting in a wave, and the gate decided (and models ran) on a later frame's pixels."""
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for _ in range(12)]
+
+    def refilled():
+        buffer = np.empty_like(images[0])
+        for image in images:
+            buffer[...] = image
+            yield buffer
+
+    def gate_changes(source) -> list:
+        cfg = {"sources": [blinkflow.frames(source, id="cam")], "gate": {"enabled": True, "threshold": 0.2},
+               "stages": {"chaos": {"batch": 8}}}
+        return [r["gate"].get("changed") for r in blinkflow.run(cfg)]
+
+    assert gate_changes(refilled()) == gate_changes([image.copy() for image in images])
+
+
+def test_a_frames_iterable_that_raises_ends_its_own_stream_and_the_sinks_commit(tmp_path):
+    """OSError('camera unplugged') from the caller's generator stopped every stream and threw the sinks away."""
+    def unplugged():
+        for _ in range(4):
+            yield np.zeros((48, 64, 3), np.uint8)
+        raise OSError("camera unplugged")
+
+    out = tmp_path / "e.jsonl"
+    cfg = {"sources": [blinkflow.frames(unplugged(), id="usb"), {"type": "synthetic", "id": "other", "num_frames": 6,
+                                                                 "width": 64, "height": 48}],
+           "gate": {"enabled": False}, "sinks": [{"type": "jsonl", "path": str(out)}]}
+    records = []
+    with pytest.raises(SourceError, match=r"usb: the frames iterable raised after 4 frames: OSError: camera unplugged"):
+        for record in blinkflow.run(cfg):
+            records.append(record)
+    assert sorted((r["stream"], r["index"]) for r in records) == [("other", i) for i in range(6)] + [("usb", i) for i in range(4)]
+    assert out.read_text().count("\n") == 10
+    with pytest.raises(Exception, match=r"frames: a frames source takes an iterable .* not a int"):
+        blinkflow.load_config({"sources": [blinkflow.frames(5)]})
+
+
+def test_break_returns_even_when_the_frames_iterable_blocks_in_a_read(monkeypatch):
+    import queue
+    import time as clock
+
+    from blinkflow import api
+
+    monkeypatch.setattr(api, "DRAIN_QUIET_S", 0.5)
+    feed: queue.Queue = queue.Queue()
+    for _ in range(5):
+        feed.put(np.zeros((48, 64, 3), np.uint8))
+
+    def camera():
+        while True:
+            yield feed.get()  # the camera goes quiet after 5 frames: the read blocks
+
+    started = clock.monotonic()
+    for count, _ in enumerate(blinkflow.run({"sources": [blinkflow.frames(camera(), id="cam")],
+                                              "gate": {"enabled": False}}), 1):
+        if count == 3:
+            break
+    assert clock.monotonic() - started < 10  # it waited forever
+    feed.put(None)  # let the pipeline thread end
+
+
+def test_two_ray_sessions_at_once_leave_ray_up_until_the_last_one_ends(monkeypatch):
+    import ray
+
+    from blinkflow import ray_session
+
+    state = {"up": False, "shutdowns": 0}
+
+    def start(*args, **kwargs):
+        started, state["up"] = not state["up"], True
+        return started
+
+    def shutdown():
+        state["up"], state["shutdowns"] = False, state["shutdowns"] + 1
+
+    monkeypatch.setattr(ray_session, "start_ray", start)
+    monkeypatch.setattr(ray, "shutdown", shutdown)
+    first, second = ray_session.ray_session(), ray_session.ray_session()
+    first.__enter__()  # the pipeline that starts Ray...
+    second.__enter__()  # ...and one that joins it
+    first.__exit__(None, None, None)  # the first to finish shut Ray down under the other
+    assert state == {"up": True, "shutdowns": 0}
+    second.__exit__(None, None, None)
+    assert state == {"up": False, "shutdowns": 1}
