@@ -377,7 +377,8 @@ class LiveStream:
     def _session(self) -> None:
         """One connection: open, decode until it ends; raise _StreamDown on any failure."""
         self._set_state("connecting")
-        relay = self._relay = SrtRelay(self.cfg, self._stopping) if self._needs_relay() else None
+        relay = self._relay = (SrtRelay(self.cfg, self._stopping, guarded=self._connect_check is not None)
+                               if self._needs_relay() else None)
         try:
             self._connection(relay)
         finally:
@@ -588,9 +589,12 @@ def pyav_has_protocol(scheme: str) -> bool:
     return _native_protocols[scheme]
 
 
-def relay_command(cfg: SourceConfig, ffmpeg: str) -> list[str]:
-    """The ffmpeg command that copies the stream's first video track to MPEG-TS on stdout."""
+def relay_command(cfg: SourceConfig, ffmpeg: str, guarded: bool = False) -> list[str]:
+    """The ffmpeg command that copies the stream's first video track to MPEG-TS on stdout; ``guarded`` (added from
+    the control endpoint): the child opens only camera demuxers, as PyAV's streams do (no playlist's URLs)."""
     options = {**RELAY_PROBE, **{str(k): str(v) for k, v in (cfg.options.ffmpeg_options or {}).items()}}
+    if guarded:
+        options["format_whitelist"] = GUARDED_FORMATS
     flags = [item for key, value in options.items() for item in (f"-{key}", value)]
     return [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error", *flags, "-i", cfg.url or "",
             "-map", "0:v:0", "-c", "copy", "-flush_packets", "1", "-f", "mpegts", "pipe:1"]
@@ -605,8 +609,8 @@ class SrtRelay:
     kills and reaps the process. Its stderr is kept, redacted, for the reason.
     """
 
-    def __init__(self, cfg: SourceConfig, stopping: threading.Event) -> None:
-        self.cfg, self._stopping = cfg, stopping
+    def __init__(self, cfg: SourceConfig, stopping: threading.Event, guarded: bool = False) -> None:
+        self.cfg, self._stopping, self.guarded = cfg, stopping, guarded
         self.proc: subprocess.Popen | None = None
         self.stderr: deque[str] = deque(maxlen=5)
         self.failure: _StreamDown | None = None
@@ -619,7 +623,7 @@ class SrtRelay:
         if ffmpeg is None:
             raise _StreamDown("PyAV's FFmpeg has no SRT support and the ffmpeg command is missing; install ffmpeg "
                               "with SRT support (Debian: apt-get install ffmpeg)", permanent=True)
-        self.proc = subprocess.Popen(relay_command(self.cfg, ffmpeg), stdin=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(relay_command(self.cfg, ffmpeg, self.guarded), stdin=subprocess.DEVNULL,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
         self._last_data = time.monotonic()
         self._stderr_thread = threading.Thread(target=self._keep_stderr, name="srt-relay-stderr", daemon=True)

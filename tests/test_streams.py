@@ -315,6 +315,11 @@ def test_srt_relay_command_copies_the_video_track_and_lets_ffmpeg_options_overri
     assert flags == ["-probesize", "65536", "-analyzeduration", "500000", "-latency", "200000"]
     assert command[command.index("-i"):] == ["-i", "srt://10.0.0.9:9000?streamid=cam1", "-map", "0:v:0", "-c", "copy",
                                              "-flush_packets", "1", "-f", "mpegts", "pipe:1"]
+    # added from the control endpoint: the child opens camera demuxers only, whatever ffmpeg_options say
+    guarded = streams.relay_command(stream_config("srt://10.0.0.9:9000/a.m3u8", ffmpeg_options={
+        "format_whitelist": "hls"}).sources[0], "/usr/bin/ffmpeg", guarded=True)
+    allowed = guarded[guarded.index("-format_whitelist") + 1].split(",")
+    assert guarded.index("-format_whitelist") < guarded.index("-i") and "hls" not in allowed and "mpegts" in allowed
 
 
 def _serve_stalling_http(payload: bytes, connections: list, stop: threading.Event) -> int:
