@@ -188,10 +188,12 @@ def test_detect_input_size_boxes_map_back_to_source_pixels():
     assert result["boxes"] == [[40.0, 20.0, 80.0, 40.0], [160.0, 40.0, 200.0, 100.0]]
 
 
-def test_detect_runs_one_forward_over_differently_sized_frames():
+def test_detect_runs_one_forward_per_frame_size():
+    """Frames of one size share a forward; another size gets its own (YOLOX pads a batch to its largest input, so
+    a frame's boxes depended on its batch-mates' sizes)."""
     detector = FixedDetector([[1, 1, 5, 5]], [1], [0.9])
     results = detect_with(detector, frames=make_frames(((48, 64), (64, 48), (48, 64))))
-    assert detector.calls == [[(3, 48, 64), (3, 64, 48), (3, 48, 64)]]
+    assert detector.calls == [[(3, 48, 64), (3, 48, 64)], [(3, 64, 48)]]
     assert all(r["boxes"] == [[1.0, 1.0, 5.0, 5.0]] for r in results)
 
 
