@@ -603,12 +603,12 @@ def _check_control(control: ControlConfig) -> None:
     if control.token_file and not Path(control.token_file).expanduser().is_file():
         what = "is a folder, not a file" if Path(control.token_file).expanduser().is_dir() else "does not exist"
         raise ConfigError(f"control.token_file: {control.token_file!r} {what}; write the token there")
-    if control.auth == "token" and control.token_file and not _read_text(control.token_file).strip():
+    if control.auth == "token" and control.token_file and not read_token_file(control.token_file).strip():
         raise ConfigError(f"control.token_file: {control.token_file!r} is empty: a blank token would let any request "
                           "through; write the token there")
 
 
-def _read_text(path: str) -> str:
+def read_token_file(path: str) -> str:
     """The token file's text (the guard reads it with this too): one line for a file that cannot be read or is
     not UTF-8 (validate passed it with replacement characters, the run then failed with a traceback)."""
     try:
@@ -618,8 +618,6 @@ def _read_text(path: str) -> str:
     except UnicodeDecodeError:
         raise ConfigError(f"control.token_file: {path!r} is not UTF-8 text; write the token there as text") from None
 
-
-read_token_file = _read_text
 
 
 def _check_registered(cfg: Config) -> None:
