@@ -19,9 +19,8 @@ refused instead of executed.
 
 from __future__ import annotations
 
-import dataclasses
-
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging

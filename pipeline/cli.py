@@ -294,9 +294,9 @@ def _train_sideways(cfg, args: argparse.Namespace) -> int:
     given = _flat(cfg.to_dict())
     for key, fixed in _SIDEWAYS_FIXED.items():
         if given.get(key) != fixed:
+            wanted = "null" if fixed is None else repr(fixed)
             raise ConfigError(f"--sideways: {key}: {given.get(key)!r} is not supported (Sideways trains a fresh model "
-                              f"with AdamW at a constant lr, unclipped, on the CPU); set {key}={fixed!r}"
-                              .replace("=None", "=null"))
+                              f"with AdamW at a constant lr, unclipped, on the CPU); set {key}={wanted}")
     executors = ("local", "ray") if args.sideways_executor == "both" else (args.sideways_executor,)
     print(format_report(compare(cfg, args.stages, executors)))
     print(f"report and Sideways weights in {cfg.out_dir}/sideways.json, sideways.pt")

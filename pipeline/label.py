@@ -52,6 +52,7 @@ from blinkflow.errors import BlinkflowError, SourceError, first_line
 from blinkflow.files import VIDEO_SUFFIXES, safe_name, sha256_bytes, sha256_file, write_atomic
 from blinkflow.redact import redact_obj, redact_text
 from blinkflow.sinks import JsonlSink, to_record
+from blinkflow.sinks.events import EventsJsonlSink
 
 log = logging.getLogger(__name__)
 
@@ -454,11 +455,6 @@ def _failed(error: str, started: float) -> dict[str, Any]:
 
 def _build_sink(fmt: str, cfg: Any) -> Any:
     from blinkflow.sinks import build_sinks
-    from blinkflow.sinks.events import EventsJsonlSink
-
-    class StableEventsSink(EventsJsonlSink):  # the events file, reproducible as the records are
-        def lines(self, result: Any) -> list[dict[str, Any]]:
-            return _without_wall_clock(super().lines(result))
 
     if fmt == "jsonl":
         return StableJsonlSink(cfg)
@@ -505,6 +501,13 @@ class StableJsonlSink(JsonlSink):
         self.handle.write(json.dumps(record, separators=(",", ":")))
         self.handle.write("\n")
         self.count += 1
+
+
+class StableEventsSink(EventsJsonlSink):
+    """The events file without the wall clock, reproducible as the records are."""
+
+    def lines(self, result: Any) -> list[dict[str, Any]]:
+        return _without_wall_clock(super().lines(result))
 
 
 def _without_wall_clock(events: list[Any]) -> list[Any]:

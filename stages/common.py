@@ -32,6 +32,14 @@ def follows(last_index: int | None, frame: Frame) -> bool:
             and not frame.meta.get("discontinuity"))
 
 
+def by_frame_size(frames: list[Frame]) -> list[list[Frame]]:
+    """``frames`` grouped by (height, width), in the order each size first comes: one batch per size."""
+    groups: dict[tuple[int, int], list[Frame]] = {}
+    for frame in frames:
+        groups.setdefault((frame.height, frame.width), []).append(frame)
+    return list(groups.values())
+
+
 def frames_to_batch(frames: list[Frame], device: Any, size: tuple[int, int] | None = None, channels_last: bool = False):
     """Stack frames into a float NCHW tensor in [0, 1] on ``device``.
 

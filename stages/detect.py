@@ -56,7 +56,7 @@ from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.gate.tiles import tile_edges
 from blinkflow.stages.canvas import Canvas, object_regions, plan_canvas
-from blinkflow.stages.common import follows, region_base, run_with_regions
+from blinkflow.stages.common import by_frame_size, follows, region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
@@ -226,10 +226,9 @@ class Detect(ModelStage):
     # ------------------------------------------------------------------ full frames and crops
 
     def _run_full(self, frames: list[Frame]) -> None:
-        sizes: dict[tuple[int, int], list[Frame]] = {}
-        for frame in frames:  # one forward per frame size: YOLOX pads a batch to its largest input, so a frame's
-            sizes.setdefault((frame.height, frame.width), []).append(frame)  # boxes hung on its batch-mates' sizes
-        for group in sizes.values():
+        # one forward per frame size: YOLOX pads a batch to its largest input, so a frame's boxes hung on its
+        # batch-mates' sizes
+        for group in by_frame_size(frames):
             images, scales = self._model_inputs(group)
             with self.inference():
                 outputs = self.model(images)

@@ -377,15 +377,19 @@ class EventsStage(Stage):
                 memory = state.tracks.pop(int(ended["id"]), None)
                 if memory is not None:
                     events.append(self._end_event(frame, int(ended["id"]), memory))
-            for item in track.get("tracks", []):
-                if item.get("det") is not None:
-                    events.extend(self._observe(frame, state, item))
+            seen = [item for item in track.get("tracks", []) if item.get("det") is not None]
+            if seen:  # zones and lines in this frame's pixels, once for all its tracks
+                shapes = self._shapes(self.options.zones, frame, closed=True), self._shapes(self.options.lines, frame,
+                                                                                             closed=False)
+                for item in seen:
+                    events.extend(self._observe(frame, state, item, *shapes))
             if self.options.zones:
                 frame.results["zones"] = self._occupancy(frame.stream_id, state)
         events.extend(self._action_events(frame, state))
         return events
 
-    def _observe(self, frame: Frame, state: _StreamState, item: dict[str, Any]) -> list[dict[str, Any]]:
+    def _observe(self, frame: Frame, state: _StreamState, item: dict[str, Any], zones: list[tuple[str, np.ndarray]],
+                 lines: list[tuple[str, np.ndarray]]) -> list[dict[str, Any]]:
         track_id, box, score = int(item["id"]), item["box"], float(item["score"])
         pts = _finite(frame.pts)
         events = []
@@ -399,9 +403,9 @@ class EventsStage(Stage):
             if self.options.snapshots:
                 memory.best_crop = _crop(frame.image, box)
         point = bottom_centre(box)
-        for zone in self._shapes(self.options.zones, frame, closed=True):
+        for zone in zones:
             events.extend(self._zone_events(frame, memory, track_id, score, box, zone, point))
-        for line in self._shapes(self.options.lines, frame, closed=False):
+        for line in lines:
             events.extend(self._line_events(frame, memory, track_id, score, box, line, point))
         return events
 

@@ -57,7 +57,7 @@ from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
 from blinkflow.gate.tiles import EIGHT_CONNECTED, tile_edges, tile_runs, tiles_of_touched_regions
 from blinkflow.models.classes import SYNTHETIC_CLASSES
-from blinkflow.stages.common import follows, region_base, run_with_regions
+from blinkflow.stages.common import by_frame_size, follows, region_base, run_with_regions
 from blinkflow.stages.model_stage import ModelStage, checked_input_size, pick_classes
 
 log = logging.getLogger(__name__)
@@ -697,10 +697,7 @@ class Segment(ModelStage):
         """One batch with a fixed input_size; otherwise one per distinct frame size."""
         if not frames or self.options.input_size is not None:
             return [frames] if frames else []
-        groups: dict[tuple[int, int], list[Frame]] = {}
-        for frame in frames:
-            groups.setdefault((frame.height, frame.width), []).append(frame)
-        return list(groups.values())
+        return by_frame_size(frames)
 
     def _logits(self, frames: list[Frame]) -> Any:
         """(N, C, h, w) logits at the model input size."""

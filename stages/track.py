@@ -237,13 +237,11 @@ class StreamTracker:
         self.tracks: list[Track] = []
         self.next_id = first_id
         self.last_index = -1
-        self.noise = 1.0  # measurement noise factor of the current frame
         self.carried = False  # the current frame's boxes are carried over from a keyframe: no new evidence
 
     def step(self, index: int, dets: _Detections | None, carried: bool = False) -> list[Track]:
         """Advance to frame ``index``; return the tracks that ended on it."""
         self.last_index = index
-        self.noise = self.options.carried_noise if carried else 1.0
         self.carried = carried
         for track in self.tracks:
             track.kalman.predict()
@@ -337,7 +335,7 @@ class StreamTracker:
         return pairs, np.array([c for c in candidates if c not in used], dtype=int)
 
     def _update(self, track: Track, det: int, dets: _Detections) -> None:
-        track.kalman.update(dets.boxes[det], self.noise)
+        track.kalman.update(dets.boxes[det], self.options.carried_noise if self.carried else 1.0)
         track.box = track.seen_box = dets.boxes[det]
         track.det = det
         track.score = float(dets.scores[det])

@@ -42,9 +42,9 @@ class RunnerBase:
         # frames are read in waves of the largest stage batch; in live mode a partial wave goes once its oldest
         # frame has waited the shortest max_wait_ms of the stages
         self.wave_size = max([spec.batch for spec in self.specs] or [1])
-        # the gate's config has no max_wait_ms: counting it as 20 ms capped every stage's longer wait
         #: the most frames a worker stage keeps back per stream (the gate's feedback waits at least as long)
         self.held_frames = max([spec.cls.held_frames(spec.cfg) for spec in self.specs] or [0])
+        # the gate's config has no max_wait_ms: counting it as 20 ms capped every stage's longer wait
         self.max_wait_ms = min([spec.cfg.max_wait_ms for spec in self.specs if hasattr(spec.cfg, "max_wait_ms")] or [20.0])
 
     def tick_s(self) -> float | None:
