@@ -351,9 +351,15 @@ def _exports_vectors(stream: Any, path: Path) -> bool:
     codec = stream.codec_context.name
     if codec in VECTOR_CODECS:
         return True
-    log.warning("%s: motion_vectors: its %s decoder exports none; its frames carry no decoder motion (gate.motion "
-                "auto uses flow, when a flow stage runs)", path, codec)
+    # once a codec a process: an archive of HEVC files (or a looping file) would say it for every file
+    say = log.debug if codec in _SAID_NO_VECTORS else log.warning
+    _SAID_NO_VECTORS.add(codec)
+    say("%s: motion_vectors: its %s decoder exports none; its frames carry no decoder motion (gate.motion "
+        "auto uses flow, when a flow stage runs; said once for %s files)", path, codec, codec)
     return False
+
+
+_SAID_NO_VECTORS: set[str] = set()
 
 
 @contextlib.contextmanager
