@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,8 @@ class WeightsSpec:
     classes: list[str] | None = None
     torchvision_enum: str | None = None  # "Enum.MEMBER"
     metrics: dict | None = None
+    #: the file's verified contents once read (``with_checkpoint_classes``): loaded from, not read again
+    contents: Any = field(default=None, compare=False, repr=False)
 
     @property
     def label(self) -> str:
@@ -231,9 +233,7 @@ def load_state(model: Any, spec: WeightsSpec, *, fresh_head: bool = False) -> li
     """
     if spec.kind == "random":
         return []
-    if spec.path is None or not spec.path.is_file():
-        raise WeightsError(f"{spec.label}: weights file does not exist")
-    state = _extract_state_dict(read_verified(spec), spec)
+    state = _extract_state_dict(spec.contents if spec.contents is not None else read_verified(spec), spec)
     state = _strip_prefix(state, "module.")  # DistributedDataParallel checkpoints
     state = _align_to_model(state, model)
     state = _reconcile_torchvision_extras(state, model)
@@ -269,6 +269,7 @@ def with_checkpoint_classes(spec: WeightsSpec, stage: str) -> WeightsSpec:
     if spec.kind != "file" or spec.classes:
         return spec
     obj = read_verified(spec)
+    spec = dataclasses.replace(spec, contents=obj)  # loaded from these bytes: the file is read once
     if not (isinstance(obj, dict) and isinstance(obj.get("model"), dict)):
         return spec  # a plain state dict: no record of its classes
     task = (obj.get("config") or {}).get("task") if isinstance(obj.get("config"), dict) else None

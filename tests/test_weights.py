@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -346,8 +347,12 @@ def test_a_fine_tuned_checkpoint_brings_its_own_classes_into_the_stage(tmp_path)
     path = tmp_path / "checkpoint.pt"
     torch.save({"model": state, "classes": classes, "config": {"task": "segment"}, "epoch": 1}, path)
     stage = Segment(StageConfig(model="unet_small", weights=str(path), options=SegmentOptions(input_size=[64, 64])))
-    stage.setup("cpu")
-    assert stage.classes == classes
+    reads = []
+    real_read = weights.read_verified
+    with mock.patch.object(weights, "read_verified", lambda spec: reads.append(spec.path) or real_read(spec)):
+        stage.setup("cpu")  # read once: for its classes, then loaded from the same verified contents
+    assert stage.classes == classes and reads == [path]
+    assert torch.equal(stage.model.state_dict()[next(iter(state))], next(iter(state.values())))
     torch.save({"model": state, "classes": classes, "config": {"task": "detect"}}, path)
     with pytest.raises(WeightsError, match="checkpoint of `blinkflow train detect`, not of the segment stage"):
         Segment(StageConfig(model="unet_small", weights=str(path), options=SegmentOptions(input_size=[64, 64]))).setup("cpu")
