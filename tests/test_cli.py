@@ -111,6 +111,7 @@ def test_an_option_of_another_benchmark_is_refused_before_anything_is_measured(c
     assert main(["bench", "decode", "--video", "mine.mp4"]) == 2
     assert "--video: an option of `blinkflow bench skip`, not of decode; drop it" in capsys.readouterr().err
     assert main(["bench", "stages", "--budget-s", "5"]) == 2
+    assert main(["bench", "models", "--clips", "real"]) == 2  # its default value, given: still given
 
 
 def test_a_summary_json_folder_is_refused_before_the_run(tmp_path, capsys):

@@ -43,8 +43,8 @@ def add_bench_command(commands) -> None:
                        help="skip: start the gate-on runs from the config's gate section, not GateConfig's defaults")
     bench.add_argument("--budget-s", type=float, default=None,
                        help="gpu: seconds the run may take; what would not fit is marked skipped (default 400)")
-    bench.add_argument("--clips", choices=["real", "synthetic", "all"], default="real",
-                       help="skip: the real clips (default), the synthetic scenes, or both")
+    bench.add_argument("--clips", choices=["real", "synthetic", "all"], default=None,
+                       help="skip: the real clips (the default), the synthetic scenes, or both")
     bench.add_argument("--video", type=Path, action="append", default=[], metavar="PATH",
                        help="skip: measure on this video instead of the shipped clips (repeatable; your own camera, "
                             "judged by the config's models; prints only); --frames caps each (default 300)")
@@ -53,8 +53,8 @@ def add_bench_command(commands) -> None:
     bench.set_defaults(handler=cmd_bench)
 
 
-#: options that only one benchmark reads: given to another they were ignored (bench decode --video measured the
-#: shipped clips and rewrote docs/benchmarks.md)
+#: options that only one benchmark reads (each defaults to None, False or []: given at all, it was given): given to
+#: another they were ignored (bench decode --video measured the shipped clips and rewrote docs/benchmarks.md)
 ONLY_FOR = {"video": "skip", "resize": "skip", "gate_from_config": "skip", "clips": "skip", "budget_s": "gpu"}
 
 
@@ -63,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     for option, owner in ONLY_FOR.items():
         given = getattr(args, option)
-        if args.what != owner and given not in (None, False, [], "real"):
+        if args.what != owner and given not in (None, False, []):
             raise ConfigError(f"--{option.replace('_', '-')}: an option of `blinkflow bench {owner}`, not of "
                               f"{args.what}; drop it")
     names = ALL_ORDER if args.what == "all" else [args.what]
