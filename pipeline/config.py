@@ -159,7 +159,8 @@ class GateConfig:
         0.35, "largest changed-pixel fraction a partial frame may have (a hand in the scene: local change); more "
         "is a keyframe", lo=0.0, hi=1.0,
     )
-    max_partial: int = _field(30, "force a full keyframe after this many partial frames in a row", lo=0, hi=10**6)
+    max_partial: int = _field(30, "force a full keyframe after this many partial frames since the last one (reused frames between "
+                           "them do not reset the count: the patches pile up all the same)", lo=0, hi=10**6)
     motion: Literal["off", "mvs", "flow", "auto"] = _field(
         "mvs", "how reused frames move the keyframe's boxes and masks: the decoder's motion vectors (needs "
         "sources.N.motion_vectors), the keyframe's flow extrapolated, auto (vectors, else flow), or off (copy)",

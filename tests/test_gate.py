@@ -126,15 +126,38 @@ def test_codec_noise_is_not_change_but_a_moving_patch_is():
 
 @pytest.mark.parametrize("downscale", [1, 2, 4, 16, 17])  # 17: block sums overflow 16 bits
 def test_gray_signal_is_the_block_mean_of_the_grayscale(downscale):
+    """Blocks past the frame's edge are the mean of the pixels they have: the strip past the whole blocks was cut
+    off, and change there alone never seen."""
     from blinkflow.gate.signal import gray_signal
 
     image = np.random.default_rng(downscale).integers(0, 256, (70, 90, 3), dtype=np.uint8)
-    h, w = 70 // downscale * downscale, 90 // downscale * downscale
-    gray = image[:h, :w].astype(np.float64) @ np.array([0.299, 0.587, 0.114])
-    expected = gray.reshape(h // downscale, downscale, w // downscale, downscale).mean(axis=(1, 3))
+    gray = image.astype(np.float64) @ np.array([0.299, 0.587, 0.114])
+    expected = np.array([[gray[y:y + downscale, x:x + downscale].mean() for x in range(0, 90, downscale)]
+                         for y in range(0, 70, downscale)])
     signal = gray_signal(image, downscale)
     assert signal.dtype == np.float32 and signal.shape == expected.shape
     assert np.allclose(signal, expected, atol=1e-3)
+
+
+def test_change_only_past_the_whole_blocks_is_seen():
+    """The signal cut off the rows and columns past the last whole downscale block: change there went unseen."""
+    image = np.full((42, 64, 3), 40, np.uint8)  # 42 rows: 2 past the last whole block of 4
+    changed = image.copy()
+    changed[40:] = 250
+    frames = Gate(GateConfig(enabled=True, max_reuse=100)).process(frames_of([image, image, changed]))
+    assert [f.results["gate"]["decision"] for f in frames[:2]] == ["keyframe", "reuse"]
+    assert frames[2].results["gate"]["decision"] != "reuse" and frames[2].results["gate"]["changed"] > 0
+
+
+@pytest.mark.parametrize("rows, cols, margin", [(8, 8, 9), (4, 4, 5), (3, 7, 64), (1, 1, 2)])
+def test_a_tile_margin_past_the_grid_grows_to_the_whole_grid(rows, cols, margin):
+    """margin > the grid's rows or columns failed every changed frame (slices of different sizes)."""
+    from blinkflow.gate.tiles import tile_indices
+
+    hit = np.zeros((rows, cols), bool)
+    hit[0, 0] = True
+    assert tile_indices(hit, margin) == list(range(rows * cols))
+    assert tile_indices(hit, 1) == [i for i in range(rows * cols) if i // cols <= 1 and i % cols <= 1]
 
 
 @pytest.mark.parametrize("shape, grid", [((34, 80), (17, 40)), ((30, 41, 3), (7, 9)), ((5, 6), (3, 4))])

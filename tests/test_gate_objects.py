@@ -38,6 +38,8 @@ def test_object_grid_grows_each_box_by_the_margin_on_the_signal_grid():
     expected[1:5, 0:8] = True  # x 0..32 and y 4..20 in frame pixels
     assert np.array_equal(grid, expected)
     assert not object_grid([], (8, 12), 4, 0.5).any()
+    # wholly off the frame (a custom stage's unclipped box): its negative end wrapped round to the far side
+    assert not object_grid([[-100, 4, -60, 12], [200, 10, 260, 20]], (8, 12), 4, 0.5).any()
 
 
 def test_change_on_a_recent_object_counts_more_than_the_same_change_elsewhere():

@@ -593,7 +593,8 @@ def object_grid(boxes: list[list[float]], shape: tuple[int, ...], downscale: int
         grow_x, grow_y = margin * (x2 - x1), margin * (y2 - y1)
         c0, c1 = int(max(0.0, (x1 - grow_x) / downscale)), int(min(width, math.ceil((x2 + grow_x) / downscale)))
         r0, r1 = int(max(0.0, (y1 - grow_y) / downscale)), int(min(height, math.ceil((y2 + grow_y) / downscale)))
-        grid[r0:r1, c0:c1] = True
+        if r1 > r0 and c1 > c0:  # a box wholly off the frame marks nothing (a negative end would wrap)
+            grid[r0:r1, c0:c1] = True
     return grid
 
 

@@ -34,7 +34,11 @@ def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
     d = min(downscale, image.shape[0], image.shape[1])  # a frame smaller than a block is one block
     if d <= 1:
         return image.astype(np.float32) @ weights
-    h, w = image.shape[0] // d * d, image.shape[1] // d * d
+    height, width = image.shape[:2]
+    partial = height % d or width % d
+    if partial:  # the strip past the whole blocks is blocks of its own pixels (cut off, its change went unseen)
+        image = np.pad(image, ((0, -height % d), (0, -width % d), (0, 0)))
+    h, w = image.shape[:2]
     dtype = np.uint16 if d * d * 255 <= 0xFFFF else np.uint32
     rows = image[0:h:d, :w].astype(dtype)
     for dy in range(1, d):
@@ -45,7 +49,12 @@ def gray_signal(image: np.ndarray, downscale: int) -> np.ndarray:
     np.add(planes[:, :, 0:w:d], planes[:, :, 1:w:d], out=sums)
     for dx in range(2, d):
         np.add(sums, planes[:, :, dx:w:d], out=sums)
-    return (sums.transpose(1, 2, 0).astype(np.float32) @ weights) / float(d * d)
+    gray = sums.transpose(1, 2, 0).astype(np.float32) @ weights
+    if partial:  # each block's mean over the pixels it has
+        rows_in = np.minimum(d, height - np.arange(0, h, d)).astype(np.float32)
+        cols_in = np.minimum(d, width - np.arange(0, w, d)).astype(np.float32)
+        return gray / (rows_in[:, None] * cols_in[None, :])
+    return gray / float(d * d)
 
 
 def box_blur(image: np.ndarray, size: int) -> np.ndarray:

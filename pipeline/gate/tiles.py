@@ -56,8 +56,10 @@ def tile_indices(hit: np.ndarray, margin: int = 0) -> list[int]:
     rows, cols = hit.shape
     if margin > 0:
         grown = hit.copy()
-        for dy in range(-margin, margin + 1):
-            for dx in range(-margin, margin + 1):
+        # a shift past the grid reaches nothing (its slices would wrap: margin 9 on 8x8 tiles failed every frame)
+        reach_y, reach_x = min(margin, rows - 1), min(margin, cols - 1)
+        for dy in range(-reach_y, reach_y + 1):
+            for dx in range(-reach_x, reach_x + 1):
                 shifted = np.zeros_like(hit)
                 shifted[max(0, dy) : rows + min(0, dy), max(0, dx) : cols + min(0, dx)] = \
                     hit[max(0, -dy) : rows + min(0, -dy), max(0, -dx) : cols + min(0, -dx)]
