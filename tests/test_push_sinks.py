@@ -517,6 +517,37 @@ def test_a_dead_webhook_never_blocks_write_counts_overflow_and_reports_at_close(
     assert sink.status() == {"written": 12, "delivered": 0, "pending": 0, "dropped": {**dropped, "close": 5}}
 
 
+@pytest.mark.timeout(30)
+def test_a_webhook_url_with_user_info_sends_it_as_basic_auth():
+    """urllib sends no user info: "alice:pw@127.0.0.1" went to the name resolver as a host, and nothing arrived."""
+    import base64
+
+    endpoint = Endpoint([])
+    url = endpoint.url.replace("http://", "http://alice:s%40cret@")
+    sink = WebhookSink(webhook_config(url))
+    try:
+        sink.write(result(0, numbered(1)))
+        wait_until(lambda: sink.status()["delivered"] == 1, 10, "the delivery")
+    finally:
+        sink.close()
+        endpoint.close()
+    assert endpoint.requests[0]["headers"]["Authorization"] == "Basic " + base64.b64encode(b"alice:s@cret").decode()
+
+
+@pytest.mark.timeout(30)
+def test_a_message_waiting_to_retry_at_close_is_undelivered_not_maybe_arrived(caplog):
+    """A refused connection's message, waiting out its backoff, was counted "unconfirmed" ("may have arrived")."""
+    with socket.socket() as closed_port:
+        closed_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused at once
+        url = f"http://127.0.0.1:{closed_port.getsockname()[1]}/hook"
+        sink = WebhookSink(webhook_config(url, backoff_initial_s=5.0, backoff_max_s=5.0, close_timeout_s=0.3))
+        sink.write(result(0, numbered(3)))
+        wait_until(lambda: sink.attempts >= 1 and not sink._posting, 5, "the first refused attempt")
+        sink.close()
+    assert sink.status()["dropped"] == {"close": 3}
+    assert "may have arrived" not in caplog.text
+
+
 # --------------------------------------------------------------------------- config and a real pipeline
 
 
@@ -537,6 +568,9 @@ def sink_data(**sink) -> dict:
      "sinks.0.token_file: '/nonexistent/t' does not exist"),
     ({"type": "webhook", "url": "https://example.com/x", "buffer": 0}, "sinks.0.buffer"),
     ({"type": "webhook", "url": "http://127.0.0.1:80a/hook"}, "fix the URL's port"),  # was retried and dropped per event
+    # every POST failed and was retried forever, its text logging the URL's path
+    ({"type": "webhook", "url": "https://example.com/T0/xoxbSECRET /x"}, "holds a space or a control character"),
+    ({"type": "webhook", "url": "http://alice:pw@hooks.example.com/x"}, "the URL's password would cross the network"),
     ({"type": "mqtt", "host": "mqtt://127.0.0.1"}, "sinks.0.host: 'mqtt://127.0.0.1' is not a host name"),
     # another sink type's setting was accepted and ignored
     ({"type": "mqtt", "host": "h", "retries": 3}, "sinks.0.retries: not a setting of a mqtt sink; its settings:"),

@@ -139,13 +139,14 @@ class PushSink(Sink):
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-            left, in_flight = len(self._buffer), self._in_hand
+            unsent = min(self._in_hand, self._unsent_in_hand())
+            left, in_flight = len(self._buffer) + unsent, self._in_hand - unsent
             if left:
                 self._buffer.clear()
                 self._count_drop("close", left, quiet=True)
             if in_flight:  # being sent when the time was up: it may have arrived, the sender cannot say
                 self._count_drop("unconfirmed", in_flight, quiet=True)
-                self._in_hand = 0
+            self._in_hand = 0
         self._finish()
         self._thread.join(1.0)
         self._log_summary(left, in_flight)
@@ -181,6 +182,11 @@ class PushSink(Sink):
 
     def _finish(self) -> None:
         """Release connections once the sender is done or given up (close)."""
+
+    def _unsent_in_hand(self) -> int:
+        """Of the messages in hand, those known not to be on the wire (waiting to retry): undelivered, not
+        "may have arrived"; called holding the lock."""
+        return 0
 
     def where(self) -> str:
         """The destination, for log lines (no secrets)."""

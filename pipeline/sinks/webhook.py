@@ -127,8 +127,14 @@ class WebhookSink(PushSink):
         super().__init__(cfg)
         remember_secrets(cfg.url)  # a password or token in the URL itself never reaches a log line
         self.headers = {"Content-Type": "application/json", "User-Agent": f"blinkflow/{__version__}"}
+        # urllib sends no user info: it took "user:pass@host" for the host's name and never delivered
+        self.url, basic = _without_user_info(cfg.url)
+        if basic:
+            self.headers["Authorization"] = f"Basic {basic}"
         if cfg.token_file:
             self.headers["Authorization"] = f"Bearer {read_token(cfg.token_file)}"
+        self._posting = False  # a request is on the wire
+        self._may_have_arrived = False  # the last attempt's request may have reached the server (it timed out)
         self._connections = _Connections()
         self.opener = urllib.request.build_opener(_NoRedirect(), _TrackedHTTP(self._connections),
                                                   _TrackedHTTPS(self._connections))
@@ -150,6 +156,14 @@ class WebhookSink(PushSink):
             parts.port  # noqa: B018 - raises on a port that is not a number in 0..65535
         except ValueError as exc:  # found at run time, each event was retried and dropped
             raise ConfigError(f"{path}.url: {redact_url(cfg.url)!r}: {exc}; fix the URL's port") from None
+        if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in cfg.url):  # every POST failed, retried forever
+            raise ConfigError(f"{path}.url: {redact_url(cfg.url)!r} holds a space or a control character; "
+                              "percent-encode it (a space is %20)")
+        if parts.username is not None and cfg.token_file:
+            raise ConfigError(f"{path}.url: user:password@ and token_file are two credentials; keep one")
+        if parts.username is not None and parts.scheme == "http" and not _is_loopback(parts.hostname):
+            raise ConfigError(f"{path}.url: the URL's password would cross the network in clear text over http; "
+                              "use https (plain http only to a loopback host)")
         if cfg.token_file:
             found = resolve_path(cfg.token_file, base_dir)
             if not found.is_file():
@@ -189,8 +203,12 @@ class WebhookSink(PushSink):
 
     def _post(self, message: Message) -> str:
         """One attempt: 'ok', 'retry' (worth another try) or 'rejected'."""
-        request = urllib.request.Request(self.cfg.url, data=message.payload, method="POST",
+        request = urllib.request.Request(self.url, data=message.payload, method="POST",
                                          headers={**self.headers, "X-Blinkflow-Delivery": message.id})
+        with self._cond:
+            if self._stopped:
+                return "retry"  # close() gave up before this attempt: the message never left
+            self._posting = True
         self.attempts += 1
         # timeout_s bounds each read; a server that answers a byte at a time would never trip it, so the
         # whole attempt is cut at the same limit
@@ -199,16 +217,24 @@ class WebhookSink(PushSink):
             with self.opener.open(request, timeout=self.cfg.timeout_s) as response:
                 response.read(1 << 16)
         except urllib.error.HTTPError as exc:
+            self._may_have_arrived = False  # answered: refused, or failed on the server's side
             exc.close()
             transient = exc.code in TRANSIENT_STATUS or exc.code >= 500
             self._note_failure(f"HTTP {exc.code}", transient)
             return "retry" if transient else "rejected"
+        except http.client.InvalidURL:  # the same on every try; its text holds the URL's path (a hook's secret)
+            self._note_failure("the URL is not valid", False)
+            return "rejected"
         except (OSError, http.client.HTTPException) as exc:  # refused, reset, timed out, a bad answer
+            # refused or unresolved: the request never left; cut or timed out: the server may have it
+            unsent = isinstance(getattr(exc, "reason", exc), (ConnectionRefusedError, socket.gaierror))
+            self._may_have_arrived = not unsent
             reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
             self._note_failure(redact_text(" ".join(reason.split())[:200]), True)  # a server's text: one line
             return "retry"
         finally:
             self._connections.disarm()
+            self._posting = False
         if self._failing:
             log.info("webhook sink: %s answers again", self.where())
             self._failing = False
@@ -216,6 +242,10 @@ class WebhookSink(PushSink):
 
     def _finish(self) -> None:
         self._connections.close()
+
+    def _unsent_in_hand(self) -> int:
+        # waiting out a backoff after a refused connection or an error answer: not delivered for certain
+        return 0 if self._posting or self._may_have_arrived else self._in_hand
 
     def _note_failure(self, reason: str, transient: bool) -> None:
         if not transient:  # at most one line every DROP_LOG_EVERY_S: a refusing endpoint refuses every event
@@ -229,6 +259,19 @@ class WebhookSink(PushSink):
             log.warning("webhook sink: %s failed (%s); retrying with backoff up to %gs, buffering up to %d events",
                         self.where(), reason, self.cfg.backoff_max_s, self.cfg.buffer)
             self._failing = True
+
+
+def _without_user_info(url: str) -> tuple[str, str | None]:
+    """``url`` without ``user:password@``, and those as a Basic credential (base64), when it has them."""
+    import base64
+    from urllib.parse import unquote, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None:
+        return url, None
+    host = parts.netloc.rsplit("@", 1)[1]
+    credential = f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()
+    return urlunsplit(parts._replace(netloc=host)), base64.b64encode(credential).decode("ascii")
 
 
 def read_token(path: str) -> str:
