@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+import threading
 from typing import Callable, Generic, Iterable, TypeVar
 
 from blinkflow.errors import RegistryError
 
 T = TypeVar("T")
+
+#: held while a registry imports its modules (one lock: their imports may look up other registries)
+_LOADING = threading.RLock()
 
 
 class Registry(Generic[T]):
@@ -27,6 +31,7 @@ class Registry(Generic[T]):
         self._packages = tuple(packages)
         self._items: dict[str, T] = {}
         self._loaded = False
+        self._loading = False
 
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(component: T) -> T:
@@ -40,13 +45,22 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if self._loaded:
             return
-        self._loaded = True
-        for module in self._modules:
-            importlib.import_module(module)
-        for name in self._packages:
-            package = importlib.import_module(name)
-            for info in pkgutil.iter_modules(package.__path__):
-                importlib.import_module(f"{name}.{info.name}")
+        # one thread imports, the others wait for all of it: two pipelines started in threads saw a half-filled
+        # registry ("'synthetic' is not one of "); the importing thread itself may look up (re-entrant)
+        with _LOADING:
+            if self._loaded or self._loading:
+                return
+            self._loading = True
+            try:
+                for module in self._modules:
+                    importlib.import_module(module)
+                for name in self._packages:
+                    package = importlib.import_module(name)
+                    for info in pkgutil.iter_modules(package.__path__):
+                        importlib.import_module(f"{name}.{info.name}")
+                self._loaded = True
+            finally:
+                self._loading = False
 
     def get(self, name: str) -> T:
         self._load()

@@ -134,3 +134,30 @@ def test_ray_is_imported_only_where_it_runs_and_started_in_one_place():
 @pytest.mark.parametrize("module", ["blinkflow.stages.detect", "blinkflow.stages.base", "blinkflow.stages.gate"])
 def test_stages_do_not_import_ray(module):
     assert not any(n.startswith("ray") for n in imported_names(MODULES[module]))
+
+
+def test_a_registry_looked_up_from_threads_at_once_is_whole_for_each(tmp_path, monkeypatch):
+    """Two pipelines started in threads: the second thread saw the registry marked loaded while the first was still
+    importing its modules, and failed with "'synthetic' is not one of " (an empty list)."""
+    import sys
+    import threading
+
+    from blinkflow.registry import Registry
+
+    registry = Registry("thing", ("slow_things",))
+    (tmp_path / "slow_things.py").write_text(
+        "import time, builtins\n"
+        "registry = builtins._blinkflow_test_registry\n"
+        "time.sleep(0.3)  # a heavy import\n"
+        "registry.register('a')(1)\n"
+        "registry.register('b')(2)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr("builtins._blinkflow_test_registry", registry, raising=False)
+    monkeypatch.delitem(sys.modules, "slow_things", raising=False)
+    seen: list[list[str]] = []
+    threads = [threading.Thread(target=lambda: seen.append(registry.names())) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert seen == [["a", "b"]] * 4
