@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator
 from urllib.parse import unquote
 
 from blinkflow.control_guard import ControlGuard, Refused, content_length
-from blinkflow.errors import ConfigError, SourceError
+from blinkflow.errors import ConfigError, Interrupted, SourceError
 from blinkflow.http_service import HTTPService, ServiceHandler
 from blinkflow.redact import redact_obj
 from blinkflow.streams import RecorderBridge, StreamHub, redact_text
@@ -204,14 +204,6 @@ def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
         hub.close(stop_streams=True)
         if server is not None:
             server.stop()
-
-
-class Interrupted(KeyboardInterrupt):
-    """A second SIGINT/SIGTERM: abort at once; the exit code is 128 + ``signum``."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
 
 
 class GracefulSignals:

@@ -48,3 +48,13 @@ def missing_dependency(module: str, extra: str | None = None) -> BlinkflowError:
     """Name the pip package or extra that provides a missing optional module."""
     hint = f"pip install 'blinkflow[{extra}]'" if extra else f"pip install {module}"
     return BlinkflowError(f"the optional module {module!r} is not installed; run: {hint}")
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGINT/SIGTERM (or one while Ray starts): abort at once; the exit code is 128 + ``signum``."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum

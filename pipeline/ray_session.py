@@ -15,7 +15,7 @@ import socket
 import threading
 from typing import Iterator
 
-from blinkflow.errors import BlinkflowError, first_line
+from blinkflow.errors import BlinkflowError, Interrupted, first_line
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,16 @@ def _signal_handlers_kept() -> Iterator[None]:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
+    except SystemExit as exc:
+        if exc.code != signal.SIGTERM:
+            raise
+        # Ray's handler (sys.exit(15)) took a SIGTERM while Ray started: the run ended with 15, silently, and left
+        # Ray's agents behind. Stop what started, then end as a SIGTERM of ours does
+        with contextlib.suppress(Exception):
+            import ray
+
+            ray.shutdown()
+        raise Interrupted(signal.SIGTERM) from None
     finally:
         for sig, handler in handlers.items():
             if handler is not None and signal.getsignal(sig) is not handler:

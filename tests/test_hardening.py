@@ -286,6 +286,36 @@ def test_the_first_signal_asks_for_a_stop_and_the_second_aborts():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_sigterm_while_ray_starts_stops_ray_and_ends_as_a_sigterm(monkeypatch):
+    """Ray's own handler (sys.exit(15)) took it: exit code 15, no line said, Ray's agents left running."""
+    import os
+    import signal
+    import sys
+
+    import ray
+
+    from blinkflow.errors import Interrupted
+    from blinkflow.ray_session import start_ray
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers belong to the main thread; this test sends SIGTERM to its own process")
+
+    def init_hit_by_sigterm(**_settings):  # what ray.init does: its handler first, then the signal comes
+        signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(signum))
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(2)  # the handler runs at the next bytecode; never reached
+
+    shutdowns = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init_hit_by_sigterm)
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(True))
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as caught:
+        start_ray(num_cpus=1)
+    assert caught.value.signum == signal.SIGTERM and shutdowns == [True]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
 def _start_long_run(tmp_path, runner: str = "local"):
     import subprocess
     import sys
