@@ -83,10 +83,17 @@ def device_image(frame: Frame, device: Any):
 
 
 def _resize_uint8(image, size):
+    import torch
     import torch.nn.functional as F
 
     if tuple(image.shape[-2:]) == tuple(size):
         return image
+    if image.device.type == "cpu":
+        # torch's uint8 kernel (fixed point, as PIL's): the same pixels at any thread count, and several times
+        # faster. The float kernel's last bits follow how the rows are split over threads, and rounding made them
+        # whole gray levels: Ray's one-thread actors gave other results than the local runner's two threads
+        return F.interpolate(image.contiguous(memory_format=torch.channels_last), size=size, mode="bilinear",
+                             align_corners=False, antialias=False)
     return F.interpolate(image.float(), size=size, mode="bilinear", align_corners=False).round().clamp(0, 255).byte()
 
 

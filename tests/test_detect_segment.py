@@ -723,6 +723,28 @@ def test_detect_runs_fp16_channels_last_on_cuda():
         assert_segmentation_schema(frame.results["segment"], frame, segment.classes)
 
 
+@pytest.mark.parametrize("size", [(112, 112), (384, 216), (70, 130)])
+def test_a_resized_batch_is_the_same_at_any_thread_count(size):
+    """The float resize's last bits followed the thread split and rounding made them gray levels: a Ray actor (one
+    thread) fed its model other pixels than the local runner (every core), and their outputs differed."""
+    from blinkflow.stages.common import frames_to_batch
+
+    image = np.random.default_rng(0).integers(0, 256, (96, 96, 3), dtype=np.uint8)
+    frames = [Frame("s", i, float(i), np.roll(image, i, axis=1)) for i in range(4)]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = frames_to_batch(frames, "cpu", size=size)
+        torch.set_num_threads(2)
+        two = frames_to_batch(frames, "cpu", size=size)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (4, 3, *size) and torch.equal(one, two)
+    exact = torch.nn.functional.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None].double(), size=size,
+                                            mode="bilinear", align_corners=False) / 255.0
+    assert float((one[:1].double() - exact).abs().max()) <= 1.0 / 255.0 + 1e-6  # within a gray level of exact
+
+
 def test_a_frame_goes_to_an_accelerator_once_for_all_its_stages():
     """The first stage on a device uploads the pixels; the others take that copy. The copy is never pickled
     (a Ray actor uploads its own) and goes when the frame is finished. ``meta`` stands in for a GPU here."""
