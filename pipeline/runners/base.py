@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from blinkflow.config import Config
-from blinkflow.errors import SinkError
+from blinkflow.errors import BlinkflowError, SinkError, StageError, first_line
 from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
 from blinkflow.gate.carry import CarryOver
 from blinkflow.gate.motion import VECTORS_KEY
@@ -107,15 +107,20 @@ class StageCaller:
         self.metrics.on_stage_call(self.name, elapsed, frames, failed)
 
     def end_stream(self, stream_id: str) -> list[Frame]:
-        return self._release(lambda: self.stage.end_stream(stream_id))
+        return self._release(lambda: self.stage.end_stream(stream_id), f"ending stream {stream_id!r}")
 
     def flush(self) -> list[Frame]:
-        return self._release(self.stage.flush)
+        return self._release(self.stage.flush, "flushing at the run's end")
 
-    def _release(self, release: Callable[[], list[Frame]]) -> list[Frame]:
+    def _release(self, release: Callable[[], list[Frame]], what: str) -> list[Frame]:
         started = time.perf_counter()
         try:
             return release()
+        except BlinkflowError:
+            raise
+        except Exception as exc:  # a stage's own bug: the frames it holds are lost, so the run stops, in one line
+            raise StageError(f"stages.{self.name}: {what} failed ({type(exc).__name__}: {first_line(exc)}); the "
+                             "frames it held are lost and the run stops; fix the stage's end_stream/flush") from exc
         finally:
             elapsed = time.perf_counter() - started
             self.seconds += elapsed

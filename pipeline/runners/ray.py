@@ -374,6 +374,8 @@ def _setup_failure(error: Any) -> StageSetupFailed:
     cause = getattr(error, "cause", None)
     if isinstance(cause, StageSetupFailed):
         return cause
+    if isinstance(cause, BlinkflowError):  # its one line, not Ray's wrapper (colour codes, pid, actor id)
+        raise cause from None
     raise error
 
 
