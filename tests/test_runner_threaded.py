@@ -335,7 +335,9 @@ def test_a_release_that_raises_fails_the_run_and_stops_every_thread(tmp_path, mo
                             "stages": {"chaos": {"batch": 2, "options": {"sleep_ms": 5}}}})
     sink = MemorySink()
     before = {t.name for t in threading.enumerate()}
-    with pytest.raises(RuntimeError, match="flush broke"):
+    from blinkflow.errors import StageError
+
+    with pytest.raises(StageError, match=r"stages.chaos: flushing at the run's end failed \(RuntimeError: chaos: flush broke"):
         ThreadedRunner(cfg, sinks=[sink]).run()
     assert len(torn_down) == 1
     assert not [t for t in threading.enumerate() if t.name.startswith("blinkflow-chaos") and t.name not in before]
