@@ -96,6 +96,25 @@ def test_mp4_overlay_round_trip(tmp_path):
     assert np.abs(frames[0][15, 20].astype(int) - frames[0][40, 5].astype(int)).sum() > 60
 
 
+def test_mp4_overlay_of_a_stream_that_changes_size_scales_the_new_frames_whole(tmp_path, caplog):
+    """Frames larger than the video's first were cropped to its top-left corner, silently."""
+    import av
+
+    path = tmp_path / "o.mp4"
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(path), fps=5, draw=[]))
+    for i, (width, height) in enumerate([(64, 48)] * 3 + [(128, 96)] * 3):
+        image = np.full((height, width, 3), 230, np.uint8)
+        image[:, width // 2:] = 10  # the right half dark
+        sink.write(Frame("s", i, i / 5, image).finish())
+    sink.close()
+    with av.open(str(path)) as container:
+        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    assert len(frames) == 6 and frames[5].shape == (48, 64, 3)
+    dark = frames[5].mean(axis=2) < 60
+    assert 0.4 < dark.mean() < 0.6 and dark[12:-4, 40:-4].all() and not dark[12:-4, 4:24].any()  # both halves (a caption on top)
+    assert sum("are now 128x96; they are scaled into the video's 64x48" in r.getMessage() for r in caplog.records) == 1
+
+
 def test_mp4_writes_one_file_per_stream(tmp_path):
     sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "v.mp4"), fps=5))
     for i in range(2):

@@ -317,6 +317,7 @@ class _StreamVideoWriter:
         self.count = 0
         self.first_pts: float | None = None
         self.last_ticks: int | None = None
+        self.sizes_said: set[tuple[int, int]] = set()  # frame sizes other than the video's, said once each
 
     def write(self, image: np.ndarray, pts: float) -> None:
         if self.container is not None:
@@ -358,6 +359,10 @@ class _StreamVideoWriter:
 
         height, width = self.stream.height, self.stream.width
         if image.shape[0] != height or image.shape[1] != width:
+            if _resized(image, height, width) and image.shape[:2] not in self.sizes_said:
+                self.sizes_said.add(image.shape[:2])
+                log.warning("%s: the stream's frames are now %dx%d; they are scaled into the video's %dx%d",
+                            self.file.path, image.shape[1], image.shape[0], width, height)
             image = _fit(image, height, width)
         frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
         frame.pts, frame.time_base = self._ticks(pts), OVERLAY_TIME_BASE
@@ -400,9 +405,22 @@ class _StreamVideoWriter:
         self.file.discard()
 
 
+def _resized(image: np.ndarray, height: int, width: int) -> bool:
+    """Whether ``image`` is of another size than the video's, beyond the pixel yuv420p pads odd sizes by."""
+    return not (height - 1 <= image.shape[0] <= height and width - 1 <= image.shape[1] <= width)
+
+
 def _fit(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Pad (odd sizes for yuv420p) or crop an image to the stream size."""
+    """The image in the video's size: padded by the pixel yuv420p needs, or, when the stream changed size,
+    scaled whole into it (letterboxed; cropping kept a corner of a larger frame)."""
+    if _resized(image, height, width):
+        from PIL import Image
+
+        scale = min(height / image.shape[0], width / image.shape[1])
+        size = max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))
+        image = np.asarray(Image.fromarray(np.ascontiguousarray(image)).resize(size, Image.BILINEAR))
     out = np.zeros((height, width, 3), dtype=np.uint8)
     h, w = min(height, image.shape[0]), min(width, image.shape[1])
-    out[:h, :w] = image[:h, :w]
+    top, left = (height - h) // 2, (width - w) // 2
+    out[top:top + h, left:left + w] = image[:h, :w]
     return out
