@@ -133,7 +133,9 @@ def default_stream_id(url: str) -> str:
         port = f":{parts.port}" if parts.port else ""
     except ValueError as exc:  # a port that is not a number in 0..65535
         raise ConfigError(f"{redact_url(url)!r}: {exc}; fix the URL's port") from None
-    path = parts.path.strip("/")
+    # a DVR's URL may carry its password in the path (…/user=admin_password=…): the id goes into records, file
+    # names and MQTT topics, so it takes the path as log lines show it
+    path = urlsplit(redact_url(url)).path.strip("/")
     return _fitted_id(f"{host}{port}/{path}" if path else f"{host}{port}")
 
 

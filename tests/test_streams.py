@@ -197,6 +197,9 @@ def test_redact_text_scrubs_credentials_inside_messages():
 def test_default_stream_id_never_holds_credentials():
     assert default_stream_id("rtsp://admin:pw@10.0.0.5:554/live/ch1") == "10.0.0.5:554/live/ch1"
     assert default_stream_id("/dev/video2") == "video2"
+    # a DVR's password in the path went into records, file names and MQTT topics
+    dvr = default_stream_id("rtsp://10.0.0.5:554/user=admin_password=hunter22_channel=1_stream=0.sdp")
+    assert "hunter22" not in dvr and dvr.startswith("10.0.0.5:554/user=admin_password=")
 
 
 def test_stream_url_needs_a_supported_scheme():
