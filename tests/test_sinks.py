@@ -186,6 +186,21 @@ def test_live_jsonl_is_readable_while_the_run_goes_on_and_kept_when_it_dies(tmp_
     assert [json.loads(line)["index"] for line in path.read_text().splitlines()] == [0, 1, 2, 3, 4]
 
 
+def test_live_jsonl_after_a_record_cut_off_by_a_kill_starts_on_a_line_of_its_own(tmp_path, caplog):
+    """The next run's first record was glued onto the cut one: both lines were lost to a JSON reader."""
+    from blinkflow.config import SinkConfig
+    from blinkflow.sinks import JsonlSink
+
+    path = tmp_path / "camera.jsonl"
+    path.write_text('{"index":0}\n{"index":1,"det')  # killed while writing record 1
+    sink = JsonlSink(SinkConfig(type="jsonl", path=str(path), live=True))
+    sink.write(_live_results(3)[2])
+    sink.close()
+    lines = path.read_text().splitlines()
+    assert lines[:2] == ['{"index":0}', '{"index":1,"det'] and json.loads(lines[2])["index"] == 2
+    assert "its last line was cut off" in caplog.text
+
+
 def test_live_jsonl_rotates_by_size_and_keeps_the_newest_files(tmp_path):
     from blinkflow.config import SinkConfig
     from blinkflow.sinks import JsonlSink

@@ -137,6 +137,22 @@ def decode_dense_array(obj: dict[str, Any]) -> np.ndarray:
 
 
 @register_sink("jsonl")
+def _open_appending(path: Path) -> Any:
+    """``path`` opened to append lines. A file a killed run left ending in part of a record gets its line ended
+    first: the next record was glued onto it, and both lines were lost to a JSON reader."""
+    handle = path.open("a+b")
+    try:
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                log.warning("%s: its last line was cut off (an earlier run was killed while writing it); it is left "
+                            "as it is and new records start on the next line", path)
+                handle.write(b"\n")
+    finally:
+        handle.close()
+    return path.open("a", encoding="utf-8")
+
+
 class JsonlSink(Sink):
     """One JSON object per frame, one frame per line.
 
@@ -157,15 +173,13 @@ class JsonlSink(Sink):
         self.live = bool(cfg.live)
         self.file = AtomicFile(cfg.path)
         self.path = self.file.path
-        self.handle = (self.path.open("a", encoding="utf-8") if self.live
-                       else self.file.temp.open("w", encoding="utf-8"))
+        self.handle = _open_appending(self.path) if self.live else self.file.temp.open("w", encoding="utf-8")
         self.count = 0
         self._synced = time.monotonic()
 
     def write(self, result: FrameResult) -> None:
         for line in self.lines(result):
-            self.handle.write(json.dumps(line, separators=(",", ":")))
-            self.handle.write("\n")
+            self.handle.write(json.dumps(line, separators=(",", ":")) + "\n")
             self.count += 1
         if self.live:
             self._keep_live()
