@@ -115,6 +115,37 @@ def test_mp4_overlay_of_a_stream_that_changes_size_scales_the_new_frames_whole(t
     assert sum("are now 128x96; they are scaled into the video's 64x48" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_a_killed_runs_mp4_overlay_plays_to_its_last_fragment(tmp_path):
+    """A plain MP4 has its index at the end: a run killed (OOM killer, docker kill) left an unreadable file."""
+    import shutil
+
+    import av
+
+    path = tmp_path / "o.mp4"
+    sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(path), fps=5, draw=[]))
+    for i in range(40):  # 8 s at 5 fps; never closed, as in a kill
+        sink.write(make_result(i))
+    killed = tmp_path / "killed.mp4"
+    shutil.copy(tmp_path / ".o.partial.mp4", killed)  # what a kill would leave on disk now
+    with av.open(str(killed)) as container:
+        assert sum(1 for _ in container.decode(video=0)) >= 20
+    sink.close()
+    with av.open(str(path)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 40
+
+
+@pytest.mark.parametrize("kind", ["coco", "csv"])
+def test_a_sink_written_at_the_end_is_said_at_load_in_a_live_run(tmp_path, kind, caplog):
+    """A live run held every result in memory for as long as it ran, and a kill wrote nothing: never said."""
+    from blinkflow.config import load_config
+
+    data = {"sources": [{"type": "synthetic", "num_frames": 2}], "sinks": [{"type": kind, "path": str(tmp_path / "o")}]}
+    load_config(data=data)
+    assert "writes its file when the run ends" not in caplog.text
+    load_config(data={**data, "runtime": {"mode": "live"}})
+    assert f"sinks.0: a {kind} sink writes its file when the run ends" in caplog.text
+
+
 def test_mp4_writes_one_file_per_stream(tmp_path):
     sink = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "v.mp4"), fps=5))
     for i in range(2):
@@ -317,3 +348,12 @@ def test_an_output_name_made_from_a_long_id_fits_the_file_system(tmp_path):
         assert len(name.encode()) <= MAX_NAME_BYTES and name != safe_name(text + "2", "x")
         (tmp_path / f".{name}.12345.partial.jsonl").write_text("fits")  # the temporary beside an output
     assert safe_name("cam-1", "x") == "cam-1"
+
+
+def test_every_registered_sink_type_is_a_sink_class():
+    """A helper placed under a sink's decorator was registered as the jsonl sink in its place."""
+    from blinkflow.registry import sinks
+    from blinkflow.sinks import Sink
+
+    assert {"jsonl", "csv", "coco", "mp4", "events", "mqtt", "webhook"} <= set(sinks.names())
+    assert all(isinstance(sinks.get(name), type) and issubclass(sinks.get(name), Sink) for name in sinks.names())

@@ -136,7 +136,15 @@ def decode_dense_array(obj: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.dtype(obj["dtype"])).reshape(obj["shape"])
 
 
-@register_sink("jsonl")
+def said_whole_at_the_end(sink: Any, cfg: Any, path: str) -> None:
+    """``check_pipeline`` of a sink that writes its file once, at the run's end (coco, csv): in a live run it
+    holds every result in memory for as long as the cameras run, and a killed run writes nothing."""
+    if cfg.runtime.mode == "live":
+        log.warning("%s: a %s sink writes its file when the run ends: a live run holds every result until then "
+                    "(memory grows with the hours) and a killed one writes nothing; for live streams use jsonl or "
+                    "events, written as results come", path, sink.type)
+
+
 def _open_appending(path: Path) -> Any:
     """``path`` opened to append lines. A file a killed run left ending in part of a record gets its line ended
     first: the next record was glued onto it, and both lines were lost to a JSON reader."""
@@ -153,6 +161,7 @@ def _open_appending(path: Path) -> Any:
     return path.open("a", encoding="utf-8")
 
 
+@register_sink("jsonl")
 class JsonlSink(Sink):
     """One JSON object per frame, one frame per line.
 
@@ -352,8 +361,14 @@ class _StreamVideoWriter:
         import av
 
         fps = self.fps or self._measured_fps()
-        self.container = av.open(str(self.file.temp), mode="w", format="mp4")
+        # fragmented, a fragment every 2 s on disk at once: a killed run (the OOM killer, docker kill) leaves a
+        # partial file that plays to its last fragment; a plain MP4 was unreadable without its closing index
+        self.container = av.open(str(self.file.temp), mode="w", format="mp4",
+                                 options={"movflags": "frag_keyframe+empty_moov+default_base_moof", "flush_packets": "1"})
         self.stream = self.container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
+        self.stream.codec_context.gop_size = max(1, min(250, round(2 * fps)))
+        # no B-frames: a fragmented file has no edit list to take their delay off, so every time came late
+        self.stream.codec_context.max_b_frames = 0
         height, width = image.shape[:2]
         self.stream.width, self.stream.height = width + width % 2, height + height % 2
         self.stream.pix_fmt = "yuv420p"

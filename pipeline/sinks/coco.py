@@ -38,7 +38,7 @@ import numpy as np
 from blinkflow.config import SinkConfig
 from blinkflow.frame import FrameResult
 from blinkflow.registry import register_sink
-from blinkflow.sinks import AtomicFile, Sink
+from blinkflow.sinks import AtomicFile, Sink, said_whole_at_the_end
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class CocoSink(Sink):
 
     #: the SinkConfig settings it reads (config: another's, set, is an error)
     settings = frozenset({"path"})
+    check_pipeline = staticmethod(said_whole_at_the_end)  # live runs: held until the end, said at load
 
     needs_path = True  # config checks that a path is given
 

@@ -11,7 +11,7 @@ import io
 
 from blinkflow.frame import FrameResult
 from blinkflow.registry import register_sink
-from blinkflow.sinks import AtomicFile, Sink
+from blinkflow.sinks import AtomicFile, Sink, said_whole_at_the_end
 
 COLUMNS = ["stream", "index", "pts", "class", "score", "x1", "y1", "x2", "y2"]
 
@@ -22,6 +22,7 @@ class CsvSink(Sink):
 
     #: the SinkConfig settings it reads (config: another's, set, is an error)
     settings = frozenset({"path"})
+    check_pipeline = staticmethod(said_whole_at_the_end)  # live runs: held until the end, said at load
 
     needs_path = True
 
