@@ -134,7 +134,7 @@ def _manifest_entry_for(path: Path) -> dict | None:
     manifest_path = path.parent / MANIFEST_NAME
     if not manifest_path.is_file():
         return None
-    for entry in read_manifest(path.parent)["weights"]:
+    for entry in read_manifest(path.parent, foreign_ok=True)["weights"]:
         if entry.get("file") == path.name:
             return entry
     return None
@@ -547,8 +547,9 @@ def _first(keys: list[str], n: int = 3) -> str:
 # --------------------------------------------------------------------------- manifest
 
 
-def read_manifest(folder: Path | None = None) -> dict:
-    """The manifest of a weights folder as ``{"weights": [entry, ...]}``; empty when absent."""
+def read_manifest(folder: Path | None = None, foreign_ok: bool = False) -> dict:
+    """The manifest of a weights folder as ``{"weights": [entry, ...]}``; empty when absent, or (``foreign_ok``:
+    a .pt beside it) when it is another tool's manifest.json, one without a 'weights' list (blinkflow label's)."""
     path = Path(folder if folder is not None else WEIGHTS_DIR) / MANIFEST_NAME
     if not path.is_file():
         return {"weights": []}
@@ -559,6 +560,9 @@ def read_manifest(folder: Path | None = None) -> dict:
     if isinstance(data, list):  # tolerate a bare list of entries
         data = {"weights": data}
     if not isinstance(data, dict) or not isinstance(data.get("weights"), list):
+        if foreign_ok:
+            log.debug("%s: no 'weights' list, so not a weights manifest; ignored", path)
+            return {"weights": []}
         raise WeightsError(f"{path}: expected an object with a 'weights' list")
     for number, entry in enumerate(data["weights"]):
         problem = _entry_problem(entry)

@@ -110,7 +110,10 @@ def _setup_logging(verbosity: int) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from blinkflow.config import load_config
 
+    from blinkflow.sources import check_stream_ids
+
     cfg = load_config(args.config, args.overrides)
+    check_stream_ids(cfg.sources)  # derived ids (two synthetic sources, two clip.mp4): the run refuses them
     stages = ", ".join(["gate"] * cfg.gate.enabled + list(cfg.enabled_stages())) or "none"
     print(f"{args.config}: ok ({len(cfg.sources)} sources, stages: {stages}, {len(cfg.sinks)} sinks)")
     return 0
@@ -166,6 +169,9 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     from blinkflow.runners import get_runner
     from blinkflow.sinks import build_sinks
 
+    if not cfg.sources and not cfg.control.enabled:  # else the models load for a run of 0 frames that exits 0
+        raise ConfigError("sources: none given; add one (or use `blinkflow label` for a label config / enable "
+                          "control to add streams at run time)")
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     if summary_json is not None and summary_json.is_dir():  # found after the whole run otherwise
         raise ConfigError(f"--summary-json {summary_json}: is a folder; give a file's path")

@@ -21,6 +21,7 @@ from blinkflow.schema import (  # noqa: F401 - re-exported: the helpers configs 
     _field,
     _join,
     apply_override,
+    field_default,
     read_yaml,
     resolve_path,
     setting,
@@ -443,11 +444,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     on any problem. Relative paths in it are found beside ``path`` (or in ``base_dir``) too."""
     raw = read_yaml(path) if path is not None else dict(data or {})
     for override in overrides or []:
-        apply_override(raw, override)
+        apply_override(raw, override, _default_at)
     base_dir = Path(path).resolve().parent if path is not None else Path(base_dir or Path.cwd())
     cfg = structure_config(raw)
     check_config(cfg, base_dir)
     return cfg
+
+
+def _default_at(parts: list[str]) -> Any:
+    """The default of the setting at YAML path ``parts`` (``--set`` starts an index into a list the config leaves
+    out from it); a stage's options are typed by its registered Options."""
+    from blinkflow.registry import stages as stage_registry
+
+    if len(parts) > 3 and parts[0] == "stages" and parts[2] == "options":
+        known = parts[1] in stage_registry
+        return field_default(stage_registry.get(parts[1]).Options, parts[3:]) if known else None
+    return field_default(Config, parts)
 
 
 def structure_config(raw: dict) -> Config:
@@ -505,6 +517,8 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         if check is not None:
             check(sink, f"sinks.{i}", base_dir)
     _check_by_source_type(cfg)
+    _check_bind_host("metrics", cfg.metrics.host, cfg.metrics.enabled)
+    _check_bind_host("control", cfg.control.host, cfg.control.enabled)
     _check_control(cfg.control)
     for i, sink in enumerate(cfg.sinks):  # what a sink needs of the pipeline (events for the push sinks)
         check_pipeline = getattr(sink_registry.get(sink.type), "check_pipeline", None)
@@ -513,7 +527,13 @@ def check_config(cfg: Config, base_dir: Path) -> None:
     for sink in cfg.sinks:
         if sink.live is None:
             sink.live = cfg.runtime.mode == "live"
-    ids = [s.id for s in cfg.sources if s.id]
+    _check_stream_ids(cfg.sources)
+
+
+def _check_stream_ids(sources: list[SourceConfig]) -> None:
+    """Given stream ids are distinct (derived ones are checked where sources are listed: sources.check_stream_ids,
+    which the run and `blinkflow validate` call)."""
+    ids = [s.id for s in sources if s.id]
     duplicates = sorted({i for i in ids if ids.count(i) > 1})
     if duplicates:
         raise ConfigError(f"sources: duplicate stream id {duplicates[0]!r}; give each source a unique id")
@@ -530,6 +550,10 @@ def _check_sink_target(cfg: Config, i: int) -> None:
     if target.exists() and not target.is_file():
         raise ConfigError(f"sinks.{i}.path: {path} is not a regular file (a device, pipe or socket); outputs are "
                           "written to a file and renamed over their path: give a file's path")
+    folder = next((p for p in target.absolute().parents if p.exists()), None)  # the sink creates the rest
+    if folder is not None and not folder.is_dir():
+        raise ConfigError(f"sinks.{i}.path: {path} lies under {folder}, which is a file, not a folder; give a path "
+                          "in a folder")
     where = target.resolve()
     for j, other in enumerate(cfg.sinks[:i]):
         if other.path and Path(other.path).expanduser().resolve() == where:
@@ -587,6 +611,23 @@ def _check_stages_across(cfg: Config) -> None:
         check = getattr(stage_registry.get(name), "check_config", None)
         if check is not None:
             check(cfg, name)
+
+
+def _check_bind_host(section: str, host: str, enabled: bool) -> None:
+    """The address an HTTP endpoint binds: '' would listen on every interface, unsaid; a name that does not
+    resolve failed only when the run started the endpoint (resolved as the server does: IPv4, passive)."""
+    import socket
+
+    if not host.strip():
+        raise ConfigError(f"{section}.host: empty; write 0.0.0.0 to listen on every interface, or keep 127.0.0.1")
+    if not enabled:
+        return
+    try:
+        socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigError(f"{section}.host: {host!r} is not an IPv4 address or name this machine resolves "
+                          f"({getattr(exc, 'strerror', None) or exc}); use 127.0.0.1, 0.0.0.0 or the address of an "
+                          "interface") from None
 
 
 def _check_control(control: ControlConfig) -> None:
@@ -823,8 +864,12 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     if check_options is not None:  # a stage's own cross-field checks on its options
         check_options(f"stages.{name}.options")
     weights = stage.weights
+    if weights is not None and not weights.strip():  # '' resolved to the config's folder, then "file '.'"
+        raise ConfigError(f"stages.{name}.weights: {weights!r} names no weights; use null (random init), shipped, "
+                          "or the path of a .pt file")
     if weights and (weights.endswith((".pt", ".pth")) or "/" in weights):
         resolved = resolve_path(weights, base_dir)
         if not resolved.is_file():
             raise ConfigError(f"stages.{name}.weights: file {weights!r} does not exist")
         stage.weights = str(resolved)
+

@@ -791,7 +791,7 @@ def add_label_command(commands: Any) -> None:
     """Register ``blinkflow label`` on the CLI's sub-command parser."""
     label = commands.add_parser("label", help="batch-label archived videos: JSONL, COCO, MP4 per video (resumable)")
     label.add_argument("inputs", nargs="+", metavar="INPUT", help="video files, directories and globs (quote globs)")
-    label.add_argument("--out", type=Path, required=True, help="output folder (outputs, manifest.json, summary.json)")
+    label.add_argument("--out", type=_out_folder, required=True, help="output folder (outputs, manifest.json, summary.json)")
     label.add_argument("--config", type=Path, default=None,
                        help="pipeline YAML (default: the shipped configs/archive.yaml)")
     label.add_argument("--format", dest="formats",
@@ -803,8 +803,15 @@ def add_label_command(commands: Any) -> None:
     label.set_defaults(handler=cmd_label)
 
 
+def _out_folder(text: str) -> Path:
+    """--out as a path; an empty one (Path('') is '.') wrote into the working folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty; give the output folder, e.g. --out labels (--out . for this one)")
+    return Path(text)
+
+
 def parse_formats(text: str | None, default: list[str]) -> list[str]:
-    if not text:
+    if text is None:  # not given; an empty --format is refused like ',,
         return list(dict.fromkeys(default))
     formats = [f.strip() for f in text.split(",") if f.strip()]
     unknown = [f for f in formats if f not in OUTPUT_NAMES]
@@ -822,8 +829,9 @@ def cmd_label(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     from blinkflow.control import GracefulSignals
 
-    run = LabelRun(find_videos(args.inputs, args.out), args.out, cfg, parse_formats(args.formats, cfg.label.formats),
-                   progress=not args.no_progress, restart=args.restart)
+    formats = parse_formats(args.formats, cfg.label.formats)  # before the inputs are listed: a typo says so first
+    run = LabelRun(find_videos(args.inputs, args.out), args.out, cfg, formats, progress=not args.no_progress,
+                   restart=args.restart)
     signals = GracefulSignals(run.stop.set, "stopping: no further video starts, those in progress finish and are "
                                             "recorded (signal again to abort)", cfg.runtime.drain_timeout_s).install()
     try:

@@ -10,12 +10,13 @@ pipeline config (:mod:`blinkflow.config`) and the training config
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
 from dataclasses import field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 from blinkflow.errors import ConfigError
 from blinkflow.files import VIDEO_SUFFIXES
@@ -190,6 +191,9 @@ def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a config; pass the path of a YAML file such as configs/demo.yaml")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe: "not found" misled
+        raise ConfigError(f"{path}: not a regular file (a device, pipe or socket); pass the path of a YAML file "
+                          "such as configs/demo.yaml")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
     media = path.suffix.lower() in MEDIA_SUFFIXES  # said when it does not read as text: demo.ts may be YAML
@@ -198,6 +202,10 @@ def read_yaml(path: str | Path) -> dict:
                           f"(the limit is {MAX_CONFIG_BYTES}); pass the YAML file, not a video or an archive")
     try:
         text = path.read_bytes().decode("utf-8")
+    except PermissionError:  # the CLI's generic OSError line speaks of writing
+        raise ConfigError(f"{path}: cannot read it (permission denied); make it readable by this user") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read it ({exc.strerror or exc})") from None
     except UnicodeDecodeError as exc:
         raise ConfigError(_media_message(path) if media else f"{path}: not UTF-8 text (byte {exc.start}); save the "
                           "config as UTF-8") from None
@@ -306,8 +314,9 @@ def _bounded_loader() -> type:
     return BoundedLoader
 
 
-def apply_override(raw: dict, override: str) -> None:
-    """Apply ``a.b.0.c=value`` (value parsed as YAML) to the raw mapping in place."""
+def apply_override(raw: dict, override: str, default_of: Callable[[list[str]], Any] | None = None) -> None:
+    """Apply ``a.b.0.c=value`` (value parsed as YAML) to the raw mapping in place; ``default_of`` as in
+    :func:`set_value`."""
     import yaml
 
     key, sep, text = override.partition("=")
@@ -319,21 +328,50 @@ def apply_override(raw: dict, override: str) -> None:
         value = text
     except (RecursionError, ValueError):  # nested too deeply, an integer over 4300 digits
         raise ConfigError(f"--set {key}: the value is not a config value; write it plainly") from None
-    set_value(raw, key, unshared(value, f"--set {key}"))
+    set_value(raw, key, unshared(value, f"--set {key}"), default_of)
 
 
-def set_value(raw: dict, key: str, value: Any) -> None:
-    """Set the dotted YAML path ``key`` (``a.b.0.c``) of the raw mapping to ``value`` in place."""
+def set_value(raw: dict, key: str, value: Any, default_of: Callable[[list[str]], Any] | None = None) -> None:
+    """Set the dotted YAML path ``key`` (``a.b.0.c``) of the raw mapping to ``value`` in place. An index into a
+    list the mapping leaves out starts from ``default_of(path parts)``, the field's default (``gate.tiles.1=4``
+    changes one side of the default grid: from an empty list it was no index at all)."""
     parts = key.split(".")
     node: Any = raw
     for i, part in enumerate(parts[:-1]):
-        node = _descend(node, part, parts[i + 1], key)
-    _assign(node, parts[-1], value, key)
+        if isinstance(node, dict) and part not in node and _is_index(parts[i + 1]) and default_of is not None:
+            default = default_of(parts[: i + 1])
+            if isinstance(default, list):
+                node[part] = default
+        node = _descend(node, part, parts[i + 1], key, ".".join(parts[:i]))
+    _assign(node, parts[-1], value, key, ".".join(parts[:-1]))
 
 
-def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
+def field_default(cls: Any, parts: list[str]) -> Any:
+    """A fresh copy of the default of the field at YAML path ``parts`` inside dataclass ``cls``; None where the
+    path leaves the typed fields (an ``Any``, an unknown key) or the field has no default."""
+    tp = cls
+    for n, part in enumerate(parts):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(args) == 1:
+            tp = args[0]  # X | None
+        if typing.get_origin(tp) in (list, dict):
+            tp = typing.get_args(tp)[-1]  # an item's (a list index or a mapping key)
+            continue
+        fields = {f.name: f for f in dataclasses.fields(tp)} if dataclasses.is_dataclass(tp) else {}
+        if part not in fields:
+            return None
+        if n == len(parts) - 1:
+            f = fields[part]
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+            return copy.deepcopy(f.default) if f.default is not dataclasses.MISSING else None
+        tp = typing.get_type_hints(tp)[part]
+    return None
+
+
+def _descend(node: Any, part: str, next_part: str, key: str, where: str) -> Any:
     if isinstance(node, list):
-        return node[_list_index(node, part, key)]
+        return node[_list_index(node, part, key, where)]
     if not isinstance(node, dict):
         raise ConfigError(f"--set {key}: {part!r} is inside a value that is not a mapping")
     if node.get(part) is None:
@@ -341,13 +379,13 @@ def _descend(node: Any, part: str, next_part: str, key: str) -> Any:
     return node[part]
 
 
-def _assign(node: Any, part: str, value: Any, key: str) -> None:
+def _assign(node: Any, part: str, value: Any, key: str, where: str) -> None:
     if isinstance(node, list):
         index = int(part) if _is_index(part) else -1
         if index == len(node):
             node.append(value)
         else:
-            node[_list_index(node, part, key)] = value
+            node[_list_index(node, part, key, where)] = value
     elif isinstance(node, dict):
         node[part] = value
     else:
@@ -358,9 +396,11 @@ def _is_index(part: str) -> bool:
     return part.isascii() and part.isdigit()  # str.isdigit() alone takes '²', which int() refuses
 
 
-def _list_index(node: list, part: str, key: str) -> int:
+def _list_index(node: list, part: str, key: str, where: str) -> int:
+    """``part`` as an index of ``node``, the list at YAML path ``where``."""
     if not _is_index(part) or int(part) >= len(node):
-        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}")
+        raise ConfigError(f"--set {key}: {part!r} is not an index of a list of {len(node)}; set the whole list, "
+                          f"e.g. --set {where}=[...]")
     return int(part)
 
 

@@ -116,7 +116,7 @@ def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.E
     a given hub may also get streams added and removed while the run goes on). Setting ``stop``
     ends the file lanes after the frame in hand (a graceful stop; the hub has its own close).
     ``tick_s``: once the file lanes are done, a ``Tick`` after each ``tick_s`` the live streams stay quiet."""
-    _check_distinct_ids(configs)
+    check_stream_ids(configs)
     live = [cfg for cfg in configs if cfg.type == "stream"]
     lanes = [open_lane(cfg) for cfg in configs if cfg.type != "stream"]
     if not live and hub is None:
@@ -135,7 +135,7 @@ def open_sources(configs: list[SourceConfig], hub: Any = None, stop: threading.E
     return _stopping_hub_on_exit(merge_lanes(lanes, hub, stop, tick_s), hub)
 
 
-def _check_distinct_ids(configs: list[SourceConfig]) -> None:
+def check_stream_ids(configs: list[SourceConfig]) -> None:
     """Two inputs under one stream id would share its gate state, caches, tracks and output order (files named
     alike in two folders: both ``clip``); refuse them before anything decodes. Listing a source's streams
     opens nothing."""

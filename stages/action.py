@@ -137,6 +137,7 @@ class Action(ModelStage):
     @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
         """``hold: null`` follows the run's mode: a live stream must not wait for clips to complete."""
+        super().check_config(cfg, name)
         options = cfg.stages[name].options
         if options.hold is None:
             options.hold = cfg.runtime.mode != "live"

@@ -9,9 +9,10 @@ handling (``stages: {chaos: {options: {fail_indices: [3]}}}``).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from blinkflow.config import _field
 from blinkflow.errors import StageError
 from blinkflow.frame import Frame
 from blinkflow.registry import register_stage
@@ -20,12 +21,14 @@ from blinkflow.stages.base import Stage
 
 @dataclass
 class ChaosOptions:
-    fail_indices: list[int] = field(default_factory=list)  # frame indices whose processing raises
-    hold: int = 0  # hold frames per stream and release them in groups of this size, newest first
-    sleep_ms: float = 0.0  # simulated model time per batch
-    temporal: bool = False  # declare per-stream state (stream affinity) even without holding
-    fail_setup_if: str | None = None  # a path: set-up fails while it exists (a restarted actor's node lacks a file)
-    fail_end: bool = False  # end_stream raises (a temporal stage whose final flush fails)
+    fail_indices: list[int] = _field(factory=list, doc="frame indices whose processing raises")
+    hold: int = _field(0, "hold frames per stream and release them in groups of this size, newest first; 0 = off",
+                       lo=0, hi=10**6)
+    sleep_ms: float = _field(0.0, "simulated model time per batch", lo=0.0, hi=3_600_000)
+    temporal: bool = _field(False, "declare per-stream state (stream affinity) even without holding")
+    fail_setup_if: str | None = _field(
+        None, "a path: set-up fails while it exists (a restarted actor's node lacks a file)")
+    fail_end: bool = _field(False, "end_stream raises (a temporal stage whose final flush fails)")
 
 
 @register_stage("chaos")

@@ -145,6 +145,7 @@ class Detect(ModelStage):
     @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
         """``crop_reuse: letterbox`` names a torchvision detector: none letterboxes (one-line error at load)."""
+        super().check_config(cfg, name)
         from blinkflow.models.registry import get_model_entry
 
         stage = cfg.stages[name]

@@ -21,7 +21,7 @@ import logging
 from typing import Any, ClassVar, Iterator
 
 from blinkflow.config import StageConfig
-from blinkflow.errors import StageError
+from blinkflow.errors import ConfigError, StageError
 from blinkflow.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,14 @@ class ModelStage(Stage):
         super().teardown()
 
     # ------------------------------------------------------------------ hooks
+
+    @classmethod
+    def check_config(cls, cfg: Any, name: str) -> None:
+        """``options.input_size`` checked at load as set-up checks it (`blinkflow validate` builds no stage)."""
+        try:
+            check_input_size_option(name, cfg.stages[name].options)
+        except StageError as exc:
+            raise ConfigError(str(exc)) from None
 
     def build_model(self, spec: Any) -> Any:
         """The backend, untrained (the weights load next); ``spec`` is the resolved weights (class list)."""
@@ -164,3 +172,17 @@ def checked_input_size(stage: str, size: Any, example: str, optional: bool = Fal
             f"{size}; e.g. input_size: {example}"
         )
     return int(size[0]), int(size[1])
+
+
+def check_input_size_option(stage: str, options: Any) -> None:
+    """The check a stage's ``__init__`` makes of ``options.input_size``, for the config check (validate builds
+    no stage): the example is the field's default."""
+    import dataclasses
+
+    fields = {f.name: f for f in dataclasses.fields(options)} if dataclasses.is_dataclass(options) else {}
+    if "input_size" not in fields or options.input_size is None:  # null: the type check allowed it
+        return
+    f = fields["input_size"]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    example = f"{default or [256, 256]}" + (", or null" if default is None or "None" in str(f.type) else "")
+    checked_input_size(stage, options.input_size, example)

@@ -240,6 +240,7 @@ class Segment(ModelStage):
     @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
         """feature_reuse warps along the decoder's motion vectors: a file source that exports none never warps."""
+        super().check_config(cfg, name)
         if not cfg.stages[name].options.feature_reuse:
             return
         for i, source in enumerate(cfg.sources):

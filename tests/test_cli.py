@@ -121,3 +121,46 @@ def test_a_summary_json_folder_is_refused_before_the_run(tmp_path, capsys):
     config.write_text("sources: [{type: synthetic, num_frames: 2}]\nstages: {chaos: {options: {sleep_ms: 5000}}}\n")
     assert main(["run", str(config), "--summary-json", str(tmp_path), "--no-progress"]) == 2  # not after 10 s of work
     assert f"--summary-json {tmp_path}: is a folder" in capsys.readouterr().err
+
+
+def test_a_run_without_sources_is_refused_before_the_models_load(tmp_path, capsys):
+    """sources: [] (or the label config, configs/archive.yaml) loaded the models and exited 0 with 0 frames."""
+    from blinkflow.cli import main
+
+    config = tmp_path / "c.yaml"
+    config.write_text("sources: []\nstages: {chaos: {}}\n")
+    assert main(["run", str(config), "--no-progress"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "blinkflow: error: sources: none given; add one (or use `blinkflow label` for a label config / enable control "
+        "to add streams at run time)")
+    assert main(["validate", str(REPO_ROOT / "configs" / "archive.yaml")]) == 0  # a label config is still valid
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repetitions", "0"], "argument --repetitions: 0 is below 1"),
+    (["--frames", "0"], "argument --frames: 0 is below 1"),
+    (["--budget-s", "-1"], "argument --budget-s: -1 is not a time"),
+    (["--budget-s", "nan"], "argument --budget-s: nan is not a time"),
+])
+def test_bench_counts_and_budgets_are_checked_by_argparse(argv, message, capsys, monkeypatch):
+    import blinkflow.bench.cli as bench_cli
+    from blinkflow.cli import main
+
+    monkeypatch.setattr(bench_cli, "cmd_bench", lambda args: 0)  # accepted, nothing is measured
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "gpu" if argv[0] == "--budget-s" else "pipeline", *argv])
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_skip_resize_without_a_video_is_refused(capsys, monkeypatch):
+    """It was ignored: the shipped clips decode at their own size."""
+    import blinkflow.bench.cli as bench_cli
+    from blinkflow.cli import main
+
+    measured = []
+    monkeypatch.setattr(bench_cli, "run_skip", measured.append)
+    assert main(["bench", "skip", "--resize", "64x48"]) == 2
+    assert "blinkflow: error: --resize: sizes the decode of --video only; add --video PATH, or drop --resize" in \
+        capsys.readouterr().err
+    assert not measured

@@ -349,7 +349,7 @@ def test_a_relative_glob_is_found_beside_the_config_as_file_and_dir_paths_are(tm
     (tmp_path / "sub" / "media").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "tests" / "data" / "video" / "realshort.mp4", tmp_path / "sub" / "media" / "a.mp4")
     config = tmp_path / "sub" / "g.yaml"
-    config.write_text("sources: [{type: glob, path: 'media/*.mp4'}, {type: dir, path: media}]\n")
+    config.write_text("sources: [{type: glob, id: g, path: 'media/*.mp4'}, {type: dir, path: media}]\n")  # ids g/a, a
     monkeypatch.chdir(tmp_path)  # the run starts from the config's parent folder
     cfg = load_config(config)
     assert Path(cfg.sources[0].path) == tmp_path / "sub" / "media" / "*.mp4"
@@ -385,3 +385,111 @@ def test_an_mp4_path_template_names_only_the_stream():
     with pytest.raises(ConfigError, match=r"sinks\.0\.path: 'out/\{stream\}-\{date\}\.mp4' names \{date\}"):
         load_config(data={"sinks": [{"type": "mp4", "path": "out/{stream}-{date}.mp4"}]})
     assert load_config(data={"sinks": [{"type": "mp4", "path": "out/{stream}.mp4"}]}).sinks[0].path == "out/{stream}.mp4"
+
+
+# --------------------------------------------------------------------------- what validate said ok to and run refused
+
+
+def test_a_model_input_size_of_zero_is_refused_by_the_config_not_at_stage_setup():
+    with pytest.raises(ConfigError, match=r"stages\.segment\.options\.input_size: expected \[height, width\] with both "
+                                          r"in 16\.\.8192, got \[0, 0\]; e.g\. input_size: \[256, 256\], or null"):
+        load_config(data={"stages": {"segment": {"options": {"input_size": [0, 0]}}}})
+    with pytest.raises(ConfigError, match=r"stages\.flow\.options\.input_size: .* got \[8, 8\]; e.g\. input_size: "
+                                          r"\[128, 160\]$"):
+        load_config(data={"stages": {"flow": {"options": {"input_size": [8, 8]}}}})
+    assert load_config(data={"stages": {"segment": {"options": {"input_size": None}}}})
+
+
+def test_empty_weights_say_to_use_null_or_a_path():
+    """'' was resolved to the config's folder, then the run said "file '.' does not exist"."""
+    with pytest.raises(ConfigError, match=r"stages\.segment\.weights: '' names no weights; use null"):
+        load_config(data={"stages": {"segment": {"weights": ""}}})
+
+
+def test_two_sources_deriving_one_stream_id_are_refused_by_validate(tmp_path, capsys):
+    """Two synthetic sources without ids are both synthetic-0: the run refused them, validate said ok."""
+    import yaml
+
+    from blinkflow.cli import main
+
+    twins = [{"type": "synthetic", "num_frames": 2}, {"type": "synthetic", "num_frames": 2}]
+    config = tmp_path / "twins.yaml"
+    config.write_text(yaml.safe_dump({"sources": twins}))
+    assert main(["validate", str(config)]) == 2
+    assert "sources.1: its stream id 'synthetic-0' is also one of sources.0's" in capsys.readouterr().err
+    config.write_text(yaml.safe_dump({"sources": [twins[0], {**twins[1], "seed": 1}]}))
+    assert main(["validate", str(config)]) == 0
+
+
+@pytest.mark.parametrize("section", ["metrics", "control"])
+def test_an_endpoint_host_that_does_not_resolve_is_refused_at_load(section):
+    with pytest.raises(ConfigError, match=rf"{section}\.host: 'not a host!!' is not an IPv4 address or name this "
+                                          "machine resolves"):
+        load_config(data={section: {"enabled": True, "host": "not a host!!"}})
+    assert load_config(data={section: {"enabled": True, "host": "localhost", "port": 0}})
+
+
+@pytest.mark.parametrize("section", ["metrics", "control"])
+def test_an_empty_endpoint_host_is_refused_not_bound_to_every_interface(section):
+    with pytest.raises(ConfigError, match=rf"^{section}\.host: empty; write 0\.0\.0\.0 to listen on every interface, "
+                                          r"or keep 127\.0\.0\.1$"):
+        load_config(data={section: {"enabled": True, "host": "", "port": 0}})
+
+
+def test_a_sink_path_under_a_file_is_refused_at_load(tmp_path):
+    (tmp_path / "cfg.yaml").write_text("")
+    with pytest.raises(ConfigError, match=r"sinks\.0\.path: .*/cfg\.yaml/out/x\.jsonl lies under .*cfg\.yaml, which is "
+                                          "a file, not a folder"):
+        load_config(data={"sinks": [{"type": "jsonl", "path": str(tmp_path / "cfg.yaml" / "out" / "x.jsonl")}]})
+    assert load_config(data={"sinks": [{"type": "jsonl", "path": str(tmp_path / "new" / "x.jsonl")}]})
+
+
+# --------------------------------------------------------------------------- --set into a list the YAML leaves out
+
+
+def test_an_index_override_of_a_list_the_config_leaves_out_starts_from_its_default():
+    """label.formats.0=mp4 replaced ['jsonl', 'coco'] with ['mp4']; gate.tiles.1=4 was no index of a list of 0."""
+    cfg = load_config(data={}, overrides=["label.formats.0=mp4", "gate.tiles.1=4",
+                                          "stages.segment.options.input_size.1=128"])
+    assert cfg.label.formats == ["mp4", "coco"]
+    assert cfg.gate.tiles == [8, 4]
+    assert cfg.stages["segment"].options.input_size == [256, 128]
+    given = load_config(data={"gate": {"tiles": [2, 2]}}, overrides=["gate.tiles.0=3"])
+    assert given.gate.tiles == [3, 2]  # the config's own list is the one changed
+
+
+def test_an_index_past_a_list_says_to_set_the_whole_list():
+    with pytest.raises(ConfigError, match=r"--set gate\.tiles\.5: '5' is not an index of a list of 2; set the whole "
+                                          r"list, e\.g\. --set gate\.tiles=\[\.\.\.\]"):
+        load_config(data={}, overrides=["gate.tiles.5=4"])
+
+
+# --------------------------------------------------------------------------- reading the file
+
+
+def test_an_unreadable_config_says_to_make_it_readable(tmp_path, monkeypatch):
+    """It said "check that the path is a writable file in a folder with free space" (tests run as root, so the
+    permission error is made by hand)."""
+    path = write(tmp_path, "sources: []\n")
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=r"cfg\.yaml: cannot read it \(permission denied\); make it readable by this "
+                                          "user$"):
+        load_config(path)
+
+
+def test_a_device_as_the_config_is_not_a_regular_file():
+    with pytest.raises(ConfigError, match=r"^/dev/null: not a regular file \(a device, pipe or socket\)"):
+        load_config("/dev/null")
+
+
+def test_chaos_options_have_ranges():
+    """sleep_ms: -5 or nan failed every frame at run time."""
+    for value in (-5, float("nan")):
+        with pytest.raises(ConfigError, match=r"stages\.chaos\.options\.sleep_ms: .*(out of range|NaN)"):
+            load_config(data={"stages": {"chaos": {"options": {"sleep_ms": value}}}})
+    with pytest.raises(ConfigError, match=r"stages\.chaos\.options\.hold: -2 is out of range"):
+        load_config(data={"stages": {"chaos": {"options": {"hold": -2}}}})

@@ -679,3 +679,21 @@ def test_a_video_task_larger_than_the_cluster_is_refused_not_waited_for_forever(
     clip = write_test_video(tmp_path / "clip.mp4", frames=3)
     with pytest.raises(BlinkflowError, match=r"label\.task_cpus: 4 CPUs a video, but the Ray cluster has 2"):
         label([clip], tmp_path / "out", light_config, "label.executor=ray", "runtime.num_cpus=2", "label.task_cpus=4")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", ""], "argument --out: empty; give the output folder"),
+    (["--out", "labels", "--format", ""], "--format '': use a comma-separated list of jsonl, coco, mp4"),
+])
+def test_an_empty_out_or_format_is_refused(argv, message, tmp_path, capsys, monkeypatch):
+    """--out '' labelled into the working folder; --format '' fell back to the config's formats."""
+    from blinkflow.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    try:
+        code = main(["label", str(tmp_path / "none.mp4"), *argv, "--no-progress"])
+    except SystemExit as exc:  # argparse's usage error
+        code = exc.code
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

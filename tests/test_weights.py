@@ -356,3 +356,13 @@ def test_a_fine_tuned_checkpoint_brings_its_own_classes_into_the_stage(tmp_path)
     torch.save({"model": state, "classes": classes, "config": {"task": "detect"}}, path)
     with pytest.raises(WeightsError, match="checkpoint of `blinkflow train detect`, not of the segment stage"):
         Segment(StageConfig(model="unet_small", weights=str(path), options=SegmentOptions(input_size=[64, 64]))).setup("cpu")
+
+
+def test_another_tools_manifest_beside_a_pt_is_no_manifest(tmp_path):
+    """A .pt in a `blinkflow label --out` folder was refused: "manifest.json: expected an object with a 'weights'
+    list"."""
+    torch.save(tiny_model().state_dict(), tmp_path / "w.pt")
+    (tmp_path / "manifest.json").write_text(json.dumps({"videos": {}, "version": 1}))
+    spec = resolve_weights(str(tmp_path / "w.pt"), stage="detect", model_name="tiny")
+    assert (spec.kind, spec.sha256, spec.classes) == ("file", None, None)
+    load_state(tiny_model(), spec)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 from pathlib import Path
 
 from blinkflow.resources import config_path
@@ -28,20 +29,42 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth", "models"]
 
 
+def _positive_int(text: str) -> int:
+    """A whole number of at least 1 (0 repetitions or frames measured nothing and said so nowhere)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1; give 1 or more")
+    return value
+
+
+def _positive_seconds(text: str) -> float:
+    """A finite number of seconds above 0 (nan or -1 passed every comparison or skipped every part)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a time; give a number of seconds above 0, e.g. 400")
+    return value
+
+
 def add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
     bench.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' runs every one)")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
     bench.add_argument("--config", type=Path, default=None,
                        help="pipeline config (default: configs/synthetic.yaml; skip: configs/demo.yaml, the real models)")
-    bench.add_argument("--frames", type=int, default=None, help="frames per run (default: pipeline 96, depth 48; skip --video: 300 of each video)")
-    bench.add_argument("--repetitions", type=int, default=3, help="repetitions per variant")
+    bench.add_argument("--frames", type=_positive_int, default=None, help="frames per run (default: pipeline 96, depth 48; skip --video: 300 of each video)")
+    bench.add_argument("--repetitions", type=_positive_int, default=3, help="repetitions per variant")
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value by its YAML path (skip: gate.* for the gate-on runs only; repeatable)")
     bench.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     bench.add_argument("--gate-from-config", action="store_true",
                        help="skip: start the gate-on runs from the config's gate section, not GateConfig's defaults")
-    bench.add_argument("--budget-s", type=float, default=None,
+    bench.add_argument("--budget-s", type=_positive_seconds, default=None,
                        help="gpu: seconds the run may take; what would not fit is marked skipped (default 400)")
     bench.add_argument("--clips", choices=["real", "synthetic", "all"], default=None,
                        help="skip: the real clips (the default), the synthetic scenes, or both")
@@ -66,6 +89,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if args.what != owner and given not in (None, False, []):
             raise ConfigError(f"--{option.replace('_', '-')}: an option of `blinkflow bench {owner}`, not of "
                               f"{args.what}; drop it")
+    if args.resize is not None and not args.video:  # the shipped clips decode at their own size: it was ignored
+        raise ConfigError("--resize: sizes the decode of --video only; add --video PATH, or drop --resize")
     names = ALL_ORDER if args.what == "all" else [args.what]
     if not (args.what == "skip" and args.video) and not checkout_present():
         from blinkflow.errors import BlinkflowError
