@@ -334,6 +334,12 @@ class SinkConfig:
                               hi=600)
     buffer: int = _field(1000, "mqtt, webhook: messages held while the broker or endpoint is slow or down; past "
                          "it the oldest is dropped and counted", lo=1, hi=10**7)
+    buffer_mb: float = _field(64.0, "mqtt, webhook: the buffer's bound in megabytes of messages too (a frame record "
+                              "with dense fields is megabytes): past it the oldest are dropped and counted",
+                              lo=0.001, hi=10**5)
+    max_message_kb: float = _field(256.0, "mqtt, webhook: a larger message is dropped and counted (too_large): a "
+                                   "broker closes the connection on one over its limit, and it was sent again "
+                                   "forever, holding back every later one; AWS IoT Core takes 128", lo=0.1, hi=10**7)
     retries: int = _field(-1, "webhook: failed attempts of one event before it is dropped and counted; -1 retries "
                           "while it stays in the buffer", lo=-1, hi=10**6)
     backoff_initial_s: float = _field(0.5, "mqtt, webhook: wait after the first failure (reconnect or retry)",

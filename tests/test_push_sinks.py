@@ -205,8 +205,8 @@ def retained_status(port: int, prefix: str) -> tuple[bytes, bool]:
 
 
 def mqtt_config(port: int, prefix: str, **settings) -> SinkConfig:
-    return SinkConfig(type="mqtt", host="127.0.0.1", port=port, topic_prefix=prefix, backoff_initial_s=0.1,
-                      backoff_max_s=0.5, close_timeout_s=5.0, **settings)
+    values = {"backoff_initial_s": 0.1, "backoff_max_s": 0.5, "close_timeout_s": 5.0, **settings}
+    return SinkConfig(type="mqtt", host="127.0.0.1", port=port, topic_prefix=prefix, **values)
 
 
 @pytest.mark.slow
@@ -230,6 +230,64 @@ def test_mqtt_publishes_the_exact_events_with_a_retained_status(broker):
     assert sink.status() == {"written": n, "delivered": n, "pending": 0, "dropped": {}}
     assert retained_status(broker.port, "exact") == (b"offline", True)  # said on a clean close
     subscriber.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_message_over_the_brokers_limit_is_dropped_as_too_large_and_the_rest_arrive(tmp_path, caplog):
+    """mosquitto closed the connection on the 5 kB event, paho sent it again after every reconnect (55 times in
+    11 s, a warning each), and the events after it never arrived."""
+    limited = Broker(tmp_path, extra=("max_packet_size 2000",)).start()
+    subscriber = Subscriber(limited.port, "limit/#")
+    sink = MqttSink(mqtt_config(limited.port, "limit", max_message_kb=1.5))
+    events = numbered(6)
+    events[2]["note"] = "x" * 5000
+    try:
+        for item in events:
+            sink.write(result(item["index"], [item]))
+        wait_until(lambda: sink.status()["delivered"] == 5, 10, "the five small events")
+        wait_until(lambda: len(subscriber.payloads(f"limit/{STREAM}/events")) == 5, 10, "the subscriber's five")
+    finally:
+        sink.close()
+        subscriber.close()
+        limited.stop()
+    assert sink.status() == {"written": 6, "delivered": 5, "pending": 0, "dropped": {"too_large": 1}}
+    assert [e["index"] for e in subscriber.events(f"limit/{STREAM}/events")] == [0, 1, 3, 4, 5]
+    assert sum("over max_message_kb 1.5, dropped" in r.getMessage() for r in caplog.records) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_broker_closing_each_connection_at_once_is_said_once_with_the_likely_cause(tmp_path, caplog):
+    """Each reconnect resent the message over the broker's limit: a "lost" warning five times a second."""
+    limited = Broker(tmp_path, extra=("max_packet_size 2000",)).start()
+    sink = MqttSink(mqtt_config(limited.port, "flap", close_timeout_s=0.5))
+    try:
+        item = numbered(1)[0]
+        item["note"] = "x" * 5000  # under max_message_kb, over the broker's limit
+        sink.write(result(0, [item]))
+        wait_until(lambda: sink.short_connections >= 4, 20, "four short connections")
+    finally:
+        sink.close()
+        limited.stop()
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert sum(line.startswith("mqtt sink: lost") for line in lines) == 1
+    assert sum("closed the connection right after each of the last 3 connects" in line for line in lines) == 1
+
+
+@pytest.mark.timeout(30)
+def test_the_buffer_is_bounded_in_bytes_too(caplog):
+    """Held by count alone, 1000 frame records with dense fields (3 MB each) were 3 GB while the broker was down."""
+    with socket.socket() as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(0)
+        url = f"http://127.0.0.1:{black_hole.getsockname()[1]}/hook"
+        sink = WebhookSink(webhook_config(url, buffer=1000, buffer_mb=0.05, timeout_s=0.2, close_timeout_s=0.1))
+        for item in numbered(40):
+            item["note"] = "x" * 5000  # ~5 kB each: 10 fit in 50 kB
+            sink.write(result(item["index"], [item]))
+        assert len(sink._buffer) <= 10 and sink._buffered_bytes <= 0.05e6
+        assert sink.status()["dropped"]["overflow"] >= 29
+        sink.close()
 
 
 @pytest.mark.timeout(60)

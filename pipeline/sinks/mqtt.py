@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 #: messages handed to the client and not yet acknowledged, at most (they are resent after a reconnect)
 WINDOW = 32
+#: a connection the broker closes sooner than this after the connect counts as refused (said once a series)
+SHORT_CONNECTION_S = 5.0
 
 
 def topic_part(stream: str) -> str:
@@ -45,9 +48,9 @@ class MqttSink(PushSink):
     """Publishes events (and optionally frame records) from a bounded buffer; see the module docstring."""
 
     #: the SinkConfig settings it reads (config: another's, set, is an error)
-    settings = frozenset({"backoff_initial_s", "backoff_max_s", "buffer", "ca_file", "client_id", "close_timeout_s",
-                          "host", "include_dense", "password_file", "per_frame", "port", "qos", "timeout_s", "tls",
-                          "topic_prefix", "username"})
+    settings = frozenset({"backoff_initial_s", "backoff_max_s", "buffer", "buffer_mb", "ca_file", "client_id",
+                          "close_timeout_s", "host", "include_dense", "max_message_kb", "password_file", "per_frame",
+                          "port", "qos", "timeout_s", "tls", "topic_prefix", "username"})
 
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
@@ -56,6 +59,8 @@ class MqttSink(PushSink):
         self.connected = False
         self.connects = 0
         self.refusals = 0  # failed or refused connection attempts in a row (only the first is a warning)
+        self.short_connections = 0  # connections in a row the broker closed within SHORT_CONNECTION_S
+        self._connected_at = 0.0
         self._unacked: dict[int, Message] = {}
         self._early_acks: set[int] = set()  # acknowledged before publish() returned their mid
         self._status_mids: set[int] = set()
@@ -132,6 +137,7 @@ class MqttSink(PushSink):
             self._status_mids.add(info.mid)  # its PUBACK comes later on this same thread
             self.connected = True
             self.connects += 1
+            self._connected_at = time.monotonic()
             self._cond.notify_all()
         log.info("mqtt sink: connected to %s (connection %d)", self.where(), self.connects)
 
@@ -151,8 +157,22 @@ class MqttSink(PushSink):
         if lost:
             self._dropped("failed", lost)
         if was_connected and not closing:
+            self._say_lost(reason_code)
+
+    def _say_lost(self, reason_code: Any) -> None:
+        """A lost connection, said once a series: a broker that closes each connection at once (a message over
+        its size limit, resent on every reconnect) logged it five times a second."""
+        short = time.monotonic() - self._connected_at < SHORT_CONNECTION_S
+        self.short_connections = self.short_connections + 1 if short else 0
+        if self.short_connections <= 1:
             log.warning("mqtt sink: lost %s (%s); buffering up to %d messages and reconnecting", self.where(),
                         reason_code, self.cfg.buffer)
+        elif self.short_connections == 3:
+            log.warning("mqtt sink: %s closed the connection right after each of the last 3 connects (%s): a "
+                        "message over the broker's size limit? messages over max_message_kb %g are dropped; lower "
+                        "it to the broker's limit", self.where(), reason_code, self.cfg.max_message_kb)
+        else:
+            log.debug("mqtt sink: lost %s again (%s)", self.where(), reason_code)
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
         with self._cond:

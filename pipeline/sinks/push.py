@@ -81,6 +81,7 @@ class PushSink(Sink):
         self._closing = False  # close() was called: deliver what is left, then stop
         self._stopped = False  # stop now (close timed out, or abort)
         self._in_hand = 0  # messages taken from the buffer and not yet delivered or dropped
+        self._buffered_bytes = 0
         self.written = 0
         self.delivered = 0
         self.dropped: Counter[str] = Counter()
@@ -115,13 +116,28 @@ class PushSink(Sink):
                 SINK_LEDGER.add_pending(self.label, 1)
                 self._count_drop("close", 1)
                 return
-            if len(self._buffer) >= self.cfg.buffer:
-                self._buffer.popleft()
+            size = len(message.payload)
+            if size > self.cfg.max_message_kb * 1024:
+                self.written += 1
+                SINK_LEDGER.add_pending(self.label, 1)
+                self._count_drop("too_large", 1)
+                self._say_too_large(size)
+                return
+            while self._buffer and (len(self._buffer) >= self.cfg.buffer
+                                    or self._buffered_bytes + size > self.cfg.buffer_mb * 1e6):
+                self._buffered_bytes -= len(self._buffer.popleft().payload)
                 self._count_drop("overflow", 1)
             SINK_LEDGER.add_pending(self.label, 1)
             self._buffer.append(message)
+            self._buffered_bytes += size
             self.written += 1
             self._cond.notify_all()
+
+    def _say_too_large(self, size: int) -> None:
+        if self.dropped["too_large"] == 1:  # the first: the setting to change (later ones are in the counts)
+            log.warning("%s sink: a message of %.0f kB is over max_message_kb %g, dropped (and so will be every "
+                        "larger one, counted as too_large); raise max_message_kb up to what %s takes", self.label,
+                        size / 1024, self.cfg.max_message_kb, self.where() or "the receiver")
 
     def status(self) -> dict[str, Any]:
         """Delivery counts so far: written, delivered, pending, dropped by reason."""
@@ -143,6 +159,7 @@ class PushSink(Sink):
             left, in_flight = len(self._buffer) + unsent, self._in_hand - unsent
             if left:
                 self._buffer.clear()
+                self._buffered_bytes = 0
                 self._count_drop("close", left, quiet=True)
             if in_flight:  # being sent when the time was up: it may have arrived, the sender cannot say
                 self._count_drop("unconfirmed", in_flight, quiet=True)
@@ -198,7 +215,9 @@ class PushSink(Sink):
             while not self._stopped:
                 if self._buffer and ready():
                     self._in_hand += 1
-                    return self._buffer.popleft()
+                    message = self._buffer.popleft()
+                    self._buffered_bytes -= len(message.payload)
+                    return message
                 if self._closing and not self._buffer and not self._in_hand:
                     return None
                 self._cond.wait(0.5)

@@ -120,8 +120,8 @@ class WebhookSink(PushSink):
     """POSTs each event to ``url`` from a bounded buffer; see the module docstring."""
 
     #: the SinkConfig settings it reads (config: another's, set, is an error)
-    settings = frozenset({"backoff_initial_s", "backoff_max_s", "buffer", "close_timeout_s", "retries", "timeout_s",
-                          "token_file", "url"})
+    settings = frozenset({"backoff_initial_s", "backoff_max_s", "buffer", "buffer_mb", "close_timeout_s",
+                          "max_message_kb", "retries", "timeout_s", "token_file", "url"})
 
     def __init__(self, cfg: SinkConfig) -> None:
         super().__init__(cfg)
