@@ -10,6 +10,7 @@ reach the sinks and commits them; a second signal aborts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -163,10 +164,6 @@ def expected_frames(cfg) -> int | None:
 
 def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int:
     """Run a resolved config with a progress bar; print the summary; return the exit code."""
-    from tqdm import tqdm
-
-    from blinkflow.metrics import serving_metrics
-    from blinkflow.runners import get_runner
     from blinkflow.sinks import build_sinks
 
     if not cfg.sources and not cfg.control.enabled:  # else the models load for a run of 0 frames that exits 0
@@ -175,8 +172,31 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     if summary_json is not None and summary_json.is_dir():  # found after the whole run otherwise
         raise ConfigError(f"--summary-json {summary_json}: is a folder; give a file's path")
-    sinks = build_sinks(cfg.sinks)
+    sinks = _Sinks(build_sinks(cfg.sinks))
+    try:
+        return _execute_with(cfg, sinks, progress, summary_json)
+    except BaseException:
+        # a failure before the runner took them (a metrics port in use): their partial files and sender threads
+        # stayed behind
+        if not sinks.handed_over:
+            for sink in sinks:
+                with contextlib.suppress(Exception):
+                    sink.abort()
+        raise
+
+
+class _Sinks(list):
+    """The run's sinks, and whether a runner took them over (it commits or discards them from then on)."""
+
+    handed_over = False
+
+
+def _execute_with(cfg, sinks: list, progress: bool, summary_json: Path | None) -> int:
+    from tqdm import tqdm
+
     from blinkflow.control import GracefulSignals, live_session
+    from blinkflow.metrics import serving_metrics
+    from blinkflow.runners import get_runner
 
     stop = threading.Event()
     with serving_metrics(cfg.metrics) as metrics, live_session(cfg, metrics) as hub, \
@@ -194,8 +214,9 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
         if hub is None:
             signals.install()
         try:
-            runner = get_runner(cfg.runtime.runner)(cfg, sinks=sinks, on_result=on_result, metrics=metrics, hub=hub,
-                                                    stop=stop)
+            runner = get_runner(cfg.runtime.runner)(cfg, sinks=list(sinks), on_result=on_result, metrics=metrics,
+                                                    hub=hub, stop=stop)
+            sinks.handed_over = True
             summary = runner.run()
         finally:
             signals.restore()

@@ -357,3 +357,21 @@ def test_every_registered_sink_type_is_a_sink_class():
 
     assert {"jsonl", "csv", "coco", "mp4", "events", "mqtt", "webhook"} <= set(sinks.names())
     assert all(isinstance(sinks.get(name), type) and issubclass(sinks.get(name), Sink) for name in sinks.names())
+
+
+def test_a_run_failing_before_it_starts_leaves_no_partial_outputs(tmp_path, capsys):
+    """The metrics port in use: the one-line error came, and the sinks' .partial files stayed behind."""
+    import socket
+
+    from blinkflow.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        config = tmp_path / "c.yaml"
+        config.write_text(f"sources: [{{type: synthetic, num_frames: 2}}]\nstages: {{chaos: {{}}}}\n"
+                          f"metrics: {{enabled: true, port: {taken.getsockname()[1]}}}\n"
+                          f"sinks: [{{type: jsonl, path: {tmp_path / 'out.jsonl'}}}, {{type: csv, path: {tmp_path / 'out.csv'}}}]\n")
+        assert main(["run", str(config), "--no-progress"]) == 2
+    assert "blinkflow: error: metrics" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
