@@ -12,6 +12,7 @@ workers; workers never reread files or the environment.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -530,9 +531,12 @@ def check_config(cfg: Config, base_dir: Path) -> None:
         check_pipeline = getattr(sink_registry.get(sink.type), "check_pipeline", None)
         if check_pipeline is not None:
             check_pipeline(sink, cfg, f"sinks.{i}")
-    for sink in cfg.sinks:
+    for i, sink in enumerate(cfg.sinks):
         if sink.live is None:
             sink.live = cfg.runtime.mode == "live"
+        if sink.rotate_mb is not None and not sink.live:  # an archive file is written whole: it was ignored
+            raise ConfigError(f"sinks.{i}.rotate_mb: rotates a live file only; set live: true (or runtime.mode: "
+                              "live), or drop rotate_mb")
     _check_stream_ids(cfg.sources)
 
 
@@ -685,7 +689,8 @@ def _check_by_source_type(cfg: Config) -> None:
     control section's stream defaults), so this module imports no source."""
     from blinkflow.registry import sources as source_registry
 
-    kinds = {s.type for s in cfg.sources} | ({"stream"} if cfg.control.enabled else set())
+    # stream defaults set are checked with control off too: a typo there showed only once control was turned on
+    kinds = {s.type for s in cfg.sources} | ({"stream"} if cfg.control.enabled or cfg.control.stream_defaults else set())
     for kind in sorted(kinds):
         check = getattr(source_registry.get(kind), "check_config", None)
         if check is not None:
@@ -869,6 +874,10 @@ def _check_stage(name: str, stage: StageConfig, base_dir: Path) -> None:
     check_options = getattr(stage.options, "check", None)
     if check_options is not None:  # a stage's own cross-field checks on its options
         check_options(f"stages.{name}.options")
+    for resource, amount in stage.resources.custom.items():  # Ray refused them only when the actors started
+        if not (math.isfinite(amount) and amount >= 0):
+            raise ConfigError(f"stages.{name}.resources.custom.{resource}: {amount} is not an amount; give 0 or more "
+                              "(e.g. 1 to pin the stage to nodes started with that resource)")
     weights = stage.weights
     if weights is not None and not weights.strip():  # '' resolved to the config's folder, then "file '.'"
         raise ConfigError(f"stages.{name}.weights: {weights!r} names no weights; use null (random init), shipped, "

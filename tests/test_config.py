@@ -493,3 +493,26 @@ def test_chaos_options_have_ranges():
             load_config(data={"stages": {"chaos": {"options": {"sleep_ms": value}}}})
     with pytest.raises(ConfigError, match=r"stages\.chaos\.options\.hold: -2 is out of range"):
         load_config(data={"stages": {"chaos": {"options": {"hold": -2}}}})
+
+
+def test_a_typo_in_the_stream_defaults_is_refused_with_control_off_too():
+    """Accepted while control was off, it failed the day control was turned on."""
+    for enabled in (False, True):
+        with pytest.raises(ConfigError, match=r"^control\.stream_defaults\.bogus: not an option of a 'stream' source"):
+            load_config(data={"control": {"enabled": enabled, "stream_defaults": {"bogus": 1}}})
+
+
+@pytest.mark.parametrize("amount", [-5, float("nan"), float("inf")])
+def test_a_custom_ray_resource_is_an_amount(amount):
+    """Accepted at load, refused by Ray only when the stage's actors started."""
+    with pytest.raises(ConfigError, match=r"^stages\.detect\.resources\.custom\.gpu_node: .* is not an amount"):
+        load_config(data={"stages": {"detect": {"resources": {"custom": {"gpu_node": amount}}}}})
+
+
+def test_rotate_mb_of_a_file_written_whole_is_refused(tmp_path):
+    """rotate_mb on an archive run's jsonl (written whole, renamed at the end) was ignored, silently."""
+    sink = {"type": "jsonl", "path": str(tmp_path / "o.jsonl"), "rotate_mb": 10}
+    with pytest.raises(ConfigError, match=r"^sinks\.0\.rotate_mb: rotates a live file only"):
+        load_config(data={"sinks": [sink]})
+    assert load_config(data={"sinks": [{**sink, "live": True}]}).sinks[0].rotate_mb == 10
+    assert load_config(data={"sinks": [sink], "runtime": {"mode": "live"}}).sinks[0].live is True
