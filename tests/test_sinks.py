@@ -375,3 +375,21 @@ def test_a_run_failing_before_it_starts_leaves_no_partial_outputs(tmp_path, caps
         assert main(["run", str(config), "--no-progress"]) == 2
     assert "blinkflow: error: metrics" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+
+
+def test_two_mp4_sinks_deriving_one_file_name_write_two_files(tmp_path, caplog):
+    """v.mp4's second stream and v-{stream}.mp4's are both v-s2.mp4: both sinks wrote the one file."""
+    first = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "v.mp4"), fps=5))
+    second = Mp4OverlaySink(SinkConfig(type="mp4", path=str(tmp_path / "v-{stream}.mp4"), fps=5))
+    for i in range(2):
+        for stream in ("s1", "s2"):
+            first.write(make_result(i, stream=stream))
+            second.write(make_result(i, stream=stream))
+    first.close()
+    second.close()
+    written = sorted(p.name for p in tmp_path.glob("*.mp4"))
+    assert len(written) == 4 and {"v.mp4", "v-s1.mp4", "v-s2.mp4"} <= set(written)
+    assert "v-s2.mp4 is another stream's" in caplog.text
+    from blinkflow.sinks import _MP4_PATHS_IN_USE
+
+    assert not {p for p in _MP4_PATHS_IN_USE if p.parent == tmp_path.resolve()}  # released at close

@@ -294,9 +294,16 @@ class Mp4OverlaySink(Sink):
     def _path_for(self, stream_id: str) -> Path:
         safe = safe_name(stream_id, "stream")
         path = self._named(safe)
-        if path in self._paths:  # 'cam 1' and 'cam/1' are both cam_1: the second gets a name of its own
+        # 'cam 1' and 'cam/1' are both cam_1, and another mp4 sink may make the same name (v.mp4's second stream
+        # and v-{stream}.mp4 are both v-s2.mp4): the second gets a name of its own
+        if path in self._paths or path.resolve() in _MP4_PATHS_IN_USE:
             path = self._named(f"{safe}-{hashlib.sha256(stream_id.encode()).hexdigest()[:6]}")
+            if path.resolve() in _MP4_PATHS_IN_USE:
+                path = self._named(f"{safe}-{hashlib.sha256(f'{id(self)}{stream_id}'.encode()).hexdigest()[:6]}")
+            log.warning("mp4 sink: %s is another stream's; stream %s is written to %s", self._named(safe), stream_id,
+                        path)
         self._paths.add(path)
+        _MP4_PATHS_IN_USE.add(path.resolve())
         return path
 
     def _named(self, safe: str) -> Path:
@@ -314,13 +321,25 @@ class Mp4OverlaySink(Sink):
         writer.write(draw_overlay(result, self.cfg.draw), result.pts)
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        try:
+            for writer in self.writers.values():
+                writer.close()
+        finally:
+            self._release_paths()
 
     def abort(self) -> None:
-        for writer in self.writers.values():
-            writer.abort()
+        try:
+            for writer in self.writers.values():
+                writer.abort()
+        finally:
+            self._release_paths()
 
+    def _release_paths(self) -> None:
+        _MP4_PATHS_IN_USE.difference_update(path.resolve() for path in self._paths)
+
+
+#: the files the mp4 sinks of this process are writing (two sinks of a run must not write one file)
+_MP4_PATHS_IN_USE: set[Path] = set()
 
 #: the overlay's timestamps: MPEG's 90 kHz clock (a source over 1000 fps keeps its times)
 OVERLAY_TIME_BASE = Fraction(1, 90_000)
