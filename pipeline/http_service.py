@@ -29,6 +29,9 @@ REQUEST_DEADLINE_S = 15.0
 #: cap a new connection is still taken: the client's oldest one still sending its request is cut for it (on
 #: loopback every local process is one address, and four idle connections locked the operator out)
 MAX_PER_CLIENT = 4
+#: a connection still sending its request is cut for a newer one only once it has waited this long: a request
+#: in flight for milliseconds was cut (its handler then carried it out and answered into a closed socket)
+CUT_AFTER_S = 1.0
 _BUSY = b'{"error": "busy: too many requests at once; retry in a moment"}\n'
 
 
@@ -47,6 +50,7 @@ class _BoundedServer(ThreadingHTTPServer):
         self._deadlines: dict[Any, float] = {}  # open connection -> when it is cut
         self._waiting: dict[Any, tuple[str, float]] = {}  # connections still sending their request -> (client, opened)
         self._per_client: dict[str, int] = {}  # client address -> connections it holds (under _deadlines_lock)
+        self._cut: set[Any] = set()  # connections cut for a newer one: their handlers carry nothing out
         self._deadlines_lock = threading.Lock()
         self._closing = threading.Event()  # before binding: a failed bind calls server_close
         super().__init__(address, handler)
@@ -71,15 +75,18 @@ class _BoundedServer(ThreadingHTTPServer):
             self._give_client_slot(client_address[0])
             raise
 
-    def answering(self, request: Any) -> None:
-        """The handler has the whole request and answers: the connection can no longer be cut for a newer one."""
+    def answering(self, request: Any) -> bool:
+        """The handler has the whole request and answers: the connection can no longer be cut for a newer one.
+        False when it was cut already: the handler must carry nothing out (its client saw the connection drop)."""
         with self._deadlines_lock:
             self._waiting.pop(request, None)
+            return request not in self._cut
 
     def _forget(self, request: Any) -> None:
         with self._deadlines_lock:
             self._deadlines.pop(request, None)
             self._waiting.pop(request, None)
+            self._cut.discard(request)
 
     def _turn_away(self, request: Any) -> None:
         with contextlib.suppress(OSError):
@@ -88,17 +95,22 @@ class _BoundedServer(ThreadingHTTPServer):
         self.shutdown_request(request)
 
     def _take_client_slot(self, client: str) -> bool:
-        """A slot for ``client``; at its cap, the slot of its oldest connection still sending a request (cut now;
-        its thread ends and gives the slot back), up to twice the cap while cut ones end."""
+        """A slot for ``client``. At its cap, the slot of its oldest connection still sending a request after
+        CUT_AFTER_S (cut now; its thread ends and gives the slot back); with none that old, a burst of requests
+        in flight, up to twice the cap."""
         cut = None
         with self._deadlines_lock:
             held = self._per_client.get(client, 0)
+            if held >= 2 * self.max_per_client:
+                return False
             if held >= self.max_per_client:
-                waiting = [(opened, id(r), r) for r, (who, opened) in self._waiting.items() if who == client]
-                if not waiting or held >= 2 * self.max_per_client:
-                    return False
-                cut = min(waiting)[2]
-                self._waiting.pop(cut)
+                stale = time.monotonic() - CUT_AFTER_S
+                waiting = [(opened, id(r), r) for r, (who, opened) in self._waiting.items()
+                           if who == client and opened <= stale]
+                if waiting:
+                    cut = min(waiting)[2]
+                    self._waiting.pop(cut)
+                    self._cut.add(cut)
             self._per_client[client] = held + 1
         if cut is not None:
             with contextlib.suppress(OSError):
@@ -123,11 +135,16 @@ class _BoundedServer(ThreadingHTTPServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            # the slots go back once the answer is written, before the socket is shut: the client's next request
+            # came while this one still held its slot, and found the cap reached
             self._forget(request)
             self._slots.release()
             self._give_client_slot(client_address[0])
+            self.shutdown_request(request)
 
     def _cut_late(self) -> None:
         """One thread for every connection's deadline: a late one is shut down, so its blocked read returns
@@ -167,8 +184,8 @@ class ServiceHandler(BaseHTTPRequestHandler):
 
     def _arrived(self) -> None:
         answering = getattr(self.server, "answering", None)
-        if answering is not None:
-            answering(self.request)
+        if answering is not None and answering(self.request) is False:
+            raise ConnectionAbortedError("cut for a newer connection of the same client; nothing carried out")
 
 
 class HTTPService:

@@ -4,6 +4,7 @@ loopback port, raw requests where a client library would tidy the probe away."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import socket
 import threading
@@ -364,7 +365,10 @@ def test_a_blank_token_is_refused_not_taken(tmp_path, monkeypatch):
 
 def test_idle_connections_from_the_operators_own_address_cannot_lock_it_out(control):
     """Four connections sending one byte and nothing more held every slot of 127.0.0.1: POST /stop got 503."""
+    from blinkflow.http_service import CUT_AFTER_S
+
     sockets = _slow_clients(control, 4)
+    time.sleep(CUT_AFTER_S)  # idle long enough to give way
     try:
         for _ in range(3):
             status, reply = post(control, {}, path="/healthz", method="GET")
@@ -536,3 +540,32 @@ def test_a_generated_token_is_printed_only_once_the_endpoint_listens(capsys, mon
     with live_session(cfg):
         pass
     assert "control endpoint token" in capsys.readouterr().err
+
+
+def test_several_clients_of_one_address_each_get_every_answer(control):
+    """Sequential requests from 4 clients of one address: a finished connection held its slot until its socket
+    closed, so a client's next one found the cap reached and a request in flight was cut (its POST carried out,
+    its client left without an answer) or turned away."""
+    import threading
+    from collections import Counter
+
+    outcomes: Counter = Counter()
+    lock = threading.Lock()
+
+    def client() -> None:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline:
+            try:
+                status, _ = post(control, {}, path="/healthz", method="GET")
+            except (OSError, http.client.HTTPException) as exc:
+                status = type(exc).__name__
+            with lock:
+                outcomes[status] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert set(outcomes) == {200}, outcomes
+
