@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from blinkflow.version import __version__
 from blinkflow.errors import BlinkflowError, ConfigError
@@ -199,31 +199,38 @@ def _execute_with(cfg, sinks: list, progress: bool, summary_json: Path | None) -
     from blinkflow.runners import get_runner
 
     stop = threading.Event()
-    with serving_metrics(cfg.metrics) as metrics, live_session(cfg, metrics) as hub, \
-            tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True,
-                 total=expected_frames(cfg) if progress else None) as bar:
-        def on_result(result) -> None:
-            bar.update(1)
-            if hub is not None:
-                hub.observe(result)  # capture-to-sink latency of live streams
+    with serving_metrics(cfg.metrics) as metrics:
+        with live_session(cfg, metrics) as hub, \
+                tqdm(unit="frame", desc="blinkflow", disable=not progress, file=sys.stderr, dynamic_ncols=True,
+                     total=expected_frames(cfg) if progress else None) as bar:
+            def on_result(result) -> None:
+                bar.update(1)
+                if hub is not None:
+                    hub.observe(result)  # capture-to-sink latency of live streams
 
-        # a file run drains on the first SIGINT/SIGTERM (a live session has installed its own handlers)
-        signals = GracefulSignals(stop.set, "stopping: no new frames are decoded, those in flight finish and the "
-                                            "outputs are committed (signal again to abort)",
-                              cfg.runtime.drain_timeout_s)
-        if hub is None:
-            signals.install()
-        try:
-            runner = get_runner(cfg.runtime.runner)(cfg, sinks=list(sinks), on_result=on_result, metrics=metrics,
-                                                    hub=hub, stop=stop)
-            sinks.handed_over = True
-            summary = runner.run()
-        finally:
-            signals.restore()
+            # a file run drains on the first SIGINT/SIGTERM (a live session has installed its own handlers)
+            signals = GracefulSignals(stop.set, "stopping: no new frames are decoded, those in flight finish and "
+                                                "the outputs are committed (signal again to abort)",
+                                      cfg.runtime.drain_timeout_s)
+            if hub is None:
+                signals.install()
+            try:
+                runner = get_runner(cfg.runtime.runner)(cfg, sinks=list(sinks), on_result=on_result,
+                                                        metrics=metrics, hub=hub, stop=stop)
+                sinks.handed_over = True
+                summary = runner.run()
+            finally:
+                signals.restore()
+        # said and written before the metrics endpoint waits for a final scrape (up to 30 s): a container's stop
+        # grace period killed the process in that wait, and the summary was never written
+        return _report(summary, hub, signals.received, summary_json)
+
+
+def _report(summary: Any, hub: Any, interrupted: int | None, summary_json: Path | None) -> int:
+    """Print the run's summary, write --summary-json; the exit code."""
     from blinkflow.redact import redact_obj, redact_text
 
-    print(redact_text("\n".join(summary.lines() + (hub.summary_lines() if hub is not None else []))))
-    interrupted = signals.received
+    print(redact_text("\n".join(summary.lines() + (hub.summary_lines() if hub is not None else []))), flush=True)
     if summary_json is not None:
         summary_json.parent.mkdir(parents=True, exist_ok=True)
         interruption = {"interrupted": signal.Signals(interrupted).name} if interrupted else {}

@@ -775,6 +775,7 @@ def linger_for_last_scrape(exporter: MetricsExporter, finished_at: float, max_wa
         return
     interval = exporter.scrape_interval
     timeout = max_wait_s if interval is None else min(max_wait_s, 2.0 * interval + 1.0)
+    log.info("run done; serving /metrics up to %.0f s more for a final scrape of the last counts", timeout)
     if not exporter.wait_for_scrape(finished_at, timeout=timeout):
         log.info("no scrape came after the run ended; the last counts may not have been collected")
 

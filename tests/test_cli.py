@@ -164,3 +164,20 @@ def test_bench_skip_resize_without_a_video_is_refused(capsys, monkeypatch):
     assert "blinkflow: error: --resize: sizes the decode of --video only; add --video PATH, or drop --resize" in \
         capsys.readouterr().err
     assert not measured
+
+
+def test_the_summary_is_written_before_the_metrics_wait_for_a_final_scrape(tmp_path, monkeypatch, capsys):
+    """The wait (up to 30 s) came first: a container's stop grace period killed the process in it, and the summary
+    and --summary-json were never written."""
+    from blinkflow import metrics
+    from blinkflow.cli import main
+
+    summary = tmp_path / "summary.json"
+    seen_at_linger = []
+    monkeypatch.setattr(metrics, "linger_for_last_scrape",
+                        lambda exporter, finished_at: seen_at_linger.append((summary.is_file(), capsys.readouterr().out)))
+    config = tmp_path / "c.yaml"
+    config.write_text("sources: [{type: synthetic, num_frames: 2}]\nstages: {chaos: {}}\n"
+                      "metrics: {enabled: true, port: 0}\n")
+    assert main(["run", str(config), "--no-progress", "--summary-json", str(summary)]) == 0
+    assert len(seen_at_linger) == 1 and seen_at_linger[0][0] and "frames" in seen_at_linger[0][1]
