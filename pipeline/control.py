@@ -44,13 +44,15 @@ class ControlServer(HTTPService):
 
     section = "control"
 
-    def __init__(self, hub: StreamHub, host: str = "127.0.0.1", port: int = 9465, guard: ControlGuard | None = None) -> None:
+    def __init__(self, hub: StreamHub, host: str = "127.0.0.1", port: int = 9465, guard: ControlGuard | None = None,
+                 on_stop: Callable[[], None] | None = None) -> None:
         super().__init__(host, port)
         self.hub = hub
         self.guard = guard if guard is not None else ControlGuard(token=None, host=host)
+        self.on_stop = on_stop  # POST /stop, after the hub closes (the session bounds the drain)
 
     def handler_class(self) -> type[BaseHTTPRequestHandler]:
-        return _handler_for(self.hub, self.guard, lambda: self.port)
+        return _handler_for(self.hub, self.guard, lambda: self.port, self.on_stop)
 
     def start(self) -> "ControlServer":
         super().start()
@@ -64,8 +66,8 @@ class ControlServer(HTTPService):
         self.stop()
 
 
-def handle(hub: StreamHub, method: str, path: str, body: bytes, guard: ControlGuard | None = None
-           ) -> tuple[int, dict[str, Any]]:
+def handle(hub: StreamHub, method: str, path: str, body: bytes, guard: ControlGuard | None = None,
+           on_stop: Callable[[], None] | None = None) -> tuple[int, dict[str, Any]]:
     """One request, without HTTP: (status, JSON reply). Kept apart so it is easy to test and to mount elsewhere."""
     path = path.split("?", 1)[0].rstrip("/") or "/"
     if method == "GET" and path == "/streams":
@@ -81,6 +83,8 @@ def handle(hub: StreamHub, method: str, path: str, body: bytes, guard: ControlGu
         return 404, {"error": f"no live stream {stream_id!r}; GET /streams lists them"}
     if method == "POST" and path == "/stop":
         hub.close(stop_streams=True)
+        if on_stop is not None:
+            on_stop()
         return 202, {"stopping": True}
     return 404, {"error": "unknown route; use GET/POST /streams, DELETE /streams/<id>, POST /stop"}
 
@@ -110,7 +114,8 @@ def _add(hub: StreamHub, body: bytes, guard: ControlGuard | None) -> tuple[int, 
     return 201, {"id": stream.id, "url": stream.url}
 
 
-def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTTPRequestHandler]:
+def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any, on_stop: Callable[[], None] | None = None
+                 ) -> type[BaseHTTPRequestHandler]:
     class Handler(ServiceHandler):
         timeout = READ_TIMEOUT_S  # the socket's: a client that stalls mid-request is dropped
 
@@ -163,7 +168,7 @@ def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any) -> type[BaseHTT
             except Refused as refused:
                 self.close_connection = True  # the body, if any, is left unread
                 return refused.status, {"error": str(refused)}
-            return handle(hub, method, self.path, self.read_body(length), guard)
+            return handle(hub, method, self.path, self.read_body(length), guard, on_stop)
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's signature
             if log.isEnabledFor(logging.DEBUG):  # scrubbing a request line nobody reads cost every request
@@ -191,12 +196,16 @@ def live_session(cfg: Any, recorder: Any = None) -> Iterator[StreamHub | None]:
     if recorder is not None:
         hub.subscribe(RecorderBridge(recorder))
     guard = ControlGuard.from_config(cfg.control) if cfg.control.enabled else None
-    server = ControlServer(hub, cfg.control.host, cfg.control.port, guard).start() if guard is not None else None
-    if guard is not None:
-        guard.announce()
     signals = GracefulSignals(lambda: hub.close(stop_streams=True),
                               "stopping: the streams end, buffered frames finish (signal again to abort)",
-                              cfg.runtime.drain_timeout_s).install()
+                              cfg.runtime.drain_timeout_s)
+    # POST /stop's drain is bounded like a signal's: a stuck stage held the process forever
+    server = (ControlServer(hub, cfg.control.host, cfg.control.port, guard,
+                            on_stop=lambda: signals.stop_requested("POST /stop")).start()
+              if guard is not None else None)
+    if guard is not None:
+        guard.announce()
+    signals.install()
     try:
         yield hub
     finally:
@@ -241,14 +250,25 @@ class GracefulSignals:
         log.warning("%s: %s", signal.Signals(signum).name, self.message)
         # in a thread: the interrupted code may hold the locks that stop() takes
         threading.Thread(target=self.stop, name="blinkflow-stop", daemon=True).start()
+        self._arm_deadline(signum, signal.Signals(signum).name)
+
+    def stop_requested(self, what: str) -> None:
+        """A stop asked another way (POST /stop, which stopped the run itself): its drain is bounded as a
+        SIGTERM's is, and a signal after it aborts. Only with the handlers installed (they do the aborting)."""
+        if self.received is not None or not self._previous:
+            return
+        self.received = signal.SIGTERM
+        log.warning("%s: %s", what, self.message)
+        self._arm_deadline(signal.SIGTERM, what)
+
+    def _arm_deadline(self, signum: int, what: str) -> None:
         if self.timeout_s is not None:  # a stuck stage or source must not hold the process forever
-            self._deadline = threading.Timer(self.timeout_s, self._drain_too_long, args=(signum,))
+            self._deadline = threading.Timer(self.timeout_s, self._drain_too_long, args=(signum, what))
             self._deadline.daemon = True
             self._deadline.start()
 
-    def _drain_too_long(self, signum: int) -> None:
-        log.error("still draining %g s after %s (runtime.drain_timeout_s); aborting", self.timeout_s,
-                  signal.Signals(signum).name)
+    def _drain_too_long(self, signum: int, what: str) -> None:
+        log.error("still draining %g s after %s (runtime.drain_timeout_s); aborting", self.timeout_s, what)
         # a real signal to the main thread (it also wakes a blocking call there); our handler runs again and,
         # the first signal being received already, aborts
         signal.pthread_kill(threading.main_thread().ident, signum)

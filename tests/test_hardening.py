@@ -286,6 +286,31 @@ def test_the_first_signal_asks_for_a_stop_and_the_second_aborts():
     assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_stop_asked_over_http_drains_within_the_same_bound_as_a_signal():
+    """POST /stop drained without a limit: a stuck stage held the process forever (drain_timeout_s bounded only
+    signals), and a second POST /stop could not abort it."""
+    import signal
+
+    from blinkflow.control import GracefulSignals, handle
+    from blinkflow.errors import Interrupted
+    from blinkflow.streams import StreamHub
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers belong to the main thread")
+    hub, asked = StreamHub(mode="live", keep_open=True), []
+    assert handle(hub, "POST", "/stop", b"", on_stop=lambda: asked.append(True)) == (202, {"stopping": True})
+    assert asked == [True] and hub.closed
+    signals = GracefulSignals(lambda: None, "test", timeout_s=0.3).install()
+    try:
+        started = time.monotonic()
+        with pytest.raises(Interrupted) as caught:
+            signals.stop_requested("POST /stop")
+            time.sleep(5)  # a stuck drain; the deadline's signal interrupts it
+        assert caught.value.signum == signal.SIGTERM and time.monotonic() - started < 3
+    finally:
+        signals.restore()
+
+
 def test_a_sigterm_while_ray_starts_stops_ray_and_ends_as_a_sigterm(monkeypatch):
     """Ray's own handler (sys.exit(15)) took it: exit code 15, no line said, Ray's agents left running."""
     import os
