@@ -422,7 +422,8 @@ class LabelConfig:
     executor: Literal["ray", "local"] = _field("ray", "ray spreads videos over the cluster; local labels them one by one here")
     parallel: int | None = _field(None, "videos labelled at once; null: as many as the cluster's CPUs allow", lo=1, hi=100000)
     task_cpus: float = _field(1.0, "CPUs each video's Ray task reserves", lo=0.0, hi=1024)
-    retry_failed: bool = _field(True, "on a re-run, label again the videos the manifest records as failed")
+    retry_failed: bool = _field(True, "on a re-run, label again the videos the manifest records as failed, and the "
+                                "partial ones (truncated) whose file did not change")
 
 
 @dataclass
@@ -596,6 +597,19 @@ def _check_label_source(source: SourceConfig) -> None:
     for key in ("path", "id"):
         if getattr(source, key) is not None:
             raise ConfigError(f"label.source.{key}: label sets it for every video it reads; remove it")
+    # the checks every source gets (_check_source): an unchecked resize of [0, 0] or [4] crashed the decoder
+    # (a segfault), [100000, 100000] asked for a 30 GB frame; hwaccel: cuda with motion_vectors: true ran
+    _check_resize(source.resize, "label.source")
+    check_options = getattr(source.options, "check", None)
+    if check_options is not None:
+        check_options("label.source")
+
+
+def _check_resize(resize: list[int] | None, path: str) -> None:
+    """A source's ``resize``: [width, height], each 2 to 16384."""
+    if resize is not None and (len(resize) != 2 or min(resize) < 2 or max(resize) > 16384):
+        raise ConfigError(f"{path}.resize: expected [width, height] between 2 and 16384, got {resize}; "
+                          "e.g. resize: [640, 360], or null to keep the videos' size")
 
 
 def _settle_motion_vectors(cfg: Config) -> None:
@@ -733,8 +747,7 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
         source.path = str(resolved)
     if source.type == "glob":
         source.path = _resolved_glob(source.path, base_dir)
-    if source.resize is not None and (len(source.resize) != 2 or min(source.resize) < 2 or max(source.resize) > 16384):
-        raise ConfigError(f"{path}.resize: expected [width, height] between 2 and 16384, got {source.resize}")
+    _check_resize(source.resize, path)
 
 
 def _resolved_glob(pattern: str, base_dir: Path) -> str:

@@ -9,7 +9,9 @@ no shared file system; only this driver writes into DIR.
 Exactly-once and resumable:
 
 1. A finished video's outputs are written as ``.<name>.partial`` files,
-   fsynced and renamed into place.
+   fsynced and renamed into place (an mp4 overlay's name and sha256 are
+   first appended to ``.blinkflow-label.outputs``: a lost manifest must not
+   make it look like a user's video that label may not write over).
 2. Then ``manifest.json`` (rewritten atomically) records the video with the
    sha256 of each output, its frame counts, time and status.
 
@@ -37,6 +39,7 @@ import glob as globlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -90,10 +93,11 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
     folder inside an input folder had its overlays labelled on every run."""
     outside = _outside(out_dir)
     paths: list[Path] = []
+    others: list[Path] = []  # other label runs' output folders, left out
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
+            found = sorted(p for p in _files_under(path, out_dir, others) if p.suffix.lower() in VIDEO_SUFFIXES
                            and outside(p))
         elif path.is_file():
             found = [path]
@@ -103,10 +107,39 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
                 raise BlinkflowError(f"{item}: no such file or directory, and no file matches it as a glob")
             found = [p for p in found if outside(p)]
         paths.extend(found)
+    if others:
+        log.info("left out %d folder(s) of other blinkflow label runs (their outputs are no inputs): %s",
+                 len(others), ", ".join(map(str, others)))
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     if not unique:
         raise BlinkflowError(f"{' '.join(inputs)}: no video files found; pass files, directories or globs")
     return [Video(video_id, path) for video_id, path in zip(_unique_ids(unique), unique)]
+
+
+def _files_under(folder: Path, out_dir: Path | None, others: list[Path]) -> Iterator[Path]:
+    """The files in and under ``folder``, but not in another label run's output folder below it (added to
+    ``others``): labelling a/ into a/labels-b labelled a/labels-a's overlays as videos, and renamed the real
+    videos' ids. ``folder`` itself and ``out_dir`` (this run's, handled by _outside) are never left out."""
+    keep = {folder.resolve()} | ({Path(out_dir).expanduser().resolve()} if out_dir is not None else set())
+    for top, dirs, files in os.walk(folder):
+        here = Path(top)
+        if here.resolve() not in keep and _is_label_folder(here):
+            others.append(here)
+            dirs.clear()
+            continue
+        yield from (here / name for name in files if (here / name).is_file())
+
+
+def _is_label_folder(folder: Path) -> bool:
+    """Whether ``folder`` is a blinkflow label output folder: it has the run's lock file, or a manifest label
+    wrote (a manifest.json of something else, a data set's, does not count)."""
+    if (folder / LOCK_NAME).is_file():
+        return True
+    try:
+        document = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(document, dict) and {"config_digest", "videos"} <= document.keys()
 
 
 def _outside(out_dir: Path | None) -> Callable[[Path], bool]:
@@ -114,16 +147,32 @@ def _outside(out_dir: Path | None) -> Callable[[Path], bool]:
     if out_dir is None:
         return lambda path: True
     root = Path(out_dir).expanduser().resolve()
-    ours = _listed_outputs(root)
+    ours = _ours(root)
 
     def outside(path: Path) -> bool:
         resolved = path.resolve()
         if not resolved.is_relative_to(root):
             return True
         inside = resolved.relative_to(root).parts
-        return not (inside[0].startswith(".") or (len(inside) == 1 and inside[0] in ours))
+        return not (inside[0].startswith(".") or (len(inside) == 1 and ours(inside[0])))
 
     return outside
+
+
+def _ours(root: Path) -> Callable[[str], bool]:
+    """Whether the file of that name in ``root`` is label's own output: one its manifest lists, or a video label
+    wrote there with these very bytes (OUTPUTS_LOG), which a lost manifest (deleted, or an interrupted
+    --restart's) does not forget. A video a user put there, under any name, is not."""
+    listed, written = _listed_outputs(root), _written_videos(root)
+
+    def ours(name: str) -> bool:
+        if name in listed:
+            return True
+        if name not in written or not (root / name).is_file():
+            return False
+        return sha256_file(root / name) in written[name]
+
+    return ours
 
 
 def _listed_outputs(root: Path) -> set[str]:
@@ -133,6 +182,54 @@ def _listed_outputs(root: Path) -> set[str]:
         return {name for entry in videos.values() for key in ("outputs", "kept_outputs") for name in entry.get(key, {})}
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return set()
+
+
+#: in --out, one JSON line per video file (an mp4 overlay) label writes there, with its sha256, appended before the
+#: file is: the manifest alone forgot the overlays of an earlier run once it was deleted or an interrupted --restart
+#: replaced it, and every later run refused to write over them as if they were someone's videos
+OUTPUTS_LOG = ".blinkflow-label.outputs"
+#: the digests kept per name when the log is compacted (a crash between the log and the file leaves one extra)
+OUTPUTS_LOG_KEEP = 4
+
+
+def _written_videos(root: Path) -> dict[str, list[str]]:
+    """Name -> sha256s (oldest first) of the video files label wrote into ``root``, from OUTPUTS_LOG."""
+    try:
+        lines = (root / OUTPUTS_LOG).read_text(errors="replace").splitlines()
+    except OSError:
+        return {}
+    written: dict[str, list[str]] = {}
+    for line in lines:
+        try:
+            item = json.loads(line)
+            name, digest = item["name"], item["sha256"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line torn by a crash while it was appended
+        if isinstance(name, str) and isinstance(digest, str):
+            digests = written.setdefault(name, [])
+            if digest in digests:
+                digests.remove(digest)
+            digests.append(digest)
+    return written
+
+
+def _note_written(root: Path, name: str, digest: str) -> None:
+    """Append ``name``'s digest to OUTPUTS_LOG, durably, before the file itself is committed."""
+    with open(root / OUTPUTS_LOG, "a") as handle:
+        handle.write(json.dumps({"name": name, "sha256": digest}) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _compact_written(root: Path) -> None:
+    """Rewrite OUTPUTS_LOG whole (under the lock, before the run appends): without its torn lines, the names no
+    longer on disk, and all but the newest digests of each, so that it does not grow with every run."""
+    if not (root / OUTPUTS_LOG).is_file():
+        return
+    written = _written_videos(root)
+    lines = [json.dumps({"name": name, "sha256": digest}) for name, digests in sorted(written.items())
+             if (root / name).is_file() for digest in digests[-OUTPUTS_LOG_KEEP:]]
+    write_atomic(root / OUTPUTS_LOG, "".join(line + "\n" for line in lines))
 
 
 def _unique_ids(paths: list[Path]) -> list[str]:
@@ -260,8 +357,8 @@ class Manifest:
             self.save()
 
     def finished(self, video: Video, out_dir: Path, retry_failed: bool, fingerprint: dict[str, int] | None = None) -> bool:
-        """True when the video needs no work: done (outputs verified) or failed and not to be retried, and its
-        source is the file it was labelled from (same size and modification time)."""
+        """True when the video needs no work: done (outputs verified), or failed or partial and not to be retried,
+        and its source is the file it was labelled from (same size and modification time)."""
         entry = self.videos.get(video.id)
         if entry is None or entry.get("source") != str(video.path):
             return False
@@ -270,8 +367,12 @@ class Manifest:
             log.warning("%s: %s changed since it was labelled (size or modification time); labelling it again",
                         video.id, video.path)
             return False
-        if entry["status"] == "partial" or (entry["status"] == "failed" and retry_failed):
-            return False  # a truncated file is labelled again next time (it may have been re-copied whole)
+        if entry["status"] == "failed" and retry_failed:
+            return False
+        if entry["status"] == "partial" and (retry_failed or fingerprint is None or not recorded):
+            # a truncated file is labelled again when it may have been re-copied whole: when asked to, or when it
+            # cannot tell (no size and time recorded); the same size and time are the same truncated file
+            return False
         for name, digest in entry["outputs"].items():
             target = out_dir / name
             if not target.is_file() or sha256_file(target) != digest:
@@ -332,16 +433,46 @@ def _refuse_writing_over_inputs(videos: list[Video], out_dir: Path, formats: lis
     """Labelling in place (``--out`` the videos' own folder) with mp4 overlays would write ``<id>.mp4`` over the
     video of that name, an input of this run or any video there that is not label's own output."""
     inputs = {v.path for v in videos}
-    ours = _listed_outputs(out_dir.expanduser().resolve())
+    ours = _ours(out_dir.expanduser().resolve())
     for video in videos:
         for name in video.outputs(formats).values():
             target = (out_dir / name).resolve()
             if target in inputs:
                 raise BlinkflowError(f"--out {out_dir}: {video.id}'s output {name} would be written over the input "
                                      f"{target}; choose another --out, or leave mp4 out of --format")
-            if target.suffix.lower() in VIDEO_SUFFIXES and target.is_file() and name not in ours:
+            if target.suffix.lower() in VIDEO_SUFFIXES and target.is_file() and not ours(name):
                 raise BlinkflowError(f"--out {out_dir}: {video.id}'s output {name} would be written over {target}, a "
                                      "video this run does not label; choose another --out, or leave mp4 out of --format")
+
+
+#: blinkflow.files.atomic_path's temporary name: ".<name>.<pid>.partial<name's suffix>"
+_PARTIAL_NAME = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.partial(?P<suffix>\.[^.]*)?")
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Delete the temporary files a crash while committing left in ``out_dir`` (nothing else cleared them). The
+    lock is ours, so no label run writes them; one of a live process (another writer's, not label's) is kept."""
+    for path in out_dir.iterdir():
+        match = _PARTIAL_NAME.fullmatch(path.name)
+        if (match is None or (match["suffix"] or "") != Path(match["name"]).suffix or not path.is_file()
+                or path.is_symlink()):
+            continue
+        pid = int(match["pid"])
+        if pid != os.getpid() and _alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            path.unlink()
+            log.info("%s: removed %s, left by a run that crashed while committing it", out_dir, path.name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process (a pid out of range is none either)
+        return False
+    except OSError:
+        return True  # someone else's process, or a pid we cannot ask about: keep its file
+    return True
 
 
 def _source_settings(source: Any, skip: frozenset[str]) -> dict[str, Any]:
@@ -546,6 +677,8 @@ class LabelRun:
         self.scratch = self.out_dir / ".scratch"
         shutil.rmtree(self.scratch, ignore_errors=True)  # the lock is ours: any scratch left is a crashed run's
         self.scratch.mkdir()
+        _remove_stale_partials(self.out_dir)
+        _compact_written(self.out_dir)
         self.manifest = Manifest.load(self.out_dir, config_digest(self.cfg, self.formats), self.restart,
                                       weights_digests(self.cfg), config_digest(self.cfg, self.formats, legacy=True))
         self.videos = self.manifest.assign(self.videos)
@@ -620,6 +753,8 @@ class LabelRun:
         if result["status"] == "failed":
             outputs = {}  # empty files of a video that failed must not replace the good ones of an earlier run
         for name, data in outputs.items():
+            if Path(name).suffix.lower() in VIDEO_SUFFIXES:  # logged first: a crash after it leaves it ours
+                _note_written(self.out_dir, name, sha256_bytes(data))
             write_atomic(self.out_dir / name, data)
         entry = {**result, "source": str(video.path), "outputs": {n: sha256_bytes(d) for n, d in outputs.items()},
                  **self.fingerprints.get(video.id, {})}

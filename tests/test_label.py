@@ -697,3 +697,111 @@ def test_an_empty_out_or_format_is_refused(argv, message, tmp_path, capsys, monk
     assert code == 2
     assert message in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- a second review of labelling
+
+
+def _fake_labelling(monkeypatch, status: str = "done") -> list[str]:
+    """label_one without decoding or models (fast): every output holds its video's id and name; returns the ids
+    labelled, in order."""
+    import blinkflow.label as label_module
+
+    labelled: list[str] = []
+
+    def fake(job, progress=None):
+        video = job["video"]
+        labelled.append(video.id)
+        outputs = {name: f"{video.id} {name}".encode() for name in video.outputs(job["formats"]).values()}
+        return {"status": status, "error": None if status == "done" else "truncated", "frames": 1,
+                "outcomes": {"processed": 1}, "seconds": 0.0, "setup_s": 0.0, "fps": 0.0, "outputs": outputs}
+
+    monkeypatch.setattr(label_module, "label_one", fake)
+    return labelled
+
+
+def test_overlays_whose_manifest_was_lost_are_still_labels_own_but_a_users_video_is_not(tmp_path, light_config,
+                                                                                        monkeypatch):
+    """An interrupted --restart (or a deleted manifest, as its error advises) forgot the earlier overlays: every
+    later run, --restart too, refused to write over them as 'a video this run does not label'."""
+    labelled = _fake_labelling(monkeypatch)
+    clips = []
+    for name in ("v1", "v2", "v3"):
+        clips.append(tmp_path / f"{name}.mkv")
+        clips[-1].write_bytes(name.encode())
+    out = tmp_path / "out"
+    mp4 = "label.formats=[jsonl, mp4]"
+    assert label(clips, out, light_config, mp4)["done"] == 3
+    assert label(clips[:1], out, light_config, mp4, restart=True)["done"] == 1  # as if stopped after v1
+    assert label(clips, out, light_config, mp4)["skipped"] == ["v1"]  # v2, v3 labelled: refused before
+    (out / "manifest.json").unlink()
+    assert label(clips, out, light_config, mp4, restart=True)["done"] == 3
+    assert labelled == ["v1", "v2", "v3", "v1", "v2", "v3", "v1", "v2", "v3"]
+    (out / "manifest.json").unlink()
+    (out / "v3.mp4").write_bytes(b"the user's own video, put there under that name")
+    with pytest.raises(BlinkflowError, match=r"v3's output v3\.mp4 would be written over .*a video this run does not"):
+        label(clips, out, light_config, mp4)
+    assert (out / "v3.mp4").read_bytes() == b"the user's own video, put there under that name"
+
+
+def test_another_label_runs_output_folder_inside_the_inputs_is_left_out(tmp_path, caplog):
+    """nest/ labelled into nest/labels-b labelled nest/labels-a's overlays too, and renamed the videos' ids."""
+    nest = tmp_path / "nest"
+    for name in ("v1.mp4", "labels-a/v1.mp4", "labels-a/.blinkflow-label.lock", "old/labels/x.mp4",
+                 "data/v2.mp4", "data/manifest.json"):
+        (nest / name).parent.mkdir(parents=True, exist_ok=True)
+        (nest / name).write_bytes(b"x")
+    (nest / "old" / "labels" / "manifest.json").write_text('{"version": 1, "config_digest": "ab", "videos": {}}')
+    (nest / "data" / "manifest.json").write_text('{"files": ["v2.mp4"]}')  # a data set's, not label's
+    with caplog.at_level("INFO", logger="blinkflow.label"):
+        videos = find_videos([str(nest)], nest / "labels-b")
+    assert [(v.id, v.path) for v in videos] == [("v2", nest / "data" / "v2.mp4"), ("v1", nest / "v1.mp4")]
+    said = [r.getMessage() for r in caplog.records if "other blinkflow label runs" in r.getMessage()]
+    assert len(said) == 1 and "labels-a" in said[0] and "old/labels" in said[0]
+    # this run's own folder, and the folder named as the input, are never left out
+    assert [v.id for v in find_videos([str(nest / "labels-a")], nest / "labels-a")] == ["v1"]
+
+
+def test_temporary_files_a_crash_left_in_out_are_removed_but_no_others(tmp_path, light_config, monkeypatch):
+    """A crash while committing an output left .NAME.PID.partial.SUFFIX files in --out, never cleared."""
+    _fake_labelling(monkeypatch)
+    clip = tmp_path / "clip.mkv"
+    clip.write_bytes(b"x")
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = [".clip.jsonl.9999999.partial.jsonl", ".manifest.json.9999999.partial.json", f".x.{os.getpid()}.partial"]
+    kept = [f".clip.jsonl.{os.getppid()}.partial.jsonl",  # a live process's write
+            ".clip.jsonl.9999999.partial.txt", ".notes.9999999.txt", "clip.9999999.partial.jsonl"]
+    for name in stale + kept:
+        (out / name).write_bytes(b"x")
+    assert label([clip], out, light_config)["done"] == 1
+    assert not [name for name in stale if (out / name).exists()]
+    assert all((out / name).exists() for name in kept)
+
+
+def test_a_partial_video_unchanged_is_skipped_unless_failed_videos_are_retried(tmp_path, light_config, monkeypatch):
+    """A truncated file whose size and time are unchanged was labelled again on every run, retry_failed or not."""
+    labelled = _fake_labelling(monkeypatch, status="partial")
+    clip = tmp_path / "cut.mkv"
+    clip.write_bytes(b"x")
+    out = tmp_path / "out"
+    assert label([clip], out, light_config)["partial"] == ["cut"]
+    again = label([clip], out, light_config, "label.retry_failed=false")
+    assert again["skipped"] == ["cut"] and again["partial"] == ["cut"] and labelled == ["cut"]
+    assert label([clip], out, light_config)["skipped"] == [] and labelled == ["cut", "cut"]
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("label.source.resize=[0, 0]", r"label\.source\.resize: expected \[width, height\] between 2 and 16384, got \[0, 0\]"),
+    ("label.source.resize=[4]", r"label\.source\.resize: expected .* got \[4\]"),
+    ("label.source.resize=[100000, 100000]", r"label\.source\.resize: expected .* got \[100000, 100000\]"),
+    ("label.source.resize=[-5, 10]", r"label\.source\.resize: expected .* got \[-5, 10\]"),
+    ("label.source.hwaccel=cuda", r"label\.source\.hwaccel: the CUDA decoder exports no motion vectors"),
+])
+def test_label_source_gets_the_checks_of_every_source(setting, message):
+    """label.source.resize was never checked ([0, 0] and [4] crashed the decoder), nor the file options' own
+    check (hwaccel: cuda with motion_vectors: true ran)."""
+    from blinkflow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        load_config(data={"label": {"source": {"motion_vectors": True}}}, overrides=[setting])
