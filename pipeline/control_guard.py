@@ -40,8 +40,9 @@ MB = 1024 * 1024
 #: the frame size a memory estimate assumes for a stream without resize (1080p, the common camera size)
 UNRESIZED_FRAME = (1920, 1080)
 #: stream settings a request may set (the hub's defaults fill the rest)
-REQUEST_KEYS = {"url", "id", "type", "resize", "fps", "queue_size", "stall_timeout_s", "max_retries", "rtsp_transport",
-                "overflow", "ffmpeg_options", "motion_vectors", "decode_threads", "backoff_initial_s", "backoff_max_s"}
+REQUEST_KEYS = {"url", "id", "type", "resize", "fps", "queue_size", "stall_timeout_s", "open_timeout_s", "max_retries",
+                "rtsp_transport", "overflow", "ffmpeg_options", "decode_threads", "backoff_initial_s", "backoff_max_s",
+                "backoff_factor", "backoff_jitter", "reconnect_on_eof", "max_frames"}
 
 
 class Refused(Exception):

@@ -103,6 +103,9 @@ def test_an_allowed_network_and_file_pass_the_guard():
     for url in ("rtsp://198.18.3.4/live", "rtsp://cam.local/a", "/srv/replays/door.mp4", "file:///srv/replays/a.mp4",
                 "udp://@:5000", "http://93.184.216.34/live.ts"):
         guard.check_stream({"url": url, "ffmpeg_options": {"rtsp_transport": "tcp"}})
+    # the stream settings the docs list (a file: replay could never stop looping: reconnect_on_eof was refused)
+    guard.check_stream({"url": "/srv/replays/door.mp4", "reconnect_on_eof": False, "max_frames": 100,
+                        "open_timeout_s": 5, "backoff_factor": 2, "backoff_jitter": 0.1})
 
 
 @pytest.mark.parametrize("settings, words", [
