@@ -119,6 +119,8 @@ class ControlGuard:
         unknown = sorted(set(request) - REQUEST_KEYS)
         if unknown:
             raise Refused(400, f"unknown stream setting {unknown[0]!r}; allowed: {', '.join(sorted(REQUEST_KEYS))}")
+        if not str(request.get("url", "")).strip():  # "" was refused as a local file not allowed (403)
+            raise Refused(400, 'the body needs a "url", e.g. {"url": "rtsp://host/path", "id": "cam1"}')
         self._check_url(str(request.get("url", "")))
         self._check_limits(request)
         options = request.get("ffmpeg_options") or {}
@@ -219,7 +221,9 @@ class ControlGuard:
                 raise Refused(400, f"resize {resize[0]}x{resize[1]} is over control.max_pixels ({self.max_pixels})")
         for key, limit in (("fps", self.max_fps), ("queue_size", self.max_queue_size)):
             value = request.get(key)
-            if value is not None and (not isinstance(value, (int, float)) or value > limit):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise Refused(400, f"{key} must be a number, e.g. {int(limit) // 2}; got {value!r}")
+            if value is not None and value > limit:
                 raise Refused(400, f"{key} {value!r} is over control.max_{key} ({limit})")
 
 

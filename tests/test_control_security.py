@@ -112,6 +112,8 @@ def test_an_allowed_network_and_file_pass_the_guard():
     ({"resize": [4000, 4000]}, "control.max_pixels"), ({"queue_size": 4096}, "control.max_queue_size"),
     ({"fps": 1000}, "control.max_fps"), ({"ffmpeg_options": {"protocol_whitelist": "file,http"}}, "FFmpeg option"),
     ({"headers": "x"}, "unknown stream setting"),
+    ({"fps": "5"}, "fps must be a number"),  # was "fps '5' is over control.max_fps"
+    ({"url": ""}, 'the body needs a "url"'),  # was a 403 about local files
 ])
 def test_settings_beyond_the_limits_are_refused(control, settings, words):
     status, reply = post(control, {"url": "rtsp://198.18.0.1/a", **settings})
