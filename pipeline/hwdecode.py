@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _fallbacks: dict[str, int] = {}
+#: sources whose fallbacks are exported, at most (the most recent; as many as the stream hub remembers)
+MAX_SOURCES = 256
 
 
 def check_hwaccel(path: str, hwaccel: str, motion_vectors: bool) -> None:
@@ -48,7 +50,9 @@ def open_decoding(open_container: Callable[..., Any], source: str, hwaccel: str,
         return open_container(hwaccel=HWAccel("cuda", allow_software_fallback=True))
     with _lock:
         first = source not in _fallbacks
-        _fallbacks[source] = _fallbacks.get(source, 0) + 1
+        _fallbacks[source] = _fallbacks.pop(source, 0) + 1  # to the end: the most recent are kept
+        while len(_fallbacks) > MAX_SOURCES:  # streams cycled through the control API grew a series each, forever
+            del _fallbacks[next(iter(_fallbacks))]
     if first:
         log.warning("%s: no CUDA video decoder here (%s); decoding on the CPU", source, missing)
     return open_container()

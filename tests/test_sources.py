@@ -288,6 +288,18 @@ def test_without_a_cuda_decoder_hwaccel_decodes_on_the_cpu_says_so_once_and_coun
     assert exported["hw-cam"] == before + 2
 
 
+def test_hwaccel_fallbacks_are_exported_for_the_most_recent_sources_only(monkeypatch):
+    """Streams cycled through the control API grew a fallback series each, forever."""
+    from blinkflow import hwdecode
+
+    monkeypatch.setattr(hwdecode, "_fallbacks", {})
+    monkeypatch.setattr(hwdecode, "MAX_SOURCES", 3)
+    monkeypatch.setattr(hwdecode, "cuda_decoder_missing", lambda: "no device")
+    for source in ("a", "b", "c", "a", "d", "e"):
+        assert hwdecode.open_decoding(lambda **kw: kw, source, "cuda") == {}
+    assert hwdecode.fallback_counts() == {"a": 2, "d": 1, "e": 1}
+
+
 def test_two_inputs_under_one_stream_id_are_refused_before_anything_decodes(tmp_path):
     """Files named alike in two folders are both stream 'clip': they shared the gate's state and the output order."""
     from blinkflow.runners.local import LocalRunner
