@@ -105,7 +105,7 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
             found = sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
                 raise BlinkflowError(f"{item}: no such file or directory, and no file matches it as a glob")
-            found = [p for p in found if outside(p)]
+            found = [p for p in found if outside(p) and not _in_another_label_folder(p, out_dir, others)]
         paths.extend(found)
     if others:
         log.info("left out %d folder(s) of other blinkflow label runs (their outputs are no inputs): %s",
@@ -128,6 +128,20 @@ def _files_under(folder: Path, out_dir: Path | None, others: list[Path]) -> Iter
             dirs.clear()
             continue
         yield from (here / name for name in files if (here / name).is_file())
+
+
+def _in_another_label_folder(path: Path, out_dir: Path | None, others: list[Path]) -> bool:
+    """Whether a file a glob found is an output of another label run (label writes its outputs straight into
+    --out): 'archive/**/*.mp4' matched another run's overlays as videos."""
+    folder = path.parent
+    if out_dir is not None and folder.resolve() == Path(out_dir).expanduser().resolve():
+        return False  # this run's own folder: _outside decides
+    if folder in others:
+        return True
+    if _is_label_folder(folder):
+        others.append(folder)
+        return True
+    return False
 
 
 def _is_label_folder(folder: Path) -> bool:

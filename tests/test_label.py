@@ -760,6 +760,10 @@ def test_another_label_runs_output_folder_inside_the_inputs_is_left_out(tmp_path
     assert len(said) == 1 and "labels-a" in said[0] and "old/labels" in said[0]
     # this run's own folder, and the folder named as the input, are never left out
     assert [v.id for v in find_videos([str(nest / "labels-a")], nest / "labels-a")] == ["v1"]
+    # a glob too: 'nest/**/*.mp4' matched the other runs' overlays
+    globbed = find_videos([str(nest / "**" / "*.mp4")], nest / "labels-b")
+    assert sorted(v.path.name for v in globbed) == ["v1.mp4", "v2.mp4"] and nest / "labels-a" / "v1.mp4" not in \
+        [v.path for v in globbed]
 
 
 def test_temporary_files_a_crash_left_in_out_are_removed_but_no_others(tmp_path, light_config, monkeypatch):
