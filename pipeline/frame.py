@@ -55,6 +55,11 @@ class GateMark:
     failed: int | None = None
 
 
+#: ``Frame.meta`` key: the index a stream's first frame had when it did not start at 0 (a stream added again
+#: under its id goes on numbering); the runners' output order starts there
+FIRST_INDEX_KEY = "first_index"
+
+
 @dataclass
 class Frame:
     """One decoded video frame travelling through the graph.

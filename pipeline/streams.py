@@ -49,7 +49,7 @@ import numpy as np
 
 from blinkflow.config import MAX_STREAM_ID_CHARS, SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError
-from blinkflow.frame import Frame, FrameResult, Outcome, on_fps_grid
+from blinkflow.frame import FIRST_INDEX_KEY, Frame, FrameResult, Outcome, on_fps_grid
 from blinkflow.hwdecode import open_decoding
 from blinkflow.registry import register_source
 
@@ -279,8 +279,11 @@ class LiveStream:
     """
 
     def __init__(self, cfg: SourceConfig, stream_id: str, cond: threading.Condition,
-                 emit: Callable[[StreamEvent], None], overflow: str, connect_check: ConnectCheck | None = None) -> None:
+                 emit: Callable[[StreamEvent], None], overflow: str, connect_check: ConnectCheck | None = None,
+                 first_index: int = 0) -> None:
         self.cfg, self.id, self.overflow = cfg, stream_id, overflow
+        #: the index its first frame gets: a stream added again under its id goes on from where the last ended
+        self.first_index = first_index
         self._connect_check = connect_check
         self.url = redact_url(cfg.url or "")
         self.kind = stream_kind(cfg.url or "")
@@ -294,7 +297,7 @@ class LiveStream:
         self.state = "new"
         self.decoded = self.dropped = self.reconnects = self.connections = 0
         self.last_error: str | None = None
-        self.next_index = 0
+        self.next_index = first_index
         self._relay: SrtRelay | None = None
         self._t0 = time.monotonic()
         self._last_pts = -1.0
@@ -374,7 +377,7 @@ class LiveStream:
         return f"stream {self.id} ({self.url}): gave up after {attempts} reconnection attempts: {reason}"
 
     def _reached_max_frames(self) -> bool:
-        return self.cfg.max_frames is not None and self.next_index >= self.cfg.max_frames
+        return self.cfg.max_frames is not None and self.next_index - self.first_index >= self.cfg.max_frames
 
     def _session(self) -> None:
         """One connection: open, decode until it ends; raise _StreamDown on any failure."""
@@ -488,6 +491,8 @@ class LiveStream:
 
     def _frame(self, pts: float, image: np.ndarray, first_of_connection: bool) -> Frame:
         meta: dict[str, Any] = {"reconnects": self.reconnects}
+        if self.first_index:
+            meta[FIRST_INDEX_KEY] = self.first_index  # where the runner's output order starts for this stream
         if first_of_connection and self.connections > 1:
             meta["discontinuity"] = True  # temporal stages see a jump here
         frame = Frame(stream_id=self.id, index=self.next_index, pts=pts, image=image, meta=meta)
@@ -753,6 +758,8 @@ class LatencyStats:
 
 #: ended streams a hub remembers (GET /streams lists them, their metrics stay for alerts); older ones are forgotten
 MAX_ENDED = 256
+#: ended stream ids whose next frame index is kept for a stream added again under them (the most recent)
+MAX_RESUMED = 4096
 
 
 class StreamHub:
@@ -773,6 +780,7 @@ class StreamHub:
         self._cond = threading.Condition()
         self._streams: dict[str, LiveStream] = {}
         self._finished: dict[str, dict[str, Any]] = {}
+        self._resume_at: dict[str, int] = {}  # per ended stream id, the index a stream added again under it starts at
         self._closed = False
         self._listeners: list[Callable[[StreamEvent], None]] = []
         self.latency: dict[str, LatencyStats] = {}
@@ -794,7 +802,9 @@ class StreamHub:
             if stream_id in self._streams:
                 raise SourceError(f"stream id {stream_id!r} is already in use; give the stream another id")
             remember_secrets(cfg.url or "")  # a refused request teaches the scrubber nothing (the set only grows)
-            stream = LiveStream(cfg, stream_id, self._cond, self._emit, overflow, connect_check)
+            # (stream, index) stays a key across a remove and an add: the frames go on numbering
+            stream = LiveStream(cfg, stream_id, self._cond, self._emit, overflow, connect_check,
+                                first_index=self._resume_at.get(stream_id, 0))
             self._streams[stream_id] = stream
             self._finished.pop(stream_id, None)
             self.latency[stream_id] = LatencyStats()
@@ -893,6 +903,9 @@ class StreamHub:
             batch.extend(items)
             if stream.delivered_end:
                 self._finished[stream_id] = stream.status()
+                self._resume_at[stream_id] = stream.next_index
+                while len(self._resume_at) > MAX_RESUMED:
+                    del self._resume_at[next(iter(self._resume_at))]
                 del self._streams[stream_id]
         return batch
 

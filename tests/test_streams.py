@@ -669,3 +669,22 @@ def test_a_guarded_stream_of_any_scheme_opens_no_playlist_demuxer(monkeypatch):
     for options in opened:
         allowed = options["format_whitelist"].split(",")
         assert not {"hls", "dash", "sdp", "concat"} & set(allowed) and "mpegts" in allowed
+
+
+def test_a_stream_added_again_under_its_id_goes_on_numbering_its_frames(tmp_path):
+    """POST cam1, DELETE cam1, POST cam1: the second one's frames started at index 0 again, so records and events
+    of the two shared (stream, index) keys in one output."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=4)
+    cfg = load_config(data={"stages": {"chaos": {"batch": 1}}, "runtime": {"mode": "live"}})
+    hub = StreamHub(mode="live", keep_open=True, defaults={"resize": [64, 48], "reconnect_on_eof": False})
+    run = BackgroundRun(cfg, hub)
+    try:
+        for expected in (4, 8):
+            hub.add_url(f"file:{clip}", "cam")
+            wait_until(lambda: run.count("cam") >= expected, 20, f"{expected} frames")
+            wait_until(lambda: "cam" in [s["id"] for s in hub.status()["ended"]], 10, "the stream to end")
+        hub.close(stop_streams=True)
+        summary = run.join()
+    finally:
+        hub.close(stop_streams=True)
+    assert run.indices("cam") == list(range(8)) and summary.accounting.decoded["cam"] == 8

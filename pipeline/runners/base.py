@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 
 from blinkflow.config import Config
 from blinkflow.errors import BlinkflowError, SinkError, StageError, first_line
-from blinkflow.frame import Accounting, Frame, FrameResult, Outcome
+from blinkflow.frame import FIRST_INDEX_KEY, Accounting, Frame, FrameResult, Outcome
 from blinkflow.gate.carry import CarryOver
 from blinkflow.gate.motion import VECTORS_KEY
 from blinkflow.graph import build_graph
@@ -196,7 +196,7 @@ class OrderedOutput:
         #: the gate's driver half: motion-compensated carry-over, audit scores, per-stream skip stats
         self.carry = CarryOver.from_config(gate, wave_size, held)
         self.pending: dict[str, list[tuple[int, int, Frame]]] = defaultdict(list)
-        self.next_index: dict[str, int] = defaultdict(int)
+        self.next_index: dict[str, int] = {}
         #: per stream, the latest frame the models ran on: (index, results); a carried frame takes results only
         #: from the frame its gate mark names, so a failed or lost one is never stood in for by an older one
         self.last_processed: dict[str, tuple[int, dict[str, Any]]] = {}
@@ -208,6 +208,8 @@ class OrderedOutput:
 
     def push(self, frames: list[Frame]) -> None:
         for frame in frames:
+            if frame.stream_id not in self.next_index:  # 0, or where a stream added again under its id goes on
+                self.next_index[frame.stream_id] = frame.meta.get(FIRST_INDEX_KEY, 0)
             self._tiebreak += 1
             heapq.heappush(self.pending[frame.stream_id], (frame.index, self._tiebreak, frame))
             self._drain(frame.stream_id)
@@ -248,7 +250,7 @@ class OrderedOutput:
 
     def feedback_ready(self, frame: Frame) -> bool:
         """Whether the gate's audit feedback for ``frame`` is settled (see CarryOver.ready_for)."""
-        return self.carry.ready_for(frame, self.next_index.get(frame.stream_id, 0))
+        return self.carry.ready_for(frame, self.next_index.get(frame.stream_id, frame.meta.get(FIRST_INDEX_KEY, 0)))
 
     def attach_feedback(self, frames: list[Frame]) -> None:
         self.carry.attach_feedback(frames)
