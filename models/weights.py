@@ -283,9 +283,16 @@ def with_checkpoint_classes(spec: WeightsSpec, stage: str) -> WeightsSpec:
 
 
 def _fresh_head(model: Any, state: dict) -> list[str]:
+    """The class-dependent tensors: those differing from the model's in their first (class) dimension alone. A
+    tensor differing otherwise is another net (other widths), which _check_compatible refuses: every such tensor
+    started fresh, a fine-tune trained from scratch while it recorded the weights it came from."""
     expected = model.state_dict()
-    return [key for key, value in state.items()
-            if key in expected and tuple(getattr(value, "shape", ())) != tuple(expected[key].shape)]
+    fresh = []
+    for key, value in state.items():
+        have, want = tuple(getattr(value, "shape", ())), tuple(expected[key].shape) if key in expected else None
+        if want is not None and have != want and len(have) == len(want) >= 1 and have[1:] == want[1:]:
+            fresh.append(key)
+    return fresh
 
 
 def _verify_checksum(spec: WeightsSpec, data: bytes) -> None:

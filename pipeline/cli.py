@@ -298,6 +298,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--sideways: cannot be combined with --ship or --workers; drop them (Sideways writes "
                           "its own report and weights to out_dir)")
     cfg = load_train_config(args.config, args.overrides, task=args.task)
+    if args.ship:
+        from blinkflow.models.training.train import check_ship_target
+
+        check_ship_target(cfg)
     if args.sideways:
         return _train_sideways(cfg, args)
     if args.workers > 0:

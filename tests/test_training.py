@@ -368,6 +368,8 @@ def test_a_class_index_that_leaves_out_a_folder_or_is_malformed_says_where(tmp_p
         (tmp_path / name).mkdir()
         shutil.copy(video, tmp_path / name / "a.mp4")
     shutil.copy(video, tmp_path / "run" / "b.m4v")  # a suffix the pipeline reads: training reads it too
+    (tmp_path / ".ipynb_checkpoints").mkdir()  # a hidden folder became class 0 of a shipped model
+    assert ds.find_video_tree(tmp_path)[0] == ["run", "walk"]
     (tmp_path / "classInd.txt").write_text("1 walk\n2 run\n")
     classes, videos = ds.find_video_tree(tmp_path)
     assert classes == ["walk", "run"] and sorted((v.name, c) for v, c in videos) == [("a.mp4", 0), ("a.mp4", 1), ("b.m4v", 1)]
@@ -644,6 +646,25 @@ def test_a_malformed_coco_file_is_one_line_naming_the_entry(tmp_path, document, 
         ds.read_coco(path)
 
 
+def test_an_image_too_large_or_of_another_size_than_its_entry_is_one_line(tmp_path, monkeypatch):
+    """A 195-megapixel PNG (PIL's DecompressionBombError is no OSError) and an entry whose height and width disagree
+    with its image (an IndexError painting the masks) were tracebacks."""
+    from PIL import Image
+
+    from blinkflow.models.training.media import read_image
+
+    Image.new("RGB", (64, 48)).save(tmp_path / "a.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 48 is then over twice the limit
+    with pytest.raises(ds.DatasetError, match=r"a.png: the image is too large to train on .*; downscale it"):
+        read_image(tmp_path / "a.png")
+    monkeypatch.undo()
+    document = {"images": [{"id": 1, "file_name": "a.png", "height": 100, "width": 100}], "annotations": [],
+                "categories": [{"id": 1, "name": "car"}]}
+    (tmp_path / "c.json").write_text(json.dumps(document))
+    with pytest.raises(ds.DatasetError, match=r"c.json: image 1 is 64x48 on disk but its entry says 100x100; fix"):
+        ds.coco_segmentation(ds.read_coco(tmp_path / "c.json"), (32, 32))
+
+
 def test_a_negative_worker_count_is_refused(capsys):
     from blinkflow.cli import main
 
@@ -880,3 +901,32 @@ def test_an_out_dir_that_is_a_file_is_refused_before_training(tmp_path):
     taken.write_text("not a folder")
     with pytest.raises(ConfigError, match=r"^out_dir: '.*runs' is a file; give the folder"):
         load_train_config(TRAIN_CONFIGS / "smoke-segment.yaml", [f"out_dir={taken}"])
+
+
+def test_eval_of_another_stages_checkpoint_names_the_weights_option(tmp_path, capsys):
+    """The task check named the pipeline config's key (stages.segment.weights) for eval's --weights."""
+    from blinkflow.cli import main
+
+    path = tmp_path / "flow.pt"
+    torch.save({"model": {"w": torch.zeros(1)}, "config": {"task": "flow"}}, path)
+    assert main(["eval", "segment", "--config", "configs/train/smoke-segment.yaml", "--weights", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(f"blinkflow: error: --weights: {path} is a checkpoint of `blinkflow "
+                                              "train flow`")
+
+
+def test_shipping_a_net_of_other_model_args_is_refused_before_training(tmp_path, monkeypatch, capsys):
+    """--ship of a smoke config replaced segment-unet_small.pt with a quarter-width net `weights: shipped` cannot
+    load (the stage builds the model with its defaults)."""
+    from blinkflow.cli import main
+    from blinkflow.models import weights
+
+    import shutil
+
+    (tmp_path / "weights").mkdir()  # the repo's manifest, in a folder that is not the repo's should it ship after all
+    shutil.copy(weights.WEIGHTS_DIR / "manifest.json", tmp_path / "weights")
+    monkeypatch.setattr(weights, "WEIGHTS_DIR", tmp_path / "weights")
+    assert main(["train", "segment", "--config", "configs/train/smoke-segment.yaml", "--ship", "--set",
+                 f"out_dir={tmp_path / 'run'}"]) == 2
+    assert ("--ship: model_args {'base_width': 8} build another unet_small than the shipped segment-unet_small.pt ({})"
+            in capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # refused before training

@@ -366,3 +366,18 @@ def test_another_tools_manifest_beside_a_pt_is_no_manifest(tmp_path):
     spec = resolve_weights(str(tmp_path / "w.pt"), stage="detect", model_name="tiny")
     assert (spec.kind, spec.sha256, spec.classes) == ("file", None, None)
     load_state(tiny_model(), spec)
+
+
+def test_a_fresh_class_head_is_only_the_class_dependent_tensors(tmp_path):
+    """init: shipped on a net of other widths started 91 of its 110 tensors fresh, silently: a fine-tune trained from
+    scratch while its metrics said where it started from. Only tensors differing in their class dimension may."""
+    from blinkflow.models.registry import build_model
+
+    path = tmp_path / "three.pt"
+    torch.save(build_model("unet_small", task="segment", num_classes=3).state_dict(), path)
+    spec = resolve_weights(str(path), stage="segment", model_name="unet_small")
+    fresh = load_state(build_model("unet_small", task="segment", num_classes=5), spec, fresh_head=True)
+    assert fresh and all(key.startswith("head.") for key in fresh)
+    narrower = build_model("unet_small", task="segment", num_classes=5, base_width=8)
+    with pytest.raises(WeightsError, match="shape mismatch"):
+        load_state(narrower, spec, fresh_head=True)

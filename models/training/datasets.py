@@ -376,6 +376,9 @@ def coco_semantic_map(coco: CocoData, image: dict, mapping: dict[int, int],
         if decoded_size is None:
             raise DatasetError(f"{coco.path}: image {image['id']} has no 'height' and 'width'; add them to the entry")
         height, width = decoded_size
+    if decoded_size is not None and tuple(decoded_size) != (height, width):  # the masks would not fit the image
+        raise DatasetError(f"{coco.path}: image {image['id']} is {decoded_size[1]}x{decoded_size[0]} on disk but its "
+                           f"entry says {width}x{height}; fix its 'width' and 'height'")
     semantic = np.zeros((height, width), dtype=np.uint8)
     kept = [a for a in coco.annotations[image["id"]] if a["category_id"] in mapping]
     for annotation in sorted(kept, key=lambda a: -a.get("area", 0)):
@@ -484,7 +487,8 @@ def find_video_tree(root: str | Path) -> tuple[list[str], list[tuple[Path, int]]
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: not a directory; pass the folder that holds one sub-folder per class")
-    folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+    # hidden folders (.ipynb_checkpoints, .git) are no classes: one became class 0 of a shipped model
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     index_file = root / "classInd.txt"
     classes = _class_index(index_file, folders) if index_file.is_file() else folders
     videos = [(video, classes.index(name)) for name in folders

@@ -24,6 +24,8 @@ def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.array(image.convert("RGB"))  # a writable copy: torch refuses read-only arrays
+    except Image.DecompressionBombError as exc:  # not an OSError: it was a traceback
+        raise DatasetError(f"{path}: the image is too large to train on ({exc}); downscale it") from None
     except OSError as exc:
         raise DatasetError(f"{path}: cannot read the image ({exc}); check the dataset's file names") from None
 

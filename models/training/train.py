@@ -164,6 +164,22 @@ def initialise(model: torch.nn.Module, cfg: TrainConfig) -> str | None:
     return f"{cfg.init} (sha256 {spec.sha256 or sha256_file(spec.path)})" if spec.path else cfg.init
 
 
+def check_ship_target(cfg: TrainConfig) -> None:
+    """``--ship`` replaces the shipped file of this stage and model: refused, before training, when the shipped one
+    is another net (other ``model_args``): a smoke config's quarter-width net replaced the real file, and every
+    stage loading `weights: shipped` with its options failed on a shape mismatch."""
+    from blinkflow.models.weights import read_manifest
+
+    for entry in read_manifest()["weights"]:
+        if entry.get("stage") == cfg.task and entry.get("model") == cfg.model:
+            shipped = (entry.get("config") or {}).get("model_args") or {}
+            if shipped != (cfg.model_args or {}):
+                raise ConfigError(f"--ship: model_args {cfg.model_args or {}} build another {cfg.model} than the "
+                                  f"shipped {entry['file']} ({shipped}), which it would replace; drop --ship and use "
+                                  f"{cfg.out_dir}/checkpoint.pt (with options.model_args the same), or train with "
+                                  f"model_args {shipped}")
+
+
 def finish(cfg: TrainConfig, task: Task, model: torch.nn.Module, classes: list[str] | None, summary: dict, ship: bool) -> None:
     """Write metrics.json beside the checkpoint and, when shipping, the weights and their manifest entry."""
     if ship:
@@ -207,7 +223,7 @@ def describe_eval_set(cfg: TrainConfig) -> str:
 def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None = None) -> dict:
     """Metrics of ``weights`` (default: the run's checkpoint, else the shipped weights) on ``data``
     (a real dataset; default: ``data.val_path``, else the synthetic held-out split)."""
-    from blinkflow.models.weights import load_state, with_checkpoint_classes
+    from blinkflow.models.weights import load_state
 
     if data and cfg.task == "reid":
         raise ConfigError("--data: reid is evaluated on synthetic identities (plus reid.real_clips), not a dataset "
@@ -216,7 +232,7 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
     torch.manual_seed(cfg.seed)
     task = make_task(cfg)
     spec = eval_weights_spec(cfg, weights)
-    classes = with_checkpoint_classes(spec, cfg.task).classes or task.default_classes
+    classes = spec.classes or task.default_classes
     real = data or cfg.data.val_path
     if not real and task.default_classes is not None and list(classes) != list(task.default_classes):
         raise BlinkflowError(f"{spec.label}: these weights know other classes ({_names(classes)}) than the synthetic "
@@ -231,13 +247,13 @@ def run_eval(cfg: TrainConfig, *, weights: str | None = None, data: str | None =
 
 def eval_weights_spec(cfg: TrainConfig, weights: str | None) -> Any:
     """``None``: the run's checkpoint when there is one, else the shipped weights."""
-    from blinkflow.models.weights import WeightsError, resolve_weights
+    from blinkflow.models.weights import WeightsError, resolve_weights, with_checkpoint_classes
 
     if weights is None:
         checkpoint = Path(cfg.out_dir) / CHECKPOINT_NAME
         weights = str(checkpoint) if checkpoint.is_file() else "shipped"
-    try:
-        return resolve_weights(weights, stage=cfg.task, model_name=cfg.model)
+    try:  # with the classes a checkpoint records (read once, its contents kept for loading)
+        return with_checkpoint_classes(resolve_weights(weights, stage=cfg.task, model_name=cfg.model), cfg.task)
     except WeightsError as exc:  # its messages name the pipeline config's key; here the input is --weights
         raise WeightsError(re.sub(rf"^stages\.{cfg.task}\.weights: ", "--weights: ", str(exc))) from None
 
