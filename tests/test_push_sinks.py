@@ -3,6 +3,7 @@ local HTTP server with failures injected. Everything stays on 127.0.0.1 on free 
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import logging
@@ -277,10 +278,7 @@ def test_a_broker_closing_each_connection_at_once_is_said_once_with_the_likely_c
 @pytest.mark.timeout(30)
 def test_the_buffer_is_bounded_in_bytes_too(caplog):
     """Held by count alone, 1000 frame records with dense fields (3 MB each) were 3 GB while the broker was down."""
-    with socket.socket() as black_hole:
-        black_hole.bind(("127.0.0.1", 0))
-        black_hole.listen(0)
-        url = f"http://127.0.0.1:{black_hole.getsockname()[1]}/hook"
+    with black_hole() as url:
         sink = WebhookSink(webhook_config(url, buffer=1000, buffer_mb=0.05, timeout_s=0.2, close_timeout_s=0.1))
         for item in numbered(40):
             item["note"] = "x" * 5000  # ~5 kB each: 10 fit in 50 kB
@@ -489,6 +487,15 @@ class Endpoint:
         self.thread.join(5)
 
 
+@contextlib.contextmanager
+def black_hole():
+    """The URL of a listening socket that never accepts: connections hang until the request's timeout."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        yield f"http://127.0.0.1:{hole.getsockname()[1]}/hook"
+
+
 def webhook_config(url: str, **settings) -> SinkConfig:
     values = {"type": "webhook", "url": url, "timeout_s": 0.3, "backoff_initial_s": 0.2, "backoff_max_s": 0.4,
               "close_timeout_s": 5.0, **settings}
@@ -546,11 +553,7 @@ def test_webhook_drops_after_its_retries_and_on_a_4xx_and_counts_them(tmp_path):
 
 @pytest.mark.timeout(30)
 def test_a_dead_webhook_never_blocks_write_counts_overflow_and_reports_at_close(caplog):
-    # a listening socket that never accepts: connections hang until the request's timeout
-    with socket.socket() as black_hole:
-        black_hole.bind(("127.0.0.1", 0))
-        black_hole.listen(0)
-        url = f"http://127.0.0.1:{black_hole.getsockname()[1]}/hook"
+    with black_hole() as url:
         sink = WebhookSink(webhook_config(url, buffer=4, timeout_s=0.2, close_timeout_s=0.3))
         overflow_before = ledger("webhook", "overflow")
         sink.write(result(0, numbered(1)))
