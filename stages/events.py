@@ -113,13 +113,15 @@ def _check_shape(shape: ZoneOptions | LineOptions, path: str, least: int, exact:
         raise ConfigError(f"{path}.points: a {'line' if exact else 'zone'} needs {need}, got {count}")
     if exact and shape.points[0] == shape.points[1]:
         raise ConfigError(f"{path}.points: both ends are {shape.points[0]}; a line needs two distinct points")
+    if not exact and _flat(shape.points):  # a zone no point can be inside never fires: say so
+        raise ConfigError(f"{path}.points: the zone {shape.points} has no area (its corners lie on one line)")
     crossing = None if exact else _crossing_edges(shape.points)
     if crossing:  # inside and outside would be read by the even-odd rule
         first, second = crossing
         raise ConfigError(f"{path}.points: the zone's edges {first + 1} and {second + 1} cross each other; list its "
                           "corners in order around it")
-    if not exact and _area(shape.points) == 0.0:  # a zone no point can be inside never fires: say so
-        raise ConfigError(f"{path}.points: the zone {shape.points} has no area (its corners lie on one line)")
+    if not exact and _area(shape.points) == 0.0:  # a symmetric bowtie's halves cancel: no inside either
+        raise ConfigError(f"{path}.points: the zone {shape.points} has no area; list its corners in order around it")
     if shape.normalized and any(not 0.0 <= v <= 1.0 for p in shape.points for v in p):
         raise ConfigError(f"{path}.points: normalized points lie in 0..1, got {shape.points}; "
                           "use pixels with normalized: false")
@@ -255,6 +257,16 @@ def _folds_back(a: list[float], b: list[float], c: list[float], d: list[float]) 
     cross = along[0][0] * along[1][1] - along[0][1] * along[1][0]
     dot = along[0][0] * along[1][0] + along[0][1] * along[1][1]
     return cross == 0 and dot > 0
+
+
+def _flat(points: list[list[float]]) -> bool:
+    """Whether the corners lie on one line, up to rounding (0.1, 0.2 and 0.3 times a direction gave an area of
+    1e-17: a zone that never fired, or "edges cross" for corners already in order): the spread across the points'
+    main direction is nothing against the spread along it."""
+    centred = np.asarray(points, dtype=np.float64)
+    centred -= centred.mean(axis=0)
+    spread = np.linalg.svd(centred, compute_uv=False)
+    return bool(spread[-1] <= 1e-9 * spread[0])
 
 
 def _area(points: list[list[float]]) -> float:
@@ -569,7 +581,7 @@ def _known_stream_ids(cfg: Any) -> set[str] | None:
     globs, streams added through the control endpoint, or ``blinkflow label``, which sets sources per video)."""
     if cfg.control.enabled or not cfg.sources:
         return None
-    defaults = {"file": lambda s: Path(s.path).stem, "synthetic": lambda s: f"synthetic-{s.seed}",
+    defaults = {"file": lambda s: Path(s.path).stem, "synthetic": lambda s: f"synthetic-{s.options.seed}",
                 "frames": lambda s: "frames"}
     ids = set()
     for source in cfg.sources:

@@ -230,6 +230,11 @@ def test_action_events_with_hysteresis():
     ({"zones": [{"name": "z", "points": [[0, 0], [1, 1], [2, 0]], "colour": "red"}]},
      "stages.events.options.zones.0.colour: unknown key"),
     ({"zones": [{"name": "z", "points": [[0, 0], [1, 1], [2, 2]]}]}, "stages.events.options.zones.0.points: the zone"),
+    # corners on one line up to rounding: accepted (a zone that never fired), or said to cross (corners in order)
+    ({"zones": [{"name": "z", "points": [[0.1, 0.3], [0.2, 0.6], [0.3, 0.9]], "normalized": True}]},
+     "stages.events.options.zones.0.points: the zone [[0.1, 0.3], [0.2, 0.6], [0.3, 0.9]] has no area (its corners"),
+    ({"zones": [{"name": "z", "points": [[0.1, 0.1], [0.5, 0.5], [0.9, 0.9]], "normalized": True}]},
+     "stages.events.options.zones.0.points: the zone [[0.1, 0.1], [0.5, 0.5], [0.9, 0.9]] has no area (its corners"),
     ({"lines": [{"name": "l", "points": [[float("nan"), 0], [float("nan"), 0]]}]},
      "stages.events.options.lines.0.points: every coordinate is a finite number"),
     ({"zones": [{"name": "z", "points": [[0, 0], [float("inf"), 1], [2, 0]]}]},
@@ -575,3 +580,15 @@ def test_a_box_the_detector_saw_once_gets_no_id_however_long_the_gate_carries_it
     assert _drive(once, reused_from={i: 10 for i in range(11, 15)}, confirm_hits=3) == []
     # seen by the detector on three frames, the same boxes: confirmed, one ID from its third sighting on
     assert _drive(once, confirm_hits=3) == [("new", 12, None), ("end", 24, None)]
+
+
+def test_a_synthetic_source_without_an_id_is_known_to_the_events_stage():
+    """Its default id was read from a setting that does not exist: any such config with events was a traceback."""
+    def with_zone_on(stream: str):
+        zone = {"name": "z", "points": [[0, 0], [10, 0], [10, 10]], "stream": stream}
+        return load_config(data={"sources": [{"type": "synthetic", "num_frames": 2, "seed": 7}],
+                                 "stages": {"detect": {"weights": None}, "track": {}, "events": {"options": {"zones": [zone]}}}})
+
+    assert with_zone_on("synthetic-7").stages["events"].options.zones[0].stream == "synthetic-7"
+    with pytest.raises(ConfigError, match=r"zones.0.stream: no source has stream id 'synthetic-1'; known: synthetic-7"):
+        with_zone_on("synthetic-1")
