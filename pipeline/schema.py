@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import numbers
 import types
 import typing
 from dataclasses import field
@@ -94,15 +95,19 @@ def _structure(tp: Any, value: Any, path: str) -> Any:
     return _structure_scalar(tp, value, path)
 
 
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy's bool is no bool subclass
+
+
 def _structure_scalar(tp: type, value: Any, path: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        if isinstance(value, numbers.Integral) and not _is_bool(value):  # numpy's too (a notebook's sweep)
+            return int(value)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, numbers.Real) and not _is_bool(value):
             try:
                 return float(value)
             except OverflowError:  # an integer of hundreds of digits

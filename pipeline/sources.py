@@ -716,6 +716,8 @@ class FramesSource:
 
 #: a capture time this far ahead of the clock is in another unit (ms or ns since the epoch), not clock skew
 MAX_CAPTURE_AHEAD_S = 86400.0
+#: a capture time before this (2001-09-09) is from another clock than the epoch's (seconds since boot)
+EARLIEST_CAPTURE_S = 1e9
 
 
 def _capture_time(value: Any, stream_id: str, index: int, now: float) -> float:
@@ -725,6 +727,9 @@ def _capture_time(value: Any, stream_id: str, index: int, now: float) -> float:
     if not number or not math.isfinite(value):
         raise SourceError(f"{stream_id}: frame {index}'s capture time ({shown(value)}) is not a number; pass "
                           "(image, time.time()) pairs (seconds since the epoch), or the images alone")
+    if value < EARLIEST_CAPTURE_S:  # seconds since boot (V4L2, GStreamer, time.monotonic()): 57 years of latency
+        raise SourceError(f"{stream_id}: frame {index}'s capture time {value:.6g} is before 2001; capture times are "
+                          "seconds since the epoch (time.time()), not a monotonic or boot clock")
     if value > now + MAX_CAPTURE_AHEAD_S:
         raise SourceError(f"{stream_id}: frame {index}'s capture time {value:.6g} is {(value - now) / 86400:.0f} days "
                           "ahead of this clock; capture times are seconds since the epoch (time.time()), not ms or ns")

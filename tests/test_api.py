@@ -51,7 +51,9 @@ def test_a_malformed_capture_time_or_frame_is_one_line_naming_the_frame():
     image = np.zeros((8, 8, 3), np.uint8)
     cases = {"noon": "is not a number", float("nan"): "is not a number", float("inf"): "is not a number",
              True: "is not a number", datetime.datetime.now(): "is not a number",
-             time.time_ns(): "days ahead of this clock; capture times are seconds since the epoch"}
+             time.time_ns(): "days ahead of this clock; capture times are seconds since the epoch",
+             # seconds since boot gave 57 years of latency in every record, silently
+             time.monotonic(): "is before 2001; capture times are seconds since the epoch", 0: "is before 2001"}
     for captured, says in cases.items():
         with pytest.raises(SourceError, match=says) as caught:
             list(blinkflow.run({"sources": [blinkflow.frames([image, (image, captured)], id="cam")],
@@ -293,3 +295,12 @@ def test_two_ray_sessions_at_once_leave_ray_up_until_the_last_one_ends(monkeypat
     assert state == {"up": True, "shutdowns": 0}
     second.__exit__(None, None, None)
     assert state == {"up": False, "shutdowns": 1}
+
+
+def test_numpy_numbers_are_numbers_in_overrides():
+    """A notebook's sweep value (np.int64(2)) was refused as "expected an integer", which it is."""
+    records = list(blinkflow.run({"sources": [blinkflow.frames([np.zeros((8, 8, 3), np.uint8)] * 4, fps=10)],
+                                  "gate": {"enabled": False}}, **{"sources.0.max_frames": np.int64(2),
+                                                                  "sources.0.fps": np.float32(5)}))
+    assert [r["index"] for r in records] == [0, 1]
+
