@@ -777,5 +777,11 @@ def _conversion_for(array: np.ndarray) -> str:
         return "floats in [0, 1]: (arr * 255).clip(0, 255).astype(np.uint8)"
     if array.dtype == np.uint16:
         return "16-bit: (arr >> 8).astype(np.uint8)"
+    if array.dtype == np.bool_:
+        return "a mask: arr.astype(np.uint8) * 255, repeated over 3 channels"
+    if array.size == 0:
+        return "an empty image: leave it out"
+    if array.dtype == object and array.ndim == 0 and array.item() is None:
+        return "None: the iterable gave None for a frame (a failed camera read?); skip those"
     return "a PIL image: np.asarray(image.convert('RGB'))"
 

@@ -304,3 +304,14 @@ def test_numpy_numbers_are_numbers_in_overrides():
                                                                   "sources.0.fps": np.float32(5)}))
     assert [r["index"] for r in records] == [0, 1]
 
+
+
+@pytest.mark.parametrize("bad, hint", [(None, "None: the iterable gave None for a frame"),
+                                       (np.zeros((8, 8, 3), bool), "a mask: arr.astype(np.uint8) * 255"),
+                                       (np.zeros((0, 0, 3), np.uint8), "an empty image: leave it out")])
+def test_a_bad_frame_gets_the_fix_for_what_it_is(bad, hint):
+    """None, a boolean mask and an empty image were all told to convert a PIL image."""
+    image = np.zeros((8, 8, 3), np.uint8)
+    with pytest.raises(SourceError) as caught:
+        list(blinkflow.run({"sources": [blinkflow.frames([image, bad], id="cam")], "gate": {"enabled": False}}))
+    assert str(caught.value).startswith("cam: frame 1 is") and hint in str(caught.value)
