@@ -547,6 +547,7 @@ def test_a_generated_token_is_printed_only_once_the_endpoint_listens(capsys, mon
     assert "control endpoint token" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_several_clients_of_one_address_each_get_every_answer(control):
     """Sequential requests from 4 clients of one address: a finished connection held its slot until its socket
     closed, so a client's next one found the cap reached and a request in flight was cut (its POST carried out,

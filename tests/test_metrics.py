@@ -393,6 +393,7 @@ def test_a_scrape_that_began_before_the_runs_end_is_not_its_last_scrape():
         assert exporter.wait_for_scrape(ended, timeout=0.2)
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_one_host_holding_idle_connections_cannot_keep_the_scraper_out():
     """16 silent connections from one address took every slot and every scrape got 503 (the driver looked
     down and paged); one address now holds at most a few, and the scraper from another gets through."""

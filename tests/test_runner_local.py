@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from blinkflow.config import load_config
 from blinkflow.frame import Outcome
@@ -112,6 +113,7 @@ def _camera(count: int, interval_s: float):
         yield np.full((48, 64, 3), index * 10, np.uint8)
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_live_waves_go_after_max_wait_ms_and_archive_waves_wait_to_be_full():
     """A 20 fps camera into a stage of batch 8: live, each frame goes with the next (no frame waits for seven
     more); archive keeps full waves, whatever the wait."""

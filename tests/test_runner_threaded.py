@@ -84,6 +84,7 @@ def object_weighted_parking(max_frames: int, segment_replicas: int = 1):
     })
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_threaded_equals_local_with_real_models_and_object_weighted_regions(one_torch_thread):
     """The real detector and segmenter with per-stream state (boxes carried, tiles around cached activations,
     masks leaning on the previous ones), fed the stream's boxes audit_lag frames late: the same as local."""
@@ -411,6 +412,7 @@ def test_an_abort_with_a_stage_stuck_in_a_call_ends_in_bounded_time(tmp_path, mo
         hang.set()
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_queue_gauges_rise_while_waves_wait_and_end_at_zero(tmp_path):
     from blinkflow.metrics import MetricsRecorder
 
