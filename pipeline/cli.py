@@ -164,7 +164,11 @@ def expected_frames(cfg) -> int | None:
 
 def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int:
     """Run a resolved config with a progress bar; print the summary; return the exit code."""
-    from blinkflow.sinks import build_sinks
+    from tqdm import tqdm
+
+    from blinkflow.control import GracefulSignals, live_session
+    from blinkflow.metrics import serving_metrics
+    from blinkflow.runners import get_runner
 
     if not cfg.sources and not cfg.control.enabled:  # else the models load for a run of 0 frames that exits 0
         raise ConfigError("sources: none given; add one (or use `blinkflow label` for a label config / enable "
@@ -172,32 +176,6 @@ def execute(cfg, progress: bool = True, summary_json: Path | None = None) -> int
     logging.getLogger().setLevel(min(logging.getLogger().level, getattr(logging, cfg.runtime.log_level.upper())))
     if summary_json is not None and summary_json.is_dir():  # found after the whole run otherwise
         raise ConfigError(f"--summary-json {summary_json}: is a folder; give a file's path")
-    sinks = _Sinks(build_sinks(cfg.sinks))
-    try:
-        return _execute_with(cfg, sinks, progress, summary_json)
-    except BaseException:
-        # a failure before the runner took them (a metrics port in use): their partial files and sender threads
-        # stayed behind
-        if not sinks.handed_over:
-            for sink in sinks:
-                with contextlib.suppress(Exception):
-                    sink.abort()
-        raise
-
-
-class _Sinks(list):
-    """The run's sinks, and whether a runner took them over (it commits or discards them from then on)."""
-
-    handed_over = False
-
-
-def _execute_with(cfg, sinks: list, progress: bool, summary_json: Path | None) -> int:
-    from tqdm import tqdm
-
-    from blinkflow.control import GracefulSignals, live_session
-    from blinkflow.metrics import serving_metrics
-    from blinkflow.runners import get_runner
-
     stop = threading.Event()
     with serving_metrics(cfg.metrics) as metrics:
         with live_session(cfg, metrics) as hub, \
@@ -215,15 +193,29 @@ def _execute_with(cfg, sinks: list, progress: bool, summary_json: Path | None) -
             if hub is None:
                 signals.install()
             try:
-                runner = get_runner(cfg.runtime.runner)(cfg, sinks=list(sinks), on_result=on_result,
-                                                        metrics=metrics, hub=hub, stop=stop)
-                sinks.handed_over = True
+                runner = _runner_with_sinks(get_runner(cfg.runtime.runner), cfg, on_result=on_result,
+                                            metrics=metrics, hub=hub, stop=stop)
                 summary = runner.run()
             finally:
                 signals.restore()
         # said and written before the metrics endpoint waits for a final scrape (up to 30 s): a container's stop
         # grace period killed the process in that wait, and the summary was never written
         return _report(summary, hub, signals.received, summary_json)
+
+
+def _runner_with_sinks(runner_cls: Any, cfg: Any, **options: Any) -> Any:
+    """The runner, handed the config's sinks, built last: a run that failed before it (a metrics port in use) left
+    their partial files and sender threads behind. Once built, the runner commits or discards them."""
+    from blinkflow.sinks import build_sinks
+
+    sinks = build_sinks(cfg.sinks)
+    try:
+        return runner_cls(cfg, sinks=sinks, **options)
+    except BaseException:
+        for sink in sinks:
+            with contextlib.suppress(Exception):
+                sink.abort()
+        raise
 
 
 def _report(summary: Any, hub: Any, interrupted: int | None, summary_json: Path | None) -> int:
