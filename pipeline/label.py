@@ -93,55 +93,57 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
     folder inside an input folder had its overlays labelled on every run."""
     outside = _outside(out_dir)
     paths: list[Path] = []
-    others: list[Path] = []  # other label runs' output folders, left out
+    others = _OtherRuns(out_dir)
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in _files_under(path, out_dir, others) if p.suffix.lower() in VIDEO_SUFFIXES
-                           and outside(p))
+            found = sorted(p for p in _files_under(path, others) if p.suffix.lower() in VIDEO_SUFFIXES and outside(p))
         elif path.is_file():
             found = [path]
         else:
             found = sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
             if not found:
                 raise BlinkflowError(f"{item}: no such file or directory, and no file matches it as a glob")
-            found = [p for p in found if outside(p) and not _in_another_label_folder(p, out_dir, others)]
+            # label writes its outputs straight into --out: 'archive/**/*.mp4' matched another run's overlays
+            found = [p for p in found if outside(p) and not others.hold(p.parent)]
         paths.extend(found)
-    if others:
+    if others.found:
         log.info("left out %d folder(s) of other blinkflow label runs (their outputs are no inputs): %s",
-                 len(others), ", ".join(map(str, others)))
+                 len(others.found), ", ".join(map(str, others.found)))
     unique = list(dict.fromkeys(p.resolve() for p in paths))
     if not unique:
         raise BlinkflowError(f"{' '.join(inputs)}: no video files found; pass files, directories or globs")
     return [Video(video_id, path) for video_id, path in zip(_unique_ids(unique), unique)]
 
 
-def _files_under(folder: Path, out_dir: Path | None, others: list[Path]) -> Iterator[Path]:
-    """The files in and under ``folder``, but not in another label run's output folder below it (added to
-    ``others``): labelling a/ into a/labels-b labelled a/labels-a's overlays as videos, and renamed the real
-    videos' ids. ``folder`` itself and ``out_dir`` (this run's, handled by _outside) are never left out."""
-    keep = {folder.resolve()} | ({Path(out_dir).expanduser().resolve()} if out_dir is not None else set())
+class _OtherRuns:
+    """Which folders are other label runs' output folders (labelling a/ into a/labels-b labelled a/labels-a's
+    overlays as videos, and renamed the real videos' ids); each folder is looked at once, and this run's own
+    (``out_dir``, which _outside handles) is none."""
+
+    def __init__(self, out_dir: Path | None) -> None:
+        self.own = Path(out_dir).expanduser().resolve() if out_dir is not None else None
+        self.checked: dict[Path, bool] = {}
+
+    def hold(self, folder: Path) -> bool:
+        if folder not in self.checked:
+            self.checked[folder] = folder.resolve() != self.own and _is_label_folder(folder)
+        return self.checked[folder]
+
+    @property
+    def found(self) -> list[Path]:
+        return [folder for folder, is_one in self.checked.items() if is_one]
+
+
+def _files_under(folder: Path, others: _OtherRuns) -> Iterator[Path]:
+    """The files in and under ``folder``, but not in another label run's output folder below it (``folder``
+    itself, named as an input, is never left out)."""
     for top, dirs, files in os.walk(folder):
         here = Path(top)
-        if here.resolve() not in keep and _is_label_folder(here):
-            others.append(here)
+        if here != folder and others.hold(here):
             dirs.clear()
             continue
         yield from (here / name for name in files if (here / name).is_file())
-
-
-def _in_another_label_folder(path: Path, out_dir: Path | None, others: list[Path]) -> bool:
-    """Whether a file a glob found is an output of another label run (label writes its outputs straight into
-    --out): 'archive/**/*.mp4' matched another run's overlays as videos."""
-    folder = path.parent
-    if out_dir is not None and folder.resolve() == Path(out_dir).expanduser().resolve():
-        return False  # this run's own folder: _outside decides
-    if folder in others:
-        return True
-    if _is_label_folder(folder):
-        others.append(folder)
-        return True
-    return False
 
 
 def _is_label_folder(folder: Path) -> bool:
