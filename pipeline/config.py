@@ -649,9 +649,13 @@ def _check_bind_host(section: str, host: str, enabled: bool) -> None:
     try:
         socket.getaddrinfo(host, None, socket.AF_INET, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except (socket.gaierror, UnicodeError) as exc:
-        raise ConfigError(f"{section}.host: {host!r} is not an IPv4 address or name this machine resolves "
-                          f"({getattr(exc, 'strerror', None) or exc}); use 127.0.0.1, 0.0.0.0 or the address of an "
-                          "interface") from None
+        raise ConfigError(unresolved_host(section, host, getattr(exc, "strerror", None) or exc)) from None
+
+
+def unresolved_host(section: str, host: str, reason: Any) -> str:
+    """The one line for an endpoint host that does not resolve (said at load, and by the server binding it)."""
+    return (f"{section}.host: {host!r} is not an IPv4 address or name this machine resolves ({reason}); use "
+            "127.0.0.1, 0.0.0.0 or the address of an interface")
 
 
 def _check_control(control: ControlConfig) -> None:

@@ -15,6 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from blinkflow.config import unresolved_host
 from blinkflow.errors import BlinkflowError
 
 log = logging.getLogger(__name__)
@@ -217,10 +218,7 @@ class HTTPService:
             self._server = _BoundedServer((self.host, self.requested_port), self.handler_class(), self.max_threads,
                                           self.request_deadline_s)
         except socket.gaierror as exc:  # an IPv6 literal or a name that does not resolve to IPv4
-            raise BlinkflowError(
-                f"{self.section}.host: {self.host!r} is not an IPv4 address or name this machine resolves "
-                f"({exc.strerror or exc}); use 127.0.0.1, 0.0.0.0 or the address of an interface"
-            ) from None
+            raise BlinkflowError(unresolved_host(self.section, self.host, exc.strerror or exc)) from None
         except OSError as exc:
             raise BlinkflowError(
                 f"{self.section}: cannot listen on {self.host}:{self.requested_port} ({exc.strerror or exc}); "
