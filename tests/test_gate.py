@@ -1344,6 +1344,33 @@ def test_a_source_resized_by_a_whole_factor_gets_its_fields_averaged_onto_the_ou
     assert odd.shape == (3, 5, 2) and set(np.unique(odd[..., 0])) <= set(np.unique(fine_odd[..., 0]))
 
 
+@pytest.mark.parametrize("out", [(64, 32), (40, 20)])
+def test_a_p_frame_after_b_frames_gives_its_vectors_less_their_steps_and_no_step_where_it_has_no_vector(out):
+    """The P-frame's vectors span the whole run since the anchor: its step is that motion less the B-frame's step;
+    a cell with no P vector (an intra block) has a zero step, not minus the B-frame's (also when regridded)."""
+    from blinkflow.gate.motion import PACKED_VECTORS, DecoderMotion, DecoderVectors
+
+    blocks = [(x, y) for y in range(0, 32, 8) for x in range(0, 64, 8)]
+
+    def vectors(motion_x: int, keep: list[int]) -> np.ndarray:
+        v = np.zeros(len(keep), PACKED_VECTORS)
+        v["source"], v["w"], v["h"], v["motion_scale"], v["motion_x"] = -1, 8, 8, 4, motion_x
+        v["dst_x"] = [blocks[i][0] + 4 for i in keep]
+        v["dst_y"] = [blocks[i][1] + 4 for i in keep]
+        return v
+
+    every, left_half = list(range(len(blocks))), [i for i, (x, _) in enumerate(blocks) if x < 32]
+    motion = DecoderMotion()
+    motion.step(DecoderVectors(1, (64, 32), out, None))  # the I-frame
+    b_step = motion.step(DecoderVectors(3, (64, 32), out, vectors(-8, every)))  # 2 pixels from 1 frame back
+    p_step = motion.step(DecoderVectors(2, (64, 32), out, vectors(-24, left_half)))  # 6 pixels over 2 frames
+    sx = out[0] / 64
+    np.testing.assert_allclose(b_step[..., 0], 2 * sx)
+    covered = (np.arange(p_step.shape[1]) * 64 // p_step.shape[1]) < 32  # output columns taking a left-half cell
+    np.testing.assert_allclose(p_step[:, covered, 0], 6 * sx - 2 * sx, rtol=1e-6)
+    assert not p_step[:, ~covered].any() and np.isfinite(p_step).all()
+
+
 @pytest.mark.parametrize("relight", [True, False])
 def test_tiles_patched_during_an_exposure_ramp_leave_no_patchwork_with_relight_patches(relight):
     base = (textured().astype(np.float32) * 0.7).astype(np.uint8)  # room for a brighter exposure without clipping

@@ -123,6 +123,40 @@ def attach_decoder_motion(frame: Any, trackers: dict[str, DecoderMotion]) -> Non
     frame.meta[MOTION_KEY] = motion.astype(np.float16)
 
 
+@dataclass
+class _Columns:
+    """A frame's vectors as contiguous columns, made once: arithmetic on a structured array's strided fields is
+    several times slower, and a B-frame's speeds and its field read the same fields."""
+
+    ahead: np.ndarray  # bool: the block refers to a frame ahead (``source > 0``)
+    behind: np.ndarray  # bool: ``source < 0``
+    w: np.ndarray  # intp, like h, dst_x and dst_y
+    h: np.ndarray
+    dst_x: np.ndarray
+    dst_y: np.ndarray
+    motion_x: np.ndarray
+    motion_y: np.ndarray
+    scale: np.ndarray  # float64 ``motion_scale``, at least 1
+
+    @classmethod
+    def of(cls, mvs: np.ndarray) -> _Columns:
+        source = mvs["source"]
+        return cls(source > 0, source < 0, mvs["w"].astype(np.intp), mvs["h"].astype(np.intp),
+                   mvs["dst_x"].astype(np.intp), mvs["dst_y"].astype(np.intp), np.ascontiguousarray(mvs["motion_x"]),
+                   np.ascontiguousarray(mvs["motion_y"]), np.maximum(mvs["motion_scale"], 1).astype(np.float64))
+
+    def blocks(self) -> _Columns:
+        """The vectors whose blocks cover something (an empty block covers no cell)."""
+        if self.w.all() and self.h.all():
+            return self
+        keep = (self.w > 0) & (self.h > 0)
+        return _Columns(*(getattr(self, name)[keep] for name in self.__dataclass_fields__))
+
+
+def _columns(mvs: np.ndarray | _Columns | None) -> _Columns | None:
+    return None if mvs is None or not len(mvs) else mvs if isinstance(mvs, _Columns) else _Columns.of(mvs)
+
+
 def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell: int = MOTION_CELL,
                           scale: tuple[float, float] = (1.0, 1.0), past_distance: float = 1.0,
                           future_distance: float = 1.0, uncovered: float = 0.0) -> np.ndarray:
@@ -137,17 +171,25 @@ def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell:
     mean of the blocks over it; cells no vector covers (intra blocks) get
     ``uncovered`` (zero motion by default). ``scale`` maps decoded to output pixels.
     """
+    field_, count = _field_and_count(_columns(mvs), height, width, cell, scale, past_distance, future_distance)
+    if uncovered != 0.0 and count is not None:
+        field_[count == 0] = uncovered
+    return field_ if count is not None else np.full_like(field_, uncovered)
+
+
+def _field_and_count(columns: _Columns | None, height: int, width: int, cell: int, scale: tuple[float, float],
+                     past_distance: float, future_distance: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """motion_field_from_mvs with uncovered cells at zero, and how many blocks cover each cell (None: no
+    vectors at all; the field is then zero)."""
     gh, gw = max(1, math.ceil(height / cell)), max(1, math.ceil(width / cell))
-    if mvs is not None and len(mvs) and not (mvs["w"].all() and mvs["h"].all()):
-        mvs = mvs[(mvs["w"] > 0) & (mvs["h"] > 0)]  # an empty block covers no cell
-    if mvs is None or not len(mvs):
-        return np.full((gh, gw, 2), uncovered, dtype=np.float32)
-    # contiguous columns once: arithmetic on a structured array's strided fields is several times slower
-    w, h = mvs["w"].astype(np.intp), mvs["h"].astype(np.intp)
-    left, top = mvs["dst_x"].astype(np.intp) - w // 2, mvs["dst_y"].astype(np.intp) - h // 2
-    distance = np.where(mvs["source"] > 0, -max(future_distance, 1.0), max(past_distance, 1.0))
-    divisor = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0) * distance
-    forward_x, forward_y = -mvs["motion_x"] / divisor, -mvs["motion_y"] / divisor
+    columns = columns.blocks() if columns is not None else None
+    if columns is None or not len(columns.w):
+        return np.zeros((gh, gw, 2), dtype=np.float32), None
+    w, h = columns.w, columns.h
+    left, top = columns.dst_x - w // 2, columns.dst_y - h // 2
+    distance = np.where(columns.ahead, -max(future_distance, 1.0), max(past_distance, 1.0))
+    divisor = columns.scale * distance
+    forward_x, forward_y = -columns.motion_x / divisor, -columns.motion_y / divisor
     flat, forward_x, forward_y, grid, crop = _covered_cells(left, top, w, h, cell, gh, gw, forward_x, forward_y)
     # bincount, not np.add.at (10x faster); cells are summed block by block, in the vectors' order
     count = np.bincount(flat, minlength=grid)
@@ -155,9 +197,7 @@ def motion_field_from_mvs(mvs: np.ndarray | None, height: int, width: int, cell:
     field_ = np.empty((gh, gw, 2), dtype=np.float32)
     field_[..., 0] = crop(np.bincount(flat, weights=forward_x, minlength=grid) / per_cell * scale[0])
     field_[..., 1] = crop(np.bincount(flat, weights=forward_y, minlength=grid) / per_cell * scale[1])
-    if uncovered != 0.0:
-        field_[crop(count) == 0] = uncovered
-    return field_
+    return field_, crop(count)
 
 
 def _covered_cells(left: np.ndarray, top: np.ndarray, w: np.ndarray, h: np.ndarray, cell: int, gh: int, gw: int,
@@ -243,7 +283,7 @@ class DecoderMotion:
         self.count += 1
         role = _PICTURE_ROLES.get(decoded.picture, "intra")
         since = self.count - self.last_anchor if self.last_anchor is not None else 1  # >= 1: count moved on
-        vectors = decoded.vectors if role != "intra" else None
+        vectors = _columns(decoded.vectors) if role != "intra" else None
         if role == "bidirectional":
             past, future = self._b_distances(vectors, since)
             step = self._field(decoded, vectors, past, future)
@@ -259,15 +299,18 @@ class DecoderMotion:
         """This frame's step composed onto ``pending`` (the motion of frames decoded but not kept)."""
         return compose_motion(self.step(decoded), pending)
 
-    def _anchor_step(self, decoded: DecoderVectors, vectors: np.ndarray | None) -> np.ndarray:
+    def _anchor_step(self, decoded: DecoderVectors, vectors: _Columns | None) -> np.ndarray:
         """The motion since the last anchor (undivided), less what the B-frames since then were given;
-        cells without a vector (intra) keep what those B-frames said."""
-        whole = self._field(decoded, vectors, 1.0, 1.0, uncovered=np.nan)
+        cells without a vector (intra) keep what those B-frames said (their step is zero)."""
+        whole, count = self._field_counted(decoded, vectors, 1.0, 1.0)
+        if count is None:
+            return whole
         if self.run_steps is not None and self.run_steps.shape == whole.shape:
             whole -= self.run_steps
-        return np.nan_to_num(whole, nan=0.0)
+        whole[count == 0] = 0.0
+        return whole
 
-    def _b_distances(self, vectors: np.ndarray | None, since: int) -> tuple[int, int]:
+    def _b_distances(self, vectors: _Columns | None, since: int) -> tuple[int, int]:
         """(past, future) reference distances of a B-frame ``since`` frames after the last anchor."""
         gap = max(self.anchor_gap or since + 1, since + 1)  # before the first P-frame: the shortest run
         flat, pyramid = _b_references(since, gap, False), _b_references(since, gap, True)
@@ -292,17 +335,23 @@ class DecoderMotion:
         """How far the speed a reading implies is from the last frame's (0 when there is none)."""
         return abs(math.log(_speed(speeds, pair) / self.last_speed)) if self.last_speed else 0.0
 
-    def _field(self, decoded: DecoderVectors, vectors: np.ndarray | None, past: float, future: float,
-               uncovered: float = 0.0) -> np.ndarray:
+    def _field(self, decoded: DecoderVectors, vectors: _Columns | None, past: float, future: float) -> np.ndarray:
+        return self._field_counted(decoded, vectors, past, future)[0]
+
+    def _field_counted(self, decoded: DecoderVectors, vectors: _Columns | None, past: float,
+                         future: float) -> tuple[np.ndarray, np.ndarray | None]:
+        """The frame's field on the output's cells (uncovered cells zero) and each cell's block count (None: no
+        vectors)."""
         (width, height), (out_w, out_h) = decoded.size, decoded.out
         factor = _whole_factor((width, height), (out_w, out_h))
         # a source that resizes by a whole factor (or not at all): the output's cells are whole squares of
         # decoded pixels, so the blocks are averaged straight onto them (every vector counts, where making
         # the finer field and taking every factor-th cell dropped the others and cost 2.4x the time)
         cell = MOTION_CELL * (factor or 1)
-        field_ = motion_field_from_mvs(vectors, height, width, cell=cell, scale=(out_w / width, out_h / height),
-                                       past_distance=past, future_distance=future, uncovered=uncovered)
-        return field_ if factor else regrid_motion(field_, out_h, out_w)
+        field_, count = _field_and_count(vectors, height, width, cell, (out_w / width, out_h / height), past, future)
+        if factor:
+            return field_, count
+        return regrid_motion(field_, out_h, out_w), None if count is None else regrid_motion(count, out_h, out_w)
 
 
 def _whole_factor(size: tuple[int, int], out: tuple[int, int]) -> int | None:
@@ -322,14 +371,14 @@ _LONGEST_B_RUN = 16
 _SPEED_TOLERANCE = math.log(1.25)
 
 
-def _speeds_by_direction(vectors: np.ndarray | None) -> tuple[float, float] | None:
+def _speeds_by_direction(vectors: _Columns | None) -> tuple[float, float] | None:
     """Median displacement (pixels) of the moving blocks referring back and of those referring ahead;
     ``None`` unless both directions have moving blocks."""
-    if vectors is None or not len(vectors):
+    if vectors is None:
         return None
-    length = np.hypot(vectors["motion_x"], vectors["motion_y"]) / np.maximum(vectors["motion_scale"], 1)
-    moving, source = length > 0, vectors["source"]
-    back, ahead = length[moving & (source < 0)], length[moving & (source > 0)]
+    length = np.hypot(vectors.motion_x, vectors.motion_y) / vectors.scale
+    moving = length > 0
+    back, ahead = length[moving & vectors.behind], length[moving & vectors.ahead]
     if not (len(back) and len(ahead)):
         return None
     return _median(back), _median(ahead)
