@@ -423,7 +423,7 @@ class LabelConfig:
     parallel: int | None = _field(None, "videos labelled at once; null: as many as the cluster's CPUs allow", lo=1, hi=100000)
     task_cpus: float = _field(1.0, "CPUs each video's Ray task reserves", lo=0.0, hi=1024)
     retry_failed: bool = _field(True, "on a re-run, label again the videos the manifest records as failed, and the "
-                                "partial ones (truncated) whose file did not change")
+                                "partial ones (truncated, or with frames failed in a stage) whose file did not change")
 
 
 @dataclass

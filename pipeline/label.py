@@ -585,7 +585,11 @@ def _stats(summary: Any, outputs: dict[str, bytes]) -> dict[str, Any]:
     if totals["failed"]:
         errors.append(f"{totals['failed']} frames failed in a stage (see the records' error field)")
     truncated = bool(summary.accounting.truncated)  # cut short (typed by the source): partial, labelled again
-    status = "done" if summary.ok else "partial" if truncated and totals["failed"] == 0 else "failed"
+    # frames failed in a stage beside good ones: partial too (written, each failed frame's record saying why;
+    # throwing the video's good labels away hid those records and relabelled it on every run for nothing)
+    readable = truncated or not summary.accounting.source_errors
+    status = ("done" if summary.ok else
+              "partial" if readable and totals["decoded"] > totals["failed"] else "failed")
     return {
         "status": status, "error": "; ".join(errors) or None,
         "frames": totals["decoded"], "outcomes": {k: v for k, v in totals.items() if k != "decoded"},

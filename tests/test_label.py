@@ -327,6 +327,24 @@ def test_a_truncated_mp4_is_partial_not_done_and_is_labelled_again(tmp_path, lig
     assert again["videos"]["cut"]["status"] == "done" and again["videos"]["cut"]["frames"] == 20
 
 
+def test_a_frame_failed_in_a_stage_leaves_the_video_partial_with_its_outputs_written(tmp_path, light_config):
+    """One frame failing in a stage used to throw away the video's labels (status failed, no files), while the
+    error pointed at the records' error field; the records are written, the failed frame's saying why."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=6)
+    out = tmp_path / "out"
+    summary = label([clip], out, light_config, "stages.chaos.options.fail_indices=[2]")
+    entry = summary["videos"]["clip"]
+    assert entry["status"] == "partial" and summary["partial"] == ["clip"] and summary["failed"] == []
+    assert "1 frames failed in a stage" in entry["error"] and entry["outcomes"]["failed"] == 1
+    records = [json.loads(line) for line in (out / "clip.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in records] == list(range(6))
+    assert [r["index"] for r in records if r.get("error")] == [2] and "chaos" in records[2]["error"]
+    coco = json.loads((out / "clip.coco.json").read_text())
+    assert len(coco["images"]) == 6
+    every_frame_fails = label([clip], tmp_path / "none", light_config, "stages.chaos.options.fail_indices=[0,1,2,3,4,5]")
+    assert every_frame_fails["failed"] == ["clip"] and not (tmp_path / "none" / "clip.jsonl").exists()
+
+
 def test_the_config_digest_ignores_placement_and_warm_up_but_not_what_changes_outputs():
     from blinkflow.label import config_digest
 
