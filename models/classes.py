@@ -38,6 +38,17 @@ def coco80_to_category_id() -> list[int]:
     return [i for i, name in enumerate(coco_categories()) if i > 0 and name != "N/A"]
 
 
+#: COCO category name -> VOC class name (the 20 VOC classes all have a COCO twin)
+COCO_TO_VOC = {
+    "airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
+    "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow", "dining table": "diningtable",
+    "dog": "dog", "horse": "horse", "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
+    "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor",
+}
+#: a VOC class's COCO spelling (six differ: motorbike is motorcycle), for outputs that file both vocabularies together
+VOC_TO_COCO = {voc: coco for coco, voc in COCO_TO_VOC.items()}
+
+
 def voc_classes() -> list[str]:
     """PASCAL VOC: background and the 20 object classes, in the segmenters' logit order."""
     return list(_read("voc21.txt"))

@@ -393,3 +393,29 @@ def test_two_mp4_sinks_deriving_one_file_name_write_two_files(tmp_path, caplog):
     from blinkflow.sinks import _MP4_PATHS_IN_USE
 
     assert not {p for p in _MP4_PATHS_IN_USE if p.parent == tmp_path.resolve()}  # released at close
+
+
+def test_coco_files_a_voc_class_of_the_segmenter_under_the_detectors_coco_name_and_id(tmp_path):
+    """VOC spells six classes otherwise (motorbike, sofa, tvmonitor...): the segmenter's motorbike mask and the
+    detector's motorcycle box were two categories, the mask's under a made-up id."""
+    import json
+
+    import numpy as np
+
+    from blinkflow.sinks.coco import CocoSink
+    from blinkflow.stages.common import encode_class_map
+
+    sink = CocoSink(SinkConfig(type="coco", path=str(tmp_path / "c.json")))
+    result = make_result(0)
+    class_map = np.zeros((result.height, result.width), np.uint8)
+    class_map[:4, :4], class_map[4:8, 4:8] = 1, 2
+    result.results["detect"] = {"boxes": [[1.0, 2.0, 10.0, 6.5]], "scores": [0.9], "labels": [0],
+                                "classes": ["motorcycle"]}
+    result.results["segment"] = {"mask": {"format": "png", "data": encode_class_map(class_map)},
+                                 "classes": ["background", "motorbike", "tvmonitor"]}
+    sink.write(result)
+    sink.close()
+    document = json.loads((tmp_path / "c.json").read_text())
+    assert sorted((c["id"], c["name"]) for c in document["categories"]) == [(4, "motorcycle"), (72, "tv")]
+    assert sorted((a["task"], a["category_id"]) for a in document["annotations"]) == [
+        ("detect", 4), ("segment", 4), ("segment", 72)]

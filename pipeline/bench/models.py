@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from blinkflow.bench.common import REPO_ROOT, machine_info, machine_line, markdown_table, save_json, write_section
+from blinkflow.models.classes import COCO_TO_VOC
 from blinkflow.models.weights import load_shipped
 
 log = logging.getLogger(__name__)
@@ -34,13 +35,6 @@ log = logging.getLogger(__name__)
 DATA = REPO_ROOT / "tests" / "data"
 MODELS_DOC = REPO_ROOT / "docs" / "models.md"
 
-#: COCO category name -> VOC class name (the 20 VOC classes all have a COCO twin)
-COCO_TO_VOC = {
-    "airplane": "aeroplane", "bicycle": "bicycle", "bird": "bird", "boat": "boat", "bottle": "bottle",
-    "bus": "bus", "car": "car", "cat": "cat", "chair": "chair", "cow": "cow", "dining table": "diningtable",
-    "dog": "dog", "horse": "horse", "motorcycle": "motorbike", "person": "person", "potted plant": "pottedplant",
-    "sheep": "sheep", "couch": "sofa", "train": "train", "tv": "tvmonitor",
-}
 IGNORE = 255
 #: COCO's thing categories have ids 1..90; panoptic stuff categories come after
 THING_MAX_ID = 90

@@ -20,7 +20,9 @@ on ``task`` to evaluate boxes or masks alone: a class's mask beside its boxes
 would count as one more object). Category ids are fixed by name, the same in
 every file: a COCO class has its COCO id (person 1, car 3), any other name a
 stable id of 1000 or more made from the name, so one name has one id whether a
-detector or a segmenter produced it, and files of several videos merge. Frames that were dropped or
+detector or a segmenter produced it (a VOC class under its COCO name: the segmenter's ``motorbike`` is
+``motorcycle``, 4), and the categories of several videos' files agree (their image, video and annotation ids
+count from 1 in each file: merging files renumbers those). Frames that were dropped or
 failed get an image entry and no annotations. Everything is written when the
 sink closes, atomically; the output depends only on the results, so the same
 input gives byte-identical files.
@@ -79,6 +81,9 @@ class CocoSink(Sink):
             self._add_masks(result.results["segment"], where)
 
     def _category(self, name: str, task: str) -> int:
+        from blinkflow.models.classes import VOC_TO_COCO
+
+        name = VOC_TO_COCO.get(name, name)  # the segmenter's VOC "motorbike" is the detector's COCO "motorcycle"
         entry = self.categories.get(name)
         if entry is None:
             entry = self.categories[name] = {"id": category_id(name), "name": name, "supercategory": "object"}
