@@ -419,3 +419,19 @@ def test_coco_files_a_voc_class_of_the_segmenter_under_the_detectors_coco_name_a
     assert sorted((c["id"], c["name"]) for c in document["categories"]) == [(4, "motorcycle"), (72, "tv")]
     assert sorted((a["task"], a["category_id"]) for a in document["annotations"]) == [
         ("detect", 4), ("segment", 4), ("segment", 72)]
+
+
+def test_the_overlay_draws_boxes_given_corner_first_or_not_skips_unfinite_ones_and_fits_tiny_frames():
+    """A custom backend's box with x2 < x1 made torchvision refuse the frame (the whole mp4 sink failed); a frame
+    under 8 pixels wide with flow drawn had an inset wider than itself."""
+    from blinkflow.sinks.overlay import draw_overlay
+
+    result = make_result(0)
+    result.results["detect"] = {"boxes": [[30.0, 40.0, 1.0, 2.0], [float("nan"), 1.0, 5.0, 5.0]], "labels": [1, 2],
+                                "classes": ["disc", "square"], "scores": [0.9, 0.8]}
+    drawn = draw_overlay(result, ["detect"])
+    plain = draw_overlay(make_result(0), ["detect"])  # the same box, corners in order
+    assert np.array_equal(drawn, plain)
+    tiny = make_result(0, width=6, height=6)
+    image = draw_overlay(tiny, ["flow"])
+    assert image.shape == (6, 6, 3) and not np.array_equal(image, tiny.image)

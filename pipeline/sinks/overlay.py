@@ -60,12 +60,19 @@ def _draw_boxes(image, detect: dict[str, Any]):
 
     if not detect.get("boxes"):
         return image
-    boxes = torch.tensor(detect["boxes"], dtype=torch.float32)
+    boxes = torch.tensor(detect["boxes"], dtype=torch.float32).reshape(-1, 4)
     labels = [f"{name} {score:.2f}" for name, score in zip(detect["classes"], detect["scores"])]
     track_ids = detect.get("track_ids") or [None] * len(labels)  # with the track stage: "#7 car 0.91"
     labels = [label if track_id is None else f"#{track_id} {label}" for label, track_id in zip(labels, track_ids)]
     colours = [colour(int(label)) for label in detect["labels"]]
-    return draw_bounding_boxes(image, boxes, labels=labels, colors=colours, width=2)
+    # drawn as corners, whatever order a custom backend gives them in (torchvision refuses x2 < x1 and fails the
+    # whole video); a box with a NaN or infinite corner is not drawn
+    boxes = torch.cat([torch.minimum(boxes[:, :2], boxes[:, 2:]), torch.maximum(boxes[:, :2], boxes[:, 2:])], dim=1)
+    finite = torch.isfinite(boxes).all(dim=1).tolist()
+    if not all(finite):
+        boxes = boxes[torch.tensor(finite)]
+        labels, colours = [x for x, ok in zip(labels, finite) if ok], [x for x, ok in zip(colours, finite) if ok]
+    return draw_bounding_boxes(image, boxes, labels=labels, colors=colours, width=2) if len(boxes) else image
 
 
 def _draw_flow_inset(image, flow: np.ndarray):
@@ -76,7 +83,7 @@ def _draw_flow_inset(image, flow: np.ndarray):
 
     flow_image = flow_to_image(torch.from_numpy(np.asarray(flow, dtype=np.float32)))
     height, width = image.shape[-2:]
-    inset_w = max(8, width // 4)
+    inset_w = min(width, max(8, width // 4))  # a frame under 8 pixels wide has the inset over all of it
     inset_h = max(8, int(round(inset_w * flow_image.shape[-2] / flow_image.shape[-1])))
     inset = F.interpolate(flow_image[None].float(), size=(inset_h, inset_w), mode="nearest")[0].byte()
     out = image.clone()
