@@ -491,3 +491,25 @@ def test_a_dropped_frames_vectors_go_to_the_next_frame_of_its_stream_never_an_ea
     later = frame(10)
     motion.arrived(later)
     assert restarted.meta[VECTORS_KEY] == ["v0"] and later.meta[VECTORS_KEY] == ["v10"]
+
+
+def test_frames_a_restarted_stage_lost_keep_their_pts_and_size_in_the_records():
+    """A lost frame (chains.ChainRunner._close_stream) was written with pts NaN, which strict JSON readers refuse,
+    and a 1x1 image that the mp4 sink stretched over the video; it keeps what it was decoded with."""
+    import json
+    import types
+
+    from blinkflow.runners.chains import ChainRunner
+    from blinkflow.sinks import to_record
+
+    runner, pushed = object.__new__(ChainRunner), []
+    runner.output = types.SimpleNamespace(push=pushed.extend, end_stream=lambda stream_id: None)
+    runner.ledger = {}
+    for index in (3, 1):  # decoded, then lost with the actor
+        runner._in_ledger(Frame("cam", index, index / 10, np.zeros((48, 64, 3), np.uint8)))
+    runner._close_stream("cam")
+    records = [to_record(frame.finish()) for frame in pushed]
+    json.dumps(records, allow_nan=False)  # strict JSON
+    assert [(r["index"], r["pts"], r["width"], r["height"], r["outcome"]) for r in records] == [
+        (1, 0.1, 64, 48, "failed"), (3, 0.3, 64, 48, "failed")]
+    assert "lost: the stage actor holding it restarted" in records[0]["error"]

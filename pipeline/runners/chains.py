@@ -93,7 +93,8 @@ class ChainRunner(RunnerBase):
         self.output = OrderedOutput(self.sinks, self.accounting, self.on_result, self.metrics, gate=self.cfg.gate,
                                     driver_stages=build_driver_graph(self.cfg), wave_size=self.wave_size,
                                     held=self.held_frames)
-        self.ledger: dict[str, set[int]] = {}
+        #: per stream, every frame decoded and not yet out: index -> (pts, height, width), what a lost one is said with
+        self.ledger: dict[str, dict[int, tuple[float, int, int]]] = {}
         self.chains: deque[Chain] = deque()
         self.ending: set[str] = set()  # streams whose end chain is out: their id may come back (a re-added camera)
         self.dropped_motion = DroppedMotion()  # vectors of frames dropped under overload, for the next frames
@@ -119,7 +120,7 @@ class ChainRunner(RunnerBase):
                 self._finish_ending(item.stream_id)
             self.accounting.on_decoded(item)
             self.metrics.on_decoded(item)
-            self.ledger.setdefault(item.stream_id, set()).add(item.index)
+            self._in_ledger(item)
             if item.outcome is Outcome.DROPPED:  # a live source dropped it under overload: straight to the output
                 self._emit_dropped(item)
                 continue
@@ -174,7 +175,7 @@ class ChainRunner(RunnerBase):
     def _emit_dropped(self, frame: Frame, waiting: list[Frame] = ()) -> None:
         self.dropped_motion.drop(frame, waiting)
         frame.outcome = Outcome.DROPPED
-        self.ledger[frame.stream_id].discard(frame.index)
+        self.ledger[frame.stream_id].pop(frame.index, None)
         self.output.push([frame])
 
     def _submit_wave(self, frames: list[Frame], shard: int) -> None:
@@ -209,15 +210,18 @@ class ChainRunner(RunnerBase):
 
     def _deliver(self, frames: list[Frame]) -> None:
         for frame in frames:
-            self.ledger.get(frame.stream_id, set()).discard(frame.index)
+            self.ledger.get(frame.stream_id, {}).pop(frame.index, None)
         self.output.push(frames)
+
+    def _in_ledger(self, frame: Frame) -> None:
+        self.ledger.setdefault(frame.stream_id, {})[frame.index] = (frame.pts, frame.height, frame.width)
 
     def _close_stream(self, stream_id: str) -> None:
         """Anything of this stream still in the ledger was lost inside a restarted stage."""
-        lost = sorted(self.ledger.pop(stream_id, set()))
+        lost = sorted(self.ledger.pop(stream_id, {}).items())
         if lost:
             log.error("stream %s: %d frames were lost in a restarted actor; marking them failed", stream_id, len(lost))
-        self.output.push([lost_frame(stream_id, index) for index in lost])
+        self.output.push([lost_frame(stream_id, index, *said) for index, said in lost])
         self.output.end_stream(stream_id)
 
     def _sample_queues(self) -> None:
@@ -232,10 +236,13 @@ class ChainRunner(RunnerBase):
             self.metrics.on_queue(name, depth=max(0, startable - workers), in_flight=len(unfinished))
 
 
-def lost_frame(stream_id: str, index: int) -> Frame:
-    """A frame a restarted stage actor lost: failed, with the reason, so no frame vanishes."""
+def lost_frame(stream_id: str, index: int, pts: float = 0.0, height: int = 1, width: int = 1) -> Frame:
+    """A frame a restarted stage actor lost: failed, with the reason, so no frame vanishes. It keeps the pts and
+    size it was decoded with (a NaN pts made records that strict JSON readers refuse, a 1x1 image a video sink
+    stretched over its frame); its pixels are black, the image went with the actor."""
     import numpy as np
 
-    frame = Frame(stream_id=stream_id, index=index, pts=float("nan"), image=np.zeros((1, 1, 3), dtype=np.uint8))
+    image = np.broadcast_to(np.zeros((1, 1, 3), dtype=np.uint8), (height, width, 3))  # no memory for the pixels
+    frame = Frame(stream_id=stream_id, index=index, pts=pts, image=image)
     frame.fail("runtime", "lost: the stage actor holding it restarted")
     return frame
