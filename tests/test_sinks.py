@@ -435,3 +435,24 @@ def test_the_overlay_draws_boxes_given_corner_first_or_not_skips_unfinite_ones_a
     tiny = make_result(0, width=6, height=6)
     image = draw_overlay(tiny, ["flow"])
     assert image.shape == (6, 6, 3) and not np.array_equal(image, tiny.image)
+
+
+def test_csv_rows_say_which_boxes_the_gate_carried_over_and_from_which_frame(tmp_path):
+    """A reused frame's rows, or a refresh's that ran only the segmenter, looked like fresh detections."""
+    from blinkflow.sinks.csv_boxes import CsvSink, read_rows
+
+    sink = CsvSink(SinkConfig(type="csv", path=str(tmp_path / "b.csv")))
+    gates = [None, {"decision": "reuse", "keyframe": 0}, {"decision": "refresh", "keyframe": 0, "stages": ["segment"]},
+             {"decision": "refresh", "keyframe": 0, "stages": ["detect"]}]
+    for index, gate in enumerate(gates):
+        result = make_result(index)
+        result.results["detect"] = {"boxes": [[1.0, 2.0, 10.0, 6.5]], "scores": [0.9], "labels": [1], "classes": ["car"]}
+        if gate:
+            result.results["gate"] = gate
+        if gate and gate["decision"] == "reuse":
+            result.outcome, result.reuse_of = Outcome.REUSED, 0
+        sink.write(result)
+    sink.close()
+    rows = read_rows((tmp_path / "b.csv").read_text())
+    assert [(r["index"], r["outcome"], r["carried_from"]) for r in rows] == [
+        ("0", "processed", ""), ("1", "reused", "0"), ("2", "processed", "0"), ("3", "processed", "")]

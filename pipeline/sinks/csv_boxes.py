@@ -1,4 +1,6 @@
-"""``type: csv``: one row per detected box (stream, frame, pts, class, score, x1, y1, x2, y2), for spreadsheets.
+"""``type: csv``: one row per detected box (stream, frame, pts, class, score, x1, y1, x2, y2, outcome,
+carried_from), for spreadsheets. ``carried_from`` is empty when the detector ran on the frame, else the frame
+whose boxes the gate carried over (moved along the motion): a reused frame, or a refresh that ran other stages.
 A failed frame has no rows (the JSON records say why it failed).
 
 The whole sink is this file: the registry imports every module of ``blinkflow.sinks``.
@@ -13,7 +15,7 @@ from blinkflow.frame import FrameResult
 from blinkflow.registry import register_sink
 from blinkflow.sinks import AtomicFile, Sink, said_whole_at_the_end
 
-COLUMNS = ["stream", "index", "pts", "class", "score", "x1", "y1", "x2", "y2"]
+COLUMNS = ["stream", "index", "pts", "class", "score", "x1", "y1", "x2", "y2", "outcome", "carried_from"]
 
 
 @register_sink("csv")
@@ -37,8 +39,9 @@ class CsvSink(Sink):
         if result.outcome.value == "failed":
             return  # a later stage failed on it: its boxes are not the frame's answer (as the COCO sink)
         found = result.results.get("detect") or {}
+        said = [result.outcome.value, _carried_from(result)]
         for box, name, score in zip(found.get("boxes", []), found.get("classes", []), found.get("scores", [])):
-            self.writer.writerow([result.stream_id, result.index, round(result.pts, 6), name, score, *box])
+            self.writer.writerow([result.stream_id, result.index, round(result.pts, 6), name, score, *box, *said])
 
     def close(self) -> None:
         self.handle.close()
@@ -47,6 +50,16 @@ class CsvSink(Sink):
     def abort(self) -> None:
         self.handle.close()
         self.file.discard()
+
+
+def _carried_from(result: FrameResult) -> int | str:
+    """The frame the detector's boxes were found on, when not this one (a carried box read as a fresh one)."""
+    if result.reuse_of is not None:
+        return result.reuse_of
+    gate = result.results.get("gate") or {}
+    if gate.get("decision") == "refresh" and "detect" not in (gate.get("stages") or []):
+        return gate.get("keyframe", "")
+    return ""
 
 
 def read_rows(text: str) -> list[dict[str, str]]:
