@@ -198,7 +198,7 @@ def _torchvision_member(model_name: str, enum_name: str, member_name: str, stage
     try:
         return getattr(enum_cls, member_name)
     except AttributeError:
-        valid = ["DEFAULT", *enum_cls.__members__]
+        valid = list(dict.fromkeys(["DEFAULT", *enum_cls.__members__]))  # DEFAULT is also an alias member
         raise WeightsError(
             f"stages.{stage}.weights: {enum_name} has no member {member_name!r}; valid: {valid}"
         ) from None

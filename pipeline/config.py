@@ -22,6 +22,7 @@ from blinkflow.schema import (  # noqa: F401 - re-exported: the helpers configs 
     _field,
     _join,
     apply_override,
+    check_kind,
     field_default,
     read_yaml,
     resolve_path,
@@ -451,12 +452,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Load (``path``, or the raw mapping ``data``), override, structure and check a config; raise ConfigError
     on any problem. Relative paths in it are found beside ``path`` (or in ``base_dir``) too."""
     raw = read_yaml(path) if path is not None else dict(data or {})
+    _not_a_training_config(raw, path)
     for override in overrides or []:
         apply_override(raw, override, _default_at)
     base_dir = Path(path).resolve().parent if path is not None else Path(base_dir or Path.cwd())
     cfg = structure_config(raw)
     check_config(cfg, base_dir)
     return cfg
+
+
+#: top-level keys of a training config only (blinkflow.models.training.config.TrainConfig, which imports this module)
+_TRAINING_KEYS = {"task", "epochs", "batch_size", "optim", "eval_every", "out_dir"}
+
+
+def _not_a_training_config(raw: Any, path: str | Path | None) -> None:
+    name = path or "config"
+    check_kind(raw, Config, _TRAINING_KEYS, f"{name}: this is a training config, not a pipeline config; use "
+                                            f"`blinkflow train TASK --config {name}`")
 
 
 def _default_at(parts: list[str]) -> Any:

@@ -148,6 +148,15 @@ def structure_dataclass(cls: type, data: Any, path: str) -> Any:
     return cls(**structure_fields(cls, data, path))
 
 
+def check_kind(raw: Any, own: type, others: set[str], said: str) -> None:
+    """A mapping with none of ``own``'s keys and some of ``others`` (another kind of config's) is that kind (a
+    training config given to ``run``): said so, where the first unknown key named neither the mix-up nor the fix."""
+    keys = set(map(str, raw)) if isinstance(raw, dict) else set()
+    theirs = keys & others
+    if theirs and not keys & {f.name for f in dataclasses.fields(own)}:
+        raise ConfigError(f"{said} (it has {', '.join(sorted(theirs)[:3])})")
+
+
 def structure_fields(cls: type, data: dict, path: str) -> dict[str, Any]:
     """The values of ``data`` (keys that are fields of dataclass ``cls``) typed and range-checked."""
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -516,3 +516,20 @@ def test_rotate_mb_of_a_file_written_whole_is_refused(tmp_path):
         load_config(data={"sinks": [sink]})
     assert load_config(data={"sinks": [{**sink, "live": True}]}).sinks[0].rotate_mb == 10
     assert load_config(data={"sinks": [sink], "runtime": {"mode": "live"}}).sinks[0].live is True
+
+
+def test_a_training_config_given_to_run_and_a_pipeline_config_given_to_train_are_said_to_be_so():
+    """Each named only its first unknown key ('batch_size: unknown key'), not the mix-up or the fix."""
+    import dataclasses
+
+    from blinkflow.config import _TRAINING_KEYS
+    from blinkflow.models.training.config import TrainConfig, load_train_config
+
+    assert _TRAINING_KEYS <= {f.name for f in dataclasses.fields(TrainConfig)}  # the list stays a training one
+    for path in sorted((REPO_ROOT / "configs" / "train").glob("*.yaml")):
+        with pytest.raises(ConfigError, match=r"this is a training config.*blinkflow train TASK --config"):
+            load_config(path)
+    with pytest.raises(ConfigError, match=r"demo.yaml: this is a pipeline config.*use `blinkflow run"):
+        load_train_config(REPO_ROOT / "configs" / "demo.yaml")
+    with pytest.raises(ConfigError, match=r"^task: unknown key"):  # a pipeline config with a stray key: as before
+        load_config(data={"sources": [{"type": "synthetic"}], "task": "detect"})

@@ -289,8 +289,9 @@ def test_torchvision_weights_in_cache_keep_torchvision_categories(ssdlite_entry)
 
 
 def test_unknown_torchvision_member_lists_the_valid_ones(ssdlite_entry):
-    with pytest.raises(WeightsError, match="has no member 'IMAGENET1K_V9'.*COCO_V1"):
+    with pytest.raises(WeightsError, match="has no member 'IMAGENET1K_V9'.*COCO_V1") as raised:
         resolve_weights("IMAGENET1K_V9", stage="detect", model_name="ssdlite320_mobilenet_v3_large")
+    assert str(raised.value).endswith("valid: ['DEFAULT', 'COCO_V1']")  # the DEFAULT alias listed once
 
 
 @pytest.mark.parametrize("entries, problem", [

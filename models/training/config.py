@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from blinkflow.schema import _field, apply_override, read_yaml, resolve_path, structure_dataclass
+from blinkflow.schema import _field, apply_override, check_kind, read_yaml, resolve_path, structure_dataclass
 from blinkflow.devices import DEVICE_PATTERN
 from blinkflow.errors import ConfigError, first_line
 
@@ -167,11 +167,21 @@ class TrainConfig:
         return data
 
 
+def _not_a_pipeline_config(raw: Any, path: str | Path | None) -> None:
+    from blinkflow.config import Config
+
+    name = path or "config"
+    pipeline_keys = {f.name for f in dataclasses.fields(Config)}
+    check_kind(raw, TrainConfig, pipeline_keys, f"{name}: this is a pipeline config, not a training config; use "
+                                         f"`blinkflow run {name}` (or `blinkflow validate {name}`)")
+
+
 def load_train_config(
     path: str | Path | None, overrides: list[str] | None = None, *, task: str | None = None, data: dict | None = None
 ) -> TrainConfig:
     """Read, override, structure and check a training config; raise ConfigError on any problem."""
     raw = read_yaml(path) if path is not None else dict(data or {})
+    _not_a_pipeline_config(raw, path)
     for override in overrides or []:
         apply_override(raw, override)
     cfg = structure_dataclass(TrainConfig, raw, "")
