@@ -815,3 +815,22 @@ def test_a_sink_that_subclasses_a_built_in_one_may_read_any_setting(tmp_path):
         assert cfg.sinks[0].fps == 5.0
     finally:
         sink_registry._items.pop("paced_test")
+
+
+def test_a_push_sink_that_never_delivers_exports_zero_delivered_not_no_series(monkeypatch):
+    """blinkflow_sink_delivered_total appeared only at the first delivery: a delivered / attempted query on a dead
+    webhook read "no data" instead of 0."""
+    from blinkflow import metrics
+    from blinkflow.sinks import push
+
+    fresh = metrics.SinkLedger()
+    monkeypatch.setattr(push, "SINK_LEDGER", fresh)
+    with black_hole() as url:
+        sink = WebhookSink(webhook_config(url, buffer=4, timeout_s=0.2, close_timeout_s=0.3))
+        try:
+            assert fresh.snapshot()[0] == {"webhook": 0} and fresh.snapshot()[2] == {"webhook": 0}
+            families = {f.name: f for f in metrics._SinkCollector(fresh).collect()}
+            assert [(s.labels, s.value) for s in families["blinkflow_sink_delivered"].samples
+                    if s.name.endswith("_total")] == [({"sink": "webhook"}, 0.0)]
+        finally:
+            sink.close()

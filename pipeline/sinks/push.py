@@ -90,6 +90,9 @@ class PushSink(Sink):
         self._thread = threading.Thread(target=self._run, name=f"blinkflow-{self.label}-sink", daemon=True)
 
     def _start(self) -> None:
+        # its series exist from the start, at 0: a sink that never delivers reads 0 delivered, not "no data"
+        SINK_LEDGER.count_delivered(self.label, 0)
+        SINK_LEDGER.add_pending(self.label, 0)
         self._thread.start()
 
     # ------------------------------------------------------------------ the pipeline's side
