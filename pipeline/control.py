@@ -24,7 +24,7 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable, Iterator
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from blinkflow.control_guard import ControlGuard, Refused, content_length
 from blinkflow.errors import ConfigError, Interrupted, SourceError
@@ -105,13 +105,21 @@ def _add(hub: StreamHub, body: bytes, guard: ControlGuard | None) -> tuple[int, 
     options = {k: v for k, v in request.items() if k not in ("url", "id", "type")}
     try:
         check = guard.connect_refusal if guard is not None else None
-        stream = hub.add_url(request["url"], request.get("id"), connect_check=check, **options)
+        stream = hub.add_url(_as_url(request["url"]), request.get("id"), connect_check=check, **options)
     except ConfigError as exc:
         return 400, {"error": redact_text(str(exc))}
     except SourceError as exc:
         status = 503 if "stopping" in str(exc) else 409
         return status, {"error": redact_text(str(exc))}
     return 201, {"id": stream.id, "url": stream.url}
+
+
+def _as_url(url: str) -> str:
+    """A local path (the guard let it through: control.allow_local lists it) as the file: URL a stream opens; the
+    stream source refused the bare path after the guard had accepted it."""
+    if urlsplit(url).scheme or url.startswith("/dev/"):
+        return url
+    return f"file:{url}"
 
 
 def _handler_for(hub: StreamHub, guard: ControlGuard, port: Any, on_stop: Callable[[], None] | None = None

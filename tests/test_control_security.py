@@ -575,3 +575,20 @@ def test_several_clients_of_one_address_each_get_every_answer(control):
         thread.join(30)
     assert set(outcomes) == {200}, outcomes
 
+
+
+def test_a_listed_local_path_posted_as_is_opens_as_a_file_url(tmp_path):
+    """The guard let a bare path listed in control.allow_local through, then the stream source refused it ('not a
+    stream URL'), after a 403 for an unlisted one had told the user to list it."""
+    hub = StreamHub(mode="live", keep_open=True)
+    guard = ControlGuard(token=TOKEN, allow_local=[str(tmp_path / "*.mp4")])
+    server = ControlServer(hub, "127.0.0.1", 0, guard=guard).start()
+    try:
+        clip = str(tmp_path / "door.mp4")
+        status, reply = post(server, {"url": clip, "id": "door"})
+        assert status == 201 and reply == {"id": "door", "url": f"file://{clip}"}, reply
+        status, reply = post(server, {"url": "/etc/passwd", "id": "p"})
+        assert status == 403 and "control.allow_local" in reply["error"]
+    finally:
+        hub.close(stop_streams=True)
+        server.stop()
