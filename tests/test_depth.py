@@ -531,6 +531,79 @@ def test_train_sideways_with_clips_shorter_than_its_stages_is_one_line(tmp_path,
     assert "data.clip_len: 2 frames, but --stages 3 needs clips of at least 3" in err
 
 
+def test_every_compared_method_trains_on_the_same_batches_in_the_same_order(tmp_path, monkeypatch):
+    """One shuffling loader was shared: Sideways got epochs 0..E-1 of the shuffle, backprop the next E (and
+    other flips and dropout draws); now two Sideways runs and backprop see the same batches and learn alike."""
+    from blinkflow.models.causal3d import CausalConv3DNet
+    from blinkflow.models.training import sideways
+    from blinkflow.models.training.config import load_train_config
+
+    seen = {}
+    train_clip, forward_steps = sideways.LocalSideways.train_clip, CausalConv3DNet.forward_steps
+
+    def spy_sideways(self, clips, labels):
+        seen.setdefault(id(self), []).append((clips.clone(), labels.clone()))
+        return train_clip(self, clips, labels)
+
+    def spy_backprop(self, clips, *args, **kwargs):
+        if self.training:  # not the held-out evaluation
+            seen.setdefault("backprop", []).append(clips.clone())
+        return forward_steps(self, clips, *args, **kwargs)
+
+    monkeypatch.setattr(sideways.LocalSideways, "train_clip", spy_sideways)
+    monkeypatch.setattr(CausalConv3DNet, "forward_steps", spy_backprop)
+    cfg = load_train_config("configs/train/smoke-action.yaml", [f"out_dir={tmp_path}", "epochs=2",
+                            "data.train.clips=14", "data.val.clips=7"], task="action")
+    first, second, backprop = sideways.compare(cfg, 2, ("local", "local"))["results"]
+    runs = [batches for key, batches in seen.items() if key != "backprop"]
+    assert len(runs) == 2 and len(runs[0]) == len(seen["backprop"]) == 4
+    for (clips, labels), (again, again_labels), exact in zip(*runs, seen["backprop"]):
+        assert torch.equal(clips, again) and torch.equal(labels, again_labels) and torch.equal(clips, exact)
+    # same batches, flips and dropout draws: the second run learns exactly like the first
+    assert (first["first_loss"], first["last_loss"], first["metrics"]) == (
+        second["first_loss"], second["last_loss"], second["metrics"])
+
+
+def test_sideways_module_docstring_runs_this_module():
+    """It said `python -m models.training.sideways`: the repository folder, which only imports from a clone's root."""
+    import re
+
+    from blinkflow.models.training import sideways
+
+    assert re.findall(r"python -m ([\w.]+)", sideways.__doc__) == [sideways.__name__]
+
+
+def test_sideways_module_finds_its_config_anywhere_and_refuses_what_it_would_ignore(tmp_path, monkeypatch, capsys):
+    """Run outside the repository: the default config is the shipped one (it was a ConfigError traceback),
+    and a cosine schedule is refused in one line as `blinkflow train --sideways` refuses it (it was ignored)."""
+    from blinkflow.models.training.sideways import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--set", "optim.schedule=cosine", "--set", "epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--sideways: optim.schedule: 'cosine' is not supported" in err, err
+    assert not (tmp_path / "runs").exists(), "nothing trained"
+
+
+def test_sideways_module_user_errors_are_one_line(tmp_path, capsys):
+    from blinkflow.models.training.sideways import main
+
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing.yaml: config file not found" in err, err
+
+
+@pytest.mark.parametrize("stages, message", [("0", "argument --stages: 0 is below 1"),
+                                             ("two", "argument --stages: 'two' is not a whole number")])
+def test_sideways_module_stage_count_is_checked_by_argparse(stages, message, tmp_path, capsys):
+    """--stages 0 was a DepthSplitError traceback about a 'depth_parallel' option training does not have."""
+    from blinkflow.models.training.sideways import main
+
+    with pytest.raises(SystemExit) as caught:
+        main(["--stages", stages, "--set", f"out_dir={tmp_path}", "--set", "epochs=1"])
+    assert caught.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("costs", [None, MID_BLOCK], ids=["block boundary", "mid-block boundary"])
 def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(costs):
     from blinkflow.models.training.config import OptimConfig
@@ -555,6 +628,20 @@ def test_sideways_stage_gradient_comes_from_the_stage_above_one_tick_earlier(cos
     assert calls == [(0, True, False), (1, False, False), (0, True, False), (1, True, False),
                      (0, True, True), (1, True, False), (0, True, True), (1, True, False)]
     assert any(not torch.equal(a, b) for a, b in zip(before, split.stages[0].parameters())), "stage 0 learned"
+
+
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
+def test_sideways_executors_side_by_side_learn_alike(ray_local, tmp_path):
+    """`--sideways-executor both`: the Ray run got the next epochs' batches and its actors their own dropout
+    draws, so its losses differed from the in-process run's by more than the executors do."""
+    from blinkflow.models.training.config import load_train_config
+    from blinkflow.models.training.sideways import compare
+
+    cfg = load_train_config("configs/train/smoke-action.yaml", [f"out_dir={tmp_path}", "epochs=2",
+                            "data.train.clips=14", "data.val.clips=7"], task="action")
+    local, remote = compare(cfg, 2, ("local", "ray"), baseline=False)["results"]
+    for key in ("first_loss", "last_loss"):
+        assert remote[key] == pytest.approx(local[key], abs=1e-3), key
 
 
 @pytest.mark.slow

@@ -850,14 +850,55 @@ def test_reid_refuses_real_dataset_paths(tmp_path, real_media):
         run_eval(cfg, data=coco)
 
 
-def test_sideways_refuses_ship_and_workers(capsys):
+def test_sideways_refuses_ship_workers_and_fresh(tmp_path, capsys):
+    """--fresh was accepted and meant nothing: Sideways has no checkpoint to resume."""
     from blinkflow.cli import main as cli
 
     config = str(TRAIN_CONFIGS / "smoke-action.yaml")
-    for flag in (["--ship"], ["--workers", "2"]):
-        assert cli(["train", "action", "--config", config, "--sideways", *flag]) == 2
+    for flag in (["--ship"], ["--workers", "2"], ["--fresh"]):
+        assert cli(["train", "action", "--config", config, "--sideways", *flag,
+                    "--set", f"out_dir={tmp_path}", "--set", "epochs=1"]) == 2
         err = capsys.readouterr().err
-        assert "--sideways: cannot be combined with --ship or --workers" in err and len(err.strip().splitlines()) == 1
+        assert f"--sideways: cannot be combined with {flag[0]};" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "sideways.json").exists()
+
+
+@pytest.mark.parametrize("flag", [["--stages", "3"], ["--sideways-executor", "ray"]])
+def test_sideways_options_without_sideways_are_refused(flag, tmp_path, capsys):
+    """They were ignored: an ordinary training ran."""
+    from blinkflow.cli import main as cli
+
+    config = str(TRAIN_CONFIGS / "smoke-action.yaml")
+    assert cli(["train", "action", "--config", config, *flag, "--set", f"out_dir={tmp_path}", "--set", "epochs=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"blinkflow: error: {flag[0]}: only with --sideways; add --sideways or drop {flag[0]}"
+    assert not any(tmp_path.iterdir()), "nothing trained"
+
+
+def test_sideways_stage_count_is_checked_by_argparse(capsys):
+    """--stages 0 named a 'depth_parallel' option that training does not have."""
+    from blinkflow.cli import main as cli
+
+    with pytest.raises(SystemExit) as caught:
+        cli(["train", "action", "--config", str(TRAIN_CONFIGS / "smoke-action.yaml"), "--sideways", "--stages", "0"])
+    assert caught.value.code == 2 and "argument --stages: 0 is below 1" in capsys.readouterr().err
+
+
+def test_the_readme_sideways_command_runs(tmp_path, monkeypatch, capsys):
+    """The README showed configs/train/action.yaml, whose cosine schedule, warm-up and device: auto --sideways
+    refuses; its command (with a tiny run and a temporary out_dir) must train."""
+    import shlex
+
+    from blinkflow.cli import main as cli
+
+    monkeypatch.chdir(REPO_ROOT)  # its --config is relative to the clone
+    lines = [line for line in (REPO_ROOT / "README.md").read_text().splitlines()
+             if line.startswith("blinkflow train") and "--sideways" in line]
+    assert len(lines) == 1, lines
+    words = shlex.split(lines[0].split(" #", 1)[0])
+    tiny = ["epochs=1", "data.train.clips=7", "data.val.clips=7", f"out_dir={tmp_path}"]
+    assert cli([*words[1:], *(a for o in tiny for a in ("--set", o))]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "sideways.json").read_text())["results"][0]["steps"] == 1
 
 
 def test_sideways_refuses_what_it_would_ignore(capsys):

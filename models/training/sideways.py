@@ -23,6 +23,9 @@ clip ends are dropped.
 **Baseline** ("ordinary backprop"): the same network, initialisation, data,
 optimiser and objective (cross-entropy of every time step's logits against the
 clip label), trained in clip mode with exact gradients (through time too).
+Every method's epoch e re-seeds the shuffle and torch's RNG (Ray actors'
+too) from (seed, e) as ``blinkflow train`` does, so all of them see the same
+batches, flips included, in the same order.
 
 Executors: ``local`` runs the K stage workers one after another in this
 process (the algorithm exactly, no parallel speed-up); ``ray`` puts each stage
@@ -30,12 +33,14 @@ worker in its own Ray actor (one CPU thread each), so the K stages of a tick
 run at the same time and the driver never waits for a tick to end.
 
 Entry points: ``blinkflow train action --sideways --config configs/train/smoke-action.yaml``,
-or ``python -m models.training.sideways --config ...``.
+or ``python -m blinkflow.models.training.sideways [--config ...]`` (default: the shipped smoke-action.yaml).
+Both go through :func:`compare`, which refuses settings Sideways would ignore.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import statistics
@@ -43,12 +48,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from blinkflow.errors import BlinkflowError, ConfigError
 from blinkflow.files import atomic_path, write_atomic
 from blinkflow.models.training.config import TrainConfig
 
@@ -94,6 +100,10 @@ class SidewaysWorker:
         down = _input_grad(x) if self.stage.index > 0 else None
         self.busy_s += time.perf_counter() - started
         return map_tensors(y, torch.Tensor.detach), down, loss_value
+
+    def seed(self, seed: int) -> None:
+        """Re-seed this process's torch RNG (dropout): an actor's would otherwise differ from the driver's."""
+        torch.manual_seed(seed)
 
     def step(self) -> None:
         self.optimizer.step()
@@ -154,6 +164,9 @@ class LocalSideways:
             worker.step()
         return statistics.mean(losses)
 
+    def seed(self, seed: int) -> None:
+        """The workers draw from this process's RNG, which :func:`epoch_batches` has just seeded."""
+
     def sync(self, split: Any) -> None:
         """Parameters are shared with ``split`` in process: nothing to copy."""
 
@@ -192,6 +205,11 @@ class RaySideways:
             x, grad, labels, scale))
         ray.get([w.step.remote() for w in self.workers])
         return statistics.mean(ray.get(loss_refs))
+
+    def seed(self, seed: int) -> None:
+        import ray
+
+        ray.get([w.seed.remote(seed) for w in self.workers])
 
     def sync(self, split: Any) -> None:
         import ray
@@ -251,6 +269,32 @@ def build_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     return task, loader, make_loader(task, val_set, cfg.batch_size, train=False)
 
 
+def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
+    """Torch's seed for epoch ``epoch``: train_one_epoch's (rank 0)."""
+    return cfg.seed * 1_000_003 + epoch * 101
+
+
+def epoch_batches(cfg: TrainConfig, loader: Any, epoch: int) -> Iterator[Any]:
+    """Epoch ``epoch``'s training batches, the same for every method: the shuffle and torch's RNG are re-seeded
+    from (seed, epoch) as ``blinkflow train`` does. The random flips and dropout both draw from torch's RNG, and
+    the methods draw dropout a different number of times, so the loader gets an RNG state of its own."""
+    from blinkflow.models.training.train import Runtime
+
+    Runtime(progress=False).set_epoch(loader, epoch)
+    torch.manual_seed(epoch_seed(cfg, epoch))
+    data_state = torch.get_rng_state()
+    batches = iter(loader)
+    while True:
+        model_state = torch.get_rng_state()
+        torch.set_rng_state(data_state)
+        batch = next(batches, None)
+        data_state = torch.get_rng_state()
+        torch.set_rng_state(model_state)
+        if batch is None:
+            return
+        yield batch
+
+
 def fresh_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     from blinkflow.models.registry import build_model
 
@@ -268,8 +312,9 @@ def train_sideways(cfg: TrainConfig, data: tuple, stages: int = 2, executor: str
     runner = RaySideways(split, cfg.optim) if executor == "ray" else LocalSideways(split, cfg.optim)
     result = RunResult(f"sideways K={stages} ({executor})")
     try:
-        for _ in range(cfg.epochs):
-            for clips, labels in loader:
+        for epoch in range(cfg.epochs):
+            runner.seed(epoch_seed(cfg, epoch))  # Ray actors draw the dropout masks the driver draws in process
+            for clips, labels in epoch_batches(cfg, loader, epoch):
                 started = time.perf_counter()
                 result.losses.append(runner.train_clip(clips, labels))
                 result.step_seconds.append(time.perf_counter() - started)
@@ -287,8 +332,8 @@ def train_backprop(cfg: TrainConfig, data: tuple) -> tuple[RunResult, nn.Module]
     model = fresh_model(cfg, len(loader.dataset.classes)).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     result = RunResult("ordinary backprop (clip mode)")
-    for _ in range(cfg.epochs):
-        for clips, labels in loader:
+    for epoch in range(cfg.epochs):
+        for clips, labels in epoch_batches(cfg, loader, epoch):
             started = time.perf_counter()
             logits, _ = model.forward_steps(clips)
             steps = logits.shape[1]
@@ -302,17 +347,32 @@ def train_backprop(cfg: TrainConfig, data: tuple) -> tuple[RunResult, nn.Module]
     return result, model
 
 
+#: what Sideways trains with: a fresh model, AdamW at a constant lr, unclipped, on the CPU; a config asking for
+#: anything else is refused (it used to be ignored, silently)
+FIXED = {"init": None, "optim.optimizer": "adamw", "optim.schedule": "constant", "optim.warmup_steps": 0,
+         "optim.grad_clip": None, "device": "cpu"}
+
+
+def check_supported(cfg: TrainConfig, stages: int) -> None:
+    """Refuse what Sideways would ignore or cannot split, before any data is rendered (every entry point)."""
+    if cfg.task != "action" or cfg.model != "causal3d_small":
+        raise ConfigError(f"--sideways trains the streaming causal3d_small action model; got {cfg.task}/{cfg.model}")
+    for key, fixed in FIXED.items():
+        given = functools.reduce(getattr, key.split("."), cfg)
+        if given != fixed:
+            wanted = "null" if fixed is None else repr(fixed)
+            raise ConfigError(f"--sideways: {key}: {given!r} is not supported (Sideways trains a fresh model "
+                              f"with AdamW at a constant lr, unclipped, on the CPU); set {key}={wanted}")
+    if stages < 1:
+        raise ConfigError(f"--stages: {stages} depth stages; give 1 or more")
+
+
 def compare(cfg: TrainConfig, stages: int = 2, executors: Sequence[str] = ("local",), baseline: bool = True) -> dict:
     """Train with Sideways (each executor) and, side by side, with ordinary backprop; same data and init."""
-    if cfg.task != "action" or cfg.model != "causal3d_small":
-        from blinkflow.errors import ConfigError
-
-        raise ConfigError(f"--sideways trains the streaming causal3d_small action model; got {cfg.task}/{cfg.model}")
+    check_supported(cfg, stages)
     torch.set_num_threads(cfg.threads)
     data = build_data(cfg)
     if data[0].clip_len < stages:
-        from blinkflow.errors import ConfigError
-
         # the top stage first sees frame K - 1 of a clip: a shorter clip trains nothing and has no loss
         raise ConfigError(f"data.clip_len: {data[0].clip_len} frames, but --stages {stages} needs clips of at least "
                           f"{stages} (the top stage first sees frame {stages - 1}); set data.clip_len or lower --stages")
@@ -348,21 +408,44 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from blinkflow.models.training.config import load_train_config
+def _stage_count(text: str) -> int:
+    """--stages: a whole number of at least 1 (argparse names the option in its one-line error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more depth stages") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1; give 1 or more depth stages")
+    return value
 
-    parser = argparse.ArgumentParser(prog="python -m models.training.sideways", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path, default=Path("configs/train/smoke-action.yaml"))
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from blinkflow.resources import config_path
+
+    parser = argparse.ArgumentParser(prog="python -m blinkflow.models.training.sideways",
+                                     description=__doc__.splitlines()[0])
+    # the shipped file, not a path relative to wherever this runs
+    parser.add_argument("--config", type=Path, default=config_path("train/smoke-action.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--stages", type=int, default=2, help="depth stages K")
+    parser.add_argument("--stages", type=_stage_count, default=2, help="depth stages K")
     parser.add_argument("--executor", choices=["local", "ray", "both"], default="local")
     parser.add_argument("--no-baseline", action="store_true", help="skip the ordinary-backprop comparison")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    try:
+        print(format_report(_run(args)))
+    except BlinkflowError as exc:  # a user error: one line, as `blinkflow train --sideways` prints it
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace) -> dict:
+    from blinkflow.models.training.config import load_train_config
+
     cfg = load_train_config(args.config, args.overrides, task="action")
     executors = ("local", "ray") if args.executor == "both" else (args.executor,)
-    print(format_report(compare(cfg, args.stages, executors, baseline=not args.no_baseline)))
-    return 0
+    return compare(cfg, args.stages, executors, baseline=not args.no_baseline)
 
 
 if __name__ == "__main__":
