@@ -70,6 +70,8 @@ EOF_REASON = "the stream ended"
 #: asked with a stream's URL before each connection attempt: the reason it is refused now, or None
 ConnectCheck = Callable[[str], str | None]
 _ZERO_PIXEL = np.zeros((1, 1, 3), dtype=np.uint8)
+#: AVFMT_NOTIMESTAMPS: a demuxer whose format carries no frame times (FFmpeg numbers the frames)
+AVFMT_NOTIMESTAMPS = 0x80
 
 
 # --------------------------------------------------------------------------- URLs and config
@@ -400,6 +402,8 @@ class LiveStream:
         container = self._open(relay)
         try:
             if not container.streams.video:
+                if relay is not None and relay.failure:  # its data ended on a timeout before any video came
+                    raise relay.failure
                 raise _StreamDown("the stream has no video track")
             self._on_connected()
             self._decode(container, container.streams.best("video"))  # the main one, as files
@@ -427,15 +431,24 @@ class LiveStream:
             options["format_whitelist"] = GUARDED_FORMATS
         if relay is not None:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
+        started = time.monotonic()
         try:
             return open_decoding(lambda **hw: av.open(target, format=fmt, options=options, timeout=timeout,
                                                       metadata_errors="ignore", **hw), self.id, self.cfg.options.hwaccel)
         except av.error.ProtocolNotFoundError:
             raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
         except av.ExitError:
-            raise _StreamDown(f"cannot connect: no answer within {self.cfg.options.open_timeout_s:g} s") from None
+            raise self._no_answer() from None
         except (av.FFmpegError, OSError) as exc:
+            # PyAV's open timeout interrupts FFmpeg, and some protocols report that as their own error (RTSP, from
+            # a server that accepts the connection and never answers: "InvalidDataError"): a failure once the
+            # whole open_timeout_s has passed is the timeout's
+            if relay is None and time.monotonic() - started >= self.cfg.options.open_timeout_s:
+                raise self._no_answer() from None
             raise _lost(relay, "cannot connect" + (GUARDED_HTTP_HINT if guarded else ""), exc) from None
+
+    def _no_answer(self) -> _StreamDown:
+        return _StreamDown(f"cannot connect: no answer within {self.cfg.options.open_timeout_s:g} s")
 
     def _check_before_connecting(self) -> None:
         """Ask the control guard again before every attempt: a DNS name that passed at POST time may have
@@ -464,9 +477,9 @@ class LiveStream:
         if self.cfg.options.decode_threads:
             video.codec_context.thread_count = self.cfg.options.decode_threads
         rate = float(video.average_rate or video.guessed_rate or 25)
-        clock = _SessionClock(self, rate)
+        clock = _SessionClock(self, rate, arrival=self._untimed(container))
         last_frame_at = time.monotonic()
-        for packet in container.demux(video):
+        for packet in _packets(container, video):
             if self._stopping.is_set():
                 return
             try:
@@ -481,19 +494,29 @@ class LiveStream:
                 pts = clock.pts(av_frame)
                 if pts is None:
                     continue
-                self._offer(self._frame(pts, _to_rgb(av_frame, self.cfg.resize), clock.first))
+                self._offer(self._frame(pts, _to_rgb(av_frame, self.cfg.resize), clock.discontinuous(self.connections)))
                 last_frame_at = time.monotonic()
-                clock.first = False
+                clock.first = clock.rebased = False
                 if self._reached_max_frames():
                     return
             if time.monotonic() - last_frame_at > self.cfg.options.stall_timeout_s:
                 raise _StreamDown(f"stalled: data but no decodable frame for {self.cfg.options.stall_timeout_s:g} s")
 
-    def _frame(self, pts: float, image: np.ndarray, first_of_connection: bool) -> Frame:
+    def _untimed(self, container: Any) -> bool:
+        """Whether FFmpeg invents this connection's frame times. MJPEG over HTTP (mpjpeg), raw mjpeg or h264 and
+        image pipes carry none: FFmpeg numbers the frames at a guessed 25 fps whatever the camera sends (a 5 fps
+        camera's pts ran 5x slow, and ``fps: 2`` kept 0.4 frames a second). Those streams are timed by arrival
+        instead; a file: stream keeps its media time (it is decoded faster than real time)."""
+        if self.kind == "file":
+            return False
+        fmt = container.format  # not "no average_rate": RTSP often has none, and real RTP times
+        return bool(fmt.flags & AVFMT_NOTIMESTAMPS) or fmt.name.endswith("_pipe")
+
+    def _frame(self, pts: float, image: np.ndarray, discontinuity: bool) -> Frame:
         meta: dict[str, Any] = {"reconnects": self.reconnects}
         if self.first_index:
             meta[FIRST_INDEX_KEY] = self.first_index  # where the runner's output order starts for this stream
-        if first_of_connection and self.connections > 1:
+        if discontinuity:
             meta["discontinuity"] = True  # temporal stages see a jump here
         frame = Frame(stream_id=self.id, index=self.next_index, pts=pts, image=image, meta=meta)
         self.next_index += 1
@@ -536,20 +559,20 @@ class LiveStream:
 
 
 class _SessionClock:
-    """Turns one connection's frame times into stream pts that keep increasing across reconnections,
-    and applies the ``fps`` resampling grid."""
+    """Turns one connection's frame times into stream pts that keep increasing across reconnections and
+    jumps of the source's own clock, and applies the ``fps`` resampling grid."""
 
-    def __init__(self, stream: LiveStream, rate: float) -> None:
-        self.stream, self.rate = stream, rate
-        self.count = 0
+    def __init__(self, stream: LiveStream, rate: float, arrival: bool = False) -> None:
+        self.stream, self.rate, self.arrival = stream, rate, arrival
         self.first_source: float | None = None
+        self.last_source = 0.0
         self.base = 0.0
         self.next_time: float | None = None
         self.first = True
+        self.rebased = False  # the source's clock jumped: the next frame kept marks a discontinuity
 
     def pts(self, av_frame: Any) -> float | None:
-        seconds = float(av_frame.time) if av_frame.time is not None else self.count / self.rate
-        self.count += 1
+        seconds = self._source_time(av_frame)
         stream = self.stream
         if self.first_source is None:
             self.first_source = seconds
@@ -560,6 +583,9 @@ class _SessionClock:
             if stream._last_pts >= 0:
                 floor = stream._last_pts + 1.0 / self.rate if getattr(stream, "kind", None) == "file" else 0.0
                 self.base = max(time.monotonic() - stream._t0, floor)
+        elif self._jumped(seconds):
+            self._rebase(seconds)
+        self.last_source = seconds
         pts = max(self.base + seconds - self.first_source, stream._last_pts + 1e-6)
         fps = stream.cfg.fps
         if fps is not None:
@@ -568,6 +594,41 @@ class _SessionClock:
                 return None
         stream._last_pts = pts
         return pts
+
+    def discontinuous(self, connections: int) -> bool:
+        """Whether the frame just timed follows a jump: a reconnection's first, or the first after a rebase."""
+        return (self.first and connections > 1) or self.rebased
+
+    def _source_time(self, av_frame: Any) -> float:
+        if self.arrival:
+            # FFmpeg's times for this demuxer are a frame counter at a guessed rate (see LiveStream._untimed): the
+            # moment the frame arrived is the closest thing to its capture time there is
+            return time.monotonic() - self.stream._t0
+        if av_frame.time is not None:
+            return float(av_frame.time)
+        # a frame without a time (an RTSP stream's first) comes a frame after the last
+        return 0.0 if self.first_source is None else self.last_source + 1.0 / self.rate
+
+    def _jumped(self, seconds: float) -> bool:
+        """The source's clock went back by more than a frame (an encoder restarted faster than stall_timeout_s,
+        concatenated MPEG-TS with copyts), or, live, forward by far more than a connection can stay silent (frames
+        come within stall_timeout_s of each other). Left alone, back froze every later pts at the last one plus a
+        microsecond (``fps`` then kept no frame until the new times passed the old, maybe hours later); forward ran
+        pts ahead of the wall clock, which froze them the same way after the next reconnection."""
+        step = seconds - self.last_source
+        if step < -1.5 / self.rate:
+            return True
+        return getattr(self.stream, "kind", None) != "file" and step > 2 * self.stream.cfg.options.stall_timeout_s
+
+    def _rebase(self, seconds: float) -> None:
+        """Go on one frame after the last pts, from this frame's source time, on a new fps grid."""
+        stream = self.stream
+        log.warning("stream %s (%s): the source's timestamps jumped %+.3f s within the connection (restarted "
+                    "encoder?); its frames go on one frame after the last", stream.id, stream.url,
+                    seconds - self.last_source)
+        self.first_source, self.base = seconds, max(stream._last_pts, 0.0) + 1.0 / self.rate
+        self.next_time = None
+        self.rebased = True
 
 
 # --------------------------------------------------------------------------- SRT through an ffmpeg relay
@@ -612,7 +673,7 @@ class SrtRelay:
 
     :meth:`read` never blocks longer than a quarter second at a time, so the
     open timeout, the stall timeout and a stop request all end the connection
-    (the exception travels through PyAV to the stream), and :meth:`close`
+    (the data ends there, and :meth:`down` gives the reason), and :meth:`close`
     kills and reaps the process. Its stderr is kept, redacted, for the reason.
     """
 
@@ -638,20 +699,24 @@ class SrtRelay:
         return self
 
     def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes; on a timeout or a stop, the reason is kept and the data ends (b""). An exception
+        raised here crosses FFmpeg's C read callback, which PyAV reports by printing a multi-line "PyAV library
+        exception being dropped" traceback before the stream's one-line error."""
         fd = self.proc.stdout.fileno()
-        while True:
+        while self.failure is None:
             if self._stopping.is_set():
-                raise self._fail(_StreamDown("stopped"))
+                return self._fail(_StreamDown("stopped"))
             limit = self.cfg.options.stall_timeout_s if self._got_data else self.cfg.options.open_timeout_s
             left = self._last_data + limit - time.monotonic()
             if left <= 0:
-                raise self._fail(_StreamDown(f"stalled: no data for {limit:g} s" if self._got_data
-                                             else f"cannot connect: no answer within {limit:g} s"))
+                return self._fail(_StreamDown(f"stalled: no data for {limit:g} s" if self._got_data
+                                              else f"cannot connect: no answer within {limit:g} s"))
             if select.select([fd], [], [], min(0.25, left))[0]:
                 data = os.read(fd, size)
                 if data:
                     self._got_data, self._last_data = True, time.monotonic()
                 return data
+        return b""
 
     def down(self, context: str) -> _StreamDown:
         """Why the connection ended: a timeout noted by :meth:`read`, else ffmpeg's own last words."""
@@ -688,15 +753,34 @@ class SrtRelay:
             self._stderr_thread.join(timeout=2)
         self.proc.stderr.close()
 
-    def _fail(self, down: _StreamDown) -> _StreamDown:
+    def _fail(self, down: _StreamDown) -> bytes:
         self.failure = down
-        return down
+        return b""  # the end of the data: the stream reports relay.down(), this reason
 
     def _keep_stderr(self) -> None:
         for raw in self.proc.stderr:
             line = _FFMPEG_PREFIX.sub("", raw.decode("utf-8", "replace").strip())
             if line:
                 self.stderr.append(redact_text(line))
+
+
+def _packets(container: Any, video: Any) -> Iterator[Any]:
+    """``container.demux(video)``, with the end of a finite MJPEG-over-HTTP stream told from damage: FFmpeg's mpjpeg
+    demuxer reports the closing boundary, with no part after it, as invalid data (a normal end became a source error,
+    exit code 1). Reading on then meets the end of the data; garbage fails again, and twice in a row is raised."""
+    import av
+
+    retried = False
+    while True:
+        try:
+            for packet in container.demux(video):
+                retried = False
+                yield packet
+            return
+        except av.InvalidDataError:
+            if retried or container.format.name != "mpjpeg":
+                raise
+            retried = True
 
 
 def _dropped_stub(frame: Frame) -> Frame:

@@ -589,7 +589,8 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
 
     from blinkflow import streams
 
-    stream = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None), kind="file")
+    cfg = types.SimpleNamespace(fps=None, options=types.SimpleNamespace(stall_timeout_s=10.0))
+    stream = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=cfg, kind="file")
     clock = iter([1000.2, 1030.0, 1000.2, 1005.0])  # when each later session starts (a first one asks not)
     monkeypatch.setattr(streams, "time", types.SimpleNamespace(monotonic=lambda: next(clock)))  # this module's only
 
@@ -604,7 +605,7 @@ def test_a_file_stream_that_loops_goes_on_one_frame_after_its_last_pts(monkeypat
     assert third == pytest.approx([30.0, 30.04])  # back after 30 s: the gap is kept
     # a live source that bursts on connecting (HLS, a cached GOP) runs its pts ahead of the wall clock: its next
     # connection starts from the wall clock again, or the lead grew with each one and an outage showed no gap
-    camera = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=types.SimpleNamespace(fps=None), kind="http")
+    camera = types.SimpleNamespace(_last_pts=-1.0, _t0=1000.0, cfg=cfg, kind="http")
     stream = camera
     burst = session([i / 25 for i in range(50)])  # 2 s of media delivered in the first 0.2 s
     again = session([0.0])  # reconnected 0.2 s in: on the wall clock, not after the burst's lead
@@ -688,3 +689,159 @@ def test_a_stream_added_again_under_its_id_goes_on_numbering_its_frames(tmp_path
     finally:
         hub.close(stop_streams=True)
     assert run.indices("cam") == list(range(8)) and summary.accounting.decoded["cam"] == 8
+
+
+# --------------------------------------------------------------------------- source clocks and end reasons
+
+
+def _serve_http_once(content_type: str, parts: list[bytes], interval_s: float = 0.0) -> int:
+    """A one-client HTTP server: the headers, ``parts`` ``interval_s`` apart (paced like a camera), then the end
+    (with a Content-Length: FFmpeg takes the close of a body of unknown length for a connection lost)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    server.settimeout(20)
+
+    def serve() -> None:
+        with server:
+            try:
+                conn, _ = server.accept()
+            except socket.timeout:
+                return
+            with conn:
+                conn.recv(4096)
+                conn.sendall(f"HTTP/1.0 200 OK\r\nContent-Type: {content_type}\r\n"
+                             f"Content-Length: {sum(map(len, parts))}\r\n\r\n".encode())
+                for part in parts:
+                    conn.sendall(part)
+                    time.sleep(interval_s)
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(4096)  # until the client closes: no reset cuts the data short
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server.getsockname()[1]
+
+
+def _mpegts(clip: Path, out: Path, offset_s: float = 0.0) -> bytes:
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(clip), "-c", "copy", "-output_ts_offset", str(offset_s),
+                    "-f", "mpegts", str(out)], check=True, timeout=60)
+    return out.read_bytes()
+
+
+@needs_ffmpeg
+@pytest.mark.parametrize("offset_s", [0.0, 100.0], ids=["back", "forward"])
+def test_a_source_clock_that_jumps_within_a_connection_is_rebased(tmp_path, caplog, offset_s):
+    """Two encoder runs back to back on one connection (an encoder restarted faster than stall_timeout_s,
+    concatenated MPEG-TS): back, every later pts froze at the last one plus a microsecond and ``fps`` kept no frame
+    of the second run (silent loss); forward, pts ran 100 s ahead of the wall clock."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=20)  # 2 s at 10 fps
+    payload = _mpegts(clip, tmp_path / "a.ts") + _mpegts(clip, tmp_path / "b.ts", offset_s)
+    port = _serve_http_once("video/mp2t", [payload])
+    hub = StreamHub(mode="archive")
+    hub.add_url(f"http://user:{PASSWORD}@127.0.0.1:{port}/cam.ts", "cam", fps=5, stall_timeout_s=2,
+                reconnect_on_eof=False, max_retries=0)
+    hub.close()
+    *frames, end = hub_items(hub)
+    assert end.error is None and len(frames) == 20  # 2 s each at fps 5: both runs
+    pts = [f.pts for f in frames]
+    assert all(0 < b - a <= 0.25 for a, b in zip(pts, pts[1:])), pts  # increasing, on the 5 fps grid, no leap
+    assert [f.index for f in frames if f.meta.get("discontinuity")] == [10]
+    jumps = [r.getMessage() for r in caplog.records if "timestamps jumped" in r.getMessage()]
+    assert len(jumps) == 1 and "http://***@127.0.0.1" in jumps[0] and PASSWORD not in caplog.text
+
+
+def _jpegs(count: int) -> list[bytes]:
+    from fractions import Fraction
+
+    import av
+    import numpy as np
+
+    codec = av.CodecContext.create("mjpeg", "w")
+    codec.width, codec.height, codec.pix_fmt = 64, 48, "yuvj420p"
+    codec.time_base = Fraction(1, 25)
+    jpegs = []
+    for i in range(count):
+        image = np.full((48, 64, 3), 40, dtype=np.uint8)
+        image[8:16, 4 * i % 56:4 * i % 56 + 8] = 230
+        jpegs += [bytes(p) for p in codec.encode(av.VideoFrame.from_ndarray(image, format="rgb24"))]
+    return jpegs
+
+
+def _serve_mjpeg(count: int, interval_s: float) -> int:
+    """An MJPEG camera over HTTP (multipart/x-mixed-replace) sending ``count`` frames, ending with the close
+    delimiter of a finite multipart body."""
+    parts = [b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n%s\r\n" % (len(j), j)
+             for j in _jpegs(count)]
+    return _serve_http_once("multipart/x-mixed-replace;boundary=frame", parts + [b"--frame--\r\n"], interval_s)
+
+
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
+def test_an_mjpeg_camera_over_http_is_timed_by_arrival():
+    """MJPEG over HTTP has no frame times: FFmpeg numbered the frames at a guessed 25 fps, so a 5 fps camera's pts
+    ran 5x slow and fps: 2 kept 0.4 frames a second."""
+    port = _serve_mjpeg(11, interval_s=0.2)  # 2 s at 5 fps
+    hub = StreamHub(mode="archive")
+    hub.add_url(f"http://127.0.0.1:{port}/video.mjpg", "yard", reconnect_on_eof=False, max_retries=0)
+    hub.close()
+    *frames, _ = hub_items(hub)
+    pts = [f.pts for f in frames]
+    # the frames FFmpeg reads while it opens the stream arrive together; the last five steps are the camera's 0.2 s
+    assert len(frames) == 11 and 0.7 <= pts[-1] - pts[-6] <= 1.5, pts  # not 5 * 0.04 s
+
+
+def test_a_finite_mjpeg_stream_ends_normally():
+    """reconnect_on_eof: false: FFmpeg's mpjpeg demuxer reports the closing boundary as invalid data, so the stream's
+    normal end was a source error (exit code 1)."""
+    port = _serve_mjpeg(6, interval_s=0.0)
+    hub = StreamHub(mode="archive")
+    hub.add_url(f"http://127.0.0.1:{port}/video.mjpg", "yard", reconnect_on_eof=False, max_retries=0)
+    hub.close()
+    *frames, end = hub_items(hub)
+    assert end.error is None and [f.index for f in frames] == list(range(6))
+
+
+def test_a_silent_rtsp_server_is_no_answer_within_the_open_timeout():
+    """A server that accepts the connection and never answers: FFmpeg's RTSP reports the open timeout's interruption
+    as invalid data ("cannot connect: InvalidDataError ...")."""
+    server, held = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.2)
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except socket.timeout:
+                continue
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        hub = StreamHub()
+        hub.add_url(f"rtsp://127.0.0.1:{server.getsockname()[1]}/cam", "cam", open_timeout_s=1, max_retries=0)
+        hub.close()
+        (end,) = hub_items(hub)
+    finally:
+        stop.set()
+        acceptor.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+    assert end.error.endswith("gave up after 0 reconnection attempts: cannot connect: no answer within 1 s"), end.error
+
+
+@needs_srt
+def test_an_srt_relay_timing_out_says_so_in_one_line_without_a_traceback(monkeypatch, capfd, caplog):
+    """The relay's read raised its timeout inside PyAV's read callback, which printed "PyAV library exception being
+    dropped" and a traceback before the stream's one-line error."""
+    monkeypatch.setattr(streams, "pyav_has_protocol", lambda scheme: False)  # relay even if PyAV could read it
+    hub = StreamHub()
+    hub.add_url(f"srt://127.0.0.1:{free_port()}?passphrase=srt-{PASSWORD}", "cam", open_timeout_s=1, max_retries=0)
+    hub.close()
+    (end,) = hub_items(hub)
+    assert end.error == ("stream cam (srt://127.0.0.1:%s?passphrase=***): gave up after 0 reconnection attempts: "
+                         "cannot connect: no answer within 1 s" % end.error.split(":")[2].split("?")[0])
+    printed = capfd.readouterr().err + caplog.text
+    assert "Traceback" not in printed and "exception being dropped" not in printed, printed
