@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 from blinkflow.version import __version__
 from blinkflow.errors import BlinkflowError, ConfigError
+from blinkflow.schema import whole_number
 
 log = logging.getLogger("blinkflow")
 
@@ -46,23 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + int(getattr(exc, "signum", signal.SIGINT))  # 130 for Ctrl-C, 143 for a second SIGTERM
 
 
-def _count(text: str) -> int:
-    """A whole number of at least 0 (argparse turns the ValueError into its usage line)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a count; give 0 or more")
-    return value
-
-
-def _positive(text: str) -> int:
-    """A whole number of at least 1 (argparse names the option in its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1; give 1 or more")
-    return value
+#: argparse types: counts (0 or more) and sizes (1 or more)
+_count, _positive = whole_number(0), whole_number(1)
 
 
 def build_parser() -> argparse.ArgumentParser:

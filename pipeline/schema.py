@@ -148,6 +148,23 @@ def structure_dataclass(cls: type, data: Any, path: str) -> Any:
     return cls(**structure_fields(cls, data, path))
 
 
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``least`` (argparse names the option in its one-line error)."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give {least} or more") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{text} is below {least}; give {least} or more")
+        return value
+
+    parse.__name__ = f"whole number of at least {least}"
+    return parse
+
+
 def check_kind(raw: Any, own: type, others: set[str], said: str) -> None:
     """A mapping with none of ``own``'s keys and some of ``others`` (another kind of config's) is that kind (a
     training config given to ``run``): said so, where the first unknown key named neither the mix-up nor the fix."""

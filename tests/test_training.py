@@ -670,7 +670,7 @@ def test_a_negative_worker_count_is_refused(capsys):
 
     with pytest.raises(SystemExit) as caught:
         main(["train", "detect", "--config", "configs/train/smoke-detect.yaml", "--workers", "-1"])
-    assert caught.value.code == 2 and "-1 is not a count" in capsys.readouterr().err
+    assert caught.value.code == 2 and "argument --workers: -1 is below 0; give 0 or more" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- bad input under --workers, readers, CLI

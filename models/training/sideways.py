@@ -57,6 +57,7 @@ from torch import nn
 from blinkflow.errors import BlinkflowError, ConfigError
 from blinkflow.files import atomic_path, write_atomic
 from blinkflow.models.training.config import TrainConfig
+from blinkflow.schema import whole_number
 
 log = logging.getLogger(__name__)
 
@@ -408,17 +409,6 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _stage_count(text: str) -> int:
-    """--stages: a whole number of at least 1 (argparse names the option in its one-line error)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more depth stages") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1; give 1 or more depth stages")
-    return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     from blinkflow.resources import config_path
 
@@ -427,7 +417,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # the shipped file, not a path relative to wherever this runs
     parser.add_argument("--config", type=Path, default=config_path("train/smoke-action.yaml"))
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--stages", type=_stage_count, default=2, help="depth stages K")
+    parser.add_argument("--stages", type=whole_number(1), default=2, help="depth stages K")
     parser.add_argument("--executor", choices=["local", "ray", "both"], default="local")
     parser.add_argument("--no-baseline", action="store_true", help="skip the ordinary-backprop comparison")
     args = parser.parse_args(argv)

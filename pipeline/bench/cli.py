@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from blinkflow.resources import config_path
+from blinkflow.schema import whole_number
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 #: the benchmarks' default pipeline: the synthetic scene with the small self-trained models, so that
@@ -29,15 +30,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
 ALL_ORDER = ["decode", "stages", "pipeline", "overhead", "skip", "depth", "models"]
 
 
-def _positive_int(text: str) -> int:
-    """A whole number of at least 1 (0 repetitions or frames measured nothing and said so nowhere)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number; give 1 or more") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is below 1; give 1 or more")
-    return value
+#: 0 repetitions or frames measured nothing and said so nowhere
+_positive_int = whole_number(1)
 
 
 def _positive_seconds(text: str) -> float:
