@@ -834,3 +834,47 @@ def test_a_push_sink_that_never_delivers_exports_zero_delivered_not_no_series(mo
                     if s.name.endswith("_total")] == [({"sink": "webhook"}, 0.0)]
         finally:
             sink.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_webhook_server_that_trickles_its_body_after_the_headers_is_cut_at_timeout_s():
+    """urllib lets go of the connection's socket once the headers are in: a body sent a byte every 0.2 s held the
+    sender for its whole length (20 s with timeout_s 1), stalling every later event."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    connections = []
+
+    def trickle(conn):
+        conn.recv(65536)
+        try:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
+            for _ in range(100):
+                conn.sendall(b"X")
+                time.sleep(0.2)
+        except OSError:
+            pass
+
+    def accept():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    sink = WebhookSink(webhook_config(f"http://127.0.0.1:{server.getsockname()[1]}/e", timeout_s=0.5,
+                                      close_timeout_s=1.0))
+    try:
+        started = time.monotonic()
+        sink.write(result(0, numbered(1)))
+        wait_until(lambda: sink.status()["pending"] == 0, 10, "the attempt to end")
+        assert time.monotonic() - started < 0.5 + 1.0
+        assert sink.status()["delivered"] == 1  # the server answered 200: the event is in
+    finally:
+        sink.close()
+        server.close()
+        for conn in connections:
+            conn.close()

@@ -47,8 +47,17 @@ class _Connections:
         self._watcher: threading.Thread | None = None
 
     def made(self, connection: Any) -> Any:
-        with self._cond:
-            self._open = [c for c in self._open if c.sock is not None] + [connection]
+        """``connection``, its socket kept here once connected: urllib lets go of the connection's socket as the
+        headers arrive, so a watch on the connection missed a body sent a byte at a time (an attempt of 20 s with
+        timeout_s 1); the socket stays readable by the response until it is shut."""
+        connect = connection.connect
+
+        def connect_and_keep() -> None:
+            connect()
+            with self._cond:
+                self._open = [s for s in self._open if s.fileno() != -1] + [connection.sock]
+
+        connection.connect = connect_and_keep
         return connection
 
     def arm(self, seconds: float) -> None:
@@ -78,16 +87,14 @@ class _Connections:
                 if self._closed:
                     return
                 self._deadline = None
-                connections = list(self._open)
-            _shut(connections)
+                sockets = list(self._open)
+            _shut(sockets)
 
 
-def _shut(connections: list[Any]) -> None:
-    for connection in connections:
-        sock = connection.sock
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+def _shut(sockets: list[Any]) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 class _TrackedHTTP(urllib.request.HTTPHandler):
