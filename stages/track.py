@@ -101,7 +101,8 @@ class TrackOptions:
     high_threshold: float = _field(0.5, "detections at or above this score are matched first", lo=0.0, hi=1.0)
     low_threshold: float = _field(0.1, "detections below this score are ignored; those between it and "
                                   "high_threshold only continue confirmed tracks", lo=0.0, hi=1.0)
-    new_track_threshold: float = _field(0.6, "an unmatched detection starts a track only at or above this score",
+    new_track_threshold: float = _field(0.6, "an unmatched high detection starts a track only at or above this score "
+                                        "(at least high_threshold)",
                                         lo=0.0, hi=1.0)
     match_iou: float = _field(0.2, "least IoU of a high-score detection with a track's prediction to match", lo=0.0, hi=1.0)
     low_match_iou: float = _field(0.5, "least IoU of a low-score detection with a confirmed track to match",
@@ -141,6 +142,10 @@ class TrackOptions:
         if self.low_threshold > self.high_threshold:
             raise ConfigError(f"{path}.low_threshold: {self.low_threshold} is above high_threshold "
                               f"({self.high_threshold}); lower it")
+        if self.new_track_threshold < self.high_threshold:  # only high detections left over start tracks
+            raise ConfigError(f"{path}.new_track_threshold: {self.new_track_threshold} is below high_threshold "
+                              f"({self.high_threshold}), where it does nothing: tracks start only from high "
+                              "detections; lower high_threshold too, or raise new_track_threshold")
 
 
 class KalmanBox:

@@ -592,3 +592,20 @@ def test_a_synthetic_source_without_an_id_is_known_to_the_events_stage():
     assert with_zone_on("synthetic-7").stages["events"].options.zones[0].stream == "synthetic-7"
     with pytest.raises(ConfigError, match=r"zones.0.stream: no source has stream id 'synthetic-1'; known: synthetic-7"):
         with_zone_on("synthetic-1")
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"new_track_threshold": 0.3}, r"^stages\.track\.options\.new_track_threshold: 0\.3 is below high_threshold \(0\.5\)"),
+    ({"high_threshold": 0.7}, r"^stages\.track\.options\.new_track_threshold: 0\.6 is below high_threshold \(0\.7\)"),
+    ({"low_threshold": 0.6}, r"^stages\.track\.options\.low_threshold: 0\.6 is above high_threshold"),
+])
+def test_track_thresholds_that_would_do_nothing_are_config_errors(options, message):
+    """new_track_threshold under high_threshold was accepted and did nothing (only high detections start tracks):
+    boxes scoring 0.4 with new_track_threshold 0.3 never started one."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(data={"sources": [{"type": "synthetic"}],
+                          "stages": {"detect": {"model": "yolox_nano", "weights": None},
+                                     "track": {"options": options}}})
+    load_config(data={"sources": [{"type": "synthetic"}],  # the same lowered together: fine
+                      "stages": {"detect": {"model": "yolox_nano", "weights": None},
+                                 "track": {"options": {"high_threshold": 0.3, "new_track_threshold": 0.3}}}})
