@@ -142,6 +142,30 @@ class DeepLabV3MobileNetV2(nn.Module):
             return [(0, cells[0], 0, cells[1])]
         return level_regions(rects, OUTPUT_STRIDE, cells, reach=0)
 
+    @staticmethod
+    def reading_rects(size: tuple[int, int], rects: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+        """Input pixels over the feature cells :meth:`upsample` reads for the pixels of ``rects``. With
+        ``align_corners`` pixel p reads cells floor(p (n - 1) / (H - 1)) and the next, not p // 16 (up to a cell
+        lower, more so towards the frame's bottom and right): cells :meth:`head_rects` of ``rects`` leaves out."""
+        cells = (-(-size[0] // OUTPUT_STRIDE), -(-size[1] // OUTPUT_STRIDE))
+        out = []
+        for y0, y1, x0, x1 in rects:
+            if y0 < y1 and x0 < x1:
+                (cy0, cy1), (cx0, cx1) = _cells_read(y0, y1, size[0], cells[0]), _cells_read(x0, x1, size[1], cells[1])
+                out.append((cy0 * OUTPUT_STRIDE, min(cy1 * OUTPUT_STRIDE, size[0]),
+                            cx0 * OUTPUT_STRIDE, min(cx1 * OUTPUT_STRIDE, size[1])))
+        return out
+
+
+def _cells_read(start: int, stop: int, pixels: int, cells: int) -> tuple[int, int]:
+    """The cells (start, stop) that a bilinear ``align_corners`` upsample of ``cells`` to ``pixels`` reads for the
+    pixels start..stop - 1: each reads the cell at or below p (cells - 1) / (pixels - 1) and the next. A margin of
+    1e-4 cell takes the neighbour too where float rounding may put p on either side of a cell."""
+    if cells <= 1 or pixels <= 1:
+        return 0, cells
+    scale = (cells - 1) / (pixels - 1)
+    return max(0, math.floor(start * scale - 1e-4)), min(cells, math.floor((stop - 1) * scale + 1e-4) + 2)
+
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
 

@@ -588,7 +588,7 @@ class Segment(ModelStage):
                 cells[..., y0:y1, x0:x1] = self.model.head_cells(features[..., y0:y1, x0:x1], context).float()
             upsampled = self.model.upsample(cells, size)[0]
             logits = cache.logits.clone()
-            for y0, y1, x0, x1 in rects:
+            for y0, y1, x0, x1 in self._layer_pastes(grid, changed, size):
                 logits[:, y0:y1, x0:x1] = upsampled[:, y0:y1, x0:x1]
         if self.options.feature_reuse:
             self._keys.pop(frame.stream_id, None)  # warps start from a full run only (as after crops)
@@ -602,7 +602,17 @@ class Segment(ModelStage):
 
     def _layer_rects(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple]:
         """The regions a layered update recomputes: each run of changed tiles plus half the halo (the pastes of
-        the crops, whose halo it does not need)."""
+        the crops, whose halo it does not need), and every cell the upsample reads for a changed tile's pixels
+        (up to a cell beyond the paste on large inputs: a changed tile's pixels were interpolated from cells left
+        as they were, a block of "car" a frame wide at 250x141). The half halo pasted around them may read such
+        cells: unchanged content there, as the gate saw it."""
+        pastes = self._layer_pastes(grid, changed, size)
+        covered = self.model.head_rects(size, pastes)  # the cells a paste's own update recomputes
+        reads = self.model.reading_rects(size, self._runs(grid, changed, size))
+        return pastes + [rect for rect in reads if not _within(self.model.head_rects(size, [rect])[0], covered)]
+
+    def _layer_pastes(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple]:
+        """What a layered update pastes into the cached logits: each run of changed tiles plus half the halo."""
         return [paste for _, paste in self._crops(grid, changed, size)]
 
     def _layers_cost(self, rects: list[tuple], size: tuple[int, int], trunk_flops: int | None = None) -> float:
@@ -678,14 +688,18 @@ class Segment(ModelStage):
             return [(union, [paste for _, paste in rects])]
         return [(crop, [paste]) for crop, paste in rects]
 
+    @staticmethod
+    def _runs(grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+        """Each run of changed tiles as a rectangle (y0, y1, x0, x1) of model-input pixels."""
+        ys, xs = tile_edges(grid[0], size[0]), tile_edges(grid[1], size[1])
+        return [(ys[row], ys[row + 1], xs[first], xs[last]) for row, first, last in tile_runs(changed, grid)]
+
     def _crops(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple[tuple, tuple]]:
         """(crop, paste) rectangles (y0, y1, x0, x1) in model-input pixels, one per run of changed tiles."""
         height, width = size
-        ys, xs = tile_edges(grid[0], height), tile_edges(grid[1], width)
         halo, margin, align = self.options.tile_halo, self.options.tile_halo // 2, self.tile_align
         rects = []
-        for row, first, last in tile_runs(changed, grid):
-            y0, y1, x0, x1 = ys[row], ys[row + 1], xs[first], xs[last]
+        for y0, y1, x0, x1 in self._runs(grid, changed, size):
             crop = (max(0, (y0 - halo) // align * align), min(height, -(-(y1 + halo) // align) * align),
                     max(0, (x0 - halo) // align * align), min(width, -(-(x1 + halo) // align) * align))
             paste = (max(crop[0], y0 - margin), min(crop[1], y1 + margin), max(crop[2], x0 - margin), min(crop[3], x1 + margin))
@@ -1013,3 +1027,9 @@ def _grown(masks: Any) -> Any:
 
 #: a logit no class reaches (logits of trained models stay within tens)
 _RULED_OUT = -1e4
+
+
+def _within(window: tuple[int, int, int, int], windows: list[tuple[int, int, int, int]]) -> bool:
+    """Whether ``window`` (y0, y1, x0, x1) lies inside one of ``windows``."""
+    y0, y1, x0, x1 = window
+    return any(a <= y0 and y1 <= b and c <= x0 and x1 <= d for a, b, c, d in windows)

@@ -208,3 +208,41 @@ def test_an_object_part_of_whose_tiles_changed_is_recomputed_whole_on_a_real_cli
     changed = on[1].results["gate"]["tiles"]["changed"]
     assert scores[False][0] == changed < scores[True][0]  # the boat's other tiles, recomputed too
     assert scores[True][1] == 1.0 and scores[False][1] < 0.6  # measured: 1.0 against 0.488
+
+
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
+def test_a_layered_update_recomputes_every_cell_a_changed_tiles_pixels_read():
+    """The upsample (bilinear, align_corners) reads pixel p from cells floor(p (n - 1) / (H - 1)) and the next,
+    up to a cell below p // 16: with tile_halo 0 (no band pasted around the tiles) a changed tile's pixels near
+    its top and left were interpolated from cells the update had left as they were. With the cache of the same
+    frame and every cached head cell stale, the changed tiles come back as the full call's."""
+    import torch
+
+    from blinkflow.frame import GateMark
+    from blinkflow.gate.tiles import tile_edges, tile_runs
+    from blinkflow.stages.segment import Segment, _TileCache
+
+    cfg = load_config(data={"stages": {"segment": {"model": "deeplabv3_mobilenet_v2", "weights": "shipped", "options": {
+        "input_size": None, "tile_update": "layers", "tile_halo": 0}}}})
+    stage = Segment(cfg.stages["segment"])
+    stage.setup("cpu")
+    frame = _parking_frames(56, 1)[0]
+    size = frame.image.shape[:2]
+    with torch.inference_mode():
+        from blinkflow.stages.common import frames_to_batch
+
+        x = frames_to_batch([frame], "cpu", size=size)
+        activations = stage.model.activations(x)
+        context = activations[-1].mean(dim=(2, 3), keepdim=True)
+        cells = stage.model.head_cells(activations[-1], context)
+        full = stage.model.upsample(cells, size)[0]
+    changed = [44, 45, 53, 54]  # tiles far down and right of an 8 x 8 grid: the largest shift between the mappings
+    stale = torch.full_like(cells, 7.0)
+    stage._tiles[frame.stream_id] = _TileCache(0, full.clone(), size, activations[-1], activations, stale)
+    frame.gate = GateMark(tiles={"grid": [8, 8], "changed": changed})
+    stage._run_layers(frame, stage._tiles[frame.stream_id], changed)
+    logits = stage._tiles[frame.stream_id].logits
+    ys, xs = tile_edges(8, size[0]), tile_edges(8, size[1])
+    for row, first, last in tile_runs(changed, [8, 8]):
+        y0, y1, x0, x1 = ys[row], ys[row + 1], xs[first], xs[last]
+        assert torch.allclose(logits[:, y0:y1, x0:x1], full[:, y0:y1, x0:x1], atol=1e-3), (y0, y1, x0, x1)
