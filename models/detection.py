@@ -90,7 +90,7 @@ def yolox_nano(*, num_classes: int = 91, input_size: tuple[int, int] = (416, 416
     with ``rect`` cut to the frame's shape (a 16:9 frame costs about half the square)."""
     from blinkflow.models.yolox import YOLOX
 
-    return YOLOX(num_classes=num_classes, input_size=tuple(input_size), rect=bool(rect))
+    return YOLOX(num_classes=num_classes, input_size=tuple(input_size), rect=rect)
 
 
 def _sizes(min_size: int | None, max_size: int | None) -> dict[str, int]:

@@ -13,6 +13,9 @@ from typing import Any, Callable
 
 from blinkflow.registry import Registry
 
+#: the largest model-input side: an 8K frame's (a side of 100 000 asked torch for terabytes at the first batch)
+MAX_INPUT_SIDE = 8192
+
 
 @dataclass(frozen=True)
 class ModelEntry:

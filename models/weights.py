@@ -107,7 +107,7 @@ def _resolve_file(source: str, *, stage: str, base_dir: Path | None) -> WeightsS
     path = _locate(source, base_dir)
     if not path.is_file():
         raise WeightsError(f"stages.{stage}.weights: file {str(path)!r} does not exist")
-    entry = _manifest_entry_for(path)
+    entry = manifest_entry_for(path)
     sha256 = entry.get("sha256") if entry else None
     if sha256 is None:
         sha256 = _read_sidecar(path)
@@ -130,7 +130,8 @@ def _locate(source: str, base_dir: Path | None) -> Path:
     return beside if beside.exists() else path
 
 
-def _manifest_entry_for(path: Path) -> dict | None:
+def manifest_entry_for(path: Path) -> dict | None:
+    """The manifest entry of a weights file, from the manifest beside it (None: none lists it)."""
     manifest_path = path.parent / MANIFEST_NAME
     if not manifest_path.is_file():
         return None

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
 from blinkflow.models.classes import coco80_to_category_id
+from blinkflow.models.registry import MAX_INPUT_SIDE
 
 STRIDES = (8, 16, 32)
 #: the letterbox canvas value of the YOLOX demo (and of its training augmentation)
@@ -216,8 +217,11 @@ class YOLOX(nn.Module):
         depth: float = 0.33, width: float = 0.25, rect: bool = False,
     ) -> None:
         super().__init__()
-        if len(input_size) != 2 or any(side % STRIDES[-1] or side <= 0 for side in input_size):
-            raise ValueError(f"yolox input_size must be (height, width), multiples of 32; got {tuple(input_size)}")
+        if len(input_size) != 2 or any(side % STRIDES[-1] or not 0 < side <= MAX_INPUT_SIDE for side in input_size):
+            raise ValueError(f"yolox input_size must be (height, width), multiples of 32 in 32..{MAX_INPUT_SIDE}; got "
+                             f"{tuple(input_size)}")
+        if not isinstance(rect, bool):  # bool("false") is True
+            raise ValueError(f"yolox rect must be true or false; got {rect!r}")
         if num_classes < 2:
             raise ValueError(f"yolox num_classes counts the background and must be >= 2; got {num_classes}")
         self.num_classes = num_classes

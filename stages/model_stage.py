@@ -22,6 +22,7 @@ from typing import Any, ClassVar, Iterator
 
 from blinkflow.config import StageConfig
 from blinkflow.errors import ConfigError, StageError
+from blinkflow.models.registry import MAX_INPUT_SIDE
 from blinkflow.stages.base import Stage
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class ModelStage(Stage):
 
     def setup(self, device: str = "cpu") -> None:
         from blinkflow.devices import resolve_device
-        from blinkflow.models.weights import load_state, resolve_weights, with_checkpoint_classes
+        from blinkflow.models.weights import WeightsError, load_state, resolve_weights, with_checkpoint_classes
 
         self.device = device
         self._device = resolve_device(device, f"stages.{self.name}.device")
@@ -54,7 +55,10 @@ class ModelStage(Stage):
                         "set weights: shipped (or a trained .pt) for real results", self.name, self.model_name)
         model = self.build_model(spec)
         self.check_model(model)
-        load_state(model, spec)
+        try:
+            load_state(model, spec)
+        except WeightsError as exc:  # the file's words alone named neither the setting nor the fix
+            raise WeightsError(f"stages.{self.name}.weights: {exc}{self._whose(spec)}") from None
         self.model = self._prepared(model)
         log.info("%s: %s, %s weights%s, on %s", self.name, self.model_name, spec.kind, self.describe(), device)
         if self._wants_warmup():
@@ -63,6 +67,19 @@ class ModelStage(Stage):
     def teardown(self) -> None:
         self.model = None
         super().teardown()
+
+    def _whose(self, spec: Any) -> str:
+        """For a file the weights manifest lists as another model's, which one and how to use it."""
+        from blinkflow.models.weights import manifest_entry_for
+
+        try:
+            entry = manifest_entry_for(spec.path) if spec.path is not None else None
+        except Exception:  # noqa: BLE001 - only a hint: an unreadable manifest leaves the error as it was
+            entry = None
+        if not entry or entry.get("model") in (None, self.model_name):
+            return ""
+        return (f"; the manifest lists this file as {entry.get('stage')} model {entry['model']!r}: set "
+                f"stages.{self.name}.model: {entry['model']} to use it, or weights: shipped for {self.model_name}")
 
     # ------------------------------------------------------------------ hooks
 
@@ -97,6 +114,10 @@ class ModelStage(Stage):
         from blinkflow.models.registry import build_model
 
         model_args = getattr(self.options, "model_args", None) or {}
+        given = sorted(set(model_args) & set(kwargs))
+        if given:  # "got multiple values for keyword argument" named an internal call, not the fix
+            raise StageError(f"stages.{self.name}.options.model_args.{given[0]}: set by the stage itself (from the "
+                             f"classes of the weights or options.classes); remove it from model_args")
         try:
             return build_model(self.model_name, task=self.name, **kwargs, **model_args)
         except (TypeError, ValueError) as exc:
@@ -156,10 +177,6 @@ def pick_classes(stage: str, weight_classes: list[str] | None, option_classes: l
     if len(classes) < 2:
         raise StageError(f"stages.{stage}.options.classes: need {what}, got {classes}")
     return classes
-
-
-#: the largest model-input side: an 8K frame's (a side of 100 000 asked torch for terabytes at the first batch)
-MAX_INPUT_SIDE = 8192
 
 
 def checked_input_size(stage: str, size: Any, example: str, optional: bool = False) -> tuple[int, int] | None:

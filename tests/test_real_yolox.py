@@ -326,3 +326,29 @@ def test_a_nan_box_from_the_net_is_dropped_not_kept_by_nms(shipped_model):
         finally:
             model.raw = original
     assert torch.isfinite(dirty["boxes"]).all() and len(dirty["boxes"]) <= len(clean["boxes"])
+
+
+@pytest.mark.parametrize("model_args, message", [
+    ({"input_size": [32000, 32000]}, r"model_args: yolox_nano rejected \['input_size'\] .*multiples of 32 in 32\.\.8192"),
+    ({"rect": "false"}, r"model_args: yolox_nano rejected \['rect'\] .*rect must be true or false; got 'false'"),
+    ({"num_classes": 10}, r"^stages\.detect\.options\.model_args\.num_classes: set by the stage itself"),
+])
+def test_yolox_model_args_that_would_exhaust_memory_or_mean_otherwise_are_one_line_errors(model_args, message):
+    """input_size 32000 was built, and the first batch asked for gigabytes (the out-of-memory killer, no message);
+    rect "false" (a quoted YAML string) was bool("false"): True; num_classes named an internal call."""
+    from blinkflow.errors import StageError
+
+    stage = Detect(StageConfig(model="yolox_nano", weights=None, options=DetectOptions(model_args=model_args)))
+    with pytest.raises(StageError, match=message):
+        stage.setup("cpu")
+
+
+def test_weights_of_another_model_say_the_setting_and_which_model_the_file_is_for():
+    """A shipped file given to another model listed key names only, not stages.detect.weights nor the fix."""
+    from blinkflow.models.weights import WEIGHTS_DIR
+
+    stage = Detect(StageConfig(model="yolox_nano", weights=str(WEIGHTS_DIR / "detect-ssdlite320_mobilenet_v3_large.pt")))
+    with pytest.raises(WeightsError, match=r"^stages\.detect\.weights: .*do not fit this model architecture.*"
+                                           r"the manifest lists this file as detect model 'ssdlite320_mobilenet_v3_large': "
+                                           r"set stages\.detect\.model: ssdlite320_mobilenet_v3_large to use it"):
+        stage.setup("cpu")
