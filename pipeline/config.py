@@ -799,6 +799,8 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
         del gate.refresh[name]  # a bound for a stage this graph does not run: nothing to refresh
     if gate.tiles is not None and (len(gate.tiles) != 2 or not all(1 <= n <= 64 for n in gate.tiles)):
         raise ConfigError(f"gate.tiles: expected [rows, cols] with both in 1..64, got {gate.tiles}; e.g. tiles: [4, 4], or null")
+    if gate.enabled:
+        _check_gate_objects(gate, stages)
     if gate.region_budget and not (gate.adaptive and gate.tiles):
         missing = "adaptive: true" if not gate.adaptive else "tiles (e.g. tiles: [8, 8])"
         raise ConfigError(f"gate.region_budget: the per-region budget learns from the audits' feedback per tile; "
@@ -807,6 +809,24 @@ def _check_gate(gate: GateConfig, stages: dict[str, Any]) -> None:
         raise ConfigError(f"gate.blur: expected an odd kernel size (1 = off), got {gate.blur}; e.g. blur: {gate.blur + 1}")
     if gate.adaptive:
         _check_adaptive_bounds(gate)
+
+
+def _check_gate_objects(gate: GateConfig, stages: dict[str, Any]) -> None:
+    """object_weight and object_tiles weigh change by the stream's boxes, and object_tiles grows tiles: accepted
+    without a stage that gives boxes (or without tiles), they silently did nothing."""
+    from blinkflow.registry import stages as stage_registry
+
+    asked = "object_weight" if gate.object_weight > 1.0 else "object_tiles" if gate.object_tiles else None
+    if asked is None:
+        return
+    boxed = [n for n, s in stages.items() if s.enabled and getattr(stage_registry.get(n), "gives_boxes", False)]
+    if not boxed:
+        off = "object_weight: 1" if asked == "object_weight" else "object_tiles: false"
+        raise ConfigError(f"gate.{asked}: it weighs change by the stream's boxes, and no stage gives boxes; add a "
+                          f"detect stage, or set {off}")
+    if gate.object_tiles and not gate.tiles:
+        raise ConfigError("gate.object_tiles: it grows a partial frame's changed tiles, and gate.tiles is null; set "
+                          "tiles (e.g. tiles: [8, 8]), or object_tiles: false")
 
 
 def _check_adaptive_bounds(gate: GateConfig) -> None:

@@ -203,3 +203,18 @@ def test_records_of_every_gate_decision_validate_against_the_record_schema():
         keys |= set(result.results.get("gate") or {})
     assert {"carried", "weighted", "discounted_tiles", "tiles", "stages", "audit_of"} <= keys
     assert {(r.results.get("gate") or {}).get("decision") for r in sink.results} == {"keyframe", "partial", "refresh", "reuse"}
+
+
+@pytest.mark.parametrize("gate, stages, message", [
+    ({"object_weight": 4.0}, {"segment": {}}, r"^gate\.object_weight: .*no stage gives boxes; add a detect stage, or set object_weight: 1"),
+    ({"object_tiles": True, "tiles": [8, 8]}, {"segment": {}}, r"^gate\.object_tiles: .*no stage gives boxes"),
+    ({"object_tiles": True, "tiles": None}, {"detect": {}, "segment": {}}, r"^gate\.object_tiles: .*gate\.tiles is null"),
+    ({"object_weight": 4.0}, {"detect": {"enabled": False}, "segment": {}}, r"^gate\.object_weight: "),
+])
+def test_object_settings_that_would_do_nothing_are_config_errors(gate, stages, message):
+    """object_weight without a stage that gives boxes ran with 'weighted' equal to 'changed' on every frame."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(data={"gate": {"enabled": True, **gate}, "stages": stages})
+    load_config(data={"gate": {"enabled": True, "object_weight": 4.0, "object_tiles": True, "tiles": [8, 8]},
+                      "stages": {"detect": {}, "segment": {}}})  # with boxes and tiles: fine
+    load_config(data={"gate": {"enabled": False, **gate}, "stages": stages})  # a gate that is off: not checked
