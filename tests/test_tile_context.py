@@ -246,3 +246,30 @@ def test_a_layered_update_recomputes_every_cell_a_changed_tiles_pixels_read():
     for row, first, last in tile_runs(changed, [8, 8]):
         y0, y1, x0, x1 = ys[row], ys[row + 1], xs[first], xs[last]
         assert torch.allclose(logits[:, y0:y1, x0:x1], full[:, y0:y1, x0:x1], atol=1e-3), (y0, y1, x0, x1)
+
+
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
+def test_a_layered_update_costing_most_of_a_forward_runs_the_frame_in_full():
+    """At 95% of a forward a layered update saved a twentieth and let the stale activations around its regions
+    steer the rest (0.714 of a parking-lot frame's pixels agreed with the full run); past LAYERS_MOST the frame
+    runs in full, exactly, and a small change still takes the layered update."""
+    from blinkflow.frame import GateMark
+    from blinkflow.stages.segment import LAYERS_MOST
+
+    first, second = _parking_frames(56, 2)
+    every_row_but_its_first_tile = [tile for tile in range(64) if tile % 8]  # 0.94 of a forward at 384x216
+    for changed, layered in ((every_row_but_its_first_tile, False), ([27, 28], True)):
+        stage = _segmenter(False, update="layers")
+        keyframe = copy.deepcopy(first)
+        keyframe.gate = GateMark(tiles={"grid": [8, 8], "changed": None, "base": None})  # the gate's keyframe mark
+        stage.process([keyframe])
+        frame = copy.deepcopy(second)
+        frame.gate = GateMark(tiles={"grid": [8, 8], "changed": changed, "base": first.index})
+        size = tuple(stage._tiles[frame.stream_id].logits.shape[-2:])
+        cost = stage._layers_cost(stage._layer_rects([8, 8], changed, size), size)
+        assert (cost < LAYERS_MOST) == layered, cost
+        result = stage.process([frame])[0].results["segment"]
+        assert (result.get("tiles", {}).get("update") == "layers") == layered, result.get("tiles")
+        if not layered:  # in full: the gate-off result
+            alone = _segmenter(False).process([Frame("full", second.index, second.pts, second.image)])[0]
+            assert result["mask"]["data"] == alone.results["segment"]["mask"]["data"]
