@@ -25,9 +25,10 @@ A restart (a frame index at or before the stream's last) or a new frame size (a 
 resolution) ends the stream's clips as its end does, below: no clip mixes them.
 
 End of a stream (``end_stream``) or of the run (``flush``): if frames are held
-and at least one of them is active, a final *partial* window runs on the
-samples of the pending window (plus the last active frame if it was not
-sampled), padded to ``clip_len`` by repeating its last frame; without an
+and at least one of them is active, a final window runs on the samples of the
+pending window (plus the last active frame if it was not sampled), reaching back
+to the samples before it for a whole ``clip_len`` (padded by repeating its last
+frame only when the stream has fewer samples); without an
 active frame the held frames carry the previous window's result. Everything
 is released and the stream's state dropped; if that final forward raises,
 the frames it would have labelled are released failed (no later call could
@@ -97,6 +98,7 @@ class _Held:
 class _StreamState:
     held: list[_Held] = field(default_factory=list)
     samples: list[tuple[int, Frame]] = field(default_factory=list)  # (sample number, frame) of pending windows
+    recent: list[Frame] = field(default_factory=list)  # the latest clip_len samples: a final window reaches back
     active_seen: int = 0
     samples_seen: int = 0
     next_start: int = 0  # sample number of the earliest window not yet complete
@@ -114,6 +116,7 @@ class _StreamState:
         clone = copy.copy(self)
         clone.held = [copy.copy(entry) for entry in self.held]
         clone.samples = list(self.samples)
+        clone.recent = list(self.recent)
         return clone
 
 
@@ -251,6 +254,7 @@ class Action(ModelStage):
     def _add_sample(self, state: _StreamState, frame: Frame) -> _Window | None:
         number = state.samples_seen
         state.samples_seen += 1
+        state.recent = [*state.recent[1 - self.options.clip_len:], frame] if self.options.clip_len > 1 else [frame]
         if number < state.next_start:
             return None  # stride > clip_len: a sample in the gap between windows
         state.samples.append((number, frame))
@@ -274,6 +278,10 @@ class Action(ModelStage):
         clip = [f for n, f in state.samples if n >= state.next_start]
         if not clip or clip[-1] is not active[-1]:
             clip.append(active[-1])
+        # reach back: the samples before the tail fill the clip, padded only when the stream has too few (padding with
+        # the last frame read the end of a rotation as a bounce on 3 of 18 synthetic clips; its last 8 frames, 18 of 18)
+        earlier = [f for f in state.recent if f.index < clip[0].index]
+        clip = (earlier + clip)[-self.options.clip_len:]
         window = _Window(clip + [clip[-1]] * (self.options.clip_len - len(clip)), clip[0].index, clip[-1].index)
         self._assign(state, window)
         return [window]

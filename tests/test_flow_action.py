@@ -226,7 +226,7 @@ def test_action_returns_every_frame_once_in_order_with_a_covering_window():
     assert [f.index for f in returned] == list(range(10))  # frame 10 waits for the window [8, ...]
     returned += stage.flush()
     assert [f.index for f in returned] == list(range(11))
-    assert frames[10].results["action"]["window"] == [8, 10]  # a partial window, padded
+    assert frames[10].results["action"]["window"] == [7, 10]  # the tail [8, 10] reaching back to sample 7
     assert "action" not in frames[6].results  # failed frames get no result
     for frame in (f for f in returned if not f.is_failed):
         first, last = frame.results["action"]["window"]
@@ -389,7 +389,7 @@ def test_action_one_streams_failing_final_clip_fails_only_its_own_tail():
     released = stage.flush()
     assert sorted((f.stream_id, f.index) for f in released) == sorted([("cam", 4), ("cam", 5), ("bad", 4), ("bad", 5)])
     assert all(f.is_failed and "device lost" in f.error for f in released if f.stream_id == "bad")
-    assert all(not f.is_failed and f.results["action"]["window"] == [4, 5] for f in released if f.stream_id == "cam")
+    assert all(not f.is_failed and f.results["action"]["window"] == [2, 5] for f in released if f.stream_id == "cam")
 
 
 def test_action_clip_shape_mismatch_is_a_stage_error():
@@ -550,3 +550,30 @@ def test_a_clip_longer_than_the_causal_nets_reach_and_cpu_half_precision_are_sai
     said = [r.getMessage() for r in caplog.records]
     assert sum("clip_len: 16 frames, but causal3d_small sees only the last 9" in m for m in said) == 1
     assert sum("precision bf16 is for GPUs" in m for m in said) <= 1  # once a process, not on every forward
+
+
+
+def test_the_final_window_reaches_back_for_a_whole_clip_and_pads_only_a_short_stream():
+    """The tail's window was padded by repeating its last frame (frames 4-5 of a 6-frame stream: 4, 5, 5, 5); the
+    model then read the end of a rotation as a bounce on 3 of 18 synthetic clips, where the last 4 real frames
+    gave the right label on every one. It takes the samples before the tail now."""
+    import torch
+
+    stage = make_action_stage(clip_len=4, stride=4)
+    seen = []
+    model = stage.model
+
+    def recording(clips):
+        seen.append(clips.clone())
+        return model(clips)
+
+    frames = make_frames(6, height=16, width=16)
+    for i, frame in enumerate(frames):
+        frame.image[:] = 40 * i  # each frame its own gray level
+    stage.process(frames)
+    stage.model = recording
+    stage.flush()
+    levels = [round(float(seen[-1][0, :, t].mean()) * 255 / 40) for t in range(4)]
+    assert levels == [2, 3, 4, 5] and frames[5].results["action"]["window"] == [2, 5]
+    short = make_frames(2, stream="short", height=16, width=16)
+    assert stage.process(short) == [] and [f.results["action"]["window"] for f in stage.flush()] == [[0, 1], [0, 1]]
