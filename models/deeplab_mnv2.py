@@ -166,6 +166,7 @@ def _cells_read(start: int, stop: int, pixels: int, cells: int) -> tuple[int, in
     scale = (cells - 1) / (pixels - 1)
     return max(0, math.floor(start * scale - 1e-4)), min(cells, math.floor((stop - 1) * scale + 1e-4) + 2)
 
+
 def conv_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1), nn.ReLU(inplace=True))
 

@@ -611,9 +611,9 @@ class Segment(ModelStage):
     def _layer_rects(self, grid: list[int], changed: list[int], size: tuple[int, int]) -> list[tuple]:
         """The regions a layered update recomputes: each run of changed tiles plus half the halo (the pastes of
         the crops, whose halo it does not need), and every cell the upsample reads for a changed tile's pixels
-        (up to a cell beyond the paste on large inputs: a changed tile's pixels were interpolated from cells left
-        as they were, a block of "car" a frame wide at 250x141). The half halo pasted around them may read such
-        cells: unchanged content there, as the gate saw it."""
+        (with tile_halo 0 up to a cell beyond the paste: a tile's top and left rows were interpolated from cells
+        left as they were). The half halo pasted around them may read such cells: unchanged content there, as
+        the gate saw it."""
         pastes = self._layer_pastes(grid, changed, size)
         covered = self.model.head_rects(size, pastes)  # the cells a paste's own update recomputes
         reads = self.model.reading_rects(size, self._runs(grid, changed, size))
