@@ -247,14 +247,22 @@ class Segment(ModelStage):
 
     @classmethod
     def check_config(cls, cfg: Any, name: str) -> None:
-        """feature_reuse warps along the decoder's motion vectors: a file source that exports none never warps."""
+        """feature_reuse warps along the decoder's motion vectors on frames the gate sends without tiles: a source
+        that exports none, or a gate with tiles, never warps (every frame runs the backbone), said at load."""
         super().check_config(cfg, name)
         if not cfg.stages[name].options.feature_reuse:
             return
+        where = f"stages.{name}.options.feature_reuse"
         for i, source in enumerate(cfg.sources):
-            if source.type == "file" and not getattr(source.options, "motion_vectors", True):
-                log.warning("stages.%s.options.feature_reuse: sources.%d exports no motion vectors, so its frames are "
-                            "never warped (every frame runs the backbone); set sources.%d.motion_vectors: true", name, i, i)
+            if source.type != "file":
+                log.warning("%s: sources.%d (%s) exports no decoder motion vectors, so its frames are never warped",
+                            where, i, source.type)
+            elif not getattr(source.options, "motion_vectors", True):
+                log.warning("%s: sources.%d exports no motion vectors, so its frames are never warped (every frame "
+                            "runs the backbone); set sources.%d.motion_vectors: true", where, i, i)
+        if cfg.gate.enabled and cfg.gate.tiles:
+            log.warning("%s: with gate.tiles the gate's refreshes recompute their changed tiles instead, so no frame is "
+                        "warped; set gate.tiles: null to warp between the gate's keyframes", where)
 
     def check_model(self, model: Any) -> None:
         split = hasattr(model, "features") and hasattr(model, "head")
@@ -362,15 +370,17 @@ class Segment(ModelStage):
     def _follow_motion(self, frame: Frame) -> None:
         """Add this frame's decoder motion (``meta["mvs"]``, reused frames too) to its stream's key. The gate
         turns the source's vectors into that field; without a gate (or with its motion off) this stage does."""
-        from blinkflow.gate.motion import MOTION_KEY, attach_decoder_motion, compose_motion
+        from blinkflow.gate.motion import INTRA_KEY, MOTION_KEY, attach_decoder_motion, compose_motion
 
         attach_decoder_motion(frame, self._decoders)  # a no-op once the gate did
         key = self._keys.get(frame.stream_id)
         if key is None or frame.index <= max(key.index, key.last):
             return  # the key's own frame, or one seen again (a batch retried frame by frame): composed already
         step = frame.meta.get(MOTION_KEY)
-        if step is None or frame.index != max(key.index, key.last) + 1:
-            key.complete = False  # no vectors, or frames in between never came (dropped): the motion is not whole
+        if step is None or frame.meta.get(INTRA_KEY) or frame.index != max(key.index, key.last) + 1:
+            # no vectors (an intra picture's field is zeros, not its motion), or frames in between never came
+            # (dropped): the motion is not whole
+            key.complete = False
         else:
             key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
         key.last = frame.index

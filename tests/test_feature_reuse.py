@@ -296,3 +296,44 @@ def test_a_file_exports_motion_vectors_by_default_when_the_gate_moves_results_al
     assert vectors({"enabled": False}) is False  # nothing reads them: decoding stays plain
     assert vectors({"enabled": True}, motion_vectors=False) is False  # as set
     assert vectors({"enabled": True}, hwaccel="cuda") is False  # the CUDA decoder exports none
+
+
+def test_an_intra_picture_mid_stream_is_not_warped_across(one_torch_thread):
+    """An I-frame's field is zeros (the decoder tells no motion for it), and it was warped as if nothing moved;
+    the docs say frames without motion vectors run in full. attach_decoder_motion marks it, the next frame is a key."""
+    from blinkflow.gate.motion import INTRA_KEY, PACKED_VECTORS, VECTORS_KEY, DecoderVectors, attach_decoder_motion
+
+    decoders = {}
+    marked = []
+    for index, picture in enumerate((1, 2, 1, 2)):  # I P I P
+        frame = Frame("s", index, index / 10, np.zeros((16, 32, 3), np.uint8))
+        frame.meta[VECTORS_KEY] = [DecoderVectors(picture, (32, 16), (32, 16), np.zeros(0, PACKED_VECTORS))]
+        attach_decoder_motion(frame, decoders)
+        marked.append(bool(frame.meta.get(INTRA_KEY)))
+    assert marked == [True, False, True, False]
+    stage = _segmenter(4, change=1.0)
+    frames = _pan(4)
+    frames[2].meta[INTRA_KEY] = True
+    kept = stage.process(frames)
+    assert "features" in kept[1].results["segment"]  # a P-frame: warped
+    assert "features" not in kept[2].results["segment"]  # the I-frame: run in full, a new key
+    assert "features" in kept[3].results["segment"]  # warped from it
+
+
+@pytest.mark.parametrize("data, words", [
+    ({"sources": [{"type": "synthetic"}]}, "sources.0 (synthetic) exports no decoder motion vectors"),
+    ({"sources": [{"type": "file", "path": str(BIKES)}], "gate": {"enabled": True}},
+     "with gate.tiles the gate's refreshes recompute their changed tiles instead, so no frame is warped"),
+])
+def test_feature_reuse_that_can_never_warp_says_so_at_load(caplog, data, words):
+    """A synthetic source, or the gate at its defaults (tiles on: refreshes recompute tiles), warped nothing and
+    said nothing while every frame paid for the features kept."""
+    stages = {"segment": {"model": MODEL, "weights": None, "options": {"feature_reuse": 3}}}
+    with caplog.at_level("WARNING"):
+        load_config(data={**data, "stages": stages})
+    assert any(words in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_config(data={"sources": [{"type": "file", "path": str(BIKES)}], "gate": {"enabled": True, "tiles": None},
+                          "stages": stages})
+    assert not any("warped" in r.getMessage() for r in caplog.records)

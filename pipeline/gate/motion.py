@@ -30,6 +30,9 @@ MOTION_CELL = 8
 VECTORS_KEY = "decoder_vectors"
 #: ``frame.meta`` key of the frame's one-frame backward motion field, (gh, gw, 2) float16 in output pixels
 MOTION_KEY = "mvs"
+#: ``frame.meta`` key set when an intra picture was decoded since the last delivered frame: its field holds no motion
+#: (zeros), what the decoder did not tell; the segmenter's feature reuse does not warp across it
+INTRA_KEY = "mvs_intra"
 
 #: FFmpeg's AVMotionVector as its side data lays it out (PyAV's ``MotionVectors.to_ndarray`` reads the same)
 AV_MOTION_VECTOR = np.dtype([("source", "<i4"), ("w", "u1"), ("h", "u1"), ("src_x", "<i2"), ("src_y", "<i2"),
@@ -121,6 +124,8 @@ def attach_decoder_motion(frame: Any, trackers: dict[str, DecoderMotion]) -> Non
         motion = tracker.compose(entry, motion)
     tracker.index = frame.index
     frame.meta[MOTION_KEY] = motion.astype(np.float16)
+    if any(_PICTURE_ROLES.get(entry.picture, "intra") == "intra" for entry in entries):
+        frame.meta[INTRA_KEY] = True
 
 
 @dataclass
