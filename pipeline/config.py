@@ -467,8 +467,9 @@ _TRAINING_KEYS = {"task", "epochs", "batch_size", "optim", "eval_every", "out_di
 
 def _not_a_training_config(raw: Any, path: str | Path | None) -> None:
     name = path or "config"
+    task = raw.get("task") if isinstance(raw, dict) and isinstance(raw.get("task"), str) else "TASK"
     check_kind(raw, Config, _TRAINING_KEYS, f"{name}: this is a training config, not a pipeline config; use "
-                                            f"`blinkflow train TASK --config {name}`")
+                                            f"`blinkflow train {task} --config {name}`")
 
 
 def _default_at(parts: list[str]) -> Any:
