@@ -160,6 +160,7 @@ class _FeatureKey:
     complete: bool = True  # every frame since carried motion vectors
     last: int = -1  # the latest frame whose motion ``motion`` holds (the key's own index until one follows)
     signal: np.ndarray | None = None  # the key frame's pixels as the gate sees them (feature_reuse_change)
+    step: np.ndarray | None = None  # the latest frame's one-frame motion: an intra picture's guess
 
 
 #: feature_reuse_change measures change as the gate does at its defaults (downscale, pixel_threshold, blur)
@@ -377,12 +378,16 @@ class Segment(ModelStage):
         if key is None or frame.index <= max(key.index, key.last):
             return  # the key's own frame, or one seen again (a batch retried frame by frame): composed already
         step = frame.meta.get(MOTION_KEY)
-        if step is None or frame.meta.get(INTRA_KEY) or frame.index != max(key.index, key.last) + 1:
-            # no vectors (an intra picture's field is zeros, not its motion), or frames in between never came
-            # (dropped): the motion is not whole
-            key.complete = False
+        if step is None or frame.index != max(key.index, key.last) + 1:
+            key.complete = False  # no vectors, or frames in between never came (dropped): the motion is not whole
         else:
-            key.motion = compose_motion(np.asarray(step, dtype=np.float32), key.motion)
+            step = np.asarray(step, dtype=np.float32)
+            if frame.meta.get(INTRA_KEY) and key.step is not None and key.step.shape == step.shape:
+                # an intra picture's field is zeros, not its motion: the frame before's, at constant velocity (a
+                # panning camera's I-frame was warped as if the pan had stopped; a still scene's step is zeros)
+                step = key.step
+            key.motion = compose_motion(step, key.motion)
+            key.step = step
         key.last = frame.index
 
     def _can_warp(self, frame: Frame) -> bool:
@@ -414,12 +419,16 @@ class Segment(ModelStage):
         return measured_change(key.signal, signal, _GATE_DEFAULTS, key.motion)
 
     def _new_key(self, frame: Frame, features: Any) -> _FeatureKey:
+        from blinkflow.gate.motion import MOTION_KEY
+
         signal = None
         if self.options.feature_reuse_change < 1.0:
             from blinkflow.gate.signal import gray_signal
 
             signal = gray_signal(frame.image, _GATE_DEFAULTS.downscale)
-        return _FeatureKey(frame.index, features, (frame.height, frame.width), signal=signal)
+        step = frame.meta.get(MOTION_KEY)  # how the key frame itself moved from the one before
+        return _FeatureKey(frame.index, features, (frame.height, frame.width), signal=signal,
+                           step=None if step is None else np.asarray(step, dtype=np.float32))
 
     def _interval(self, stream_id: str) -> _Interval:
         return self._intervals.setdefault(stream_id, _Interval(self.options.feature_reuse))

@@ -298,9 +298,10 @@ def test_a_file_exports_motion_vectors_by_default_when_the_gate_moves_results_al
     assert vectors({"enabled": True}, hwaccel="cuda") is False  # the CUDA decoder exports none
 
 
-def test_an_intra_picture_mid_stream_is_not_warped_across(one_torch_thread):
-    """An I-frame's field is zeros (the decoder tells no motion for it), and it was warped as if nothing moved;
-    the docs say frames without motion vectors run in full. attach_decoder_motion marks it, the next frame is a key."""
+def test_an_intra_picture_mid_stream_is_warped_at_the_frame_befores_motion(one_torch_thread):
+    """An I-frame's field is zeros (the decoder tells no motion for it): a panning camera's I-frame was warped as if
+    the pan had stopped. attach_decoder_motion marks it and the segmenter takes the step before (constant velocity):
+    the same result as the true motion on a steady pan, and zeros still on a still scene."""
     from blinkflow.gate.motion import INTRA_KEY, PACKED_VECTORS, VECTORS_KEY, DecoderVectors, attach_decoder_motion
 
     decoders = {}
@@ -311,13 +312,20 @@ def test_an_intra_picture_mid_stream_is_not_warped_across(one_torch_thread):
         attach_decoder_motion(frame, decoders)
         marked.append(bool(frame.meta.get(INTRA_KEY)))
     assert marked == [True, False, True, False]
-    stage = _segmenter(4, change=1.0)
+    def motion_after(frames: list[Frame]) -> np.ndarray:
+        stage = _segmenter(4, change=1.0)
+        out = stage.process(frames)
+        assert all("features" in f.results["segment"] for f in out[1:])  # warped through frame 2
+        return stage._keys["s"].motion  # the motion the warps followed from the key
+
+    told = motion_after(_pan(4))
     frames = _pan(4)
+    frames[2].meta["mvs"] = np.zeros_like(frames[2].meta["mvs"])  # as the decoder gives an I-frame
     frames[2].meta[INTRA_KEY] = True
-    kept = stage.process(frames)
-    assert "features" in kept[1].results["segment"]  # a P-frame: warped
-    assert "features" not in kept[2].results["segment"]  # the I-frame: run in full, a new key
-    assert "features" in kept[3].results["segment"]  # warped from it
+    np.testing.assert_array_equal(motion_after(frames), told)
+    frames = _pan(4)
+    frames[2].meta["mvs"] = np.zeros_like(frames[2].meta["mvs"])  # the same zeros, not marked: a step short
+    assert np.abs(motion_after(frames) - told).max() >= 16
 
 
 @pytest.mark.parametrize("data, words", [
