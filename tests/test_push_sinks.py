@@ -716,12 +716,9 @@ def test_a_ca_file_that_is_not_pem_is_one_line_naming_it(tmp_path):
         MqttSink(SinkConfig(type="mqtt", host="127.0.0.1", port=free_port(), ca_file=str(tmp_path / "ca.pem")))
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(60)
-def test_a_webhook_server_that_answers_a_byte_at_a_time_is_cut_at_timeout_s():
-    """timeout_s bounded each read only: a server trickling its headers held the one sender forever."""
-    from blinkflow.frame import FrameResult, Outcome
-
+def _trickling_server(head: bytes, trickled: int) -> tuple[socket.socket, list[socket.socket]]:
+    """A loopback HTTP server that answers every request with ``head`` at once, then ``trickled`` bytes one every
+    0.2 s; its socket and the connections it accepted (the test closes them)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -730,8 +727,8 @@ def test_a_webhook_server_that_answers_a_byte_at_a_time_is_cut_at_timeout_s():
     def trickle(conn):
         conn.recv(65536)
         try:
-            conn.sendall(b"HTTP/1.1 503 Busy\r\n")
-            while True:
+            conn.sendall(head)
+            for _ in range(trickled):
                 conn.sendall(b"X")
                 time.sleep(0.2)
         except OSError:
@@ -747,6 +744,16 @@ def test_a_webhook_server_that_answers_a_byte_at_a_time_is_cut_at_timeout_s():
             threading.Thread(target=trickle, args=(conn,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
+    return server, connections
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_webhook_server_that_answers_a_byte_at_a_time_is_cut_at_timeout_s():
+    """timeout_s bounded each read only: a server trickling its headers held the one sender forever."""
+    from blinkflow.frame import FrameResult, Outcome
+
+    server, connections = _trickling_server(b"HTTP/1.1 503 Busy\r\n", 10**6)  # headers without an end
     sink = WebhookSink(webhook_config(f"http://127.0.0.1:{server.getsockname()[1]}/e", timeout_s=0.5, retries=-1,
                                       backoff_initial_s=0.05, backoff_max_s=0.05, close_timeout_s=1.0))
     try:
@@ -840,31 +847,7 @@ def test_a_push_sink_that_never_delivers_exports_zero_delivered_not_no_series(mo
 def test_a_webhook_server_that_trickles_its_body_after_the_headers_is_cut_at_timeout_s():
     """urllib lets go of the connection's socket once the headers are in: a body sent a byte every 0.2 s held the
     sender for its whole length (20 s with timeout_s 1), stalling every later event."""
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(8)
-    connections = []
-
-    def trickle(conn):
-        conn.recv(65536)
-        try:
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n")
-            for _ in range(100):
-                conn.sendall(b"X")
-                time.sleep(0.2)
-        except OSError:
-            pass
-
-    def accept():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            connections.append(conn)
-            threading.Thread(target=trickle, args=(conn,), daemon=True).start()
-
-    threading.Thread(target=accept, daemon=True).start()
+    server, connections = _trickling_server(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n", 100)
     sink = WebhookSink(webhook_config(f"http://127.0.0.1:{server.getsockname()[1]}/e", timeout_s=0.5,
                                       close_timeout_s=1.0))
     try:
