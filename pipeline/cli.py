@@ -324,11 +324,10 @@ def _check_sideways_flags(args: argparse.Namespace) -> None:
 
 
 def _train_sideways(cfg, args: argparse.Namespace) -> int:
-    from blinkflow.models.training.sideways import compare, format_report
+    from blinkflow.models.training.sideways import compare, executors_for, format_report
 
     # compare() refuses the settings Sideways would ignore (the module's own entry point goes through it too)
-    executors = {"both": ("local", "ray"), "ray": ("ray",)}.get(args.sideways_executor, ("local",))
-    print(format_report(compare(cfg, args.stages or 2, executors)))
+    print(format_report(compare(cfg, args.stages or 2, executors_for(args.sideways_executor))))
     print(f"report and Sideways weights in {cfg.out_dir}/sideways.json, sideways.pt")
     return 0
 

@@ -270,19 +270,14 @@ def build_data(cfg: TrainConfig) -> tuple[Any, Any, Any]:
     return task, loader, make_loader(task, val_set, cfg.batch_size, train=False)
 
 
-def epoch_seed(cfg: TrainConfig, epoch: int) -> int:
-    """Torch's seed for epoch ``epoch``: train_one_epoch's (rank 0)."""
-    return cfg.seed * 1_000_003 + epoch * 101
-
-
 def epoch_batches(cfg: TrainConfig, loader: Any, epoch: int) -> Iterator[Any]:
     """Epoch ``epoch``'s training batches, the same for every method: the shuffle and torch's RNG are re-seeded
     from (seed, epoch) as ``blinkflow train`` does. The random flips and dropout both draw from torch's RNG, and
     the methods draw dropout a different number of times, so the loader gets an RNG state of its own."""
-    from blinkflow.models.training.train import Runtime
+    from blinkflow.models.training.train import Runtime, epoch_seed
 
     Runtime(progress=False).set_epoch(loader, epoch)
-    torch.manual_seed(epoch_seed(cfg, epoch))
+    torch.manual_seed(epoch_seed(cfg.seed, epoch))
     data_state = torch.get_rng_state()
     batches = iter(loader)
     while True:
@@ -306,6 +301,7 @@ def fresh_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
 def train_sideways(cfg: TrainConfig, data: tuple, stages: int = 2, executor: str = "local") -> tuple[RunResult, nn.Module]:
     """Sideways training of a fresh ``cfg.model`` for ``cfg.epochs`` epochs; returns the result and the model."""
     from blinkflow.models.depth import split_model
+    from blinkflow.models.training.train import epoch_seed
 
     task, loader, val_loader = data
     model = fresh_model(cfg, len(loader.dataset.classes)).train()
@@ -314,7 +310,7 @@ def train_sideways(cfg: TrainConfig, data: tuple, stages: int = 2, executor: str
     result = RunResult(f"sideways K={stages} ({executor})")
     try:
         for epoch in range(cfg.epochs):
-            runner.seed(epoch_seed(cfg, epoch))  # Ray actors draw the dropout masks the driver draws in process
+            runner.seed(epoch_seed(cfg.seed, epoch))  # Ray actors draw the dropout masks the driver draws in process
             for clips, labels in epoch_batches(cfg, loader, epoch):
                 started = time.perf_counter()
                 result.losses.append(runner.train_clip(clips, labels))
@@ -352,6 +348,11 @@ def train_backprop(cfg: TrainConfig, data: tuple) -> tuple[RunResult, nn.Module]
 #: anything else is refused (it used to be ignored, silently)
 FIXED = {"init": None, "optim.optimizer": "adamw", "optim.schedule": "constant", "optim.warmup_steps": 0,
          "optim.grad_clip": None, "device": "cpu"}
+
+
+def executors_for(choice: str | None) -> tuple[str, ...]:
+    """The executors a command line's choice names: local (the default), ray, or both side by side."""
+    return ("local", "ray") if choice == "both" else (choice or "local",)
 
 
 def check_supported(cfg: TrainConfig, stages: int) -> None:
@@ -434,7 +435,7 @@ def _run(args: argparse.Namespace) -> dict:
     from blinkflow.models.training.config import load_train_config
 
     cfg = load_train_config(args.config, args.overrides, task="action")
-    executors = ("local", "ray") if args.executor == "both" else (args.executor,)
+    executors = executors_for(args.executor)
     return compare(cfg, args.stages, executors, baseline=not args.no_baseline)
 
 

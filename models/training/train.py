@@ -54,6 +54,12 @@ class CheckpointError(BlinkflowError):
     """A checkpoint that cannot be resumed from; the message names the file and the fix."""
 
 
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """Torch's seed for an epoch of a worker: augmentation and dropout are a function of (seed, epoch, rank), so a
+    resumed run, and every method Sideways compares, draws the same."""
+    return seed * 1_000_003 + epoch * 101 + rank
+
+
 @dataclass
 class Runtime:
     """How the loop runs: one process here; :mod:`models.training.distributed` overrides for Ray Train."""
@@ -275,7 +281,7 @@ def train_one_epoch(task: Task, model: torch.nn.Module, loader: DataLoader, opti
     model.train()
     runtime.set_epoch(loader, epoch)
     # augmentation and dropout draw from torch's global RNG: re-seed per (seed, epoch, rank) for exact resumes
-    torch.manual_seed(cfg.seed * 1_000_003 + epoch * 101 + runtime.rank)
+    torch.manual_seed(epoch_seed(cfg.seed, epoch, runtime.rank))
     running, count = 0.0, 0
     bar = tqdm(loader, desc=f"{cfg.task} epoch {epoch + 1}/{cfg.epochs}", leave=False,
                disable=not (runtime.progress and runtime.is_main), unit="batch")
