@@ -587,9 +587,9 @@ def _stats(summary: Any, outputs: dict[str, bytes]) -> dict[str, Any]:
     truncated = bool(summary.accounting.truncated)  # cut short (typed by the source): partial, labelled again
     # frames failed in a stage beside good ones: partial too (written, each failed frame's record saying why;
     # throwing the video's good labels away hid those records and relabelled it on every run for nothing)
-    some_good = (truncated or not summary.accounting.source_errors) and totals["decoded"] > totals["failed"]
-    status = ("done" if summary.ok else
-              "partial" if (truncated and not totals["failed"]) or (totals["failed"] and some_good) else "failed")
+    failed, readable = totals["failed"], truncated or not summary.accounting.source_errors
+    partial = (truncated and not failed) or (failed and readable and totals["decoded"] > failed)
+    status = "done" if summary.ok else "partial" if partial else "failed"
     return {
         "status": status, "error": "; ".join(errors) or None,
         "frames": totals["decoded"], "outcomes": {k: v for k, v in totals.items() if k != "decoded"},

@@ -254,7 +254,7 @@ class Action(ModelStage):
     def _add_sample(self, state: _StreamState, frame: Frame) -> _Window | None:
         number = state.samples_seen
         state.samples_seen += 1
-        state.recent = [*state.recent[1 - self.options.clip_len:], frame] if self.options.clip_len > 1 else [frame]
+        state.recent = (state.recent + [frame])[-self.options.clip_len:]
         if number < state.next_start:
             return None  # stride > clip_len: a sample in the gap between windows
         state.samples.append((number, frame))

@@ -31,7 +31,7 @@ VECTORS_KEY = "decoder_vectors"
 #: ``frame.meta`` key of the frame's one-frame backward motion field, (gh, gw, 2) float16 in output pixels
 MOTION_KEY = "mvs"
 #: ``frame.meta`` key set when an intra picture was decoded since the last delivered frame: its field holds no motion
-#: (zeros), what the decoder did not tell; the segmenter's feature reuse does not warp across it
+#: (zeros), what the decoder did not tell; the segmenter's feature reuse takes the frame before's motion for it
 INTRA_KEY = "mvs_intra"
 
 #: FFmpeg's AVMotionVector as its side data lays it out (PyAV's ``MotionVectors.to_ndarray`` reads the same)
