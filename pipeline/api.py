@@ -40,7 +40,7 @@ def frames(images: Iterable[Any], *, id: str = "frames", fps: float = 25.0, **se
 def load_config(config: Any, **overrides: Any):
     """A checked :class:`blinkflow.config.Config` from a path, a dict or a Config, with Python-valued overrides."""
     from blinkflow.config import Config, load_config as load
-    from blinkflow.resources import config_path
+    from blinkflow.resources import find_config
     from blinkflow.schema import set_value
 
     if isinstance(config, Config) and not overrides:
@@ -48,9 +48,7 @@ def load_config(config: Any, **overrides: Any):
     if isinstance(config, Config):
         raise ConfigError("blinkflow.run: overrides need a config path or dict, not a loaded Config")
     if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file() and path.parts in ((path.name,), ("configs", path.name)) and config_path(path.name).is_file():
-            path = config_path(path.name)  # "configs/demo.yaml" or "demo.yaml" from anywhere: the shipped one
+        path = find_config(config)  # "configs/demo.yaml" or "demo.yaml" from anywhere: the shipped one
         from blinkflow.schema import read_yaml
 
         raw, base = read_yaml(path), path.resolve().parent

@@ -451,6 +451,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 base_dir: str | Path | None = None) -> Config:
     """Load (``path``, or the raw mapping ``data``), override, structure and check a config; raise ConfigError
     on any problem. Relative paths in it are found beside ``path`` (or in ``base_dir``) too."""
+    from blinkflow.resources import find_config
+
+    path = find_config(path) if path is not None else None
     raw = read_yaml(path) if path is not None else dict(data or {})
     _not_a_training_config(raw, path)
     for override in overrides or []:

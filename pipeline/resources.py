@@ -17,6 +17,29 @@ def config_path(name: str) -> Path:
     return configs_dir() / name
 
 
+def find_config(path: str | Path) -> Path:
+    """``path`` as given; where no such file exists, a relative ``configs/NAME`` or ``NAME`` (``train/NAME``
+    too) naming a shipped config is that one: the README's commands then work from any folder once installed."""
+    given = Path(path)
+    if given.is_absolute() or given.exists():
+        return given
+    parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
+    if parts and ".." not in parts:
+        shipped = configs_dir().joinpath(*parts)
+        if shipped.is_file():
+            return shipped
+    return given
+
+
+def is_shipped(folder: Path) -> bool:
+    """Whether ``folder`` is the shipped configs' folder or one under it."""
+    try:
+        folder.resolve().relative_to(configs_dir().resolve())
+    except ValueError:
+        return False
+    return True
+
+
 def record_schema_path() -> Path:
     """The JSON Schema of the frame records the JSONL sink writes."""
     return Path(str(files("blinkflow") / "frame-record.schema.json"))

@@ -226,7 +226,10 @@ def read_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: not a regular file (a device, pipe or socket); pass the path of a YAML file "
                           "such as configs/demo.yaml")
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml")
+        from blinkflow.resources import configs_dir
+
+        raise ConfigError(f"{path}: config file not found; pass the path of a YAML file such as configs/demo.yaml "
+                          f"(the shipped configs are in {configs_dir()})")
     media = path.suffix.lower() in MEDIA_SUFFIXES  # said when it does not read as text: demo.ts may be YAML
     if path.stat().st_size > MAX_CONFIG_BYTES:
         raise ConfigError(_media_message(path) if media else f"{path}: {path.stat().st_size} bytes is not a config "
@@ -436,9 +439,16 @@ def _list_index(node: list, part: str, key: str, where: str) -> int:
 
 
 def resolve_path(value: str, base_dir: Path) -> Path:
-    """Paths in a config are relative to the working directory, then to the config's folder."""
+    """Paths in a config are relative to the working directory, then to the config's folder; a shipped config's
+    to its folder first (a ``media/bikes.mp4`` in the working directory must not stand in for the demo's clip)."""
+    from blinkflow.resources import is_shipped
+
     path = Path(value).expanduser()
-    if path.is_absolute() or path.exists():
+    if path.is_absolute():
         return path
     beside = base_dir / path
+    if beside.exists() and is_shipped(base_dir):
+        return beside
+    if path.exists():
+        return path
     return beside if beside.exists() else path

@@ -535,3 +535,26 @@ def test_a_training_config_given_to_run_and_a_pipeline_config_given_to_train_are
         load_train_config(REPO_ROOT / "configs" / "demo.yaml")
     with pytest.raises(ConfigError, match=r"^task: unknown key"):  # a pipeline config with a stray key: as before
         load_config(data={"sources": [{"type": "synthetic"}], "task": "detect"})
+
+
+def test_the_cli_finds_shipped_configs_from_any_folder_and_their_own_files_first(tmp_path, monkeypatch):
+    """An installed user's `blinkflow run configs/demo.yaml` (and train's configs/train/...) found nothing outside
+    the repository, and a media/bikes.mp4 in the working directory stood in for the demo's clip without a word."""
+    from blinkflow.models.training.config import load_train_config
+    from blinkflow.resources import configs_dir
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "media").mkdir()
+    (tmp_path / "media" / "bikes.mp4").write_bytes(b"not the demo's clip")
+    demo = load_config(Path("configs/demo.yaml"))
+    assert Path(demo.sources[0].path) == configs_dir() / "media" / "bikes.mp4"
+    assert load_config("demo.yaml").sinks
+    assert load_train_config(Path("configs/train/smoke-reid.yaml"), task="reid").task == "reid"
+    with pytest.raises(ConfigError, match=r"configs/nope\.yaml: config file not found.*the shipped configs are in"):
+        load_config(Path("configs/nope.yaml"))
+    # a user's own config still reads its relative paths from the working directory first
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "media").mkdir()
+    (tmp_path / "mine" / "media" / "bikes.mp4").write_bytes(b"beside")
+    (tmp_path / "mine" / "c.yaml").write_text("sources: [{type: file, path: media/bikes.mp4}]\n")
+    assert Path(load_config(tmp_path / "mine" / "c.yaml").sources[0].path) == Path("media/bikes.mp4")

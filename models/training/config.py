@@ -180,6 +180,9 @@ def load_train_config(
     path: str | Path | None, overrides: list[str] | None = None, *, task: str | None = None, data: dict | None = None
 ) -> TrainConfig:
     """Read, override, structure and check a training config; raise ConfigError on any problem."""
+    from blinkflow.resources import find_config
+
+    path = find_config(path) if path is not None else None
     raw = read_yaml(path) if path is not None else dict(data or {})
     _not_a_pipeline_config(raw, path)
     for override in overrides or []:

@@ -45,11 +45,17 @@ def _positive_seconds(text: str) -> float:
     return value
 
 
+def _config_file(value: str) -> Path:
+    from blinkflow.resources import find_config
+
+    return find_config(value)  # configs/demo.yaml from any folder once installed: the shipped one
+
+
 def add_bench_command(commands) -> None:
     bench = commands.add_parser("bench", help="side-by-side benchmarks (writes docs/benchmarks.md)")
     bench.add_argument("what", choices=[*BENCHMARKS, "all"], help="which benchmark ('all' runs every one)")
     bench.add_argument("--quick", action="store_true", help="a small, fast version (for CI); does not rewrite the docs")
-    bench.add_argument("--config", type=Path, default=None,
+    bench.add_argument("--config", type=_config_file, default=None,
                        help="pipeline config (default: configs/synthetic.yaml; skip: configs/demo.yaml, the real models)")
     bench.add_argument("--frames", type=_positive_int, default=None, help="frames per run (default: pipeline 96, depth 48; skip --video: 300 of each video)")
     bench.add_argument("--repetitions", type=_positive_int, default=3, help="repetitions per variant")
