@@ -33,6 +33,8 @@ MAX_PER_CLIENT = 4
 #: a connection still sending its request is cut for a newer one only once it has waited this long: a request
 #: in flight for milliseconds was cut (its handler then carried it out and answered into a closed socket)
 CUT_AFTER_S = 1.0
+#: how long a new connection waits for the slot of the one cut for it (its thread ends as soon as its read returns)
+SLOT_WAIT_S = 0.5
 _BUSY = b'{"error": "busy: too many requests at once; retry in a moment"}\n'
 
 
@@ -61,7 +63,7 @@ class _BoundedServer(ThreadingHTTPServer):
         if not self._take_client_slot(client_address[0]):
             self._turn_away(request)
             return
-        if not self._slots.acquire(blocking=False):
+        if not self._slots.acquire(blocking=False) and not self._slot_of_oldest_waiting():
             self._give_client_slot(client_address[0])
             self._turn_away(request)
             return
@@ -117,6 +119,23 @@ class _BoundedServer(ThreadingHTTPServer):
             with contextlib.suppress(OSError):
                 cut.shutdown(socket.SHUT_RDWR)
         return True
+
+    def _slot_of_oldest_waiting(self) -> bool:
+        """Every slot taken: the oldest connection of any client still sending its request after CUT_AFTER_S is
+        cut, and its slot taken once its thread gives it back (at once: its read returns). Clients with a few
+        addresses each (127.0.0.2..., any host with several) held every slot idle, under the cap of each, and
+        turned the operator's POST /stop away."""
+        stale = time.monotonic() - CUT_AFTER_S
+        with self._deadlines_lock:
+            waiting = [(opened, id(r), r) for r, (_, opened) in self._waiting.items() if opened <= stale]
+            if not waiting:
+                return False
+            cut = min(waiting)[2]
+            self._waiting.pop(cut)
+            self._cut.add(cut)
+        with contextlib.suppress(OSError):
+            cut.shutdown(socket.SHUT_RDWR)
+        return self._slots.acquire(timeout=SLOT_WAIT_S)
 
     def _give_client_slot(self, client: str) -> None:
         with self._deadlines_lock:

@@ -386,6 +386,27 @@ def test_idle_connections_from_the_operators_own_address_cannot_lock_it_out(cont
             sock.close()
 
 
+def test_idle_connections_from_several_addresses_cannot_lock_the_operator_out(two_slots):
+    """Each address under its own cap, together they held every slot idle: POST /stop from another address got
+    503 (from 127.0.0.2, 127.0.0.3...: any local process, or any host with a few addresses)."""
+    from blinkflow.http_service import CUT_AFTER_S
+
+    sockets = []
+    for host in ("127.0.0.2", "127.0.0.3"):
+        sock = socket.create_connection(("127.0.0.1", two_slots.port), timeout=5, source_address=(host, 0))
+        sock.sendall(b"GET /streams HTTP/1.1\r\nX")
+        sockets.append(sock)
+        time.sleep(0.05)  # the first is the oldest
+    time.sleep(CUT_AFTER_S + 0.2)
+    try:
+        status, reply = post(two_slots, {}, path="/stop")
+        assert status == 202, reply
+        assert sockets[0].recv(100) == b""  # the oldest idle one was cut for it
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
 def test_an_ended_stream_can_be_deleted_and_the_oldest_ended_ones_are_forgotten(monkeypatch):
     from blinkflow import streams
 
