@@ -191,7 +191,11 @@ def test_unpickler_allocates_nothing_a_crafted_shape_asks_for(tmp_path):
              "objects.ckpt": (huge.replace(b"J" + (300_000_000).to_bytes(4, "little"), b"K\x00")
                               .replace(b"f8", b"O8"), "dtype 'O8' asked for"),
              "deep.ckpt": (b"\x80\x02" + b"}X\x01\x00\x00\x00a" * 200_000 + b"}" + b"s" * 200_000 + b".",
-                           "nest too deep")}
+                           "nest too deep"),
+             # ndarray itself called (a REDUCE on the class, not through _reconstruct): 48 bytes took 0.8 GB
+             "constructor.ckpt": (b"\x80\x02}q\x00X\x01\x00\x00\x00aq\x01" + _global("numpy", "ndarray")
+                                  + b"J" + (100_000_000).to_bytes(4, "little") + b"\x85X\x01\x00\x00\x00O\x86R" + b"s.",
+                                  "numpy.ndarray called")}
     _assert_each_refused(cases, tmp_path)
 
 

@@ -73,12 +73,25 @@ def _empty_array_only() -> Any:
     real = _reconstruct()
 
     def reconstruct(subtype: Any, shape: Any, dtype: Any) -> Any:
-        if subtype is not np.ndarray or tuple(shape) != (0,):
+        if subtype is not _NDARRAY or tuple(shape) != (0,):
             raise WeightsError(f"not a plain numpy array pickle: _reconstruct({getattr(subtype, '__name__', subtype)}, "
                                f"{shape!r}) asked for")
-        return real(subtype, shape, dtype)
+        return real(np.ndarray, shape, dtype)
 
     return reconstruct
+
+
+class _NdarrayName:
+    """What ``numpy.ndarray`` resolves to: a name _reconstruct takes as its subtype, never the class, which a
+    pickle could call itself (``ndarray((100_000_000,), "O")``: 48 bytes, 0.8 GB) past both checks."""
+
+    __name__ = "ndarray"
+
+    def __call__(self, *args: Any) -> Any:
+        raise WeightsError(f"not a plain numpy array pickle: numpy.ndarray called with {args!r:.80}")
+
+
+_NDARRAY = _NdarrayName()
 
 
 def _numeric_dtype() -> Any:
@@ -96,7 +109,7 @@ def _numeric_dtype() -> Any:
 ALLOWED_GLOBALS = {
     "numpy.core.multiarray._reconstruct": _empty_array_only,
     "numpy._core.multiarray._reconstruct": _empty_array_only,
-    "numpy.ndarray": lambda: np.ndarray,
+    "numpy.ndarray": lambda: _NDARRAY,
     "numpy.dtype": _numeric_dtype,
 }
 
