@@ -48,6 +48,7 @@ def EmbedNet(widths: tuple[int, ...], dim: int) -> Any:  # a factory: torch stay
             chans = (3, *widths)
             self.features = nn.Sequential(*[_block(a, b) for a, b in itertools.pairwise(chans)])
             self.project = nn.Linear(2 * widths[-1], dim)
+            self.embedding_dim = dim  # an embedder, not a classifier: weights' messages speak of model_args
             self.register_buffer("mean", torch.tensor([0.45, 0.45, 0.45]).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor([0.25, 0.25, 0.25]).view(1, 3, 1, 1))
 

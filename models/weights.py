@@ -319,13 +319,16 @@ def _verify_checksum(spec: WeightsSpec, data: bytes) -> None:
 def _safe_torch_load(path: Path, data: bytes) -> Any:
     """``data`` (the contents of ``path``, named in messages) loaded with ``weights_only``, after the checks."""
     import io
+    import warnings
 
     import torch
 
     _refuse_compressed(path, data)
     _refuse_code_in_a_bare_pickle(path, data)
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own warnings (a sparse tensor's checks) came before the one line
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - text files, truncated zips and pickles all fail in their own way
         _refuse_code(path, data)
         raise WeightsError(
@@ -503,14 +506,16 @@ def _check_compatible(model: Any, state: dict, spec: WeightsSpec) -> None:
         return
     key = mismatched[-1]  # the head is last; its mismatch is the informative one
     got, want = tuple(getattr(state[key], "shape", ())), tuple(expected[key].shape)
-    if got[1:] == want[1:] and len(got) >= 1:
+    has_classes = getattr(model, "embedding_dim", None) is None  # a head of classes, not an embedding
+    if got[1:] == want[1:] and len(got) >= 1 and has_classes:
         n_file, n_model = _class_counts(got[0], want[0], spec, model)
         raise WeightsError(
             f"{spec.label}: the weights have {n_file} classes but the model was built for {n_model}; "
             f"give options.classes {n_file - n_model:+d} names (the list holds the background too, first) "
             "or use matching weights"
         )
-    raise WeightsError(f"{spec.label}: shape mismatch for {key}: weights {got}, model {want}")
+    raise WeightsError(f"{spec.label}: shape mismatch for {key}: weights {got}, model {want}; the weights were made "
+                       "with other model settings (model_args): use theirs or weights made with these")
 
 
 def _check_plain_tensors(state: dict, spec: WeightsSpec) -> None:
@@ -523,6 +528,8 @@ def _check_plain_tensors(state: dict, spec: WeightsSpec) -> None:
             kind = type(value).__name__
         elif value.layout != torch.strided or value.is_nested:
             kind = "sparse or nested tensor"
+        elif value.is_meta:
+            kind = "meta tensor (a shape without values)"
         elif value.is_quantized or value.is_complex():
             kind = f"{value.dtype} tensor"
         else:

@@ -382,3 +382,25 @@ def test_a_fresh_class_head_is_only_the_class_dependent_tensors(tmp_path):
     narrower = build_model("unet_small", task="segment", num_classes=5, base_width=8)
     with pytest.raises(WeightsError, match="shape mismatch"):
         load_state(narrower, spec, fresh_head=True)
+
+
+def test_odd_tensors_and_other_model_args_are_one_line_saying_what_is_wrong(tmp_path, recwarn):
+    """A sparse tensor printed torch's warning before the line; meta tensors (shapes, no values) failed in
+    load_state_dict with a cut-off message; reid weights of another ``dim`` were said to have 'classes'."""
+    from blinkflow.models.reid import embed_small
+
+    state = tiny_model().state_dict()
+    state["0.weight"] = state["0.weight"].to_sparse()
+    torch.save(state, tmp_path / "sparse.pt")
+    with pytest.raises(WeightsError, match="sparse or nested tensor"):
+        load_state(tiny_model(), resolve_weights(str(tmp_path / "sparse.pt"), stage="detect", model_name="tiny"))
+    assert not [w for w in recwarn if "sparse" in str(w.message)]
+    torch.save(tiny_model().to("meta").state_dict(), tmp_path / "meta.pt")
+    with pytest.raises(WeightsError, match=r"0\.weight is a meta tensor \(a shape without values\)"):
+        load_state(tiny_model(), resolve_weights(str(tmp_path / "meta.pt"), stage="detect", model_name="tiny"))
+    torch.save(embed_small(widths=(8, 8, 8, 8), dim=64).state_dict(), tmp_path / "reid.pt")
+    with pytest.raises(WeightsError) as error:
+        load_state(embed_small(widths=(8, 8, 8, 8), dim=32),
+                   resolve_weights(str(tmp_path / "reid.pt"), stage="reid", model_name="embed_small"))
+    assert "weights (64,), model (32,)" in str(error.value) and "model_args" in str(error.value)
+    assert "classes" not in str(error.value)
