@@ -621,6 +621,18 @@ def _check_label_source(source: SourceConfig) -> None:
         check_options("label.source")
 
 
+def _why_not(path: Path, kind: str) -> str:
+    """Why ``path`` is not the ``kind`` wanted: missing, or something else there (a /dev/zero link said "does not
+    exist")."""
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory; give a video file in it (or use a dir source)"
+    if path.is_file():
+        return "is a file; give its folder (or use a file source)"
+    return "is not a regular file (a device, pipe or socket); give a video file"
+
+
 def _check_resize(resize: list[int] | None, path: str) -> None:
     """A source's ``resize``: [width, height], each 2 to 16384."""
     if resize is not None and (len(resize) != 2 or min(resize) < 2 or max(resize) > 16384):
@@ -761,9 +773,9 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
     if source.type in ("file", "dir"):
         resolved = resolve_path(source.path, base_dir)
         if source.type == "file" and not resolved.is_file():
-            raise ConfigError(f"{path}.path: file {source.path!r} does not exist")
+            raise ConfigError(f"{path}.path: file {source.path!r} " + _why_not(resolved, "file"))
         if source.type == "dir" and not resolved.is_dir():
-            raise ConfigError(f"{path}.path: directory {source.path!r} does not exist")
+            raise ConfigError(f"{path}.path: directory {source.path!r} " + _why_not(resolved, "directory"))
         source.path = str(resolved)
     if source.type == "glob":
         source.path = _resolved_glob(source.path, base_dir)

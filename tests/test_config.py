@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -558,3 +559,21 @@ def test_the_cli_finds_shipped_configs_from_any_folder_and_their_own_files_first
     (tmp_path / "mine" / "media" / "bikes.mp4").write_bytes(b"beside")
     (tmp_path / "mine" / "c.yaml").write_text("sources: [{type: file, path: media/bikes.mp4}]\n")
     assert Path(load_config(tmp_path / "mine" / "c.yaml").sources[0].path) == Path("media/bikes.mp4")
+
+
+def test_a_source_path_that_is_a_device_a_pipe_or_the_other_kind_says_so(tmp_path):
+    """A link to /dev/zero, a fifo and a folder given as a file source were each said to "not exist"."""
+    import os
+
+    (tmp_path / "zero.mp4").symlink_to("/dev/zero")
+    os.mkfifo(tmp_path / "pipe.mp4")
+    (tmp_path / "folder.mp4").mkdir()
+    (tmp_path / "clip.mp4").write_bytes(b"x")
+    expected = {"zero.mp4": "is not a regular file (a device, pipe or socket)",
+                "pipe.mp4": "is not a regular file (a device, pipe or socket)",
+                "folder.mp4": "is a directory; give a video file in it"}
+    for name, why in expected.items():
+        with pytest.raises(ConfigError, match=rf"sources\.0\.path: file '.*{name}' {re.escape(why)}"):
+            load_config(data={"sources": [{"type": "file", "path": str(tmp_path / name)}]})
+    with pytest.raises(ConfigError, match=r"sources\.0\.path: directory '.*clip\.mp4' is a file; give its folder"):
+        load_config(data={"sources": [{"type": "dir", "path": str(tmp_path / "clip.mp4")}]})
