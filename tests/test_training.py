@@ -971,3 +971,27 @@ def test_shipping_a_net_of_other_model_args_is_refused_before_training(tmp_path,
     assert ("--ship: model_args {'base_width': 8} build another unet_small than the shipped segment-unet_small.pt ({})"
             in capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # refused before training
+
+
+def test_a_shipped_training_config_without_the_repository_says_why_its_data_is_missing(tmp_path, monkeypatch):
+    """Installed, configs/train/detect.yaml's backgrounds and finetune-detect.yaml's COCO sample are the
+    repository's tests/data: "does not exist; fix the path" did not say that the package never carries them."""
+    import shutil
+
+    from blinkflow import resources
+    from blinkflow.errors import ConfigError
+    from blinkflow.models.training.config import load_train_config
+
+    shipped = tmp_path / "site" / "blinkflow" / "configs"
+    shutil.copytree(resources.configs_dir() / "train", shipped / "train")
+    monkeypatch.setattr(resources, "configs_dir", lambda: shipped)
+    with pytest.raises(ConfigError, match=r"data\.train\.backgrounds\.0: .* an installed package does not carry.*"
+                                          r"--set data\.train\.backgrounds=null"):
+        load_train_config(shipped / "train" / "detect.yaml", task="detect")
+    with pytest.raises(ConfigError, match=r"data\.train_path: .*--set data\.train_path=YOUR\.json"):
+        load_train_config(shipped / "train" / "finetune-detect.yaml", task="detect")
+    mine = tmp_path / "mine.yaml"  # a user's own config: no such hint
+    shutil.copy(shipped / "train" / "detect.yaml", mine)
+    with pytest.raises(ConfigError) as error:
+        load_train_config(mine, task="detect")
+    assert "installed package" not in str(error.value)

@@ -215,7 +215,8 @@ def check_train_config(cfg: TrainConfig, base_dir: Path, task: str | None = None
         if value is not None:
             resolved = resolve_path(value, base_dir)
             if not resolved.exists():
-                raise ConfigError(f"data.{key}: {value!r} does not exist; fix the path or set it to null for synthetic data")
+                raise ConfigError(f"data.{key}: {value!r} does not exist; fix the path or set it to null for synthetic "
+                                  f"data{_checkout_only(base_dir, f'data.{key}=YOUR.json')}")
             setattr(cfg.data, key, str(resolved))
     _check_disjoint(cfg.data.train, cfg.data.val)
     _check_backgrounds(cfg, base_dir)
@@ -264,6 +265,16 @@ def _check_model_args(cfg: TrainConfig) -> None:
                           f"its arguments are: {accepted or 'none'}") from None
 
 
+def _checkout_only(base_dir: Path, setting: str) -> str:
+    """For a shipped config, that its data is the repository's test data, which an installed package lacks."""
+    from blinkflow.resources import is_shipped
+
+    if not is_shipped(base_dir):
+        return ""
+    return (f" (this shipped config reads the repository's tests/data, which an installed package does not carry: "
+            f"run it from a clone, or --set {setting})")
+
+
 def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:
     """Real backgrounds are for synthetic detect/segment splits, and every listed path must exist."""
     for split in ("train", "val"):
@@ -280,7 +291,8 @@ def _check_backgrounds(cfg: TrainConfig, base_dir: Path) -> None:
         for i, value in enumerate(paths):
             path = resolve_path(value, base_dir)
             if not path.exists():
-                raise ConfigError(f"{key}.{i}: {value!r} does not exist; fix the path or drop it from the list")
+                raise ConfigError(f"{key}.{i}: {value!r} does not exist; fix the path or drop it from the list"
+                                  + _checkout_only(base_dir, f"{key}=null"))
             resolved.append(str(path))
         # the config keeps the paths as written (the manifest records it, and must match on any checkout)
         getattr(cfg.data, split)._backgrounds_resolved = tuple(resolved)
