@@ -198,7 +198,16 @@ def input_spec(cfg: SourceConfig) -> tuple[str, str | None, dict[str, str]]:
         options.setdefault("rtsp_transport", cfg.options.rtsp_transport)
     elif kind == "file":
         url = urlsplit(url).path
+    if kind != "file" and "analyzeduration" not in options:
+        # FFmpeg probes a live stream for up to 5 s of its time before the first frame, and open_timeout_s cut
+        # that probe short: the first read then failed, and a low-fps camera read as "stalled" on every reconnect
+        probe_s = min(FFMPEG_ANALYZE_S, cfg.options.open_timeout_s / 2)
+        options["analyzeduration"] = str(int(probe_s * 1_000_000))
     return url, fmt, options
+
+
+#: FFmpeg's own default analyzeduration (seconds of the stream it reads to learn its streams)
+FFMPEG_ANALYZE_S = 5.0
 
 
 # --------------------------------------------------------------------------- backoff
@@ -433,8 +442,8 @@ class LiveStream:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
         started = time.monotonic()
         try:
-            return open_decoding(lambda **hw: av.open(target, format=fmt, options=options, timeout=timeout,
-                                                      metadata_errors="ignore", **hw), self.id, self.cfg.options.hwaccel)
+            container = open_decoding(lambda **hw: av.open(target, format=fmt, options=options, timeout=timeout,
+                                                           metadata_errors="ignore", **hw), self.id, self.cfg.options.hwaccel)
         except av.error.ProtocolNotFoundError:
             raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
         except av.ExitError:
@@ -446,6 +455,12 @@ class LiveStream:
             if relay is None and time.monotonic() - started >= self.cfg.options.open_timeout_s:
                 raise self._no_answer() from None
             raise _lost(relay, "cannot connect" + (GUARDED_HTTP_HINT if guarded else ""), exc) from None
+        if relay is None and time.monotonic() - started >= self.cfg.options.open_timeout_s:
+            container.close()  # the open timeout cut FFmpeg's probe: the first read would fail as a "stall"
+            raise _StreamDown(f"cannot connect: FFmpeg's probe of the stream took the whole open_timeout_s "
+                              f"({self.cfg.options.open_timeout_s:g} s); raise open_timeout_s or lower "
+                              "ffmpeg_options analyzeduration")
+        return container
 
     def _no_answer(self) -> _StreamDown:
         return _StreamDown(f"cannot connect: no answer within {self.cfg.options.open_timeout_s:g} s")

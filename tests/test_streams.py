@@ -8,6 +8,7 @@ test is bounded by timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import select
 import shutil
@@ -18,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -845,3 +847,45 @@ def test_an_srt_relay_timing_out_says_so_in_one_line_without_a_traceback(monkeyp
                          "cannot connect: no answer within 1 s" % end.error.split(":")[2].split("?")[0])
     printed = capfd.readouterr().err + caplog.text
     assert "Traceback" not in printed and "exception being dropped" not in printed, printed
+
+
+@contextlib.contextmanager
+def _ffmpeg_http_camera(clip: Path):
+    """``ffmpeg -re -i CLIP -f mpegts -listen 1 http://127.0.0.1:PORT/cam.ts``: a live camera for one client; yields
+    its URL once it listens (read from /proc, not by connecting: a probe connection would be its one client)."""
+    port = free_port()
+    proc = subprocess.Popen(["ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error", "-re", "-i", str(clip), "-c",
+                             "copy", "-f", "mpegts", "-listen", "1", f"http://127.0.0.1:{port}/cam.ts"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while f":{port:04X} 00000000:0000 0A" not in Path("/proc/net/tcp").read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, "ffmpeg did not start listening"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/cam.ts"
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+@needs_ffmpeg
+@pytest.mark.slow  # seconds: two 6 s cameras
+def test_a_slow_probe_fits_the_open_timeout_or_says_so_not_stalled(tmp_path):
+    """A 5 fps camera takes FFmpeg's probe seconds of real time (3.8 s for this one); open_timeout_s cut it short,
+    av.open returned anyway, the first read failed at once and the stream was "stalled: no data" on every reconnect."""
+    clip = write_test_video(tmp_path / "clip.mp4", frames=30, fps=5)
+
+    def run(**options) -> tuple[list, Any]:
+        with _ffmpeg_http_camera(clip) as url:
+            hub = StreamHub(mode="archive")
+            hub.add_url(url, "cam", open_timeout_s=3, stall_timeout_s=2, max_frames=20, max_retries=0, **options)
+            hub.close()
+            *frames, end = hub_items(hub)  # read while the camera runs
+        return frames, end
+
+    frames, end = run()  # the probe is held to half the open timeout
+    assert end.error is None and [f.index for f in frames] == list(range(20)), end.error
+    frames, end = run(ffmpeg_options={"analyzeduration": "10000000"})  # longer than the whole clip
+    assert not frames and end.error.endswith(
+        "cannot connect: FFmpeg's probe of the stream took the whole open_timeout_s (3 s); raise open_timeout_s or "
+        "lower ffmpeg_options analyzeduration"), end.error
