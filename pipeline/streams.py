@@ -342,6 +342,11 @@ class LiveStream:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def removed(self) -> bool:
+        """Stopped, its reader or buffered frames not done yet."""
+        return self._stopping.is_set()
+
     def stop(self) -> None:
         """Stop decoding; frames already buffered are still delivered, then the StreamEnd."""
         self._stopping.set()
@@ -899,6 +904,9 @@ class StreamHub:
             if self._closed:
                 raise SourceError("the run is stopping; no streams can be added")
             if stream_id in self._streams:
+                if self._streams[stream_id].removed:  # another id would number its frames afresh: wait instead
+                    raise SourceError(f"stream id {stream_id!r} was removed and is still ending (its reader and "
+                                      "buffered frames finish first); add it again in a moment")
                 raise SourceError(f"stream id {stream_id!r} is already in use; give the stream another id")
             remember_secrets(cfg.url or "")  # a refused request teaches the scrubber nothing (the set only grows)
             # (stream, index) stays a key across a remove and an add: the frames go on numbering

@@ -407,6 +407,44 @@ def test_idle_connections_from_several_addresses_cannot_lock_the_operator_out(tw
             sock.close()
 
 
+def test_an_id_re_added_while_its_removed_stream_still_ends_is_told_to_wait_not_to_take_another_id():
+    """409 "already in use; give the stream another id": taking that advice numbers the frames afresh under a new id,
+    where the same id goes on numbering them."""
+    server, held = socket.socket(), []
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    server.settimeout(0.1)
+    stop = threading.Event()
+
+    def accept() -> None:  # a camera that takes the connection and says nothing: the reader waits open_timeout_s
+        while not stop.is_set():
+            with contextlib.suppress(socket.timeout):
+                held.append(server.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    hub = StreamHub(mode="live", keep_open=True)
+    control = ControlServer(hub, "127.0.0.1", 0, guard=ControlGuard(token=TOKEN, allow_hosts=["127.0.0.1/32"])).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/cam.ts"
+    try:
+        assert post(control, {"url": url, "id": "door", "open_timeout_s": 2, "max_retries": 0})[0] == 201
+        assert post(control, {}, path="/streams/door", method="DELETE")[0] == 200
+        status, reply = post(control, {"url": url, "id": "door"})
+        assert status == 409 and reply["error"].endswith("was removed and is still ending (its reader and buffered "
+                                                         "frames finish first); add it again in a moment"), reply
+        deadline = time.monotonic() + 10
+        while "door" in {s["id"] for s in hub.status()["streams"]} and time.monotonic() < deadline:
+            hub.poll()
+            time.sleep(0.1)
+        assert post(control, {"url": url, "id": "door", "open_timeout_s": 2, "max_retries": 0})[0] == 201
+    finally:
+        stop.set()
+        hub.close(stop_streams=True)
+        control.stop()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
 def test_an_ended_stream_can_be_deleted_and_the_oldest_ended_ones_are_forgotten(monkeypatch):
     from blinkflow import streams
 
