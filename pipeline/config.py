@@ -12,6 +12,7 @@ workers; workers never reread files or the environment.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -648,10 +649,17 @@ def _settle_motion_vectors(cfg: Config) -> None:
     segment = cfg.stages.get("segment")
     wanted = bool(cfg.gate.enabled and cfg.gate.motion in ("mvs", "auto")) or bool(
         segment is not None and segment.enabled and getattr(segment.options, "feature_reuse", 0))
-    for source in [*cfg.sources, cfg.label.source]:  # label's: every video it labels
+    for i, source in enumerate([*cfg.sources, cfg.label.source]):  # label's: every video it labels
         options = source.options
         if getattr(options, "motion_vectors", False) is None:
-            options.motion_vectors = wanted and getattr(options, "hwaccel", "none") != "cuda"
+            cuda = getattr(options, "hwaccel", "none") == "cuda"
+            options.motion_vectors = wanted and not cuda
+            if wanted and cuda:  # said: on a moving camera the gate then reused nothing, with no word why
+                where = f"sources.{i}" if i < len(cfg.sources) else "label.source"
+                logging.getLogger(__name__).warning(
+                    "%s.hwaccel: cuda decodes without the motion vectors the gate's motion compensation (gate.motion) "
+                    "and the segmenter's feature reuse move results along: a moving camera saves little; hwaccel: auto "
+                    "decodes on the CPU with them", where)
 
 
 def _check_stages_across(cfg: Config) -> None:
