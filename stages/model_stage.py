@@ -60,7 +60,8 @@ class ModelStage(Stage):
         except WeightsError as exc:  # the file's words alone named neither the setting nor the fix
             raise WeightsError(f"stages.{self.name}.weights: {exc}{self._whose(spec)}") from None
         self.model = self._prepared(model)
-        log.info("%s: %s, %s weights%s, on %s", self.name, self.model_name, spec.kind, self.describe(), device)
+        where = str(self._device) if str(self._device) == device else f"{self._device} ({device})"  # auto: which one
+        log.info("%s: %s, %s weights%s, on %s", self.name, self.model_name, spec.kind, self.describe(), where)
         if self._wants_warmup():
             self.warm_up()
 
@@ -161,6 +162,10 @@ class ModelStage(Stage):
         if self.cfg.channels_last:
             model = model.to(memory_format=getattr(torch, self.memory_format))
         if self.cfg.compile != "off":
+            if self._device.type != "cuda":  # the first frames of each batch shape took minutes, without a word
+                graphs = "; its CUDA graphs apply on GPUs only" if self.cfg.compile == "reduce-overhead" else ""
+                log.warning("stages.%s.compile: %s on %s compiles the forward for each new batch shape first (minutes "
+                            "on a CPU)%s", self.name, self.cfg.compile, self._device, graphs)
             model.compile(mode=self.cfg.compile)  # in place: the model keeps its attributes and other methods
         return model
 

@@ -66,3 +66,18 @@ def test_a_compiled_segmenter_with_cuda_graphs_gives_the_eager_class_maps_on_a_g
     compiled, _ = _class_maps("reduce-overhead", "cuda:0", "fp16")
     agreement = [float((a == b).mean()) for a, b in zip(eager, compiled)]
     assert min(agreement) >= 0.99, agreement
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="device auto picks the GPU here: nothing compiles on a CPU")
+def test_compiling_on_the_cpu_and_device_auto_are_said_at_setup(caplog):
+    """A compiled forward took 79 s on the first CPU frame with no word of compiling; ``device: auto`` logged
+    "on auto", not the device it chose."""
+    cfg = load_config(data={"stages": {"segment": {"model": "unet_small", "device": "auto", "compile": "reduce-overhead",
+                                                   "options": {"input_size": [64, 96]}}}})
+    stage = stage_registry.get("segment")(cfg.stages["segment"])
+    with caplog.at_level("INFO", logger="blinkflow.stages.model_stage"):
+        stage.setup("auto")  # torch.compile is lazy: nothing compiles before a forward
+    lines = [r.getMessage() for r in caplog.records]
+    assert ("stages.segment.compile: reduce-overhead on cpu compiles the forward for each new batch shape first "
+            "(minutes on a CPU); its CUDA graphs apply on GPUs only") in lines
+    assert any(line.startswith("segment: unet_small") and line.endswith("on cpu (auto)") for line in lines), lines
