@@ -506,6 +506,14 @@ def test_gpu_travel_fits_each_device_call_under_its_limit_and_restores_the_index
     subprocess.run(["git", "add", "README.md"], cwd=clone, check=True)
     refused = _travel(clone, "run")  # a commit made while files are out of the index would delete them
     assert refused.returncode == 1 and "staged changes" in refused.stderr
+    subprocess.run(["git", "reset", "-q", "--hard"], cwd=clone, check=True)
+    # in a worktree .git is a file: the files left the index, the exclude block was never written, restore said "back"
+    worktree = tmp_path / "worktree"
+    subprocess.run(["git", "worktree", "add", "-q", str(worktree), "HEAD"], cwd=clone, check=True, timeout=120)
+    shutil.copy(REPO_ROOT / "tools" / "gpu-travel.sh", worktree / "tools" / "gpu-travel.sh")
+    assert _travel(worktree, "run").returncode == 0
+    assert _travel(worktree, "restore").returncode == 0
+    assert subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=worktree).returncode == 0
 
 
 def test_plot_skipping_draws_the_points_and_the_target_region(tmp_path):

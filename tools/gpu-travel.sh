@@ -24,7 +24,7 @@ NOT_READ=(models/weights/detect-ssdlite320_mobilenet_v3_large.pt models/weights/
           models/weights/segment-unet_small.pt models/weights/action-causal3d_small.pt
           models/weights/reid-embed_small.pt tests/data/originals)
 I3D=(models/weights/action-i3d.pt)
-EXCLUDE=.git/info/exclude
+EXCLUDE=$(git rev-parse --git-path info/exclude)  # .git is a file in a worktree: its info/ is elsewhere
 
 travelling_bytes() {  # tracked, untracked and not ignored, and the carried folder when given
     local tree carried=0
@@ -50,8 +50,10 @@ leave_out() {  # leave_out PATH...: out of the index and ignored, until restore
         echo "gpu-travel: the index holds staged changes; commit or unstage them first" >&2
         exit 1
     fi
-    git rm -r -q --cached -- "$@"
+    # the block first: restore finds what to put back from it, so a failure after this leaves nothing unrecorded
+    mkdir -p "$(dirname "$EXCLUDE")"
     { echo "$BEGIN"; printf '/%s\n' "$@"; echo "$END"; } >> "$EXCLUDE"
+    git rm -r -q --cached -- "$@"
 }
 
 check() {  # check CARRIED: print the size; fail over the limit
@@ -78,6 +80,10 @@ case "${1:-}" in
         check || { restore; exit 1; } ;;
     restore)
         restore
+        if ! git diff --cached --quiet; then
+            echo "gpu-travel: the index still differs from the last commit (git status); nothing of this script's is left to undo" >&2
+            exit 1
+        fi
         echo "gpu-travel: every file is back in the index" ;;
     size)
         check "${2:-}" ;;
