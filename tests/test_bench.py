@@ -768,3 +768,15 @@ def test_the_price_is_measured_in_a_process_of_its_own(monkeypatch):
     clip = types.SimpleNamespace(name="moving")
     assert skip.measure_price({"r": 1}, clip, {}, ["gate.blur=1"], 3) == {"x": 1}
     assert called == [(skip.price_here, ({"r": 1}, clip, {}, ["gate.blur=1"], 3))]
+
+
+def test_a_fresh_process_that_dies_is_an_error_not_a_wait_for_ever():
+    """A Pool started another worker for the dead one and waited for its answer for ever (a script without a
+    __main__ guard spawned itself until killed)."""
+    import os
+    from concurrent.futures.process import BrokenProcessPool
+
+    from blinkflow.bench import skip
+
+    with pytest.raises(BrokenProcessPool):
+        skip.in_fresh_process(os._exit, 3)

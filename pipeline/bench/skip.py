@@ -650,11 +650,13 @@ def measure_price(raw: dict[str, Any], clip: Any, gate_base: dict[str, Any], gat
 
 
 def in_fresh_process(function: Any, *args: Any) -> Any:
-    """``function(*args)`` in a new Python process (spawned: nothing of this one's heap or threads), its result."""
+    """``function(*args)`` in a new Python process (spawned: nothing of this one's heap or threads), its result.
+    A process that dies raises BrokenProcessPool (a Pool would start another, and wait for ever)."""
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
 
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(function, args)
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def price_here(raw: dict[str, Any], clip: Any, gate_base: dict[str, Any], gate_overrides: list[str],
@@ -858,8 +860,9 @@ def _price_line(price: dict[str, Any] | None) -> str:
             f"throughput = **{price['throughput_ratio']:.3f}** "
             f"({fps_cell(price['busy'])} vs {fps_cell(price['off'])} frames/s); time outside the model stages "
             f"(decoding with motion vectors, the gate, the carry-over) grew by **{100 * price['overhead']:+.1f}%** of the "
-            f"gate-off run; the gate stage itself took {100 * price['gate_share']:.1f}% of the run (the bench's earlier "
-            f"results frozen out of the garbage collector, as a pipeline holds none). Target: ≤ 3%.")
+            f"gate-off run; the gate stage itself took {100 * price['gate_share']:.1f}% of the run (both measured in a process "
+            f"of their own, as a pipeline's process runs: none of the bench's earlier runs' held results and heap). "
+            f"Target: ≤ 3%.")
 
 
 def _truth_line(reports: list[ClipReport]) -> str:
