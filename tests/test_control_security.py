@@ -222,13 +222,15 @@ def two_slots(monkeypatch):
         server.stop()
 
 
-def _slow_clients(server, count: int) -> list[socket.socket]:
-    """Clients that send a header byte now and then and never finish (slowloris)."""
+def _slow_clients(server, count: int, hosts: tuple[str, ...] = ("127.0.0.1",)) -> list[socket.socket]:
+    """Clients that send a header byte now and then and never finish (slowloris), oldest first, from ``hosts`` in
+    turn."""
     sockets = []
-    for _ in range(count):
-        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+    for i in range(count):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5, source_address=(hosts[i % len(hosts)], 0))
         sock.sendall(b"GET /streams HTTP/1.1\r\nX")
         sockets.append(sock)
+        time.sleep(0.02)
     time.sleep(0.3)  # accepted, each holding a slot
     return sockets
 
@@ -368,40 +370,25 @@ def test_a_blank_token_is_refused_not_taken(tmp_path, monkeypatch):
         ControlGuard.from_config(control)
 
 
-def test_idle_connections_from_the_operators_own_address_cannot_lock_it_out(control):
-    """Four connections sending one byte and nothing more held every slot of 127.0.0.1: POST /stop got 503."""
+@pytest.mark.parametrize("server, count, hosts", [("control", 4, ("127.0.0.1",)),
+                                                  ("two_slots", 2, ("127.0.0.2", "127.0.0.3"))],
+                         ids=["one address at its cap", "every slot from several addresses"])
+def test_idle_connections_cannot_lock_the_operator_out(request, server, count, hosts):
+    """Four connections sending one byte and nothing more held every slot of 127.0.0.1: POST /stop got 503. From a
+    few addresses (127.0.0.2, 127.0.0.3...: any local process, or any host with several), each under its own cap,
+    they held every slot of the server together."""
     from blinkflow.http_service import CUT_AFTER_S
 
-    sockets = _slow_clients(control, 4)
+    server = request.getfixturevalue(server)
+    sockets = _slow_clients(server, count, hosts)
     time.sleep(CUT_AFTER_S)  # idle long enough to give way
     try:
         for _ in range(3):
-            status, reply = post(control, {}, path="/healthz", method="GET")
+            status, reply = post(server, {}, path="/healthz", method="GET")
             assert status == 200, reply
-        status, reply = post(control, {}, path="/stop")
+        status, reply = post(server, {}, path="/stop")
         assert status == 202, reply
         assert sockets[0].recv(100) == b""  # the oldest idle one was cut for them
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
-def test_idle_connections_from_several_addresses_cannot_lock_the_operator_out(two_slots):
-    """Each address under its own cap, together they held every slot idle: POST /stop from another address got
-    503 (from 127.0.0.2, 127.0.0.3...: any local process, or any host with a few addresses)."""
-    from blinkflow.http_service import CUT_AFTER_S
-
-    sockets = []
-    for host in ("127.0.0.2", "127.0.0.3"):
-        sock = socket.create_connection(("127.0.0.1", two_slots.port), timeout=5, source_address=(host, 0))
-        sock.sendall(b"GET /streams HTTP/1.1\r\nX")
-        sockets.append(sock)
-        time.sleep(0.05)  # the first is the oldest
-    time.sleep(CUT_AFTER_S + 0.2)
-    try:
-        status, reply = post(two_slots, {}, path="/stop")
-        assert status == 202, reply
-        assert sockets[0].recv(100) == b""  # the oldest idle one was cut for it
     finally:
         for sock in sockets:
             sock.close()
