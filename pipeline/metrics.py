@@ -80,12 +80,13 @@ class MetricsRecorder:
     def on_result(self, result: Any) -> None:
         """A FrameResult left the pipeline (once per decoded frame)."""
 
-    def on_stream_state(self, stream: str, up: bool) -> None:
-        """A stream started delivering frames (up) or ended (down: its StreamEnd reached the runner)."""
+    def on_stream_state(self, stream: str, up: bool, failed: bool = False) -> None:
+        """A stream started delivering frames (up) or ended (down: its StreamEnd reached the runner; ``failed``:
+        with an error)."""
 
-    def on_stream_event(self, stream: str, kind: str) -> None:
+    def on_stream_event(self, stream: str, kind: str, failed: bool = False) -> None:
         """A live stream's own news (``streams.StreamEvent`` kinds: connecting, up, down, ended, stopped, and
-        removed when the operator removed it)."""
+        removed when the operator removed it; ``failed``: it ended with an error)."""
 
     def on_reconnect(self, stream: str) -> None:
         """A live stream reconnected once more."""
@@ -309,7 +310,7 @@ class _StreamSeries:
     last_result_at: float | None = None
     result_gap: float = 0.0  # seconds between its last two results: a slow stream's quiet is not a stall
     zones: set = field(default_factory=set)  # zones whose object counts this stream set
-    removed: bool = False  # removed by the operator: its series go REMOVED_SERIES_S after its end
+    removed: bool = False  # removed by the operator, or ended as it should: no stream_up, its series go later
     ended_at: float | None = None
 
 
@@ -332,8 +333,9 @@ class PrometheusRecorder(MetricsRecorder):
     """
 
     def __init__(self, registry: Any = None) -> None:
-        from prometheus_client import CollectorRegistry
+        from prometheus_client import CollectorRegistry, disable_created_metrics
 
+        disable_created_metrics()  # every counter's *_created twin doubled the series and no panel reads them
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         self.ready = False
         self._streams: dict[str, _StreamSeries] = {}
@@ -500,7 +502,8 @@ class PrometheusRecorder(MetricsRecorder):
             series.latency.observe(result.latency_s)
             fresh_or_reused = series.counts["processed"] + series.counts["reused"]
             series.skip_ratio.set(series.counts["reused"] / fresh_or_reused)
-        self._count_fps(series)
+            # analysed frames only: with 3 in 4 dropped under overload, a 5 fps camera read 5 fps while 1 was analysed
+            self._count_fps(series)
         audit = result.results.get("audit") if result.results else None
         if isinstance(audit, dict) and "agreement" in audit:
             self.on_audit(result.stream_id, float(audit["agreement"]))
@@ -532,6 +535,8 @@ class PrometheusRecorder(MetricsRecorder):
             self._child(self.gate_bound, stream, str(stage)).set(float(bound))
 
     def _count_fps(self, series: _StreamSeries) -> None:
+        if series.ended_at is not None and not series.live:
+            return  # the last wave's results, after the end was reported (Ray, threaded): the rate stays 0
         now = time.monotonic()
         with self._series_lock:  # the scrape rolls the same window
             if series.last_result_at is not None:
@@ -555,10 +560,11 @@ class PrometheusRecorder(MetricsRecorder):
             return  # a slow stream between two results: its rate stands until the next
         series.window_start, series.window_frames = now, 0
 
-    def on_stream_state(self, stream: str, up: bool) -> None:
+    def on_stream_state(self, stream: str, up: bool, failed: bool = False) -> None:
         with self._series_lock:
             series = self._stream(stream)
             if up:
+                self._revive_up(stream, series)
                 self._set_up(series, True)
                 series.ended_at = None
                 return
@@ -569,8 +575,11 @@ class PrometheusRecorder(MetricsRecorder):
                 return  # up and down come from its own events: this end may be reported after a re-add's "up"
             self._set_up(series, False)
             series.reconnects_seen = 0  # a source under this id again counts its reconnections from 0
+            if not failed:  # a file or synthetic source that ended as it should: no stream_up of 0 left to page on
+                series.removed = True
+                self._drop_up(stream, series)
 
-    def on_stream_event(self, stream: str, kind: str) -> None:
+    def on_stream_event(self, stream: str, kind: str, failed: bool = False) -> None:
         with self._series_lock:
             series = self._stream(stream)
             series.live = True
@@ -579,11 +588,19 @@ class PrometheusRecorder(MetricsRecorder):
                 self._drop_up(stream, series)
                 return
             if kind in ("connecting", "up"):  # (again) under this id: whatever was removed is back
-                if series.removed:
-                    series.up = self._child(self.stream_up, stream)
-                series.removed, series.ended_at = False, None
+                self._revive_up(stream, series)
+                series.ended_at = None
             if kind in ("connecting", "up", "down", "ended", "stopped"):
                 self._set_up(series, kind == "up")
+            if kind in ("ended", "stopped") and not failed:  # max_frames, an end of stream, the run stopping
+                series.removed = True
+                self._drop_up(stream, series)
+
+    def _revive_up(self, stream: str, series: _StreamSeries) -> None:
+        """A stream (again) under an id whose stream_up went: it is exported again (the lock is held)."""
+        if series.removed:
+            series.up = self._child(self.stream_up, stream)
+            series.removed = False
 
     def _drop_up(self, stream: str, series: _StreamSeries) -> None:
         """A removed stream's stream_up goes now (the lock is held); its other series stay REMOVED_SERIES_S.

@@ -268,7 +268,7 @@ class RecorderBridge:
 
     def __call__(self, event: StreamEvent) -> None:
         if event.kind != "reconnect":
-            self.recorder.on_stream_event(event.stream, event.kind)
+            self.recorder.on_stream_event(event.stream, event.kind, failed=event.kind == "ended" and bool(event.detail))
 
 
 # --------------------------------------------------------------------------- one stream

@@ -150,15 +150,55 @@ def test_a_file_that_ended_loses_its_series_once_its_time_is_up_a_live_stream_th
         recorder.on_decoded(Frame(stream, 0, 0.0, image=None))
         recorder.on_result(FrameResult(stream, 0, 0.0, 1, 1, Outcome.PROCESSED, results={}))
     recorder.on_stream_event("cam", "up")  # a live camera that ends (gave up reconnecting) still says so
-    recorder.on_stream_event("cam", "ended")
-    recorder.on_stream_state("cam", False)
+    recorder.on_stream_event("cam", "ended", failed=True)
+    recorder.on_stream_state("cam", False, failed=True)
     recorder.on_stream_state("clip-1", False)
     recorder.refresh()
     assert _stream_series(recorder, "clip-1")  # a scrape or two still read its final counts
     monkeypatch.setattr(metrics, "REMOVED_SERIES_S", 0.0)
     recorder.refresh()
     assert _stream_series(recorder, "clip-1") == [] and value(recorder, "blinkflow_stream_up", stream="clip-2") == 1
-    assert value(recorder, "blinkflow_stream_up", stream="cam") == 0  # a camera down pages until removed
+    up = ("blinkflow_stream_up", frozenset({("stream", "cam")}))
+    assert samples(recorder)[up] == 0  # a camera down pages until removed
+
+
+def test_a_stream_that_ended_as_it_should_pages_no_one_one_that_failed_does(monkeypatch):
+    """A file that reached its end held stream_up at 0 for the 2 minutes its series stay: BlinkflowStreamDown
+    (one minute) paged for a clip that ended normally."""
+    recorder = PrometheusRecorder()
+    for stream in ("clip", "broken", "cam", "dead"):
+        recorder.on_decoded(Frame(stream, 0, 0.0, image=None))
+    for stream in ("cam", "dead"):
+        recorder.on_stream_event(stream, "up")
+    recorder.on_stream_state("clip", False)  # the file's end
+    recorder.on_stream_state("broken", False, failed=True)  # truncated: the error is worth a look
+    recorder.on_stream_event("cam", "ended")  # max_frames reached
+    recorder.on_stream_event("dead", "ended", failed=True)  # gave up reconnecting
+    ups = {dict(labels)["stream"]: v for (name, labels), v in samples(recorder).items() if name == "blinkflow_stream_up"}
+    assert ups == {"broken": 0, "dead": 0}
+    recorder.on_decoded(Frame("clip", 0, 0.0, image=None))  # the id again (a restarted source): up again
+    assert value(recorder, "blinkflow_stream_up", stream="clip") == 1
+
+
+def test_the_rate_counts_analysed_frames_and_stays_0_after_the_end(monkeypatch):
+    """3 in 4 frames dropped under overload: a 5 fps camera read 5 fps while 1 was analysed; the Ray runner's last
+    results, after the end was reported, set it to 4 on a stream that had ended. No *_created twins either."""
+    from blinkflow import metrics
+
+    clock = [1000.0]
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: clock[0])
+    recorder = PrometheusRecorder()
+    for index in range(40):
+        recorder.on_result(FrameResult("cam", index, 0.0, 1, 1, Outcome.PROCESSED if index % 4 == 0 else Outcome.DROPPED))
+        clock[0] += 0.2
+    assert value(recorder, "blinkflow_stream_fps", stream="cam") == pytest.approx(1.25, rel=0.25)
+    recorder.on_stream_state("cam", False)
+    for index in range(40, 45):
+        recorder.on_result(FrameResult("cam", index, 0.0, 1, 1, Outcome.PROCESSED))
+        clock[0] += 0.3
+    recorder.refresh()
+    assert value(recorder, "blinkflow_stream_fps", stream="cam") == 0
+    assert not [name for (name, _) in samples(recorder) if name.endswith("_created")]
 
 
 def test_a_live_stream_is_up_by_its_events_not_by_buffered_frames_after_a_drop():

@@ -113,7 +113,7 @@ class ChainRunner(RunnerBase):
                 self._submit(Chain("end", shard, stream_id=item.stream_id))
                 self.ending.add(item.stream_id)
                 self.dropped_motion.end_stream(item.stream_id)  # no later frame of this decode to take them
-                self.metrics.on_stream_state(item.stream_id, False)
+                self.metrics.on_stream_state(item.stream_id, False, failed=item.error is not None)
                 self.accounting.on_stream_end(item)
                 continue
             if item.stream_id in self.ending:

@@ -72,7 +72,7 @@ class LocalRunner(RunnerBase):
                 output.push(chain.end_stream(item.stream_id))
                 output.end_stream(item.stream_id)
                 dropped_motion.end_stream(item.stream_id)
-                self.metrics.on_stream_state(item.stream_id, False)
+                self.metrics.on_stream_state(item.stream_id, False, failed=item.error is not None)
                 accounting.on_stream_end(item)
                 continue
             accounting.on_decoded(item)
