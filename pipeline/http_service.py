@@ -60,11 +60,13 @@ class _BoundedServer(ThreadingHTTPServer):
         threading.Thread(target=self._cut_late, name="http-deadlines", daemon=True).start()
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        if not self._take_client_slot(client_address[0]):
+        client = client_address[0]
+        taken = self._take_client_slot(client)
+        if taken is None:
             self._turn_away(request)
             return
-        if not self._slots.acquire(blocking=False) and not self._slot_of_oldest_waiting():
-            self._give_client_slot(client_address[0])
+        if not self._server_slot(client, cut_own=taken):
+            self._give_client_slot(client)
             self._turn_away(request)
             return
         with self._deadlines_lock:
@@ -97,45 +99,60 @@ class _BoundedServer(ThreadingHTTPServer):
                             b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
         self.shutdown_request(request)
 
-    def _take_client_slot(self, client: str) -> bool:
-        """A slot for ``client``. At its cap, the slot of its oldest connection still sending a request after
-        CUT_AFTER_S (cut now; its thread ends and gives the slot back); with none that old, a burst of requests
-        in flight, up to twice the cap."""
+    def _take_client_slot(self, client: str) -> bool | None:
+        """A slot for ``client``: None when refused, else whether one of its own connections was cut for it. At its
+        cap, the slot of its oldest connection still sending a request after CUT_AFTER_S (cut now; its thread ends
+        and gives the slot back); with none that old, a burst of requests in flight, up to twice the cap."""
         cut = None
         with self._deadlines_lock:
             held = self._per_client.get(client, 0)
             if held >= 2 * self.max_per_client:
-                return False
+                return None
             if held >= self.max_per_client:
-                stale = time.monotonic() - CUT_AFTER_S
-                waiting = [(opened, id(r), r) for r, (who, opened) in self._waiting.items()
-                           if who == client and opened <= stale]
-                if waiting:
-                    cut = min(waiting)[2]
-                    self._waiting.pop(cut)
-                    self._cut.add(cut)
+                cut = self._oldest_waiting(lambda who, opened: who == client and opened <= time.monotonic() - CUT_AFTER_S)
             self._per_client[client] = held + 1
-        if cut is not None:
-            with contextlib.suppress(OSError):
-                cut.shutdown(socket.SHUT_RDWR)
-        return True
+        self._shut(cut)
+        return cut is not None
 
-    def _slot_of_oldest_waiting(self) -> bool:
-        """Every slot taken: the oldest connection of any client still sending its request after CUT_AFTER_S is
-        cut, and its slot taken once its thread gives it back (at once: its read returns). Clients with a few
-        addresses each (127.0.0.2..., any host with several) held every slot idle, under the cap of each, and
-        turned the operator's POST /stop away."""
-        stale = time.monotonic() - CUT_AFTER_S
-        with self._deadlines_lock:
-            waiting = [(opened, id(r), r) for r, (_, opened) in self._waiting.items() if opened <= stale]
-            if not waiting:
+    def _server_slot(self, client: str, cut_own: bool) -> bool:
+        """One of the server's ``max_threads`` slots. With every one taken: the slot of the connection cut for this
+        client (its own oldest), else of the oldest connection of any client still sending its request after
+        CUT_AFTER_S, else, for a client holding no other connection, of the oldest one still sending of the client
+        holding the most. Clients on a few addresses each (127.0.0.2..., any host with several) held every slot
+        under the cap of each, and turned the operator's POST /stop away; reconnecting as soon as they were cut,
+        none of theirs was ever a second old."""
+        if self._slots.acquire(blocking=False):
+            return True
+        if not cut_own:
+            with self._deadlines_lock:
+                stale = time.monotonic() - CUT_AFTER_S
+                cut = self._oldest_waiting(lambda who, opened: opened <= stale)
+                if cut is None and self._per_client.get(client, 0) == 1:  # a newcomer: the heaviest client gives way
+                    counts = {who: self._per_client.get(who, 0) for who, _ in self._waiting.values() if who != client}
+                    heaviest = max(counts.values(), default=0)
+                    if heaviest > 1:
+                        cut = self._oldest_waiting(lambda who, opened: counts.get(who) == heaviest)
+            if cut is None:
                 return False
-            cut = min(waiting)[2]
-            self._waiting.pop(cut)
-            self._cut.add(cut)
-        with contextlib.suppress(OSError):
-            cut.shutdown(socket.SHUT_RDWR)
+            self._shut(cut)
         return self._slots.acquire(timeout=SLOT_WAIT_S)
+
+    def _oldest_waiting(self, chosen: Any) -> Any:
+        """The oldest connection still sending its request that ``chosen(client, opened)`` takes, marked cut (the
+        lock is held); None when there is none."""
+        waiting = [(opened, id(r), r) for r, (who, opened) in self._waiting.items() if chosen(who, opened)]
+        if not waiting:
+            return None
+        cut = min(waiting)[2]
+        self._waiting.pop(cut)
+        self._cut.add(cut)
+        return cut
+
+    @staticmethod
+    def _shut(connection: Any) -> None:
+        if connection is not None:
+            with contextlib.suppress(OSError):
+                connection.shutdown(socket.SHUT_RDWR)
 
     def _give_client_slot(self, client: str) -> None:
         with self._deadlines_lock:
