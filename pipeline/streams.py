@@ -445,10 +445,17 @@ class LiveStream:
             options["format_whitelist"] = GUARDED_FORMATS
         if relay is not None:
             target, fmt, options, timeout = relay.start(), "mpegts", dict(RELAY_DEMUX_OPTIONS), None
-        started = time.monotonic()
+        opened_at: list[float] = []  # when av.open began: open_decoding may first probe for a CUDA decoder (seconds)
+
+        def open_container(**hw: Any) -> Any:
+            opened_at.append(time.monotonic())
+            return av.open(target, format=fmt, options=options, timeout=timeout, metadata_errors="ignore", **hw)
+
+        def took_the_timeout() -> bool:
+            return relay is None and time.monotonic() - opened_at[-1] >= self.cfg.options.open_timeout_s
+
         try:
-            container = open_decoding(lambda **hw: av.open(target, format=fmt, options=options, timeout=timeout,
-                                                           metadata_errors="ignore", **hw), self.id, self.cfg.options.hwaccel)
+            container = open_decoding(open_container, self.id, self.cfg.options.hwaccel)
         except av.error.ProtocolNotFoundError:
             raise _StreamDown(f"this FFmpeg build cannot open {self.kind}:// URLs; see docs/streams.md", True) from None
         except av.ExitError:
@@ -457,10 +464,10 @@ class LiveStream:
             # PyAV's open timeout interrupts FFmpeg, and some protocols report that as their own error (RTSP, from
             # a server that accepts the connection and never answers: "InvalidDataError"): a failure once the
             # whole open_timeout_s has passed is the timeout's
-            if relay is None and time.monotonic() - started >= self.cfg.options.open_timeout_s:
+            if opened_at and took_the_timeout():
                 raise self._no_answer() from None
             raise _lost(relay, "cannot connect" + (GUARDED_HTTP_HINT if guarded else ""), exc) from None
-        if relay is None and time.monotonic() - started >= self.cfg.options.open_timeout_s:
+        if took_the_timeout():
             container.close()  # the open timeout cut FFmpeg's probe: the first read would fail as a "stall"
             raise _StreamDown(f"cannot connect: FFmpeg's probe of the stream took the whole open_timeout_s "
                               f"({self.cfg.options.open_timeout_s:g} s); raise open_timeout_s or lower "

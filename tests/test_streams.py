@@ -889,3 +889,21 @@ def test_a_slow_probe_fits_the_open_timeout_or_says_so_not_stalled(tmp_path):
     assert not frames and end.error.endswith(
         "cannot connect: FFmpeg's probe of the stream took the whole open_timeout_s (3 s); raise open_timeout_s or "
         "lower ffmpeg_options analyzeduration"), end.error
+
+
+def test_the_open_timeout_counts_ffmpegs_open_not_the_cuda_decoder_probe_before_it(tmp_path, monkeypatch):
+    """On a GPU host the first CUDA context (hwaccel: auto) takes seconds before av.open: the stream's first open was
+    blamed on FFmpeg's probe and, with max_retries 0, ended."""
+    from blinkflow import hwdecode
+
+    def slow_probe() -> str:
+        time.sleep(1.5)
+        return "no CUDA decoder (simulated)"
+
+    monkeypatch.setattr(hwdecode, "cuda_decoder_missing", slow_probe)
+    clip = write_test_video(tmp_path / "clip.mp4", frames=6)
+    hub = StreamHub(mode="archive")
+    hub.add_url(f"file:{clip}", "cam", open_timeout_s=1, max_retries=0, reconnect_on_eof=False, hwaccel="auto")
+    hub.close()
+    *frames, end = hub_items(hub)
+    assert end.error is None and len(frames) == 6, end.error
