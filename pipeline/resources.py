@@ -3,6 +3,8 @@ runs from a clone (an editable install) or from an installed wheel."""
 
 from __future__ import annotations
 
+import logging
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -21,12 +23,13 @@ def find_config(path: str | Path) -> Path:
     """``path`` as given; where no such file exists, a relative ``configs/NAME`` or ``NAME`` (``train/NAME``
     too) naming a shipped config is that one: the README's commands then work from any folder once installed."""
     given = Path(path)
-    if given.is_absolute() or given.exists():
+    if given.is_absolute() or os.path.lexists(given):  # a broken link of the user's is theirs to fix, not ours
         return given
     parts = given.parts[1:] if given.parts[:1] == ("configs",) else given.parts
     if parts and ".." not in parts:
         shipped = configs_dir().joinpath(*parts)
         if shipped.is_file():
+            logging.getLogger(__name__).info("%s: none here; the shipped %s", given, shipped)
             return shipped
     return given
 

@@ -538,7 +538,7 @@ def test_a_training_config_given_to_run_and_a_pipeline_config_given_to_train_are
         load_config(data={"sources": [{"type": "synthetic"}], "task": "detect"})
 
 
-def test_the_cli_finds_shipped_configs_from_any_folder_and_their_own_files_first(tmp_path, monkeypatch):
+def test_the_cli_finds_shipped_configs_from_any_folder_and_their_own_files_first(tmp_path, monkeypatch, capsys):
     """An installed user's `blinkflow run configs/demo.yaml` (and train's configs/train/...) found nothing outside
     the repository, and a media/bikes.mp4 in the working directory stood in for the demo's clip without a word."""
     from blinkflow.models.training.config import load_train_config
@@ -553,6 +553,14 @@ def test_the_cli_finds_shipped_configs_from_any_folder_and_their_own_files_first
     assert load_train_config(Path("configs/train/smoke-reid.yaml"), task="reid").task == "reid"
     with pytest.raises(ConfigError, match=r"configs/nope\.yaml: config file not found.*the shipped configs are in"):
         load_config(Path("configs/nope.yaml"))
+    from blinkflow.cli import main
+
+    assert main(["validate", "configs/demo.yaml"]) == 0  # says which one it read
+    assert f"configs/demo.yaml (the shipped {configs_dir() / 'demo.yaml'}): ok" in capsys.readouterr().out
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "demo.yaml").symlink_to(tmp_path / "gone.yaml")  # the user's own, broken: not ours
+    with pytest.raises(ConfigError, match=r"configs/demo\.yaml: config file not found"):
+        load_config(Path("configs/demo.yaml"))
     # a user's own config still reads its relative paths from the working directory first
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "media").mkdir()
