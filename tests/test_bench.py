@@ -512,6 +512,7 @@ def test_gpu_travel_fits_each_device_call_under_its_limit_and_restores_the_index
     subprocess.run(["git", "worktree", "add", "-q", str(worktree), "HEAD"], cwd=clone, check=True, timeout=120)
     shutil.copy(REPO_ROOT / "tools" / "gpu-travel.sh", worktree / "tools" / "gpu-travel.sh")
     assert _travel(worktree, "run").returncode == 0
+    assert _travel(clone, "restore").returncode == 0  # the main checkout's restore leaves the worktree's block alone
     assert _travel(worktree, "restore").returncode == 0
     assert subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=worktree).returncode == 0
 

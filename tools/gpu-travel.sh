@@ -17,8 +17,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 LIMIT_MIB=64
-BEGIN="# gpu-travel begin: tools/gpu-travel.sh restore removes this block"
-END="# gpu-travel end"
+# worktrees share one exclude file: each block names its checkout, and restore takes only its own
+TOP=$(pwd -P)
+BEGIN="# gpu-travel begin ($TOP): tools/gpu-travel.sh restore there removes this block"
+END="# gpu-travel end ($TOP)"
 # what the GPU run never reads: the self-trained and spare weights, the third-party originals the converters' tests read
 NOT_READ=(models/weights/detect-ssdlite320_mobilenet_v3_large.pt models/weights/flow-flownet_s_small.pt
           models/weights/segment-unet_small.pt models/weights/action-causal3d_small.pt
