@@ -545,6 +545,7 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
     index = 0
     vectors = _vector_reader(cfg) if vectors_ok else None
     pending: list[Any] = []  # the decoder's vectors of every frame since the last kept one (dropped ones add up)
+    went_back = False
     for seconds, av_frame in decoded:
         if index == 0 and next_time is None and cfg.resize:
             _say_a_changed_shape(av_frame, cfg.resize, path)
@@ -555,8 +556,14 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
         if vectors is not None:
             pending.append(vectors(av_frame, cfg.resize))
         if cfg.fps is not None:
+            behind = next_time is not None and seconds < next_time - 2.0 / cfg.fps  # before the last kept frame
             keep, next_time = on_fps_grid(seconds, next_time, cfg.fps)
             if not keep:
+                if behind and not went_back:  # short segments joined: their frames were left out without a word
+                    went_back = True
+                    log.warning("%s: time went back to %.2f s (segments joined?); with fps %g its frames are left out "
+                                "until they pass %.2f s (a jump back of over %.2f s restarts the sampling)", path,
+                                seconds, cfg.fps, next_time, max(2.0 / cfg.fps, 0.5))
                 continue
         frame = Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
         if pending:

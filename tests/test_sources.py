@@ -569,3 +569,22 @@ def test_hwaccel_opens_a_source_once_and_only_a_missing_cuda_decoder_counts_as_a
     with pytest.raises(ConnectionRefusedError):
         hwdecode.open_decoding(refused, "dead-cam", "cuda")
     assert len(calls) == 1 and "hwaccel" in calls[0] and "dead-cam" not in hwdecode.fallback_counts()
+
+
+def test_frames_left_out_because_time_went_back_are_said(tmp_path, caplog):
+    """Two short segments joined (cat a.ts b.ts) with fps: the second's times lie before the grid's next slot and its
+    frames were all left out without a word."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is missing: apt-get install ffmpeg")
+    clip = write_test_video(tmp_path / "clip.mp4", frames=8, fps=25)
+    ts = tmp_path / "a.ts"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(clip), "-c", "copy", str(ts)], check=True, timeout=60)
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(ts.read_bytes() * 2)
+    with caplog.at_level("WARNING", logger="blinkflow.sources"):
+        frames = list(decode_file(joined, "joined", SourceConfig(type="file", path=str(joined), fps=10)))
+    said = [r.getMessage() for r in caplog.records if "time went back" in r.getMessage()]
+    assert len(frames) == 3 and len(said) == 1 and said[0].startswith(f"{joined}: time went back to 1.48 s"), said
