@@ -16,7 +16,8 @@ from typing import Iterator
 
 #: file suffixes of videos (folder and glob sources, blinkflow label; a config's name: schema.MEDIA_SUFFIXES)
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m",
-                  ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv"}  # camcorders (AVCHD), phones, broadcast, DVD
+                  ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv",  # camcorders (AVCHD), phones, broadcast, DVD
+                  ".dv", ".m2v", ".asf", ".f4v"}  # DV tapes, MPEG-2 elementary streams, old Windows and Flash archives
 
 
 #: a name's longest UTF-8 spelling: file systems take 255 bytes, and outputs add a suffix and a temporary prefix

@@ -33,6 +33,7 @@ the videos that were in progress).
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import glob as globlib
@@ -97,7 +98,9 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
-            found = sorted(p for p in _files_under(path, others) if p.suffix.lower() in VIDEO_SUFFIXES and outside(p))
+            files = [p for p in _files_under(path, others) if outside(p)]
+            found = sorted(p for p in files if p.suffix.lower() in VIDEO_SUFFIXES)
+            _say_left_out(path, [p for p in files if p.suffix.lower() not in VIDEO_SUFFIXES])
         elif path.is_file():
             found = [path]
         else:
@@ -114,6 +117,15 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
     if not unique:
         raise BlinkflowError(f"{' '.join(inputs)}: no video files found; pass files, directories or globs")
     return [Video(video_id, path) for video_id, path in zip(_unique_ids(unique), unique)]
+
+
+def _say_left_out(folder: Path, left: list[Path]) -> None:
+    """One line for a folder's files not named like videos (an animated .gif was left out without a word)."""
+    if not left:
+        return
+    kinds = collections.Counter(p.suffix.lower() or "(no suffix)" for p in left)
+    log.warning("%s: left out %d file(s) not named like videos (%s); name them, or a glob, to label them", folder,
+                len(left), ", ".join(f"{suffix} x{count}" for suffix, count in kinds.most_common(5)))
 
 
 class _OtherRuns:

@@ -827,3 +827,17 @@ def test_label_source_gets_the_checks_of_every_source(setting, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(data={"label": {"source": {"motion_vectors": True}}}, overrides=[setting])
+
+
+def test_files_of_a_folder_not_named_like_videos_are_said_left_out(tmp_path, caplog):
+    """An animated .gif (which labels when named) was left out of `blinkflow label DIR` without a word; DV tapes and
+    MPEG-2 elementary streams were not taken for videos at all."""
+    from blinkflow.label import find_videos
+
+    for name in ("a.mp4", "tape.dv", "b.gif", "c.GIF", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    with caplog.at_level("WARNING", logger="blinkflow.label"):
+        videos = find_videos([str(tmp_path)])
+    assert sorted(v.path.name for v in videos) == ["a.mp4", "tape.dv"]
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == f"{tmp_path}: left out 3 file(s) not named like videos (.gif x2, .txt x1); name them, or a glob, to label them"
