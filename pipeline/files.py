@@ -7,6 +7,7 @@ file or the new one, never a torn one.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
@@ -18,6 +19,16 @@ from typing import Iterator
 VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".y4m",
                   ".mts", ".m2ts", ".3gp", ".mxf", ".vob", ".ogv",  # camcorders (AVCHD), phones, broadcast, DVD
                   ".dv", ".m2v", ".asf", ".f4v"}  # DV tapes, MPEG-2 elementary streams, old Windows and Flash archives
+
+
+def left_out(folder: Path, files: list[Path]) -> str | None:
+    """The line for a folder's ``files`` not named like videos, by suffix (an animated .gif went without a word);
+    None when there are none."""
+    left = collections.Counter(p.suffix.lower() or "(no suffix)" for p in files if p.suffix.lower() not in VIDEO_SUFFIXES)
+    if not left:
+        return None
+    kinds = ", ".join(f"{suffix} x{count}" for suffix, count in left.most_common(5))
+    return f"{folder}: left out {sum(left.values())} file(s) not named like videos ({kinds}); name them, or a glob, to use them"
 
 
 #: a name's longest UTF-8 spelling: file systems take 255 bytes, and outputs add a suffix and a temporary prefix

@@ -33,7 +33,6 @@ the videos that were in progress).
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import dataclasses
 import glob as globlib
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from blinkflow.errors import BlinkflowError, SourceError, first_line
-from blinkflow.files import VIDEO_SUFFIXES, safe_name, sha256_bytes, sha256_file, write_atomic
+from blinkflow.files import VIDEO_SUFFIXES, left_out, safe_name, sha256_bytes, sha256_file, write_atomic
 from blinkflow.redact import redact_obj, redact_text
 from blinkflow.sinks import JsonlSink, to_record
 from blinkflow.sinks.events import EventsJsonlSink
@@ -100,7 +99,8 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
         if path.is_dir():
             files = [p for p in _files_under(path, others) if outside(p)]
             found = sorted(p for p in files if p.suffix.lower() in VIDEO_SUFFIXES)
-            _say_left_out(path, [p for p in files if p.suffix.lower() not in VIDEO_SUFFIXES])
+            if said := left_out(path, files):
+                log.warning("%s", said)
         elif path.is_file():
             found = [path]
         else:
@@ -117,15 +117,6 @@ def find_videos(inputs: list[str], out_dir: Path | None = None) -> list[Video]:
     if not unique:
         raise BlinkflowError(f"{' '.join(inputs)}: no video files found; pass files, directories or globs")
     return [Video(video_id, path) for video_id, path in zip(_unique_ids(unique), unique)]
-
-
-def _say_left_out(folder: Path, left: list[Path]) -> None:
-    """One line for a folder's files not named like videos (an animated .gif was left out without a word)."""
-    if not left:
-        return
-    kinds = collections.Counter(p.suffix.lower() or "(no suffix)" for p in left)
-    log.warning("%s: left out %d file(s) not named like videos (%s); name them, or a glob, to label them", folder,
-                len(left), ", ".join(f"{suffix} x{count}" for suffix, count in kinds.most_common(5)))
 
 
 class _OtherRuns:

@@ -27,7 +27,7 @@ import numpy as np
 
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
-from blinkflow.files import VIDEO_SUFFIXES
+from blinkflow.files import VIDEO_SUFFIXES, left_out
 from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, on_fps_grid, quarter_turns, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
 from blinkflow.hwdecode import check_hwaccel, open_decoding
@@ -210,7 +210,10 @@ class DirectorySource:
 
     def files(self) -> list[Path]:
         root = Path(self.cfg.path)
-        return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+        files = [p for p in root.rglob("*") if p.is_file()]
+        if said := left_out(root, files):
+            log.warning("%s", said)
+        return sorted(p for p in files if p.suffix.lower() in VIDEO_SUFFIXES)
 
     def streams(self) -> Iterator[Stream]:
         root = Path(self.cfg.path)

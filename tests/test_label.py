@@ -840,4 +840,10 @@ def test_files_of_a_folder_not_named_like_videos_are_said_left_out(tmp_path, cap
         videos = find_videos([str(tmp_path)])
     assert sorted(v.path.name for v in videos) == ["a.mp4", "tape.dv"]
     (line,) = [r.getMessage() for r in caplog.records]
-    assert line == f"{tmp_path}: left out 3 file(s) not named like videos (.gif x2, .txt x1); name them, or a glob, to label them"
+    assert line == f"{tmp_path}: left out 3 file(s) not named like videos (.gif x2, .txt x1); name them, or a glob, to use them"
+    caplog.clear()
+    from blinkflow.sources import DirectorySource  # a dir source says the same
+
+    with caplog.at_level("WARNING", logger="blinkflow.sources"):
+        files = DirectorySource(load_config(data={"sources": [{"type": "dir", "path": str(tmp_path)}]}).sources[0]).files()
+    assert [f.name for f in files] == ["a.mp4", "tape.dv"] and [r.getMessage() for r in caplog.records] == [line]
