@@ -662,7 +662,7 @@ class PrometheusRecorder(MetricsRecorder):
             for stream, series in list(self._streams.items()):
                 # removed cameras, and files that ended (an archive job makes a stream of each of its videos: their
                 # ~35 series each piled up to hundreds of thousands, megabytes a scrape), go once a scrape or two
-                # read their final counts; a live stream that ended stays, its stream_up 0, until it is removed
+                # read their final counts; a live stream that failed stays, its stream_up 0, until it is removed
                 gone = series.removed or not series.live
                 if gone and series.ended_at is not None and now - series.ended_at >= REMOVED_SERIES_S:
                     self._forget(stream)

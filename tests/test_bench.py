@@ -474,6 +474,7 @@ def _travel_mib(done: subprocess.CompletedProcess) -> int:
     return int(re.search(r"(\d+) MiB would travel", done.stdout).group(1))
 
 
+@pytest.mark.slow  # seconds: the fast tier keeps under 2 minutes
 def test_gpu_travel_fits_each_device_call_under_its_limit_and_restores_the_index(tmp_path):
     """The device tool refuses a working tree over 64 MiB: the repository alone is over it, so the GPU run
     travels in two slimmed trees (tools/gpu-travel.sh), and the index comes back exactly as it was."""
