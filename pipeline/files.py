@@ -24,11 +24,17 @@ VIDEO_SUFFIXES = {".mp4", ".avi", ".mkv", ".mov", ".webm", ".ts", ".m4v", ".mpg"
 def left_out(folder: Path, files: list[Path]) -> str | None:
     """The line for a folder's ``files`` not named like videos, by suffix (an animated .gif went without a word);
     None when there are none."""
-    left = collections.Counter(p.suffix.lower() or "(no suffix)" for p in files if p.suffix.lower() not in VIDEO_SUFFIXES)
+    left = collections.Counter(p.suffix.lower() or "(no suffix)" for p in files
+                               if p.suffix.lower() not in VIDEO_SUFFIXES and not _system_file(p))
     if not left:
         return None
     kinds = ", ".join(f"{suffix} x{count}" for suffix, count in left.most_common(5))
     return f"{folder}: left out {sum(left.values())} file(s) not named like videos ({kinds}); name them, or a glob, to use them"
+
+
+def _system_file(path: Path) -> bool:
+    """A file the system leaves in folders (.DS_Store, Thumbs.db, desktop.ini): nobody meant it as an input."""
+    return path.name.startswith(".") or path.name.lower() in ("thumbs.db", "desktop.ini")
 
 
 #: a name's longest UTF-8 spelling: file systems take 255 bytes, and outputs add a suffix and a temporary prefix

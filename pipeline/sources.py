@@ -548,7 +548,7 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
     index = 0
     vectors = _vector_reader(cfg) if vectors_ok else None
     pending: list[Any] = []  # the decoder's vectors of every frame since the last kept one (dropped ones add up)
-    went_back = False
+    went_back, previous = False, None
     for seconds, av_frame in decoded:
         if index == 0 and next_time is None and cfg.resize:
             _say_a_changed_shape(av_frame, cfg.resize, path)
@@ -559,7 +559,10 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
         if vectors is not None:
             pending.append(vectors(av_frame, cfg.resize))
         if cfg.fps is not None:
-            behind = next_time is not None and seconds < next_time - 2.0 / cfg.fps  # before the last kept frame
+            # before the frame decoded just before it (not the grid's last kept one: at fps 2 a joined segment's frames
+            # lay after that one and were left out as if sampled)
+            behind = previous is not None and seconds < previous - min(2e-3, 0.1 / cfg.fps)
+            previous = seconds
             keep, next_time = on_fps_grid(seconds, next_time, cfg.fps)
             if not keep:
                 if behind and not went_back:  # short segments joined: their frames were left out without a word

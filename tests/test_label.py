@@ -834,7 +834,7 @@ def test_files_of_a_folder_not_named_like_videos_are_said_left_out(tmp_path, cap
     MPEG-2 elementary streams were not taken for videos at all."""
     from blinkflow.label import find_videos
 
-    for name in ("a.mp4", "tape.dv", "b.gif", "c.GIF", "notes.txt"):
+    for name in ("a.mp4", "tape.dv", "b.gif", "c.GIF", "notes.txt", ".DS_Store", "Thumbs.db"):  # not the system's
         (tmp_path / name).write_bytes(b"x")
     with caplog.at_level("WARNING", logger="blinkflow.label"):
         videos = find_videos([str(tmp_path)])

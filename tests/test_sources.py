@@ -588,3 +588,7 @@ def test_frames_left_out_because_time_went_back_are_said(tmp_path, caplog):
         frames = list(decode_file(joined, "joined", SourceConfig(type="file", path=str(joined), fps=10)))
     said = [r.getMessage() for r in caplog.records if "time went back" in r.getMessage()]
     assert len(frames) == 3 and len(said) == 1 and said[0].startswith(f"{joined}: time went back to 1.48 s"), said
+    caplog.clear()  # at 4 fps or fewer the check missed it: 2 steps behind was already where sampling restarts
+    with caplog.at_level("WARNING", logger="blinkflow.sources"):
+        frames = list(decode_file(joined, "joined", SourceConfig(type="file", path=str(joined), fps=2)))
+    assert len(frames) == 1 and [r.getMessage() for r in caplog.records if "time went back" in r.getMessage()]
