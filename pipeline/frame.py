@@ -280,16 +280,26 @@ class Stream:
         return self._frames()
 
 
+def fps_restart_back(fps: float) -> float:
+    """How far before the grid's next slot a frame must lie for the grid to restart at it (time went back:
+    segments joined, a reset), not for one frame out of order."""
+    return max(2.0 * (1.0 / fps), 0.5)  # in steps, as the grid counts them
+
+
+def fps_jitter(fps: float) -> float:
+    """How far timestamps may be off their slot (rounded: Matroska's to the millisecond) and still be in it."""
+    return min(2e-3, 0.1 * (1.0 / fps))
+
+
 def on_fps_grid(seconds: float, next_time: float | None, fps: float) -> tuple[bool, float | None]:
     """Whether a frame at ``seconds`` is kept on a 1/``fps`` grid, and the grid's next time. After a gap of a
     step or more (a pause in a recording, a reconnect) the grid restarts at that frame: the frames after a gap
     are not all kept to catch up."""
     step = 1.0 / fps
-    if next_time is not None and seconds < next_time - max(2.0 * step, 0.5):  # time went back (segments joined,
-        return True, seconds + step                                  # a reset): the grid starts again there, as after
-                                                                     # a gap (not for one frame out of order)
-    # timestamps are rounded (Matroska's to the millisecond): a frame a hair before its slot is in it
-    if next_time is not None and seconds < next_time - min(2e-3, 0.1 * step):
+    if next_time is not None and seconds < next_time - fps_restart_back(fps):  # time went back: the grid starts
+        return True, seconds + step                                           # again there, as after a gap
+    # a frame a hair before its slot is in it
+    if next_time is not None and seconds < next_time - fps_jitter(fps):
         return False, next_time
     on_grid = next_time is not None and seconds - next_time < 1.5 * step  # jitter stays on the grid, a gap does not
     return True, (next_time if on_grid else seconds) + step

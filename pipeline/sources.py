@@ -28,7 +28,7 @@ import numpy as np
 from blinkflow.config import SourceConfig, setting
 from blinkflow.errors import ConfigError, SourceError, TruncatedVideoError
 from blinkflow.files import VIDEO_SUFFIXES, left_out
-from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, on_fps_grid, quarter_turns, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
+from blinkflow.frame import EndReason, Frame, Stream, StreamEnd, fps_jitter, fps_restart_back, on_fps_grid, quarter_turns, av_to_rgb as _to_rgb  # noqa: F401 - re-exported
 from blinkflow.gate.motion import VECTORS_KEY, decoder_vectors
 from blinkflow.hwdecode import check_hwaccel, open_decoding
 from blinkflow.registry import register_source, sources as source_registry
@@ -561,7 +561,7 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
         if cfg.fps is not None:
             # before the frame decoded just before it (not the grid's last kept one: at fps 2 a joined segment's frames
             # lay after that one and were left out as if sampled)
-            behind = previous is not None and seconds < previous - min(2e-3, 0.1 / cfg.fps)
+            behind = previous is not None and seconds < previous - fps_jitter(cfg.fps)
             previous = seconds
             keep, next_time = on_fps_grid(seconds, next_time, cfg.fps)
             if not keep:
@@ -569,7 +569,7 @@ def _resampled(decoded: Iterator[Any], cfg: SourceConfig, stream_id: str, path: 
                     went_back = True
                     log.warning("%s: time went back to %.2f s (segments joined?); with fps %g its frames are left out "
                                 "until they pass %.2f s (a jump back of over %.2f s restarts the sampling)", path,
-                                seconds, cfg.fps, next_time, max(2.0 / cfg.fps, 0.5))
+                                seconds, cfg.fps, next_time, fps_restart_back(cfg.fps))
                 continue
         frame = Frame(stream_id=stream_id, index=index, pts=seconds, image=_to_rgb(av_frame, cfg.resize))
         if pending:
