@@ -110,12 +110,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from blinkflow.sources import check_stream_ids
 
-    cfg = load_config(args.config, args.overrides)
-    check_stream_ids(cfg.sources)  # derived ids (two synthetic sources, two clip.mp4): the run refuses them
-    stages = ", ".join(["gate"] * cfg.gate.enabled + list(cfg.enabled_stages())) or "none"
     from blinkflow.resources import find_config
 
     found = find_config(args.config)
+    cfg = load_config(found, args.overrides)
+    check_stream_ids(cfg.sources)  # derived ids (two synthetic sources, two clip.mp4): the run refuses them
+    stages = ", ".join(["gate"] * cfg.gate.enabled + list(cfg.enabled_stages())) or "none"
     shipped = f" (the shipped {found})" if found != Path(args.config) else ""  # none in this folder: say which one
     print(f"{args.config}{shipped}: ok ({len(cfg.sources)} sources, stages: {stages}, {len(cfg.sinks)} sinks)")
     return 0

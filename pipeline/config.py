@@ -622,8 +622,8 @@ def _check_label_source(source: SourceConfig) -> None:
         check_options("label.source")
 
 
-def _why_not(path: Path, kind: str) -> str:
-    """Why ``path`` is not the ``kind`` wanted: missing, or something else there (a /dev/zero link said "does not
+def _why_not(path: Path) -> str:
+    """Why ``path`` is not the file or folder a source wants: missing, or something else there (a /dev/zero link said "does not
     exist")."""
     if not path.exists():
         return "does not exist"
@@ -781,9 +781,9 @@ def _check_source(source: SourceConfig, path: str, base_dir: Path) -> None:
     if source.type in ("file", "dir"):
         resolved = resolve_path(source.path, base_dir)
         if source.type == "file" and not resolved.is_file():
-            raise ConfigError(f"{path}.path: file {source.path!r} " + _why_not(resolved, "file"))
+            raise ConfigError(f"{path}.path: file {source.path!r} " + _why_not(resolved))
         if source.type == "dir" and not resolved.is_dir():
-            raise ConfigError(f"{path}.path: directory {source.path!r} " + _why_not(resolved, "directory"))
+            raise ConfigError(f"{path}.path: directory {source.path!r} " + _why_not(resolved))
         source.path = str(resolved)
     if source.type == "glob":
         source.path = _resolved_glob(source.path, base_dir)

@@ -109,7 +109,8 @@ class _BoundedServer(ThreadingHTTPServer):
             if held >= 2 * self.max_per_client:
                 return None
             if held >= self.max_per_client:
-                cut = self._oldest_waiting(lambda who, opened: who == client and opened <= time.monotonic() - CUT_AFTER_S)
+                stale = time.monotonic() - CUT_AFTER_S
+                cut = self._oldest_waiting(lambda who, opened: who == client and opened <= stale)
             self._per_client[client] = held + 1
         self._shut(cut)
         return cut is not None

@@ -576,7 +576,6 @@ class PrometheusRecorder(MetricsRecorder):
             self._set_up(series, False)
             series.reconnects_seen = 0  # a source under this id again counts its reconnections from 0
             if not failed:  # a file or synthetic source that ended as it should: no stream_up of 0 left to page on
-                series.removed = True
                 self._drop_up(stream, series)
 
     def on_stream_event(self, stream: str, kind: str, failed: bool = False) -> None:
@@ -584,7 +583,6 @@ class PrometheusRecorder(MetricsRecorder):
             series = self._stream(stream)
             series.live = True
             if kind == "removed":
-                series.removed = True
                 self._drop_up(stream, series)
                 return
             if kind in ("connecting", "up"):  # (again) under this id: whatever was removed is back
@@ -593,7 +591,6 @@ class PrometheusRecorder(MetricsRecorder):
             if kind in ("connecting", "up", "down", "ended", "stopped"):
                 self._set_up(series, kind == "up")
             if kind in ("ended", "stopped") and not failed:  # max_frames, an end of stream, the run stopping
-                series.removed = True
                 self._drop_up(stream, series)
 
     def _revive_up(self, stream: str, series: _StreamSeries) -> None:
@@ -603,8 +600,9 @@ class PrometheusRecorder(MetricsRecorder):
             series.removed = False
 
     def _drop_up(self, stream: str, series: _StreamSeries) -> None:
-        """A removed stream's stream_up goes now (the lock is held); its other series stay REMOVED_SERIES_S.
-        Later events set the detached child, which no scrape reads."""
+        """A removed stream's, or one that ended as it should: its stream_up goes now (the lock is held), its other
+        series REMOVED_SERIES_S after its end. Later events set the detached child, which no scrape reads."""
+        series.removed = True
         self._remove_children(stream, self.stream_up)
 
     def _remove_children(self, stream: str, only: Any = None) -> None:
